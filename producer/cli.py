@@ -1,0 +1,127 @@
+"""The `vidq` command: enqueue, status, run, sandbox."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, RESOLUTIONS
+from worker.errors import VidqError
+from worker.settings import Settings
+
+console = Console(stderr=False, highlight=False)
+
+
+def _fail(error: Exception) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(2)
+
+
+class VidqCommand(click.Command):
+    """Turns every VidqError into one clear line and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except VidqError as exc:
+            _fail(exc)
+
+
+@click.group()
+def main() -> None:
+    """Overnight text-to-video batches on Celery + Redis."""
+
+
+def _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed, no_enhance):
+    defaults = {"model": model}
+    for name, value in (("resolution", resolution), ("aspect_ratio", aspect_ratio),
+                        ("negative_prompt", negative_prompt), ("seed", seed)):
+        if value is not None:
+            defaults[name] = value
+    if no_enhance:
+        defaults["enhance_prompt"] = False
+    return defaults
+
+
+@main.command(cls=VidqCommand)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch", required=True, help="Batch name: letters, digits, . _ -")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--resolution", type=click.Choice(RESOLUTIONS))
+@click.option("--aspect-ratio", type=click.Choice(ASPECT_RATIOS))
+@click.option("--negative-prompt")
+@click.option("--seed", type=int)
+@click.option("--no-enhance-prompt", is_flag=True, help="Turn prompt expansion off.")
+def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
+            no_enhance_prompt):
+    """Validate FILE (.txt, .jsonl, .csv) and add its prompts to a batch."""
+    from worker.tasks import dispatch
+
+    from .enqueue import enqueue_file, open_admission
+
+    defaults = _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed,
+                                no_enhance_prompt)
+    admission = open_admission(Settings.from_env())
+    result = enqueue_file(admission, file, batch, defaults, dispatch)
+    click.echo(f"batch {result.batch}: {result.jobs_in_file} jobs "
+               f"({result.created} new, {result.already_there} already enqueued)")
+
+
+@main.command(cls=VidqCommand)
+@click.argument("batch")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--watch", is_flag=True, help="A live progress bar until the batch ends.")
+def status(batch, as_json, watch):
+    """Counts by state for BATCH."""
+    from .enqueue import open_admission
+    from .progress import batch_status, describe
+    from .progress import watch as watch_batch
+
+    admission = open_admission(Settings.from_env())
+    if watch:
+        result = watch_batch(admission, batch, console)
+    else:
+        result = batch_status(admission, batch)
+    if result["total"] == 0:
+        raise click.ClickException(f"no batch named {batch!r}")
+    if as_json:
+        click.echo(json.dumps(result))
+    elif not watch:
+        click.echo(f"{batch}: {result['finished']}/{result['total']} finished; {describe(result)}")
+
+
+@main.command(cls=VidqCommand)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch", help="Batch name (default: the file's name).")
+@click.option("--sandbox", "use_sandbox", is_flag=True,
+              help="Run against the local sandbox upstream: no credits spent.")
+@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+@click.option("--concurrency", default=4, show_default=True, help="Pool size per worker.")
+@click.option("--state-dir", default=".vidq", show_default=True, type=click.Path(path_type=Path))
+def run(file, batch, use_sandbox, workers, concurrency, state_dir):
+    """Run one batch end to end on this machine, then exit."""
+    from .run import run_batch
+
+    batch = batch or re.sub(r"[^A-Za-z0-9._-]", "-", file.stem)[:128] or "batch"
+    sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console))
+
+
+@main.command(name="sandbox", cls=VidqCommand)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8900, show_default=True)
+@click.option("--time-scale", default=1.0, show_default=True,
+              help="Divide generation times by this.")
+@click.option("--max-concurrency", default=2, show_default=True,
+              help="Generations in flight before 429.")
+@click.option("--api-key", default="sandbox-key", show_default=True)
+def sandbox_command(host, port, time_scale, max_concurrency, api_key):
+    """Run the local stand-in for the upstream API."""
+    from sandbox import SandboxConfig
+    from sandbox.server import serve_forever
+
+    serve_forever(SandboxConfig(host=host, port=port, time_scale=time_scale,
+                                max_concurrency=max_concurrency, api_key=api_key))

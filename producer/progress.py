@@ -1,0 +1,64 @@
+"""Batch progress: counts by state, a live bar, and the closing summary."""
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from worker.admission import Admission
+from worker.jobs import JobStore
+
+
+def batch_status(admission: Admission, batch: str) -> dict:
+    store: JobStore = admission.store
+    counts = store.counts(batch)
+    return {
+        "batch": batch,
+        "total": store.batch_total(batch),
+        "counts": counts,
+        "finished": counts["done"] + counts["failed"],
+        "upstream_in_flight": admission.in_flight(),
+        "waiting_for_slot": admission.waiting(),
+    }
+
+
+def is_finished(status: dict) -> bool:
+    return status["total"] > 0 and status["finished"] >= status["total"]
+
+
+def watch(admission: Admission, batch: str, console: Console, *,
+          interval_s: float = 1.0, keep_going=lambda: True) -> dict:
+    """A live bar until every job is done or failed (or keep_going() is False)."""
+    status = batch_status(admission, batch)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(batch, total=status["total"], detail="")
+        while True:
+            bar.update(task, total=status["total"], completed=status["finished"],
+                       detail=describe(status))
+            if is_finished(status) or not keep_going():
+                return status
+            time.sleep(interval_s)
+            status = batch_status(admission, batch)
+
+
+def describe(status: dict) -> str:
+    counts = status["counts"]
+    parts = [f"{counts[s]} {s}" for s in ("done", "failed", "downloading", "generating",
+                                           "submitted") if counts[s]]
+    parts.append(f"{status['upstream_in_flight']} in flight")
+    return ", ".join(parts)
+
+
+def failures(store: JobStore, batch: str, limit: int = 20) -> list[tuple[str, str]]:
+    """(job id, reason) of failed jobs, up to `limit`."""
+    found = []
+    for job_id in store.job_ids(batch):
+        job = store.get(f"{batch}:{job_id}")
+        if job and job.state == "failed":
+            found.append((job_id, job.last_error))
+            if len(found) >= limit:
+                break
+    return found

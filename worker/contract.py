@@ -1,0 +1,54 @@
+"""Facts of the upstream contract, as data.
+
+Taken from the provider's published schema and CONTRACT.md for
+`alibaba/wan2.1-t2v-turbo`; `tests/test_conformance.py` checks them against the
+user's reference documents. Nothing here reads those documents at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_BASE_URL = "https://api.aimlapi.com"
+DEFAULT_MODEL = "alibaba/wan2.1-t2v-turbo"
+
+RESOLUTIONS = ("480P", "720P")
+ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4")
+DEFAULT_RESOLUTION = "720P"
+DEFAULT_ASPECT_RATIO = "16:9"
+
+# Optional request fields and the Python type each must have.
+OPTIONAL_FIELDS: dict[str, type] = {
+    "negative_prompt": str,
+    "resolution": str,
+    "aspect_ratio": str,
+    "seed": int,
+    "watermark": bool,
+    "enhance_prompt": bool,
+}
+
+PENDING_STATUSES = frozenset({"queued", "generating", "waiting", "active"})
+SUCCESS_STATUSES = frozenset({"completed", "succeeded"})
+FAILURE_STATUSES = frozenset({"error", "failed"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One submit/fetch path pair and its name for the prompt-expansion flag."""
+
+    name: str
+    submit_path: str
+    fetch_path: str
+    expansion_flag: str
+
+
+ENDPOINTS = {
+    "universal": Endpoint(
+        "universal", "/v2/video/generations", "/v2/video/generations", "enhance_prompt"
+    ),
+    "legacy": Endpoint(
+        "legacy",
+        "/v2/generate/video/alibaba/generation",
+        "/v2/generate/video/alibaba/generation",
+        "enable_prompt_expansion",
+    ),
+}

@@ -1,0 +1,87 @@
+"""The one exception hierarchy of vidq.
+
+    VidqError
+     +-- ConfigError                  bad or missing configuration
+     +-- InputError                   a bad prompt file or CLI argument
+     +-- UpstreamError                anything the upstream API did wrong
+     |    +-- RetryableUpstreamError  try again later (backoff, or Retry-After)
+     |    |    +-- UpstreamUnavailable   connection error, timeout, 5xx
+     |    |    +-- RateLimited           429, carries retry_after seconds
+     |    |    +-- BadResponse           a body that is not the documented JSON
+     |    +-- PermanentUpstreamError  trying again cannot help
+     |         +-- RequestRejected       400, 401, 403, 404 answered to an API call
+     |         +-- GenerationFailed      the generation itself ended in error
+     |         +-- ResultLinkExpired     403/404 on a result URL: poll again for a fresh one
+     +-- StorageError                 the video could not be stored
+          +-- CorruptVideo            not an MP4, or shorter/longer than announced
+
+HTTP answers are translated into this tree in exactly one place,
+`worker.upstream.raise_for_response`.
+"""
+from __future__ import annotations
+
+
+class VidqError(Exception):
+    """Base of every error vidq raises on purpose."""
+
+
+class ConfigError(VidqError):
+    """Raised when a setting is missing or invalid."""
+
+
+class InputError(VidqError):
+    """Raised when user input (a prompt file, a CLI argument) is invalid."""
+
+
+class UpstreamError(VidqError):
+    """Raised when a call to the upstream API did not succeed."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class RetryableUpstreamError(UpstreamError):
+    """Raised when the same call may succeed later."""
+
+    retry_after: float | None = None
+
+
+class UpstreamUnavailable(RetryableUpstreamError):
+    """Raised on connection errors, timeouts and 5xx answers."""
+
+
+class RateLimited(RetryableUpstreamError):
+    """Raised on 429; `retry_after` is the server's Retry-After, if any."""
+
+    def __init__(self, message: str, *, retry_after: float | None, status: int = 429):
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class BadResponse(RetryableUpstreamError):
+    """Raised when a 2xx body is not the JSON the contract describes."""
+
+
+class PermanentUpstreamError(UpstreamError):
+    """Raised when retrying the same call cannot help."""
+
+
+class RequestRejected(PermanentUpstreamError):
+    """Raised on 400, 401, 403 or 404 from the API."""
+
+
+class GenerationFailed(PermanentUpstreamError):
+    """Raised when the upstream reports the generation ended in error."""
+
+
+class ResultLinkExpired(PermanentUpstreamError):
+    """Raised when a result URL answers 403/404: its signature has expired."""
+
+
+class StorageError(VidqError):
+    """Raised when a video or its sidecar cannot be stored."""
+
+
+class CorruptVideo(StorageError):
+    """Raised when downloaded bytes are not an MP4 or their length is wrong."""

@@ -1,0 +1,95 @@
+"""When to look again: adaptive poll timing and retry backoff.
+
+The first poll of a generation is aimed at the median generation time
+recently seen for its model and resolution, so most videos need one or two
+status GETs; after that, short steps (a twentieth of the expected time,
+growing by half each time) keep the lag between completion and its detection
+small. Medians are learned from completed generations, kept per shape in a
+short Redis list.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import redis
+
+from .jobs import PREFIX
+
+SAMPLES_KEPT = 200
+MIN_SAMPLES = 5
+# Share of the expected generation time between polls after the first one.
+STEP_FRACTION = 0.05
+STEP_GROWTH = 1.5
+# A video already complete at the first poll finished at some unknown time
+# before it; recording a little less than the poll time pulls the estimate
+# down until about half the videos are still pending at their first poll,
+# which is what aiming at the median means.
+EARLY_SHRINK = 0.85
+CACHE_S = 5.0
+
+
+class DurationModel:
+    """Learned generation times per (model, resolution)."""
+
+    def __init__(self, client: redis.Redis, default_s: float):
+        self.redis = client
+        self.default_s = default_s
+        self._cache: dict[str, tuple[float, float]] = {}
+
+    def expected_s(self, model: str, resolution: str) -> float:
+        key = _key(model, resolution)
+        cached = self._cache.get(key)
+        if cached and time.monotonic() - cached[1] < CACHE_S:
+            return cached[0]
+        samples = [float(x) for x in self.redis.lrange(key, 0, SAMPLES_KEPT - 1)]
+        value = statistics.median(samples) if len(samples) >= MIN_SAMPLES else self.default_s
+        self._cache[key] = (value, time.monotonic())
+        return value
+
+    def record(self, model: str, resolution: str, elapsed_s: float, polls: int,
+               last_interval_s: float) -> None:
+        if polls <= 1:
+            sample = elapsed_s * EARLY_SHRINK
+        else:
+            sample = elapsed_s - last_interval_s / 2
+        key = _key(model, resolution)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(key, repr(max(sample, 0.0)))
+        pipe.ltrim(key, 0, SAMPLES_KEPT - 1)
+        pipe.execute()
+
+
+def first_poll_delay(expected_s: float, min_s: float, max_s: float) -> float:
+    # Countdowns stay under max_s (and so under the visibility timeout); a long
+    # generation simply gets a few more short waits before its first GET.
+    return _clamp(expected_s * _jitter(0.05), min_s, max_s)
+
+
+def next_poll_delay(expected_s: float, polls_done: int, min_s: float, max_s: float,
+                    elapsed_s: float) -> float:
+    """The wait before poll number polls_done + 1."""
+    if elapsed_s < expected_s:
+        # Not yet at the aim point (a capped first countdown): go on towards it.
+        return _clamp(expected_s - elapsed_s, min_s, max_s)
+    step = expected_s * STEP_FRACTION * STEP_GROWTH ** max(polls_done - 1, 0)
+    return _clamp(step * _jitter(0.1), min_s, max_s)
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
+    """Exponential backoff with jitter: between half and all of min(cap, base * 2^(n-1))."""
+    ceiling = min(cap_s, base_s * 2 ** max(attempt - 1, 0))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _key(model: str, resolution: str) -> str:
+    return f"{PREFIX}durations:{model}:{resolution}"
+
+
+def _jitter(fraction: float) -> float:
+    return random.uniform(1 - fraction, 1 + fraction)
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(high, value))

@@ -1,0 +1,108 @@
+"""Configuration, read once from the environment and passed down.
+
+Every name is documented in README.md and .env.example. Nothing else in vidq
+reads os.environ for its behaviour.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+from .contract import DEFAULT_BASE_URL, ENDPOINTS
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a worker or the producer needs to know; units in names."""
+
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str = DEFAULT_BASE_URL
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str = ""
+    endpoint: str = "universal"
+    max_in_flight: int = 2
+    # First poll of a generation before any has completed; later learned.
+    expected_generation_s: float = 90.0
+    poll_min_interval_s: float = 2.0
+    poll_max_interval_s: float = 60.0
+    deadline_s: float = 1000.0
+    max_attempts: int = 8
+    backoff_base_s: float = 2.0
+    backoff_cap_s: float = 120.0
+    http_timeout_s: float = 30.0
+    # Longer than any countdown or task run, so Redis never redelivers early.
+    visibility_timeout_s: int = 1800
+    reconcile_interval_s: float = 10.0
+    # A step not started this long after it fell due is sent again.
+    step_grace_s: float = 60.0
+    download_grace_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if self.endpoint not in ENDPOINTS:
+            raise ConfigError(
+                f"VIDQ_ENDPOINT={self.endpoint!r}: use one of {', '.join(ENDPOINTS)}"
+            )
+        if self.max_in_flight < 1:
+            raise ConfigError("VIDQ_MAX_IN_FLIGHT must be at least 1")
+        longest = self.poll_max_interval_s + self.download_grace_s
+        if self.visibility_timeout_s <= longest:
+            raise ConfigError(
+                "VIDQ_VISIBILITY_TIMEOUT_S must exceed VIDQ_POLL_MAX_INTERVAL_S + "
+                f"VIDQ_DOWNLOAD_GRACE_S ({longest:.0f} s)"
+            )
+
+    @property
+    def worker_eta_task_limit(self) -> int:
+        # Only generations holding a slot have countdown tasks, so a worker never
+        # needs to hold many more than the cap; the margin covers retries.
+        return 2 * self.max_in_flight + 16
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        key = env.get("AIMLAPI_KEY") or env.get("AIML_API_KEY")
+        if key:
+            values["api_key"] = key.strip()
+        if env.get("AIMLAPI_BASE_URL"):
+            values["base_url"] = env["AIMLAPI_BASE_URL"].rstrip("/")
+        values["storage_url"] = env.get("VIDQ_STORAGE_URL") or default_storage_url()
+        for f in fields(cls):
+            name = ENV_NAMES.get(f.name)
+            if name and env.get(name, "").strip():
+                values[f.name] = _parse(name, env[name].strip(), f.type)
+        return cls(**values)
+
+
+ENV_NAMES = {
+    "redis_url": "VIDQ_REDIS_URL",
+    "endpoint": "VIDQ_ENDPOINT",
+    "max_in_flight": "VIDQ_MAX_IN_FLIGHT",
+    "expected_generation_s": "VIDQ_EXPECTED_GENERATION_S",
+    "poll_min_interval_s": "VIDQ_POLL_MIN_INTERVAL_S",
+    "poll_max_interval_s": "VIDQ_POLL_MAX_INTERVAL_S",
+    "deadline_s": "VIDQ_DEADLINE_S",
+    "max_attempts": "VIDQ_MAX_ATTEMPTS",
+    "backoff_base_s": "VIDQ_BACKOFF_BASE_S",
+    "backoff_cap_s": "VIDQ_BACKOFF_CAP_S",
+    "http_timeout_s": "VIDQ_HTTP_TIMEOUT_S",
+    "visibility_timeout_s": "VIDQ_VISIBILITY_TIMEOUT_S",
+    "reconcile_interval_s": "VIDQ_RECONCILE_INTERVAL_S",
+    "step_grace_s": "VIDQ_STEP_GRACE_S",
+    "download_grace_s": "VIDQ_DOWNLOAD_GRACE_S",
+}
+
+
+def default_storage_url() -> str:
+    return (Path.cwd() / "videos").resolve().as_uri()
+
+
+def _parse(name: str, raw: str, type_name: str):
+    kind = {"int": int, "float": float}.get(str(type_name), str)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
