@@ -21,9 +21,10 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, OPTIONAL_FIELDS, RESOLUTIONS
+from worker.errors import InputError
 
 # Public: the CLI reuses it to validate --batch names.
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -80,7 +81,7 @@ class PromptFile:
     merged_duplicates: int  # identical lines folded into an earlier job
 
 
-class PromptFileError(Exception):
+class PromptFileError(InputError):
     """Raised when a prompt file has bad lines; carries every one of them."""
 
     def __init__(self, path: str | os.PathLike, errors: list[LineError]):
@@ -145,7 +146,7 @@ def _base_request(defaults: dict) -> tuple[dict, list[LineError]]:
     return request, errors
 
 
-def _parser_for(path: str):
+def _parser_for(path: str) -> Callable[[str], Iterator[_Record]] | LineError:
     """Return the record parser for the file's extension, or why there is none."""
     extension = os.path.splitext(path)[1].lower()
     parsers = {".txt": _txt_records, ".jsonl": _jsonl_records, ".csv": _csv_records}

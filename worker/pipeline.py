@@ -43,19 +43,31 @@ class Steps:
 
     def submit(self, job: Job) -> None:
         if not job.generation_id:
-            lock = f"vidq:submitting:{job.ref}"
-            if not self.store.redis.set(lock, "1", nx=True, ex=int(self.settings.http_timeout_s * 2 + 5)):
-                log.warning("submit of %s already in progress elsewhere; dropping", job.ref)
+            generation = self._post_once(job)
+            if generation is None:
                 return
-            generation = self.client.submit(job.request)
-            job.generation_id = self.store.record_generation(job, generation.id, self.clock())
-            job.submitted_at = job.submitted_at or self.clock()
-            log.info("job %s submitted as generation %s", job.ref, job.generation_id)
             generation.raise_if_failed()
         expected = self._expected_s(job)
         delay = first_poll_delay(expected, self.settings.poll_min_interval_s,
                                  self.settings.poll_max_interval_s)
         self._next(job, "poll", delay, attempts=0)
+
+    def _post_once(self, job: Job) -> Generation | None:
+        """POST the job and record its generation id at once; None if another
+        process is posting it right now (a recovery raced a slow submit)."""
+        lock = f"vidq:submitting:{job.ref}"
+        lock_s = int(self.settings.http_timeout_s * 2 + 5)
+        if not self.store.redis.set(lock, "1", nx=True, ex=lock_s):
+            log.warning("submit of %s already in progress elsewhere; dropping", job.ref)
+            return None
+        try:
+            generation = self.client.submit(job.request)
+            job.generation_id = self.store.record_generation(job, generation.id, self.clock())
+        finally:
+            self.store.redis.delete(lock)
+        job.submitted_at = job.submitted_at or self.clock()
+        log.info("job %s submitted as generation %s", job.ref, job.generation_id)
+        return generation
 
     def poll(self, job: Job) -> None:
         generation = self.client.fetch(job.generation_id)

@@ -1,0 +1,171 @@
+"""Real parts for the tests: a private Redis server, the sandbox upstream over
+HTTP, and Celery worker processes started with `celery -A worker worker`.
+
+No eager mode, no fake Redis: every test talks to the real thing.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+import worker
+from producer.enqueue import enqueue_file, open_admission
+from producer.local import stop_processes
+from producer.redis_server import PrivateRedis
+from sandbox import SandboxConfig, SandboxServer
+from worker.celery_app import QUEUES, apply_settings
+from worker.jobs import JobStore
+from worker.settings import Settings
+from worker.tasks import dispatch
+
+# Fast clocks: a 90 s generation takes about 1 s in the sandbox.
+TIME_SCALE = 90.0
+FAST_WORKER_ENV = {
+    "VIDQ_EXPECTED_GENERATION_S": "1.0",
+    "VIDQ_POLL_MIN_INTERVAL_S": "0.1",
+    "VIDQ_POLL_MAX_INTERVAL_S": "5",
+    "VIDQ_BACKOFF_BASE_S": "0.2",
+    "VIDQ_BACKOFF_CAP_S": "2",
+    "VIDQ_RECONCILE_INTERVAL_S": "1",
+    "VIDQ_STEP_GRACE_S": "6",
+    "VIDQ_DOWNLOAD_GRACE_S": "60",
+    "VIDQ_VISIBILITY_TIMEOUT_S": "300",
+}
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    given = os.environ.get("VIDQ_TEST_REDIS_URL")
+    if given:
+        yield given
+        return
+    with PrivateRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """A clean Redis for each test."""
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    yield redis_server
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def video_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("sandbox-cache")
+
+
+@pytest.fixture
+def make_sandbox(video_cache):
+    servers = []
+
+    def start(**overrides) -> SandboxServer:
+        options = {"time_scale": TIME_SCALE, "cache_dir": video_cache, "max_concurrency": 4,
+                   "api_key": "test-key", "seed": 7}
+        options.update(overrides)
+        server = SandboxServer(SandboxConfig(**options)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+class Pipeline:
+    """One test's system: env for workers, the producer side, and helpers."""
+
+    def __init__(self, env: dict, sandbox: SandboxServer, log_dir: Path):
+        self.env = env
+        self.sandbox = sandbox
+        self.log_dir = log_dir
+        self.settings = Settings.from_env(env)
+        self.processes: list[subprocess.Popen] = []
+        apply_settings(worker.app, self.settings)
+        self.admission = open_admission(self.settings)
+        self.store: JobStore = self.admission.store
+
+    def start_workers(self, count: int = 1, concurrency: int = 4, queues=QUEUES) -> None:
+        for index in range(len(self.processes), len(self.processes) + count):
+            log_path = self.log_dir / f"worker-{index}.log"
+            command = [sys.executable, "-m", "celery", "-A", "worker", "worker",
+                       "-Q", ",".join(queues), "-c", str(concurrency), "-n", f"test{index}@%h",
+                       "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+            self.processes.append(subprocess.Popen(
+                command, env=self.env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT))
+            wait_for_log(log_path, "ready.", self.processes[-1])
+
+    def stop_workers(self) -> None:
+        stop_processes(self.processes)
+        self.processes = []
+
+    def enqueue(self, path: Path, batch: str, **defaults):
+        defaults.setdefault("model", "alibaba/wan2.1-t2v-turbo")
+        return enqueue_file(self.admission, path, batch, defaults, dispatch)
+
+    def wait_finished(self, batch: str, timeout_s: float = 90.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            counts = self.store.counts(batch)
+            if counts["done"] + counts["failed"] >= self.store.batch_total(batch):
+                return counts
+            time.sleep(0.2)
+        raise AssertionError(f"batch {batch} not finished in {timeout_s} s: "
+                             f"{self.store.counts(batch)}; logs in {self.log_dir}")
+
+    def ledger(self) -> list[dict]:
+        return requests.get(self.sandbox.url + "/__ledger", timeout=10).json()
+
+    def faults(self, **faults) -> None:
+        requests.post(self.sandbox.url + "/__faults", json=faults, timeout=10).raise_for_status()
+
+
+def wait_for_log(path: Path, needle: str, process: subprocess.Popen, timeout_s=60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"worker exited early:\n{path.read_text(errors='replace')}")
+        time.sleep(0.1)
+    raise AssertionError(f"worker not ready in {timeout_s} s:\n{path.read_text(errors='replace')}")
+
+
+@pytest.fixture
+def make_pipeline(redis_url, make_sandbox, tmp_path):
+    made = []
+
+    def build(sandbox: SandboxServer | None = None, **env_overrides) -> Pipeline:
+        sandbox = sandbox or make_sandbox()
+        env = dict(os.environ)
+        for name in ("AIML_API_KEY", "VIDQ_STORAGE_URL", "VIDQ_ENDPOINT"):
+            env.pop(name, None)
+        env.update(FAST_WORKER_ENV)
+        env.update({
+            "VIDQ_REDIS_URL": redis_url, "AIMLAPI_BASE_URL": sandbox.url,
+            "AIMLAPI_KEY": sandbox.config.api_key, "VIDQ_MAX_IN_FLIGHT": "4",
+            "VIDQ_STORAGE_URL": (tmp_path / "videos").as_uri(),
+        })
+        env.update({k: str(v) for k, v in env_overrides.items()})
+        (tmp_path / "logs").mkdir(exist_ok=True)
+        pipeline = Pipeline(env, sandbox, tmp_path / "logs")
+        made.append(pipeline)
+        return pipeline
+
+    yield build
+    for pipeline in made:
+        pipeline.stop_workers()
+
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,93 @@
+"""The `vidq` command as a user runs it: exit codes, messages, Redis contents."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import redis
+
+BAD_FILES = {
+    "empty_prompt.jsonl": ('{"prompt": "ok"}\n{"prompt": "  "}\n', ["line 2", "prompt"]),
+    "broken.jsonl": ('{"prompt": "ok"}\n{"prompt": "unterminated\n', ["line 2"]),
+    "resolution.jsonl": ('{"prompt": "ok", "resolution": "1080P"}\n', ["line 1", "resolution"]),
+    "dup.jsonl": ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n',
+                  ["line 2", "duplicate id 'a'", "line 1"]),
+    "empty.txt": ("", ["no prompts"]),
+}
+
+
+def vidq(*args, redis_url: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VIDQ_REDIS_URL": redis_url}
+    return subprocess.run(["vidq", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_file_is_rejected_with_line_numbers_and_nothing_enqueued(name, redis_url, tmp_path):
+    """A bad prompt file exits non-zero, names each bad line, and writes nothing."""
+    content, expected = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_text(content)
+
+    result = vidq("enqueue", str(path), "--batch", "bad", redis_url=redis_url)
+
+    assert result.returncode != 0
+    for fragment in expected:
+        assert fragment in result.stderr, result.stderr
+    assert redis.Redis.from_url(redis_url).keys("vidq:*") == []
+
+
+def test_every_bad_line_is_listed(redis_url, tmp_path):
+    """All bad lines are reported together, each with its number."""
+    path = tmp_path / "many.jsonl"
+    path.write_text('{"prompt": ""}\n{"prompt": "fine"}\nnot json\n'
+                    '{"prompt": "x", "aspect_ratio": "2:1"}\n')
+
+    result = vidq("enqueue", str(path), "--batch", "bad", redis_url=redis_url)
+
+    assert result.returncode != 0
+    for line in ("line 1", "line 3", "line 4"):
+        assert line in result.stderr
+    assert "line 2" not in result.stderr
+
+
+def test_enqueue_twice_creates_no_new_jobs_and_status_json(redis_url, tmp_path):
+    """Re-enqueueing a file adds nothing; `status --json` prints one object of counts."""
+    path = tmp_path / "p.txt"
+    path.write_text("# comment\none\n\ntwo\nthree\n")
+
+    first = vidq("enqueue", str(path), "--batch", "night-1", redis_url=redis_url)
+    second = vidq("enqueue", str(path), "--batch", "night-1", redis_url=redis_url)
+    status = vidq("status", "night-1", "--json", redis_url=redis_url)
+
+    assert first.returncode == 0 and "3 new" in first.stdout
+    assert second.returncode == 0 and "0 new" in second.stdout
+    report = json.loads(status.stdout)
+    assert report["batch"] == "night-1" and report["total"] == 3
+    assert sum(report["counts"].values()) == 3
+
+
+def test_same_id_with_new_parameters_is_refused(redis_url, tmp_path):
+    """An id already in the batch with other parameters is an error, not an overwrite."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "shot-1", "prompt": "a cat"}\n')
+    assert vidq("enqueue", str(path), "--batch", "b", redis_url=redis_url).returncode == 0
+    path.write_text('{"id": "shot-1", "prompt": "a dog"}\n')
+
+    result = vidq("enqueue", str(path), "--batch", "b", redis_url=redis_url)
+
+    assert result.returncode != 0 and "already exists" in result.stderr
+
+
+def test_run_without_key_or_sandbox_refuses(redis_url, tmp_path):
+    """`vidq run` with no API key and no --sandbox says what to do."""
+    path = tmp_path / "p.txt"
+    path.write_text("a prompt\n")
+    env_key = {k: "" for k in ("AIMLAPI_KEY", "AIML_API_KEY")}
+    result = subprocess.run(["vidq", "run", str(path)], capture_output=True, text=True,
+                            env={**os.environ, **env_key, "VIDQ_REDIS_URL": redis_url},
+                            cwd=tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "AIMLAPI_KEY" in result.stderr and "--sandbox" in result.stderr
