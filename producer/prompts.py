@@ -30,7 +30,6 @@ from worker.errors import InputError
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 MAX_SEED = 2**31 - 1
-SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".csv")
 
 # Every field a line may carry, with its Python type; `id` names the job and
 # is never sent upstream.
