@@ -82,12 +82,11 @@ def status(batch, as_json, watch):
     from .progress import watch as watch_batch
 
     admission = open_admission(Settings.from_env())
-    if watch:
-        result = watch_batch(admission, batch, console)
-    else:
-        result = batch_status(admission, batch)
+    result = batch_status(admission, batch)
     if result["total"] == 0:
         raise click.ClickException(f"no batch named {batch!r}")
+    if watch:
+        result = watch_batch(admission, batch, console)
     if as_json:
         click.echo(json.dumps(result))
     elif not watch:
