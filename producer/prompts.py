@@ -9,41 +9,37 @@ fixing a 5,000-line batch should see all of its problems in one run.
 Job ids are either given per line (`id`) or derived from the request itself,
 so loading the same file with the same defaults always yields the same ids and
 re-enqueueing a batch is idempotent.
+
+Reading the file and splitting it into per-line records, for each format,
+lives in `producer.prompt_formats`; this module validates and assembles them.
 """
 from __future__ import annotations
 
-import codecs
-import csv
-import difflib
 import hashlib
-import io
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator
 
 from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, OPTIONAL_FIELDS, RESOLUTIONS
 from worker.errors import InputError
+
+# LineError is part of this module's public API; it lives in prompt_formats
+# so that the format readers can use it without importing this module.
+from .prompt_formats import FIELD_TYPES, TYPE_NAMES, LineError, Record, parser_for, read_text
+from .prompt_formats import type_name, unknown_field
+
+__all__ = ["ID_PATTERN", "LineError", "PromptFile", "PromptFileError", "PromptJob", "load_prompts"]
 
 # Public: the CLI reuses it to validate --batch names.
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 MAX_SEED = 2**31 - 1
 
-# Every field a line may carry, with its Python type; `id` names the job and
-# is never sent upstream.
-FIELD_TYPES: dict[str, type] = {"prompt": str, "id": str, "model": str, **OPTIONAL_FIELDS}
 # Fields the CLI flags may set for every line; a line may override each.
 DEFAULT_FIELDS = frozenset({"model", *OPTIONAL_FIELDS})
 CHOICES = {"resolution": RESOLUTIONS, "aspect_ratio": ASPECT_RATIOS}
-CSV_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-# Names as the user wrote them (JSON), not Python's.
-_TYPE_NAMES = {
-    str: "string", int: "integer", bool: "boolean", float: "number",
-    list: "array", dict: "object", type(None): "null",
-}
 
 
 @dataclass(frozen=True)
@@ -53,22 +49,6 @@ class PromptJob:
     line: int  # 1-based line number where the record starts
     job_id: str
     request: dict  # contract field names, ready to send (model, prompt, ...)
-
-
-@dataclass(frozen=True)
-class LineError:
-    """One problem with a prompt file; line 0 means the file or the defaults."""
-
-    line: int
-    field: str | None
-    reason: str
-
-    def __str__(self) -> str:
-        parts = [f"line {self.line}"] if self.line else []
-        if self.field:
-            parts.append(self.field)
-        parts.append(self.reason)
-        return ": ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -98,24 +78,16 @@ class PromptFileError(InputError):
         return "\n  ".join([header, *map(str, self.errors)])
 
 
-class _Record(NamedTuple):
-    """What a format parser found at one line: fields, errors, or both."""
-
-    line: int
-    fields: dict | None  # None when the line could not be parsed at all
-    errors: list[LineError]
-
-
 def load_prompts(path: str | os.PathLike, defaults: dict) -> PromptFile:
     """Parse and validate the whole file at `path`; raise PromptFileError if any line is bad."""
     path = os.fspath(path)
     base_request, errors = _base_request(defaults)
     if errors:
         raise PromptFileError(path, errors)
-    parser = _parser_for(path)
+    parser = parser_for(path)
     if isinstance(parser, LineError):
         raise PromptFileError(path, [parser])
-    text = _read_text(path)
+    text = read_text(path)
     if isinstance(text, LineError):
         raise PromptFileError(path, [text])
     jobs, merged, errors = _assemble(parser(text), base_request)
@@ -124,7 +96,7 @@ def load_prompts(path: str | os.PathLike, defaults: dict) -> PromptFile:
     return PromptFile(path=path, jobs=jobs, merged_duplicates=merged)
 
 
-# --- defaults, file type, reading -------------------------------------------
+# --- defaults ---------------------------------------------------------------
 
 
 def _base_request(defaults: dict) -> tuple[dict, list[LineError]]:
@@ -145,161 +117,10 @@ def _base_request(defaults: dict) -> tuple[dict, list[LineError]]:
     return request, errors
 
 
-def _parser_for(path: str) -> Callable[[str], Iterator[_Record]] | LineError:
-    """Return the record parser for the file's extension, or why there is none."""
-    extension = os.path.splitext(path)[1].lower()
-    parsers = {".txt": _txt_records, ".jsonl": _jsonl_records, ".csv": _csv_records}
-    if extension in parsers:
-        return parsers[extension]
-    shown = f"'{extension}'" if extension else "(no extension)"
-    return LineError(0, None, f"unsupported file type {shown} (use .txt, .jsonl or .csv)")
-
-
-def _read_text(path: str) -> str | LineError:
-    """Read the file as UTF-8 without its BOM, or say why it cannot be read."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        return LineError(0, None, "file not found")
-    except OSError as exc:
-        return LineError(0, None, f"cannot read file: {exc.strerror or exc}")
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        return LineError(line, None, f"not valid UTF-8 (byte 0x{data[exc.start]:02x})")
-
-
-# --- format parsers: text -> _Record ----------------------------------------
-# Lines are split on "\n" only: str.splitlines() also splits on form feeds and
-# U+2028, which would shift line numbers away from what editors show.
-
-
-def _txt_records(text: str) -> Iterator[_Record]:
-    """One prompt a line; blank lines and `#` comments skipped."""
-    for number, raw in enumerate(text.split("\n"), 1):
-        prompt = raw.strip()
-        if prompt and not prompt.startswith("#"):
-            yield _Record(number, {"prompt": prompt}, [])
-
-
-def _jsonl_records(text: str) -> Iterator[_Record]:
-    """One JSON object a line; blank lines skipped."""
-    for number, raw in enumerate(text.split("\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
-            yield _Record(number, None, [LineError(number, None, reason)])
-            continue
-        except RecursionError:  # absurdly deep nesting blows the C parser's stack
-            yield _Record(number, None, [LineError(number, None, "invalid JSON: nested too deeply")])
-            continue
-        if not isinstance(value, dict):
-            reason = f"expected a JSON object, got {_type_name(value)}"
-            yield _Record(number, None, [LineError(number, None, reason)])
-            continue
-        yield _Record(number, value, [])
-
-
-def _csv_records(text: str) -> Iterator[_Record]:
-    """A header row naming the fields, then one record a row."""
-    rows = _csv_rows(text)
-    header = next(rows, None)
-    if header is None:  # empty file: reported as "no prompts in file"
-        return
-    if header.error:
-        yield _Record(header.line, None, [header.error])
-        return
-    columns = [name.strip() for name in header.cells]
-    header_errors = _check_header(header.line, columns)
-    if header_errors:
-        yield _Record(header.line, None, header_errors)
-        return
-    for row in rows:
-        if row.error:
-            yield _Record(row.line, None, [row.error])
-        else:
-            yield _csv_record(row.line, columns, row.cells)
-
-
-class _CsvRow(NamedTuple):
-    line: int  # where the row starts
-    cells: list[str]
-    error: LineError | None  # broken CSV; reading stops here
-
-
-def _csv_rows(text: str) -> Iterator[_CsvRow]:
-    """Yield non-blank CSV rows with the line where each starts; stop at broken CSV."""
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    start = 1
-    try:
-        for cells in reader:
-            if any(cell.strip() for cell in cells):
-                yield _CsvRow(start, cells, None)
-            # A quoted cell may span lines, so the next record starts after
-            # however many lines the reader has consumed so far.
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        yield _CsvRow(start, [], LineError(start, None, f"invalid CSV: {exc}"))
-
-
-def _check_header(line: int, columns: list[str]) -> list[LineError]:
-    """Reject a missing `prompt` column (alone), else unknown or repeated columns."""
-    if "prompt" not in columns:
-        # One error: without prompts no row can be checked, so more would be noise.
-        close = difflib.get_close_matches("prompt", columns, n=1)
-        hint = f" (is {close[0]!r} a typo?)" if close else ""
-        return [LineError(line, None, f"missing 'prompt' column{hint}")]
-    errors = [LineError(line, None, _unknown_field(name)) for name in columns if name not in FIELD_TYPES]
-    repeated = sorted({name for name in columns if columns.count(name) > 1})
-    errors += [LineError(line, None, f"column {name!r} appears more than once") for name in repeated]
-    return errors
-
-
-def _csv_record(line: int, columns: list[str], cells: list[str]) -> _Record:
-    """Convert one row's cells to typed fields; empty cells mean "not given"."""
-    fields: dict = {}
-    errors = []
-    if len(cells) > len(columns):  # extra cells would otherwise vanish silently
-        errors.append(LineError(line, None, f"{len(cells)} cells but the header has {len(columns)} columns"))
-    for name, cell in zip(columns, cells):
-        text = cell.strip()
-        if not text and name != "prompt":  # an empty prompt is an error, not "not given"
-            continue
-        value, reason = _convert_cell(name, text)
-        if reason:
-            errors.append(LineError(line, name, reason))
-        else:
-            fields[name] = value
-    return _Record(line, fields, errors)
-
-
-def _convert_cell(field: str, text: str) -> tuple[object, str | None]:
-    """Turn a CSV cell (always a string) into the field's type."""
-    expected = FIELD_TYPES[field]
-    if expected is bool:
-        value = CSV_BOOLEANS.get(text.lower())
-        if value is None:
-            return None, f"{text!r} is not a boolean (use true/false, 1/0 or yes/no)"
-        return value, None
-    if expected is int:
-        try:
-            return int(text), None
-        except ValueError:
-            return None, f"{text!r} is not an integer"
-    return text, None
-
-
 # --- validation and assembly -------------------------------------------------
 
 
-def _assemble(records: Iterator[_Record], base_request: dict) -> tuple[list[PromptJob], int, list[LineError]]:
+def _assemble(records: Iterator[Record], base_request: dict) -> tuple[list[PromptJob], int, list[LineError]]:
     """Validate every record, fold duplicates, and collect every error."""
     jobs: dict[str, PromptJob] = {}
     errors: list[LineError] = []
@@ -350,7 +171,7 @@ def _field_errors(line: int, fields: dict) -> list[LineError]:
     """Every problem with one record's fields, unknown ones first."""
     errors = []
     if not fields.keys() <= FIELD_TYPES.keys():  # the common case skips this loop
-        errors = [LineError(line, None, _unknown_field(name)) for name in fields if name not in FIELD_TYPES]
+        errors = [LineError(line, None, unknown_field(name)) for name in fields if name not in FIELD_TYPES]
     if "prompt" not in fields:
         errors.append(LineError(line, "prompt", "missing prompt"))
     for name, value in fields.items():
@@ -385,7 +206,7 @@ def _check_value(field: str, value: object) -> str | None:
     expected = FIELD_TYPES[field]
     # bool is a subclass of int, but `"seed": true` is surely a mistake.
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        return f"expected {_TYPE_NAMES[expected]}, got {_type_name(value)}"
+        return f"expected {TYPE_NAMES[expected]}, got {type_name(value)}"
     if field in CHOICES and value not in CHOICES[field]:
         return f"{value!r} is not one of {', '.join(CHOICES[field])}"
     if field == "seed" and not 0 <= value <= MAX_SEED:
@@ -408,14 +229,3 @@ def _check_text(field: str, value: str) -> str | None:
     except UnicodeEncodeError:  # a lone "\ud800" escape in JSON; it cannot be sent
         return "contains an unpaired surrogate"
     return None
-
-
-def _unknown_field(name: str) -> str:
-    """Name an unknown field, suggesting the known one it was probably meant to be."""
-    close = difflib.get_close_matches(name, sorted(FIELD_TYPES), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown field {name!r}{hint}"
-
-
-def _type_name(value: object) -> str:
-    return _TYPE_NAMES.get(type(value), type(value).__name__)

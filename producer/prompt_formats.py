@@ -1,0 +1,226 @@
+"""Read a prompt file's text and split it into raw per-line records.
+
+This is the format layer under `producer.prompts`: it picks a reader by file
+extension (`.txt`, `.jsonl`, `.csv`), decodes the bytes as UTF-8 (dropping a
+BOM), and yields one `Record` per non-blank line or CSV row, with the line
+where it starts. Readers only check syntax and, for CSV, convert cells to the
+field's type; `producer.prompts` validates the values and builds the jobs.
+
+Also home to the small types both layers share (`LineError`, `Record`,
+`FIELD_TYPES`), so that this module never imports `producer.prompts`.
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import difflib
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+from worker.contract import OPTIONAL_FIELDS
+
+# Every field a line may carry, with its Python type; `id` names the job and
+# is never sent upstream.
+FIELD_TYPES: dict[str, type] = {"prompt": str, "id": str, "model": str, **OPTIONAL_FIELDS}
+CSV_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+# Names as the user wrote them (JSON), not Python's.
+TYPE_NAMES = {
+    str: "string", int: "integer", bool: "boolean", float: "number",
+    list: "array", dict: "object", type(None): "null",
+}
+
+
+@dataclass(frozen=True)
+class LineError:
+    """One problem with a prompt file; line 0 means the file or the defaults."""
+
+    line: int
+    field: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        parts = [f"line {self.line}"] if self.line else []
+        if self.field:
+            parts.append(self.field)
+        parts.append(self.reason)
+        return ": ".join(parts)
+
+
+class Record(NamedTuple):
+    """What a format parser found at one line: fields, errors, or both."""
+
+    line: int
+    fields: dict | None  # None when the line could not be parsed at all
+    errors: list[LineError]
+
+
+# --- file type and reading --------------------------------------------------
+
+
+def parser_for(path: str) -> Callable[[str], Iterator[Record]] | LineError:
+    """Return the record parser for the file's extension, or why there is none."""
+    extension = os.path.splitext(path)[1].lower()
+    parsers = {".txt": _txt_records, ".jsonl": _jsonl_records, ".csv": _csv_records}
+    if extension in parsers:
+        return parsers[extension]
+    shown = f"'{extension}'" if extension else "(no extension)"
+    return LineError(0, None, f"unsupported file type {shown} (use .txt, .jsonl or .csv)")
+
+
+def read_text(path: str) -> str | LineError:
+    """Read the file as UTF-8 without its BOM, or say why it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return LineError(0, None, "file not found")
+    except OSError as exc:
+        return LineError(0, None, f"cannot read file: {exc.strerror or exc}")
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return LineError(line, None, f"not valid UTF-8 (byte 0x{data[exc.start]:02x})")
+
+
+# --- format parsers: text -> Record ----------------------------------------
+# Lines are split on "\n" only: str.splitlines() also splits on form feeds and
+# U+2028, which would shift line numbers away from what editors show.
+
+
+def _txt_records(text: str) -> Iterator[Record]:
+    """One prompt a line; blank lines and `#` comments skipped."""
+    for number, raw in enumerate(text.split("\n"), 1):
+        prompt = raw.strip()
+        if prompt and not prompt.startswith("#"):
+            yield Record(number, {"prompt": prompt}, [])
+
+
+def _jsonl_records(text: str) -> Iterator[Record]:
+    """One JSON object a line; blank lines skipped."""
+    for number, raw in enumerate(text.split("\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
+            yield Record(number, None, [LineError(number, None, reason)])
+            continue
+        except RecursionError:  # absurdly deep nesting blows the C parser's stack
+            yield Record(number, None, [LineError(number, None, "invalid JSON: nested too deeply")])
+            continue
+        if not isinstance(value, dict):
+            reason = f"expected a JSON object, got {type_name(value)}"
+            yield Record(number, None, [LineError(number, None, reason)])
+            continue
+        yield Record(number, value, [])
+
+
+def _csv_records(text: str) -> Iterator[Record]:
+    """A header row naming the fields, then one record a row."""
+    rows = _csv_rows(text)
+    header = next(rows, None)
+    if header is None:  # empty file: reported as "no prompts in file"
+        return
+    if header.error:
+        yield Record(header.line, None, [header.error])
+        return
+    columns = [name.strip() for name in header.cells]
+    header_errors = _check_header(header.line, columns)
+    if header_errors:
+        yield Record(header.line, None, header_errors)
+        return
+    for row in rows:
+        if row.error:
+            yield Record(row.line, None, [row.error])
+        else:
+            yield _csv_record(row.line, columns, row.cells)
+
+
+class _CsvRow(NamedTuple):
+    line: int  # where the row starts
+    cells: list[str]
+    error: LineError | None  # broken CSV; reading stops here
+
+
+def _csv_rows(text: str) -> Iterator[_CsvRow]:
+    """Yield non-blank CSV rows with the line where each starts; stop at broken CSV."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    try:
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                yield _CsvRow(start, cells, None)
+            # A quoted cell may span lines, so the next record starts after
+            # however many lines the reader has consumed so far.
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        yield _CsvRow(start, [], LineError(start, None, f"invalid CSV: {exc}"))
+
+
+def _check_header(line: int, columns: list[str]) -> list[LineError]:
+    """Reject a missing `prompt` column (alone), else unknown or repeated columns."""
+    if "prompt" not in columns:
+        # One error: without prompts no row can be checked, so more would be noise.
+        close = difflib.get_close_matches("prompt", columns, n=1)
+        hint = f" (is {close[0]!r} a typo?)" if close else ""
+        return [LineError(line, None, f"missing 'prompt' column{hint}")]
+    errors = [LineError(line, None, unknown_field(name)) for name in columns if name not in FIELD_TYPES]
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    errors += [LineError(line, None, f"column {name!r} appears more than once") for name in repeated]
+    return errors
+
+
+def _csv_record(line: int, columns: list[str], cells: list[str]) -> Record:
+    """Convert one row's cells to typed fields; empty cells mean "not given"."""
+    fields: dict = {}
+    errors = []
+    if len(cells) > len(columns):  # extra cells would otherwise vanish silently
+        errors.append(LineError(line, None, f"{len(cells)} cells but the header has {len(columns)} columns"))
+    for name, cell in zip(columns, cells):
+        text = cell.strip()
+        if not text and name != "prompt":  # an empty prompt is an error, not "not given"
+            continue
+        value, reason = _convert_cell(name, text)
+        if reason:
+            errors.append(LineError(line, name, reason))
+        else:
+            fields[name] = value
+    return Record(line, fields, errors)
+
+
+def _convert_cell(field: str, text: str) -> tuple[object, str | None]:
+    """Turn a CSV cell (always a string) into the field's type."""
+    expected = FIELD_TYPES[field]
+    if expected is bool:
+        value = CSV_BOOLEANS.get(text.lower())
+        if value is None:
+            return None, f"{text!r} is not a boolean (use true/false, 1/0 or yes/no)"
+        return value, None
+    if expected is int:
+        try:
+            return int(text), None
+        except ValueError:
+            return None, f"{text!r} is not an integer"
+    return text, None
+
+
+# --- shared wording ----------------------------------------------------------
+
+
+def unknown_field(name: str) -> str:
+    """Name an unknown field, suggesting the known one it was probably meant to be."""
+    close = difflib.get_close_matches(name, sorted(FIELD_TYPES), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown field {name!r}{hint}"
+
+
+def type_name(value: object) -> str:
+    return TYPE_NAMES.get(type(value), type(value).__name__)
