@@ -70,7 +70,7 @@ def make_sandbox(video_cache):
 
     def start(**overrides) -> SandboxServer:
         options = {"time_scale": TIME_SCALE, "cache_dir": video_cache, "max_concurrency": 4,
-                   "api_key": "test-key", "seed": 7}
+                   "api_key": "sk-test-9f8e7d6c5b4a", "seed": 7}
         options.update(overrides)
         server = SandboxServer(SandboxConfig(**options)).start()
         servers.append(server)

@@ -36,6 +36,9 @@ def test_batch_of_24_lands_every_video_checked(make_pipeline, tmp_path):
         assert _sha256(video) == sidecar["sha256"] == entry["sha256"]
         assert sidecar["prompt"] == entry["prompt"]
     assert pipeline.sandbox.stats()["duplicate_prompts"] == 0
+    key = pipeline.sandbox.config.api_key
+    for log in pipeline.log_dir.glob("*.log"):
+        assert key not in log.read_text(errors="replace")
 
 
 def test_redelivered_submit_never_posts_twice(make_pipeline, tmp_path):

@@ -1,0 +1,142 @@
+"""Step logic without Celery: real Redis, the sandbox over HTTP, real storage.
+
+`dispatch` here records what would be published instead of publishing it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import redis
+import requests
+
+from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired
+from worker.jobs import job_ref
+from worker.settings import Settings
+from worker.tasks import build_steps
+
+
+@pytest.fixture
+def steps_for(redis_url, make_sandbox, tmp_path):
+    def build(sandbox=None, **env):
+        sandbox = sandbox or make_sandbox()
+        settings = Settings.from_env({
+            "VIDQ_REDIS_URL": redis_url, "AIMLAPI_BASE_URL": sandbox.url,
+            "AIMLAPI_KEY": sandbox.config.api_key, "VIDQ_STORAGE_URL": tmp_path.as_uri(),
+            "VIDQ_EXPECTED_GENERATION_S": "1", "VIDQ_POLL_MIN_INTERVAL_S": "0.1", **env})
+        steps = build_steps(settings)
+        steps.sent = []
+        steps.dispatch = lambda step, ref, token, countdown: steps.sent.append((step, ref, token))
+        return steps
+    return build
+
+
+def _admit_one(steps, prompt="a small boat"):
+    steps.admission.enqueue("b", [("j1", {"model": "alibaba/wan2.1-t2v-turbo", "prompt": prompt})],
+                            time.time())
+    ((ref, token),) = steps.admission.pump(time.time())
+    return ref, token
+
+
+def _run(steps, step, ref, token):
+    job = steps.store.claim(ref, token)
+    assert job is not None
+    getattr(steps, step)(job)
+    return steps.store.get(ref)
+
+
+def _until_completed(steps, ref, token):
+    """Drive submit and polls by hand until the download step is next."""
+    step = "submit"
+    while step != "download":
+        _run(steps, step, ref, token)
+        step, _, token = steps.sent[-1]
+        time.sleep(0.2)
+    return token
+
+
+def test_wrong_key_fails_at_once_without_leaking_it(steps_for, make_sandbox):
+    """A 401 on submit is terminal, carries the upstream's message, not the key."""
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox, AIMLAPI_KEY="sk-wrong-secret-123")
+    ref, token = _admit_one(steps)
+    job = steps.store.claim(ref, token)
+
+    with pytest.raises(RequestRejected) as raised:
+        steps.submit(job)
+    steps.fail(job, str(raised.value))
+
+    assert "401" in str(raised.value) and "sk-wrong-secret-123" not in str(raised.value)
+    record = steps.store.get(ref)
+    assert record.state == "failed" and "sk-wrong" not in record.last_error
+    assert steps.admission.in_flight() == 0
+
+
+def test_deadline_fails_with_timeout_and_keeps_generation_id(steps_for, make_sandbox):
+    """Still pending after VIDQ_DEADLINE_S: failed, reason timeout, generation id kept."""
+    steps = steps_for(make_sandbox(time_scale=1), VIDQ_DEADLINE_S="0.5")
+    ref, token = _admit_one(steps)
+    _run(steps, "submit", ref, token)
+    time.sleep(0.6)
+
+    record = _run(steps, "poll", ref, steps.sent[-1][2])
+
+    assert record.state == "failed" and record.last_error.startswith("timeout")
+    assert record.generation_id
+    assert steps.admission.in_flight() == 0
+
+
+def test_expired_link_is_refreshed_by_polling_again(steps_for, make_sandbox):
+    """A result URL that expired (403) sends the job back to poll for a fresh one."""
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox)
+    ref, token = _admit_one(steps)
+    token = _until_completed(steps, ref, token)
+    job = steps.store.claim(ref, token)
+    requests.post(sandbox.url + "/__expire", json={"id": job.generation_id}, timeout=5)
+
+    with pytest.raises(ResultLinkExpired):
+        steps.download(job)
+    steps.refresh_link(job, ResultLinkExpired("expired"))
+    step, _, token = steps.sent[-1]
+    assert step == "poll"
+    _run(steps, "poll", ref, token)
+    step, _, token = steps.sent[-1]
+    record = _run(steps, step, ref, token)
+
+    assert record.state == "done"
+    assert sandbox.stats()["submissions"] == 1
+
+
+class _NotAVideo(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"<html>this is no video</html>" * 10
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_that_is_not_mp4_is_refused_and_nothing_published(steps_for, redis_url,
+                                                                     tmp_path):
+    """Bytes without an `ftyp` box raise CorruptVideo and leave no file behind."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotAVideo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    redis.Redis.from_url(redis_url).hset(
+        "vidq:job:" + ref, mapping={"video_url": f"http://127.0.0.1:{server.server_port}/v.mp4",
+                                    "state": "downloading"})
+    job = steps.store.claim(ref, token)
+    try:
+        with pytest.raises(CorruptVideo, match="ftyp"):
+            steps.download(job)
+    finally:
+        server.shutdown()
+    assert not any(tmp_path.rglob("*.mp4")) and not any(tmp_path.rglob("*.part"))
+    assert job_ref("b", "j1") == ref
