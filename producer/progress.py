@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from worker.admission import Admission
-from worker.jobs import JobStore
+from worker.jobs import JobStore, job_key, job_ref
 
 
 def batch_status(admission: Admission, batch: str) -> dict:
@@ -53,12 +53,16 @@ def describe(status: dict) -> str:
 
 
 def failures(store: JobStore, batch: str, limit: int = 20) -> list[tuple[str, str]]:
-    """(job id, reason) of failed jobs, up to `limit`."""
-    found = []
-    for job_id in store.job_ids(batch):
-        job = store.get(f"{batch}:{job_id}")
-        if job and job.state == "failed":
-            found.append((job_id, job.last_error))
-            if len(found) >= limit:
-                break
+    """(job id, reason) of failed jobs, up to `limit`; pipelined for big batches."""
+    found: list[tuple[str, str]] = []
+    ids = store.job_ids(batch)
+    for start in range(0, len(ids), 5000):
+        pipe = store.redis.pipeline(transaction=False)
+        for job_id in ids[start:start + 5000]:
+            pipe.hmget(job_key(job_ref(batch, job_id)), "state", "last_error")
+        for job_id, (state, reason) in zip(ids[start:start + 5000], pipe.execute()):
+            if state == "failed":
+                found.append((job_id, reason or ""))
+                if len(found) >= limit:
+                    return found
     return found

@@ -1,0 +1,50 @@
+"""Flower sees vidq's tasks through Celery events, and the events carry no secrets."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import requests
+
+from conftest import write_prompts
+from producer.redis_server import free_port
+
+
+def _wait_http(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "flower exited"
+        try:
+            if requests.get(url, timeout=1).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer")
+
+
+def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
+    """Flower's task list has submit, poll and download; args are refs and tokens only."""
+    pipeline = make_pipeline()
+    port = free_port()
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}",
+         "--address=127.0.0.1", "--basic-auth=ops:night-shift"], env=pipeline.env,
+        stdout=open(tmp_path / "flower.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_http(base + "/healthcheck", flower)
+        pipeline.start_workers()
+        pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a secret garden at noon"]), "fl")
+        assert pipeline.wait_finished("fl")["done"] == 1
+        time.sleep(1.5)  # events reach Flower asynchronously
+        tasks = requests.get(base + "/api/tasks", auth=("ops", "night-shift"), timeout=10).json()
+    finally:
+        flower.terminate()
+        flower.wait(10)
+    names = {task["name"] for task in tasks.values()}
+    assert {"vidq.submit", "vidq.poll", "vidq.download"} <= names
+    dump = str(tasks)
+    assert "secret garden" not in dump
+    assert pipeline.sandbox.config.api_key not in dump
