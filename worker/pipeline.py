@@ -105,7 +105,7 @@ class Steps:
         if delay is None:
             delay = backoff_delay(job.attempts + 1, self.settings.backoff_base_s,
                                   self.settings.backoff_cap_s)
-        self._retry_as(job, job.step, error, delay=min(delay, self.settings.poll_max_interval_s))
+        self._retry_as(job, job.step, error, delay=min(delay, self.settings.backoff_cap_s))
 
     def fail(self, job: Job, reason: str) -> None:
         log.warning("job %s failed: %s", job.ref, reason)

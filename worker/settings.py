@@ -27,7 +27,8 @@ class Settings:
     # First poll of a generation before any has completed; later learned.
     expected_generation_s: float = 90.0
     poll_min_interval_s: float = 2.0
-    poll_max_interval_s: float = 60.0
+    # Above the ~90 s a generation takes, so the first poll can wait for it.
+    poll_max_interval_s: float = 120.0
     deadline_s: float = 1000.0
     max_attempts: int = 8
     backoff_base_s: float = 2.0
@@ -47,11 +48,12 @@ class Settings:
             )
         if self.max_in_flight < 1:
             raise ConfigError("VIDQ_MAX_IN_FLIGHT must be at least 1")
-        longest = self.poll_max_interval_s + self.download_grace_s
+        longest = max(self.poll_max_interval_s, self.backoff_cap_s) + self.download_grace_s
         if self.visibility_timeout_s <= longest:
             raise ConfigError(
-                "VIDQ_VISIBILITY_TIMEOUT_S must exceed VIDQ_POLL_MAX_INTERVAL_S + "
-                f"VIDQ_DOWNLOAD_GRACE_S ({longest:.0f} s)"
+                "VIDQ_VISIBILITY_TIMEOUT_S must exceed the longest countdown "
+                "(VIDQ_POLL_MAX_INTERVAL_S or VIDQ_BACKOFF_CAP_S) plus "
+                f"VIDQ_DOWNLOAD_GRACE_S: {longest:.0f} s"
             )
 
     @property

@@ -1,0 +1,111 @@
+"""HTTP answers become the right errors, against real local servers."""
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from producer.redis_server import free_port
+from worker.errors import (
+    BadResponse,
+    GenerationFailed,
+    RateLimited,
+    RequestRejected,
+    RetryableUpstreamError,
+    UpstreamUnavailable,
+)
+from worker.settings import Settings
+from worker.upstream import Generation, UpstreamClient
+
+REQUEST = {"model": "alibaba/wan2.1-t2v-turbo", "prompt": "a kite"}
+
+
+def _client(base_url: str, key: str, **env) -> UpstreamClient:
+    return UpstreamClient(Settings.from_env({"AIMLAPI_BASE_URL": base_url, "AIMLAPI_KEY": key,
+                                             "VIDQ_HTTP_TIMEOUT_S": "5", **env}))
+
+
+@pytest.fixture
+def sandbox_client(make_sandbox):
+    sandbox = make_sandbox()
+    return sandbox, _client(sandbox.url, sandbox.config.api_key)
+
+
+@pytest.mark.parametrize("status, error", [(500, UpstreamUnavailable), (502, UpstreamUnavailable),
+                                           (503, UpstreamUnavailable), (504, UpstreamUnavailable),
+                                           (429, RateLimited)])
+def test_retryable_statuses(sandbox_client, status, error):
+    """5xx (HTML or JSON) and 429 are retryable; 429 carries its Retry-After."""
+    sandbox, client = sandbox_client
+    import requests
+    requests.post(sandbox.url + "/__faults", json={"submit": [status], "retry_after": 7}, timeout=5)
+    with pytest.raises(error) as raised:
+        client.submit(REQUEST)
+    assert isinstance(raised.value, RetryableUpstreamError)
+    assert str(status) in str(raised.value)
+    if status == 429:
+        assert raised.value.retry_after == 7
+
+
+def test_bad_body_is_terminal_with_the_field_named(sandbox_client):
+    """A 400 is terminal and its message names the offending field."""
+    _, client = sandbox_client
+    with pytest.raises(RequestRejected, match="resolution"):
+        client.submit({**REQUEST, "resolution": "1080P"})
+
+
+def test_unknown_generation_is_rejected(sandbox_client):
+    """Fetching an id the upstream does not know is a terminal 404."""
+    _, client = sandbox_client
+    with pytest.raises(RequestRejected, match="404"):
+        client.fetch("00000000-0000-0000-0000-000000000000")
+
+
+def test_connection_refused_is_retryable():
+    """Nobody listening: retryable, and the message names no key."""
+    client = _client(f"http://127.0.0.1:{free_port()}", "sk-never-show-me")
+    with pytest.raises(UpstreamUnavailable) as raised:
+        client.submit(REQUEST)
+    assert "sk-never-show-me" not in str(raised.value)
+
+
+class _HtmlOk(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = b"<html>maintenance</html>"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_unparseable_success_body_is_retryable():
+    """A 2xx whose body is not the documented JSON is retryable, not a success."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HtmlOk)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(BadResponse):
+            _client(f"http://127.0.0.1:{server.server_port}", "k").submit(REQUEST)
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("status, url, pending, succeeded", [
+    ("queued", None, True, False), ("waiting", None, True, False),
+    ("active", None, True, False), ("brand-new-status", None, True, False),
+    ("completed", None, True, False), ("completed", "http://x/v.mp4", False, True),
+    ("succeeded", "http://x/v.mp4", False, True)])
+def test_status_interpretation(status, url, pending, succeeded):
+    """Unknown statuses and a success without a URL are pending, never success."""
+    generation = Generation(id="g", status=status, video_url=url)
+    assert (generation.pending, generation.succeeded) == (pending, succeeded)
+
+
+def test_failed_generation_raises_with_upstream_message():
+    """`error` and `failed` both end the generation with the upstream's message."""
+    for status in ("error", "failed"):
+        with pytest.raises(GenerationFailed, match="NSFW"):
+            Generation(id="g", status=status, error_message="NSFW content").raise_if_failed()
