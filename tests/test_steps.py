@@ -4,9 +4,7 @@
 """
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
@@ -110,33 +108,17 @@ def test_expired_link_is_refreshed_by_polling_again(steps_for, make_sandbox):
     assert sandbox.stats()["submissions"] == 1
 
 
-class _NotAVideo(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b"<html>this is no video</html>" * 10
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_download_that_is_not_mp4_is_refused_and_nothing_published(steps_for, redis_url,
-                                                                     tmp_path):
+                                                                     serve_bytes, tmp_path):
     """Bytes without an `ftyp` box raise CorruptVideo and leave no file behind."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotAVideo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = serve_bytes(b"<html>this is no video</html>" * 10) + "/v.mp4"
     steps = steps_for()
     ref, token = _admit_one(steps)
     redis.Redis.from_url(redis_url).hset(
-        "vidq:job:" + ref, mapping={"video_url": f"http://127.0.0.1:{server.server_port}/v.mp4",
+        "vidq:job:" + ref, mapping={"video_url": url,
                                     "state": "downloading"})
     job = steps.store.claim(ref, token)
-    try:
-        with pytest.raises(CorruptVideo, match="ftyp"):
-            steps.download(job)
-    finally:
-        server.shutdown()
+    with pytest.raises(CorruptVideo, match="ftyp"):
+        steps.download(job)
     assert not any(tmp_path.rglob("*.mp4")) and not any(tmp_path.rglob("*.part"))
     assert job_ref("b", "j1") == ref

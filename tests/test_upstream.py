@@ -1,8 +1,6 @@
 """HTTP answers become the right errors, against real local servers."""
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -70,27 +68,10 @@ def test_connection_refused_is_retryable():
     assert "sk-never-show-me" not in str(raised.value)
 
 
-class _HtmlOk(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = b"<html>maintenance</html>"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_unparseable_success_body_is_retryable():
+def test_unparseable_success_body_is_retryable(serve_bytes):
     """A 2xx whose body is not the documented JSON is retryable, not a success."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _HtmlOk)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(BadResponse):
-            _client(f"http://127.0.0.1:{server.server_port}", "k").submit(REQUEST)
-    finally:
-        server.shutdown()
+    with pytest.raises(BadResponse):
+        _client(serve_bytes(b"<html>maintenance</html>"), "k").submit(REQUEST)
 
 
 @pytest.mark.parametrize("status, url, pending, succeeded", [
