@@ -94,6 +94,24 @@ def status(batch, as_json, watch):
 
 
 @main.command(cls=VidqCommand)
+@click.argument("batch")
+def retry(batch):
+    """Put BATCH's failed jobs back in line (a paid generation is polled, not re-posted)."""
+    import time
+
+    from worker.tasks import dispatch
+
+    from .enqueue import open_admission
+
+    settings = Settings.from_env()
+    admission = open_admission(settings)
+    requeued = admission.requeue_failed(batch, time.time() + settings.deadline_s)
+    for ref, token in admission.pump(time.time()):
+        dispatch("submit", ref, token, 0.0)
+    click.echo(f"batch {batch}: {requeued} failed jobs requeued")
+
+
+@main.command(cls=VidqCommand)
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch", help="Batch name (default: the file's name).")
 @click.option("--sandbox", "use_sandbox", is_flag=True,

@@ -122,3 +122,23 @@ def test_download_that_is_not_mp4_is_refused_and_nothing_published(steps_for, re
         steps.download(job)
     assert not any(tmp_path.rglob("*.mp4")) and not any(tmp_path.rglob("*.part"))
     assert job_ref("b", "j1") == ref
+
+
+def test_retry_polls_a_timed_out_generation_and_downloads_it_late(steps_for, make_sandbox):
+    """A job failed by timeout is requeued by `vidq retry`, polled (not re-posted), and its
+    late video lands."""
+    sandbox = make_sandbox(time_scale=45)  # ~2 s generations
+    steps = steps_for(sandbox, VIDQ_DEADLINE_S="0.3")
+    ref, token = _admit_one(steps)
+    _run(steps, "submit", ref, token)
+    time.sleep(0.4)
+    assert _run(steps, "poll", ref, steps.sent[-1][2]).state == "failed"
+    time.sleep(2.5)
+
+    assert steps.admission.requeue_failed("b", deadline_at=time.time() + 60) == 1
+    ((ref, token),) = steps.admission.pump(time.time())
+    token = _until_completed(steps, ref, token)
+    record = _run(steps, "download", ref, token)
+
+    assert record.state == "done"
+    assert sandbox.stats()["submissions"] == 1

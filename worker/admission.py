@@ -103,6 +103,21 @@ class Admission:
         self.redis.hincrby(f"{PREFIX}batch:{batch}", "total", created)
         return created
 
+    def requeue_failed(self, batch: str, deadline_at: float) -> int:
+        """Put a batch's failed jobs back in line. A job that has a generation id
+        goes on to poll it (and download a late video); none is POSTed twice."""
+        requeued = 0
+        for job_id in self.store.job_ids(batch):
+            job = self.store.get(job_ref(batch, job_id))
+            if job is None or job.state != "failed":
+                continue
+            if self.store.transition(job, state="queued", expected_token="*",
+                                     last_error="", attempts=0,
+                                     deadline_at=deadline_at) is not None:
+                self.redis.rpush(ADMISSION, job.ref)
+                requeued += 1
+        return requeued
+
     def pump(self, now: float) -> list[tuple[str, str]]:
         """Admit waiting jobs into free slots; returns (ref, token) to submit."""
         flat = self._pump(keys=[SLOTS, ADMISSION, DUE, SEQ],

@@ -76,7 +76,7 @@ class Steps:
         if generation.succeeded:
             return self._completed(job, generation, now)
         generation.raise_if_failed()
-        if now - job.submitted_at >= self.settings.deadline_s:
+        if now >= self._deadline_at(job):
             return self.fail(job, f"timeout: still {generation.status!r} after "
                                   f"{self.settings.deadline_s:.0f} s")
         delay = next_poll_delay(self._expected_s(job), job.polls,
@@ -122,7 +122,10 @@ class Steps:
         limit = self.settings.max_attempts
         if isinstance(error, RateLimited):
             limit *= RATE_LIMIT_ATTEMPT_FACTOR
-        if attempts >= limit:
+        # A paid generation is polled until its deadline, however many tries
+        # an upstream outage costs; other steps give up after `limit`.
+        polling_paid = step == "poll" and self.clock() < self._deadline_at(job)
+        if attempts >= limit and not polling_paid:
             return self.fail(job, f"{job.step}: gave up after {attempts} attempts: {error}")
         log.info("job %s: %s retry %d in %.1f s: %s", job.ref, step, attempts, delay, error)
         self._next(job, step, delay, attempts=attempts, last_error=str(error), polls=job.polls)
@@ -181,6 +184,10 @@ class Steps:
                 "status_polls": job.polls,
             },
         }
+
+    def _deadline_at(self, job: Job) -> float:
+        # `vidq retry` gives a requeued job a fresh deadline of its own.
+        return float(job.extra.get("deadline_at") or 0) or job.submitted_at + self.settings.deadline_s
 
     def _shape(self, job: Job) -> tuple[str, str]:
         return job.request["model"], job.request.get("resolution", "720P")
