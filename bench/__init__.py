@@ -1,0 +1,1 @@
+"""Benchmark suite for vidq: `python -m bench.run` (see bench/README.md)."""

@@ -1,0 +1,43 @@
+"""Sizes and clocks of one benchmark run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MEAN_GENERATION_S = 90.0  # simulated seconds, as the sandbox default
+SEED_POLL_S = 10.0  # the seed example polls every 10 simulated seconds
+SANDBOX_SEED = 1234
+MODEL = "alibaba/wan2.1-t2v-turbo"
+NAIVE_CONCURRENCY = 8
+# Sequential/naive runs longer than this are cut to a subset and extrapolated.
+NAIVE_BUDGET_S = 300.0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    n: int = 1000
+    c: int = 50
+    time_scale: float = 60.0
+    seed_subset: int = 60
+    enqueue_n: int = 100_000
+    download_bytes: int = 200_000_000
+    quick: bool = False
+
+    @property
+    def generation_s(self) -> float:
+        """T: mean wall-clock seconds of one generation."""
+        return MEAN_GENERATION_S / self.time_scale
+
+    @property
+    def seed_poll_s(self) -> float:
+        return SEED_POLL_S / self.time_scale
+
+    def naive_subset(self) -> int:
+        """How many prompts the naive Celery design runs within its budget."""
+        per_prompt_s = (self.generation_s + self.seed_poll_s / 2 + 0.05) / NAIVE_CONCURRENCY
+        fits = int(NAIVE_BUDGET_S / per_prompt_s)
+        return min(self.n, max(fits, NAIVE_CONCURRENCY * 4))
+
+
+def quick_config(time_scale: float) -> BenchConfig:
+    return BenchConfig(n=60, c=10, time_scale=time_scale, seed_subset=10,
+                       enqueue_n=10_000, download_bytes=20_000_000, quick=True)
