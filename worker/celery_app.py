@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, bootsteps
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 QUEUES = ("vidq.submit", "vidq.poll", "vidq.download")
+EXCHANGE = Exchange("vidq", type="direct")
 # One task per step, each with the name of the queue it runs on.
 TASK_FOR_STEP = {"submit": "vidq.submit", "poll": "vidq.poll", "download": "vidq.download"}
 
@@ -29,9 +30,11 @@ def apply_settings(app: Celery, settings: Settings) -> None:
     """Configure `app` from settings; also used to point a producer elsewhere."""
     app.conf.update(
         broker_url=settings.redis_url,
-        task_queues=[Queue(name, routing_key=name) for name in QUEUES],
+        task_queues=[Queue(name, EXCHANGE, routing_key=name) for name in QUEUES],
+        task_default_exchange=EXCHANGE.name,
         task_default_queue="vidq.submit",
-        task_routes={name: {"queue": name, "routing_key": name} for name in QUEUES},
+        task_routes={name: {"queue": name, "exchange": EXCHANGE.name, "routing_key": name}
+                     for name in QUEUES},
         task_serializer="json",
         accept_content=["json"],
         # Every step is idempotent on its job record, so a redelivery is safe

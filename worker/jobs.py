@@ -39,7 +39,7 @@ if ARGV[3] ~= '' and ARGV[3] ~= old then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
   redis.call('HSET', job, 'state', ARGV[3])
 end
-for i = 7, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
+if #ARGV > 6 then redis.call('HSET', job, unpack(ARGV, 7)) end
 if ARGV[6] == '1' then redis.call('ZREM', KEYS[4], ARGV[1]) end
 if ARGV[4] == '' then
   redis.call('HSET', job, 'token', '', 'step', '')
