@@ -9,15 +9,15 @@ SANDBOX_SEED = 1234
 MODEL = "alibaba/wan2.1-t2v-turbo"
 NAIVE_CONCURRENCY = 8
 # Sequential/naive runs longer than this are cut to a subset and extrapolated.
-NAIVE_BUDGET_S = 300.0
+NAIVE_BUDGET_S = 240.0
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     n: int = 1000
     c: int = 50
-    time_scale: float = 60.0
-    seed_subset: int = 60
+    time_scale: float = 15.0
+    seed_subset: int = 25
     enqueue_n: int = 100_000
     download_bytes: int = 200_000_000
     quick: bool = False

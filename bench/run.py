@@ -1,4 +1,4 @@
-"""Entry point: `python -m bench.run [--n 1000] [--c 50] [--time-scale 60] [--quick]`.
+"""Entry point: `python -m bench.run [--n 1000] [--c 50] [--time-scale 15] [--quick]`.
 
 Runs every scenario against its own sandbox and private Redis, prints a table
 and the targets, and writes bench/results/<UTC timestamp>.json and latest.json.
@@ -28,7 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--n", type=int, default=1000, help="prompts per pipeline run")
     parser.add_argument("--c", type=int, default=50, help="upstream concurrency cap C")
-    parser.add_argument("--time-scale", type=float, default=60.0,
+    parser.add_argument("--time-scale", type=float, default=15.0,
                         help="sandbox speed-up S; a generation takes about 90/S s")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (N=60, C=10, 10k enqueue, 20 MB download)")
