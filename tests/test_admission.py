@@ -88,3 +88,27 @@ def test_killed_worker_loses_no_video(make_pipeline, make_sandbox, tmp_path):
     stats = sandbox.stats()
     assert stats["submissions"] == 6 and stats["duplicate_prompts"] == 0
     assert stats["max_in_flight"] <= 4
+
+
+def test_a_big_backlog_publishes_only_as_many_tasks_as_slots(make_pipeline, make_sandbox,
+                                                             tmp_path):
+    """2,000 queued jobs at C=5: the rest wait in the admission list, not as Celery tasks."""
+    import redis as redis_lib
+
+    pipeline = make_pipeline(make_sandbox(max_concurrency=5), VIDQ_MAX_IN_FLIGHT=5)
+    pipeline.start_workers(count=1, concurrency=2)
+    prompts = [f"backlog {i}" for i in range(2000)]
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "big")
+    client = redis_lib.Redis.from_url(pipeline.settings.redis_url)
+
+    samples = []
+    for _ in range(15):
+        queued = sum(client.llen(name) for name in ("vidq.submit", "vidq.poll", "vidq.download"))
+        samples.append((queued + client.hlen("unacked"), client.llen("vidq:admission")))
+        time.sleep(0.2)
+
+    # Each of the 5 slot holders has one task (submit, poll or download),
+    # plus at most 5 downloads of just-completed jobs.
+    assert max(tasks for tasks, _ in samples) <= 10, samples
+    assert min(waiting for _, waiting in samples) >= 2000 - 5 - 60
+    assert pipeline.sandbox.stats()["rate_limited"] == 0

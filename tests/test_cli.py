@@ -91,3 +91,13 @@ def test_run_without_key_or_sandbox_refuses(redis_url, tmp_path):
                             cwd=tmp_path, timeout=60)
     assert result.returncode != 0
     assert "AIMLAPI_KEY" in result.stderr and "--sandbox" in result.stderr
+
+
+def test_worker_without_key_refuses_to_start(redis_url, tmp_path):
+    """`celery -A worker worker` with no API key exits at once and says which variable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("AIMLAPI_KEY", "AIML_API_KEY")}
+    env["VIDQ_REDIS_URL"] = redis_url
+    result = subprocess.run(["celery", "-A", "worker", "worker", "-Q", "vidq.submit", "-c", "1"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "set AIMLAPI_KEY" in result.stdout + result.stderr
