@@ -103,9 +103,8 @@ def retry(batch):
 
     from .enqueue import open_admission
 
-    settings = Settings.from_env()
-    admission = open_admission(settings)
-    requeued = admission.requeue_failed(batch, time.time() + settings.deadline_s)
+    admission = open_admission(Settings.from_env())
+    requeued = admission.requeue_failed(batch)
     for ref, token in admission.pump(time.time()):
         dispatch("submit", ref, token, 0.0)
     click.echo(f"batch {batch}: {requeued} failed jobs requeued")

@@ -39,7 +39,7 @@ def _admit_one(steps, prompt="a small boat"):
 
 
 def _run(steps, step, ref, token):
-    job = steps.store.claim(ref, token)
+    job = steps.claim(ref, token, step)
     assert job is not None
     getattr(steps, step)(job)
     return steps.store.get(ref)
@@ -60,7 +60,7 @@ def test_wrong_key_fails_at_once_without_leaking_it(steps_for, make_sandbox):
     sandbox = make_sandbox()
     steps = steps_for(sandbox, AIMLAPI_KEY="sk-wrong-secret-123")
     ref, token = _admit_one(steps)
-    job = steps.store.claim(ref, token)
+    job = steps.claim(ref, token, "submit")
 
     with pytest.raises(RequestRejected) as raised:
         steps.submit(job)
@@ -92,7 +92,7 @@ def test_expired_link_is_refreshed_by_polling_again(steps_for, make_sandbox):
     steps = steps_for(sandbox)
     ref, token = _admit_one(steps)
     token = _until_completed(steps, ref, token)
-    job = steps.store.claim(ref, token)
+    job = steps.claim(ref, token, "download")
     requests.post(sandbox.url + "/__expire", json={"id": job.generation_id}, timeout=5)
 
     with pytest.raises(ResultLinkExpired):
@@ -117,7 +117,7 @@ def test_download_that_is_not_mp4_is_refused_and_nothing_published(steps_for, re
     redis.Redis.from_url(redis_url).hset(
         "vidq:job:" + ref, mapping={"video_url": url,
                                     "state": "downloading"})
-    job = steps.store.claim(ref, token)
+    job = steps.claim(ref, token, "download")
     with pytest.raises(CorruptVideo, match="ftyp"):
         steps.download(job)
     assert not any(tmp_path.rglob("*.mp4")) and not any(tmp_path.rglob("*.part"))
@@ -135,10 +135,57 @@ def test_retry_polls_a_timed_out_generation_and_downloads_it_late(steps_for, mak
     assert _run(steps, "poll", ref, steps.sent[-1][2]).state == "failed"
     time.sleep(2.5)
 
-    assert steps.admission.requeue_failed("b", deadline_at=time.time() + 60) == 1
+    assert steps.admission.requeue_failed("b") == 1
     ((ref, token),) = steps.admission.pump(time.time())
     token = _until_completed(steps, ref, token)
     record = _run(steps, "download", ref, token)
 
     assert record.state == "done"
     assert sandbox.stats()["submissions"] == 1
+
+
+def test_submit_rechecks_the_generation_id_under_its_lock(steps_for, make_sandbox, redis_url):
+    """A submit whose copy of the job predates another process's POST does not POST."""
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox)
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, "generation_id", "already-paid")
+
+    steps.submit(job)
+
+    assert sandbox.stats()["submissions"] == 0
+    assert steps.sent[-1][0] == "poll"
+
+
+def test_a_late_generation_id_is_kept_due_and_counted_in_flight(steps_for, redis_url):
+    """An id recorded after the job's chain ended is still polled, and holds a slot."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    steps.fail(job, "gave up")  # ends the chain and frees the slot
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.zscore("vidq:due", ref) is None
+
+    steps.store.record_generation(job, "paid-late", time.time(), time.time() + 5)
+
+    assert steps.store.get(ref).generation_id == "paid-late"
+    assert client.zscore("vidq:due", ref) is not None
+    assert client.zscore("vidq:slots", ref) is not None
+
+
+def test_a_result_link_refused_again_and_again_fails_the_job(steps_for):
+    """Fresh links that keep being refused end in failure after VIDQ_MAX_ATTEMPTS, id kept."""
+    steps = steps_for(VIDQ_MAX_ATTEMPTS="2")
+    ref, token = _admit_one(steps)
+    token = _until_completed(steps, ref, token)
+    for _ in range(3):
+        job = steps.claim(ref, token, "poll")
+        steps.refresh_link(job, ResultLinkExpired("HTTP 403"))
+        record = steps.store.get(ref)
+        if record.state == "failed":
+            break
+        token = steps.sent[-1][2]
+
+    assert record.state == "failed" and "refused" in record.last_error
+    assert record.generation_id

@@ -43,7 +43,7 @@ end
 return out
 """
 
-# KEYS: job, batch jobs set, counts, admission; ARGV: ref, id, batch, request, now
+# KEYS: job, batch jobs set, counts, admission, batch; ARGV: ref, id, batch, request, now
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'batch', ARGV[3], 'request', ARGV[4],
@@ -51,6 +51,7 @@ redis.call('HSET', KEYS[1], 'id', ARGV[2], 'batch', ARGV[3], 'request', ARGV[4],
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'queued', 1)
 redis.call('RPUSH', KEYS[4], ARGV[1])
+redis.call('HINCRBY', KEYS[5], 'total', 1)
 return 1
 """
 
@@ -89,7 +90,7 @@ class Admission:
         for job_id, request in jobs:
             ref = job_ref(batch, job_id)
             keys = [job_key(ref), f"{PREFIX}batch:{batch}:jobs",
-                    f"{PREFIX}batch:{batch}:counts", ADMISSION]
+                    f"{PREFIX}batch:{batch}:counts", ADMISSION, f"{PREFIX}batch:{batch}"]
             args = [ref, job_id, batch, json.dumps(request, ensure_ascii=False), repr(now)]
             self._enqueue(keys=keys, args=args, client=pipe)
             pending += 1
@@ -100,10 +101,9 @@ class Admission:
             created += sum(pipe.execute())
         self.redis.sadd(PREFIX + "batches", batch)
         self.redis.hsetnx(f"{PREFIX}batch:{batch}", "created_at", repr(now))
-        self.redis.hincrby(f"{PREFIX}batch:{batch}", "total", created)
         return created
 
-    def requeue_failed(self, batch: str, deadline_at: float) -> int:
+    def requeue_failed(self, batch: str) -> int:
         """Put a batch's failed jobs back in line. A job that has a generation id
         goes on to poll it (and download a late video); none is POSTed twice."""
         requeued = 0
@@ -111,9 +111,8 @@ class Admission:
             job = self.store.get(job_ref(batch, job_id))
             if job is None or job.state != "failed":
                 continue
-            if self.store.transition(job, state="queued", expected_token="*",
-                                     last_error="", attempts=0,
-                                     deadline_at=deadline_at) is not None:
+            if self.store.transition(job, state="queued", expected_token=job.token,
+                                     last_error="", attempts=0, link_refreshes=0) is not None:
                 self.redis.rpush(ADMISSION, job.ref)
                 requeued += 1
         return requeued
@@ -154,8 +153,12 @@ def reconcile(admission: Admission, dispatch: Dispatch, now: float,
             admission.redis.zrem(DUE, ref)
             continue
         step = resume_step(job)
+        # Compare-and-set on the token read above: a step that moved on (or
+        # ended the job) meanwhile is left alone.
         token = admission.store.transition(
-            job, next_step=step, due_at=now + grace_for(step), expected_token="*")
+            job, next_step=step, due_at=now + grace_for(step), expected_token=job.token)
+        if token is None:
+            continue
         log.warning("re-sending overdue %s for job %s (its chain was lost)", step, ref)
         dispatch(step, ref, token, 0.0)
         resent += 1

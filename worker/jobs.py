@@ -52,15 +52,19 @@ redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 return token
 """
 
-# KEYS: job; ARGV: token. Swaps the token for 'run:<token>' and returns the record.
+# KEYS: job, due; ARGV: token, lease_until, ref. Swaps the token for
+# 'run:<token>', leases the running step (the reconciler leaves it alone until
+# then), and returns the record.
 _CLAIM = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return false end
 redis.call('HSET', KEYS[1], 'token', 'run:' .. ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: job, counts; ARGV: generation_id, submitted_at.
-# Never conditional on the token: a paid generation id is always kept.
+# KEYS: job, counts, due, slots; ARGV: generation_id, submitted_at, ref, recover_at.
+# Never conditional on the token: a paid generation id is always kept, counted
+# in flight, and due for a poll, even if this job's chain was ended meanwhile.
 _RECORD_GENERATION = """
 local known = redis.call('HGET', KEYS[1], 'generation_id')
 if known and known ~= '' then
@@ -75,6 +79,8 @@ redis.call('HINCRBY', KEYS[2], old, -1)
 redis.call('HINCRBY', KEYS[2], 'submitted', 1)
 redis.call('HSET', KEYS[1], 'generation_id', ARGV[1], 'submitted_at', ARGV[2],
   'state', 'submitted')
+redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[4], 'NX', ARGV[2], ARGV[3])
 return ARGV[1]
 """
 
@@ -143,16 +149,18 @@ class JobStore:
         data = self.redis.hgetall(job_key(ref))
         return Job.from_hash(data) if data else None
 
-    def claim(self, ref: str, token: str) -> Job | None:
+    def claim(self, ref: str, token: str, lease_until: float) -> Job | None:
         """The job if `token` is current, after taking it; None for a stale message."""
-        flat = self._claim(keys=[job_key(ref)], args=[token])
+        flat = self._claim(keys=[job_key(ref), PREFIX + "due"],
+                           args=[token, repr(lease_until), ref])
         if not flat:
             return None
         return Job.from_hash(dict(zip(flat[::2], flat[1::2])))
 
-    def record_generation(self, job: Job, generation_id: str, now: float) -> str:
-        keys = [job_key(job.ref), counts_key(job.batch)]
-        return self._record(keys=keys, args=[generation_id, repr(now)])
+    def record_generation(self, job: Job, generation_id: str, now: float,
+                          recover_at: float) -> str:
+        keys = [job_key(job.ref), counts_key(job.batch), PREFIX + "due", PREFIX + "slots"]
+        return self._record(keys=keys, args=[generation_id, repr(now), job.ref, repr(recover_at)])
 
     def transition(self, job: Job, *, state: str = "", next_step: str = "",
                    due_at: float = 0.0, release_slot: bool = False,

@@ -6,6 +6,7 @@ raised to the caller (the task), which decides between `retry` and `fail`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,9 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import redis
+import requests
+
 from .admission import Admission, Dispatch
-from .errors import CorruptVideo, RateLimited, UpstreamError
-from .jobs import Job, JobStore
+from .errors import CorruptVideo, RateLimited, UpstreamError, UpstreamUnavailable
+from .jobs import Job, JobStore, job_key
 from .schedule import DurationModel, backoff_delay, first_poll_delay, next_poll_delay
 from .settings import Settings
 from .storage import FileStorage, sidecar_key, video_key
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 # Rate limiting is the upstream saying "not now", not a fault: allow more tries.
 RATE_LIMIT_ATTEMPT_FACTOR = 5
+_BUSY = object()  # another process is posting this job right now
 
 
 @dataclass
@@ -41,30 +46,43 @@ class Steps:
     dispatch: Dispatch
     clock: Callable[[], float] = time.time
 
+    def claim(self, ref: str, token: str, step: str) -> Job | None:
+        return self.store.claim(ref, token, self.clock() + self.settings.grace_s(step))
+
     def submit(self, job: Job) -> None:
-        if not job.generation_id:
-            generation = self._post_once(job)
-            if generation is None:
-                return
+        if job.generation_id:
+            # Requeued or redelivered: the generation exists; look at it now.
+            return self._next(job, "poll", self.settings.poll_min_interval_s, attempts=0)
+        generation = self._post_once(job)
+        if generation is _BUSY:
+            return
+        if generation is not None:
             generation.raise_if_failed()
         expected = self._expected_s(job)
         delay = first_poll_delay(expected, self.settings.poll_min_interval_s,
                                  self.settings.poll_max_interval_s)
         self._next(job, "poll", delay, attempts=0)
 
-    def _post_once(self, job: Job) -> Generation | None:
-        """POST the job and record its generation id at once; None if another
-        process is posting it right now (a recovery raced a slow submit)."""
-        lock = f"vidq:submitting:{job.ref}"
-        lock_s = int(self.settings.http_timeout_s * 2 + 5)
-        if not self.store.redis.set(lock, "1", nx=True, ex=lock_s):
+    def _post_once(self, job: Job):
+        """POST the job and record its generation id at once. _BUSY if another
+        process is posting it right now; None if one already recorded an id."""
+        lock = self.store.redis.lock(f"vidq:submitting:{job.ref}",
+                                     timeout=2 * self.settings.http_timeout_s + 5)
+        if not lock.acquire(blocking=False):
             log.warning("submit of %s already in progress elsewhere; dropping", job.ref)
-            return None
+            return _BUSY
         try:
+            known = self.store.redis.hget(job_key(job.ref), "generation_id")
+            if known:
+                job.generation_id = known
+                return None
             generation = self.client.submit(job.request)
-            job.generation_id = self.store.record_generation(job, generation.id, self.clock())
+            now = self.clock()
+            job.generation_id = self.store.record_generation(
+                job, generation.id, now, now + self.settings.step_grace_s)
         finally:
-            self.store.redis.delete(lock)
+            with contextlib.suppress(redis.exceptions.LockError):
+                lock.release()
         job.submitted_at = job.submitted_at or self.clock()
         log.info("job %s submitted as generation %s", job.ref, job.generation_id)
         return generation
@@ -98,7 +116,12 @@ class Steps:
 
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
         """A result URL expired: fetch the generation again for a fresh one."""
-        self._retry_as(job, "poll", error, delay=0.0)
+        refreshes = int(job.extra.get("link_refreshes") or 0) + 1
+        if refreshes > self.settings.max_attempts:
+            return self.fail(job, f"download: result link refused {refreshes} times: {error}")
+        delay = backoff_delay(refreshes, self.settings.backoff_base_s, self.settings.backoff_cap_s)
+        self._next(job, "poll", delay, link_refreshes=refreshes, last_error=str(error),
+                   polls=job.polls)
 
     def retry(self, job: Job, error: Exception) -> None:
         delay = getattr(error, "retry_after", None)
@@ -142,7 +165,7 @@ class Steps:
         self.admit()
 
     def _next(self, job: Job, step: str, delay: float, **values) -> None:
-        grace = self.settings.download_grace_s if step == "download" else self.settings.step_grace_s
+        grace = self.settings.grace_s(step)
         token = self.store.transition(job, next_step=step, due_at=self.clock() + delay + grace,
                                       **values)
         if token is None:
@@ -156,7 +179,7 @@ class Steps:
             announced = response.headers.get("Content-Length")
             digest, size, head = hashlib.sha256(), 0, b""
             with self.storage.writer(key) as out:
-                for chunk in response.iter_content(CHUNK_BYTES):
+                for chunk in _chunks(response):
                     if len(head) < 8:
                         head = _check_mp4_head(head + chunk[:8 - len(head)])
                     digest.update(chunk)
@@ -186,14 +209,23 @@ class Steps:
         }
 
     def _deadline_at(self, job: Job) -> float:
-        # `vidq retry` gives a requeued job a fresh deadline of its own.
-        return float(job.extra.get("deadline_at") or 0) or job.submitted_at + self.settings.deadline_s
+        # Counted from admission too, so a job requeued by `vidq retry` gets a
+        # fresh deadline when it gets a slot, not when the retry was asked.
+        admitted_at = float(job.extra.get("admitted_at") or 0)
+        return max(job.submitted_at, admitted_at) + self.settings.deadline_s
 
     def _shape(self, job: Job) -> tuple[str, str]:
         return job.request["model"], job.request.get("resolution", "720P")
 
     def _expected_s(self, job: Job) -> float:
         return self.durations.expected_s(*self._shape(job))
+
+
+def _chunks(response):
+    try:
+        yield from response.iter_content(CHUNK_BYTES)
+    except requests.RequestException as exc:
+        raise UpstreamUnavailable(f"download interrupted: {type(exc).__name__}") from None
 
 
 def _check_mp4_head(head: bytes) -> bytes:

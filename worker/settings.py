@@ -38,7 +38,7 @@ class Settings:
     visibility_timeout_s: int = 1800
     reconcile_interval_s: float = 10.0
     # A step not started this long after it fell due is sent again.
-    step_grace_s: float = 60.0
+    step_grace_s: float = 90.0
     download_grace_s: float = 900.0
 
     def __post_init__(self) -> None:
@@ -48,6 +48,10 @@ class Settings:
             )
         if self.max_in_flight < 1:
             raise ConfigError("VIDQ_MAX_IN_FLIGHT must be at least 1")
+        if self.step_grace_s <= 2 * self.http_timeout_s + 5:
+            raise ConfigError(
+                "VIDQ_STEP_GRACE_S must exceed 2 * VIDQ_HTTP_TIMEOUT_S + 5 s, or a slow "
+                "but live submit would be taken over")
         longest = max(self.poll_max_interval_s, self.backoff_cap_s) + self.download_grace_s
         if self.visibility_timeout_s <= longest:
             raise ConfigError(
@@ -55,6 +59,10 @@ class Settings:
                 "(VIDQ_POLL_MAX_INTERVAL_S or VIDQ_BACKOFF_CAP_S) plus "
                 f"VIDQ_DOWNLOAD_GRACE_S: {longest:.0f} s"
             )
+
+    def grace_s(self, step: str) -> float:
+        """How long a step may run (or wait past its time) before it is re-sent."""
+        return self.download_grace_s if step == "download" else self.step_grace_s
 
     @property
     def worker_eta_task_limit(self) -> int:

@@ -18,6 +18,7 @@ from .errors import (
     PermanentUpstreamError,
     ResultLinkExpired,
     RetryableUpstreamError,
+    StorageError,
 )
 from .jobs import JobStore
 from .pipeline import Steps
@@ -57,7 +58,7 @@ def build_steps(settings) -> Steps:
 
 def run_step(step: str, ref: str, token: str) -> None:
     steps = get_steps()
-    job = steps.store.claim(ref, token)
+    job = steps.claim(ref, token, step)
     if job is None:
         log.info("%s for %s: stale token %s, nothing to do", step, ref, token)
         return
@@ -69,6 +70,10 @@ def run_step(step: str, ref: str, token: str) -> None:
         steps.retry(job, exc)
     except PermanentUpstreamError as exc:
         steps.fail(job, f"{step}: {exc}")
+    except (StorageError, OSError) as exc:
+        # A full or unwritable disk: count it as an attempt so the job ends
+        # failed (with its generation id) instead of being re-sent forever.
+        steps.retry(job, exc)
 
 
 def reconcile_once() -> None:
@@ -78,9 +83,7 @@ def reconcile_once() -> None:
     if not steps.store.redis.set("vidq:reconcile:lock", "1", nx=True, px=lock_ms):
         return
     try:
-        resent = reconcile(steps.admission, dispatch, time.time(),
-                           lambda step: settings.download_grace_s if step == "download"
-                           else settings.step_grace_s)
+        resent = reconcile(steps.admission, dispatch, time.time(), settings.grace_s)
         if resent:
             log.warning("reconciler re-sent %d lost steps", resent)
     except redis.RedisError as exc:
