@@ -11,6 +11,7 @@ from worker.errors import (
     RateLimited,
     RequestRejected,
     RetryableUpstreamError,
+    SubmitOutcomeUnknown,
     UpstreamUnavailable,
 )
 from worker.settings import Settings
@@ -68,10 +69,16 @@ def test_connection_refused_is_retryable():
     assert "sk-never-show-me" not in str(raised.value)
 
 
-def test_unparseable_success_body_is_retryable(serve_bytes):
-    """A 2xx whose body is not the documented JSON is retryable, not a success."""
-    with pytest.raises(BadResponse):
+def test_unreadable_submit_answer_is_never_resent(serve_bytes):
+    """A 2xx submit without a readable id may have paid: terminal, not retried."""
+    with pytest.raises(SubmitOutcomeUnknown, match="paying twice"):
         _client(serve_bytes(b"<html>maintenance</html>"), "k").submit(REQUEST)
+
+
+def test_unparseable_status_body_is_retryable(serve_bytes):
+    """A 2xx status answer that is not the documented JSON is retryable, not a success."""
+    with pytest.raises(BadResponse):
+        _client(serve_bytes(b"<html>maintenance</html>"), "k").fetch("some-id")
 
 
 @pytest.mark.parametrize("status, url, pending, succeeded", [
@@ -90,3 +97,23 @@ def test_failed_generation_raises_with_upstream_message():
     for status in ("error", "failed"):
         with pytest.raises(GenerationFailed, match="NSFW"):
             Generation(id="g", status=status, error_message="NSFW content").raise_if_failed()
+
+
+def test_submit_read_timeout_is_never_resent():
+    """A POST whose answer never came may have been accepted: terminal, not retried."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    client = _client(f"http://127.0.0.1:{listener.getsockname()[1]}", "k",
+                     VIDQ_HTTP_TIMEOUT_S="0.5", VIDQ_STEP_GRACE_S="10")
+    try:
+        with pytest.raises(SubmitOutcomeUnknown, match="timed out"):
+            client.submit(REQUEST)
+    finally:
+        listener.close()
+    assert accepted  # the request did reach the server

@@ -12,6 +12,8 @@
      |         +-- RequestRejected       400, 401, 403, 404 answered to an API call
      |         +-- GenerationFailed      the generation itself ended in error
      |         +-- ResultLinkExpired     403/404 on a result URL: poll again for a fresh one
+     |         +-- SubmitOutcomeUnknown  a POST that may have created a generation we
+     |                                   cannot see: never re-sent on its own
      +-- StorageError                 the video could not be stored
           +-- CorruptVideo            not an MP4, or shorter/longer than announced
 
@@ -77,6 +79,10 @@ class GenerationFailed(PermanentUpstreamError):
 
 class ResultLinkExpired(PermanentUpstreamError):
     """Raised when a result URL answers 403/404: its signature has expired."""
+
+
+class SubmitOutcomeUnknown(PermanentUpstreamError):
+    """Raised when a submit may have been accepted (read timeout, unreadable 2xx)."""
 
 
 class StorageError(VidqError):

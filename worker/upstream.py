@@ -20,6 +20,7 @@ from .errors import (
     RateLimited,
     RequestRejected,
     ResultLinkExpired,
+    SubmitOutcomeUnknown,
     UpstreamUnavailable,
 )
 from .settings import Settings
@@ -73,7 +74,16 @@ class UpstreamClient:
         if "enhance_prompt" in body:
             body[self._endpoint.expansion_flag] = body.pop("enhance_prompt")
         url = self._base + self._endpoint.submit_path
-        return parse_generation(self._send("POST", url, json=body, headers=self._auth))
+        # Once the request may have reached the upstream, sending it again could
+        # pay twice (no idempotency key exists): those outcomes are not retried.
+        try:
+            return parse_generation(self._send("POST", url, json=body, headers=self._auth))
+        except BadResponse as exc:
+            raise SubmitOutcomeUnknown(f"submit answered without a readable id ({exc}); "
+                                       "not re-sent, to avoid paying twice") from None
+        except requests.ReadTimeout:
+            raise SubmitOutcomeUnknown("submit timed out waiting for the answer; not "
+                                       "re-sent, to avoid paying twice") from None
 
     def fetch(self, generation_id: str) -> Generation:
         url = self._base + self._endpoint.fetch_path
@@ -87,6 +97,10 @@ class UpstreamClient:
     def _send(self, method: str, url: str, *, result_url: bool = False, **kwargs):
         try:
             response = self._session.request(method, url, timeout=self._timeout, **kwargs)
+        except requests.ReadTimeout:
+            if method == "POST":
+                raise  # the caller decides: the request may have been received
+            raise UpstreamUnavailable(f"{method} timed out: ReadTimeout") from None
         except requests.Timeout as exc:
             raise UpstreamUnavailable(f"{method} timed out: {type(exc).__name__}") from None
         except requests.RequestException as exc:
