@@ -11,7 +11,6 @@ import av
 import pytest
 import requests
 
-from sandbox import SandboxConfig, SandboxServer
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -21,25 +20,11 @@ MODEL = "alibaba/wan2.1-t2v-turbo"
 ERROR_KEYS = {"message", "path", "requestId", "statusCode", "timestamp"}
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("sandbox-cache")
-
-
 @pytest.fixture
-def start_sandbox(cache_dir):
+def start_sandbox(make_sandbox):
     """Factory: a running sandbox; generations take ~1 s (90 s at 90x) by default."""
-    servers = []
-
-    def start(**overrides) -> SandboxServer:
-        options = dict(api_key=API_KEY, time_scale=90.0, mean_generation_s=90.0,
-                       max_concurrency=20, cache_dir=cache_dir, seed=7) | overrides
-        servers.append(SandboxServer(SandboxConfig(**options)).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+    return lambda **overrides: make_sandbox(**{"api_key": API_KEY, "max_concurrency": 20,
+                                               **overrides})
 
 
 def body(prompt="a red fox runs through snow", **fields):

@@ -18,7 +18,6 @@ message finds the token gone and does nothing, so a job has one chain.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 
 import redis
@@ -193,7 +192,3 @@ def _encode(value) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value)
     return str(value)
-
-
-def now() -> float:
-    return time.time()
