@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from worker.celery_app import QUEUES
-from worker.jobs import counts_key, job_key, job_ref
+from worker.keys import batch_counts as counts_key, job as job_key, job_ref
 
 from . import infra
 from .config import BenchConfig

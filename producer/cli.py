@@ -22,13 +22,19 @@ def _fail(error: Exception) -> None:
 
 
 class VidqCommand(click.Command):
-    """Turns every VidqError into one clear line and exit status 2."""
+    """Turns every VidqError, and an unreachable Redis, into one clear line
+    and exit status 2, never a traceback."""
 
     def invoke(self, ctx):
+        import redis
+
         try:
             return super().invoke(ctx)
         except VidqError as exc:
             _fail(exc)
+        except redis.RedisError as exc:
+            _fail(RuntimeError(f"cannot use Redis (VIDQ_REDIS_URL): {type(exc).__name__}: "
+                               f"{exc}"))
 
 
 @click.group()
@@ -95,19 +101,47 @@ def status(batch, as_json, watch):
 
 @main.command(cls=VidqCommand)
 @click.argument("batch")
-def retry(batch):
+@click.option("--resubmit-unknown", is_flag=True,
+              help="Also POST again jobs whose first POST has an unknown outcome "
+                   "(they may have been charged already).")
+def retry(batch, resubmit_unknown):
     """Put BATCH's failed jobs back in line (a paid generation is polled, not re-posted)."""
-    import time
-
+    from worker.admission import admit
     from worker.tasks import dispatch
 
     from .enqueue import open_admission
 
     admission = open_admission(Settings.from_env())
-    requeued = admission.requeue_failed(batch)
-    for ref, token in admission.pump(time.time()):
-        dispatch("submit", ref, token, 0.0)
-    click.echo(f"batch {batch}: {requeued} failed jobs requeued")
+    if admission.store.batch_total(batch) == 0:
+        raise click.ClickException(f"no batch named {batch!r}")
+    answers = admission.requeue_failed(batch, resubmit_unknown=resubmit_unknown)
+    admit(admission, dispatch)
+    requeued = answers.get("requeued", 0)
+    click.echo(f"batch {batch}: {requeued} failed {_jobs(requeued)} requeued")
+    unknown = answers.get("needs_resubmit", 0)
+    if unknown:
+        click.echo(f"{unknown} {_jobs(unknown)} left failed: the outcome of their POST is "
+                   "unknown (they may have been charged); add --resubmit-unknown to POST "
+                   "them again")
+
+
+def _jobs(count: int) -> str:
+    return "job" if count == 1 else "jobs"
+
+
+@main.command(cls=VidqCommand)
+@click.argument("max_in_flight", required=False, type=click.IntRange(min=1))
+def cap(max_in_flight):
+    """Show or set C, the generations in flight upstream for the whole deployment."""
+    from .enqueue import open_admission
+
+    admission = open_admission(Settings.from_env())
+    if max_in_flight is None:
+        current = admission.cap()
+        click.echo(f"C = {current}" if current else "C is not set yet (no worker has started)")
+        return
+    old = admission.set_cap(max_in_flight)
+    click.echo(f"C = {max_in_flight} (was {old}); applies to the next admission")
 
 
 @main.command(cls=VidqCommand)

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.admission import Admission
+from worker.admission import Admission, admit
 from worker.errors import InputError
-from worker.jobs import JobStore
+from worker.jobs import JobStore, connect
 
 from .prompts import ID_PATTERN, LineError, PromptFileError, load_prompts
 
@@ -28,10 +28,17 @@ class EnqueueResult:
 
 
 def check_batch_name(batch: str) -> str:
-    if not ID_PATTERN.fullmatch(batch):
-        raise InputError(
-            f"batch name {batch!r}: use 1-128 characters of letters, digits, '.', '_' or '-'")
-    return batch
+    """Return `batch` if it is safe as a path part and Redis key part, else raise InputError."""
+    if isinstance(batch, str) and ID_PATTERN.fullmatch(batch):
+        return batch
+    from .prompts import id_problem, shown
+
+    if isinstance(batch, str):
+        name, problem = shown(batch), id_problem(batch)
+    else:
+        name, problem = repr(batch), "is not a string"
+    raise InputError(f"batch name {name} {problem}: use 1-128 characters of letters, digits, "
+                     "'.', '_' or '-', not starting with '.' or '-'")
 
 
 def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: dict,
@@ -49,14 +56,10 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
     if conflicts:
         raise PromptFileError(str(path), conflicts)
     created = admission.enqueue(batch, (j for j in jobs if j[0] not in existing), time.time())
-    for ref, token in admission.pump(time.time()):
-        dispatch("submit", ref, token, 0.0)
+    admit(admission, dispatch)
     return EnqueueResult(batch, len(jobs), created, len(existing),
                          prompt_file.merged_duplicates)
 
 
 def open_admission(settings) -> Admission:
-    import redis
-
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    return Admission(JobStore(client), settings.max_in_flight, settings.step_grace_s)
+    return Admission(JobStore(connect(settings.redis_url)), settings.step_grace_s)

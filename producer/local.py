@@ -1,8 +1,9 @@
 """`vidq run`: the whole system on one machine for one batch.
 
-Starts what is missing (a private Redis, the sandbox upstream), N Celery
-worker processes, enqueues the file, shows progress, and stops everything it
-started, whatever happens.
+Starts what is missing (a private Redis keeping its state in the state
+directory, the sandbox upstream), N supervised Celery worker processes,
+enqueues the file, shows progress, and stops everything it started,
+whatever happens.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import os
 import secrets
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -24,6 +26,9 @@ from .redis_server import PrivateRedis
 
 # Ten example prompts at the default cap of 2 finish in about a minute.
 SANDBOX_TIME_SCALE = 9.0
+# A worker that keeps dying this soon after starting is misconfigured, not unlucky.
+QUICK_EXIT_S = 15.0
+MAX_QUICK_EXITS = 3
 
 
 @dataclass(frozen=True)
@@ -38,20 +43,20 @@ class RunOptions:
 
 @contextlib.contextmanager
 def local_system(options: RunOptions, console: Console):
-    """Yields the environment every part of this run shares, and a liveness check."""
+    """Yields the environment every part of this run shares, and the worker supervisor."""
     env = dict(os.environ)
     with contextlib.ExitStack() as stack:
         if not env.get("VIDQ_REDIS_URL"):
             server = stack.enter_context(PrivateRedis(options.state_dir / "redis"))
             env["VIDQ_REDIS_URL"] = server.url
-            console.print(f"private Redis at {server.url}")
+            console.print(f"private Redis at {server.url}, state in {server.state_dir}")
         if options.use_sandbox:
             env.update(stack.enter_context(sandbox_upstream(env, console)))
         elif not (env.get("AIMLAPI_KEY") or env.get("AIML_API_KEY")):
             raise ConfigError("no API key: set AIMLAPI_KEY to run against the real API, "
                               "or add --sandbox to try the pipeline without spending credits")
-        processes = stack.enter_context(worker_processes(options, env, console))
-        yield env, lambda: any(p.poll() is None for p in processes)
+        supervisor = stack.enter_context(worker_processes(options, env, console))
+        yield env, supervisor
 
 
 @contextlib.contextmanager
@@ -71,23 +76,60 @@ def sandbox_upstream(env: dict, console: Console):
         }
 
 
+@dataclass
+class Supervisor:
+    """Keeps N worker processes running: one that exits is started again."""
+
+    options: RunOptions
+    env: dict
+    console: Console
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    started_at: list[float] = field(default_factory=list)
+    quick_exits: int = 0
+    restarts: int = 0
+
+    def start(self, index: int) -> subprocess.Popen:
+        log_dir = self.options.state_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_dir / f"worker-{index}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        command = [sys.executable, "-m", "celery", "-A", "worker", "worker",
+                   "-Q", ",".join(QUEUES), "-c", str(self.options.concurrency),
+                   "-n", f"vidq-run-{index}-{os.getpid()}@%h", "--loglevel", "INFO"]
+        return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def start_all(self) -> None:
+        for index in range(self.options.workers):
+            self.processes.append(self.start(index))
+            self.started_at.append(time.monotonic())
+
+    def keep_alive(self) -> bool:
+        """Restart exited workers; False once they keep dying at start-up."""
+        for index, process in enumerate(self.processes):
+            if process.poll() is None:
+                continue
+            quick = time.monotonic() - self.started_at[index] < QUICK_EXIT_S
+            self.quick_exits = self.quick_exits + 1 if quick else 0
+            if self.quick_exits >= MAX_QUICK_EXITS:
+                return False
+            self.console.print(f"[yellow]worker {index} exited ({process.returncode}); "
+                               "starting it again[/]")
+            self.processes[index] = self.start(index)
+            self.started_at[index] = time.monotonic()
+            self.restarts += 1
+        return True
+
+
 @contextlib.contextmanager
 def worker_processes(options: RunOptions, env: dict, console: Console):
-    log_dir = options.state_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    processes = []
+    supervisor = Supervisor(options, env, console)
     try:
-        for index in range(options.workers):
-            log = open(log_dir / f"worker-{index}.log", "ab")
-            command = [sys.executable, "-m", "celery", "-A", "worker", "worker",
-                       "-Q", ",".join(QUEUES), "-c", str(options.concurrency),
-                       "-n", f"vidq-run-{index}-{os.getpid()}@%h", "--loglevel", "INFO"]
-            processes.append(subprocess.Popen(command, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT))
-        console.print(f"{options.workers} worker process(es), logs in {log_dir}")
-        yield processes
+        supervisor.start_all()
+        console.print(f"{options.workers} worker process(es), logs in "
+                      f"{options.state_dir / 'logs'}")
+        yield supervisor
     finally:
-        stop_processes(processes)
+        stop_processes(supervisor.processes)
 
 
 def stop_processes(processes: list[subprocess.Popen], timeout_s: float = 20.0) -> None:

@@ -7,7 +7,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from worker.admission import Admission
-from worker.jobs import JobStore, job_key, job_ref
+from worker import keys
+from worker.jobs import JobStore
 
 
 def batch_status(admission: Admission, batch: str) -> dict:
@@ -18,6 +19,7 @@ def batch_status(admission: Admission, batch: str) -> dict:
         "total": store.batch_total(batch),
         "counts": counts,
         "finished": counts["done"] + counts["failed"],
+        "outcome_unknown": store.outcome_unknown(batch),
         "upstream_in_flight": admission.in_flight(),
         "waiting_for_slot": admission.waiting(),
     }
@@ -46,8 +48,10 @@ def watch(admission: Admission, batch: str, console: Console, *,
 
 def describe(status: dict) -> str:
     counts = status["counts"]
-    parts = [f"{counts[s]} {s}" for s in ("done", "failed", "downloading", "generating",
-                                           "submitted") if counts[s]]
+    parts = [f"{counts[s]} {s}" for s in ("done", "failed", "downloading", "overdue",
+                                           "generating", "submitted") if counts[s]]
+    if status.get("outcome_unknown"):
+        parts.append(f"{status['outcome_unknown']} outcome unknown (may have been charged)")
     parts.append(f"{status['upstream_in_flight']} in flight")
     return ", ".join(parts)
 
@@ -59,8 +63,8 @@ def failures(store: JobStore, batch: str, limit: int = 20) -> list[tuple[str, st
     for start in range(0, len(ids), 5000):
         pipe = store.redis.pipeline(transaction=False)
         for job_id in ids[start:start + 5000]:
-            pipe.hmget(job_key(job_ref(batch, job_id)), "state", "last_error")
-        for job_id, (state, reason) in zip(ids[start:start + 5000], pipe.execute()):
+            pipe.hmget(keys.job(keys.job_ref(batch, job_id)), "state", "last_error")
+        for job_id, (state, reason) in zip(ids[start:start + 5000], pipe.execute(), strict=True):
             if state == "failed":
                 found.append((job_id, reason or ""))
                 if len(found) >= limit:

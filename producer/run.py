@@ -1,6 +1,13 @@
-"""The body of `vidq run`: start the local system, enqueue, watch, summarise."""
+"""The body of `vidq run`: start the local system, enqueue, watch, summarise.
+
+The state lives in `--state-dir` (default `.vidq`): running the same command
+again resumes the batch (done jobs untouched, jobs in flight polled, nothing
+POSTed twice).
+"""
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -10,7 +17,7 @@ from worker.settings import Settings
 
 from .enqueue import enqueue_file, open_admission
 from .local import RunOptions, local_system
-from .progress import failures, watch
+from .progress import batch_status, failures, watch
 from .prompts import load_prompts
 
 
@@ -24,17 +31,41 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
     options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve())
     defaults = {"model": DEFAULT_MODEL}
     load_prompts(file, defaults)  # refuse a bad file before starting anything
-    with local_system(options, console) as (env, alive):
-        settings = Settings.from_env(env)
-        apply_settings(worker.app, settings)  # publish to this run's Redis
-        admission = open_admission(settings)
-        result = enqueue_file(admission, file, batch, defaults, dispatch)
-        console.print(f"batch {batch}: {result.jobs_in_file} jobs "
-                      f"({result.created} new, {result.already_there} already enqueued)")
-        status = watch(admission, batch, console, keep_going=alive)
-        if not alive():
-            console.print("[red]every worker process has exited; see the logs above[/]")
-        return summarise(admission, batch, status, settings, console)
+    admission = None
+    # Redis and the workers run in their own sessions, so Ctrl-C reaches only
+    # this process, which reports and then stops them in order.
+    with local_system(options, console) as (env, supervisor):
+        try:
+            settings = Settings.from_env(env)
+            apply_settings(worker.app, settings)  # publish to this run's Redis
+            admission = open_admission(settings)
+            result = enqueue_file(admission, file, batch, defaults, dispatch)
+            console.print(f"batch {batch}: {result.jobs_in_file} jobs "
+                          f"({result.created} new, {result.already_there} already enqueued)")
+            status = watch(admission, batch, console, keep_going=supervisor.keep_alive)
+            if not supervisor.keep_alive():
+                console.print("[red]the workers keep exiting at start-up; see "
+                              f"{options.state_dir / 'logs'}[/]")
+            return summarise(admission, batch, status, settings, console)
+        except KeyboardInterrupt:
+            interrupted(admission, batch, console)
+            return 130
+
+
+def interrupted(admission, batch: str, console: Console) -> None:
+    """What was in flight when Ctrl-C came, and how to go on."""
+    if admission is not None:
+        try:
+            status = batch_status(admission, batch)
+            counts = status["counts"]
+            in_flight = sum(counts[s] for s in ("submitted", "generating", "overdue",
+                                                "downloading"))
+            console.print(f"\ninterrupted: {status['finished']}/{status['total']} finished, "
+                          f"{in_flight} in flight upstream (paid; polled on resume), "
+                          f"{counts['queued']} not submitted yet")
+        except Exception:  # Redis may already be gone; the hint below still holds
+            pass
+    console.print("resume with: " + " ".join(shlex.quote(a) for a in ["vidq", *sys.argv[1:]]))
 
 
 def summarise(admission, batch: str, status: dict, settings: Settings,

@@ -38,6 +38,8 @@ FAST_WORKER_ENV = {
     "VIDQ_RECONCILE_INTERVAL_S": "1",
     "VIDQ_HTTP_TIMEOUT_S": "2",
     "VIDQ_STEP_GRACE_S": "10",
+    "VIDQ_POST_DEADLINE_S": "4",
+    "VIDQ_HEARTBEAT_INTERVAL_S": "0.5",
     "VIDQ_DOWNLOAD_GRACE_S": "60",
     "VIDQ_VISIBILITY_TIMEOUT_S": "300",
 }
@@ -51,6 +53,15 @@ def redis_server(tmp_path_factory):
         return
     with PrivateRedis(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+@pytest.fixture
+def restartable_redis(tmp_path):
+    """A private redis-server (AOF, fsync always) that a test may stop and start again
+    on the same port, keeping its data."""
+    server = PrivateRedis(tmp_path / "redis-restartable").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

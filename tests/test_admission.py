@@ -6,7 +6,7 @@ import signal
 import time
 
 from conftest import write_prompts
-from worker.jobs import job_ref
+from worker.keys import job_ref
 from worker.tasks import dispatch
 
 

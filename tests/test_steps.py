@@ -11,7 +11,7 @@ import redis
 import requests
 
 from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired
-from worker.jobs import job_ref
+from worker.keys import job_ref
 from worker.settings import Settings
 from worker.tasks import build_steps
 
@@ -25,6 +25,7 @@ def steps_for(redis_url, make_sandbox, tmp_path):
             "AIMLAPI_KEY": sandbox.config.api_key, "VIDQ_STORAGE_URL": tmp_path.as_uri(),
             "VIDQ_EXPECTED_GENERATION_S": "1", "VIDQ_POLL_MIN_INTERVAL_S": "0.1", **env})
         steps = build_steps(settings)
+        steps.admission.set_cap(4)
         steps.sent = []
         steps.dispatch = lambda step, ref, token, countdown: steps.sent.append((step, ref, token))
         return steps
@@ -34,7 +35,7 @@ def steps_for(redis_url, make_sandbox, tmp_path):
 def _admit_one(steps, prompt="a small boat"):
     steps.admission.enqueue("b", [("j1", {"model": "alibaba/wan2.1-t2v-turbo", "prompt": prompt})],
                             time.time())
-    ((ref, token),) = steps.admission.pump(time.time())
+    ((ref, token),) = steps.admission.pump()
     return ref, token
 
 
@@ -45,9 +46,9 @@ def _run(steps, step, ref, token):
     return steps.store.get(ref)
 
 
-def _until_completed(steps, ref, token):
+def _until_completed(steps, ref, token, first="submit"):
     """Drive submit and polls by hand until the download step is next."""
-    step = "submit"
+    step = first
     while step != "download":
         _run(steps, step, ref, token)
         step, _, token = steps.sent[-1]
@@ -72,9 +73,27 @@ def test_wrong_key_fails_at_once_without_leaking_it(steps_for, make_sandbox):
     assert steps.admission.in_flight() == 0
 
 
-def test_deadline_fails_with_timeout_and_keeps_generation_id(steps_for, make_sandbox):
-    """Still pending after VIDQ_DEADLINE_S: failed, reason timeout, generation id kept."""
-    steps = steps_for(make_sandbox(time_scale=1), VIDQ_DEADLINE_S="0.5")
+def test_past_the_deadline_a_job_is_overdue_keeps_its_slot_and_is_still_downloaded(
+        steps_for, make_sandbox):
+    """Still pending after VIDQ_DEADLINE_S: overdue, polled slowly, slot held, then done."""
+    steps = steps_for(make_sandbox(time_scale=45), VIDQ_DEADLINE_S="0.3",
+                      VIDQ_OVERDUE_POLL_INTERVAL_S="0.5")
+    ref, token = _admit_one(steps)
+    _run(steps, "submit", ref, token)
+    time.sleep(0.4)
+
+    record = _run(steps, "poll", ref, steps.sent[-1][2])
+    assert record.state == "overdue" and record.generation_id
+    assert steps.admission.in_flight() == 1
+    time.sleep(2.5)
+    token = _until_completed(steps, ref, steps.sent[-1][2], first="poll")
+    assert _run(steps, "download", ref, token).state == "done"
+
+
+def test_the_hard_limit_fails_the_job_frees_the_slot_and_keeps_generation_id(
+        steps_for, make_sandbox):
+    steps = steps_for(make_sandbox(time_scale=1), VIDQ_DEADLINE_S="0.3",
+                      VIDQ_HARD_LIMIT_S="0.5")
     ref, token = _admit_one(steps)
     _run(steps, "submit", ref, token)
     time.sleep(0.6)
@@ -128,15 +147,15 @@ def test_retry_polls_a_timed_out_generation_and_downloads_it_late(steps_for, mak
     """A job failed by timeout is requeued by `vidq retry`, polled (not re-posted), and its
     late video lands."""
     sandbox = make_sandbox(time_scale=45)  # ~2 s generations
-    steps = steps_for(sandbox, VIDQ_DEADLINE_S="0.3")
+    steps = steps_for(sandbox, VIDQ_DEADLINE_S="0.3", VIDQ_HARD_LIMIT_S="0.3")
     ref, token = _admit_one(steps)
     _run(steps, "submit", ref, token)
     time.sleep(0.4)
     assert _run(steps, "poll", ref, steps.sent[-1][2]).state == "failed"
     time.sleep(2.5)
 
-    assert steps.admission.requeue_failed("b") == 1
-    ((ref, token),) = steps.admission.pump(time.time())
+    assert steps.admission.requeue_failed("b") == {"requeued": 1}
+    ((ref, token),) = steps.admission.pump()
     token = _until_completed(steps, ref, token)
     record = _run(steps, "download", ref, token)
 
@@ -167,9 +186,10 @@ def test_a_late_generation_id_is_kept_due_and_counted_in_flight(steps_for, redis
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     assert client.zscore("vidq:due", ref) is None
 
-    steps.store.record_generation(job, "paid-late", time.time(), time.time() + 5)
+    steps.store.record_generation(job, "paid-late", 5)
 
-    assert steps.store.get(ref).generation_id == "paid-late"
+    record = steps.store.get(ref)
+    assert record.generation_id == "paid-late" and record.state == "submitted"
     assert client.zscore("vidq:due", ref) is not None
     assert client.zscore("vidq:slots", ref) is not None
 

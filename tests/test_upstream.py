@@ -31,11 +31,9 @@ def sandbox_client(make_sandbox):
     return sandbox, _client(sandbox.url, sandbox.config.api_key)
 
 
-@pytest.mark.parametrize("status, error", [(500, UpstreamUnavailable), (502, UpstreamUnavailable),
-                                           (503, UpstreamUnavailable), (504, UpstreamUnavailable),
-                                           (429, RateLimited)])
+@pytest.mark.parametrize("status, error", [(503, UpstreamUnavailable), (429, RateLimited)])
 def test_retryable_statuses(sandbox_client, status, error):
-    """5xx (HTML or JSON) and 429 are retryable; 429 carries its Retry-After."""
+    """503 and 429 on submit prove nothing was created: retryable; 429 carries Retry-After."""
     sandbox, client = sandbox_client
     import requests
     requests.post(sandbox.url + "/__faults", json={"submit": [status], "retry_after": 7}, timeout=5)
@@ -110,10 +108,28 @@ def test_submit_read_timeout_is_never_resent():
     accepted = []
     threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
     client = _client(f"http://127.0.0.1:{listener.getsockname()[1]}", "k",
-                     VIDQ_HTTP_TIMEOUT_S="0.5", VIDQ_STEP_GRACE_S="10")
+                     VIDQ_HTTP_TIMEOUT_S="0.5", VIDQ_STEP_GRACE_S="10", VIDQ_POST_DEADLINE_S="2")
     try:
-        with pytest.raises(SubmitOutcomeUnknown, match="timed out"):
+        with pytest.raises(SubmitOutcomeUnknown, match="ReadTimeout"):
             client.submit(REQUEST)
     finally:
         listener.close()
     assert accepted  # the request did reach the server
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_submit_statuses_that_may_hide_a_created_generation_are_outcome_unknown(
+        sandbox_client, status):
+    """500, 502 and 504 may come after the upstream acted: never retried on their own."""
+    sandbox, client = sandbox_client
+    import requests
+    requests.post(sandbox.url + "/__faults", json={"submit": [status]}, timeout=5)
+    with pytest.raises(SubmitOutcomeUnknown, match=str(status)):
+        client.submit(REQUEST)
+
+
+def test_submit_to_a_closed_port_is_retryable_not_unknown(make_sandbox):
+    """Connection refused: nothing was sent, so a retry cannot pay twice."""
+    client = _client(f"http://127.0.0.1:{free_port()}", "sk-x")
+    with pytest.raises(UpstreamUnavailable, match="not sent"):
+        client.submit(REQUEST)

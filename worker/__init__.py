@@ -1,10 +1,8 @@
 """vidq workers: the Celery app and the submit -> poll -> download chain.
 
-`celery -A worker worker` finds `app` here.
+`celery -A worker worker` finds `app` here. Importing this package reads no
+setting and starts nothing.
 """
-from .celery_app import create_app
-from .settings import Settings
+from .celery_app import app
 
-app = create_app(Settings.from_env())
-
-from . import tasks  # noqa: E402,F401  (registers the step tasks on `app`)
+__all__ = ["app"]

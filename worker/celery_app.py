@@ -1,34 +1,41 @@
-"""The Celery application, configured from `Settings` and nothing else.
+"""The Celery application. Importing it reads no setting: the configuration
+is applied when Celery first needs it (a worker starting), or explicitly by a
+producer with `apply_settings`.
 
 Start a worker with `celery -A worker worker -Q vidq.submit,vidq.poll,vidq.download`.
 """
 from __future__ import annotations
 
-import logging
-
-from celery import Celery, bootsteps
+from celery import Celery
 from kombu import Exchange, Queue
 
+from . import kombu_fix
 from .settings import Settings
-
-log = logging.getLogger(__name__)
 
 QUEUES = ("vidq.submit", "vidq.poll", "vidq.download")
 EXCHANGE = Exchange("vidq", type="direct")
 # One task per step, each with the name of the queue it runs on.
 TASK_FOR_STEP = {"submit": "vidq.submit", "poll": "vidq.poll", "download": "vidq.download"}
 
-
-def create_app(settings: Settings) -> Celery:
-    app = Celery("vidq")
-    apply_settings(app, settings)
-    app.steps["worker"].add(Reconciler)
-    return app
+app = Celery("vidq", include=["worker.tasks", "worker.lifecycle"])
+kombu_fix.install(app)
 
 
-def apply_settings(app: Celery, settings: Settings) -> None:
-    """Configure `app` from settings; also used to point a producer elsewhere."""
-    app.conf.update(
+@app.on_configure.connect
+def _configure_from_env(sender: Celery, **_kwargs) -> None:
+    if getattr(sender, "vidq_settings", None) is None:
+        apply_settings(sender, Settings.from_env())
+
+
+def settings_of(celery_app: Celery) -> Settings:
+    _ = celery_app.conf.broker_url  # configures the app if nothing did yet
+    return celery_app.vidq_settings  # type: ignore[attr-defined]
+
+
+def apply_settings(celery_app: Celery, settings: Settings) -> None:
+    """Configure the app from settings; also used to point a producer elsewhere."""
+    celery_app.vidq_settings = settings  # type: ignore[attr-defined]
+    celery_app.conf.update(
         broker_url=settings.redis_url,
         task_queues=[Queue(name, EXCHANGE, routing_key=name) for name in QUEUES],
         task_default_exchange=EXCHANGE.name,
@@ -49,6 +56,7 @@ def apply_settings(app: Celery, settings: Settings) -> None:
             "unacked_restore_throttle": 1,
         },
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
         # No result backend: job state lives in the job records.
         task_ignore_result=True,
         worker_send_task_events=True,
@@ -59,26 +67,3 @@ def apply_settings(app: Celery, settings: Settings) -> None:
         worker_enable_soft_shutdown_on_idle=True,
         worker_hijack_root_logger=False,
     )
-    app.vidq_settings = settings
-
-
-class Reconciler(bootsteps.StartStopStep):
-    """Every few seconds, one worker re-sends lost steps and fills free slots."""
-
-    requires = {"celery.worker.components:Timer"}
-
-    def __init__(self, worker, **kwargs):
-        super().__init__(worker, **kwargs)
-        self.timer_ref = None
-
-    def start(self, worker):
-        from .tasks import get_steps, reconcile_once
-
-        get_steps()  # fail at start-up, not on the first task, if misconfigured
-
-        interval = worker.app.vidq_settings.reconcile_interval_s
-        self.timer_ref = worker.timer.call_repeatedly(interval, reconcile_once)
-
-    def stop(self, worker):
-        if self.timer_ref is not None:
-            self.timer_ref.cancel()

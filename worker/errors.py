@@ -13,7 +13,9 @@
      |         +-- GenerationFailed      the generation itself ended in error
      |         +-- ResultLinkExpired     403/404 on a result URL: poll again for a fresh one
      |         +-- SubmitOutcomeUnknown  a POST that may have created a generation we
-     |                                   cannot see: never re-sent on its own
+     |         |                         cannot see: never re-sent on its own
+     |         +-- ResultRefused         a result URL vidq will not fetch (scheme, private
+     |                                   or metadata address, redirect there, too large)
      +-- StorageError                 the video could not be stored
           +-- CorruptVideo            not an MP4, or shorter/longer than announced
 
@@ -83,6 +85,10 @@ class ResultLinkExpired(PermanentUpstreamError):
 
 class SubmitOutcomeUnknown(PermanentUpstreamError):
     """Raised when a submit may have been accepted (read timeout, unreadable 2xx)."""
+
+
+class ResultRefused(PermanentUpstreamError):
+    """Raised when a result URL is not safe to fetch (SSRF guard) or is too large."""
 
 
 class StorageError(VidqError):

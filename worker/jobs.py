@@ -1,99 +1,61 @@
 """Job records in Redis, and every atomic change to them.
 
-Keys (prefix `vidq:`):
-    job:<batch>:<id>      hash: one job's record (fields in `Job`)
-    batch:<batch>         hash: created_at, total
-    batch:<batch>:counts  hash: state -> number of jobs in it
-    batch:<batch>:jobs    set of job ids
-    batches               set of batch names
-    admission             list of job refs waiting for an upstream slot
-    slots                 zset: refs holding an upstream slot (score: admitted at)
-    due                   zset: refs whose next step must have started by the score
-    seq                   counter for step tokens
-
-A step (submit, poll, download) runs only with the job's current token, which
-it swaps atomically when it starts (`claim`); a duplicated or redelivered
-message finds the token gone and does nothing, so a job has one chain.
+The keys are listed in `worker.keys`; each change is one Lua script from
+`worker/lua/`, loaded once. A step (submit, poll, download) runs only with
+the job's current token, which it swaps atomically when it starts (`claim`);
+a duplicated or redelivered message finds the token gone and does nothing,
+so a job has one chain. Scripts read the clock from Redis (`TIME`), so leases
+and due times never depend on a worker host's clock.
 """
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 
 import redis
 
-PREFIX = "vidq:"
-STATES = ("queued", "submitted", "generating", "downloading", "done", "failed")
-FINAL_STATES = frozenset({"done", "failed"})
+from . import keys
+from .durability import Durability
+from .errors import ConfigError
 
-# KEYS: job, counts, due, slots, seq
-# ARGV: ref, expected_token ('*' = any), new_state ('' = keep), next_step
-#       ('' = chain ends), due_at, release_slot ('1'/'0'), field, value, ...
-_TRANSITION = """
-local job = KEYS[1]
-if ARGV[2] ~= '*' and redis.call('HGET', job, 'token') ~= ARGV[2] then return false end
-local old = redis.call('HGET', job, 'state')
-if ARGV[3] ~= '' and ARGV[3] ~= old then
-  redis.call('HINCRBY', KEYS[2], old, -1)
-  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-  redis.call('HSET', job, 'state', ARGV[3])
-end
-if #ARGV > 6 then redis.call('HSET', job, unpack(ARGV, 7)) end
-if ARGV[6] == '1' then redis.call('ZREM', KEYS[4], ARGV[1]) end
-if ARGV[4] == '' then
-  redis.call('HSET', job, 'token', '', 'step', '')
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  return '0'
-end
-local token = tostring(redis.call('INCR', KEYS[5]))
-redis.call('HSET', job, 'token', token, 'step', ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
-return token
-"""
-
-# KEYS: job, due; ARGV: token, lease_until, ref. Swaps the token for
-# 'run:<token>', leases the running step (the reconciler leaves it alone until
-# then), and returns the record.
-_CLAIM = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return false end
-redis.call('HSET', KEYS[1], 'token', 'run:' .. ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-return redis.call('HGETALL', KEYS[1])
-"""
-
-# KEYS: job, counts, due, slots; ARGV: generation_id, submitted_at, ref, recover_at.
-# Never conditional on the token: a paid generation id is always kept, counted
-# in flight, and due for a poll, even if this job's chain was ended meanwhile.
-_RECORD_GENERATION = """
-local known = redis.call('HGET', KEYS[1], 'generation_id')
-if known and known ~= '' then
-  if known ~= ARGV[1] then
-    redis.call('HSET', KEYS[1], 'extra_generation_ids',
-      (redis.call('HGET', KEYS[1], 'extra_generation_ids') or '') .. ARGV[1] .. ' ')
-  end
-  return known
-end
-local old = redis.call('HGET', KEYS[1], 'state')
-redis.call('HINCRBY', KEYS[2], old, -1)
-redis.call('HINCRBY', KEYS[2], 'submitted', 1)
-redis.call('HSET', KEYS[1], 'generation_id', ARGV[1], 'submitted_at', ARGV[2],
-  'state', 'submitted')
-redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[4], 'NX', ARGV[2], ARGV[3])
-return ARGV[1]
-"""
+LUA_DIR = Path(__file__).with_name("lua")
 
 
-def job_ref(batch: str, job_id: str) -> str:
-    return f"{batch}:{job_id}"
+class State(StrEnum):
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    GENERATING = "generating"
+    OVERDUE = "overdue"  # past the deadline, still polled slowly
+    DOWNLOADING = "downloading"
+    DONE = "done"
+    FAILED = "failed"
 
 
-def job_key(ref: str) -> str:
-    return f"{PREFIX}job:{ref}"
+class Step(StrEnum):
+    SUBMIT = "submit"
+    POLL = "poll"
+    DOWNLOAD = "download"
 
 
-def counts_key(batch: str) -> str:
-    return f"{PREFIX}batch:{batch}:counts"
+FINAL_STATES = frozenset({State.DONE, State.FAILED})
+OUTCOME_UNKNOWN = "outcome_unknown"
+
+
+def connect(redis_url: str) -> redis.Redis:
+    """A client for vidq's records; a malformed URL is a ConfigError."""
+    try:
+        return redis.Redis.from_url(redis_url, decode_responses=True, health_check_interval=10,
+                                    socket_connect_timeout=5, socket_timeout=30,
+                                    retry_on_timeout=True)
+    except ValueError as exc:
+        raise ConfigError(f"VIDQ_REDIS_URL is not a Redis URL: {exc}") from None
+
+
+def load_script(client: redis.Redis, name: str):
+    return client.register_script((LUA_DIR / f"{name}.lua").read_text())
 
 
 @dataclass
@@ -114,25 +76,35 @@ class Job:
     completed_at: float = 0.0
     video_url: str = ""
     last_error: str = ""
+    # Redis time when this step claimed the job, and the local monotonic clock then.
+    claimed_at: float = 0.0
+    claimed_mono: float = field(default_factory=time.monotonic)
     extra: dict = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
-        return job_ref(self.batch, self.id)
+        return keys.job_ref(self.batch, self.id)
+
+    def now(self) -> float:
+        """Redis server time, as of now, from the claim's reading."""
+        return self.claimed_at + (time.monotonic() - self.claimed_mono)
+
+    def number(self, name: str) -> float:
+        try:
+            return float(self.extra.get(name) or 0)
+        except ValueError:
+            return 0.0
 
     @classmethod
-    def from_hash(cls, data: dict) -> "Job":
-        known = {k: data.get(k) for k in (
+    def from_hash(cls, data: dict) -> Job:
+        text = {k: data.get(k) or "" for k in (
             "token", "step", "generation_id", "video_url", "last_error")}
-        return cls(
-            batch=data["batch"], id=data["id"], request=json.loads(data["request"]),
-            state=data["state"], **{k: v or "" for k, v in known.items()},
-            attempts=int(data.get("attempts") or 0), polls=int(data.get("polls") or 0),
-            enqueued_at=float(data.get("enqueued_at") or 0),
-            submitted_at=float(data.get("submitted_at") or 0),
-            completed_at=float(data.get("completed_at") or 0),
-            extra=data,
-        )
+        job = cls(batch=data["batch"], id=data["id"], request=json.loads(data["request"]),
+                  state=data["state"], extra=data, **text)
+        job.attempts, job.polls = int(job.number("attempts")), int(job.number("polls"))
+        job.enqueued_at, job.submitted_at = job.number("enqueued_at"), job.number("submitted_at")
+        job.completed_at, job.claimed_at = job.number("completed_at"), job.number("__now")
+        return job
 
 
 class JobStore:
@@ -140,55 +112,85 @@ class JobStore:
 
     def __init__(self, client: redis.Redis):
         self.redis = client
-        self._transition = client.register_script(_TRANSITION)
-        self._claim = client.register_script(_CLAIM)
-        self._record = client.register_script(_RECORD_GENERATION)
+        self._scripts = {name: load_script(client, name) for name in (
+            "transition", "claim", "record_generation", "mark_posting", "set_holder")}
+
+    def now(self) -> float:
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
 
     def get(self, ref: str) -> Job | None:
-        data = self.redis.hgetall(job_key(ref))
+        data = self.redis.hgetall(keys.job(ref))
         return Job.from_hash(data) if data else None
 
-    def claim(self, ref: str, token: str, lease_until: float) -> Job | None:
+    def claim(self, ref: str, token: str, lease_s: float, holder: str) -> Job | None:
         """The job if `token` is current, after taking it; None for a stale message."""
-        flat = self._claim(keys=[job_key(ref), PREFIX + "due"],
-                           args=[token, repr(lease_until), ref])
+        flat = self._scripts["claim"](keys=[keys.job(ref), keys.DUE],
+                                      args=[token, repr(lease_s), ref, holder])
         if not flat:
             return None
-        return Job.from_hash(dict(zip(flat[::2], flat[1::2])))
+        return Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
 
-    def record_generation(self, job: Job, generation_id: str, now: float,
-                          recover_at: float) -> str:
-        keys = [job_key(job.ref), counts_key(job.batch), PREFIX + "due", PREFIX + "slots"]
-        return self._record(keys=keys, args=[generation_id, repr(now), job.ref, repr(recover_at)])
+    def set_holder(self, ref: str, token: str, holder: str) -> None:
+        self._scripts["set_holder"](keys=[keys.job(ref)], args=[token, holder])
+
+    def mark_posting(self, job: Job, durability: Durability) -> str:
+        """Write the "POST started" marker and wait until it is durable; see
+        lua/mark_posting.lua for the answers."""
+        pipe = self.redis.pipeline(transaction=False)
+        self._scripts["mark_posting"](keys=[keys.job(job.ref)], args=[job.token], client=pipe)
+        durability.append_waits(pipe)
+        answer, *waits = pipe.execute()
+        if answer == "ok":
+            durability.check(waits)
+        return answer
+
+    def clear_posting(self, job: Job) -> None:
+        """The upstream proved it created nothing (refused, 429, 503): POST may be re-sent."""
+        self.redis.hdel(keys.job(job.ref), "posting_at")
+
+    def record_generation(self, job: Job, generation_id: str, lease_s: float) -> str:
+        batch = job.batch
+        return self._scripts["record_generation"](
+            keys=[keys.job(job.ref), keys.batch_counts(batch), keys.DUE, keys.SLOTS,
+                  keys.SLOT_HOLDS, keys.batch_unknown(batch), keys.batch_jobs(batch),
+                  keys.batch(batch)],
+            args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX])
 
     def transition(self, job: Job, *, state: str = "", next_step: str = "",
-                   due_at: float = 0.0, release_slot: bool = False,
-                   expected_token: str | None = None, **values) -> str | None:
+                   due_in_s: float = 0.0, release_slot: bool = False, hold_slot_s: float = 0.0,
+                   outcome_unknown: bool = False, expected_token: str | None = None,
+                   **values) -> str | None:
         """Apply one change; returns the next step's token, '0' if the chain
         ended, None if the job's token moved on (someone else owns it)."""
-        expected = expected_token or job.token
-        keys = [job_key(job.ref), counts_key(job.batch), PREFIX + "due",
-                PREFIX + "slots", PREFIX + "seq"]
-        args = [job.ref, expected, state, next_step, repr(due_at),
-                "1" if release_slot else "0"]
+        expected = job.token if expected_token is None else expected_token
+        batch = job.batch
+        script_keys = [keys.job(job.ref), keys.batch_counts(batch), keys.DUE, keys.SLOTS,
+                       keys.SEQ, keys.SLOT_HOLDS, keys.batch_unknown(batch)]
+        args = [job.ref, expected, str(state), str(next_step), repr(due_in_s),
+                "1" if release_slot else "0", repr(hold_slot_s), job.id,
+                "1" if outcome_unknown else "0"]
         for name, value in values.items():
             args += [name, _encode(value)]
-        return self._transition(keys=keys, args=args)
+        return self._scripts["transition"](keys=script_keys, args=args)
 
     def counts(self, batch: str) -> dict[str, int]:
-        raw = self.redis.hgetall(counts_key(batch))
-        return {state: int(raw.get(state, 0)) for state in STATES}
+        raw = self.redis.hgetall(keys.batch_counts(batch))
+        return {state.value: int(raw.get(state.value, 0)) for state in State}
 
     def batch_total(self, batch: str) -> int:
-        return int(self.redis.hget(f"{PREFIX}batch:{batch}", "total") or 0)
+        return int(self.redis.hget(keys.batch(batch), "total") or 0)
+
+    def outcome_unknown(self, batch: str) -> int:
+        return int(self.redis.scard(keys.batch_unknown(batch)))
 
     def job_ids(self, batch: str) -> list[str]:
-        return sorted(self.redis.smembers(f"{PREFIX}batch:{batch}:jobs"))
+        return sorted(self.redis.smembers(keys.batch_jobs(batch)))
 
 
 def _encode(value) -> str:
     if isinstance(value, float):
         return repr(value)
-    if isinstance(value, (dict, list)):
+    if isinstance(value, dict | list):
         return json.dumps(value)
     return str(value)

@@ -3,34 +3,38 @@
 Each method takes a claimed `Job`, talks to the upstream, writes the record
 in one atomic transition and hands the next step to `dispatch`. Errors are
 raised to the caller (the task), which decides between `retry` and `fail`.
+Times are Redis server time (`Job.now`), the one clock every worker shares.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
+import threading
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
-import redis
-import requests
-
-from .admission import Admission, Dispatch
-from .errors import CorruptVideo, RateLimited, UpstreamError, UpstreamUnavailable
-from .jobs import Job, JobStore, job_key
+from .admission import Admission, Dispatch, admit
+from .durability import Durability, NotDurable
+from .errors import (
+    RateLimited,
+    RequestRejected,
+    RetryableUpstreamError,
+    StorageError,
+    SubmitOutcomeUnknown,
+    UpstreamError,
+)
+from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .schedule import DurationModel, backoff_delay, first_poll_delay, next_poll_delay
 from .settings import Settings
 from .storage import FileStorage, sidecar_key, video_key
 from .upstream import Generation, UpstreamClient
+from .video import sidecar, stream_video, stored_video
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
 # Rate limiting is the upstream saying "not now", not a fault: allow more tries.
 RATE_LIMIT_ATTEMPT_FACTOR = 5
-_BUSY = object()  # another process is posting this job right now
+RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
 
 
 @dataclass
@@ -44,83 +48,125 @@ class Steps:
     storage: FileStorage
     durations: DurationModel
     dispatch: Dispatch
-    clock: Callable[[], float] = time.time
+    durability: Durability
+    worker_name: str = "local"
+    _threads: list[threading.Thread] = field(default_factory=list, repr=False)
 
     def claim(self, ref: str, token: str, step: str) -> Job | None:
-        return self.store.claim(ref, token, self.clock() + self.settings.grace_s(step))
+        return self.store.claim(ref, token, self.settings.grace_s(step), self.worker_name)
 
     def submit(self, job: Job) -> None:
         if job.generation_id:
-            # Requeued or redelivered: the generation exists; look at it now.
-            return self._next(job, "poll", self.settings.poll_min_interval_s, attempts=0)
-        generation = self._post_once(job)
-        if generation is _BUSY:
+            # Requeued or recovered: the generation exists; look at it now.
+            return self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
+        if self._already_stored(job):
             return
-        if generation is not None:
-            generation.raise_if_failed()
-        expected = self._expected_s(job)
-        delay = first_poll_delay(expected, self.settings.poll_min_interval_s,
-                                 self.settings.poll_max_interval_s)
-        self._next(job, "poll", delay, attempts=0)
-
-    def _post_once(self, job: Job):
-        """POST the job and record its generation id at once. _BUSY if another
-        process is posting it right now; None if one already recorded an id."""
-        lock = self.store.redis.lock(f"vidq:submitting:{job.ref}",
-                                     timeout=2 * self.settings.http_timeout_s + 5)
-        if not lock.acquire(blocking=False):
-            log.warning("submit of %s already in progress elsewhere; dropping", job.ref)
-            return _BUSY
         try:
-            known = self.store.redis.hget(job_key(job.ref), "generation_id")
-            if known:
-                job.generation_id = known
-                return None
-            generation = self.client.submit(job.request)
-            now = self.clock()
-            job.generation_id = self.store.record_generation(
-                job, generation.id, now, now + self.settings.step_grace_s)
-        finally:
-            with contextlib.suppress(redis.exceptions.LockError):
-                lock.release()
-        job.submitted_at = job.submitted_at or self.clock()
+            marker = self.store.mark_posting(job, self.durability)
+        except NotDurable:
+            self.store.clear_posting(job)  # nothing was sent
+            raise
+        if marker == "stale":
+            return
+        if marker == "has_id":
+            job.generation_id = self.store.get(job.ref).generation_id  # type: ignore[union-attr]
+            return self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
+        if marker == "posted_before":
+            raise SubmitOutcomeUnknown(
+                "a POST for this job was started earlier and its answer never arrived "
+                "(a worker or Redis died mid-POST); not re-sent, to avoid paying twice")
+        generation = self._post(job)
+        generation.raise_if_failed()
+        delay = first_poll_delay(self._expected_s(job), self.settings.poll_min_interval_s,
+                                 self.settings.poll_max_interval_s)
+        self._next(job, Step.POLL, delay, attempts=0)
+
+    def _post(self, job: Job) -> Generation:
+        """POST once, bounded by a total deadline. The POST runs in a thread
+        that records the generation id the moment it answers, even if that is
+        after this step gave up waiting: a late id revives the job."""
+        outcome: dict = {}
+        done = threading.Event()
+
+        def post() -> None:
+            try:
+                try:
+                    generation = self.client.submit(job.request)
+                except (RetryableUpstreamError, RequestRejected):
+                    self.store.clear_posting(job)  # the upstream surely created nothing
+                    raise
+                job.generation_id = self._record(job, generation.id)
+                outcome["generation"] = generation
+            except BaseException as exc:  # handed to the waiting step below
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=post, name=f"post {job.ref}", daemon=True)
+        thread.start()
+        if not done.wait(self.settings.post_deadline_s):
+            raise SubmitOutcomeUnknown(
+                f"no complete answer to the POST within {self.settings.post_deadline_s:.0f} s; "
+                "not re-sent (a late answer is still recorded)")
+        error = outcome.get("error")
+        if error is not None:
+            raise error
         log.info("job %s submitted as generation %s", job.ref, job.generation_id)
-        return generation
+        return outcome["generation"]
+
+    def _record(self, job: Job, generation_id: str) -> str:
+        """Store a paid generation id, through a Redis outage if need be."""
+        for pause in (*RECORD_RETRY_S, *([10.0] * 360)):
+            try:
+                return self.store.record_generation(job, generation_id,
+                                                    self.settings.step_grace_s)
+            except Exception as exc:
+                log.error("job %s: generation %s not recorded yet (%s); retrying",
+                          job.ref, generation_id, exc)
+                time.sleep(pause)
+        raise RuntimeError(f"generation {generation_id} of {job.ref} could not be recorded")
 
     def poll(self, job: Job) -> None:
         generation = self.client.fetch(job.generation_id)
         job.polls += 1
-        now = self.clock()
         if generation.succeeded:
-            return self._completed(job, generation, now)
+            return self._completed(job, generation)
         generation.raise_if_failed()
-        if now >= self._deadline_at(job):
+        age = job.now() - job.submitted_at
+        if age >= self.settings.hard_limit_s:
             return self.fail(job, f"timeout: still {generation.status!r} after "
-                                  f"{self.settings.deadline_s:.0f} s")
+                                  f"{age:.0f} s (hard limit); generation id kept")
+        if age >= self._deadline_s(job):
+            # Paid for and maybe still coming: look slowly, keep the slot.
+            return self._next(job, Step.POLL, self.settings.overdue_poll_interval_s,
+                              state=State.OVERDUE, polls=job.polls, attempts=0)
         delay = next_poll_delay(self._expected_s(job), job.polls,
                                 self.settings.poll_min_interval_s,
-                                self.settings.poll_max_interval_s, now - job.submitted_at)
-        self._next(job, "poll", delay, state="generating", polls=job.polls,
+                                self.settings.poll_max_interval_s, age)
+        self._next(job, Step.POLL, delay, state=State.GENERATING, polls=job.polls,
                    attempts=0, last_poll_delay=delay)
 
     def download(self, job: Job) -> None:
-        started = self.clock()
+        started = time.monotonic()
         key = video_key(job.batch, job.id)
-        size, digest = self._stream_video(job, key)
-        now = self.clock()
-        sidecar = self._sidecar(job, key, size, digest, now)
-        self.storage.put_bytes(sidecar_key(job.batch, job.id), json.dumps(sidecar, indent=2).encode())
-        self.store.transition(job, state="done", storage_key=key, sha256=digest, bytes=size,
-                              downloaded_at=now, download_s=now - started, last_error="")
+        response = self.client.open_video(job.video_url)
+        with response:
+            size, digest = stream_video(self.storage, key, self.client.chunks(response, 1 << 20),
+                                        response.headers.get("Content-Length"))
+        card = sidecar(job, key, size, digest, job.now())
+        self.storage.put_bytes(sidecar_key(job.batch, job.id), json.dumps(card, indent=2).encode())
+        self.store.transition(job, state=State.DONE, storage_key=key, sha256=digest, bytes=size,
+                              downloaded_at=job.now(), download_s=time.monotonic() - started,
+                              last_error="")
         log.info("job %s done: %d bytes, sha256 %s", job.ref, size, digest[:12])
 
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
         """A result URL expired: fetch the generation again for a fresh one."""
-        refreshes = int(job.extra.get("link_refreshes") or 0) + 1
+        refreshes = int(job.number("link_refreshes")) + 1
         if refreshes > self.settings.max_attempts:
             return self.fail(job, f"download: result link refused {refreshes} times: {error}")
         delay = backoff_delay(refreshes, self.settings.backoff_base_s, self.settings.backoff_cap_s)
-        self._next(job, "poll", delay, link_refreshes=refreshes, last_error=str(error),
+        self._next(job, Step.POLL, delay, link_refreshes=refreshes, last_error=str(error),
                    polls=job.polls)
 
     def retry(self, job: Job, error: Exception) -> None:
@@ -128,112 +174,77 @@ class Steps:
         if delay is None:
             delay = backoff_delay(job.attempts + 1, self.settings.backoff_base_s,
                                   self.settings.backoff_cap_s)
-        self._retry_as(job, job.step, error, delay=min(delay, self.settings.backoff_cap_s))
-
-    def fail(self, job: Job, reason: str) -> None:
-        log.warning("job %s failed: %s", job.ref, reason)
-        self.store.transition(job, state="failed", release_slot=True, last_error=reason,
-                              failed_at=self.clock(), polls=job.polls)
-        self.admit()
-
-    def admit(self) -> None:
-        for ref, token in self.admission.pump(self.clock()):
-            self.dispatch("submit", ref, token, 0.0)
-
-    def _retry_as(self, job: Job, step: str, error: Exception, delay: float) -> None:
+        delay = min(delay, self.settings.backoff_cap_s)
         attempts = job.attempts + 1
         limit = self.settings.max_attempts
         if isinstance(error, RateLimited):
             limit *= RATE_LIMIT_ATTEMPT_FACTOR
-        # A paid generation is polled until its deadline, however many tries
-        # an upstream outage costs; other steps give up after `limit`.
-        polling_paid = step == "poll" and self.clock() < self._deadline_at(job)
-        if attempts >= limit and not polling_paid:
+        if attempts >= limit and not self._keeps_trying(job, error):
             return self.fail(job, f"{job.step}: gave up after {attempts} attempts: {error}")
-        log.info("job %s: %s retry %d in %.1f s: %s", job.ref, step, attempts, delay, error)
-        self._next(job, step, delay, attempts=attempts, last_error=str(error), polls=job.polls)
+        log.info("job %s: %s retry %d in %.1f s: %s", job.ref, job.step, attempts, delay, error)
+        self._next(job, job.step, delay, attempts=attempts, last_error=str(error),
+                   polls=job.polls)
 
-    def _completed(self, job: Job, generation: Generation, now: float) -> None:
-        values = {"video_url": generation.video_url, "polls": job.polls, "attempts": 0}
+    def _keeps_trying(self, job: Job, error: Exception) -> bool:
+        # A paid generation is polled, and its video stored, until the hard
+        # limit, however many tries an upstream or storage outage costs.
+        paid = job.step in (Step.POLL, Step.DOWNLOAD) and bool(job.generation_id)
+        transient = isinstance(error, UpstreamError | StorageError)
+        return paid and transient and job.now() - job.submitted_at < self.settings.hard_limit_s
+
+    def fail(self, job: Job, reason: str) -> None:
+        unknown = reason.startswith(OUTCOME_UNKNOWN)
+        # An unknown outcome may be generating upstream: its slot stays taken
+        # for about one generation time, so the cap holds.
+        hold = self._expected_s(job) if unknown else 0.0
+        log.warning("job %s failed: %s", job.ref, reason)
+        self.store.transition(job, state=State.FAILED, release_slot=True, hold_slot_s=hold,
+                              outcome_unknown=unknown, last_error=reason,
+                              failed_at=job.now(), polls=job.polls)
+        admit(self.admission, self.dispatch)
+
+    def _already_stored(self, job: Job) -> bool:
+        """A video and sidecar already in storage with a matching sha256 (Redis
+        state lost, or a re-run): the job is done without a POST."""
+        found = stored_video(self.storage, job)
+        if found is None:
+            return False
+        log.info("job %s: video already in storage (sha256 %s); not submitted", job.ref,
+                 found["sha256"][:12])
+        self.store.transition(job, state=State.DONE, release_slot=True, storage_key=found["video"],
+                              sha256=found["sha256"], bytes=found["bytes"],
+                              generation_id=found.get("generation_id") or "", last_error="")
+        admit(self.admission, self.dispatch)
+        return True
+
+    def _completed(self, job: Job, generation: Generation) -> None:
+        values: dict = {"video_url": generation.video_url, "polls": job.polls, "attempts": 0}
         if generation.credits_used is not None:
             values["credits_used"] = generation.credits_used
         if not job.completed_at:
-            values["completed_at"] = now
-            self.durations.record(*self._shape(job), now - job.submitted_at, job.polls,
-                                  float(job.extra.get("last_poll_delay") or 0))
-        self._next(job, "download", 0.0, state="downloading", release_slot=True, **values)
-        self.admit()
+            values["completed_at"] = job.now()
+            if not job.extra.get("recovered"):  # a recovered chain's delay is not a sample
+                self.durations.record(*self._shape(job), job.now() - job.submitted_at,
+                                      job.polls, job.number("last_poll_delay"))
+        self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True, **values)
+        admit(self.admission, self.dispatch)
 
     def _next(self, job: Job, step: str, delay: float, **values) -> None:
-        grace = self.settings.grace_s(step)
-        token = self.store.transition(job, next_step=step, due_at=self.clock() + delay + grace,
-                                      **values)
+        token = self.store.transition(job, next_step=step,
+                                      due_in_s=delay + self.settings.grace_s(step), **values)
         if token is None:
             log.info("job %s was taken over by a newer step; this chain stops", job.ref)
             return
         self.dispatch(step, job.ref, token, delay)
 
-    def _stream_video(self, job: Job, key: str) -> tuple[int, str]:
-        response = self.client.open_video(job.video_url)
-        with response:
-            announced = response.headers.get("Content-Length")
-            digest, size, head = hashlib.sha256(), 0, b""
-            with self.storage.writer(key) as out:
-                for chunk in _chunks(response):
-                    if len(head) < 8:
-                        head = _check_mp4_head(head + chunk[:8 - len(head)])
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                if len(head) < 8:
-                    raise CorruptVideo(f"got only {size} bytes: not an MP4")
-                if announced is not None and size != int(announced):
-                    raise CorruptVideo(f"got {size} bytes, Content-Length said {announced}")
-        return size, digest.hexdigest()
-
-    def _sidecar(self, job: Job, key: str, size: int, digest: str, now: float) -> dict:
-        request = dict(job.request)
-        extra = job.extra
-        return {
-            "job_id": job.id, "batch": job.batch, "prompt": request.pop("prompt"),
-            "model": request.pop("model"), "parameters": request,
-            "generation_id": job.generation_id, "video": key, "sha256": digest, "bytes": size,
-            "credits_used": _number(extra.get("credits_used")),
-            "timings": {
-                "enqueued_at": job.enqueued_at, "submitted_at": job.submitted_at,
-                "completed_at": job.completed_at or None, "downloaded_at": now,
-                "generation_s": round(job.completed_at - job.submitted_at, 3)
-                if job.completed_at else None,
-                "status_polls": job.polls,
-            },
-        }
-
-    def _deadline_at(self, job: Job) -> float:
+    def _deadline_s(self, job: Job) -> float:
         # Counted from admission too, so a job requeued by `vidq retry` gets a
         # fresh deadline when it gets a slot, not when the retry was asked.
-        admitted_at = float(job.extra.get("admitted_at") or 0)
-        return max(job.submitted_at, admitted_at) + self.settings.deadline_s
+        admitted_at = job.number("admitted_at")
+        return self.settings.deadline_s + max(0.0, admitted_at - job.submitted_at)
 
     def _shape(self, job: Job) -> tuple[str, str]:
         return job.request["model"], job.request.get("resolution", "720P")
 
     def _expected_s(self, job: Job) -> float:
         return self.durations.expected_s(*self._shape(job))
-
-
-def _chunks(response):
-    try:
-        yield from response.iter_content(CHUNK_BYTES)
-    except requests.RequestException as exc:
-        raise UpstreamUnavailable(f"download interrupted: {type(exc).__name__}") from None
-
-
-def _check_mp4_head(head: bytes) -> bytes:
-    # Every MP4 starts with a box whose type, bytes 4-8, is 'ftyp'.
-    if len(head) >= 8 and head[4:8] != b"ftyp":
-        raise CorruptVideo(f"not an MP4: first bytes {head[:8]!r} have no 'ftyp' box")
-    return head
-
-
-def _number(raw):
-    return float(raw) if raw not in (None, "") else None

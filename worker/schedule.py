@@ -14,7 +14,7 @@ import time
 
 import redis
 
-from .jobs import PREFIX
+from . import keys
 
 SAMPLES_KEPT = 200
 MIN_SAMPLES = 5
@@ -42,7 +42,7 @@ class DurationModel:
         self._cache: dict[str, tuple[float, float]] = {}
 
     def expected_s(self, model: str, resolution: str) -> float:
-        key = _key(model, resolution)
+        key = keys.durations(model, resolution)
         cached = self._cache.get(key)
         if cached and time.monotonic() - cached[1] < CACHE_S:
             return cached[0]
@@ -57,7 +57,7 @@ class DurationModel:
             sample = elapsed_s * EARLY_SHRINK
         else:
             sample = elapsed_s - last_interval_s / 2
-        key = _key(model, resolution)
+        key = keys.durations(model, resolution)
         pipe = self.redis.pipeline(transaction=False)
         pipe.lpush(key, repr(max(sample, 0.0)))
         pipe.ltrim(key, 0, SAMPLES_KEPT - 1)
@@ -85,10 +85,6 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2^(n-1))."""
     ceiling = min(cap_s, base_s * 2 ** max(attempt - 1, 0))
     return random.uniform(ceiling / 2, ceiling)
-
-
-def _key(model: str, resolution: str) -> str:
-    return f"{PREFIX}durations:{model}:{resolution}"
 
 
 def _jitter(fraction: float) -> float:

@@ -29,17 +29,29 @@ class Settings:
     poll_min_interval_s: float = 2.0
     # Above the ~90 s a generation takes, so the first poll can wait for it.
     poll_max_interval_s: float = 120.0
+    # Still pending this long after submit: the job is overdue and polled
+    # slowly; past the hard limit it fails, keeping its generation id.
     deadline_s: float = 1000.0
+    hard_limit_s: float = 86400.0
+    overdue_poll_interval_s: float = 60.0
     max_attempts: int = 8
     backoff_base_s: float = 2.0
     backoff_cap_s: float = 120.0
     http_timeout_s: float = 30.0
     # Longer than any countdown or task run, so Redis never redelivers early.
     visibility_timeout_s: int = 1800
-    reconcile_interval_s: float = 10.0
+    reconcile_interval_s: float = 5.0
+    # A worker refreshes its liveness key this often; the key lives 3 times as
+    # long, so a killed worker's steps are re-sent within ~3 x this + reconcile.
+    heartbeat_interval_s: float = 2.0
     # A step not started this long after it fell due is sent again.
     step_grace_s: float = 90.0
     download_grace_s: float = 900.0
+    # A submit's POST, from connect to the last byte of its answer.
+    post_deadline_s: float = 60.0
+    # Result URLs may point at these hosts/CIDRs even if private (comma-separated).
+    result_url_allowlist: str = ""
+    max_video_bytes: int = 2 * 1024**3
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -48,10 +60,12 @@ class Settings:
             )
         if self.max_in_flight < 1:
             raise ConfigError("VIDQ_MAX_IN_FLIGHT must be at least 1")
-        if self.step_grace_s <= 2 * self.http_timeout_s + 5:
+        if self.step_grace_s <= self.post_deadline_s + 5:
             raise ConfigError(
-                "VIDQ_STEP_GRACE_S must exceed 2 * VIDQ_HTTP_TIMEOUT_S + 5 s, or a slow "
+                "VIDQ_STEP_GRACE_S must exceed VIDQ_POST_DEADLINE_S + 5 s, or a slow "
                 "but live submit would be taken over")
+        if self.hard_limit_s < self.deadline_s:
+            raise ConfigError("VIDQ_HARD_LIMIT_S must be at least VIDQ_DEADLINE_S")
         longest = max(self.poll_max_interval_s, self.backoff_cap_s) + self.download_grace_s
         if self.visibility_timeout_s <= longest:
             raise ConfigError(
@@ -59,6 +73,10 @@ class Settings:
                 "(VIDQ_POLL_MAX_INTERVAL_S or VIDQ_BACKOFF_CAP_S) plus "
                 f"VIDQ_DOWNLOAD_GRACE_S: {longest:.0f} s"
             )
+
+    @property
+    def heartbeat_ttl_s(self) -> float:
+        return 3 * self.heartbeat_interval_s
 
     def grace_s(self, step: str) -> float:
         """How long a step may run (or wait past its time) before it is re-sent."""
@@ -71,7 +89,7 @@ class Settings:
         return 2 * self.max_in_flight + 16
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         values: dict = {}
         key = env.get("AIMLAPI_KEY") or env.get("AIML_API_KEY")
@@ -103,6 +121,12 @@ ENV_NAMES = {
     "reconcile_interval_s": "VIDQ_RECONCILE_INTERVAL_S",
     "step_grace_s": "VIDQ_STEP_GRACE_S",
     "download_grace_s": "VIDQ_DOWNLOAD_GRACE_S",
+    "hard_limit_s": "VIDQ_HARD_LIMIT_S",
+    "overdue_poll_interval_s": "VIDQ_OVERDUE_POLL_INTERVAL_S",
+    "heartbeat_interval_s": "VIDQ_HEARTBEAT_INTERVAL_S",
+    "post_deadline_s": "VIDQ_POST_DEADLINE_S",
+    "result_url_allowlist": "VIDQ_RESULT_URL_ALLOWLIST",
+    "max_video_bytes": "VIDQ_MAX_VIDEO_BYTES",
 }
 
 

@@ -7,6 +7,7 @@ the same directory, are fsynced, then renamed into place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +15,12 @@ from typing import BinaryIO, Iterator
 from urllib.parse import unquote, urlparse
 
 from .errors import ConfigError, StorageError
+
+# Published files get the mode a plain open() would give them (mkstemp's 0600
+# would hide videos from the group reading the shared storage directory).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 class FileStorage:
@@ -39,11 +46,21 @@ class FileStorage:
             raise StorageError(f"cannot write {final}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as out:
-                yield out
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
+                try:
+                    yield out
+                except OSError as exc:  # ENOSPC, EIO while the caller writes
+                    raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+                try:
+                    out.flush()
+                    os.fchmod(out.fileno(), FILE_MODE)
+                    os.fsync(out.fileno())
+                except OSError as exc:
+                    raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+            try:
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+            except OSError as exc:
+                raise StorageError(f"cannot publish {final}: {exc.strerror}") from None
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -55,6 +72,22 @@ class FileStorage:
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {key}: {exc.strerror}") from None
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        try:
+            with open(self.path(key), "rb") as source:
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise StorageError(f"cannot read {key}: {exc.strerror}") from None
+        return digest.hexdigest()
 
     def location(self, key: str) -> str:
         return str(self.path(key))

@@ -1,16 +1,32 @@
 """The upstream API client: submit, fetch status, open a result for streaming.
 
-All HTTP outcomes become `worker.errors` exceptions in `raise_for_response` and
-`_send`, and nowhere else. The API key travels only in the Authorization
-header; no message built here contains it.
+Every failure of an upstream call becomes a `worker.errors` exception here and
+nowhere else: `http_errors` maps what `requests` raises (while sending, and
+while a streamed body is read), `raise_for_submit` and `raise_for_response`
+map HTTP statuses. The API key travels only in the Authorization header of
+API calls; no message built here contains it, nor a result URL's query.
+
+A POST is sent again automatically only when the failure proves the upstream
+created nothing (see the README's table):
+
+    connection refused, connect timeout (no byte sent)   retry
+    429, 503                                             retry (429 after Retry-After)
+    400-499 but 408, 429                                 rejected: the job fails, nothing paid
+    408                                                  retry
+    read timeout, reset or close after sending,
+    500, 502, 504, other 5xx/3xx, 2xx without an id      outcome unknown: never re-sent
 """
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urljoin
 
 import requests
+import urllib3.exceptions
 
 from .contract import ENDPOINTS, FAILURE_STATUSES, SUCCESS_STATUSES
 from .errors import (
@@ -20,13 +36,21 @@ from .errors import (
     RateLimited,
     RequestRejected,
     ResultLinkExpired,
+    ResultRefused,
     SubmitOutcomeUnknown,
+    UpstreamError,
     UpstreamUnavailable,
 )
+from .netguard import UrlPolicy, check_size, check_url, redacted
 from .settings import Settings
 
-REJECTED_STATUSES = frozenset({400, 401, 403, 404, 405, 409, 413, 422})
 MAX_MESSAGE_CHARS = 500
+MAX_REDIRECTS = 5
+# Statuses on which the upstream surely created nothing, so a POST may be sent again.
+SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
+NEVER_SENT = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
+BAD_URL = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+           requests.exceptions.InvalidSchema)
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,37 @@ class Generation:
             raise GenerationFailed(self.error_message or f"generation {self.status}")
 
 
+def never_sent(exc: requests.RequestException) -> bool:
+    """True when the request surely did not reach the upstream."""
+    if isinstance(exc, requests.ConnectTimeout | requests.exceptions.InvalidURL):
+        return True
+    if isinstance(exc, requests.ConnectionError) and exc.args:
+        reason = getattr(exc.args[0], "reason", exc.args[0])
+        return isinstance(reason, NEVER_SENT)
+    return False
+
+
+@contextlib.contextmanager
+def http_errors(action: str, *, posting: bool = False, result_url: str = "") -> Iterator[None]:
+    """Map every `requests` failure inside the block to the error hierarchy."""
+    try:
+        yield
+    except requests.RequestException as exc:
+        kind = type(exc).__name__
+        where = f" {redacted(result_url)}" if result_url else ""
+        if isinstance(exc, BAD_URL):
+            error: UpstreamError = (ResultRefused if result_url else RequestRejected)(
+                f"{action}{where}: invalid URL ({kind})")
+        elif never_sent(exc):
+            error = UpstreamUnavailable(f"{action}{where}: not sent ({kind})")
+        elif posting:
+            error = SubmitOutcomeUnknown(f"{action}: the request was sent, the answer lost "
+                                         f"({kind}); not re-sent, to avoid paying twice")
+        else:
+            error = UpstreamUnavailable(f"{action}{where} failed: {kind}")
+        raise error from None
+
+
 class UpstreamClient:
     """Talks to one endpoint pair of the upstream with one key."""
 
@@ -68,45 +123,69 @@ class UpstreamClient:
         self._timeout = settings.http_timeout_s
         self._session = session or requests.Session()
         self._auth = {"Authorization": f"Bearer {settings.api_key}"}
+        self._policy = UrlPolicy.build(settings.base_url, settings.result_url_allowlist,
+                                       settings.max_video_bytes)
 
     def submit(self, request: dict) -> Generation:
         body = dict(request)
         if "enhance_prompt" in body:
             body[self._endpoint.expansion_flag] = body.pop("enhance_prompt")
         url = self._base + self._endpoint.submit_path
-        # Once the request may have reached the upstream, sending it again could
-        # pay twice (no idempotency key exists): those outcomes are not retried.
-        try:
-            return parse_generation(self._send("POST", url, json=body, headers=self._auth))
-        except BadResponse as exc:
-            raise SubmitOutcomeUnknown(f"submit answered without a readable id ({exc}); "
-                                       "not re-sent, to avoid paying twice") from None
-        except requests.ReadTimeout:
-            raise SubmitOutcomeUnknown("submit timed out waiting for the answer; not "
-                                       "re-sent, to avoid paying twice") from None
+        # A fresh connection per POST: a pooled keep-alive connection the
+        # server has just closed would turn a harmless resend into "unknown".
+        with requests.Session() as fresh, http_errors("submit", posting=True):
+            response = fresh.post(url, json=body, headers=self._auth, timeout=self._timeout)
+            raise_for_submit(response)
+            return response_generation(response, posting=True)
 
     def fetch(self, generation_id: str) -> Generation:
         url = self._base + self._endpoint.fetch_path
         params = {"generation_id": generation_id}
-        return parse_generation(self._send("GET", url, params=params, headers=self._auth))
+        with http_errors("status"):
+            response = self._session.get(url, params=params, headers=self._auth,
+                                         timeout=self._timeout)
+            raise_for_response(response)
+            return response_generation(response)
 
     def open_video(self, url: str) -> requests.Response:
-        """A streaming response for a result URL; the caller must close it."""
-        return self._send("GET", url, stream=True, result_url=True)
+        """A streaming response for a result URL (every redirect checked by
+        the SSRF guard); the caller must close it and read it via `chunks`."""
+        for _ in range(MAX_REDIRECTS + 1):
+            check_url(url, self._policy)
+            with http_errors("download", result_url=url):
+                response = self._session.get(url, stream=True, timeout=self._timeout,
+                                             allow_redirects=False)
+            if not response.is_redirect:
+                raise_for_response(response, result_url=True)
+                announced = response.headers.get("Content-Length", "")
+                if announced.isdigit():
+                    check_size(int(announced), self._policy)
+                return response
+            location = response.headers.get("Location", "")
+            response.close()
+            url = urljoin(url, location)
+        raise ResultRefused(f"more than {MAX_REDIRECTS} redirects from a result URL")
 
-    def _send(self, method: str, url: str, *, result_url: bool = False, **kwargs):
-        try:
-            response = self._session.request(method, url, timeout=self._timeout, **kwargs)
-        except requests.ReadTimeout:
-            if method == "POST":
-                raise  # the caller decides: the request may have been received
-            raise UpstreamUnavailable(f"{method} timed out: ReadTimeout") from None
-        except requests.Timeout as exc:
-            raise UpstreamUnavailable(f"{method} timed out: {type(exc).__name__}") from None
-        except requests.RequestException as exc:
-            raise UpstreamUnavailable(f"{method} failed: {type(exc).__name__}") from None
-        raise_for_response(response, result_url=result_url)
-        return response
+    def chunks(self, response: requests.Response, size: int) -> Iterator[bytes]:
+        """The body of an open result, size-capped, failures mapped."""
+        total = 0
+        with http_errors("download", result_url=response.url):
+            for chunk in response.iter_content(size):
+                total += len(chunk)
+                check_size(total, self._policy)
+                yield chunk
+
+
+def raise_for_submit(response: requests.Response) -> None:
+    """A POST's status: retry only where the upstream surely created nothing."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    if status in SUBMIT_RETRY_STATUSES or (400 <= status < 500):
+        raise_for_response(response)
+    message = f"HTTP {status}: {error_message(response)}"
+    raise SubmitOutcomeUnknown(f"submit answered {message}; the upstream may have created "
+                               "the generation, so it is not re-sent", status=status)
 
 
 def raise_for_response(response: requests.Response, *, result_url: bool = False) -> None:
@@ -120,31 +199,42 @@ def raise_for_response(response: requests.Response, *, result_url: bool = False)
         raise ResultLinkExpired(message, status=status)
     if status == 429:
         raise RateLimited(message, retry_after=retry_after_s(response))
-    if status in REJECTED_STATUSES:
+    if 400 <= status < 500 and status != 408:
         raise RequestRejected(message, status=status)
     raise UpstreamUnavailable(message, status=status)
+
+
+def response_generation(response: requests.Response, *, posting: bool = False) -> Generation:
+    try:
+        return parse_generation(response)
+    except BadResponse as exc:
+        if not posting:
+            raise
+        raise SubmitOutcomeUnknown(f"submit answered without a readable id ({exc}); "
+                                   "not re-sent, to avoid paying twice") from None
 
 
 def parse_generation(response: requests.Response) -> Generation:
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadResponse(f"HTTP {response.status_code}: body is not JSON") from None
-    if not isinstance(body, dict) or not body.get("id") or not body.get("status"):
+    if not isinstance(body, dict) or not _text(body.get("id")) or not _text(body.get("status")):
         raise BadResponse(f"HTTP {response.status_code}: no id/status in {str(body)[:200]}")
+    video_url = _dig(body, "video", "url")
     return Generation(
         id=str(body["id"]),
         status=str(body["status"]).lower(),
-        video_url=_dig(body, "video", "url"),
+        video_url=video_url if isinstance(video_url, str) else None,
         error_message=_body_message(body),
-        credits_used=_dig(body, "meta", "usage", "credits_used"),
+        credits_used=_credits(_dig(body, "meta", "usage", "credits_used")),
     )
 
 
 def error_message(response: requests.Response) -> str:
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         text = " ".join(response.text.split())
         return (text or response.reason or "no body")[:MAX_MESSAGE_CHARS]
     found = _body_message(body) if isinstance(body, dict) else None
@@ -156,7 +246,8 @@ def retry_after_s(response: requests.Response) -> float | None:
     if not raw:
         return None
     try:
-        return max(0.0, float(raw))
+        value = float(raw)
+        return max(0.0, value) if value == value and value != float("inf") else None
     except ValueError:
         pass
     try:
@@ -166,24 +257,41 @@ def retry_after_s(response: requests.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _text(value) -> bool:
+    return (isinstance(value, str) and value != "") or (
+        isinstance(value, int) and not isinstance(value, bool))
+
+
+def _credits(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number == number and abs(number) != float("inf") else None
+
+
 def _body_message(body: dict) -> str | None:
     error = body.get("error")
     if isinstance(error, dict) and error.get("message"):
         name = error.get("name")
-        return f"{name}: {error['message']}" if name else str(error["message"])
+        return (f"{name}: {error['message']}" if name else str(error["message"]))[
+            :MAX_MESSAGE_CHARS]
     if isinstance(error, str) and error:
-        return error
+        return error[:MAX_MESSAGE_CHARS]
     if body.get("message"):
-        return str(body["message"])
+        return str(body["message"])[:MAX_MESSAGE_CHARS]
     detail = body.get("detail")
     if isinstance(detail, list) and detail:
-        return "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
+        return "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d)
+                         for d in detail)[:MAX_MESSAGE_CHARS]
     if detail:
-        return str(detail)
+        return str(detail)[:MAX_MESSAGE_CHARS]
     return None
 
 
-def _dig(body: dict, *path: str):
+def _dig(body, *path: str):
     for key in path:
         if not isinstance(body, dict):
             return None

@@ -1,0 +1,67 @@
+"""Every Redis key vidq uses, in one place.
+
+    vidq:job:<batch>:<id>       hash: one job's record (fields in `worker.jobs.Job`)
+    vidq:batch:<batch>          hash: created_at, total
+    vidq:batch:<batch>:counts   hash: state -> number of jobs in it
+    vidq:batch:<batch>:jobs     set of job ids
+    vidq:batch:<batch>:unknown  set of job ids failed "outcome unknown" (may have been charged)
+    vidq:batches                set of batch names
+    vidq:admission              list of job refs waiting for an upstream slot
+    vidq:slots                  zset: refs holding an upstream slot (score: admitted at)
+    vidq:slot_holds             zset: failed refs whose slot is kept until the score
+                                (an outcome-unknown POST the upstream may be generating)
+    vidq:due                    zset: refs whose next step must have started by the score
+    vidq:seq                    counter for step tokens
+    vidq:config                 hash: max_in_flight (C, one value per deployment)
+    vidq:worker:<hostname>      string with a TTL: that worker is alive
+    vidq:reconcile:lock         string with a TTL: one reconciler pass at a time
+    vidq:durations:<model>:<resolution>   list: recent generation times (seconds)
+
+Every score and lease is in Redis server time (`TIME`), so worker clocks never
+have to agree.
+"""
+from __future__ import annotations
+
+PREFIX = "vidq:"
+JOB_PREFIX = PREFIX + "job:"
+BATCHES = PREFIX + "batches"
+ADMISSION = PREFIX + "admission"
+SLOTS = PREFIX + "slots"
+SLOT_HOLDS = PREFIX + "slot_holds"
+DUE = PREFIX + "due"
+SEQ = PREFIX + "seq"
+CONFIG = PREFIX + "config"
+RECONCILE_LOCK = PREFIX + "reconcile:lock"
+WORKER_PREFIX = PREFIX + "worker:"
+
+
+def job_ref(batch: str, job_id: str) -> str:
+    return f"{batch}:{job_id}"
+
+
+def job(ref: str) -> str:
+    return JOB_PREFIX + ref
+
+
+def batch(name: str) -> str:
+    return f"{PREFIX}batch:{name}"
+
+
+def batch_counts(name: str) -> str:
+    return f"{PREFIX}batch:{name}:counts"
+
+
+def batch_jobs(name: str) -> str:
+    return f"{PREFIX}batch:{name}:jobs"
+
+
+def batch_unknown(name: str) -> str:
+    return f"{PREFIX}batch:{name}:unknown"
+
+
+def durations(model: str, resolution: str) -> str:
+    return f"{PREFIX}durations:{model}:{resolution}"
+
+
+def worker_alive(hostname: str) -> str:
+    return WORKER_PREFIX + hostname

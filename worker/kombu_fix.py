@@ -1,0 +1,68 @@
+"""Keep a worker alive when Redis restarts (celery 5.7.0 + kombu 5.7.0).
+
+The bug: a worker holding unacked messages (every countdown poll, under
+acks_late) exits with `Unrecoverable error: AttributeError("'NoneType'
+object has no attribute 'hostname'")` when the broker connection drops.
+`Consumer.on_connection_error_after_connected` calls `connection.collect()`,
+which detaches the transport (`transport.client = None`,
+kombu/connection.py `_do_close_transport`) while the default channel stays
+open; celery 5.7 then also calls `connection.close()`, whose
+`Channel.close` -> `QoS.restore_unacked_once` -> `restore_unacked` ->
+`_connparams` reads `self.connection.client.hostname` and raises
+AttributeError, which nothing catches (kombu/transport/redis.py).
+
+The workaround: when the transport is already detached, `restore_unacked`
+keeps the messages instead of crashing, and a consumer step puts them back
+once the worker has reconnected: from Redis's `unacked` hash if Redis kept
+them (AOF), else from the copy in memory. A message restored twice is
+harmless: every step runs only with its job's current token.
+"""
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, bootsteps
+from celery.worker.consumer.tasks import Tasks
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+_deferred: list[tuple[str, object, str | None, str | None]] = []
+_original_restore_unacked = kombu_redis.QoS.restore_unacked
+
+
+def _restore_unacked(self, client=None):
+    if client is None and getattr(self.channel.connection, "client", None) is None:
+        for tag, message in list(self._delivered.items()):
+            info = message.delivery_info
+            _deferred.append((tag, message._raw, info.get("exchange"), info.get("routing_key")))
+        log.warning("broker lost: %d unacked message(s) will be restored on reconnect",
+                    len(self._delivered))
+        self._delivered.clear()
+        return None
+    return _original_restore_unacked(self, client)
+
+
+class RestoreDeferredUnacked(bootsteps.StartStopStep):
+    """After (re)connecting, put the deferred messages back on their queues once."""
+
+    requires = (Tasks,)
+
+    def start(self, consumer):
+        if not _deferred:
+            return
+        items, _deferred[:] = list(_deferred), []
+        channel = consumer.connection.default_channel
+        with channel.conn_or_acquire() as client:
+            for tag, raw, exchange, routing_key in items:
+                if client.hexists(channel.unacked_key, tag):
+                    channel.qos.restore_by_tag(tag, client=client)  # atomic: no duplicate
+                else:
+                    with client.pipeline() as pipe:
+                        channel._do_restore_message(raw, exchange, routing_key, pipe)
+                        pipe.execute()
+        log.warning("restored %d unacked message(s) after reconnecting", len(items))
+
+
+def install(app: Celery) -> None:
+    kombu_redis.QoS.restore_unacked = _restore_unacked
+    app.steps["consumer"].add(RestoreDeferredUnacked)

@@ -1,0 +1,86 @@
+"""What a worker does besides running tasks: it says it is alive, tells
+Redis its C, records which job messages it holds, and reconciles.
+
+The heartbeat key lives 3 heartbeats; the jobs whose messages (countdown
+polls included) a worker holds name it as `holder`, so when it dies its jobs
+are re-sent by the next reconciler pass, not after a long grace period.
+"""
+from __future__ import annotations
+
+import logging
+
+import redis
+from celery import bootsteps
+from celery.signals import task_received
+
+from . import keys
+from .admission import reconcile
+from .celery_app import app
+from .tasks import dispatch, get_steps
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle(bootsteps.StartStopStep):
+    """Heartbeat, C, and the reconciler, on the worker's timer."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.timers: list = []
+        self.hostname = worker.hostname
+
+    def start(self, worker):
+        steps = get_steps(self.hostname)  # fail at start-up, not on the first task
+        settings = steps.settings
+        old = steps.admission.set_cap(settings.max_in_flight)
+        if old not in (None, settings.max_in_flight):
+            log.warning("C (VIDQ_MAX_IN_FLIGHT) changed from %s to %s for the deployment",
+                        old, settings.max_in_flight)
+        self.beat()
+        self.timers = [
+            worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),
+            worker.timer.call_repeatedly(settings.reconcile_interval_s, self.reconcile),
+        ]
+
+    def stop(self, worker):
+        for timer in self.timers:
+            timer.cancel()
+
+    def beat(self) -> None:
+        steps = get_steps(self.hostname)
+        try:
+            steps.store.redis.set(keys.worker_alive(self.hostname), "1",
+                                  px=int(steps.settings.heartbeat_ttl_s * 1000))
+        except redis.RedisError as exc:
+            log.warning("heartbeat skipped: %s", exc)
+
+    def reconcile(self) -> None:
+        steps = get_steps(self.hostname)
+        settings = steps.settings
+        lock_ms = int(settings.reconcile_interval_s * 900)
+        try:
+            if not steps.store.redis.set(keys.RECONCILE_LOCK, self.hostname, nx=True, px=lock_ms):
+                return
+            resent = reconcile(steps.admission, dispatch, settings.grace_s)
+            if resent:
+                log.warning("reconciler re-sent %d lost steps", resent)
+        except redis.RedisError as exc:
+            log.warning("reconcile skipped: %s", exc)
+
+
+@task_received.connect
+def _note_holder(request=None, **_kwargs) -> None:
+    """A countdown message sits in this worker's memory until due: the job
+    records that this worker holds it, so its death is noticed at once."""
+    if request is None or not request.eta:
+        return
+    try:
+        ref, token = request.args[:2]
+        get_steps(request.hostname).store.set_holder(ref, token, request.hostname)
+    except (redis.RedisError, ValueError, TypeError) as exc:
+        log.warning("could not record the holder of %s: %s", request.id, exc)
+
+
+app.steps["worker"].add(Lifecycle)

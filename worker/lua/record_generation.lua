@@ -1,0 +1,51 @@
+-- Record a generation id the moment the POST answers. Never conditional on
+-- the token: a paid generation is always kept, holds a slot and is due for a
+-- poll, even if the job was failed meanwhile (an answer that came late).
+-- A second, different id (an old POST answering after a resubmit) becomes a
+-- sibling job '<id>~N' of its own, so its video is downloaded too.
+local job_key, counts_key, due_key, slots_key, holds_key, unknown_key, jobs_key, batch_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local generation_id = ARGV[1]
+local ref = ARGV[2]
+local lease_s = tonumber(ARGV[3])
+local job_prefix = ARGV[4]
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local stamp = string.format('%.6f', now)
+local known = redis.call('HGET', job_key, 'generation_id')
+if known == generation_id then return known end
+if known and known ~= '' then
+  local n = redis.call('HINCRBY', job_key, 'extra_generations', 1) + 1
+  local batch = redis.call('HGET', job_key, 'batch')
+  local sibling_id = redis.call('HGET', job_key, 'id') .. '~' .. n
+  local sibling_ref = batch .. ':' .. sibling_id
+  redis.call('HSET', job_prefix .. sibling_ref, 'id', sibling_id, 'batch', batch,
+    'request', redis.call('HGET', job_key, 'request'), 'state', 'submitted',
+    'generation_id', generation_id, 'submitted_at', stamp, 'admitted_at', stamp,
+    'enqueued_at', stamp, 'token', '', 'step', '', 'recovered', '1')
+  redis.call('SADD', jobs_key, sibling_id)
+  redis.call('HINCRBY', counts_key, 'submitted', 1)
+  redis.call('HINCRBY', batch_key, 'total', 1)
+  redis.call('ZADD', slots_key, now, sibling_ref)
+  redis.call('ZADD', due_key, now, sibling_ref)
+  return known
+end
+local old = redis.call('HGET', job_key, 'state')
+if old ~= 'submitted' then
+  redis.call('HINCRBY', counts_key, old, -1)
+  redis.call('HINCRBY', counts_key, 'submitted', 1)
+end
+redis.call('HSET', job_key, 'generation_id', generation_id, 'submitted_at', stamp,
+  'state', 'submitted', 'outcome_unknown', '')
+redis.call('ZREM', holds_key, ref)
+redis.call('SREM', unknown_key, redis.call('HGET', job_key, 'id'))
+redis.call('ZADD', slots_key, 'NX', now, ref)
+if old == 'failed' then
+  -- Revived: nothing runs for it now; the reconciler sends a poll at once.
+  redis.call('HSET', job_key, 'token', '', 'recovered', '1')
+  redis.call('ZADD', due_key, now, ref)
+else
+  redis.call('ZADD', due_key, 'NX', now + lease_s, ref)
+end
+return generation_id

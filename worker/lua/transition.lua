@@ -1,0 +1,46 @@
+-- Apply one change to a job if its token is still the expected one; start
+-- the next step (a new token, due after delay + grace) or end the chain.
+-- Returns the next token, '0' if the chain ended, false if the job moved on.
+local job_key, counts_key, due_key, slots_key, seq_key, holds_key, unknown_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local ref = ARGV[1]
+local expected_token = ARGV[2]        -- '*' = any
+local new_state = ARGV[3]             -- '' = keep
+local next_step = ARGV[4]             -- '' = the chain ends
+local due_in_s = tonumber(ARGV[5])    -- next step must have started by now + this
+local release_slot = ARGV[6] == '1'
+local hold_slot_s = tonumber(ARGV[7]) -- > 0: keep the slot this long, then free it
+local job_id = ARGV[8]
+local outcome_unknown = ARGV[9] == '1'
+local first_field = 10
+
+if expected_token ~= '*' and redis.call('HGET', job_key, 'token') ~= expected_token then
+  return false
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local old = redis.call('HGET', job_key, 'state')
+if new_state ~= '' and new_state ~= old then
+  redis.call('HINCRBY', counts_key, old, -1)
+  redis.call('HINCRBY', counts_key, new_state, 1)
+  redis.call('HSET', job_key, 'state', new_state)
+end
+if #ARGV >= first_field then redis.call('HSET', job_key, unpack(ARGV, first_field)) end
+if outcome_unknown then
+  redis.call('HSET', job_key, 'outcome_unknown', '1')
+  redis.call('SADD', unknown_key, job_id)
+end
+if hold_slot_s > 0 then
+  redis.call('ZADD', holds_key, now + hold_slot_s, ref)
+elseif release_slot then
+  redis.call('ZREM', slots_key, ref)
+end
+if next_step == '' then
+  redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '')
+  redis.call('ZREM', due_key, ref)
+  return '0'
+end
+local token = tostring(redis.call('INCR', seq_key))
+redis.call('HSET', job_key, 'token', token, 'step', next_step, 'holder', '')
+redis.call('ZADD', due_key, now + due_in_s, ref)
+return token

@@ -1,0 +1,72 @@
+"""A finished video in storage: streamed in and checked, its sidecar, and
+whether a job's video is already there (the resume rule)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+
+from .errors import CorruptVideo, StorageError
+from .jobs import Job
+from .storage import FileStorage, sidecar_key, video_key
+
+
+def stream_video(storage: FileStorage, key: str, chunks: Iterable[bytes],
+                 announced: str | None) -> tuple[int, str]:
+    """Write chunks under `key`, published only whole; returns (bytes, sha256)."""
+    digest, size, head = hashlib.sha256(), 0, b""
+    with storage.writer(key) as out:
+        for chunk in chunks:
+            if len(head) < 8:
+                head = _check_mp4_head(head + chunk[:8 - len(head)])
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        if len(head) < 8:
+            raise CorruptVideo(f"got only {size} bytes: not an MP4")
+        if announced is not None and announced.isdigit() and size != int(announced):
+            raise CorruptVideo(f"got {size} bytes, Content-Length said {announced}")
+    return size, digest.hexdigest()
+
+
+def sidecar(job: Job, key: str, size: int, digest: str, now: float) -> dict:
+    request = dict(job.request)
+    return {
+        "job_id": job.id, "batch": job.batch, "prompt": request.pop("prompt"),
+        "model": request.pop("model"), "parameters": request,
+        "generation_id": job.generation_id, "video": key, "sha256": digest, "bytes": size,
+        "credits_used": job.number("credits_used") if job.extra.get("credits_used") else None,
+        "timings": {
+            "enqueued_at": job.enqueued_at, "submitted_at": job.submitted_at,
+            "completed_at": job.completed_at or None, "downloaded_at": now,
+            "generation_s": round(job.completed_at - job.submitted_at, 3)
+            if job.completed_at else None,
+            "status_polls": job.polls,
+        },
+    }
+
+
+def stored_video(storage: FileStorage, job: Job) -> dict | None:
+    """The sidecar of this job's video if both are in storage and the video's
+    sha256 matches the sidecar's; None otherwise."""
+    card_key, key = sidecar_key(job.batch, job.id), video_key(job.batch, job.id)
+    try:
+        if not (storage.exists(card_key) and storage.exists(key)):
+            return None
+        card = json.loads(storage.read_bytes(card_key))
+    except (StorageError, ValueError):
+        return None
+    if not isinstance(card, dict):
+        return None
+    if card.get("prompt") != job.request.get("prompt") or not isinstance(card.get("sha256"), str):
+        return None
+    if storage.sha256(key) != card["sha256"]:
+        return None
+    return card
+
+
+def _check_mp4_head(head: bytes) -> bytes:
+    # Every MP4 starts with a box whose type, bytes 4-8, is 'ftyp'.
+    if len(head) >= 8 and head[4:8] != b"ftyp":
+        raise CorruptVideo(f"not an MP4: first bytes {head[:8]!r} have no 'ftyp' box")
+    return head
