@@ -6,8 +6,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from worker.admission import Admission
 from worker import keys
+from worker.admission import Admission
 from worker.jobs import JobStore
 
 

@@ -11,6 +11,8 @@ Also home to the small types both layers share (`LineError`, `Record`,
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import codecs
 import csv
 import difflib
@@ -121,8 +123,8 @@ class _RepeatedKey(ValueError):
 def _object_without_repeats(pairs: list[tuple[str, object]]) -> dict:
     found = dict(pairs)
     if len(found) != len(pairs):
-        seen: set[str] = set()
-        raise _RepeatedKey(next(name for name, _ in pairs if name in seen or seen.add(name)))
+        counts = Counter(name for name, _ in pairs)
+        raise _RepeatedKey(next(name for name, _ in pairs if counts[name] > 1))
     return found
 
 
@@ -220,15 +222,15 @@ def _csv_record(line: int, columns: list[str], cells: list[str]) -> Record:
     fields: dict = {}
     errors = []
     if len(cells) > len(columns):  # extra cells would otherwise vanish silently
-        reason = f"{len(cells)} cells but the header has {len(columns)} columns"
-        errors.append(LineError(line, None, reason))
+        extra = f"{len(cells)} cells but the header has {len(columns)} columns"
+        errors.append(LineError(line, None, extra))
     for name, cell in zip(columns, cells, strict=False):  # a short row leaves fields unset
         text = cell.strip()
         if not text and name != "prompt":  # an empty prompt is an error, not "not given"
             continue
-        value, reason = _convert_cell(name, text)
-        if reason:
-            errors.append(LineError(line, name, reason))
+        value, problem = _convert_cell(name, text)
+        if problem:
+            errors.append(LineError(line, name, problem))
         else:
             fields[name] = value
     return Record(line, fields, errors)

@@ -228,12 +228,12 @@ def _check_value(field: str, value: object) -> str | None:
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         return f"expected {TYPE_NAMES[expected]}, got {type_name(value)}"
     if field in CHOICES and value not in CHOICES[field]:
-        return f"{shown(value)} is not one of {', '.join(CHOICES[field])}"
-    if field == "seed" and not 0 <= value <= MAX_SEED:
+        return f"{shown(str(value))} is not one of {', '.join(CHOICES[field])}"
+    if field == "seed" and isinstance(value, int) and not 0 <= value <= MAX_SEED:
         digits = str(value)  # JSON allows up to 4300 digits: do not quote them all
         shown_value = digits if len(digits) <= 20 else f"a {len(digits.lstrip('-'))}-digit number"
         return f"{shown_value} is out of range 0..{MAX_SEED}"
-    if expected is str:
+    if isinstance(value, str):
         return _check_text(field, value)
     return None
 

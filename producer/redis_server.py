@@ -50,7 +50,7 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> "PrivateRedis":
+    def start(self, timeout_s: float = 10.0) -> PrivateRedis:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.state_dir / "redis.log", "ab")
         self.process = subprocess.Popen(
@@ -80,7 +80,7 @@ class PrivateRedis:
                 self.process.kill()
                 self.process.wait()
 
-    def __enter__(self) -> "PrivateRedis":
+    def __enter__(self) -> PrivateRedis:
         return self.start()
 
     def __exit__(self, *exc) -> None:

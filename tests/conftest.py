@@ -115,7 +115,8 @@ class Pipeline:
                        "-Q", ",".join(queues), "-c", str(concurrency), "-n", f"test{index}@%h",
                        "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
             self.processes.append(subprocess.Popen(
-                command, env=self.env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT))
+                command, env=self.env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                start_new_session=True))
             wait_for_log(log_path, "ready.", self.processes[-1])
 
     def stop_workers(self) -> None:

@@ -209,3 +209,43 @@ def test_a_result_link_refused_again_and_again_fails_the_job(steps_for):
 
     assert record.state == "failed" and "refused" in record.last_error
     assert record.generation_id
+
+
+def test_an_unexpected_exception_counts_as_an_attempt_and_ends_the_job(steps_for):
+    """A bug in a step (here: the duration model raising ValueError) is not re-sent
+    forever: each run counts as an attempt, then the job fails with the reason."""
+    from worker.tasks import run_step
+
+    steps = steps_for(VIDQ_MAX_ATTEMPTS="2")
+    ref, token = _admit_one(steps)
+
+    def broken(*_args):
+        raise ValueError("odd credits_used")
+
+    steps.durations.record = broken
+    run_step(steps, "submit", ref, token)
+    for _ in range(10):
+        step, _, token = steps.sent[-1]
+        time.sleep(0.3)
+        run_step(steps, step, ref, token)
+        if steps.store.get(ref).state == "failed":
+            break
+
+    record = steps.store.get(ref)
+    assert record.state == "failed"
+    assert "unexpected ValueError: odd credits_used" in record.last_error
+    assert record.generation_id
+
+
+def test_leases_use_the_redis_clock_not_the_workers(steps_for, monkeypatch):
+    """A worker whose clock runs an hour ahead still leases its step for `grace` seconds
+    of Redis time, so no other worker takes it over early."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    redis_now = steps.store.now()
+    monkeypatch.setattr(time, "time", lambda: redis_now + 3600)
+
+    steps.claim(ref, token, "submit")
+
+    lease_until = steps.store.redis.zscore("vidq:due", ref)
+    assert abs(lease_until - (redis_now + steps.settings.step_grace_s)) < 5

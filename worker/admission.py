@@ -141,7 +141,8 @@ def resume_step(job: Job) -> Step:
 def lost_steps(admission: Admission, now: float, limit: int = 1000) -> list[str]:
     """Refs past their due time, and refs held by a worker that is gone."""
     client = admission.redis
-    entries = client.zrange(keys.DUE, 0, limit - 1, withscores=True)
+    entries: list[tuple[str, float]] = client.zrange(keys.DUE, 0, limit - 1,
+                                                     withscores=True)  # type: ignore[assignment]
     lost = [ref for ref, due_at in entries if due_at <= now]
     waiting = [ref for ref, due_at in entries if due_at > now]
     if not waiting:

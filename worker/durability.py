@@ -13,6 +13,7 @@ What each Redis setting guarantees (the README's Reliability section):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -42,11 +43,10 @@ class Durability:
         aof = bool(persistence.get("aof_enabled"))
         found = cls(client, waitaof=aof and version >= (7, 2),
                     replicas=int(replication.get("connected_slaves", 0)))
-        try:
+        # CONFIG is often disabled on managed Redis: then nothing is claimed.
+        with contextlib.suppress(redis.ResponseError):
             found.fsync_always = aof and client.config_get("appendfsync").get(
                 "appendfsync") == "always"
-        except redis.ResponseError:  # CONFIG is often disabled on managed Redis
-            pass
         log.info("durability of the POST marker: %s", found.describe())
         return found
 

@@ -97,10 +97,10 @@ class Job:
 
     @classmethod
     def from_hash(cls, data: dict) -> Job:
-        text = {k: data.get(k) or "" for k in (
-            "token", "step", "generation_id", "video_url", "last_error")}
         job = cls(batch=data["batch"], id=data["id"], request=json.loads(data["request"]),
-                  state=data["state"], extra=data, **text)
+                  state=data["state"], extra=data, token=data.get("token") or "",
+                  step=data.get("step") or "", generation_id=data.get("generation_id") or "",
+                  video_url=data.get("video_url") or "", last_error=data.get("last_error") or "")
         job.attempts, job.polls = int(job.number("attempts")), int(job.number("polls"))
         job.enqueued_at, job.submitted_at = job.number("enqueued_at"), job.number("submitted_at")
         job.completed_at, job.claimed_at = job.number("completed_at"), job.number("__now")
@@ -185,7 +185,7 @@ class JobStore:
         return int(self.redis.scard(keys.batch_unknown(batch)))
 
     def job_ids(self, batch: str) -> list[str]:
-        return sorted(self.redis.smembers(keys.batch_jobs(batch)))
+        return sorted(str(i) for i in self.redis.smembers(keys.batch_jobs(batch)))
 
 
 def _encode(value) -> str:

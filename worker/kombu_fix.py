@@ -64,5 +64,5 @@ class RestoreDeferredUnacked(bootsteps.StartStopStep):
 
 
 def install(app: Celery) -> None:
-    kombu_redis.QoS.restore_unacked = _restore_unacked
+    kombu_redis.QoS.restore_unacked = _restore_unacked  # type: ignore[method-assign]
     app.steps["consumer"].add(RestoreDeferredUnacked)

@@ -8,6 +8,7 @@ are re-sent by the next reconciler pass, not after a long grace period.
 from __future__ import annotations
 
 import logging
+import os
 
 import redis
 from celery import bootsteps
@@ -16,7 +17,7 @@ from celery.signals import task_received
 from . import keys
 from .admission import reconcile
 from .celery_app import app
-from .tasks import dispatch, get_steps
+from .tasks import WORKER_ID, dispatch, get_steps, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,10 @@ class Lifecycle(bootsteps.StartStopStep):
     def __init__(self, worker, **kwargs):
         super().__init__(worker, **kwargs)
         self.timers: list = []
-        self.hostname = worker.hostname
+        WORKER_ID["name"] = self.hostname = f"{worker.hostname}/{os.getpid()}"
 
     def start(self, worker):
-        steps = get_steps(self.hostname)  # fail at start-up, not on the first task
+        steps = get_steps()  # fail at start-up, not on the first task
         settings = steps.settings
         old = steps.admission.set_cap(settings.max_in_flight)
         if old not in (None, settings.max_in_flight):
@@ -49,7 +50,7 @@ class Lifecycle(bootsteps.StartStopStep):
             timer.cancel()
 
     def beat(self) -> None:
-        steps = get_steps(self.hostname)
+        steps = get_steps()
         try:
             steps.store.redis.set(keys.worker_alive(self.hostname), "1",
                                   px=int(steps.settings.heartbeat_ttl_s * 1000))
@@ -57,7 +58,7 @@ class Lifecycle(bootsteps.StartStopStep):
             log.warning("heartbeat skipped: %s", exc)
 
     def reconcile(self) -> None:
-        steps = get_steps(self.hostname)
+        steps = get_steps()
         settings = steps.settings
         lock_ms = int(settings.reconcile_interval_s * 900)
         try:
@@ -78,7 +79,7 @@ def _note_holder(request=None, **_kwargs) -> None:
         return
     try:
         ref, token = request.args[:2]
-        get_steps(request.hostname).store.set_holder(ref, token, request.hostname)
+        get_steps().store.set_holder(ref, token, worker_id())
     except (redis.RedisError, ValueError, TypeError) as exc:
         log.warning("could not record the holder of %s: %s", request.id, exc)
 

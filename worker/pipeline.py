@@ -28,7 +28,7 @@ from .schedule import DurationModel, backoff_delay, first_poll_delay, next_poll_
 from .settings import Settings
 from .storage import FileStorage, sidecar_key, video_key
 from .upstream import Generation, UpstreamClient
-from .video import sidecar, stream_video, stored_video
+from .video import sidecar, stored_video, stream_video
 
 log = logging.getLogger(__name__)
 

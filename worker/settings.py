@@ -6,9 +6,9 @@ reads os.environ for its behaviour.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
 
 from .contract import DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
@@ -101,7 +101,7 @@ class Settings:
         for f in fields(cls):
             name = ENV_NAMES.get(f.name)
             if name and env.get(name, "").strip():
-                values[f.name] = _parse(name, env[name].strip(), f.type)
+                values[f.name] = _parse(name, env[name].strip(), str(f.type))
         return cls(**values)
 
 

@@ -10,8 +10,9 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 from .errors import ConfigError, StorageError

@@ -27,6 +27,14 @@ from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 _steps: dict[int, Steps] = {}
+# This worker instance: hostname and main pid, set when the worker starts and
+# inherited by its pool children. A restarted worker with the same name is a
+# different instance, so the jobs the dead one held are seen as orphaned.
+WORKER_ID = {"name": "local"}
+
+
+def worker_id() -> str:
+    return WORKER_ID["name"]
 
 
 def dispatch(step: str, ref: str, token: str, countdown: float) -> None:
@@ -34,11 +42,11 @@ def dispatch(step: str, ref: str, token: str, countdown: float) -> None:
     task.apply_async((ref, token), countdown=countdown if countdown > 0 else None)
 
 
-def get_steps(worker_name: str = "local") -> Steps:
+def get_steps() -> Steps:
     """This process's Steps (a Redis client and HTTP session do not survive fork)."""
     steps = _steps.get(os.getpid())
     if steps is None:
-        steps = build_steps(settings_of(app), worker_name)
+        steps = build_steps(settings_of(app), worker_id())
         _steps.clear()
         _steps[os.getpid()] = steps
     return steps
@@ -55,8 +63,7 @@ def build_steps(settings: Settings, worker_name: str = "local") -> Steps:
     )
 
 
-def run_step(step: str, ref: str, token: str, worker_name: str) -> None:
-    steps = get_steps(worker_name)
+def run_step(steps: Steps, step: str, ref: str, token: str) -> None:
     job = steps.claim(ref, token, step)
     if job is None:
         log.info("%s for %s: stale token %s, nothing to do", step, ref, token)
@@ -78,19 +85,19 @@ def run_step(step: str, ref: str, token: str, worker_name: str) -> None:
         steps.retry(job, RuntimeError(f"unexpected {type(exc).__name__}: {exc}"))
 
 
-@app.task(name=TASK_FOR_STEP["submit"], bind=True)
-def submit(self, ref: str, token: str) -> None:
+@app.task(name=TASK_FOR_STEP["submit"])
+def submit(ref: str, token: str) -> None:
     """POST the job upstream (once ever), then schedule its first poll."""
-    run_step("submit", ref, token, self.request.hostname or "local")
+    run_step(get_steps(), "submit", ref, token)
 
 
-@app.task(name=TASK_FOR_STEP["poll"], bind=True)
-def poll(self, ref: str, token: str) -> None:
+@app.task(name=TASK_FOR_STEP["poll"])
+def poll(ref: str, token: str) -> None:
     """GET the generation's status; reschedule, download or fail."""
-    run_step("poll", ref, token, self.request.hostname or "local")
+    run_step(get_steps(), "poll", ref, token)
 
 
-@app.task(name=TASK_FOR_STEP["download"], bind=True)
-def download(self, ref: str, token: str) -> None:
+@app.task(name=TASK_FOR_STEP["download"])
+def download(ref: str, token: str) -> None:
     """Stream the finished video into storage and write its sidecar."""
-    run_step("download", ref, token, self.request.hostname or "local")
+    run_step(get_steps(), "download", ref, token)

@@ -1,0 +1,264 @@
+"""The three promises under faults, on real parts: a real redis-server, real
+`celery -A worker worker` processes, the sandbox over HTTP, behind the fault
+proxy where the network has to misbehave.
+
+Never pay twice: the sandbox's ledger counts generations per prompt.
+Never lose a paid video: every generation in the ledger ends as a stored video.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+from chaos.faultproxy import FaultProxy
+from conftest import write_prompts
+
+from worker import keys
+
+
+def _generations_per_prompt(pipeline) -> Counter:
+    return Counter(entry["prompt"] for entry in pipeline.ledger())
+
+
+@pytest.fixture
+def proxied(make_pipeline, make_sandbox):
+    proxies = []
+
+    def build(sandbox=None, **env):
+        sandbox = sandbox or make_sandbox()
+        proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True).start()
+        proxies.append(proxy)
+        return make_pipeline(sandbox, AIMLAPI_BASE_URL=proxy.url, **env), proxy
+
+    yield build
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("fault", ["reset_after_send", "close_after_send", "gateway_502",
+                                   "gateway_504", "truncate_json"])
+def test_a_post_accepted_but_its_answer_lost_is_never_posted_again(proxied, tmp_path, fault):
+    """The upstream created the generation, the answer never arrived: the job ends
+    failed 'outcome_unknown', and the ledger shows one generation, not two."""
+    pipeline, proxy = proxied()
+    proxy.queue(fault, count=1, method="POST")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["lost answer"]), "lost")
+
+    counts = pipeline.wait_finished("lost", timeout_s=60)
+
+    assert counts["failed"] == 1 and proxy.counts[fault] == 1
+    (job_id,) = pipeline.store.job_ids("lost")
+    job = pipeline.store.get(keys.job_ref("lost", job_id))
+    assert job.last_error.startswith("outcome_unknown")
+    assert pipeline.store.outcome_unknown("lost") == 1
+    time.sleep(2)  # give any wrongful re-POST time to happen
+    assert _generations_per_prompt(pipeline) == {"lost answer": 1}
+
+
+@pytest.mark.parametrize("fault", ["503", "429"])
+def test_a_post_the_upstream_surely_refused_is_retried_and_succeeds(proxied, tmp_path, fault):
+    pipeline, proxy = proxied()
+    proxy.queue(fault, count=2, method="POST")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["try again"]), "again")
+
+    assert pipeline.wait_finished("again", timeout_s=60)["done"] == 1
+    assert proxy.counts[fault] == 2
+    assert _generations_per_prompt(pipeline) == {"try again": 1}
+
+
+def test_connection_refused_is_retried_and_succeeds(proxied, tmp_path):
+    """Nothing listens for a while (ECONNREFUSED: no byte sent): retried, one generation."""
+    pipeline, proxy = proxied()
+    pipeline.start_workers()
+    proxy.pause_listening()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["nobody home"]), "refused")
+    deadline = time.monotonic() + 30
+    ref = keys.job_ref("refused", pipeline.store.job_ids("refused")[0])
+    while time.monotonic() < deadline and int(pipeline.store.get(ref).attempts) < 1:
+        time.sleep(0.1)
+    assert "not sent" in pipeline.store.get(ref).last_error
+    proxy.resume_listening()
+
+    assert pipeline.wait_finished("refused", timeout_s=60)["done"] == 1
+    assert _generations_per_prompt(pipeline) == {"nobody home": 1}
+
+
+def test_a_trickled_answer_ends_the_step_but_its_late_id_is_still_downloaded(
+        proxied, tmp_path):
+    """A POST answered one byte at a time outlives VIDQ_POST_DEADLINE_S: the job is
+    'outcome unknown' for a while, then the id arrives, is recorded, and the video lands."""
+    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="1")
+    proxy.trickle_interval_s = 0.01
+    proxy.queue("trickle", count=1, method="POST")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["slow answer"]), "trickle")
+    (job_id,) = pipeline.store.job_ids("trickle")
+    ref = keys.job_ref("trickle", job_id)
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and pipeline.store.get(ref).state != "done":
+        time.sleep(0.2)
+
+    job = pipeline.store.get(ref)
+    assert job.state == "done", job.extra
+    assert job.extra.get("recovered") == "1"
+    assert _generations_per_prompt(pipeline) == {"slow answer": 1}
+    assert (tmp_path / "videos" / "trickle" / f"{job_id}.mp4").stat().st_size > 0
+
+
+def test_a_worker_killed_mid_post_never_causes_a_second_post(proxied, tmp_path):
+    """SIGKILL while the POST's answer is on its way: the recovered submit finds the
+    'POST started' marker and does not POST again."""
+    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="4")
+    proxy.trickle_interval_s = 0.2  # the answer takes ~1 min: the worker dies first
+    proxy.queue("trickle", count=1, method="POST")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["killed mid post"]), "midpost")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not pipeline.ledger():
+        time.sleep(0.05)
+    assert pipeline.ledger(), "the POST never reached the upstream"
+
+    os.killpg(os.getpgid(pipeline.processes[0].pid), signal.SIGKILL)
+    pipeline.processes[0].wait()
+    pipeline.processes = []
+    proxy.clear()
+    pipeline.start_workers()
+    counts = pipeline.wait_finished("midpost", timeout_s=60)
+
+    assert counts["failed"] == 1
+    (job_id,) = pipeline.store.job_ids("midpost")
+    assert "outcome_unknown" in pipeline.store.get(keys.job_ref("midpost", job_id)).last_error
+    assert _generations_per_prompt(pipeline) == {"killed mid post": 1}
+
+
+def test_c_is_the_deployments_value_not_the_producers_shell(make_pipeline, make_sandbox,
+                                                          tmp_path):
+    """Workers say C = 2; a producer whose shell says 8 still admits at most 2."""
+    sandbox = make_sandbox(max_concurrency=100)
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=2)
+    pipeline.start_workers()
+    producer = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=8)
+    producer.enqueue(write_prompts(tmp_path / "p.txt", [f"cap {i}" for i in range(10)]), "c")
+
+    assert pipeline.wait_finished("c", timeout_s=90)["done"] == 10
+    assert sandbox.stats()["max_in_flight"] == 2
+
+
+def test_a_killed_workers_countdowns_resume_long_before_the_step_grace(
+        make_pipeline, make_sandbox, tmp_path):
+    """SIGKILL a worker holding countdown polls: the jobs name it as their holder, its
+    heartbeat expires, and the reconciler re-sends them (the 90 s grace never matters)."""
+    sandbox = make_sandbox(time_scale=9)  # ~10 s generations
+    pipeline = make_pipeline(sandbox, VIDQ_STEP_GRACE_S=90, VIDQ_EXPECTED_GENERATION_S=10,
+                             VIDQ_POLL_MAX_INTERVAL_S=20)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"holder {i}" for i in range(4)]), "hk")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held = [pipeline.store.get(keys.job_ref("hk", i)) for i in pipeline.store.job_ids("hk")]
+        if sum(1 for j in held if j.step == "poll" and j.extra.get("holder")) == 4:
+            break
+        time.sleep(0.1)
+    killed_at = time.monotonic()
+    os.killpg(os.getpgid(pipeline.processes[0].pid), signal.SIGKILL)
+    pipeline.processes[0].wait()
+    pipeline.processes = []
+    pipeline.start_workers()
+
+    counts = pipeline.wait_finished("hk", timeout_s=60)
+    recovered_in = time.monotonic() - killed_at
+
+    assert counts["done"] == 4
+    assert recovered_in < 60  # the 90 s step grace alone could not explain this
+    assert sandbox.stats()["submissions"] == 4
+
+
+def test_storage_unavailable_for_a_while_then_back(make_pipeline, tmp_path):
+    """The batch directory cannot be created (a file is in the way): downloads retry
+    with backoff, publish nothing partial, and land when storage comes back."""
+    pipeline = make_pipeline(VIDQ_MAX_ATTEMPTS=3)
+    blocker = tmp_path / "videos" / "st"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["disk away", "disk back"]), "st")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        jobs = [pipeline.store.get(keys.job_ref("st", i)) for i in pipeline.store.job_ids("st")]
+        if all(int(j.extra.get("attempts") or 0) >= 3 for j in jobs):
+            break
+        time.sleep(0.2)
+    assert all(j.state == "downloading" for j in jobs), [j.state for j in jobs]
+    blocker.unlink()
+
+    assert pipeline.wait_finished("st", timeout_s=60)["done"] == 2
+    assert not list((tmp_path / "videos").rglob("*.part"))
+    assert pipeline.sandbox.stats()["submissions"] == 2
+
+
+def test_sigterm_hands_countdowns_back_and_nothing_is_lost(make_pipeline, make_sandbox,
+                                                          tmp_path):
+    sandbox = make_sandbox(time_scale=15)  # ~6 s generations
+    pipeline = make_pipeline(sandbox, VIDQ_EXPECTED_GENERATION_S=6)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"term {i}" for i in range(4)]), "tm")
+    time.sleep(3)
+    pipeline.stop_workers()  # SIGTERM: warm shutdown
+    pipeline.start_workers()
+
+    assert pipeline.wait_finished("tm", timeout_s=90)["done"] == 4
+    assert sandbox.stats()["submissions"] == 4
+
+
+def test_redis_restarted_twice_mid_batch_completes_with_no_duplicate_post(
+        make_pipeline, make_sandbox, tmp_path, restartable_redis):
+    """Redis (AOF, fsync always) stopped and started twice during a batch: the workers
+    survive (the kombu workaround), every job ends done, every prompt POSTed once."""
+    sandbox = make_sandbox(time_scale=30, max_concurrency=100)
+    pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=restartable_redis.url,
+                             VIDQ_EXPECTED_GENERATION_S=3)
+    pipeline.start_workers(count=2, concurrency=2)
+    prompts = [f"restart {i}" for i in range(12)]
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "rr")
+    for _ in range(2):
+        time.sleep(3)
+        restartable_redis.stop()
+        time.sleep(2)
+        restartable_redis.start()
+
+    counts = pipeline.wait_finished("rr", timeout_s=150)
+
+    assert counts["done"] == 12, counts
+    assert all(p.poll() is None for p in pipeline.processes), "a worker exited"
+    assert _generations_per_prompt(pipeline) == Counter({p: 1 for p in prompts})
+
+
+def test_requeue_keeps_every_queued_job_in_line_and_a_late_id_leaks_no_slot(make_pipeline,
+                                                                            tmp_path):
+    """After `vidq retry`, a job is in the admission list exactly when it is queued; an
+    id recorded for a requeued job makes it poll, and the slot count stays exact."""
+    pipeline = make_pipeline()
+    store, admission = pipeline.store, pipeline.admission
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a", "b", "c"]), "rq")
+    assert admission.in_flight() == 0  # no worker has said what C is: nothing admitted
+    admission.set_cap(4)
+    for ref, _token in admission.pump():
+        job = store.get(ref)
+        store.transition(job, state="failed", release_slot=True, expected_token="*")
+    assert admission.in_flight() == 0
+
+    assert admission.requeue_failed("rq") == {"requeued": 3}
+    line = set(store.redis.lrange(keys.ADMISSION, 0, -1))
+    assert line == {keys.job_ref("rq", i) for i in store.job_ids("rq")}
+    late = store.get(keys.job_ref("rq", store.job_ids("rq")[0]))
+    store.record_generation(late, "gen-late", 5)
+    admitted = admission.pump()
+
+    assert len(admitted) == 2 and admission.in_flight() == 3  # the late one holds its own
+    assert store.get(late.ref).state == "submitted"
