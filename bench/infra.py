@@ -98,7 +98,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -130,8 +130,9 @@ def start_celery(app: str, queues: str | None, concurrency: int, name: str,
                "-c", str(concurrency), "-n", f"{name}-{os.getpid()}@%h", "--loglevel", "INFO"]
     if queues:
         command += ["-Q", queues]
-    process = subprocess.Popen(command, env=env, stdout=open(log_path, "ab"),
-                               stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=Path(__file__).parent.parent)
     wait_for_log(log_path, "ready.", process)
     return process
 

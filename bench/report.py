@@ -25,7 +25,8 @@ def format_table(rows: list[Row], c: int) -> str:
     cells = [list(HEADERS)] + [row_cells(row, c) for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(HEADERS))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(line, widths))) for line in cells]
+                       for i, (cell, w) in enumerate(zip(line, widths, strict=False)))
+             for line in cells]
     lines.insert(1, "-" * len(lines[0]))
     notes = [f"  * {row.name}: {row.note}" for row in rows if row.extrapolated]
     failed = [f"  ! {row.name}: {row.failed} job(s) failed" for row in rows if row.failed]
@@ -78,7 +79,8 @@ def format_extras(enqueue: dict | None, download: dict | None, lag: dict | None,
     if lag:
         lines.append(f"vidq detection lag (T = {generation_s:.2f} s): median "
                      f"{lag['median_s']:.3f} s ({lag['median_of_T']:.1%} of T), p95 "
-                     f"{lag['p95_s']:.3f} s ({lag['p95_of_T']:.1%} of T), mean {lag['mean_s']:.3f} s, "
+                     f"{lag['p95_s']:.3f} s ({lag['p95_of_T']:.1%} of T), "
+                     f"mean {lag['mean_s']:.3f} s, "
                      f"max {lag['max_s']:.3f} s")
     return "\n".join(lines)
 
@@ -91,7 +93,7 @@ def format_targets(found: list) -> str:
 
 def write_json(document: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(document, indent=2, default=str)
     path = RESULTS / f"{stamp}.json"
     path.write_text(text)

@@ -65,8 +65,9 @@ def run_all(cfg: BenchConfig, only: set[str], work: Path, logs: Path) -> dict:
         rows.append(attempt("naive", errors, lambda: run_naive(cfg, work, logs)))
     if "vidq" in only:
         for procs, conc in VIDQ_LAYOUTS:
-            rows.append(attempt(f"vidq {procs}x{conc}", errors,
-                                lambda: run_vidq(cfg, work, logs, procs, conc)))
+            rows.append(attempt(
+                f"vidq {procs}x{conc}", errors,
+                lambda procs=procs, conc=conc: run_vidq(cfg, work, logs, procs, conc)))
     enqueue = attempt("enqueue", errors, lambda: run_enqueue_throughput(cfg, work)) \
         if "enqueue" in only else None
     download = attempt("download", errors, lambda: run_download(cfg, work)) \
@@ -94,7 +95,8 @@ def present(cfg: BenchConfig, results: dict) -> dict:
     return {"config": asdict(cfg), "rows": [r.to_json() for r in rows],
             "best_vidq": best.name if best else None, "enqueue": results["enqueue"],
             "download": results["download"], "detection_lag": lag,
-            "targets": [dict(zip(("name", "measured", "target", "pass"), t)) for t in found],
+            "targets": [dict(zip(("name", "measured", "target", "pass"), t, strict=False))
+                        for t in found],
             "errors": results["errors"]}
 
 

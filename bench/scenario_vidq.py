@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 from worker.celery_app import QUEUES
-from worker.keys import batch_counts as counts_key, job as job_key, job_ref
+from worker.keys import batch_counts as counts_key
+from worker.keys import job as job_key
+from worker.keys import job_ref
 
 from . import infra
 from .config import BenchConfig

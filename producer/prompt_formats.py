@@ -11,8 +11,6 @@ Also home to the small types both layers share (`LineError`, `Record`,
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import codecs
 import csv
 import difflib
@@ -20,6 +18,7 @@ import io
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple

@@ -15,11 +15,15 @@ import traceback
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from sandbox.state import FAULT_KINDS, DownloadDenied, Fault, RateLimited, SandboxState
 from sandbox.validation import body_error
 from sandbox.videos import CHUNK_BYTES, VideoFile
+
+if TYPE_CHECKING:  # sandbox.server imports this module
+    from sandbox.server import SandboxHTTPServer
 
 GENERATION_ENDPOINTS = {
     "/v2/video/generations": "universal",
@@ -39,6 +43,7 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every response sets Content-Length
     server_version = "vidq-sandbox"
     timeout = 120  # drop idle keep-alive connections eventually
+    server: SandboxHTTPServer  # narrows BaseRequestHandler.server; set by socketserver
 
     @property
     def state(self) -> SandboxState:
@@ -112,6 +117,8 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
             problem = body_error(body, endpoint)
             if problem:
                 raise BadRequest(problem)
+            if not isinstance(body, dict):  # the schema requires an object
+                raise BadRequest("body: must be an object")
             gen = self.state.submit(body, endpoint)
         except BadRequest:
             self.state.count_rejected_submission(400)
@@ -244,7 +251,7 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
         self._send_json(status, {
             "message": message, "path": self.url_path, "requestId": str(uuid.uuid4()),
             "statusCode": status,
-            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(
+            "timestamp": dt.datetime.now(dt.UTC).isoformat(
                 timespec="milliseconds").replace("+00:00", "Z"),
         }, headers)
 

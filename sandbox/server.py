@@ -57,7 +57,7 @@ class SandboxServer:
         self._httpd: SandboxHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "SandboxServer":
+    def start(self) -> SandboxServer:
         """Bind and serve in a daemon thread; returns once the port is open."""
         if self._httpd is not None:
             return self
@@ -85,10 +85,11 @@ class SandboxServer:
             return
         self._httpd.shutdown()
         self._httpd.server_close()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._httpd = self._thread = None
 
-    def __enter__(self) -> "SandboxServer":
+    def __enter__(self) -> SandboxServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

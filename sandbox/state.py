@@ -96,7 +96,7 @@ class SandboxState:
             self._in_flight: list[float] = []  # min-heap of completion times
             self._prompt_counts: Counter[str] = Counter()
             self._stats = dict.fromkeys(STAT_NAMES, 0)
-            self._faults = {kind: deque() for kind in FAULT_KINDS}
+            self._faults: dict[str, deque[Fault]] = {kind: deque() for kind in FAULT_KINDS}
 
     # -- submissions ---------------------------------------------------------
     def _duration_s(self) -> float:
@@ -166,7 +166,8 @@ class SandboxState:
 
     def _response_for(self, gen: Generation, now: float, file_base_url: str) -> dict:
         status = gen.status(now)
-        response = {"id": gen.id, "status": status, "video": None, "error": None, "meta": None}
+        response: dict[str, object] = {
+            "id": gen.id, "status": status, "video": None, "error": None, "meta": None}
         if status == "completed":
             expires = self._current_expires(gen, now)
             response["video"] = {"url": f"{file_base_url}/files/{gen.id}.mp4"
@@ -209,6 +210,7 @@ class SandboxState:
             with self._lock:
                 gen.downloads += 1
                 self._stats["downloads"] += 1
+        assert gen.video is not None  # attached above: the generation is downloadable
         return gen.video
 
     # -- faults --------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from importlib import resources
+from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
@@ -60,6 +61,6 @@ def body_error(body: object, endpoint: str) -> str | None:
     return None if error is None else _describe(error)
 
 
-def defaulted(body: dict, field: str) -> object:
+def defaulted(body: dict, field: str) -> Any:
     """A body field, or the schema default when the client left it out."""
     return body.get(field, _UNIVERSAL["properties"][field].get("default"))

@@ -6,6 +6,7 @@ import signal
 import time
 
 from conftest import write_prompts
+
 from worker.keys import job_ref
 from worker.tasks import dispatch
 

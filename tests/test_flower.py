@@ -6,8 +6,8 @@ import sys
 import time
 
 import requests
-
 from conftest import write_prompts
+
 from producer.redis_server import free_port
 
 

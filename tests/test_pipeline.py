@@ -5,6 +5,7 @@ import hashlib
 import json
 
 from conftest import write_prompts
+
 from worker.keys import job_ref
 from worker.tasks import dispatch
 

@@ -11,7 +11,6 @@ import av
 import pytest
 import requests
 
-
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 UNIVERSAL = "/v2/video/generations"

@@ -1,7 +1,6 @@
 """HTTP answers become the right errors, against real local servers."""
 from __future__ import annotations
 
-
 import pytest
 
 from producer.redis_server import free_port
