@@ -75,3 +75,30 @@ def test_ctrl_c_says_what_is_in_flight_and_the_rerun_resumes(make_sandbox, tmp_p
     rerun = _run(path, tmp_path, env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert _ledger(sandbox) == Counter({p: 1 for p in prompts})
+
+
+def test_vidq_run_restarts_a_worker_that_dies(make_sandbox, tmp_path):
+    """SIGKILL the run's worker mid-batch: `vidq run` starts it again and the batch
+    completes, each prompt POSTed once."""
+    import psutil
+
+    sandbox = make_sandbox(time_scale=30)
+    env = _env(sandbox, tmp_path)
+    env["VIDQ_EXPECTED_GENERATION_S"] = "3"
+    prompts = [f"supervised {i}" for i in range(6)]
+    path = write_prompts(tmp_path / "night.txt", prompts)
+    process = subprocess.Popen(["vidq", "run", str(path), "--state-dir", str(tmp_path / "state")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(_ledger(sandbox).values()) < 2:
+        time.sleep(0.2)
+    workers = [child for child in psutil.Process(process.pid).children()
+               if "worker" in child.cmdline()]
+    assert workers, "no worker process found under vidq run"
+    os.killpg(workers[0].pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=150)
+
+    assert process.returncode == 0, output
+    assert "starting it again" in output
+    assert _ledger(sandbox) == Counter({p: 1 for p in prompts})

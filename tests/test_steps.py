@@ -249,3 +249,56 @@ def test_leases_use_the_redis_clock_not_the_workers(steps_for, monkeypatch):
 
     lease_until = steps.store.redis.zscore("vidq:due", ref)
     assert abs(lease_until - (redis_now + steps.settings.step_grace_s)) < 5
+
+
+def test_a_second_generation_id_for_a_job_becomes_its_own_job_and_is_polled(steps_for):
+    """An old POST answering after a resubmit: its generation is paid for, so it is kept
+    as a sibling job, due for a poll, holding a slot, never left in an unread field."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    steps.store.record_generation(job, "gen-first", 5)
+
+    steps.store.record_generation(job, "gen-late", 5)
+
+    sibling = steps.store.get(ref + "~2")
+    assert sibling.generation_id == "gen-late" and sibling.state == "submitted"
+    assert steps.store.redis.zscore("vidq:due", sibling.ref) is not None
+    assert steps.admission.in_flight() == 2
+    assert steps.store.job_ids("b") == ["j1", "j1~2"]
+
+
+def test_an_outcome_unknown_job_keeps_its_slot_for_one_generation_time(steps_for):
+    steps = steps_for(VIDQ_EXPECTED_GENERATION_S="1")
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+
+    steps.fail(job, "outcome_unknown: the answer was lost")
+
+    assert steps.store.get(ref).state == "failed"
+    assert steps.store.outcome_unknown("b") == 1
+    assert steps.admission.in_flight() == 1 and steps.admission.release_expired_holds() == 0
+    time.sleep(1.2)
+    assert steps.admission.release_expired_holds() == 1
+    assert steps.admission.in_flight() == 0
+
+
+def test_one_unreadable_record_does_not_stop_the_reconcilers_pass(steps_for):
+    from worker.admission import reconcile
+
+    steps = steps_for()
+    steps.admission.enqueue("b", [(f"j{i}", {"model": "m", "prompt": f"p{i}"}) for i in range(3)],
+                            time.time())
+    admitted = steps.admission.pump()
+    client = steps.store.redis
+    client.hset("vidq:job:" + admitted[0][0], "request", "{not json")
+    for ref, _ in admitted:
+        client.zadd("vidq:due", {ref: 0})  # all three look lost
+    steps.admission.enqueue("b", [("j9", {"model": "m", "prompt": "waiting"})], time.time())
+    client.zrem("vidq:slots", admitted[2][0])  # and a slot is free for the waiting one
+
+    resent = reconcile(steps.admission, steps.dispatch, steps.settings.grace_s)
+
+    assert resent == 2
+    assert [s for s in steps.sent if s[1] == "b:j9"]  # the pump still ran
+    assert client.zscore("vidq:due", admitted[0][0]) > steps.store.now()

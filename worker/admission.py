@@ -160,12 +160,15 @@ def reconcile(admission: Admission, dispatch: Dispatch,
               grace_for: Callable[[str], float]) -> int:
     """Re-send every lost step, free expired holds and fill free slots;
     returns steps re-sent. One bad record never stops the pass."""
-    resent = 0
-    for ref in lost_steps(admission, admission.store.now()):
+    resent, now = 0, admission.store.now()
+    for ref in lost_steps(admission, now):
         try:
             resent += _resend(admission, dispatch, grace_for, ref)
         except (redis.ResponseError, ValueError, KeyError, TypeError) as exc:
+            # A record this code cannot read: say so once a grace period, and
+            # go on with the others.
             log.error("reconciler: cannot recover %s: %s", ref, exc)
+            admission.redis.zadd(keys.DUE, {ref: now + grace_for(Step.POLL)})
     admission.release_expired_holds()
     admit(admission, dispatch)
     return resent

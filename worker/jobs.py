@@ -54,8 +54,16 @@ def connect(redis_url: str) -> redis.Redis:
         raise ConfigError(f"VIDQ_REDIS_URL is not a Redis URL: {exc}") from None
 
 
+def lua_constants() -> str:
+    """The state and step names, as Lua tables every script starts with: the
+    enums above are their one definition."""
+    states = ", ".join(f"{s.name.lower()} = '{s.value}'" for s in State)
+    steps = ", ".join(f"{s.name.lower()} = '{s.value}'" for s in Step)
+    return f"local STATE = {{{states}}}\nlocal STEP = {{{steps}}}\n"
+
+
 def load_script(client: redis.Redis, name: str):
-    return client.register_script((LUA_DIR / f"{name}.lua").read_text())
+    return client.register_script(lua_constants() + (LUA_DIR / f"{name}.lua").read_text())
 
 
 @dataclass

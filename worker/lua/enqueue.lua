@@ -5,9 +5,9 @@ local ref, job_id, batch, request, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARG
 
 if redis.call('EXISTS', job_key) == 1 then return 0 end
 redis.call('HSET', job_key, 'id', job_id, 'batch', batch, 'request', request,
-  'state', 'queued', 'enqueued_at', now)
+  'state', STATE.queued, 'enqueued_at', now)
 redis.call('SADD', jobs_key, job_id)
-redis.call('HINCRBY', counts_key, 'queued', 1)
+redis.call('HINCRBY', counts_key, STATE.queued, 1)
 redis.call('RPUSH', admission_key, ref)
 redis.call('HINCRBY', batch_key, 'total', 1)
 return 1

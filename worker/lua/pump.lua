@@ -15,10 +15,10 @@ while redis.call('ZCARD', slots_key) < cap do
   local ref = redis.call('LPOP', admission_key)
   if not ref then break end
   local job_key = job_prefix .. ref
-  if redis.call('HGET', job_key, 'state') == 'queued'
+  if redis.call('HGET', job_key, 'state') == STATE.queued
       and not redis.call('ZSCORE', slots_key, ref) then
     local token = tostring(redis.call('INCR', seq_key))
-    redis.call('HSET', job_key, 'token', token, 'step', 'submit', 'holder', '',
+    redis.call('HSET', job_key, 'token', token, 'step', STEP.submit, 'holder', '',
       'admitted_at', string.format('%.6f', now))
     redis.call('ZADD', slots_key, now, ref)
     redis.call('ZADD', due_key, now + lease_s, ref)

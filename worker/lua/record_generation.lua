@@ -21,27 +21,27 @@ if known and known ~= '' then
   local sibling_id = redis.call('HGET', job_key, 'id') .. '~' .. n
   local sibling_ref = batch .. ':' .. sibling_id
   redis.call('HSET', job_prefix .. sibling_ref, 'id', sibling_id, 'batch', batch,
-    'request', redis.call('HGET', job_key, 'request'), 'state', 'submitted',
+    'request', redis.call('HGET', job_key, 'request'), 'state', STATE.submitted,
     'generation_id', generation_id, 'submitted_at', stamp, 'admitted_at', stamp,
     'enqueued_at', stamp, 'token', '', 'step', '', 'recovered', '1')
   redis.call('SADD', jobs_key, sibling_id)
-  redis.call('HINCRBY', counts_key, 'submitted', 1)
+  redis.call('HINCRBY', counts_key, STATE.submitted, 1)
   redis.call('HINCRBY', batch_key, 'total', 1)
   redis.call('ZADD', slots_key, now, sibling_ref)
   redis.call('ZADD', due_key, now, sibling_ref)
   return known
 end
 local old = redis.call('HGET', job_key, 'state')
-if old ~= 'submitted' then
+if old ~= STATE.submitted then
   redis.call('HINCRBY', counts_key, old, -1)
-  redis.call('HINCRBY', counts_key, 'submitted', 1)
+  redis.call('HINCRBY', counts_key, STATE.submitted, 1)
 end
 redis.call('HSET', job_key, 'generation_id', generation_id, 'submitted_at', stamp,
-  'state', 'submitted', 'outcome_unknown', '')
+  'state', STATE.submitted, 'outcome_unknown', '')
 redis.call('ZREM', holds_key, ref)
 redis.call('SREM', unknown_key, redis.call('HGET', job_key, 'id'))
 redis.call('ZADD', slots_key, 'NX', now, ref)
-if old == 'failed' then
+if old == STATE.failed then
   -- Revived: nothing runs for it now; the reconciler sends a poll at once.
   redis.call('HSET', job_key, 'token', '', 'recovered', '1')
   redis.call('ZADD', due_key, now, ref)

@@ -6,7 +6,7 @@ local job_key, counts_key, admission_key, unknown_key, holds_key, slots_key =
 local ref, job_id = ARGV[1], ARGV[2]
 local resubmit_unknown = ARGV[3] == '1'
 
-if redis.call('HGET', job_key, 'state') ~= 'failed' then return 'not_failed' end
+if redis.call('HGET', job_key, 'state') ~= STATE.failed then return 'not_failed' end
 local generation_id = redis.call('HGET', job_key, 'generation_id') or ''
 local posting = redis.call('HGET', job_key, 'posting_at') or ''
 if generation_id == '' and posting ~= '' then
@@ -15,12 +15,12 @@ if generation_id == '' and posting ~= '' then
     (redis.call('HGET', job_key, 'unknown_posts') or '') .. posting .. ' ')
   redis.call('HDEL', job_key, 'posting_at')
 end
-redis.call('HSET', job_key, 'outcome_unknown', '', 'state', 'queued', 'attempts', '0',
+redis.call('HSET', job_key, 'outcome_unknown', '', 'state', STATE.queued, 'attempts', '0',
   'link_refreshes', '0', 'last_error', '', 'token', '', 'step', '', 'recovered', '1')
 redis.call('SREM', unknown_key, job_id)
 redis.call('ZREM', holds_key, ref)
 redis.call('ZREM', slots_key, ref)
-redis.call('HINCRBY', counts_key, 'failed', -1)
-redis.call('HINCRBY', counts_key, 'queued', 1)
+redis.call('HINCRBY', counts_key, STATE.failed, -1)
+redis.call('HINCRBY', counts_key, STATE.queued, 1)
 redis.call('RPUSH', admission_key, ref)
 return 'requeued'
