@@ -302,3 +302,19 @@ def test_one_unreadable_record_does_not_stop_the_reconcilers_pass(steps_for):
     assert resent == 2
     assert [s for s in steps.sent if s[1] == "b:j9"]  # the pump still ran
     assert client.zscore("vidq:due", admitted[0][0]) > steps.store.now()
+
+
+def test_an_outcome_unknown_failure_that_races_a_recorded_id_does_not_fail_the_job(steps_for):
+    """The POST thread recorded the id just as the step gave up waiting: the job is not
+    failed; its lease expires and the reconciler sends the poll."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    steps.store.record_generation(job, "gen-just-in-time", 5)
+
+    steps.fail(job, "outcome_unknown: no complete answer within 60 s")
+
+    record = steps.store.get(ref)
+    assert record.state == "submitted" and record.generation_id == "gen-just-in-time"
+    assert steps.store.outcome_unknown("b") == 0
+    assert steps.store.redis.zscore("vidq:due", ref) is not None

@@ -17,6 +17,11 @@ local first_field = 10
 if expected_token ~= '*' and redis.call('HGET', job_key, 'token') ~= expected_token then
   return false
 end
+if outcome_unknown and (redis.call('HGET', job_key, 'generation_id') or '') ~= '' then
+  -- The answer did arrive (a late POST thread recorded it): the outcome is
+  -- known. Leave the job to its lease; the reconciler sends its poll.
+  return false
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local old = redis.call('HGET', job_key, 'state')
