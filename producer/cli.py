@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -154,9 +155,17 @@ def cap(max_in_flight):
 @click.option("--state-dir", default=".vidq", show_default=True, type=click.Path(path_type=Path))
 def run(file, batch, use_sandbox, workers, concurrency, state_dir):
     """Run one batch end to end on this machine, then exit."""
+    from worker.jobs import connect
+
     from .run import run_batch
 
-    batch = batch or re.sub(r"[^A-Za-z0-9._-]", "-", file.stem)[:128] or "batch"
+    # Refuse bad settings, and a given Redis that is malformed or unreachable,
+    # before starting a private Redis, the sandbox or any worker.
+    settings = Settings.from_env()
+    if os.environ.get("VIDQ_REDIS_URL"):
+        connect(settings.redis_url).ping()
+    # The name becomes a path part and a key part: never a leading '.' or '-'.
+    batch = batch or re.sub(r"[^A-Za-z0-9._-]", "-", file.stem).lstrip(".-")[:128] or "batch"
     sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console))
 
 

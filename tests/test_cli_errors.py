@@ -1,0 +1,128 @@
+"""Every `vidq` subcommand turns bad settings and a bad or unreachable Redis into one
+`error:` line on stderr and exit status 2, never a traceback; `vidq run` derives a
+safe batch name from the file name.
+
+Real parts only: the `vidq` command as a subprocess, the test Redis, and for `run`
+its own sandbox and worker processes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from conftest import write_prompts
+
+VIDQ = [sys.executable, "-c", "from producer.cli import main; main()"]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cases(redis_url: str) -> dict[str, tuple[dict, str]]:
+    """name -> (environment overrides, a fragment the error line must contain)."""
+    return {
+        "max_in_flight_0": ({"VIDQ_REDIS_URL": redis_url, "VIDQ_MAX_IN_FLIGHT": "0"},
+                            "VIDQ_MAX_IN_FLIGHT"),
+        "http_timeout_abc": ({"VIDQ_REDIS_URL": redis_url, "VIDQ_HTTP_TIMEOUT_S": "abc"},
+                             "VIDQ_HTTP_TIMEOUT_S"),
+        "unreachable": ({"VIDQ_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"},
+                        "VIDQ_REDIS_URL"),
+        "notaurl": ({"VIDQ_REDIS_URL": "notaurl"}, "VIDQ_REDIS_URL"),
+        "http_url": ({"VIDQ_REDIS_URL": "http://x"}, "VIDQ_REDIS_URL"),
+    }
+
+
+def base_env() -> dict:
+    env = dict(os.environ)
+    for name in ("VIDQ_REDIS_URL", "VIDQ_MAX_IN_FLIGHT", "VIDQ_HTTP_TIMEOUT_S", "AIMLAPI_KEY",
+                 "AIML_API_KEY", "VIDQ_STORAGE_URL"):
+        env.pop(name, None)
+    return env
+
+
+COMMANDS = {
+    "enqueue": ["enqueue", "{file}", "--batch", "b"],
+    "status": ["status", "b"],
+    "retry": ["retry", "b"],
+    "cap": ["cap"],
+    "run": ["run", "{file}", "--sandbox", "--state-dir", "{state}"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_bad_settings_and_redis_give_one_error_line(command, redis_url, tmp_path):
+    """Each case: exit 2, stderr is exactly one line starting 'error:' naming the
+    culprit, no traceback, nothing written to Redis, nothing started by `run`."""
+    prompts = write_prompts(tmp_path / "p.txt", ["a small red boat"])
+    running = {}
+    for name, (overrides, fragment) in cases(redis_url).items():
+        state = tmp_path / f"state-{name}"
+        args = [a.format(file=prompts, state=state) for a in COMMANDS[command]]
+        running[name] = (subprocess.Popen(
+            VIDQ + args, env={**base_env(), **overrides}, cwd=tmp_path, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE), fragment, state)
+
+    for name, (process, fragment, state) in running.items():
+        stdout, stderr = process.communicate(timeout=60)
+        where = f"vidq {command} [{name}]: stdout={stdout!r} stderr={stderr!r}"
+        assert process.returncode == 2, where
+        assert "Traceback" not in stderr, where
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), where
+        assert fragment in lines[0], where
+        if command == "run":  # refused before a private Redis, sandbox or worker started
+            assert not state.exists(), where
+    assert redis.Redis.from_url(redis_url).dbsize() == 0
+    assert not (tmp_path / "videos").exists() and not (tmp_path / ".vidq").exists()
+
+
+def test_help_works_with_bad_settings():
+    """Help never reads the settings: it works while they are broken."""
+    env = {**base_env(), "VIDQ_MAX_IN_FLIGHT": "0", "VIDQ_REDIS_URL": "notaurl"}
+    for args in (["--help"], ["run", "--help"]):
+        result = subprocess.run(VIDQ + args, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "Usage:" in result.stdout and result.stderr == "", (args, result.stderr)
+
+
+def test_run_derives_a_safe_batch_name_from_the_file_name(redis_url, tmp_path):
+    """`vidq run .x.txt` and `vidq run -- -y.txt` name their batches 'x' and 'y';
+    `-.txt` falls back to 'batch'. Each run is interrupted once its batch exists."""
+    files = {".x.txt": "x", "-y.txt": "y", "-.txt": "batch"}
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    runs = []
+    for index, (name, _) in enumerate(files.items()):
+        write_prompts(tmp_path / name, [f"a lantern on a pier number {index}"])
+        runs.append(subprocess.Popen(
+            VIDQ + ["run", "--sandbox", "--state-dir", str(tmp_path / f"state{index}"),
+                    "--", name],
+            env={**base_env(), "VIDQ_REDIS_URL": redis_url}, cwd=tmp_path, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        deadline = time.monotonic() + 45
+        while len(client.smembers("vidq:batches")) < len(files):
+            assert time.monotonic() < deadline, client.smembers("vidq:batches")
+            assert all(run.poll() is None for run in runs), [r.communicate() for r in runs]
+            time.sleep(0.1)
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.send_signal(signal.SIGINT)
+        outputs = [run.communicate(timeout=60) for run in runs]
+
+    assert client.smembers("vidq:batches") == set(files.values())
+    assert not [key for key in client.scan_iter() if key.startswith(("vidq:batch:.",
+                                                                     "vidq:batch:-"))]
+    for run, (stdout, stderr) in zip(runs, outputs, strict=True):
+        assert "Traceback" not in stderr, stderr
+        assert run.returncode in (0, 130), (run.returncode, stdout, stderr)
