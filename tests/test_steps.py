@@ -297,7 +297,7 @@ def test_one_unreadable_record_does_not_stop_the_reconcilers_pass(steps_for):
     steps.admission.enqueue("b", [("j9", {"model": "m", "prompt": "waiting"})], time.time())
     client.zrem("vidq:slots", admitted[2][0])  # and a slot is free for the waiting one
 
-    resent = reconcile(steps.admission, steps.dispatch, steps.settings.grace_s)
+    resent = reconcile(steps.admission, steps.dispatch, steps.settings.step_grace_s)
 
     assert resent == 2
     assert [s for s in steps.sent if s[1] == "b:j9"]  # the pump still ran

@@ -156,25 +156,24 @@ def lost_steps(admission: Admission, now: float, limit: int = 1000) -> list[str]
     return lost + [ref for ref, name in held_by.items() if name and not alive[name]]
 
 
-def reconcile(admission: Admission, dispatch: Dispatch,
-              grace_for: Callable[[str], float]) -> int:
+def reconcile(admission: Admission, dispatch: Dispatch, start_grace_s: float) -> int:
     """Re-send every lost step, free expired holds and fill free slots;
     returns steps re-sent. One bad record never stops the pass."""
     resent, now = 0, admission.store.now()
     for ref in lost_steps(admission, now):
         try:
-            resent += _resend(admission, dispatch, grace_for, ref)
+            resent += _resend(admission, dispatch, start_grace_s, ref)
         except (redis.ResponseError, ValueError, KeyError, TypeError) as exc:
             # A record this code cannot read: say so once a grace period, and
             # go on with the others.
             log.error("reconciler: cannot recover %s: %s", ref, exc)
-            admission.redis.zadd(keys.DUE, {ref: now + grace_for(Step.POLL)})
+            admission.redis.zadd(keys.DUE, {ref: now + start_grace_s})
     admission.release_expired_holds()
     admit(admission, dispatch)
     return resent
 
 
-def _resend(admission: Admission, dispatch: Dispatch, grace_for, ref: str) -> int:
+def _resend(admission: Admission, dispatch: Dispatch, start_grace_s: float, ref: str) -> int:
     job = admission.store.get(ref)
     if job is None or job.state in FINAL_STATES:
         admission.redis.zrem(keys.DUE, ref)
@@ -182,7 +181,7 @@ def _resend(admission: Admission, dispatch: Dispatch, grace_for, ref: str) -> in
     step = resume_step(job)
     # Compare-and-set on the token read above: a step that moved on (or ended
     # the job) meanwhile is left alone.
-    token = admission.store.transition(job, next_step=step, due_in_s=grace_for(step),
+    token = admission.store.transition(job, next_step=step, due_in_s=start_grace_s,
                                        expected_token=job.token, recovered="1")
     if token is None:
         return 0

@@ -11,35 +11,71 @@ open; celery 5.7 then also calls `connection.close()`, whose
 `_connparams` reads `self.connection.client.hostname` and raises
 AttributeError, which nothing catches (kombu/transport/redis.py).
 
-The workaround: when the transport is already detached, `restore_unacked`
-keeps the messages instead of crashing, and a consumer step puts them back
-once the worker has reconnected: from Redis's `unacked` hash if Redis kept
-them (AOF), else from the copy in memory. A message restored twice is
-harmless: every step runs only with its job's current token.
+The same detached channel also breaks `QoS.ack` and `QoS.reject` of a task
+that started before the connection dropped and ends after it (the pool
+result handler calls them on the old channel): the AttributeError again ends
+the worker.
+
+The workaround: when the transport is already detached, or Redis is down,
+`restore_unacked` keeps the messages instead of crashing, and a consumer step
+puts them back once the worker has reconnected: from Redis's `unacked` hash
+if Redis kept them (AOF), else from the copy in memory. An ack or reject on a
+detached channel is dropped with a warning; the message stays in Redis's
+`unacked` hash and comes back later, which is harmless: every step runs only
+with its job's current token, so a message delivered twice does nothing.
 """
 from __future__ import annotations
 
 import logging
 
+import redis
 from celery import Celery, bootsteps
 from celery.worker.consumer.tasks import Tasks
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 log = logging.getLogger(__name__)
 _deferred: list[tuple[str, object, str | None, str | None]] = []
 _original_restore_unacked = kombu_redis.QoS.restore_unacked
+_original_ack = kombu_redis.QoS.ack
+_original_reject = kombu_redis.QoS.reject
+
+
+def _detached(qos) -> bool:
+    return getattr(qos.channel.connection, "client", None) is None
+
+
+def _defer_delivered(qos) -> None:
+    for tag, message in list(qos._delivered.items()):
+        info = message.delivery_info
+        _deferred.append((tag, message._raw, info.get("exchange"), info.get("routing_key")))
+    log.warning("broker lost: %d unacked message(s) will be restored on reconnect",
+                len(qos._delivered))
+    qos._delivered.clear()
 
 
 def _restore_unacked(self, client=None):
-    if client is None and getattr(self.channel.connection, "client", None) is None:
-        for tag, message in list(self._delivered.items()):
-            info = message.delivery_info
-            _deferred.append((tag, message._raw, info.get("exchange"), info.get("routing_key")))
-        log.warning("broker lost: %d unacked message(s) will be restored on reconnect",
-                    len(self._delivered))
-        self._delivered.clear()
-        return None
-    return _original_restore_unacked(self, client)
+    if client is None and _detached(self):
+        return _defer_delivered(self)
+    try:
+        return _original_restore_unacked(self, client)
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return _defer_delivered(self)  # Redis is down: restore them once it is back
+
+
+def _ack(self, delivery_tag):
+    if _detached(self):
+        log.warning("ack of %s dropped: its connection is gone (it will be redelivered "
+                    "and find its step done)", delivery_tag)
+        return virtual.QoS.ack(self, delivery_tag)
+    return _original_ack(self, delivery_tag)
+
+
+def _reject(self, delivery_tag, requeue=False):
+    if _detached(self):
+        log.warning("reject of %s dropped: its connection is gone", delivery_tag)
+        return virtual.QoS.ack(self, delivery_tag)
+    return _original_reject(self, delivery_tag, requeue)
 
 
 class RestoreDeferredUnacked(bootsteps.StartStopStep):
@@ -65,4 +101,6 @@ class RestoreDeferredUnacked(bootsteps.StartStopStep):
 
 def install(app: Celery) -> None:
     kombu_redis.QoS.restore_unacked = _restore_unacked  # type: ignore[method-assign]
+    kombu_redis.QoS.ack = _ack  # type: ignore[method-assign]
+    kombu_redis.QoS.reject = _reject  # type: ignore[method-assign]
     app.steps["consumer"].add(RestoreDeferredUnacked)

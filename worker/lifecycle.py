@@ -64,7 +64,7 @@ class Lifecycle(bootsteps.StartStopStep):
         try:
             if not steps.store.redis.set(keys.RECONCILE_LOCK, self.hostname, nx=True, px=lock_ms):
                 return
-            resent = reconcile(steps.admission, dispatch, settings.grace_s)
+            resent = reconcile(steps.admission, dispatch, settings.step_grace_s)
             if resent:
                 log.warning("reconciler re-sent %d lost steps", resent)
         except redis.RedisError as exc:
@@ -73,9 +73,10 @@ class Lifecycle(bootsteps.StartStopStep):
 
 @task_received.connect
 def _note_holder(request=None, **_kwargs) -> None:
-    """A countdown message sits in this worker's memory until due: the job
-    records that this worker holds it, so its death is noticed at once."""
-    if request is None or not request.eta:
+    """A message sits in this worker's memory until it runs (a countdown poll
+    until it is due): the job records that this worker holds it, so its
+    death is noticed at once."""
+    if request is None:
         return
     try:
         ref, token = request.args[:2]

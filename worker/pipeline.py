@@ -230,8 +230,10 @@ class Steps:
         admit(self.admission, self.dispatch)
 
     def _next(self, job: Job, step: str, delay: float, **values) -> None:
+        # Due by its start time plus the step grace; once a step starts, its
+        # claim leases it for as long as that step may run.
         token = self.store.transition(job, next_step=step,
-                                      due_in_s=delay + self.settings.grace_s(step), **values)
+                                      due_in_s=delay + self.settings.step_grace_s, **values)
         if token is None:
             log.info("job %s was taken over by a newer step; this chain stops", job.ref)
             return
