@@ -5,7 +5,7 @@ import pytest
 import redis
 
 from worker.errors import ConfigError
-from worker.schedule import DurationModel, backoff_delay, first_poll_delay, next_poll_delay
+from worker.schedule import DurationModel, backoff_delay
 from worker.settings import Settings
 
 
@@ -16,30 +16,15 @@ def test_backoff_grows_exponentially_and_is_capped():
         assert ceiling / 2 <= min(delays) and max(delays) <= ceiling
 
 
-def test_first_poll_is_aimed_at_the_expected_time_within_bounds():
-    """The first poll waits about the expected time, clamped to the poll bounds."""
-    assert 83 <= first_poll_delay(90, 2, 120) <= 88
-    assert first_poll_delay(90, 2, 60) == 60
-    assert first_poll_delay(0.01, 2, 60) == 2
-
-
-def test_later_polls_are_short_and_growing():
-    """The second poll lands just after the median; later ones every ~5% of it, growing."""
-    assert next_poll_delay(90, 1, 0.1, 120, elapsed_s=85.5) == pytest.approx(7.2)
-    third = next_poll_delay(90, 2, 0.1, 120, elapsed_s=93)
-    fifth = next_poll_delay(90, 4, 0.1, 120, elapsed_s=105)
-    assert 4 <= third <= 5 and fifth > third
-    assert next_poll_delay(90, 1, 0.1, 60, elapsed_s=60) == pytest.approx(25.5)
-
-
-def test_duration_model_learns_the_median(redis_url):
-    """After a few completions the expected time is their median, per model and size."""
+def test_duration_model_keeps_one_plan_per_model_and_resolution(redis_url):
+    """Completions of 480P teach the 480P plan only; 720P stays on the cold start."""
     model = DurationModel(redis.Redis.from_url(redis_url, decode_responses=True), 90)
-    assert model.expected_s("m", "720P") == 90
-    for elapsed in (40, 42, 44, 46, 48):
-        model.record("m", "480P", elapsed, polls=3, last_interval_s=4)
-    assert model.expected_s("m", "480P") == 42  # 44 minus half the last interval
-    assert model.expected_s("m", "720P") == 90
+    assert model.plan("m", "720P").second_s is None
+    for done_at in (40, 42, 44, 46, 48):
+        model.record("m", "480P", done_at - 4, done_at)
+    learned = model.plan("m", "480P")
+    assert learned.second_s is not None and 38 <= learned.first_s <= learned.second_s <= 48
+    assert model.plan("m", "720P").second_s is None
 
 
 def test_settings_name_the_bad_variable():

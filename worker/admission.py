@@ -46,11 +46,21 @@ class Admission:
         """Store C for the deployment; returns the value it replaced, if any."""
         old = self.redis.hget(keys.CONFIG, "max_in_flight")
         self.redis.hset(keys.CONFIG, "max_in_flight", max_in_flight)
+        if old is None or int(old) != max_in_flight:
+            self.redis.hdel(keys.CONFIG, "effective_cap", "cap_credit")
         return int(old) if old else None
 
     def cap(self) -> int | None:
         raw = self.redis.hget(keys.CONFIG, "max_in_flight")
         return int(raw) if raw else None
+
+    def effective_cap(self) -> int | None:
+        """C as lowered after 429s showed the account's real limit; None if not lowered."""
+        configured = self.cap()
+        raw = self.redis.hget(keys.CONFIG, "effective_cap")
+        if not raw or configured is None or int(raw) >= configured:
+            return None
+        return int(raw)
 
     def existing_requests(self, batch: str, job_ids: list[str]) -> dict[str, dict]:
         """The stored request of each id that already has a job in `batch`."""
@@ -106,7 +116,8 @@ class Admission:
     def pump(self) -> list[tuple[str, str]]:
         """Admit waiting jobs into free slots; returns (ref, token) to submit."""
         flat = self._scripts["pump"](
-            keys=[keys.SLOTS, keys.ADMISSION, keys.DUE, keys.SEQ, keys.CONFIG],
+            keys=[keys.SLOTS, keys.ADMISSION, keys.DUE, keys.SEQ, keys.CONFIG,
+                  keys.PAUSE_SUBMIT],
             args=[repr(self.step_grace_s), keys.JOB_PREFIX])
         return list(zip(flat[::2], flat[1::2], strict=True))
 

@@ -121,7 +121,8 @@ class JobStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
         self._scripts = {name: load_script(client, name) for name in (
-            "transition", "claim", "record_generation", "mark_posting", "set_holder")}
+            "transition", "claim", "record_generation", "mark_posting", "set_holder",
+            "back_in_line", "grow_cap")}
 
     def now(self) -> float:
         seconds, micros = self.redis.time()
@@ -133,8 +134,9 @@ class JobStore:
 
     def claim(self, ref: str, token: str, lease_s: float, holder: str) -> Job | None:
         """The job if `token` is current, after taking it; None for a stale message."""
-        flat = self._scripts["claim"](keys=[keys.job(ref), keys.DUE],
-                                      args=[token, repr(lease_s), ref, holder])
+        flat = self._scripts["claim"](
+            keys=[keys.job(ref), keys.DUE, keys.PAUSE_SUBMIT, keys.PAUSE_POLL],
+            args=[token, repr(lease_s), ref, holder])
         if not flat:
             return None
         return Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
@@ -181,6 +183,20 @@ class JobStore:
         for name, value in values.items():
             args += [name, _encode(value)]
         return self._scripts["transition"](keys=script_keys, args=args)
+
+    def back_in_line(self, job: Job, pause_s: float, rate_limited: bool) -> int:
+        """Put a job refused by a 429 (or by a pause) back at the front of the
+        line, pausing submits for `pause_s`; returns the effective cap."""
+        return int(self._scripts["back_in_line"](
+            keys=[keys.job(job.ref), keys.SLOTS, keys.DUE, keys.ADMISSION, keys.CONFIG,
+                  keys.PAUSE_SUBMIT],
+            args=[job.ref, job.token, int(pause_s * 1000), "1" if rate_limited else "0"]))
+
+    def pause_polls(self, pause_s: float) -> None:
+        self.redis.set(keys.PAUSE_POLL, "1", px=max(1, int(pause_s * 1000)))
+
+    def grow_cap(self, probe_factor: int) -> int:
+        return int(self._scripts["grow_cap"](keys=[keys.CONFIG], args=[probe_factor]))
 
     def counts(self, batch: str) -> dict[str, int]:
         raw = self.redis.hgetall(keys.batch_counts(batch))

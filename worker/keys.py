@@ -12,7 +12,11 @@
                                 (an outcome-unknown POST the upstream may be generating)
     vidq:due                    zset: refs whose next step must have started by the score
     vidq:seq                    counter for step tokens
-    vidq:config                 hash: max_in_flight (C, one value per deployment)
+    vidq:config                 hash: max_in_flight (C, one value per deployment);
+                                effective_cap, cap_credit (C lowered after 429s)
+    vidq:pause:submit           string with a TTL: the upstream said 429 to a POST;
+                                no admission, no POST until it expires
+    vidq:pause:poll             string with a TTL: the same for status GETs
     vidq:worker:<hostname>      string with a TTL: that worker is alive
     vidq:reconcile:lock         string with a TTL: one reconciler pass at a time
     vidq:durations:<model>:<resolution>   list: recent generation times (seconds)
@@ -32,6 +36,8 @@ DUE = PREFIX + "due"
 SEQ = PREFIX + "seq"
 CONFIG = PREFIX + "config"
 RECONCILE_LOCK = PREFIX + "reconcile:lock"
+PAUSE_SUBMIT = PREFIX + "pause:submit"
+PAUSE_POLL = PREFIX + "pause:poll"
 WORKER_PREFIX = PREFIX + "worker:"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from .errors import (
     UpstreamError,
 )
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
-from .schedule import DurationModel, backoff_delay, first_poll_delay, next_poll_delay
+from .schedule import DurationModel, backoff_delay
 from .settings import Settings
 from .storage import FileStorage, sidecar_key, video_key
 from .upstream import Generation, UpstreamClient
@@ -34,6 +35,13 @@ log = logging.getLogger(__name__)
 
 # Rate limiting is the upstream saying "not now", not a fault: allow more tries.
 RATE_LIMIT_ATTEMPT_FACTOR = 5
+# A 429 without Retry-After pauses this long; a longer Retry-After is honoured
+# up to the maximum.
+DEFAULT_PAUSE_S, MAX_PAUSE_S = 10.0, 3600.0
+# Paused polls resume spread over up to this long, not all at once.
+RESUME_SPREAD_S = 10.0
+# The effective cap grows by one after this many times itself in completions.
+CAP_PROBE_FACTOR = 4
 RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
 
 
@@ -61,6 +69,10 @@ class Steps:
             return self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
         if self._already_stored(job):
             return
+        if job.number("__submit_pause_ms") > 0:
+            # Admitted just before a 429 paused submits: back to the front of the line.
+            self.store.back_in_line(job, 0.0, rate_limited=False)
+            return
         try:
             marker = self.store.mark_posting(job, self.durability)
         except NotDurable:
@@ -75,11 +87,12 @@ class Steps:
             raise SubmitOutcomeUnknown(
                 "a POST for this job was started earlier and its answer never arrived "
                 "(a worker or Redis died mid-POST); not re-sent, to avoid paying twice")
-        generation = self._post(job)
+        try:
+            generation = self._post(job)
+        except RateLimited as exc:
+            return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()
-        delay = first_poll_delay(self._expected_s(job), self.settings.poll_min_interval_s,
-                                 self.settings.poll_max_interval_s)
-        self._next(job, Step.POLL, delay, attempts=0)
+        self._next(job, Step.POLL, self._poll_delay(job, 0.0), attempts=0)
 
     def _post(self, job: Job) -> Generation:
         """POST once, bounded by a total deadline. The POST runs in a thread
@@ -126,8 +139,26 @@ class Steps:
                 time.sleep(pause)
         raise RuntimeError(f"generation {generation_id} of {job.ref} could not be recorded")
 
+    def _rate_limited_submit(self, job: Job, error: RateLimited) -> None:
+        """A 429 is about the account: every worker pauses submits, this job
+        keeps its place at the front of the line, and no attempt is spent."""
+        pause = _pause_s(error)
+        effective = self.store.back_in_line(job, pause, rate_limited=True)
+        log.warning("429 on submit: submits paused %.0f s for every worker; effective C %d",
+                    pause, effective)
+
     def poll(self, job: Job) -> None:
-        generation = self.client.fetch(job.generation_id)
+        paused_ms = job.number("__poll_pause_ms")
+        if paused_ms > 0:
+            return self._next(job, Step.POLL, paused_ms / 1000 + _spread(paused_ms / 1000),
+                              polls=job.polls)
+        try:
+            generation = self.client.fetch(job.generation_id)
+        except RateLimited as exc:
+            pause = _pause_s(exc)
+            self.store.pause_polls(pause)
+            log.warning("429 on a status GET: polls paused %.0f s for every worker", pause)
+            return self._next(job, Step.POLL, pause + _spread(pause), polls=job.polls)
         job.polls += 1
         if generation.succeeded:
             return self._completed(job, generation)
@@ -140,11 +171,8 @@ class Steps:
             # Paid for and maybe still coming: look slowly, keep the slot.
             return self._next(job, Step.POLL, self.settings.overdue_poll_interval_s,
                               state=State.OVERDUE, polls=job.polls, attempts=0)
-        delay = next_poll_delay(self._expected_s(job), job.polls,
-                                self.settings.poll_min_interval_s,
-                                self.settings.poll_max_interval_s, age)
-        self._next(job, Step.POLL, delay, state=State.GENERATING, polls=job.polls,
-                   attempts=0, last_poll_delay=delay)
+        self._next(job, Step.POLL, self._poll_delay(job, age), state=State.GENERATING,
+                   polls=job.polls, attempts=0, last_poll_age=age)
 
     def download(self, job: Job) -> None:
         started = time.monotonic()
@@ -223,10 +251,13 @@ class Steps:
             values["credits_used"] = generation.credits_used
         if not job.completed_at:
             values["completed_at"] = job.now()
-            if not job.extra.get("recovered"):  # a recovered chain's delay is not a sample
-                self.durations.record(*self._shape(job), job.now() - job.submitted_at,
-                                      job.polls, job.number("last_poll_delay"))
+            # Finished after the previous poll (none: censored at 0) and by
+            # this one. A recovered chain's delays say nothing about the upstream.
+            if not job.extra.get("recovered"):
+                previous = job.number("last_poll_age") if job.polls > 1 else 0.0
+                self.durations.record(*self._shape(job), previous, job.now() - job.submitted_at)
         self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True, **values)
+        self.store.grow_cap(CAP_PROBE_FACTOR)
         admit(self.admission, self.dispatch)
 
     def _next(self, job: Job, step: str, delay: float, **values) -> None:
@@ -250,3 +281,17 @@ class Steps:
 
     def _expected_s(self, job: Job) -> float:
         return self.durations.expected_s(*self._shape(job))
+
+    def _poll_delay(self, job: Job, age_s: float) -> float:
+        plan = self.durations.plan(*self._shape(job))
+        return plan.delay(job.polls, age_s, self.settings.poll_min_interval_s,
+                          self.settings.poll_max_interval_s)
+
+
+def _pause_s(error: RateLimited) -> float:
+    retry_after = error.retry_after if error.retry_after is not None else DEFAULT_PAUSE_S
+    return min(max(retry_after, 1.0), MAX_PAUSE_S)
+
+
+def _spread(pause_s: float) -> float:
+    return random.uniform(0, min(pause_s, RESUME_SPREAD_S))

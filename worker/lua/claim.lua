@@ -1,6 +1,6 @@
 -- Take a job's step: swap its token for 'run:<token>', lease the step and
 -- return the record plus the Redis clock. A stale token gets nothing.
-local job_key, due_key = KEYS[1], KEYS[2]
+local job_key, due_key, submit_pause_key, poll_pause_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token = ARGV[1]
 local lease_s = tonumber(ARGV[2])
 local ref = ARGV[3]
@@ -14,4 +14,9 @@ redis.call('ZADD', due_key, now + lease_s, ref)
 local record = redis.call('HGETALL', job_key)
 table.insert(record, '__now')
 table.insert(record, string.format('%.6f', now))
+-- Shared 429 pauses, so the step can wait without calling the upstream.
+table.insert(record, '__submit_pause_ms')
+table.insert(record, tostring(math.max(0, redis.call('PTTL', submit_pause_key))))
+table.insert(record, '__poll_pause_ms')
+table.insert(record, tostring(math.max(0, redis.call('PTTL', poll_pause_key))))
 return record

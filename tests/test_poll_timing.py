@@ -1,0 +1,147 @@
+"""Poll timing that learns any generation time, and one shared pause on 429.
+
+The unit tests pin the plan's rules; the rest run real workers against the
+sandbox with the default prior (90 s) while generations take about 1 s: the
+system is never told the true time.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+from conftest import write_prompts
+
+from worker import keys
+from worker.schedule import PollPlan, Sample, plan_from
+
+
+def _lags(pipeline, batch: str) -> list[float]:
+    """Detection lag per job, in completion order: vidq's completed_at minus the
+    sandbox's completes_at."""
+    completes = {e["id"]: e["completes_at"] for e in pipeline.ledger()}
+    jobs = [pipeline.store.get(keys.job_ref(batch, i)) for i in pipeline.store.job_ids(batch)]
+    done = sorted((j for j in jobs if j.completed_at), key=lambda j: j.completed_at)
+    return [j.completed_at - completes[j.generation_id] for j in done]
+
+
+def test_cold_start_polls_at_5_s_then_doubles_capped_by_the_prior():
+    plan = plan_from([], prior_s=90)
+    assert plan == PollPlan(5.0, None, 0.0, 90)
+    assert plan.delay(0, 0.0, 0.1, 120) == 5.0
+    assert plan.delay(1, 5.0, 0.1, 120) == 5.0      # to 10 s
+    assert plan.delay(2, 10.0, 0.1, 120) == 10.0    # to 20 s
+    assert plan.delay(5, 100.0, 0.1, 120) == 90.0   # never more than the prior
+
+
+def test_first_polls_that_keep_finding_videos_done_move_earlier_by_half():
+    censored = [Sample(0.0, 8.0)] * 12  # all complete at their first poll, at 8 s
+    plan = plan_from(censored, prior_s=90)
+    assert plan.first_s == 4.0 and plan.second_s is None
+    plan = plan_from([Sample(0.0, 4.0)] * 3 + censored, prior_s=90)
+    assert plan.first_s == 2.0
+
+
+def test_a_learned_plan_aims_at_quantiles_of_bracketed_completions():
+    samples = [Sample(t - 0.5, t + 0.5) for t in (8, 9, 9.5, 10, 10, 10.5, 11, 12, 9, 10)]
+    plan = plan_from(samples, prior_s=90)
+    assert plan.second_s is not None
+    assert 9 <= plan.first_s <= 10 <= plan.second_s <= 11
+    assert 0 < plan.step_s < 1
+
+
+def test_prior_90_s_learns_1_s_generations_from_censored_first_polls(make_pipeline,
+                                                                       tmp_path):
+    """Every first poll of the cold start finds the video done: the plan moves earlier
+    until completions are bracketed, and late jobs are detected far sooner."""
+    pipeline = make_pipeline(VIDQ_EXPECTED_GENERATION_S=90, VIDQ_POLL_MAX_INTERVAL_S=10)
+    pipeline.start_workers()
+    prompts = [f"learn {i}" for i in range(36)]
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "learn")
+
+    assert pipeline.wait_finished("learn", timeout_s=150)["done"] == 36
+    lags = _lags(pipeline, "learn")
+    first, last = statistics.median(lags[:4]), statistics.median(lags[-12:])
+    assert first > 2.5, lags  # the cold start's first poll is at 5 s
+    assert last < 0.6, lags   # ~1 s generations, found within a fraction of that
+
+
+def test_the_plan_follows_a_drop_in_generation_time(make_pipeline, make_sandbox, tmp_path):
+    """Learned at ~2 s, the upstream turns ~4x faster: the plan follows."""
+    slow = make_sandbox(time_scale=45)
+    pipeline = make_pipeline(slow, VIDQ_EXPECTED_GENERATION_S=90)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", [f"slow {i}" for i in range(20)]), "a")
+    assert pipeline.wait_finished("a", timeout_s=120)["done"] == 20
+    pipeline.stop_workers()
+
+    fast = make_sandbox(time_scale=180)
+    pipeline = make_pipeline(fast, VIDQ_EXPECTED_GENERATION_S=90)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "b.txt", [f"fast {i}" for i in range(32)]), "b")
+    assert pipeline.wait_finished("b", timeout_s=120)["done"] == 32
+    lags = _lags(pipeline, "b")
+    assert statistics.median(lags[-10:]) < 0.35, lags  # ~0.5 s generations
+
+
+def test_a_recovered_chain_records_no_generation_time(make_pipeline, tmp_path):
+    """A job whose chain was re-sent by the reconciler says nothing about the upstream:
+    its completion adds no sample (one crash must not poison the plan)."""
+    pipeline = make_pipeline()
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["recovered"]), "rc")
+    (job_id,) = pipeline.store.job_ids("rc")
+    ref = keys.job_ref("rc", job_id)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not pipeline.store.get(ref).generation_id:
+        time.sleep(0.05)
+    pipeline.store.redis.hset(keys.job(ref), "recovered", "1")
+
+    assert pipeline.wait_finished("rc")["done"] == 1
+    key = keys.durations("alibaba/wan2.1-t2v-turbo", "720P")
+    assert pipeline.store.redis.llen(key) == 0
+
+
+def test_429s_pause_every_worker_lower_c_to_the_real_limit_and_fail_no_job(
+        make_pipeline, make_sandbox, tmp_path):
+    """The account really allows 2, C is configured at 5: submits that meet 429 go
+    back to the front of the line (no attempt spent), the effective C drops to the
+    real limit, and every job ends done."""
+    sandbox = make_sandbox(max_concurrency=2)
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=5)
+    pipeline.start_workers(count=2, concurrency=2)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"limited {i}" for i in range(16)]), "rl")
+    lowest = 5
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        lowest = min(lowest, pipeline.admission.effective_cap() or 5)
+        counts = pipeline.store.counts("rl")
+        if counts["done"] + counts["failed"] == 16:
+            break
+        time.sleep(0.05)
+
+    assert pipeline.store.counts("rl")["done"] == 16
+    stats = sandbox.stats()
+    print(f"\n429s answered: {stats['rate_limited']} for 16 jobs; effective C reached {lowest}")
+    assert lowest == 2
+    assert stats["max_in_flight"] == 2 and stats["submissions"] == 16
+    assert stats["rate_limited"] <= 8
+
+
+def test_a_429_on_a_status_get_pauses_polls_for_every_worker(make_pipeline, make_sandbox,
+                                                             tmp_path):
+    sandbox = make_sandbox()
+    pipeline = make_pipeline(sandbox)
+    pipeline.faults(poll=[429], retry_after=2)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"paused {i}" for i in range(4)]), "pp")
+    deadline = time.monotonic() + 20
+    seen = False
+    while time.monotonic() < deadline and not seen:
+        seen = pipeline.store.redis.pttl(keys.PAUSE_POLL) > 0
+        time.sleep(0.02)
+    assert seen, "no poll pause after a 429 on a status GET"
+    polls_at_pause = sandbox.stats()["polls"]
+    time.sleep(1.0)
+    assert sandbox.stats()["polls"] <= polls_at_pause + 1  # nobody polled during the pause
+
+    assert pipeline.wait_finished("pp", timeout_s=60)["done"] == 4
