@@ -21,6 +21,8 @@ def batch_status(admission: Admission, batch: str) -> dict:
         "finished": counts["done"] + counts["failed"],
         "outcome_unknown": store.outcome_unknown(batch),
         "upstream_in_flight": admission.in_flight(),
+        "max_in_flight": admission.cap(),
+        "effective_max_in_flight": admission.effective_cap(),
         "waiting_for_slot": admission.waiting(),
     }
 
@@ -53,6 +55,9 @@ def describe(status: dict) -> str:
     if status.get("outcome_unknown"):
         parts.append(f"{status['outcome_unknown']} outcome unknown (may have been charged)")
     parts.append(f"{status['upstream_in_flight']} in flight")
+    if status.get("effective_max_in_flight"):
+        parts.append(f"C lowered to {status['effective_max_in_flight']} of "
+                     f"{status['max_in_flight']} after 429s")
     return ", ".join(parts)
 
 

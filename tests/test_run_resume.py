@@ -29,6 +29,17 @@ def _run(path, tmp_path, env, *extra) -> subprocess.CompletedProcess:
                           cwd=tmp_path)
 
 
+def _start_run_until_posted(path, tmp_path, env, sandbox, posted: int) -> subprocess.Popen:
+    """`vidq run` in the background, returned once the sandbox has `posted` generations."""
+    process = subprocess.Popen(["vidq", "run", str(path), "--state-dir", str(tmp_path / "state")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(_ledger(sandbox).values()) < posted:
+        time.sleep(0.2)
+    return process
+
+
 def _ledger(sandbox) -> Counter:
     entries = requests.get(sandbox.url + "/__ledger", timeout=10).json()
     return Counter(entry["prompt"] for entry in entries)
@@ -61,12 +72,7 @@ def test_ctrl_c_says_what_is_in_flight_and_the_rerun_resumes(make_sandbox, tmp_p
     env["VIDQ_EXPECTED_GENERATION_S"] = "6"
     prompts = [f"interrupted {i}" for i in range(6)]
     path = write_prompts(tmp_path / "night.txt", prompts)
-    process = subprocess.Popen(["vidq", "run", str(path), "--state-dir", str(tmp_path / "state")],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sum(_ledger(sandbox).values()) < 2:
-        time.sleep(0.2)
+    process = _start_run_until_posted(path, tmp_path, env, sandbox, posted=2)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
 
@@ -87,12 +93,7 @@ def test_vidq_run_restarts_a_worker_that_dies(make_sandbox, tmp_path):
     env["VIDQ_EXPECTED_GENERATION_S"] = "3"
     prompts = [f"supervised {i}" for i in range(6)]
     path = write_prompts(tmp_path / "night.txt", prompts)
-    process = subprocess.Popen(["vidq", "run", str(path), "--state-dir", str(tmp_path / "state")],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sum(_ledger(sandbox).values()) < 2:
-        time.sleep(0.2)
+    process = _start_run_until_posted(path, tmp_path, env, sandbox, posted=2)
     workers = [child for child in psutil.Process(process.pid).children()
                if "worker" in child.cmdline()]
     assert workers, "no worker process found under vidq run"

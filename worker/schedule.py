@@ -73,7 +73,10 @@ class PollPlan:
         if polls_done == 0:
             return _clamp(self.first_s - elapsed_s, min_s, max_s)
         if self.second_s is None:
-            return _clamp(min(max(elapsed_s, min_s), self.cap_s), min_s, max_s)
+            # Double the time since submit (never before the first aim), each
+            # wait at most the cap.
+            target = max(2 * elapsed_s, self.first_s)
+            return _clamp(min(target - elapsed_s, self.cap_s), min_s, max_s)
         if elapsed_s < self.second_s - self.step_s / 2:
             return _clamp(self.second_s - elapsed_s, min_s, max_s)
         step = self.step_s * STEP_GROWTH ** max(polls_done - 2, 0)
