@@ -34,7 +34,14 @@ def settings_of(celery_app: Celery) -> Settings:
 
 def apply_settings(celery_app: Celery, settings: Settings) -> None:
     """Configure the app from settings; also used to point a producer elsewhere."""
+    previous = getattr(celery_app, "vidq_settings", None)
     celery_app.vidq_settings = settings  # type: ignore[attr-defined]
+    if previous is not None and previous.redis_url != settings.redis_url:
+        # Pooled broker connections and producers keep their old URL: drop
+        # them, or messages would still go to the previous Redis.
+        celery_app._pool = None
+        if "amqp" in celery_app.__dict__:
+            celery_app.amqp._producer_pool = None
     celery_app.conf.update(
         broker_url=settings.redis_url,
         task_queues=[Queue(name, EXCHANGE, routing_key=name) for name in QUEUES],
