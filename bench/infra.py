@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -23,9 +24,10 @@ SANDBOX_KEY = "bench-key"
 
 
 @contextlib.contextmanager
-def sandbox(time_scale: float, max_concurrency: int, pad_video_to: int = 0):
+def sandbox(time_scale: float, max_concurrency: int, pad_video_to: int = 0,
+            mean_generation_s: float = MEAN_GENERATION_S):
     config = SandboxConfig(port=0, api_key=SANDBOX_KEY, time_scale=time_scale,
-                           max_concurrency=max_concurrency, mean_generation_s=MEAN_GENERATION_S,
+                           max_concurrency=max_concurrency, mean_generation_s=mean_generation_s,
                            spread=0.1, seed=SANDBOX_SEED, pad_video_to=pad_video_to)
     with SandboxServer(config) as server:
         server.videos.get(1280, 720)  # render/pad before the clock starts
@@ -38,6 +40,16 @@ def private_redis(state_dir: Path):
     with PrivateRedis(state_dir) as server:
         redis.Redis.from_url(server.url).flushall()
         yield server
+
+
+def set_mean_generation_s(server: SandboxServer, mean_s: float) -> None:
+    """Change the mean of generations submitted from now on (simulated seconds).
+
+    The sandbox runs in this process; SandboxState draws each duration from
+    `state.config` under its lock, so swapping the (frozen) config object is
+    atomic and changes nothing else: the HTTP server keeps its own reference.
+    """
+    server.state.config = dataclasses.replace(server.state.config, mean_generation_s=mean_s)
 
 
 def ledger(server: SandboxServer) -> list[dict]:
