@@ -27,7 +27,7 @@ from .errors import (
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .schedule import DurationModel, backoff_delay
 from .settings import Settings
-from .storage import FileStorage, sidecar_key, video_key
+from .storage import Storage, sidecar_key, video_key
 from .upstream import Generation, UpstreamClient
 from .video import sidecar, stored_video, stream_video
 
@@ -53,7 +53,7 @@ class Steps:
     store: JobStore
     admission: Admission
     client: UpstreamClient
-    storage: FileStorage
+    storage: Storage
     durations: DurationModel
     dispatch: Dispatch
     durability: Durability

@@ -13,6 +13,10 @@ from pathlib import Path
 from .contract import DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
 
+# S3's limits on a multipart upload's parts (all but the last).
+S3_MIN_PART_BYTES = 5 * 1024**2
+S3_MAX_PART_BYTES = 5 * 1024**3
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -52,6 +56,8 @@ class Settings:
     # Result URLs may point at these hosts/CIDRs even if private (comma-separated).
     result_url_allowlist: str = ""
     max_video_bytes: int = 2 * 1024**3
+    # s3:// storage: bytes buffered per multipart part (S3's minimum is 5 MiB).
+    s3_part_bytes: int = 8 * 1024**2
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -66,6 +72,10 @@ class Settings:
                 "but live submit would be taken over")
         if self.hard_limit_s < self.deadline_s:
             raise ConfigError("VIDQ_HARD_LIMIT_S must be at least VIDQ_DEADLINE_S")
+        if not S3_MIN_PART_BYTES <= self.s3_part_bytes <= S3_MAX_PART_BYTES:
+            raise ConfigError(
+                f"VIDQ_S3_PART_BYTES={self.s3_part_bytes}: S3 parts must be between "
+                f"{S3_MIN_PART_BYTES} (5 MiB) and {S3_MAX_PART_BYTES} (5 GiB) bytes")
         longest = max(self.poll_max_interval_s, self.backoff_cap_s) + self.download_grace_s
         if self.visibility_timeout_s <= longest:
             raise ConfigError(
@@ -127,6 +137,7 @@ ENV_NAMES = {
     "post_deadline_s": "VIDQ_POST_DEADLINE_S",
     "result_url_allowlist": "VIDQ_RESULT_URL_ALLOWLIST",
     "max_video_bytes": "VIDQ_MAX_VIDEO_BYTES",
+    "s3_part_bytes": "VIDQ_S3_PART_BYTES",
 }
 
 

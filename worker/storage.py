@@ -1,21 +1,29 @@
-"""Where finished videos go. Local disk today; the interface is kept small
-(`writer`, `put_bytes`, `exists`, `location`) so other backends fit.
+"""Where finished videos go: a local directory (file://) or an S3 bucket
+(s3://bucket/prefix). Both backends have the same small interface (`writer`,
+`put_bytes`, `exists`, `read_bytes`, `sha256`, `location`) and the same key
+layout, `<batch>/<job_id>.mp4` and `<batch>/<job_id>.json` under the root or
+prefix.
 
-A reader never sees a partial file: bytes go to a hidden temporary name in
-the same directory, are fsynced, then renamed into place.
+A reader never sees a partial object. On disk, bytes go to a hidden
+temporary name in the same directory, are fsynced, then renamed into place.
+
+The S3 backend lives in `worker.storage_s3`.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 from .errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
 
 # Published files get the mode a plain open() would give them (mkstemp's 0600
 # would hide videos from the group reading the shared storage directory).
@@ -37,8 +45,9 @@ class FileStorage:
         return path
 
     @contextlib.contextmanager
-    def writer(self, key: str) -> Iterator[BinaryIO]:
-        """A file to write; published under `key` only if the block succeeds."""
+    def writer(self, key: str, metadata: dict[str, str] | None = None) -> Iterator[BinaryIO]:
+        """A file to write; published under `key` only if the block succeeds.
+        `metadata` is accepted for parity with S3Storage; files carry none."""
         final = self.path(key)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -94,14 +103,33 @@ class FileStorage:
         return str(self.path(key))
 
 
-def open_storage(url: str) -> FileStorage:
-    """The backend for VIDQ_STORAGE_URL (file:///abs/path, or a plain path)."""
+class Storage(Protocol):
+    """What the steps need from a backend."""
+
+    def writer(self, key: str, metadata: dict[str, str] | None = None
+               ) -> contextlib.AbstractContextManager[Any]: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def sha256(self, key: str) -> str: ...
+    def location(self, key: str) -> str: ...
+
+
+def open_storage(url: str, part_bytes: int) -> Storage:
+    """The backend for VIDQ_STORAGE_URL: file:///abs/path, a plain path, or
+    s3://bucket/prefix (multipart parts of `part_bytes`, VIDQ_S3_PART_BYTES)."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         raw = unquote(parsed.path) if parsed.scheme else url
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"VIDQ_STORAGE_URL={url!r}: use file:///absolute/path")
         return FileStorage(Path(raw).expanduser().resolve())
+    if parsed.scheme == "s3":
+        if not parsed.netloc or parsed.query or parsed.fragment or "@" in parsed.netloc:
+            raise ConfigError(f"VIDQ_STORAGE_URL={url!r}: use s3://bucket/prefix")
+        from .storage_s3 import S3Storage
+
+        return S3Storage(parsed.netloc, unquote(parsed.path), part_bytes=part_bytes)
     raise ConfigError(f"VIDQ_STORAGE_URL={url!r}: unsupported scheme {parsed.scheme!r}")
 
 

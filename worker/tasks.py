@@ -57,7 +57,8 @@ def build_steps(settings: Settings, worker_name: str = "local") -> Steps:
     store = JobStore(client)
     return Steps(
         settings=settings, store=store, admission=Admission(store, settings.step_grace_s),
-        client=UpstreamClient(settings), storage=open_storage(settings.storage_url),
+        client=UpstreamClient(settings),
+        storage=open_storage(settings.storage_url, settings.s3_part_bytes),
         durations=DurationModel(client, settings.expected_generation_s), dispatch=dispatch,
         durability=Durability.probe(client), worker_name=worker_name,
     )

@@ -8,10 +8,10 @@ from collections.abc import Iterable
 
 from .errors import CorruptVideo, StorageError
 from .jobs import Job
-from .storage import FileStorage, sidecar_key, video_key
+from .storage import Storage, sidecar_key, video_key
 
 
-def stream_video(storage: FileStorage, key: str, chunks: Iterable[bytes],
+def stream_video(storage: Storage, key: str, chunks: Iterable[bytes],
                  announced: str | None) -> tuple[int, str]:
     """Write chunks under `key`, published only whole; returns (bytes, sha256)."""
     digest, size, head = hashlib.sha256(), 0, b""
@@ -46,7 +46,7 @@ def sidecar(job: Job, key: str, size: int, digest: str, now: float) -> dict:
     }
 
 
-def stored_video(storage: FileStorage, job: Job) -> dict | None:
+def stored_video(storage: Storage, job: Job) -> dict | None:
     """The sidecar of this job's video if both are in storage and the video's
     sha256 matches the sidecar's; None otherwise."""
     card_key, key = sidecar_key(job.batch, job.id), video_key(job.batch, job.id)
