@@ -1,10 +1,19 @@
+# The vidq image: workers, Flower, the producer CLI and the sandbox.
+# No secret is baked in: AIMLAPI_KEY, the Redis password and the S3
+# credentials come from the environment at run time (compose .env, k8s Secrets).
 FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY producer ./producer
 COPY sandbox ./sandbox
-RUN pip install --no-cache-dir . && useradd --create-home vidq && mkdir -p /videos && chown vidq /videos
-USER vidq
+# A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it. /videos is for
+# VIDQ_STORAGE_URL=file:///videos, /data for Flower's persistent state.
+RUN pip install --no-cache-dir . \
+ && useradd --uid 10001 --create-home --shell /usr/sbin/nologin vidq \
+ && mkdir -p /videos /data \
+ && chown vidq:vidq /videos /data
+USER 10001
 ENV VIDQ_STORAGE_URL=file:///videos
 CMD ["celery", "-A", "worker", "worker", "-Q", "vidq.submit,vidq.poll,vidq.download", "-c", "8", "--loglevel", "INFO"]
