@@ -25,12 +25,15 @@ def _lags(pipeline, batch: str) -> list[float]:
 
 
 def test_cold_start_polls_at_5_s_then_doubles_capped_by_the_prior():
+    """5, 10, 20, 40, 80 s, one poll just before and one just after the prior (90 s),
+    then waits of at most the prior."""
     plan = plan_from([], prior_s=90)
-    assert plan == PollPlan(5.0, None, 0.0, 90)
-    assert plan.delay(0, 0.0, 0.1, 120) == 5.0
-    assert plan.delay(1, 5.0, 0.1, 120) == 5.0      # to 10 s
-    assert plan.delay(2, 10.0, 0.1, 120) == 10.0    # to 20 s
-    assert plan.delay(5, 100.0, 0.1, 120) == 90.0   # never more than the prior
+    assert plan == PollPlan(5.0, None, 0.0, 90, (85.5, 94.5))
+    times, elapsed = [], 0.0
+    for polls in range(8):
+        elapsed += plan.delay(polls, elapsed, 0.1, 120)
+        times.append(round(elapsed, 1))
+    assert times == [5.0, 10.0, 20.0, 40.0, 80.0, 85.5, 94.5, 184.5]
 
 
 def test_first_polls_that_keep_finding_videos_done_move_earlier_by_half():

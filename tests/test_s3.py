@@ -195,3 +195,29 @@ def test_part_size_setting_is_checked():
     assert Settings.from_env({"VIDQ_S3_PART_BYTES": str(5 * MiB)}).s3_part_bytes == 5 * MiB
     with pytest.raises(ConfigError, match="s3://bucket/prefix"):
         open_storage("s3:///no-bucket", 8 * MiB)
+
+
+def test_vidq_run_with_the_sandbox_into_s3(aws_env, s3, bucket, tmp_path):
+    """`vidq run FILE --sandbox` with s3:// storage: every video and sidecar lands as an
+    object whose sha256 matches, and no upload is left open."""
+    import os
+    import subprocess
+
+    examples = write_prompts(tmp_path / "four.txt", PROMPTS[:4])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDQ_")}
+    env.update(aws_env)
+    env.update({"VIDQ_STORAGE_URL": f"s3://{bucket}/night", "VIDQ_MAX_IN_FLIGHT": "4",
+                "VIDQ_POLL_MIN_INTERVAL_S": "0.2"})
+    result = subprocess.run(["vidq", "run", str(examples), "--sandbox", "--batch", "ex",
+                             "--state-dir", str(tmp_path / "state")],
+                            env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = _keys(s3, bucket)
+    videos = sorted(k for k in names if k.endswith(".mp4"))
+    assert len(videos) == 4 and {k.replace(".mp4", ".json") for k in videos} <= names
+    for key in videos:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        card = json.loads(s3.get_object(Bucket=bucket, Key=key[:-4] + ".json")["Body"].read())
+        assert hashlib.sha256(body).hexdigest() == card["sha256"]
+    assert _uploads(s3, bucket) == []

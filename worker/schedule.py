@@ -14,7 +14,9 @@ resubmitted chains are never recorded):
 
 * Cold start (fewer than `MIN_SAMPLES`): poll at 5 s, then whenever the time
   since submit has doubled (10, 20, 40 s ...), each wait at most the prior
-  `VIDQ_EXPECTED_GENERATION_S`. A wrong prior costs at most one prior's wait.
+  `VIDQ_EXPECTED_GENERATION_S`, plus one poll just before and one just after
+  the prior. A right prior is then used at once; a wrong one costs two GETs
+  and at most one prior's wait.
 * Too late: if nearly all (`TOO_LATE_SHARE`) of the last `RECENT`
   completions were censored, first polls are far too late. The next first
   poll comes at half the newest censored poll time, then the cold-start
@@ -52,6 +54,7 @@ RECENT = 12  # completions that decide whether first polls are too late
 NEWEST = 5
 MIN_SAMPLES = 5
 COLD_FIRST_S = 5.0
+COLD_PRIOR_AIMS = (0.95, 1.05)
 FIRST_Q, SECOND_Q = 0.30, 0.65
 STEP_SHARE_OF_SPREAD = 1 / 8
 STEP_GROWTH = 1.25
@@ -67,16 +70,21 @@ class PollPlan:
     second_s: float | None  # None: keep doubling the elapsed time (cold or too late)
     step_s: float
     cap_s: float  # longest wait between two polls of an unlearned plan
+    # Cold start only: extra polls just around the prior. A right prior then
+    # costs two GETs and no lag; a wrong one costs those two GETs.
+    prior_aims: tuple[float, ...] = ()
 
     def delay(self, polls_done: int, elapsed_s: float, min_s: float, max_s: float) -> float:
         """The wait before poll number polls_done + 1."""
-        if polls_done == 0:
-            return _clamp(self.first_s - elapsed_s, min_s, max_s)
         if self.second_s is None:
             # Double the time since submit (never before the first aim), each
-            # wait at most the cap.
-            target = max(2 * elapsed_s, self.first_s)
+            # wait at most the cap; stop at a prior aim on the way.
+            target = max(2 * elapsed_s, self.first_s) if polls_done else self.first_s
+            aims = [aim for aim in self.prior_aims if elapsed_s + min_s <= aim < target]
+            target = min([target, *aims])
             return _clamp(min(target - elapsed_s, self.cap_s), min_s, max_s)
+        if polls_done == 0:
+            return _clamp(self.first_s - elapsed_s, min_s, max_s)
         if elapsed_s < self.second_s - self.step_s / 2:
             return _clamp(self.second_s - elapsed_s, min_s, max_s)
         step = self.step_s * STEP_GROWTH ** max(polls_done - 2, 0)
@@ -100,7 +108,8 @@ class Sample:
 def plan_from(samples: list[Sample], prior_s: float) -> PollPlan:
     """The poll plan for a shape, from its most recent samples (newest first)."""
     if len(samples) < MIN_SAMPLES:
-        return PollPlan(min(COLD_FIRST_S, prior_s), None, 0.0, prior_s)
+        return PollPlan(min(COLD_FIRST_S, prior_s), None, 0.0, prior_s,
+                        (COLD_PRIOR_AIMS[0] * prior_s, COLD_PRIOR_AIMS[1] * prior_s))
     recent = samples[:RECENT]
     censored = [s.hi for s in recent if s.censored]
     if len(censored) > TOO_LATE_SHARE * len(recent):
