@@ -36,7 +36,8 @@ def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
         base = f"http://127.0.0.1:{port}"
         _wait_http(base + "/healthcheck", flower)
         pipeline.start_workers()
-        pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a secret garden at noon"]), "fl")
+        pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a secret garden at noon",
+                                                           "REJECT this one"]), "fl")
         assert pipeline.wait_finished("fl")["done"] == 1
         time.sleep(1.5)  # events reach Flower asynchronously
         tasks = requests.get(base + "/api/tasks", auth=("ops", "night-shift"), timeout=10).json()
@@ -48,3 +49,12 @@ def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
     dump = str(tasks)
     assert "secret garden" not in dump
     assert pipeline.sandbox.config.api_key not in dump
+
+    # Readable rows: every finished task's result names its job and the batch's progress;
+    # the step that failed the job is a failed task carrying the job's reason.
+    succeeded = [t for t in tasks.values() if t["state"] == "SUCCESS"]
+    assert succeeded and all("| batch " in (t["result"] or "") for t in succeeded)
+    assert any("done" in t["result"] and "1/2 done" in t["result"] for t in succeeded)
+    (failed,) = [t for t in tasks.values() if t["state"] == "FAILURE"]
+    assert failed["name"] == "vidq.poll" and "JobFailed" in failed["exception"]
+    assert "failed: poll:" in failed["exception"] and "fl:" in failed["exception"]

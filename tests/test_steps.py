@@ -214,7 +214,7 @@ def test_a_result_link_refused_again_and_again_fails_the_job(steps_for):
 def test_an_unexpected_exception_counts_as_an_attempt_and_ends_the_job(steps_for):
     """A bug in a step (here: the duration model raising ValueError) is not re-sent
     forever: each run counts as an attempt, then the job fails with the reason."""
-    from worker.tasks import run_step
+    from worker.tasks import JobFailed, run_step
 
     steps = steps_for(VIDQ_MAX_ATTEMPTS="2")
     ref, token = _admit_one(steps)
@@ -227,8 +227,10 @@ def test_an_unexpected_exception_counts_as_an_attempt_and_ends_the_job(steps_for
     for _ in range(10):
         step, _, token = steps.sent[-1]
         time.sleep(0.3)
-        run_step(steps, step, ref, token)
-        if steps.store.get(ref).state == "failed":
+        try:
+            run_step(steps, step, ref, token)
+        except JobFailed as failed:
+            assert "unexpected ValueError" in str(failed)
             break
 
     record = steps.store.get(ref)

@@ -187,6 +187,7 @@ class Steps:
                               downloaded_at=job.now(), download_s=time.monotonic() - started,
                               last_error="")
         log.info("job %s done: %d bytes, sha256 %s", job.ref, size, digest[:12])
+        job.outcome = f"done, {size / 1e6:.1f} MB"
 
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
         """A result URL expired: fetch the generation again for a fresh one."""
@@ -226,9 +227,10 @@ class Steps:
         # for about one generation time, so the cap holds.
         hold = self._expected_s(job) if unknown else 0.0
         log.warning("job %s failed: %s", job.ref, reason)
-        self.store.transition(job, state=State.FAILED, release_slot=True, hold_slot_s=hold,
-                              outcome_unknown=unknown, last_error=reason,
-                              failed_at=job.now(), polls=job.polls)
+        if self.store.transition(job, state=State.FAILED, release_slot=True, hold_slot_s=hold,
+                                 outcome_unknown=unknown, last_error=reason,
+                                 failed_at=job.now(), polls=job.polls) is not None:
+            job.failed, job.outcome = True, f"failed: {reason}"
         admit(self.admission, self.dispatch)
 
     def _already_stored(self, job: Job) -> bool:
@@ -267,8 +269,10 @@ class Steps:
                                       due_in_s=delay + self.settings.step_grace_s, **values)
         if token is None:
             log.info("job %s was taken over by a newer step; this chain stops", job.ref)
+            job.outcome = "taken over by a newer step"
             return
         self.dispatch(step, job.ref, token, delay)
+        job.outcome = f"{step} in {delay:.0f} s" if delay >= 1 else f"{step} next"
 
     def _deadline_s(self, job: Job) -> float:
         # Counted from admission too, so a job requeued by `vidq retry` gets a

@@ -17,6 +17,7 @@ from .errors import (
     RetryableUpstreamError,
     StorageError,
     SubmitOutcomeUnknown,
+    VidqError,
 )
 from .jobs import OUTCOME_UNKNOWN, JobStore, connect
 from .pipeline import Steps
@@ -64,11 +65,34 @@ def build_steps(settings: Settings, worker_name: str = "local") -> Steps:
     )
 
 
-def run_step(steps: Steps, step: str, ref: str, token: str) -> None:
+class JobFailed(VidqError):
+    """Raised by a task after its step recorded the job as failed, so that
+    Celery, and Flower, show the task as failed with the job's reason. The
+    message is acknowledged all the same (acks_late acks failures), never
+    redelivered."""
+
+
+def run_step(steps: Steps, step: str, ref: str, token: str) -> str:
+    """Run one step; returns a one-line summary for Flower's Result column."""
     job = steps.claim(ref, token, step)
     if job is None:
         log.info("%s for %s: stale token %s, nothing to do", step, ref, token)
-        return
+        return f"{ref}: stale message, nothing to do"
+    _run(steps, step, job)
+    summary = f"{ref} {job.outcome or step} | {batch_line(steps, job.batch)}"
+    if job.failed:
+        raise JobFailed(summary)
+    return summary
+
+
+def batch_line(steps: Steps, batch: str) -> str:
+    counts = steps.store.counts(batch)
+    total = steps.store.batch_total(batch)
+    return (f"batch {counts['done']:,}/{total:,} done, {counts['failed']:,} failed, "
+            f"{counts['queued']:,} waiting")
+
+
+def _run(steps: Steps, step: str, job) -> None:
     try:
         getattr(steps, step)(job)
     except ResultLinkExpired as exc:
@@ -82,23 +106,24 @@ def run_step(steps: Steps, step: str, ref: str, token: str) -> None:
     except Exception as exc:
         # A bug or an odd record: counted like any failure, so the job ends
         # (failed, with this reason) instead of being re-sent forever.
-        log.exception("job %s: %s raised unexpectedly", ref, step)
+        log.exception("job %s: %s raised unexpectedly", job.ref, step)
         steps.retry(job, RuntimeError(f"unexpected {type(exc).__name__}: {exc}"))
 
 
-@app.task(name=TASK_FOR_STEP["submit"])
-def submit(ref: str, token: str) -> None:
+# JobFailed is an expected outcome: Celery logs it in one line, no traceback.
+@app.task(name=TASK_FOR_STEP["submit"], throws=(JobFailed,))
+def submit(ref: str, token: str) -> str:
     """POST the job upstream (once ever), then schedule its first poll."""
-    run_step(get_steps(), "submit", ref, token)
+    return run_step(get_steps(), "submit", ref, token)
 
 
-@app.task(name=TASK_FOR_STEP["poll"])
-def poll(ref: str, token: str) -> None:
+@app.task(name=TASK_FOR_STEP["poll"], throws=(JobFailed,))
+def poll(ref: str, token: str) -> str:
     """GET the generation's status; reschedule, download or fail."""
-    run_step(get_steps(), "poll", ref, token)
+    return run_step(get_steps(), "poll", ref, token)
 
 
-@app.task(name=TASK_FOR_STEP["download"])
-def download(ref: str, token: str) -> None:
+@app.task(name=TASK_FOR_STEP["download"], throws=(JobFailed,))
+def download(ref: str, token: str) -> str:
     """Stream the finished video into storage and write its sidecar."""
-    run_step(get_steps(), "download", ref, token)
+    return run_step(get_steps(), "download", ref, token)
