@@ -155,7 +155,7 @@ def cap(max_in_flight):
 @click.option("--state-dir", default=".vidq", show_default=True, type=click.Path(path_type=Path))
 def run(file, batch, use_sandbox, workers, concurrency, state_dir):
     """Run one batch end to end on this machine, then exit."""
-    from worker.jobs import connect
+    from worker.connection import connect
 
     from .run import run_batch
 
@@ -187,3 +187,43 @@ def sandbox_command(host, port, time_scale, max_concurrency, api_key, cache_dir)
     serve_forever(SandboxConfig(host=host, port=port, time_scale=time_scale,
                                 max_concurrency=max_concurrency, api_key=api_key,
                                 cache_dir=cache_dir))
+
+
+@main.command(cls=VidqCommand)
+@click.argument("batch")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
+              show_default=True)
+@click.option("--state", "states", multiple=True, metavar="STATE",
+              help="Only jobs in this state (queued, submitted, generating, overdue, "
+                   "downloading, done, failed); may be repeated.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to FILE (published whole) instead of standard output.")
+def report(batch, fmt, states, output):
+    """One row per job of BATCH: id, input line, prompt, parameters, state,
+    storage URL, sha256, generation ids, credits, timings, error."""
+    from .enqueue import open_admission
+    from .report import check_states, report_rows, write_csv, write_jsonl
+
+    chosen = check_states(states)
+    settings = Settings.from_env()
+    admission = open_admission(settings)
+    rows = report_rows(admission.store, batch, settings.storage_url, chosen)
+    write = write_csv if fmt == "csv" else write_jsonl
+    if output is None:
+        try:
+            write(rows, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `vidq report ... | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    partial = output.with_name(f".{output.name}.part")
+    try:
+        with open(partial, "w", encoding="utf-8", newline="") as out:
+            count = write(rows, out)
+        os.replace(partial, output)
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise VidqError(f"cannot write {output}: {exc.strerror or exc}") from None
+        raise
+    click.echo(f"batch {batch}: {count} {_jobs(count)} written to {output}", err=True)

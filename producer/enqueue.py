@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.admission import Admission, admit
+from worker.connection import connect
 from worker.errors import InputError
-from worker.jobs import JobStore, connect
+from worker.jobs import JobStore
 
 from .prompts import ID_PATTERN, LineError, PromptFileError, load_prompts
 
@@ -45,8 +46,8 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
                  dispatch) -> EnqueueResult:
     check_batch_name(batch)
     prompt_file = load_prompts(path, defaults)
-    jobs = [(job.job_id, job.request) for job in prompt_file.jobs]
-    existing = admission.existing_requests(batch, [job_id for job_id, _ in jobs])
+    jobs = [(job.job_id, job.request, {"line": job.line}) for job in prompt_file.jobs]
+    existing = admission.existing_requests(batch, [job[0] for job in jobs])
     conflicts = [
         LineError(job.line, "id", f"job {job.job_id!r} already exists in batch {batch!r} "
                                   "with different parameters")

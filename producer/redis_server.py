@@ -41,9 +41,11 @@ def free_port() -> int:
 class PrivateRedis:
     """One redis-server process, owned by this Python process."""
 
-    def __init__(self, state_dir: Path, port: int | None = None):
+    def __init__(self, state_dir: Path, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()):
         self.state_dir = state_dir
         self.port = port or free_port()
+        self.extra_args = extra_args  # e.g. ("--replicaof", "127.0.0.1", "6379")
         self.process: subprocess.Popen | None = None
 
     @property
@@ -56,7 +58,7 @@ class PrivateRedis:
         self.process = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-             "--dir", str(self.state_dir)],
+             "--dir", str(self.state_dir), *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
@@ -85,3 +87,66 @@ class PrivateRedis:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class PrivateSentinel:
+    """One `redis-server --sentinel` process monitoring `master_name` at
+    127.0.0.1:`master_port` (Sentinel rewrites its config file, so it gets one
+    of its own in `state_dir`). Short timeouts suit tests, not production."""
+
+    def __init__(self, state_dir: Path, master_name: str, master_port: int, quorum: int = 2,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000):
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.master_name = master_name
+        self.config = (
+            f"port {self.port}\nbind 127.0.0.1\ndir {state_dir}\n"
+            f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+            f"sentinel failover-timeout {master_name} {failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {master_name} 1\n")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> PrivateSentinel:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.state_dir / "sentinel.conf"
+        conf.write_text(self.config)
+        log = open(self.state_dir / "sentinel.log", "ab")
+        self.process = subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"],
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ConfigError(f"sentinel exited; see {self.state_dir / 'sentinel.log'}")
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise ConfigError(f"sentinel did not answer within {timeout_s:.0f} s")
+
+    def master_address(self) -> tuple[str, int] | None:
+        found = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2).execute_command(
+            "SENTINEL", "get-master-addr-by-name", self.master_name)
+        return (found[0].decode(), int(found[1])) if found else None
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def sentinel_url(sentinels: list[PrivateSentinel]) -> str:
+    """VIDQ_REDIS_URL for these sentinels (with VIDQ_REDIS_SENTINEL_MASTER)."""
+    return ";".join(sentinel.url for sentinel in sentinels)

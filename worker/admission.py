@@ -75,22 +75,30 @@ class Admission:
                     found[job_id] = json.loads(raw)
         return found
 
-    def enqueue(self, batch: str, jobs: Iterable[tuple[str, dict]], now: float) -> int:
-        """Write new jobs and put them in line; existing ids are left alone."""
+    def enqueue(self, batch: str, jobs: Iterable[tuple[str, dict] | tuple[str, dict, dict]],
+                now: float) -> int:
+        """Write new jobs and put them in line; existing ids are left alone.
+        A job may carry a third element, extra hash fields (e.g. its input
+        `line`), written only where the job does not have them yet."""
         created, pending = 0, 0
+        replies: list[bool] = []  # which pipeline replies are the script's (created) answers
         pipe = self.redis.pipeline(transaction=False)
-        for job_id, request in jobs:
+        for job_id, request, *rest in jobs:
             ref = keys.job_ref(batch, job_id)
             script_keys = [keys.job(ref), keys.batch_jobs(batch), keys.batch_counts(batch),
                            keys.ADMISSION, keys.batch(batch)]
             args = [ref, job_id, batch, json.dumps(request, ensure_ascii=False), repr(now)]
             self._scripts["enqueue"](keys=script_keys, args=args, client=pipe)
+            replies.append(True)
+            for name, value in (rest[0] if rest else {}).items():
+                pipe.hsetnx(keys.job(ref), name, str(value))
+                replies.append(False)
             pending += 1
             if pending >= ENQUEUE_PIPELINE:
-                created += sum(pipe.execute())
-                pending = 0
+                created += _created(pipe.execute(), replies)
+                pending, replies = 0, []
         if pending:
-            created += sum(pipe.execute())
+            created += _created(pipe.execute(), replies)
         self.redis.sadd(keys.BATCHES, batch)
         self.redis.hsetnx(keys.batch(batch), "created_at", repr(now))
         return created
@@ -129,6 +137,10 @@ class Admission:
 
     def waiting(self) -> int:
         return int(self.redis.llen(keys.ADMISSION))
+
+
+def _created(answers: list, is_script: list[bool]) -> int:
+    return sum(int(answer) for answer, script in zip(answers, is_script, strict=True) if script)
 
 
 def admit(admission: Admission, dispatch: Dispatch) -> int:

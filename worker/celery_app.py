@@ -10,7 +10,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from . import kombu_fix
-from .settings import Settings
+from .settings import Settings, is_sentinel_url, sentinel_master_of, without_master_name
 
 QUEUES = ("vidq.submit", "vidq.poll", "vidq.download")
 EXCHANGE = Exchange("vidq", type="direct")
@@ -42,8 +42,29 @@ def apply_settings(celery_app: Celery, settings: Settings) -> None:
         celery_app._pool = None
         if "amqp" in celery_app.__dict__:
             celery_app.amqp._producer_pool = None
+    transport_options: dict = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
+    }
+    broker_url = settings.redis_url
+    # Celery's default publish retry policy, unless Sentinel is used (below).
+    publish_retry = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2,
+                     "interval_max": 1}
+    if is_sentinel_url(broker_url):
+        # kombu's SentinelChannel takes the master's name as a transport option;
+        # a dead master's half-open socket must time out, not hang a publish.
+        broker_url = without_master_name(broker_url)
+        transport_options.update(master_name=sentinel_master_of(settings.redis_url),
+                                 socket_connect_timeout=5, socket_timeout=30,
+                                 sentinel_kwargs={"socket_connect_timeout": 1,
+                                                  "socket_timeout": 2})
+        # A publish during a failover waits for the new master (~20 s at most)
+        # instead of failing the step and leaving it to the reconciler.
+        publish_retry = {"max_retries": 12, "interval_start": 0.2, "interval_step": 0.5,
+                         "interval_max": 2.0}
     celery_app.conf.update(
-        broker_url=settings.redis_url,
+        broker_url=broker_url,
         task_queues=[Queue(name, EXCHANGE, routing_key=name) for name in QUEUES],
         task_default_exchange=EXCHANGE.name,
         task_default_queue="vidq.submit",
@@ -57,11 +78,7 @@ def apply_settings(celery_app: Celery, settings: Settings) -> None:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_eta_task_limit=settings.worker_eta_task_limit,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            "unacked_restore_interval": 10,
-            "unacked_restore_throttle": 1,
-        },
+        broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         # No result backend: job state lives in the job records.
@@ -73,4 +90,5 @@ def apply_settings(celery_app: Celery, settings: Settings) -> None:
         worker_soft_shutdown_timeout=10.0,
         worker_enable_soft_shutdown_on_idle=True,
         worker_hijack_root_logger=False,
+        task_publish_retry_policy=publish_retry,
     )

@@ -10,17 +10,26 @@ What each Redis setting guarantees (the README's Reliability section):
                                     a job POSTed in that window may be POSTed again
 
 `vidq run`'s private Redis uses AOF with appendfsync always.
+
+With Redis Sentinel the client is the current master's (`jobs.connect`), so
+the probe and every WAIT run on the master. The replica count is read again
+every REPROBE_S, and at once when a WAIT is answered by fewer replicas than
+expected (a failover, or a replica lost): the marker is then accepted if every
+replica the current master has acknowledged it, with that master's own AOF as
+the remaining guarantee (logged), so a run goes on after losing its master.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import redis
 
 log = logging.getLogger(__name__)
 WAIT_TIMEOUT_MS = 2000
+REPROBE_S = 30.0
 
 
 class NotDurable(redis.RedisError):
@@ -33,22 +42,37 @@ class Durability:
     waitaof: bool = False
     replicas: int = 0
     fsync_always: bool = False
+    probed_at: float = field(default_factory=time.monotonic)
 
     @classmethod
     def probe(cls, client: redis.Redis) -> Durability:
-        server = client.info("server")
-        persistence = client.info("persistence")
-        replication = client.info("replication")
-        version = tuple(int(p) for p in str(server.get("redis_version", "0")).split(".")[:2])
-        aof = bool(persistence.get("aof_enabled"))
-        found = cls(client, waitaof=aof and version >= (7, 2),
-                    replicas=int(replication.get("connected_slaves", 0)))
-        # CONFIG is often disabled on managed Redis: then nothing is claimed.
-        with contextlib.suppress(redis.ResponseError):
-            found.fsync_always = aof and client.config_get("appendfsync").get(
-                "appendfsync") == "always"
+        found = cls(client)
+        found._read()
         log.info("durability of the POST marker: %s", found.describe())
         return found
+
+    def _read(self) -> None:
+        """What the server this client reaches (the master, through Sentinel) offers."""
+        server = self.client.info("server")
+        persistence = self.client.info("persistence")
+        replication = self.client.info("replication")
+        version = tuple(int(p) for p in str(server.get("redis_version", "0")).split(".")[:2])
+        aof = bool(persistence.get("aof_enabled"))
+        self.waitaof = aof and version >= (7, 2)
+        self.replicas = int(replication.get("connected_slaves", 0))
+        self.fsync_always = False
+        # CONFIG is often disabled on managed Redis: then nothing is claimed.
+        with contextlib.suppress(redis.ResponseError):
+            self.fsync_always = aof and self.client.config_get("appendfsync").get(
+                "appendfsync") == "always"
+        self.probed_at = time.monotonic()
+
+    def refresh(self) -> None:
+        before = self.describe()
+        self._read()
+        if self.describe() != before:
+            log.warning("durability of the POST marker changed (failover or replica lost "
+                        "or added): was %s, now %s", before, self.describe())
 
     def describe(self) -> str:
         parts = []
@@ -63,6 +87,8 @@ class Durability:
     def append_waits(self, pipe) -> None:
         """Queue the waits on the pipeline that wrote: WAIT and WAITAOF only
         cover earlier writes of the same connection."""
+        if time.monotonic() - self.probed_at > REPROBE_S:
+            self.refresh()  # a replica added (or gone) since the last look
         if self.waitaof:
             pipe.execute_command("WAITAOF", 1, 0, WAIT_TIMEOUT_MS)
         if self.replicas:
@@ -72,5 +98,14 @@ class Durability:
         answers = list(answers)
         if self.waitaof and int(answers.pop(0)[0]) < 1:
             raise NotDurable("WAITAOF: the POST marker was not fsynced in time")
-        if self.replicas and int(answers.pop(0)) < self.replicas:
-            raise NotDurable(f"WAIT: not all {self.replicas} replicas have the POST marker")
+        if self.replicas:
+            acknowledged = int(answers.pop(0))
+            if acknowledged < self.replicas:
+                expected = self.replicas
+                self.refresh()  # on the current master: after a failover it has fewer
+                if acknowledged < self.replicas or self.replicas >= expected:
+                    raise NotDurable(f"WAIT: {acknowledged} of {expected} replicas have "
+                                     "the POST marker")
+                log.warning("POST marker acknowledged by %d replica(s), all the current "
+                            "master has (was %d): %s", acknowledged, expected,
+                            self.describe())

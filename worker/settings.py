@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from .contract import DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
@@ -25,6 +26,10 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)
     base_url: str = DEFAULT_BASE_URL
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # With `VIDQ_REDIS_URL=sentinel://h1:26379;sentinel://h2:26379;...`: the name
+    # the sentinels monitor. It is folded into redis_url as `?master_name=`, so
+    # every client built from the URL alone (broker, job store) finds the master.
+    redis_sentinel_master: str = ""
     storage_url: str = ""
     endpoint: str = "universal"
     max_in_flight: int = 2
@@ -60,6 +65,9 @@ class Settings:
     s3_part_bytes: int = 8 * 1024**2
 
     def __post_init__(self) -> None:
+        # Frozen: the one field normalised here is written the dataclass way.
+        object.__setattr__(self, "redis_url",
+                           sentinel_url(self.redis_url, self.redis_sentinel_master))
         if self.endpoint not in ENDPOINTS:
             raise ConfigError(
                 f"VIDQ_ENDPOINT={self.endpoint!r}: use one of {', '.join(ENDPOINTS)}"
@@ -117,6 +125,7 @@ class Settings:
 
 ENV_NAMES = {
     "redis_url": "VIDQ_REDIS_URL",
+    "redis_sentinel_master": "VIDQ_REDIS_SENTINEL_MASTER",
     "endpoint": "VIDQ_ENDPOINT",
     "max_in_flight": "VIDQ_MAX_IN_FLIGHT",
     "expected_generation_s": "VIDQ_EXPECTED_GENERATION_S",
@@ -151,3 +160,54 @@ def _parse(name: str, raw: str, type_name: str):
         return kind(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.strip().lower().startswith("sentinel://")
+
+
+def sentinel_url(url: str, master: str) -> str:
+    """`url` with the sentinel master's name in it (`?master_name=`); checks that
+    a sentinel URL has one and that a master name comes with a sentinel URL."""
+    url = url.strip()
+    if not is_sentinel_url(url):
+        if master.strip():
+            raise ConfigError("VIDQ_REDIS_SENTINEL_MASTER is set but VIDQ_REDIS_URL is not "
+                              "sentinel://host:port;sentinel://host:port;...")
+        return url
+    parts = [part.strip() for part in url.split(";") if part.strip()]
+    for part in parts:
+        if not is_sentinel_url(part):
+            raise ConfigError(f"VIDQ_REDIS_URL: {part!r} is not sentinel://host:port "
+                              "(every ;-separated part must be a sentinel)")
+    named = sentinel_master_of(url)
+    master = master.strip()
+    if named and master and named != master:
+        raise ConfigError(f"VIDQ_REDIS_SENTINEL_MASTER={master!r} but VIDQ_REDIS_URL names "
+                          f"master_name={named!r}")
+    if not (named or master):
+        raise ConfigError("VIDQ_REDIS_URL is a sentinel URL: set VIDQ_REDIS_SENTINEL_MASTER "
+                          "to the master name the sentinels monitor (e.g. mymaster)")
+    if named:
+        return ";".join(parts)
+    last = parts[-1]
+    parts[-1] = last + ("&" if "?" in last else "?") + "master_name=" + quote(master, safe="")
+    return ";".join(parts)
+
+
+def sentinel_master_of(url: str) -> str:
+    for part in url.split(";"):
+        found = parse_qs(urlsplit(part.strip()).query).get("master_name")
+        if found and found[0]:
+            return found[0]
+    return ""
+
+
+def without_master_name(url: str) -> str:
+    """The sentinel URL as kombu takes it: `master_name` goes in transport options."""
+    parts = []
+    for part in url.split(";"):
+        split = urlsplit(part.strip())
+        query = urlencode([(k, v) for k, v in parse_qsl(split.query) if k != "master_name"])
+        parts.append(urlunsplit(split._replace(query=query)))
+    return ";".join(parts)

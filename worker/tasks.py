@@ -9,6 +9,7 @@ import os
 
 from .admission import Admission
 from .celery_app import TASK_FOR_STEP, app, settings_of
+from .connection import connect
 from .durability import Durability
 from .errors import (
     CorruptVideo,
@@ -19,7 +20,7 @@ from .errors import (
     SubmitOutcomeUnknown,
     VidqError,
 )
-from .jobs import OUTCOME_UNKNOWN, JobStore, connect
+from .jobs import OUTCOME_UNKNOWN, JobStore
 from .pipeline import Steps
 from .schedule import DurationModel
 from .settings import Settings

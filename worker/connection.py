@@ -1,0 +1,66 @@
+"""Redis clients for vidq's records: a plain URL, or Redis Sentinel.
+
+A sentinel URL (`sentinel://h1:26379;sentinel://h2:26379?master_name=m`, as
+`Settings` builds it from VIDQ_REDIS_SENTINEL_MASTER) gives a client of the
+current master that follows a failover.
+"""
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelManagedConnection
+
+from .errors import ConfigError
+from .settings import is_sentinel_url, sentinel_master_of
+
+
+class FollowMaster(SentinelManagedConnection):
+    """redis-py 8.1 reconnects a command's retries with `connect_check_health`
+    at the address it had, bypassing the sentinel lookup of `connect`: every
+    retry after a failover went to the dead master. Ask the sentinels first."""
+
+    def connect_check_health(self, check_health: bool = True,
+                             retry_socket_connect: bool = True):
+        if not self._sock and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super().connect_check_health(check_health=check_health,
+                                            retry_socket_connect=retry_socket_connect)
+
+
+def connect(redis_url: str) -> redis.Redis:
+    """A client for vidq's records; a malformed URL is a ConfigError.
+
+    A sentinel URL (`sentinel://h1:26379;sentinel://h2:26379?master_name=m`, as
+    Settings builds it from VIDQ_REDIS_SENTINEL_MASTER) gives a client of the
+    current master: after a failover its connections fail once, then it asks the
+    sentinels again. Commands are retried on connection errors for up to ~30 s,
+    longer than a failover takes; scripts reload themselves (NOSCRIPT) on the
+    new master. The password (and db) are those of the first part with one."""
+    options = dict(decode_responses=True, health_check_interval=10, socket_connect_timeout=5,
+                   socket_timeout=30, retry_on_timeout=True)
+    try:
+        if not is_sentinel_url(redis_url):
+            return redis.Redis.from_url(redis_url, **options)
+        master = sentinel_master_of(redis_url)
+        if not master:
+            raise ConfigError("VIDQ_REDIS_URL is a sentinel URL: set VIDQ_REDIS_SENTINEL_MASTER")
+        nodes, auth, db = [], {}, 0
+        for part in (p.strip() for p in redis_url.split(";") if p.strip()):
+            url = urlsplit(part)
+            nodes.append((url.hostname or "127.0.0.1", url.port or 26379))
+            if url.password and "password" not in auth:
+                auth = {"username": unquote(url.username) if url.username else None,
+                        "password": unquote(url.password)}
+            if url.path.strip("/") and not db:
+                db = int(url.path.strip("/"))
+    except ValueError as exc:
+        raise ConfigError(f"VIDQ_REDIS_URL is not a Redis URL: {exc}") from None
+    # The sentinels answer fast or not at all: a dead one is skipped quickly.
+    sentinels = Sentinel(nodes, sentinel_kwargs={"socket_connect_timeout": 1, "socket_timeout": 2})
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20)
+    return sentinels.master_for(master, db=db, retry=retry, connection_class=FollowMaster,
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                                **auth, **options)
