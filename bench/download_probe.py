@@ -6,6 +6,9 @@
         AIMLAPI_BASE_URL, AIMLAPI_KEY; runs the real `Steps.download`)
     python -m bench.download_probe vidq-nofsync URL STORAGE_DIR   (diagnosis only:
         the same with storage fsyncs turned into no-ops, to price durability)
+    python -m bench.download_probe vidq-s3 URL s3://BUCKET/PREFIX   (the real
+        `Steps.download` into S3; also env AWS_ENDPOINT_URL and credentials;
+        the multipart part size is VIDQ_S3_PART_BYTES, default 8 MiB)
 Prints one JSON line: bytes, seconds, rss_before, rss_peak. The peak is the
 kernel's high-water mark VmHWM of this process image (ru_maxrss would carry
 over the RSS of the forking parent across exec).
@@ -39,9 +42,12 @@ def plain_copy(url: str, target: str, durable: bool = False) -> int:
     return size
 
 
-def prepare_vidq(url: str, storage_dir: str):
-    """Steps for this process and a job record ready for its download step."""
-    os.environ["VIDQ_STORAGE_URL"] = Path(storage_dir).resolve().as_uri()
+def prepare_vidq(url: str, storage: str):
+    """Steps for this process and a job record ready for its download step.
+    `storage` is a directory, or an s3:// URL used as is. The backend (for S3,
+    boto3 and its client) is built here, before the RSS baseline is taken."""
+    is_s3 = storage.startswith("s3://")
+    os.environ["VIDQ_STORAGE_URL"] = storage if is_s3 else Path(storage).resolve().as_uri()
     from worker.settings import Settings
     from worker.tasks import build_steps
 
