@@ -73,15 +73,15 @@ def test_the_plan_follows_a_drop_in_generation_time(make_pipeline, make_sandbox,
     slow = make_sandbox(time_scale=45)
     pipeline = make_pipeline(slow, VIDQ_EXPECTED_GENERATION_S=90)
     pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "a.txt", [f"slow {i}" for i in range(20)]), "a")
-    assert pipeline.wait_finished("a", timeout_s=120)["done"] == 20
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", [f"slow {i}" for i in range(16)]), "a")
+    assert pipeline.wait_finished("a", timeout_s=120)["done"] == 16
     pipeline.stop_workers()
 
     fast = make_sandbox(time_scale=180)
     pipeline = make_pipeline(fast, VIDQ_EXPECTED_GENERATION_S=90)
     pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "b.txt", [f"fast {i}" for i in range(32)]), "b")
-    assert pipeline.wait_finished("b", timeout_s=120)["done"] == 32
+    pipeline.enqueue(write_prompts(tmp_path / "b.txt", [f"fast {i}" for i in range(24)]), "b")
+    assert pipeline.wait_finished("b", timeout_s=120)["done"] == 24
     lags = _lags(pipeline, "b")
     assert statistics.median(lags[-10:]) < 0.35, lags  # ~0.5 s generations
 

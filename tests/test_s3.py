@@ -203,7 +203,7 @@ def test_vidq_run_with_the_sandbox_into_s3(aws_env, s3, bucket, tmp_path):
     import os
     import subprocess
 
-    examples = write_prompts(tmp_path / "four.txt", PROMPTS[:4])
+    examples = write_prompts(tmp_path / "two.txt", PROMPTS[:2])
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIDQ_")}
     env.update(aws_env)
     env.update({"VIDQ_STORAGE_URL": f"s3://{bucket}/night", "VIDQ_MAX_IN_FLIGHT": "4",
@@ -215,7 +215,7 @@ def test_vidq_run_with_the_sandbox_into_s3(aws_env, s3, bucket, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     names = _keys(s3, bucket)
     videos = sorted(k for k in names if k.endswith(".mp4"))
-    assert len(videos) == 4 and {k.replace(".mp4", ".json") for k in videos} <= names
+    assert len(videos) == 2 and {k.replace(".mp4", ".json") for k in videos} <= names
     for key in videos:
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         card = json.loads(s3.get_object(Bucket=bucket, Key=key[:-4] + ".json")["Body"].read())
