@@ -41,6 +41,8 @@ def free_port() -> int:
 class PrivateRedis:
     """One redis-server process, owned by this Python process."""
 
+    log_name = "redis.log"
+
     def __init__(self, state_dir: Path, port: int | None = None,
                  extra_args: tuple[str, ...] = ()):
         self.state_dir = state_dir
@@ -52,19 +54,21 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> PrivateRedis:
+    def command(self) -> list[str]:
+        return [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                "--dir", str(self.state_dir), *self.extra_args]
+
+    def start(self, timeout_s: float = 10.0):
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.state_dir / "redis.log", "ab")
-        self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-             "--dir", str(self.state_dir), *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis.from_url(self.url)
+        log = open(self.state_dir / self.log_name, "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ConfigError(f"redis-server exited; see {self.state_dir / 'redis.log'}")
+                raise ConfigError(f"redis-server exited; see {self.state_dir / self.log_name}")
             try:
                 client.ping()
                 return self
@@ -82,22 +86,23 @@ class PrivateRedis:
                 self.process.kill()
                 self.process.wait()
 
-    def __enter__(self) -> PrivateRedis:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-class PrivateSentinel:
+class PrivateSentinel(PrivateRedis):
     """One `redis-server --sentinel` process monitoring `master_name` at
     127.0.0.1:`master_port` (Sentinel rewrites its config file, so it gets one
     of its own in `state_dir`). Short timeouts suit tests, not production."""
 
+    log_name = "sentinel.log"
+
     def __init__(self, state_dir: Path, master_name: str, master_port: int, quorum: int = 2,
                  down_after_ms: int = 1000, failover_timeout_ms: int = 5000):
-        self.state_dir = state_dir
-        self.port = free_port()
+        super().__init__(state_dir)
         self.master_name = master_name
         self.config = (
             f"port {self.port}\nbind 127.0.0.1\ndir {state_dir}\n"
@@ -105,46 +110,20 @@ class PrivateSentinel:
             f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
             f"sentinel failover-timeout {master_name} {failover_timeout_ms}\n"
             f"sentinel parallel-syncs {master_name} 1\n")
-        self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"sentinel://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 10.0) -> PrivateSentinel:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+    def command(self) -> list[str]:
         conf = self.state_dir / "sentinel.conf"
         conf.write_text(self.config)
-        log = open(self.state_dir / "sentinel.log", "ab")
-        self.process = subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"],
-                                        stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        client = redis.Redis(host="127.0.0.1", port=self.port)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ConfigError(f"sentinel exited; see {self.state_dir / 'sentinel.log'}")
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        self.stop()
-        raise ConfigError(f"sentinel did not answer within {timeout_s:.0f} s")
+        return [redis_server_binary(), str(conf), "--sentinel"]
 
     def master_address(self) -> tuple[str, int] | None:
         found = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2).execute_command(
             "SENTINEL", "get-master-addr-by-name", self.master_name)
         return (found[0].decode(), int(found[1])) if found else None
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def sentinel_url(sentinels: list[PrivateSentinel]) -> str:
