@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[str, str, str, float], None]  # (step, ref, token, countdown)
 ENQUEUE_PIPELINE = 2000
+# The effective cap (lowered after 429s) grows by one after this many times
+# itself in clean completions, or after this long without a 429.
+CAP_PROBE_FACTOR, CAP_QUIET_S = 2, 30.0
 
 
 class Admission:
@@ -192,6 +195,7 @@ def reconcile(admission: Admission, dispatch: Dispatch, start_grace_s: float) ->
             log.error("reconciler: cannot recover %s: %s", ref, exc)
             admission.redis.zadd(keys.DUE, {ref: now + start_grace_s})
     admission.release_expired_holds()
+    admission.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=False)
     admit(admission, dispatch)
     return resent
 

@@ -187,8 +187,9 @@ class JobStore:
     def pause_polls(self, pause_s: float) -> None:
         self.redis.set(keys.PAUSE_POLL, "1", px=max(1, int(pause_s * 1000)))
 
-    def grow_cap(self, probe_factor: int) -> int:
-        return int(self._scripts["grow_cap"](keys=[keys.CONFIG], args=[probe_factor]))
+    def grow_cap(self, probe_factor: int, quiet_s: float, completed: bool) -> int:
+        return int(self._scripts["grow_cap"](
+            keys=[keys.CONFIG], args=[probe_factor, quiet_s, "1" if completed else "0"]))
 
     def counts(self, batch: str) -> dict[str, int]:
         raw = self.redis.hgetall(keys.batch_counts(batch))

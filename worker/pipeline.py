@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .admission import Admission, Dispatch, admit
+from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, Admission, Dispatch, admit
 from .durability import Durability, NotDurable
 from .errors import (
     RateLimited,
@@ -40,8 +40,6 @@ RATE_LIMIT_ATTEMPT_FACTOR = 5
 DEFAULT_PAUSE_S, MAX_PAUSE_S = 10.0, 3600.0
 # Paused polls resume spread over up to this long, not all at once.
 RESUME_SPREAD_S = 10.0
-# The effective cap grows by one after this many times itself in completions.
-CAP_PROBE_FACTOR = 4
 RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
 
 
@@ -259,7 +257,7 @@ class Steps:
                 previous = job.number("last_poll_age") if job.polls > 1 else 0.0
                 self.durations.record(*self._shape(job), previous, job.now() - job.submitted_at)
         self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True, **values)
-        self.store.grow_cap(CAP_PROBE_FACTOR)
+        self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
         admit(self.admission, self.dispatch)
 
     def _next(self, job: Job, step: str, delay: float, **values) -> None:

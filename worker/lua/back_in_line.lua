@@ -22,6 +22,7 @@ redis.call('ZREM', due_key, ref)
 redis.call('LPUSH', admission_key, ref)
 if pause_ms > 0 then redis.call('SET', pause_key, '1', 'PX', pause_ms) end
 if rate_limited then
+  redis.call('HSET', config_key, 'last_429_at', redis.call('TIME')[1])
   local held = redis.call('ZCARD', slots_key)
   if held < effective then
     effective = math.max(1, held)

@@ -1,15 +1,22 @@
--- A generation ended without a 429 in its way: additive increase. After
--- PROBE_FACTOR x effective completions, the effective cap grows by one, up
--- to the configured C; the probe costs at most one 429 if the limit is real.
+-- Additive increase of the effective cap, up to the configured C: by one
+-- after PROBE_FACTOR x effective completions without a 429, or after QUIET_S
+-- seconds without one (so a passing 429 storm does not throttle the rest of
+-- the night). A probe costs at most one 429 if the lower limit is real.
 local config_key = KEYS[1]
 local probe_factor = tonumber(ARGV[1])
+local quiet_s = tonumber(ARGV[2])
+local completed = ARGV[3] == '1'   -- a generation just ended (else: a timer's check)
 
 local configured = tonumber(redis.call('HGET', config_key, 'max_in_flight') or '0') or 0
 local effective = tonumber(redis.call('HGET', config_key, 'effective_cap') or '')
 if not effective or effective >= configured then return configured end
-local credit = redis.call('HINCRBY', config_key, 'cap_credit', 1)
-if credit >= probe_factor * effective then
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local last_429 = tonumber(redis.call('HGET', config_key, 'last_429_at') or '0') or 0
+local credit = tonumber(redis.call('HGET', config_key, 'cap_credit') or '0') or 0
+if completed then credit = redis.call('HINCRBY', config_key, 'cap_credit', 1) end
+if credit >= probe_factor * effective or now - last_429 >= quiet_s then
   effective = effective + 1
-  redis.call('HSET', config_key, 'effective_cap', effective, 'cap_credit', 0)
+  redis.call('HSET', config_key, 'effective_cap', effective, 'cap_credit', 0, 'last_429_at', now)
 end
 return effective
