@@ -100,17 +100,15 @@ class CommandMeter:
         return total - own
 
 
-class RssSampler:
-    """Peak of the summed RSS of a process and all its descendants."""
+class Watcher:
+    """Calls `tick()` every `interval_s` in a thread while the `with` block
+    runs, until the block ends or `tick()` returns True."""
 
-    def __init__(self, pids: list[int], interval_s: float = 0.5):
-        self.pids = pids
-        self.interval_s = interval_s
-        self.peak_bytes = 0
+    interval_s = 0.5
+
+    def __enter__(self):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -119,10 +117,24 @@ class RssSampler:
         self._thread.join()
 
     def _run(self) -> None:
-        while True:
-            self.peak_bytes = max(self.peak_bytes, tree_rss(self.pids))
-            if self._stop.wait(self.interval_s):
-                return
+        while not self.tick() and not self._stop.wait(self.interval_s):
+            pass
+
+    def tick(self) -> bool:
+        raise NotImplementedError
+
+
+class RssSampler(Watcher):
+    """Peak of the summed RSS of a process and all its descendants."""
+
+    def __init__(self, pids: list[int], interval_s: float = 0.5):
+        self.pids = pids
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+
+    def tick(self) -> bool:
+        self.peak_bytes = max(self.peak_bytes, tree_rss(self.pids))
+        return False
 
 
 def tree_rss(pids: list[int]) -> int:

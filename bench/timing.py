@@ -30,7 +30,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -80,33 +79,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class Drift:
+class Drift(infra.Watcher):
     """Changes the sandbox's mean once N/2 generations have been submitted."""
+
+    interval_s = 0.005
 
     def __init__(self, server, switch_after: int, mean_s: float):
         self.server, self.switch_after, self.mean_s = server, switch_after, mean_s
         self.switched_at: float | None = None
         self.submissions_at_switch: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Drift:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            submitted = self.server.state.stats()["submissions"]
-            if submitted >= self.switch_after:
-                infra.set_mean_generation_s(self.server, self.mean_s)
-                self.switched_at = time.time()
-                self.submissions_at_switch = submitted
-                return
-            time.sleep(0.005)
+    def tick(self) -> bool:
+        submitted = self.server.state.stats()["submissions"]
+        if submitted < self.switch_after:
+            return False
+        infra.set_mean_generation_s(self.server, self.mean_s)
+        self.switched_at = time.time()
+        self.submissions_at_switch = submitted
+        return True
 
 
 def efficiency_after(jobs: list[dict], entries: list[dict], c: int, skip: int) -> dict:

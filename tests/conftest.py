@@ -181,6 +181,21 @@ def make_pipeline(redis_url, make_sandbox, tmp_path):
         pipeline.stop_workers()
 
 
+def wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 30.0) -> None:
+    """Wait until a server started as `process` (e.g. Flower) answers `url` with 2xx."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{url}: the server exited:\n{log.read_text(errors='replace')}")
+        try:
+            if requests.get(url, timeout=1).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer in {timeout_s} s; log {log}")
+
+
 def write_prompts(path: Path, prompts: list[str]) -> Path:
     path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     return path

@@ -6,22 +6,9 @@ import sys
 import time
 
 import requests
-from conftest import write_prompts
+from conftest import wait_http, write_prompts
 
 from producer.redis_server import free_port
-
-
-def _wait_http(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "flower exited"
-        try:
-            if requests.get(url, timeout=1).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer")
 
 
 def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
@@ -34,7 +21,7 @@ def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
         stdout=open(tmp_path / "flower.log", "wb"), stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_http(base + "/healthcheck", flower)
+        wait_http(base + "/healthcheck", flower, tmp_path / "flower.log")
         pipeline.start_workers()
         pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a secret garden at noon",
                                                            "REJECT this one"]), "fl")

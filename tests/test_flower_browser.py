@@ -12,12 +12,10 @@ import re
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import write_prompts
+from conftest import wait_http, write_prompts
 
 from producer.redis_server import free_port
 
@@ -43,20 +41,6 @@ def _require_browser() -> None:
                     pytrace=False)
 
 
-def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"flower exited:\n{log.read_text(errors='replace')}")
-        try:
-            if requests.get(url, timeout=1).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer in {timeout_s} s; log {log}")
-
-
 def test_flower_pages_in_a_browser_show_the_worker_online_and_vidq_tasks(make_pipeline,
                                                                          tmp_path):
     _require_browser()
@@ -74,7 +58,7 @@ def test_flower_pages_in_a_browser_show_the_worker_online_and_vidq_tasks(make_pi
          "--address=127.0.0.1", f"--basic-auth={AUTH[0]}:{AUTH[1]}"],
         env=pipeline.env, stdout=open(flower_log, "wb"), stderr=subprocess.STDOUT)
     try:
-        _wait_http(base + "/healthcheck", flower, flower_log)
+        wait_http(base + "/healthcheck", flower, flower_log)
         pipeline.start_workers()
         worker_name = f"test0@{socket.gethostname()}"
         prompts = ["a lighthouse at dusk", "a fox in fresh snow", "rain on a tin roof"]
