@@ -1,0 +1,81 @@
+"""Flower's Broker page, told how many jobs wait for an upstream slot.
+
+Pull admission keeps waiting jobs out of Celery's queues (a submit message
+exists only once a slot is free), so Flower's Broker page, which counts the
+Redis list of each queue a worker consumes, shows about 0 while thousands of
+jobs wait. This adds read-only rows to that page (and to Flower's
+`/api/queues/length`): one per batch with queued jobs, plus a total, counted
+from vidq's own per-batch counters with Flower's own Redis client when the
+page is drawn. Nothing is published and nothing is consumed, so admission
+stays pull-based and no worker ever sees these counts as a queue.
+
+Why not a real queue name? Flower finds queue names in the workers'
+`active_queues` and counts them with LLEN: any name listed there is one a
+worker consumes (BRPOP), and admission lines are not Celery messages. The
+README ("Watching the night in Flower") weighs the options.
+
+Flower loads this through its configuration file, `worker/flowerconfig.py`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import keys
+from .jobs import State
+
+log = logging.getLogger(__name__)
+
+ROW_PREFIX = "vidq: waiting for a slot, "
+TOTAL_ROW = ROW_PREFIX + "all batches"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def backlog_rows(client: Any) -> list[dict]:
+    """A total row, then one row per batch with jobs not yet admitted.
+
+    `client` is a redis.asyncio client. "Waiting" is a batch's `queued`
+    count: the same figure the task summaries print ("N waiting")."""
+    batches = sorted(_text(name) for name in await client.smembers(keys.BATCHES))
+    pipe = client.pipeline(transaction=False)
+    for batch in batches:
+        pipe.hget(keys.batch_counts(batch), State.QUEUED.value)
+        pipe.hget(keys.batch(batch), "paused")
+    replies = await pipe.execute() if batches else []
+    rows = []
+    for index, batch in enumerate(batches):
+        waiting, paused = int(replies[2 * index] or 0), replies[2 * index + 1]
+        if waiting > 0:
+            label = ROW_PREFIX + batch + (" (paused)" if _text(paused or "0") == "1" else "")
+            rows.append({"name": label, "messages": waiting})
+    return [{"name": TOTAL_ROW, "messages": sum(row["messages"] for row in rows)}, *rows]
+
+
+async def _rows_or_none(client: Any) -> list[dict]:
+    # The Broker page must still show the real queues if vidq's keys cannot
+    # be read (an older Redis layout, a timeout): say so in the log only.
+    try:
+        return await backlog_rows(client)
+    except Exception as exc:  # noqa: BLE001 - a dashboard row is never worth a 500
+        log.warning("vidq backlog rows unavailable: %s", exc)
+        return []
+
+
+def install() -> None:
+    """Make Flower's Redis broker view append the backlog rows (idempotent)."""
+    from flower.utils import broker
+
+    original = broker.RedisBase.queues
+    if getattr(original, "vidq_backlog", False):
+        return
+
+    async def queues(self, names):
+        # Read before the original runs: it closes the client when done.
+        rows = await _rows_or_none(self.redis)
+        return [*await original(self, names), *rows]
+
+    queues.vidq_backlog = True  # type: ignore[attr-defined]
+    broker.RedisBase.queues = queues
