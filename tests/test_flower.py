@@ -1,36 +1,68 @@
-"""Flower sees vidq's tasks through Celery events, and the events carry no secrets."""
+"""Flower, started with the flags docker-compose.yml documents, sees vidq's tasks through
+Celery events (no prompt, no key in them), and its Broker page counts the jobs waiting for
+an upstream slot, per batch, though no Celery queue holds them."""
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import requests
+import yaml
 from conftest import wait_http, write_prompts
 
 from producer.redis_server import free_port
+from worker.flower_backlog import ROW_PREFIX, TOTAL_ROW
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTH = ("ops", "night-shift")
+
+
+def documented_flower_command(port: int, db: Path) -> list[str]:
+    """docker-compose.yml's Flower command (the README's flags), bound to this machine."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    local = {"--address": "127.0.0.1", "--port": str(port), "--db": str(db)}
+    command = []
+    for arg in compose["services"]["flower"]["command"]:
+        name = arg.split("=", 1)[0]
+        command.append(f"{name}={local[name]}" if name in local else arg)
+    return [sys.executable, "-m", *command, f"--basic-auth={AUTH[0]}:{AUTH[1]}"]
+
+
+def start_flower(env: dict, tmp_path: Path) -> tuple[subprocess.Popen, str, Path]:
+    """Flower as documented, answering; returns (process, base URL, log path)."""
+    port, log = free_port(), tmp_path / "flower.log"
+    flower = subprocess.Popen(documented_flower_command(port, tmp_path / "flower.db"),
+                              env=env, cwd=ROOT, stdout=open(log, "wb"),
+                              stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base + "/healthcheck", flower, log)
+    except AssertionError:
+        flower.terminate()
+        raise
+    return flower, base, log
+
+
+def stop_flower(flower: subprocess.Popen) -> None:
+    flower.terminate()
+    flower.wait(15)
 
 
 def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
     """Flower's task list has submit, poll and download; args are refs and tokens only."""
     pipeline = make_pipeline()
-    port = free_port()
-    flower = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}",
-         "--address=127.0.0.1", "--basic-auth=ops:night-shift"], env=pipeline.env,
-        stdout=open(tmp_path / "flower.log", "wb"), stderr=subprocess.STDOUT)
+    flower, base, _ = start_flower(pipeline.env, tmp_path)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(base + "/healthcheck", flower, tmp_path / "flower.log")
         pipeline.start_workers()
         pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a secret garden at noon",
                                                            "REJECT this one"]), "fl")
         assert pipeline.wait_finished("fl")["done"] == 1
         time.sleep(1.5)  # events reach Flower asynchronously
-        tasks = requests.get(base + "/api/tasks", auth=("ops", "night-shift"), timeout=10).json()
+        tasks = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
     finally:
-        flower.terminate()
-        flower.wait(10)
+        stop_flower(flower)
     names = {task["name"] for task in tasks.values()}
     assert {"vidq.submit", "vidq.poll", "vidq.download"} <= names
     dump = str(tasks)
@@ -45,3 +77,22 @@ def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
     (failed,) = [t for t in tasks.values() if t["state"] == "FAILURE"]
     assert failed["name"] == "vidq.poll" and "JobFailed" in failed["exception"]
     assert "failed: poll:" in failed["exception"] and "fl:" in failed["exception"]
+
+
+def test_the_broker_page_counts_jobs_waiting_for_a_slot_per_batch(make_pipeline, tmp_path):
+    """With no worker yet, no C is stored and nothing is admitted: every job waits in vidq's
+    lines, Celery's queues are empty, and Flower's queue lengths say so per batch."""
+    pipeline = make_pipeline()
+    flower, base, log = start_flower(pipeline.env, tmp_path)
+    try:
+        pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["one", "two", "three"]), "night-a")
+        pipeline.enqueue(write_prompts(tmp_path / "b.txt", ["four", "five"]), "night-b")
+        answer = requests.get(base + "/api/queues/length", auth=AUTH, timeout=10)
+        assert answer.status_code == 200, answer.text
+        lengths = {q["name"]: q["messages"] for q in answer.json()["active_queues"]}
+        page = requests.get(base + "/broker", auth=AUTH, timeout=10).text
+    finally:
+        stop_flower(flower)
+    assert lengths == {"vidq.submit": 0, "vidq.poll": 0, "vidq.download": 0, TOTAL_ROW: 5,
+                       ROW_PREFIX + "night-a": 3, ROW_PREFIX + "night-b": 2}, f"log {log}"
+    assert f"<td>{ROW_PREFIX}night-a</td>" in page, f"/broker lacks the backlog rows; log {log}"
