@@ -8,8 +8,8 @@ MEAN_GENERATION_S = 90.0  # simulated seconds, as the sandbox default
 # benchmark only scales them by the clock (divides by S); it never tells vidq
 # the true generation time.
 PRIOR_GENERATION_S = 90.0  # VIDQ_EXPECTED_GENERATION_S
-POLL_MIN_INTERVAL_S = 2.0  # VIDQ_POLL_MIN_INTERVAL_S
-POLL_MAX_INTERVAL_S = 120.0  # VIDQ_POLL_MAX_INTERVAL_S
+POLL_MIN_INTERVAL_S = 0.5  # VIDQ_POLL_MIN_INTERVAL_S
+POLL_MAX_INTERVAL_S = 600.0  # VIDQ_POLL_MAX_INTERVAL_S
 SEED_POLL_S = 10.0  # the seed example polls every 10 simulated seconds
 SANDBOX_SEED = 1234
 MODEL = "alibaba/wan2.1-t2v-turbo"

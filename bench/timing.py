@@ -6,7 +6,7 @@ Every scenario runs the real vidq workers (2 processes x -c 4, as bench.run's
 2x4 layout) against its own sandbox (spread 0.1, max_concurrency C) and its own
 private Redis, so nothing is learned in advance. vidq always gets the
 production defaults, only sped up by the clock: VIDQ_EXPECTED_GENERATION_S =
-90/S, VIDQ_POLL_MIN_INTERVAL_S = 2/S, VIDQ_POLL_MAX_INTERVAL_S = 120/S. The
+90/S, VIDQ_POLL_MIN_INTERVAL_S = 0.5/S, VIDQ_POLL_MAX_INTERVAL_S = 600/S. The
 sandbox's true mean differs per scenario (simulated seconds):
 
   right    true 90, the reference (prior right)
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = next((r for r in results if r["name"] == REFERENCE), None)
     found = {r["name"]: targets(r, reference) for r in results}
     print(f"\nvidq poll timing without the true generation time: N={args.n}, C={args.c}, "
-          f"layout {PROCESSES}x{CONCURRENCY}; vidq gets prior 90/S, poll min 2/S, max 120/S "
+          f"layout {PROCESSES}x{CONCURRENCY}; vidq gets prior 90/S, poll min 0.5/S, max 600/S "
           f"(T and prior in wall seconds)\n")
     print(format_table(results))
     for r in results:

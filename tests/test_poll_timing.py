@@ -37,19 +37,42 @@ def test_cold_start_polls_at_5_s_then_doubles_capped_by_the_prior():
 
 
 def test_first_polls_that_keep_finding_videos_done_move_earlier_by_half():
-    censored = [Sample(0.0, 8.0)] * 12  # all complete at their first poll, at 8 s
-    plan = plan_from(censored, prior_s=90)
-    assert plan.first_s == 4.0 and plan.second_s is None
-    plan = plan_from([Sample(0.0, 4.0)] * 3 + censored, prior_s=90)
-    assert plan.first_s == 2.0
+    """Six first polls in a row found the video done (planned: about a quarter): what
+    was learned before is dropped, the next first poll comes at half the poll time and
+    later ones in small steps, until five completions after the run can be aimed at."""
+    learned = [Sample(t - 0.4, t + 0.4) for t in (10, 10.5, 11, 9.5)] * 5
+    censored = [Sample(0.0, 9.0)] * 6
+    plan = plan_from(censored + learned, prior_s=90)
+    assert plan.first_s == 4.5 and plan.second_s is None and plan.cap_s < 1.0
+    plan = plan_from([Sample(0.0, 4.5)] * 2 + censored + learned, prior_s=90)
+    assert plan.first_s == 2.25
+    after = [Sample(t - 0.2, t + 0.2) for t in (2.0, 2.2, 2.4, 2.6, 2.8)]
+    plan = plan_from(after + censored + learned, prior_s=90)
+    assert plan.second_s is not None and plan.second_s < 3.0  # the slow past is gone
 
 
 def test_a_learned_plan_aims_at_quantiles_of_bracketed_completions():
+    """Second poll at the 55% quantile, the first and every later step 8% of the median
+    apart: a video found at the second poll or later waited at most 8% of T."""
     samples = [Sample(t - 0.5, t + 0.5) for t in (8, 9, 9.5, 10, 10, 10.5, 11, 12, 9, 10)]
     plan = plan_from(samples, prior_s=90)
-    assert plan.second_s is not None
-    assert 9 <= plan.first_s <= 10 <= plan.second_s <= 11
-    assert 0 < plan.step_s < 1
+    assert plan.second_s == 10.0 and plan.step_s == 0.8 and plan.first_s == 9.2
+    times, elapsed = [], 0.0
+    for polls in range(5):
+        elapsed += plan.delay(polls, elapsed, 0.1, 600)
+        times.append(elapsed)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert times[:2] == [9.2, 10.0] and all(0.75 <= gap <= 0.85 for gap in gaps[1:]), times
+
+
+def test_first_polls_finding_more_videos_done_than_planned_pull_the_aims_down():
+    """The upstream got faster: 12 of the last 20 first polls (at 9.2 s, planned to find
+    about a quarter done) found the video done. Counted at half their poll time, they
+    move both aims below the old first poll, without waiting for every poll to agree."""
+    done, bracketed = Sample(0.0, 9.2), [Sample(t - 0.4, t + 0.4) for t in (9.6, 10, 10.4, 10.8)]
+    plan = plan_from([done, done, bracketed[0], done, done, bracketed[1]] * 3
+                     + [done, done, bracketed[2], bracketed[3]], prior_s=90)
+    assert plan.second_s is not None and plan.first_s < plan.second_s < 9.2
 
 
 def test_prior_90_s_learns_1_s_generations_from_censored_first_polls(make_pipeline,

@@ -17,25 +17,27 @@ resubmitted chains are never recorded):
   `VIDQ_EXPECTED_GENERATION_S`, plus one poll just before and one just after
   the prior. A right prior is then used at once; a wrong one costs two GETs
   and at most one prior's wait.
-* Too late: if nearly all (`TOO_LATE_SHARE`) of the last `RECENT`
-  completions were censored, first polls are far too late. The next first
-  poll comes at half the newest censored poll time, then the cold-start
-  doubling, until completions are bracketed by two polls again.
-* Learned: over the last `RECENT` completions, bracketed ones counted at
-  their midpoint and censored ones at half their poll time (which pulls an
-  aim that has become too late down quickly), the first poll at the `FIRST_Q`
-  quantile and the second at `SECOND_Q`; then steps of an eighth of the 10-90%
-  spread of recent bracketed completions, growing by a quarter.
+* Learned: over the last `RECENT` completions (bracketed ones at their
+  midpoint, censored ones at half their poll time), the second poll goes at
+  the `SECOND_Q` quantile, the first `LAG_SHARE` of the median before it,
+  and later polls follow in steps of that same `LAG_SHARE`, growing after
+  `FLAT_STEPS` of them. First polls that find videos done more often than
+  planned pull the aims down by themselves (their halved times fall below
+  the quantiles); if every recent first poll found its video done, the next
+  first poll comes at half the newest poll time, then the cold doubling.
+* Re-aim (worker/reaim.py): when the aims move much earlier, jobs whose first
+  poll is still pending get a new one at the new aim.
 
-The trade-off: a first poll at q30 finds ~30% complete (each waited at most
-to q30), the second at q65 catches the next ~35%, so the median video needs
-2 GETs; a later step is ~1/8 of the spread, so the lag after the second poll
-stays a few percent of T. The 5% worst lags (videos done well before q30, or
-just after q30) are ~10-20% of T: a 2-GET median cannot also bracket every
-video tightly. Feedback comes C jobs late (C are in flight), which is why the
-estimate uses only recent completions and reacts to censoring strongly. Aiming the first
-poll later would save GETs but lengthen the lag of every fast video, which
-holds a slot idle: the cap, not the GET count, bounds a batch's throughput.
+The trade-off, for generation times spread like N(T, (0.1 T)^2):
+a video found at the second poll waited at most `LAG_SHARE` of T; one found
+at the first poll waited the first poll minus its completion, and the only
+large lags are in the early tail before (first poll - 0.1 T), about 5% of
+videos. Expected GETs are ~2.4 (median 2: >55% found by the second poll).
+A median of two GETs and a p95 lag under 10% of T can only both hold while
+the spread is at most ~0.1 T: for wider spreads the plan keeps the median at
+two GETs, the steps at `LAG_SHARE` and lets the early tail wait longer. The
+first poll is not aimed later to save GETs: a fast video found late holds a
+slot idle, and the cap, not the GET count, bounds a batch's throughput.
 """
 from __future__ import annotations
 
@@ -49,16 +51,16 @@ import redis
 from . import keys
 
 WINDOW = 60
-QUANTILE_WINDOW = 30  # bracketed completions the quantiles come from
-RECENT = 12  # completions that decide whether first polls are too late
-NEWEST = 5
+RECENT = 20  # completions the aims come from
+TOO_LATE_RUN = 6  # newest completions all censored: the aims are far too late
 MIN_SAMPLES = 5
 COLD_FIRST_S = 5.0
 COLD_PRIOR_AIMS = (0.95, 1.05)
-FIRST_Q, SECOND_Q = 0.30, 0.65
-STEP_SHARE_OF_SPREAD = 1 / 8
+SECOND_Q = 0.55  # more than half the videos are found by the second poll
+LAG_SHARE = 0.08  # aimed detection lag, as a share of the median; the rest
+# of a 10% budget is left for countdown and dispatch delays
+FLAT_STEPS = 3  # steps of LAG_SHARE after the second poll, then growing
 STEP_GROWTH = 1.25
-TOO_LATE_SHARE = 0.8
 CACHE_S = 2.0
 
 
@@ -87,8 +89,8 @@ class PollPlan:
             return _clamp(self.first_s - elapsed_s, min_s, max_s)
         if elapsed_s < self.second_s - self.step_s / 2:
             return _clamp(self.second_s - elapsed_s, min_s, max_s)
-        step = self.step_s * STEP_GROWTH ** max(polls_done - 2, 0)
-        return _clamp(step * _jitter(0.1), min_s, max_s)
+        step = self.step_s * STEP_GROWTH ** max(polls_done - 2 - FLAT_STEPS, 0)
+        return _clamp(step * _jitter(0.05), min_s, max_s)
 
 
 @dataclass(frozen=True)
@@ -110,25 +112,37 @@ def plan_from(samples: list[Sample], prior_s: float) -> PollPlan:
     if len(samples) < MIN_SAMPLES:
         return PollPlan(min(COLD_FIRST_S, prior_s), None, 0.0, prior_s,
                         (COLD_PRIOR_AIMS[0] * prior_s, COLD_PRIOR_AIMS[1] * prior_s))
-    recent = samples[:RECENT]
-    censored = [s.hi for s in recent if s.censored]
-    if len(censored) > TOO_LATE_SHARE * len(recent):
-        # Halve the newest censored poll time: each round of first polls that
-        # still finds videos done moves the next round twice as early.
-        first = min(s.hi for s in samples[:NEWEST] if s.censored) / 2 \
-            if any(s.censored for s in samples[:NEWEST]) else min(censored) / 2
-        return PollPlan(first, None, 0.0, max(first, statistics.median(s.hi for s in recent)))
-    # A censored completion finished somewhere before its poll: count it at
-    # half that time, which pulls an aim that has become too late down fast.
+    run = _newest_censored_run(samples)
+    if run is not None and run < MIN_SAMPLES:
+        # The newest first polls all found their video done, which the plan
+        # expects of about a quarter: the aims are far too late, and what
+        # was learned before describes a slower upstream. Halve the earliest
+        # of those poll times, then look in small steps (jobs already past
+        # their first poll must not wait a doubled time) until MIN_SAMPLES
+        # completions after the run can be aimed at again.
+        censored = [s.hi for s in samples[:run + TOO_LATE_RUN] if s.censored]
+        typical = statistics.median(censored)
+        return PollPlan(min(censored) / 2, None, 0.0, LAG_SHARE * typical)
+    # A censored completion finished somewhere before its poll: counted at
+    # half that time, it stays below the aims, and a growing share of them
+    # pulls an aim that has become too late down.
+    recent = samples[:min(RECENT, run if run is not None else RECENT)]
     values = [s.hi / 2 if s.censored else s.mid for s in recent]
     cuts = statistics.quantiles(values, n=20, method="inclusive")  # 5% steps
-    first, second = _quantile(cuts, FIRST_Q), _quantile(cuts, SECOND_Q)
-    # The step after the second poll: a share of the spread of bracketed
-    # completions (censored guesses would only widen it).
-    bracketed = [s.mid for s in samples[:QUANTILE_WINDOW] if not s.censored]
-    spread = _spread(bracketed) if len(bracketed) >= 3 else 0.2 * second
-    step = max(spread * STEP_SHARE_OF_SPREAD, 0.01 * second)
-    return PollPlan(first, max(second, first), step, second)
+    median, second = _quantile(cuts, 0.50), _quantile(cuts, SECOND_Q)
+    step = LAG_SHARE * median
+    return PollPlan(max(second - step, 0.0), second, step, second)
+
+
+def _newest_censored_run(samples: list[Sample]) -> int | None:
+    """Where the newest run of TOO_LATE_RUN censored completions starts (the
+    number of completions after it), or None."""
+    length = 0
+    for index, sample in enumerate(samples):
+        length = length + 1 if sample.censored else 0
+        if length == TOO_LATE_RUN:
+            return index - TOO_LATE_RUN + 1
+    return None
 
 
 class DurationModel:
@@ -178,11 +192,6 @@ def _parse(raw: str) -> Sample:
         return Sample(float(lo), float(hi or lo))
     except ValueError:
         return Sample(0.0, 0.0)
-
-
-def _spread(values: list[float]) -> float:
-    cuts = statistics.quantiles(values, n=10, method="inclusive")
-    return cuts[-1] - cuts[0]
 
 
 def _quantile(cuts: list[float], q: float) -> float:

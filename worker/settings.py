@@ -35,9 +35,12 @@ class Settings:
     max_in_flight: int = 2
     # First poll of a generation before any has completed; later learned.
     expected_generation_s: float = 90.0
-    poll_min_interval_s: float = 2.0
-    # Above the ~90 s a generation takes, so the first poll can wait for it.
-    poll_max_interval_s: float = 120.0
+    # Low enough that a 5 s generation is still found within ~10% of its time;
+    # the learned plan, not this floor, keeps GETs near two per video.
+    poll_min_interval_s: float = 0.5
+    # Well above any generation time seen (~90 s), so a first poll aimed at a
+    # 4-minute generation is one countdown, not two.
+    poll_max_interval_s: float = 600.0
     # Still pending this long after submit: the job is overdue and polled
     # slowly; past the hard limit it fails, keeping its generation id.
     deadline_s: float = 1000.0
