@@ -63,8 +63,14 @@ def _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed, no_
 @click.option("--negative-prompt")
 @click.option("--seed", type=int)
 @click.option("--no-enhance-prompt", is_flag=True, help="Turn prompt expansion off.")
+@click.option("--priority", type=click.Choice(["high", "normal", "low"]),
+              help="The batch's admission priority (new batches: normal).")
+@click.option("--max-credits", type=click.FloatRange(min=0),
+              help="Admit no job that could carry the batch's credits past this.")
+@click.option("--max-videos", type=click.IntRange(min=0),
+              help="Admit at most this many of the batch's videos.")
 def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
-            no_enhance_prompt):
+            no_enhance_prompt, priority, max_credits, max_videos):
     """Validate FILE (.txt, .jsonl, .csv) and add its prompts to a batch."""
     from worker.tasks import dispatch
 
@@ -73,7 +79,10 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
     defaults = _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed,
                                 no_enhance_prompt)
     admission = open_admission(Settings.from_env())
-    result = enqueue_file(admission, file, batch, defaults, dispatch)
+    batch_settings = {name: value for name, value in (
+        ("priority", priority), ("max_credits", max_credits), ("max_videos", max_videos))
+        if value is not None}
+    result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings)
     click.echo(f"batch {result.batch}: {result.jobs_in_file} jobs "
                f"({result.created} new, {result.already_there} already enqueued)")
 
@@ -227,3 +236,8 @@ def report(batch, fmt, states, output):
             raise VidqError(f"cannot write {output}: {exc.strerror or exc}") from None
         raise
     click.echo(f"batch {batch}: {count} {_jobs(count)} written to {output}", err=True)
+
+
+# pause, resume, cancel and limits live in their own module; importing it
+# registers them on `main` (it imports `main` from here, hence the end).
+from . import control  # noqa: E402,F401

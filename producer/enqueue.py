@@ -15,6 +15,7 @@ from worker.admission import Admission, admit
 from worker.connection import connect
 from worker.errors import InputError
 from worker.jobs import JobStore
+from worker.spend import CreditEstimates
 
 from .prompts import ID_PATTERN, LineError, PromptFileError, load_prompts
 
@@ -43,7 +44,8 @@ def check_batch_name(batch: str) -> str:
 
 
 def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: dict,
-                 dispatch) -> EnqueueResult:
+                 dispatch, batch_settings: dict | None = None) -> EnqueueResult:
+    """`batch_settings`: priority, max_credits, max_videos (see Admission.configure)."""
     check_batch_name(batch)
     prompt_file = load_prompts(path, defaults)
     jobs = [(job.job_id, job.request, {"line": job.line}) for job in prompt_file.jobs]
@@ -56,11 +58,13 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
     ]
     if conflicts:
         raise PromptFileError(str(path), conflicts)
-    created = admission.enqueue(batch, (j for j in jobs if j[0] not in existing), time.time())
+    created = admission.enqueue(batch, (j for j in jobs if j[0] not in existing), time.time(),
+                                batch_settings)
     admit(admission, dispatch)
     return EnqueueResult(batch, len(jobs), created, len(existing),
                          prompt_file.merged_duplicates)
 
 
 def open_admission(settings) -> Admission:
-    return Admission(JobStore(connect(settings.redis_url)), settings.step_grace_s)
+    return Admission(JobStore(connect(settings.redis_url)), settings.step_grace_s,
+                     CreditEstimates.from_settings(settings))

@@ -93,7 +93,7 @@ def test_killed_worker_loses_no_video(make_pipeline, make_sandbox, tmp_path):
 
 def test_a_big_backlog_publishes_only_as_many_tasks_as_slots(make_pipeline, make_sandbox,
                                                              tmp_path):
-    """2,000 queued jobs at C=5: the rest wait in the admission list, not as Celery tasks."""
+    """2,000 queued jobs at C=5: the rest wait in their batch's line, not as Celery tasks."""
     import redis as redis_lib
 
     pipeline = make_pipeline(make_sandbox(max_concurrency=5), VIDQ_MAX_IN_FLIGHT=5)
@@ -105,7 +105,7 @@ def test_a_big_backlog_publishes_only_as_many_tasks_as_slots(make_pipeline, make
     samples = []
     for _ in range(15):
         queued = sum(client.llen(name) for name in ("vidq.submit", "vidq.poll", "vidq.download"))
-        samples.append((queued + client.hlen("unacked"), client.llen("vidq:admission")))
+        samples.append((queued + client.hlen("unacked"), client.zcard("vidq:batch:big:line")))
         time.sleep(0.2)
 
     # Each of the 5 slot holders has one task (submit, poll or download),

@@ -241,7 +241,7 @@ def test_redis_restarted_twice_mid_batch_completes_with_no_duplicate_post(
 
 def test_requeue_keeps_every_queued_job_in_line_and_a_late_id_leaks_no_slot(make_pipeline,
                                                                             tmp_path):
-    """After `vidq retry`, a job is in the admission list exactly when it is queued; an
+    """After `vidq retry`, a job is in its batch's line exactly when it is queued; an
     id recorded for a requeued job makes it poll, and the slot count stays exact."""
     pipeline = make_pipeline()
     store, admission = pipeline.store, pipeline.admission
@@ -254,8 +254,8 @@ def test_requeue_keeps_every_queued_job_in_line_and_a_late_id_leaks_no_slot(make
     assert admission.in_flight() == 0
 
     assert admission.requeue_failed("rq") == {"requeued": 3}
-    line = set(store.redis.lrange(keys.ADMISSION, 0, -1))
-    assert line == {keys.job_ref("rq", i) for i in store.job_ids("rq")}
+    line = set(store.redis.zrange(keys.batch_line("rq"), 0, -1))
+    assert line == set(store.job_ids("rq"))
     late = store.get(keys.job_ref("rq", store.job_ids("rq")[0]))
     store.record_generation(late, "gen-late", 5)
     admitted = admission.pump()

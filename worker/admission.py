@@ -1,8 +1,10 @@
 """Admission: who may hold one of the upstream's C slots, and recovery.
 
-Jobs wait in one Redis list; nothing is published for them until a slot is
-free. `pump` moves jobs from the list into the slot set while fewer than C are
-held, and only then does a submit task exist for them. C is one value per
+Each batch's jobs wait in its own line (`lua/line_lib.lua`); nothing is
+published for them until a slot is free. `pump` moves jobs into the slot set
+while fewer than C are held, higher priorities first and batches of one
+priority round-robin, within the spend caps, and only then does a submit task
+exist for them. C is one value per
 deployment, kept in Redis (`vidq:config`): the workers write theirs when they
 start (or `vidq cap N`), and the pump script reads it, so a producer's shell
 can never admit more than the workers are configured for. A slot is freed
@@ -24,7 +26,9 @@ from collections.abc import Callable, Iterable
 import redis
 
 from . import keys
+from .errors import InputError
 from .jobs import FINAL_STATES, Job, JobStore, State, Step, load_script
+from .spend import SPEND_TTL_S, CreditEstimates
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +37,23 @@ ENQUEUE_PIPELINE = 2000
 # The effective cap (lowered after 429s) grows by one after this many times
 # itself in clean completions, or after this long without a 429.
 CAP_PROBE_FACTOR, CAP_QUIET_S = 2, 30.0
+# Highest first: the pump serves a lower priority only when the higher are empty.
+PRIORITIES = ("high", "normal", "low")
+LINE_SCRIPTS = ("pump", "enqueue", "requeue", "settle", "batch_settings", "cancel")
 
 
 class Admission:
-    """The global slot pool and the admission list."""
+    """The global slot pool and the batches' waiting lines."""
 
-    def __init__(self, store: JobStore, step_grace_s: float):
+    def __init__(self, store: JobStore, step_grace_s: float,
+                 credits: CreditEstimates | None = None):
         self.store = store
         self.redis: redis.Redis = store.redis
         self.step_grace_s = step_grace_s
-        self._scripts = {name: load_script(self.redis, name)
-                         for name in ("pump", "enqueue", "requeue", "release_holds")}
+        self.credits = credits or CreditEstimates()
+        self._scripts = {name: load_script(self.redis, name, ("line_lib",))
+                         for name in LINE_SCRIPTS}
+        self._scripts["release_holds"] = load_script(self.redis, "release_holds")
 
     def set_cap(self, max_in_flight: int) -> int | None:
         """Store C for the deployment; returns the value it replaced, if any."""
@@ -79,18 +89,23 @@ class Admission:
         return found
 
     def enqueue(self, batch: str, jobs: Iterable[tuple[str, dict] | tuple[str, dict, dict]],
-                now: float) -> int:
+                now: float, batch_settings: dict | None = None) -> int:
         """Write new jobs and put them in line; existing ids are left alone.
         A job may carry a third element, extra hash fields (e.g. its input
-        `line`), written only where the job does not have them yet."""
+        `line`), written only where the job does not have them yet.
+        `batch_settings` (priority, max_credits, max_videos) apply first."""
+        if self.redis.hget(keys.batch(batch), "cancelled") == "1":
+            raise InputError(f"batch {batch!r} was cancelled: enqueue into a new batch name")
+        self.configure(batch, batch_settings or {}, defaults={"priority": "normal"})
         created, pending = 0, 0
         replies: list[bool] = []  # which pipeline replies are the script's (created) answers
         pipe = self.redis.pipeline(transaction=False)
         for job_id, request, *rest in jobs:
             ref = keys.job_ref(batch, job_id)
             script_keys = [keys.job(ref), keys.batch_jobs(batch), keys.batch_counts(batch),
-                           keys.ADMISSION, keys.batch(batch)]
-            args = [ref, job_id, batch, json.dumps(request, ensure_ascii=False), repr(now)]
+                           keys.batch(batch)]
+            args = [job_id, batch, json.dumps(request, ensure_ascii=False), repr(now),
+                    repr(self.credits.of(request))]
             self._scripts["enqueue"](keys=script_keys, args=args, client=pipe)
             replies.append(True)
             for name, value in (rest[0] if rest else {}).items():
@@ -106,19 +121,33 @@ class Admission:
         self.redis.hsetnx(keys.batch(batch), "created_at", repr(now))
         return created
 
-    def requeue_failed(self, batch: str, resubmit_unknown: bool = False) -> dict[str, int]:
-        """Put a batch's failed jobs back in line, one atomic script each. A job
+    def configure(self, batch: str, values: dict, defaults: dict | None = None) -> bool:
+        """Set a batch's admission settings (priority, paused, max_credits,
+        max_videos; None removes one) and lift a spend-cap hold; `defaults`
+        only where unset. Returns whether the batch waits in a ring now."""
+        fields = {name: value for name, value in (defaults or {}).items()
+                  if not self.redis.hexists(keys.batch(batch), name)}
+        fields.update(values)
+        args: list[str] = [batch]
+        for name, value in fields.items():
+            args += [name, "" if value is None else str(value)]
+        return bool(self._scripts["batch_settings"](keys=[keys.batch(batch)], args=args))
+
+    def requeue_failed(self, batch: str, resubmit_unknown: bool = False,
+                       job_ids: list[str] | None = None) -> dict[str, int]:
+        """Put a batch's failed jobs (or those of `job_ids`) back in their
+        batch's line at their enqueue position, one atomic script each. A job
         with a generation id polls it again (a late video is downloaded); one
         whose POST has an unknown outcome is re-POSTed only if asked."""
         answers: dict[str, int] = {}
-        ids = self.store.job_ids(batch)
+        ids = self.store.job_ids(batch) if job_ids is None else job_ids
         for start in range(0, len(ids), ENQUEUE_PIPELINE):
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids[start:start + ENQUEUE_PIPELINE]:
                 ref = keys.job_ref(batch, job_id)
                 self._scripts["requeue"](
-                    keys=[keys.job(ref), keys.batch_counts(batch), keys.ADMISSION,
-                          keys.batch_unknown(batch), keys.SLOT_HOLDS, keys.SLOTS],
+                    keys=[keys.job(ref), keys.batch_counts(batch), keys.batch_unknown(batch),
+                          keys.SLOT_HOLDS, keys.SLOTS],
                     args=[ref, job_id, "1" if resubmit_unknown else "0"], client=pipe)
             for answer in pipe.execute():
                 answers[answer] = answers.get(answer, 0) + 1
@@ -126,11 +155,29 @@ class Admission:
 
     def pump(self) -> list[tuple[str, str]]:
         """Admit waiting jobs into free slots; returns (ref, token) to submit."""
-        flat = self._scripts["pump"](
-            keys=[keys.SLOTS, keys.ADMISSION, keys.DUE, keys.SEQ, keys.CONFIG,
-                  keys.PAUSE_SUBMIT],
-            args=[repr(self.step_grace_s), keys.JOB_PREFIX])
+        moved, *flat = self._scripts["pump"](
+            keys=[keys.SLOTS, keys.DUE, keys.SEQ, keys.CONFIG, keys.PAUSE_SUBMIT,
+                  keys.ADMISSION],
+            args=[repr(self.step_grace_s), repr(self.credits.default), SPEND_TTL_S,
+                  *PRIORITIES])
+        if moved:
+            log.warning("moved %d jobs from the old single line (%s) into their batches' "
+                        "lines", moved, keys.ADMISSION)
         return list(zip(flat[::2], flat[1::2], strict=True))
+
+    def settle(self, ref: str, outcome: str, credits_used: float | None = None) -> bool:
+        """A generation ended ('done', 'failed' or 'stored'): its committed
+        credits become spent ones (lua/settle.lua); once per admission."""
+        reported = "" if credits_used is None else repr(credits_used)
+        return bool(self._scripts["settle"](keys=[keys.job(ref)], args=[outcome, reported]))
+
+    def cancel_waiting(self, batch: str, limit: int) -> tuple[int, int]:
+        """Mark `batch` cancelled and end up to `limit` of its waiting jobs
+        `cancelled`; returns (taken from its line, ended)."""
+        taken, ended = self._scripts["cancel"](
+            keys=[keys.batch(batch), keys.batch_line(batch), keys.batch_counts(batch)],
+            args=[batch, limit])
+        return int(taken), int(ended)
 
     def release_expired_holds(self) -> int:
         return int(self._scripts["release_holds"](keys=[keys.SLOT_HOLDS, keys.SLOTS]))
@@ -138,8 +185,15 @@ class Admission:
     def in_flight(self) -> int:
         return int(self.redis.zcard(keys.SLOTS))
 
-    def waiting(self) -> int:
-        return int(self.redis.llen(keys.ADMISSION))
+    def waiting(self, batch: str | None = None) -> int:
+        """Jobs waiting for a slot: in `batch`'s line, or in every batch's."""
+        if batch is not None:
+            return int(self.redis.zcard(keys.batch_line(batch)))
+        names = sorted(str(name) for name in self.redis.smembers(keys.BATCHES))
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.zcard(keys.batch_line(name))
+        return sum(pipe.execute()) + int(self.redis.llen(keys.ADMISSION))
 
 
 def _created(answers: list, is_script: list[bool]) -> int:

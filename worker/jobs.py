@@ -31,6 +31,7 @@ class State(StrEnum):
     DOWNLOADING = "downloading"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # `vidq cancel`: never admitted, never POSTed
 
 
 class Step(StrEnum):
@@ -39,7 +40,7 @@ class Step(StrEnum):
     DOWNLOAD = "download"
 
 
-FINAL_STATES = frozenset({State.DONE, State.FAILED})
+FINAL_STATES = frozenset({State.DONE, State.FAILED, State.CANCELLED})
 OUTCOME_UNKNOWN = "outcome_unknown"
 
 
@@ -48,11 +49,18 @@ def lua_constants() -> str:
     enums above are their one definition."""
     states = ", ".join(f"{s.name.lower()} = '{s.value}'" for s in State)
     steps = ", ".join(f"{s.name.lower()} = '{s.value}'" for s in Step)
-    return f"local STATE = {{{states}}}\nlocal STEP = {{{steps}}}\n"
+    # Key prefixes for keys a script derives from a batch name (worker.keys).
+    prefixes = (f"local NS = {{job = '{keys.JOB_PREFIX}', batch = '{keys.BATCH_PREFIX}', "
+                f"line = '{keys.LINE_SUFFIX}', ring = '{keys.RING_PREFIX}', "
+                f"spend = '{keys.SPEND_PREFIX}'}}\n")
+    return f"local STATE = {{{states}}}\nlocal STEP = {{{steps}}}\n" + prefixes
 
 
-def load_script(client: redis.Redis, name: str):
-    return client.register_script(lua_constants() + (LUA_DIR / f"{name}.lua").read_text())
+def load_script(client: redis.Redis, name: str, libraries: tuple[str, ...] = ()):
+    """A script, after the constants and the shared Lua `libraries` it uses."""
+    parts = [lua_constants(), *((LUA_DIR / f"{lib}.lua").read_text() for lib in libraries),
+             (LUA_DIR / f"{name}.lua").read_text()]
+    return client.register_script("".join(parts))
 
 
 @dataclass
@@ -114,7 +122,8 @@ class JobStore:
         self.redis = client
         self._scripts = {name: load_script(client, name) for name in (
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
-            "back_in_line", "grow_cap")}
+            "grow_cap")}
+        self._scripts["back_in_line"] = load_script(client, "back_in_line", ("line_lib",))
 
     def now(self) -> float:
         seconds, micros = self.redis.time()
@@ -177,11 +186,11 @@ class JobStore:
         return self._scripts["transition"](keys=script_keys, args=args)
 
     def back_in_line(self, job: Job, pause_s: float, rate_limited: bool) -> int:
-        """Put a job refused by a 429 (or by a pause) back at the front of the
-        line, pausing submits for `pause_s`; returns the effective cap."""
+        """Put a job refused by a 429 (or by a pause) back at the front of its
+        batch's line, pausing submits for `pause_s`; returns the effective cap."""
         return int(self._scripts["back_in_line"](
-            keys=[keys.job(job.ref), keys.SLOTS, keys.DUE, keys.ADMISSION, keys.CONFIG,
-                  keys.PAUSE_SUBMIT],
+            keys=[keys.job(job.ref), keys.SLOTS, keys.DUE, keys.CONFIG, keys.PAUSE_SUBMIT,
+                  keys.batch_counts(job.batch)],
             args=[job.ref, job.token, int(pause_s * 1000), "1" if rate_limited else "0"]))
 
     def pause_polls(self, pause_s: float) -> None:

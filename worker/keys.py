@@ -1,12 +1,20 @@
 """Every Redis key vidq uses, in one place.
 
     vidq:job:<batch>:<id>       hash: one job's record (fields in `worker.jobs.Job`)
-    vidq:batch:<batch>          hash: created_at, total
+    vidq:batch:<batch>          hash: created_at, total; admission: priority, seq (enqueue
+                                order), in_ring, paused, cancelled, blocked; spend:
+                                max_credits, max_videos, credits_committed,
+                                credits_spent, videos (see worker.spend)
+    vidq:batch:<batch>:line     zset: the batch's waiting job ids (score: enqueue seq)
     vidq:batch:<batch>:counts   hash: state -> number of jobs in it
     vidq:batch:<batch>:jobs     set of job ids
     vidq:batch:<batch>:unknown  set of job ids failed "outcome unknown" (may have been charged)
     vidq:batches                set of batch names
-    vidq:admission              list of job refs waiting for an upstream slot
+    vidq:admission              old single waiting line (list of refs); drained once
+                                into the batch lines (worker.admission.migrate_old_line)
+    vidq:ring:<priority>        list of batch names with waiting jobs, served round-robin
+    vidq:spend:<day>            hash: committed, spent credits of a UTC day (day number
+                                since the epoch); expires after a week
     vidq:slots                  zset: refs holding an upstream slot (score: admitted at)
     vidq:slot_holds             zset: failed refs whose slot is kept until the score
                                 (an outcome-unknown POST the upstream may be generating)
@@ -14,6 +22,7 @@
     vidq:seq                    counter for step tokens
     vidq:config                 hash: max_in_flight (C, one value per deployment);
                                 effective_cap, cap_credit (C lowered after 429s)
+                                daily_credits (the deployment's daily credit cap)
     vidq:pause:submit           string with a TTL: the upstream said 429 to a POST;
                                 no admission, no POST until it expires
     vidq:pause:poll             string with a TTL: the same for status GETs
@@ -30,6 +39,10 @@ PREFIX = "vidq:"
 JOB_PREFIX = PREFIX + "job:"
 BATCHES = PREFIX + "batches"
 ADMISSION = PREFIX + "admission"
+BATCH_PREFIX = PREFIX + "batch:"
+RING_PREFIX = PREFIX + "ring:"
+SPEND_PREFIX = PREFIX + "spend:"
+LINE_SUFFIX = ":line"
 SLOTS = PREFIX + "slots"
 SLOT_HOLDS = PREFIX + "slot_holds"
 DUE = PREFIX + "due"
@@ -63,6 +76,18 @@ def batch_jobs(name: str) -> str:
 
 def batch_unknown(name: str) -> str:
     return f"{PREFIX}batch:{name}:unknown"
+
+
+def batch_line(name: str) -> str:
+    return f"{BATCH_PREFIX}{name}{LINE_SUFFIX}"
+
+
+def ring(priority: str) -> str:
+    return RING_PREFIX + priority
+
+
+def spend_day(day: int) -> str:
+    return f"{SPEND_PREFIX}{day}"
 
 
 def durations(model: str, resolution: str) -> str:

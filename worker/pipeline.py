@@ -229,6 +229,7 @@ class Steps:
                                  outcome_unknown=unknown, last_error=reason,
                                  failed_at=job.now(), polls=job.polls) is not None:
             job.failed, job.outcome = True, f"failed: {reason}"
+            self.admission.settle(job.ref, "failed")
         admit(self.admission, self.dispatch)
 
     def _already_stored(self, job: Job) -> bool:
@@ -242,6 +243,7 @@ class Steps:
         self.store.transition(job, state=State.DONE, release_slot=True, storage_key=found["video"],
                               sha256=found["sha256"], bytes=found["bytes"],
                               generation_id=found.get("generation_id") or "", last_error="")
+        self.admission.settle(job.ref, "stored")
         admit(self.admission, self.dispatch)
         return True
 
@@ -258,6 +260,7 @@ class Steps:
                 self.durations.record(*self._shape(job), previous, job.now() - job.submitted_at)
         self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True, **values)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
+        self.admission.settle(job.ref, "done", generation.credits_used)
         admit(self.admission, self.dispatch)
 
     def _next(self, job: Job, step: str, delay: float, **values) -> None:

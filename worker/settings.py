@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit, urluns
 
 from .contract import DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
+from .spend import parse_estimates
 
 # S3's limits on a multipart upload's parts (all but the last).
 S3_MIN_PART_BYTES = 5 * 1024**2
@@ -66,6 +67,10 @@ class Settings:
     max_video_bytes: int = 2 * 1024**3
     # s3:// storage: bytes buffered per multipart part (S3's minimum is 5 MiB).
     s3_part_bytes: int = 8 * 1024**2
+    # Credits a generation is expected to cost until the upstream reports it
+    # (the spend caps count these); per model@resolution in credit_estimates.
+    credit_estimate: float = 120000.0
+    credit_estimates: str = ""
 
     def __post_init__(self) -> None:
         # Frozen: the one field normalised here is written the dataclass way.
@@ -83,6 +88,9 @@ class Settings:
                 "but live submit would be taken over")
         if self.hard_limit_s < self.deadline_s:
             raise ConfigError("VIDQ_HARD_LIMIT_S must be at least VIDQ_DEADLINE_S")
+        if self.credit_estimate < 0:
+            raise ConfigError("VIDQ_CREDIT_ESTIMATE must not be negative")
+        parse_estimates(self.credit_estimates)
         if not S3_MIN_PART_BYTES <= self.s3_part_bytes <= S3_MAX_PART_BYTES:
             raise ConfigError(
                 f"VIDQ_S3_PART_BYTES={self.s3_part_bytes}: S3 parts must be between "
@@ -150,6 +158,8 @@ ENV_NAMES = {
     "result_url_allowlist": "VIDQ_RESULT_URL_ALLOWLIST",
     "max_video_bytes": "VIDQ_MAX_VIDEO_BYTES",
     "s3_part_bytes": "VIDQ_S3_PART_BYTES",
+    "credit_estimate": "VIDQ_CREDIT_ESTIMATE",
+    "credit_estimates": "VIDQ_CREDIT_ESTIMATES",
 }
 
 

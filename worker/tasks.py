@@ -24,6 +24,7 @@ from .jobs import OUTCOME_UNKNOWN, JobStore
 from .pipeline import Steps
 from .schedule import DurationModel
 from .settings import Settings
+from .spend import CreditEstimates
 from .storage import open_storage
 from .upstream import UpstreamClient
 
@@ -58,7 +59,9 @@ def build_steps(settings: Settings, worker_name: str = "local") -> Steps:
     client = connect(settings.redis_url)
     store = JobStore(client)
     return Steps(
-        settings=settings, store=store, admission=Admission(store, settings.step_grace_s),
+        settings=settings, store=store,
+        admission=Admission(store, settings.step_grace_s,
+                            CreditEstimates.from_settings(settings)),
         client=UpstreamClient(settings),
         storage=open_storage(settings.storage_url, settings.s3_part_bytes),
         durations=DurationModel(client, settings.expected_generation_s), dispatch=dispatch,

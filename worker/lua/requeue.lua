@@ -1,12 +1,15 @@
--- Put one failed job back in line, atomically: it is in the admission list
--- exactly when its state says queued. Returns 'requeued', 'not_failed' or
+-- Put one failed job back in its batch's line at its enqueue position,
+-- atomically: it is in the line exactly when its state says queued.
+-- Returns 'requeued', 'not_failed', 'cancelled' (its batch was cancelled) or
 -- 'needs_resubmit' (its POST's outcome is unknown and resubmitting was not asked).
-local job_key, counts_key, admission_key, unknown_key, holds_key, slots_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local job_key, counts_key, unknown_key, holds_key, slots_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ref, job_id = ARGV[1], ARGV[2]
 local resubmit_unknown = ARGV[3] == '1'
 
 if redis.call('HGET', job_key, 'state') ~= STATE.failed then return 'not_failed' end
+local batch = redis.call('HGET', job_key, 'batch')
+if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then return 'cancelled' end
 local generation_id = redis.call('HGET', job_key, 'generation_id') or ''
 local posting = redis.call('HGET', job_key, 'posting_at') or ''
 if generation_id == '' and posting ~= '' then
@@ -18,9 +21,10 @@ end
 redis.call('HSET', job_key, 'outcome_unknown', '', 'state', STATE.queued, 'attempts', '0',
   'link_refreshes', '0', 'last_error', '', 'token', '', 'step', '', 'recovered', '1')
 redis.call('SREM', unknown_key, job_id)
+redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed
 redis.call('ZREM', holds_key, ref)
 redis.call('ZREM', slots_key, ref)
 redis.call('HINCRBY', counts_key, STATE.failed, -1)
 redis.call('HINCRBY', counts_key, STATE.queued, 1)
-redis.call('RPUSH', admission_key, ref)
+put_in_line(batch, job_key, job_id, false)
 return 'requeued'

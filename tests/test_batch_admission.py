@@ -1,0 +1,202 @@
+"""Per-batch admission: round-robin, priorities, pause/resume, cancel, spend caps.
+
+Real Redis, real `celery -A worker worker` processes and the sandbox over
+HTTP; the order of POSTs is read from the sandbox's ledger.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import write_prompts
+
+from worker import keys
+from worker.batch_control import admission_state, pause
+from worker.spend import spend_summary
+
+
+def _posted_batches(pipeline) -> str:
+    """The batch letter of every POST the sandbox saw, in the order it saw them."""
+    entries = sorted(pipeline.ledger(), key=lambda entry: entry["submitted_at"])
+    return "".join(entry["prompt"][0] for entry in entries)
+
+
+def _prompts(letter: str, count: int) -> list[str]:
+    return [f"{letter} prompt {i}" for i in range(count)]
+
+
+def _wait(condition, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached in {timeout_s} s")
+
+
+def _vidq(pipeline, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["vidq", *args], env=pipeline.env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_two_batches_share_one_slot_round_robin(make_pipeline, tmp_path):
+    """A batch enqueued after a bigger one is served every other turn, not after it."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1)
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", _prompts("A", 6)), "first")
+    pipeline.enqueue(write_prompts(tmp_path / "b.txt", _prompts("B", 3)), "second")
+
+    pipeline.start_workers(count=1, concurrency=2)
+    pipeline.wait_finished("first", timeout_s=120)
+    pipeline.wait_finished("second", timeout_s=60)
+
+    assert _posted_batches(pipeline) == "ABABABAAA"
+
+
+def test_a_high_priority_batch_enqueued_later_is_admitted_first(make_pipeline, tmp_path):
+    """`--priority high` jumps a normal batch that was enqueued before it."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1)
+    pipeline.enqueue(write_prompts(tmp_path / "n.txt", _prompts("N", 3)), "bulk")
+    result = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "h.txt", _prompts("H", 2))),
+                   "--batch", "urgent", "--priority", "high")
+    assert result.returncode == 0, result.stderr
+
+    pipeline.start_workers(count=1, concurrency=2)
+    pipeline.wait_finished("bulk", timeout_s=120)
+
+    assert _posted_batches(pipeline) == "HHNNN"
+
+
+def test_pause_stops_admission_and_resume_restarts_it(make_pipeline, make_sandbox, tmp_path):
+    """A paused batch's job in flight finishes; the waiting ones are not POSTed until resume."""
+    pipeline = make_pipeline(make_sandbox(time_scale=30), VIDQ_MAX_IN_FLIGHT=1,
+                             VIDQ_EXPECTED_GENERATION_S=3)
+    pipeline.start_workers(count=1, concurrency=2)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", _prompts("P", 3)), "night")
+    _wait(lambda: pipeline.ledger(), what="first POST")
+
+    assert pause(pipeline.admission, "night") == 2
+    _wait(lambda: pipeline.store.counts("night")["done"] == 1, what="the job in flight done")
+    time.sleep(2.0)  # a few reconciler passes: none may admit a paused batch
+    assert len(pipeline.ledger()) == 1
+    assert pipeline.store.counts("night")["queued"] == 2
+    assert admission_state(pipeline.admission, "night") == "paused"
+
+    result = _vidq(pipeline, "resume", "night")
+    counts = pipeline.wait_finished("night", timeout_s=60)
+
+    assert result.returncode == 0 and "2 jobs waiting" in result.stdout, result
+    assert counts["done"] == 3 and len(pipeline.ledger()) == 3
+
+
+def test_cancel_ends_waiting_jobs_and_downloads_those_in_flight(make_pipeline, make_sandbox,
+                                                                tmp_path):
+    """Cancelled jobs are never POSTed; generations in flight end done, files on disk."""
+    pipeline = make_pipeline(make_sandbox(time_scale=30), VIDQ_MAX_IN_FLIGHT=2,
+                             VIDQ_EXPECTED_GENERATION_S=3)
+    pipeline.start_workers(count=1, concurrency=2)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", _prompts("C", 6)), "doomed")
+    _wait(lambda: len(pipeline.ledger()) == 2, what="two POSTs")
+
+    result = _vidq(pipeline, "cancel", "doomed")
+    _wait(lambda: pipeline.store.counts("doomed")["done"] == 2, timeout_s=60,
+          what="in-flight jobs done")
+    time.sleep(1.5)
+
+    assert result.returncode == 0, result.stderr
+    assert "4 waiting jobs cancelled; 2 jobs in flight finish" in result.stdout
+    counts = pipeline.store.counts("doomed")
+    assert counts["cancelled"] == 4 and counts["done"] == 2 and counts["queued"] == 0
+    ledger = pipeline.ledger()
+    assert len(ledger) == 2
+    videos = Path(pipeline.settings.storage_url.removeprefix("file://")) / "doomed"
+    stored = {hashlib.sha256(path.read_bytes()).hexdigest() for path in videos.glob("*.mp4")}
+    assert stored == {entry["sha256"] for entry in ledger}
+    assert _vidq(pipeline, "cancel", "no-such-batch").returncode != 0
+
+
+def test_max_videos_stops_admission_at_the_limit_and_raising_it_resumes(make_pipeline,
+                                                                        tmp_path):
+    """At --max-videos 2 exactly two are POSTed and the batch shows `paused: spend cap`."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=4)
+    pipeline.start_workers(count=1, concurrency=2)
+    enqueued = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "p.txt", _prompts("V", 5))),
+                     "--batch", "capped", "--max-videos", "2")
+    assert enqueued.returncode == 0, enqueued.stderr
+    _wait(lambda: pipeline.store.counts("capped")["done"] == 2, what="two done")
+    time.sleep(1.5)
+
+    assert len(pipeline.ledger()) == 2
+    assert admission_state(pipeline.admission, "capped") == "paused: spend cap"
+    shown = _vidq(pipeline, "limits", "capped")
+    assert "paused: spend cap" in shown.stdout and "240,000 credits spent" in shown.stdout
+
+    raised = _vidq(pipeline, "limits", "capped", "--max-videos", "4")
+    _wait(lambda: pipeline.store.counts("capped")["done"] == 4, what="four done")
+    time.sleep(1.5)
+
+    assert raised.returncode == 0, raised.stderr
+    assert len(pipeline.ledger()) == 4 and pipeline.store.counts("capped")["queued"] == 1
+    spend = spend_summary(pipeline.store.redis, "capped")["batch"]
+    assert spend["spent"] == 4 * 120000 and spend["committed"] == 0 and spend["videos"] == 4
+
+
+def test_daily_credit_cap_stops_every_batch_and_raising_it_resumes(make_pipeline, tmp_path):
+    """A daily cap of 2 videos' credits admits two jobs in all, then two more when raised."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=4)
+    assert _vidq(pipeline, "limits", "--daily-credits", "240000").returncode == 0
+    pipeline.start_workers(count=1, concurrency=2)
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", _prompts("D", 3)), "day-a")
+    pipeline.enqueue(write_prompts(tmp_path / "b.txt", _prompts("E", 3)), "day-b")
+    _wait(lambda: sum(pipeline.store.counts(b)["done"] for b in ("day-a", "day-b")) == 2,
+          what="two done")
+    time.sleep(1.5)
+    assert len(pipeline.ledger()) == 2
+
+    assert _vidq(pipeline, "limits", "--daily-credits", "480000").returncode == 0
+    _wait(lambda: sum(pipeline.store.counts(b)["done"] for b in ("day-a", "day-b")) == 4,
+          what="four done")
+    time.sleep(1.5)
+
+    assert len(pipeline.ledger()) == 4
+    today = spend_summary(pipeline.store.redis, "day-a")["today"]
+    assert today["spent"] + today["committed"] <= 480000
+    done = [pipeline.store.get(keys.job_ref(b, i)) for b in ("day-a", "day-b")
+            for i in pipeline.store.job_ids(b)]
+    assert sorted(job.number("credits") for job in done if job.state == "done") == [120000.0] * 4
+
+
+def test_old_single_line_is_drained_into_batch_lines(make_pipeline, tmp_path):
+    """Jobs waiting in a pre-upgrade `vidq:admission` list are admitted from their batch's line."""
+    pipeline = make_pipeline()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", _prompts("O", 3)), "old")
+    client = pipeline.store.redis
+    ids = pipeline.store.job_ids("old")
+    client.delete(keys.batch_line("old"), keys.ring("normal"))  # as an old enqueue left it
+    client.hdel(keys.batch("old"), "in_ring")
+    client.rpush(keys.ADMISSION, *[keys.job_ref("old", i) for i in ids])
+    pipeline.admission.set_cap(2)
+
+    admitted = pipeline.admission.pump()
+
+    assert len(admitted) == 2 and client.llen(keys.ADMISSION) == 0
+    assert pipeline.admission.waiting("old") == 1
+
+
+def test_enqueue_into_a_cancelled_batch_is_refused(make_pipeline, tmp_path):
+    """A cancelled batch takes no new jobs: one error line, exit 2, nothing written."""
+    pipeline = make_pipeline()
+    path = write_prompts(tmp_path / "p.txt", _prompts("X", 2))
+    pipeline.enqueue(path, "gone")
+    assert "2 waiting jobs cancelled" in _vidq(pipeline, "cancel", "gone").stdout
+
+    more = write_prompts(tmp_path / "q.txt", _prompts("Y", 1))
+    result = _vidq(pipeline, "enqueue", str(more), "--batch", "gone")
+
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: batch 'gone' was cancelled: enqueue into a new "
+                                     "batch name")
+    assert pipeline.store.batch_total("gone") == 2
+

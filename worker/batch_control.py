@@ -1,0 +1,110 @@
+"""Pause, resume, cancel and spend caps of a batch, as admission sees them.
+
+Each is a change to the batch's hash (`lua/batch_settings.lua`, atomic with
+putting the batch back in its ring); the pump reads the hash when the batch's
+turn comes, so nothing already admitted is touched: generations in flight
+finish and are downloaded (they are paid for). Cancel ends the waiting jobs
+`cancelled` in chunks, each one atomic script, after marking the batch so the
+pump and every put-back script leave it alone from the first chunk on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import keys
+from .admission import PRIORITIES, Admission
+from .errors import InputError
+
+CANCEL_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    cancelled: int  # waiting jobs ended `cancelled`
+    in_flight: int  # admitted jobs left to finish
+
+
+def check_batch(admission: Admission, batch: str) -> None:
+    """Raise InputError unless `batch` has jobs."""
+    if admission.store.batch_total(batch) == 0:
+        raise InputError(f"no batch named {batch!r}")
+
+
+def _check_open(admission: Admission, batch: str) -> None:
+    check_batch(admission, batch)
+    if admission.redis.hget(keys.batch(batch), "cancelled") == "1":
+        raise InputError(f"batch {batch!r} was cancelled")
+
+
+def pause(admission: Admission, batch: str) -> int:
+    """Stop admitting `batch`; returns how many of its jobs wait."""
+    _check_open(admission, batch)
+    admission.configure(batch, {"paused": "1"})
+    return admission.waiting(batch)
+
+
+def resume(admission: Admission, batch: str) -> int:
+    """Admit `batch` again; returns how many of its jobs wait."""
+    _check_open(admission, batch)
+    admission.configure(batch, {"paused": None})
+    return admission.waiting(batch)
+
+
+def cancel(admission: Admission, batch: str) -> CancelResult:
+    """End `batch`'s waiting jobs `cancelled`; those in flight finish."""
+    check_batch(admission, batch)
+    cancelled = 0
+    while True:
+        taken, ended = admission.cancel_waiting(batch, CANCEL_CHUNK)
+        cancelled += ended
+        if taken == 0:
+            break
+    return CancelResult(cancelled, in_flight(admission, batch))
+
+
+def in_flight(admission: Admission, batch: str) -> int:
+    """Jobs of `batch` holding an upstream slot now (O(C))."""
+    prefix = keys.job_ref(batch, "")
+    return sum(1 for ref in admission.redis.zrange(keys.SLOTS, 0, -1)
+               if str(ref).startswith(prefix))
+
+
+def set_limits(admission: Admission, batch: str, **limits: float | None) -> None:
+    """Set max_credits / max_videos of `batch` (None removes one); a batch
+    held by a spend cap is checked again at once."""
+    _check_open(admission, batch)
+    admission.configure(batch, {name: _plain(value) for name, value in limits.items()})
+
+
+def set_priority(admission: Admission, batch: str, priority: str) -> None:
+    if priority not in PRIORITIES:
+        raise InputError(f"priority {priority!r}: use one of {', '.join(PRIORITIES)}")
+    _check_open(admission, batch)
+    admission.configure(batch, {"priority": priority})
+
+
+def set_daily_credits(admission: Admission, credits: float | None) -> None:
+    """The deployment's daily credit cap, for every worker (None removes it)."""
+    if credits is None:
+        admission.redis.hdel(keys.CONFIG, "daily_credits")
+    else:
+        admission.redis.hset(keys.CONFIG, "daily_credits", _plain(credits))
+
+
+def admission_state(admission: Admission, batch: str) -> str:
+    """'cancelled', 'paused', 'paused: spend cap' or 'open': what `vidq status` shows."""
+    cancelled, paused, blocked = admission.redis.hmget(keys.batch(batch), "cancelled",
+                                                       "paused", "blocked")
+    if cancelled == "1":
+        return "cancelled"
+    if paused == "1":
+        return "paused"
+    if blocked:
+        return "paused: spend cap"  # the one hold the pump sets
+    return "open"
+
+
+def _plain(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

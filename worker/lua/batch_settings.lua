@@ -1,0 +1,19 @@
+-- Change a batch's admission settings (ARGV: field, value pairs; an empty
+-- value removes the field): priority, paused, max_credits, max_videos. A
+-- spend-cap hold is lifted, so the pump checks the caps again, and the batch
+-- goes back in its ring if it may be served now.
+-- Returns 1 if the batch is in a ring afterwards, else 0.
+local batch_hash_key = KEYS[1]
+local batch = ARGV[1]
+
+for i = 2, #ARGV, 2 do
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', batch_hash_key, ARGV[i])
+  else
+    redis.call('HSET', batch_hash_key, ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('HDEL', batch_hash_key, 'blocked')
+wake(batch, false)
+if redis.call('HGET', batch_hash_key, 'in_ring') == '1' then return 1 end
+return 0

@@ -1,0 +1,24 @@
+-- `vidq cancel`: mark the batch cancelled (the pump and every put-back
+-- script then leave it alone) and end up to LIMIT of its waiting jobs
+-- `cancelled`. Jobs already admitted are in flight and finish. Called again
+-- until nothing is left in the line, so no call blocks Redis for long.
+-- Returns {taken from the line, of which cancelled}.
+local batch_hash_key, line, counts_key = KEYS[1], KEYS[2], KEYS[3]
+local batch, limit = ARGV[1], tonumber(ARGV[2])
+
+redis.call('HSET', batch_hash_key, 'cancelled', '1')
+local t = redis.call('TIME')
+local stamp = t[1] .. '.' .. t[2]
+local taken = redis.call('ZPOPMIN', line, limit)
+local cancelled = 0
+for i = 1, #taken, 2 do
+  local job_key = NS.job .. batch .. ':' .. taken[i]
+  if redis.call('HGET', job_key, 'state') == STATE.queued
+      and (redis.call('HGET', job_key, 'token') or '') == '' then
+    redis.call('HSET', job_key, 'state', STATE.cancelled, 'cancelled_at', stamp)
+    redis.call('HINCRBY', counts_key, STATE.queued, -1)
+    redis.call('HINCRBY', counts_key, STATE.cancelled, 1)
+    cancelled = cancelled + 1
+  end
+end
+return {#taken / 2, cancelled}

@@ -1,0 +1,59 @@
+-- Shared by the admission scripts (prepended after STATE, STEP and NS).
+-- Each batch waits in its own line: a zset of job ids scored by enqueue
+-- order, so a job put back keeps its place. A batch that has waiting jobs
+-- and may be served sits once (in_ring = '1') in the ring of its priority,
+-- a list the pump serves round-robin, one job per batch per turn.
+local function batch_key(batch) return NS.batch .. batch end
+local function line_key(batch) return NS.batch .. batch .. NS.line end
+
+-- Put `batch` in its priority's ring (at the front if `front`), unless it is
+-- there already, paused, cancelled, held by a spend cap or has no one waiting.
+local function wake(batch, front)
+  local key = batch_key(batch)
+  local f = redis.call('HMGET', key, 'in_ring', 'paused', 'cancelled', 'blocked', 'priority')
+  if f[1] == '1' or f[2] == '1' or f[3] == '1' or (f[4] and f[4] ~= '') then return false end
+  if redis.call('ZCARD', line_key(batch)) == 0 then return false end
+  redis.call(front and 'LPUSH' or 'RPUSH', NS.ring .. (f[5] or 'normal'), batch)
+  redis.call('HSET', key, 'in_ring', '1')
+  return true
+end
+
+-- Put a job (back) in its batch's line at its enqueue position; a job from
+-- before per-batch lines gets the next position now.
+local function put_in_line(batch, job_key, job_id, front)
+  local seq = redis.call('HGET', job_key, 'seq')
+  if not seq then
+    seq = redis.call('HINCRBY', batch_key(batch), 'seq', 1)
+    redis.call('HSET', job_key, 'seq', seq)
+  end
+  redis.call('ZADD', line_key(batch), seq, job_id)
+  wake(batch, front)
+end
+
+-- Turn the credits a job committed at admission into `spent` credits (0 for
+-- a POST that created nothing), and give its video back to the batch's
+-- max-videos unless `kept`. Once per admission: the pending field goes.
+-- A batch held by a spend cap is woken, so the pump checks it again.
+local function settle(job_key, batch, spent, kept)
+  local pending = redis.call('HGET', job_key, 'credits_pending')
+  if not pending then return false end
+  pending = tonumber(pending) or 0
+  local key = batch_key(batch)
+  redis.call('HINCRBYFLOAT', key, 'credits_committed', -pending)
+  if not kept then redis.call('HINCRBY', key, 'videos', -1) end
+  if spent > 0 then
+    redis.call('HINCRBYFLOAT', key, 'credits_spent', spent)
+    redis.call('HINCRBYFLOAT', job_key, 'credits', spent)
+  end
+  local day = redis.call('HGET', job_key, 'spend_day')
+  if day then
+    redis.call('HINCRBYFLOAT', NS.spend .. day, 'committed', -pending)
+    if spent > 0 then redis.call('HINCRBYFLOAT', NS.spend .. day, 'spent', spent) end
+  end
+  redis.call('HDEL', job_key, 'credits_pending')
+  if redis.call('HGET', key, 'blocked') == 'spend cap' then
+    redis.call('HDEL', key, 'blocked')
+    wake(batch, true)
+  end
+  return true
+end

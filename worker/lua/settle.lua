@@ -1,0 +1,25 @@
+-- A job's generation ended: its committed credits become spent ones.
+-- 'done' (the upstream completed it): the reported credits, else the
+-- estimate. 'stored' (its video was already in storage, nothing POSTed): 0.
+-- 'failed': the estimate if a generation may exist (an id, or a POST whose
+-- outcome is unknown; it may have been charged), else 0; its video goes
+-- back to the batch's max-videos. Returns 1 if settled now, 0 if already.
+local job_key = KEYS[1]
+local outcome = ARGV[1]
+local reported = tonumber(ARGV[2])  -- '' when the upstream did not say
+
+local f = redis.call('HMGET', job_key, 'batch', 'credits_pending', 'generation_id',
+  'posting_at', 'outcome_unknown')
+if not f[1] or not f[2] then return 0 end
+local pending = tonumber(f[2]) or 0
+local spent, kept = 0, true
+if outcome == 'done' then
+  spent = reported or pending
+elseif outcome == 'failed' then
+  kept = false
+  local may_exist = (f[3] and f[3] ~= '') or (f[4] and f[4] ~= '') or f[5] == '1'
+  if may_exist then spent = reported or pending end
+end
+if pending == 0 then spent = 0 end  -- an existing generation polled again: paid before
+if settle(job_key, f[1], spent, kept) then return 1 end
+return 0
