@@ -320,3 +320,38 @@ def test_an_outcome_unknown_failure_that_races_a_recorded_id_does_not_fail_the_j
     assert record.state == "submitted" and record.generation_id == "gen-just-in-time"
     assert steps.store.outcome_unknown("b") == 0
     assert steps.store.redis.zscore("vidq:due", ref) is not None
+
+
+def test_pending_first_polls_are_re_aimed_when_generations_get_faster(steps_for,
+                                                                       make_sandbox):
+    """Learned at ~20 s, three jobs get first polls at ~18 s; then six first polls in a row
+    find their video done (the upstream got faster): the three pending first polls get
+    new tokens at the new, earlier aim, and their old messages become no-ops."""
+    from worker.reaim import aim_dropped, reaim_first_polls
+
+    steps = steps_for(make_sandbox(time_scale=45), VIDQ_EXPECTED_GENERATION_S="90")
+    shape = ("alibaba/wan2.1-t2v-turbo", "720P")
+    for done_at in (19, 20, 21, 20, 19.5, 20.5):
+        steps.durations.record(*shape, done_at - 1, done_at)
+    steps.admission.enqueue("b", [(f"j{i}", {"model": shape[0], "prompt": f"boat {i}"})
+                                  for i in range(3)], time.time())
+    old = {}
+    for ref, token in steps.admission.pump():
+        steps.submit(steps.claim(ref, token, "submit"))
+        _, _, old[ref] = steps.sent[-1]
+        assert 17 < steps.store.get(ref).number("first_aim") < 20
+    assert not aim_dropped(steps.store.redis, *shape, steps.durations.plan(*shape).first_s)
+
+    for _ in range(6):
+        steps.durations.record(*shape, 0.0, 2.0)
+    first_s = steps.durations.plan(*shape).first_s
+    assert first_s == 1.0 and aim_dropped(steps.store.redis, *shape, first_s)
+    steps.sent.clear()
+    assert reaim_first_polls(steps.store, steps.dispatch, shape, first_s, 0.1, 5.0) == 3
+
+    assert sorted(ref for _, ref, _ in steps.sent) == sorted(old)
+    for step, ref, token in steps.sent:
+        assert step == "poll" and token != old[ref]
+        assert steps.claim(ref, old[ref], "poll") is None  # the old countdown does nothing
+        assert steps.store.get(ref).number("first_aim") == 1.0
+    assert reaim_first_polls(steps.store, steps.dispatch, shape, first_s, 0.1, 5.0) == 0

@@ -29,6 +29,8 @@
     vidq:worker:<hostname>      string with a TTL: that worker is alive
     vidq:reconcile:lock         string with a TTL: one reconciler pass at a time
     vidq:durations:<model>:<resolution>   list: recent generation times (seconds)
+    vidq:reaim:<model>:<resolution>       the first-poll aim at the last re-aim
+                                (worker.reaim)
 
 Every score and lease is in Redis server time (`TIME`), so worker clocks never
 have to agree.
@@ -88,6 +90,10 @@ def ring(priority: str) -> str:
 
 def spend_day(day: int) -> str:
     return f"{SPEND_PREFIX}{day}"
+
+
+def reaim(model: str, resolution: str) -> str:
+    return f"{PREFIX}reaim:{model}:{resolution}"
 
 
 def durations(model: str, resolution: str) -> str:

@@ -25,6 +25,7 @@ from .errors import (
     UpstreamError,
 )
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
+from .reaim import aim_dropped, reaim_first_polls
 from .schedule import DurationModel, backoff_delay
 from .settings import Settings
 from .storage import Storage, sidecar_key, video_key
@@ -90,7 +91,8 @@ class Steps:
         except RateLimited as exc:
             return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()
-        self._next(job, Step.POLL, self._poll_delay(job, 0.0), attempts=0)
+        delay = self._poll_delay(job, 0.0)
+        self._next(job, Step.POLL, delay, attempts=0, first_aim=delay)
 
     def _post(self, job: Job) -> Generation:
         """POST once, bounded by a total deadline. The POST runs in a thread
@@ -258,6 +260,7 @@ class Steps:
             if not job.extra.get("recovered"):
                 previous = job.number("last_poll_age") if job.polls > 1 else 0.0
                 self.durations.record(*self._shape(job), previous, job.now() - job.submitted_at)
+                self._reaim(job)
         self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True, **values)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
         self.admission.settle(job.ref, "done", generation.credits_used)
@@ -286,6 +289,12 @@ class Steps:
 
     def _expected_s(self, job: Job) -> float:
         return self.durations.expected_s(*self._shape(job))
+
+    def _reaim(self, job: Job) -> None:
+        first_s = self.durations.plan(*self._shape(job)).first_s
+        if aim_dropped(self.store.redis, *self._shape(job), first_s):
+            reaim_first_polls(self.store, self.dispatch, self._shape(job), first_s,
+                              self.settings.poll_min_interval_s, self.settings.step_grace_s)
 
     def _poll_delay(self, job: Job, age_s: float) -> float:
         plan = self.durations.plan(*self._shape(job))
