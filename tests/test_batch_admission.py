@@ -114,7 +114,8 @@ def test_cancel_ends_waiting_jobs_and_downloads_those_in_flight(make_pipeline, m
     videos = Path(pipeline.settings.storage_url.removeprefix("file://")) / "doomed"
     stored = {hashlib.sha256(path.read_bytes()).hexdigest() for path in videos.glob("*.mp4")}
     assert stored == {entry["sha256"] for entry in ledger}
-    assert _vidq(pipeline, "cancel", "no-such-batch").returncode != 0
+    unknown = _vidq(pipeline, "cancel", "no-such-batch")
+    assert unknown.returncode == 2 and unknown.stderr == "error: no batch named 'no-such-batch'\n"
 
 
 def test_max_videos_stops_admission_at_the_limit_and_raising_it_resumes(make_pipeline,

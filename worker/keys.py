@@ -11,7 +11,7 @@
     vidq:batch:<batch>:unknown  set of job ids failed "outcome unknown" (may have been charged)
     vidq:batches                set of batch names
     vidq:admission              old single waiting line (list of refs); drained once
-                                into the batch lines (worker.admission.migrate_old_line)
+                                into the batch lines by the pump (lua/pump.lua)
     vidq:ring:<priority>        list of batch names with waiting jobs, served round-robin
     vidq:spend:<day>            hash: committed, spent credits of a UTC day (day number
                                 since the epoch); expires after a week
