@@ -155,6 +155,7 @@ def test_daily_credit_cap_stops_every_batch_and_raising_it_resumes(make_pipeline
           what="two done")
     time.sleep(1.5)
     assert len(pipeline.ledger()) == 2
+    assert admission_state(pipeline.admission, "day-b") == "paused: daily credit cap"
 
     assert _vidq(pipeline, "limits", "--daily-credits", "480000").returncode == 0
     _wait(lambda: sum(pipeline.store.counts(b)["done"] for b in ("day-a", "day-b")) == 4,
@@ -201,3 +202,24 @@ def test_enqueue_into_a_cancelled_batch_is_refused(make_pipeline, tmp_path):
                                      "batch name")
     assert pipeline.store.batch_total("gone") == 2
 
+
+
+def test_a_job_put_back_keeps_its_place_in_its_batch(make_pipeline, tmp_path):
+    """A job sent back by a 429, or retried after failing, is the batch's next admission."""
+    pipeline = make_pipeline()
+    store, admission = pipeline.store, pipeline.admission
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", _prompts("K", 4)), "keep")
+    admission.set_cap(1)
+    (first, _token), = admission.pump()
+    assert store.get(first).extra["line"] == "1"
+
+    store.back_in_line(store.get(first), 0.0, rate_limited=False)
+    (again, _token), = admission.pump()
+    store.transition(store.get(again), state="failed", release_slot=True, expected_token="*")
+    (second, _token), = admission.pump()
+    store.transition(store.get(second), state="done", release_slot=True, expected_token="*")
+    assert admission.requeue_failed("keep") == {"requeued": 1, "not_failed": 3}
+    (retried, _token), = admission.pump()
+
+    assert again == first and store.get(second).extra["line"] == "2"
+    assert retried == first and admission.waiting("keep") == 2

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from . import keys
 from .admission import PRIORITIES, Admission
 from .errors import InputError
+from .spend import day_spend
 
 CANCEL_CHUNK = 1000
 
@@ -92,7 +93,8 @@ def set_daily_credits(admission: Admission, credits: float | None) -> None:
 
 
 def admission_state(admission: Admission, batch: str) -> str:
-    """'cancelled', 'paused', 'paused: spend cap' or 'open': what `vidq status` shows."""
+    """'cancelled', 'paused', 'paused: spend cap', 'paused: daily credit cap'
+    or 'open': what `vidq status` shows."""
     cancelled, paused, blocked = admission.redis.hmget(keys.batch(batch), "cancelled",
                                                        "paused", "blocked")
     if cancelled == "1":
@@ -101,7 +103,16 @@ def admission_state(admission: Admission, batch: str) -> str:
         return "paused"
     if blocked:
         return "paused: spend cap"  # the one hold the pump sets
+    if daily_cap_reached(admission):
+        return "paused: daily credit cap"
     return "open"
+
+
+def daily_cap_reached(admission: Admission) -> bool:
+    """Whether a job at the default estimate would pass today's credit cap."""
+    today = day_spend(admission.redis)
+    cap = today["daily_credits"]
+    return cap is not None and today["spent"] + today["committed"] + admission.credits.default > cap
 
 
 def _plain(value: float | None) -> str | None:
