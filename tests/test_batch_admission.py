@@ -223,3 +223,25 @@ def test_a_job_put_back_keeps_its_place_in_its_batch(make_pipeline, tmp_path):
 
     assert again == first and store.get(second).extra["line"] == "2"
     assert retried == first and admission.waiting("keep") == 2
+
+
+def test_a_job_admitted_but_not_yet_posted_when_cancelled_is_never_posted(make_pipeline,
+                                                                          tmp_path):
+    """Its submit task finds the batch cancelled: no POST, the job ends cancelled, slot freed."""
+    from worker.tasks import dispatch
+
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=2)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", _prompts("L", 4)), "late")
+    pipeline.admission.set_cap(2)
+    admitted = pipeline.admission.pump()  # slots taken, submit tasks not sent yet
+    result = _vidq(pipeline, "cancel", "late")
+    assert "2 waiting jobs cancelled; 0 jobs in flight" in result.stdout, result
+
+    pipeline.start_workers(count=1, concurrency=2)
+    for ref, token in admitted:
+        dispatch("submit", ref, token, 0)
+    _wait(lambda: pipeline.store.counts("late")["cancelled"] == 4, what="all cancelled")
+
+    assert pipeline.ledger() == [] and pipeline.admission.in_flight() == 0
+    spend = spend_summary(pipeline.store.redis, "late")["batch"]
+    assert spend["committed"] == 0 and spend["videos"] == 0

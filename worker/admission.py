@@ -94,7 +94,7 @@ class Admission:
         A job may carry a third element, extra hash fields (e.g. its input
         `line`), written only where the job does not have them yet.
         `batch_settings` (priority, max_credits, max_videos) apply first."""
-        if self.redis.hget(keys.batch(batch), "cancelled") == "1":
+        if self.cancelled(batch):
             raise InputError(f"batch {batch!r} was cancelled: enqueue into a new batch name")
         self.configure(batch, batch_settings or {}, defaults={"priority": "normal"})
         created, pending = 0, 0
@@ -170,6 +170,9 @@ class Admission:
         credits become spent ones (lua/settle.lua); once per admission."""
         reported = "" if credits_used is None else repr(credits_used)
         return bool(self._scripts["settle"](keys=[keys.job(ref)], args=[outcome, reported]))
+
+    def cancelled(self, batch: str) -> bool:
+        return self.redis.hget(keys.batch(batch), "cancelled") == "1"
 
     def cancel_waiting(self, batch: str, limit: int) -> tuple[int, int]:
         """Mark `batch` cancelled and end up to `limit` of its waiting jobs

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from . import keys
 from .admission import PRIORITIES, Admission
 from .errors import InputError
+from .jobs import State
 from .spend import day_spend
 
 CANCEL_CHUNK = 1000
@@ -64,10 +65,16 @@ def cancel(admission: Admission, batch: str) -> CancelResult:
 
 
 def in_flight(admission: Admission, batch: str) -> int:
-    """Jobs of `batch` holding an upstream slot now (O(C))."""
+    """Jobs of `batch` POSTed and holding an upstream slot now (O(C)). A job
+    admitted but not yet POSTed (still `queued`) is not counted: a cancel
+    ends it before its POST."""
     prefix = keys.job_ref(batch, "")
-    return sum(1 for ref in admission.redis.zrange(keys.SLOTS, 0, -1)
-               if str(ref).startswith(prefix))
+    refs = [str(ref) for ref in admission.redis.zrange(keys.SLOTS, 0, -1)
+            if str(ref).startswith(prefix)]
+    pipe = admission.redis.pipeline(transaction=False)
+    for ref in refs:
+        pipe.hget(keys.job(ref), "state")
+    return sum(1 for state in pipe.execute() if state != State.QUEUED)
 
 
 def set_limits(admission: Admission, batch: str, **limits: float | None) -> None:

@@ -68,6 +68,10 @@ class Steps:
             return self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
         if self._already_stored(job):
             return
+        if not job.extra.get("posting_at") and self.admission.cancelled(job.batch):
+            # Cancelled between admission and POST: never sent (it ends cancelled).
+            self.store.back_in_line(job, 0.0, rate_limited=False)
+            return
         if job.number("__submit_pause_ms") > 0:
             # Admitted just before a 429 paused submits: back to the front of the line.
             self.store.back_in_line(job, 0.0, rate_limited=False)
