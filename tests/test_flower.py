@@ -13,6 +13,7 @@ import yaml
 from conftest import wait_http, write_prompts
 
 from producer.redis_server import free_port
+from worker import keys
 from worker.flower_backlog import ROW_PREFIX, TOTAL_ROW
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,12 +82,14 @@ def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
 
 def test_the_broker_page_counts_jobs_waiting_for_a_slot_per_batch(make_pipeline, tmp_path):
     """With no worker yet, no C is stored and nothing is admitted: every job waits in vidq's
-    lines, Celery's queues are empty, and Flower's queue lengths say so per batch."""
+    lines, Celery's queues are empty, and Flower's queue lengths say so per batch, marking
+    a paused batch."""
     pipeline = make_pipeline()
     flower, base, log = start_flower(pipeline.env, tmp_path)
     try:
         pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["one", "two", "three"]), "night-a")
         pipeline.enqueue(write_prompts(tmp_path / "b.txt", ["four", "five"]), "night-b")
+        pipeline.store.redis.hset(keys.batch("night-b"), "paused", "1")  # as `vidq pause` does
         answer = requests.get(base + "/api/queues/length", auth=AUTH, timeout=10)
         assert answer.status_code == 200, answer.text
         lengths = {q["name"]: q["messages"] for q in answer.json()["active_queues"]}
@@ -94,5 +97,5 @@ def test_the_broker_page_counts_jobs_waiting_for_a_slot_per_batch(make_pipeline,
     finally:
         stop_flower(flower)
     assert lengths == {"vidq.submit": 0, "vidq.poll": 0, "vidq.download": 0, TOTAL_ROW: 5,
-                       ROW_PREFIX + "night-a": 3, ROW_PREFIX + "night-b": 2}, f"log {log}"
+                       ROW_PREFIX + "night-a": 3, ROW_PREFIX + "night-b (paused)": 2}, f"log {log}"
     assert f"<td>{ROW_PREFIX}night-a</td>" in page, f"/broker lacks the backlog rows; log {log}"

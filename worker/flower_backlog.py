@@ -43,15 +43,22 @@ async def backlog_rows(client: Any) -> list[dict]:
     pipe = client.pipeline(transaction=False)
     for batch in batches:
         pipe.hget(keys.batch_counts(batch), State.QUEUED.value)
-        pipe.hget(keys.batch(batch), "paused")
+        pipe.hmget(keys.batch(batch), "paused", "blocked")
     replies = await pipe.execute() if batches else []
     rows = []
     for index, batch in enumerate(batches):
-        waiting, paused = int(replies[2 * index] or 0), replies[2 * index + 1]
+        waiting, (paused, blocked) = int(replies[2 * index] or 0), replies[2 * index + 1]
         if waiting > 0:
-            label = ROW_PREFIX + batch + (" (paused)" if _text(paused or "0") == "1" else "")
-            rows.append({"name": label, "messages": waiting})
+            rows.append({"name": ROW_PREFIX + batch + _why_held(paused, blocked),
+                         "messages": waiting})
     return [{"name": TOTAL_ROW, "messages": sum(row["messages"] for row in rows)}, *rows]
+
+
+def _why_held(paused: Any, blocked: Any) -> str:
+    """Why a batch's jobs wait for more than a free slot (`vidq pause`, a spend cap)."""
+    if paused and _text(paused) == "1":
+        return " (paused)"
+    return f" (held: {_text(blocked)})" if blocked else ""
 
 
 async def _rows_or_none(client: Any) -> list[dict]:
@@ -68,7 +75,12 @@ def install() -> None:
     """Make Flower's Redis broker view append the backlog rows (idempotent)."""
     from flower.utils import broker
 
-    original = broker.RedisBase.queues
+    original = getattr(getattr(broker, "RedisBase", None), "queues", None)
+    if original is None:
+        # A Flower whose internals moved: Flower still starts, without the rows.
+        log.warning("vidq backlog rows not installed: flower.utils.broker has no "
+                    "RedisBase.queues in this Flower version")
+        return
     if getattr(original, "vidq_backlog", False):
         return
 
