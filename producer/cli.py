@@ -1,7 +1,6 @@
 """The `vidq` command: enqueue, status, run, sandbox."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -69,8 +68,11 @@ def _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed, no_
               help="Admit no job that could carry the batch's credits past this.")
 @click.option("--max-videos", type=click.IntRange(min=0),
               help="Admit at most this many of the batch's videos.")
+@click.option("--allow-variants", is_flag=True,
+              help="Enqueue new jobs even if they differ from the batch's jobs only by "
+                   "parameters (each is a new generation).")
 def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
-            no_enhance_prompt, priority, max_credits, max_videos):
+            no_enhance_prompt, priority, max_credits, max_videos, allow_variants):
     """Validate FILE (.txt, .jsonl, .csv) and add its prompts to a batch."""
     from worker.tasks import dispatch
 
@@ -82,61 +84,93 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
     batch_settings = {name: value for name, value in (
         ("priority", priority), ("max_credits", max_credits), ("max_videos", max_videos))
         if value is not None}
-    result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings)
+    result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings,
+                          allow_variants=allow_variants)
     click.echo(f"batch {result.batch}: {result.jobs_in_file} jobs "
-               f"({result.created} new, {result.already_there} already enqueued)")
+               f"({result.created} new, {result.already_there} already enqueued"
+               + (f", {result.variants} of the new ones variants of existing prompts"
+                  if result.variants else "") + ")")
 
 
 @main.command(cls=VidqCommand)
 @click.argument("batch")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--watch", is_flag=True, help="A live progress bar until the batch ends.")
-def status(batch, as_json, watch):
-    """Counts by state for BATCH."""
+@click.option("--watch", is_flag=True,
+              help="Follow the batch until every job has ended: a bar per state, rate, ETA "
+                   "and warnings; exit status 1 if any job failed.")
+@click.option("--every", "every_s", default=30.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=1), help="With --watch and output that is not a "
+                                                 "terminal: one progress line this often.")
+def status(batch, as_json, watch, every_s):
+    """BATCH's counts by state, in flight and waiting (and the deployment's),
+    failures by reason, credits, rate and ETA."""
     from .enqueue import open_admission
-    from .progress import batch_status, describe
-    from .progress import watch as watch_batch
+    from .status_cmd import show_status
 
-    admission = open_admission(Settings.from_env())
-    result = batch_status(admission, batch)
-    if result["total"] == 0:
-        raise click.ClickException(f"no batch named {batch!r}")
-    if watch:
-        result = watch_batch(admission, batch, console)
-    if as_json:
-        click.echo(json.dumps(result))
-    elif not watch:
-        click.echo(f"{batch}: {result['finished']}/{result['total']} finished; {describe(result)}")
+    settings = Settings.from_env()
+    admission = open_admission(settings)
+    sys.exit(show_status(admission, settings, batch, console, as_json=as_json, follow=watch,
+                         every_s=every_s))
+
+
+@main.command(cls=VidqCommand)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
+def batches(as_json):
+    """Every batch in Redis: counts, age, rate and ETA."""
+    from .enqueue import open_admission
+    from .status_cmd import show_batches
+
+    settings = Settings.from_env()
+    show_batches(open_admission(settings), settings, as_json)
 
 
 @main.command(cls=VidqCommand)
 @click.argument("batch")
+@click.option("--ids", "ids", multiple=True, metavar="ID",
+              help="Only these failed jobs (repeatable; several ids may share one value, "
+                   "separated by spaces or commas).")
+@click.option("--reason", default="", metavar="TEXT",
+              help="Only failed jobs whose reason contains TEXT (case-insensitive).")
+@click.option("--resubmit", is_flag=True,
+              help="POST a new generation for every chosen job: a new charge. Old "
+                   "generation ids stay in the job's history.")
 @click.option("--resubmit-unknown", is_flag=True,
-              help="Also POST again jobs whose first POST has an unknown outcome "
-                   "(they may have been charged already).")
-def retry(batch, resubmit_unknown):
-    """Put BATCH's failed jobs back in line (a paid generation is polled, not re-posted)."""
-    from worker.admission import admit
+              help="POST again only jobs whose POST has an unknown outcome (they may have "
+                   "been charged already); the others are polled again.")
+@click.option("--yes", is_flag=True,
+              help="Confirm a new charge without asking (required when stdin is not a "
+                   "terminal).")
+def retry(batch, ids, reason, resubmit, resubmit_unknown, yes):
+    """Put BATCH's failed jobs back in line. Without --resubmit a job that has a
+    generation id is polled again (a late video is downloaded), never re-posted."""
     from worker.tasks import dispatch
 
     from .enqueue import open_admission
+    from .retrying import run_retry
 
     admission = open_admission(Settings.from_env())
-    if admission.store.batch_total(batch) == 0:
-        raise click.ClickException(f"no batch named {batch!r}")
-    answers = admission.requeue_failed(batch, resubmit_unknown=resubmit_unknown)
-    admit(admission, dispatch)
-    requeued = answers.get("requeued", 0)
-    click.echo(f"batch {batch}: {requeued} failed {_jobs(requeued)} requeued")
-    unknown = answers.get("needs_resubmit", 0)
-    if unknown:
-        click.echo(f"{unknown} {_jobs(unknown)} left failed: the outcome of their POST is "
-                   "unknown (they may have been charged); add --resubmit-unknown to POST "
-                   "them again")
+    chosen = [part for value in ids for part in re.split(r"[\s,]+", value) if part]
+    run_retry(admission, dispatch, batch, ids=chosen, reason=reason, resubmit=resubmit,
+              resubmit_unknown=resubmit_unknown, yes=yes)
 
 
 def _jobs(count: int) -> str:
     return "job" if count == 1 else "jobs"
+
+
+@main.command(cls=VidqCommand)
+@click.argument("batch")
+@click.option("--force", is_flag=True,
+              help="Remove an unfinished batch too (its waiting jobs are never submitted, "
+                   "its generations in flight never downloaded).")
+def purge(batch, force):
+    """Remove BATCH from Redis now (a finished batch expires after VIDQ_RETENTION_S
+    anyway); its videos, sidecars and manifest stay in storage."""
+    from .enqueue import open_admission
+    from .purging import run_purge
+
+    settings = Settings.from_env()
+    run_purge(open_admission(settings), settings, batch, force=force)
 
 
 @main.command(cls=VidqCommand)

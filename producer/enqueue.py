@@ -18,6 +18,7 @@ from worker.jobs import JobStore
 from worker.spend import CreditEstimates
 
 from .prompts import ID_PATTERN, LineError, PromptFileError, load_prompts
+from .variants import check_variants
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class EnqueueResult:
     created: int
     already_there: int
     merged_duplicates: int
+    variants: int = 0  # new jobs differing from the batch's only by parameters
 
 
 def check_batch_name(batch: str) -> str:
@@ -44,8 +46,11 @@ def check_batch_name(batch: str) -> str:
 
 
 def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: dict,
-                 dispatch, batch_settings: dict | None = None) -> EnqueueResult:
-    """`batch_settings`: priority, max_credits, max_videos (see Admission.configure)."""
+                 dispatch, batch_settings: dict | None = None,
+                 allow_variants: bool = False) -> EnqueueResult:
+    """`batch_settings`: priority, max_credits, max_videos (see Admission.configure).
+    New jobs that differ from the batch's only by parameters are refused
+    unless `allow_variants` (producer/variants.py)."""
     check_batch_name(batch)
     prompt_file = load_prompts(path, defaults)
     jobs = [(job.job_id, job.request, {"line": job.line}) for job in prompt_file.jobs]
@@ -58,11 +63,13 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
     ]
     if conflicts:
         raise PromptFileError(str(path), conflicts)
+    variants = check_variants(admission.redis, batch, str(path),
+                              [j[1] for j in jobs if j[0] not in existing], allow_variants)
     created = admission.enqueue(batch, (j for j in jobs if j[0] not in existing), time.time(),
                                 batch_settings)
     admit(admission, dispatch)
     return EnqueueResult(batch, len(jobs), created, len(existing),
-                         prompt_file.merged_duplicates)
+                         prompt_file.merged_duplicates, variants)
 
 
 def open_admission(settings) -> Admission:

@@ -1,77 +1,140 @@
-"""Batch progress: counts by state, a live bar, and the closing summary."""
+"""Batch progress: the status line, `--watch` (a bar per state, rate, ETA and
+warnings), and the closing summary.
+
+On a terminal `--watch` redraws bars; when standard output is not a terminal
+(a log file, CI) it prints one plain progress line every `every_s` seconds
+instead, so a log shows the night's progress and nothing is lost to control
+codes. Either way it ends when every job has ended, and its exit status says
+whether any failed (with the top reasons).
+"""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from worker import keys
 from worker.admission import Admission
 from worker.jobs import JobStore
+from worker.retry import failures as failed_jobs
+from worker.settings import Settings
 
+from .batch_view import SPIKE_WINDOW_S, batch_status
 
-def batch_status(admission: Admission, batch: str) -> dict:
-    store: JobStore = admission.store
-    counts = store.counts(batch)
-    return {
-        "batch": batch,
-        "total": store.batch_total(batch),
-        "counts": counts,
-        "finished": counts["done"] + counts["failed"],
-        "outcome_unknown": store.outcome_unknown(batch),
-        "upstream_in_flight": admission.in_flight(),
-        "max_in_flight": admission.cap(),
-        "effective_max_in_flight": admission.effective_cap(),
-        "waiting_for_slot": admission.waiting(),
-    }
+__all__ = ["batch_status", "describe", "failures", "is_finished", "warnings", "watch"]
+# (label, states) of each bar, in the order they are drawn.
+BARS = (("done", ("done",)), ("failed", ("failed",)), ("cancelled", ("cancelled",)),
+        ("in flight", ("submitted", "generating", "overdue", "downloading")),
+        ("waiting", ("queued",)))
 
 
 def is_finished(status: dict) -> bool:
     return status["total"] > 0 and status["finished"] >= status["total"]
 
 
-def watch(admission: Admission, batch: str, console: Console, *,
-          interval_s: float = 1.0, keep_going=lambda: True) -> dict:
-    """A live bar until every job is done or failed (or keep_going() is False)."""
-    status = batch_status(admission, batch)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(batch, total=status["total"], detail="")
+def watch(admission: Admission, batch: str, console: Console, *, settings: Settings | None = None,
+          interval_s: float = 1.0, every_s: float = 30.0,
+          keep_going: Callable[[], bool] = lambda: True) -> dict:
+    """Follow the batch until every job has ended (or keep_going() is False)."""
+    if console.is_terminal:
+        return _bars(admission, batch, console, settings, interval_s, keep_going)
+    return _lines(admission, batch, console, settings, interval_s, every_s, keep_going)
+
+
+def _bars(admission, batch, console, settings, interval_s, keep_going) -> dict:
+    status = batch_status(admission, batch, settings)
+    columns = (TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[detail]}"))
+    with Progress(*columns, console=console, transient=False) as bars:
+        tasks = {label: bars.add_task(label, total=status["total"], detail="")
+                 for label, _ in BARS}
         while True:
-            bar.update(task, total=status["total"], completed=status["finished"],
-                       detail=describe(status))
+            for label, states in BARS:
+                detail = summary_line(status) if label == "done" else ""
+                if label == "failed":
+                    detail = " ".join(warnings(status))
+                bars.update(tasks[label], total=status["total"], detail=detail,
+                            completed=sum(status["counts"].get(s, 0) for s in states))
             if is_finished(status) or not keep_going():
                 return status
             time.sleep(interval_s)
-            status = batch_status(admission, batch)
+            status = batch_status(admission, batch, settings)
 
 
-def describe(status: dict) -> str:
+def _lines(admission, batch, console, settings, interval_s, every_s, keep_going) -> dict:
+    status = batch_status(admission, batch, settings)
+    printed_at = -every_s
+    while True:
+        if time.monotonic() - printed_at >= every_s or is_finished(status):
+            console.print(f"{batch}: {summary_line(status)}", highlight=False, soft_wrap=True)
+            for warning in warnings(status):
+                console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+            printed_at = time.monotonic()
+        if is_finished(status) or not keep_going():
+            return status
+        time.sleep(interval_s)
+        status = batch_status(admission, batch, settings)
+
+
+def summary_line(status: dict) -> str:
+    """`12/40 ended (10 done, 2 failed); 4 in flight, 24 waiting; 3.2/min, ETA 8 min`."""
+    return (f"{status['finished']}/{status['total']} ended; {describe(status)}; "
+            f"{status['rate_per_min']:g}/min, ETA {duration(status['eta_s'])}"
+            + ("" if status["eta_basis"] in ("observed rate", "finished")
+               else f" ({status['eta_basis']})"))
+
+
+def describe(status: dict, with_deployment: bool = True) -> str:
     counts = status["counts"]
-    parts = [f"{counts[s]} {s}" for s in ("done", "failed", "downloading", "overdue",
-                                           "generating", "submitted") if counts[s]]
+    parts = [f"{counts[s]} {s}" for s in ("done", "failed", "cancelled", "downloading",
+                                           "overdue", "generating", "submitted")
+             if counts.get(s)]
     if status.get("outcome_unknown"):
         parts.append(f"{status['outcome_unknown']} outcome unknown (may have been charged)")
-    parts.append(f"{status['upstream_in_flight']} in flight")
+    parts.append(f"{status['in_flight']} in flight, {status['waiting']} waiting")
+    if with_deployment:
+        parts[-1] += (f" (deployment: {status['deployment']['in_flight']} in flight of C = "
+                      f"{status['deployment']['max_in_flight']}, "
+                      f"{status['deployment']['waiting']} waiting)")
     if status.get("effective_max_in_flight"):
         parts.append(f"C lowered to {status['effective_max_in_flight']} of "
                      f"{status['max_in_flight']} after 429s")
+    if status.get("admission", "open") != "open":
+        parts.append(status["admission"])
     return ", ".join(parts)
 
 
-def failures(store: JobStore, batch: str, limit: int = 20) -> list[tuple[str, str]]:
-    """(job id, reason) of failed jobs, up to `limit`; pipelined for big batches."""
-    found: list[tuple[str, str]] = []
-    ids = store.job_ids(batch)
-    for start in range(0, len(ids), 5000):
-        pipe = store.redis.pipeline(transaction=False)
-        for job_id in ids[start:start + 5000]:
-            pipe.hmget(keys.job(keys.job_ref(batch, job_id)), "state", "last_error")
-        for job_id, (state, reason) in zip(ids[start:start + 5000], pipe.execute(), strict=True):
-            if state == "failed":
-                found.append((job_id, reason or ""))
-                if len(found) >= limit:
-                    return found
+def warnings(status: dict) -> list[str]:
+    """What needs a person: nobody working, failures piling up, a 429 pause."""
+    found = []
+    if not is_finished(status) and status["workers_alive"] == 0:
+        found.append("no worker is alive (no heartbeat in Redis): nothing is being processed")
+    if status["errors_spiking"]:
+        top = status["failures"]["top_reasons"][:1]
+        found.append(f"{status['recent_failures']} failures in the last "
+                     f"{SPIKE_WINDOW_S / 60:.0f} min"
+                     + (f" (most: {top[0]['reason']})" if top else ""))
+    if status["deployment"]["submits_paused_s"]:
+        found.append(f"the upstream answered 429: submits paused for "
+                     f"{status['deployment']['submits_paused_s']:g} s")
     return found
+
+
+def reasons_text(status: dict) -> list[str]:
+    return [f"{item['count']} x {item['reason']}" for item in status["failures"]["top_reasons"]]
+
+
+def failures(store: JobStore, batch: str, limit: int = 20) -> list[tuple[str, str]]:
+    """(job id, reason) of failed jobs, up to `limit` (reads only the failures)."""
+    return [(failure.job_id, failure.reason) for failure in failed_jobs(store, batch)[:limit]]
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -165,7 +165,7 @@ class JobStore:
         return self._scripts["record_generation"](
             keys=[keys.job(job.ref), keys.batch_counts(batch), keys.DUE, keys.SLOTS,
                   keys.SLOT_HOLDS, keys.batch_unknown(batch), keys.batch_jobs(batch),
-                  keys.batch(batch)],
+                  keys.batch(batch), keys.batch_failed(batch)],
             args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX])
 
     def transition(self, job: Job, *, state: str = "", next_step: str = "",
@@ -177,7 +177,8 @@ class JobStore:
         expected = job.token if expected_token is None else expected_token
         batch = job.batch
         script_keys = [keys.job(job.ref), keys.batch_counts(batch), keys.DUE, keys.SLOTS,
-                       keys.SEQ, keys.SLOT_HOLDS, keys.batch_unknown(batch)]
+                       keys.SEQ, keys.SLOT_HOLDS, keys.batch_unknown(batch),
+                       keys.batch_failed(batch), keys.batch_finished(batch)]
         args = [job.ref, expected, str(state), str(next_step), repr(due_in_s),
                 "1" if release_slot else "0", repr(hold_slot_s), job.id,
                 "1" if outcome_unknown else "0"]

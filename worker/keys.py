@@ -9,6 +9,11 @@
     vidq:batch:<batch>:counts   hash: state -> number of jobs in it
     vidq:batch:<batch>:jobs     set of job ids
     vidq:batch:<batch>:unknown  set of job ids failed "outcome unknown" (may have been charged)
+    vidq:batch:<batch>:failed   set of job ids in state failed (kept by the scripts that
+                                move a job in or out of it: `vidq retry` reads only these)
+    vidq:batch:<batch>:finished hash: minute (Redis time // 60) -> jobs that ended then,
+                                as `d:<minute>` (done) and `f:<minute>` (failed): the rate
+    vidq:batch:<batch>:manifest string with a TTL: the one process writing the manifest
     vidq:batches                set of batch names
     vidq:admission              old single waiting line (list of refs); drained once
                                 into the batch lines by the pump (lua/pump.lua)
@@ -78,6 +83,18 @@ def batch_jobs(name: str) -> str:
 
 def batch_unknown(name: str) -> str:
     return f"{PREFIX}batch:{name}:unknown"
+
+
+def batch_failed(name: str) -> str:
+    return f"{PREFIX}batch:{name}:failed"
+
+
+def batch_finished(name: str) -> str:
+    return f"{PREFIX}batch:{name}:finished"
+
+
+def manifest_lock(name: str) -> str:
+    return f"{PREFIX}batch:{name}:manifest"
 
 
 def batch_line(name: str) -> str:

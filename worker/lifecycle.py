@@ -17,6 +17,7 @@ from celery.signals import task_received
 from . import keys
 from .admission import reconcile
 from .celery_app import app
+from .retention import housekeeping
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Lifecycle(bootsteps.StartStopStep):
             resent = reconcile(steps.admission, dispatch, settings.step_grace_s)
             if resent:
                 log.warning("reconciler re-sent %d lost steps", resent)
+            housekeeping(steps.store.redis, steps.storage, settings)
         except redis.RedisError as exc:
             log.warning("reconcile skipped: %s", exc)
 

@@ -67,6 +67,9 @@ class Settings:
     max_video_bytes: int = 2 * 1024**3
     # s3:// storage: bytes buffered per multipart part (S3's minimum is 5 MiB).
     s3_part_bytes: int = 8 * 1024**2
+    # A finished batch whose manifest is in storage leaves Redis this long
+    # after the manifest was written (`vidq report` then reads the manifest).
+    retention_s: float = 7 * 86400.0
     # Credits a generation is expected to cost until the upstream reports it
     # (the spend caps count these); per model@resolution in credit_estimates.
     credit_estimate: float = 120000.0
@@ -86,6 +89,8 @@ class Settings:
             raise ConfigError(
                 "VIDQ_STEP_GRACE_S must exceed VIDQ_POST_DEADLINE_S + 5 s, or a slow "
                 "but live submit would be taken over")
+        if self.retention_s < 0:
+            raise ConfigError("VIDQ_RETENTION_S must not be negative")
         if self.hard_limit_s < self.deadline_s:
             raise ConfigError("VIDQ_HARD_LIMIT_S must be at least VIDQ_DEADLINE_S")
         if self.credit_estimate < 0:
@@ -158,6 +163,7 @@ ENV_NAMES = {
     "result_url_allowlist": "VIDQ_RESULT_URL_ALLOWLIST",
     "max_video_bytes": "VIDQ_MAX_VIDEO_BYTES",
     "s3_part_bytes": "VIDQ_S3_PART_BYTES",
+    "retention_s": "VIDQ_RETENTION_S",
     "credit_estimate": "VIDQ_CREDIT_ESTIMATE",
     "credit_estimates": "VIDQ_CREDIT_ESTIMATES",
 }

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from .errors import CorruptVideo, StorageError
 from .jobs import Job
+from .rows import effective_parameters
 from .storage import Storage, sidecar_key, video_key
 
 
@@ -33,7 +34,8 @@ def sidecar(job: Job, key: str, size: int, digest: str, now: float) -> dict:
     request = dict(job.request)
     return {
         "job_id": job.id, "batch": job.batch, "prompt": request.pop("prompt"),
-        "model": request.pop("model"), "parameters": request,
+        # With the upstream's defaults filled in: what was generated, not only what was asked.
+        "model": request.pop("model"), "parameters": effective_parameters(request),
         "generation_id": job.generation_id, "video": key, "sha256": digest, "bytes": size,
         "credits_used": job.number("credits_used") if job.extra.get("credits_used") else None,
         "timings": {

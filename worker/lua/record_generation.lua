@@ -5,6 +5,7 @@
 -- sibling job '<id>~N' of its own, so its video is downloaded too.
 local job_key, counts_key, due_key, slots_key, holds_key, unknown_key, jobs_key, batch_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local failed_key = KEYS[9]
 local generation_id = ARGV[1]
 local ref = ARGV[2]
 local lease_s = tonumber(ARGV[3])
@@ -43,6 +44,9 @@ redis.call('SREM', unknown_key, redis.call('HGET', job_key, 'id'))
 redis.call('ZADD', slots_key, 'NX', now, ref)
 if old == STATE.failed then
   -- Revived: nothing runs for it now; the reconciler sends a poll at once.
+  -- The batch is open again: a manifest written already is out of date.
+  redis.call('SREM', failed_key, redis.call('HGET', job_key, 'id'))
+  redis.call('HINCRBY', batch_key, 'reopened', 1)
   redis.call('HSET', job_key, 'token', '', 'recovered', '1')
   redis.call('ZADD', due_key, now, ref)
 else

@@ -1,8 +1,12 @@
 -- Apply one change to a job if its token is still the expected one; start
 -- the next step (a new token, due after delay + grace) or end the chain.
 -- Returns the next token, '0' if the chain ended, false if the job moved on.
+-- The batch's failed set changes with the state in the same step, so `vidq
+-- retry` can read the failures alone; a job that ends is counted in its
+-- minute of the batch's finish rate (`vidq status`).
 local job_key, counts_key, due_key, slots_key, seq_key, holds_key, unknown_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local failed_key, finished_key = KEYS[8], KEYS[9]
 local ref = ARGV[1]
 local expected_token = ARGV[2]        -- '*' = any
 local new_state = ARGV[3]             -- '' = keep
@@ -29,6 +33,20 @@ if new_state ~= '' and new_state ~= old then
   redis.call('HINCRBY', counts_key, old, -1)
   redis.call('HINCRBY', counts_key, new_state, 1)
   redis.call('HSET', job_key, 'state', new_state)
+  if new_state == STATE.failed then redis.call('SADD', failed_key, job_id) end
+  if old == STATE.failed then redis.call('SREM', failed_key, job_id) end
+  if new_state == STATE.done or new_state == STATE.failed then
+    local minute = math.floor(now / 60)
+    redis.call('HINCRBY', finished_key, string.sub(new_state, 1, 1) .. ':' .. minute, 1)
+    if redis.call('HLEN', finished_key) > 240 then
+      -- Keep the last hour: the rate looks back minutes, not the whole night.
+      for _, name in ipairs(redis.call('HKEYS', finished_key)) do
+        if tonumber(string.sub(name, 3)) < minute - 60 then
+          redis.call('HDEL', finished_key, name)
+        end
+      end
+    end
+  end
 end
 if #ARGV >= first_field then redis.call('HSET', job_key, unpack(ARGV, first_field)) end
 if outcome_unknown then

@@ -1,0 +1,126 @@
+"""What `vidq status` and `vidq batches` show about a batch.
+
+Every figure is read in O(C + failures) from keys kept as jobs change
+(counts, the failed set, the per-minute finish counts, the slot set), never
+by walking a batch's jobs, so a 100,000-job batch answers as fast as a small
+one. The batch's own figures (in flight, waiting) are kept apart from the
+deployment's (every batch shares the C slots).
+
+Rate: jobs finished per minute over the last `RATE_WINDOW_S` (or the batch's
+age, if younger). ETA: what is left at that rate; before anything has
+finished, the learned generation time for C at a time (marked "estimated").
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+from worker import keys
+from worker.admission import Admission
+from worker.batch_control import admission_state, in_flight
+from worker.contract import DEFAULT_MODEL, DEFAULT_RESOLUTION
+from worker.jobs import FINAL_STATES, State
+from worker.retry import Failure, failures
+from worker.schedule import DurationModel
+from worker.settings import Settings
+from worker.spend import batch_spend
+
+RATE_WINDOW_S = 300.0
+TOP_REASONS = 5
+# Failures in this window, if at least half of what ended then, are a spike.
+SPIKE_WINDOW_S, SPIKE_MIN_FAILURES = 120.0, 3
+
+
+def batch_status(admission: Admission, batch: str, settings: Settings | None = None) -> dict:
+    """Everything `vidq status --json` prints (`total` 0: no such batch)."""
+    store, client = admission.store, admission.redis
+    counts = store.counts(batch)
+    total = store.batch_total(batch)
+    now = store.now()
+    created = float(client.hget(keys.batch(batch), "created_at") or now)
+    found = failures(store, batch) if counts[State.FAILED] else []
+    finished = sum(counts.get(state, 0) for state in FINAL_STATES)
+    rate = finish_rate(client, batch, now, created)
+    status = {
+        "batch": batch, "total": total, "counts": counts, "finished": finished,
+        "admission": admission_state(admission, batch) if total else "open",
+        "in_flight": in_flight(admission, batch), "waiting": admission.waiting(batch),
+        "outcome_unknown": store.outcome_unknown(batch),
+        "failures": top_reasons(found), "credits": batch_spend(client, batch),
+        "age_s": round(max(0.0, now - created), 1), **rate,
+        "deployment": deployment(admission),
+        "workers_alive": workers_alive(client),
+    }
+    status["eta_s"], status["eta_basis"] = eta(status, admission, settings)
+    # The names `vidq status --json` had before: the deployment's figures.
+    status.update(upstream_in_flight=status["deployment"]["in_flight"],
+                  waiting_for_slot=status["deployment"]["waiting"],
+                  max_in_flight=status["deployment"]["max_in_flight"],
+                  effective_max_in_flight=status["deployment"]["effective_max_in_flight"])
+    return status
+
+
+def deployment(admission: Admission) -> dict:
+    paused_ms = admission.redis.pttl(keys.PAUSE_SUBMIT)
+    return {"in_flight": admission.in_flight(), "waiting": admission.waiting(),
+            "max_in_flight": admission.cap(),
+            "effective_max_in_flight": admission.effective_cap(),
+            "submits_paused_s": round(paused_ms / 1000, 1) if paused_ms > 0 else 0}
+
+
+def finish_rate(client, batch: str, now: float, created: float) -> dict:
+    """Jobs ended per minute over the recent window, and failures per minute
+    over the spike window (from the per-minute counts lua/transition.lua keeps)."""
+    buckets = client.hgetall(keys.batch_finished(batch))
+    window = max(1.0, min(RATE_WINDOW_S, now - created))
+    ended = _since(buckets, now - window, "df")
+    spike_window = max(1.0, min(SPIKE_WINDOW_S, now - created))
+    recent_failed = _since(buckets, now - spike_window, "f")
+    recent_ended = _since(buckets, now - spike_window, "df")
+    return {"rate_per_min": round(ended * 60 / window, 2), "rate_window_s": round(window),
+            "recent_failures": recent_failed,
+            "errors_spiking": recent_failed >= SPIKE_MIN_FAILURES
+            and recent_failed * 2 >= recent_ended}
+
+
+def _since(buckets: dict, start: float, kinds: str) -> int:
+    first = math.floor(start / 60)
+    total = 0
+    for name, count in buckets.items():
+        kind, _, minute = name.partition(":")
+        if kind in kinds and minute.lstrip("-").isdigit() and int(minute) >= first:
+            total += int(count)
+    return total
+
+
+def eta(status: dict, admission: Admission, settings: Settings | None) -> tuple[float | None, str]:
+    left = status["total"] - status["finished"]
+    if left <= 0:
+        return 0.0, "finished"
+    if status["rate_per_min"] > 0:
+        return round(left * 60 / status["rate_per_min"]), "observed rate"
+    cap = status["deployment"]["effective_max_in_flight"] or status["deployment"]["max_in_flight"]
+    if not cap or settings is None:
+        return None, "unknown (no C yet: no worker has started)"
+    model = DurationModel(admission.redis, settings.expected_generation_s)
+    generation_s = model.expected_s(DEFAULT_MODEL, DEFAULT_RESOLUTION)
+    return round(math.ceil(left / cap) * generation_s), "estimated from C and generation time"
+
+
+def top_reasons(found: list[Failure], limit: int = TOP_REASONS) -> dict:
+    """Failures grouped by reason (numbers folded, so "after 86412 s" and
+    "after 86417 s" are one reason), the most common first."""
+    grouped = Counter(reason_group(failure.reason) for failure in found)
+    return {"count": len(found),
+            "top_reasons": [{"reason": reason, "count": count}
+                            for reason, count in grouped.most_common(limit)]}
+
+
+def reason_group(reason: str) -> str:
+    folded = re.sub(r"\d+(\.\d+)?", "N", reason.strip() or "(no reason recorded)")
+    return folded if len(folded) <= 200 else folded[:199] + "…"
+
+
+def workers_alive(client) -> int:
+    return sum(1 for _ in client.scan_iter(match=keys.WORKER_PREFIX + "*", count=1000))

@@ -1,0 +1,50 @@
+"""`vidq purge NAME`: remove a batch from Redis now, saying what goes.
+
+A finished batch gets its manifest written first if it has none, so `vidq
+report` still answers from storage. An unfinished batch is refused unless
+`--force`: its waiting jobs would never be submitted and its generations in
+flight (paid for) never downloaded.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from worker import manifest
+from worker.admission import Admission
+from worker.errors import InputError
+from worker.retention import purge
+from worker.settings import Settings
+from worker.storage import open_storage
+
+from .retrying import plural
+
+
+def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bool = False,
+              echo: Callable[[str], None] = click.echo) -> None:
+    client = admission.redis
+    mark = manifest.read_marks(client, [batch])[batch]
+    if mark.total == 0:
+        raise InputError(f"no batch named {batch!r} in Redis")
+    storage = open_storage(settings.storage_url, settings.s3_part_bytes)
+    if not mark.is_finished:
+        if not force:
+            left = mark.total - mark.finished
+            raise InputError(
+                f"batch {batch!r} is not finished ({mark.finished} of {mark.total} jobs ended): "
+                f"purging it drops its {plural(left, 'unfinished job')} (waiting ones are "
+                "never submitted, generations in flight are paid for and never downloaded) "
+                "and writes no manifest; add --force to remove it anyway")
+    elif not mark.manifest_current:
+        manifest.write_if_finished(client, storage, settings.storage_url, batch,
+                                   settings.retention_s)
+    written = manifest.read_marks(client, [batch])[batch].manifest_current
+    purged = purge(client, batch)
+    echo(f"batch {batch}: removed from Redis: {plural(purged.jobs, 'job record')} and every "
+         f"key of the batch ({purged.keys} keys)")
+    if written:
+        echo(f"videos, sidecars and the manifest stay in storage: "
+             f"{storage.location(manifest.manifest_key(batch))} (`vidq report {batch}` reads it)")
+    else:
+        echo("videos and sidecars stay in storage; no manifest was written")

@@ -1,0 +1,90 @@
+"""`vidq retry`: choose the failed jobs, confirm a new charge, say what happened.
+
+A re-POST is a new generation and a new charge, so `--resubmit` (and
+`--resubmit-unknown`) ask before doing anything. On a terminal the question is
+asked; when standard input is not a terminal (a script, cron) there is nobody
+to ask, so `--yes` is required and its absence is an error: nothing is
+requeued, exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+import click
+
+from worker import keys
+from worker.admission import Admission
+from worker.errors import InputError
+from worker.retry import Failure, failures, retry, select
+
+
+def plural(count: int, word: str = "job") -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] = (),
+              reason: str = "", resubmit: bool = False, resubmit_unknown: bool = False,
+              yes: bool = False, echo: Callable[[str], None] = click.echo) -> int:
+    """Retry the chosen failures of `batch`; returns how many were requeued."""
+    store = admission.store
+    if store.batch_total(batch) == 0:
+        raise InputError(f"no batch named {batch!r}")
+    _check_ids(admission, batch, ids)
+    chosen = select(failures(store, batch), ids, reason)
+    if not chosen:
+        echo(f"batch {batch}: no failed jobs{_filters(ids, reason)}; nothing to retry")
+        return 0
+    charged = _charged(chosen, resubmit, resubmit_unknown)
+    if charged:
+        _confirm(batch, charged, yes)
+    result = retry(admission, dispatch, batch, chosen, resubmit=resubmit,
+                   resubmit_unknown=resubmit_unknown)
+    polled = result.requeued - result.resubmitted
+    echo(f"batch {batch}: {plural(result.requeued, 'failed job')} requeued"
+         + (f" ({result.resubmitted} to be POSTed again, {polled} polled again)"
+            if result.resubmitted else ""))
+    if result.left_unknown:
+        echo(f"{plural(result.left_unknown)} left failed: the outcome of "
+             f"{'its' if result.left_unknown == 1 else 'their'} POST is unknown "
+             "(it may have been charged); add --resubmit to POST again")
+    return result.requeued
+
+
+def _check_ids(admission: Admission, batch: str, ids: Sequence[str]) -> None:
+    if not ids:
+        return
+    member = admission.redis.smismember(keys.batch_jobs(batch), list(ids))
+    unknown = [job_id for job_id, known in zip(ids, member, strict=True) if not known]
+    if unknown:
+        raise InputError(f"--ids: {plural(len(unknown), 'id')} not in batch {batch!r}: "
+                         + ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+
+
+def _charged(chosen: list[Failure], resubmit: bool, resubmit_unknown: bool) -> int:
+    if resubmit:
+        return len(chosen)
+    return sum(1 for failure in chosen if failure.outcome_unknown) if resubmit_unknown else 0
+
+
+def _confirm(batch: str, charged: int, yes: bool) -> None:
+    cost = ("a new generation and a new charge" if charged == 1
+            else "new generations, each a new charge")
+    what = (f"{plural(charged)} of batch {batch} will be POSTed again: {cost} "
+            "(old generation ids stay in each job's history)")
+    if yes:
+        click.echo(what, err=True)
+        return
+    if not sys.stdin.isatty():
+        raise InputError(f"{what}; add --yes to confirm (standard input is not a terminal)")
+    if not click.confirm(f"{what}. Continue?", default=False, err=True):
+        raise InputError("nothing retried")
+
+
+def _filters(ids: Sequence[str], reason: str) -> str:
+    parts = []
+    if ids:
+        parts.append(f"among {plural(len(ids), 'id')} given")
+    if reason:
+        parts.append(f"with a reason containing {reason!r}")
+    return (" " + " ".join(parts)) if parts else ""

@@ -1,0 +1,115 @@
+"""`vidq status NAME` and `vidq batches`: what they print, and their exit status.
+
+`vidq status` on a finished batch whose manifest is missing (its writer
+died) writes it; on a batch that has left Redis it reads the manifest from
+storage. With `--watch` the exit status is 1 if any job failed.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import click
+from rich.console import Console
+
+from worker import keys, manifest
+from worker.admission import Admission
+from worker.errors import InputError
+from worker.settings import Settings
+from worker.storage import open_storage
+
+from .batch_view import batch_status
+from .progress import describe, duration, reasons_text, summary_line, warnings, watch
+
+
+def show_status(admission: Admission, settings: Settings, batch: str, console: Console, *,
+                as_json: bool, follow: bool, every_s: float) -> int:
+    """Print BATCH's status; returns the exit status."""
+    status = batch_status(admission, batch, settings)
+    if status["total"] == 0:
+        return _expired(settings, batch, as_json)
+    if follow:
+        status = watch(admission, batch, console, settings=settings, every_s=every_s)
+    storage = open_storage(settings.storage_url, settings.s3_part_bytes)
+    manifest.write_safely(admission.redis, storage, settings, batch)
+    status["manifest"] = _manifest_url(admission, storage, batch)
+    if as_json:
+        click.echo(json.dumps(status))
+    elif follow:
+        _closing(status)
+    else:
+        _plain(status)
+    return 1 if follow and status["counts"].get("failed") else 0
+
+
+def _plain(status: dict) -> None:
+    click.echo(f"{status['batch']}: {summary_line(status)}")
+    _reasons(status)
+    credits = status["credits"]
+    if credits["spent"] or credits["committed"]:
+        click.echo(f"  credits: {credits['spent']:g} spent, {credits['committed']:g} "
+                   "committed in flight")
+    for warning in warnings(status):
+        click.echo(f"warning: {warning}")
+    if status["manifest"]:
+        click.echo(f"  manifest: {status['manifest']}")
+
+
+def _closing(status: dict) -> None:
+    counts = status["counts"]
+    click.echo(f"{status['batch']}: {counts['done']} done, {counts['failed']} failed"
+               + (f", {counts['cancelled']} cancelled" if counts.get("cancelled") else "")
+               + f" of {status['total']}")
+    _reasons(status)
+
+
+def _reasons(status: dict) -> None:
+    if status["failures"]["count"]:
+        click.echo(f"  {status['failures']['count']} failed, by reason:")
+        for line in reasons_text(status):
+            click.echo(f"    {line}")
+
+
+def _manifest_url(admission: Admission, storage, batch: str) -> str | None:
+    if not admission.redis.hget(keys.batch(batch), "manifest_of"):
+        return None
+    return storage.location(manifest.manifest_key(batch))
+
+
+def _expired(settings: Settings, batch: str, as_json: bool) -> int:
+    storage = open_storage(settings.storage_url, settings.s3_part_bytes)
+    rows = manifest.read(storage, batch)
+    if rows is None:
+        raise InputError(f"no batch named {batch!r}")
+    counts = Counter(row.get("state") for row in rows)
+    summary = {"batch": batch, "total": len(rows), "counts": dict(counts),
+               "expired": True, "manifest": storage.location(manifest.manifest_key(batch))}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{batch}: left Redis (retention); from its manifest: "
+                   + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+                   + f"; {summary['manifest']}")
+    return 0
+
+
+def show_batches(admission: Admission, settings: Settings, as_json: bool) -> None:
+    names = sorted(str(name) for name in admission.redis.smembers(keys.BATCHES))
+    found = [batch_status(admission, name, settings) for name in names]
+    found = [status for status in found if status["total"]]
+    if as_json:
+        click.echo(json.dumps([_brief(status) for status in found]))
+        return
+    if not found:
+        click.echo("no batches")
+        return
+    for status in found:
+        click.echo(f"{status['batch']}: {status['finished']}/{status['total']} ended, "
+                   f"age {duration(status['age_s'])}; {describe(status, with_deployment=False)}"
+                   f"; {status['rate_per_min']:g}/min, ETA {duration(status['eta_s'])}")
+
+
+def _brief(status: dict) -> dict:
+    names = ("batch", "total", "counts", "finished", "in_flight", "waiting", "admission",
+             "age_s", "rate_per_min", "eta_s", "eta_basis", "outcome_unknown")
+    return {name: status[name] for name in names}

@@ -1,0 +1,79 @@
+"""Re-enqueue clarity: new jobs that differ from a batch's jobs only by their
+parameters.
+
+A job's id is a digest of its prompt and parameters, so enqueuing the same
+prompts into the same batch with other flags (`--resolution 480P` after a
+720P night) adds a second job, and a second charge, per prompt. That is
+refused unless `--allow-variants` says it is meant. Reading the batch's
+prompts costs one pass over its jobs, and only when the file brings new jobs
+into a batch that already has some.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import redis
+
+from worker import keys
+from worker.errors import InputError
+
+CHUNK = 5000
+# Every KEYS[i]'s request, in one JSON string (false where the job is gone).
+_READ_REQUESTS = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGET', key, 'request') end
+return cjson.encode(out)
+"""
+
+
+@dataclass(frozen=True)
+class Variants:
+    count: int  # new jobs whose prompt a job of the batch already has
+    fields: tuple[str, ...]  # the parameters they differ by
+
+
+def find_variants(client: redis.Redis, batch: str, new_requests: list[dict]) -> Variants:
+    """The new requests whose prompt is already in `batch` with other parameters."""
+    if not new_requests or not client.exists(keys.batch_jobs(batch)):
+        return Variants(0, ())
+    wanted = {request.get("prompt") for request in new_requests}
+    existing: dict[str, list[dict]] = {}
+    for request in _requests(client, batch):
+        if request.get("prompt") in wanted:
+            existing.setdefault(request["prompt"], []).append(request)
+    count, fields = 0, set()
+    for request in new_requests:
+        others = [old for old in existing.get(request.get("prompt") or "", [])
+                  if old != request]
+        if others:
+            count += 1
+            fields |= {name for old in others for name in set(old) | set(request)
+                       if old.get(name) != request.get(name)}
+    return Variants(count, tuple(sorted(fields)))
+
+
+def _requests(client: redis.Redis, batch: str):
+    read = client.register_script(_READ_REQUESTS)
+    ids = sorted(str(job_id) for job_id in client.smembers(keys.batch_jobs(batch)))
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start:start + CHUNK]
+        for raw in json.loads(read([keys.job(keys.job_ref(batch, i)) for i in chunk])):
+            if isinstance(raw, str):
+                try:
+                    yield json.loads(raw)
+                except ValueError:
+                    continue
+
+
+def check_variants(client: redis.Redis, batch: str, path: str, new_requests: list[dict],
+                   allow: bool) -> int:
+    """How many new jobs are variants; refused (InputError) unless `allow`."""
+    found = find_variants(client, batch, new_requests)
+    if found.count and not allow:
+        word = "job differs" if found.count == 1 else "jobs differ"
+        raise InputError(
+            f"{path}: {found.count} new {word} from jobs already in batch {batch!r} only by "
+            f"parameters ({', '.join(found.fields)}): each would be a new generation and a "
+            "new charge; add --allow-variants to enqueue them anyway (nothing was enqueued)")
+    return found.count

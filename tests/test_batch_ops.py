@@ -1,0 +1,313 @@
+"""Batch operations on real parts: retry (and --resubmit), manifest, status,
+purge and retention, --allow-variants. Real Redis, real `celery -A worker
+worker` processes, the sandbox over HTTP; `vidq` run as a user runs it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+from conftest import write_prompts
+
+from worker import keys
+from worker.jobs import State
+from worker.retry import failures
+
+GOOD = ["a red fox in the snow", "a blue whale at dawn", "a green frog on a leaf"]
+REJECTED = ["REJECT a burning car", "REJECT a crowd at night"]
+LONELY = "a lonely lighthouse in fog"
+
+
+def vidq(pipeline, *args, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VIDQ_REDIS_URL": pipeline.settings.redis_url,
+           "VIDQ_STORAGE_URL": pipeline.env["VIDQ_STORAGE_URL"]}
+    return subprocess.run(["vidq", *args], env=env, capture_output=True, text=True,
+                          timeout=120, stdin=stdin)
+
+
+def report(pipeline, batch: str, *args) -> list[dict]:
+    result = vidq(pipeline, "report", batch, *args)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def mark_failed(store, batch: str, job_id: str, reason: str) -> None:
+    job = store.get(keys.job_ref(batch, job_id))
+    store.transition(job, state=State.FAILED, expected_token="*", last_error=reason)
+
+
+def test_retry_polls_by_default_and_resubmit_posts_exactly_one_new_generation_per_job(
+        make_pipeline, make_sandbox, tmp_path):
+    """Given 2 jobs failed upstream (with generation ids) and 1 whose POST had an
+    unknown outcome: `vidq retry` polls the 2 again (no new POST) and leaves the
+    unknown one; `--resubmit` without a terminal refuses without --yes; with
+    --yes each failed job is POSTed exactly once more (sandbox ledger), its old id
+    kept in its history, and every video lands."""
+    first = make_pipeline()
+    first.start_workers()
+    first.faults(submit=[502])  # the lighthouse's POST: answer lost, outcome unknown
+    first.enqueue(write_prompts(tmp_path / "a.txt", [LONELY]), "night")
+    first.wait_finished("night")
+    first.enqueue(write_prompts(tmp_path / "b.txt", GOOD + REJECTED), "night")
+    assert first.wait_finished("night") == {**first.store.counts("night"), "done": 3,
+                                            "failed": 3}
+
+    polled = vidq(first, "retry", "night")
+    assert polled.returncode == 0, polled.stderr
+    assert "2 failed jobs requeued" in polled.stdout
+    assert "1 job left failed" in polled.stdout and "--resubmit" in polled.stdout
+    time.sleep(1)
+    assert first.wait_finished("night")["failed"] == 3
+    assert first.sandbox.stats()["submissions"] == 5  # polled, never re-posted
+    old_ids = {entry["prompt"]: entry["id"] for entry in first.ledger()}
+
+    refused = vidq(first, "retry", "night", "--resubmit")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: 3 jobs of batch night will be POSTed again")
+    assert "--yes" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert first.store.counts("night")["failed"] == 3
+
+    first.stop_workers()
+    second = make_pipeline(make_sandbox(reject_substring=""))
+    second.start_workers()
+    resubmitted = vidq(second, "retry", "night", "--resubmit", "--yes")
+    assert resubmitted.returncode == 0, resubmitted.stderr
+    assert "3 failed jobs requeued (3 to be POSTed again, 0 polled again)" in resubmitted.stdout
+    assert "new charge" in resubmitted.stderr
+    assert second.wait_finished("night")["done"] == 6
+
+    posts = Counter(entry["prompt"] for entry in second.ledger())
+    assert posts == Counter({LONELY: 1, **{prompt: 1 for prompt in REJECTED}})
+    new_ids = {entry["prompt"]: entry["id"] for entry in second.ledger()}
+    rows = {row["prompt"]: row for row in report(second, "night")}
+    for prompt in REJECTED:
+        assert rows[prompt]["generation_ids"] == [old_ids[prompt], new_ids[prompt]]
+    assert rows[LONELY]["generation_ids"] == [new_ids[LONELY]]
+    assert all(row["state"] == "done" and row["sha256"] for row in rows.values())
+
+
+def test_retry_reads_only_the_failures_of_a_big_batch(make_pipeline):
+    """Given 10,000 jobs of which 3 failed, `vidq retry` costs a few dozen Redis
+    commands, not one per job; --ids and --reason choose among the failures; an
+    unknown id or batch exits 2; a batch older than the failed set is rebuilt."""
+    pipeline = make_pipeline()
+    store = pipeline.store
+    jobs = [(f"j{i:05d}", {"model": "m", "prompt": f"prompt {i}"}) for i in range(10_000)]
+    pipeline.admission.enqueue("big", jobs, time.time())
+    for job_id, reason in (("j00007", "poll: upstream error: blocked term"),
+                           ("j05000", "timeout: still 'generating' after 86400 s"),
+                           ("j09999", "poll: upstream error: blocked term")):
+        mark_failed(store, "big", job_id, reason)
+    client = store.redis
+
+    unknown = vidq(pipeline, "retry", "big", "--ids", "nope,j00007")
+    assert unknown.returncode == 2 and "'big'" in unknown.stderr and "nope" in unknown.stderr
+    assert vidq(pipeline, "retry", "no-such-batch").returncode == 2
+    before = int(client.info("stats")["total_commands_processed"])
+    chosen = vidq(pipeline, "retry", "big", "--reason", "BLOCKED", "--ids", "j00007 j05000")
+    used = int(client.info("stats")["total_commands_processed"]) - before
+
+    assert chosen.returncode == 0, chosen.stderr
+    assert "batch big: 1 failed job requeued" in chosen.stdout
+    assert used < 150, f"{used} Redis commands for one failure among 10,000 jobs"
+    assert store.get(keys.job_ref("big", "j00007")).state == State.QUEUED
+    client.delete(keys.batch_failed("big"))  # as if enqueued before the set existed
+    assert [f.job_id for f in failures(store, "big")] == ["j05000", "j09999"]
+    rest = vidq(pipeline, "retry", "big")
+    assert "batch big: 2 failed jobs requeued" in rest.stdout, rest.stderr
+    assert store.counts("big")["failed"] == 0 and client.scard(keys.batch_failed("big")) == 0
+
+
+def manifest_rows(pipeline, batch: str, name: str = "manifest.jsonl") -> list[dict]:
+    path = videos_dir(pipeline) / batch / name
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def videos_dir(pipeline) -> Path:
+    return Path(pipeline.settings.storage_url.removeprefix("file://"))
+
+
+def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not reached in {timeout_s} s")
+
+
+def worker_log(pipeline) -> str:
+    return "".join(path.read_text(errors="replace") for path in pipeline.log_dir.glob("*.log"))
+
+
+def test_a_finished_batch_writes_its_manifest_once_and_again_after_a_retry(make_pipeline,
+                                                                          tmp_path):
+    """When the last job ends, `<batch>/manifest.jsonl` (the rows of `vidq report`)
+    and `<batch>/errors.jsonl` (the failed rows) land in storage, written by one
+    process; sidecars carry the effective parameters; a writer that died (its lock
+    left behind, no mark) is replaced by the reconciler; a retry reopens the batch
+    and its next finish writes the manifest again."""
+    pipeline = make_pipeline()
+    pipeline.start_workers(concurrency=4)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", GOOD + REJECTED[:1]), "m",
+                     resolution="480P")
+    pipeline.wait_finished("m")
+    path = videos_dir(pipeline) / "m" / "manifest.jsonl"
+    wait_for(path.exists, what="manifest")
+
+    assert manifest_rows(pipeline, "m") == report(pipeline, "m")
+    errors = manifest_rows(pipeline, "m", "errors.jsonl")
+    assert [row["prompt"] for row in errors] == REJECTED[:1] and errors[0]["error"]
+    assert worker_log(pipeline).count("batch m: manifest written") == 1
+    row = manifest_rows(pipeline, "m")[0]
+    sidecar = json.loads((videos_dir(pipeline) / "m" / f"{row['custom_id']}.json").read_text())
+    assert sidecar["parameters"] == row["parameters"] == {
+        "resolution": "480P", "aspect_ratio": "16:9", "watermark": False,
+        "enhance_prompt": True}
+
+    client = pipeline.store.redis
+    path.unlink()  # a writer died mid-way: its lock is left, nothing marked
+    client.hdel(keys.batch("m"), "manifest_of")
+    client.set(keys.manifest_lock("m"), "dead-writer", px=1500)
+    wait_for(path.exists, what="manifest rewritten by the reconciler")
+    assert manifest_rows(pipeline, "m") == report(pipeline, "m")
+
+    written_at = float(client.hget(keys.batch("m"), "manifest_at"))
+    failed_at = manifest_rows(pipeline, "m", "errors.jsonl")[0]["failed_at"]
+    assert vidq(pipeline, "retry", "m").returncode == 0
+    wait_for(lambda: float(client.hget(keys.batch("m"), "manifest_at") or 0) > written_at,
+             what="manifest rewritten after the retry")
+    assert manifest_rows(pipeline, "m") == report(pipeline, "m")
+    assert manifest_rows(pipeline, "m", "errors.jsonl")[0]["failed_at"] > failed_at
+
+
+def test_status_counts_the_batch_apart_from_the_deployment_and_watch_reports_failures(
+        make_pipeline, tmp_path):
+    """`vidq status` counts waiting jobs for the batch and for the deployment apart,
+    warns when no worker is alive; `--watch` into a pipe prints progress lines, ends
+    with the failures grouped by reason and exits 1; `--json` carries reasons, rate,
+    ETA and the manifest; `vidq batches` lists every batch."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT="2")
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", GOOD + [f"REJECT shot {i}" for i in
+                                                               range(3)]), "a")
+    pipeline.enqueue(write_prompts(tmp_path / "b.txt", ["a quiet harbour"]), "b")
+
+    idle = vidq(pipeline, "status", "a", "--json")
+    assert idle.returncode == 0, idle.stderr
+    before = json.loads(idle.stdout)
+    assert (before["waiting"], before["in_flight"], before["deployment"]["waiting"]) == (6, 0, 7)
+    assert before["workers_alive"] == 0 and before["eta_s"] is None
+    assert "warning: no worker is alive" in vidq(pipeline, "status", "a").stdout
+
+    pipeline.start_workers()
+    watched = vidq(pipeline, "status", "a", "--watch", "--every", "1")
+    assert watched.returncode == 1, watched.stderr
+    lines = watched.stdout.splitlines()
+    assert sum(line.startswith("a: ") and " ended; " in line for line in lines) >= 2
+    assert "a: 3 done, 3 failed of 6" in lines
+    assert any(line.strip().startswith("3 x poll:") and "blocked term" in line for line in lines)
+
+    after = json.loads(vidq(pipeline, "status", "a", "--json").stdout)
+    assert after["failures"]["count"] == 3 and after["failures"]["top_reasons"][0]["count"] == 3
+    assert after["errors_spiking"] and after["rate_per_min"] > 0 and after["eta_s"] == 0
+    assert after["workers_alive"] >= 1 and after["manifest"].endswith("a/manifest.jsonl")
+    assert "warning: 3 failures in the last 2 min" in vidq(pipeline, "status", "a").stdout
+    listed = json.loads(vidq(pipeline, "batches", "--json").stdout)
+    assert {row["batch"]: row["total"] for row in listed} == {"a": 6, "b": 1}
+
+
+def simulate_night(pipeline, batch: str, jobs: int) -> None:
+    """A night's batch, every job done (its record as a download leaves it)."""
+    store = pipeline.store
+    pipeline.admission.enqueue(batch, [(f"j{i:04d}", {"model": "m", "prompt": f"{batch} {i}"},
+                                        {"line": i + 1}) for i in range(jobs)], time.time())
+    for job_id in store.job_ids(batch):
+        job = store.get(keys.job_ref(batch, job_id))
+        store.transition(job, state=State.DONE, expected_token="*", generation_id=f"g-{job_id}",
+                         storage_key=f"{batch}/{job_id}.mp4", sha256="ab" * 32, bytes=1000,
+                         downloaded_at=time.time(), polls=2)
+
+
+def test_finished_batches_leave_redis_and_memory_stays_bounded_night_after_night(
+        make_pipeline, tmp_path):
+    """Given retention 0: on real workers a finished batch leaves Redis and `vidq
+    report` reads its manifest from storage. Five simulated 400-job nights, each
+    cleared by the housekeeping pass, leave Redis's key count and memory where one
+    night left them; kept, the same nights grow it. `vidq purge` refuses an
+    unfinished batch (saying what it would drop) unless --force."""
+    from worker.retention import housekeeping
+    from worker.storage import open_storage
+
+    pipeline = make_pipeline(VIDQ_RETENTION_S="0")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", GOOD), "real")
+    pipeline.wait_finished("real")
+    client = pipeline.store.redis
+    wait_for(lambda: not client.sismember(keys.BATCHES, "real"), what="batch expired")
+    assert not client.keys("vidq:*real*")
+    rows = report(pipeline, "real")
+    assert sorted(row["prompt"] for row in rows) == sorted(GOOD)
+    assert all(row["state"] == "done" and row["sha256"] for row in rows)
+    pipeline.stop_workers()
+
+    storage = open_storage(pipeline.settings.storage_url, pipeline.settings.s3_part_bytes)
+    settings = pipeline.settings
+    sizes = []
+    for night in range(5):
+        simulate_night(pipeline, f"night-{night}", 400)
+        kept = client.dbsize(), client.info("memory")["used_memory"]
+        housekeeping(client, storage, settings)  # writes the manifest
+        housekeeping(client, storage, settings)  # retention 0: the batch leaves
+        sizes.append((client.dbsize(), client.info("memory")["used_memory"]))
+        assert kept[0] > sizes[-1][0] + 400
+    assert sizes[-1][0] <= sizes[0][0], sizes
+    assert sizes[-1][1] < sizes[0][1] + 256 * 1024, sizes
+    assert len(report(pipeline, "night-0")) == 400
+
+    simulate_night(pipeline, "unfinished", 3)
+    mark_failed(pipeline.store, "unfinished", "j0000", "gave up")
+    client.hset(keys.job(keys.job_ref("unfinished", "j0001")), "state", "queued")
+    client.hincrby(keys.batch_counts("unfinished"), "done", -1)
+    refused = vidq(pipeline, "purge", "unfinished")
+    assert refused.returncode == 2 and "2 of 3 jobs ended" in refused.stderr
+    assert "1 unfinished job" in refused.stderr and "--force" in refused.stderr
+    assert client.sismember(keys.BATCHES, "unfinished")
+    forced = vidq(pipeline, "purge", "unfinished", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "3 job records" in forced.stdout and "no manifest" in forced.stdout
+    assert not client.keys("vidq:*unfinished*")
+    assert vidq(pipeline, "report", "unfinished").returncode == 2
+
+
+def test_the_same_prompts_with_other_flags_are_refused_unless_variants_are_allowed(
+        make_pipeline, tmp_path):
+    """Re-enqueueing a file with `--resolution 480P` into its batch says how many
+    new jobs differ only by parameters and exits 2 with nothing enqueued; with
+    --allow-variants they are added; the unchanged file still adds nothing."""
+    pipeline = make_pipeline()
+    path = write_prompts(tmp_path / "p.txt", GOOD)
+    assert vidq(pipeline, "enqueue", str(path), "--batch", "v").returncode == 0
+    client = pipeline.store.redis
+    keys_before = client.dbsize()
+
+    refused = vidq(pipeline, "enqueue", str(path), "--batch", "v", "--resolution", "480P")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {path}: 3 new jobs differ from jobs already in batch 'v' only by parameters "
+        "(resolution): each would be a new generation and a new charge; add "
+        "--allow-variants to enqueue them anyway (nothing was enqueued)"]
+    assert pipeline.store.batch_total("v") == 3 and client.dbsize() == keys_before
+
+    again = vidq(pipeline, "enqueue", str(path), "--batch", "v")
+    assert again.returncode == 0 and "(0 new, 3 already enqueued)" in again.stdout
+    allowed = vidq(pipeline, "enqueue", str(path), "--batch", "v", "--resolution", "480P",
+                   "--allow-variants")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "3 new, 0 already enqueued, 3 of the new ones variants" in allowed.stdout
+    assert pipeline.store.batch_total("v") == 6
+    other = vidq(pipeline, "enqueue", str(path), "--batch", "w", "--resolution", "480P")
+    assert other.returncode == 0 and "3 new" in other.stdout

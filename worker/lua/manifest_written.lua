@@ -1,0 +1,22 @@
+-- Mark a batch's manifest as written, if the batch is still exactly as it was
+-- when the writer started: same reopen count and total (`stamp`), and every
+-- job still in a final state. A batch reopened meanwhile (a retry, a late
+-- generation id, new jobs) is left unmarked, so its next finish writes again.
+-- Returns 1 if marked, 0 if not.
+local batch_key, counts_key = KEYS[1], KEYS[2]
+local stamp = ARGV[1]            -- '<reopened>:<total>' when the writer started
+local retention_s = tonumber(ARGV[2])
+
+local batch = redis.call('HMGET', batch_key, 'reopened', 'total')
+local total = tonumber(batch[2] or '0')
+if (batch[1] or '0') .. ':' .. total ~= stamp then return 0 end
+local finished = 0
+for _, state in ipairs({STATE.done, STATE.failed, STATE.cancelled}) do
+  finished = finished + tonumber(redis.call('HGET', counts_key, state) or '0')
+end
+if finished < total then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HSET', batch_key, 'manifest_of', stamp, 'manifest_at', string.format('%.6f', now),
+  'expires_at', string.format('%.6f', now + retention_s))
+return 1

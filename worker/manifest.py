@@ -1,0 +1,144 @@
+"""The batch manifest: `<batch>/manifest.jsonl` (one row per job, the rows of
+`vidq report`) and `<batch>/errors.jsonl` (the failed jobs' rows), written to
+storage when a batch finishes, so a content pipeline or a person can map
+prompt lines to files without Redis.
+
+Who writes it, once: whoever sees the batch finished first and wins the
+batch's manifest lock (`SET NX` with a lease): the step that ended the last
+job, else the reconciler's next pass, else the next `vidq status` or `vidq
+report`. A writer that dies leaves the lock to expire; the manifest is not
+marked written, so the next of them writes it again (the objects are
+published whole, so a half-written manifest is never seen). The mark records
+the batch's reopen count and total when the writer started
+(lua/manifest_written.lua): a batch reopened meanwhile by a retry, a late
+generation id or new jobs is written again when it finishes again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis
+
+from . import keys
+from .errors import StorageError
+from .jobs import FINAL_STATES, State, load_script
+from .rows import batch_rows
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST, ERRORS = "manifest.jsonl", "errors.jsonl"
+# Long enough to write 100,000 rows to a slow store; a dead writer's lease
+# runs out after this and the next pass writes again.
+LOCK_S = 600
+
+
+def manifest_key(batch: str) -> str:
+    return f"{batch}/{MANIFEST}"
+
+
+def errors_key(batch: str) -> str:
+    return f"{batch}/{ERRORS}"
+
+
+@dataclass(frozen=True)
+class BatchMark:
+    """What decides whether a batch's manifest must be written."""
+
+    total: int
+    finished: int
+    stamp: str  # '<reopened>:<total>'
+    written_for: str  # the stamp of the manifest in storage ('' if none)
+    expires_at: float
+
+    @property
+    def is_finished(self) -> bool:
+        return self.total > 0 and self.finished >= self.total
+
+    @property
+    def manifest_current(self) -> bool:
+        return bool(self.written_for) and self.written_for == self.stamp
+
+    @property
+    def needs_manifest(self) -> bool:
+        return self.is_finished and not self.manifest_current
+
+
+def read_marks(client: redis.Redis, batches: Iterable[str]) -> dict[str, BatchMark]:
+    """Each batch's mark, in one round trip."""
+    names = list(batches)
+    pipe = client.pipeline(transaction=False)
+    for batch in names:
+        pipe.hmget(keys.batch(batch), "total", "reopened", "manifest_of", "expires_at")
+        pipe.hmget(keys.batch_counts(batch), *sorted(FINAL_STATES))
+    answers = pipe.execute()
+    marks = {}
+    for index, batch in enumerate(names):
+        total, reopened, written_for, expires_at = answers[2 * index]
+        finished = sum(int(n or 0) for n in answers[2 * index + 1])
+        total = int(total or 0)
+        marks[batch] = BatchMark(total, finished, f"{reopened or 0}:{total}", written_for or "",
+                                 float(expires_at or 0))
+    return marks
+
+
+def write_if_finished(client: redis.Redis, storage: Storage, storage_url: str, batch: str,
+                      retention_s: float) -> bool:
+    """Write the manifest if the batch is finished and has none for its
+    current contents, and this process wins the lock; True if written."""
+    if not read_marks(client, [batch])[batch].needs_manifest:
+        return False
+    lock, token = keys.manifest_lock(batch), uuid.uuid4().hex
+    if not client.set(lock, token, nx=True, px=LOCK_S * 1000):
+        return False
+    try:
+        mark = read_marks(client, [batch])[batch]  # read again, under the lock
+        if not mark.needs_manifest:
+            return False
+        count, failed = write(client, storage, storage_url, batch)
+        marked = load_script(client, "manifest_written")(
+            keys=[keys.batch(batch), keys.batch_counts(batch)], args=[mark.stamp, retention_s])
+        log.info("batch %s: manifest written (%d jobs, %d failed)%s", batch, count, failed,
+                 "" if marked else "; the batch changed meanwhile, it will be written again")
+        return bool(marked)
+    finally:
+        if client.get(lock) == token:
+            client.delete(lock)
+
+
+def write(client: redis.Redis, storage: Storage, storage_url: str, batch: str) -> tuple[int, int]:
+    """Both files, streamed row by row; returns (rows, failed rows)."""
+    job_ids = sorted(str(job_id) for job_id in client.smembers(keys.batch_jobs(batch)))
+    rows = batch_rows(client, batch, job_ids, storage_url)
+    count = failed = 0
+    with storage.writer(manifest_key(batch)) as everything, \
+            storage.writer(errors_key(batch)) as errors:
+        for row in rows:
+            line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+            everything.write(line)
+            count += 1
+            if row["state"] == State.FAILED:
+                errors.write(line)
+                failed += 1
+    return count, failed
+
+
+def read(storage: Storage, batch: str) -> list[dict] | None:
+    """The rows of a batch's manifest in storage; None if it has none."""
+    if not storage.exists(manifest_key(batch)):
+        return None
+    text = storage.read_bytes(manifest_key(batch)).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def write_safely(client: redis.Redis, storage: Storage, settings, batch: str) -> None:
+    """`write_if_finished` for a step: a manifest problem never fails a job
+    (the reconciler's next pass writes it)."""
+    try:
+        write_if_finished(client, storage, settings.storage_url, batch, settings.retention_s)
+    except (StorageError, redis.RedisError, OSError) as exc:
+        log.warning("batch %s: manifest not written yet (%s); the reconciler retries", batch, exc)

@@ -1,0 +1,122 @@
+"""`vidq retry`: put a batch's failed jobs back in line, at a cost that grows
+with the failures, not with the batch.
+
+Every script that moves a job into `failed` adds it to the batch's failed
+set, and the ones that move it out remove it (`lua/transition.lua`,
+`lua/record_generation.lua`); `lua/failed_jobs.lua` reads the set and drops a
+member whose job has left `failed` by a path that does not keep the set. A
+batch enqueued before the set existed has failures the set does not know: when
+the set holds fewer than the counts say, it is rebuilt once from the batch.
+
+Without `resubmit` a job with a generation id is polled again (a late video is
+downloaded, nothing is paid); a job whose POST has an unknown outcome stays
+failed unless re-POSTing it was asked for. With `resubmit` every selected job
+gets a new generation: its old id goes into its history first
+(`lua/retire_generation.lua`), then the admission puts it back in line.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import keys
+from .admission import Admission, admit
+from .jobs import JobStore, State, load_script
+
+CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed job, as `vidq retry` and `vidq status` see it."""
+
+    job_id: str
+    reason: str
+    generation_id: str
+    outcome_unknown: bool  # its POST may have been charged; no id to poll
+
+
+@dataclass
+class RetryResult:
+    requeued: int = 0
+    resubmitted: int = 0
+    left_unknown: int = 0  # outcome unknown, --resubmit not given
+    answers: dict[str, int] = field(default_factory=dict)
+
+
+def failures(store: JobStore, batch: str) -> list[Failure]:
+    """Every failed job of `batch`, sorted by id; O(failures) round trips."""
+    found = _read_failed(store, batch)
+    counted = int(store.redis.hget(keys.batch_counts(batch), State.FAILED) or 0)
+    if len(found) < counted:
+        rebuild_failed_set(store, batch)
+        found = _read_failed(store, batch)
+    return sorted(found, key=lambda failure: failure.job_id)
+
+
+def _read_failed(store: JobStore, batch: str) -> list[Failure]:
+    script = load_script(store.redis, "failed_jobs")
+    answer = script(keys=[keys.batch_failed(batch)],
+                    args=[keys.job(keys.job_ref(batch, ""))])
+    return [Failure(job_id, reason, generation_id, bool(posting) and not generation_id
+                    or unknown == "1")
+            for job_id, reason, generation_id, posting, unknown in json.loads(answer)]
+
+
+def rebuild_failed_set(store: JobStore, batch: str) -> int:
+    """Fill the failed set from every job of the batch (once, for a batch
+    older than the set); returns how many failed jobs it holds."""
+    ids = store.job_ids(batch)
+    failed: list[str] = []
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start:start + CHUNK]
+        pipe = store.redis.pipeline(transaction=False)
+        for job_id in chunk:
+            pipe.hget(keys.job(keys.job_ref(batch, job_id)), "state")
+        failed += [job_id for job_id, state in zip(chunk, pipe.execute(), strict=True)
+                   if state == State.FAILED]
+    for start in range(0, len(failed), CHUNK):
+        store.redis.sadd(keys.batch_failed(batch), *failed[start:start + CHUNK])
+    return len(failed)
+
+
+def select(found: list[Failure], ids: Iterable[str] = (), reason: str = "") -> list[Failure]:
+    """The failures named by `ids` (all if none) whose reason contains `reason`
+    (case-insensitive)."""
+    wanted = set(ids)
+    needle = reason.lower()
+    return [failure for failure in found
+            if (not wanted or failure.job_id in wanted) and needle in failure.reason.lower()]
+
+
+def retry(admission: Admission, dispatch, batch: str, chosen: list[Failure], *,
+          resubmit: bool = False, resubmit_unknown: bool = False) -> RetryResult:
+    """Put `chosen` back in line (see the module docstring), then fill free slots."""
+    result = RetryResult()
+    if resubmit:
+        result.resubmitted = _retire(admission.store, batch, [f.job_id for f in chosen])
+    repost_unknown = resubmit or resubmit_unknown
+    if resubmit_unknown and not resubmit:
+        result.resubmitted = sum(1 for f in chosen if f.outcome_unknown)
+    answers = admission.requeue_failed(batch, resubmit_unknown=repost_unknown,
+                                       job_ids=[f.job_id for f in chosen])
+    result.answers = answers
+    result.requeued = answers.get("requeued", 0)
+    result.left_unknown = answers.get("needs_resubmit", 0)
+    if result.requeued:
+        # The batch is open again: a manifest written for it is out of date.
+        admission.redis.hincrby(keys.batch(batch), "reopened", 1)
+    admit(admission, dispatch)
+    return result
+
+
+def _retire(store: JobStore, batch: str, job_ids: list[str]) -> int:
+    script = load_script(store.redis, "retire_generation")
+    retired = 0
+    for start in range(0, len(job_ids), CHUNK):
+        pipe = store.redis.pipeline(transaction=False)
+        for job_id in job_ids[start:start + CHUNK]:
+            script(keys=[keys.job(keys.job_ref(batch, job_id))], client=pipe)
+        retired += sum(1 for answer in pipe.execute() if answer == "retired")
+    return retired
