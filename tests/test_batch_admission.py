@@ -245,3 +245,25 @@ def test_a_job_admitted_but_not_yet_posted_when_cancelled_is_never_posted(make_p
     assert pipeline.ledger() == [] and pipeline.admission.in_flight() == 0
     spend = spend_summary(pipeline.store.redis, "late")["batch"]
     assert spend["committed"] == 0 and spend["videos"] == 0
+
+
+def test_max_credits_counts_jobs_in_flight_and_raising_it_admits_more(make_pipeline,
+                                                                      tmp_path):
+    """At --max-credits 250,000 (120,000 a job) two are admitted, not three; 360,000 admits one more."""
+    pipeline = make_pipeline()
+    admission = pipeline.admission
+    enqueued = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "p.txt", _prompts("M", 5))),
+                     "--batch", "budget", "--max-credits", "250000")
+    assert enqueued.returncode == 0, enqueued.stderr
+    admission.set_cap(4)
+
+    first = admission.pump()
+    shown = _vidq(pipeline, "limits", "budget")
+    raised = _vidq(pipeline, "limits", "budget", "--max-credits", "360000")
+    second = admission.pump()  # the CLI admitted the third already: nothing more fits
+
+    assert len(first) == 2
+    assert "(paused: spend cap)" in shown.stdout and "240,000 committed" in shown.stdout
+    assert raised.returncode == 0 and second == []
+    assert admission.in_flight() == 3 and admission.waiting("budget") == 2
+    assert "360,000 committed" in raised.stdout and "(paused: spend cap)" in raised.stdout
