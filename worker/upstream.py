@@ -41,6 +41,7 @@ from .errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from .metrics_record import upstream_call
 from .netguard import UrlPolicy, check_size, check_url, redacted
 from .settings import Settings
 
@@ -133,7 +134,8 @@ class UpstreamClient:
         url = self._base + self._endpoint.submit_path
         # A fresh connection per POST: a pooled keep-alive connection the
         # server has just closed would turn a harmless resend into "unknown".
-        with requests.Session() as fresh, http_errors("submit", posting=True):
+        with requests.Session() as fresh, upstream_call("submit"), \
+                http_errors("submit", posting=True):
             response = fresh.post(url, json=body, headers=self._auth, timeout=self._timeout)
             raise_for_submit(response)
             return response_generation(response, posting=True)
@@ -141,7 +143,7 @@ class UpstreamClient:
     def fetch(self, generation_id: str) -> Generation:
         url = self._base + self._endpoint.fetch_path
         params = {"generation_id": generation_id}
-        with http_errors("status"):
+        with upstream_call("status"), http_errors("status"):
             response = self._session.get(url, params=params, headers=self._auth,
                                          timeout=self._timeout)
             raise_for_response(response)

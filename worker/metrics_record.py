@@ -1,0 +1,184 @@
+"""Counting in a worker process: hooks called by the steps and the upstream
+client add to a process-local buffer, and the buffer goes to Redis in one
+pipeline when the task ends (Celery's task_postrun), so a step costs one
+round trip for its metrics whatever it counted.
+
+The buffer is per process and guarded by a lock (a submit's POST runs in a
+thread, and its answer may arrive after its step ended: it is then written
+with the next task that ends in that process). A pool child forked from a
+parent with counts in its buffer starts empty: the parent's counts are the
+parent's to write.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+
+import redis
+from celery.signals import task_postrun, worker_process_shutdown
+
+from . import keys
+from .errors import (
+    BadResponse,
+    RateLimited,
+    RequestRejected,
+    ResultRefused,
+    SubmitOutcomeUnknown,
+    UpstreamError,
+)
+from .metrics import (
+    COMPLETIONS,
+    DETECTION_LAG_SECONDS,
+    DOWNLOAD_BYTES,
+    DOWNLOAD_SECONDS,
+    DOWNLOADS,
+    GENERATION_SECONDS,
+    RESENDS,
+    STATUS_GETS_PER_VIDEO,
+    UPSTREAM_SECONDS,
+    Spec,
+    bucket_field,
+    counter_field,
+    sum_field,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Increments waiting to be written: integer counts and float sums."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._counts: Counter[str] = Counter()
+        self._sums: defaultdict[str, float] = defaultdict(float)
+
+    def count(self, spec: Spec, values: tuple[str, ...] = (), amount: float = 1) -> None:
+        with self._lock:
+            self._own()
+            self._sums[counter_field(spec, values)] += amount
+
+    def observe(self, spec: Spec, values: tuple[str, ...], value: float) -> None:
+        with self._lock:
+            self._own()
+            self._counts[bucket_field(spec, values, value)] += 1
+            self._sums[sum_field(spec, values)] += value
+
+    def flush(self, client: redis.Redis) -> None:
+        """Write what was counted in one pipeline; kept for the next flush if Redis fails."""
+        with self._lock:
+            self._own()
+            counts, sums = self._counts, self._sums
+            self._counts, self._sums = Counter(), defaultdict(float)
+        if not counts and not sums:
+            return
+        pipe = client.pipeline(transaction=False)
+        for field, amount in counts.items():
+            pipe.hincrby(keys.METRICS, field, amount)
+        for field, total in sums.items():
+            pipe.hincrbyfloat(keys.METRICS, field, total)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("metrics not written yet: %s", exc)
+            with self._lock:
+                self._counts.update(counts)
+                for field, total in sums.items():
+                    self._sums[field] += total
+
+    def _own(self) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._counts, self._sums = Counter(), defaultdict(float)
+
+
+# One per process, like prometheus-client's default registry: the hooks are
+# called from code (the upstream client) that holds no Redis connection.
+RECORDER = Recorder()
+
+
+def outcome_of(error: BaseException | None) -> str:
+    """The bounded outcome label of an upstream call that ended with `error`."""
+    if error is None:
+        return "2xx"
+    status = getattr(error, "status", None)
+    if isinstance(error, RateLimited) or status == 429:
+        return "429"
+    if isinstance(status, int) and 300 <= status < 600:
+        return f"{status // 100}xx"
+    if isinstance(error, SubmitOutcomeUnknown):
+        return "answer_lost"
+    if isinstance(error, BadResponse):
+        return "bad_body"
+    if isinstance(error, ResultRefused | RequestRejected):
+        return "refused"
+    if isinstance(error, UpstreamError) and "Timeout" in str(error):
+        return "timeout"
+    return "network"
+
+
+@contextlib.contextmanager
+def upstream_call(call: str) -> Iterator[None]:
+    """Time one upstream call and count its outcome (errors pass through)."""
+    started = time.monotonic()
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        RECORDER.observe(UPSTREAM_SECONDS, (call, outcome_of(error)),
+                         time.monotonic() - started)
+
+
+def completed(model: str, resolution: str, polls: int, previous_poll_s: float,
+              completed_poll_s: float) -> None:
+    """A generation seen done by its `polls`-th status GET, `completed_poll_s`
+    after submit; the poll before it was at `previous_poll_s` (0: none)."""
+    shape = (model, resolution)
+    RECORDER.observe(STATUS_GETS_PER_VIDEO, shape, polls)
+    if previous_poll_s <= 0:
+        # Censored: done by the first poll, when exactly is unknown; counted
+        # at half the poll time, as the poll plan counts it.
+        RECORDER.count(COMPLETIONS, (*shape, "first_poll"))
+        RECORDER.observe(GENERATION_SECONDS, shape, completed_poll_s / 2)
+        return
+    RECORDER.count(COMPLETIONS, (*shape, "later_poll"))
+    RECORDER.observe(GENERATION_SECONDS, shape, (previous_poll_s + completed_poll_s) / 2)
+    RECORDER.observe(DETECTION_LAG_SECONDS, shape, (completed_poll_s - previous_poll_s) / 2)
+
+
+def downloaded(size: int, seconds: float) -> None:
+    RECORDER.count(DOWNLOADS)
+    RECORDER.count(DOWNLOAD_BYTES, (), size)
+    RECORDER.count(DOWNLOAD_SECONDS, (), seconds)
+
+
+def resent(client: redis.Redis, steps: int) -> None:
+    """Reconciler re-sends, written at once: the reconciler runs in a worker's
+    main process, where no task ends to flush a buffer."""
+    if steps:
+        try:
+            client.hincrbyfloat(keys.METRICS, counter_field(RESENDS, ()), steps)
+        except redis.RedisError as exc:
+            log.warning("re-send count not written: %s", exc)
+
+
+@task_postrun.connect
+def _flush_after_task(**_kwargs) -> None:
+    from .tasks import get_steps  # the tasks import this module: resolve at run time
+
+    RECORDER.flush(get_steps().store.redis)
+
+
+@worker_process_shutdown.connect
+def _flush_at_exit(**_kwargs) -> None:
+    with contextlib.suppress(Exception):
+        _flush_after_task()
