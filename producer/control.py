@@ -75,9 +75,10 @@ def cancel(batch):
     from worker.batch_control import cancel as cancel_batch
 
     result = cancel_batch(_admission(), batch)
+    verbs = "finishes and is" if result.in_flight == 1 else "finish and are"
     click.echo(f"batch {batch} cancelled: {result.cancelled} waiting "
                f"{_jobs(result.cancelled)} cancelled; {result.in_flight} "
-               f"{_jobs(result.in_flight)} in flight finish and are downloaded")
+               f"{_jobs(result.in_flight)} in flight {verbs} downloaded")
 
 
 @main.command(cls=VidqCommand)
