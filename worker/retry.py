@@ -1,10 +1,10 @@
 """`vidq retry`: put a batch's failed jobs back in line, at a cost that grows
 with the failures, not with the batch.
 
-Every script that moves a job into `failed` adds it to the batch's failed
-set, and the ones that move it out remove it (`lua/transition.lua`,
-`lua/record_generation.lua`); `lua/failed_jobs.lua` reads the set and drops a
-member whose job has left `failed` by a path that does not keep the set. A
+Every script that moves a job into or out of `failed` changes the batch's
+failed set in the same call (`lua/transition.lua`, `lua/requeue.lua`,
+`lua/record_generation.lua`); `lua/failed_jobs.lua` reads the set, and drops a
+member whose job has left `failed` by a path that did not keep the set. A
 batch enqueued before the set existed has failures the set does not know: when
 the set holds fewer than the counts say, it is rebuilt once from the batch.
 

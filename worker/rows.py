@@ -35,7 +35,8 @@ CHUNK = 5000
 TIMINGS = ("enqueued_at", "submitted_at", "completed_at", "downloaded_at", "failed_at")
 COLUMNS = ("custom_id", "line", "prompt", "model", "parameters", "state", "storage_url",
            "sha256", "generation_id", "generation_ids", "siblings", "sibling_of",
-           "credits_used", *TIMINGS, "attempts", "polls", "error", "outcome_unknown")
+           "credits_used", "credits", *TIMINGS, "attempts", "polls", "error",
+           "outcome_unknown")
 # The upstream's documented defaults (sandbox/request_schema.json), so a row
 # says what was generated, not only what was asked.
 DEFAULT_PARAMETERS = {"resolution": DEFAULT_RESOLUTION, "aspect_ratio": DEFAULT_ASPECT_RATIO,
@@ -173,7 +174,11 @@ def _row(data: dict, line: int | None, base: str, siblings: dict[str, str]) -> d
         "sha256": data.get("sha256") or None, "generation_id": own or None,
         "generation_ids": generation_ids, "siblings": sibling_ids,
         "sibling_of": _parent(job_id) if "~" in job_id else None,
-        "credits_used": _number(data.get("credits_used") or data.get("credits")),
+        # What the upstream reported for the last generation, and what the
+        # spend accounting counted for the job (every generation; the
+        # estimate where nothing was reported; worker/spend.py).
+        "credits_used": _number(data.get("credits_used")),
+        "credits": _number(data.get("credits")),
     }
     for name in TIMINGS:
         row[name] = _iso(data.get(name))
