@@ -212,6 +212,18 @@ def run(file, batch, use_sandbox, workers, concurrency, state_dir):
     sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console))
 
 
+@main.command(cls=VidqCommand)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 inside a container).")
+@click.option("--port", default=9808, show_default=True, type=click.IntRange(0, 65535))
+def metrics(host, port):
+    """Serve the deployment's Prometheus metrics at http://HOST:PORT/metrics (read from
+    Redis at each scrape; run one per deployment)."""
+    from .metrics_cmd import serve_metrics
+
+    serve_metrics(Settings.from_env(), host, port, click.echo)
+
+
 @main.command(name="sandbox", cls=VidqCommand)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8900, show_default=True)

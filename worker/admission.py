@@ -28,6 +28,7 @@ import redis
 from . import keys
 from .errors import InputError
 from .jobs import FINAL_STATES, Job, JobStore, State, Step, load_script
+from .metrics_record import resent as resent_metric
 from .spend import SPEND_TTL_S, CreditEstimates
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ def reconcile(admission: Admission, dispatch: Dispatch, start_grace_s: float) ->
             # go on with the others.
             log.error("reconciler: cannot recover %s: %s", ref, exc)
             admission.redis.zadd(keys.DUE, {ref: now + start_grace_s})
+    resent_metric(admission.redis, resent)
     admission.release_expired_holds()
     admission.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=False)
     admit(admission, dispatch)

@@ -34,6 +34,8 @@
     vidq:worker:<hostname>      string with a TTL: that worker is alive
     vidq:reconcile:lock         string with a TTL: one reconciler pass at a time
     vidq:durations:<model>:<resolution>   list: recent generation times (seconds)
+    vidq:metrics                hash: counters and histogram buckets the workers add to
+                                and `vidq metrics` exports (fields: worker.metrics)
     vidq:reaim:<model>:<resolution>       the first-poll aim at the last re-aim
                                 (worker.reaim)
 
@@ -59,6 +61,7 @@ RECONCILE_LOCK = PREFIX + "reconcile:lock"
 PAUSE_SUBMIT = PREFIX + "pause:submit"
 PAUSE_POLL = PREFIX + "pause:poll"
 WORKER_PREFIX = PREFIX + "worker:"
+METRICS = PREFIX + "metrics"
 
 
 def job_ref(batch: str, job_id: str) -> str:

@@ -25,6 +25,7 @@ from .errors import (
     UpstreamError,
 )
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
+from .metrics_record import completed, downloaded, upstream_call
 from .reaim import aim_dropped, reaim_first_polls
 from .schedule import DurationModel, backoff_delay
 from .settings import Settings
@@ -181,7 +182,8 @@ class Steps:
     def download(self, job: Job) -> None:
         started = time.monotonic()
         key = video_key(job.batch, job.id)
-        response = self.client.open_video(job.video_url)
+        with upstream_call("download"):  # redirects and the answer's status included
+            response = self.client.open_video(job.video_url)
         with response:
             size, digest = stream_video(self.storage, key, self.client.chunks(response, 1 << 20),
                                         response.headers.get("Content-Length"))
@@ -191,6 +193,7 @@ class Steps:
                               downloaded_at=job.now(), download_s=time.monotonic() - started,
                               last_error="")
         log.info("job %s done: %d bytes, sha256 %s", job.ref, size, digest[:12])
+        downloaded(size, time.monotonic() - started)
         job.outcome = f"done, {size / 1e6:.1f} MB"
 
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
@@ -264,6 +267,7 @@ class Steps:
             if not job.extra.get("recovered"):
                 previous = job.number("last_poll_age") if job.polls > 1 else 0.0
                 self.durations.record(*self._shape(job), previous, job.now() - job.submitted_at)
+                completed(*self._shape(job), job.polls, previous, job.now() - job.submitted_at)
                 self._reaim(job)
         self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True, **values)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
