@@ -3,6 +3,8 @@ Celery events (no prompt, no key in them), and its Broker page counts the jobs w
 an upstream slot, per batch, though no Celery queue holds them."""
 from __future__ import annotations
 
+import shelve
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from conftest import wait_http, write_prompts
 
 from producer.redis_server import free_port
 from worker import keys
+from worker.celery_app import QUEUES
 from worker.flower_backlog import ROW_PREFIX, TOTAL_ROW
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +34,12 @@ def documented_flower_command(port: int, db: Path) -> list[str]:
     return [sys.executable, "-m", *command, f"--basic-auth={AUTH[0]}:{AUTH[1]}"]
 
 
-def start_flower(env: dict, tmp_path: Path) -> tuple[subprocess.Popen, str, Path]:
-    """Flower as documented, answering; returns (process, base URL, log path)."""
+def start_flower(env: dict, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str, Path]:
+    """Flower as documented (plus `extra` flags, which win), answering; returns (process,
+    base URL, log path)."""
     port, log = free_port(), tmp_path / "flower.log"
-    flower = subprocess.Popen(documented_flower_command(port, tmp_path / "flower.db"),
-                              env=env, cwd=ROOT, stdout=open(log, "wb"),
+    flower = subprocess.Popen([*documented_flower_command(port, tmp_path / "flower.db"), *extra],
+                              env=env, cwd=ROOT, stdout=open(log, "ab"),
                               stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -96,6 +100,36 @@ def test_the_broker_page_counts_jobs_waiting_for_a_slot_per_batch(make_pipeline,
         page = requests.get(base + "/broker", auth=AUTH, timeout=10).text
     finally:
         stop_flower(flower)
-    assert lengths == {"vidq.submit": 0, "vidq.poll": 0, "vidq.download": 0, TOTAL_ROW: 5,
-                       ROW_PREFIX + "night-a": 3, ROW_PREFIX + "night-b (paused)": 2}, f"log {log}"
+    backlog = {name: n for name, n in lengths.items() if name.startswith(ROW_PREFIX)}
+    assert backlog == {TOTAL_ROW: 5, ROW_PREFIX + "night-a": 3,
+                       ROW_PREFIX + "night-b (paused)": 2}, f"{lengths}; log {log}"
+    queues = {name: n for name, n in lengths.items() if name not in backlog}
+    assert set(QUEUES) <= set(queues) and not any(queues.values()), f"{lengths}; log {log}"
     assert f"<td>{ROW_PREFIX}night-a</td>" in page, f"/broker lacks the backlog rows; log {log}"
+
+
+def test_periodic_state_saves_survive_a_crash(make_pipeline, tmp_path):
+    """--persistent saves the task window while Flower runs (in a child process, so the
+    event loop never waits for the pickle): a SIGKILLed Flower restarts with the tasks."""
+    pipeline = make_pipeline()
+    flower, base, log = start_flower(pipeline.env, tmp_path, "--state_save_interval=500")
+    try:
+        pipeline.start_workers()
+        pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["one", "two", "three"]), "saved")
+        pipeline.wait_finished("saved")
+        time.sleep(2.0)  # the last events arrive, then at least one save after them
+        seen = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
+    finally:
+        flower.send_signal(signal.SIGKILL)  # a crash: no save at exit
+        flower.wait(10)
+    time.sleep(1.5)  # a save child that was writing finishes its rename
+    with shelve.open(str(tmp_path / "flower.db"), flag="r") as saved:
+        on_disk = set(saved["events"].tasks)
+    assert len(seen) >= 9 and set(seen) <= on_disk, f"saved {len(on_disk)} of {len(seen)}; log {log}"
+    flower, base, log = start_flower(pipeline.env, tmp_path)
+    try:
+        restored = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
+    finally:
+        stop_flower(flower)
+    assert set(seen) <= set(restored), f"restarted Flower lost tasks; log {log}"
+    assert "Traceback" not in log.read_text(errors="replace"), f"see {log}"
