@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from producer.metrics_cmd import registry_for
 from producer.redis_server import free_port
 from sandbox.state import CREDITS_PER_VIDEO
 from tests.conftest import wait_http, write_prompts
 from worker import keys
+from worker.errors import BadResponse, UpstreamUnavailable
+from worker.metrics_record import RECORDER
+from worker.settings import Settings
+from worker.upstream import UpstreamClient
 
 
 def start_exporter(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
@@ -156,10 +164,51 @@ def test_reconciler_resends_and_heartbeats_are_counted(make_pipeline, make_sandb
     assert 0 <= age <= 1.5  # VIDQ_HEARTBEAT_INTERVAL_S=0.5: the key lives 1.5 s
 
 
+def silent_server() -> tuple[socket.socket, str]:
+    """Accepts connections and never answers: a status GET times out reading."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_upstream_failures_are_counted_by_kind(redis_url, serve_bytes):
+    """Given real servers that answer a non-JSON body, refuse the connection and never
+    answer, the status GETs are counted as bad_body, network and timeout."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    RECORDER.flush(client)  # whatever this test process counted before is not ours
+    client.delete(keys.METRICS)
+    listener, silent = silent_server()
+    bases = {"bad_body": serve_bytes(b"<html>busy</html>"),
+             "network": f"http://127.0.0.1:{free_port()}", "timeout": silent}
+    for base in bases.values():
+        upstream = UpstreamClient(Settings(api_key="sk-metrics", base_url=base,
+                                           redis_url=redis_url, http_timeout_s=0.5))
+        with pytest.raises((BadResponse, UpstreamUnavailable)):
+            upstream.fetch("gen-1")
+    listener.close()
+    RECORDER.flush(client)
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in registry_for(Settings(redis_url=redis_url)).collect()
+               for s in family.samples}
+    for outcome in bases:
+        assert value(samples, "vidq_upstream_requests_total", call="status", outcome=outcome) == 1
+    assert total(samples, "vidq_upstream_requests_total") == 3
+
+
 def test_metrics_on_a_busy_port_is_one_error_line(redis_url, tmp_path):
     """A port already taken: one `error:` line and exit status 2."""
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -70,6 +70,11 @@ class Recorder:
             self._counts[bucket_field(spec, values, value)] += 1
             self._sums[sum_field(spec, values)] += value
 
+    def pending(self) -> bool:
+        with self._lock:
+            self._own()
+            return bool(self._counts or self._sums)
+
     def flush(self, client: redis.Redis) -> None:
         """Write what was counted in one pipeline; kept for the next flush if Redis fails."""
         with self._lock:
@@ -173,6 +178,8 @@ def resent(client: redis.Redis, steps: int) -> None:
 
 @task_postrun.connect
 def _flush_after_task(**_kwargs) -> None:
+    if not RECORDER.pending():
+        return
     from .tasks import get_steps  # the tasks import this module: resolve at run time
 
     RECORDER.flush(get_steps().store.redis)
