@@ -12,6 +12,7 @@ from rich.console import Console
 from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, RESOLUTIONS
 from worker.errors import VidqError
 from worker.settings import Settings
+from worker.webhook_signing import check_webhook_url
 
 console = Console(stderr=False, highlight=False)
 
@@ -71,8 +72,11 @@ def _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed, no_
 @click.option("--allow-variants", is_flag=True,
               help="Enqueue new jobs even if they differ from the batch's jobs only by "
                    "parameters (each is a new generation).")
+@click.option("--webhook", metavar="URL",
+              help="Also POST this batch's events to URL (signed with the workers' "
+                   "VIDQ_WEBHOOK_SECRET).")
 def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
-            no_enhance_prompt, priority, max_credits, max_videos, allow_variants):
+            no_enhance_prompt, priority, max_credits, max_videos, allow_variants, webhook):
     """Validate FILE (.txt, .jsonl, .csv) and add its prompts to a batch."""
     from worker.tasks import dispatch
 
@@ -82,7 +86,8 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
                                 no_enhance_prompt)
     admission = open_admission(Settings.from_env())
     batch_settings = {name: value for name, value in (
-        ("priority", priority), ("max_credits", max_credits), ("max_videos", max_videos))
+        ("priority", priority), ("max_credits", max_credits), ("max_videos", max_videos),
+        ("webhook_url", webhook and check_webhook_url(webhook, "--webhook")))
         if value is not None}
     result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings,
                           allow_variants=allow_variants)
@@ -286,4 +291,4 @@ def report(batch, fmt, states, output):
 
 # pause, resume, cancel and limits live in their own module; importing it
 # registers them on `main` (it imports `main` from here, hence the end).
-from . import control  # noqa: E402,F401
+from . import control, webhooks_cmd  # noqa: E402,F401

@@ -13,11 +13,14 @@ from . import kombu_fix
 from .settings import Settings, is_sentinel_url, sentinel_master_of, without_master_name
 
 QUEUES = ("vidq.submit", "vidq.poll", "vidq.download")
+# Webhook deliveries have their own queue, so a slow receiver never holds up a step.
+WEBHOOK_QUEUE = "vidq.webhook"
+ALL_QUEUES = (*QUEUES, WEBHOOK_QUEUE)
 EXCHANGE = Exchange("vidq", type="direct")
 # One task per step, each with the name of the queue it runs on.
 TASK_FOR_STEP = {"submit": "vidq.submit", "poll": "vidq.poll", "download": "vidq.download"}
 
-app = Celery("vidq", include=["worker.tasks", "worker.lifecycle"])
+app = Celery("vidq", include=["worker.tasks", "worker.lifecycle", "worker.webhook_tasks"])
 kombu_fix.install(app)
 
 
@@ -65,11 +68,11 @@ def apply_settings(celery_app: Celery, settings: Settings) -> None:
                          "interval_max": 2.0}
     celery_app.conf.update(
         broker_url=broker_url,
-        task_queues=[Queue(name, EXCHANGE, routing_key=name) for name in QUEUES],
+        task_queues=[Queue(name, EXCHANGE, routing_key=name) for name in ALL_QUEUES],
         task_default_exchange=EXCHANGE.name,
         task_default_queue="vidq.submit",
         task_routes={name: {"queue": name, "exchange": EXCHANGE.name, "routing_key": name}
-                     for name in QUEUES},
+                     for name in ALL_QUEUES},
         task_serializer="json",
         accept_content=["json"],
         # Every step is idempotent on its job record, so a redelivery is safe

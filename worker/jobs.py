@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from . import keys
+from . import events, keys
 from .durability import Durability
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -124,6 +124,8 @@ class JobStore:
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
             "grow_cap")}
         self._scripts["back_in_line"] = load_script(client, "back_in_line", ("line_lib",))
+        # Into done or failed: the event goes on the stream in the same call.
+        self._scripts["transition"] = events.Announcing(client, "transition", "event_job")
 
     def now(self) -> float:
         seconds, micros = self.redis.time()

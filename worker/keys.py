@@ -34,6 +34,11 @@
     vidq:worker:<hostname>      string with a TTL: that worker is alive
     vidq:reconcile:lock         string with a TTL: one reconciler pass at a time
     vidq:durations:<model>:<resolution>   list: recent generation times (seconds)
+    vidq:events                 stream: video stored, job failed, batch finished (schema in
+                                worker.events); trimmed to about VIDQ_EVENTS_MAXLEN
+    vidq:webhook:<delivery>     hash: one webhook delivery (worker.webhooks); expires
+    vidq:webhooks:<batch>       zset: the batch's deliveries (score: created at); expires
+    vidq:webhooks:relay         string with a TTL: one relay pass at a time
     vidq:metrics                hash: counters and histogram buckets the workers add to
                                 and `vidq metrics` exports (fields: worker.metrics)
     vidq:reaim:<model>:<resolution>       the first-poll aim at the last re-aim
@@ -61,6 +66,8 @@ RECONCILE_LOCK = PREFIX + "reconcile:lock"
 PAUSE_SUBMIT = PREFIX + "pause:submit"
 PAUSE_POLL = PREFIX + "pause:poll"
 WORKER_PREFIX = PREFIX + "worker:"
+EVENTS = PREFIX + "events"
+WEBHOOK_RELAY_LOCK = PREFIX + "webhooks:relay"
 METRICS = PREFIX + "metrics"
 
 
@@ -118,6 +125,14 @@ def reaim(model: str, resolution: str) -> str:
 
 def durations(model: str, resolution: str) -> str:
     return f"{PREFIX}durations:{model}:{resolution}"
+
+
+def webhook_delivery(delivery_id: str) -> str:
+    return f"{PREFIX}webhook:{delivery_id}"
+
+
+def batch_webhooks(name: str) -> str:
+    return f"{PREFIX}webhooks:{name}"
 
 
 def worker_alive(hostname: str) -> str:

@@ -19,6 +19,8 @@ from .admission import reconcile
 from .celery_app import app
 from .retention import housekeeping
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
+from .webhook_tasks import send_delivery
+from .webhooks import relay
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class Lifecycle(bootsteps.StartStopStep):
             if resent:
                 log.warning("reconciler re-sent %d lost steps", resent)
             housekeeping(steps.store.redis, steps.storage, settings)
+            relay(steps.store.redis, settings, send_delivery)  # events -> webhook deliveries
         except redis.RedisError as exc:
             log.warning("reconcile skipped: %s", exc)
 

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from . import events
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, Admission, Dispatch, admit
 from .durability import Durability, NotDurable
 from .errors import (
@@ -190,6 +191,7 @@ class Steps:
         card = sidecar(job, key, size, digest, job.now())
         self.storage.put_bytes(sidecar_key(job.batch, job.id), json.dumps(card, indent=2).encode())
         self.store.transition(job, state=State.DONE, storage_key=key, sha256=digest, bytes=size,
+                              storage_url=events.video_url(self.settings, key),
                               downloaded_at=job.now(), download_s=time.monotonic() - started,
                               last_error="")
         log.info("job %s done: %d bytes, sha256 %s", job.ref, size, digest[:12])
@@ -250,6 +252,7 @@ class Steps:
         log.info("job %s: video already in storage (sha256 %s); not submitted", job.ref,
                  found["sha256"][:12])
         self.store.transition(job, state=State.DONE, release_slot=True, storage_key=found["video"],
+                              storage_url=events.video_url(self.settings, found["video"]),
                               sha256=found["sha256"], bytes=found["bytes"],
                               generation_id=found.get("generation_id") or "", last_error="")
         self.admission.settle(job.ref, "stored")

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit, urluns
 from .contract import DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
 from .spend import parse_estimates
+from .webhook_signing import check_webhook_settings
 
 # S3's limits on a multipart upload's parts (all but the last).
 S3_MIN_PART_BYTES = 5 * 1024**2
@@ -74,6 +75,18 @@ class Settings:
     # (the spend caps count these); per model@resolution in credit_estimates.
     credit_estimate: float = 120000.0
     credit_estimates: str = ""
+    # The event stream (worker.events) is trimmed to about this many entries:
+    # a consumer further behind than that loses the oldest.
+    events_maxlen: int = 100_000
+    # Webhooks (worker.webhooks): the deployment's URL (every event), the
+    # "whsec_..." secret that signs every delivery, hosts/CIDRs a webhook URL
+    # may point at although private, and how long a failing one is retried.
+    webhook_url: str = ""
+    webhook_secret: str = field(default="", repr=False)
+    webhook_allowlist: str = ""
+    webhook_retry_for_s: float = 86400.0
+    webhook_backoff_base_s: float = 5.0
+    webhook_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         # Frozen: the one field normalised here is written the dataclass way.
@@ -96,6 +109,7 @@ class Settings:
         if self.credit_estimate < 0:
             raise ConfigError("VIDQ_CREDIT_ESTIMATE must not be negative")
         parse_estimates(self.credit_estimates)
+        check_webhook_settings(self)
         if not S3_MIN_PART_BYTES <= self.s3_part_bytes <= S3_MAX_PART_BYTES:
             raise ConfigError(
                 f"VIDQ_S3_PART_BYTES={self.s3_part_bytes}: S3 parts must be between "
@@ -166,6 +180,13 @@ ENV_NAMES = {
     "retention_s": "VIDQ_RETENTION_S",
     "credit_estimate": "VIDQ_CREDIT_ESTIMATE",
     "credit_estimates": "VIDQ_CREDIT_ESTIMATES",
+    "events_maxlen": "VIDQ_EVENTS_MAXLEN",
+    "webhook_url": "VIDQ_WEBHOOK_URL",
+    "webhook_secret": "VIDQ_WEBHOOK_SECRET",
+    "webhook_allowlist": "VIDQ_WEBHOOK_ALLOWLIST",
+    "webhook_retry_for_s": "VIDQ_WEBHOOK_RETRY_FOR_S",
+    "webhook_backoff_base_s": "VIDQ_WEBHOOK_BACKOFF_BASE_S",
+    "webhook_timeout_s": "VIDQ_WEBHOOK_TIMEOUT_S",
 }
 
 

@@ -1,0 +1,256 @@
+"""Webhooks: the event stream's events POSTed, signed, to the deployment's
+URL (VIDQ_WEBHOOK_URL, every batch) and to a batch's own (`vidq enqueue
+--webhook URL`, stored on the batch).
+
+    relay (reconciler pass) ── XREADGROUP vidq:events, group "vidq-webhooks" ──►
+        one delivery record per (event, target), a vidq.webhook task each, XACK
+    vidq.webhook task ── SSRF check, sign, POST ──► 2xx: delivered
+        5xx, 408, 429, timeout, connection error: again after a countdown
+        (exponential, up to a day); any other answer: failed (`--replay` sends again)
+
+At least once: a relay that dies before its XACK hands the same entries out
+again (its pending entries are read first), and a record that exists is not
+made twice; a task lost with its worker comes back after the visibility
+timeout. A receiver de-duplicates on `webhook-id`, the event id, the same on
+every attempt and replay. The secret is the workers' (VIDQ_WEBHOOK_SECRET),
+for the batch URLs too: Redis holds URLs, never a secret.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import requests
+
+from . import events, keys
+from .errors import ResultRefused, UpstreamUnavailable
+from .netguard import UrlPolicy, check_url, redacted
+from .webhook_signing import headers, secret_key
+
+log = logging.getLogger(__name__)
+
+GROUP, CONSUMER = "vidq-webhooks", "relay"
+READ_COUNT = 500
+# Delivery records outlive the longest retry window, then expire.
+RECORD_TTL_S = 8 * 86400
+# Longest countdown between attempts: well under any visibility timeout.
+MAX_BACKOFF_S = 600.0
+RETRYABLE_STATUS = frozenset({408, 429})
+# A relay pass that dies leaves the lock to expire after this.
+RELAY_LOCK_S = 60
+
+Send = Callable[[str, int, float], None]  # delivery id, attempt, countdown
+
+
+class State:
+    PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt did: delivered, retry after `retry_in_s`, or failed."""
+
+    state: str
+    status: int | None
+    error: str = ""
+    retry_in_s: float | None = None
+
+
+def relay(client: redis.Redis, settings, send: Send) -> int:
+    """Turn the stream's new events into deliveries; returns how many were made.
+    One relay at a time (a lock), so its own pending entries are its to redo."""
+    token = uuid.uuid4().hex
+    if not client.set(keys.WEBHOOK_RELAY_LOCK, token, nx=True, px=RELAY_LOCK_S * 1000):
+        return 0
+    try:
+        events.ensure_group(client, GROUP)
+        made = 0
+        # Pending first (a relay that died before its XACK); an acked entry
+        # leaves the pending list, so "0" is read again until it is empty.
+        for cursor in ("0", ">"):
+            while entries := _read(client, cursor):
+                made += sum(_relay_one(client, settings, send, i, f) for i, f in entries)
+                client.xack(keys.EVENTS, GROUP, *[event_id for event_id, _ in entries])
+        events.trim(client, settings.events_maxlen)
+        return made
+    finally:
+        if client.get(keys.WEBHOOK_RELAY_LOCK) == token:
+            client.delete(keys.WEBHOOK_RELAY_LOCK)
+
+
+def _read(client: redis.Redis, cursor: str) -> list:
+    answer: Any = client.xreadgroup(GROUP, CONSUMER, {keys.EVENTS: cursor}, count=READ_COUNT)
+    return answer[0][1] if answer else []
+
+
+def _relay_one(client: redis.Redis, settings, send: Send, event_id: str, fields: dict) -> int:
+    batch = fields.get("batch", "")
+    targets = [("deployment", settings.webhook_url),
+               ("batch", client.hget(keys.batch(batch), "webhook_url") or "")]
+    made = 0
+    for target, url in targets:
+        if url and create(client, event_id, fields, target, url):
+            send(delivery_id(target, event_id), 0, 0.0)
+            made += 1
+    return made
+
+
+def delivery_id(target: str, event_id: str) -> str:
+    return f"{target}:{event_id}"
+
+
+def create(client: redis.Redis, event_id: str, fields: dict, target: str, url: str) -> bool:
+    """A delivery record, unless it exists (the relay redoing an entry)."""
+    ident = delivery_id(target, event_id)
+    key, batch = keys.webhook_delivery(ident), fields.get("batch", "")
+    now = _now(client)
+    record: dict[Any, Any] = {"id": ident, "event_id": event_id, "type": fields.get("type", ""),
+              "batch": batch, "target": target, "url": url, "state": State.PENDING,
+              "attempts": 0, "created_at": repr(now), "first_at": repr(now),
+              "body": events.body(event_id, fields).decode()}
+    if not client.hsetnx(key, "id", ident):
+        return False
+    pipe = client.pipeline()
+    pipe.hset(key, mapping=record)
+    pipe.expire(key, RECORD_TTL_S)
+    pipe.zadd(keys.batch_webhooks(batch), {ident: now})
+    pipe.expire(keys.batch_webhooks(batch), RECORD_TTL_S)
+    pipe.execute()
+    return True
+
+
+def claim(client: redis.Redis, ident: str, attempt: int) -> dict | None:
+    """The record if it is pending at `attempt` (then counted as attempt + 1);
+    None for a duplicated or outdated message."""
+    key = keys.webhook_delivery(ident)
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            record = pipe.hgetall(key)
+            if record.get("state") != State.PENDING or int(record.get("attempts", -1)) != attempt:
+                return None
+            pipe.multi()
+            pipe.hset(key, "attempts", attempt + 1)
+            pipe.execute()
+        except redis.WatchError:
+            return None
+    record["attempts"] = str(attempt + 1)
+    return record
+
+
+def deliver(client: redis.Redis, settings, session: requests.Session, ident: str,
+            attempt: int, send: Send) -> Outcome | None:
+    """One attempt of one delivery; schedules the next if it may be retried."""
+    record = claim(client, ident, attempt)
+    if record is None:
+        return None
+    outcome = attempt_post(settings, session, record)
+    if outcome.retry_in_s is not None:
+        delay = backoff_s(settings, attempt + 1)
+        if _now(client) + delay - float(record["first_at"]) > settings.webhook_retry_for_s:
+            outcome = Outcome(State.FAILED, outcome.status,
+                              f"gave up after {attempt + 1} attempts: {outcome.error}")
+        else:
+            outcome = Outcome(State.PENDING, outcome.status, outcome.error, delay)
+    _record(client, ident, outcome)
+    if outcome.retry_in_s is not None:
+        send(ident, attempt + 1, outcome.retry_in_s)
+    log.log(logging.INFO if outcome.state != State.FAILED else logging.WARNING,
+            "webhook %s to %s: %s%s", ident, redacted(record["url"]), outcome.state,
+            f" ({outcome.error})" if outcome.error else "")
+    return outcome
+
+
+def attempt_post(settings, session: requests.Session, record: dict) -> Outcome:
+    """POST once: the answer decides delivered, retry or failed."""
+    if not settings.webhook_secret:
+        return Outcome(State.FAILED, None, "no VIDQ_WEBHOOK_SECRET on the workers: not sent")
+    url = record["url"]
+    try:
+        check_url(url, UrlPolicy.build("", settings.webhook_allowlist))
+    except ResultRefused as exc:
+        return Outcome(State.FAILED, None, str(exc).replace("result URL", "webhook URL"))
+    except UpstreamUnavailable as exc:
+        return Outcome(State.PENDING, None, str(exc), 0.0)
+    body = record["body"].encode()
+    sent = headers(secret_key(settings.webhook_secret), record["event_id"], int(time.time()),
+                   body)
+    try:
+        answer = session.post(url, data=body, headers=sent, timeout=settings.webhook_timeout_s,
+                              allow_redirects=False)
+    except requests.RequestException as exc:
+        return Outcome(State.PENDING, None, f"{type(exc).__name__}", 0.0)
+    if 200 <= answer.status_code < 300:
+        return Outcome(State.DELIVERED, answer.status_code)
+    error = f"HTTP {answer.status_code}"
+    if answer.status_code >= 500 or answer.status_code in RETRYABLE_STATUS:
+        return Outcome(State.PENDING, answer.status_code, error, 0.0)
+    return Outcome(State.FAILED, answer.status_code, error)
+
+
+def backoff_s(settings, attempt: int) -> float:
+    """Exponential from the base, capped, with jitter so a recovering receiver
+    is not hit by every retry at once."""
+    delay = min(settings.webhook_backoff_base_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    return delay * random.uniform(0.8, 1.0)
+
+
+def _record(client: redis.Redis, ident: str, outcome: Outcome) -> None:
+    now = _now(client)
+    values: dict[Any, Any] = {
+        "state": outcome.state, "last_at": repr(now), "last_error": outcome.error,
+        "last_status": "" if outcome.status is None else str(outcome.status),
+        "next_at": repr(now + outcome.retry_in_s) if outcome.retry_in_s else ""}
+    if outcome.state == State.DELIVERED:
+        values["delivered_at"] = repr(now)
+    client.hset(keys.webhook_delivery(ident), mapping=values)
+
+
+def deliveries(client: redis.Redis, batch: str) -> list[dict]:
+    """A batch's delivery records, oldest first."""
+    idents = client.zrange(keys.batch_webhooks(batch), 0, -1)
+    pipe = client.pipeline(transaction=False)
+    for ident in idents:
+        pipe.hgetall(keys.webhook_delivery(str(ident)))
+    return [record for record in pipe.execute() if record]
+
+
+def reopen(client: redis.Redis, ident: str) -> bool:
+    """A failed delivery made pending again, its day of retries restarted."""
+    key = keys.webhook_delivery(ident)
+    if client.hget(key, "state") != State.FAILED:
+        return False
+    client.hset(key, mapping={"state": State.PENDING, "attempts": 0,
+                              "first_at": repr(_now(client)), "next_at": ""})
+    client.hincrby(key, "replays", 1)
+    return True
+
+
+def summary(records: list[dict]) -> dict[str, int]:
+    counts = {State.DELIVERED: 0, State.PENDING: 0, State.FAILED: 0}
+    for record in records:
+        state = record.get("state", State.PENDING)
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def _now(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+def as_row(record: dict) -> dict:
+    """A record as `vidq webhooks --json` prints it: no body, URL without query."""
+    return {"id": record.get("id"), "event_id": record.get("event_id"),
+            "type": record.get("type"), "target": record.get("target"),
+            "url": redacted(record.get("url", "")), "state": record.get("state"),
+            "attempts": int(record.get("attempts") or 0),
+            "last_status": record.get("last_status") or None,
+            "last_error": record.get("last_error") or None,
+            "replays": int(record.get("replays") or 0)}
