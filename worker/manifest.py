@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import redis
 
-from . import keys
+from . import events, keys
 from .errors import StorageError
-from .jobs import FINAL_STATES, State, load_script
+from .jobs import FINAL_STATES, State
 from .rows import batch_rows
 from .storage import Storage
 
@@ -100,7 +100,7 @@ def write_if_finished(client: redis.Redis, storage: Storage, storage_url: str, b
         if not mark.needs_manifest:
             return False
         count, failed = write(client, storage, storage_url, batch)
-        marked = load_script(client, "manifest_written")(
+        marked = events.batch_finished_script(client, storage_url, batch)(
             keys=[keys.batch(batch), keys.batch_counts(batch)], args=[mark.stamp, retention_s])
         log.info("batch %s: manifest written (%d jobs, %d failed)%s", batch, count, failed,
                  "" if marked else "; the batch changed meanwhile, it will be written again")
