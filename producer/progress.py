@@ -44,22 +44,38 @@ def watch(admission: Admission, batch: str, console: Console, *, settings: Setti
 
 def _bars(admission, batch, console, settings, interval_s, keep_going) -> dict:
     status = batch_status(admission, batch, settings)
-    columns = (TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[detail]}"))
+    columns = (TextColumn("{task.description:>10}"), BarColumn(bar_width=30),
+               MofNCompleteColumn(), TextColumn("{task.fields[detail]}"))
+    warned: set[str] = set()
     with Progress(*columns, console=console, transient=False) as bars:
         tasks = {label: bars.add_task(label, total=status["total"], detail="")
                  for label, _ in BARS}
         while True:
+            details = bar_details(status)
             for label, states in BARS:
-                detail = summary_line(status) if label == "done" else ""
-                if label == "failed":
-                    detail = " ".join(warnings(status))
-                bars.update(tasks[label], total=status["total"], detail=detail,
+                bars.update(tasks[label], total=status["total"], detail=details.get(label, ""),
                             completed=sum(status["counts"].get(s, 0) for s in states))
+            for warning in set(warnings(status)) - warned:  # once each, above the bars
+                bars.console.print(f"warning: {warning}", highlight=False)
+                warned.add(warning)
             if is_finished(status) or not keep_going():
                 return status
             time.sleep(interval_s)
             status = batch_status(admission, batch, settings)
+
+
+def bar_details(status: dict) -> dict[str, str]:
+    """The short text beside each bar: rate and ETA, and the deployment's figures."""
+    deployment = status["deployment"]
+    eta = f"ETA {duration(status['eta_s'])}"
+    if status["eta_basis"] not in ("observed rate", "finished"):
+        eta += " (estimated)"
+    return {"done": f"{status['rate_per_min']:g}/min, {eta}",
+            "failed": f"{status['outcome_unknown']} outcome unknown"
+            if status["outcome_unknown"] else "",
+            "in flight": f"deployment: {deployment['in_flight']} of C = "
+                         f"{deployment['max_in_flight']}",
+            "waiting": f"deployment: {deployment['waiting']}"}
 
 
 def _lines(admission, batch, console, settings, interval_s, every_s, keep_going) -> dict:

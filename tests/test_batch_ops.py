@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import subprocess
 import time
 from collections import Counter
@@ -218,6 +220,32 @@ def test_status_counts_the_batch_apart_from_the_deployment_and_watch_reports_fai
     assert "warning: 3 failures in the last 2 min" in vidq(pipeline, "status", "a").stdout
     listed = json.loads(vidq(pipeline, "batches", "--json").stdout)
     assert {row["batch"]: row["total"] for row in listed} == {"a": 6, "b": 1}
+    code, drawn = watch_on_a_terminal(pipeline, "a")
+    assert code == 1
+    for label, count in (("done", 3), ("failed", 3), ("in flight", 0), ("waiting", 0)):
+        assert re.search(rf"{label} [━╸╺]+ {count}/6", drawn), (label, drawn)
+
+
+def watch_on_a_terminal(pipeline, batch: str) -> tuple[int, str]:
+    """`vidq status BATCH --watch` with its output on a pseudo-terminal."""
+    leader, follower = pty.openpty()
+    env = {**os.environ, "VIDQ_REDIS_URL": pipeline.settings.redis_url, "COLUMNS": "120",
+           "VIDQ_STORAGE_URL": pipeline.env["VIDQ_STORAGE_URL"], "TERM": "xterm"}
+    process = subprocess.Popen(["vidq", "status", batch, "--watch"], env=env, stdout=follower,
+                               stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    drawn = b"".join(chunks).decode(errors="replace")
+    return process.wait(timeout=60), re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
 
 
 def simulate_night(pipeline, batch: str, jobs: int) -> None:
