@@ -207,6 +207,22 @@ def test_upstream_failures_are_counted_by_kind(redis_url, serve_bytes):
     assert total(samples, "vidq_upstream_requests_total") == 3
 
 
+def test_without_redis_a_scrape_says_so_and_the_exporter_recovers(restartable_redis, exporter,
+                                                                   tmp_path):
+    """Redis stopped: the scrape answers 200 with vidq_redis_up 0 and no partial figures;
+    Redis back: the same exporter serves everything again."""
+    env = dict(os.environ, VIDQ_REDIS_URL=restartable_redis.url)
+    url = exporter(env, tmp_path / "exporter.log")
+    assert value(scrape(url), "vidq_redis_up") == 1
+    restartable_redis.stop()
+    down = scrape(url)
+    assert {name for name, _ in down} == {"vidq_redis_up"} and value(down, "vidq_redis_up") == 0
+    restartable_redis.start()
+    back = scrape(url)
+    assert value(back, "vidq_redis_up") == 1 and value(back, "vidq_in_flight") == 0
+    assert "scrape without Redis: ConnectionError" in (tmp_path / "exporter.log").read_text()
+
+
 def test_metrics_on_a_busy_port_is_one_error_line(redis_url, tmp_path):
     """A port already taken: one `error:` line and exit status 2."""
     with socket.socket() as taken:

@@ -9,6 +9,7 @@ not one per worker, or Prometheus would sum the same figures twice.
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -26,6 +27,7 @@ from .jobs import State
 from .metrics import BY_NAME, UPSTREAM_SECONDS, Spec, parse_field
 
 DAY_S = 86400
+log = logging.getLogger(__name__)
 
 
 class VidqCollector(Collector):
@@ -36,10 +38,18 @@ class VidqCollector(Collector):
         self.heartbeat_ttl_s = heartbeat_ttl_s
 
     def collect(self) -> Iterator[Metric]:
-        yield from recorded(self.redis.hgetall(keys.METRICS))
-        yield from batch_gauges(self.redis)
-        yield from deployment_gauges(self.redis)
-        yield from worker_gauges(self.redis, self.heartbeat_ttl_s)
+        # All or nothing: a scrape with some families missing would read as
+        # counter resets. Without Redis, only vidq_redis_up (0) is served.
+        try:
+            families = [*recorded(self.redis.hgetall(keys.METRICS)), *batch_gauges(self.redis),
+                        *deployment_gauges(self.redis),
+                        *worker_gauges(self.redis, self.heartbeat_ttl_s)]
+        except redis.RedisError as exc:
+            log.warning("scrape without Redis: %s: %s", type(exc).__name__, exc)
+            families = []
+        yield from families
+        yield _gauge("vidq_redis_up", "1 if the exporter read Redis for this scrape, else 0.",
+                     1 if families else 0)
 
 
 def recorded(raw: dict) -> Iterator[Metric]:
