@@ -267,3 +267,31 @@ def test_max_credits_counts_jobs_in_flight_and_raising_it_admits_more(make_pipel
     assert raised.returncode == 0 and second == []
     assert admission.in_flight() == 3 and admission.waiting("budget") == 2
     assert "360,000 committed" in raised.stdout and "(paused: spend cap)" in raised.stdout
+
+
+def test_a_malformed_credit_estimate_is_one_error_line(make_pipeline):
+    """VIDQ_CREDIT_ESTIMATES that is not model@RES=credits: exit 2, one line naming it."""
+    pipeline = make_pipeline()
+    pipeline.env["VIDQ_CREDIT_ESTIMATES"] = "alibaba/wan2.1-t2v-turbo=5"
+
+    result = _vidq(pipeline, "limits")
+
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: VIDQ_CREDIT_ESTIMATES: 'alibaba/wan2.1-t2v-turbo=5' is not "
+                             "model@RESOLUTION=credits (e.g. alibaba/wan2.1-t2v-turbo@480P=60000)\n")
+
+
+def test_the_estimate_per_model_and_resolution_is_what_a_cap_counts(make_pipeline, tmp_path):
+    """480P estimated at 60,000: a 130,000 cap admits two jobs, where the default would admit one."""
+    pipeline = make_pipeline()
+    pipeline.env["VIDQ_CREDIT_ESTIMATES"] = "alibaba/wan2.1-t2v-turbo@480P=60000"
+    path = write_prompts(tmp_path / "p.txt", _prompts("R", 3))
+    enqueued = _vidq(pipeline, "enqueue", str(path), "--batch", "small", "--resolution", "480P",
+                     "--max-credits", "130000")
+    assert enqueued.returncode == 0, enqueued.stderr
+    pipeline.admission.set_cap(4)
+
+    admitted = pipeline.admission.pump()
+
+    assert len(admitted) == 2
+    assert {pipeline.store.get(ref).number("credits_pending") for ref, _ in admitted} == {60000.0}
