@@ -54,15 +54,45 @@ def _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed, no_
     return defaults
 
 
+def _prompt_options(command):
+    """The options that fill in a prompt file's defaults (enqueue, plan)."""
+    for option in reversed([
+            click.argument("file", type=click.Path(dir_okay=False, path_type=Path)),
+            click.option("--model", default=DEFAULT_MODEL, show_default=True),
+            click.option("--resolution", type=click.Choice(RESOLUTIONS)),
+            click.option("--aspect-ratio", type=click.Choice(ASPECT_RATIOS)),
+            click.option("--negative-prompt"),
+            click.option("--seed", type=int),
+            click.option("--no-enhance-prompt", is_flag=True,
+                         help="Turn prompt expansion off.")]):
+        command = option(command)
+    return command
+
+
+_deadline_option = click.option(
+    "--deadline", metavar="DURATION",
+    help="Say what C the batch needs to finish within this (e.g. 8h, 90m, 2d).")
+
+
 @main.command(cls=VidqCommand)
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_prompt_options
+@_deadline_option
+def plan(file, model, resolution, aspect_ratio, negative_prompt, seed, no_enhance_prompt,
+         deadline):
+    """Print what FILE's prompts would take at this deployment's C; enqueue nothing."""
+    from .plan import plan_file
+
+    defaults = _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed,
+                                no_enhance_prompt)
+    for line in plan_file(Settings.from_env(), file, defaults, deadline):
+        click.echo(line)
+
+
+@main.command(cls=VidqCommand)
+@_prompt_options
 @click.option("--batch", required=True, help="Batch name: letters, digits, . _ -")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--resolution", type=click.Choice(RESOLUTIONS))
-@click.option("--aspect-ratio", type=click.Choice(ASPECT_RATIOS))
-@click.option("--negative-prompt")
-@click.option("--seed", type=int)
-@click.option("--no-enhance-prompt", is_flag=True, help="Turn prompt expansion off.")
+@_deadline_option
+@click.option("--force", is_flag=True, help="Enqueue even if --deadline cannot be met.")
 @click.option("--priority", type=click.Choice(["high", "normal", "low"]),
               help="The batch's admission priority (new batches: normal).")
 @click.option("--max-credits", type=click.FloatRange(min=0),
@@ -76,11 +106,14 @@ def _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed, no_
               help="Also POST this batch's events to URL (signed with the workers' "
                    "VIDQ_WEBHOOK_SECRET).")
 def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
-            no_enhance_prompt, priority, max_credits, max_videos, allow_variants, webhook):
-    """Validate FILE (.txt, .jsonl, .csv) and add its prompts to a batch."""
+            no_enhance_prompt, deadline, force, priority, max_credits, max_videos,
+            allow_variants, webhook):
+    """Validate FILE (.txt, .jsonl, .csv) and add its prompts to a batch, saying first
+    what the batch will take (see `vidq plan`)."""
     from worker.tasks import dispatch
 
     from .enqueue import enqueue_file, open_admission
+    from .plan import plan_check
 
     defaults = _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed,
                                 no_enhance_prompt)
@@ -90,7 +123,9 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
         ("webhook_url", webhook and check_webhook_url(webhook, "--webhook")))
         if value is not None}
     result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings,
-                          allow_variants=allow_variants)
+                          allow_variants=allow_variants,
+                          check_plan=plan_check(admission.redis, Settings.from_env(),
+                                                deadline, force, click.echo))
     click.echo(f"batch {result.batch}: {result.jobs_in_file} jobs "
                f"({result.created} new, {result.already_there} already enqueued"
                + (f", {result.variants} of the new ones variants of existing prompts"

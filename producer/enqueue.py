@@ -47,7 +47,7 @@ def check_batch_name(batch: str) -> str:
 
 def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: dict,
                  dispatch, batch_settings: dict | None = None,
-                 allow_variants: bool = False) -> EnqueueResult:
+                 allow_variants: bool = False, check_plan=None) -> EnqueueResult:
     """`batch_settings`: priority, max_credits, max_videos (see Admission.configure).
     New jobs that differ from the batch's only by parameters are refused
     unless `allow_variants` (producer/variants.py)."""
@@ -65,6 +65,8 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
         raise PromptFileError(str(path), conflicts)
     variants = check_variants(admission.redis, batch, str(path),
                               [j[1] for j in jobs if j[0] not in existing], allow_variants)
+    if check_plan is not None:  # may refuse: nothing is enqueued yet
+        check_plan([j[1] for j in jobs if j[0] not in existing])
     created = admission.enqueue(batch, (j for j in jobs if j[0] not in existing), time.time(),
                                 batch_settings)
     admit(admission, dispatch)

@@ -168,6 +168,14 @@ class DurationModel:
         plan = self.plan(model, resolution)
         return plan.second_s if plan.second_s is not None else plan.cap_s
 
+    def typical_s(self, model: str, resolution: str) -> tuple[float, bool]:
+        """A typical generation time (the second aim, just above the median)
+        and whether it was learned; the prior when it was not."""
+        plan = self.plan(model, resolution)
+        if plan.second_s is None:
+            return self.prior_s, False
+        return plan.second_s, True
+
     def record(self, model: str, resolution: str, previous_poll_s: float,
                completed_poll_s: float) -> None:
         """A completion seen at `completed_poll_s` after submit; the poll before

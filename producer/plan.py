@@ -1,0 +1,166 @@
+"""What a batch will take, said before it goes in: the capacity plan.
+
+    plan: 10,000 videos at C = 2 and ~90 s each: about 5.2 days
+      generation time: ~90 s for alibaba/wan2.1-t2v-turbo 720P (configured guess ...)
+      to finish in 8 h you need C >= 29
+      spend: about 1,200,000,000 credits (120,000 per video, estimated)
+
+The C slots are the bottleneck, so a batch takes (its generation seconds plus
+those of the jobs already waiting or in flight) / (C x SLOT_USE). Generation
+times are the learned ones per (model, resolution) (`worker.schedule`), or the
+configured guess when nothing is learned yet, which the plan says. Jobs of
+other batches are counted in full: admission shares the slots between batches
+round-robin, so they do not all run first, but the night's work is the sum.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import redis
+
+from worker import keys
+from worker.errors import InputError
+from worker.schedule import DurationModel
+from worker.spend import CreditEstimates
+
+# Share of the time a slot holds a generation: the rest is detection lag and
+# the hand-over to the next job (bench.timing measured 0.90-0.93 at T = 6 s).
+SLOT_USE = 0.9
+_DEADLINE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: str
+    resolution: str
+    videos: int
+    generation_s: float
+    learned: bool
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    shapes: tuple[Shape, ...]
+    ahead: int  # jobs of the deployment already waiting or in flight
+    cap: int
+    credits: float
+
+    @property
+    def videos(self) -> int:
+        return sum(shape.videos for shape in self.shapes)
+
+    @property
+    def work_s(self) -> float:
+        own = sum(shape.videos * shape.generation_s for shape in self.shapes)
+        mean = own / self.videos if self.videos else 0.0
+        return own + self.ahead * mean
+
+    def duration_s(self) -> float:
+        return self.work_s / (max(self.cap, 1) * SLOT_USE)
+
+    def cap_needed(self, deadline_s: float) -> int:
+        return max(1, math.ceil(self.work_s / (deadline_s * SLOT_USE)))
+
+    def meets(self, deadline_s: float) -> bool:
+        return self.duration_s() <= deadline_s
+
+    def lines(self, deadline_s: float | None = None) -> list[str]:
+        typical = self.work_s / max(self.videos + self.ahead, 1)
+        out = [f"plan: {self.videos:,} videos at C = {self.cap} and ~{_duration(typical)} "
+               f"each: about {_duration(self.duration_s())}"]
+        for shape in self.shapes:
+            source = ("learned" if shape.learned else
+                      "configured guess VIDQ_EXPECTED_GENERATION_S, nothing learned yet")
+            out.append(f"  generation time: ~{_duration(shape.generation_s)} for "
+                       f"{shape.model} {shape.resolution} ({source})")
+        if self.ahead:
+            out.append(f"  ahead of it: {self.ahead:,} jobs already waiting or in flight "
+                       "(counted in full)")
+        if deadline_s is not None:
+            out.append(f"  to finish in {_duration(deadline_s)} you need "
+                       f"C >= {self.cap_needed(deadline_s)}")
+        per_video = self.credits / self.videos if self.videos else 0.0
+        out.append(f"  spend: about {self.credits:,.0f} credits ({per_video:,.0f} per video, "
+                   "estimated)")
+        return out
+
+
+def capacity_plan(client: redis.Redis, settings, requests: list[dict]) -> CapacityPlan:
+    """The plan for `requests` (one per new job) on this deployment now."""
+    durations = DurationModel(client, settings.expected_generation_s)
+    counts = Counter((r.get("model", ""), r.get("resolution", "720P")) for r in requests)
+    shapes = []
+    for (model, resolution), videos in sorted(counts.items()):
+        generation_s, learned = durations.typical_s(model, resolution)
+        shapes.append(Shape(model, resolution, videos, generation_s, learned))
+    estimates = CreditEstimates.from_settings(settings)
+    return CapacityPlan(tuple(shapes), _ahead(client), _cap(client, settings),
+                        sum(estimates.of(r) for r in requests))
+
+
+def parse_deadline(text: str) -> float:
+    """`8h`, `90m`, `2d`, `3600s` or plain seconds, as seconds."""
+    match = _DEADLINE.match(text or "")
+    if not match or float(match.group(1)) <= 0:
+        raise InputError(f"--deadline {text!r}: use a positive number with s, m, h or d "
+                         "(e.g. 8h)")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _ahead(client: redis.Redis) -> int:
+    batches = sorted(client.smembers(keys.BATCHES))
+    pipe = client.pipeline(transaction=False)
+    for name in batches:
+        pipe.zcard(keys.batch_line(name))
+    return sum(int(n or 0) for n in pipe.execute()) + int(client.zcard(keys.SLOTS))
+
+
+def _cap(client: redis.Redis, settings) -> int:
+    config = client.hgetall(keys.CONFIG)
+    cap = int(config.get("max_in_flight") or settings.max_in_flight)
+    effective = config.get("effective_cap")
+    return min(cap, int(effective)) if effective else cap
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h".replace(".0 h", " h")
+    return f"{seconds / 86400:.1f} days"
+
+
+def plan_file(settings, path, defaults: dict, deadline: str | None) -> list[str]:
+    """`vidq plan`: the plan for every prompt in a file."""
+    from worker.connection import connect
+
+    from .prompts import load_prompts
+
+    deadline_s = parse_deadline(deadline) if deadline else None
+    requests = [job.request for job in load_prompts(path, defaults).jobs]
+    return capacity_plan(connect(settings.redis_url), settings, requests).lines(deadline_s)
+
+
+def plan_check(client: redis.Redis, settings, deadline: str | None, force: bool, echo):
+    """For `vidq enqueue`: prints the plan of the new jobs and refuses (InputError,
+    nothing enqueued) when it cannot meet the deadline, unless forced."""
+    deadline_s = parse_deadline(deadline) if deadline else None
+
+    def check(requests: list[dict]) -> None:
+        if not requests:
+            return
+        plan = capacity_plan(client, settings, requests)
+        for line in plan.lines(deadline_s):
+            echo(line)
+        if deadline_s is not None and not plan.meets(deadline_s) and not force:
+            raise InputError(
+                f"the batch cannot finish in {_duration(deadline_s)}: about "
+                f"{_duration(plan.duration_s())} at C = {plan.cap}; it needs "
+                f"C >= {plan.cap_needed(deadline_s)} (`vidq cap N`), or enqueue with --force")
+    return check
