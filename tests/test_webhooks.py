@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
+import requests
 from conftest import write_prompts
 
 from worker import webhooks
@@ -187,8 +188,6 @@ def test_a_loopback_url_is_refused_unless_allowed(receiver):
     VIDQ_WEBHOOK_ALLOWLIST names it."""
     r = receiver(lambda path, attempt: 200)
     record = {"url": r.url + "/x", "event_id": "1-0", "body": "{}"}
-    import requests
-
     refused = webhooks.attempt_post(Settings(webhook_secret=SECRET), requests.Session(), record)
     assert refused.state == "failed" and "non-public address" in refused.error
     assert r.ids("/x") == set()
@@ -224,3 +223,54 @@ def test_a_bad_webhook_flag_exits_2_and_enqueues_nothing(redis_url, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: --webhook:") and result.stderr.count("\n") == 1
     assert redis.Redis.from_url(redis_url).exists("vidq:batch:wh3") == 0
+
+
+def test_a_relay_that_dies_midway_is_redone_without_duplicate_deliveries(redis_url):
+    """Given a relay pass that dies after its first task, the next pass redoes
+    the unacknowledged events: every delivery exists once and is sent, and the
+    one already sent is sent again only as a duplicate its claim refuses."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    for n in range(3):
+        client.xadd(EVENTS, {"v": "1", "type": "job.failed", "batch": "wh4", "n": str(n)})
+    settings = Settings(redis_url=redis_url, webhook_url="https://example.com/hook")
+    sent: list[tuple[str, int]] = []
+
+    def dies_after_one(ident: str, attempt: int, countdown: float) -> None:
+        if sent:
+            raise ConnectionError("broker gone")
+        sent.append((ident, attempt))
+
+    with pytest.raises(ConnectionError):
+        webhooks.relay(client, settings, dies_after_one)
+    webhooks.relay(client, settings, lambda i, a, c: sent.append((i, a)))
+    records = webhooks.deliveries(client, "wh4")
+    assert len(records) == 3 and {r["state"] for r in records} == {"pending"}
+    assert {i for i, _ in sent} == {r["id"] for r in records}
+    assert client.xpending(EVENTS, webhooks.GROUP)["pending"] == 0
+    first = sent[0][0]
+    assert webhooks.claim(client, first, 0) is not None  # one message of attempt 0 wins
+    assert webhooks.claim(client, first, 0) is None  # its duplicate does nothing
+
+
+def test_a_delivery_failing_past_the_retry_window_fails(redis_url, receiver):
+    """A 503 is retried with a countdown while within VIDQ_WEBHOOK_RETRY_FOR_S,
+    and failed, with its attempts counted, once the next try would be past it."""
+    r = receiver(lambda path, attempt: 503)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.xadd(EVENTS, {"v": "1", "type": "job.failed", "batch": "wh5"})
+    env = {"webhook_url": r.url + "/h", "webhook_secret": SECRET,
+           "webhook_allowlist": "127.0.0.1", "webhook_backoff_base_s": 5.0}
+    sent: list[tuple[str, int, float]] = []
+    webhooks.relay(client, Settings(redis_url=redis_url, **env),
+                   lambda i, a, c: sent.append((i, a, c)))
+    ((ident, _, _),) = sent
+    patient = Settings(redis_url=redis_url, webhook_retry_for_s=3600, **env)
+    retry = webhooks.deliver(client, patient, requests.Session(), ident, 0,
+                             lambda i, a, c: sent.append((i, a, c)))
+    assert retry is not None and retry.state == "pending" and 4.0 <= sent[-1][2] <= 5.0
+    hurried = Settings(redis_url=redis_url, webhook_retry_for_s=1, **env)
+    given_up = webhooks.deliver(client, hurried, requests.Session(), ident, 1,
+                                lambda i, a, c: sent.append((i, a, c)))
+    assert given_up is not None and given_up.state == "failed"
+    assert "gave up after 2 attempts: HTTP 503" in given_up.error and len(sent) == 2
+    assert len(r.received["/h"]) == 1 and len(next(iter(r.received["/h"].values()))) == 2

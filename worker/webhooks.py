@@ -95,10 +95,22 @@ def _relay_one(client: redis.Redis, settings, send: Send, event_id: str, fields:
                ("batch", client.hget(keys.batch(batch), "webhook_url") or "")]
     made = 0
     for target, url in targets:
-        if url and create(client, event_id, fields, target, url):
-            send(delivery_id(target, event_id), 0, 0.0)
+        if not url:
+            continue
+        ident = delivery_id(target, event_id)
+        if create(client, event_id, fields, target, url):
             made += 1
+        elif not _never_tried(client, ident):
+            continue
+        # A relay that died between the record and its task left it untried:
+        # sent again (a duplicate message finds its attempt taken: see claim).
+        send(ident, 0, 0.0)
     return made
+
+
+def _never_tried(client: redis.Redis, ident: str) -> bool:
+    state, attempts = client.hmget(keys.webhook_delivery(ident), "state", "attempts")
+    return state == State.PENDING and str(attempts) == "0"
 
 
 def delivery_id(target: str, event_id: str) -> str:
