@@ -72,11 +72,16 @@ DOWNLOADS = Spec("vidq_downloads", "counter", "Videos streamed into storage.")
 DOWNLOAD_BYTES = Spec("vidq_download_bytes", "counter", "Bytes of videos streamed into storage.")
 DOWNLOAD_SECONDS = Spec("vidq_download_seconds", "counter",
                         "Seconds spent streaming videos into storage (sidecar excluded).")
+JOB_FAILURES = Spec(
+    "vidq_job_failures", "counter",
+    "Jobs that ended failed, by kind: outcome_unknown, timeout (hard limit), gave_up "
+    "(attempts spent), link_refused, rejected (submit), generation_failed (poll), "
+    "download_refused, other.", ("kind",))
 RESENDS = Spec("vidq_reconciler_resends", "counter",
                "Steps the reconciler sent again (a dead worker's, or one past its due time).")
 
 SPECS = (UPSTREAM_SECONDS, GENERATION_SECONDS, DETECTION_LAG_SECONDS, STATUS_GETS_PER_VIDEO,
-         COMPLETIONS, DOWNLOADS, DOWNLOAD_BYTES, DOWNLOAD_SECONDS, RESENDS)
+         COMPLETIONS, DOWNLOADS, DOWNLOAD_BYTES, DOWNLOAD_SECONDS, JOB_FAILURES, RESENDS)
 BY_NAME = {spec.name: spec for spec in SPECS}
 
 

@@ -38,6 +38,7 @@ from .metrics import (
     DOWNLOAD_SECONDS,
     DOWNLOADS,
     GENERATION_SECONDS,
+    JOB_FAILURES,
     RESENDS,
     STATUS_GETS_PER_VIDEO,
     UPSTREAM_SECONDS,
@@ -164,6 +165,28 @@ def downloaded(size: int, seconds: float) -> None:
     RECORDER.count(DOWNLOADS)
     RECORDER.count(DOWNLOAD_BYTES, (), size)
     RECORDER.count(DOWNLOAD_SECONDS, (), seconds)
+
+
+# A permanent upstream error ends a job with "<step>: <message>": its kind by step.
+STEP_FAILURE_KINDS = {"submit": "rejected", "poll": "generation_failed",
+                      "download": "download_refused"}
+
+
+def failure_kind(step: str, reason: str) -> str:
+    """The bounded kind of a failure reason as `Steps.fail` and the tasks write it."""
+    if reason.startswith("outcome_unknown"):
+        return "outcome_unknown"
+    if reason.startswith("timeout:"):
+        return "timeout"
+    if reason.startswith("download: result link refused"):
+        return "link_refused"
+    if reason.startswith(f"{step}: gave up after "):
+        return "gave_up"
+    return STEP_FAILURE_KINDS.get(step, "other")
+
+
+def failed(step: str, reason: str) -> None:
+    RECORDER.count(JOB_FAILURES, (failure_kind(step, reason),))
 
 
 def resent(client: redis.Redis, steps: int) -> None:

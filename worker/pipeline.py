@@ -26,7 +26,7 @@ from .errors import (
     UpstreamError,
 )
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
-from .metrics_record import completed, downloaded, upstream_call
+from .metrics_record import completed, downloaded, failed, upstream_call
 from .reaim import aim_dropped, reaim_first_polls
 from .schedule import DurationModel, backoff_delay
 from .settings import Settings
@@ -240,6 +240,7 @@ class Steps:
                                  outcome_unknown=unknown, last_error=reason,
                                  failed_at=job.now(), polls=job.polls) is not None:
             job.failed, job.outcome = True, f"failed: {reason}"
+            failed(job.step, reason)
             self.admission.settle(job.ref, "failed")
         admit(self.admission, self.dispatch)
 
