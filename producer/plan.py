@@ -112,7 +112,7 @@ def parse_deadline(text: str) -> float:
 
 
 def _ahead(client: redis.Redis) -> int:
-    batches = sorted(client.smembers(keys.BATCHES))
+    batches = sorted(str(name) for name in client.smembers(keys.BATCHES))
     pipe = client.pipeline(transaction=False)
     for name in batches:
         pipe.zcard(keys.batch_line(name))

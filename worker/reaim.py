@@ -46,7 +46,7 @@ def reaim_first_polls(store: JobStore, dispatch, shape: tuple[str, str], first_s
     now = store.now()
     moved = 0
     for ref in store.redis.zrange(keys.SLOTS, 0, -1):
-        job = store.get(ref)
+        job = store.get(str(ref))
         if job is None or not _first_poll_pending(job, shape, first_s, now):
             continue
         delay = max(first_s - (now - job.submitted_at), min_s)
