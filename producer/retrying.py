@@ -15,6 +15,7 @@ import click
 
 from worker import keys
 from worker.admission import Admission
+from worker.batch_control import admission_state
 from worker.errors import InputError
 from worker.retry import Failure, failures, retry, select
 
@@ -30,6 +31,8 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     store = admission.store
     if store.batch_total(batch) == 0:
         raise InputError(f"no batch named {batch!r}")
+    if admission_state(admission, batch) == "cancelled":
+        raise InputError(f"batch {batch!r} was cancelled: its jobs are not retried")
     _check_ids(admission, batch, ids)
     chosen = select(failures(store, batch), ids, reason)
     if not chosen:
