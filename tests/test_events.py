@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import redis
@@ -147,3 +148,34 @@ def test_the_example_consumer_killed_midway_resumes_and_acks_every_event(make_pi
     assert set(consumed) == set(ids)
     assert len(consumed) <= len(ids) + 1  # at most the one in hand when killed, twice
     assert client.xpending(EVENTS, "pipeline")["pending"] == 0
+
+
+def test_killed_workers_and_a_redis_restart_announce_each_video_exactly_once(
+        make_pipeline, make_sandbox, restartable_redis, tmp_path):
+    """Given a batch during which a worker is SIGKILLed and Redis (AOF, fsync
+    always) restarted, every done job has exactly one video.stored event, with
+    the stored file's sha256, and the batch one batch.finished."""
+    sandbox = make_sandbox(time_scale=30, max_concurrency=100)
+    pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=restartable_redis.url,
+                             VIDQ_EXPECTED_GENERATION_S=3)
+    pipeline.start_workers(count=2, concurrency=2)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"crash {i}" for i in range(10)]), "cr")
+    time.sleep(3)
+    os.killpg(pipeline.processes[0].pid, signal.SIGKILL)
+    pipeline.start_workers(1, concurrency=2)
+    time.sleep(2)
+    restartable_redis.stop()
+    time.sleep(1)
+    restartable_redis.start()
+    counts = pipeline.wait_finished("cr", timeout_s=150)
+    assert counts["done"] == 10, counts
+    _wait_for(lambda: [e for e in _events(restartable_redis.url)
+                       if e[1]["type"] == "batch.finished"], what="the batch.finished event")
+    found = [fields for _, fields in _events(restartable_redis.url)]
+    stored = Counter(f["job"] for f in found if f["type"] == "video.stored")
+    assert stored == Counter({f"cr:{job_id}": 1 for job_id in pipeline.store.job_ids("cr")})
+    for fields in found:
+        if fields["type"] == "video.stored":
+            data = Path(fields["storage_url"].removeprefix("file://")).read_bytes()
+            assert fields["sha256"] == hashlib.sha256(data).hexdigest()
+    assert [f["type"] for f in found].count("batch.finished") == 1
