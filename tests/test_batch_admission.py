@@ -55,6 +55,23 @@ def test_two_batches_share_one_slot_round_robin(make_pipeline, tmp_path):
     assert _posted_batches(pipeline) == "ABABABAAA"
 
 
+def test_a_batch_enqueued_while_another_runs_gets_every_other_slot(make_pipeline, make_sandbox,
+                                                                    tmp_path):
+    """Workers busy with batch A's backlog at C=2: batch B's jobs start within its next turns."""
+    pipeline = make_pipeline(make_sandbox(time_scale=30), VIDQ_MAX_IN_FLIGHT=2,
+                             VIDQ_EXPECTED_GENERATION_S=3)
+    pipeline.start_workers(count=1, concurrency=2)
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", _prompts("A", 8)), "running")
+    pipeline.enqueue(write_prompts(tmp_path / "b.txt", _prompts("B", 3)), "later")
+
+    pipeline.wait_finished("later", timeout_s=90)
+    order = _posted_batches(pipeline)
+
+    # Behind A's backlog B would be POSTs 9-11; sharing the slots, B is among the first 8.
+    assert sorted(i for i, letter in enumerate(order) if letter == "B")[-1] <= 7, order
+    assert "BB" not in order, order
+
+
 def test_a_high_priority_batch_enqueued_later_is_admitted_first(make_pipeline, tmp_path):
     """`--priority high` jumps a normal batch that was enqueued before it."""
     pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1)
