@@ -274,3 +274,11 @@ def test_a_delivery_failing_past_the_retry_window_fails(redis_url, receiver):
     assert given_up is not None and given_up.state == "failed"
     assert "gave up after 2 attempts: HTTP 503" in given_up.error and len(sent) == 2
     assert len(r.received["/h"]) == 1 and len(next(iter(r.received["/h"].values()))) == 2
+
+
+def test_webhooks_of_an_unknown_batch_exits_2_with_one_line(redis_url):
+    """`vidq webhooks NAME` for a batch Redis has never seen: one error line, exit 2."""
+    result = subprocess.run(["vidq", "webhooks", "nope"], capture_output=True, text=True,
+                            env={**os.environ, "VIDQ_REDIS_URL": redis_url}, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: no batch 'nope' (and no webhook deliveries for it)\n"
