@@ -70,12 +70,25 @@ def _keys(s3, bucket: str) -> set[str]:
 
 
 def _check_batch_in_s3(s3, bucket: str, prefix: str, batch: str, pipeline) -> None:
-    """Every job's video and sidecar are there, hashes agree with the ledger."""
+    """Every job's video and sidecar are there, hashes agree with the ledger; the
+    batch's manifest (and its empty errors file) list every video by its URL."""
     ledger = {entry["id"]: entry["sha256"] for entry in pipeline.ledger()}
     job_ids = pipeline.store.job_ids(batch)
     assert len(job_ids) == len(PROMPTS)
-    assert _keys(s3, bucket) == {f"{prefix}/{batch}/{job_id}.{ext}"
-                                 for job_id in job_ids for ext in ("mp4", "json")}
+    manifest = {f"{prefix}/{batch}/manifest.jsonl", f"{prefix}/{batch}/errors.jsonl"}
+    deadline = time.monotonic() + 20  # written by the step that ended the last job
+    while not manifest <= _keys(s3, bucket) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _keys(s3, bucket) == manifest | {f"{prefix}/{batch}/{job_id}.{ext}"
+                                            for job_id in job_ids for ext in ("mp4", "json")}
+    rows = [json.loads(line) for line in s3.get_object(
+        Bucket=bucket, Key=f"{prefix}/{batch}/manifest.jsonl")["Body"].read().splitlines()]
+    assert sorted(row["custom_id"] for row in rows) == job_ids
+    for row in rows:
+        assert row["storage_url"] == f"s3://{bucket}/{prefix}/{batch}/{row['custom_id']}.mp4"
+        assert row["sha256"] == ledger[row["generation_id"]]
+    errors = s3.get_object(Bucket=bucket, Key=f"{prefix}/{batch}/errors.jsonl")
+    assert errors["Body"].read() == b"" and errors["ContentType"] == "application/x-ndjson"
     for job_id in job_ids:
         video = s3.get_object(Bucket=bucket, Key=f"{prefix}/{batch}/{job_id}.mp4")
         digest = hashlib.sha256(video["Body"].read()).hexdigest()

@@ -34,7 +34,9 @@ DEFAULT_S3_PART_BYTES = 8 * 1024**2
 # copy_object (used to attach the sha256 after a multipart upload) stops here;
 # larger objects keep their other metadata and are hashed when asked.
 _S3_COPY_LIMIT = 5 * 1024**3
-_CONTENT_TYPES = {".mp4": "video/mp4", ".json": "application/json"}
+# .jsonl: a batch's manifest and errors (worker/manifest.py).
+_CONTENT_TYPES = {".mp4": "video/mp4", ".json": "application/json",
+                  ".jsonl": "application/x-ndjson"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
