@@ -85,6 +85,12 @@ def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
 
 
+def media_under(path: Path) -> list[Path]:
+    """Videos and sidecars: every file but a batch's manifest.jsonl and errors.jsonl
+    (and their temporary names while they are being written, as the last job ends)."""
+    return [p for p in files_under(path) if ".jsonl" not in p.name]
+
+
 def assert_nowhere(secret: str, pipeline, tmp_path: Path) -> None:
     needle = secret.encode()
     logs = files_under(pipeline.log_dir)
@@ -124,7 +130,7 @@ def test_api_key_appears_nowhere(make_sandbox, make_pipeline, tmp_path):
     counts = pipeline.wait_finished("secret")
 
     assert (counts["done"], counts["failed"]) == (3, 1)
-    assert len(files_under(tmp_path / "videos" / "secret")) == 6  # 3 videos + 3 sidecars
+    assert len(media_under(tmp_path / "videos" / "secret")) == 6  # 3 videos + 3 sidecars
     for job in jobs_of(pipeline, "secret"):
         assert CANARY_KEY not in job.last_error
         assert CANARY_KEY not in json.dumps(job.__dict__, default=str)
@@ -247,7 +253,7 @@ def test_hostile_result_urls_are_refused(make_sandbox, make_pipeline, hostile_up
         assert "refused result url" in reason.lower(), (case, reason)
         assert "secret123" not in reason and "sig=abc" not in reason, (case, reason)
     assert "169.254.169.254" in jobs["redirect"].last_error
-    assert files_under(tmp_path / "videos") == []
+    assert media_under(tmp_path / "videos") == []
     # The worker went no further than the redirect on the allowed host.
     fetched = [path for method, path in hostile_upstream.requests if method == "GET"]
     assert all(p.startswith(("/v2/video/generations?", "/redirect")) for p in fetched), fetched
@@ -266,7 +272,7 @@ def test_video_over_size_cap_is_refused(make_sandbox, make_pipeline, tmp_path):
     (job,) = jobs_of(pipeline, "big")
     assert "1000 byte cap" in job.last_error, job.last_error
     assert job.generation_id  # paid for: kept
-    assert files_under(tmp_path / "videos") == []
+    assert media_under(tmp_path / "videos") == []
 
 
 # -- c) names cannot escape their prefix ---------------------------------------------------
