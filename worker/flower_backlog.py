@@ -4,14 +4,15 @@ Pull admission keeps waiting jobs out of Celery's queues (a submit message
 exists only once a slot is free), so Flower's Broker page, which counts the
 Redis list of each queue a worker consumes, shows about 0 while thousands of
 jobs wait. This adds read-only rows to that page (and to Flower's
-`/api/queues/length`): one per batch with queued jobs, plus a total, counted
-from vidq's own per-batch counters with Flower's own Redis client when the
+`/api/queues/length`): one per batch with jobs waiting, plus a total, counted
+from the batches' own lines (ZCARD) with Flower's own Redis client when the
 page is drawn. Nothing is published and nothing is consumed, so admission
 stays pull-based and no worker ever sees these counts as a queue.
 
 Why not a real queue name? Flower finds queue names in the workers'
 `active_queues` and counts them with LLEN: any name listed there is one a
-worker consumes (BRPOP), and admission lines are not Celery messages. The
+worker consumes (BRPOP), and admission lines (sorted sets of job ids) are
+not Celery messages. The
 README ("Watching the night in Flower") weighs the options.
 
 Flower loads this through its configuration file, `worker/flowerconfig.py`.
@@ -22,7 +23,6 @@ import logging
 from typing import Any
 
 from . import keys
-from .jobs import State
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,14 @@ def _text(value: Any) -> str:
 
 
 async def backlog_rows(client: Any) -> list[dict]:
-    """A total row, then one row per batch with jobs not yet admitted.
+    """A total row, then one row per batch with jobs waiting for a slot.
 
-    `client` is a redis.asyncio client. "Waiting" is a batch's `queued`
-    count: the same figure the task summaries print ("N waiting")."""
+    `client` is a redis.asyncio client. "Waiting" is the size of the batch's
+    line (`Admission.waiting`): the figure the task summaries print."""
     batches = sorted(_text(name) for name in await client.smembers(keys.BATCHES))
     pipe = client.pipeline(transaction=False)
     for batch in batches:
-        pipe.hget(keys.batch_counts(batch), State.QUEUED.value)
+        pipe.zcard(keys.batch_line(batch))
         pipe.hmget(keys.batch(batch), "paused", "blocked")
     replies = await pipe.execute() if batches else []
     rows = []

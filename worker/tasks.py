@@ -90,10 +90,12 @@ def run_step(steps: Steps, step: str, ref: str, token: str) -> str:
 
 
 def batch_line(steps: Steps, batch: str) -> str:
+    """The batch's progress; "waiting" is its jobs still waiting for a slot,
+    the figure Flower's Broker page shows for the batch (worker/flower_backlog.py)."""
     counts = steps.store.counts(batch)
     total = steps.store.batch_total(batch)
     return (f"batch {counts['done']:,}/{total:,} done, {counts['failed']:,} failed, "
-            f"{counts['queued']:,} waiting")
+            f"{steps.admission.waiting(batch):,} waiting")
 
 
 def _run(steps: Steps, step: str, job) -> None:
