@@ -198,6 +198,10 @@ def test_storage_unavailable_for_a_while_then_back(make_pipeline, tmp_path):
     blocker.unlink()
 
     assert pipeline.wait_finished("st", timeout_s=60)["done"] == 2
+    deadline = time.monotonic() + 20  # the batch's manifest is the last file written
+    while not (tmp_path / "videos" / "st" / "manifest.jsonl").exists():
+        assert time.monotonic() < deadline, "no manifest for the finished batch"
+        time.sleep(0.1)
     assert not list((tmp_path / "videos").rglob("*.part"))
     assert pipeline.sandbox.stats()["submissions"] == 2
 
