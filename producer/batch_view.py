@@ -123,4 +123,10 @@ def reason_group(reason: str) -> str:
 
 
 def workers_alive(client) -> int:
-    return sum(1 for _ in client.scan_iter(match=keys.WORKER_PREFIX + "*", count=1000))
+    """Workers whose heartbeat key is alive, among the names seen in the last
+    hour (O(workers), no keyspace scan)."""
+    seconds, _ = client.time()
+    names = client.zrangebyscore(keys.WORKERS, seconds - 3600, "+inf")
+    if not names:
+        return 0
+    return sum(1 for alive in client.mget([keys.worker_alive(name) for name in names]) if alive)

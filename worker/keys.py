@@ -32,6 +32,8 @@
                                 no admission, no POST until it expires
     vidq:pause:poll             string with a TTL: the same for status GETs
     vidq:worker:<hostname>      string with a TTL: that worker is alive
+    vidq:workers                zset: worker names (score: last heartbeat, Redis time), so
+                                live workers are found without scanning the keyspace
     vidq:reconcile:lock         string with a TTL: one reconciler pass at a time
     vidq:durations:<model>:<resolution>   list: recent generation times (seconds)
     vidq:events                 stream: video stored, job failed, batch finished (schema in
@@ -66,6 +68,7 @@ RECONCILE_LOCK = PREFIX + "reconcile:lock"
 PAUSE_SUBMIT = PREFIX + "pause:submit"
 PAUSE_POLL = PREFIX + "pause:poll"
 WORKER_PREFIX = PREFIX + "worker:"
+WORKERS = PREFIX + "workers"
 EVENTS = PREFIX + "events"
 WEBHOOK_RELAY_LOCK = PREFIX + "webhooks:relay"
 METRICS = PREFIX + "metrics"

@@ -23,6 +23,7 @@ from .webhook_tasks import send_delivery
 from .webhooks import relay
 
 log = logging.getLogger(__name__)
+WORKER_NAMES_KEPT_S = 86400
 
 
 class Lifecycle(bootsteps.StartStopStep):
@@ -54,9 +55,17 @@ class Lifecycle(bootsteps.StartStopStep):
 
     def beat(self) -> None:
         steps = get_steps()
+        client = steps.store.redis
         try:
-            steps.store.redis.set(keys.worker_alive(self.hostname), "1",
-                                  px=int(steps.settings.heartbeat_ttl_s * 1000))
+            seconds, _ = client.time()
+            pipe = client.pipeline(transaction=False)
+            pipe.set(keys.worker_alive(self.hostname), "1",
+                     px=int(steps.settings.heartbeat_ttl_s * 1000))
+            # The names seen lately, so `vidq status` finds the live ones
+            # without scanning the keyspace; a name silent for a day is dropped.
+            pipe.zadd(keys.WORKERS, {self.hostname: seconds})
+            pipe.zremrangebyscore(keys.WORKERS, "-inf", seconds - WORKER_NAMES_KEPT_S)
+            pipe.execute()
         except redis.RedisError as exc:
             log.warning("heartbeat skipped: %s", exc)
 
