@@ -102,7 +102,7 @@ def eta(status: dict, admission: Admission, settings: Settings | None) -> tuple[
         return round(left * 60 / status["rate_per_min"]), "observed rate"
     cap = status["deployment"]["effective_max_in_flight"] or status["deployment"]["max_in_flight"]
     if not cap or settings is None:
-        return None, "unknown (no C yet: no worker has started)"
+        return None, "no C yet: no worker has started"
     model = DurationModel(admission.redis, settings.expected_generation_s)
     generation_s = model.expected_s(DEFAULT_MODEL, DEFAULT_RESOLUTION)
     return round(math.ceil(left / cap) * generation_s), "estimated from C and generation time"

@@ -73,8 +73,7 @@ def bar_details(status: dict) -> dict[str, str]:
     return {"done": f"{status['rate_per_min']:g}/min, {eta}",
             "failed": f"{status['outcome_unknown']} outcome unknown"
             if status["outcome_unknown"] else "",
-            "in flight": f"deployment: {deployment['in_flight']} of C = "
-                         f"{deployment['max_in_flight']}",
+            "in flight": f"deployment: {deployment['in_flight']} of {_cap(status)}",
             "waiting": f"deployment: {deployment['waiting']}"}
 
 
@@ -110,9 +109,8 @@ def describe(status: dict, with_deployment: bool = True) -> str:
         parts.append(f"{status['outcome_unknown']} outcome unknown (may have been charged)")
     parts.append(f"{status['in_flight']} in flight, {status['waiting']} waiting")
     if with_deployment:
-        parts[-1] += (f" (deployment: {status['deployment']['in_flight']} in flight of C = "
-                      f"{status['deployment']['max_in_flight']}, "
-                      f"{status['deployment']['waiting']} waiting)")
+        parts[-1] += (f" (deployment: {status['deployment']['in_flight']} in flight of "
+                      f"{_cap(status)}, {status['deployment']['waiting']} waiting)")
     if status.get("effective_max_in_flight"):
         parts.append(f"C lowered to {status['effective_max_in_flight']} of "
                      f"{status['max_in_flight']} after 429s")
@@ -144,6 +142,11 @@ def reasons_text(status: dict) -> list[str]:
 def failures(store: JobStore, batch: str, limit: int = 20) -> list[tuple[str, str]]:
     """(job id, reason) of failed jobs, up to `limit` (reads only the failures)."""
     return [(failure.job_id, failure.reason) for failure in failed_jobs(store, batch)[:limit]]
+
+
+def _cap(status: dict) -> str:
+    cap = status["deployment"]["max_in_flight"]
+    return f"C = {cap}" if cap else "C (not set: no worker has started)"
 
 
 def duration(seconds: float | None) -> str:
