@@ -290,7 +290,7 @@ def sandbox_command(host, port, time_scale, max_concurrency, api_key, cache_dir)
               show_default=True)
 @click.option("--state", "states", multiple=True, metavar="STATE",
               help="Only jobs in this state (queued, submitted, generating, overdue, "
-                   "downloading, done, failed); may be repeated.")
+                   "downloading, done, failed, cancelled); may be repeated.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to FILE (published whole) instead of standard output.")
 def report(batch, fmt, states, output):
