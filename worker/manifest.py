@@ -25,7 +25,7 @@ import redis
 
 from . import events, keys
 from .errors import StorageError
-from .jobs import FINAL_STATES, State
+from .jobs import FINAL_STATES, State, load_script
 from .rows import batch_rows
 from .storage import Storage
 
@@ -106,8 +106,7 @@ def write_if_finished(client: redis.Redis, storage: Storage, storage_url: str, b
                  "" if marked else "; the batch changed meanwhile, it will be written again")
         return bool(marked)
     finally:
-        if client.get(lock) == token:
-            client.delete(lock)
+        load_script(client, "release_lock")(keys=[lock], args=[token])
 
 
 def write(client: redis.Redis, storage: Storage, storage_url: str, batch: str) -> tuple[int, int]:
