@@ -16,4 +16,4 @@ RUN pip install --no-cache-dir . \
  && chown vidq:vidq /videos /data
 USER 10001
 ENV VIDQ_STORAGE_URL=file:///videos
-CMD ["celery", "-A", "worker", "worker", "-Q", "vidq.submit,vidq.poll,vidq.download", "-c", "8", "--loglevel", "INFO"]
+CMD ["celery", "-A", "worker", "worker", "-Q", "vidq.submit,vidq.poll,vidq.download,vidq.webhook", "-c", "8", "--loglevel", "INFO"]

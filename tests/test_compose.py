@@ -67,7 +67,7 @@ def test_compose_file_passes_the_compose_schema():
 
 
 def test_worker_image_consumes_every_vidq_queue():
-    """The image's default command consumes the three queues the tasks are routed to."""
+    """The image's default command consumes every queue the tasks are routed to."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert ",".join(QUEUES) in dockerfile
 
@@ -83,8 +83,8 @@ def test_image_is_slim_runs_as_non_root_and_bakes_no_secret():
 
 def test_every_long_running_service_is_restarted_unless_stopped():
     """A worker that exits (or Redis) comes back on its own; one-shot tools do not."""
-    assert {"redis", "worker-submit", "worker-poll", "worker-download", "flower", "minio",
-            "sandbox"} <= LONG_RUNNING
+    assert {"redis", "worker-submit", "worker-poll", "worker-download", "worker-webhook",
+            "flower", "minio", "sandbox"} <= LONG_RUNNING
     for name in LONG_RUNNING:
         assert SERVICES[name].get("restart") == "unless-stopped", name
     for name in set(SERVICES) - LONG_RUNNING:
@@ -99,7 +99,7 @@ def test_every_long_running_service_has_a_healthcheck():
 
 def test_each_worker_pool_consumes_exactly_its_queue_and_together_all_of_them():
     pools = _worker_pools()
-    assert set(pools) == {"worker-submit", "worker-poll", "worker-download"}
+    assert set(pools) == {"worker-submit", "worker-poll", "worker-download", "worker-webhook"}
     consumed = []
     for name, command in pools.items():
         queues = command[command.index("-Q") + 1].split(",")

@@ -16,7 +16,6 @@ import requests
 from conftest import write_prompts
 
 from worker import webhooks
-from worker.celery_app import ALL_QUEUES
 from worker.errors import ConfigError
 from worker.keys import EVENTS
 from worker.settings import Settings
@@ -95,7 +94,7 @@ def _vidq(pipeline, *args) -> subprocess.CompletedProcess:
 def _webhook_pipeline(make_pipeline, receiver_url: str, tmp_path, batch: str, **env):
     pipeline = make_pipeline(VIDQ_WEBHOOK_SECRET=SECRET, VIDQ_WEBHOOK_ALLOWLIST="127.0.0.1",
                              VIDQ_WEBHOOK_BACKOFF_BASE_S="0.3", **env)
-    pipeline.start_workers(1, concurrency=4, queues=ALL_QUEUES)
+    pipeline.start_workers(1, concurrency=4)  # every queue, vidq.webhook too
     prompts = write_prompts(tmp_path / f"{batch}.txt", PROMPTS)
     result = _vidq(pipeline, "enqueue", str(prompts), "--batch", batch,
                    "--webhook", receiver_url + "/batch")

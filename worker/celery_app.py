@@ -2,7 +2,8 @@
 is applied when Celery first needs it (a worker starting), or explicitly by a
 producer with `apply_settings`.
 
-Start a worker with `celery -A worker worker -Q vidq.submit,vidq.poll,vidq.download`.
+Start a worker with `celery -A worker worker -Q vidq.submit,vidq.poll,vidq.download,vidq.webhook`
+(every queue in QUEUES), or one pool per queue.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from kombu import Exchange, Queue
 from . import kombu_fix
 from .settings import Settings, is_sentinel_url, sentinel_master_of, without_master_name
 
-QUEUES = ("vidq.submit", "vidq.poll", "vidq.download")
 # Webhook deliveries have their own queue, so a slow receiver never holds up a step.
 WEBHOOK_QUEUE = "vidq.webhook"
-ALL_QUEUES = (*QUEUES, WEBHOOK_QUEUE)
+# Every queue a task is routed to: a deployment's workers must consume them all
+# (`vidq run`, the tests, the benchmarks; compose and Kubernetes, one pool each).
+QUEUES = ("vidq.submit", "vidq.poll", "vidq.download", WEBHOOK_QUEUE)
 EXCHANGE = Exchange("vidq", type="direct")
 # One task per step, each with the name of the queue it runs on.
 TASK_FOR_STEP = {"submit": "vidq.submit", "poll": "vidq.poll", "download": "vidq.download"}
@@ -68,11 +70,11 @@ def apply_settings(celery_app: Celery, settings: Settings) -> None:
                          "interval_max": 2.0}
     celery_app.conf.update(
         broker_url=broker_url,
-        task_queues=[Queue(name, EXCHANGE, routing_key=name) for name in ALL_QUEUES],
+        task_queues=[Queue(name, EXCHANGE, routing_key=name) for name in QUEUES],
         task_default_exchange=EXCHANGE.name,
         task_default_queue="vidq.submit",
         task_routes={name: {"queue": name, "exchange": EXCHANGE.name, "routing_key": name}
-                     for name in ALL_QUEUES},
+                     for name in QUEUES},
         task_serializer="json",
         accept_content=["json"],
         # Every step is idempotent on its job record, so a redelivery is safe
