@@ -291,6 +291,9 @@ def test_finished_batches_leave_redis_and_memory_stays_bounded_night_after_night
     rows = report(pipeline, "real")
     assert sorted(row["prompt"] for row in rows) == sorted(GOOD)
     assert all(row["state"] == "done" and row["sha256"] for row in rows)
+    assert report(pipeline, "real", "--state", "failed") == []
+    expired = json.loads(vidq(pipeline, "status", "real", "--json").stdout)
+    assert expired["expired"] and expired["counts"] == {"done": 3}
     pipeline.stop_workers()
 
     storage = open_storage(pipeline.settings.storage_url, pipeline.settings.s3_part_bytes)
