@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import redis
 from celery import bootsteps
@@ -34,6 +35,7 @@ class Lifecycle(bootsteps.StartStopStep):
     def __init__(self, worker, **kwargs):
         super().__init__(worker, **kwargs)
         self.timers: list = []
+        self.housekeeper: threading.Thread | None = None
         WORKER_ID["name"] = self.hostname = f"{worker.hostname}/{os.getpid()}"
 
     def start(self, worker):
@@ -69,6 +71,22 @@ class Lifecycle(bootsteps.StartStopStep):
         except redis.RedisError as exc:
             log.warning("heartbeat skipped: %s", exc)
 
+    def keep_house(self, steps) -> None:
+        """Manifests and retention, in a thread of their own: writing a big
+        manifest takes seconds, and the timer thread must keep beating or this
+        worker would look dead and its jobs be re-sent."""
+        if self.housekeeper is not None and self.housekeeper.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                housekeeping(steps.store.redis, steps.storage, steps.settings)
+            except redis.RedisError as exc:
+                log.warning("housekeeping skipped: %s", exc)
+
+        self.housekeeper = threading.Thread(target=run, name="vidq housekeeping", daemon=True)
+        self.housekeeper.start()
+
     def reconcile(self) -> None:
         steps = get_steps()
         settings = steps.settings
@@ -79,7 +97,7 @@ class Lifecycle(bootsteps.StartStopStep):
             resent = reconcile(steps.admission, dispatch, settings.step_grace_s)
             if resent:
                 log.warning("reconciler re-sent %d lost steps", resent)
-            housekeeping(steps.store.redis, steps.storage, settings)
+            self.keep_house(steps)
             relay(steps.store.redis, settings, send_delivery)  # events -> webhook deliveries
         except redis.RedisError as exc:
             log.warning("reconcile skipped: %s", exc)
