@@ -76,20 +76,6 @@ _deadline_option = click.option(
 
 @main.command(cls=VidqCommand)
 @_prompt_options
-@_deadline_option
-def plan(file, model, resolution, aspect_ratio, negative_prompt, seed, no_enhance_prompt,
-         deadline):
-    """Print what FILE's prompts would take at this deployment's C; enqueue nothing."""
-    from .plan import plan_file
-
-    defaults = _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed,
-                                no_enhance_prompt)
-    for line in plan_file(Settings.from_env(), file, defaults, deadline):
-        click.echo(line)
-
-
-@main.command(cls=VidqCommand)
-@_prompt_options
 @click.option("--batch", required=True, help="Batch name: letters, digits, . _ -")
 @_deadline_option
 @click.option("--force", is_flag=True, help="Enqueue even if --deadline cannot be met.")
@@ -297,33 +283,15 @@ def report(batch, fmt, states, output):
     """One row per job of BATCH: id, input line, prompt, parameters, state,
     storage URL, sha256, generation ids, credits, timings, error."""
     from .enqueue import open_admission
-    from .report import check_states, report_rows, write_csv, write_jsonl
+    from .report import check_states, write_report
 
     chosen = check_states(states)
     settings = Settings.from_env()
-    admission = open_admission(settings)
-    rows = report_rows(admission.store, batch, settings.storage_url, chosen)
-    write = write_csv if fmt == "csv" else write_jsonl
-    if output is None:
-        try:
-            write(rows, sys.stdout)
-            sys.stdout.flush()
-        except BrokenPipeError:  # `vidq report ... | head`
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return
-    partial = output.with_name(f".{output.name}.part")
-    try:
-        with open(partial, "w", encoding="utf-8", newline="") as out:
-            count = write(rows, out)
-        os.replace(partial, output)
-    except BaseException as exc:
-        partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise VidqError(f"cannot write {output}: {exc.strerror or exc}") from None
-        raise
-    click.echo(f"batch {batch}: {count} {_jobs(count)} written to {output}", err=True)
+    count = write_report(open_admission(settings).store, batch, settings.storage_url, chosen,
+                         fmt, output)
+    if output is not None:
+        click.echo(f"batch {batch}: {count} {_jobs(count)} written to {output}", err=True)
 
-
-# pause, resume, cancel and limits live in their own module; importing it
-# registers them on `main` (it imports `main` from here, hence the end).
-from . import control, webhooks_cmd  # noqa: E402,F401
+# pause, resume, cancel, limits, plan and webhooks live in their own modules;
+# importing them registers them on `main` (they import `main` from here, hence the end).
+from . import control, plan_cmd, webhooks_cmd  # noqa: E402,F401

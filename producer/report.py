@@ -6,10 +6,13 @@ back from its manifest in storage.
 """
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from worker import manifest
-from worker.errors import InputError
+from worker.errors import InputError, VidqError
 from worker.jobs import JobStore, State
 from worker.rows import COLUMNS, batch_rows, write_csv, write_jsonl
 from worker.settings import S3_MIN_PART_BYTES
@@ -48,3 +51,30 @@ def _from_manifest(batch: str, storage_url: str, states: set[str] | None) -> Ite
     if rows is None:
         raise InputError(f"no batch named {batch!r}")  # in Redis, nor a manifest in storage
     return iter([row for row in rows if states is None or row.get("state") in states])
+
+
+def write_report(store: JobStore, batch: str, storage_url: str, states: set[str] | None,
+                 fmt: str, output: Path | None) -> int:
+    """`vidq report`: rows to standard output, or to `output` published whole
+    (written beside it, then renamed); returns the rows written."""
+    rows = report_rows(store, batch, storage_url, states)
+    write = write_csv if fmt == "csv" else write_jsonl
+    if output is None:
+        try:
+            count = write(rows, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `vidq report ... | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            count = 0
+        return count
+    partial = output.with_name(f".{output.name}.part")
+    try:
+        with open(partial, "w", encoding="utf-8", newline="") as out:
+            count = write(rows, out)
+        os.replace(partial, output)
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise VidqError(f"cannot write {output}: {exc.strerror or exc}") from None
+        raise
+    return count
