@@ -10,23 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import events
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, Admission, Dispatch, admit
 from .durability import Durability, NotDurable
 from .errors import (
     RateLimited,
-    RequestRejected,
-    RetryableUpstreamError,
     StorageError,
     SubmitOutcomeUnknown,
     UpstreamError,
 )
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .metrics_record import completed, downloaded, failed, upstream_call
+from .posting import post_once
 from .reaim import aim_dropped, reaim_first_polls
 from .schedule import DurationModel, backoff_delay
 from .settings import Settings
@@ -43,7 +41,6 @@ RATE_LIMIT_ATTEMPT_FACTOR = 5
 DEFAULT_PAUSE_S, MAX_PAUSE_S = 10.0, 3600.0
 # Paused polls resume spread over up to this long, not all at once.
 RESUME_SPREAD_S = 10.0
-RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
 
 
 @dataclass
@@ -59,7 +56,6 @@ class Steps:
     dispatch: Dispatch
     durability: Durability
     worker_name: str = "local"
-    _threads: list[threading.Thread] = field(default_factory=list, repr=False)
 
     def claim(self, ref: str, token: str, step: str) -> Job | None:
         return self.store.claim(ref, token, self.settings.grace_s(step), self.worker_name)
@@ -93,57 +89,12 @@ class Steps:
                 "a POST for this job was started earlier and its answer never arrived "
                 "(a worker or Redis died mid-POST); not re-sent, to avoid paying twice")
         try:
-            generation = self._post(job)
+            generation = post_once(self.client, self.store, job, self.settings)
         except RateLimited as exc:
             return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()
         delay = self._poll_delay(job, 0.0)
         self._next(job, Step.POLL, delay, attempts=0, first_aim=delay)
-
-    def _post(self, job: Job) -> Generation:
-        """POST once, bounded by a total deadline. The POST runs in a thread
-        that records the generation id the moment it answers, even if that is
-        after this step gave up waiting: a late id revives the job."""
-        outcome: dict = {}
-        done = threading.Event()
-
-        def post() -> None:
-            try:
-                try:
-                    generation = self.client.submit(job.request)
-                except (RetryableUpstreamError, RequestRejected):
-                    self.store.clear_posting(job)  # the upstream surely created nothing
-                    raise
-                job.generation_id = self._record(job, generation.id)
-                outcome["generation"] = generation
-            except BaseException as exc:  # handed to the waiting step below
-                outcome["error"] = exc
-            finally:
-                done.set()
-
-        thread = threading.Thread(target=post, name=f"post {job.ref}", daemon=True)
-        thread.start()
-        if not done.wait(self.settings.post_deadline_s):
-            raise SubmitOutcomeUnknown(
-                f"no complete answer to the POST within {self.settings.post_deadline_s:.0f} s; "
-                "not re-sent (a late answer is still recorded)")
-        error = outcome.get("error")
-        if error is not None:
-            raise error
-        log.info("job %s submitted as generation %s", job.ref, job.generation_id)
-        return outcome["generation"]
-
-    def _record(self, job: Job, generation_id: str) -> str:
-        """Store a paid generation id, through a Redis outage if need be."""
-        for pause in (*RECORD_RETRY_S, *([10.0] * 360)):
-            try:
-                return self.store.record_generation(job, generation_id,
-                                                    self.settings.step_grace_s)
-            except Exception as exc:
-                log.error("job %s: generation %s not recorded yet (%s); retrying",
-                          job.ref, generation_id, exc)
-                time.sleep(pause)
-        raise RuntimeError(f"generation {generation_id} of {job.ref} could not be recorded")
 
     def _rate_limited_submit(self, job: Job, error: RateLimited) -> None:
         """A 429 is about the account: every worker pauses submits, this job
