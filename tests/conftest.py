@@ -137,6 +137,14 @@ class Pipeline:
         raise AssertionError(f"batch {batch} not finished in {timeout_s} s: "
                              f"{self.store.counts(batch)}; logs in {self.log_dir}")
 
+    def wait_polls_held(self, batch: str, count: int, timeout_s: float = 30.0) -> None:
+        """Until `count` jobs of `batch` wait on a countdown poll that a worker
+        holds (the moment to kill that worker)."""
+        def held() -> bool:
+            jobs = [self.store.get(f"{batch}:{i}") for i in self.store.job_ids(batch)]
+            return sum(1 for j in jobs if j and j.step == "poll" and j.extra.get("holder")) == count
+        wait_until(held, timeout_s, f"{count} polls of batch {batch} held by a worker", 0.1)
+
     def ledger(self) -> list[dict]:
         return requests.get(self.sandbox.url + "/__ledger", timeout=10).json()
 
@@ -194,6 +202,19 @@ def wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float =
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} did not answer in {timeout_s} s; log {log}")
+
+
+def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition",
+               every_s: float = 0.2):
+    """Poll `predicate` until it returns something truthy (returned), or fail
+    naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"{what} not reached in {timeout_s} s")
 
 
 def write_prompts(path: Path, prompts: list[str]) -> Path:

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import write_prompts
+from conftest import wait_until, write_prompts
 
 from worker import keys
 from worker.batch_control import admission_state, pause
@@ -25,16 +25,6 @@ def _posted_batches(pipeline) -> str:
 
 def _prompts(letter: str, count: int) -> list[str]:
     return [f"{letter} prompt {i}" for i in range(count)]
-
-
-def _wait(condition, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout_s} s")
 
 
 def _vidq(pipeline, *args: str) -> subprocess.CompletedProcess:
@@ -92,10 +82,10 @@ def test_pause_stops_admission_and_resume_restarts_it(make_pipeline, make_sandbo
                              VIDQ_EXPECTED_GENERATION_S=3)
     pipeline.start_workers(count=1, concurrency=2)
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", _prompts("P", 3)), "night")
-    _wait(lambda: pipeline.ledger(), what="first POST")
+    wait_until(lambda: pipeline.ledger(), what="first POST")
 
     assert pause(pipeline.admission, "night") == 2
-    _wait(lambda: pipeline.store.counts("night")["done"] == 1, what="the job in flight done")
+    wait_until(lambda: pipeline.store.counts("night")["done"] == 1, what="the job in flight done")
     time.sleep(2.0)  # a few reconciler passes: none may admit a paused batch
     assert len(pipeline.ledger()) == 1
     assert pipeline.store.counts("night")["queued"] == 2
@@ -115,10 +105,10 @@ def test_cancel_ends_waiting_jobs_and_downloads_those_in_flight(make_pipeline, m
                              VIDQ_EXPECTED_GENERATION_S=3)
     pipeline.start_workers(count=1, concurrency=2)
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", _prompts("C", 6)), "doomed")
-    _wait(lambda: len(pipeline.ledger()) == 2, what="two POSTs")
+    wait_until(lambda: len(pipeline.ledger()) == 2, what="two POSTs")
 
     result = _vidq(pipeline, "cancel", "doomed")
-    _wait(lambda: pipeline.store.counts("doomed")["done"] == 2, timeout_s=60,
+    wait_until(lambda: pipeline.store.counts("doomed")["done"] == 2, timeout_s=60,
           what="in-flight jobs done")
     time.sleep(1.5)
 
@@ -143,7 +133,7 @@ def test_max_videos_stops_admission_at_the_limit_and_raising_it_resumes(make_pip
     enqueued = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "p.txt", _prompts("V", 5))),
                      "--batch", "capped", "--max-videos", "2")
     assert enqueued.returncode == 0, enqueued.stderr
-    _wait(lambda: pipeline.store.counts("capped")["done"] == 2, what="two done")
+    wait_until(lambda: pipeline.store.counts("capped")["done"] == 2, what="two done")
     time.sleep(1.5)
 
     assert len(pipeline.ledger()) == 2
@@ -152,7 +142,7 @@ def test_max_videos_stops_admission_at_the_limit_and_raising_it_resumes(make_pip
     assert "paused: spend cap" in shown.stdout and "240,000 credits spent" in shown.stdout
 
     raised = _vidq(pipeline, "limits", "capped", "--max-videos", "4")
-    _wait(lambda: pipeline.store.counts("capped")["done"] == 4, what="four done")
+    wait_until(lambda: pipeline.store.counts("capped")["done"] == 4, what="four done")
     time.sleep(1.5)
 
     assert raised.returncode == 0, raised.stderr
@@ -168,14 +158,14 @@ def test_daily_credit_cap_stops_every_batch_and_raising_it_resumes(make_pipeline
     pipeline.start_workers(count=1, concurrency=2)
     pipeline.enqueue(write_prompts(tmp_path / "a.txt", _prompts("D", 3)), "day-a")
     pipeline.enqueue(write_prompts(tmp_path / "b.txt", _prompts("E", 3)), "day-b")
-    _wait(lambda: sum(pipeline.store.counts(b)["done"] for b in ("day-a", "day-b")) == 2,
+    wait_until(lambda: sum(pipeline.store.counts(b)["done"] for b in ("day-a", "day-b")) == 2,
           what="two done")
     time.sleep(1.5)
     assert len(pipeline.ledger()) == 2
     assert admission_state(pipeline.admission, "day-b") == "paused: daily credit cap"
 
     assert _vidq(pipeline, "limits", "--daily-credits", "480000").returncode == 0
-    _wait(lambda: sum(pipeline.store.counts(b)["done"] for b in ("day-a", "day-b")) == 4,
+    wait_until(lambda: sum(pipeline.store.counts(b)["done"] for b in ("day-a", "day-b")) == 4,
           what="four done")
     time.sleep(1.5)
 
@@ -257,7 +247,7 @@ def test_a_job_admitted_but_not_yet_posted_when_cancelled_is_never_posted(make_p
     pipeline.start_workers(count=1, concurrency=2)
     for ref, token in admitted:
         dispatch("submit", ref, token, 0)
-    _wait(lambda: pipeline.store.counts("late")["cancelled"] == 4, what="all cancelled")
+    wait_until(lambda: pipeline.store.counts("late")["cancelled"] == 4, what="all cancelled")
 
     assert pipeline.ledger() == [] and pipeline.admission.in_flight() == 0
     spend = spend_summary(pipeline.store.redis, "late")["batch"]

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import write_prompts
+from conftest import wait_until, write_prompts
 
 from worker import keys
 from worker.jobs import State
@@ -135,14 +135,6 @@ def videos_dir(pipeline) -> Path:
     return Path(pipeline.settings.storage_url.removeprefix("file://"))
 
 
-def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not reached in {timeout_s} s")
 
 
 def worker_log(pipeline) -> str:
@@ -162,7 +154,7 @@ def test_a_finished_batch_writes_its_manifest_once_and_again_after_a_retry(make_
                      resolution="480P")
     pipeline.wait_finished("m")
     path = videos_dir(pipeline) / "m" / "manifest.jsonl"
-    wait_for(path.exists, what="manifest")
+    wait_until(path.exists, what="manifest")
 
     assert manifest_rows(pipeline, "m") == report(pipeline, "m")
     errors = manifest_rows(pipeline, "m", "errors.jsonl")
@@ -178,13 +170,13 @@ def test_a_finished_batch_writes_its_manifest_once_and_again_after_a_retry(make_
     path.unlink()  # a writer died mid-way: its lock is left, nothing marked
     client.hdel(keys.batch("m"), "manifest_of")
     client.set(keys.manifest_lock("m"), "dead-writer", px=1500)
-    wait_for(path.exists, what="manifest rewritten by the reconciler")
+    wait_until(path.exists, what="manifest rewritten by the reconciler")
     assert manifest_rows(pipeline, "m") == report(pipeline, "m")
 
     written_at = float(client.hget(keys.batch("m"), "manifest_at"))
     failed_at = manifest_rows(pipeline, "m", "errors.jsonl")[0]["failed_at"]
     assert vidq(pipeline, "retry", "m").returncode == 0
-    wait_for(lambda: float(client.hget(keys.batch("m"), "manifest_at") or 0) > written_at,
+    wait_until(lambda: float(client.hget(keys.batch("m"), "manifest_at") or 0) > written_at,
              what="manifest rewritten after the retry")
     assert manifest_rows(pipeline, "m") == report(pipeline, "m")
     assert manifest_rows(pipeline, "m", "errors.jsonl")[0]["failed_at"] > failed_at
@@ -286,7 +278,7 @@ def test_finished_batches_leave_redis_and_memory_stays_bounded_night_after_night
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", GOOD), "real")
     pipeline.wait_finished("real")
     client = pipeline.store.redis
-    wait_for(lambda: not client.sismember(keys.BATCHES, "real"), what="batch expired")
+    wait_until(lambda: not client.sismember(keys.BATCHES, "real"), what="batch expired")
     assert not client.keys("vidq:*real*")
     rows = report(pipeline, "real")
     assert sorted(row["prompt"] for row in rows) == sorted(GOOD)

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import redis
-from conftest import write_prompts
+from conftest import wait_until, write_prompts
 
 from producer.enqueue import open_admission
 from worker import events
@@ -30,14 +30,6 @@ def _events(url: str) -> list[tuple[str, dict]]:
     return redis.Redis.from_url(url, decode_responses=True).xrange(EVENTS)
 
 
-def _wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _finished_batch(make_pipeline, tmp_path, batch: str):
@@ -46,7 +38,7 @@ def _finished_batch(make_pipeline, tmp_path, batch: str):
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", PROMPTS), batch)
     pipeline.wait_finished(batch)
     url = pipeline.env["VIDQ_REDIS_URL"]
-    _wait_for(lambda: [e for e in _events(url) if e[1]["type"] == "batch.finished"],
+    wait_until(lambda: [e for e in _events(url) if e[1]["type"] == "batch.finished"],
               what="the batch.finished event")
     return pipeline, url
 
@@ -133,7 +125,7 @@ def test_the_example_consumer_killed_midway_resumes_and_acks_every_event(make_pi
     ids = [event_id for event_id, _ in _events(url)]
     out = tmp_path / "consumed.jsonl"
     first = _run_consumer(url, out, "--delay-s", "0.5")
-    _wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 2,
+    wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2,
               what="two processed events")
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(10)
@@ -169,7 +161,7 @@ def test_killed_workers_and_a_redis_restart_announce_each_video_exactly_once(
     restartable_redis.start()
     counts = pipeline.wait_finished("cr", timeout_s=150)
     assert counts["done"] == 10, counts
-    _wait_for(lambda: [e for e in _events(restartable_redis.url)
+    wait_until(lambda: [e for e in _events(restartable_redis.url)
                        if e[1]["type"] == "batch.finished"], what="the batch.finished event")
     found = [fields for _, fields in _events(restartable_redis.url)]
     stored = Counter(f["job"] for f in found if f["type"] == "video.stored")

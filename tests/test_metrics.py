@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -150,12 +149,7 @@ def test_reconciler_resends_and_heartbeats_are_counted(make_pipeline, make_sandb
     url = exporter(pipeline.env, tmp_path / "logs" / "exporter.log")
     assert value(scrape(url), "vidq_workers_alive") == 1
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"lost {i}" for i in range(3)]), "m2")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        held = [pipeline.store.get(keys.job_ref("m2", i)) for i in pipeline.store.job_ids("m2")]
-        if sum(1 for j in held if j.step == "poll" and j.extra.get("holder")) == 3:
-            break
-        time.sleep(0.1)
+    pipeline.wait_polls_held("m2", 3)
     os.killpg(os.getpgid(pipeline.processes[0].pid), signal.SIGKILL)
     pipeline.processes[0].wait()
     pipeline.processes = []

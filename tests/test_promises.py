@@ -159,12 +159,7 @@ def test_a_killed_workers_countdowns_resume_long_before_the_step_grace(
                              VIDQ_POLL_MAX_INTERVAL_S=20)
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"holder {i}" for i in range(4)]), "hk")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        held = [pipeline.store.get(keys.job_ref("hk", i)) for i in pipeline.store.job_ids("hk")]
-        if sum(1 for j in held if j.step == "poll" and j.extra.get("holder")) == 4:
-            break
-        time.sleep(0.1)
+    pipeline.wait_polls_held("hk", 4)
     killed_at = time.monotonic()
     os.killpg(os.getpgid(pipeline.processes[0].pid), signal.SIGKILL)
     pipeline.processes[0].wait()
