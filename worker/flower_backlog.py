@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 from . import keys
+from .spend import DAY_S
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,38 @@ async def backlog_rows(client: Any) -> list[dict]:
         pipe.zcard(keys.batch_line(batch))
         pipe.hmget(keys.batch(batch), "paused", "blocked")
     replies = await pipe.execute() if batches else []
+    daily_cap = await _daily_cap_reached(client) if batches else False
     rows = []
     for index, batch in enumerate(batches):
         waiting, (paused, blocked) = int(replies[2 * index] or 0), replies[2 * index + 1]
         if waiting > 0:
-            rows.append({"name": ROW_PREFIX + batch + _why_held(paused, blocked),
+            rows.append({"name": ROW_PREFIX + batch + _why_held(paused, blocked, daily_cap),
                          "messages": waiting})
     return [{"name": TOTAL_ROW, "messages": sum(row["messages"] for row in rows)}, *rows]
 
 
-def _why_held(paused: Any, blocked: Any) -> str:
-    """Why a batch's jobs wait for more than a free slot (`vidq pause`, a spend cap)."""
+def _why_held(paused: Any, blocked: Any, daily_cap: bool = False) -> str:
+    """Why a batch's jobs wait for more than a free slot (`vidq pause`, a spend cap,
+    the deployment's daily credit cap)."""
     if paused and _text(paused) == "1":
         return " (paused)"
-    return f" (held: {_text(blocked)})" if blocked else ""
+    if blocked:
+        return f" (held: {_text(blocked)})"
+    return " (held: daily credit cap)" if daily_cap else ""
+
+
+async def _daily_cap_reached(client: Any) -> bool:
+    """What `vidq status` calls "paused: daily credit cap" (batch_control.daily_cap_reached):
+    a job at the default estimate would pass today's cap, so no batch is admitted."""
+    cap = await client.hget(keys.CONFIG, "daily_credits")
+    if not cap:
+        return False
+    seconds, _ = await client.time()
+    day = keys.spend_day(int(seconds) // DAY_S)
+    committed, spent = await client.hmget(day, "committed", "spent")
+    from .celery_app import app, settings_of  # Flower's app: `celery -A worker flower`
+    estimate = settings_of(app).credit_estimate
+    return float(committed or 0) + float(spent or 0) + estimate > float(cap)
 
 
 async def _rows_or_none(client: Any) -> list[dict]:

@@ -7,8 +7,13 @@ measured stalls of 1 to 6 s each minute for a 30,000-task window on this
 as Redis's BGSAVE does: the child holds a copy-on-write snapshot of the state
 as it is between two events, writes it with Flower's own `save_state`
 (temporary file, then rename) and exits; the event loop pays only for the
-fork. A save still running when the next is due makes that one skip. The save
-at shutdown stays Flower's own, synchronous, once any child has finished.
+fork. A save still running when the next is due makes that one skip; one
+running longer than SAVE_TIMEOUT_S hangs (a stalled disk, a stopped process)
+and is killed, so the next save starts fresh (the saved db is only replaced by
+a finished save). The save at shutdown stays Flower's own, synchronous, after
+the running child finishes or, past STOP_WAIT_S, is killed: a hung child must
+not keep Flower from its final save within its grace period (compose 45 s,
+Kubernetes 60 s).
 
 Safe to fork here: the state is only touched on the event loop thread (the
 events thread hands each event over with `add_callback`), and the fork
@@ -22,9 +27,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# Saves of a 30,000-task window took 7 to 8 s on a loaded 2-core machine.
+SAVE_TIMEOUT_S = 300.0
+STOP_WAIT_S = 15.0
 
 
 def install() -> None:
@@ -37,7 +48,7 @@ def install() -> None:
     original_start, original_stop = Events.start, Events.stop
 
     def start(self) -> None:
-        if self.state_save_timer is not None:
+        if getattr(self, "state_save_timer", None) is not None:
             self.state_save_timer = PeriodicCallback(lambda: save_in_child(self),
                                                      self.state_save_interval)
         original_start(self)
@@ -63,28 +74,51 @@ def save_in_child(events: Any) -> None:
             code = 0
         finally:
             os._exit(code)
-    events.vidq_save_child = pid
+    events.vidq_save_child, events.vidq_save_started = pid, time.monotonic()
 
 
 def _child_running(events: Any) -> bool:
     pid = getattr(events, "vidq_save_child", None)
-    if pid is None:
+    if pid is None or _reaped(events, pid):
         return False
+    if time.monotonic() - events.vidq_save_started < SAVE_TIMEOUT_S:
+        return True
+    log.error("state save in child %s still running after %.0f s: killed", pid, SAVE_TIMEOUT_S)
+    _kill(events, pid)
+    return False
+
+
+def wait_for_child(events: Any) -> None:
+    """Let a running save finish, for up to STOP_WAIT_S; then kill it."""
+    pid = getattr(events, "vidq_save_child", None)
+    if pid is None:
+        return
+    deadline = time.monotonic() + STOP_WAIT_S
+    while time.monotonic() < deadline:
+        if _reaped(events, pid):
+            return
+        time.sleep(0.05)
+    log.error("state save in child %s still running at shutdown: killed", pid)
+    _kill(events, pid)
+
+
+def _reaped(events: Any, pid: int) -> bool:
+    """Whether the child has ended (then reaped, so no zombie stays)."""
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         done, status = pid, 0
     if done == 0:
-        return True
+        return False
     events.vidq_save_child = None
     if status:
         log.error("state save in child %s failed (wait status %s)", pid, status)
-    return False
+    return True
 
 
-def wait_for_child(events: Any) -> None:
-    pid = getattr(events, "vidq_save_child", None)
-    if pid is not None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        events.vidq_save_child = None
+def _kill(events: Any, pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    events.vidq_save_child = None
