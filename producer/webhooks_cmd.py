@@ -36,10 +36,10 @@ def webhooks_command(batch, replay, as_json):
     replayed = _replay(client, records) if replay else 0
     if replayed:
         records = webhooks.deliveries(client, batch)
-    counts = webhooks.summary(records)
+    counts = summary(records)
     if as_json:
         click.echo(json.dumps({"batch": batch, "counts": counts, "replayed": replayed,
-                               "deliveries": [webhooks.as_row(r) for r in records]}))
+                               "deliveries": [as_row(r) for r in records]}))
     else:
         _print(batch, records, counts, replayed)
     if counts[webhooks.State.FAILED]:
@@ -69,3 +69,22 @@ def _print(batch: str, records: list[dict], counts: dict[str, int], replayed: in
                    f"{record.get('event_id', '')} to {record.get('target', '')} "
                    f"{redacted(record.get('url', ''))}  attempts {record.get('attempts', 0)}, "
                    f"{answer}" + (f": {error}" if error and error != answer else ""))
+
+
+def summary(records: list[dict]) -> dict[str, int]:
+    counts = {webhooks.State.DELIVERED: 0, webhooks.State.PENDING: 0, webhooks.State.FAILED: 0}
+    for record in records:
+        state = record.get("state", webhooks.State.PENDING)
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def as_row(record: dict) -> dict:
+    """A record as `vidq webhooks --json` prints it: no body, URL without query."""
+    return {"id": record.get("id"), "event_id": record.get("event_id"),
+            "type": record.get("type"), "target": record.get("target"),
+            "url": redacted(record.get("url", "")), "state": record.get("state"),
+            "attempts": int(record.get("attempts") or 0),
+            "last_status": record.get("last_status") or None,
+            "last_error": record.get("last_error") or None,
+            "replays": int(record.get("replays") or 0)}

@@ -40,7 +40,11 @@
                                 worker.events); trimmed to about VIDQ_EVENTS_MAXLEN
     vidq:webhook:<delivery>     hash: one webhook delivery (worker.webhooks); expires
     vidq:webhooks:<batch>       zset: the batch's deliveries (score: created at); expires
-    vidq:webhooks:relay         string with a TTL: one relay pass at a time
+    vidq:webhooks_due           zset: pending deliveries by the time their attempt or
+                                countdown must have ended; past it, its message was lost
+                                and the relay sends it again (worker.webhooks)
+    vidq:relay:lock             string with a TTL: one relay pass at a time (not under
+                                vidq:webhooks:, where a batch named "relay" would land)
     vidq:metrics                hash: counters and histogram buckets the workers add to
                                 and `vidq metrics` exports (fields: worker.metrics)
     vidq:reaim:<model>:<resolution>       the first-poll aim at the last re-aim
@@ -70,7 +74,8 @@ PAUSE_POLL = PREFIX + "pause:poll"
 WORKER_PREFIX = PREFIX + "worker:"
 WORKERS = PREFIX + "workers"
 EVENTS = PREFIX + "events"
-WEBHOOK_RELAY_LOCK = PREFIX + "webhooks:relay"
+WEBHOOK_RELAY_LOCK = PREFIX + "relay:lock"
+WEBHOOKS_DUE = PREFIX + "webhooks_due"
 METRICS = PREFIX + "metrics"
 
 

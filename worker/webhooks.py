@@ -10,9 +10,11 @@ URL (VIDQ_WEBHOOK_URL, every batch) and to a batch's own (`vidq enqueue
 
 At least once: a relay that dies before its XACK hands the same entries out
 again (its pending entries are read first), and a record that exists is not
-made twice; a task lost with its worker comes back after the visibility
-timeout. A receiver de-duplicates on `webhook-id`, the event id, the same on
-every attempt and replay. The secret is the workers' (VIDQ_WEBHOOK_SECRET),
+made twice. A pending delivery is due (vidq:webhooks_due) by the time its
+attempt or countdown must have ended; past it, its message was lost (a worker
+killed mid-attempt: the redelivered message finds the attempt taken) and the
+relay sends it again. A receiver de-duplicates on `webhook-id`, the event id,
+the same on every attempt and replay. The secret is the workers' (VIDQ_WEBHOOK_SECRET),
 for the batch URLs too: Redis holds URLs, never a secret.
 """
 from __future__ import annotations
@@ -44,6 +46,11 @@ MAX_BACKOFF_S = 600.0
 RETRYABLE_STATUS = frozenset({408, 429})
 # A relay pass that dies leaves the lock to expire after this.
 RELAY_LOCK_S = 60
+# An attempt takes about two timeouts at most (connect, then the answer): a
+# pending delivery not settled this long after it was due lost its message.
+LEASE_MARGIN_S = 5.0
+# A replayed delivery's message is sent at once by `vidq webhooks --replay`.
+REPLAY_DUE_S = 60.0
 
 Send = Callable[[str, int, float], None]  # delivery id, attempt, countdown
 
@@ -77,6 +84,7 @@ def relay(client: redis.Redis, settings, send: Send) -> int:
             while entries := _read(client, cursor):
                 made += sum(_relay_one(client, settings, send, i, f) for i, f in entries)
                 client.xack(keys.EVENTS, GROUP, *[event_id for event_id, _ in entries])
+        resend_lost(client, settings, send)
         events.trim(client, settings.events_maxlen)
         return made
     finally:
@@ -98,7 +106,7 @@ def _relay_one(client: redis.Redis, settings, send: Send, event_id: str, fields:
         if not url:
             continue
         ident = delivery_id(target, event_id)
-        if create(client, event_id, fields, target, url):
+        if create(client, event_id, fields, target, url, lease_s(settings)):
             made += 1
         elif not _never_tried(client, ident):
             continue
@@ -117,8 +125,10 @@ def delivery_id(target: str, event_id: str) -> str:
     return f"{target}:{event_id}"
 
 
-def create(client: redis.Redis, event_id: str, fields: dict, target: str, url: str) -> bool:
-    """A delivery record, unless it exists (the relay redoing an entry)."""
+def create(client: redis.Redis, event_id: str, fields: dict, target: str, url: str,
+           due_in_s: float = REPLAY_DUE_S) -> bool:
+    """A delivery record, unless it exists (the relay redoing an entry); all
+    of it or nothing (a relay dying half-way must not leave a record unsent)."""
     ident = delivery_id(target, event_id)
     key, batch = keys.webhook_delivery(ident), fields.get("batch", "")
     now = _now(client)
@@ -126,20 +136,51 @@ def create(client: redis.Redis, event_id: str, fields: dict, target: str, url: s
               "batch": batch, "target": target, "url": url, "state": State.PENDING,
               "attempts": 0, "created_at": repr(now), "first_at": repr(now),
               "body": events.body(event_id, fields).decode()}
-    if not client.hsetnx(key, "id", ident):
-        return False
-    pipe = client.pipeline()
-    pipe.hset(key, mapping=record)
-    pipe.expire(key, RECORD_TTL_S)
-    pipe.zadd(keys.batch_webhooks(batch), {ident: now})
-    pipe.expire(keys.batch_webhooks(batch), RECORD_TTL_S)
-    pipe.execute()
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            if pipe.exists(key):
+                return False
+            pipe.multi()
+            pipe.hset(key, mapping=record)
+            pipe.expire(key, RECORD_TTL_S)
+            pipe.zadd(keys.batch_webhooks(batch), {ident: now})
+            pipe.expire(keys.batch_webhooks(batch), RECORD_TTL_S)
+            pipe.zadd(keys.WEBHOOKS_DUE, {ident: now + due_in_s})
+            pipe.execute()
+        except redis.WatchError:
+            return False
     return True
 
 
-def claim(client: redis.Redis, ident: str, attempt: int) -> dict | None:
-    """The record if it is pending at `attempt` (then counted as attempt + 1);
-    None for a duplicated or outdated message."""
+def lease_s(settings) -> float:
+    return 2 * settings.webhook_timeout_s + LEASE_MARGIN_S
+
+
+def resend_lost(client: redis.Redis, settings, send: Send) -> int:
+    """Send again the pending deliveries past due: their message was lost.
+    The attempt is the one the record expects; a duplicate finds it taken.
+    Resent less and less often (no worker may consume vidq.webhook at all)."""
+    now = _now(client)
+    lost = [str(i) for i in client.zrangebyscore(keys.WEBHOOKS_DUE, "-inf", now, start=0,
+                                                 num=READ_COUNT)]
+    for ident in lost:
+        state, attempts = client.hmget(keys.webhook_delivery(ident), "state", "attempts")
+        if state != State.PENDING:
+            client.zrem(keys.WEBHOOKS_DUE, ident)
+            continue
+        resends = client.hincrby(keys.webhook_delivery(ident), "resends", 1)
+        wait = lease_s(settings) * 2 ** min(resends - 1, 6)
+        client.zadd(keys.WEBHOOKS_DUE, {ident: now + wait}, gt=True)
+        log.warning("webhook %s: its attempt was lost; sent again", ident)
+        send(ident, int(attempts or 0), 0.0)
+    return len(lost)
+
+
+def claim(client: redis.Redis, ident: str, attempt: int,
+          lease: float = REPLAY_DUE_S) -> dict | None:
+    """The record if it is pending at `attempt` (then counted as attempt + 1,
+    due by the end of the lease); None for a duplicated or outdated message."""
     key = keys.webhook_delivery(ident)
     with client.pipeline() as pipe:
         try:
@@ -149,6 +190,7 @@ def claim(client: redis.Redis, ident: str, attempt: int) -> dict | None:
                 return None
             pipe.multi()
             pipe.hset(key, "attempts", attempt + 1)
+            pipe.zadd(keys.WEBHOOKS_DUE, {ident: _now(client) + lease})
             pipe.execute()
         except redis.WatchError:
             return None
@@ -159,7 +201,7 @@ def claim(client: redis.Redis, ident: str, attempt: int) -> dict | None:
 def deliver(client: redis.Redis, settings, session: requests.Session, ident: str,
             attempt: int, send: Send) -> Outcome | None:
     """One attempt of one delivery; schedules the next if it may be retried."""
-    record = claim(client, ident, attempt)
+    record = claim(client, ident, attempt, lease_s(settings))
     if record is None:
         return None
     outcome = attempt_post(settings, session, record)
@@ -170,7 +212,7 @@ def deliver(client: redis.Redis, settings, session: requests.Session, ident: str
                               f"gave up after {attempt + 1} attempts: {outcome.error}")
         else:
             outcome = Outcome(State.PENDING, outcome.status, outcome.error, delay)
-    _record(client, ident, outcome)
+    _record(client, ident, outcome, lease_s(settings))
     if outcome.retry_in_s is not None:
         send(ident, attempt + 1, outcome.retry_in_s)
     log.log(logging.INFO if outcome.state != State.FAILED else logging.WARNING,
@@ -213,7 +255,7 @@ def backoff_s(settings, attempt: int) -> float:
     return delay * random.uniform(0.8, 1.0)
 
 
-def _record(client: redis.Redis, ident: str, outcome: Outcome) -> None:
+def _record(client: redis.Redis, ident: str, outcome: Outcome, lease: float) -> None:
     now = _now(client)
     values: dict[Any, Any] = {
         "state": outcome.state, "last_at": repr(now), "last_error": outcome.error,
@@ -221,7 +263,13 @@ def _record(client: redis.Redis, ident: str, outcome: Outcome) -> None:
         "next_at": repr(now + outcome.retry_in_s) if outcome.retry_in_s else ""}
     if outcome.state == State.DELIVERED:
         values["delivered_at"] = repr(now)
-    client.hset(keys.webhook_delivery(ident), mapping=values)
+    pipe = client.pipeline()
+    pipe.hset(keys.webhook_delivery(ident), mapping=values)
+    if outcome.retry_in_s:
+        pipe.zadd(keys.WEBHOOKS_DUE, {ident: now + outcome.retry_in_s + lease})
+    else:
+        pipe.zrem(keys.WEBHOOKS_DUE, ident)
+    pipe.execute()
 
 
 def deliveries(client: redis.Redis, batch: str) -> list[dict]:
@@ -238,31 +286,14 @@ def reopen(client: redis.Redis, ident: str) -> bool:
     key = keys.webhook_delivery(ident)
     if client.hget(key, "state") != State.FAILED:
         return False
+    now = _now(client)
     client.hset(key, mapping={"state": State.PENDING, "attempts": 0,
-                              "first_at": repr(_now(client)), "next_at": ""})
+                              "first_at": repr(now), "next_at": ""})
     client.hincrby(key, "replays", 1)
+    client.zadd(keys.WEBHOOKS_DUE, {ident: now + REPLAY_DUE_S})
     return True
-
-
-def summary(records: list[dict]) -> dict[str, int]:
-    counts = {State.DELIVERED: 0, State.PENDING: 0, State.FAILED: 0}
-    for record in records:
-        state = record.get("state", State.PENDING)
-        counts[state] = counts.get(state, 0) + 1
-    return counts
 
 
 def _now(client: redis.Redis) -> float:
     seconds, micros = client.time()
     return seconds + micros / 1e6
-
-
-def as_row(record: dict) -> dict:
-    """A record as `vidq webhooks --json` prints it: no body, URL without query."""
-    return {"id": record.get("id"), "event_id": record.get("event_id"),
-            "type": record.get("type"), "target": record.get("target"),
-            "url": redacted(record.get("url", "")), "state": record.get("state"),
-            "attempts": int(record.get("attempts") or 0),
-            "last_status": record.get("last_status") or None,
-            "last_error": record.get("last_error") or None,
-            "replays": int(record.get("replays") or 0)}
