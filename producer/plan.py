@@ -14,6 +14,7 @@ round-robin, so they do not all run first, but the night's work is the sum.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -31,6 +32,8 @@ from worker.spend import CreditEstimates
 SLOT_USE = 0.9
 _DEADLINE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Jobs ahead count at their own shapes' times, read from this many of each line.
+AHEAD_SAMPLE = 50
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class CapacityPlan:
     ahead: int  # jobs of the deployment already waiting or in flight
     cap: int
     credits: float
+    ahead_s: float = 0.0  # generation seconds of the jobs ahead whose shape was read
+    ahead_unread: int | None = None  # jobs ahead of unknown shape (None: all of them)
 
     @property
     def videos(self) -> int:
@@ -57,7 +62,8 @@ class CapacityPlan:
     def work_s(self) -> float:
         own = sum(shape.videos * shape.generation_s for shape in self.shapes)
         mean = own / self.videos if self.videos else 0.0
-        return own + self.ahead * mean
+        unread = self.ahead if self.ahead_unread is None else self.ahead_unread
+        return own + self.ahead_s + unread * mean
 
     def duration_s(self) -> float:
         return self.work_s / (max(self.cap, 1) * SLOT_USE)
@@ -98,8 +104,18 @@ def capacity_plan(client: redis.Redis, settings, requests: list[dict]) -> Capaci
         generation_s, learned = durations.typical_s(model, resolution)
         shapes.append(Shape(model, resolution, videos, generation_s, learned))
     estimates = CreditEstimates.from_settings(settings)
-    return CapacityPlan(tuple(shapes), _ahead(client), _cap(client, settings),
-                        sum(estimates.of(r) for r in requests))
+    groups = _ahead(client)
+    ahead_s, unread = 0.0, 0
+    for count, sample in groups:
+        times = [durations.typical_s(r.get("model", ""), r.get("resolution", "720P"))[0]
+                 for r in sample]
+        if times:
+            ahead_s += count * sum(times) / len(times)
+        else:
+            unread += count
+    return CapacityPlan(tuple(shapes), sum(count for count, _ in groups),
+                        _cap(client, settings), sum(estimates.of(r) for r in requests),
+                        ahead_s, unread)
 
 
 def parse_deadline(text: str) -> float:
@@ -111,12 +127,26 @@ def parse_deadline(text: str) -> float:
     return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
-def _ahead(client: redis.Redis) -> int:
+def _ahead(client: redis.Redis) -> list[tuple[int, list[dict]]]:
+    """The jobs ahead, by line (each batch's waiting jobs, then the slots held):
+    how many, and the requests of up to AHEAD_SAMPLE of them."""
     batches = sorted(str(name) for name in client.smembers(keys.BATCHES))
     pipe = client.pipeline(transaction=False)
     for name in batches:
         pipe.zcard(keys.batch_line(name))
-    return sum(int(n or 0) for n in pipe.execute()) + int(client.zcard(keys.SLOTS))
+        pipe.zrange(keys.batch_line(name), 0, AHEAD_SAMPLE - 1)
+    answers = pipe.execute()
+    lines = [(int(n or 0), [keys.job_ref(name, str(i)) for i in ids])
+             for name, n, ids in zip(batches, answers[::2], answers[1::2], strict=True) if n]
+    slots = [str(ref) for ref in client.zrange(keys.SLOTS, 0, -1)]
+    lines.append((len(slots), slots))
+    pipe = client.pipeline(transaction=False)
+    for _, refs in lines:
+        for ref in refs:
+            pipe.hget(keys.job(ref), "request")
+    found = iter(pipe.execute())
+    return [(count, [json.loads(raw) for raw in [next(found) for _ in refs] if raw])
+            for count, refs in lines]
 
 
 def _cap(client: redis.Redis, settings) -> int:
