@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import requests
-from conftest import write_prompts
-from test_flower import AUTH, start_flower
+from conftest import wait_http, write_prompts
+from test_flower import AUTH, ROOT, documented_flower_command, start_flower
 
 CONF = """\
 # vidq's Flower configuration, with the hung-save limits of this test.
@@ -44,17 +44,19 @@ def _state(pid: int) -> str:
         return ""
 
 
-def _stop_a_save_child(flower: subprocess.Popen, timeout_s: float = 20.0) -> int:
-    """SIGSTOP a save child of `flower` while it is still saving; returns its pid."""
+def _stop_a_save_child(flower: subprocess.Popen, db: Path, timeout_s: float = 20.0) -> int:
+    """SIGSTOP a save child of `flower` while it writes `db`'s temporary files (so in
+    Flower's own save_state, past the child's set-up); returns its pid."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for pid, state in _children(flower.pid).items():
-            if state in "RSD":
+            if state in "RSD" and list(db.parent.glob(db.name + ".tmp*")):
                 os.kill(pid, signal.SIGSTOP)
                 time.sleep(0.05)
-                if _children(flower.pid).get(pid) == "T":
+                if _state(pid) == "T" and list(db.parent.glob(db.name + ".tmp*")):
                     return pid
-        time.sleep(0.002)
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(0.001)
     raise AssertionError("never caught a save child running")
 
 
@@ -82,7 +84,7 @@ def test_a_hung_save_child_is_killed_and_flower_still_saves_and_stops(make_pipel
         assert max(zombies) <= 1, f"zombie save children pile up: {zombies}; log {log}"
         seen = set(requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json())
 
-        stopped.append(_stop_a_save_child(flower))
+        stopped.append(_stop_a_save_child(flower, db))
         hung_at = time.time_ns()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (
@@ -92,7 +94,7 @@ def test_a_hung_save_child_is_killed_and_flower_still_saves_and_stops(make_pipel
             f"the hung save child {stopped[-1]} is still there 10 s later; log {log}"
         assert _saved_mtime(db) > hung_at, f"no save since a child hung; log {log}"
 
-        stopped.append(_stop_a_save_child(flower))
+        stopped.append(_stop_a_save_child(flower, db))
         flower.send_signal(signal.SIGTERM)
         try:
             flower.wait(20)
@@ -111,3 +113,33 @@ def test_a_hung_save_child_is_killed_and_flower_still_saves_and_stops(make_pipel
         on_disk = set(saved["events"].tasks)
     assert len(seen) >= 9 and seen <= on_disk, f"final save lacks tasks; log {log}"
     assert "Traceback" not in log.read_text(errors="replace"), f"see {log}"
+
+
+def test_a_crashed_flowers_save_child_does_not_keep_its_port(make_pipeline, tmp_path):
+    """Flower SIGKILLed while a save child hangs: the child, which inherited Flower's
+    listening socket, dies with it, so Flower restarted on the same port starts."""
+    pipeline = make_pipeline()
+    flower, base, log = start_flower(pipeline.env, tmp_path, "--state_save_interval=300")
+    port, child, db = int(base.rsplit(":", 1)[1]), 0, tmp_path / "flower.db"
+    try:
+        child = _stop_a_save_child(flower, db)
+        flower.kill()  # a crash: no stop, no save at exit
+        flower.wait(10)
+        again = subprocess.Popen(documented_flower_command(port, db),
+                                 env=pipeline.env, cwd=ROOT, stdout=open(log, "ab"),
+                                 stderr=subprocess.STDOUT)
+        try:
+            wait_http(base + "/healthcheck", again, log, timeout_s=20)
+        except requests.ReadTimeout:
+            raise AssertionError(f"port {port} still accepts for the orphaned save child "
+                                 f"{child}: the restarted Flower cannot serve; log {log}") from None
+        finally:
+            again.terminate()
+            again.wait(15)
+    finally:
+        if child and _state(child) == "T":  # the stopped save child, if it outlived Flower
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        if flower.poll() is None:
+            flower.kill()
+            flower.wait(10)

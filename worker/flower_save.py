@@ -25,6 +25,7 @@ Loaded by Flower's configuration file, `worker/flowerconfig.py`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 # Saves of a 30,000-task window took 7 to 8 s on a loaded 2-core machine.
 SAVE_TIMEOUT_S = 300.0
 STOP_WAIT_S = 15.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def install() -> None:
@@ -66,15 +68,28 @@ def save_in_child(events: Any) -> None:
     if _child_running(events):
         log.warning("previous state save still running: this one is skipped")
         return
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: save, then leave without running Flower's atexit hooks
         code = 1
         try:
+            _die_with(parent)
             events.save_state()
             code = 0
         finally:
             os._exit(code)
     events.vidq_save_child, events.vidq_save_started = pid, time.monotonic()
+
+
+def _die_with(parent: int) -> None:
+    """The child inherits Flower's listening socket: one that outlived a killed Flower
+    would hold its port, and a Flower restarted on that port would fail to start, as
+    long as the save runs (forever, if it hangs). So it dies with Flower (Linux); the db
+    keeps the previous save, as after any crash."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # Flower died before the line above
+        os._exit(1)
 
 
 def _child_running(events: Any) -> bool:
