@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from worker.celery_app import QUEUES
+from worker.celery_app import QUEUES, WEBHOOK_QUEUE
 from worker.errors import ConfigError
 from worker.settings import Settings
 
@@ -29,6 +29,7 @@ SANDBOX_TIME_SCALE = 9.0
 # A worker that keeps dying this soon after starting is misconfigured, not unlucky.
 QUICK_EXIT_S = 15.0
 MAX_QUICK_EXITS = 3
+WEBHOOK_CONCURRENCY = 2  # deliveries are I/O-bound and rare: a small pool of their own
 
 
 @dataclass(frozen=True)
@@ -92,14 +93,19 @@ class Supervisor:
         log_dir = self.options.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log = open(log_dir / f"worker-{index}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        # The last process delivers webhooks only: a receiver that hangs
+        # until its timeout then holds none of the step workers' processes.
+        webhooks = index == self.options.workers
+        queues = [WEBHOOK_QUEUE] if webhooks else [q for q in QUEUES if q != WEBHOOK_QUEUE]
+        concurrency = WEBHOOK_CONCURRENCY if webhooks else self.options.concurrency
         command = [sys.executable, "-m", "celery", "-A", "worker", "worker",
-                   "-Q", ",".join(QUEUES), "-c", str(self.options.concurrency),
+                   "-Q", ",".join(queues), "-c", str(concurrency),
                    "-n", f"vidq-run-{index}-{os.getpid()}@%h", "--loglevel", "INFO"]
         return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
     def start_all(self) -> None:
-        for index in range(self.options.workers):
+        for index in range(self.options.workers + 1):  # + the webhook worker
             self.processes.append(self.start(index))
             self.started_at.append(time.monotonic())
 
@@ -125,7 +131,7 @@ def worker_processes(options: RunOptions, env: dict, console: Console):
     supervisor = Supervisor(options, env, console)
     try:
         supervisor.start_all()
-        console.print(f"{options.workers} worker process(es), logs in "
+        console.print(f"{options.workers} worker process(es) and one for webhooks, logs in "
                       f"{options.state_dir / 'logs'}")
         yield supervisor
     finally:
