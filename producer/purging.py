@@ -7,11 +7,12 @@ flight (paid for) never downloaded.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import click
 
-from worker import manifest
+from worker import keys, manifest
 from worker.admission import Admission
 from worker.errors import InputError
 from worker.retention import purge
@@ -19,6 +20,9 @@ from worker.settings import Settings
 from worker.storage import open_storage
 
 from .retrying import plural
+
+# How long `vidq purge` waits for another process writing the batch's manifest.
+WRITER_WAIT_S = 120.0
 
 
 def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bool = False,
@@ -37,9 +41,12 @@ def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bo
                 "never submitted, generations in flight are paid for and never downloaded) "
                 "and writes no manifest; add --force to remove it anyway")
     elif not mark.manifest_current:
-        manifest.write_if_finished(client, storage, settings.storage_url, batch,
-                                   settings.retention_s)
-    written = manifest.read_marks(client, [batch])[batch].manifest_current
+        _write_manifest(client, storage, settings, batch)
+    now = manifest.read_marks(client, [batch])[batch]
+    if mark.is_finished and not now.is_finished and not force:
+        raise InputError(f"batch {batch!r} was reopened (a retry, a late generation id or new "
+                         "jobs) while its manifest was written; nothing removed")
+    written = now.manifest_current
     purged = purge(client, batch)
     echo(f"batch {batch}: removed from Redis: {plural(purged.jobs, 'job record')} and every "
          f"key of the batch ({purged.keys} keys)")
@@ -48,3 +55,20 @@ def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bo
              f"{storage.location(manifest.manifest_key(batch))} (`vidq report {batch}` reads it)")
     else:
         echo("videos and sidecars stay in storage; no manifest was written")
+
+
+def _write_manifest(client, storage, settings: Settings, batch: str) -> None:
+    """Write the batch's manifest, or wait while another process (the
+    reconciler, `vidq status`) writes it: purging under a writer would leave
+    it reading jobs already gone, and a manifest missing their rows."""
+    deadline = time.monotonic() + WRITER_WAIT_S
+    while True:
+        manifest.write_if_finished(client, storage, settings.storage_url, batch,
+                                   settings.retention_s)
+        if (manifest.read_marks(client, [batch])[batch].manifest_current
+                or not client.exists(keys.manifest_lock(batch))):
+            return
+        if time.monotonic() > deadline:
+            raise InputError(f"the manifest of batch {batch!r} is being written by another "
+                             f"process; run `vidq purge {batch}` again when it is done")
+        time.sleep(0.2)

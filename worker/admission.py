@@ -99,7 +99,6 @@ class Admission:
             raise InputError(f"batch {batch!r} was cancelled: enqueue into a new batch name")
         self.configure(batch, batch_settings or {}, defaults={"priority": "normal"})
         created, pending = 0, 0
-        replies: list[bool] = []  # which pipeline replies are the script's (created) answers
         pipe = self.redis.pipeline(transaction=False)
         for job_id, request, *rest in jobs:
             ref = keys.job_ref(batch, job_id)
@@ -107,19 +106,21 @@ class Admission:
                            keys.batch(batch)]
             args = [job_id, batch, json.dumps(request, ensure_ascii=False), repr(now),
                     repr(self.credits.of(request))]
-            self._scripts["enqueue"](keys=script_keys, args=args, client=pipe)
-            replies.append(True)
             for name, value in (rest[0] if rest else {}).items():
-                pipe.hsetnx(keys.job(ref), name, str(value))
-                replies.append(False)
+                args += [name, str(value)]
+            self._scripts["enqueue"](keys=script_keys, args=args, client=pipe)
             pending += 1
             if pending >= ENQUEUE_PIPELINE:
-                created += _created(pipe.execute(), replies)
-                pending, replies = 0, []
+                created += sum(int(answer) for answer in pipe.execute())
+                pending = 0
         if pending:
-            created += _created(pipe.execute(), replies)
+            created += sum(int(answer) for answer in pipe.execute())
         self.redis.sadd(keys.BATCHES, batch)
         self.redis.hsetnx(keys.batch(batch), "created_at", repr(now))
+        if self.cancelled(batch):  # `vidq cancel` ran meanwhile (lua/enqueue.lua)
+            raise InputError(f"batch {batch!r} was cancelled while this enqueue ran: "
+                             f"{created} jobs were written before (cancelled with it unless "
+                             "admitted already), the rest were not enqueued")
         return created
 
     def configure(self, batch: str, values: dict, defaults: dict | None = None) -> bool:
@@ -198,10 +199,6 @@ class Admission:
         for name in names:
             pipe.zcard(keys.batch_line(name))
         return sum(pipe.execute()) + int(self.redis.llen(keys.ADMISSION))
-
-
-def _created(answers: list, is_script: list[bool]) -> int:
-    return sum(int(answer) for answer, script in zip(answers, is_script, strict=True) if script)
 
 
 def admit(admission: Admission, dispatch: Dispatch) -> int:

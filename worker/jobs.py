@@ -149,13 +149,19 @@ class JobStore:
 
     def mark_posting(self, job: Job, durability: Durability) -> str:
         """Write the "POST started" marker and wait until it is durable; see
-        lua/mark_posting.lua for the answers."""
+        lua/mark_posting.lua for the answers. A job whose batch was cancelled
+        (after the submit's own check) ends cancelled here, and the answer is
+        'stale': the step stops, nothing is sent."""
         pipe = self.redis.pipeline(transaction=False)
-        self._scripts["mark_posting"](keys=[keys.job(job.ref)], args=[job.token], client=pipe)
+        self._scripts["mark_posting"](keys=[keys.job(job.ref), keys.batch(job.batch)],
+                                      args=[job.token], client=pipe)
         durability.append_waits(pipe)
         answer, *waits = pipe.execute()
         if answer == "ok":
             durability.check(waits)
+        if answer == "cancelled":
+            self.back_in_line(job, 0.0, rate_limited=False)  # ends it cancelled, slot freed
+            return "stale"
         return answer
 
     def clear_posting(self, job: Job) -> None:

@@ -4,14 +4,14 @@ storage when a batch finishes, so a content pipeline or a person can map
 prompt lines to files without Redis.
 
 Who writes it, once: whoever sees the batch finished first and wins the
-batch's manifest lock (`SET NX` with a lease): the step that ended the last
-job, else the reconciler's next pass, else the next `vidq status` or `vidq
-report`. A writer that dies leaves the lock to expire; the manifest is not
-marked written, so the next of them writes it again (the objects are
-published whole, so a half-written manifest is never seen). The mark records
-the batch's reopen count and total when the writer started
-(lua/manifest_written.lua): a batch reopened meanwhile by a retry, a late
-generation id or new jobs is written again when it finishes again.
+batch's manifest lock (`SET NX` with a lease): the reconciler's next pass
+(worker/retention.py), else the next `vidq status`; `vidq purge` writes it
+too, or waits while another process does. A writer that dies leaves the lock
+to expire; the manifest is not marked written, so the next of them writes it
+again (the objects are published whole, so a half-written manifest is never
+seen). The mark records the batch's reopen count and total when the writer
+started (lua/manifest_written.lua): a batch reopened meanwhile by a retry, a
+late generation id or new jobs is written again when it finishes again.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import redis
 
 from . import keys, manifest
+from .admission import PRIORITIES
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ def purge(client: redis.Redis, batch: str) -> Purged:
     pipe = client.pipeline(transaction=False)
     pipe.unlink(*batch_keys(batch))
     pipe.srem(keys.BATCHES, batch)
+    for priority in PRIORITIES:
+        # A batch purged while it waited would keep its turn in a ring: enqueued
+        # again under the same name, it would sit there twice (two turns a round).
+        pipe.lrem(keys.ring(priority), 0, batch)
     removed += pipe.execute()[0]
     log.info("batch %s purged from Redis: %d jobs, %d keys", batch, jobs, removed)
     return Purged(jobs, removed)

@@ -1,10 +1,19 @@
 -- Write one new job and put it at the back of its batch's line; an existing
 -- id is left alone. Its credit estimate is what the spend caps count until
--- the upstream reports the real figure.
+-- the upstream reports the real figure. A batch cancelled meanwhile (`vidq
+-- cancel` while a big file was being written) takes no new job: one put in
+-- its line after the cancel drained it would wait there forever.
 local job_key, jobs_key, counts_key, batch_hash_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local job_id, batch, request, now, estimate = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local first_extra = 6  -- ARGV[6..]: extra fields (name, value), set where unset
 
-if redis.call('EXISTS', job_key) == 1 then return 0 end
+local function set_extras()
+  for i = first_extra, #ARGV, 2 do redis.call('HSETNX', job_key, ARGV[i], ARGV[i + 1]) end
+end
+
+if redis.call('EXISTS', job_key) == 1 then set_extras(); return 0 end
+if redis.call('HGET', batch_hash_key, 'cancelled') == '1' then return 0 end
+set_extras()
 redis.call('HSET', job_key, 'id', job_id, 'batch', batch, 'request', request,
   'state', STATE.queued, 'enqueued_at', now, 'credits_estimate', estimate)
 redis.call('SADD', jobs_key, job_id)

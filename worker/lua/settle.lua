@@ -3,7 +3,9 @@
 -- estimate. 'stored' (its video was already in storage, nothing POSTed): 0.
 -- 'failed': the estimate if a generation may exist (an id, or a POST whose
 -- outcome is unknown; it may have been charged), else 0; its video goes
--- back to the batch's max-videos. Returns 1 if settled now, 0 if already.
+-- back to the batch's max-videos, unless its POST's outcome is unknown: that
+-- generation may still answer late and be downloaded (lua/record_generation.lua),
+-- so it keeps counting. Returns 1 if settled now, 0 if already.
 local job_key = KEYS[1]
 local outcome = ARGV[1]
 local reported = tonumber(ARGV[2])  -- '' when the upstream did not say
@@ -16,9 +18,10 @@ local spent, kept = 0, true
 if outcome == 'done' then
   spent = reported or pending
 elseif outcome == 'failed' then
-  kept = false
-  local may_exist = (f[3] and f[3] ~= '') or (f[4] and f[4] ~= '') or f[5] == '1'
-  if may_exist then spent = reported or pending end
+  local has_id = f[3] and f[3] ~= ''
+  local unknown = not has_id and ((f[4] and f[4] ~= '') or f[5] == '1')
+  if has_id or unknown then spent = reported or pending end
+  kept = unknown
 end
 if pending == 0 then spent = 0 end  -- an existing generation polled again: paid before
 if settle(job_key, f[1], spent, kept) then return 1 end

@@ -1,0 +1,241 @@
+"""Breaking the batch operations' promises (issue 13) on real parts: a real
+redis-server, real `celery -A worker worker` processes where a step must run,
+the sandbox over HTTP (behind the fault proxy where an answer must be late).
+
+Races that a test cannot hit by timing alone are forced by running one side
+of them in this process at the exact point between two Redis calls.
+"""
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from chaos.faultproxy import FaultProxy
+from conftest import write_prompts
+
+from producer.enqueue import enqueue_file
+from producer.purging import run_purge
+from worker import keys, manifest
+from worker.batch_control import cancel
+from worker.errors import InputError
+from worker.jobs import State
+from worker.spend import batch_spend
+from worker.storage import open_storage
+from worker.tasks import build_steps, dispatch
+
+MODEL = "alibaba/wan2.1-t2v-turbo"
+
+
+def _vidq(pipeline, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["vidq", *args], env=pipeline.env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _wait(condition, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached in {timeout_s} s")
+
+
+@pytest.fixture
+def proxied(make_pipeline, make_sandbox):
+    proxies = []
+
+    def build(**env):
+        sandbox = make_sandbox()
+        proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True).start()
+        proxies.append(proxy)
+        return make_pipeline(sandbox, AIMLAPI_BASE_URL=proxy.url, **env), proxy
+
+    yield build
+    for proxy in proxies:
+        proxy.stop()
+
+
+def test_cancel_landing_between_the_submits_check_and_its_post_is_never_posted(
+        make_pipeline, tmp_path):
+    """`vidq cancel` returns right after an admitted job's submit checked the
+    batch (not cancelled yet) and before it marked its POST: the job must still
+    end cancelled, never POSTed, its slot and commitment freed."""
+    pipeline = make_pipeline()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a race at the gate"]), "gate")
+    pipeline.admission.set_cap(1)
+    (ref, token), = pipeline.admission.pump()
+    steps = build_steps(pipeline.settings, "breaker")
+    check = steps.admission.cancelled
+
+    def check_then_cancel(batch: str) -> bool:
+        answer = check(batch)
+        cancel(pipeline.admission, batch)  # the user's `vidq cancel`, right now
+        return answer
+
+    steps.admission.cancelled = check_then_cancel  # type: ignore[method-assign]
+    steps.submit(steps.claim(ref, token, "submit"))
+
+    assert pipeline.ledger() == []
+    assert pipeline.store.get(ref).state == State.CANCELLED
+    assert pipeline.admission.in_flight() == 0
+    spend = batch_spend(pipeline.store.redis, "gate")
+    assert spend["committed"] == 0 and spend["videos"] == 0
+
+
+def test_cancel_while_a_big_enqueue_is_writing_leaves_no_job_waiting_forever(make_pipeline):
+    """`vidq cancel` runs while `vidq enqueue` is still writing a big file into
+    the batch: no job may be left queued in a line the pump no longer serves
+    (the batch would never finish); the enqueue says the batch was cancelled."""
+    pipeline = make_pipeline()
+    admission, store = pipeline.admission, pipeline.store
+    total, refused = 30000, []
+
+    def enqueue() -> None:
+        try:
+            admission.enqueue("wrong", ((f"w{i:05d}", {"model": MODEL, "prompt": f"wrong {i}"},
+                                         {"line": i + 1}) for i in range(total)), time.time())
+        except InputError as exc:
+            refused.append(str(exc))
+
+    writer = threading.Thread(target=enqueue)
+    writer.start()
+    _wait(lambda: store.batch_total("wrong") > 0, what="the first jobs written")
+    cancel(admission, "wrong")
+    writer.join(timeout=120)
+
+    counts = store.counts("wrong")
+    assert counts["queued"] == 0 and admission.waiting("wrong") == 0, counts
+    assert store.batch_total("wrong") < total, "the cancel came too late to race"
+    assert counts["cancelled"] == store.batch_total("wrong") == len(store.job_ids("wrong"))
+    assert refused and "was cancelled while this enqueue ran" in refused[0]
+    leftovers = list(store.redis.scan_iter(keys.job(keys.job_ref("wrong", "*")), count=5000))
+    assert len(leftovers) == store.batch_total("wrong")  # no hash of a job never enqueued
+
+
+def test_cancel_during_a_429_pause_ends_the_job_put_back_and_posts_nothing(
+        make_pipeline, tmp_path):
+    """A 429 puts the first job back at the front of its line and pauses
+    submits; `vidq cancel` meanwhile ends both jobs cancelled, and nothing is
+    POSTed when the pause ends."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1)
+    pipeline.start_workers(count=1, concurrency=2)
+    pipeline.faults(submit=[429], retry_after=5)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["paused 1", "paused 2"]), "held")
+    client = pipeline.store.redis
+    _wait(lambda: client.exists(keys.PAUSE_SUBMIT) and pipeline.admission.waiting("held") == 2,
+          what="the 429 pause with the job back in line")
+
+    result = _vidq(pipeline, "cancel", "held")
+    time.sleep(6)  # the pause is over: a wrongful submit would have gone out
+
+    assert result.returncode == 0, result.stderr
+    assert "2 waiting jobs cancelled; 0 jobs in flight" in result.stdout, result.stdout
+    assert pipeline.store.counts("held")["cancelled"] == 2
+    assert pipeline.ledger() == [] and pipeline.admission.in_flight() == 0
+    assert batch_spend(client, "held")["committed"] == 0
+
+
+def test_max_videos_is_not_passed_when_an_unknown_post_answers_late(proxied, tmp_path):
+    """--max-videos 1: the first POST's answer is late (outcome unknown for a
+    while, then its id arrives and its video is downloaded). Its video slot
+    must not be handed to the second job meanwhile: one generation in all."""
+    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="1")
+    proxy.trickle_interval_s = 0.01
+    proxy.queue("trickle", count=1, method="POST")
+    pipeline.start_workers(count=1, concurrency=2)
+    path = write_prompts(tmp_path / "p.txt", ["late one", "late two"])
+    enqueue_file(pipeline.admission, path, "one", {"model": MODEL}, dispatch,
+                 batch_settings={"max_videos": 1})
+
+    _wait(lambda: pipeline.store.counts("one")["done"] >= 1, what="the late video stored")
+    time.sleep(2)
+
+    assert len(pipeline.ledger()) == 1, pipeline.ledger()
+    counts = pipeline.store.counts("one")
+    assert counts["done"] == 1 and counts["queued"] == 1, counts
+    spend = batch_spend(pipeline.store.redis, "one")
+    assert spend["videos"] == 1 and spend["committed"] == 0
+
+
+def test_purge_while_the_manifest_is_being_written_leaves_a_complete_manifest(make_pipeline):
+    """The reconciler is writing a finished batch's manifest when `vidq purge`
+    runs: the manifest in storage (what `vidq report` reads afterwards) must
+    still hold every job's row."""
+    pipeline = make_pipeline()
+    admission, settings, client = pipeline.admission, pipeline.settings, pipeline.store.redis
+    total = 12000
+    admission.enqueue("big", ((f"j{i:05d}", {"model": MODEL, "prompt": f"prompt {i}"},
+                               {"line": i + 1}) for i in range(total)), time.time())
+    assert cancel(admission, "big").cancelled == total  # every job ended: the batch finished
+    storage = open_storage(settings.storage_url, settings.s3_part_bytes)
+    writer = threading.Thread(target=manifest.write_if_finished, args=(
+        client, storage, settings.storage_url, "big", settings.retention_s))
+
+    writer.start()
+    _wait(lambda: client.exists(keys.manifest_lock("big")), what="the writer's lock")
+    said: list[str] = []
+    run_purge(admission, settings, "big", echo=said.append)
+    writer.join(timeout=60)
+
+    rows = manifest.read(storage, "big")
+    assert rows is not None and len(rows) == total, (len(rows or []), said)
+    assert client.exists(keys.batch("big"), keys.batch_jobs("big")) == 0
+    assert "the manifest stay in storage" in " ".join(said)
+
+
+def test_a_batch_purged_with_force_and_enqueued_again_gets_one_turn_a_round(make_pipeline,
+                                                                          tmp_path):
+    """`vidq purge --force` of a batch still waiting, then the same name
+    enqueued again beside another batch: round-robin, one job per batch a turn."""
+    pipeline = make_pipeline()
+    admission = pipeline.admission
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["old 1", "old 2"]), "reused")
+    run_purge(admission, pipeline.settings, "reused", force=True, echo=lambda _line: None)
+    pipeline.enqueue(write_prompts(tmp_path / "b.txt", [f"new {i}" for i in range(3)]),
+                     "reused")
+    pipeline.enqueue(write_prompts(tmp_path / "c.txt", [f"other {i}" for i in range(3)]),
+                     "other")
+    admission.set_cap(6)
+
+    order = [ref.split(":")[0] for ref, _token in admission.pump()]
+
+    assert order == ["reused", "other"] * 3
+
+
+def test_retry_resubmit_run_twice_at_once_posts_one_new_generation_per_job(make_pipeline,
+                                                                          tmp_path):
+    """Two `vidq retry --resubmit --yes` started together on the same failures:
+    one new POST per job in all (sandbox ledger), the old id kept once."""
+    pipeline = make_pipeline()
+    pipeline.start_workers(count=1, concurrency=4)
+    prompts = ["twice a fox", "twice a whale"]
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "twice")
+    pipeline.wait_finished("twice")
+    store = pipeline.store
+    old = {}
+    for job_id in store.job_ids("twice"):  # as if their generations had failed upstream
+        job = store.get(keys.job_ref("twice", job_id))
+        old[job.request["prompt"]] = job.generation_id
+        store.transition(job, state=State.FAILED, expected_token="*", last_error="poll: lost")
+    stored = Path(pipeline.settings.storage_url.removeprefix("file://")) / "twice"
+    for path in stored.iterdir():  # a failed job has no video in storage
+        path.unlink()
+
+    both = [subprocess.Popen(["vidq", "retry", "twice", "--resubmit", "--yes"],
+                             env=pipeline.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, text=True) for _ in range(2)]
+    answers = [process.communicate(timeout=60) for process in both]
+    assert all(process.returncode == 0 for process in both), answers
+    _wait(lambda: store.counts("twice")["done"] == 2, what="both done again")
+    time.sleep(1.5)
+
+    assert Counter(entry["prompt"] for entry in pipeline.ledger()) == {p: 2 for p in prompts}
+    for job_id in store.job_ids("twice"):
+        job = store.get(keys.job_ref("twice", job_id))
+        assert job.extra["past_generations"] == f'["{old[job.request["prompt"]]}"]'
+        assert job.generation_id not in old.values()
