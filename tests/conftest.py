@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
+from chaos.faultproxy import FaultProxy
 
 import worker
 from producer.enqueue import enqueue_file, open_admission
@@ -202,6 +203,22 @@ def wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float =
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} did not answer in {timeout_s} s; log {log}")
+
+
+@pytest.fixture
+def proxied(make_pipeline, make_sandbox):
+    """Pipelines whose upstream is reached through a fault proxy (tests/chaos)."""
+    proxies = []
+
+    def build(sandbox=None, **env):
+        sandbox = sandbox or make_sandbox()
+        proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True).start()
+        proxies.append(proxy)
+        return make_pipeline(sandbox, AIMLAPI_BASE_URL=proxy.url, **env), proxy
+
+    yield build
+    for proxy in proxies:
+        proxy.stop()
 
 
 def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition",

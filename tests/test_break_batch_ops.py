@@ -13,9 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-from chaos.faultproxy import FaultProxy
-from conftest import write_prompts
+from conftest import wait_until, write_prompts
 
 from producer.enqueue import enqueue_file
 from producer.purging import run_purge
@@ -33,31 +31,6 @@ MODEL = "alibaba/wan2.1-t2v-turbo"
 def _vidq(pipeline, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["vidq", *args], env=pipeline.env, capture_output=True, text=True,
                           timeout=60)
-
-
-def _wait(condition, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached in {timeout_s} s")
-
-
-@pytest.fixture
-def proxied(make_pipeline, make_sandbox):
-    proxies = []
-
-    def build(**env):
-        sandbox = make_sandbox()
-        proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True).start()
-        proxies.append(proxy)
-        return make_pipeline(sandbox, AIMLAPI_BASE_URL=proxy.url, **env), proxy
-
-    yield build
-    for proxy in proxies:
-        proxy.stop()
 
 
 def test_cancel_landing_between_the_submits_check_and_its_post_is_never_posted(
@@ -104,7 +77,7 @@ def test_cancel_while_a_big_enqueue_is_writing_leaves_no_job_waiting_forever(mak
 
     writer = threading.Thread(target=enqueue)
     writer.start()
-    _wait(lambda: store.batch_total("wrong") > 0, what="the first jobs written")
+    wait_until(lambda: store.batch_total("wrong") > 0, what="the first jobs written")
     cancel(admission, "wrong")
     writer.join(timeout=120)
 
@@ -127,7 +100,7 @@ def test_cancel_during_a_429_pause_ends_the_job_put_back_and_posts_nothing(
     pipeline.faults(submit=[429], retry_after=5)
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["paused 1", "paused 2"]), "held")
     client = pipeline.store.redis
-    _wait(lambda: client.exists(keys.PAUSE_SUBMIT) and pipeline.admission.waiting("held") == 2,
+    wait_until(lambda: client.exists(keys.PAUSE_SUBMIT) and pipeline.admission.waiting("held") == 2,
           what="the 429 pause with the job back in line")
 
     result = _vidq(pipeline, "cancel", "held")
@@ -152,7 +125,7 @@ def test_max_videos_is_not_passed_when_an_unknown_post_answers_late(proxied, tmp
     enqueue_file(pipeline.admission, path, "one", {"model": MODEL}, dispatch,
                  batch_settings={"max_videos": 1})
 
-    _wait(lambda: pipeline.store.counts("one")["done"] >= 1, what="the late video stored")
+    wait_until(lambda: pipeline.store.counts("one")["done"] >= 1, what="the late video stored")
     time.sleep(2)
 
     assert len(pipeline.ledger()) == 1, pipeline.ledger()
@@ -177,7 +150,7 @@ def test_purge_while_the_manifest_is_being_written_leaves_a_complete_manifest(ma
         client, storage, settings.storage_url, "big", settings.retention_s))
 
     writer.start()
-    _wait(lambda: client.exists(keys.manifest_lock("big")), what="the writer's lock")
+    wait_until(lambda: client.exists(keys.manifest_lock("big")), what="the writer's lock")
     said: list[str] = []
     run_purge(admission, settings, "big", echo=said.append)
     writer.join(timeout=60)
@@ -231,7 +204,7 @@ def test_retry_resubmit_run_twice_at_once_posts_one_new_generation_per_job(make_
                              stdin=subprocess.DEVNULL, text=True) for _ in range(2)]
     answers = [process.communicate(timeout=60) for process in both]
     assert all(process.returncode == 0 for process in both), answers
-    _wait(lambda: store.counts("twice")["done"] == 2, what="both done again")
+    wait_until(lambda: store.counts("twice")["done"] == 2, what="both done again")
     time.sleep(1.5)
 
     assert Counter(entry["prompt"] for entry in pipeline.ledger()) == {p: 2 for p in prompts}

@@ -13,7 +13,6 @@ import time
 from collections import Counter
 
 import pytest
-from chaos.faultproxy import FaultProxy
 from conftest import write_prompts
 
 from worker import keys
@@ -21,21 +20,6 @@ from worker import keys
 
 def _generations_per_prompt(pipeline) -> Counter:
     return Counter(entry["prompt"] for entry in pipeline.ledger())
-
-
-@pytest.fixture
-def proxied(make_pipeline, make_sandbox):
-    proxies = []
-
-    def build(sandbox=None, **env):
-        sandbox = sandbox or make_sandbox()
-        proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True).start()
-        proxies.append(proxy)
-        return make_pipeline(sandbox, AIMLAPI_BASE_URL=proxy.url, **env), proxy
-
-    yield build
-    for proxy in proxies:
-        proxy.stop()
 
 
 @pytest.mark.parametrize("fault", ["reset_after_send", "close_after_send", "gateway_502",
