@@ -62,10 +62,11 @@ def consume(client: redis.Redis, args: argparse.Namespace) -> int:
                 return done
             continue
         for event_id, fields in entries:
-            process(event_id, fields, args.out)
-            time.sleep(args.delay_s)
+            if fields:  # empty: trimmed from the stream before it was processed
+                process(event_id, fields, args.out)
+                time.sleep(args.delay_s)
+                done += 1
             client.xack(STREAM, args.group, event_id)
-            done += 1
         idle_since = time.monotonic()
 
 
