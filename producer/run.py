@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -15,6 +16,7 @@ from rich.console import Console
 from worker.contract import DEFAULT_MODEL
 from worker.settings import Settings
 
+from .batch_view import workers_alive
 from .enqueue import enqueue_file, open_admission
 from .local import RunOptions, local_system
 from .progress import batch_status, failures, watch
@@ -42,7 +44,11 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
             result = enqueue_file(admission, file, batch, defaults, dispatch)
             console.print(f"batch {batch}: {result.jobs_in_file} jobs "
                           f"({result.created} new, {result.already_there} already enqueued)")
-            status = watch(admission, batch, console, keep_going=supervisor.keep_alive)
+            # Workers take a few seconds to start; "no worker is alive" is for
+            # a night where they are really gone, not for these.
+            _until_a_worker_beats(admission, supervisor.keep_alive)
+            status = watch(admission, batch, console, settings=settings,
+                           keep_going=supervisor.keep_alive)
             if not supervisor.keep_alive():
                 console.print("[red]the workers keep exiting at start-up; see "
                               f"{options.state_dir / 'logs'}[/]")
@@ -50,6 +56,13 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
         except KeyboardInterrupt:
             interrupted(admission, batch, console)
             return 130
+
+
+def _until_a_worker_beats(admission, keep_going, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (time.monotonic() < deadline and keep_going()
+           and not workers_alive(admission.redis)):
+        time.sleep(0.2)
 
 
 def interrupted(admission, batch: str, console: Console) -> None:
