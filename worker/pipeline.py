@@ -203,11 +203,13 @@ class Steps:
             return False
         log.info("job %s: video already in storage (sha256 %s); not submitted", job.ref,
                  found["sha256"][:12])
+        # Settled first (it is once per admission): a worker killed between
+        # the two calls then leaves no commitment counted for good.
+        self.admission.settle(job.ref, "stored")
         self.store.transition(job, state=State.DONE, release_slot=True, storage_key=found["video"],
                               storage_url=events.video_url(self.settings, found["video"]),
                               sha256=found["sha256"], bytes=found["bytes"],
                               generation_id=found.get("generation_id") or "", last_error="")
-        self.admission.settle(job.ref, "stored")
         admit(self.admission, self.dispatch)
         return True
 
@@ -224,9 +226,12 @@ class Steps:
                 self.durations.record(*self._shape(job), previous, job.now() - job.submitted_at)
                 completed(*self._shape(job), job.polls, previous, job.now() - job.submitted_at)
                 self._reaim(job)
+        # The generation is done and paid whatever happens next: settle before
+        # the transition, so a worker killed between them leaves no commitment
+        # counted for good (a redelivered poll settles again as a no-op).
+        self.admission.settle(job.ref, "done", generation.credits_used)
         self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True, **values)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
-        self.admission.settle(job.ref, "done", generation.credits_used)
         admit(self.admission, self.dispatch)
 
     def _next(self, job: Job, step: str, delay: float, **values) -> None:
