@@ -10,7 +10,6 @@ Prints the figures and writes bench/results/flower-<UTC>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from worker.celery_app import QUEUES
 
 from . import infra
 from .config import BenchConfig
+from .report import write_json
 from .scenario_vidq import BATCH, run_enqueue, vidq_env, wait_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work / "videos", ignore_errors=True)
     print_report(result)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = ROOT / "bench" / "results" / f"flower-{stamp}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_json(result, "flower-", latest=False)
     print(f"written {out.relative_to(ROOT)}; logs in {work}")
     return 0
 

@@ -91,11 +91,14 @@ def format_targets(found: list) -> str:
                      f"{'PASS' if ok else 'MISS'}" for name, measured, target, ok in found)
 
 
-def write_json(document: dict) -> Path:
+def write_json(document: dict, prefix: str = "", latest: bool = True) -> Path:
+    """bench/results/<prefix><UTC stamp>.json, and <prefix>latest.json unless
+    `latest` is False; returns the stamped path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(document, indent=2, default=str)
-    path = RESULTS / f"{stamp}.json"
+    path = RESULTS / f"{prefix}{stamp}.json"
     path.write_text(text)
-    (RESULTS / "latest.json").write_text(text)
+    if latest:
+        (RESULTS / f"{prefix}latest.json").write_text(text)
     return path

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
@@ -40,7 +39,7 @@ import requests
 
 from . import infra
 from .config import BenchConfig
-from .report import RESULTS
+from .report import write_json
 from .scenarios_micro import PROJECT, finished_video_url, probe_download
 
 BUCKET, PREFIX = "vidq-bench", "videos"
@@ -170,14 +169,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(document: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS / f"s3-download-{stamp}.json"
-    path.write_text(json.dumps(document, indent=2, default=str))
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.s3_download", description=__doc__,
@@ -199,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'all ok' if summary['all_checks_ok'] else 'FAILED'}")
     document = {"command": "python -m bench.s3_download " + " ".join(argv),
                 "started_at": started, "wall_s": time.time() - started, **summary}
-    path = write_json(document)
+    path = write_json(document, "s3-download-", latest=False)
     print(f"wrote {path.relative_to(PROJECT)}")
     return 0 if summary["all_checks_ok"] else 1
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
 import math
 import shutil
 import statistics
@@ -41,7 +39,7 @@ from worker.schedule import plan_from
 from . import infra
 from .config import POLL_MAX_INTERVAL_S, POLL_MIN_INTERVAL_S, PRIOR_GENERATION_S, BenchConfig
 from .metrics import build_row, percentile
-from .report import RESULTS
+from .report import RESULTS, write_json
 from .scenario_vidq import VidqRun, _poll_summary, execute, stored_times
 
 PROCESSES, CONCURRENCY = 2, 4  # the 2x4 layout of bench.run
@@ -262,16 +260,6 @@ def format_targets(results: list[dict], found: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(document: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(document, indent=2, default=str)
-    path = RESULTS / f"timing-{stamp}.json"
-    path.write_text(text)
-    (RESULTS / "timing-latest.json").write_text(text)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     only = set(args.only.split(","))
@@ -326,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                            for t in found[name]] for name in found},
         "worker_logs": str(logs),
     }
-    path = write_json(document)
+    path = write_json(document, "timing-")
     print(f"\nwrote {path} and {path.parent / 'timing-latest.json'} "
           f"(whole run {document['wall_s']:.0f} s)")
     return 1 if errors else 0
