@@ -324,10 +324,11 @@ def test_an_outcome_unknown_failure_that_races_a_recorded_id_does_not_fail_the_j
 
 def test_pending_first_polls_are_re_aimed_when_generations_get_faster(steps_for,
                                                                        make_sandbox):
-    """Learned at ~20 s, three jobs get first polls at ~18 s; then six first polls in a row
+    """Learned at ~20 s, three jobs get first polls at ~18 s; then eight first polls in a row
     find their video done (the upstream got faster): the three pending first polls get
     new tokens at the new, earlier aim, and their old messages become no-ops."""
     from worker.reaim import aim_dropped, reaim_first_polls
+    from worker.schedule import TOO_LATE_RUN
 
     steps = steps_for(make_sandbox(time_scale=45), VIDQ_EXPECTED_GENERATION_S="90")
     shape = ("alibaba/wan2.1-t2v-turbo", "720P")
@@ -342,7 +343,7 @@ def test_pending_first_polls_are_re_aimed_when_generations_get_faster(steps_for,
         assert 17 < steps.store.get(ref).number("first_aim") < 20
     assert not aim_dropped(steps.store.redis, *shape, steps.durations.plan(*shape).first_s)
 
-    for _ in range(6):
+    for _ in range(TOO_LATE_RUN):
         steps.durations.record(*shape, 0.0, 2.0)
     first_s = steps.durations.plan(*shape).first_s
     assert first_s == 1.0 and aim_dropped(steps.store.redis, *shape, first_s)

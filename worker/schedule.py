@@ -17,49 +17,65 @@ resubmitted chains are never recorded):
   `VIDQ_EXPECTED_GENERATION_S`, plus one poll just before and one just after
   the prior. A right prior is then used at once; a wrong one costs two GETs
   and at most one prior's wait.
-* Learned: over the last `RECENT` completions (bracketed ones at their
-  midpoint, censored ones at half their poll time), the second poll goes at
-  the `SECOND_Q` quantile, the first `LAG_SHARE` of the median before it,
-  and later polls follow in steps of that same `LAG_SHARE`, growing after
-  `FLAT_STEPS` of them. First polls that find videos done more often than
-  planned pull the aims down by themselves (their halved times fall below
-  the quantiles); if every recent first poll found its video done, the next
-  first poll comes at half the newest poll time, then the cold doubling.
+* Learned: a log-normal fitted to the intervals by maximum likelihood
+  (worker/fit.py), censored ones included as what they are. With few samples
+  its spread leans on a wide `SPREAD_PRIOR`. The second poll goes just above
+  the median (`Z_SECOND` spreads, plus a margin for the estimate's own error),
+  the first `FIRST_BEFORE` spreads before it, and later polls follow in steps
+  of `STEP_SPREADS` spreads (between 2% and `LAG_SHARE` of the median),
+  growing once a job is `FLAT_STEPS` steps past the second aim.
+* Too late: if the newest `TOO_LATE_RUN` completions were all found at their
+  first poll (planned: about a fifth), what was learned describes a slower
+  upstream. It is dropped, the next first poll comes at half the earliest of
+  those poll times, then in small steps, until `MIN_SAMPLES` completions can
+  be fitted again.
 * Re-aim (worker/reaim.py): when the aims move much earlier, jobs whose first
   poll is still pending get a new one at the new aim.
 
-The trade-off, for generation times spread like N(T, (0.1 T)^2):
-a video found at the second poll waited at most `LAG_SHARE` of T; one found
-at the first poll waited the first poll minus its completion, and the only
-large lags are in the early tail before (first poll - 0.1 T), about 5% of
-videos. Expected GETs are ~2.4 (median 2: >55% found by the second poll).
-A median of two GETs and a p95 lag under 10% of T can only both hold while
-the spread is at most ~0.1 T: for wider spreads the plan keeps the median at
-two GETs, the steps at `LAG_SHARE` and lets the early tail wait longer. The
+The trade-off. A median of two GETs needs the second poll after the median.
+A video found at the second poll then waited at most the gap between the two
+polls, one found later at most one step; the lags that count are those of
+the early tail, found at the first poll long after it finished. With times
+spread by s, the plan above puts the 95th percentile of the lag at about
+0.89 s when s is known exactly (9% of T for the sandbox's spread of 10%,
+with 2.5 GETs per video on average); no plan with a median of two GETs does
+better than 0.82 s, because two aims must cover the middle of the
+distribution. The estimate's own error adds to that. Lower lags need more GETs per video. The
 first poll is not aimed later to save GETs: a fast video found late holds a
 slot idle, and the cap, not the GET count, bounds a batch's throughput.
 """
 from __future__ import annotations
 
+import json
+import math
 import random
-import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 
 from . import keys
+from .fit import fit_lognormal
 
-WINDOW = 60
-RECENT = 20  # completions the aims come from
-TOO_LATE_RUN = 6  # newest completions all censored: the aims are far too late
+WINDOW = 60  # completions fitted
+TOO_LATE_RUN = 8  # newest completions all censored: the aims are far too late
+# (about a fifth of first polls find the video done as planned: eight in a row
+# by chance, 0.2^8, is once in ~400,000 completions; six were seen in sim runs)
 MIN_SAMPLES = 5
 COLD_FIRST_S = 5.0
 COLD_PRIOR_AIMS = (0.95, 1.05)
-SECOND_Q = 0.55  # more than half the videos are found by the second poll
-LAG_SHARE = 0.08  # aimed detection lag, as a share of the median; the rest
-# of a 10% budget is left for countdown and dispatch delays
-FLAT_STEPS = 3  # steps of LAG_SHARE after the second poll, then growing
+# Aims, in spreads (standard deviations of log time) from the median.
+Z_SECOND = 0.05  # the second poll finds just over half the videos done...
+SE_MARGIN = 0.5  # ...plus half the estimate's standard error, 1/sqrt(n) spreads
+FIRST_BEFORE = 0.9  # the first poll, before the second
+STEP_SPREADS = 0.7  # later polls, apart
+MIN_SPREAD = 0.05  # below it, countdown and dispatch jitter dominate anyway
+SPREAD_PRIOR, PRIOR_WEIGHT = 0.15, 5  # a wide spread, worth 5 samples
+LAG_SHARE = 0.08  # largest step, as a share of the median; the rest of a 10%
+# budget is left for countdown and dispatch delays
+MIN_STEP_SHARE = 0.02  # smallest step, as a share of the median
+FLAT_STEPS = 3  # steps past the second aim before they grow
 STEP_GROWTH = 1.25
 CACHE_S = 2.0
 
@@ -89,7 +105,11 @@ class PollPlan:
             return _clamp(self.first_s - elapsed_s, min_s, max_s)
         if elapsed_s < self.second_s - self.step_s / 2:
             return _clamp(self.second_s - elapsed_s, min_s, max_s)
-        step = self.step_s * STEP_GROWTH ** max(polls_done - 2 - FLAT_STEPS, 0)
+        # Grows with how far past the second aim the job is, not with its poll
+        # count: a job polled in fine steps while the plan was relearned must
+        # not get a huge step when a learned plan returns.
+        steps_past = (elapsed_s - self.second_s) / self.step_s if self.step_s else 0.0
+        step = self.step_s * STEP_GROWTH ** max(steps_past - FLAT_STEPS, 0.0)
         return _clamp(step * _jitter(0.05), min_s, max_s)
 
 
@@ -107,31 +127,44 @@ class Sample:
         return (self.lo + self.hi) / 2
 
 
-def plan_from(samples: list[Sample], prior_s: float) -> PollPlan:
-    """The poll plan for a shape, from its most recent samples (newest first)."""
+def plan_from(samples: list[Sample], prior_s: float,
+              running: Sequence[float] = ()) -> PollPlan:
+    """The poll plan for a shape, from its most recent samples (newest first)
+    and, while there are fewer than WINDOW, the ages at their last poll of the
+    jobs still running."""
     if len(samples) < MIN_SAMPLES:
         return PollPlan(min(COLD_FIRST_S, prior_s), None, 0.0, prior_s,
                         (COLD_PRIOR_AIMS[0] * prior_s, COLD_PRIOR_AIMS[1] * prior_s))
     run = _newest_censored_run(samples)
     if run is not None and run < MIN_SAMPLES:
         # The newest first polls all found their video done, which the plan
-        # expects of about a quarter: the aims are far too late, and what
-        # was learned before describes a slower upstream. Halve the earliest
-        # of those poll times, then look in small steps (jobs already past
-        # their first poll must not wait a doubled time) until MIN_SAMPLES
-        # completions after the run can be aimed at again.
-        censored = [s.hi for s in samples[:run + TOO_LATE_RUN] if s.censored]
-        typical = statistics.median(censored)
-        return PollPlan(min(censored) / 2, None, 0.0, LAG_SHARE * typical)
-    # A censored completion finished somewhere before its poll: counted at
-    # half that time, it stays below the aims, and a growing share of them
-    # pulls an aim that has become too late down.
-    recent = samples[:min(RECENT, run if run is not None else RECENT)]
-    values = [s.hi / 2 if s.censored else s.mid for s in recent]
-    cuts = statistics.quantiles(values, n=20, method="inclusive")  # 5% steps
-    median, second = _quantile(cuts, 0.50), _quantile(cuts, SECOND_Q)
-    step = LAG_SHARE * median
-    return PollPlan(max(second - step, 0.0), second, step, second)
+        # expects of about a fifth: the aims are far too late, and what was
+        # learned before describes a slower upstream. Halve the earliest of
+        # those poll times, then look in small steps (jobs already past their
+        # first poll must not wait a doubled time) until MIN_SAMPLES
+        # completions after the run can be fitted.
+        first = min(s.hi for s in samples[:run + TOO_LATE_RUN] if s.censored) / 2
+        return PollPlan(first, None, 0.0, LAG_SHARE * first)
+    recent = samples[:run] if run is not None else samples
+    n = len(recent)
+    intervals = [(s.lo, s.hi) for s in recent]
+    if run is None and n < WINDOW:
+        # The first completions of a batch are its fastest jobs: fitted
+        # alone, they aim the next polls too early. Jobs still running after
+        # a poll say how long the others take. (Not once the window is full:
+        # completions are then a fair sample, and running jobs, the longest
+        # ones, would bias it. Not after a too-late run: those still running
+        # may be from the slower past.)
+        intervals += [(age, math.inf) for age in running]
+    mu, sigma = fit_lognormal(intervals, MIN_SPREAD)
+    # A few samples say little about the spread: lean on a wide one until
+    # there are more.
+    sigma = math.sqrt((n * sigma ** 2 + PRIOR_WEIGHT * SPREAD_PRIOR ** 2) / (n + PRIOR_WEIGHT))
+    z_second = Z_SECOND + SE_MARGIN / math.sqrt(n)
+    median = math.exp(mu)
+    second = math.exp(mu + z_second * sigma)
+    step = median * min(max(STEP_SPREADS * sigma, MIN_STEP_SHARE), LAG_SHARE)
+    return PollPlan(math.exp(mu + (z_second - FIRST_BEFORE) * sigma), second, step, second)
 
 
 def _newest_censored_run(samples: list[Sample]) -> int | None:
@@ -158,10 +191,25 @@ class DurationModel:
         cached = self._cache.get(key)
         if cached and time.monotonic() - cached[1] < CACHE_S:
             return cached[0]
-        plan = plan_from([_parse(str(raw)) for raw in self.redis.lrange(key, 0, WINDOW - 1)],
-                         self.prior_s)
+        samples = [_parse(str(raw)) for raw in self.redis.lrange(key, 0, WINDOW - 1)]
+        running = self._running(model, resolution) if len(samples) < WINDOW else []
+        plan = plan_from(samples, self.prior_s, running)
         self._cache[key] = (plan, time.monotonic())
         return plan
+
+    def _running(self, model: str, resolution: str) -> list[float]:
+        """Ages at their last poll of this shape's jobs still generating."""
+        pipe = self.redis.pipeline(transaction=False)
+        for ref in self.redis.zrange(keys.SLOTS, 0, -1):
+            pipe.hmget(keys.job(str(ref)), "request", "polls", "last_poll_age", "completed_at")
+        ages = []
+        for request, polls, age, completed_at in pipe.execute():
+            if not request or not age or completed_at or int(polls or 0) < 1:
+                continue
+            shape = json.loads(request)
+            if (shape.get("model"), shape.get("resolution", "720P")) == (model, resolution):
+                ages.append(float(age))
+        return ages
 
     def expected_s(self, model: str, resolution: str) -> float:
         """A typical generation time: the second aim, else the plan's cap."""
@@ -200,12 +248,6 @@ def _parse(raw: str) -> Sample:
         return Sample(float(lo), float(hi or lo))
     except ValueError:
         return Sample(0.0, 0.0)
-
-
-def _quantile(cuts: list[float], q: float) -> float:
-    # `cuts` are the 5%, 10%, ... 95% points.
-    index = min(max(round(q * 20) - 1, 0), len(cuts) - 1)
-    return cuts[index]
 
 
 def _jitter(fraction: float) -> float:
