@@ -6,6 +6,7 @@ current master that follows a failover.
 """
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -61,6 +62,8 @@ def connect(redis_url: str) -> redis.Redis:
     # The sentinels answer fast or not at all: a dead one is skipped quickly.
     sentinels = Sentinel(nodes, sentinel_kwargs={"socket_connect_timeout": 1, "socket_timeout": 2})
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20)
+    # Typed as Any: redis-py's stubs type master_for's keywords by position.
+    connection: dict[str, Any] = {**auth, **options}
     return sentinels.master_for(master, db=db, retry=retry, connection_class=FollowMaster,
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                                **auth, **options)
+                                **connection)
