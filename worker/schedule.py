@@ -66,7 +66,7 @@ MIN_SAMPLES = 5
 COLD_FIRST_S = 5.0
 COLD_PRIOR_AIMS = (0.95, 1.05)
 # Aims, in spreads (standard deviations of log time) from the median.
-Z_SECOND = 0.05  # the second poll finds just over half the videos done...
+Z_SECOND = 0.10  # the second poll finds just over half the videos done...
 SE_MARGIN = 0.5  # ...plus half the estimate's standard error, 1/sqrt(n) spreads
 FIRST_BEFORE = 0.9  # the first poll, before the second
 STEP_SPREADS = 0.7  # later polls, apart
