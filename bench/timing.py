@@ -185,7 +185,7 @@ def run_scenario(scenario: Scenario, n: int, c: int, time_scale: float | None,
         "max_in_flight": run.stats["max_in_flight"], "rate_limited": run.stats["rate_limited"],
         "sandbox_stats": run.stats, "counts": run.counts, "wall_s": wall_s,
         "redis_cmds_per_job": row.redis_cmds_per_job,
-        "final_plans": {key: asdict(plan_from([parse_sample(v) for v in values[:60]],
+        "final_plans": {key: asdict(plan_from([x for v in values[:60] if (x := parse_sample(v))],
                                               PRIOR_GENERATION_S / s))
                         for key, values in run.durations.items()},
     }

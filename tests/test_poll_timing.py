@@ -11,11 +11,12 @@ import random
 import statistics
 import time
 
+import redis
 from conftest import write_prompts
 
 from worker import keys
 from worker.fit import fit_lognormal
-from worker.schedule import LAG_SHARE, TOO_LATE_RUN, PollPlan, Sample, plan_from
+from worker.schedule import LAG_SHARE, TOO_LATE_RUN, DurationModel, PollPlan, Sample, plan_from
 
 
 def _lags(pipeline, batch: str) -> list[float]:
@@ -121,6 +122,48 @@ def test_jobs_still_running_keep_the_first_completions_from_aiming_too_early():
     with_running = plan_from(fastest, prior_s=90, running=[9.0] * 40)
     assert alone.second_s is not None and alone.second_s < 9.0
     assert with_running.second_s is not None and with_running.second_s > 9.0
+
+
+def test_no_stored_sample_a_worker_could_write_breaks_the_plan(redis_url):
+    """Garbage, clocks that stepped back, no time at all: ignored, never a NaN, a
+    zero or a negative wait, never an exception in the poll step."""
+    model = DurationModel(redis.Redis.from_url(redis_url, decode_responses=True), 90.0)
+    shape = ("alibaba/wan2.1-t2v-turbo", "720P")
+    key = keys.durations(*shape)
+    model.redis.delete(key)
+    model.redis.lpush(key, *[f"{t - 0.5}:{t}" for t in (9.5, 10, 10.5, 11, 9.8, 10.2)])
+    for raw in ("x", "nan", "inf", "5:nan", "0:0", "-1:-0.5", "7:3") * 2:
+        model.redis.lpush(key, raw)
+    model.record(*shape, 0.0, -3.0)
+    model.record(*shape, 80.0, math.nan)
+    assert model.redis.llen(key) == 6 + 14
+    model._cache.clear()
+    plan = model.plan(*shape)
+    assert plan.second_s is not None and 9.5 < plan.second_s < 11.5
+    for value in (plan.first_s, plan.second_s, plan.step_s):
+        assert math.isfinite(value) and value > 0
+
+
+def test_a_job_that_never_finishes_is_polled_less_and_less_often():
+    """No float overflow however long a job runs; a too-late plan's steps grow with
+    the job's age instead of staying small all night."""
+    learned = PollPlan(9.0, 10.0, 0.5, 10.0)
+    assert learned.delay(5000, 10.0 + 0.5 * 5000, 0.5, 600) == 600
+    too_late = PollPlan(32.0, None, 0.0, 2.56)
+    elapsed, polls = 0.0, 0
+    while elapsed < 10_000:
+        elapsed += too_late.delay(polls, elapsed, 0.5, 600)
+        polls += 1
+    assert polls < 100, polls
+
+
+def test_stuck_jobs_in_slots_do_not_stretch_the_first_fit():
+    """Five completions at ~5 s and forty jobs stuck for 900 s: they count only as
+    running past twice the longest completion. The plan moves later (most jobs
+    take longer than 11 s), but not to the 600 s a fit of the raw ages gave."""
+    fastest = [Sample(t - 0.25, t + 0.25) for t in (4.5, 4.8, 5.0, 5.2, 5.5)]
+    plan = plan_from(fastest, prior_s=90, running=[900.0] * 40)
+    assert plan.second_s is not None and 11.5 < plan.second_s < 120 and plan.first_s < 60
 
 
 def test_prior_90_s_learns_1_s_generations_from_censored_first_polls(make_pipeline,

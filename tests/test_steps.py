@@ -11,7 +11,7 @@ import redis
 import requests
 
 from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired
-from worker.keys import job_ref
+from worker.keys import durations, job_ref
 from worker.settings import Settings
 from worker.tasks import build_steps
 
@@ -32,8 +32,8 @@ def steps_for(redis_url, make_sandbox, tmp_path):
     return build
 
 
-def _admit_one(steps, prompt="a small boat"):
-    steps.admission.enqueue("b", [("j1", {"model": "alibaba/wan2.1-t2v-turbo", "prompt": prompt})],
+def _admit_one(steps, prompt="a small boat", job_id="j1"):
+    steps.admission.enqueue("b", [(job_id, {"model": "alibaba/wan2.1-t2v-turbo", "prompt": prompt})],
                             time.time())
     ((ref, token),) = steps.admission.pump()
     return ref, token
@@ -88,6 +88,27 @@ def test_past_the_deadline_a_job_is_overdue_keeps_its_slot_and_is_still_download
     time.sleep(2.5)
     token = _until_completed(steps, ref, steps.sent[-1][2], first="poll")
     assert _run(steps, "download", ref, token).state == "done"
+    # Its age is vidq's waiting, not a generation time: nothing learned.
+    assert steps.store.redis.llen(durations("alibaba/wan2.1-t2v-turbo", "720P")) == 0
+
+
+def test_a_first_poll_held_back_far_past_its_aim_teaches_the_plan_nothing(steps_for,
+                                                                          make_sandbox):
+    """A 429 pause or a backlog held a first poll (aimed at ~1 s) until 4 s: that the
+    video was done by then does not mean the plan polls too late. A job polled on
+    time is learned from."""
+    steps = steps_for(make_sandbox(time_scale=45))  # ~2 s generations
+    shape = durations("alibaba/wan2.1-t2v-turbo", "720P")
+    ref, token = _admit_one(steps, "held back")
+    _run(steps, "submit", ref, token)
+    assert steps.store.get(ref).number("first_aim") <= 1.0
+    time.sleep(4.0)
+    assert _run(steps, "poll", ref, steps.sent[-1][2]).completed_at
+    assert steps.store.redis.llen(shape) == 0
+
+    ref, token = _admit_one(steps, "on time", "j2")
+    _until_completed(steps, ref, token)
+    assert steps.store.redis.llen(shape) == 1
 
 
 def test_the_hard_limit_fails_the_job_frees_the_slot_and_keeps_generation_id(

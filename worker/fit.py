@@ -24,8 +24,9 @@ def fit_lognormal(intervals: list[tuple[float, float]], min_sigma: float) -> tup
     """(mu, sigma) of log generation times, from (lo, hi] intervals in seconds
     (lo <= 0: finished at or before hi; hi infinite: still running at lo);
     sigma is at least min_sigma."""
+    # (0, inf) says nothing; every other interval narrows the fit.
     bounds = [(math.log(lo) if lo > 0 else -math.inf, math.log(max(hi, 1e-6)))
-              for lo, hi in intervals]
+              for lo, hi in intervals if lo > 0 or math.isfinite(hi)]
     mids = [_inside(lo, hi) for lo, hi in bounds]
     mu, sigma = statistics.fmean(mids), max(statistics.pstdev(mids), min_sigma)
     for _ in range(ROUNDS):

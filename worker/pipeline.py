@@ -41,6 +41,9 @@ RATE_LIMIT_ATTEMPT_FACTOR = 5
 DEFAULT_PAUSE_S, MAX_PAUSE_S = 10.0, 3600.0
 # Paused polls resume spread over up to this long, not all at once.
 RESUME_SPREAD_S = 10.0
+# A first poll later than this times its aim (plus 1 s of dispatch) was held
+# back: what it found says nothing about the plan.
+LATE_FIRST_POLL = 1.5
 
 
 @dataclass
@@ -220,11 +223,12 @@ class Steps:
         if not job.completed_at:
             values["completed_at"] = job.now()
             # Finished after the previous poll (none: censored at 0) and by
-            # this one. A recovered chain's delays say nothing about the upstream.
-            if not job.extra.get("recovered"):
+            # this one.
+            age = job.now() - job.submitted_at
+            if self._tells_generation_time(job, age):
                 previous = job.number("last_poll_age") if job.polls > 1 else 0.0
-                self.durations.record(*self._shape(job), previous, job.now() - job.submitted_at)
-                completed(*self._shape(job), job.polls, previous, job.now() - job.submitted_at)
+                self.durations.record(*self._shape(job), previous, age)
+                completed(*self._shape(job), job.polls, previous, age)
                 self._reaim(job)
         # The generation is done and paid whatever happens next: settle before
         # the transition, so a worker killed between them leaves no commitment
@@ -233,6 +237,17 @@ class Steps:
         self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True, **values)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
         admit(self.admission, self.dispatch)
+
+    def _tells_generation_time(self, job: Job, age: float) -> bool:
+        """Whether this completion is a fair sample of the upstream's times.
+        Not a recovered chain's, nor one past its deadline: their delays are
+        vidq's. Nor one found at a first poll held back far past its aim (a
+        429 pause, a worker backlog): "done by then" would read as the plan
+        being too late."""
+        if job.extra.get("recovered") or age >= self._deadline_s(job):
+            return False
+        aim = job.number("first_aim")
+        return job.polls > 1 or not aim or age <= LATE_FIRST_POLL * aim + 1.0
 
     def _next(self, job: Job, step: str, delay: float, **values) -> None:
         # Due by its start time plus the step grace; once a step starts, its

@@ -77,6 +77,9 @@ LAG_SHARE = 0.08  # largest step, as a share of the median; the rest of a 10%
 MIN_STEP_SHARE = 0.02  # smallest step, as a share of the median
 FLAT_STEPS = 3  # steps past the second aim before they grow
 STEP_GROWTH = 1.25
+MAX_GROWTHS = 100  # 1.25^100: far past any max_s, short of a float overflow
+RUNNING_BEYOND = 2.0  # a running job counts as "still running at" most this
+# many times the longest completion: stuck jobs must not stretch the fit
 CACHE_S = 2.0
 
 
@@ -100,7 +103,10 @@ class PollPlan:
             target = max(2 * elapsed_s, self.first_s) if polls_done else self.first_s
             aims = [aim for aim in self.prior_aims if elapsed_s + min_s <= aim < target]
             target = min([target, *aims])
-            return _clamp(min(target - elapsed_s, self.cap_s), min_s, max_s)
+            # The cap grows with the job's age: a job far older than the plan
+            # expects must not be polled in small steps all night.
+            cap = max(self.cap_s, LAG_SHARE * elapsed_s) if polls_done else self.cap_s
+            return _clamp(min(target - elapsed_s, cap), min_s, max_s)
         if polls_done == 0:
             return _clamp(self.first_s - elapsed_s, min_s, max_s)
         if elapsed_s < self.second_s - self.step_s / 2:
@@ -109,7 +115,7 @@ class PollPlan:
         # count: a job polled in fine steps while the plan was relearned must
         # not get a huge step when a learned plan returns.
         steps_past = (elapsed_s - self.second_s) / self.step_s if self.step_s else 0.0
-        step = self.step_s * STEP_GROWTH ** max(steps_past - FLAT_STEPS, 0.0)
+        step = self.step_s * STEP_GROWTH ** min(max(steps_past - FLAT_STEPS, 0.0), MAX_GROWTHS)
         return _clamp(step * _jitter(0.05), min_s, max_s)
 
 
@@ -148,14 +154,15 @@ def plan_from(samples: list[Sample], prior_s: float,
     recent = samples[:run] if run is not None else samples
     n = len(recent)
     intervals = [(s.lo, s.hi) for s in recent]
-    if run is None and n < WINDOW:
+    if run is None and n < WINDOW and running:
         # The first completions of a batch are its fastest jobs: fitted
         # alone, they aim the next polls too early. Jobs still running after
         # a poll say how long the others take. (Not once the window is full:
         # completions are then a fair sample, and running jobs, the longest
         # ones, would bias it. Not after a too-late run: those still running
         # may be from the slower past.)
-        intervals += [(age, math.inf) for age in running]
+        longest = max(s.hi for s in recent)
+        intervals += [(min(age, RUNNING_BEYOND * longest), math.inf) for age in running]
     mu, sigma = fit_lognormal(intervals, MIN_SPREAD)
     # A few samples say little about the spread: lean on a wide one until
     # there are more.
@@ -191,7 +198,8 @@ class DurationModel:
         cached = self._cache.get(key)
         if cached and time.monotonic() - cached[1] < CACHE_S:
             return cached[0]
-        samples = [_parse(str(raw)) for raw in self.redis.lrange(key, 0, WINDOW - 1)]
+        samples = [sample for raw in self.redis.lrange(key, 0, WINDOW - 1)
+                   if (sample := _parse(str(raw))) is not None]
         running = self._running(model, resolution) if len(samples) < WINDOW else []
         plan = plan_from(samples, self.prior_s, running)
         self._cache[key] = (plan, time.monotonic())
@@ -205,6 +213,8 @@ class DurationModel:
         ages = []
         for request, polls, age, completed_at in pipe.execute():
             if not request or not age or completed_at or int(polls or 0) < 1:
+                continue
+            if not 0 < float(age) < math.inf:
                 continue
             shape = json.loads(request)
             if (shape.get("model"), shape.get("resolution", "720P")) == (model, resolution):
@@ -228,6 +238,8 @@ class DurationModel:
                completed_poll_s: float) -> None:
         """A completion seen at `completed_poll_s` after submit; the poll before
         it was at `previous_poll_s` (0 when this was the first poll)."""
+        if _parse(f"{previous_poll_s}:{completed_poll_s}") is None:
+            return  # a clock stepped back, or no time at all: nothing to learn
         key = keys.durations(model, resolution)
         pipe = self.redis.pipeline(transaction=False)
         pipe.lpush(key, f"{max(previous_poll_s, 0.0):.3f}:{completed_poll_s:.3f}")
@@ -242,12 +254,17 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-def _parse(raw: str) -> Sample:
+def _parse(raw: str) -> Sample | None:
+    """A stored "lo:hi" sample, or None for anything no poll could have seen
+    (unparsable, not finite, hi <= 0 or lo > hi)."""
     lo, _, hi = raw.partition(":")
     try:
-        return Sample(float(lo), float(hi or lo))
+        sample = Sample(max(float(lo), 0.0), float(hi or lo))
     except ValueError:
-        return Sample(0.0, 0.0)
+        return None
+    if not (math.isfinite(sample.lo) and math.isfinite(sample.hi)) or sample.hi <= 0:
+        return None
+    return sample if sample.lo <= sample.hi else None
 
 
 def _jitter(fraction: float) -> float:
