@@ -152,7 +152,7 @@ def completed(model: str, resolution: str, polls: int, previous_poll_s: float,
     RECORDER.observe(STATUS_GETS_PER_VIDEO, shape, polls)
     if previous_poll_s <= 0:
         # Censored: done by the first poll, when exactly is unknown; counted
-        # at half the poll time, as the poll plan counts it.
+        # at half the poll time (the poll plan fits the interval itself).
         RECORDER.count(COMPLETIONS, (*shape, "first_poll"))
         RECORDER.observe(GENERATION_SECONDS, shape, completed_poll_s / 2)
         return

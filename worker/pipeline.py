@@ -223,12 +223,13 @@ class Steps:
         if not job.completed_at:
             values["completed_at"] = job.now()
             # Finished after the previous poll (none: censored at 0) and by
-            # this one.
+            # this one. A recovered chain's delays say nothing about the upstream.
             age = job.now() - job.submitted_at
-            if self._tells_generation_time(job, age):
-                previous = job.number("last_poll_age") if job.polls > 1 else 0.0
-                self.durations.record(*self._shape(job), previous, age)
+            previous = job.number("last_poll_age") if job.polls > 1 else 0.0
+            if not job.extra.get("recovered"):
                 completed(*self._shape(job), job.polls, previous, age)
+            if self._tells_generation_time(job, age):
+                self.durations.record(*self._shape(job), previous, age)
                 self._reaim(job)
         # The generation is done and paid whatever happens next: settle before
         # the transition, so a worker killed between them leaves no commitment
@@ -239,11 +240,11 @@ class Steps:
         admit(self.admission, self.dispatch)
 
     def _tells_generation_time(self, job: Job, age: float) -> bool:
-        """Whether this completion is a fair sample of the upstream's times.
-        Not a recovered chain's, nor one past its deadline: their delays are
-        vidq's. Nor one found at a first poll held back far past its aim (a
-        429 pause, a worker backlog): "done by then" would read as the plan
-        being too late."""
+        """Whether the poll plan may learn from this completion. Not a
+        recovered chain's, nor one past its deadline: their delays are vidq's.
+        Nor one found at a first poll held back far past its aim (a 429
+        pause, a worker backlog): "done by then" would read as the plan being
+        too late."""
         if job.extra.get("recovered") or age >= self._deadline_s(job):
             return False
         aim = job.number("first_aim")
