@@ -10,7 +10,8 @@ and 9 s generations every first poll completes, and the estimate never drops.
 
 The model, per (model, resolution), over the last `WINDOW` completions (old
 ones drop out, so it follows drift; completions of recovered, retried or
-resubmitted chains are never recorded):
+resubmitted chains, of jobs past their deadline and those found by a first
+poll held back far past its aim are never recorded: their delays are vidq's):
 
 * Cold start (fewer than `MIN_SAMPLES`): poll at 5 s, then whenever the time
   since submit has doubled (10, 20, 40 s ...), each wait at most the prior
