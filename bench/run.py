@@ -34,6 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="tiny sizes (N=60, C=10, 10k enqueue, 20 MB download)")
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--layout", choices=[f"{p}x{c}" for p, c in VIDQ_LAYOUTS],
+                        help="run vidq in this layout only (a long batch takes a while)")
     return parser.parse_args(argv)
 
 
@@ -56,7 +58,8 @@ def attempt(name: str, errors: dict, run):
         print(f"[bench] {name} took {time.monotonic() - started:.0f} s", file=sys.stderr)
 
 
-def run_all(cfg: BenchConfig, only: set[str], work: Path, logs: Path) -> dict:
+def run_all(cfg: BenchConfig, only: set[str], work: Path, logs: Path,
+            layouts: tuple[tuple[int, int], ...] = VIDQ_LAYOUTS) -> dict:
     errors: dict[str, str] = {}
     rows = []
     if "seed" in only:
@@ -64,7 +67,7 @@ def run_all(cfg: BenchConfig, only: set[str], work: Path, logs: Path) -> dict:
     if "naive" in only:
         rows.append(attempt("naive", errors, lambda: run_naive(cfg, work, logs)))
     if "vidq" in only:
-        for procs, conc in VIDQ_LAYOUTS:
+        for procs, conc in layouts:
             rows.append(attempt(
                 f"vidq {procs}x{conc}", errors,
                 lambda procs=procs, conc=conc: run_vidq(cfg, work, logs, procs, conc)))
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vidq-bench-"))
     started = time.time()
     try:
-        results = run_all(cfg, set(args.only.split(",")), work, logs)
+        layouts = tuple((p, c) for p, c in VIDQ_LAYOUTS if args.layout in (None, f"{p}x{c}"))
+        results = run_all(cfg, set(args.only.split(",")), work, logs, layouts)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     document = present(cfg, results)
