@@ -36,12 +36,12 @@ poll held back far past its aim are never recorded: their delays are vidq's):
 The trade-off. A median of two GETs needs the second poll after the median.
 A video found at the second poll then waited at most the gap between the two
 polls, one found later at most one step; the lags that count are those of
-the early tail, found at the first poll long after it finished. With times
-spread by s, the plan above (second aim 0.17 s past the median with 60
-samples, the first 0.9 s before it) puts the 95th percentile of the lag at
-0.91 s when s is known exactly: 9% of T for the sandbox's spread of 10%. No
-plan that finds half the videos by its second poll does better than 0.82 s,
-and none has a mean lag under 0.23 s, however many GETs follow. The aims sit
+the early tail, found at the first poll long after it finished. In spreads
+(standard deviations), the plan above (second aim 0.17 past the median with
+60 samples, the first 0.9 before it) puts the 95th percentile of the lag at
+0.91 when the spread is known exactly: 9% of T for the sandbox's spread of
+10%. No plan that finds half the videos by its second poll does better than
+0.82, and none has a mean lag under 0.23, however many GETs follow. The aims sit
 a little past the median so that the median stays at two GETs although the
 cold start's jobs and the estimate's error take some of that half; the
 estimate's error adds to the lag. `python -m bench.plan_sim` replays batches
