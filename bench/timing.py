@@ -208,15 +208,18 @@ def run_scenario(scenario: Scenario, n: int, c: int, time_scale: float | None,
 def targets(result: dict, reference: dict | None) -> list[tuple[str, str, str, bool | None]]:
     ref = reference["efficiency_after_3c"] if reference else None
     eff = result["efficiency_after_3c"]
-    # After the first 3C, as the efficiency target: the cold start's expanding
-    # polls (5, 10, 20 s...) are by design not aimed, and they are C of N jobs.
-    lag = result["lag_after_3c"].get("p95_of_T", math.nan)
+    # Over the whole run, and after the first 3C as the efficiency target: the
+    # cold start's expanding polls (5, 10, 20 s...) are by design not aimed,
+    # and they are C of N jobs.
+    lag = result["lag"].get("p95_of_T", math.nan)
+    lag_after = result["lag_after_3c"].get("p95_of_T", math.nan)
     return [
         ("effic. after 3C", f"{eff:.3f}",
          f">= {0.9 * ref:.3f}" if ref is not None else ">= 0.9 x ref",
          None if ref is None else eff >= 0.9 * ref),
         ("median GETs", f"{result['gets_median']:g}", "<= 2", result["gets_median"] <= 2),
-        ("lag p95 after 3C", f"{lag:.1%} of T", "<= 10%", lag <= 0.10),
+        ("lag p95", f"{lag:.1%} of T", "<= 10%", lag <= 0.10),
+        ("lag p95 after 3C", f"{lag_after:.1%} of T", "<= 10%", lag_after <= 0.10),
         ("max in flight", str(result["max_in_flight"]), f"== {result['c']}",
          result["max_in_flight"] == result["c"]),
     ]

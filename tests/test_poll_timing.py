@@ -6,6 +6,7 @@ system is never told the true time.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -125,8 +126,9 @@ def test_jobs_still_running_keep_the_first_completions_from_aiming_too_early():
 
 
 def test_no_stored_sample_a_worker_could_write_breaks_the_plan(redis_url):
-    """Garbage, clocks that stepped back, no time at all: ignored, never a NaN, a
-    zero or a negative wait, never an exception in the poll step."""
+    """Garbage samples, clocks that stepped back, no time at all, unreadable job
+    hashes in the slots: ignored, never a NaN, a zero or a negative wait, never
+    an exception in the poll step."""
     model = DurationModel(redis.Redis.from_url(redis_url, decode_responses=True), 90.0)
     shape = ("alibaba/wan2.1-t2v-turbo", "720P")
     key = keys.durations(*shape)
@@ -137,6 +139,15 @@ def test_no_stored_sample_a_worker_could_write_breaks_the_plan(redis_url):
     model.record(*shape, 0.0, -3.0)
     model.record(*shape, 80.0, math.nan)
     assert model.redis.llen(key) == 6 + 14
+    ours = json.dumps({"model": shape[0]})
+    for ref, fields in {"g:1": {"request": "{not json", "polls": "1", "last_poll_age": "5"},
+                        "g:2": {"request": ours, "polls": "x", "last_poll_age": "5"},
+                        "g:3": {"request": ours, "polls": "2", "last_poll_age": "nan"},
+                        "g:4": {"request": "[1]", "polls": "1", "last_poll_age": "5"},
+                        "g:5": {"request": ours, "polls": "2", "last_poll_age": "9.5"}}.items():
+        model.redis.hset(keys.job(ref), mapping=fields)
+        model.redis.zadd(keys.SLOTS, {ref: 0})
+    assert model._running(*shape) == [9.5]  # unreadable job hashes are skipped
     model._cache.clear()
     plan = model.plan(*shape)
     assert plan.second_s is not None and 9.5 < plan.second_s < 11.5
@@ -155,6 +166,8 @@ def test_a_job_that_never_finishes_is_polled_less_and_less_often():
         elapsed += too_late.delay(polls, elapsed, 0.5, 600)
         polls += 1
     assert polls < 100, polls
+    cold = plan_from([], prior_s=90)
+    assert cold.delay(12, 5000.0, 0.5, 600) == 90  # the cold start's waits stay the prior
 
 
 def test_stuck_jobs_in_slots_do_not_stretch_the_first_fit():

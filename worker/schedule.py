@@ -37,8 +37,8 @@ The trade-off. A median of two GETs needs the second poll after the median.
 A video found at the second poll then waited at most the gap between the two
 polls, one found later at most one step; the lags that count are those of
 the early tail, found at the first poll long after it finished. In spreads
-(standard deviations), the plan above (second aim 0.17 past the median with
-60 samples, the first 0.9 before it) puts the 95th percentile of the lag at
+(standard deviations), the plan above (second aim 0.16 fitted spreads past
+the median with 60 samples, the first 0.9 before it) puts the 95th percentile of the lag at
 0.91 when the spread is known exactly: 9% of T for the sandbox's spread of
 10%. No plan that finds half the videos by its second poll does better than
 0.82, and none has a mean lag under 0.23, however many GETs follow. The aims sit
@@ -67,7 +67,7 @@ from .fit import fit_lognormal
 WINDOW = 60  # completions fitted
 TOO_LATE_RUN = 8  # newest completions all censored: the aims are far too late
 # (about a fifth of first polls find the video done as planned: eight in a row
-# by chance, 0.2^8, is once in ~400,000 completions; six in a row happened by
+# by chance, 0.23^8, is once in ~130,000 completions; six in a row happened by
 # chance in simulated batches)
 MIN_SAMPLES = 5
 COLD_FIRST_S = 5.0
@@ -110,9 +110,11 @@ class PollPlan:
             target = max(2 * elapsed_s, self.first_s) if polls_done else self.first_s
             aims = [aim for aim in self.prior_aims if elapsed_s + min_s <= aim < target]
             target = min([target, *aims])
-            # The cap grows with the job's age: a job far older than the plan
-            # expects must not be polled in small steps all night.
-            cap = max(self.cap_s, LAG_SHARE * elapsed_s) if polls_done else self.cap_s
+            # A too-late plan's small cap grows with the job's age: a job far
+            # older than the plan expects must not be polled in small steps
+            # all night. (The cold start's cap is the prior, large already.)
+            grows = polls_done and not self.prior_aims
+            cap = max(self.cap_s, LAG_SHARE * elapsed_s) if grows else self.cap_s
             return _clamp(min(target - elapsed_s, cap), min_s, max_s)
         if polls_done == 0:
             return _clamp(self.first_s - elapsed_s, min_s, max_s)
@@ -219,13 +221,15 @@ class DurationModel:
             pipe.hmget(keys.job(str(ref)), "request", "polls", "last_poll_age", "completed_at")
         ages = []
         for request, polls, age, completed_at in pipe.execute():
-            if not request or not age or completed_at or int(polls or 0) < 1:
-                continue
-            if not 0 < float(age) < math.inf:
-                continue
-            shape = json.loads(request)
-            if (shape.get("model"), shape.get("resolution", "720P")) == (model, resolution):
-                ages.append(float(age))
+            try:
+                if not request or not age or completed_at or int(polls or 0) < 1:
+                    continue
+                shape = json.loads(request)
+                ours = (shape.get("model"), shape.get("resolution", "720P")) == (model, resolution)
+                if ours and 0 < float(age) < math.inf:
+                    ages.append(float(age))
+            except (ValueError, AttributeError):
+                continue  # an unreadable job hash tells nothing; it must not fail a poll
         return ages
 
     def expected_s(self, model: str, resolution: str) -> float:
