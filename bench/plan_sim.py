@@ -266,6 +266,7 @@ def main() -> None:
     if not args.no_json:
         from .report import write_json
         document = {"params": vars(args), "elapsed_s": elapsed,
+                    "lag_floor_sd": floor, "lag_floor_first_poll_sd": first,
                     "scenarios": {n: {**results[n], "runs": runs[n]} for n in names}}
         print(f"wrote {write_json(document, 'plan-sim-', latest=False)}")
 
