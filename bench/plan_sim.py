@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import math
 import random
 import statistics
 import time
 from dataclasses import dataclass
 
+from worker.fit import normal_cdf, normal_pdf
 from worker.reaim import REAIM_SHARE
 from worker.schedule import CACHE_S, WINDOW, PollPlan, Sample, plan_from
 
@@ -184,16 +184,8 @@ def lag_floor() -> tuple[float, float]:
     poll: second poll at the median, the first where it is best, and later
     polls infinitely fine (as many GETs as it takes). Returns (lag, first)."""
     def waited(lo: float, poll: float) -> float:  # E[poll - Z; lo < Z <= poll]
-        return poll * (_cdf(poll) - _cdf(lo)) - (_pdf(lo) - _pdf(poll))
+        return poll * (normal_cdf(poll) - normal_cdf(lo)) - (normal_pdf(lo) - normal_pdf(poll))
     return min((waited(-12.0, z) + waited(z, 0.0), z) for z in (i / 1000 for i in range(-3000, 0)))
-
-
-def _cdf(z: float) -> float:
-    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
-
-
-def _pdf(z: float) -> float:
-    return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
 
 
 def one_run(args: tuple[str, int, int, int, bool, float]) -> dict:

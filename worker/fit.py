@@ -44,11 +44,11 @@ def fit_lognormal(intervals: list[tuple[float, float]], min_sigma: float) -> tup
 def truncated_moments(lo: float, hi: float, mu: float, sigma: float) -> tuple[float, float]:
     """E[y] and E[y^2] of y ~ N(mu, sigma^2) given lo < y <= hi."""
     alpha, beta = (lo - mu) / sigma, (hi - mu) / sigma
-    mass = _cdf(beta) - _cdf(alpha)
+    mass = normal_cdf(beta) - normal_cdf(alpha)
     if mass < 1e-12:  # far out in a tail: the interval itself is the best guess
         y = _inside(lo, hi)
         return y, y * y
-    pdf_lo, pdf_hi = _pdf(alpha), _pdf(beta)
+    pdf_lo, pdf_hi = normal_pdf(alpha), normal_pdf(beta)
     shift = (pdf_lo - pdf_hi) / mass
     mean = mu + sigma * shift
     edge = (_times(alpha, pdf_lo) - _times(beta, pdf_hi)) / mass
@@ -67,9 +67,11 @@ def _times(z: float, pdf: float) -> float:
     return 0.0 if math.isinf(z) else z * pdf
 
 
-def _cdf(z: float) -> float:
+def normal_cdf(z: float) -> float:
+    """P(Z <= z) for a standard normal Z."""
     return 0.5 * math.erfc(-z / math.sqrt(2))
 
 
-def _pdf(z: float) -> float:
+def normal_pdf(z: float) -> float:
+    """The standard normal density at z (0 at either infinity)."""
     return 0.0 if math.isinf(z) else math.exp(-z * z / 2) / math.sqrt(2 * math.pi)

@@ -38,14 +38,15 @@ A video found at the second poll then waited at most the gap between the two
 polls, one found later at most one step; the lags that count are those of
 the early tail, found at the first poll long after it finished. In spreads
 (standard deviations), the plan above (second aim 0.16 fitted spreads past
-the median with 60 samples, the first 0.9 before it) puts the 95th percentile of the lag at
-0.91 when the spread is known exactly: 9% of T for the sandbox's spread of
-10%. No plan that finds half the videos by its second poll does better than
-0.82, and none has a mean lag under 0.23, however many GETs follow. The aims sit
-a little past the median so that the median stays at two GETs although the
-cold start's jobs and the estimate's error take some of that half; the
-estimate's error adds to the lag. `python -m bench.plan_sim` replays batches
-against this code in simulated time. Lower lags need more GETs per video.
+the median with 60 samples, the first 0.9 before it) puts the 95th
+percentile of the lag at 0.91 when the spread is known exactly: 9% of T for
+the sandbox's spread of 10%. No plan that finds half the videos by its
+second poll does better than 0.82, and none has a mean lag under 0.23,
+however many GETs follow. The aims sit a little past the median so that the
+median stays at two GETs although the cold start's jobs and the estimate's
+error take some of that half; the estimate's error adds to the lag.
+`python -m bench.plan_sim` replays batches against this code in simulated
+time. Lower lags need more GETs per video.
 The first poll is not aimed later to save GETs: a fast video found late
 holds a slot idle, and the cap, not the GET count, bounds a batch's
 throughput.
@@ -136,10 +137,6 @@ class Sample:
     @property
     def censored(self) -> bool:
         return self.lo <= 0.0
-
-    @property
-    def mid(self) -> float:
-        return (self.lo + self.hi) / 2
 
 
 def plan_from(samples: list[Sample], prior_s: float,
@@ -249,7 +246,7 @@ class DurationModel:
                completed_poll_s: float) -> None:
         """A completion seen at `completed_poll_s` after submit; the poll before
         it was at `previous_poll_s` (0 when this was the first poll)."""
-        if _parse(f"{previous_poll_s}:{completed_poll_s}") is None:
+        if _sample(previous_poll_s, completed_poll_s) is None:
             return  # a clock stepped back, or no time at all: nothing to learn
         key = keys.durations(model, resolution)
         pipe = self.redis.pipeline(transaction=False)
@@ -270,12 +267,17 @@ def _parse(raw: str) -> Sample | None:
     (unparsable, not finite, hi <= 0 or lo > hi)."""
     lo, _, hi = raw.partition(":")
     try:
-        sample = Sample(max(float(lo), 0.0), float(hi or lo))
+        return _sample(float(lo), float(hi or lo))
     except ValueError:
         return None
-    if not (math.isfinite(sample.lo) and math.isfinite(sample.hi)) or sample.hi <= 0:
+
+
+def _sample(lo: float, hi: float) -> Sample | None:
+    """The sample (lo, hi], or None if no poll could have seen it."""
+    lo = max(lo, 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= 0 or lo > hi:
         return None
-    return sample if sample.lo <= sample.hi else None
+    return Sample(lo, hi)
 
 
 def _jitter(fraction: float) -> float:
