@@ -9,7 +9,8 @@ always 90 s). A job polls at its submit plus the delays of the REAL
 jitter of U(0, JITTER_S). The plan is the REAL `plan_from`, cached for
 CACHE_S like `DurationModel`, and like it dropped when a completion is
 recorded. A poll at age >= the generation time finds the video done: a
-Sample(previous poll age or 0, this poll age) goes first into a list kept to
+Sample(previous poll age or 0, this poll age), flagged by the REAL
+`flag_slower` as `DurationModel.record` does, goes first into a list kept to
 WINDOW, the slot frees. While fewer than WINDOW samples are known, the ages at
 their last poll of the jobs still running (polled at least once) are passed
 too. Re-aim (worker/reaim.py) is modelled after each completion, as
@@ -28,16 +29,18 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from worker.durations import CACHE_S
 from worker.fit import normal_cdf, normal_pdf
 from worker.reaim import REAIM_SHARE
-from worker.schedule import CACHE_S, WINDOW, PollPlan, Sample, plan_from
+from worker.schedule import WINDOW, PollPlan, Sample, fitted, flag_slower, plan_from
 
 PRIOR_S, MIN_S = 90.0, 0.5  # the production defaults (bench/config.py)
 MAX_S = 600.0  # the longest countdown (VIDQ_POLL_MAX_INTERVAL_S)
 DISPATCH_S, JITTER_S, SPREAD = 0.02, 0.02, 0.1
 SCENARIOS = {  # the true generation time T of job i of n, as in bench.timing
     "right": lambda i, n: 90.0, "true5": lambda i, n: 5.0, "true30": lambda i, n: 30.0,
-    "true270": lambda i, n: 270.0, "drift": lambda i, n: 90.0 if i < n // 2 else 45.0}
+    "true270": lambda i, n: 270.0, "drift": lambda i, n: 90.0 if i < n // 2 else 45.0,
+    "slower": lambda i, n: 90.0 if i < n // 2 else 180.0}
 
 
 @dataclass
@@ -69,7 +72,7 @@ class Sim:
     def plan(self, now: float) -> PollPlan:
         if self.cached and now - self.cached[1] < CACHE_S:
             return self.cached[0]
-        running = [] if len(self.samples) >= WINDOW else [
+        running = [] if len(fitted(self.samples)[0]) >= WINDOW else [
             j.last_age for j in self.jobs if j.detect < 0 and j.polls >= 1]
         self.cached = (plan_from(self.samples, PRIOR_S, running), now)
         self.fits += 1
@@ -110,7 +113,8 @@ class Sim:
             return self.schedule(i, now, self.plan(now).delay(job.polls, age, MIN_S, self.max_s))
         job.detect = now
         lo = job.last_age if job.polls > 1 else 0.0
-        self.samples = [Sample(lo, age), *self.samples][:WINDOW]
+        sample = flag_slower(self.plan(now), Sample(lo, age), self.samples)
+        self.samples = [sample, *self.samples][:WINDOW]
         self.cached = None  # DurationModel.record drops the cached plan
         if self.reaim:
             self.reaim_first_polls(now)

@@ -14,6 +14,7 @@ sandbox's true mean differs per scenario (simulated seconds):
   true30   true 30   (prior 3x too long)
   true270  true 270  (prior 3x too short)
   drift    true 90 for the first N/2 submissions, then 45
+  slower   true 90 for the first N/2 submissions, then 180
 
 Each scenario has its own S so that a generation takes a few wall seconds;
 --time-scale forces one S on all of them. Writes
@@ -33,7 +34,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from worker.schedule import _parse as parse_sample
+from worker.durations import parse_sample
 from worker.schedule import plan_from
 
 from . import infra
@@ -62,6 +63,7 @@ SCENARIOS = (
     Scenario("true30", "prior 90, true 30", 30.0, 5.0),
     Scenario("true270", "prior 90, true 270", 270.0, 30.0),
     Scenario("drift", "drift: true 90, then 45", 90.0, 15.0, drift_to_s=45.0),
+    Scenario("slower", "slower: true 90, then 180", 90.0, 15.0, drift_to_s=180.0),
 )
 
 
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if "drift" in r:
             d = r["drift"]
-            print(f"  drift: mean switched after {d['switched_after_submissions']} submissions;"
+            print(f"  {r['name']}: mean switched after {d['switched_after_submissions']}"
+                  " submissions;"
                   f" after it: {d['late_generations']} generations, mean "
                   f"{d['late_mean_generation_s']:.2f} s, GETs median {d['late_gets_median']:g},"
                   f" lag p95 {d['late_lag'].get('p95_of_T', math.nan):.1%} of T")

@@ -20,9 +20,9 @@ from worker import keys
 from worker.admission import Admission
 from worker.batch_control import admission_state, in_flight
 from worker.contract import DEFAULT_MODEL, DEFAULT_RESOLUTION
+from worker.durations import DurationModel
 from worker.jobs import FINAL_STATES, State
 from worker.retry import Failure, failures
-from worker.schedule import DurationModel
 from worker.settings import Settings
 from worker.spend import batch_spend
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import redis
 
 from worker import keys
+from worker.durations import DurationModel
 from worker.errors import InputError
-from worker.schedule import DurationModel
 from worker.spend import CreditEstimates
 
 # Share of the time a slot holds a generation: the rest is detection lag and

@@ -13,7 +13,7 @@ from conftest import write_prompts
 from producer.enqueue import open_admission
 from producer.plan import capacity_plan
 from worker import keys
-from worker.schedule import DurationModel
+from worker.durations import DurationModel
 from worker.settings import Settings
 
 MODEL = "alibaba/wan2.1-t2v-turbo"

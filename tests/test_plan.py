@@ -10,8 +10,8 @@ from conftest import write_prompts
 
 from producer.plan import capacity_plan, parse_deadline
 from worker import keys
+from worker.durations import DurationModel
 from worker.errors import InputError
-from worker.schedule import DurationModel
 from worker.settings import Settings
 
 

@@ -16,8 +16,9 @@ import redis
 from conftest import write_prompts
 
 from worker import keys
+from worker.durations import DurationModel
 from worker.fit import fit_lognormal
-from worker.schedule import LAG_SHARE, TOO_LATE_RUN, DurationModel, PollPlan, Sample, plan_from
+from worker.schedule import LAG_SHARE, TOO_LATE_RUN, PollPlan, Sample, plan_from
 
 
 def _lags(pipeline, batch: str) -> list[float]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import redis
 
+from worker.durations import DurationModel
 from worker.errors import ConfigError
-from worker.schedule import DurationModel, backoff_delay
+from worker.schedule import backoff_delay
 from worker.settings import Settings
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from . import events
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, Admission, Dispatch, admit
 from .durability import Durability, NotDurable
+from .durations import DurationModel
 from .errors import (
     RateLimited,
     StorageError,
@@ -26,7 +27,7 @@ from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .metrics_record import completed, downloaded, failed, upstream_call
 from .posting import post_once
 from .reaim import aim_dropped, reaim_first_polls
-from .schedule import DurationModel, backoff_delay
+from .schedule import backoff_delay
 from .settings import Settings
 from .storage import Storage, sidecar_key, video_key
 from .upstream import Generation, UpstreamClient

@@ -30,6 +30,13 @@ poll held back far past its aim are never recorded: their delays are vidq's):
   upstream. It is dropped, the next first poll comes at half the earliest of
   those poll times, then in small steps, until `MIN_SAMPLES` completions can
   be fitted again.
+* Slower: if the newest `SLOWER_RUN` completions were all still running when
+  the fit had 99% of videos done (about one in 100 each), the upstream got
+  slower and the window mostly describes its faster past, which would take
+  half a window of completions to outvote: each of them polled in growing
+  steps far past the stale aims. The completion that ends such a run is stored
+  flagged; the fit then uses only that run and what came after it (with the
+  jobs still running), until the flag leaves the window.
 * Re-aim (worker/reaim.py): when the aims move much earlier, jobs whose first
   poll is still pending get a new one at the new aim.
 
@@ -53,16 +60,11 @@ throughput.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import redis
-
-from . import keys
 from .fit import fit_lognormal
 
 WINDOW = 60  # completions fitted
@@ -70,6 +72,8 @@ TOO_LATE_RUN = 8  # newest completions all censored: the aims are far too late
 # (about a fifth of first polls find the video done as planned: eight in a row
 # by chance, 0.23^8, is once in ~130,000 completions; six in a row happened by
 # chance in simulated batches)
+SLOWER_RUN = 3  # newest completions all past the fit's 99th percentile: slower
+SLOWER_Z = 2.33  # (by chance: 0.01^3, once in a million completions)
 MIN_SAMPLES = 5
 COLD_FIRST_S = 5.0
 COLD_PRIOR_AIMS = (0.95, 1.05)
@@ -88,7 +92,6 @@ STEP_GROWTH = 1.25
 MAX_GROWTHS = 100  # 1.25^100: far past any max_s, short of a float overflow
 RUNNING_BEYOND = 2.0  # a running job counts as "still running at" most this
 # many times the longest completion: stuck jobs must not stretch the fit
-CACHE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,9 @@ class PollPlan:
     # Cold start only: extra polls just around the prior. A right prior then
     # costs two GETs and no lag; a wrong one costs those two GETs.
     prior_aims: tuple[float, ...] = ()
+    # Learned plans only: a job still running at this age is a 1-in-100
+    # surprise to the fit (its 99th percentile).
+    surprise_s: float | None = None
 
     def delay(self, polls_done: int, elapsed_s: float, min_s: float, max_s: float) -> float:
         """The wait before poll number polls_done + 1."""
@@ -133,6 +139,9 @@ class PollPlan:
 class Sample:
     lo: float
     hi: float
+    # It ended a run of SLOWER_RUN surprises: older samples (before the run)
+    # describe a faster upstream.
+    slower: bool = False
 
     @property
     def censored(self) -> bool:
@@ -144,7 +153,8 @@ def plan_from(samples: list[Sample], prior_s: float,
     """The poll plan for a shape, from its most recent samples (newest first)
     and, while there are fewer than WINDOW, the ages at their last poll of the
     jobs still running."""
-    if len(samples) < MIN_SAMPLES:
+    samples, slower = fitted(samples)
+    if len(samples) < MIN_SAMPLES and not slower:
         return PollPlan(min(COLD_FIRST_S, prior_s), None, 0.0, prior_s,
                         (COLD_PRIOR_AIMS[0] * prior_s, COLD_PRIOR_AIMS[1] * prior_s))
     run = _newest_censored_run(samples)
@@ -177,7 +187,27 @@ def plan_from(samples: list[Sample], prior_s: float,
     median = math.exp(mu)
     second = math.exp(mu + z_second * sigma)
     step = median * min(max(STEP_SPREADS * sigma, MIN_STEP_SHARE), LAG_SHARE)
-    return PollPlan(math.exp(mu + (z_second - FIRST_BEFORE) * sigma), second, step, second)
+    return PollPlan(math.exp(mu + (z_second - FIRST_BEFORE) * sigma), second, step, second,
+                    surprise_s=math.exp(mu + SLOWER_Z * sigma))
+
+
+def fitted(samples: list[Sample]) -> tuple[list[Sample], bool]:
+    """The samples (newest first) that describe the upstream as it is now, and
+    whether a slowdown cut off the older ones."""
+    flag = next((index for index, sample in enumerate(samples) if sample.slower), None)
+    if flag is None:
+        return samples, False
+    return samples[:flag + SLOWER_RUN], True
+
+
+def flag_slower(plan: PollPlan, sample: Sample, newest: Sequence[Sample]) -> Sample:
+    """`sample`, flagged `slower` if it and the newest stored samples before it
+    make a run of SLOWER_RUN jobs still running past the plan's surprise age."""
+    run = [sample, *newest[:SLOWER_RUN - 1]]
+    surprise = plan.surprise_s
+    if surprise is None or len(run) < SLOWER_RUN or any(s.lo <= surprise for s in run):
+        return sample
+    return replace(sample, slower=True)
 
 
 def _newest_censored_run(samples: list[Sample]) -> int | None:
@@ -191,88 +221,13 @@ def _newest_censored_run(samples: list[Sample]) -> int | None:
     return None
 
 
-class DurationModel:
-    """Observed completions per (model, resolution), kept in Redis."""
-
-    def __init__(self, client: redis.Redis, prior_s: float):
-        self.redis = client
-        self.prior_s = prior_s
-        self._cache: dict[str, tuple[PollPlan, float]] = {}
-
-    def plan(self, model: str, resolution: str) -> PollPlan:
-        key = keys.durations(model, resolution)
-        cached = self._cache.get(key)
-        if cached and time.monotonic() - cached[1] < CACHE_S:
-            return cached[0]
-        samples = [sample for raw in self.redis.lrange(key, 0, WINDOW - 1)
-                   if (sample := _parse(str(raw))) is not None]
-        running = self._running(model, resolution) if len(samples) < WINDOW else []
-        plan = plan_from(samples, self.prior_s, running)
-        self._cache[key] = (plan, time.monotonic())
-        return plan
-
-    def _running(self, model: str, resolution: str) -> list[float]:
-        """Ages at their last poll of this shape's jobs still generating."""
-        pipe = self.redis.pipeline(transaction=False)
-        for ref in self.redis.zrange(keys.SLOTS, 0, -1):
-            pipe.hmget(keys.job(str(ref)), "request", "polls", "last_poll_age", "completed_at")
-        ages = []
-        for request, polls, age, completed_at in pipe.execute():
-            try:
-                if not request or not age or completed_at or int(polls or 0) < 1:
-                    continue
-                shape = json.loads(request)
-                ours = (shape.get("model"), shape.get("resolution", "720P")) == (model, resolution)
-                if ours and 0 < float(age) < math.inf:
-                    ages.append(float(age))
-            except (ValueError, AttributeError):
-                continue  # an unreadable job hash tells nothing; it must not fail a poll
-        return ages
-
-    def expected_s(self, model: str, resolution: str) -> float:
-        """A typical generation time: the second aim, else the plan's cap."""
-        plan = self.plan(model, resolution)
-        return plan.second_s if plan.second_s is not None else plan.cap_s
-
-    def typical_s(self, model: str, resolution: str) -> tuple[float, bool]:
-        """A typical generation time (the second aim, just above the median)
-        and whether it was learned; the prior when it was not."""
-        plan = self.plan(model, resolution)
-        if plan.second_s is None:
-            return self.prior_s, False
-        return plan.second_s, True
-
-    def record(self, model: str, resolution: str, previous_poll_s: float,
-               completed_poll_s: float) -> None:
-        """A completion seen at `completed_poll_s` after submit; the poll before
-        it was at `previous_poll_s` (0 when this was the first poll)."""
-        if _sample(previous_poll_s, completed_poll_s) is None:
-            return  # a clock stepped back, or no time at all: nothing to learn
-        key = keys.durations(model, resolution)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.lpush(key, f"{max(previous_poll_s, 0.0):.3f}:{completed_poll_s:.3f}")
-        pipe.ltrim(key, 0, WINDOW - 1)
-        pipe.execute()
-        self._cache.pop(key, None)
-
-
 def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2^(n-1))."""
     ceiling = min(cap_s, base_s * 2 ** max(attempt - 1, 0))
     return random.uniform(ceiling / 2, ceiling)
 
 
-def _parse(raw: str) -> Sample | None:
-    """A stored "lo:hi" sample, or None for anything no poll could have seen
-    (unparsable, not finite, hi <= 0 or lo > hi)."""
-    lo, _, hi = raw.partition(":")
-    try:
-        return _sample(float(lo), float(hi or lo))
-    except ValueError:
-        return None
-
-
-def _sample(lo: float, hi: float) -> Sample | None:
+def make_sample(lo: float, hi: float) -> Sample | None:
     """The sample (lo, hi], or None if no poll could have seen it."""
     lo = max(lo, 0.0)
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= 0 or lo > hi:

@@ -11,6 +11,7 @@ from .admission import Admission
 from .celery_app import TASK_FOR_STEP, app, settings_of
 from .connection import connect
 from .durability import Durability
+from .durations import DurationModel
 from .errors import (
     CorruptVideo,
     PermanentUpstreamError,
@@ -22,7 +23,6 @@ from .errors import (
 )
 from .jobs import OUTCOME_UNKNOWN, JobStore
 from .pipeline import Steps
-from .schedule import DurationModel
 from .settings import Settings
 from .spend import CreditEstimates
 from .storage import open_storage

@@ -1,0 +1,96 @@
+"""Generations that get slower mid-batch: the plan relearns from the run that
+showed it instead of waiting for half a window of completions to outvote the
+faster past (each of them polled in growing steps far past stale aims)."""
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import redis
+from conftest import write_prompts
+
+from worker import keys
+from worker.durations import DurationModel, parse_sample
+from worker.schedule import SLOWER_RUN, Sample, flag_slower, plan_from
+
+SHAPE = ("alibaba/wan2.1-t2v-turbo", "720P")
+
+
+def _learned(n: int, median: float, seed: int) -> list[Sample]:
+    """n completions of ~median seconds (spread 0.1), bracketed by polls 0.5 s apart."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        t = median * math.exp(rng.gauss(0, 0.1))
+        hi = math.ceil(t * 2) / 2
+        samples.append(Sample(hi - 0.5, hi))
+    return samples
+
+
+def test_three_jobs_in_a_row_still_running_past_the_fits_99th_percentile_flag_a_slowdown():
+    plan = plan_from(_learned(60, 10.0, 1), prior_s=90)
+    assert plan.surprise_s is not None and 11.5 < plan.surprise_s < 14.0
+    late = [Sample(24.0, 25.0), Sample(22.0, 23.0)]
+    assert flag_slower(plan, Sample(25.0, 26.0), late).slower
+    # One of them inside the fit's 99%, or too few of them: not (yet) a slowdown.
+    assert not flag_slower(plan, Sample(25.0, 26.0), [late[0], Sample(10.0, 10.5)]).slower
+    assert not flag_slower(plan, Sample(25.0, 26.0), late[:1]).slower
+    assert not flag_slower(plan, Sample(11.0, 26.0), late).slower  # "done by 26" is not late
+    cold = plan_from([], prior_s=90)
+    assert cold.surprise_s is None and not flag_slower(cold, Sample(500, 501), late).slower
+
+
+def test_after_a_slowdown_the_plan_fits_only_the_run_and_the_jobs_still_running():
+    learned = _learned(57, 10.0, 2)
+    run = [Sample(24.5, 25.5, slower=True), Sample(25.0, 26.0), Sample(23.5, 24.5)]
+    relearned = plan_from(run + learned, prior_s=90, running=[20.0] * 8)
+    unflagged = plan_from([Sample(s.lo, s.hi) for s in run] + learned, prior_s=90)
+    assert unflagged.second_s is not None and unflagged.second_s < 14.0
+    assert relearned.second_s is not None and 22.0 < relearned.second_s < 30.0
+    assert relearned.first_s > 18.0
+    # Newer completions after the run join the fit; the stale past stays out.
+    newer = _learned(10, 25.0, 3)
+    after = plan_from(newer + run + learned, prior_s=90)
+    assert after.second_s is not None and 23.0 < after.second_s < 28.0
+
+
+def test_the_completion_that_ends_the_run_is_stored_flagged(redis_url):
+    """On a real Redis: a window learned at ~10 s, then jobs still running at 24 s."""
+    model = DurationModel(redis.Redis.from_url(redis_url, decode_responses=True), 90.0)
+    key = keys.durations(*SHAPE)
+    model.redis.delete(key)
+    for sample in reversed(_learned(60, 10.0, 4)):
+        model.record(*SHAPE, sample.lo, sample.hi)
+    assert model.plan(*SHAPE).second_s < 11.0
+    for lo in (24.0, 23.5, 25.0):
+        model.record(*SHAPE, lo, lo + 1.0)
+    stored = model.redis.lrange(key, 0, SLOWER_RUN)
+    assert [raw.endswith(":slower") for raw in stored] == [True, False, False, False]
+    assert model.plan(*SHAPE).second_s > 20.0
+    assert parse_sample("24:25:slower") == Sample(24.0, 25.0, slower=True)
+    assert parse_sample("24:25:faster") == Sample(24.0, 25.0)
+    assert parse_sample("24:23:slower") is None
+
+
+def test_real_workers_follow_generations_that_get_six_times_slower(make_pipeline,
+                                                                     make_sandbox, tmp_path):
+    """Learned at ~0.5 s (a full window), the upstream turns ~3 s: a slowdown is flagged and the last
+    jobs cost few GETs again instead of a long run of growing steps each."""
+    fast = make_sandbox(time_scale=180)
+    pipeline = make_pipeline(fast, VIDQ_EXPECTED_GENERATION_S=90)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", [f"fast {i}" for i in range(64)]), "a")
+    assert pipeline.wait_finished("a", timeout_s=120)["done"] == 64
+    pipeline.stop_workers()
+
+    slow = make_sandbox(time_scale=30)
+    pipeline = make_pipeline(slow, VIDQ_EXPECTED_GENERATION_S=90)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "b.txt", [f"slow {i}" for i in range(24)]), "b")
+    assert pipeline.wait_finished("b", timeout_s=180)["done"] == 24
+    stored = pipeline.store.redis.lrange(keys.durations(*SHAPE), 0, -1)
+    assert any(raw.endswith(":slower") for raw in stored), stored[-30:]
+    jobs = [pipeline.store.get(keys.job_ref("b", i)) for i in pipeline.store.job_ids("b")]
+    last = sorted(jobs, key=lambda job: job.completed_at)[-10:]
+    assert statistics.median(job.polls for job in last) <= 4, [job.polls for job in last]

@@ -1,0 +1,124 @@
+"""Observed completions per (model, resolution), kept in Redis, and the poll
+plan computed from them (worker/schedule.py).
+
+Each shape has a list `keys.durations(model, resolution)` of samples, newest
+first, at most `WINDOW`: "lo:hi" (finished after the poll at lo seconds since
+submit and by the one at hi; lo 0 for a first poll), with ":slower" appended
+to the one that ended a run showing the upstream got slower. Every worker
+process computes the same plan from the same list; its own copy is cached for
+`CACHE_S`, and dropped when it records a completion.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+
+import redis
+
+from . import keys
+from .schedule import (
+    SLOWER_RUN,
+    WINDOW,
+    PollPlan,
+    Sample,
+    fitted,
+    flag_slower,
+    make_sample,
+    plan_from,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_S = 2.0
+
+
+class DurationModel:
+    """Observed completions per (model, resolution), kept in Redis."""
+
+    def __init__(self, client: redis.Redis, prior_s: float):
+        self.redis = client
+        self.prior_s = prior_s
+        self._cache: dict[str, tuple[PollPlan, float]] = {}
+
+    def plan(self, model: str, resolution: str) -> PollPlan:
+        key = keys.durations(model, resolution)
+        cached = self._cache.get(key)
+        if cached and time.monotonic() - cached[1] < CACHE_S:
+            return cached[0]
+        samples = self._newest(key, WINDOW)
+        current, _ = fitted(samples)
+        running = self._running(model, resolution) if len(current) < WINDOW else []
+        plan = plan_from(samples, self.prior_s, running)
+        self._cache[key] = (plan, time.monotonic())
+        return plan
+
+    def _newest(self, key: str, count: int) -> list[Sample]:
+        return [sample for raw in self.redis.lrange(key, 0, count - 1)
+                if (sample := parse_sample(str(raw))) is not None]
+
+    def _running(self, model: str, resolution: str) -> list[float]:
+        """Ages at their last poll of this shape's jobs still generating."""
+        pipe = self.redis.pipeline(transaction=False)
+        for ref in self.redis.zrange(keys.SLOTS, 0, -1):
+            pipe.hmget(keys.job(str(ref)), "request", "polls", "last_poll_age", "completed_at")
+        ages = []
+        for request, polls, age, completed_at in pipe.execute():
+            try:
+                if not request or not age or completed_at or int(polls or 0) < 1:
+                    continue
+                shape = json.loads(request)
+                ours = (shape.get("model"), shape.get("resolution", "720P")) == (model, resolution)
+                if ours and 0 < float(age) < math.inf:
+                    ages.append(float(age))
+            except (ValueError, AttributeError):
+                continue  # an unreadable job hash tells nothing; it must not fail a poll
+        return ages
+
+    def expected_s(self, model: str, resolution: str) -> float:
+        """A typical generation time: the second aim, else the plan's cap."""
+        plan = self.plan(model, resolution)
+        return plan.second_s if plan.second_s is not None else plan.cap_s
+
+    def typical_s(self, model: str, resolution: str) -> tuple[float, bool]:
+        """A typical generation time (the second aim, just above the median)
+        and whether it was learned; the prior when it was not."""
+        plan = self.plan(model, resolution)
+        if plan.second_s is None:
+            return self.prior_s, False
+        return plan.second_s, True
+
+    def record(self, model: str, resolution: str, previous_poll_s: float,
+               completed_poll_s: float) -> None:
+        """A completion seen at `completed_poll_s` after submit; the poll before
+        it was at `previous_poll_s` (0 when this was the first poll)."""
+        sample = make_sample(previous_poll_s, completed_poll_s)
+        if sample is None:
+            return  # a clock stepped back, or no time at all: nothing to learn
+        key = keys.durations(model, resolution)
+        plan = self.plan(model, resolution)
+        if plan.surprise_s is not None and sample.lo > plan.surprise_s:
+            sample = flag_slower(plan, sample, self._newest(key, SLOWER_RUN - 1))
+            if sample.slower:
+                log.info("%s %s: generations got slower (%d jobs in a row still running "
+                         "after %.1f s); the poll plan relearns from them",
+                         model, resolution, SLOWER_RUN, plan.surprise_s)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(key, f"{sample.lo:.3f}:{sample.hi:.3f}" + (":slower" if sample.slower else ""))
+        pipe.ltrim(key, 0, WINDOW - 1)
+        pipe.execute()
+        self._cache.pop(key, None)
+
+
+def parse_sample(raw: str) -> Sample | None:
+    """A stored "lo:hi" sample, or None for anything no poll could have seen
+    (unparsable, not finite, hi <= 0 or lo > hi)."""
+    lo, _, rest = raw.partition(":")
+    hi, _, flag = rest.partition(":")
+    try:
+        sample = make_sample(float(lo), float(hi or lo))
+    except ValueError:
+        return None
+    return replace(sample, slower=True) if sample and flag == "slower" else sample
