@@ -10,7 +10,7 @@ jitter of U(0, JITTER_S). The plan is the REAL `plan_from`, cached for
 CACHE_S like `DurationModel`, and like it dropped when a completion is
 recorded. A poll at age >= the generation time finds the video done: a
 Sample(previous poll age or 0, this poll age), flagged by the REAL
-`flag_slower` as `DurationModel.record` does, goes first into a list kept to
+`mark_late` as `DurationModel.record` does, goes first into a list kept to
 WINDOW, the slot frees. While fewer than WINDOW samples are known, the ages at
 their last poll of the jobs still running (polled at least once) are passed
 too. Re-aim (worker/reaim.py) is modelled after each completion, as
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from worker.durations import CACHE_S
 from worker.fit import normal_cdf, normal_pdf
 from worker.reaim import REAIM_SHARE
-from worker.schedule import WINDOW, PollPlan, Sample, fitted, flag_slower, plan_from
+from worker.schedule import WINDOW, PollPlan, Sample, fitted, mark_late, plan_from
 
 PRIOR_S, MIN_S = 90.0, 0.5  # the production defaults (bench/config.py)
 MAX_S = 600.0  # the longest countdown (VIDQ_POLL_MAX_INTERVAL_S)
@@ -113,7 +113,7 @@ class Sim:
             return self.schedule(i, now, self.plan(now).delay(job.polls, age, MIN_S, self.max_s))
         job.detect = now
         lo = job.last_age if job.polls > 1 else 0.0
-        sample = flag_slower(self.plan(now), Sample(lo, age), self.samples)
+        sample = mark_late(self.plan(now), Sample(lo, age), job.first_aim, self.samples)
         self.samples = [sample, *self.samples][:WINDOW]
         self.cached = None  # DurationModel.record drops the cached plan
         if self.reaim:

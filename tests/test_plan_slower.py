@@ -12,7 +12,7 @@ from conftest import write_prompts
 
 from worker import keys
 from worker.durations import DurationModel, parse_sample
-from worker.schedule import SLOWER_RUN, Sample, flag_slower, plan_from
+from worker.schedule import SLOWER_RUN, Sample, mark_late, plan_from
 
 SHAPE = ("alibaba/wan2.1-t2v-turbo", "720P")
 
@@ -28,17 +28,29 @@ def _learned(n: int, median: float, seed: int) -> list[Sample]:
     return samples
 
 
-def test_three_jobs_in_a_row_still_running_past_the_fits_99th_percentile_flag_a_slowdown():
+def test_three_late_jobs_in_a_row_flag_a_slowdown():
+    """Late: still running past the fit's 99th percentile, aimed by a plan no slower
+    than this one. Three in a row mean the upstream got slower."""
     plan = plan_from(_learned(60, 10.0, 1), prior_s=90)
     assert plan.surprise_s is not None and 11.5 < plan.surprise_s < 14.0
-    late = [Sample(24.0, 25.0), Sample(22.0, 23.0)]
-    assert flag_slower(plan, Sample(25.0, 26.0), late).slower
-    # One of them inside the fit's 99%, or too few of them: not (yet) a slowdown.
-    assert not flag_slower(plan, Sample(25.0, 26.0), [late[0], Sample(10.0, 10.5)]).slower
-    assert not flag_slower(plan, Sample(25.0, 26.0), late[:1]).slower
-    assert not flag_slower(plan, Sample(11.0, 26.0), late).slower  # "done by 26" is not late
+    late = [Sample(24.0, 25.0, late=True), Sample(22.0, 23.0, late=True)]
+    assert mark_late(plan, Sample(25.0, 26.0), 9.0, late) == Sample(25.0, 26.0, True, True)
+    # One of them on time, or too few of them: late, not (yet) a slowdown.
+    assert mark_late(plan, Sample(25.0, 26.0), 9.0, [late[0], Sample(10.0, 10.5)]) == \
+        Sample(25.0, 26.0, late=True)
+    assert not mark_late(plan, Sample(25.0, 26.0), 9.0, late[:1]).slower
+    assert mark_late(plan, Sample(11.0, 26.0), 9.0, late) == Sample(11.0, 26.0)  # done by 26
     cold = plan_from([], prior_s=90)
-    assert cold.surprise_s is None and not flag_slower(cold, Sample(500, 501), late).slower
+    assert cold.surprise_s is None and not mark_late(cold, Sample(500, 501), 5.0, late).late
+
+
+def test_jobs_aimed_for_a_slower_upstream_that_finish_slowly_are_no_news():
+    """The upstream got faster (learned at ~5 s); jobs submitted before, whose first
+    polls were aimed at the old ~9 s, finish at ~10 s: not late, no slowdown."""
+    plan = plan_from(_learned(60, 5.0, 5), prior_s=90)
+    stragglers = [Sample(9.5, 10.0), Sample(9.8, 10.3)]
+    for sample in stragglers:
+        assert mark_late(plan, sample, 9.0, stragglers) == sample
 
 
 def test_after_a_slowdown_the_plan_fits_only_the_run_and_the_jobs_still_running():
@@ -64,11 +76,13 @@ def test_the_completion_that_ends_the_run_is_stored_flagged(redis_url):
         model.record(*SHAPE, sample.lo, sample.hi)
     assert model.plan(*SHAPE).second_s < 11.0
     for lo in (24.0, 23.5, 25.0):
-        model.record(*SHAPE, lo, lo + 1.0)
+        model.record(*SHAPE, lo, lo + 1.0, 9.0)
     stored = model.redis.lrange(key, 0, SLOWER_RUN)
-    assert [raw.endswith(":slower") for raw in stored] == [True, False, False, False]
+    assert [raw.partition(":")[2].partition(":")[2] for raw in stored] == \
+        ["slower", "late", "late", ""]
     assert model.plan(*SHAPE).second_s > 20.0
-    assert parse_sample("24:25:slower") == Sample(24.0, 25.0, slower=True)
+    assert parse_sample("24:25:slower") == Sample(24.0, 25.0, late=True, slower=True)
+    assert parse_sample("24:25:late") == Sample(24.0, 25.0, late=True)
     assert parse_sample("24:25:faster") == Sample(24.0, 25.0)
     assert parse_sample("24:23:slower") is None
 

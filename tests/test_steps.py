@@ -233,8 +233,9 @@ def test_a_result_link_refused_again_and_again_fails_the_job(steps_for):
 
 
 def test_an_unexpected_exception_counts_as_an_attempt_and_ends_the_job(steps_for):
-    """A bug in a step (here: the duration model raising ValueError) is not re-sent
-    forever: each run counts as an attempt, then the job fails with the reason."""
+    """A bug in a step (here: the duration model raising ValueError as the submit
+    plans its first poll) is not re-sent forever: each run counts as an attempt,
+    then the job fails with the reason, its generation id kept."""
     from worker.tasks import JobFailed, run_step
 
     steps = steps_for(VIDQ_MAX_ATTEMPTS="2")
@@ -243,7 +244,7 @@ def test_an_unexpected_exception_counts_as_an_attempt_and_ends_the_job(steps_for
     def broken(*_args):
         raise ValueError("odd credits_used")
 
-    steps.durations.record = broken
+    steps.durations.plan = broken
     run_step(steps, "submit", ref, token)
     for _ in range(10):
         step, _, token = steps.sent[-1]

@@ -3,8 +3,9 @@ plan computed from them (worker/schedule.py).
 
 Each shape has a list `keys.durations(model, resolution)` of samples, newest
 first, at most `WINDOW`: "lo:hi" (finished after the poll at lo seconds since
-submit and by the one at hi; lo 0 for a first poll), with ":slower" appended
-to the one that ended a run showing the upstream got slower. Every worker
+submit and by the one at hi; lo 0 for a first poll), with ":late" appended
+when the job was still running far past the plan's aims, ":slower" when it
+ended a run of late ones (the upstream got slower). Every worker
 process computes the same plan from the same list; its own copy is cached for
 `CACHE_S`, and dropped when it records a completion.
 """
@@ -25,8 +26,8 @@ from .schedule import (
     PollPlan,
     Sample,
     fitted,
-    flag_slower,
     make_sample,
+    mark_late,
     plan_from,
 )
 
@@ -91,22 +92,24 @@ class DurationModel:
         return plan.second_s, True
 
     def record(self, model: str, resolution: str, previous_poll_s: float,
-               completed_poll_s: float) -> None:
+               completed_poll_s: float, first_aim_s: float = 0.0) -> None:
         """A completion seen at `completed_poll_s` after submit; the poll before
-        it was at `previous_poll_s` (0 when this was the first poll)."""
+        it was at `previous_poll_s` (0 when this was the first poll), the first
+        poll aimed at `first_aim_s` (0: unknown)."""
         sample = make_sample(previous_poll_s, completed_poll_s)
         if sample is None:
             return  # a clock stepped back, or no time at all: nothing to learn
         key = keys.durations(model, resolution)
         plan = self.plan(model, resolution)
         if plan.surprise_s is not None and sample.lo > plan.surprise_s:
-            sample = flag_slower(plan, sample, self._newest(key, SLOWER_RUN - 1))
+            sample = mark_late(plan, sample, first_aim_s, self._newest(key, SLOWER_RUN - 1))
             if sample.slower:
                 log.info("%s %s: generations got slower (%d jobs in a row still running "
                          "after %.1f s); the poll plan relearns from them",
                          model, resolution, SLOWER_RUN, plan.surprise_s)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.lpush(key, f"{sample.lo:.3f}:{sample.hi:.3f}" + (":slower" if sample.slower else ""))
+        mark = ":slower" if sample.slower else ":late" if sample.late else ""
+        pipe.lpush(key, f"{sample.lo:.3f}:{sample.hi:.3f}{mark}")
         pipe.ltrim(key, 0, WINDOW - 1)
         pipe.execute()
         self._cache.pop(key, None)
@@ -121,4 +124,6 @@ def parse_sample(raw: str) -> Sample | None:
         sample = make_sample(float(lo), float(hi or lo))
     except ValueError:
         return None
-    return replace(sample, slower=True) if sample and flag == "slower" else sample
+    if sample is None or flag not in ("late", "slower"):
+        return sample
+    return replace(sample, late=True, slower=flag == "slower")

@@ -67,7 +67,8 @@ class Steps:
     def submit(self, job: Job) -> None:
         if job.generation_id:
             # Requeued or recovered: the generation exists; look at it now.
-            return self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
+            self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
+            return
         if self._already_stored(job):
             return
         if not job.extra.get("posting_at") and self.admission.cancelled(job.batch):
@@ -87,7 +88,8 @@ class Steps:
             return
         if marker == "has_id":
             job.generation_id = self.store.get(job.ref).generation_id  # type: ignore[union-attr]
-            return self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
+            self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
+            return
         if marker == "posted_before":
             raise SubmitOutcomeUnknown(
                 "a POST for this job was started earlier and its answer never arrived "
@@ -111,15 +113,17 @@ class Steps:
     def poll(self, job: Job) -> None:
         paused_ms = job.number("__poll_pause_ms")
         if paused_ms > 0:
-            return self._next(job, Step.POLL, paused_ms / 1000 + _spread(paused_ms / 1000),
-                              polls=job.polls)
+            self._next(job, Step.POLL, paused_ms / 1000 + _spread(paused_ms / 1000),
+                       polls=job.polls)
+            return
         try:
             generation = self.client.fetch(job.generation_id)
         except RateLimited as exc:
             pause = _pause_s(exc)
             self.store.pause_polls(pause)
             log.warning("429 on a status GET: polls paused %.0f s for every worker", pause)
-            return self._next(job, Step.POLL, pause + _spread(pause), polls=job.polls)
+            self._next(job, Step.POLL, pause + _spread(pause), polls=job.polls)
+            return
         job.polls += 1
         if generation.succeeded:
             return self._completed(job, generation)
@@ -130,8 +134,9 @@ class Steps:
                                   f"{age:.0f} s (hard limit); generation id kept")
         if age >= self._deadline_s(job):
             # Paid for and maybe still coming: look slowly, keep the slot.
-            return self._next(job, Step.POLL, self.settings.overdue_poll_interval_s,
-                              state=State.OVERDUE, polls=job.polls, attempts=0)
+            self._next(job, Step.POLL, self.settings.overdue_poll_interval_s,
+                       state=State.OVERDUE, polls=job.polls, attempts=0)
+            return
         self._next(job, Step.POLL, self._poll_delay(job, age), state=State.GENERATING,
                    polls=job.polls, attempts=0, last_poll_age=age)
 
@@ -221,6 +226,7 @@ class Steps:
         values: dict = {"video_url": generation.video_url, "polls": job.polls, "attempts": 0}
         if generation.credits_used is not None:
             values["credits_used"] = generation.credits_used
+        sample: tuple[float, float] | None = None
         if not job.completed_at:
             values["completed_at"] = job.now()
             # Finished after the previous poll (none: censored at 0) and by
@@ -230,13 +236,15 @@ class Steps:
             if not job.extra.get("recovered"):
                 completed(*self._shape(job), job.polls, previous, age)
             if self._tells_generation_time(job, age):
-                self.durations.record(*self._shape(job), previous, age)
-                self._reaim(job)
+                sample = (previous, age)
         # The generation is done and paid whatever happens next: settle before
         # the transition, so a worker killed between them leaves no commitment
         # counted for good (a redelivered poll settles again as a no-op).
         self.admission.settle(job.ref, "done", generation.credits_used)
-        self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True, **values)
+        moved = self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True,
+                           **values)
+        if sample and moved:
+            self._learn(job, *sample)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
         admit(self.admission, self.dispatch)
 
@@ -251,7 +259,8 @@ class Steps:
         aim = job.number("first_aim")
         return job.polls > 1 or not aim or age <= LATE_FIRST_POLL * aim + 1.0
 
-    def _next(self, job: Job, step: str, delay: float, **values) -> None:
+    def _next(self, job: Job, step: str, delay: float, **values) -> bool:
+        """Move the job to `step` in `delay` seconds; False if a newer step took it."""
         # Due by its start time plus the step grace; once a step starts, its
         # claim leases it for as long as that step may run.
         token = self.store.transition(job, next_step=step,
@@ -259,9 +268,10 @@ class Steps:
         if token is None:
             log.info("job %s was taken over by a newer step; this chain stops", job.ref)
             job.outcome = "taken over by a newer step"
-            return
+            return False
         self.dispatch(step, job.ref, token, delay)
         job.outcome = f"{step} in {delay:.0f} s" if delay >= 1 else f"{step} next"
+        return True
 
     def _deadline_s(self, job: Job) -> float:
         # Counted from admission too, so a job requeued by `vidq retry` gets a
@@ -275,11 +285,20 @@ class Steps:
     def _expected_s(self, job: Job) -> float:
         return self.durations.expected_s(*self._shape(job))
 
-    def _reaim(self, job: Job) -> None:
-        first_s = self.durations.plan(*self._shape(job)).first_s
-        if aim_dropped(self.store.redis, *self._shape(job), first_s):
-            reaim_first_polls(self.store, self.dispatch, self._shape(job), first_s,
-                              self.settings.poll_min_interval_s, self.settings.step_grace_s)
+    def _learn(self, job: Job, previous_s: float, age_s: float) -> None:
+        """Teach the poll plan a completion; re-aim pending first polls if the
+        aims dropped. Only once the job's transition holds (a poll redelivered
+        because its transition was lost must not record it twice), so best
+        effort: a failure here must not touch a job already on its download."""
+        shape = self._shape(job)
+        try:
+            self.durations.record(*shape, previous_s, age_s, job.number("first_aim"))
+            first_s = self.durations.plan(*shape).first_s
+            if aim_dropped(self.store.redis, *shape, first_s):
+                reaim_first_polls(self.store, self.dispatch, shape, first_s,
+                                  self.settings.poll_min_interval_s, self.settings.step_grace_s)
+        except Exception:  # noqa: BLE001 - learning is an aside once the job moved on
+            log.exception("job %s: learning from its completion failed", job.ref)
 
     def _poll_delay(self, job: Job, age_s: float) -> float:
         plan = self.durations.plan(*self._shape(job))

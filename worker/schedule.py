@@ -30,13 +30,16 @@ poll held back far past its aim are never recorded: their delays are vidq's):
   upstream. It is dropped, the next first poll comes at half the earliest of
   those poll times, then in small steps, until `MIN_SAMPLES` completions can
   be fitted again.
-* Slower: if the newest `SLOWER_RUN` completions were all still running when
-  the fit had 99% of videos done (about one in 100 each), the upstream got
-  slower and the window mostly describes its faster past, which would take
-  half a window of completions to outvote: each of them polled in growing
-  steps far past the stale aims. The completion that ends such a run is stored
-  flagged; the fit then uses only that run and what came after it (with the
-  jobs still running), until the flag leaves the window.
+* Slower: a completion is *late* if its job was still running when the fit
+  had 99% of videos done (about one in 100), and was aimed by a plan no
+  slower than the current one (a job planned for slower times, submitted
+  before the upstream got faster, is no news). If the newest `SLOWER_RUN`
+  completions are all late, the upstream got slower, and the window mostly
+  describes its faster past, which would take half a window of completions
+  to outvote, each of them polled in growing steps far past stale aims. The
+  completion that ends such a run is stored flagged; the fit then uses only
+  that run and what came after it (with the jobs still running), until the
+  flag leaves the window.
 * Re-aim (worker/reaim.py): when the aims move much earlier, jobs whose first
   poll is still pending get a new one at the new aim.
 
@@ -139,7 +142,8 @@ class PollPlan:
 class Sample:
     lo: float
     hi: float
-    # It ended a run of SLOWER_RUN surprises: older samples (before the run)
+    late: bool = False  # still running past the surprise age of the plan that aimed it
+    # It ended a run of SLOWER_RUN late ones: older samples (before the run)
     # describe a faster upstream.
     slower: bool = False
 
@@ -200,14 +204,18 @@ def fitted(samples: list[Sample]) -> tuple[list[Sample], bool]:
     return samples[:flag + SLOWER_RUN], True
 
 
-def flag_slower(plan: PollPlan, sample: Sample, newest: Sequence[Sample]) -> Sample:
-    """`sample`, flagged `slower` if it and the newest stored samples before it
-    make a run of SLOWER_RUN jobs still running past the plan's surprise age."""
-    run = [sample, *newest[:SLOWER_RUN - 1]]
-    surprise = plan.surprise_s
-    if surprise is None or len(run) < SLOWER_RUN or any(s.lo <= surprise for s in run):
+def mark_late(plan: PollPlan, sample: Sample, first_aim_s: float,
+              newest: Sequence[Sample]) -> Sample:
+    """`sample` marked `late` if its job, whose first poll was aimed at
+    `first_aim_s` (0: unknown), was still running past the plan's surprise age
+    and aimed no later than the plan's second poll; marked `slower` too if the
+    newest stored samples before it make a run of SLOWER_RUN late ones."""
+    surprise, second = plan.surprise_s, plan.second_s
+    if surprise is None or second is None or sample.lo <= surprise or first_aim_s > second:
         return sample
-    return replace(sample, slower=True)
+    before = newest[:SLOWER_RUN - 1]
+    slower = len(before) == SLOWER_RUN - 1 and all(s.late for s in before)
+    return replace(sample, late=True, slower=slower)
 
 
 def _newest_censored_run(samples: list[Sample]) -> int | None:
