@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import math
 import random
 import statistics
 import time
@@ -32,7 +33,19 @@ from dataclasses import dataclass
 from worker.durations import CACHE_S
 from worker.fit import normal_cdf, normal_pdf
 from worker.reaim import REAIM_SHARE
-from worker.schedule import WINDOW, PollPlan, Sample, fitted, mark_late, plan_from
+from worker.schedule import (
+    FIRST_BEFORE,
+    LAG_SHARE,
+    MIN_STEP_SHARE,
+    STEP_SPREADS,
+    WINDOW,
+    Z_SECOND,
+    PollPlan,
+    Sample,
+    fitted,
+    mark_late,
+    plan_from,
+)
 
 PRIOR_S, MIN_S = 90.0, 0.5  # the production defaults (bench/config.py)
 MAX_S = 600.0  # the longest countdown (VIDQ_POLL_MAX_INTERVAL_S)
@@ -151,6 +164,39 @@ class Sim:
         return self.jobs
 
 
+class Oracle(Sim):
+    """A bound, not a plan: polls aimed by the exact plan for the true T and
+    spread (no estimate, no cold start), switched at the first poll that finds
+    a job of a new T done (the earliest news a plan without extra GETs gets),
+    when every pending first poll is re-aimed at once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.exact = exact_plan(self.true_t(0, self.n))
+
+    def plan(self, now: float) -> PollPlan:
+        return self.exact
+
+    def poll(self, i: int, now: float) -> None:
+        job = self.jobs[i]
+        if now - job.submit >= job.gen and exact_plan(job.t) != self.exact:
+            self.exact = exact_plan(job.t)
+            for k, other in enumerate(self.jobs):
+                age = now - other.submit
+                if other.detect < 0 and other.polls == 0 and other.token >= 0 and age >= 0:
+                    other.token += 1
+                    other.first_aim = self.exact.first_s
+                    self.schedule(k, now, max(self.exact.first_s - age, MIN_S))
+        super().poll(i, now)
+
+
+def exact_plan(t: float) -> PollPlan:
+    """plan_from's aims with the spread known and no estimate's error."""
+    second = t * math.exp(Z_SECOND * SPREAD)
+    step = t * min(max(STEP_SPREADS * SPREAD, MIN_STEP_SHARE), LAG_SHARE)
+    return PollPlan(second * math.exp(-FIRST_BEFORE * SPREAD), second, step, second)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
@@ -192,8 +238,8 @@ def lag_floor() -> tuple[float, float]:
     return min((waited(-12.0, z) + waited(z, 0.0), z) for z in (i / 1000 for i in range(-3000, 0)))
 
 
-def one_run(args: tuple[str, int, int, int, bool, float]) -> dict:
-    sim = Sim(*args)
+def one_run(args: tuple[str, int, int, int, bool, float], oracle: bool = False) -> dict:
+    sim = (Oracle if oracle else Sim)(*args)
     jobs = sim.run()
     row = measure(jobs, sim.cap)
     row["eff_zero_lag"] = zero_lag_efficiency(jobs, sim.cap)
@@ -241,19 +287,22 @@ def main() -> None:
                         help="longest poll countdown (VIDQ_POLL_MAX_INTERVAL_S)")
     parser.add_argument("--no-reaim", action="store_true", help="do not model re-aim")
     parser.add_argument("--no-json", action="store_true", help="print only")
+    parser.add_argument("--oracle", action="store_true",
+                        help="the bound: exact aims for the true T, switched at first news")
     args = parser.parse_args()
     names = args.scenario or list(SCENARIOS)
     tasks = [(name, seed, args.jobs, args.cap, not args.no_reaim, args.max_s)
              for name in names for seed in range(args.seeds)]
     started = time.perf_counter()
-    rows = [one_run(task) for task in tasks]
+    rows = [one_run(task, args.oracle) for task in tasks]
     runs = {name: [r for t, r in zip(tasks, rows, strict=True) if t[0] == name]
             for name in names}
     results = {name: summarize(runs[name]) for name in names}
     elapsed = time.perf_counter() - started
     print(table(results, args.cap))
     print(f"{len(tasks)} runs of {args.jobs} jobs, C={args.cap}, prior {PRIOR_S:g} s, "
-          f"max countdown {args.max_s:g} s, re-aim {'off' if args.no_reaim else 'on'}: "
+          f"max countdown {args.max_s:g} s, re-aim {'off' if args.no_reaim else 'on'}"
+          f"{', ORACLE (exact aims, not the plan)' if args.oracle else ''}: "
           f"{elapsed:.1f} s")
     floor, first = lag_floor()
     print(f"floor: with half the videos found by the second poll, the mean lag is at least "
