@@ -65,6 +65,7 @@ class Job:
     last_age: float = 0.0
     token: int = 0
     first_aim: float = 0.0
+    aimed_second: float = 0.0  # the second aim of the plan that aimed it (0: unlearned)
     detect: float = -1.0  # when a poll found it done; -1 until then
 
 
@@ -114,7 +115,9 @@ class Sim:
     def submitted(self, i: int, now: float) -> None:
         job = self.jobs[i]
         job.token = 0
-        job.first_aim = self.plan(now).delay(0, 0.0, MIN_S, self.max_s)
+        plan = self.plan(now)
+        job.first_aim = plan.delay(0, 0.0, MIN_S, self.max_s)
+        job.aimed_second = plan.second_s or 0.0
         self.schedule(i, now, job.first_aim)
 
     def poll(self, i: int, now: float) -> None:
@@ -126,7 +129,7 @@ class Sim:
             return self.schedule(i, now, self.plan(now).delay(job.polls, age, MIN_S, self.max_s))
         job.detect = now
         lo = job.last_age if job.polls > 1 else 0.0
-        sample = mark_late(self.plan(now), Sample(lo, age), job.first_aim, self.samples)
+        sample = mark_late(self.plan(now), Sample(lo, age), job.aimed_second, self.samples)
         self.samples = [sample, *self.samples][:WINDOW]
         self.cached = None  # DurationModel.record drops the cached plan
         if self.reaim:

@@ -92,17 +92,17 @@ class DurationModel:
         return plan.second_s, True
 
     def record(self, model: str, resolution: str, previous_poll_s: float,
-               completed_poll_s: float, first_aim_s: float = 0.0) -> None:
+               completed_poll_s: float, aimed_second_s: float = 0.0) -> None:
         """A completion seen at `completed_poll_s` after submit; the poll before
-        it was at `previous_poll_s` (0 when this was the first poll), the first
-        poll aimed at `first_aim_s` (0: unknown)."""
+        it was at `previous_poll_s` (0 when this was the first poll); the plan
+        that aimed the job had its second poll at `aimed_second_s` (0: none)."""
         sample = make_sample(previous_poll_s, completed_poll_s)
         if sample is None:
             return  # a clock stepped back, or no time at all: nothing to learn
         key = keys.durations(model, resolution)
         plan = self.plan(model, resolution)
         if plan.surprise_s is not None and sample.lo > plan.surprise_s:
-            sample = mark_late(plan, sample, first_aim_s, self._newest(key, SLOWER_RUN - 1))
+            sample = mark_late(plan, sample, aimed_second_s, self._newest(key, SLOWER_RUN - 1))
             if sample.slower:
                 log.info("%s %s: generations got slower (%d jobs in a row still running "
                          "after %.1f s); the poll plan relearns from them",

@@ -100,7 +100,10 @@ class Steps:
             return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()
         delay = self._poll_delay(job, 0.0)
-        self._next(job, Step.POLL, delay, attempts=0, first_aim=delay)
+        # Which plan aimed it: a job aimed by no fit, or by one for slower
+        # times, finishing late is no news of a slowdown (schedule.mark_late).
+        aimed = self.durations.plan(*self._shape(job)).second_s or 0.0
+        self._next(job, Step.POLL, delay, attempts=0, first_aim=delay, aimed_second=aimed)
 
     def _rate_limited_submit(self, job: Job, error: RateLimited) -> None:
         """A 429 is about the account: every worker pauses submits, this job
@@ -226,25 +229,26 @@ class Steps:
         values: dict = {"video_url": generation.video_url, "polls": job.polls, "attempts": 0}
         if generation.credits_used is not None:
             values["credits_used"] = generation.credits_used
-        sample: tuple[float, float] | None = None
-        if not job.completed_at:
+        first_seen = not job.completed_at
+        if first_seen:
             values["completed_at"] = job.now()
-            # Finished after the previous poll (none: censored at 0) and by
-            # this one. A recovered chain's delays say nothing about the upstream.
+            # Finished after the previous poll (none: censored at 0) and by this one.
             age = job.now() - job.submitted_at
             previous = job.number("last_poll_age") if job.polls > 1 else 0.0
-            if not job.extra.get("recovered"):
-                completed(*self._shape(job), job.polls, previous, age)
-            if self._tells_generation_time(job, age):
-                sample = (previous, age)
         # The generation is done and paid whatever happens next: settle before
         # the transition, so a worker killed between them leaves no commitment
         # counted for good (a redelivered poll settles again as a no-op).
         self.admission.settle(job.ref, "done", generation.credits_used)
         moved = self._next(job, Step.DOWNLOAD, 0.0, state=State.DOWNLOADING, release_slot=True,
                            **values)
-        if sample and moved:
-            self._learn(job, *sample)
+        if first_seen and moved:
+            # Counted and learned once the transition holds: a poll retried
+            # because its transition was lost must not count it twice. A
+            # recovered chain's delays say nothing about the upstream.
+            if not job.extra.get("recovered"):
+                completed(*self._shape(job), job.polls, previous, age)
+            if self._tells_generation_time(job, age):
+                self._learn(job, previous, age)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
         admit(self.admission, self.dispatch)
 
@@ -287,12 +291,11 @@ class Steps:
 
     def _learn(self, job: Job, previous_s: float, age_s: float) -> None:
         """Teach the poll plan a completion; re-aim pending first polls if the
-        aims dropped. Only once the job's transition holds (a poll redelivered
-        because its transition was lost must not record it twice), so best
-        effort: a failure here must not touch a job already on its download."""
+        aims dropped. Best effort: it runs after the job's transition, and a
+        failure here must not touch a job already on its download."""
         shape = self._shape(job)
         try:
-            self.durations.record(*shape, previous_s, age_s, job.number("first_aim"))
+            self.durations.record(*shape, previous_s, age_s, job.number("aimed_second"))
             first_s = self.durations.plan(*shape).first_s
             if aim_dropped(self.store.redis, *shape, first_s):
                 reaim_first_polls(self.store, self.dispatch, shape, first_s,

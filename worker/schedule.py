@@ -31,9 +31,10 @@ poll held back far past its aim are never recorded: their delays are vidq's):
   those poll times, then in small steps, until `MIN_SAMPLES` completions can
   be fitted again.
 * Slower: a completion is *late* if its job was still running when the fit
-  had 99% of videos done (about one in 100), and was aimed by a plan no
-  slower than the current one (a job planned for slower times, submitted
-  before the upstream got faster, is no news). If the newest `SLOWER_RUN`
+  had 99.9% of videos done, and was aimed by a fitted plan no slower than
+  the current one (a job planned for slower times, submitted before the
+  upstream got faster, is no news; nor is one of the cold start, whose jobs
+  start together and end in waves, their slowest last). If the newest `SLOWER_RUN`
   completions are all late, the upstream got slower, and the window mostly
   describes its faster past, which would take half a window of completions
   to outvote, each of them polled in growing steps far past stale aims. The
@@ -75,8 +76,10 @@ TOO_LATE_RUN = 8  # newest completions all censored: the aims are far too late
 # (about a fifth of first polls find the video done as planned: eight in a row
 # by chance, 0.23^8, is once in ~130,000 completions; six in a row happened by
 # chance in simulated batches)
-SLOWER_RUN = 3  # newest completions all past the fit's 99th percentile: slower
-SLOWER_Z = 2.33  # (by chance: 0.01^3, once in a million completions)
+SLOWER_RUN = 3  # newest completions all past the fit's 99.9th percentile: slower
+SLOWER_Z = 3.09  # (by chance, for independent completions: 0.001^3; the slowest
+# of a wave of C jobs submitted together do finish in a row, and C = 200 puts
+# three past the 99th percentile at the end of a wave one time in three)
 MIN_SAMPLES = 5
 COLD_FIRST_S = 5.0
 COLD_PRIOR_AIMS = (0.95, 1.05)
@@ -108,8 +111,8 @@ class PollPlan:
     # Cold start only: extra polls just around the prior. A right prior then
     # costs two GETs and no lag; a wrong one costs those two GETs.
     prior_aims: tuple[float, ...] = ()
-    # Learned plans only: a job still running at this age is a 1-in-100
-    # surprise to the fit (its 99th percentile).
+    # Learned plans only: a job still running at this age is a 1-in-1,000
+    # surprise to the fit (its 99.9th percentile).
     surprise_s: float | None = None
 
     def delay(self, polls_done: int, elapsed_s: float, min_s: float, max_s: float) -> float:
@@ -204,14 +207,17 @@ def fitted(samples: list[Sample]) -> tuple[list[Sample], bool]:
     return samples[:flag + SLOWER_RUN], True
 
 
-def mark_late(plan: PollPlan, sample: Sample, first_aim_s: float,
+def mark_late(plan: PollPlan, sample: Sample, aimed_second_s: float,
               newest: Sequence[Sample]) -> Sample:
-    """`sample` marked `late` if its job, whose first poll was aimed at
-    `first_aim_s` (0: unknown), was still running past the plan's surprise age
-    and aimed no later than the plan's second poll; marked `slower` too if the
-    newest stored samples before it make a run of SLOWER_RUN late ones."""
+    """`sample` marked `late` if its job was still running past the plan's
+    surprise age and was aimed by a fitted plan whose second poll
+    (`aimed_second_s`; 0: none, a cold start or too-late plan) was no later
+    than this plan's; marked `slower` too if the newest stored samples before
+    it make a run of SLOWER_RUN late ones."""
     surprise, second = plan.surprise_s, plan.second_s
-    if surprise is None or second is None or sample.lo <= surprise or first_aim_s > second:
+    if surprise is None or second is None or sample.lo <= surprise:
+        return sample
+    if not 0 < aimed_second_s <= second:
         return sample
     before = newest[:SLOWER_RUN - 1]
     slower = len(before) == SLOWER_RUN - 1 and all(s.late for s in before)
