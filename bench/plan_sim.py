@@ -34,14 +34,11 @@ from worker.durations import CACHE_S
 from worker.fit import normal_cdf, normal_pdf
 from worker.reaim import REAIM_SHARE
 from worker.schedule import (
-    FIRST_BEFORE,
-    LAG_SHARE,
-    MIN_STEP_SHARE,
-    STEP_SPREADS,
     WINDOW,
     Z_SECOND,
     PollPlan,
     Sample,
+    aimed_plan,
     fitted,
     mark_late,
     plan_from,
@@ -145,12 +142,16 @@ class Sim:
         dropped = last is not None and first_s < REAIM_SHARE * last
         if last is None or dropped or first_s > last:
             self.last_aim = first_s
-        if not dropped:
-            return
+        if dropped:
+            self.move_first_polls(now, first_s, aimed_after=first_s / REAIM_SHARE)
+
+    def move_first_polls(self, now: float, first_s: float, aimed_after: float) -> None:
+        """Pending first polls aimed later than `aimed_after` go to `first_s`
+        after their submit (a new token supersedes the old poll)."""
         for i, job in enumerate(self.jobs):
             age = now - job.submit
             if (job.detect < 0 and job.polls == 0 and job.token >= 0 and age >= 0
-                    and job.first_aim > first_s / REAIM_SHARE and age < job.first_aim):
+                    and job.first_aim > aimed_after and age < job.first_aim):
                 job.token += 1
                 job.first_aim = first_s
                 self.schedule(i, now, max(first_s - age, MIN_S))
@@ -195,9 +196,7 @@ class Oracle(Sim):
 
 def exact_plan(t: float) -> PollPlan:
     """plan_from's aims with the spread known and no estimate's error."""
-    second = t * math.exp(Z_SECOND * SPREAD)
-    step = t * min(max(STEP_SPREADS * SPREAD, MIN_STEP_SHARE), LAG_SHARE)
-    return PollPlan(second * math.exp(-FIRST_BEFORE * SPREAD), second, step, second)
+    return aimed_plan(math.log(t), SPREAD, Z_SECOND)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -239,6 +239,16 @@ def write_prompts(path: Path, prompts: list[str]) -> Path:
     return path
 
 
+def run_batch(make_pipeline, sandbox, tmp_path: Path, batch: str, prompts: list[str],
+              timeout_s: float, **env) -> tuple[Pipeline, dict]:
+    """Fresh workers against `sandbox` run `prompts` as `batch` to its end; the
+    pipeline (workers still running) and the batch's final counts."""
+    pipeline = make_pipeline(sandbox, **env)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / f"{batch}.txt", prompts), batch)
+    return pipeline, pipeline.wait_finished(batch, timeout_s=timeout_s)
+
+
 @pytest.fixture
 def serve_bytes():
     """A local HTTP server answering every GET and POST with 200 and fixed bytes."""

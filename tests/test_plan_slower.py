@@ -8,7 +8,7 @@ import random
 import statistics
 
 import redis
-from conftest import write_prompts
+from conftest import run_batch
 
 from worker import keys
 from worker.durations import DurationModel, parse_sample
@@ -94,18 +94,16 @@ def test_real_workers_follow_generations_that_get_six_times_slower(make_pipeline
                                                                      make_sandbox, tmp_path):
     """Learned at ~0.5 s (a full window), the upstream turns ~3 s: a slowdown is flagged and the last
     jobs cost few GETs again instead of a long run of growing steps each."""
-    fast = make_sandbox(time_scale=180)
-    pipeline = make_pipeline(fast, VIDQ_EXPECTED_GENERATION_S=90)
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "a.txt", [f"fast {i}" for i in range(64)]), "a")
-    assert pipeline.wait_finished("a", timeout_s=120)["done"] == 64
+    pipeline, counts = run_batch(make_pipeline, make_sandbox(time_scale=180), tmp_path, "a",
+                                 [f"fast {i}" for i in range(64)], 120,
+                                 VIDQ_EXPECTED_GENERATION_S=90)
+    assert counts["done"] == 64
     pipeline.stop_workers()
 
-    slow = make_sandbox(time_scale=30)
-    pipeline = make_pipeline(slow, VIDQ_EXPECTED_GENERATION_S=90)
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "b.txt", [f"slow {i}" for i in range(24)]), "b")
-    assert pipeline.wait_finished("b", timeout_s=180)["done"] == 24
+    pipeline, counts = run_batch(make_pipeline, make_sandbox(time_scale=30), tmp_path, "b",
+                                 [f"slow {i}" for i in range(24)], 180,
+                                 VIDQ_EXPECTED_GENERATION_S=90)
+    assert counts["done"] == 24
     stored = pipeline.store.redis.lrange(keys.durations(*SHAPE), 0, -1)
     assert any(raw.endswith(":slower") for raw in stored), stored[-30:]
     jobs = [pipeline.store.get(keys.job_ref("b", i)) for i in pipeline.store.job_ids("b")]

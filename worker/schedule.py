@@ -190,10 +190,14 @@ def plan_from(samples: list[Sample], prior_s: float,
     # A few samples say little about the spread: lean on a wide one until
     # there are more.
     sigma = math.sqrt((n * sigma ** 2 + PRIOR_WEIGHT * SPREAD_PRIOR ** 2) / (n + PRIOR_WEIGHT))
-    z_second = Z_SECOND + SE_MARGIN / math.sqrt(n)
-    median = math.exp(mu)
+    return aimed_plan(mu, sigma, Z_SECOND + SE_MARGIN / math.sqrt(n))
+
+
+def aimed_plan(mu: float, sigma: float, z_second: float) -> PollPlan:
+    """The learned plan for log times ~ N(mu, sigma^2), its second poll
+    `z_second` spreads past the median."""
     second = math.exp(mu + z_second * sigma)
-    step = median * min(max(STEP_SPREADS * sigma, MIN_STEP_SHARE), LAG_SHARE)
+    step = math.exp(mu) * min(max(STEP_SPREADS * sigma, MIN_STEP_SHARE), LAG_SHARE)
     return PollPlan(math.exp(mu + (z_second - FIRST_BEFORE) * sigma), second, step, second,
                     surprise_s=math.exp(mu + SLOWER_Z * sigma))
 
