@@ -177,20 +177,19 @@ class Oracle(Sim):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.exact = exact_plan(self.true_t(0, self.n))
+        self.news_from = -1.0  # submit time of the job whose completion set the aims
 
     def plan(self, now: float) -> PollPlan:
         return self.exact
 
     def poll(self, i: int, now: float) -> None:
         job = self.jobs[i]
-        if now - job.submit >= job.gen and exact_plan(job.t) != self.exact:
-            self.exact = exact_plan(job.t)
-            for k, other in enumerate(self.jobs):
-                age = now - other.submit
-                if other.detect < 0 and other.polls == 0 and other.token >= 0 and age >= 0:
-                    other.token += 1
-                    other.first_aim = self.exact.first_s
-                    self.schedule(k, now, max(self.exact.first_s - age, MIN_S))
+        # Only a job submitted after the one that set the aims is news: an old
+        # job finishing late after a speed-up says nothing new.
+        news = job.submit > self.news_from and exact_plan(job.t) != self.exact
+        if news and now - job.submit >= job.gen:
+            self.exact, self.news_from = exact_plan(job.t), job.submit
+            self.move_first_polls(now, self.exact.first_s, aimed_after=0.0)
         super().poll(i, now)
 
 
