@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import redis
 
 from worker import keys
+from worker.contract import shape_of
 from worker.durations import DurationModel
 from worker.errors import InputError
 from worker.spend import CreditEstimates
@@ -98,7 +99,7 @@ class CapacityPlan:
 def capacity_plan(client: redis.Redis, settings, requests: list[dict]) -> CapacityPlan:
     """The plan for `requests` (one per new job) on this deployment now."""
     durations = DurationModel(client, settings.expected_generation_s)
-    counts = Counter((r.get("model", ""), r.get("resolution", "720P")) for r in requests)
+    counts = Counter(shape_of(r) for r in requests)
     shapes = []
     for (model, resolution), videos in sorted(counts.items()):
         generation_s, learned = durations.typical_s(model, resolution)
@@ -107,8 +108,7 @@ def capacity_plan(client: redis.Redis, settings, requests: list[dict]) -> Capaci
     groups = _ahead(client)
     ahead_s, unread = 0.0, 0
     for count, sample in groups:
-        times = [durations.typical_s(r.get("model", ""), r.get("resolution", "720P"))[0]
-                 for r in sample]
+        times = [durations.typical_s(*shape_of(r))[0] for r in sample]
         if times:
             ahead_s += count * sum(times) / len(times)
         else:

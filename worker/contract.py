@@ -16,6 +16,11 @@ ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4")
 DEFAULT_RESOLUTION = "720P"
 DEFAULT_ASPECT_RATIO = "16:9"
 
+
+def shape_of(request: dict) -> tuple[str, str]:
+    """(model, resolution) of a request: what generation times are learned per."""
+    return request.get("model", ""), request.get("resolution", DEFAULT_RESOLUTION)
+
 # Optional request fields and the Python type each must have.
 OPTIONAL_FIELDS: dict[str, type] = {
     "negative_prompt": str,

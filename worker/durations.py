@@ -20,6 +20,7 @@ from dataclasses import replace
 import redis
 
 from . import keys
+from .contract import shape_of
 from .schedule import (
     SLOWER_RUN,
     WINDOW,
@@ -71,7 +72,7 @@ class DurationModel:
                 if not request or not age or completed_at or int(polls or 0) < 1:
                     continue
                 shape = json.loads(request)
-                ours = (shape.get("model"), shape.get("resolution", "720P")) == (model, resolution)
+                ours = shape_of(shape) == (model, resolution)
                 if ours and 0 < float(age) < math.inf:
                     ages.append(float(age))
             except (ValueError, AttributeError):

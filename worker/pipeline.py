@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from . import events
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, Admission, Dispatch, admit
+from .contract import shape_of
 from .durability import Durability, NotDurable
 from .durations import DurationModel
 from .errors import (
@@ -24,9 +25,9 @@ from .errors import (
     UpstreamError,
 )
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
+from .learning import learn, tells_generation_time
 from .metrics_record import completed, downloaded, failed, upstream_call
 from .posting import post_once
-from .reaim import aim_dropped, reaim_first_polls
 from .schedule import backoff_delay
 from .settings import Settings
 from .storage import Storage, sidecar_key, video_key
@@ -42,9 +43,6 @@ RATE_LIMIT_ATTEMPT_FACTOR = 5
 DEFAULT_PAUSE_S, MAX_PAUSE_S = 10.0, 3600.0
 # Paused polls resume spread over up to this long, not all at once.
 RESUME_SPREAD_S = 10.0
-# A first poll later than this times its aim (plus 1 s of dispatch) was held
-# back: what it found says nothing about the plan.
-LATE_FIRST_POLL = 1.5
 
 
 @dataclass
@@ -99,11 +97,13 @@ class Steps:
         except RateLimited as exc:
             return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()
-        delay = self._poll_delay(job, 0.0)
+        plan = self.durations.plan(*self._shape(job))
+        delay = plan.delay(0, 0.0, self.settings.poll_min_interval_s,
+                           self.settings.poll_max_interval_s)
         # Which plan aimed it: a job aimed by no fit, or by one for slower
         # times, finishing late is no news of a slowdown (schedule.mark_late).
-        aimed = self.durations.plan(*self._shape(job)).second_s or 0.0
-        self._next(job, Step.POLL, delay, attempts=0, first_aim=delay, aimed_second=aimed)
+        self._next(job, Step.POLL, delay, attempts=0, first_aim=delay,
+                   aimed_second=plan.second_s or 0.0)
 
     def _rate_limited_submit(self, job: Job, error: RateLimited) -> None:
         """A 429 is about the account: every worker pauses submits, this job
@@ -247,21 +247,11 @@ class Steps:
             # recovered chain's delays say nothing about the upstream.
             if not job.extra.get("recovered"):
                 completed(*self._shape(job), job.polls, previous, age)
-            if self._tells_generation_time(job, age):
-                self._learn(job, previous, age)
+            if tells_generation_time(job, age, self._deadline_s(job)):
+                learn(self.durations, self.store, self.dispatch, self.settings, job,
+                      previous, age)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
         admit(self.admission, self.dispatch)
-
-    def _tells_generation_time(self, job: Job, age: float) -> bool:
-        """Whether the poll plan may learn from this completion. Not a
-        recovered chain's, nor one past its deadline: their delays are vidq's.
-        Nor one found at a first poll held back far past its aim (a 429
-        pause, a worker backlog): "done by then" would read as the plan being
-        too late."""
-        if job.extra.get("recovered") or age >= self._deadline_s(job):
-            return False
-        aim = job.number("first_aim")
-        return job.polls > 1 or not aim or age <= LATE_FIRST_POLL * aim + 1.0
 
     def _next(self, job: Job, step: str, delay: float, **values) -> bool:
         """Move the job to `step` in `delay` seconds; False if a newer step took it."""
@@ -284,24 +274,10 @@ class Steps:
         return self.settings.deadline_s + max(0.0, admitted_at - job.submitted_at)
 
     def _shape(self, job: Job) -> tuple[str, str]:
-        return job.request["model"], job.request.get("resolution", "720P")
+        return shape_of(job.request)
 
     def _expected_s(self, job: Job) -> float:
         return self.durations.expected_s(*self._shape(job))
-
-    def _learn(self, job: Job, previous_s: float, age_s: float) -> None:
-        """Teach the poll plan a completion; re-aim pending first polls if the
-        aims dropped. Best effort: it runs after the job's transition, and a
-        failure here must not touch a job already on its download."""
-        shape = self._shape(job)
-        try:
-            self.durations.record(*shape, previous_s, age_s, job.number("aimed_second"))
-            first_s = self.durations.plan(*shape).first_s
-            if aim_dropped(self.store.redis, *shape, first_s):
-                reaim_first_polls(self.store, self.dispatch, shape, first_s,
-                                  self.settings.poll_min_interval_s, self.settings.step_grace_s)
-        except Exception:  # noqa: BLE001 - learning is an aside once the job moved on
-            log.exception("job %s: learning from its completion failed", job.ref)
 
     def _poll_delay(self, job: Job, age_s: float) -> float:
         plan = self.durations.plan(*self._shape(job))

@@ -19,6 +19,7 @@ import logging
 import redis
 
 from . import keys
+from .contract import shape_of
 from .jobs import Job, JobStore, State, Step
 
 log = logging.getLogger(__name__)
@@ -65,5 +66,5 @@ def _first_poll_pending(job: Job, shape: tuple[str, str], first_s: float, now: f
     aim = job.number("first_aim")
     return (job.step == Step.POLL and job.polls == 0 and job.submitted_at > 0
             and job.state in (State.SUBMITTED, State.GENERATING)
-            and (job.request.get("model"), job.request.get("resolution", "720P")) == shape
+            and shape_of(job.request) == shape
             and aim > first_s / REAIM_SHARE and now - job.submitted_at < aim)

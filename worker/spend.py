@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import redis
 
 from . import keys
+from .contract import shape_of
 from .errors import ConfigError
 
 # What the upstream reports for one alibaba/wan2.1-t2v-turbo video (CONTRACT.md).
@@ -38,7 +39,7 @@ class CreditEstimates:
     table: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def of(self, request: dict) -> float:
-        shape = (request.get("model", ""), request.get("resolution", "720P"))
+        shape = shape_of(request)
         return self.table.get(shape, self.default)
 
     @classmethod
