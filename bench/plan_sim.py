@@ -14,7 +14,7 @@ Sample(previous poll age or 0, this poll age), flagged by the REAL
 WINDOW, the slot frees. While fewer than WINDOW samples are known, the ages at
 their last poll of the jobs still running (polled at least once) are passed
 too. Re-aim (worker/reaim.py) is modelled after each completion, as
-`Steps._completed` does it (`--no-reaim` turns it off).
+`worker/learning.learn` does it (`--no-reaim` turns it off).
 
 What it does not model: no HTTP, no Redis, no Celery, no downloads, no
 failures or 429s, one worker process (one plan cache), no overdue/deadline
