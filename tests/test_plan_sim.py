@@ -32,3 +32,18 @@ def test_the_oracle_bound_aims_exactly_and_switches_at_the_first_news():
                for job in jobs if job.submit > first_news)
     planned = measure(Sim("drift", seed=2, n=200, cap=10, reaim=True).run(), 10)
     assert measure(jobs, 10)["lag_p95_3c"] < planned["lag_p95_3c"]
+
+
+def test_a_later_second_aim_buys_the_median_of_two_gets_with_lag(monkeypatch):
+    """What `--z-second` shows: aimed later past the median, more videos are found
+    by their second GET and the early ones wait longer (same jobs, same seeds)."""
+    from worker import schedule
+
+    rows = {}
+    for z in (0.0, 0.4):
+        monkeypatch.setattr(schedule, "Z_SECOND", z)
+        runs = [measure(Sim("right", seed=seed, n=200, cap=10, reaim=True).run(), 10)
+                for seed in range(3)]
+        rows[z] = {key: sum(r[key] for r in runs) / 3 for key in ("le2", "lag_p95_3c")}
+    assert rows[0.4]["le2"] > rows[0.0]["le2"] + 0.05
+    assert rows[0.4]["lag_p95_3c"] > rows[0.0]["lag_p95_3c"]
