@@ -232,13 +232,16 @@ def test_a_result_link_refused_again_and_again_fails_the_job(steps_for):
     assert record.generation_id
 
 
-def test_an_unexpected_exception_counts_as_an_attempt_and_ends_the_job(steps_for):
+def test_an_unexpected_exception_counts_as_an_attempt_and_ends_the_job(steps_for,
+                                                                      make_sandbox):
     """A bug in a step (here: the duration model raising ValueError as the submit
     plans its first poll) is not re-sent forever: each run counts as an attempt,
     then the job fails with the reason, its generation id kept."""
     from worker.tasks import JobFailed, run_step
 
-    steps = steps_for(VIDQ_MAX_ATTEMPTS="2")
+    # ~30 s generations: a video that finished first would end the job done,
+    # its polls never reaching the broken plan (a loaded machine did that).
+    steps = steps_for(make_sandbox(time_scale=3), VIDQ_MAX_ATTEMPTS="2")
     ref, token = _admit_one(steps)
 
     def broken(*_args):
