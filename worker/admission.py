@@ -27,7 +27,7 @@ import redis
 
 from . import keys
 from .errors import InputError
-from .jobs import FINAL_STATES, Job, JobStore, State, Step, load_script
+from .jobs import FINAL_STATES, Job, JobStore, State, Step, load_script, op_id
 from .metrics_record import resent as resent_metric
 from .spend import SPEND_TTL_S, CreditEstimates
 
@@ -159,9 +159,9 @@ class Admission:
         """Admit waiting jobs into free slots; returns (ref, token) to submit."""
         moved, *flat = self._scripts["pump"](
             keys=[keys.SLOTS, keys.DUE, keys.SEQ, keys.CONFIG, keys.PAUSE_SUBMIT,
-                  keys.ADMISSION],
+                  keys.ADMISSION, keys.PUMP_REPLAY],
             args=[repr(self.step_grace_s), repr(self.credits.default), SPEND_TTL_S,
-                  *PRIORITIES])
+                  op_id(), *PRIORITIES])
         if moved:
             log.warning("moved %d jobs from the old single line (%s) into their batches' "
                         "lines", moved, keys.ADMISSION)

@@ -10,6 +10,7 @@ and due times never depend on a worker host's clock.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -139,7 +140,7 @@ class JobStore:
         """The job if `token` is current, after taking it; None for a stale message."""
         flat = self._scripts["claim"](
             keys=[keys.job(ref), keys.DUE, keys.PAUSE_SUBMIT, keys.PAUSE_POLL],
-            args=[token, repr(lease_s), ref, holder])
+            args=[token, repr(lease_s), ref, holder, op_id()])
         if not flat:
             return None
         return Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
@@ -154,7 +155,7 @@ class JobStore:
         'stale': the step stops, nothing is sent."""
         pipe = self.redis.pipeline(transaction=False)
         self._scripts["mark_posting"](keys=[keys.job(job.ref), keys.batch(job.batch)],
-                                      args=[job.token], client=pipe)
+                                      args=[job.token, op_id()], client=pipe)
         durability.append_waits(pipe)
         answer, *waits = pipe.execute()
         if answer == "ok":
@@ -189,7 +190,7 @@ class JobStore:
                        keys.batch_failed(batch), keys.batch_finished(batch)]
         args = [job.ref, expected, str(state), str(next_step), repr(due_in_s),
                 "1" if release_slot else "0", repr(hold_slot_s), job.id,
-                "1" if outcome_unknown else "0"]
+                "1" if outcome_unknown else "0", op_id()]
         for name, value in values.items():
             args += [name, _encode(value)]
         return self._scripts["transition"](keys=script_keys, args=args)
@@ -221,6 +222,14 @@ class JobStore:
 
     def job_ids(self, batch: str) -> list[str]:
         return sorted(str(i) for i in self.redis.smembers(keys.batch_jobs(batch)))
+
+
+def op_id() -> str:
+    """An id for one script call. redis-py sends a call again when its reply
+    is lost (a dropped connection, a Redis restart); the script then knows it
+    ran already and answers as it did, instead of "the token moved on", which
+    would stop a job's chain until the reconciler re-sends it."""
+    return os.urandom(8).hex()
 
 
 def _encode(value) -> str:

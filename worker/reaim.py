@@ -64,7 +64,10 @@ def reaim_first_polls(store: JobStore, dispatch, shape: tuple[str, str], first_s
 
 def _first_poll_pending(job: Job, shape: tuple[str, str], first_s: float, now: float) -> bool:
     aim = job.number("first_aim")
+    # Not a poll running now (its token is 'run:...'): it is looking already,
+    # and a second poll would race it.
     return (job.step == Step.POLL and job.polls == 0 and job.submitted_at > 0
+            and not job.token.startswith("run:")
             and job.state in (State.SUBMITTED, State.GENERATING)
             and shape_of(job.request) == shape
             and aim > first_s / REAIM_SHARE and now - job.submitted_at < aim)

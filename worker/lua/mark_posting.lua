@@ -3,10 +3,13 @@
 -- batch was cancelled is not marked: `vidq cancel` may have landed after the
 -- submit's own check, and a job not yet POSTed must never be sent.
 -- Returns 'ok', 'stale' (the step moved on), 'has_id', 'posted_before' or
--- 'cancelled'.
+-- 'cancelled'. The same call sent again (its reply was lost; `op` is its id)
+-- gets 'ok' again: the marker is its own, and its POST has not been sent.
 local job_key, batch_key = KEYS[1], KEYS[2]
 local running_token = ARGV[1]
+local op = ARGV[2]
 
+if redis.call('HGET', job_key, 'last_op') == op then return 'ok' end
 if redis.call('HGET', job_key, 'token') ~= running_token then return 'stale' end
 local generation_id = redis.call('HGET', job_key, 'generation_id')
 if generation_id and generation_id ~= '' then return 'has_id' end
@@ -14,5 +17,5 @@ local posting = redis.call('HGET', job_key, 'posting_at')
 if posting and posting ~= '' then return 'posted_before' end
 if redis.call('HGET', batch_key, 'cancelled') == '1' then return 'cancelled' end
 local t = redis.call('TIME')
-redis.call('HSET', job_key, 'posting_at', t[1] .. '.' .. t[2])
+redis.call('HSET', job_key, 'posting_at', t[1] .. '.' .. t[2], 'last_op', op)
 return 'ok'

@@ -13,13 +13,29 @@
 -- Refs left in the old single line (vidq:admission) are moved first, up to
 -- MIGRATE_CHUNK per call.
 -- Returns a flat list: moved, ref1, token1, ref2, token2, ...
-local slots_key, due_key, seq_key, config_key, pause_key, old_line_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+-- The same call sent again (its reply was lost; `op` is its id) gets the
+-- same list: the jobs it admitted must still be sent, not left to the
+-- reconciler while they hold their slots.
+local slots_key, due_key, seq_key, config_key, pause_key, old_line_key, replay_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local lease_s = tonumber(ARGV[1])
 local default_estimate = tonumber(ARGV[2])
 local spend_ttl_s = tonumber(ARGV[3])
-local first_priority = 4  -- ARGV[4..]: priorities, highest first
+local op = ARGV[4]
+local first_priority = 5  -- ARGV[5..]: priorities, highest first
 local MIGRATE_CHUNK = 1000
+local REPLAY_TTL_S = 60
+
+local last = redis.call('HMGET', replay_key, 'op', 'out')
+if last[1] == op then return cjson.decode(last[2]) end
+
+local function answer(out)
+  if #out > 1 then
+    redis.call('HSET', replay_key, 'op', op, 'out', cjson.encode(out))
+    redis.call('EXPIRE', replay_key, REPLAY_TTL_S)
+  end
+  return out
+end
 
 local moved = 0
 while moved < MIGRATE_CHUNK do
@@ -35,7 +51,7 @@ local out = {moved}
 local cap = tonumber(redis.call('HGET', config_key, 'max_in_flight') or '0') or 0
 local effective = tonumber(redis.call('HGET', config_key, 'effective_cap') or '')
 if effective and effective < cap then cap = effective end
-if cap < 1 or redis.call('EXISTS', pause_key) == 1 then return out end
+if cap < 1 or redis.call('EXISTS', pause_key) == 1 then return answer(out) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local day = math.floor(now / 86400)
@@ -136,7 +152,7 @@ for i = first_priority, #ARGV do
   while redis.call('ZCARD', slots_key) < cap do
     local batch = redis.call('LPOP', ring)
     if not batch then break end
-    if serve(batch, ring, ARGV[i]) == 'daily cap' then return out end
+    if serve(batch, ring, ARGV[i]) == 'daily cap' then return answer(out) end
   end
 end
-return out
+return answer(out)

@@ -16,7 +16,14 @@ local release_slot = ARGV[6] == '1'
 local hold_slot_s = tonumber(ARGV[7]) -- > 0: keep the slot this long, then free it
 local job_id = ARGV[8]
 local outcome_unknown = ARGV[9] == '1'
-local first_field = 10
+local op = ARGV[10]                   -- this call's id (see below)
+local first_field = 11
+
+if redis.call('HGET', job_key, 'last_op') == op then
+  -- This very call ran already: its reply was lost and the client sent it
+  -- again. Answer what it answered then, not "the job moved on".
+  return redis.call('HGET', job_key, 'last_op_result')
+end
 
 if expected_token ~= '*' and redis.call('HGET', job_key, 'token') ~= expected_token then
   return false
@@ -59,11 +66,13 @@ elseif release_slot then
   redis.call('ZREM', slots_key, ref)
 end
 if next_step == '' then
-  redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '')
+  redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '', 'last_op', op,
+    'last_op_result', '0')
   redis.call('ZREM', due_key, ref)
   return '0'
 end
 local token = tostring(redis.call('INCR', seq_key))
-redis.call('HSET', job_key, 'token', token, 'step', next_step, 'holder', '')
+redis.call('HSET', job_key, 'token', token, 'step', next_step, 'holder', '', 'last_op', op,
+  'last_op_result', token)
 redis.call('ZADD', due_key, now + due_in_s, ref)
 return token

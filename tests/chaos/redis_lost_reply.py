@@ -1,0 +1,81 @@
+"""A TCP proxy in front of a real Redis that loses one reply.
+
+Armed with a byte pattern, it forwards the next request that contains it,
+waits for Redis to answer (so the command has run), then resets the client's
+connection instead of passing the answer on. The client sees what a network
+drop or a Redis restart after the command leaves it with: a ConnectionError
+for a call that did happen. redis-py then reconnects and sends it again.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+
+class LostReplyProxy:
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.lost = 0
+        self._pattern: bytes | None = None
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, pattern: bytes) -> None:
+        """Lose the reply to the next request that contains `pattern`."""
+        with self._lock:
+            self._pattern = pattern
+
+    def _take(self, data: bytes) -> bool:
+        with self._lock:
+            hit = self._pattern is not None and self._pattern in data
+            if hit:
+                self._pattern, self.lost = None, self.lost + 1
+            return hit
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._server.accept()
+            upstream = socket.create_connection(self.target)
+            cut, answered = threading.Event(), threading.Event()
+            threading.Thread(target=self._down, args=(client, upstream, cut, answered),
+                             daemon=True).start()
+            threading.Thread(target=self._up, args=(client, upstream, cut, answered),
+                             daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket, cut: threading.Event,
+            answered: threading.Event) -> None:
+        """Client to Redis; on a hit, forward, wait for Redis's answer, reset."""
+        try:
+            while data := client.recv(1 << 16):
+                hit = self._take(data)
+                if hit:
+                    cut.set()
+                upstream.sendall(data)
+                if hit:
+                    answered.wait(10)
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      struct.pack("ii", 1, 0))
+                    break
+        except OSError:
+            pass
+        finally:
+            client.close()
+            upstream.close()
+
+    @staticmethod
+    def _down(client: socket.socket, upstream: socket.socket, cut: threading.Event,
+              answered: threading.Event) -> None:
+        """Redis to client; after a hit, the answer is swallowed."""
+        try:
+            while data := upstream.recv(1 << 16):
+                if cut.is_set():
+                    answered.set()
+                    return
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            answered.set()

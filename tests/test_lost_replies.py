@@ -1,0 +1,141 @@
+"""Replies Redis sent that never reached the worker (a dropped connection, a
+Redis restart just after the command). redis-py sends the call again; each
+step must then go on as if the first answer had arrived, not read its own
+change as "another step took the job" and stop the job's chain until the
+reconciler re-sends it (a finished, paid video would wait ~95 s).
+
+Real Redis behind a proxy that resets the connection after Redis ran the
+command (tests/chaos/redis_lost_reply.py); the sandbox over HTTP."""
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from chaos.redis_lost_reply import LostReplyProxy
+from test_steps import _admit_one, _run, _until_completed, steps_for  # noqa: F401 - fixture
+
+from worker import keys
+from worker.reaim import reaim_first_polls
+
+SHAPE = ("alibaba/wan2.1-t2v-turbo", "720P")
+TO_DOWNLOAD = b"$11\r\ndownloading\r\n$8\r\ndownload\r\n"  # a transition's state, next step
+TO_FAILED = b"$6\r\nfailed\r\n$0\r\n"
+
+
+def _run_of(script) -> bytes:
+    """The request that runs `script` (not a pipeline's SCRIPT EXISTS of it)."""
+    return b"EVALSHA\r\n$40\r\n" + script.sha.encode()
+
+
+@pytest.fixture
+def proxied(steps_for, redis_url, make_sandbox):  # noqa: F811
+    """Steps whose every Redis call goes through a LostReplyProxy."""
+    url = urlsplit(redis_url)
+    proxy = LostReplyProxy(url.hostname, url.port)
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox, VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}")
+    # Loaded, as in a running worker: a lost NOSCRIPT answer would test nothing.
+    for script in [*steps.store._scripts.values(), *steps.admission._scripts.values()]:
+        steps.store.redis.script_load(getattr(script, "_script", script).script)
+    return steps, proxy, sandbox
+
+
+def test_a_lost_reply_to_the_completion_still_sends_the_download(proxied):
+    """The poll that finds the video done moves the job to its download; the reply
+    is lost. The download is still sent at once, and the plan learns it once."""
+    steps, proxy, _ = proxied
+    ref, token = _admit_one(steps)
+    proxy.arm(TO_DOWNLOAD)
+    token = _until_completed(steps, ref, token)
+
+    assert proxy.lost == 1
+    record = steps.store.get(ref)
+    assert (record.state, record.step, record.token) == ("downloading", "download", token)
+    assert steps.store.redis.llen(keys.durations(*SHAPE)) == 1
+    assert _run(steps, "download", ref, token).state == "done"
+
+
+def test_a_lost_reply_to_the_post_marker_still_posts_once(proxied):
+    """The "POST started" marker is written and its reply lost: the same call, sent
+    again, is not taken for an earlier POST whose answer never came."""
+    steps, proxy, sandbox = proxied
+    ref, token = _admit_one(steps)
+    proxy.arm(_run_of(steps.store._scripts["mark_posting"]))
+    record = _run(steps, "submit", ref, token)
+
+    assert proxy.lost == 1
+    assert record.generation_id and record.state == "submitted" and not record.last_error
+    assert sandbox.stats()["submissions"] == 1
+
+
+def test_a_lost_reply_to_a_claim_still_runs_the_step(proxied):
+    steps, proxy, sandbox = proxied
+    ref, token = _admit_one(steps)
+    proxy.arm(_run_of(steps.store._scripts["claim"]))
+    job = steps.claim(ref, token, "submit")
+
+    assert proxy.lost == 1 and job is not None
+    steps.submit(job)
+    assert steps.store.get(ref).generation_id and sandbox.stats()["submissions"] == 1
+    assert steps.claim(ref, token, "submit") is None  # the message again: stale
+
+
+def test_a_lost_reply_to_a_failure_still_settles_its_credits(proxied):
+    """A job that fails before its POST gives back the credits its admission
+    committed, even when the reply to its failure is lost."""
+    steps, proxy, _ = proxied
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    committed = float(steps.store.redis.hget(keys.batch("b"), "credits_committed") or 0)
+    proxy.arm(TO_FAILED)
+    steps.fail(job, "submit: refused")
+
+    assert proxy.lost == 1 and job.failed
+    assert steps.store.get(ref).state == "failed"
+    assert committed > 0
+    assert float(steps.store.redis.hget(keys.batch("b"), "credits_committed") or 0) == 0
+
+
+def test_a_lost_reply_to_a_reaim_still_sends_the_new_poll(proxied):
+    steps, proxy, _ = proxied
+    ref, token = _admit_one(steps)
+    _run(steps, "submit", ref, token)  # first poll aimed at the 1 s prior
+    proxy.arm(b"first_aim")
+    moved = reaim_first_polls(steps.store, steps.dispatch, SHAPE, 0.5, 0.1, 5.0)
+
+    assert proxy.lost == 1 and moved == 1
+    step, _, new_token = steps.sent[-1]
+    assert step == "poll" and steps.store.get(ref).token == new_token
+
+
+def test_a_first_poll_running_now_is_not_reaimed(steps_for):  # noqa: F811
+    """Re-aim must not supersede a poll that is looking already: two polls of one
+    job would race, and the running one's answer would be thrown away."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    _run(steps, "submit", ref, token)
+    running = steps.claim(ref, steps.sent[-1][2], "poll")
+    assert running is not None
+
+    assert reaim_first_polls(steps.store, steps.dispatch, SHAPE, 0.5, 0.1, 5.0) == 0
+    time.sleep(1.2)
+    steps.poll(running)
+    assert steps.store.get(ref).state in ("generating", "downloading")
+    assert running.outcome and "taken over" not in running.outcome
+
+
+def test_a_lost_reply_to_an_admission_still_sends_the_admitted_jobs(proxied):
+    """The pump takes slots for waiting jobs and its reply is lost: the same call
+    sent again answers with those jobs (to be submitted now), admits no others,
+    and the cap holds."""
+    steps, proxy, _ = proxied
+    steps.admission.enqueue("b", [(f"j{i}", {"model": SHAPE[0], "prompt": f"p {i}"})
+                                  for i in range(6)], time.time())
+    proxy.arm(_run_of(steps.admission._scripts["pump"]))
+    admitted = steps.admission.pump()
+
+    assert proxy.lost == 1
+    assert len(admitted) == 4 == steps.admission.in_flight()  # the cap set by steps_for
+    for ref, token in admitted:
+        assert steps.store.get(ref).token == token
