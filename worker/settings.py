@@ -133,8 +133,12 @@ class Settings:
     @property
     def worker_eta_task_limit(self) -> int:
         # Only generations holding a slot have countdown tasks, so a worker never
-        # needs to hold many more than the cap; the margin covers retries.
-        return 2 * self.max_in_flight + 16
+        # needs to hold many more than the cap. The margin covers retries, and a
+        # re-aimed first poll (worker/reaim.py), whose superseded message stays
+        # held until its old countdown: at 2C a lone worker stalled in a
+        # simulated drift at C = 200 (it fetches nothing, not even downloads,
+        # once at the limit).
+        return 3 * self.max_in_flight + 16
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
