@@ -139,3 +139,87 @@ def test_a_lost_reply_to_an_admission_still_sends_the_admitted_jobs(proxied):
     assert len(admitted) == 4 == steps.admission.in_flight()  # the cap set by steps_for
     for ref, token in admitted:
         assert steps.store.get(ref).token == token
+
+
+def _failed_job(steps, job_id="j1"):
+    ref, token = _admit_one(steps, job_id=job_id)
+    steps.fail(steps.claim(ref, token, "submit"), "submit: refused")
+    return ref
+
+
+def test_a_lost_reply_to_vidq_retry_still_counts_and_reopens_the_batch(proxied):
+    """`vidq retry` puts failed jobs back in line in one pipeline; its reply is lost.
+    The re-sent pipeline answers 'requeued' (not 'not_failed'), so the user is told
+    the truth and the batch is marked reopened (its manifest is written again)."""
+    from worker.retry import failures, retry
+
+    steps, proxy, _ = proxied
+    _failed_job(steps)
+    proxy.arm(_run_of(steps.admission._scripts["requeue"]))
+    result = retry(steps.admission, steps.dispatch, "b", failures(steps.store, "b"))
+
+    assert proxy.lost == 1
+    assert result.requeued == 1 and result.answers == {"requeued": 1}
+    assert steps.store.redis.hget(keys.batch("b"), "reopened") == "1"
+
+
+def test_a_lost_reply_to_the_manifest_mark_announces_the_batch_once(proxied):
+    """The manifest's mark and its `batch.finished` event are one call; sent again
+    after a lost reply, it says "written" and adds no second event (a second
+    webhook with a new id, which receivers could not de-duplicate)."""
+    from worker import events, manifest
+
+    steps, proxy, _ = proxied
+    _failed_job(steps)
+    settings = steps.settings
+    script = events.batch_finished_script(steps.store.redis, settings.storage_url, "b")
+    steps.store.redis.script_load(script._script.script)
+    proxy.arm(_run_of(script._script))
+    written = manifest.write_if_finished(steps.store.redis, steps.storage, settings.storage_url,
+                                         "b", settings.retention_s)
+
+    assert proxy.lost == 1 and written
+    types = [fields["type"] for _, fields in steps.store.redis.xrange(keys.EVENTS)]
+    assert types.count("batch.finished") == 1
+
+
+def test_a_lost_reply_to_a_lock_is_still_the_writers_lock(proxied):
+    """A SET NX whose reply was lost is sent again and finds the key taken, by
+    itself: the manifest is written now, not after the lock's ten minutes."""
+    from worker import manifest
+
+    steps, proxy, _ = proxied
+    _failed_job(steps)
+    proxy.arm(keys.manifest_lock("b").encode())
+    written = manifest.write_if_finished(steps.store.redis, steps.storage,
+                                         steps.settings.storage_url, "b", 3600)
+
+    assert proxy.lost == 1 and written
+    assert steps.store.redis.exists(keys.manifest_lock("b")) == 0  # released
+
+
+def test_a_lost_reply_to_a_second_generation_id_makes_one_sibling(proxied):
+    """An old POST answering late with a second id becomes one sibling job whose
+    video is downloaded; recorded again after a lost reply, still one."""
+    steps, proxy, _ = proxied
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    steps.store.record_generation(job, "gen-A", 60)
+    proxy.arm(_run_of(steps.store._scripts["record_generation"]))
+    steps.store.record_generation(job, "gen-B", 60)
+
+    assert proxy.lost == 1
+    assert steps.store.job_ids("b") == ["j1", "j1~2"]
+    assert steps.store.batch_total("b") == 2
+
+
+def test_a_lost_reply_to_an_enqueue_still_counts_the_jobs_written(proxied):
+    steps, proxy, _ = proxied
+    proxy.arm(_run_of(steps.admission._scripts["enqueue"]))
+    created = steps.admission.enqueue(
+        "b", [(f"j{i}", {"model": SHAPE[0], "prompt": f"p {i}"}) for i in range(3)],
+        time.time())
+
+    assert proxy.lost == 1 and created == 3
+    assert steps.admission.enqueue("b", [("j1", {"model": SHAPE[0], "prompt": "p 1"})],
+                                   time.time()) == 0  # enqueued again later: not new

@@ -143,6 +143,7 @@ class Admission:
         whose POST has an unknown outcome is re-POSTed only if asked."""
         answers: dict[str, int] = {}
         ids = self.store.job_ids(batch) if job_ids is None else job_ids
+        op = op_id()  # one per call: each job's script answers its re-send
         for start in range(0, len(ids), ENQUEUE_PIPELINE):
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids[start:start + ENQUEUE_PIPELINE]:
@@ -150,7 +151,7 @@ class Admission:
                 self._scripts["requeue"](
                     keys=[keys.job(ref), keys.batch_counts(batch), keys.batch_unknown(batch),
                           keys.SLOT_HOLDS, keys.SLOTS],
-                    args=[ref, job_id, "1" if resubmit_unknown else "0"], client=pipe)
+                    args=[ref, job_id, "1" if resubmit_unknown else "0", op], client=pipe)
             for answer in pipe.execute():
                 answers[answer] = answers.get(answer, 0) + 1
         return answers

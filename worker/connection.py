@@ -67,3 +67,12 @@ def connect(redis_url: str) -> redis.Redis:
     return sentinels.master_for(master, db=db, retry=retry, connection_class=FollowMaster,
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
                                 **connection)
+
+
+def take_lock(client: redis.Redis, key: str, token: str, ttl_s: float) -> bool:
+    """SET key token NX with a TTL; True if this caller holds the lock. A SET
+    whose reply was lost is sent again by the client and finds the key taken:
+    taken by this very token, the lock is ours (not a ten-minute wait)."""
+    if client.set(key, token, nx=True, px=max(1, int(ttl_s * 1000))):
+        return True
+    return client.get(key) == token

@@ -25,8 +25,8 @@
                                 (an outcome-unknown POST the upstream may be generating)
     vidq:due                    zset: refs whose next step must have started by the score
     vidq:seq                    counter for step tokens
-    vidq:pump:replay            hash with a TTL: op, out of the last pump call that
-                                admitted jobs, answered again if that call is re-sent
+    vidq:pump:replay:<op>       string with a TTL (60 s): the jobs one pump call admitted,
+                                answered again if that call is sent again (lost reply)
     vidq:config                 hash: max_in_flight (C, one value per deployment);
                                 effective_cap, cap_credit (C lowered after 429s)
                                 daily_credits (the deployment's daily credit cap)
@@ -69,7 +69,7 @@ SLOTS = PREFIX + "slots"
 SLOT_HOLDS = PREFIX + "slot_holds"
 DUE = PREFIX + "due"
 SEQ = PREFIX + "seq"
-PUMP_REPLAY = PREFIX + "pump:replay"  # the last admitting pump call, for its retry
+PUMP_REPLAY = PREFIX + "pump:replay:"  # + call id: what that pump call admitted
 CONFIG = PREFIX + "config"
 RECONCILE_LOCK = PREFIX + "reconcile:lock"
 PAUSE_SUBMIT = PREFIX + "pause:submit"

@@ -18,6 +18,7 @@ from celery.signals import task_received
 from . import keys
 from .admission import reconcile
 from .celery_app import app
+from .connection import take_lock
 from .retention import housekeeping
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
 from .webhook_tasks import send_delivery
@@ -90,9 +91,10 @@ class Lifecycle(bootsteps.StartStopStep):
     def reconcile(self) -> None:
         steps = get_steps()
         settings = steps.settings
-        lock_ms = int(settings.reconcile_interval_s * 900)
+        token = f"{self.hostname}:{os.urandom(4).hex()}"
         try:
-            if not steps.store.redis.set(keys.RECONCILE_LOCK, self.hostname, nx=True, px=lock_ms):
+            if not take_lock(steps.store.redis, keys.RECONCILE_LOCK, token,
+                             0.9 * settings.reconcile_interval_s):
                 return
             resent = reconcile(steps.admission, dispatch, settings.step_grace_s)
             if resent:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import redis
 
 from . import events, keys
+from .connection import take_lock
 from .errors import StorageError
-from .jobs import FINAL_STATES, State, load_script
+from .jobs import FINAL_STATES, State, load_script, op_id
 from .rows import batch_rows
 from .storage import Storage
 
@@ -93,7 +94,7 @@ def write_if_finished(client: redis.Redis, storage: Storage, storage_url: str, b
     if not read_marks(client, [batch])[batch].needs_manifest:
         return False
     lock, token = keys.manifest_lock(batch), uuid.uuid4().hex
-    if not client.set(lock, token, nx=True, px=LOCK_S * 1000):
+    if not take_lock(client, lock, token, LOCK_S):
         return False
     try:
         mark = read_marks(client, [batch])[batch]  # read again, under the lock
@@ -101,7 +102,8 @@ def write_if_finished(client: redis.Redis, storage: Storage, storage_url: str, b
             return False
         count, failed = write(client, storage, storage_url, batch)
         marked = events.batch_finished_script(client, storage_url, batch)(
-            keys=[keys.batch(batch), keys.batch_counts(batch)], args=[mark.stamp, retention_s])
+            keys=[keys.batch(batch), keys.batch_counts(batch)],
+            args=[mark.stamp, retention_s, op_id()])
         log.info("batch %s: manifest written (%d jobs, %d failed)%s", batch, count, failed,
                  "" if marked else "; the batch changed meanwhile, it will be written again")
         return bool(marked)

@@ -31,6 +31,7 @@ import redis
 import requests
 
 from . import events, keys
+from .connection import take_lock
 from .errors import ResultRefused, UpstreamUnavailable
 from .netguard import UrlPolicy, check_url, redacted
 from .webhook_signing import headers, secret_key
@@ -73,7 +74,7 @@ def relay(client: redis.Redis, settings, send: Send) -> int:
     """Turn the stream's new events into deliveries; returns how many were made.
     One relay at a time (a lock), so its own pending entries are its to redo."""
     token = uuid.uuid4().hex
-    if not client.set(keys.WEBHOOK_RELAY_LOCK, token, nx=True, px=RELAY_LOCK_S * 1000):
+    if not take_lock(client, keys.WEBHOOK_RELAY_LOCK, token, RELAY_LOCK_S):
         return 0
     try:
         events.ensure_group(client, GROUP)

@@ -11,7 +11,12 @@ local function set_extras()
   for i = first_extra, #ARGV, 2 do redis.call('HSETNX', job_key, ARGV[i], ARGV[i + 1]) end
 end
 
-if redis.call('EXISTS', job_key) == 1 then set_extras(); return 0 end
+if redis.call('EXISTS', job_key) == 1 then
+  set_extras()
+  -- Written by this very call (`now` is the call's), sent again after a lost
+  -- reply: it counts as new, as it did before the reply was lost.
+  return redis.call('HGET', job_key, 'enqueued_at') == now and 1 or 0
+end
 if redis.call('HGET', batch_hash_key, 'cancelled') == '1' then return 0 end
 set_extras()
 redis.call('HSET', job_key, 'id', job_id, 'batch', batch, 'request', request,

@@ -16,7 +16,7 @@
 -- The same call sent again (its reply was lost; `op` is its id) gets the
 -- same list: the jobs it admitted must still be sent, not left to the
 -- reconciler while they hold their slots.
-local slots_key, due_key, seq_key, config_key, pause_key, old_line_key, replay_key =
+local slots_key, due_key, seq_key, config_key, pause_key, old_line_key, replay_prefix =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local lease_s = tonumber(ARGV[1])
 local default_estimate = tonumber(ARGV[2])
@@ -26,14 +26,13 @@ local first_priority = 5  -- ARGV[5..]: priorities, highest first
 local MIGRATE_CHUNK = 1000
 local REPLAY_TTL_S = 60
 
-local last = redis.call('HMGET', replay_key, 'op', 'out')
-if last[1] == op then return cjson.decode(last[2]) end
+-- One key per call: another worker's pump in between must not overwrite it.
+local replay_key = replay_prefix .. op
+local replayed = redis.call('GET', replay_key)
+if replayed then return cjson.decode(replayed) end
 
 local function answer(out)
-  if #out > 1 then
-    redis.call('HSET', replay_key, 'op', op, 'out', cjson.encode(out))
-    redis.call('EXPIRE', replay_key, REPLAY_TTL_S)
-  end
+  if #out > 1 then redis.call('SET', replay_key, cjson.encode(out), 'EX', REPLAY_TTL_S) end
   return out
 end
 

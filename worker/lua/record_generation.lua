@@ -17,10 +17,14 @@ local stamp = string.format('%.6f', now)
 local known = redis.call('HGET', job_key, 'generation_id')
 if known == generation_id then return known end
 if known and known ~= '' then
+  -- The same id again (this call sent again after a lost reply, or the same
+  -- answer recorded twice) has its sibling already.
+  if redis.call('HGET', job_key, 'sibling:' .. generation_id) then return known end
   local n = redis.call('HINCRBY', job_key, 'extra_generations', 1) + 1
   local batch = redis.call('HGET', job_key, 'batch')
   local sibling_id = redis.call('HGET', job_key, 'id') .. '~' .. n
   local sibling_ref = batch .. ':' .. sibling_id
+  redis.call('HSET', job_key, 'sibling:' .. generation_id, sibling_id)
   redis.call('HSET', job_prefix .. sibling_ref, 'id', sibling_id, 'batch', batch,
     'request', redis.call('HGET', job_key, 'request'), 'state', STATE.submitted,
     'generation_id', generation_id, 'submitted_at', stamp, 'admitted_at', stamp,

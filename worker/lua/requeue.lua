@@ -6,7 +6,9 @@ local job_key, counts_key, unknown_key, holds_key, slots_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ref, job_id = ARGV[1], ARGV[2]
 local resubmit_unknown = ARGV[3] == '1'
+local op = ARGV[4]  -- this call's id: sent again after a lost reply, it answers again
 
+if redis.call('HGET', job_key, 'last_op') == op then return 'requeued' end
 if redis.call('HGET', job_key, 'state') ~= STATE.failed then return 'not_failed' end
 local batch = redis.call('HGET', job_key, 'batch')
 if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then return 'cancelled' end
@@ -19,7 +21,8 @@ if generation_id == '' and posting ~= '' then
   redis.call('HDEL', job_key, 'posting_at')
 end
 redis.call('HSET', job_key, 'outcome_unknown', '', 'state', STATE.queued, 'attempts', '0',
-  'link_refreshes', '0', 'last_error', '', 'token', '', 'step', '', 'recovered', '1')
+  'link_refreshes', '0', 'last_error', '', 'token', '', 'step', '', 'recovered', '1',
+  'last_op', op)
 redis.call('SREM', unknown_key, job_id)
 redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed
 redis.call('ZREM', holds_key, ref)
