@@ -30,11 +30,13 @@ def _run_of(script) -> bytes:
 
 @pytest.fixture
 def proxied(steps_for, redis_url, make_sandbox):  # noqa: F811
-    """Steps whose every Redis call goes through a LostReplyProxy."""
+    """Steps whose every Redis call goes through a LostReplyProxy; `steps.direct`:
+    another worker's, on the same Redis without the proxy."""
     url = urlsplit(redis_url)
     proxy = LostReplyProxy(url.hostname, url.port)
     sandbox = make_sandbox()
     steps = steps_for(sandbox, VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}")
+    steps.direct = steps_for(sandbox)
     # Loaded, as in a running worker: a lost NOSCRIPT answer would test nothing.
     for script in [*steps.store._scripts.values(), *steps.admission._scripts.values()]:
         steps.store.redis.script_load(getattr(script, "_script", script).script)
@@ -223,3 +225,58 @@ def test_a_lost_reply_to_an_enqueue_still_counts_the_jobs_written(proxied):
     assert proxy.lost == 1 and created == 3
     assert steps.admission.enqueue("b", [("j1", {"model": SHAPE[0], "prompt": "p 1"})],
                                    time.time()) == 0  # enqueued again later: not new
+
+
+def test_a_post_marker_sent_again_to_a_restarted_redis_still_posts_once(proxied):
+    """Redis restarts after writing the marker (durable: AOF), before its reply:
+    the re-sent pipeline meets an empty script cache (NOSCRIPT). It is built
+    again, loads its script and gets 'ok': one POST, no outcome unknown."""
+    steps, proxy, sandbox = proxied
+    ref, token = _admit_one(steps)
+    proxy.arm(_run_of(steps.store._scripts["mark_posting"]),
+              then=steps.direct.store.redis.script_flush)
+    record = _run(steps, "submit", ref, token)
+
+    assert proxy.lost == 1
+    assert record.generation_id and not record.last_error
+    assert sandbox.stats()["submissions"] == 1
+
+
+def test_vidq_retry_sent_again_after_a_worker_claimed_its_job_still_counts_it(proxied):
+    """A requeued job can be admitted and claimed by another worker before the
+    re-send of `vidq retry`'s pipeline: it still answers 'requeued'."""
+    from worker.retry import failures, retry
+
+    steps, proxy, _ = proxied
+    _failed_job(steps)
+
+    def another_worker_takes_it():
+        ((ref, token),) = steps.direct.admission.pump()
+        assert steps.direct.claim(ref, token, "submit") is not None
+
+    proxy.arm(_run_of(steps.admission._scripts["requeue"]), then=another_worker_takes_it)
+    result = retry(steps.admission, steps.dispatch, "b", failures(steps.store, "b"))
+
+    assert proxy.lost == 1 and result.requeued == 1
+    assert steps.store.redis.hget(keys.batch("b"), "reopened") == "1"
+
+
+def test_a_failure_sent_again_after_a_late_id_revived_the_job_settles_nothing(proxied):
+    """The failure's reply is lost; before its re-send, the POST's late answer
+    records a generation id and revives the job. The re-send must not answer
+    "failed" as before: that would settle the revived job's credits as failed."""
+    steps, proxy, _ = proxied
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    committed = steps.store.redis.hget(keys.batch("b"), "credits_committed")
+
+    def late_answer():
+        steps.direct.store.record_generation(steps.direct.store.get(ref), "gen-late", 60)
+
+    proxy.arm(TO_FAILED, then=late_answer)
+    steps.fail(job, "submit: no answer in time")
+
+    assert proxy.lost == 1 and not job.failed
+    record = steps.store.get(ref)
+    assert (record.state, record.generation_id) == ("submitted", "gen-late")
+    assert steps.store.redis.hget(keys.batch("b"), "credits_committed") == committed

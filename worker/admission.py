@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 import redis
 
 from . import keys
+from .connection import run_pipeline
 from .errors import InputError
 from .jobs import FINAL_STATES, Job, JobStore, State, Step, load_script, op_id
 from .metrics_record import resent as resent_metric
@@ -98,8 +99,7 @@ class Admission:
         if self.cancelled(batch):
             raise InputError(f"batch {batch!r} was cancelled: enqueue into a new batch name")
         self.configure(batch, batch_settings or {}, defaults={"priority": "normal"})
-        created, pending = 0, 0
-        pipe = self.redis.pipeline(transaction=False)
+        created, calls = 0, []
         for job_id, request, *rest in jobs:
             ref = keys.job_ref(batch, job_id)
             script_keys = [keys.job(ref), keys.batch_jobs(batch), keys.batch_counts(batch),
@@ -108,13 +108,12 @@ class Admission:
                     repr(self.credits.of(request))]
             for name, value in (rest[0] if rest else {}).items():
                 args += [name, str(value)]
-            self._scripts["enqueue"](keys=script_keys, args=args, client=pipe)
-            pending += 1
-            if pending >= ENQUEUE_PIPELINE:
-                created += sum(int(answer) for answer in pipe.execute())
-                pending = 0
-        if pending:
-            created += sum(int(answer) for answer in pipe.execute())
+            calls.append((script_keys, args))
+            if len(calls) >= ENQUEUE_PIPELINE:
+                created += sum(int(answer) for answer in self._run_all("enqueue", calls))
+                calls = []
+        if calls:
+            created += sum(int(answer) for answer in self._run_all("enqueue", calls))
         self.redis.sadd(keys.BATCHES, batch)
         self.redis.hsetnx(keys.batch(batch), "created_at", repr(now))
         if self.cancelled(batch):  # `vidq cancel` ran meanwhile (lua/enqueue.lua)
@@ -145,16 +144,20 @@ class Admission:
         ids = self.store.job_ids(batch) if job_ids is None else job_ids
         op = op_id()  # one per call: each job's script answers its re-send
         for start in range(0, len(ids), ENQUEUE_PIPELINE):
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in ids[start:start + ENQUEUE_PIPELINE]:
-                ref = keys.job_ref(batch, job_id)
-                self._scripts["requeue"](
-                    keys=[keys.job(ref), keys.batch_counts(batch), keys.batch_unknown(batch),
-                          keys.SLOT_HOLDS, keys.SLOTS],
-                    args=[ref, job_id, "1" if resubmit_unknown else "0", op], client=pipe)
-            for answer in pipe.execute():
+            calls = [([keys.job(keys.job_ref(batch, job_id)), keys.batch_counts(batch),
+                       keys.batch_unknown(batch), keys.SLOT_HOLDS, keys.SLOTS],
+                      [keys.job_ref(batch, job_id), job_id, "1" if resubmit_unknown else "0", op])
+                     for job_id in ids[start:start + ENQUEUE_PIPELINE]]
+            for answer in self._run_all("requeue", calls):
                 answers[answer] = answers.get(answer, 0) + 1
         return answers
+
+    def _run_all(self, script: str, calls: list[tuple[list, list]]) -> list:
+        """One pipeline of `script` calls, each (keys, args)."""
+        def build(pipe) -> None:
+            for call_keys, args in calls:
+                self._scripts[script](keys=call_keys, args=args, client=pipe)
+        return run_pipeline(self.redis, build)
 
     def pump(self) -> list[tuple[str, str]]:
         """Admit waiting jobs into free slots; returns (ref, token) to submit."""

@@ -6,6 +6,7 @@ current master that follows a failover.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -76,3 +77,20 @@ def take_lock(client: redis.Redis, key: str, token: str, ttl_s: float) -> bool:
     if client.set(key, token, nx=True, px=max(1, int(ttl_s * 1000))):
         return True
     return client.get(key) == token
+
+
+def run_pipeline(client: redis.Redis, build: Callable[[Any], None]) -> list:
+    """Run the pipeline that `build(pipe)` fills. A pipeline loads its scripts
+    once, before redis-py's retries: re-sent to a Redis that restarted (or a
+    promoted replica), whose script cache is empty, it fails with NOSCRIPT.
+    Built again, it loads them; its calls carry their ids, so one that had
+    run answers as it did."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        build(pipe)
+        try:
+            return pipe.execute()
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+    return []

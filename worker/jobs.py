@@ -19,6 +19,7 @@ from pathlib import Path
 import redis
 
 from . import events, keys
+from .connection import run_pipeline
 from .durability import Durability
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -153,11 +154,14 @@ class JobStore:
         lua/mark_posting.lua for the answers. A job whose batch was cancelled
         (after the submit's own check) ends cancelled here, and the answer is
         'stale': the step stops, nothing is sent."""
-        pipe = self.redis.pipeline(transaction=False)
-        self._scripts["mark_posting"](keys=[keys.job(job.ref), keys.batch(job.batch)],
-                                      args=[job.token, op_id()], client=pipe)
-        durability.append_waits(pipe)
-        answer, *waits = pipe.execute()
+        op = op_id()
+
+        def build(pipe) -> None:
+            self._scripts["mark_posting"](keys=[keys.job(job.ref), keys.batch(job.batch)],
+                                          args=[job.token, op], client=pipe)
+            durability.append_waits(pipe)
+
+        answer, *waits = run_pipeline(self.redis, build)
         if answer == "ok":
             durability.check(waits)
         if answer == "cancelled":

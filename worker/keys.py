@@ -25,7 +25,7 @@
                                 (an outcome-unknown POST the upstream may be generating)
     vidq:due                    zset: refs whose next step must have started by the score
     vidq:seq                    counter for step tokens
-    vidq:pump:replay:<op>       string with a TTL (60 s): the jobs one pump call admitted,
+    vidq:pump:replay:<op>       string with a TTL (300 s): the jobs one pump call admitted,
                                 answered again if that call is sent again (lost reply)
     vidq:config                 hash: max_in_flight (C, one value per deployment);
                                 effective_cap, cap_credit (C lowered after 429s)

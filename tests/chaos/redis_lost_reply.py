@@ -1,8 +1,10 @@
 """A TCP proxy in front of a real Redis that loses one reply.
 
 Armed with a byte pattern, it forwards the next request that contains it,
-waits for Redis to answer (so the command has run), then resets the client's
-connection instead of passing the answer on. The client sees what a network
+waits for Redis to answer (so the command has run), runs the arm's `then`
+(what else happened meanwhile: another worker's step, a restart's empty
+script cache), then resets the client's connection instead of passing the
+answer on. The client sees what a network
 drop or a Redis restart after the command leaves it with: a ConnectionError
 for a call that did happen. redis-py then reconnects and sends it again.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 
 class LostReplyProxy:
@@ -18,15 +21,17 @@ class LostReplyProxy:
         self.target = (host, port)
         self.lost = 0
         self._pattern: bytes | None = None
+        self._then: Callable[[], object] | None = None
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def arm(self, pattern: bytes) -> None:
-        """Lose the reply to the next request that contains `pattern`."""
+    def arm(self, pattern: bytes, then: Callable[[], object] | None = None) -> None:
+        """Lose the reply to the next request that contains `pattern`, after
+        running `then` (before the client can send it again)."""
         with self._lock:
-            self._pattern = pattern
+            self._pattern, self._then = pattern, then
 
     def _take(self, data: bytes) -> bool:
         with self._lock:
@@ -56,6 +61,8 @@ class LostReplyProxy:
                 upstream.sendall(data)
                 if hit:
                     answered.wait(10)
+                    if self._then is not None:
+                        self._then()
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                       struct.pack("ii", 1, 0))
                     break

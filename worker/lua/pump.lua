@@ -24,7 +24,7 @@ local spend_ttl_s = tonumber(ARGV[3])
 local op = ARGV[4]
 local first_priority = 5  -- ARGV[5..]: priorities, highest first
 local MIGRATE_CHUNK = 1000
-local REPLAY_TTL_S = 60
+local REPLAY_TTL_S = 300  -- longer than redis-py's retries (Sentinel: ~60 s)
 
 -- One key per call: another worker's pump in between must not overwrite it.
 local replay_key = replay_prefix .. op

@@ -41,8 +41,10 @@ if old ~= STATE.submitted then
   redis.call('HINCRBY', counts_key, old, -1)
   redis.call('HINCRBY', counts_key, STATE.submitted, 1)
 end
+-- last_op cleared: a step's call sent again after this (a failure whose reply
+-- was lost, the job revived meanwhile) answers 'moved on', not its old answer.
 redis.call('HSET', job_key, 'generation_id', generation_id, 'submitted_at', stamp,
-  'state', STATE.submitted, 'outcome_unknown', '')
+  'state', STATE.submitted, 'outcome_unknown', '', 'last_op', '')
 redis.call('ZREM', holds_key, ref)
 redis.call('SREM', unknown_key, redis.call('HGET', job_key, 'id'))
 redis.call('ZADD', slots_key, 'NX', now, ref)

@@ -7,8 +7,9 @@ local job_key, counts_key, unknown_key, holds_key, slots_key =
 local ref, job_id = ARGV[1], ARGV[2]
 local resubmit_unknown = ARGV[3] == '1'
 local op = ARGV[4]  -- this call's id: sent again after a lost reply, it answers again
+-- (its own field: a claim of the requeued job may come before the re-send)
 
-if redis.call('HGET', job_key, 'last_op') == op then return 'requeued' end
+if redis.call('HGET', job_key, 'requeue_op') == op then return 'requeued' end
 if redis.call('HGET', job_key, 'state') ~= STATE.failed then return 'not_failed' end
 local batch = redis.call('HGET', job_key, 'batch')
 if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then return 'cancelled' end
@@ -22,7 +23,7 @@ if generation_id == '' and posting ~= '' then
 end
 redis.call('HSET', job_key, 'outcome_unknown', '', 'state', STATE.queued, 'attempts', '0',
   'link_refreshes', '0', 'last_error', '', 'token', '', 'step', '', 'recovered', '1',
-  'last_op', op)
+  'requeue_op', op, 'last_op', '')  -- a step's call sent again now answers 'moved on'
 redis.call('SREM', unknown_key, job_id)
 redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed
 redis.call('ZREM', holds_key, ref)
