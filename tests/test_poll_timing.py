@@ -135,11 +135,11 @@ def test_no_stored_sample_a_worker_could_write_breaks_the_plan(redis_url):
     key = keys.durations(*shape)
     model.redis.delete(key)
     model.redis.lpush(key, *[f"{t - 0.5}:{t}" for t in (9.5, 10, 10.5, 11, 9.8, 10.2)])
-    for raw in ("x", "nan", "inf", "5:nan", "0:0", "-1:-0.5", "7:3") * 2:
+    for raw in ("x", "nan", "inf", "5:nan", "0:0", "-1:-0.5", "7:3", "1e300:1e300") * 2:
         model.redis.lpush(key, raw)
     model.record(*shape, 0.0, -3.0)
     model.record(*shape, 80.0, math.nan)
-    assert model.redis.llen(key) == 6 + 14
+    assert model.redis.llen(key) == 6 + 16
     ours = json.dumps({"model": shape[0]})
     for ref, fields in {"g:1": {"request": "{not json", "polls": "1", "last_poll_age": "5"},
                         "g:2": {"request": ours, "polls": "x", "last_poll_age": "5"},

@@ -81,6 +81,7 @@ SLOWER_Z = 3.09  # (by chance, for independent completions: 0.001^3; the slowest
 # of a wave of C jobs submitted together do finish in a row, and C = 200 puts
 # three past the 99th percentile at the end of a wave one time in three)
 MIN_SAMPLES = 5
+LONGEST_S = 1e6  # no generation is polled for 11 days; no stored sample is longer
 COLD_FIRST_S = 5.0
 COLD_PRIOR_AIMS = (0.95, 1.05)
 # Aims, in spreads (standard deviations of log time) from the median.
@@ -246,9 +247,10 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
 
 
 def make_sample(lo: float, hi: float) -> Sample | None:
-    """The sample (lo, hi], or None if no poll could have seen it."""
+    """The sample (lo, hi], or None if no poll could have seen it (a value
+    past LONGEST_S is a corrupt one: the fit's exp() would overflow)."""
     lo = max(lo, 0.0)
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= 0 or lo > hi:
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= 0 or lo > hi or hi > LONGEST_S:
         return None
     return Sample(lo, hi)
 
