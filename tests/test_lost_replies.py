@@ -280,3 +280,14 @@ def test_a_failure_sent_again_after_a_late_id_revived_the_job_settles_nothing(pr
     record = steps.store.get(ref)
     assert (record.state, record.generation_id) == ("submitted", "gen-late")
     assert steps.store.redis.hget(keys.batch("b"), "credits_committed") == committed
+
+
+def test_a_lost_reply_to_vidq_cancel_still_counts_the_jobs_it_cancelled(proxied):
+    steps, proxy, _ = proxied
+    steps.admission.enqueue("c", [(f"j{i}", {"model": SHAPE[0], "prompt": f"p {i}"})
+                                  for i in range(5)], time.time())
+    proxy.arm(_run_of(steps.admission._scripts["cancel"]))
+    taken, ended = steps.admission.cancel_waiting("c", 100)
+
+    assert proxy.lost == 1 and (taken, ended) == (5, 5)
+    assert steps.store.counts("c")["cancelled"] == 5

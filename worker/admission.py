@@ -185,7 +185,7 @@ class Admission:
         `cancelled`; returns (taken from its line, ended)."""
         taken, ended = self._scripts["cancel"](
             keys=[keys.batch(batch), keys.batch_line(batch), keys.batch_counts(batch)],
-            args=[batch, limit])
+            args=[batch, limit, op_id()])
         return int(taken), int(ended)
 
     def release_expired_holds(self) -> int:

@@ -2,10 +2,13 @@
 -- script then leave it alone) and end up to LIMIT of its waiting jobs
 -- `cancelled`. Jobs already admitted are in flight and finish. Called again
 -- until nothing is left in the line, so no call blocks Redis for long.
--- Returns {taken from the line, of which cancelled}.
+-- Returns {taken from the line, of which cancelled}; the same call sent
+-- again (its reply was lost; `op` is its id) returns what it returned.
 local batch_hash_key, line, counts_key = KEYS[1], KEYS[2], KEYS[3]
-local batch, limit = ARGV[1], tonumber(ARGV[2])
+local batch, limit, op = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 
+local last = redis.call('HMGET', batch_hash_key, 'cancel_op', 'cancel_out')
+if last[1] == op then return cjson.decode(last[2]) end
 redis.call('HSET', batch_hash_key, 'cancelled', '1')
 local t = redis.call('TIME')
 local stamp = t[1] .. '.' .. t[2]
@@ -21,4 +24,6 @@ for i = 1, #taken, 2 do
     cancelled = cancelled + 1
   end
 end
-return {#taken / 2, cancelled}
+local out = {#taken / 2, cancelled}
+redis.call('HSET', batch_hash_key, 'cancel_op', op, 'cancel_out', cjson.encode(out))
+return out
