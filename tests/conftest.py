@@ -239,14 +239,23 @@ def write_prompts(path: Path, prompts: list[str]) -> Path:
     return path
 
 
-def run_batch(make_pipeline, sandbox, tmp_path: Path, batch: str, prompts: list[str],
-              timeout_s: float, **env) -> tuple[Pipeline, dict]:
-    """Fresh workers against `sandbox` run `prompts` as `batch` to its end; the
-    pipeline (workers still running) and the batch's final counts."""
-    pipeline = make_pipeline(sandbox, **env)
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / f"{batch}.txt", prompts), batch)
-    return pipeline, pipeline.wait_finished(batch, timeout_s=timeout_s)
+def learned_then(make_pipeline, make_sandbox, tmp_path: Path,
+                 learn: tuple[float, list[str], float], then: tuple[float, list[str], float],
+                 **env) -> Pipeline:
+    """Batch "a" on a sandbox of one time scale, then, with fresh workers on the
+    same Redis (what "a" taught the plan), batch "b" on another: each
+    (time_scale, prompts, timeout_s) must end all done. The second pipeline,
+    its workers still running."""
+    pipeline = None
+    for batch, (time_scale, prompts, timeout_s) in (("a", learn), ("b", then)):
+        if pipeline is not None:
+            pipeline.stop_workers()
+        pipeline = make_pipeline(make_sandbox(time_scale=time_scale), **env)
+        pipeline.start_workers()
+        pipeline.enqueue(write_prompts(tmp_path / f"{batch}.txt", prompts), batch)
+        assert pipeline.wait_finished(batch, timeout_s=timeout_s)["done"] == len(prompts)
+    assert pipeline is not None
+    return pipeline
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import random
 import statistics
 
 import redis
-from conftest import run_batch
+from conftest import learned_then
 
 from worker import keys
 from worker.durations import DurationModel, parse_sample
@@ -94,16 +94,10 @@ def test_real_workers_follow_generations_that_get_six_times_slower(make_pipeline
                                                                      make_sandbox, tmp_path):
     """Learned at ~0.5 s (a full window), the upstream turns ~3 s: a slowdown is flagged and the last
     jobs cost few GETs again instead of a long run of growing steps each."""
-    pipeline, counts = run_batch(make_pipeline, make_sandbox(time_scale=180), tmp_path, "a",
-                                 [f"fast {i}" for i in range(64)], 120,
-                                 VIDQ_EXPECTED_GENERATION_S=90)
-    assert counts["done"] == 64
-    pipeline.stop_workers()
-
-    pipeline, counts = run_batch(make_pipeline, make_sandbox(time_scale=30), tmp_path, "b",
-                                 [f"slow {i}" for i in range(24)], 180,
-                                 VIDQ_EXPECTED_GENERATION_S=90)
-    assert counts["done"] == 24
+    pipeline = learned_then(make_pipeline, make_sandbox, tmp_path,
+                            (180, [f"fast {i}" for i in range(64)], 120),
+                            (30, [f"slow {i}" for i in range(24)], 180),
+                            VIDQ_EXPECTED_GENERATION_S=90)
     stored = pipeline.store.redis.lrange(keys.durations(*SHAPE), 0, -1)
     assert any(raw.endswith(":slower") for raw in stored), stored[-30:]
     jobs = [pipeline.store.get(keys.job_ref("b", i)) for i in pipeline.store.job_ids("b")]

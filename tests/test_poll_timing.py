@@ -13,7 +13,7 @@ import statistics
 import time
 
 import redis
-from conftest import run_batch, write_prompts
+from conftest import learned_then, write_prompts
 
 from worker import keys
 from worker.durations import DurationModel
@@ -198,16 +198,10 @@ def test_prior_90_s_learns_1_s_generations_from_censored_first_polls(make_pipeli
 
 def test_the_plan_follows_a_drop_in_generation_time(make_pipeline, make_sandbox, tmp_path):
     """Learned at ~2 s, the upstream turns ~4x faster: the plan follows."""
-    pipeline, counts = run_batch(make_pipeline, make_sandbox(time_scale=45), tmp_path, "a",
-                                 [f"slow {i}" for i in range(16)], 120,
-                                 VIDQ_EXPECTED_GENERATION_S=90)
-    assert counts["done"] == 16
-    pipeline.stop_workers()
-
-    pipeline, counts = run_batch(make_pipeline, make_sandbox(time_scale=180), tmp_path, "b",
-                                 [f"fast {i}" for i in range(24)], 120,
-                                 VIDQ_EXPECTED_GENERATION_S=90)
-    assert counts["done"] == 24
+    pipeline = learned_then(make_pipeline, make_sandbox, tmp_path,
+                            (45, [f"slow {i}" for i in range(16)], 120),
+                            (180, [f"fast {i}" for i in range(24)], 120),
+                            VIDQ_EXPECTED_GENERATION_S=90)
     lags = _lags(pipeline, "b")
     assert statistics.median(lags[-10:]) < 0.35, lags  # ~0.5 s generations
 
