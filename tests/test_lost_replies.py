@@ -12,10 +12,15 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 from chaos.redis_lost_reply import LostReplyProxy
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from test_steps import _admit_one, _run, _until_completed, steps_for  # noqa: F401 - fixture
 
 from worker import keys
+from worker.metrics import COMPLETIONS, STATUS_GETS_PER_VIDEO, bucket_field, counter_field
+from worker.metrics_record import Recorder
 from worker.reaim import reaim_first_polls
 
 SHAPE = ("alibaba/wan2.1-t2v-turbo", "720P")
@@ -291,3 +296,45 @@ def test_a_lost_reply_to_vidq_cancel_still_counts_the_jobs_it_cancelled(proxied)
 
     assert proxy.lost == 1 and (taken, ended) == (5, 5)
     assert steps.store.counts("c")["cancelled"] == 5
+
+
+def _through(proxy: LostReplyProxy, redis_url: str, **options) -> redis.Redis:
+    db = urlsplit(redis_url).path.strip("/") or "0"
+    return redis.Redis(port=proxy.port, db=int(db), decode_responses=True, **options)
+
+
+def test_a_lost_reply_to_a_metrics_write_counts_once(redis_url):
+    """A task's metrics go to Redis and the reply is lost; redis-py sends them
+    again. Prometheus must show one video, not two."""
+    url = urlsplit(redis_url)
+    proxy = LostReplyProxy(url.hostname, url.port)
+    recorder = Recorder()
+    recorder.count(COMPLETIONS, (*SHAPE, "later_poll"))
+    recorder.observe(STATUS_GETS_PER_VIDEO, SHAPE, 2)
+    proxy.arm(keys.METRICS.encode())
+    recorder.flush(_through(proxy, redis_url))
+
+    metrics = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.METRICS)
+    assert proxy.lost == 1 and not recorder.pending()
+    assert float(metrics[counter_field(COMPLETIONS, (*SHAPE, "later_poll"))]) == 1
+    assert metrics[bucket_field(STATUS_GETS_PER_VIDEO, SHAPE, 2)] == "1"
+
+
+def test_a_metrics_write_that_failed_after_it_ran_is_sent_again_and_applied_once(redis_url):
+    """The reply is lost and the client gives up (no retries left): the write
+    may or may not have run. The next flush sends it again, as is, with what
+    was counted since: each counted once."""
+    url = urlsplit(redis_url)
+    proxy = LostReplyProxy(url.hostname, url.port)
+    recorder = Recorder()
+    field = counter_field(COMPLETIONS, (*SHAPE, "first_poll"))
+    recorder.count(COMPLETIONS, (*SHAPE, "first_poll"))
+    proxy.arm(keys.METRICS.encode())
+    recorder.flush(_through(proxy, redis_url, retry=Retry(NoBackoff(), 0)))
+    direct = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert proxy.lost == 1 and recorder.pending()
+    assert float(direct.hget(keys.METRICS, field)) == 1  # it did run
+
+    recorder.count(COMPLETIONS, (*SHAPE, "first_poll"))
+    recorder.flush(direct)
+    assert float(direct.hget(keys.METRICS, field)) == 2 and not recorder.pending()

@@ -27,6 +27,8 @@
     vidq:seq                    counter for step tokens
     vidq:pump:replay:<op>       string with a TTL (300 s): the jobs one pump call admitted,
                                 answered again if that call is sent again (lost reply)
+    vidq:metrics:replay:<op>    string with a TTL (300 s): that metrics write was applied
+                                (a lost reply's re-send applies nothing)
     vidq:config                 hash: max_in_flight (C, one value per deployment);
                                 effective_cap, cap_credit (C lowered after 429s)
                                 daily_credits (the deployment's daily credit cap)
@@ -80,6 +82,7 @@ EVENTS = PREFIX + "events"
 WEBHOOK_RELAY_LOCK = PREFIX + "relay:lock"
 WEBHOOKS_DUE = PREFIX + "webhooks_due"
 METRICS = PREFIX + "metrics"
+METRICS_REPLAY = PREFIX + "metrics:replay:"  # + call id: that write was applied
 
 
 def job_ref(batch: str, job_id: str) -> str:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import redis
 from celery.signals import task_postrun, worker_process_shutdown
@@ -31,6 +32,7 @@ from .errors import (
     SubmitOutcomeUnknown,
     UpstreamError,
 )
+from .jobs import op_id
 from .metrics import (
     COMPLETIONS,
     DETECTION_LAG_SECONDS,
@@ -50,6 +52,8 @@ from .metrics import (
 
 log = logging.getLogger(__name__)
 
+REPLAY_TTL_S = 300  # a call sent again comes within redis-py's retries
+
 
 class Recorder:
     """Increments waiting to be written: integer counts and float sums."""
@@ -59,6 +63,7 @@ class Recorder:
         self._pid = os.getpid()
         self._counts: Counter[str] = Counter()
         self._sums: defaultdict[str, float] = defaultdict(float)
+        self._unsure: Increments | None = None  # sent, reply lost: send again as is
 
     def count(self, spec: Spec, values: tuple[str, ...] = (), amount: float = 1) -> None:
         with self._lock:
@@ -74,34 +79,70 @@ class Recorder:
     def pending(self) -> bool:
         with self._lock:
             self._own()
-            return bool(self._counts or self._sums)
+            return bool(self._counts or self._sums or self._unsure)
 
     def flush(self, client: redis.Redis) -> None:
-        """Write what was counted in one pipeline; kept for the next flush if Redis fails."""
+        """Write what was counted, as one call with its own id. A call that
+        failed may have run (its reply lost): it is kept, and sent again
+        first, under the same id, so Redis applies it once."""
         with self._lock:
             self._own()
+            unsure, self._unsure = self._unsure, None
             counts, sums = self._counts, self._sums
             self._counts, self._sums = Counter(), defaultdict(float)
-        if not counts and not sums:
-            return
-        pipe = client.pipeline(transaction=False)
-        for field, amount in counts.items():
-            pipe.hincrby(keys.METRICS, field, amount)
-        for field, total in sums.items():
-            pipe.hincrbyfloat(keys.METRICS, field, total)
-        try:
-            pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("metrics not written yet: %s", exc)
-            with self._lock:
-                self._counts.update(counts)
-                for field, total in sums.items():
+        batches = [unsure] if unsure else []
+        if counts or sums:
+            batches.append(Increments(op_id(), dict(counts), dict(sums)))
+        for index, batch in enumerate(batches):
+            try:
+                apply(client, batch)
+            except redis.RedisError as exc:
+                log.warning("metrics not written yet: %s", exc)
+                self._keep(batch, batches[index + 1:])
+                return
+
+    def _keep(self, unsure: Increments, unsent: list[Increments]) -> None:
+        with self._lock:
+            self._unsure = unsure
+            for batch in unsent:  # never sent: they may merge into the buffer
+                self._counts.update(batch.counts)
+                for field, total in batch.sums.items():
                     self._sums[field] += total
 
     def _own(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._counts, self._sums = Counter(), defaultdict(float)
+            self._counts, self._sums, self._unsure = Counter(), defaultdict(float), None
+
+
+@dataclass(frozen=True)
+class Increments:
+    """One write of the metrics hash, with the id that makes it apply once."""
+
+    op: str
+    counts: dict[str, int]
+    sums: dict[str, float]
+
+
+# Applied once per id: a call sent again after a lost reply finds its id and
+# changes nothing. Integer counts first, then float sums.
+_APPLY = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local counts = tonumber(ARGV[2])
+for i = 3, 2 + 2 * counts, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 3 + 2 * counts, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+def apply(client: redis.Redis, batch: Increments) -> None:
+    """Add `batch` to the metrics hash, at most once whatever the retries."""
+    args: list[str | int | float] = [REPLAY_TTL_S, len(batch.counts)]
+    for field, amount in batch.counts.items():
+        args += [field, amount]
+    for field, total in batch.sums.items():
+        args += [field, repr(total)]
+    client.register_script(_APPLY)(keys=[keys.METRICS, keys.METRICS_REPLAY + batch.op], args=args)
 
 
 # One per process, like prometheus-client's default registry: the hooks are
@@ -194,7 +235,7 @@ def resent(client: redis.Redis, steps: int) -> None:
     main process, where no task ends to flush a buffer."""
     if steps:
         try:
-            client.hincrbyfloat(keys.METRICS, counter_field(RESENDS, ()), steps)
+            apply(client, Increments(op_id(), {}, {counter_field(RESENDS, ()): steps}))
         except redis.RedisError as exc:
             log.warning("re-send count not written: %s", exc)
 
