@@ -8,6 +8,7 @@ Real Redis behind a proxy that resets the connection after Redis ran the
 command (tests/chaos/redis_lost_reply.py); the sandbox over HTTP."""
 from __future__ import annotations
 
+import hashlib
 import time
 from urllib.parse import urlsplit
 
@@ -18,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from test_steps import _admit_one, _run, _until_completed, steps_for  # noqa: F401 - fixture
 
-from worker import keys
+from worker import keys, metrics_record, webhooks
 from worker.metrics import COMPLETIONS, STATUS_GETS_PER_VIDEO, bucket_field, counter_field
 from worker.metrics_record import Recorder
 from worker.reaim import reaim_first_polls
@@ -298,7 +299,11 @@ def test_a_lost_reply_to_vidq_cancel_still_counts_the_jobs_it_cancelled(proxied)
     assert steps.store.counts("c")["cancelled"] == 5
 
 
-def _through(proxy: LostReplyProxy, redis_url: str, **options) -> redis.Redis:
+def _through(proxy: LostReplyProxy, redis_url: str, *scripts: str, **options) -> redis.Redis:
+    """A client whose calls go through `proxy`, with `scripts` loaded (as in a
+    running worker: a lost NOSCRIPT answer would test nothing)."""
+    for script in scripts:
+        redis.Redis.from_url(redis_url).script_load(script)
     db = urlsplit(redis_url).path.strip("/") or "0"
     return redis.Redis(port=proxy.port, db=int(db), decode_responses=True, **options)
 
@@ -312,7 +317,7 @@ def test_a_lost_reply_to_a_metrics_write_counts_once(redis_url):
     recorder.count(COMPLETIONS, (*SHAPE, "later_poll"))
     recorder.observe(STATUS_GETS_PER_VIDEO, SHAPE, 2)
     proxy.arm(keys.METRICS.encode())
-    recorder.flush(_through(proxy, redis_url))
+    recorder.flush(_through(proxy, redis_url, metrics_record._APPLY))
 
     metrics = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.METRICS)
     assert proxy.lost == 1 and not recorder.pending()
@@ -330,7 +335,7 @@ def test_a_metrics_write_that_failed_after_it_ran_is_sent_again_and_applied_once
     field = counter_field(COMPLETIONS, (*SHAPE, "first_poll"))
     recorder.count(COMPLETIONS, (*SHAPE, "first_poll"))
     proxy.arm(keys.METRICS.encode())
-    recorder.flush(_through(proxy, redis_url, retry=Retry(NoBackoff(), 0)))
+    recorder.flush(_through(proxy, redis_url, metrics_record._APPLY, retry=Retry(NoBackoff(), 0)))
     direct = redis.Redis.from_url(redis_url, decode_responses=True)
     assert proxy.lost == 1 and recorder.pending()
     assert float(direct.hget(keys.METRICS, field)) == 1  # it did run
@@ -338,3 +343,21 @@ def test_a_metrics_write_that_failed_after_it_ran_is_sent_again_and_applied_once
     recorder.count(COMPLETIONS, (*SHAPE, "first_poll"))
     recorder.flush(direct)
     assert float(direct.hget(keys.METRICS, field)) == 2 and not recorder.pending()
+
+
+def test_a_lost_reply_to_a_webhook_claim_still_sends_the_attempt(redis_url):
+    """The claim of a delivery's attempt 0 runs and its reply is lost; sent again,
+    it is still this message's claim (not a duplicate's), so the POST goes out
+    now, not after the relay finds the attempt overdue (25-30 s later)."""
+    url = urlsplit(redis_url)
+    proxy = LostReplyProxy(url.hostname, url.port)
+    direct = redis.Redis.from_url(redis_url, decode_responses=True)
+    webhooks.create(direct, "1-0", {"type": "job.done", "batch": "b"}, "deployment",
+                    "https://hooks.example/in")
+    ident = webhooks.delivery_id("deployment", "1-0")
+    proxy.arm(hashlib.sha1(webhooks._CLAIM.encode()).hexdigest().encode())
+    record = webhooks.claim(_through(proxy, redis_url, webhooks._CLAIM), ident, 0)
+
+    assert proxy.lost == 1
+    assert record is not None and record["attempts"] == "1"
+    assert webhooks.claim(direct, ident, 0) is None  # a duplicate message of attempt 0

@@ -178,25 +178,31 @@ def resend_lost(client: redis.Redis, settings, send: Send) -> int:
     return len(lost)
 
 
+# One script, with the call's id: a claim sent again after its reply was lost
+# finds its own id and is the claim it made, not a duplicate message.
+_CLAIM = """
+local state, attempts, op = unpack(redis.call('HMGET', KEYS[1], 'state', 'attempts', 'claim_op'))
+local attempt = tonumber(ARGV[1])
+if state ~= 'pending' then return false end
+local again = tonumber(attempts) == attempt + 1 and op == ARGV[3]
+if not again then
+    if tonumber(attempts) ~= attempt then return false end
+    local now = redis.call('TIME')
+    redis.call('HSET', KEYS[1], 'attempts', attempt + 1, 'claim_op', ARGV[3])
+    redis.call('ZADD', KEYS[2], now[1] + now[2] / 1e6 + tonumber(ARGV[2]), ARGV[4])
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
 def claim(client: redis.Redis, ident: str, attempt: int,
           lease: float = REPLAY_DUE_S) -> dict | None:
     """The record if it is pending at `attempt` (then counted as attempt + 1,
     due by the end of the lease); None for a duplicated or outdated message."""
-    key = keys.webhook_delivery(ident)
-    with client.pipeline() as pipe:
-        try:
-            pipe.watch(key)
-            record = pipe.hgetall(key)
-            if record.get("state") != State.PENDING or int(record.get("attempts", -1)) != attempt:
-                return None
-            pipe.multi()
-            pipe.hset(key, "attempts", attempt + 1)
-            pipe.zadd(keys.WEBHOOKS_DUE, {ident: _now(client) + lease})
-            pipe.execute()
-        except redis.WatchError:
-            return None
-    record["attempts"] = str(attempt + 1)
-    return record
+    flat = client.register_script(_CLAIM)(
+        keys=[keys.webhook_delivery(ident), keys.WEBHOOKS_DUE],
+        args=[attempt, repr(lease), uuid.uuid4().hex, ident])
+    return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
 
 
 def deliver(client: redis.Redis, settings, session: requests.Session, ident: str,
