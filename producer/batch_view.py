@@ -62,11 +62,13 @@ def batch_status(admission: Admission, batch: str, settings: Settings | None = N
 
 
 def deployment(admission: Admission) -> dict:
-    paused_ms = admission.redis.pttl(keys.PAUSE_SUBMIT)
+    submits_ms = admission.redis.pttl(keys.PAUSE_SUBMIT)
+    polls_ms = admission.redis.pttl(keys.PAUSE_POLL)
     return {"in_flight": admission.in_flight(), "waiting": admission.waiting(),
             "max_in_flight": admission.cap(),
             "effective_max_in_flight": admission.effective_cap(),
-            "submits_paused_s": round(paused_ms / 1000, 1) if paused_ms > 0 else 0}
+            "submits_paused_s": round(submits_ms / 1000, 1) if submits_ms > 0 else 0,
+            "polls_paused_s": round(polls_ms / 1000, 1) if polls_ms > 0 else 0}
 
 
 def finish_rate(client, batch: str, now: float, created: float) -> dict:

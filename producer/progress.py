@@ -129,9 +129,10 @@ def warnings(status: dict) -> list[str]:
         found.append(f"{status['recent_failures']} failures in the last "
                      f"{SPIKE_WINDOW_S / 60:.0f} min"
                      + (f" (most: {top[0]['reason']})" if top else ""))
-    if status["deployment"]["submits_paused_s"]:
-        found.append(f"the upstream answered 429: submits paused for "
-                     f"{status['deployment']['submits_paused_s']:g} s")
+    for call in ("submits", "polls"):
+        if status["deployment"].get(f"{call}_paused_s"):
+            found.append(f"the upstream answered 429: {call} paused for "
+                         f"{status['deployment'][f'{call}_paused_s']:g} s")
     return found
 
 

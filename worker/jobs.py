@@ -124,7 +124,7 @@ class JobStore:
         self.redis = client
         self._scripts = {name: load_script(client, name) for name in (
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
-            "grow_cap")}
+            "grow_cap", "extend_pause")}
         self._scripts["back_in_line"] = load_script(client, "back_in_line", ("line_lib",))
         # Into done or failed: the event goes on the stream in the same call.
         self._scripts["transition"] = events.Announcing(client, "transition", "event_job")
@@ -208,11 +208,15 @@ class JobStore:
             args=[job.ref, job.token, int(pause_s * 1000), "1" if rate_limited else "0"]))
 
     def pause_polls(self, pause_s: float) -> None:
-        self.redis.set(keys.PAUSE_POLL, "1", px=max(1, int(pause_s * 1000)))
+        self._scripts["extend_pause"](keys=[keys.PAUSE_POLL], args=[max(1, int(pause_s * 1000))])
+
+    def pause_submits(self, pause_s: float) -> None:
+        self._scripts["extend_pause"](keys=[keys.PAUSE_SUBMIT], args=[max(1, int(pause_s * 1000))])
 
     def grow_cap(self, probe_factor: int, quiet_s: float, completed: bool) -> int:
         return int(self._scripts["grow_cap"](
-            keys=[keys.CONFIG], args=[probe_factor, quiet_s, "1" if completed else "0"]))
+            keys=[keys.CONFIG, keys.PAUSE_SUBMIT],
+            args=[probe_factor, quiet_s, "1" if completed else "0"]))
 
     def counts(self, batch: str) -> dict[str, int]:
         raw = self.redis.hgetall(keys.batch_counts(batch))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .learning import learn, tells_generation_time
 from .metrics_record import completed, downloaded, failed, upstream_call
 from .posting import post_once
+from .rate_limits import pause_s, revive_refused, spread
 from .schedule import backoff_delay
 from .settings import Settings
 from .storage import Storage, sidecar_key, video_key
@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 
 # Rate limiting is the upstream saying "not now", not a fault: allow more tries.
 RATE_LIMIT_ATTEMPT_FACTOR = 5
-# A 429 without Retry-After pauses this long; a longer Retry-After is honoured
-# up to the maximum.
-DEFAULT_PAUSE_S, MAX_PAUSE_S = 10.0, 3600.0
-# Paused polls resume spread over up to this long, not all at once.
-RESUME_SPREAD_S = 10.0
 
 
 @dataclass
@@ -73,8 +68,10 @@ class Steps:
             # Cancelled between admission and POST: never sent (it ends cancelled).
             self.store.back_in_line(job, 0.0, rate_limited=False)
             return
-        if job.number("__submit_pause_ms") > 0:
-            # Admitted just before a 429 paused submits: back to the front of the line.
+        if not job.extra.get("posting_at") and job.number("__submit_pause_ms") > 0:
+            # Admitted just before a 429 paused submits: back to the front of
+            # the line. (Not a recovered submit whose POST may have been sent:
+            # it must end outcome unknown, never be POSTed again.)
             self.store.back_in_line(job, 0.0, rate_limited=False)
             return
         try:
@@ -93,7 +90,9 @@ class Steps:
                 "a POST for this job was started earlier and its answer never arrived "
                 "(a worker or Redis died mid-POST); not re-sent, to avoid paying twice")
         try:
-            generation = post_once(self.client, self.store, job, self.settings)
+            generation = post_once(self.client, self.store, job, self.settings, lambda error:
+                                   revive_refused(self.store, self.admission, self.dispatch,
+                                                  job, error))
         except RateLimited as exc:
             return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()
@@ -105,10 +104,17 @@ class Steps:
         self._next(job, Step.POLL, delay, attempts=0, first_aim=delay,
                    aimed_second=plan.second_s or 0.0)
 
+    def _after_poll_pause(self, job: Job, pause_s: float) -> None:
+        # Spread, so paused polls do not resume all at once; a pause longer
+        # than the longest countdown (kept under the broker's visibility
+        # timeout) is waited out in several, each finding the pause still on.
+        delay = min(pause_s + spread(pause_s), self.settings.poll_max_interval_s)
+        self._next(job, Step.POLL, delay, polls=job.polls)
+
     def _rate_limited_submit(self, job: Job, error: RateLimited) -> None:
         """A 429 is about the account: every worker pauses submits, this job
         keeps its place at the front of the line, and no attempt is spent."""
-        pause = _pause_s(error)
+        pause = pause_s(error)
         effective = self.store.back_in_line(job, pause, rate_limited=True)
         log.warning("429 on submit: submits paused %.0f s for every worker; effective C %d",
                     pause, effective)
@@ -116,17 +122,14 @@ class Steps:
     def poll(self, job: Job) -> None:
         paused_ms = job.number("__poll_pause_ms")
         if paused_ms > 0:
-            self._next(job, Step.POLL, paused_ms / 1000 + _spread(paused_ms / 1000),
-                       polls=job.polls)
-            return
+            return self._after_poll_pause(job, paused_ms / 1000)
         try:
             generation = self.client.fetch(job.generation_id)
         except RateLimited as exc:
-            pause = _pause_s(exc)
+            pause = pause_s(exc)
             self.store.pause_polls(pause)
             log.warning("429 on a status GET: polls paused %.0f s for every worker", pause)
-            self._next(job, Step.POLL, pause + _spread(pause), polls=job.polls)
-            return
+            return self._after_poll_pause(job, pause)
         job.polls += 1
         if generation.succeeded:
             return self._completed(job, generation)
@@ -284,11 +287,3 @@ class Steps:
         return plan.delay(job.polls, age_s, self.settings.poll_min_interval_s,
                           self.settings.poll_max_interval_s)
 
-
-def _pause_s(error: RateLimited) -> float:
-    retry_after = error.retry_after if error.retry_after is not None else DEFAULT_PAUSE_S
-    return min(max(retry_after, 1.0), MAX_PAUSE_S)
-
-
-def _spread(pause_s: float) -> float:
-    return random.uniform(0, min(pause_s, RESUME_SPREAD_S))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from .errors import RequestRejected, RetryableUpstreamError, SubmitOutcomeUnknown
 from .jobs import Job, JobStore
@@ -22,18 +23,27 @@ log = logging.getLogger(__name__)
 RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
 
 
-def post_once(client: UpstreamClient, store: JobStore, job: Job,
-              settings: Settings) -> Generation:
-    """POST `job` once; its generation id is recorded before this returns."""
+def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Settings,
+              refused_late: Callable[[RetryableUpstreamError], None] | None = None
+              ) -> Generation:
+    """POST `job` once; its generation id is recorded before this returns. An
+    answer that proves nothing was created (a 429, a 503) but comes after the
+    step gave up is handed to `refused_late`: the job failed "outcome
+    unknown", and now it is known."""
     outcome: dict = {}
     done = threading.Event()
+    lock, gave_up = threading.Lock(), threading.Event()
 
     def post() -> None:
         try:
             try:
                 generation = client.submit(job.request)
-            except (RetryableUpstreamError, RequestRejected):
+            except (RetryableUpstreamError, RequestRejected) as exc:
                 store.clear_posting(job)  # the upstream surely created nothing
+                with lock:
+                    late = gave_up.is_set()
+                if late and refused_late and isinstance(exc, RetryableUpstreamError):
+                    refused_late(exc)
                 raise
             job.generation_id = record_paid(store, job, generation.id, settings.step_grace_s)
             outcome["generation"] = generation
@@ -44,7 +54,11 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job,
 
     thread = threading.Thread(target=post, name=f"post {job.ref}", daemon=True)
     thread.start()
-    if not done.wait(settings.post_deadline_s):
+    finished = done.wait(settings.post_deadline_s)
+    with lock:
+        if not (finished or done.is_set()):
+            gave_up.set()
+    if gave_up.is_set():
         raise SubmitOutcomeUnknown(
             f"no complete answer to the POST within {settings.post_deadline_s:.0f} s; "
             "not re-sent (a late answer is still recorded)")

@@ -99,16 +99,25 @@ def retry(admission: Admission, dispatch, batch: str, chosen: list[Failure], *,
     repost_unknown = resubmit or resubmit_unknown
     if resubmit_unknown and not resubmit:
         result.resubmitted = sum(1 for f in chosen if f.outcome_unknown)
-    answers = admission.requeue_failed(batch, resubmit_unknown=repost_unknown,
-                                       job_ids=[f.job_id for f in chosen])
+    answers = requeue(admission, dispatch, batch, [f.job_id for f in chosen],
+                      resubmit_unknown=repost_unknown)
     result.answers = answers
     result.requeued = answers.get("requeued", 0)
     result.left_unknown = answers.get("needs_resubmit", 0)
-    if result.requeued:
+    return result
+
+
+def requeue(admission: Admission, dispatch, batch: str, job_ids: list[str], *,
+            resubmit_unknown: bool = False) -> dict[str, int]:
+    """Failed jobs back in their line, then free slots filled; the answers of
+    `Admission.requeue_failed`."""
+    answers = admission.requeue_failed(batch, resubmit_unknown=resubmit_unknown,
+                                       job_ids=job_ids)
+    if answers.get("requeued"):
         # The batch is open again: a manifest written for it is out of date.
         admission.redis.hincrby(keys.batch(batch), "reopened", 1)
     admit(admission, dispatch)
-    return result
+    return answers
 
 
 def _retire(store: JobStore, batch: str, job_ids: list[str]) -> int:

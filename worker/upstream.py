@@ -19,6 +19,7 @@ created nothing (see the README's table):
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email.utils
 import time
 from collections.abc import Iterator
@@ -252,11 +253,25 @@ def retry_after_s(response: requests.Response) -> float | None:
         return max(0.0, value) if value == value and value != float("inf") else None
     except ValueError:
         pass
+    when = _http_date(raw)
+    if when is None:
+        return None
+    # Against the server's own clock (its Date header) when it sent one: the
+    # worker's clock may be off by minutes, and the wait is the server's.
+    sent = _http_date(response.headers.get("Date", ""))
+    return max(0.0, when - (sent if sent is not None else time.time()))
+
+
+def _http_date(raw: str) -> float | None:
+    """An HTTP-date as a Unix time; the asctime form, which carries no zone,
+    is GMT like the other two (never the worker's local time)."""
     try:
         when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
 
 
 def _text(value) -> bool:

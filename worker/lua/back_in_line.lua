@@ -1,11 +1,15 @@
 -- A submit the upstream refused for the account (429), or one that found
 -- submits paused: the job goes back to the FRONT of its batch's line (its
 -- enqueue position, and its batch first in its ring), no attempt used, its
--- slot and its committed credits freed, and submits pause for every worker.
--- In a batch cancelled meanwhile it ends cancelled instead. The upstream
--- refused while `held` other generations were in flight: if that is below
--- the effective cap, the account's real limit is lower, and the effective
--- cap drops to it (multiplicative decrease, never below 1).
+-- slot and its committed credits freed, and submits pause for every worker
+-- (a pause only grows: a later, shorter Retry-After does not cut it short).
+-- In a batch cancelled meanwhile it ends cancelled instead.
+-- The effective cap: a 429 while the upstream ran fewer of our generations
+-- (slot holders with an id, not yet seen complete) than the effective cap
+-- says the account's real limit may be lower. A second such 429 within
+-- REPEAT_S lowers the cap: halved, never below those running nor below 1
+-- (multiplicative decrease), at most once per SETTLE_S, so a burst of 429s
+-- on POSTs sent together counts once.
 -- Returns the effective cap after this.
 local job_key, slots_key, due_key, config_key, pause_key, counts_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -18,7 +22,9 @@ local configured = tonumber(redis.call('HGET', config_key, 'max_in_flight') or '
 local effective = tonumber(redis.call('HGET', config_key, 'effective_cap') or '') or configured
 if redis.call('HGET', job_key, 'token') ~= running_token then return effective end
 redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '')
-redis.call('HDEL', job_key, 'posting_at')
+-- Only a 429 proves the POST created nothing; a job bounced by a pause or a
+-- cancel keeps its marker (a recovered submit may have POSTed: never again).
+if rate_limited then redis.call('HDEL', job_key, 'posting_at') end
 redis.call('ZREM', slots_key, ref)
 redis.call('ZREM', due_key, ref)
 local batch = redis.call('HGET', job_key, 'batch')
@@ -30,13 +36,24 @@ if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then
 else
   put_in_line(batch, job_key, redis.call('HGET', job_key, 'id'), true)
 end
-if pause_ms > 0 then redis.call('SET', pause_key, '1', 'PX', pause_ms) end
-if rate_limited then
-  redis.call('HSET', config_key, 'last_429_at', redis.call('TIME')[1])
-  local held = redis.call('ZCARD', slots_key)
-  if held < effective then
-    effective = math.max(1, held)
-    redis.call('HSET', config_key, 'effective_cap', effective, 'cap_credit', 0)
-  end
+if pause_ms > 0 and redis.call('PTTL', pause_key) < pause_ms then
+  redis.call('SET', pause_key, '1', 'PX', pause_ms)
+end
+if not rate_limited then return effective end
+local REPEAT_S, SETTLE_S = 60, 5
+local now = tonumber(redis.call('TIME')[1])
+redis.call('HSET', config_key, 'last_429_at', now)
+local running = 0
+for _, holder in ipairs(redis.call('ZRANGE', slots_key, 0, -1)) do
+  local id, done = unpack(redis.call('HMGET', NS.job .. holder, 'generation_id', 'completed_at'))
+  if id and id ~= '' and not (done and done ~= '') then running = running + 1 end
+end
+if running >= effective then return effective end
+local previous = tonumber(redis.call('HGET', config_key, 'under_cap_429_at') or '') or 0
+local lowered = tonumber(redis.call('HGET', config_key, 'lowered_at') or '') or 0
+redis.call('HSET', config_key, 'under_cap_429_at', now)
+if now - previous <= REPEAT_S and now - lowered >= SETTLE_S then
+  effective = math.max(1, running, math.floor(effective / 2))
+  redis.call('HSET', config_key, 'effective_cap', effective, 'cap_credit', 0, 'lowered_at', now)
 end
 return effective

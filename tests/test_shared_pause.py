@@ -1,0 +1,217 @@
+"""The shared 429 pause and the effective cap on a bad night: what an
+adversarial review broke, each case on real Redis, the sandbox over HTTP
+(behind tests/chaos/faultproxy.py where an answer must come late) or a real
+local HTTP server for odd headers.
+"""
+from __future__ import annotations
+
+import email.utils
+import os
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import redis
+import requests
+from chaos.faultproxy import FaultProxy
+from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
+
+from worker import keys, tasks
+from worker.errors import RateLimited
+from worker.jobs import Job
+from worker.settings import Settings
+from worker.upstream import UpstreamClient
+
+MODEL = "alibaba/wan2.1-t2v-turbo"
+
+
+def test_a_recovered_submit_that_meets_a_pause_is_never_posted_again(steps_for):  # noqa: F811
+    """A worker died mid-POST (the marker is written, the answer never came);
+    another job's 429 has paused submits when the reconciler re-sends the
+    submit. The job must end "outcome unknown", not go back in line to be POSTed
+    (and paid) a second time once the pause ends."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    steps.store.redis.hset(keys.job(ref), "posting_at", repr(time.time() - 5))
+    steps.store.pause_submits(30)
+    job = steps.claim(ref, token, "submit")
+    tasks._run(steps, "submit", job)
+
+    record = steps.store.get(ref)
+    assert record.state == "failed" and record.extra.get("outcome_unknown") == "1"
+    assert steps.admission.waiting("b") == 0  # not back in line
+    assert steps.store.redis.hget(keys.job(ref), "posting_at")  # the marker is kept
+
+
+def test_a_429_that_comes_after_the_post_deadline_puts_the_job_back_in_line(
+        steps_for, make_sandbox):  # noqa: F811
+    """The gateway holds the POST past VIDQ_POST_DEADLINE_S, then answers 429:
+    the job first fails "outcome unknown", and once the 429 arrives (nothing was
+    created) it goes back in line and ends done. No job fails for a 429."""
+    sandbox = make_sandbox(time_scale=45)
+    proxy = FaultProxy(sandbox.url, slow_s=2.0).start()
+    try:
+        steps = steps_for(sandbox, AIMLAPI_BASE_URL=proxy.url, VIDQ_POST_DEADLINE_S="1")
+        ref, token = _admit_one(steps)
+        proxy.queue("slow_headers", count=1, method="POST")
+        requests.post(sandbox.url + "/__faults", json={"submit": [429], "retry_after": 1},
+                      timeout=10).raise_for_status()
+        tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+        assert steps.store.get(ref).state == "failed"  # the step gave up at 1 s
+
+        deadline = time.monotonic() + 15
+        while steps.store.get(ref).state != "queued" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert steps.store.get(ref).state == "queued"
+        assert steps.store.redis.pttl(keys.PAUSE_SUBMIT) > 0  # the 429 paused submits
+        time.sleep(1.2)
+        ((ref, token),) = steps.admission.pump()
+        tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    finally:
+        proxy.stop()
+    record = steps.store.get(ref)
+    assert record.generation_id and record.state == "submitted"
+    assert sandbox.stats()["submissions"] == 1 and sandbox.stats()["rate_limited"] == 1
+
+
+def test_a_shorter_retry_after_does_not_cut_a_longer_pause_short(steps_for):  # noqa: F811
+    """Two POSTs in flight meet 429s: Retry-After 600, then 1. Before, the second
+    pause replaced the first and both jobs were POSTed again 596 s early."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    steps.store.pause_polls(600)
+    steps.store.pause_polls(1)
+    steps.store.pause_submits(600)
+    steps.store.back_in_line(steps.claim(ref, token, "submit"), 1.0, rate_limited=True)
+
+    assert steps.store.redis.pttl(keys.PAUSE_SUBMIT) > 590_000
+    assert steps.store.redis.pttl(keys.PAUSE_POLL) > 590_000
+
+
+def _admit(steps, count: int) -> list[Job]:
+    steps.admission.enqueue("b", [(f"j{i}", {"model": MODEL, "prompt": f"p {i}"})
+                                  for i in range(count)], time.time())
+    return [steps.claim(ref, token, "submit") for ref, token in steps.admission.pump()]
+
+
+def test_a_burst_of_429s_on_posts_sent_together_halves_the_cap_once(steps_for):  # noqa: F811
+    """Eight POSTs sent together all meet 429 with nothing running: that is one
+    signal, not eight. Before, each put-back lowered the cap to the slots still
+    held, down to 1, which then took minutes to climb back."""
+    steps = steps_for()
+    steps.admission.set_cap(8)
+    caps = [steps.store.back_in_line(job, 1.0, rate_limited=True) for job in _admit(steps, 8)]
+    assert caps == [8] + [4] * 7
+
+
+def test_one_429_does_not_lower_the_cap_and_a_repeat_stops_at_those_running(
+        steps_for):  # noqa: F811
+    """A 429 while fewer generations ran than the cap says the limit may be
+    lower; a second one lowers it, by half at most and never below the
+    generations the upstream was running for us (jobs with an id, not those
+    admitted but not yet POSTed)."""
+    steps = steps_for()
+    steps.admission.set_cap(8)
+    jobs = _admit(steps, 8)
+    for job in jobs[:3]:
+        steps.store.record_generation(job, f"gen-{job.id}", 60)
+    assert steps.store.back_in_line(jobs[3], 1.0, rate_limited=True) == 8
+    assert steps.store.back_in_line(jobs[4], 1.0, rate_limited=True) == 4
+    steps.store.redis.hset(keys.CONFIG, "lowered_at", 0)  # past the settle time
+    assert steps.store.back_in_line(jobs[5], 1.0, rate_limited=True) == 3
+
+
+def test_the_cap_does_not_grow_while_submits_are_paused(steps_for):  # noqa: F811
+    """Nothing is learned during a pause: a 1 h Retry-After must not find the
+    full cap restored, one quiet step at a time, when it ends."""
+    steps = steps_for()
+    steps.admission.set_cap(8)
+    steps.store.redis.hset(keys.CONFIG, mapping={"effective_cap": 2, "last_429_at": 0})
+    steps.store.pause_submits(60)
+    assert steps.store.grow_cap(4, quiet_s=30, completed=False) == 2
+    steps.store.redis.delete(keys.PAUSE_SUBMIT)
+    steps.store.redis.hset(keys.CONFIG, "last_429_at", 0)
+    assert steps.store.grow_cap(4, quiet_s=30, completed=False) == 3
+
+
+def test_a_poll_pause_longer_than_the_longest_countdown_is_waited_out_in_parts(
+        steps_for):  # noqa: F811
+    """Countdowns stay under the broker's visibility timeout (else the message
+    is handed out twice): a 1 h poll pause is waited out in several polls."""
+    steps = steps_for(VIDQ_POLL_MAX_INTERVAL_S="60")
+    ref, token = _admit_one(steps)
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    countdowns = []
+    steps.dispatch = lambda step, ref, token, countdown: countdowns.append((step, token, countdown))
+    steps.store.pause_polls(3600)
+    token = steps.sent[-1][2]  # the first poll, dispatched by the submit
+    tasks._run(steps, "poll", steps.claim(ref, token, "poll"))
+    assert countdowns and countdowns[-1][0] == "poll" and countdowns[-1][2] <= 60
+
+
+class _Answers429(BaseHTTPRequestHandler):
+    headers_to_send: dict[str, str] = {}
+
+    def do_GET(self):
+        self.send_response(429)
+        for name, value in self.headers_to_send.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def send_response(self, code, message=None):  # no automatic Date: the test sets it
+        self.log_request(code)
+        self.send_response_only(code, message)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("form", ["rfc1123", "asctime"])
+def test_an_http_date_retry_after_is_read_against_the_servers_clock_in_gmt(form, monkeypatch):
+    """Retry-After as a date: the wait is the date minus the server's own Date
+    (the worker's clock may be off by minutes), and the asctime form, which
+    names no zone, is GMT whatever the worker's time zone."""
+    server_now = time.time() - 1800  # the server's clock is 30 min behind the worker's
+    retry_at = server_now + 60
+    if form == "asctime":
+        value = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(retry_at))
+    else:
+        value = email.utils.formatdate(retry_at, usegmt=True)
+    _Answers429.headers_to_send = {"Retry-After": value,
+                                   "Date": email.utils.formatdate(server_now, usegmt=True)}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers429)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        client = UpstreamClient(Settings(api_key="sk-x", base_url=base))
+        with pytest.raises(RateLimited) as caught:
+            client.fetch("gen-1")
+    finally:
+        server.shutdown()
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert caught.value.retry_after == pytest.approx(60, abs=1.5)
+
+
+def test_vidq_status_names_a_poll_pause_as_well_as_a_submit_pause(redis_url, tmp_path):
+    """A 429 on a status GET pauses every worker's polls: the operator sees it."""
+    path = tmp_path / "p.txt"
+    path.write_text("one\ntwo\n")
+    env = {**os.environ, "VIDQ_REDIS_URL": redis_url}
+    enqueued = subprocess.run(["vidq", "enqueue", str(path), "--batch", "night"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert enqueued.returncode == 0, enqueued.stderr
+    client = redis.Redis.from_url(redis_url)
+    client.set(keys.PAUSE_POLL, "1", px=120_000)
+    client.set(keys.PAUSE_SUBMIT, "1", px=30_000)
+
+    status = subprocess.run(["vidq", "status", "night"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "polls paused for 1" in status.stdout and "submits paused for " in status.stdout
