@@ -21,6 +21,7 @@ from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 from worker import keys, tasks
 from worker.errors import RateLimited
 from worker.jobs import Job
+from worker.retry import failures, retry
 from worker.settings import Settings
 from worker.upstream import UpstreamClient
 
@@ -215,3 +216,58 @@ def test_vidq_status_names_a_poll_pause_as_well_as_a_submit_pause(redis_url, tmp
                             text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert "polls paused for 1" in status.stdout and "submits paused for " in status.stdout
+
+
+def test_a_late_429_of_an_old_attempt_leaves_a_newer_attempts_marker_alone(
+        steps_for, make_sandbox):  # noqa: F811
+    """Attempt 1's POST is held and answers 429 late; meanwhile the user re-POSTed
+    the job (`vidq retry --resubmit-unknown`) and attempt 2's POST is held too.
+    Attempt 1's answer must neither erase attempt 2's marker nor put the job
+    back in line: attempt 2 may have created a generation (a third POST would
+    pay twice)."""
+    sandbox = make_sandbox(time_scale=45)
+    proxy = FaultProxy(sandbox.url, slow_s=2.0).start()
+    try:
+        steps = steps_for(sandbox, AIMLAPI_BASE_URL=proxy.url, VIDQ_POST_DEADLINE_S="0.5")
+        ref, token = _admit_one(steps)
+        proxy.queue("slow_headers", count=1, method="POST")
+        requests.post(sandbox.url + "/__faults", json={"submit": [429], "retry_after": 1},
+                      timeout=10).raise_for_status()
+        tasks._run(steps, "submit", steps.claim(ref, token, "submit"))  # gives up at 0.5 s
+        answers = retry(steps.admission, steps.dispatch, "b", failures(steps.store, "b"),
+                        resubmit_unknown=True).answers
+        assert answers == {"requeued": 1}
+        proxy.slow_s = 6.0
+        proxy.queue("slow_headers", count=1, method="POST")
+        _, ref, token = steps.sent[-1]
+        tasks._run(steps, "submit", steps.claim(ref, token, "submit"))  # attempt 2 gives up
+        second = steps.store.redis.hget(keys.job(ref), "posting_at")
+        assert second and steps.store.get(ref).state == "failed"
+
+        time.sleep(3.5)  # attempt 1's 429 has come (at ~2 s), and any revive with it
+        assert sandbox.stats()["rate_limited"] == 1
+        assert steps.store.redis.hget(keys.job(ref), "posting_at") == second
+        assert steps.store.get(ref).state == "failed"
+    finally:
+        proxy.stop()
+
+
+def test_429s_further_apart_than_a_minute_still_lower_the_cap_after_a_long_pause(
+        steps_for):  # noqa: F811
+    """Each 429 says Retry-After 90: the next one comes after that pause, more
+    than 60 s after the first. It still counts as a repeat (the window starts
+    when the pause ends), so the cap comes down to the generations running."""
+    steps = steps_for()
+    steps.admission.set_cap(4)
+    jobs = _admit(steps, 4)
+    for job in jobs[:3]:
+        steps.store.record_generation(job, f"gen-{job.id}", 60)
+    assert steps.store.back_in_line(jobs[3], 90.0, rate_limited=True) == 4
+    # As written 61 s ago by that 429 (90 s pause, then 60 s to repeat).
+    now = steps.store.redis.time()[0]
+    steps.store.redis.hset(keys.CONFIG, "under_cap_429_until", now - 61 + 90 + 60)
+    steps.store.redis.delete(keys.PAUSE_SUBMIT)
+    ((ref, token),) = steps.admission.pump()
+    assert steps.store.back_in_line(steps.claim(ref, token, "submit"), 90.0,
+                                    rate_limited=True) == 3
+

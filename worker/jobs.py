@@ -124,7 +124,7 @@ class JobStore:
         self.redis = client
         self._scripts = {name: load_script(client, name) for name in (
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
-            "grow_cap", "extend_pause")}
+            "grow_cap", "extend_pause", "clear_posting")}
         self._scripts["back_in_line"] = load_script(client, "back_in_line", ("line_lib",))
         # Into done or failed: the event goes on the stream in the same call.
         self._scripts["transition"] = events.Announcing(client, "transition", "event_job")
@@ -163,15 +163,18 @@ class JobStore:
 
         answer, *waits = run_pipeline(self.redis, build)
         if answer == "ok":
+            job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
             durability.check(waits)
         if answer == "cancelled":
             self.back_in_line(job, 0.0, rate_limited=False)  # ends it cancelled, slot freed
             return "stale"
         return answer
 
-    def clear_posting(self, job: Job) -> None:
-        """The upstream proved it created nothing (refused, 429, 503): POST may be re-sent."""
-        self.redis.hdel(keys.job(job.ref), "posting_at")
+    def clear_posting(self, job: Job) -> bool:
+        """The upstream proved this attempt created nothing (refused, 429, 503):
+        the job may be POSTed again. False if the marker was not this attempt's."""
+        return bool(self._scripts["clear_posting"](
+            keys=[keys.job(job.ref)], args=[str(job.extra.get("posting_op", ""))]))
 
     def record_generation(self, job: Job, generation_id: str, lease_s: float) -> str:
         batch = job.batch

@@ -4,7 +4,10 @@ The POST runs in a thread that records the generation id the moment the
 upstream answers, even after the step gave up waiting (VIDQ_POST_DEADLINE_S):
 a late id revives the job, and the generation it names is polled and
 downloaded. Recording retries through a Redis outage, because the id of a
-paid generation is the one thing that must not be dropped.
+paid generation is the one thing that must not be dropped. A late answer
+that proves nothing was created (a 429, a 503) revives the job instead, if
+the marker it clears is its own attempt's. A worker process stopping waits
+for the answers still due.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+
+from celery.signals import worker_process_shutdown
 
 from .errors import RequestRejected, RetryableUpstreamError, SubmitOutcomeUnknown
 from .jobs import Job, JobStore
@@ -23,6 +28,11 @@ log = logging.getLogger(__name__)
 RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
 
 
+# POSTs whose answer may still come: a process shutting down waits for them.
+_POSTING: set[threading.Thread] = set()
+SHUTDOWN_WAIT_S = 60.0  # past the read timeout, and a few retries of the record
+
+
 def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Settings,
               refused_late: Callable[[RetryableUpstreamError], None] | None = None
               ) -> Generation:
@@ -31,34 +41,43 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
     step gave up is handed to `refused_late`: the job failed "outcome
     unknown", and now it is known."""
     outcome: dict = {}
-    done = threading.Event()
-    lock, gave_up = threading.Lock(), threading.Event()
+    lock, done = threading.Lock(), threading.Event()
+
+    def settle(**answer) -> bool:
+        """Hand the answer to the step; True if the step already gave up."""
+        with lock:
+            late = outcome.get("gave_up", False)
+            outcome.update(answer)
+            done.set()
+        return late
 
     def post() -> None:
         try:
             try:
                 generation = client.submit(job.request)
             except (RetryableUpstreamError, RequestRejected) as exc:
-                store.clear_posting(job)  # the upstream surely created nothing
-                with lock:
-                    late = gave_up.is_set()
-                if late and refused_late and isinstance(exc, RetryableUpstreamError):
+                mine = store.clear_posting(job)  # this attempt surely created nothing
+                if settle(error=exc) and mine and refused_late and isinstance(
+                        exc, RetryableUpstreamError):
                     refused_late(exc)
-                raise
+                return
             job.generation_id = record_paid(store, job, generation.id, settings.step_grace_s)
-            outcome["generation"] = generation
-        except BaseException as exc:  # handed to the waiting step below
-            outcome["error"] = exc
+            settle(generation=generation)
+        except BaseException as exc:  # handed to the waiting step, or logged if it left
+            if done.is_set():
+                log.exception("job %s: a late answer to its POST could not be handled", job.ref)
+            else:
+                settle(error=exc)
         finally:
-            done.set()
+            _POSTING.discard(threading.current_thread())
 
     thread = threading.Thread(target=post, name=f"post {job.ref}", daemon=True)
+    _POSTING.add(thread)
     thread.start()
-    finished = done.wait(settings.post_deadline_s)
+    done.wait(settings.post_deadline_s)
     with lock:
-        if not (finished or done.is_set()):
-            gave_up.set()
-    if gave_up.is_set():
+        outcome["gave_up"] = not done.is_set()
+    if outcome["gave_up"]:
         raise SubmitOutcomeUnknown(
             f"no complete answer to the POST within {settings.post_deadline_s:.0f} s; "
             "not re-sent (a late answer is still recorded)")
@@ -67,6 +86,19 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
         raise error
     log.info("job %s submitted as generation %s", job.ref, job.generation_id)
     return outcome["generation"]
+
+
+@worker_process_shutdown.connect
+def _wait_for_late_answers(**_kwargs) -> None:
+    """A POST's answer may come after its step gave up: a late id is a paid
+    video, a late 429 a job to revive. A process stopping waits for them."""
+    waiting = list(_POSTING)
+    if waiting:
+        log.warning("stopping: waiting up to %.0f s for the answer to %d POST(s)",
+                    SHUTDOWN_WAIT_S, len(waiting))
+    deadline = time.monotonic() + SHUTDOWN_WAIT_S
+    for thread in waiting:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float) -> str:

@@ -6,10 +6,10 @@
 -- In a batch cancelled meanwhile it ends cancelled instead.
 -- The effective cap: a 429 while the upstream ran fewer of our generations
 -- (slot holders with an id, not yet seen complete) than the effective cap
--- says the account's real limit may be lower. A second such 429 within
--- REPEAT_S lowers the cap: halved, never below those running nor below 1
--- (multiplicative decrease), at most once per SETTLE_S, so a burst of 429s
--- on POSTs sent together counts once.
+-- says the account's real limit may be lower. A second such 429, within
+-- REPEAT_S after the pause the first one set ended, lowers the cap: halved,
+-- never below those running nor below 1 (multiplicative decrease), at most
+-- once per SETTLE_S, so a burst of 429s on POSTs sent together counts once.
 -- Returns the effective cap after this.
 local job_key, slots_key, due_key, config_key, pause_key, counts_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -49,10 +49,10 @@ for _, holder in ipairs(redis.call('ZRANGE', slots_key, 0, -1)) do
   if id and id ~= '' and not (done and done ~= '') then running = running + 1 end
 end
 if running >= effective then return effective end
-local previous = tonumber(redis.call('HGET', config_key, 'under_cap_429_at') or '') or 0
+local repeat_until = tonumber(redis.call('HGET', config_key, 'under_cap_429_until') or '') or 0
 local lowered = tonumber(redis.call('HGET', config_key, 'lowered_at') or '') or 0
-redis.call('HSET', config_key, 'under_cap_429_at', now)
-if now - previous <= REPEAT_S and now - lowered >= SETTLE_S then
+redis.call('HSET', config_key, 'under_cap_429_until', now + math.ceil(pause_ms / 1000) + REPEAT_S)
+if now <= repeat_until and now - lowered >= SETTLE_S then
   effective = math.max(1, running, math.floor(effective / 2))
   redis.call('HSET', config_key, 'effective_cap', effective, 'cap_credit', 0, 'lowered_at', now)
 end

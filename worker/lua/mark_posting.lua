@@ -17,5 +17,5 @@ local posting = redis.call('HGET', job_key, 'posting_at')
 if posting and posting ~= '' then return 'posted_before' end
 if redis.call('HGET', batch_key, 'cancelled') == '1' then return 'cancelled' end
 local t = redis.call('TIME')
-redis.call('HSET', job_key, 'posting_at', t[1] .. '.' .. t[2], 'last_op', op)
+redis.call('HSET', job_key, 'posting_at', t[1] .. '.' .. t[2], 'posting_op', op, 'last_op', op)
 return 'ok'

@@ -1,0 +1,10 @@
+-- The upstream proved this attempt's POST created nothing (refused, 429, 503):
+-- its "POST started" marker goes, so the job may be POSTed again. Only this
+-- attempt's (ARGV[1], its mark_posting call id): an answer coming late, after
+-- the job was requeued and POSTed again, must not erase the newer attempt's
+-- marker. Returns 1 if the marker was this attempt's and is gone, else 0.
+local job_key, op = KEYS[1], ARGV[1]
+if op == '' or redis.call('HGET', job_key, 'posting_op') ~= op then return 0 end
+if redis.call('HEXISTS', job_key, 'posting_at') == 0 then return 0 end
+redis.call('HDEL', job_key, 'posting_at')
+return 1
