@@ -5,6 +5,7 @@ local HTTP server for odd headers.
 """
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import os
 import subprocess
@@ -46,22 +47,32 @@ def test_a_recovered_submit_that_meets_a_pause_is_never_posted_again(steps_for):
     assert steps.store.redis.hget(keys.job(ref), "posting_at")  # the marker is kept
 
 
-def test_a_429_that_comes_after_the_post_deadline_puts_the_job_back_in_line(
-        steps_for, make_sandbox):  # noqa: F811
-    """The gateway holds the POST past VIDQ_POST_DEADLINE_S, then answers 429:
-    the job first fails "outcome unknown", and once the 429 arrives (nothing was
-    created) it goes back in line and ends done. No job fails for a 429."""
+@contextlib.contextmanager
+def _post_answered_429_late(steps_for, make_sandbox, deadline_s: float):  # noqa: F811
+    """A job whose POST the gateway holds 2 s before the upstream answers 429,
+    its step given up after `deadline_s`. Yields (steps, sandbox, proxy, ref)."""
     sandbox = make_sandbox(time_scale=45)
     proxy = FaultProxy(sandbox.url, slow_s=2.0).start()
     try:
-        steps = steps_for(sandbox, AIMLAPI_BASE_URL=proxy.url, VIDQ_POST_DEADLINE_S="1")
+        steps = steps_for(sandbox, AIMLAPI_BASE_URL=proxy.url,
+                          VIDQ_POST_DEADLINE_S=str(deadline_s))
         ref, token = _admit_one(steps)
         proxy.queue("slow_headers", count=1, method="POST")
         requests.post(sandbox.url + "/__faults", json={"submit": [429], "retry_after": 1},
                       timeout=10).raise_for_status()
         tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
-        assert steps.store.get(ref).state == "failed"  # the step gave up at 1 s
+        assert steps.store.get(ref).state == "failed"  # outcome unknown, for now
+        yield steps, sandbox, proxy, ref
+    finally:
+        proxy.stop()
 
+
+def test_a_429_that_comes_after_the_post_deadline_puts_the_job_back_in_line(
+        steps_for, make_sandbox):  # noqa: F811
+    """The gateway holds the POST past VIDQ_POST_DEADLINE_S, then answers 429:
+    the job first fails "outcome unknown", and once the 429 arrives (nothing was
+    created) it goes back in line and ends done. No job fails for a 429."""
+    with _post_answered_429_late(steps_for, make_sandbox, 1.0) as (steps, sandbox, _, ref):
         deadline = time.monotonic() + 15
         while steps.store.get(ref).state != "queued" and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -70,8 +81,6 @@ def test_a_429_that_comes_after_the_post_deadline_puts_the_job_back_in_line(
         time.sleep(1.2)
         ((ref, token),) = steps.admission.pump()
         tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
-    finally:
-        proxy.stop()
     record = steps.store.get(ref)
     assert record.generation_id and record.state == "submitted"
     assert sandbox.stats()["submissions"] == 1 and sandbox.stats()["rate_limited"] == 1
@@ -91,10 +100,16 @@ def test_a_shorter_retry_after_does_not_cut_a_longer_pause_short(steps_for):  # 
     assert steps.store.redis.pttl(keys.PAUSE_POLL) > 590_000
 
 
-def _admit(steps, count: int) -> list[Job]:
+def _admit(steps, count: int, running: int = 0) -> list[Job]:
+    """`count` jobs admitted under a cap of `count`, claimed for their submit;
+    the first `running` of them have a generation id (running upstream)."""
+    steps.admission.set_cap(count)
     steps.admission.enqueue("b", [(f"j{i}", {"model": MODEL, "prompt": f"p {i}"})
                                   for i in range(count)], time.time())
-    return [steps.claim(ref, token, "submit") for ref, token in steps.admission.pump()]
+    jobs = [steps.claim(ref, token, "submit") for ref, token in steps.admission.pump()]
+    for job in jobs[:running]:
+        steps.store.record_generation(job, f"gen-{job.id}", 60)
+    return jobs
 
 
 def test_a_burst_of_429s_on_posts_sent_together_halves_the_cap_once(steps_for):  # noqa: F811
@@ -102,7 +117,6 @@ def test_a_burst_of_429s_on_posts_sent_together_halves_the_cap_once(steps_for): 
     signal, not eight. Before, each put-back lowered the cap to the slots still
     held, down to 1, which then took minutes to climb back."""
     steps = steps_for()
-    steps.admission.set_cap(8)
     caps = [steps.store.back_in_line(job, 1.0, rate_limited=True) for job in _admit(steps, 8)]
     assert caps == [8] + [4] * 7
 
@@ -114,10 +128,7 @@ def test_one_429_does_not_lower_the_cap_and_a_repeat_stops_at_those_running(
     generations the upstream was running for us (jobs with an id, not those
     admitted but not yet POSTed)."""
     steps = steps_for()
-    steps.admission.set_cap(8)
-    jobs = _admit(steps, 8)
-    for job in jobs[:3]:
-        steps.store.record_generation(job, f"gen-{job.id}", 60)
+    jobs = _admit(steps, 8, running=3)
     assert steps.store.back_in_line(jobs[3], 1.0, rate_limited=True) == 8
     assert steps.store.back_in_line(jobs[4], 1.0, rate_limited=True) == 4
     steps.store.redis.hset(keys.CONFIG, "lowered_at", 0)  # past the settle time
@@ -225,15 +236,7 @@ def test_a_late_429_of_an_old_attempt_leaves_a_newer_attempts_marker_alone(
     Attempt 1's answer must neither erase attempt 2's marker nor put the job
     back in line: attempt 2 may have created a generation (a third POST would
     pay twice)."""
-    sandbox = make_sandbox(time_scale=45)
-    proxy = FaultProxy(sandbox.url, slow_s=2.0).start()
-    try:
-        steps = steps_for(sandbox, AIMLAPI_BASE_URL=proxy.url, VIDQ_POST_DEADLINE_S="0.5")
-        ref, token = _admit_one(steps)
-        proxy.queue("slow_headers", count=1, method="POST")
-        requests.post(sandbox.url + "/__faults", json={"submit": [429], "retry_after": 1},
-                      timeout=10).raise_for_status()
-        tasks._run(steps, "submit", steps.claim(ref, token, "submit"))  # gives up at 0.5 s
+    with _post_answered_429_late(steps_for, make_sandbox, 0.5) as (steps, sandbox, proxy, ref):
         answers = retry(steps.admission, steps.dispatch, "b", failures(steps.store, "b"),
                         resubmit_unknown=True).answers
         assert answers == {"requeued": 1}
@@ -248,8 +251,6 @@ def test_a_late_429_of_an_old_attempt_leaves_a_newer_attempts_marker_alone(
         assert sandbox.stats()["rate_limited"] == 1
         assert steps.store.redis.hget(keys.job(ref), "posting_at") == second
         assert steps.store.get(ref).state == "failed"
-    finally:
-        proxy.stop()
 
 
 def test_429s_further_apart_than_a_minute_still_lower_the_cap_after_a_long_pause(
@@ -258,10 +259,7 @@ def test_429s_further_apart_than_a_minute_still_lower_the_cap_after_a_long_pause
     than 60 s after the first. It still counts as a repeat (the window starts
     when the pause ends), so the cap comes down to the generations running."""
     steps = steps_for()
-    steps.admission.set_cap(4)
-    jobs = _admit(steps, 4)
-    for job in jobs[:3]:
-        steps.store.record_generation(job, f"gen-{job.id}", 60)
+    jobs = _admit(steps, 4, running=3)
     assert steps.store.back_in_line(jobs[3], 90.0, rate_limited=True) == 4
     # As written 61 s ago by that 429 (90 s pause, then 60 s to repeat).
     now = steps.store.redis.time()[0]

@@ -19,9 +19,6 @@ created nothing (see the README's table):
 from __future__ import annotations
 
 import contextlib
-import datetime
-import email.utils
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin
@@ -44,6 +41,7 @@ from .errors import (
 )
 from .metrics_record import upstream_call
 from .netguard import UrlPolicy, check_size, check_url, redacted
+from .retry_after import retry_after_s
 from .settings import Settings
 
 MAX_MESSAGE_CHARS = 500
@@ -242,36 +240,6 @@ def error_message(response: requests.Response) -> str:
         return (text or response.reason or "no body")[:MAX_MESSAGE_CHARS]
     found = _body_message(body) if isinstance(body, dict) else None
     return (found or str(body))[:MAX_MESSAGE_CHARS]
-
-
-def retry_after_s(response: requests.Response) -> float | None:
-    raw = response.headers.get("Retry-After")
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-        return max(0.0, value) if value == value and value != float("inf") else None
-    except ValueError:
-        pass
-    when = _http_date(raw)
-    if when is None:
-        return None
-    # Against the server's own clock (its Date header) when it sent one: the
-    # worker's clock may be off by minutes, and the wait is the server's.
-    sent = _http_date(response.headers.get("Date", ""))
-    return max(0.0, when - (sent if sent is not None else time.time()))
-
-
-def _http_date(raw: str) -> float | None:
-    """An HTTP-date as a Unix time; the asctime form, which carries no zone,
-    is GMT like the other two (never the worker's local time)."""
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
 
 
 def _text(value) -> bool:
