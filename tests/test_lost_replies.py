@@ -8,7 +8,6 @@ Real Redis behind a proxy that resets the connection after Redis ran the
 command (tests/chaos/redis_lost_reply.py); the sandbox over HTTP."""
 from __future__ import annotations
 
-import hashlib
 import time
 from urllib.parse import urlsplit
 
@@ -19,7 +18,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from test_steps import _admit_one, _run, _until_completed, steps_for  # noqa: F401 - fixture
 
-from worker import keys, metrics_record, webhooks
+from worker import keys, webhooks
+from worker.jobs import load_script
 from worker.metrics import COMPLETIONS, STATUS_GETS_PER_VIDEO, bucket_field, counter_field
 from worker.metrics_record import Recorder
 from worker.reaim import reaim_first_polls
@@ -300,10 +300,11 @@ def test_a_lost_reply_to_vidq_cancel_still_counts_the_jobs_it_cancelled(proxied)
 
 
 def _through(proxy: LostReplyProxy, redis_url: str, *scripts: str, **options) -> redis.Redis:
-    """A client whose calls go through `proxy`, with `scripts` loaded (as in a
-    running worker: a lost NOSCRIPT answer would test nothing)."""
-    for script in scripts:
-        redis.Redis.from_url(redis_url).script_load(script)
+    """A client whose calls go through `proxy`, with the lua/ `scripts` loaded
+    (as in a running worker: a lost NOSCRIPT answer would test nothing)."""
+    direct = redis.Redis.from_url(redis_url)
+    for name in scripts:
+        direct.script_load(load_script(direct, name).script)
     db = urlsplit(redis_url).path.strip("/") or "0"
     return redis.Redis(port=proxy.port, db=int(db), decode_responses=True, **options)
 
@@ -317,7 +318,7 @@ def test_a_lost_reply_to_a_metrics_write_counts_once(redis_url):
     recorder.count(COMPLETIONS, (*SHAPE, "later_poll"))
     recorder.observe(STATUS_GETS_PER_VIDEO, SHAPE, 2)
     proxy.arm(keys.METRICS.encode())
-    recorder.flush(_through(proxy, redis_url, metrics_record._APPLY))
+    recorder.flush(_through(proxy, redis_url, "metrics_apply"))
 
     metrics = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.METRICS)
     assert proxy.lost == 1 and not recorder.pending()
@@ -335,7 +336,7 @@ def test_a_metrics_write_that_failed_after_it_ran_is_sent_again_and_applied_once
     field = counter_field(COMPLETIONS, (*SHAPE, "first_poll"))
     recorder.count(COMPLETIONS, (*SHAPE, "first_poll"))
     proxy.arm(keys.METRICS.encode())
-    recorder.flush(_through(proxy, redis_url, metrics_record._APPLY, retry=Retry(NoBackoff(), 0)))
+    recorder.flush(_through(proxy, redis_url, "metrics_apply", retry=Retry(NoBackoff(), 0)))
     direct = redis.Redis.from_url(redis_url, decode_responses=True)
     assert proxy.lost == 1 and recorder.pending()
     assert float(direct.hget(keys.METRICS, field)) == 1  # it did run
@@ -355,8 +356,8 @@ def test_a_lost_reply_to_a_webhook_claim_still_sends_the_attempt(redis_url):
     webhooks.create(direct, "1-0", {"type": "job.done", "batch": "b"}, "deployment",
                     "https://hooks.example/in")
     ident = webhooks.delivery_id("deployment", "1-0")
-    proxy.arm(hashlib.sha1(webhooks._CLAIM.encode()).hexdigest().encode())
-    record = webhooks.claim(_through(proxy, redis_url, webhooks._CLAIM), ident, 0)
+    proxy.arm(_run_of(load_script(direct, "webhook_claim")))
+    record = webhooks.claim(_through(proxy, redis_url, "webhook_claim"), ident, 0)
 
     assert proxy.lost == 1
     assert record is not None and record["attempts"] == "1"

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable
 import redis
 
 from . import keys
-from .connection import run_pipeline
+from .connection import op_id, run_pipeline
 from .errors import InputError
-from .jobs import FINAL_STATES, Job, JobStore, State, Step, load_script, op_id
+from .jobs import FINAL_STATES, Job, JobStore, State, Step, load_script
 from .metrics_record import resent as resent_metric
 from .spend import SPEND_TTL_S, CreditEstimates
 

@@ -6,6 +6,7 @@ current master that follows a failover.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -68,6 +69,14 @@ def connect(redis_url: str) -> redis.Redis:
     return sentinels.master_for(master, db=db, retry=retry, connection_class=FollowMaster,
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
                                 **connection)
+
+
+def op_id() -> str:
+    """An id for one script call. redis-py sends a call again when its reply
+    is lost (a dropped connection, a Redis restart); the script then knows it
+    ran already and answers as it did, instead of "the token moved on", which
+    would stop a job's chain until the reconciler re-sends it."""
+    return os.urandom(8).hex()
 
 
 def take_lock(client: redis.Redis, key: str, token: str, ttl_s: float) -> bool:

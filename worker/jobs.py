@@ -9,8 +9,8 @@ and due times never depend on a worker host's clock.
 """
 from __future__ import annotations
 
+import functools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -19,7 +19,7 @@ from pathlib import Path
 import redis
 
 from . import events, keys
-from .connection import run_pipeline
+from .connection import op_id, run_pipeline
 from .durability import Durability
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -60,9 +60,14 @@ def lua_constants() -> str:
 
 def load_script(client: redis.Redis, name: str, libraries: tuple[str, ...] = ()):
     """A script, after the constants and the shared Lua `libraries` it uses."""
+    return client.register_script(_script_text(name, libraries))
+
+
+@functools.cache
+def _script_text(name: str, libraries: tuple[str, ...]) -> str:
     parts = [lua_constants(), *((LUA_DIR / f"{lib}.lua").read_text() for lib in libraries),
              (LUA_DIR / f"{name}.lua").read_text()]
-    return client.register_script("".join(parts))
+    return "".join(parts)
 
 
 @dataclass
@@ -124,8 +129,10 @@ class JobStore:
         self.redis = client
         self._scripts = {name: load_script(client, name) for name in (
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
-            "grow_cap", "extend_pause", "clear_posting")}
-        self._scripts["back_in_line"] = load_script(client, "back_in_line", ("line_lib",))
+            "grow_cap", "clear_posting")}
+        self._scripts["extend_pause"] = load_script(client, "extend_pause", ("pause_lib",))
+        self._scripts["back_in_line"] = load_script(client, "back_in_line",
+                                                    ("line_lib", "pause_lib"))
         # Into done or failed: the event goes on the stream in the same call.
         self._scripts["transition"] = events.Announcing(client, "transition", "event_job")
 
@@ -211,10 +218,13 @@ class JobStore:
             args=[job.ref, job.token, int(pause_s * 1000), "1" if rate_limited else "0"]))
 
     def pause_polls(self, pause_s: float) -> None:
-        self._scripts["extend_pause"](keys=[keys.PAUSE_POLL], args=[max(1, int(pause_s * 1000))])
+        self._pause(keys.PAUSE_POLL, pause_s)
 
     def pause_submits(self, pause_s: float) -> None:
-        self._scripts["extend_pause"](keys=[keys.PAUSE_SUBMIT], args=[max(1, int(pause_s * 1000))])
+        self._pause(keys.PAUSE_SUBMIT, pause_s)
+
+    def _pause(self, key: str, pause_s: float) -> None:
+        self._scripts["extend_pause"](keys=[key], args=[max(1, int(pause_s * 1000))])
 
     def grow_cap(self, probe_factor: int, quiet_s: float, completed: bool) -> int:
         return int(self._scripts["grow_cap"](
@@ -233,14 +243,6 @@ class JobStore:
 
     def job_ids(self, batch: str) -> list[str]:
         return sorted(str(i) for i in self.redis.smembers(keys.batch_jobs(batch)))
-
-
-def op_id() -> str:
-    """An id for one script call. redis-py sends a call again when its reply
-    is lost (a dropped connection, a Redis restart); the script then knows it
-    ran already and answers as it did, instead of "the token moved on", which
-    would stop a job's chain until the reconciler re-sends it."""
-    return os.urandom(8).hex()
 
 
 def _encode(value) -> str:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import redis
 
 from . import events, keys
-from .connection import take_lock
+from .connection import op_id, take_lock
 from .errors import StorageError
-from .jobs import FINAL_STATES, State, load_script, op_id
+from .jobs import FINAL_STATES, State, load_script
 from .rows import batch_rows
 from .storage import Storage
 

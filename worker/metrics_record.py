@@ -24,6 +24,7 @@ import redis
 from celery.signals import task_postrun, worker_process_shutdown
 
 from . import keys
+from .connection import op_id
 from .errors import (
     BadResponse,
     RateLimited,
@@ -32,7 +33,7 @@ from .errors import (
     SubmitOutcomeUnknown,
     UpstreamError,
 )
-from .jobs import op_id
+from .jobs import load_script
 from .metrics import (
     COMPLETIONS,
     DETECTION_LAG_SECONDS,
@@ -124,17 +125,6 @@ class Increments:
     sums: dict[str, float]
 
 
-# Applied once per id: a call sent again after a lost reply finds its id and
-# changes nothing. Integer counts first, then float sums.
-_APPLY = """
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-local counts = tonumber(ARGV[2])
-for i = 3, 2 + 2 * counts, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-for i = 3 + 2 * counts, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
-"""
-
-
 def apply(client: redis.Redis, batch: Increments) -> None:
     """Add `batch` to the metrics hash, at most once whatever the retries."""
     args: list[str | int | float] = [REPLAY_TTL_S, len(batch.counts)]
@@ -142,7 +132,8 @@ def apply(client: redis.Redis, batch: Increments) -> None:
         args += [field, amount]
     for field, total in batch.sums.items():
         args += [field, repr(total)]
-    client.register_script(_APPLY)(keys=[keys.METRICS, keys.METRICS_REPLAY + batch.op], args=args)
+    load_script(client, "metrics_apply")(keys=[keys.METRICS, keys.METRICS_REPLAY + batch.op],
+                                          args=args)
 
 
 # One per process, like prometheus-client's default registry: the hooks are

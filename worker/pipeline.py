@@ -28,7 +28,7 @@ from .learning import learn, tells_generation_time
 from .metrics_record import completed, downloaded, failed, upstream_call
 from .posting import post_once
 from .rate_limits import pause_s, revive_refused, spread
-from .schedule import backoff_delay
+from .schedule import PollPlan, backoff_delay
 from .settings import Settings
 from .storage import Storage, sidecar_key, video_key
 from .upstream import Generation, UpstreamClient
@@ -97,8 +97,7 @@ class Steps:
             return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()
         plan = self.durations.plan(*self._shape(job))
-        delay = plan.delay(0, 0.0, self.settings.poll_min_interval_s,
-                           self.settings.poll_max_interval_s)
+        delay = self._poll_delay(job, 0.0, plan)
         # Which plan aimed it: a job aimed by no fit, or by one for slower
         # times, finishing late is no news of a slowdown (schedule.mark_late).
         self._next(job, Step.POLL, delay, attempts=0, first_aim=delay,
@@ -282,8 +281,8 @@ class Steps:
     def _expected_s(self, job: Job) -> float:
         return self.durations.expected_s(*self._shape(job))
 
-    def _poll_delay(self, job: Job, age_s: float) -> float:
-        plan = self.durations.plan(*self._shape(job))
+    def _poll_delay(self, job: Job, age_s: float, plan: PollPlan | None = None) -> float:
+        plan = plan or self.durations.plan(*self._shape(job))
         return plan.delay(job.polls, age_s, self.settings.poll_min_interval_s,
                           self.settings.poll_max_interval_s)
 

@@ -31,8 +31,9 @@ import redis
 import requests
 
 from . import events, keys
-from .connection import take_lock
+from .connection import op_id, take_lock
 from .errors import ResultRefused, UpstreamUnavailable
+from .jobs import load_script
 from .netguard import UrlPolicy, check_url, redacted
 from .webhook_signing import headers, secret_key
 
@@ -178,30 +179,13 @@ def resend_lost(client: redis.Redis, settings, send: Send) -> int:
     return len(lost)
 
 
-# One script, with the call's id: a claim sent again after its reply was lost
-# finds its own id and is the claim it made, not a duplicate message.
-_CLAIM = """
-local state, attempts, op = unpack(redis.call('HMGET', KEYS[1], 'state', 'attempts', 'claim_op'))
-local attempt = tonumber(ARGV[1])
-if state ~= 'pending' then return false end
-local again = tonumber(attempts) == attempt + 1 and op == ARGV[3]
-if not again then
-    if tonumber(attempts) ~= attempt then return false end
-    local now = redis.call('TIME')
-    redis.call('HSET', KEYS[1], 'attempts', attempt + 1, 'claim_op', ARGV[3])
-    redis.call('ZADD', KEYS[2], now[1] + now[2] / 1e6 + tonumber(ARGV[2]), ARGV[4])
-end
-return redis.call('HGETALL', KEYS[1])
-"""
-
-
 def claim(client: redis.Redis, ident: str, attempt: int,
           lease: float = REPLAY_DUE_S) -> dict | None:
     """The record if it is pending at `attempt` (then counted as attempt + 1,
     due by the end of the lease); None for a duplicated or outdated message."""
-    flat = client.register_script(_CLAIM)(
+    flat = load_script(client, "webhook_claim")(
         keys=[keys.webhook_delivery(ident), keys.WEBHOOKS_DUE],
-        args=[attempt, repr(lease), uuid.uuid4().hex, ident])
+        args=[attempt, repr(lease), op_id(), ident])
     return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
 
 

@@ -36,9 +36,7 @@ if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then
 else
   put_in_line(batch, job_key, redis.call('HGET', job_key, 'id'), true)
 end
-if pause_ms > 0 and redis.call('PTTL', pause_key) < pause_ms then
-  redis.call('SET', pause_key, '1', 'PX', pause_ms)
-end
+if pause_ms > 0 then extend_pause(pause_key, pause_ms) end
 if not rate_limited then return effective end
 local REPEAT_S, SETTLE_S = 60, 5
 local now = tonumber(redis.call('TIME')[1])
