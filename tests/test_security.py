@@ -158,6 +158,26 @@ def test_wrong_api_key_fails_with_401_and_is_never_written(make_sandbox, make_pi
     assert_nowhere(WRONG_KEY, pipeline, tmp_path)
 
 
+def test_a_key_quoted_back_by_the_upstream_is_redacted_everywhere(make_sandbox, make_pipeline,
+                                                                  hostile_upstream, tmp_path):
+    """A 401, a 500 and a failed generation whose messages quote the key: each job
+    fails with the upstream's reason, the key replaced by [redacted], and the key
+    is in no log, Redis key or value (events and Celery messages included)."""
+    pipeline = make_pipeline(make_sandbox(), AIMLAPI_BASE_URL=hostile_upstream.url,
+                             AIMLAPI_KEY=CANARY_KEY)
+    pipeline.start_workers()
+    prompts = ["echo 401", "echo 500", "echo failed"]
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "echo")
+
+    counts = pipeline.wait_finished("echo", timeout_s=60)
+
+    assert counts["failed"] == 3, counts
+    reasons = sorted(job.last_error for job in jobs_of(pipeline, "echo"))
+    assert len([r for r in reasons if "Incorrect API key provided: [redacted]" in r]) == 3, \
+        reasons
+    assert_nowhere(CANARY_KEY, pipeline, tmp_path)
+
+
 # -- b) result URLs: SSRF guard and size cap ----------------------------------------------
 
 HOSTILE_URLS = {
@@ -171,11 +191,14 @@ HOSTILE_URLS = {
 
 
 class HostileUpstream:
-    """Accepts every POST, then reports each generation completed with a hostile URL."""
+    """Accepts every POST, then reports each generation completed with a hostile URL.
+    A prompt 'echo 401' or 'echo 500' is answered with that status, and 'echo failed'
+    with a generation that fails, each quoting the key it was sent, as some gateways do."""
 
     def __init__(self):
         self.requests: list[tuple[str, str]] = []
         self.urls: dict[str, str] = {}  # generation id -> result URL
+        self.echoed: dict[str, str] = {}  # generation id -> its failure, quoting the key
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -193,6 +216,11 @@ class HostileUpstream:
                 prompt = json.loads(self.rfile.read(length))["prompt"]
                 if self.path != "/v2/video/generations":
                     return self._json(404, {"message": "not found"})
+                echoed = f"Incorrect API key provided: {self.headers['Authorization'][7:]}"
+                if prompt in ("echo 401", "echo 500"):
+                    return self._json(int(prompt[-3:]), {"message": echoed})
+                if prompt == "echo failed":
+                    owner.echoed["g-failed"] = echoed
                 self._json(200, {"id": f"g-{prompt.split()[-1]}", "status": "queued"})
 
             def do_GET(self):
@@ -206,6 +234,9 @@ class HostileUpstream:
                     return
                 prefix = "/v2/video/generations?generation_id="
                 gid = self.path.removeprefix(prefix)
+                if gid in owner.echoed:
+                    return self._json(200, {"id": gid, "status": "error", "error": {
+                        "name": "Unauthorized", "message": owner.echoed[gid]}})
                 if not self.path.startswith(prefix) or gid not in owner.urls:
                     return self._json(404, {"message": "not found"})
                 self._json(200, {"id": gid, "status": "completed",

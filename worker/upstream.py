@@ -4,7 +4,9 @@ Every failure of an upstream call becomes a `worker.errors` exception here and
 nowhere else: `http_errors` maps what `requests` raises (while sending, and
 while a streamed body is read), `raise_for_submit` and `raise_for_response`
 map HTTP statuses. The API key travels only in the Authorization header of
-API calls; no message built here contains it, nor a result URL's query.
+API calls; no message built here contains it, nor a result URL's query, and
+an upstream (or a gateway before it) that echoes the key in an error body
+has it replaced by "[redacted]" before the text goes anywhere.
 
 A POST is sent again automatically only when the failure proves the upstream
 created nothing (see the README's table):
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urljoin
 
 import requests
@@ -45,6 +47,7 @@ from .retry_after import retry_after_s
 from .settings import Settings
 
 MAX_MESSAGE_CHARS = 500
+REDACTED = "[redacted]"
 MAX_REDIRECTS = 5
 # Statuses on which the upstream surely created nothing, so a POST may be sent again.
 SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
@@ -122,6 +125,7 @@ class UpstreamClient:
         self._base = settings.base_url.rstrip("/")
         self._timeout = settings.http_timeout_s
         self._session = session or requests.Session()
+        self._key = settings.api_key
         self._auth = {"Authorization": f"Bearer {settings.api_key}"}
         self._policy = UrlPolicy.build(settings.base_url, settings.result_url_allowlist,
                                        settings.max_video_bytes)
@@ -133,7 +137,7 @@ class UpstreamClient:
         url = self._base + self._endpoint.submit_path
         # A fresh connection per POST: a pooled keep-alive connection the
         # server has just closed would turn a harmless resend into "unknown".
-        with requests.Session() as fresh, upstream_call("submit"), \
+        with requests.Session() as fresh, upstream_call("submit"), self._key_kept_out(), \
                 http_errors("submit", posting=True):
             response = fresh.post(url, json=body, headers=self._auth, timeout=self._timeout)
             raise_for_submit(response)
@@ -142,11 +146,28 @@ class UpstreamClient:
     def fetch(self, generation_id: str) -> Generation:
         url = self._base + self._endpoint.fetch_path
         params = {"generation_id": generation_id}
-        with upstream_call("status"), http_errors("status"):
+        with upstream_call("status"), self._key_kept_out(), http_errors("status"):
             response = self._session.get(url, params=params, headers=self._auth,
                                          timeout=self._timeout)
             raise_for_response(response)
-            return response_generation(response)
+            generation = response_generation(response)
+        if generation.error_message and self._key in generation.error_message:
+            generation = replace(generation, error_message=self._scrub(generation.error_message))
+        return generation
+
+    @contextlib.contextmanager
+    def _key_kept_out(self) -> Iterator[None]:
+        """Error text comes from the upstream's body, which may echo the key
+        ("Incorrect API key provided: sk-..."): it must not reach Redis, events
+        or logs."""
+        try:
+            yield
+        except UpstreamError as exc:
+            exc.args = tuple(self._scrub(a) if isinstance(a, str) else a for a in exc.args)
+            raise
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, REDACTED)
 
     def open_video(self, url: str) -> requests.Response:
         """A streaming response for a result URL (every redirect checked by
