@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from conftest import write_prompts
+from conftest import wait_until, write_prompts
 
 from worker.keys import job_ref
 from worker.tasks import dispatch
@@ -113,3 +113,49 @@ def test_a_big_backlog_publishes_only_as_many_tasks_as_slots(make_pipeline, make
     assert max(tasks for tasks, _ in samples) <= 10, samples
     assert min(waiting for _, waiting in samples) >= 2000 - 5 - 60
     assert pipeline.sandbox.stats()["rate_limited"] == 0
+
+
+def _unknown_first_post(proxied, make_sandbox, **env):
+    """C = 2 against an upstream that counts but never refuses; the first POST is
+    created upstream but its answer is a gateway's 502: outcome unknown."""
+    sandbox = make_sandbox(time_scale=30, max_concurrency=0)  # ~3 s generations
+    pipeline, proxy = proxied(sandbox, VIDQ_MAX_IN_FLIGHT=2, **env)
+    proxy.queue("gateway_502", count=1, method="POST")
+    pipeline.start_workers(concurrency=4)
+    return pipeline, sandbox
+
+
+def test_an_unknown_post_keeps_its_slot_while_its_generation_may_run(proxied, make_sandbox,
+                                                                     tmp_path):
+    """Generations take 3x the prior: the unknown POST's generation, created upstream,
+    still runs long after one expected time, and C is still never passed."""
+    pipeline, sandbox = _unknown_first_post(proxied, make_sandbox)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"cold {i}" for i in range(6)]), "u")
+
+    counts = pipeline.wait_finished("u", timeout_s=90)
+
+    assert (counts["done"], counts["failed"]) == (5, 1), counts
+    stats = sandbox.stats()
+    assert stats["submissions"] == 6  # the unknown one was created upstream
+    assert stats["max_in_flight"] == 2, stats
+
+
+def test_resubmitting_an_unknown_post_keeps_its_slot_taken(proxied, make_sandbox, tmp_path):
+    """`vidq retry --resubmit-unknown` at once: the job is POSTed again, but the
+    earlier POST's generation may still run, so its slot stays taken; C holds."""
+    from producer.retrying import run_retry
+
+    pipeline, sandbox = _unknown_first_post(proxied, make_sandbox,
+                                            VIDQ_EXPECTED_GENERATION_S="3")
+    prompts = [f"again {i}" for i in range(6)]
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "r")
+    wait_until(lambda: pipeline.store.counts("r")["failed"] == 1, 30, "the unknown POST")
+
+    requeued = run_retry(pipeline.admission, dispatch, "r", resubmit_unknown=True, yes=True,
+                         echo=lambda _: None)
+    counts = pipeline.wait_finished("r", timeout_s=90)
+
+    assert requeued == 1 and counts["done"] == 6, counts
+    stats = sandbox.stats()
+    assert stats["submissions"] == 7  # the unknown one twice, as asked
+    assert stats["max_in_flight"] == 2, stats

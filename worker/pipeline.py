@@ -197,9 +197,7 @@ class Steps:
 
     def fail(self, job: Job, reason: str) -> None:
         unknown = reason.startswith(OUTCOME_UNKNOWN)
-        # An unknown outcome may be generating upstream: its slot stays taken
-        # for about one generation time, so the cap holds.
-        hold = self._expected_s(job) if unknown else 0.0
+        hold = self._unknown_hold_s(job) if unknown else 0.0
         log.warning("job %s failed: %s", job.ref, reason)
         if self.store.transition(job, state=State.FAILED, release_slot=True, hold_slot_s=hold,
                                  outcome_unknown=unknown, last_error=reason,
@@ -278,8 +276,13 @@ class Steps:
     def _shape(self, job: Job) -> tuple[str, str]:
         return shape_of(job.request)
 
-    def _expected_s(self, job: Job) -> float:
-        return self.durations.expected_s(*self._shape(job))
+    def _unknown_hold_s(self, job: Job) -> float:
+        # An unknown outcome may be generating upstream, and nothing tells
+        # when it ends: its slot stays taken until all but 1 in 1,000
+        # generations would have ended, or, with nothing learned (the prior
+        # may be far off), until the deadline, so the cap holds.
+        plan = self.durations.plan(*self._shape(job))
+        return plan.surprise_s if plan.surprise_s is not None else self.settings.deadline_s
 
     def _poll_delay(self, job: Job, age_s: float, plan: PollPlan | None = None) -> float:
         plan = plan or self.durations.plan(*self._shape(job))

@@ -20,6 +20,14 @@ if generation_id == '' and posting ~= '' then
   redis.call('HSET', job_key, 'unknown_posts',
     (redis.call('HGET', job_key, 'unknown_posts') or '') .. posting .. ' ')
   redis.call('HDEL', job_key, 'posting_at')
+  -- That POST may still be generating: its slot stays taken, under a name of
+  -- its own, until its hold ends; the job waits in line for another slot.
+  local hold_until = redis.call('ZSCORE', holds_key, ref)
+  if hold_until then
+    local earlier = ref .. '#' .. posting
+    redis.call('ZADD', holds_key, hold_until, earlier)
+    redis.call('ZADD', slots_key, redis.call('ZSCORE', slots_key, ref) or hold_until, earlier)
+  end
 end
 redis.call('HSET', job_key, 'outcome_unknown', '', 'state', STATE.queued, 'attempts', '0',
   'link_refreshes', '0', 'last_error', '', 'token', '', 'step', '', 'recovered', '1',
