@@ -18,7 +18,9 @@ from .contract import shape_of
 from .durability import Durability, NotDurable
 from .durations import DurationModel
 from .errors import (
+    GenerationFailed,
     RateLimited,
+    ResultRefused,
     StorageError,
     SubmitOutcomeUnknown,
     UpstreamError,
@@ -163,10 +165,19 @@ class Steps:
         downloaded(size, time.monotonic() - started)
         job.outcome = f"done, {size / 1e6:.1f} MB"
 
+    def rejected(self, job: Job, error: UpstreamError) -> None:
+        """An answer that retrying cannot change, as a rule. For a paid
+        generation, a 4xx on its status GET or result (a key being rotated, a
+        gateway's or CDN's hiccup) is asked again until the hard limit: only
+        the generation's own failure, or a result vidq refuses, ends it."""
+        if self._is_paid(job) and not isinstance(error, GenerationFailed | ResultRefused):
+            return self.retry(job, error)
+        self.fail(job, f"{job.step}: {error}")
+
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
         """A result URL expired: fetch the generation again for a fresh one."""
         refreshes = int(job.number("link_refreshes")) + 1
-        if refreshes > self.settings.max_attempts:
+        if refreshes > self.settings.max_attempts and not self._keeps_trying(job, error):
             return self.fail(job, f"download: result link refused {refreshes} times: {error}")
         delay = backoff_delay(refreshes, self.settings.backoff_base_s, self.settings.backoff_cap_s)
         self._next(job, Step.POLL, delay, link_refreshes=refreshes, last_error=str(error),
@@ -191,9 +202,13 @@ class Steps:
     def _keeps_trying(self, job: Job, error: Exception) -> bool:
         # A paid generation is polled, and its video stored, until the hard
         # limit, however many tries an upstream or storage outage costs.
-        paid = job.step in (Step.POLL, Step.DOWNLOAD) and bool(job.generation_id)
         transient = isinstance(error, UpstreamError | StorageError)
-        return paid and transient and job.now() - job.submitted_at < self.settings.hard_limit_s
+        return (self._is_paid(job) and transient
+                and job.now() - job.submitted_at < self.settings.hard_limit_s)
+
+    @staticmethod
+    def _is_paid(job: Job) -> bool:
+        return job.step in (Step.POLL, Step.DOWNLOAD) and bool(job.generation_id)
 
     def fail(self, job: Job, reason: str) -> None:
         unknown = reason.startswith(OUTCOME_UNKNOWN)

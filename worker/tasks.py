@@ -108,7 +108,7 @@ def _run(steps: Steps, step: str, job) -> None:
     except (RetryableUpstreamError, CorruptVideo, StorageError) as exc:
         steps.retry(job, exc)
     except PermanentUpstreamError as exc:
-        steps.fail(job, f"{step}: {exc}")
+        steps.rejected(job, exc)
     except Exception as exc:
         # A bug or an odd record: counted like any failure, so the job ends
         # (failed, with this reason) instead of being re-sent forever.
