@@ -31,10 +31,17 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     store = admission.store
     if store.batch_total(batch) == 0:
         raise InputError(f"no batch named {batch!r}")
-    if admission_state(admission, batch) == "cancelled":
-        raise InputError(f"batch {batch!r} was cancelled: its jobs are not retried")
+    cancelled = admission_state(admission, batch) == "cancelled"
+    if cancelled and (resubmit or resubmit_unknown):
+        raise InputError(f"batch {batch!r} was cancelled: its jobs are not POSTed again")
     _check_ids(admission, batch, ids)
     chosen = select(failures(store, batch), ids, reason)
+    if cancelled:  # a paid generation is still polled and its video downloaded
+        chosen = [failure for failure in chosen if failure.generation_id]
+        if not chosen:
+            raise InputError(f"batch {batch!r} was cancelled: only failed jobs with a "
+                             "generation id are polled again, and it has none"
+                             f"{_filters(ids, reason)}")
     if not chosen:
         echo(f"batch {batch}: no failed jobs{_filters(ids, reason)}; nothing to retry")
         return 0

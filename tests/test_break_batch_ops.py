@@ -212,3 +212,32 @@ def test_retry_resubmit_run_twice_at_once_posts_one_new_generation_per_job(make_
         job = store.get(keys.job_ref("twice", job_id))
         assert job.extra["past_generations"] == f'["{old[job.request["prompt"]]}"]'
         assert job.generation_id not in old.values()
+
+
+def test_a_paid_job_retried_then_cancelled_is_still_downloaded(make_pipeline, make_sandbox,
+                                                               tmp_path):
+    """A job failed past the hard limit keeps its generation id; its video finished
+    meanwhile. `vidq retry` while the one slot is busy, then `vidq cancel`: the paid
+    job is not a waiting job to cancel (it takes a slot and polls at once), and its
+    video lands, downloaded once."""
+    sandbox = make_sandbox(time_scale=9)  # ~10 s generations
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=1, VIDQ_EXPECTED_GENERATION_S=10,
+                             VIDQ_DEADLINE_S=1, VIDQ_HARD_LIMIT_S=3)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "g.txt", ["a paid green turtle"]), "g")
+    assert pipeline.wait_finished("g", timeout_s=30)["failed"] == 1
+    wait_until(lambda: pipeline.ledger()[0]["status"] == "completed", 30, "the generation")
+    pipeline.enqueue(write_prompts(tmp_path / "busy.txt", ["a busy grey whale"]), "busy")
+    wait_until(lambda: pipeline.store.counts("busy")["queued"] == 0, 20, "busy admitted", 0.05)
+
+    retried = _vidq(pipeline, "retry", "g")
+    (job_id,) = pipeline.store.job_ids("g")
+    state_after_retry = pipeline.store.get(keys.job_ref("g", job_id)).state
+    cancelled = _vidq(pipeline, "cancel", "g")
+
+    assert retried.returncode == 0 and cancelled.returncode == 0, retried.stderr
+    assert state_after_retry == State.SUBMITTED
+    assert pipeline.wait_finished("g", timeout_s=30)["done"] == 1
+    downloads = {g["prompt"]: g["downloads"] for g in pipeline.ledger()}
+    assert downloads["a paid green turtle"] == 1
+    assert (tmp_path / "videos" / "g" / f"{job_id}.mp4").stat().st_size > 0

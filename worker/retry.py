@@ -9,7 +9,9 @@ batch enqueued before the set existed has failures the set does not know: when
 the set holds fewer than the counts say, it is rebuilt once from the batch.
 
 Without `resubmit` a job with a generation id is polled again (a late video is
-downloaded, nothing is paid); a job whose POST has an unknown outcome stays
+downloaded, nothing is paid): it takes a slot at once, not a place in line,
+since its generation runs upstream whatever the line says, and pauses, spend
+caps and cancels are about new POSTs; a job whose POST has an unknown outcome stays
 failed unless re-POSTing it was asked for. With `resubmit` every selected job
 gets a new generation: its old id goes into its history first
 (`lua/retire_generation.lua`), then the admission puts it back in line.

@@ -1,9 +1,10 @@
 -- Put one failed job back in its batch's line at its enqueue position,
--- atomically: it is in the line exactly when its state says queued.
+-- atomically: it is in the line exactly when its state says queued. A job
+-- with a generation id is not put in line: it is polled again at once.
 -- Returns 'requeued', 'not_failed', 'cancelled' (its batch was cancelled) or
 -- 'needs_resubmit' (its POST's outcome is unknown and resubmitting was not asked).
-local job_key, counts_key, unknown_key, holds_key, slots_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local job_key, counts_key, unknown_key, holds_key, slots_key, due_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ref, job_id = ARGV[1], ARGV[2]
 local resubmit_unknown = ARGV[3] == '1'
 local op = ARGV[4]  -- this call's id: sent again after a lost reply, it answers again
@@ -12,10 +13,32 @@ local op = ARGV[4]  -- this call's id: sent again after a lost reply, it answers
 if redis.call('HGET', job_key, 'requeue_op') == op then return 'requeued' end
 if redis.call('HGET', job_key, 'state') ~= STATE.failed then return 'not_failed' end
 local batch = redis.call('HGET', job_key, 'batch')
-if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then return 'cancelled' end
 local generation_id = redis.call('HGET', job_key, 'generation_id') or ''
+local fields = {'outcome_unknown', '', 'attempts', '0', 'link_refreshes', '0', 'last_error', '',
+  'token', '', 'step', '', 'recovered', '1', 'requeue_op', op,
+  'last_op', ''}  -- a step's call sent again now answers 'moved on'
+local function leave_failed(state)
+  redis.call('HSET', job_key, 'state', state, unpack(fields))
+  redis.call('SREM', unknown_key, job_id)
+  redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed
+  redis.call('ZREM', holds_key, ref)
+  redis.call('HINCRBY', counts_key, STATE.failed, -1)
+  redis.call('HINCRBY', counts_key, state, 1)
+end
+if generation_id ~= '' then
+  -- Paid: it runs (or ran) upstream whatever the line says, so it takes a
+  -- slot now, past pauses, spend caps and a cancel (all about new POSTs),
+  -- and the reconciler sends its poll at once, as for a revived job.
+  leave_failed(STATE.submitted)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  redis.call('ZADD', slots_key, 'NX', now, ref)
+  redis.call('ZADD', due_key, now, ref)
+  return 'requeued'
+end
+if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then return 'cancelled' end
 local posting = redis.call('HGET', job_key, 'posting_at') or ''
-if generation_id == '' and posting ~= '' then
+if posting ~= '' then
   if not resubmit_unknown then return 'needs_resubmit' end
   redis.call('HSET', job_key, 'unknown_posts',
     (redis.call('HGET', job_key, 'unknown_posts') or '') .. posting .. ' ')
@@ -29,14 +52,7 @@ if generation_id == '' and posting ~= '' then
     redis.call('ZADD', slots_key, redis.call('ZSCORE', slots_key, ref) or hold_until, earlier)
   end
 end
-redis.call('HSET', job_key, 'outcome_unknown', '', 'state', STATE.queued, 'attempts', '0',
-  'link_refreshes', '0', 'last_error', '', 'token', '', 'step', '', 'recovered', '1',
-  'requeue_op', op, 'last_op', '')  -- a step's call sent again now answers 'moved on'
-redis.call('SREM', unknown_key, job_id)
-redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed
-redis.call('ZREM', holds_key, ref)
+leave_failed(STATE.queued)
 redis.call('ZREM', slots_key, ref)
-redis.call('HINCRBY', counts_key, STATE.failed, -1)
-redis.call('HINCRBY', counts_key, STATE.queued, 1)
 put_in_line(batch, job_key, job_id, false)
 return 'requeued'
