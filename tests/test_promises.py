@@ -265,3 +265,21 @@ def test_4xx_answers_about_a_paid_generation_never_abandon_its_video(make_pipeli
         keys.job_ref("k", pipeline.store.job_ids("k")[0])).last_error
     (generation,) = pipeline.ledger()
     assert generation["status"] == "completed" and generation["downloads"] == 1
+
+
+def test_a_download_slower_than_its_lease_is_renewed_not_sent_again(proxied, make_sandbox,
+                                                                    tmp_path):
+    """A result served at 40 kB/s takes ~6 s against a 2 s download lease: the
+    running download renews its lease, no second copy starts, and the job ends done."""
+    sandbox = make_sandbox(pad_video_to=240_000)
+    pipeline, proxy = proxied(sandbox, VIDQ_DOWNLOAD_GRACE_S="2")
+    proxy.throttle_bps = 40_000
+    proxy.set_rates({"throttle": 1.0}, methods="GET", path_prefix="/files/")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a slow download"]), "slow")
+
+    assert pipeline.wait_finished("slow", timeout_s=60)["done"] == 1
+
+    (generation,) = pipeline.ledger()
+    assert generation["downloads"] == 1
+    assert "re-sending download" not in (pipeline.log_dir / "worker-0.log").read_text()

@@ -10,6 +10,7 @@ import pytest
 import redis
 import requests
 
+from worker.admission import reconcile
 from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired
 from worker.keys import durations, job_ref
 from worker.settings import Settings
@@ -176,7 +177,11 @@ def test_retry_polls_a_timed_out_generation_and_downloads_it_late(steps_for, mak
     time.sleep(2.5)
 
     assert steps.admission.requeue_failed("b") == {"requeued": 1}
-    ((ref, token),) = steps.admission.pump()
+    assert steps.admission.pump() == []  # paid: it takes a slot at once, not a place in line
+    assert steps.admission.in_flight() == 1
+    reconcile(steps.admission, steps.dispatch, steps.settings.step_grace_s)
+    step, _, token = steps.sent[-1][:3]
+    assert step == "poll"
     token = _until_completed(steps, ref, token)
     record = _run(steps, "download", ref, token)
 

@@ -129,7 +129,7 @@ class JobStore:
         self.redis = client
         self._scripts = {name: load_script(client, name) for name in (
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
-            "grow_cap", "clear_posting")}
+            "grow_cap", "clear_posting", "renew_lease")}
         self._scripts["extend_pause"] = load_script(client, "extend_pause", ("pause_lib",))
         self._scripts["back_in_line"] = load_script(client, "back_in_line",
                                                     ("line_lib", "pause_lib"))
@@ -152,6 +152,11 @@ class JobStore:
         if not flat:
             return None
         return Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def renew_lease(self, job: Job, lease_s: float) -> bool:
+        """Extend a running step's lease; False if its token moved on."""
+        return bool(self._scripts["renew_lease"](keys=[keys.job(job.ref), keys.DUE],
+                                                 args=[job.token, job.ref, repr(lease_s)]))
 
     def set_holder(self, ref: str, token: str, holder: str) -> None:
         self._scripts["set_holder"](keys=[keys.job(ref)], args=[token, holder])

@@ -27,6 +27,7 @@ from .errors import (
 )
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .learning import learn, tells_generation_time
+from .leases import TakenOver, lease_renewed, unless_lost
 from .metrics_record import completed, downloaded, failed, upstream_call
 from .posting import post_once
 from .rate_limits import pause_s, revive_refused, spread
@@ -152,15 +153,22 @@ class Steps:
         key = video_key(job.batch, job.id)
         with upstream_call("download"):  # redirects and the answer's status included
             response = self.client.open_video(job.video_url)
-        with response:
-            size, digest = stream_video(self.storage, key, self.client.chunks(response, 1 << 20),
-                                        response.headers.get("Content-Length"))
+        try:
+            with response, lease_renewed(self.store, job, self.settings.download_grace_s) as lost:
+                size, digest = stream_video(
+                    self.storage, key, unless_lost(self.client.chunks(response, 1 << 20), lost),
+                    response.headers.get("Content-Length"))
+        except TakenOver:
+            self._taken_over(job)
+            return
         card = sidecar(job, key, size, digest, job.now())
         self.storage.put_bytes(sidecar_key(job.batch, job.id), json.dumps(card, indent=2).encode())
-        self.store.transition(job, state=State.DONE, storage_key=key, sha256=digest, bytes=size,
-                              storage_url=events.video_url(self.settings, key),
-                              downloaded_at=job.now(), download_s=time.monotonic() - started,
-                              last_error="")
+        if self.store.transition(job, state=State.DONE, storage_key=key, sha256=digest, bytes=size,
+                                 storage_url=events.video_url(self.settings, key),
+                                 downloaded_at=job.now(), download_s=time.monotonic() - started,
+                                 last_error="") is None:
+            self._taken_over(job)
+            return
         log.info("job %s done: %d bytes, sha256 %s", job.ref, size, digest[:12])
         downloaded(size, time.monotonic() - started)
         job.outcome = f"done, {size / 1e6:.1f} MB"
@@ -275,9 +283,7 @@ class Steps:
         token = self.store.transition(job, next_step=step,
                                       due_in_s=delay + self.settings.step_grace_s, **values)
         if token is None:
-            log.info("job %s was taken over by a newer step; this chain stops", job.ref)
-            job.outcome = "taken over by a newer step"
-            return False
+            return self._taken_over(job)
         self.dispatch(step, job.ref, token, delay)
         job.outcome = f"{step} in {delay:.0f} s" if delay >= 1 else f"{step} next"
         return True
@@ -290,6 +296,12 @@ class Steps:
 
     def _shape(self, job: Job) -> tuple[str, str]:
         return shape_of(job.request)
+
+    @staticmethod
+    def _taken_over(job: Job) -> bool:
+        log.info("job %s was taken over by a newer step; this chain stops", job.ref)
+        job.outcome = "taken over by a newer step"
+        return False
 
     def _unknown_hold_s(self, job: Job) -> float:
         # An unknown outcome may be generating upstream, and nothing tells

@@ -17,6 +17,7 @@ Fault kinds, forwarded (the upstream acts on the request):
     close_after_send  upstream answers; the client gets a clean FIN and not one byte
     gateway_502/_504  upstream answer discarded; the client gets 502/504 with HTML
     trickle           the answer, headers included, one byte per `trickle_interval_s`
+    throttle          the answer at `throttle_bps` bytes per second (a slow CDN)
     truncate_json     the answer with its body cut in half and a matching Content-Length
     truncate_body     the true Content-Length but half the body, then close
     slow_headers      nothing for `slow_s` seconds, then forwarded normally
@@ -45,7 +46,7 @@ from urllib.parse import urlsplit
 
 FORWARDING_KINDS = frozenset({
     "reset_after_send", "close_after_send", "gateway_502", "gateway_504",
-    "trickle", "truncate_json", "truncate_body", "slow_headers"})
+    "trickle", "throttle", "truncate_json", "truncate_body", "slow_headers"})
 LOCAL_KINDS = frozenset({"html_500", "503", "429", "refuse"})
 KINDS = FORWARDING_KINDS | LOCAL_KINDS
 REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
@@ -63,6 +64,7 @@ class FaultProxy:
         self.upstream = (parts.hostname, parts.port or 80)
         self.rewrite_urls, self.host, self.port = rewrite_urls, host, port
         self.trickle_interval_s, self.slow_s, self.timeout_s = trickle_interval_s, slow_s, timeout_s
+        self.throttle_bps = 100_000
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._rules: dict[tuple, list[tuple[str, float]]] = {}
@@ -228,6 +230,12 @@ class FaultProxy:
             body = body[: len(body) // 2]
         replace = {b"content-length": str(length).encode()} if length is not None else {}
         payload = _build(start, fields, replace) + body
+        if kind == "throttle":
+            step = max(1, self.throttle_bps // 10)
+            for start in range(0, len(payload), step):
+                conn.sendall(payload[start:start + step])
+                time.sleep(0.1)
+            return
         if kind != "trickle":
             return conn.sendall(payload)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one segment per byte
