@@ -15,6 +15,7 @@ import click
 from worker import keys, manifest
 from worker.admission import Admission
 from worker.errors import InputError
+from worker.posting import SHUTDOWN_WAIT_S
 from worker.retention import purge
 from worker.settings import Settings
 from worker.storage import open_storage
@@ -40,8 +41,10 @@ def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bo
                 f"purging it drops its {plural(left, 'unfinished job')} (waiting ones are "
                 "never submitted, generations in flight are paid for and never downloaded) "
                 "and writes no manifest; add --force to remove it anyway")
-    elif not mark.manifest_current:
-        _write_manifest(client, storage, settings, batch)
+    else:
+        _refuse_while_answers_may_come(client, settings, batch, force)
+        if not mark.manifest_current:
+            _write_manifest(client, storage, settings, batch)
     now = manifest.read_marks(client, [batch])[batch]
     if mark.is_finished and not now.is_finished and not force:
         raise InputError(f"batch {batch!r} was reopened (a retry, a late generation id or new "
@@ -55,6 +58,26 @@ def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bo
              f"{storage.location(manifest.manifest_key(batch))} (`vidq report {batch}` reads it)")
     else:
         echo("videos and sidecars stay in storage; no manifest was written")
+
+
+def _refuse_while_answers_may_come(client, settings: Settings, batch: str, force: bool) -> None:
+    """A POST whose outcome is unknown may still answer: its worker keeps
+    reading it, then waits for it at shutdown. A generation id arriving after
+    the purge has no job to land in (it goes to `vidq:orphans`, unfetched)."""
+    if force:
+        return
+    ids = list(client.smembers(keys.batch_unknown(batch)))
+    pipe = client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hget(keys.job(keys.job_ref(batch, job_id)), "failed_at")
+    window_s = settings.http_timeout_s + SHUTDOWN_WAIT_S
+    now = time.time()
+    recent = sum(1 for failed_at in pipe.execute() if now - float(failed_at or 0) < window_s)
+    if recent:
+        raise InputError(
+            f"batch {batch!r} has {plural(recent, 'POST')} whose answer may still come "
+            f"(outcome unknown, failed less than {window_s:.0f} s ago): a late generation id "
+            "would find no job to land in; purge again later, or add --force")
 
 
 def _write_manifest(client, storage, settings: Settings, batch: str) -> None:

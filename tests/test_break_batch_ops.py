@@ -241,3 +241,26 @@ def test_a_paid_job_retried_then_cancelled_is_still_downloaded(make_pipeline, ma
     downloads = {g["prompt"]: g["downloads"] for g in pipeline.ledger()}
     assert downloads["a paid green turtle"] == 1
     assert (tmp_path / "videos" / "g" / f"{job_id}.mp4").stat().st_size > 0
+
+
+def test_purge_waits_for_an_unknown_posts_answer_and_a_forced_one_keeps_the_id(proxied,
+                                                                                tmp_path):
+    """A POST whose answer trickles in past its deadline: the batch looks finished,
+    but `vidq purge` refuses while the answer may come; with --force, the late id
+    finds no job and is kept in vidq:orphans, not retried for an hour."""
+    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="2")
+    proxy.trickle_interval_s = 0.04  # the answer takes ~10 s
+    proxy.queue("trickle", count=1, method="POST")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a slow answer, paid"]), "d")
+    assert pipeline.wait_finished("d", timeout_s=30)["failed"] == 1
+
+    refused = _vidq(pipeline, "purge", "d")
+    forced = _vidq(pipeline, "purge", "d", "--force")
+    orphans = wait_until(lambda: pipeline.store.redis.hgetall(keys.ORPHANS), 30, "the late id")
+
+    assert refused.returncode == 2 and "whose answer may still come" in refused.stderr
+    assert forced.returncode == 0, forced.stderr
+    (generation,) = pipeline.ledger()
+    assert list(orphans) == [generation["id"]]
+    assert "not recorded yet" not in (pipeline.log_dir / "worker-0.log").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,6 +22,8 @@ import redis
 from . import events, keys
 from .connection import op_id, run_pipeline
 from .durability import Durability
+
+log = logging.getLogger(__name__)
 
 LUA_DIR = Path(__file__).with_name("lua")
 
@@ -54,7 +57,7 @@ def lua_constants() -> str:
     # Key prefixes for keys a script derives from a batch name (worker.keys).
     prefixes = (f"local NS = {{job = '{keys.JOB_PREFIX}', batch = '{keys.BATCH_PREFIX}', "
                 f"line = '{keys.LINE_SUFFIX}', ring = '{keys.RING_PREFIX}', "
-                f"spend = '{keys.SPEND_PREFIX}'}}\n")
+                f"spend = '{keys.SPEND_PREFIX}', orphans = '{keys.ORPHANS}'}}\n")
     return f"local STATE = {{{states}}}\nlocal STEP = {{{steps}}}\n" + prefixes
 
 
@@ -190,11 +193,16 @@ class JobStore:
 
     def record_generation(self, job: Job, generation_id: str, lease_s: float) -> str:
         batch = job.batch
-        return self._scripts["record_generation"](
+        recorded = self._scripts["record_generation"](
             keys=[keys.job(job.ref), keys.batch_counts(batch), keys.DUE, keys.SLOTS,
                   keys.SLOT_HOLDS, keys.batch_unknown(batch), keys.batch_jobs(batch),
                   keys.batch(batch), keys.batch_failed(batch)],
             args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX])
+        if recorded == "orphan":
+            log.error("job %s: generation %s answered after the batch was purged; kept in "
+                      "%s, not downloaded", job.ref, generation_id, keys.ORPHANS)
+            return generation_id
+        return recorded
 
     def transition(self, job: Job, *, state: str = "", next_step: str = "",
                    due_in_s: float = 0.0, release_slot: bool = False, hold_slot_s: float = 0.0,

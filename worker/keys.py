@@ -22,7 +22,10 @@
                                 since the epoch); expires after a week
     vidq:slots                  zset: refs holding an upstream slot (score: admitted at)
     vidq:slot_holds             zset: failed refs whose slot is kept until the score
-                                (an outcome-unknown POST the upstream may be generating)
+                                (an outcome-unknown POST the upstream may be generating;
+                                '<ref>#<posting_at>' for an earlier POST of a re-POSTed job)
+    vidq:orphans                hash: generation id -> "<ref> <time>" of a POST that
+                                answered after its batch was purged (never fetched)
     vidq:due                    zset: refs whose next step must have started by the score
     vidq:seq                    counter for step tokens
     vidq:pump:replay:<op>       string with a TTL (300 s): the jobs one pump call admitted,
@@ -69,6 +72,7 @@ SPEND_PREFIX = PREFIX + "spend:"
 LINE_SUFFIX = ":line"
 SLOTS = PREFIX + "slots"
 SLOT_HOLDS = PREFIX + "slot_holds"
+ORPHANS = PREFIX + "orphans"
 DUE = PREFIX + "due"
 SEQ = PREFIX + "seq"
 PUMP_REPLAY = PREFIX + "pump:replay:"  # + call id: what that pump call admitted

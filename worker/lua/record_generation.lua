@@ -14,6 +14,12 @@ local job_prefix = ARGV[4]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local stamp = string.format('%.6f', now)
+if redis.call('EXISTS', job_key) == 0 then
+  -- Its batch was purged (with --force, or by retention) before the answer
+  -- came: the paid id is kept where an operator can find it.
+  redis.call('HSET', NS.orphans, generation_id, ref .. ' ' .. stamp)
+  return 'orphan'
+end
 local known = redis.call('HGET', job_key, 'generation_id')
 if known == generation_id then return known end
 if known and known ~= '' then
