@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from worker import keys
 from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, RESOLUTIONS
 from worker.errors import VidqError
 from worker.settings import Settings
@@ -208,10 +209,15 @@ def cap(max_in_flight):
     admission = open_admission(Settings.from_env())
     if max_in_flight is None:
         current = admission.cap()
-        click.echo(f"C = {current}" if current else "C is not set yet (no worker has started)")
+        set_by, deployed = admission.redis.hmget(keys.CONFIG, "cap_set_by", "deployment_cap")
+        by_operator = (f" (set with `vidq cap`; the workers' VIDQ_MAX_IN_FLIGHT is {deployed})"
+                       if set_by == "operator" and deployed else "")
+        click.echo(f"C = {current}{by_operator}" if current
+                   else "C is not set yet (no worker has started)")
         return
-    old = admission.set_cap(max_in_flight)
-    click.echo(f"C = {max_in_flight} (was {old}); applies to the next admission")
+    old, _ = admission.set_cap(max_in_flight, by_operator=True)
+    click.echo(f"C = {max_in_flight} (was {old}); applies to the next admission, and stands "
+               "when workers restart until their VIDQ_MAX_IN_FLIGHT changes")
 
 
 @main.command(cls=VidqCommand)

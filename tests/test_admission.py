@@ -7,6 +7,7 @@ import time
 
 from conftest import wait_until, write_prompts
 
+from producer.batch_view import batch_status
 from worker.keys import job_ref
 from worker.tasks import dispatch
 
@@ -138,6 +139,9 @@ def test_an_unknown_post_keeps_its_slot_while_its_generation_may_run(proxied, ma
     stats = sandbox.stats()
     assert stats["submissions"] == 6  # the unknown one was created upstream
     assert stats["max_in_flight"] == 2, stats
+    # Its slot is still held, but `vidq status` counts the job failed, not in flight.
+    assert pipeline.admission.in_flight() == 1
+    assert batch_status(pipeline.admission, "u", pipeline.settings)["in_flight"] == 0
 
 
 def test_resubmitting_an_unknown_post_keeps_its_slot_taken(proxied, make_sandbox, tmp_path):
@@ -159,3 +163,32 @@ def test_resubmitting_an_unknown_post_keeps_its_slot_taken(proxied, make_sandbox
     stats = sandbox.stats()
     assert stats["submissions"] == 7  # the unknown one twice, as asked
     assert stats["max_in_flight"] == 2, stats
+
+
+def test_an_operators_cap_stands_when_workers_restart(make_pipeline, tmp_path):
+    """`vidq cap 1` against workers started with C = 2: a restarted worker leaves it
+    at 1 (saying so); a deployment whose VIDQ_MAX_IN_FLIGHT changed sets its own."""
+    import subprocess
+
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=2)
+    pipeline.start_workers()
+    lowered = subprocess.run(["vidq", "cap", "1"], env=pipeline.env, capture_output=True,
+                             text=True, timeout=60)
+    os.killpg(pipeline.processes[0].pid, signal.SIGKILL)
+    pipeline.processes[0].wait()
+    pipeline.processes = []
+    log = tmp_path / "logs" / "worker-0.log"
+    pipeline.start_workers()  # same log: wait for the second "ready."
+    wait_until(lambda: log.read_text().count(" ready.") == 2, 30, "the restarted worker")
+    after_restart = pipeline.admission.cap()
+    shown = subprocess.run(["vidq", "cap"], env=pipeline.env, capture_output=True, text=True,
+                           timeout=60)
+    pipeline.stop_workers()
+    redeployed = make_pipeline(VIDQ_MAX_IN_FLIGHT=3)
+    redeployed.start_workers()
+
+    assert lowered.returncode == 0 and "C = 1 (was 2)" in lowered.stdout
+    assert after_restart == 1
+    assert "C = 1 (set with `vidq cap`; the workers' VIDQ_MAX_IN_FLIGHT is 2)" in shown.stdout
+    assert "C = 1, set with `vidq cap`, stands" in log.read_text()
+    wait_until(lambda: redeployed.admission.cap() == 3, 30, "the new deployment's C")

@@ -56,14 +56,16 @@ class Admission:
         self._scripts = {name: load_script(self.redis, name, ("line_lib",))
                          for name in LINE_SCRIPTS}
         self._scripts["release_holds"] = load_script(self.redis, "release_holds")
+        self._scripts["set_cap"] = load_script(self.redis, "set_cap")
 
-    def set_cap(self, max_in_flight: int) -> int | None:
-        """Store C for the deployment; returns the value it replaced, if any."""
-        old = self.redis.hget(keys.CONFIG, "max_in_flight")
-        self.redis.hset(keys.CONFIG, "max_in_flight", max_in_flight)
-        if old is None or int(old) != max_in_flight:
-            self.redis.hdel(keys.CONFIG, "effective_cap", "cap_credit")
-        return int(old) if old else None
+    def set_cap(self, max_in_flight: int, by_operator: bool = False) -> tuple[int | None, bool]:
+        """Store C (see `lua/set_cap.lua`): an operator's, or a starting
+        worker's VIDQ_MAX_IN_FLIGHT, which leaves an operator's C standing
+        unless the deployment's own value changed. Returns the value stored
+        before, and whether it was kept."""
+        old, outcome = self._scripts["set_cap"](keys=[keys.CONFIG],
+                                                args=[max_in_flight, int(by_operator)])
+        return (int(old) if old else None), outcome == "kept"
 
     def cap(self) -> int | None:
         raw = self.redis.hget(keys.CONFIG, "max_in_flight")

@@ -67,14 +67,16 @@ def cancel(admission: Admission, batch: str) -> CancelResult:
 def in_flight(admission: Admission, batch: str) -> int:
     """Jobs of `batch` POSTed and holding an upstream slot now (O(C)). A job
     admitted but not yet POSTed (still `queued`) is not counted: a cancel
-    ends it before its POST."""
+    ends it before its POST; nor is a failed one whose slot is only held for
+    a POST of unknown outcome (it is counted as failed)."""
     prefix = keys.job_ref(batch, "")
     refs = [str(ref) for ref in admission.redis.zrange(keys.SLOTS, 0, -1)
             if str(ref).startswith(prefix)]
     pipe = admission.redis.pipeline(transaction=False)
     for ref in refs:
         pipe.hget(keys.job(ref), "state")
-    return sum(1 for state in pipe.execute() if state != State.QUEUED)
+    return sum(1 for state in pipe.execute()
+               if state is not None and state not in (State.QUEUED, State.FAILED))
 
 
 def set_limits(admission: Admission, batch: str, **limits: float | None) -> None:

@@ -42,8 +42,11 @@ class Lifecycle(bootsteps.StartStopStep):
     def start(self, worker):
         steps = get_steps()  # fail at start-up, not on the first task
         settings = steps.settings
-        old = steps.admission.set_cap(settings.max_in_flight)
-        if old not in (None, settings.max_in_flight):
+        old, kept = steps.admission.set_cap(settings.max_in_flight)
+        if kept and old != settings.max_in_flight:
+            log.warning("C = %s, set with `vidq cap`, stands (this worker's VIDQ_MAX_IN_FLIGHT "
+                        "is %s, the value it overrode)", old, settings.max_in_flight)
+        elif old not in (None, settings.max_in_flight):
             log.warning("C (VIDQ_MAX_IN_FLIGHT) changed from %s to %s for the deployment",
                         old, settings.max_in_flight)
         self.beat()
