@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from worker.celery_app import QUEUES, app
+from worker.posting import SHUTDOWN_WAIT_S
 from worker.settings import ENV_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def test_workers_outlive_their_soft_shutdown_when_stopped():
     soft = app.conf.worker_soft_shutdown_timeout
     assert soft == pytest.approx(10.0)
     for name in _worker_pools():
-        assert _seconds(SERVICES[name]["stop_grace_period"]) > soft + 20, name
+        assert _seconds(SERVICES[name]["stop_grace_period"]) > soft + SHUTDOWN_WAIT_S, name
 
 
 def test_redis_is_durable_never_evicts_and_needs_a_password():

@@ -17,6 +17,7 @@ import yaml
 from worker import keys
 from worker.admission import PRIORITIES
 from worker.celery_app import QUEUES, app
+from worker.posting import SHUTDOWN_WAIT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -133,7 +134,7 @@ def test_workers_outlive_their_soft_shutdown(name):
     soft = app.conf.worker_soft_shutdown_timeout
     assert soft == pytest.approx(10.0)
     for pool, deployment in pool_deployments(name).items():
-        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > soft + 20, pool
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > soft + SHUTDOWN_WAIT_S, pool
 
 
 @parametrize_kustomizations

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import write_prompts
+from conftest import wait_until, write_prompts
 
 from worker import keys
 
@@ -283,3 +283,26 @@ def test_a_download_slower_than_its_lease_is_renewed_not_sent_again(proxied, mak
     (generation,) = pipeline.ledger()
     assert generation["downloads"] == 1
     assert "re-sending download" not in (pipeline.log_dir / "worker-0.log").read_text()
+
+
+def test_a_sigterm_while_a_posts_answer_is_on_its_way_keeps_the_paid_id(proxied, tmp_path):
+    """SIGTERM (warm shutdown) while a POST's answer trickles in for ~10 s, past its
+    2 s deadline: the stopping pool child waits for the answer and records the id;
+    the next worker downloads the video. One POST, one video."""
+    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="2")
+    proxy.trickle_interval_s = 0.05
+    proxy.queue("trickle", count=1, method="POST")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["stopped mid answer"]), "term")
+    wait_until(pipeline.ledger, 30, "the POST upstream", every_s=0.05)
+
+    pipeline.processes[0].send_signal(signal.SIGTERM)
+    pipeline.processes[0].wait(90)
+    pipeline.processes = []
+    (job_id,) = pipeline.store.job_ids("term")
+    recorded = pipeline.store.get(keys.job_ref("term", job_id)).generation_id
+    pipeline.start_workers()
+
+    assert recorded == pipeline.ledger()[0]["id"]
+    assert pipeline.wait_finished("term", timeout_s=60)["done"] == 1
+    assert _generations_per_prompt(pipeline) == {"stopped mid answer": 1}
