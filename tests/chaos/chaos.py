@@ -102,6 +102,8 @@ class ChaosReport:
     done: int = 0
     verified: int = 0
     unverified: list = field(default_factory=list)  # (job id, why)
+    cap: int = 0  # C, VIDQ_MAX_IN_FLIGHT
+    max_in_flight: int = 0  # most generations running upstream at once (the sandbox's count)
     workers_exited: int = 0  # died without being killed (replaced, like `vidq run` does)
     kill_log: list = field(default_factory=list)  # (s since start, jobs unfinished)
     restart_log: list = field(default_factory=list)
@@ -121,6 +123,9 @@ class ChaosReport:
             broken.append(f"never lose a paid video: {len(self.paid_not_downloaded)} paid "
                           f"generation(s) neither downloaded nor kept by a failed job: "
                           f"{self.paid_not_downloaded[:5]}")
+        if self.max_in_flight > self.cap:
+            broken.append(f"never above the cap: {self.max_in_flight} generations ran "
+                          f"upstream at once with C = {self.cap}")
         if self.workers_exited:
             broken.append(f"{self.workers_exited} worker process(es) exited on their own "
                           f"(see 'Unrecoverable error' in {self.log_dir})")
@@ -152,6 +157,7 @@ class ChaosReport:
             ("paid, kept by failed job", len(self.kept_on_failure)),
             ("paid, not downloaded (must be 0)", len(self.paid_not_downloaded)),
             ("videos verified (sha256)", f"{self.verified}/{self.done}"),
+            (f"most generations upstream at once (C = {self.cap})", self.max_in_flight),
             ("workers exited on their own (must be 0)", self.workers_exited),
             ("logs", self.evidence_dir or self.log_dir),
         ]
@@ -267,6 +273,7 @@ def run_chaos(parts: ChaosParts, *, jobs: int, seed: int, kill_every_s: float,
         time.sleep(2.0)  # room for a wrongful late re-POST to show in the ledger
         report.workers_exited += sum(1 for p in alive if p.poll() is not None)
         report.faults = proxy.counts
+        report.cap, report.max_in_flight = max_in_flight, sandbox.stats()["max_in_flight"]
         _verify(pipeline, prompts, report)
         if report.broken_promises():
             _keep_evidence(pipeline, parts, report)
