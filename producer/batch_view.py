@@ -68,7 +68,8 @@ def deployment(admission: Admission) -> dict:
             "max_in_flight": admission.cap(),
             "effective_max_in_flight": admission.effective_cap(),
             "submits_paused_s": round(submits_ms / 1000, 1) if submits_ms > 0 else 0,
-            "polls_paused_s": round(polls_ms / 1000, 1) if polls_ms > 0 else 0}
+            "polls_paused_s": round(polls_ms / 1000, 1) if polls_ms > 0 else 0,
+            "orphaned_generations": admission.redis.hlen(keys.ORPHANS)}
 
 
 def finish_rate(client, batch: str, now: float, created: float) -> dict:

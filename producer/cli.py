@@ -209,7 +209,8 @@ def cap(max_in_flight):
     admission = open_admission(Settings.from_env())
     if max_in_flight is None:
         current = admission.cap()
-        set_by, deployed = admission.redis.hmget(keys.CONFIG, "cap_set_by", "deployment_cap")
+        set_by, deployed = (str(value or "") for value in admission.redis.hmget(
+            keys.CONFIG, "cap_set_by", "deployment_cap"))
         by_operator = (f" (set with `vidq cap`; the workers' VIDQ_MAX_IN_FLIGHT is {deployed})"
                        if set_by == "operator" and deployed else "")
         click.echo(f"C = {current}{by_operator}" if current

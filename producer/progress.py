@@ -122,6 +122,10 @@ def describe(status: dict, with_deployment: bool = True) -> str:
 def warnings(status: dict) -> list[str]:
     """What needs a person: nobody working, failures piling up, a 429 pause."""
     found = []
+    orphans = status.get("deployment", {}).get("orphaned_generations")
+    if orphans:
+        found.append(f"{orphans} paid generation id(s) answered after their batch was "
+                     "purged: kept in the Redis hash vidq:orphans, not downloaded")
     if not is_finished(status) and status["workers_alive"] == 0:
         found.append("no worker is alive (no heartbeat in Redis): nothing is being processed")
     if status["errors_spiking"]:

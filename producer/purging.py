@@ -66,18 +66,16 @@ def _refuse_while_answers_may_come(client, settings: Settings, batch: str, force
     the purge has no job to land in (it goes to `vidq:orphans`, unfetched)."""
     if force:
         return
-    ids = list(client.smembers(keys.batch_unknown(batch)))
-    pipe = client.pipeline(transaction=False)
-    for job_id in ids:
-        pipe.hget(keys.job(keys.job_ref(batch, job_id)), "failed_at")
-    window_s = settings.http_timeout_s + SHUTDOWN_WAIT_S
-    now = time.time()
-    recent = sum(1 for failed_at in pipe.execute() if now - float(failed_at or 0) < window_s)
-    if recent:
+    # Set (Redis clock) when a job fails "outcome unknown" and when one is
+    # re-POSTed while its earlier POST may still answer.
+    last = float(client.hget(keys.batch(batch), "unknown_post_at") or 0)
+    seconds, micros = client.time()
+    ago_s, window_s = seconds + micros / 1e6 - last, settings.http_timeout_s + SHUTDOWN_WAIT_S
+    if ago_s < window_s:
         raise InputError(
-            f"batch {batch!r} has {plural(recent, 'POST')} whose answer may still come "
-            f"(outcome unknown, failed less than {window_s:.0f} s ago): a late generation id "
-            "would find no job to land in; purge again later, or add --force")
+            f"batch {batch!r} has a POST whose answer may still come (its outcome became "
+            f"unknown {ago_s:.0f} s ago): a late generation id would find no job to land in; "
+            f"purge again in {window_s - ago_s:.0f} s, or add --force")
 
 
 def _write_manifest(client, storage, settings: Settings, batch: str) -> None:

@@ -8,6 +8,7 @@ import time
 from conftest import wait_until, write_prompts
 
 from producer.batch_view import batch_status
+from worker import keys
 from worker.keys import job_ref
 from worker.tasks import dispatch
 
@@ -192,3 +193,52 @@ def test_an_operators_cap_stands_when_workers_restart(make_pipeline, tmp_path):
     assert "C = 1 (set with `vidq cap`; the workers' VIDQ_MAX_IN_FLIGHT is 2)" in shown.stdout
     assert "C = 1, set with `vidq cap`, stands" in log.read_text()
     wait_until(lambda: redeployed.admission.cap() == 3, 30, "the new deployment's C")
+
+
+def test_an_earlier_posts_late_answer_after_a_resubmit_ends_its_own_hold(proxied, make_sandbox,
+                                                                         tmp_path):
+    """A POST whose answer trickles in for ~10 s, re-POSTed at once with
+    --resubmit-unknown: the batch looks finished, but `vidq purge` waits; the late
+    id becomes a sibling and is downloaded; its earlier slot hold ends with it."""
+    import subprocess
+
+    from producer.retrying import run_retry
+
+    sandbox = make_sandbox(max_concurrency=0)
+    pipeline, proxy = proxied(sandbox, VIDQ_POST_DEADLINE_S="2", VIDQ_MAX_IN_FLIGHT="2")
+    proxy.trickle_interval_s = 0.03
+    proxy.queue("trickle", count=1, method="POST")
+    pipeline.start_workers(concurrency=3)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["slow answer"]), "p")
+    wait_until(lambda: pipeline.store.counts("p")["failed"] == 1, 20, "the unknown POST")
+    run_retry(pipeline.admission, dispatch, "p", resubmit_unknown=True, yes=True,
+              echo=lambda _: None)
+    wait_until(lambda: pipeline.store.counts("p")["done"] == 1, 30, "the re-POST's video")
+    purge = subprocess.run(["vidq", "purge", "p"], env=pipeline.env, capture_output=True,
+                           text=True, timeout=60)
+
+    wait_until(lambda: pipeline.store.counts("p")["done"] == 2, 60, "the late id's video")
+
+    assert purge.returncode == 2 and "answer may still come" in purge.stderr, purge.stderr
+    assert [g["downloads"] for g in pipeline.ledger()] == [1, 1]
+    client = pipeline.store.redis
+    assert client.zrange(keys.SLOTS, 0, -1) == [] and client.zrange(keys.SLOT_HOLDS, 0, -1) == []
+
+
+def test_a_late_refusal_of_a_post_holds_no_slot(proxied, make_sandbox, tmp_path):
+    """A POST answered 400 after its step gave up created nothing: the job is not
+    left 'outcome unknown' holding a slot for the deadline, it is POSTed again."""
+    sandbox = make_sandbox(max_concurrency=0)
+    pipeline, proxy = proxied(sandbox, VIDQ_POST_DEADLINE_S="2", VIDQ_MAX_IN_FLIGHT="2")
+    pipeline.faults(submit=[400])
+    proxy.trickle_interval_s = 0.03  # the 400 arrives after ~8 s
+    proxy.queue("trickle", count=1, method="POST")
+    pipeline.start_workers(concurrency=3)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["refused late"]), "p")
+    wait_until(lambda: pipeline.store.counts("p")["failed"] == 1, 20, "the unknown POST")
+
+    counts = wait_until(lambda: (c := pipeline.store.counts("p"))["done"] == 1 and c, 60,
+                        "the job POSTed again and done")
+
+    assert counts["failed"] == 0 and sandbox.stats()["submissions"] == 1
+    assert pipeline.admission.in_flight() == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from conftest import wait_until, write_prompts
 
+from producer.batch_view import deployment
 from producer.enqueue import enqueue_file
 from producer.purging import run_purge
 from worker import keys, manifest
@@ -263,4 +264,5 @@ def test_purge_waits_for_an_unknown_posts_answer_and_a_forced_one_keeps_the_id(p
     assert forced.returncode == 0, forced.stderr
     (generation,) = pipeline.ledger()
     assert list(orphans) == [generation["id"]]
+    assert deployment(pipeline.admission)["orphaned_generations"] == 1  # `vidq status` warns
     assert "not recorded yet" not in (pipeline.log_dir / "worker-0.log").read_text()

@@ -247,13 +247,15 @@ def test_requeue_keeps_every_queued_job_in_line_and_a_late_id_leaks_no_slot(make
     assert store.get(late.ref).state == "submitted"
 
 
-@pytest.mark.parametrize("faults", [{"poll": [404, 401, 403]}, {"download": [403] * 9 + [400]}],
-                         ids=["status-4xx", "result-4xx"])
+@pytest.mark.parametrize("faults", [{"poll": [404, 401, 403]}, {"download": [403] * 9 + [400]},
+                                    {"download": [400, 401, 400]}],
+                         ids=["status-4xx", "result-expired", "result-4xx"])
 def test_4xx_answers_about_a_paid_generation_never_abandon_its_video(make_pipeline, tmp_path,
                                                                     faults):
     """A paid generation's status GETs answered 404, 401, 403 (a gateway's hiccup, a
-    key being rotated), or its result URL refused ten times: it is asked again until
-    the hard limit, and the video lands, downloaded once."""
+    key being rotated), or its result URL refused ten times (400s too, as some CDNs
+    answer an expired signature): it is asked again until the hard limit, each
+    refused result through a poll for a fresh link, and the video lands, downloaded once."""
     pipeline = make_pipeline(VIDQ_MAX_ATTEMPTS=3)
     pipeline.start_workers()
     pipeline.faults(**faults)
@@ -261,8 +263,9 @@ def test_4xx_answers_about_a_paid_generation_never_abandon_its_video(make_pipeli
 
     counts = pipeline.wait_finished("k", timeout_s=90)
 
-    assert counts["done"] == 1, pipeline.store.get(
-        keys.job_ref("k", pipeline.store.job_ids("k")[0])).last_error
+    job = pipeline.store.get(keys.job_ref("k", pipeline.store.job_ids("k")[0]))
+    assert counts["done"] == 1, job.last_error
+    assert int(job.number("link_refreshes")) == len(faults.get("download", []))
     (generation,) = pipeline.ledger()
     assert generation["status"] == "completed" and generation["downloads"] == 1
 

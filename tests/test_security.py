@@ -160,21 +160,22 @@ def test_wrong_api_key_fails_with_401_and_is_never_written(make_sandbox, make_pi
 
 def test_a_key_quoted_back_by_the_upstream_is_redacted_everywhere(make_sandbox, make_pipeline,
                                                                   hostile_upstream, tmp_path):
-    """A 401, a 500 and a failed generation whose messages quote the key: each job
+    """A 401, a 500, failed generations and a cut message that quote the key: each job
     fails with the upstream's reason, the key replaced by [redacted], and the key
     is in no log, Redis key or value (events and Celery messages included)."""
     pipeline = make_pipeline(make_sandbox(), AIMLAPI_BASE_URL=hostile_upstream.url,
                              AIMLAPI_KEY=CANARY_KEY)
     pipeline.start_workers()
-    prompts = ["echo 401", "echo 500", "echo failed"]
+    prompts = ["echo 401", "echo 500", "echo failed", "echo at once", "echo cut"]
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "echo")
 
     counts = pipeline.wait_finished("echo", timeout_s=60)
 
-    assert counts["failed"] == 3, counts
+    assert counts["failed"] == 5, counts
     reasons = sorted(job.last_error for job in jobs_of(pipeline, "echo"))
-    assert len([r for r in reasons if "Incorrect API key provided: [redacted]" in r]) == 3, \
+    assert len([r for r in reasons if "Incorrect API key provided: [redacted]" in r]) == 5, \
         reasons
+    assert all(CANARY_KEY[:6] not in reason for reason in reasons), reasons
     assert_nowhere(CANARY_KEY, pipeline, tmp_path)
 
 
@@ -192,8 +193,10 @@ HOSTILE_URLS = {
 
 class HostileUpstream:
     """Accepts every POST, then reports each generation completed with a hostile URL.
-    A prompt 'echo 401' or 'echo 500' is answered with that status, and 'echo failed'
-    with a generation that fails, each quoting the key it was sent, as some gateways do."""
+    A prompt 'echo 401' or 'echo 500' is answered with that status, 'echo failed'
+    with a generation that fails, 'echo at once' with one failed in the POST's own
+    answer, and 'echo cut' with a 401 whose key is cut by vidq's 500-character cap:
+    each quotes the key it was sent, as some gateways do."""
 
     def __init__(self):
         self.requests: list[tuple[str, str]] = []
@@ -219,6 +222,11 @@ class HostileUpstream:
                 echoed = f"Incorrect API key provided: {self.headers['Authorization'][7:]}"
                 if prompt in ("echo 401", "echo 500"):
                     return self._json(int(prompt[-3:]), {"message": echoed})
+                if prompt == "echo cut":  # the key starts at character 490 of 500
+                    return self._json(401, {"message": "x" * 462 + echoed})
+                if prompt == "echo at once":
+                    return self._json(200, {"id": "g-now", "status": "error",
+                                            "error": {"message": echoed}})
                 if prompt == "echo failed":
                     owner.echoed["g-failed"] = echoed
                 self._json(200, {"id": f"g-{prompt.split()[-1]}", "status": "queued"})

@@ -189,7 +189,8 @@ class JobStore:
         """The upstream proved this attempt created nothing (refused, 429, 503):
         the job may be POSTed again. False if the marker was not this attempt's."""
         return bool(self._scripts["clear_posting"](
-            keys=[keys.job(job.ref)], args=[str(job.extra.get("posting_op", ""))]))
+            keys=[keys.job(job.ref), keys.SLOT_HOLDS, keys.SLOTS],
+            args=[str(job.extra.get("posting_op", "")), job.ref]))
 
     def record_generation(self, job: Job, generation_id: str, lease_s: float) -> str:
         batch = job.batch
@@ -197,7 +198,8 @@ class JobStore:
             keys=[keys.job(job.ref), keys.batch_counts(batch), keys.DUE, keys.SLOTS,
                   keys.SLOT_HOLDS, keys.batch_unknown(batch), keys.batch_jobs(batch),
                   keys.batch(batch), keys.batch_failed(batch)],
-            args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX])
+            args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX,
+                  str(job.extra.get("posting_op", ""))])
         if recorded == "orphan":
             log.error("job %s: generation %s answered after the batch was purged; kept in "
                       "%s, not downloaded", job.ref, generation_id, keys.ORPHANS)

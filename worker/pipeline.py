@@ -177,10 +177,13 @@ class Steps:
         """An answer that retrying cannot change, as a rule. For a paid
         generation, a 4xx on its status GET or result (a key being rotated, a
         gateway's or CDN's hiccup) is asked again until the hard limit: only
-        the generation's own failure, or a result vidq refuses, ends it."""
-        if self._is_paid(job) and not isinstance(error, GenerationFailed | ResultRefused):
-            return self.retry(job, error)
-        self.fail(job, f"{job.step}: {error}")
+        the generation's own failure, or a result vidq refuses, ends it. A
+        result URL refused is asked for again through a poll (a fresh link)."""
+        if not self._is_paid(job) or isinstance(error, GenerationFailed | ResultRefused):
+            return self.fail(job, f"{job.step}: {error}")
+        if job.step == Step.DOWNLOAD:
+            return self.refresh_link(job, error)
+        self.retry(job, error)
 
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
         """A result URL expired: fetch the generation again for a fresh one."""

@@ -5,8 +5,9 @@ upstream answers, even after the step gave up waiting (VIDQ_POST_DEADLINE_S):
 a late id revives the job, and the generation it names is polled and
 downloaded. Recording retries through a Redis outage, because the id of a
 paid generation is the one thing that must not be dropped. A late answer
-that proves nothing was created (a 429, a 503) revives the job instead, if
-the marker it clears is its own attempt's. A worker process stopping waits
+that proves nothing was created (a 429, a 503, a 4xx) revives the job
+instead, if the marker it clears is its own attempt's: it is POSTed again,
+and a refusal then fails it with the upstream's reason. A worker process stopping waits
 for the answers still due.
 """
 from __future__ import annotations
@@ -18,7 +19,12 @@ from collections.abc import Callable
 
 from celery.signals import worker_process_shutdown
 
-from .errors import RequestRejected, RetryableUpstreamError, SubmitOutcomeUnknown
+from .errors import (
+    RequestRejected,
+    RetryableUpstreamError,
+    SubmitOutcomeUnknown,
+    UpstreamError,
+)
 from .jobs import Job, JobStore
 from .settings import Settings
 from .upstream import Generation, UpstreamClient
@@ -34,10 +40,10 @@ SHUTDOWN_WAIT_S = 60.0  # past the read timeout, and a few retries of the record
 
 
 def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Settings,
-              refused_late: Callable[[RetryableUpstreamError], None] | None = None
+              refused_late: Callable[[UpstreamError], None] | None = None
               ) -> Generation:
     """POST `job` once; its generation id is recorded before this returns. An
-    answer that proves nothing was created (a 429, a 503) but comes after the
+    answer that proves nothing was created (a 429, a 503, a 4xx) but comes after the
     step gave up is handed to `refused_late`: the job failed "outcome
     unknown", and now it is known."""
     outcome: dict = {}
@@ -57,8 +63,7 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
                 generation = client.submit(job.request)
             except (RetryableUpstreamError, RequestRejected) as exc:
                 mine = store.clear_posting(job)  # this attempt surely created nothing
-                if settle(error=exc) and mine and refused_late and isinstance(
-                        exc, RetryableUpstreamError):
+                if settle(error=exc) and mine and refused_late:
                     refused_late(exc)
                 return
             job.generation_id = record_paid(store, job, generation.id, settings.step_grace_s)

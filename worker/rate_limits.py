@@ -10,7 +10,7 @@ import random
 import time
 
 from .admission import Admission, Dispatch
-from .errors import RateLimited, RetryableUpstreamError
+from .errors import RateLimited, UpstreamError
 from .jobs import Job, JobStore
 from .retry import requeue
 
@@ -35,10 +35,12 @@ def spread(pause: float) -> float:
 
 
 def revive_refused(store: JobStore, admission: Admission, dispatch: Dispatch, job: Job,
-                   error: RetryableUpstreamError) -> None:
+                   error: UpstreamError) -> None:
     """The POST's answer came after its step gave up and failed the job
-    "outcome unknown"; it proves nothing was created (a 429, a 503): the job
-    goes back to its line, to be POSTed again (after the pause, for a 429)."""
+    "outcome unknown"; it proves nothing was created (a 429, a 503, a 4xx):
+    the job goes back to its line, to be POSTed again (after the pause, for a
+    429), so it holds no slot for a generation that does not exist; a 4xx
+    then fails it again at once, with the upstream's reason."""
     if isinstance(error, RateLimited):
         store.pause_submits(pause_s(error))
     for wait in REVIVE_WAITS_S:

@@ -48,6 +48,12 @@ def purge(client: redis.Redis, batch: str) -> Purged:
             pipe.zrem(shared, *refs)
         removed += pipe.execute()[0]
         jobs += len(refs)
+    # Slots held for earlier POSTs of re-POSTed jobs ('<ref>#<call id>', O(C)).
+    for shared in (keys.SLOTS, keys.SLOT_HOLDS):
+        held = [str(m) for m in client.zrange(shared, 0, -1)
+                if str(m).startswith(keys.job_ref(batch, "")) and "#" in str(m)]
+        if held:
+            client.zrem(shared, *held)
     pipe = client.pipeline(transaction=False)
     pipe.unlink(*batch_keys(batch))
     pipe.srem(keys.BATCHES, batch)

@@ -48,6 +48,7 @@ from .settings import Settings
 
 MAX_MESSAGE_CHARS = 500
 REDACTED = "[redacted]"
+MIN_KEY_HEAD = 4  # a cut key's head this long or longer is redacted too
 MAX_REDIRECTS = 5
 # Statuses on which the upstream surely created nothing, so a POST may be sent again.
 SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
@@ -141,7 +142,8 @@ class UpstreamClient:
                 http_errors("submit", posting=True):
             response = fresh.post(url, json=body, headers=self._auth, timeout=self._timeout)
             raise_for_submit(response)
-            return response_generation(response, posting=True)
+            generation = response_generation(response, posting=True)
+        return self._scrubbed(generation)
 
     def fetch(self, generation_id: str) -> Generation:
         url = self._base + self._endpoint.fetch_path
@@ -151,9 +153,7 @@ class UpstreamClient:
                                          timeout=self._timeout)
             raise_for_response(response)
             generation = response_generation(response)
-        if generation.error_message and self._key in generation.error_message:
-            generation = replace(generation, error_message=self._scrub(generation.error_message))
-        return generation
+        return self._scrubbed(generation)
 
     @contextlib.contextmanager
     def _key_kept_out(self) -> Iterator[None]:
@@ -166,8 +166,18 @@ class UpstreamClient:
             exc.args = tuple(self._scrub(a) if isinstance(a, str) else a for a in exc.args)
             raise
 
+    def _scrubbed(self, generation: Generation) -> Generation:
+        if not generation.error_message:
+            return generation
+        return replace(generation, error_message=self._scrub(generation.error_message))
+
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, REDACTED)
+        text = text.replace(self._key, REDACTED)
+        # Messages are cut to MAX_MESSAGE_CHARS: a key cut there leaves its head.
+        for length in range(len(self._key) - 1, min(MIN_KEY_HEAD, len(self._key)) - 1, -1):
+            if text.endswith(self._key[:length]):
+                return text[:-length] + REDACTED
+        return text
 
     def open_video(self, url: str) -> requests.Response:
         """A streaming response for a result URL (every redirect checked by

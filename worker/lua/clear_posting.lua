@@ -3,7 +3,12 @@
 -- attempt's (ARGV[1], its mark_posting call id): an answer coming late, after
 -- the job was requeued and POSTed again, must not erase the newer attempt's
 -- marker. Returns 1 if the marker was this attempt's and is gone, else 0.
-local job_key, op = KEYS[1], ARGV[1]
+local job_key, holds_key, slots_key, op = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+local ref = ARGV[2]
+if op ~= '' then  -- an earlier attempt's own slot hold (lua/requeue.lua): nothing runs
+  redis.call('ZREM', holds_key, ref .. '#' .. op)
+  redis.call('ZREM', slots_key, ref .. '#' .. op)
+end
 if op == '' or redis.call('HGET', job_key, 'posting_op') ~= op then return 0 end
 if redis.call('HEXISTS', job_key, 'posting_at') == 0 then return 0 end
 redis.call('HDEL', job_key, 'posting_at')

@@ -10,6 +10,14 @@ local generation_id = ARGV[1]
 local ref = ARGV[2]
 local lease_s = tonumber(ARGV[3])
 local job_prefix = ARGV[4]
+local posting_op = ARGV[5] or ''  -- the answering POST's mark_posting call id
+
+-- A POST answering after the job was re-POSTed held a slot of its own
+-- (lua/requeue.lua); its generation now holds the job's or a sibling's.
+if posting_op ~= '' then
+  redis.call('ZREM', holds_key, ref .. '#' .. posting_op)
+  redis.call('ZREM', slots_key, ref .. '#' .. posting_op)
+end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000

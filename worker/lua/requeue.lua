@@ -46,8 +46,11 @@ if posting ~= '' then
   -- That POST may still be generating: its slot stays taken, under a name of
   -- its own, until its hold ends; the job waits in line for another slot.
   local hold_until = redis.call('ZSCORE', holds_key, ref)
+  local t = redis.call('TIME')
+  redis.call('HSET', batch_key(batch), 'unknown_post_at', tonumber(t[1]) + tonumber(t[2]) / 1000000)
   if hold_until then
-    local earlier = ref .. '#' .. posting
+    -- Named by that POST's call id: its late answer (an id, or a refusal) ends the hold.
+    local earlier = ref .. '#' .. (redis.call('HGET', job_key, 'posting_op') or posting)
     redis.call('ZADD', holds_key, hold_until, earlier)
     redis.call('ZADD', slots_key, redis.call('ZSCORE', slots_key, ref) or hold_until, earlier)
   end

@@ -59,6 +59,8 @@ if #ARGV >= first_field then redis.call('HSET', job_key, unpack(ARGV, first_fiel
 if outcome_unknown then
   redis.call('HSET', job_key, 'outcome_unknown', '1')
   redis.call('SADD', unknown_key, job_id)
+  -- Its answer may still come: `vidq purge` waits a while after this.
+  redis.call('HSET', NS.batch .. redis.call('HGET', job_key, 'batch'), 'unknown_post_at', now)
 end
 if hold_slot_s > 0 then
   redis.call('ZADD', holds_key, now + hold_slot_s, ref)
