@@ -225,9 +225,12 @@ def test_an_earlier_posts_late_answer_after_a_resubmit_ends_its_own_hold(proxied
     assert client.zrange(keys.SLOTS, 0, -1) == [] and client.zrange(keys.SLOT_HOLDS, 0, -1) == []
 
 
-def test_a_late_refusal_of_a_post_holds_no_slot(proxied, make_sandbox, tmp_path):
+def test_a_late_refusal_of_a_post_undoes_what_the_unknown_outcome_booked(proxied, make_sandbox,
+                                                                         tmp_path):
     """A POST answered 400 after its step gave up created nothing: the job is not
-    left 'outcome unknown' holding a slot for the deadline, it is POSTed again."""
+    left 'outcome unknown' holding a slot for the deadline and counted as spent; it
+    fails with the upstream's reason, as a timely 400 would have (not POSTed again
+    and again while each 400 comes late)."""
     sandbox = make_sandbox(max_concurrency=0)
     pipeline, proxy = proxied(sandbox, VIDQ_POST_DEADLINE_S="2", VIDQ_MAX_IN_FLIGHT="2")
     pipeline.faults(submit=[400])
@@ -237,8 +240,39 @@ def test_a_late_refusal_of_a_post_holds_no_slot(proxied, make_sandbox, tmp_path)
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["refused late"]), "p")
     wait_until(lambda: pipeline.store.counts("p")["failed"] == 1, 20, "the unknown POST")
 
-    counts = wait_until(lambda: (c := pipeline.store.counts("p"))["done"] == 1 and c, 60,
-                        "the job POSTed again and done")
+    (job_id,) = pipeline.store.job_ids("p")
+    job = wait_until(lambda: (j := pipeline.store.get(job_ref("p", job_id))).extra.get(
+        "outcome_unknown") == "" and j, 30, "the late 400 settled")
 
-    assert counts["failed"] == 0 and sandbox.stats()["submissions"] == 1
-    assert pipeline.admission.in_flight() == 0
+    assert job.state == "failed" and "HTTP 400" in job.last_error, job.last_error
+    assert "nothing was created" in job.last_error
+    assert sandbox.stats()["submissions"] == 0 and pipeline.admission.in_flight() == 0
+    batch = pipeline.store.redis.hgetall(keys.batch("p"))
+    assert float(batch.get("credits_spent", 0)) == 0 and int(batch.get("videos", 0)) == 0
+
+
+def test_an_earlier_posts_id_survives_a_refusal_of_the_repost(proxied, make_sandbox, tmp_path):
+    """POST A outlives its deadline; `--resubmit-unknown` sends B; A's id lands while B
+    is in flight, then B is refused 400. A's generation is paid: it is polled and its
+    video downloaded, not failed with B's reason."""
+    from producer.retrying import run_retry
+
+    sandbox = make_sandbox(max_concurrency=0)
+    pipeline, proxy = proxied(sandbox, VIDQ_POST_DEADLINE_S="6", VIDQ_STEP_GRACE_S="12",
+                              VIDQ_HTTP_TIMEOUT_S="15", VIDQ_MAX_IN_FLIGHT="2")
+    proxy.slow_s = 9.0  # A reaches the upstream after 9 s, past its 6 s deadline
+    proxy.queue("slow_headers", count=1, method="POST")
+    pipeline.start_workers(concurrency=3)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["late id"]), "p")
+    ref = job_ref("p", pipeline.store.job_ids("p")[0])
+    wait_until(lambda: pipeline.store.counts("p")["failed"] == 1, 20, "A outcome unknown")
+    proxy.slow_s = 4.5  # B reaches it after 4.5 s, within its deadline, and is refused
+    proxy.queue("slow_headers", count=1, method="POST")
+    run_retry(pipeline.admission, dispatch, "p", resubmit_unknown=True, yes=True,
+              echo=lambda _: None)
+    wait_until(lambda: pipeline.store.get(ref).generation_id, 15, "A's late id")
+    pipeline.faults(submit=[400])
+
+    assert pipeline.wait_finished("p", timeout_s=60)["done"] == 1
+    ((generation_id, downloads),) = [(g["id"], g["downloads"]) for g in pipeline.ledger()]
+    assert downloads == 1 and pipeline.store.get(ref).generation_id == generation_id

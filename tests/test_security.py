@@ -166,14 +166,14 @@ def test_a_key_quoted_back_by_the_upstream_is_redacted_everywhere(make_sandbox, 
     pipeline = make_pipeline(make_sandbox(), AIMLAPI_BASE_URL=hostile_upstream.url,
                              AIMLAPI_KEY=CANARY_KEY)
     pipeline.start_workers()
-    prompts = ["echo 401", "echo 500", "echo failed", "echo at once", "echo cut"]
+    prompts = ["echo 401", "echo 500", "echo failed", "echo at once", "echo cut", "echo cut 500"]
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "echo")
 
     counts = pipeline.wait_finished("echo", timeout_s=60)
 
-    assert counts["failed"] == 5, counts
+    assert counts["failed"] == 6, counts
     reasons = sorted(job.last_error for job in jobs_of(pipeline, "echo"))
-    assert len([r for r in reasons if "Incorrect API key provided: [redacted]" in r]) == 5, \
+    assert len([r for r in reasons if "Incorrect API key provided: [redacted]" in r]) == 6, \
         reasons
     assert all(CANARY_KEY[:6] not in reason for reason in reasons), reasons
     assert_nowhere(CANARY_KEY, pipeline, tmp_path)
@@ -222,8 +222,9 @@ class HostileUpstream:
                 echoed = f"Incorrect API key provided: {self.headers['Authorization'][7:]}"
                 if prompt in ("echo 401", "echo 500"):
                     return self._json(int(prompt[-3:]), {"message": echoed})
-                if prompt == "echo cut":  # the key starts at character 490 of 500
-                    return self._json(401, {"message": "x" * 462 + echoed})
+                if prompt in ("echo cut", "echo cut 500"):  # the key starts at 490 of 500
+                    return self._json(int(prompt[-3:]) if prompt[-1] == "0" else 401,
+                                      {"message": "x" * 462 + echoed})
                 if prompt == "echo at once":
                     return self._json(200, {"id": "g-now", "status": "error",
                                             "error": {"message": echoed}})

@@ -134,6 +134,7 @@ class JobStore:
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
             "grow_cap", "clear_posting", "renew_lease")}
         self._scripts["extend_pause"] = load_script(client, "extend_pause", ("pause_lib",))
+        self._scripts["undo_unknown"] = load_script(client, "undo_unknown", ("line_lib",))
         self._scripts["back_in_line"] = load_script(client, "back_in_line",
                                                     ("line_lib", "pause_lib"))
         # Into done or failed: the event goes on the stream in the same call.
@@ -192,6 +193,13 @@ class JobStore:
             keys=[keys.job(job.ref), keys.SLOT_HOLDS, keys.SLOTS],
             args=[str(job.extra.get("posting_op", "")), job.ref]))
 
+    def undo_unknown(self, job: Job, reason: str = "") -> str:
+        """The POST that made `job` "outcome unknown" was refused after all:
+        undo what that booked (lua/undo_unknown.lua for the answers)."""
+        return self._scripts["undo_unknown"](
+            keys=[keys.job(job.ref), keys.batch_unknown(job.batch), keys.SLOT_HOLDS, keys.SLOTS],
+            args=[job.ref, job.id, reason])
+
     def record_generation(self, job: Job, generation_id: str, lease_s: float) -> str:
         batch = job.batch
         recorded = self._scripts["record_generation"](
@@ -219,7 +227,7 @@ class JobStore:
                        keys.batch_failed(batch), keys.batch_finished(batch)]
         args = [job.ref, expected, str(state), str(next_step), repr(due_in_s),
                 "1" if release_slot else "0", repr(hold_slot_s), job.id,
-                "1" if outcome_unknown else "0", op_id()]
+                "1" if outcome_unknown else "0", op_id(), job.generation_id]
         for name, value in values.items():
             args += [name, _encode(value)]
         return self._scripts["transition"](keys=script_keys, args=args)

@@ -10,7 +10,7 @@ import random
 import time
 
 from .admission import Admission, Dispatch
-from .errors import RateLimited, UpstreamError
+from .errors import RateLimited, RetryableUpstreamError, UpstreamError
 from .jobs import Job, JobStore
 from .retry import requeue
 
@@ -37,18 +37,26 @@ def spread(pause: float) -> float:
 def revive_refused(store: JobStore, admission: Admission, dispatch: Dispatch, job: Job,
                    error: UpstreamError) -> None:
     """The POST's answer came after its step gave up and failed the job
-    "outcome unknown"; it proves nothing was created (a 429, a 503, a 4xx):
-    the job goes back to its line, to be POSTed again (after the pause, for a
-    429), so it holds no slot for a generation that does not exist; a 4xx
-    then fails it again at once, with the upstream's reason."""
+    "outcome unknown"; it proves nothing was created (a 429, a 503, a 4xx).
+    What the unknown outcome booked (a held slot, credits, a video against
+    max-videos) is undone. A 429 or 503 puts the job back in line, to be
+    POSTed again (after the pause, for a 429); a 4xx fails it for good with
+    the upstream's reason, as a timely one would have."""
     if isinstance(error, RateLimited):
         store.pause_submits(pause_s(error))
+    final = not isinstance(error, RetryableUpstreamError)
+    reason = f"submit: {error} (answered after the step gave up; nothing was created)"
     for wait in REVIVE_WAITS_S:
-        answer = requeue(admission, dispatch, job.batch, [job.id])
-        if answer.get("requeued"):
-            log.warning("job %s: its POST was refused after the deadline (%s): nothing was "
-                        "created, back in line", job.ref, error)
-            return
-        if not answer.get("not_failed"):
-            return  # cancelled meanwhile, or another answer: nothing to revive
+        undone = store.undo_unknown(job, reason if final else "")
+        if undone != "not_yet":
+            break
         time.sleep(wait)
+    if undone != "undone":
+        return  # an id arrived, or a newer attempt runs: nothing to revive
+    if final:
+        log.warning("job %s: its POST was refused after the deadline (%s): nothing was "
+                    "created; failed", job.ref, error)
+        return
+    if requeue(admission, dispatch, job.batch, [job.id]).get("requeued"):
+        log.warning("job %s: its POST was refused after the deadline (%s): nothing was "
+                    "created, back in line", job.ref, error)

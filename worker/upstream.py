@@ -48,7 +48,7 @@ from .settings import Settings
 
 MAX_MESSAGE_CHARS = 500
 REDACTED = "[redacted]"
-MIN_KEY_HEAD = 4  # a cut key's head this long or longer is redacted too
+MIN_KEY_HEAD = 8  # a cut key's head this long or longer is redacted too
 MAX_REDIRECTS = 5
 # Statuses on which the upstream surely created nothing, so a POST may be sent again.
 SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
@@ -173,10 +173,11 @@ class UpstreamClient:
 
     def _scrub(self, text: str) -> str:
         text = text.replace(self._key, REDACTED)
-        # Messages are cut to MAX_MESSAGE_CHARS: a key cut there leaves its head.
-        for length in range(len(self._key) - 1, min(MIN_KEY_HEAD, len(self._key)) - 1, -1):
-            if text.endswith(self._key[:length]):
-                return text[:-length] + REDACTED
+        # Messages are cut to MAX_MESSAGE_CHARS (and may be wrapped after the
+        # cut): a key cut there leaves its head.
+        for length in range(len(self._key) - 1, MIN_KEY_HEAD - 1, -1):
+            if self._key[:length] in text:
+                return text.replace(self._key[:length], REDACTED)
         return text
 
     def open_video(self, url: str) -> requests.Response:

@@ -189,7 +189,10 @@ def run_chaos(parts: ChaosParts, *, jobs: int, seed: int, kill_every_s: float,
     try:
         worker_env = {"AIMLAPI_BASE_URL": proxy.url, "VIDQ_REDIS_URL": parts.redis.url,
                       "VIDQ_MAX_IN_FLIGHT": str(max_in_flight),
-                      "VIDQ_EXPECTED_GENERATION_S": f"{90.0 / time_scale:.2f}"}
+                      # Production's durations on the sandbox's clock.
+                      "VIDQ_EXPECTED_GENERATION_S": f"{90.0 / time_scale:.2f}",
+                      "VIDQ_DEADLINE_S": f"{1000.0 / time_scale:.2f}",
+                      "VIDQ_OVERDUE_POLL_INTERVAL_S": f"{60.0 / time_scale:.2f}"}
         worker_env.update(env or {})
         pipeline = parts.make_pipeline(sandbox, **worker_env)
         report.log_dir = str(pipeline.log_dir)

@@ -17,7 +17,8 @@ local hold_slot_s = tonumber(ARGV[7]) -- > 0: keep the slot this long, then free
 local job_id = ARGV[8]
 local outcome_unknown = ARGV[9] == '1'
 local op = ARGV[10]                   -- this call's id (see below)
-local first_field = 11
+local known_id = ARGV[11]             -- the generation id the step's copy of the job had
+local first_field = 12
 
 if redis.call('HGET', job_key, 'last_op') == op then
   -- This very call ran already: its reply was lost and the client sent it
@@ -28,9 +29,11 @@ end
 if expected_token ~= '*' and redis.call('HGET', job_key, 'token') ~= expected_token then
   return false
 end
-if outcome_unknown and (redis.call('HGET', job_key, 'generation_id') or '') ~= '' then
-  -- The answer did arrive (a late POST thread recorded it): the outcome is
-  -- known. Leave the job to its lease; the reconciler sends its poll.
+local recorded = redis.call('HGET', job_key, 'generation_id') or ''
+if new_state == STATE.failed and recorded ~= '' and recorded ~= known_id then
+  -- An answer this step did not see arrived (a late POST thread recorded it,
+  -- maybe an earlier attempt's): that generation is paid, whatever this step
+  -- met. Leave the job to its lease; the reconciler sends its poll.
   return false
 end
 local t = redis.call('TIME')
