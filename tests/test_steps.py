@@ -392,3 +392,59 @@ def test_pending_first_polls_are_re_aimed_when_generations_get_faster(steps_for,
         assert steps.claim(ref, old[ref], "poll") is None  # the old countdown does nothing
         assert steps.store.get(ref).number("first_aim") == 1.0
     assert reaim_first_polls(steps.store, steps.dispatch, shape, first_s, 0.1, 5.0) == 0
+
+
+def test_an_id_landing_just_after_the_post_step_gave_up_is_still_polled(steps_for, make_sandbox):
+    """The POST answers 0.3 s after its 1 s deadline, while the step is still on its
+    way to failing the job 'outcome unknown' (made 1 s long here): the failure does
+    not land on the paid job; it keeps its lease, and the reconciler sends its poll."""
+    from chaos.faultproxy import FaultProxy
+
+    from worker.tasks import _run as run_task
+
+    sandbox = make_sandbox()
+    proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True, slow_s=1.3).start()
+    try:
+        steps = steps_for(sandbox, AIMLAPI_BASE_URL=proxy.url, VIDQ_POST_DEADLINE_S="1",
+                          VIDQ_HTTP_TIMEOUT_S="5", VIDQ_STEP_GRACE_S="7")
+        ref, token = _admit_one(steps)
+        proxy.queue("slow_headers", count=1, method="POST")
+        plan = steps.durations.plan
+        steps.durations.plan = lambda *a, **k: (time.sleep(1.0), plan(*a, **k))[1]
+
+        run_task(steps, "submit", steps.claim(ref, token, "submit"))
+        record = steps.store.get(ref)
+        steps.store.redis.zadd("vidq:due", {ref: 0})  # its lease, run out
+        reconcile(steps.admission, steps.dispatch, steps.settings.step_grace_s)
+    finally:
+        proxy.stop()
+
+    assert record.state != "failed" and record.generation_id, record.extra
+    assert steps.sent[-1][:2] == ("poll", ref) or steps.sent[-1][:2] == ("submit", ref)
+
+
+def test_a_late_refusal_undoes_only_its_own_attempts_booking(steps_for):
+    """POST A fails 'outcome unknown' (booked: it may have been charged), is re-POSTed
+    as B, B fails unknown too, then B is refused late: only B's booking is undone;
+    A's stays counted."""
+    from worker.retry import requeue
+
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    batch_key = f"vidq:batch:{ref.split(':')[0]}"
+    spent = []
+    for attempt in ("A", "B"):
+        job = steps.claim(ref, token, "submit")
+        assert steps.store.mark_posting(job, steps.durability) == "ok"
+        steps.fail(job, f"outcome_unknown: {attempt}'s answer was lost")
+        spent.append(float(steps.store.redis.hget(batch_key, "credits_spent")))
+        if attempt == "A":
+            assert requeue(steps.admission, steps.dispatch, "b", ["j1"],
+                           resubmit_unknown=True) == {"requeued": 1}
+            token = steps.sent[-1][2]
+    assert steps.store.clear_posting(job)  # B's own refusal, matched to its marker
+
+    assert steps.store.undo_unknown(job, "submit: HTTP 400 (late)") == "undone"
+    left = float(steps.store.redis.hget(batch_key, "credits_spent"))
+    assert spent[1] == 2 * spent[0] > 0 and left == spent[0]
+    assert float(steps.store.get(ref).extra["credits"]) == spent[0]

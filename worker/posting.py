@@ -66,8 +66,10 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
                 if settle(error=exc) and mine and refused_late:
                     refused_late(exc)
                 return
-            job.generation_id = record_paid(store, job, generation.id, settings.step_grace_s)
-            settle(generation=generation)
+            # Not written into `job`: a step that gave up must fail as one that
+            # saw no id (lua/transition.lua then leaves a paid job to its poll).
+            settle(generation=generation,
+                   generation_id=record_paid(store, job, generation.id, settings.step_grace_s))
         except BaseException as exc:  # handed to the waiting step, or logged if it left
             if done.is_set():
                 log.exception("job %s: a late answer to its POST could not be handled", job.ref)
@@ -89,6 +91,7 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
     error = outcome.get("error")
     if error is not None:
         raise error
+    job.generation_id = outcome["generation_id"]
     log.info("job %s submitted as generation %s", job.ref, job.generation_id)
     return outcome["generation"]
 

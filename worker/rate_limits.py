@@ -9,7 +9,7 @@ import logging
 import random
 import time
 
-from .admission import Admission, Dispatch
+from .admission import Admission, Dispatch, admit
 from .errors import RateLimited, RetryableUpstreamError, UpstreamError
 from .jobs import Job, JobStore
 from .retry import requeue
@@ -47,16 +47,16 @@ def revive_refused(store: JobStore, admission: Admission, dispatch: Dispatch, jo
     final = not isinstance(error, RetryableUpstreamError)
     reason = f"submit: {error} (answered after the step gave up; nothing was created)"
     for wait in REVIVE_WAITS_S:
-        undone = store.undo_unknown(job, reason if final else "")
+        undone = store.undo_unknown(job, reason)  # a requeue clears it
         if undone != "not_yet":
             break
         time.sleep(wait)
     if undone != "undone":
         return  # an id arrived, or a newer attempt runs: nothing to revive
-    if final:
-        log.warning("job %s: its POST was refused after the deadline (%s): nothing was "
-                    "created; failed", job.ref, error)
-        return
-    if requeue(admission, dispatch, job.batch, [job.id]).get("requeued"):
+    if not final and requeue(admission, dispatch, job.batch, [job.id]).get("requeued"):
         log.warning("job %s: its POST was refused after the deadline (%s): nothing was "
                     "created, back in line", job.ref, error)
+        return
+    log.warning("job %s: its POST was refused after the deadline (%s): nothing was "
+                "created; failed", job.ref, error)
+    admit(admission, dispatch)  # its slot is free

@@ -48,7 +48,9 @@ from .settings import Settings
 
 MAX_MESSAGE_CHARS = 500
 REDACTED = "[redacted]"
-MIN_KEY_HEAD = 8  # a cut key's head this long or longer is redacted too
+# A key cut by the message cap leaves its head: one this long is redacted at
+# the cut, and one this long anywhere (the cut message may be wrapped).
+MIN_KEY_HEAD_AT_END, MIN_KEY_HEAD = 4, 8
 MAX_REDIRECTS = 5
 # Statuses on which the upstream surely created nothing, so a POST may be sent again.
 SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
@@ -173,11 +175,12 @@ class UpstreamClient:
 
     def _scrub(self, text: str) -> str:
         text = text.replace(self._key, REDACTED)
-        # Messages are cut to MAX_MESSAGE_CHARS (and may be wrapped after the
-        # cut): a key cut there leaves its head.
-        for length in range(len(self._key) - 1, MIN_KEY_HEAD - 1, -1):
-            if self._key[:length] in text:
-                return text.replace(self._key[:length], REDACTED)
+        for length in range(len(self._key) - 1, MIN_KEY_HEAD_AT_END - 1, -1):
+            head = self._key[:length]
+            if length >= MIN_KEY_HEAD:
+                text = text.replace(head, REDACTED)
+            elif text.endswith(head):
+                text = text[:-length] + REDACTED
         return text
 
     def open_video(self, url: str) -> requests.Response:

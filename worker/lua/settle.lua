@@ -24,5 +24,10 @@ elseif outcome == 'failed' then
   kept = unknown
 end
 if pending == 0 then spent = 0 end  -- an existing generation polled again: paid before
-if settle(job_key, f[1], spent, kept) then return 1 end
+if settle(job_key, f[1], spent, kept) then
+  -- What this unknown outcome booked, for lua/undo_unknown.lua if a late
+  -- refusal proves nothing was created.
+  if outcome == 'failed' and kept then redis.call('HSET', job_key, 'unknown_booked', spent) end
+  return 1
+end
 return 0
