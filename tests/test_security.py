@@ -166,13 +166,16 @@ def test_a_key_quoted_back_by_the_upstream_is_redacted_everywhere(make_sandbox, 
     pipeline = make_pipeline(make_sandbox(), AIMLAPI_BASE_URL=hostile_upstream.url,
                              AIMLAPI_KEY=CANARY_KEY)
     pipeline.start_workers()
-    prompts = ["echo 401", "echo 500", "echo failed", "echo at once", "echo cut", "echo cut 500"]
+    prompts = ["echo 401", "echo 500", "echo failed", "echo at once", "echo cut", "echo cut 500",
+               "echo noid"]
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "echo")
 
     counts = pipeline.wait_finished("echo", timeout_s=60)
 
-    assert counts["failed"] == 6, counts
+    assert counts["failed"] == 7, counts
     reasons = sorted(job.last_error for job in jobs_of(pipeline, "echo"))
+    # The key goes before the message is cut to 500 characters, so a cut leaves no
+    # head of it ("echo cut" keeps "[reda" of the mark, "echo cut 500" all of it).
     assert len([r for r in reasons if "Incorrect API key provided: [redacted]" in r]) == 6, \
         reasons
     assert all(CANARY_KEY[:4] not in reason for reason in reasons), reasons
@@ -195,7 +198,8 @@ class HostileUpstream:
     """Accepts every POST, then reports each generation completed with a hostile URL.
     A prompt 'echo 401' or 'echo 500' is answered with that status, 'echo failed'
     with a generation that fails, 'echo at once' with one failed in the POST's own
-    answer, and 'echo cut' with a 401 whose key is cut by vidq's 500-character cap:
+    answer, 'echo noid' with a 2xx without an id, and 'echo cut' with a 401 whose key
+    is cut by vidq's 500-character cap:
     each quotes the key it was sent, as some gateways do."""
 
     def __init__(self):
@@ -226,6 +230,8 @@ class HostileUpstream:
                     return self._json(401, {"message": "x" * 467 + echoed})
                 if prompt == "echo cut 500":  # 10 fit, then vidq's own words follow
                     return self._json(500, {"message": "x" * 462 + echoed})
+                if prompt == "echo noid":  # a 2xx without an id, quoted cut at 200
+                    return self._json(200, {"note": "x" * 150 + echoed})
                 if prompt == "echo at once":
                     return self._json(200, {"id": "g-now", "status": "error",
                                             "error": {"message": echoed}})

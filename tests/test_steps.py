@@ -448,3 +448,24 @@ def test_a_late_refusal_undoes_only_its_own_attempts_booking(steps_for):
     left = float(steps.store.redis.hget(batch_key, "credits_spent"))
     assert spent[1] == 2 * spent[0] > 0 and left == spent[0]
     assert float(steps.store.get(ref).extra["credits"]) == spent[0]
+
+
+@pytest.mark.parametrize("rate_limited", [True, False], ids=["429", "paused"])
+def test_a_submit_put_back_after_an_earlier_posts_id_landed_is_polled(steps_for,
+                                                                       rate_limited):
+    """A re-POST (after --resubmit-unknown) meets a 429 or a pause, but the earlier
+    POST's late id landed meanwhile: the paid job keeps a slot and is polled, not put
+    in a line that admits only queued jobs (where it was lost, holding no slot)."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    steps.store.record_generation(job, "gen-of-an-earlier-post", 30.0)
+
+    steps.store.back_in_line(job, 5.0 if rate_limited else 0.0, rate_limited=rate_limited)
+    steps.store.redis.zadd("vidq:due", {ref: 0})
+    reconcile(steps.admission, steps.dispatch, steps.settings.step_grace_s)
+
+    client = steps.store.redis
+    assert client.zrange("vidq:batch:b:line", 0, -1) == []
+    assert client.zscore("vidq:slots", ref) is not None
+    assert steps.sent[-1][:2] == ("poll", ref)

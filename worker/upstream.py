@@ -45,12 +45,14 @@ from .metrics_record import upstream_call
 from .netguard import UrlPolicy, check_size, check_url, redacted
 from .retry_after import retry_after_s
 from .settings import Settings
+from .upstream_text import (
+    CALLER_KEY,
+    REDACTED,
+    body_message,
+    cut,
+    error_message,
+)
 
-MAX_MESSAGE_CHARS = 500
-REDACTED = "[redacted]"
-# A key cut by the message cap leaves its head: one this long is redacted at
-# the cut, and one this long anywhere (the cut message may be wrapped).
-MIN_KEY_HEAD_AT_END, MIN_KEY_HEAD = 4, 8
 MAX_REDIRECTS = 5
 # Statuses on which the upstream surely created nothing, so a POST may be sent again.
 SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
@@ -162,11 +164,14 @@ class UpstreamClient:
         """Error text comes from the upstream's body, which may echo the key
         ("Incorrect API key provided: sk-..."): it must not reach Redis, events
         or logs."""
+        caller = CALLER_KEY.set(self._key)
         try:
             yield
         except UpstreamError as exc:
             exc.args = tuple(self._scrub(a) if isinstance(a, str) else a for a in exc.args)
             raise
+        finally:
+            CALLER_KEY.reset(caller)
 
     def _scrubbed(self, generation: Generation) -> Generation:
         if not generation.error_message:
@@ -174,14 +179,7 @@ class UpstreamClient:
         return replace(generation, error_message=self._scrub(generation.error_message))
 
     def _scrub(self, text: str) -> str:
-        text = text.replace(self._key, REDACTED)
-        for length in range(len(self._key) - 1, MIN_KEY_HEAD_AT_END - 1, -1):
-            head = self._key[:length]
-            if length >= MIN_KEY_HEAD:
-                text = text.replace(head, REDACTED)
-            elif text.endswith(head):
-                text = text[:-length] + REDACTED
-        return text
+        return text.replace(self._key, REDACTED)
 
     def open_video(self, url: str) -> requests.Response:
         """A streaming response for a result URL (every redirect checked by
@@ -256,25 +254,15 @@ def parse_generation(response: requests.Response) -> Generation:
     except (ValueError, RecursionError):
         raise BadResponse(f"HTTP {response.status_code}: body is not JSON") from None
     if not isinstance(body, dict) or not _text(body.get("id")) or not _text(body.get("status")):
-        raise BadResponse(f"HTTP {response.status_code}: no id/status in {str(body)[:200]}")
+        raise BadResponse(f"HTTP {response.status_code}: no id/status in {cut(str(body), 200)}")
     video_url = _dig(body, "video", "url")
     return Generation(
         id=str(body["id"]),
         status=str(body["status"]).lower(),
         video_url=video_url if isinstance(video_url, str) else None,
-        error_message=_body_message(body),
+        error_message=body_message(body),
         credits_used=_credits(_dig(body, "meta", "usage", "credits_used")),
     )
-
-
-def error_message(response: requests.Response) -> str:
-    try:
-        body = response.json()
-    except (ValueError, RecursionError):
-        text = " ".join(response.text.split())
-        return (text or response.reason or "no body")[:MAX_MESSAGE_CHARS]
-    found = _body_message(body) if isinstance(body, dict) else None
-    return (found or str(body))[:MAX_MESSAGE_CHARS]
 
 
 def _text(value) -> bool:
@@ -290,25 +278,6 @@ def _credits(value) -> float | None:
     except ValueError:
         return None
     return number if number == number and abs(number) != float("inf") else None
-
-
-def _body_message(body: dict) -> str | None:
-    error = body.get("error")
-    if isinstance(error, dict) and error.get("message"):
-        name = error.get("name")
-        return (f"{name}: {error['message']}" if name else str(error["message"]))[
-            :MAX_MESSAGE_CHARS]
-    if isinstance(error, str) and error:
-        return error[:MAX_MESSAGE_CHARS]
-    if body.get("message"):
-        return str(body["message"])[:MAX_MESSAGE_CHARS]
-    detail = body.get("detail")
-    if isinstance(detail, list) and detail:
-        return "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d)
-                         for d in detail)[:MAX_MESSAGE_CHARS]
-    if detail:
-        return str(detail)[:MAX_MESSAGE_CHARS]
-    return None
 
 
 def _dig(body, *path: str):

@@ -21,6 +21,18 @@ local rate_limited = ARGV[4] == '1'  -- a real 429, not a paused submit
 local configured = tonumber(redis.call('HGET', config_key, 'max_in_flight') or '1') or 1
 local effective = tonumber(redis.call('HGET', config_key, 'effective_cap') or '') or configured
 if redis.call('HGET', job_key, 'token') ~= running_token then return effective end
+if pause_ms > 0 then extend_pause(pause_key, pause_ms) end
+if (redis.call('HGET', job_key, 'generation_id') or '') ~= '' then
+  -- An earlier POST's id landed meanwhile: that generation is paid and runs,
+  -- whatever this attempt met. It keeps a slot and is polled (the reconciler
+  -- sends the poll at once), never put back in line.
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '', 'recovered', '1')
+  redis.call('ZADD', slots_key, 'NX', now, ref)
+  redis.call('ZADD', due_key, now, ref)
+  return effective
+end
 redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '')
 -- Only a 429 proves the POST created nothing; a job bounced by a pause or a
 -- cancel keeps its marker (a recovered submit may have POSTed: never again).
@@ -36,7 +48,6 @@ if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then
 else
   put_in_line(batch, job_key, redis.call('HGET', job_key, 'id'), true)
 end
-if pause_ms > 0 then extend_pause(pause_key, pause_ms) end
 if not rate_limited then return effective end
 local REPEAT_S, SETTLE_S = 60, 5
 local now = tonumber(redis.call('TIME')[1])

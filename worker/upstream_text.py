@@ -1,0 +1,51 @@
+"""Text from the upstream's answers, for error messages and logs: the
+upstream's own message if its body has one, cut to `MAX_MESSAGE_CHARS`.
+
+An upstream (or a gateway before it) may quote the API key back ("Incorrect
+API key provided: sk-..."). The key of the client whose call is being
+answered (`CALLER_KEY`, set by `worker.upstream.UpstreamClient`) is replaced
+by "[redacted]" before any cut, so no head of a cut key survives either.
+"""
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+import requests
+
+MAX_MESSAGE_CHARS = 500
+REDACTED = "[redacted]"
+CALLER_KEY: ContextVar[str] = ContextVar("vidq_caller_key", default="")
+
+
+def error_message(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except (ValueError, RecursionError):
+        text = " ".join(response.text.split())
+        return cut(text or response.reason or "no body")
+    found = body_message(body) if isinstance(body, dict) else None
+    return cut(found or str(body))
+
+
+def body_message(body: dict) -> str | None:
+    error = body.get("error")
+    if isinstance(error, dict) and error.get("message"):
+        name = error.get("name")
+        return cut(f"{name}: {error['message']}" if name else str(error["message"]))
+    if isinstance(error, str) and error:
+        return cut(error)
+    if body.get("message"):
+        return cut(str(body["message"]))
+    detail = body.get("detail")
+    if isinstance(detail, list) and detail:
+        return cut("; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d)
+                              for d in detail))
+    if detail:
+        return cut(str(detail))
+    return None
+
+
+def cut(text: str, length: int = MAX_MESSAGE_CHARS) -> str:
+    """Upstream text for a message: the caller's key out first, then cut."""
+    key = CALLER_KEY.get()
+    return (text.replace(key, REDACTED) if key else text)[:length]
