@@ -469,3 +469,5 @@ def test_a_submit_put_back_after_an_earlier_posts_id_landed_is_polled(steps_for,
     assert client.zrange("vidq:batch:b:line", 0, -1) == []
     assert client.zscore("vidq:slots", ref) is not None
     assert steps.sent[-1][:2] == ("poll", ref)
+    # A 429 still counts toward finding the account's real limit.
+    assert (client.hget("vidq:config", "last_429_at") is not None) == rate_limited

@@ -47,10 +47,10 @@ from .retry_after import retry_after_s
 from .settings import Settings
 from .upstream_text import (
     CALLER_KEY,
-    REDACTED,
     body_message,
     cut,
     error_message,
+    scrub,
 )
 
 MAX_REDIRECTS = 5
@@ -179,7 +179,7 @@ class UpstreamClient:
         return replace(generation, error_message=self._scrub(generation.error_message))
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, REDACTED)
+        return scrub(text, self._key)
 
     def open_video(self, url: str) -> requests.Response:
         """A streaming response for a result URL (every redirect checked by

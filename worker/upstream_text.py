@@ -8,6 +8,7 @@ by "[redacted]" before any cut, so no head of a cut key survives either.
 """
 from __future__ import annotations
 
+import re
 from contextvars import ContextVar
 
 import requests
@@ -15,13 +16,14 @@ import requests
 MAX_MESSAGE_CHARS = 500
 REDACTED = "[redacted]"
 CALLER_KEY: ContextVar[str] = ContextVar("vidq_caller_key", default="")
+MIN_KEY_HEAD = 8  # a head of the key this long, cut short by a gateway, goes too
 
 
 def error_message(response: requests.Response) -> str:
     try:
         body = response.json()
     except (ValueError, RecursionError):
-        text = " ".join(response.text.split())
+        text = " ".join(scrub(response.text).split())
         return cut(text or response.reason or "no body")
     found = body_message(body) if isinstance(body, dict) else None
     return cut(found or str(body))
@@ -47,5 +49,16 @@ def body_message(body: dict) -> str | None:
 
 def cut(text: str, length: int = MAX_MESSAGE_CHARS) -> str:
     """Upstream text for a message: the caller's key out first, then cut."""
-    key = CALLER_KEY.get()
-    return (text.replace(key, REDACTED) if key else text)[:length]
+    return scrub(text)[:length]
+
+
+def scrub(text: str, key: str = "") -> str:
+    """`text` without `key` (default: the caller's), even wrapped over lines,
+    nor any head of it a gateway cut short."""
+    key = key or CALLER_KEY.get()
+    if not key:
+        return text
+    text = re.sub(r"\s*".join(map(re.escape, key)), REDACTED, text)
+    for length in range(len(key) - 1, MIN_KEY_HEAD - 1, -1):
+        text = text.replace(key[:length], REDACTED)
+    return text

@@ -25,28 +25,28 @@ if pause_ms > 0 then extend_pause(pause_key, pause_ms) end
 if (redis.call('HGET', job_key, 'generation_id') or '') ~= '' then
   -- An earlier POST's id landed meanwhile: that generation is paid and runs,
   -- whatever this attempt met. It keeps a slot and is polled (the reconciler
-  -- sends the poll at once), never put back in line.
+  -- sends the poll at once), never put back in line. A 429 still counts below.
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '', 'recovered', '1')
   redis.call('ZADD', slots_key, 'NX', now, ref)
   redis.call('ZADD', due_key, now, ref)
-  return effective
-end
-redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '')
--- Only a 429 proves the POST created nothing; a job bounced by a pause or a
--- cancel keeps its marker (a recovered submit may have POSTed: never again).
-if rate_limited then redis.call('HDEL', job_key, 'posting_at') end
-redis.call('ZREM', slots_key, ref)
-redis.call('ZREM', due_key, ref)
-local batch = redis.call('HGET', job_key, 'batch')
-settle(job_key, batch, 0, false)
-if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then
-  redis.call('HINCRBY', counts_key, redis.call('HGET', job_key, 'state'), -1)
-  redis.call('HINCRBY', counts_key, STATE.cancelled, 1)
-  redis.call('HSET', job_key, 'state', STATE.cancelled)
 else
-  put_in_line(batch, job_key, redis.call('HGET', job_key, 'id'), true)
+  redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '')
+  -- Only a 429 proves the POST created nothing; a job bounced by a pause or a
+  -- cancel keeps its marker (a recovered submit may have POSTed: never again).
+  if rate_limited then redis.call('HDEL', job_key, 'posting_at') end
+  redis.call('ZREM', slots_key, ref)
+  redis.call('ZREM', due_key, ref)
+  local batch = redis.call('HGET', job_key, 'batch')
+  settle(job_key, batch, 0, false)
+  if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then
+    redis.call('HINCRBY', counts_key, redis.call('HGET', job_key, 'state'), -1)
+    redis.call('HINCRBY', counts_key, STATE.cancelled, 1)
+    redis.call('HSET', job_key, 'state', STATE.cancelled)
+  else
+    put_in_line(batch, job_key, redis.call('HGET', job_key, 'id'), true)
+  end
 end
 if not rate_limited then return effective end
 local REPEAT_S, SETTLE_S = 60, 5
