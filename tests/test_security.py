@@ -167,12 +167,12 @@ def test_a_key_quoted_back_by_the_upstream_is_redacted_everywhere(make_sandbox, 
                              AIMLAPI_KEY=CANARY_KEY)
     pipeline.start_workers()
     prompts = ["echo 401", "echo 500", "echo failed", "echo at once", "echo cut", "echo cut 500",
-               "echo noid", "echo wrapped", "echo gateway cut"]
+               "echo noid", "echo wrapped", "echo gateway cut", "echo json wrapped"]
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "echo")
 
     counts = pipeline.wait_finished("echo", timeout_s=60)
 
-    assert counts["failed"] == 9, counts
+    assert counts["failed"] == 10, counts
     reasons = sorted(job.last_error for job in jobs_of(pipeline, "echo"))
     # The key goes before the message is cut to 500 characters, so a cut leaves no
     # head of it ("echo cut" keeps "[reda" of the mark, "echo cut 500" all of it).
@@ -180,7 +180,7 @@ def test_a_key_quoted_back_by_the_upstream_is_redacted_everywhere(make_sandbox, 
         reasons
     assert all(CANARY_KEY[:4] not in reason and CANARY_KEY[-6:] not in reason
                for reason in reasons), reasons
-    assert len([r for r in reasons if "[redacted]" in r]) == 8, reasons  # "echo cut": "[reda"
+    assert len([r for r in reasons if "[redacted]" in r]) == 9, reasons  # "echo cut": "[reda"
     assert_nowhere(CANARY_KEY, pipeline, tmp_path)
 
 
@@ -241,6 +241,8 @@ class HostileUpstream:
                     return self.wfile.write(page)
                 if prompt == "echo gateway cut":  # the gateway's own cut: a head of it
                     return self._json(401, {"message": f"Bad key {key[:12]}..."})
+                if prompt == "echo json wrapped":  # no message field: the body is quoted
+                    return self._json(400, {"note": f"Invalid key {key[:10]}\n {key[10:]}"})
                 if prompt == "echo noid":  # a 2xx without an id, quoted cut at 200
                     return self._json(200, {"note": "x" * 150 + echoed})
                 if prompt == "echo at once":

@@ -8,6 +8,7 @@ by "[redacted]" before any cut, so no head of a cut key survives either.
 """
 from __future__ import annotations
 
+import functools
 import re
 from contextvars import ContextVar
 
@@ -53,12 +54,18 @@ def cut(text: str, length: int = MAX_MESSAGE_CHARS) -> str:
 
 
 def scrub(text: str, key: str = "") -> str:
-    """`text` without `key` (default: the caller's), even wrapped over lines,
-    nor any head of it a gateway cut short."""
+    """`text` without `key` (default: the caller's), even wrapped over lines
+    (a real line break, or one written as \\n in a JSON or repr string), nor
+    any head of it of MIN_KEY_HEAD characters or more (a gateway cut it)."""
     key = key or CALLER_KEY.get()
-    if not key:
-        return text
-    text = re.sub(r"\s*".join(map(re.escape, key)), REDACTED, text)
-    for length in range(len(key) - 1, MIN_KEY_HEAD - 1, -1):
-        text = text.replace(key[:length], REDACTED)
-    return text
+    return _key_pattern(key).sub(REDACTED, text) if key else text
+
+
+@functools.lru_cache(maxsize=4)
+def _key_pattern(key: str) -> re.Pattern[str]:
+    gap = r"(?:\s|\\[nrt])*"
+    chars = [re.escape(c) for c in key]
+    tail = ""
+    for char in reversed(chars[MIN_KEY_HEAD:]):  # each further character optional, in turn
+        tail = f"(?:{gap}{char}{tail})?"
+    return re.compile(gap.join(chars[:MIN_KEY_HEAD]) + tail)
