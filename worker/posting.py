@@ -5,10 +5,10 @@ upstream answers, even after the step gave up waiting (VIDQ_POST_DEADLINE_S):
 a late id revives the job, and the generation it names is polled and
 downloaded. Recording retries through a Redis outage, because the id of a
 paid generation is the one thing that must not be dropped. A late answer
-that proves nothing was created (a 429, a 503, a 4xx) revives the job
-instead, if the marker it clears is its own attempt's: it is POSTed again,
-and a refusal then fails it with the upstream's reason. A worker process stopping waits
-for the answers still due.
+that proves nothing was created (a 429, a 503, a 4xx) is handed back
+instead, if the marker it clears is its own attempt's (worker/rate_limits.py:
+a 429 or 503 is POSTed again, a 4xx fails with the upstream's reason). A
+worker process stopping waits for the answers still due.
 """
 from __future__ import annotations
 

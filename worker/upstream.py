@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from urllib.parse import urljoin
 
 import requests
@@ -50,7 +50,6 @@ from .upstream_text import (
     body_message,
     cut,
     error_message,
-    scrub,
 )
 
 MAX_REDIRECTS = 5
@@ -146,8 +145,7 @@ class UpstreamClient:
                 http_errors("submit", posting=True):
             response = fresh.post(url, json=body, headers=self._auth, timeout=self._timeout)
             raise_for_submit(response)
-            generation = response_generation(response, posting=True)
-        return self._scrubbed(generation)
+            return response_generation(response, posting=True)
 
     def fetch(self, generation_id: str) -> Generation:
         url = self._base + self._endpoint.fetch_path
@@ -156,30 +154,18 @@ class UpstreamClient:
             response = self._session.get(url, params=params, headers=self._auth,
                                          timeout=self._timeout)
             raise_for_response(response)
-            generation = response_generation(response)
-        return self._scrubbed(generation)
+            return response_generation(response)
 
     @contextlib.contextmanager
     def _key_kept_out(self) -> Iterator[None]:
         """Error text comes from the upstream's body, which may echo the key
-        ("Incorrect API key provided: sk-..."): it must not reach Redis, events
-        or logs."""
+        ("Incorrect API key provided: sk-..."): every piece of it is read
+        through `upstream_text`, which takes this key out before it goes on."""
         caller = CALLER_KEY.set(self._key)
         try:
             yield
-        except UpstreamError as exc:
-            exc.args = tuple(self._scrub(a) if isinstance(a, str) else a for a in exc.args)
-            raise
         finally:
             CALLER_KEY.reset(caller)
-
-    def _scrubbed(self, generation: Generation) -> Generation:
-        if not generation.error_message:
-            return generation
-        return replace(generation, error_message=self._scrub(generation.error_message))
-
-    def _scrub(self, text: str) -> str:
-        return scrub(text, self._key)
 
     def open_video(self, url: str) -> requests.Response:
         """A streaming response for a result URL (every redirect checked by

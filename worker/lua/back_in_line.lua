@@ -23,14 +23,9 @@ local effective = tonumber(redis.call('HGET', config_key, 'effective_cap') or ''
 if redis.call('HGET', job_key, 'token') ~= running_token then return effective end
 if pause_ms > 0 then extend_pause(pause_key, pause_ms) end
 if (redis.call('HGET', job_key, 'generation_id') or '') ~= '' then
-  -- An earlier POST's id landed meanwhile: that generation is paid and runs,
-  -- whatever this attempt met. It keeps a slot and is polled (the reconciler
-  -- sends the poll at once), never put back in line. A 429 still counts below.
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '', 'recovered', '1')
-  redis.call('ZADD', slots_key, 'NX', now, ref)
-  redis.call('ZADD', due_key, now, ref)
+  -- An earlier POST's id landed meanwhile: that generation is paid, whatever
+  -- this attempt met; never put back in line. A 429 still counts below.
+  poll_at_once(job_key, slots_key, due_key, ref)
 else
   redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '')
   -- Only a 429 proves the POST created nothing; a job bounced by a pause or a

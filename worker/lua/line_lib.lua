@@ -6,6 +6,17 @@
 local function batch_key(batch) return NS.batch .. batch end
 local function line_key(batch) return NS.batch .. batch .. NS.line end
 
+-- A paid generation whose chain restarts (a retry, or a submit bounced after
+-- an earlier POST's id landed): it runs upstream whatever the line says, so
+-- it holds a slot, and the reconciler sends its poll at once.
+local function poll_at_once(job_key, slots_key, due_key, ref)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '', 'recovered', '1')
+  redis.call('ZADD', slots_key, 'NX', now, ref)
+  redis.call('ZADD', due_key, now, ref)
+end
+
 -- Put `batch` in its priority's ring (at the front if `front`), unless it is
 -- there already, paused, cancelled, held by a spend cap or has no one waiting.
 local function wake(batch, front)

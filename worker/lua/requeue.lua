@@ -26,14 +26,9 @@ local function leave_failed(state)
   redis.call('HINCRBY', counts_key, state, 1)
 end
 if generation_id ~= '' then
-  -- Paid: it runs (or ran) upstream whatever the line says, so it takes a
-  -- slot now, past pauses, spend caps and a cancel (all about new POSTs),
-  -- and the reconciler sends its poll at once, as for a revived job.
+  -- Paid: past pauses, spend caps and a cancel too (all about new POSTs).
   leave_failed(STATE.submitted)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  redis.call('ZADD', slots_key, 'NX', now, ref)
-  redis.call('ZADD', due_key, now, ref)
+  poll_at_once(job_key, slots_key, due_key, ref)
   return 'requeued'
 end
 if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then return 'cancelled' end
