@@ -1,5 +1,6 @@
 """Every `vidq` subcommand turns bad settings and a bad or unreachable Redis into one
-`error:` line on stderr and exit status 2, never a traceback; `vidq run` derives a
+`error:` line on stderr and exit status 2, never a traceback and never a piece of a
+password in the URL; `vidq run` derives a
 safe batch name from the file name.
 
 Real parts only: the `vidq` command as a subprocess, the test Redis, and for `run`
@@ -19,6 +20,7 @@ import redis
 from conftest import write_prompts
 
 VIDQ = [sys.executable, "-c", "from producer.cli import main; main()"]
+PASSWORD = "Zq7Secr3tPw"
 
 
 def closed_port() -> int:
@@ -38,6 +40,17 @@ def cases(redis_url: str) -> dict[str, tuple[dict, str]]:
                         "VIDQ_REDIS_URL"),
         "notaurl": ({"VIDQ_REDIS_URL": "notaurl"}, "VIDQ_REDIS_URL"),
         "http_url": ({"VIDQ_REDIS_URL": "http://x"}, "VIDQ_REDIS_URL"),
+        # An unencoded '/' or '#' splits the URL inside the password: the parser's
+        # own message quoted its head ("Port could not be cast ... 'Zq7Se'").
+        "slash_in_password": ({"VIDQ_REDIS_URL": f"redis://:{PASSWORD[:5]}/{PASSWORD[5:]}"
+                                                 f"@127.0.0.1:{closed_port()}/0"},
+                              "percent-encode"),
+        "hash_in_password": ({"VIDQ_REDIS_URL": f"redis://:{PASSWORD[:5]}#{PASSWORD[5:]}"
+                                                f"@127.0.0.1:{closed_port()}/0"},
+                             "VIDQ_REDIS_URL"),
+        "sentinel_then_plain": ({"VIDQ_REDIS_URL": f"sentinel://:{PASSWORD}@127.0.0.1:26379;"
+                                                   f"redis://:{PASSWORD}@h2:6379"},
+                                "every ;-separated part"),
     }
 
 
@@ -79,6 +92,7 @@ def test_bad_settings_and_redis_give_one_error_line(command, redis_url, tmp_path
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), where
         assert fragment in lines[0], where
+        assert PASSWORD[:5] not in stdout + stderr and PASSWORD[5:] not in stdout + stderr, where
         if command == "run":  # refused before a private Redis, sandbox or worker started
             assert not state.exists(), where
     assert redis.Redis.from_url(redis_url).dbsize() == 0

@@ -17,6 +17,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .errors import ConfigError
+from .netguard import without_credentials
 from .settings import is_sentinel_url, sentinel_master_of
 
 
@@ -59,8 +60,12 @@ def connect(redis_url: str) -> redis.Redis:
                         "password": unquote(url.password)}
             if url.path.strip("/") and not db:
                 db = int(url.path.strip("/"))
-    except ValueError as exc:
-        raise ConfigError(f"VIDQ_REDIS_URL is not a Redis URL: {exc}") from None
+    except ValueError:
+        # The parser's own text may quote a piece of the password (a '/' in it
+        # splits the URL there), so it is not shown.
+        raise ConfigError(f"VIDQ_REDIS_URL is not a Redis URL: {without_credentials(redis_url)} "
+                          "(redis://[:password@]host:port/db; percent-encode '/', '#', '?' "
+                          "and '@' in a password)") from None
     # The sentinels answer fast or not at all: a dead one is skipped quickly.
     sentinels = Sentinel(nodes, sentinel_kwargs={"socket_connect_timeout": 1, "socket_timeout": 2})
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20)

@@ -87,6 +87,17 @@ def redacted(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"[:300]
 
 
+def without_credentials(url: str) -> str:
+    """A configured URL (Redis, S3) for a message: scheme://host:port/path with
+    everything up to the last '@' taken out. A password holding an unencoded
+    '/', '#' or '?' ends urlsplit's netloc early, so the split's userinfo is not
+    enough: the password's tail would show as the path."""
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        return "<not a URL>"
+    return f"{scheme}://{rest.rpartition('@')[2]}"[:300]
+
+
 def check_url(url: str, policy: UrlPolicy, resolve: Resolver = socket.getaddrinfo) -> None:
     """Raise ResultRefused (message shows only `redacted(url)`) if the URL must not be fetched.
 

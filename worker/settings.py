@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit, urluns
 
 from .contract import DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
+from .netguard import without_credentials
 from .spend import parse_estimates
 from .webhook_signing import check_webhook_settings
 
@@ -222,7 +223,8 @@ def sentinel_url(url: str, master: str) -> str:
     parts = [part.strip() for part in url.split(";") if part.strip()]
     for part in parts:
         if not is_sentinel_url(part):
-            raise ConfigError(f"VIDQ_REDIS_URL: {part!r} is not sentinel://host:port "
+            shown = without_credentials(part)
+            raise ConfigError(f"VIDQ_REDIS_URL: {shown!r} is not sentinel://host:port "
                               "(every ;-separated part must be a sentinel)")
     named = sentinel_master_of(url)
     master = master.strip()

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 from .errors import ConfigError, StorageError
+from .netguard import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +120,19 @@ def open_storage(url: str, part_bytes: int) -> Storage:
     """The backend for VIDQ_STORAGE_URL: file:///abs/path, a plain path, or
     s3://bucket/prefix (multipart parts of `part_bytes`, VIDQ_S3_PART_BYTES)."""
     parsed = urlparse(url)
+    shown = without_credentials(url) if "://" in url else url
     if parsed.scheme in ("", "file"):
         raw = unquote(parsed.path) if parsed.scheme else url
         if parsed.netloc not in ("", "localhost"):
-            raise ConfigError(f"VIDQ_STORAGE_URL={url!r}: use file:///absolute/path")
+            raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: use file:///absolute/path")
         return FileStorage(Path(raw).expanduser().resolve())
     if parsed.scheme == "s3":
         if not parsed.netloc or parsed.query or parsed.fragment or "@" in parsed.netloc:
-            raise ConfigError(f"VIDQ_STORAGE_URL={url!r}: use s3://bucket/prefix")
+            raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: use s3://bucket/prefix")
         from .storage_s3 import S3Storage
 
         return S3Storage(parsed.netloc, unquote(parsed.path), part_bytes=part_bytes)
-    raise ConfigError(f"VIDQ_STORAGE_URL={url!r}: unsupported scheme {parsed.scheme!r}")
+    raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: unsupported scheme {parsed.scheme!r}")
 
 
 def video_key(batch: str, job_id: str) -> str:
