@@ -229,7 +229,10 @@ def cap(max_in_flight):
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
 @click.option("--concurrency", default=4, show_default=True, help="Pool size per worker.")
 @click.option("--state-dir", default=".vidq", show_default=True, type=click.Path(path_type=Path))
-def run(file, batch, use_sandbox, workers, concurrency, state_dir):
+@click.option("--allow-variants", is_flag=True,
+              help="As for `vidq enqueue`: add jobs that differ from the batch's only by "
+                   "parameters.")
+def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variants):
     """Run one batch end to end on this machine, then exit."""
     from worker.connection import connect
 
@@ -242,7 +245,8 @@ def run(file, batch, use_sandbox, workers, concurrency, state_dir):
         connect(settings.redis_url).ping()
     # The name becomes a path part and a key part: never a leading '.' or '-'.
     batch = batch or re.sub(r"[^A-Za-z0-9._-]", "-", file.stem).lstrip(".-")[:128] or "batch"
-    sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console))
+    sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console,
+                       allow_variants=allow_variants))
 
 
 @main.command(cls=VidqCommand)

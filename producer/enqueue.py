@@ -64,7 +64,8 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
     if conflicts:
         raise PromptFileError(str(path), conflicts)
     variants = check_variants(admission.redis, batch, str(path),
-                              [j[1] for j in jobs if j[0] not in existing], allow_variants)
+                              [j[1] for j in jobs if j[0] not in existing], allow_variants,
+                              file_requests=[j[1] for j in jobs])
     if check_plan is not None:  # may refuse: nothing is enqueued yet
         check_plan([j[1] for j in jobs if j[0] not in existing])
     created = admission.enqueue(batch, (j for j in jobs if j[0] not in existing), time.time(),

@@ -24,7 +24,7 @@ from .prompts import load_prompts
 
 
 def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurrency: int,
-              state_dir: Path, console: Console) -> int:
+              state_dir: Path, console: Console, allow_variants: bool = False) -> int:
     """Exit status: 0 only if every job of the batch ended done."""
     import worker
     from worker.celery_app import apply_settings
@@ -41,7 +41,8 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
             settings = Settings.from_env(env)
             apply_settings(worker.app, settings)  # publish to this run's Redis
             admission = open_admission(settings)
-            result = enqueue_file(admission, file, batch, defaults, dispatch)
+            result = enqueue_file(admission, file, batch, defaults, dispatch,
+                                  allow_variants=allow_variants)
             console.print(f"batch {batch}: {result.jobs_in_file} jobs "
                           f"({result.created} new, {result.already_there} already enqueued)")
             # Workers take a few seconds to start; "no worker is alive" is for

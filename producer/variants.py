@@ -33,14 +33,19 @@ class Variants:
     fields: tuple[str, ...]  # the parameters they differ by
 
 
-def find_variants(client: redis.Redis, batch: str, new_requests: list[dict]) -> Variants:
-    """The new requests whose prompt is already in `batch` with other parameters."""
+def find_variants(client: redis.Redis, batch: str, new_requests: list[dict],
+                  file_requests: list[dict] | None = None) -> Variants:
+    """The new requests whose prompt is already in `batch` with other
+    parameters that the file itself does not ask for: a file with a 480P and
+    a 720P take of each prompt, enqueued again after an interrupted run, is
+    finishing its own work, not adding variants."""
     if not new_requests or not client.exists(keys.batch_jobs(batch)):
         return Variants(0, ())
     wanted = {request.get("prompt") for request in new_requests}
+    asked = {_canonical(request) for request in file_requests or new_requests}
     existing: dict[str, list[dict]] = {}
     for request in _requests(client, batch):
-        if request.get("prompt") in wanted:
+        if request.get("prompt") in wanted and _canonical(request) not in asked:
             existing.setdefault(request["prompt"], []).append(request)
     count, fields = 0, set()
     for request in new_requests:
@@ -51,6 +56,10 @@ def find_variants(client: redis.Redis, batch: str, new_requests: list[dict]) -> 
             fields |= {name for old in others for name in set(old) | set(request)
                        if old.get(name) != request.get(name)}
     return Variants(count, tuple(sorted(fields)))
+
+
+def _canonical(request: dict) -> str:
+    return json.dumps(request, sort_keys=True, ensure_ascii=False)
 
 
 def _requests(client: redis.Redis, batch: str):
@@ -67,9 +76,9 @@ def _requests(client: redis.Redis, batch: str):
 
 
 def check_variants(client: redis.Redis, batch: str, path: str, new_requests: list[dict],
-                   allow: bool) -> int:
+                   allow: bool, file_requests: list[dict] | None = None) -> int:
     """How many new jobs are variants; refused (InputError) unless `allow`."""
-    found = find_variants(client, batch, new_requests)
+    found = find_variants(client, batch, new_requests, file_requests)
     if found.count and not allow:
         word = "job differs" if found.count == 1 else "jobs differ"
         raise InputError(

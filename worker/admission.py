@@ -101,28 +101,39 @@ class Admission:
         if self.cancelled(batch):
             raise InputError(f"batch {batch!r} was cancelled: enqueue into a new batch name")
         self.configure(batch, batch_settings or {}, defaults={"priority": "normal"})
-        created, calls = 0, []
-        for job_id, request, *rest in jobs:
-            ref = keys.job_ref(batch, job_id)
-            script_keys = [keys.job(ref), keys.batch_jobs(batch), keys.batch_counts(batch),
-                           keys.batch(batch)]
-            args = [job_id, batch, json.dumps(request, ensure_ascii=False), repr(now),
-                    repr(self.credits.of(request))]
-            for name, value in (rest[0] if rest else {}).items():
-                args += [name, str(value)]
-            calls.append((script_keys, args))
-            if len(calls) >= ENQUEUE_PIPELINE:
-                created += sum(int(answer) for answer in self._run_all("enqueue", calls))
-                calls = []
-        if calls:
-            created += sum(int(answer) for answer in self._run_all("enqueue", calls))
+        # Known before its first job is: an enqueue that dies half-way leaves
+        # jobs that run, and their batch must be listed, finished and expired.
         self.redis.sadd(keys.BATCHES, batch)
         self.redis.hsetnx(keys.batch(batch), "created_at", repr(now))
+        created, calls = 0, []
+        try:
+            for job_id, request, *rest in jobs:
+                calls.append(self._enqueue_call(batch, job_id, request, rest, now))
+                if len(calls) >= ENQUEUE_PIPELINE:
+                    created += sum(int(answer) for answer in self._run_all("enqueue", calls))
+                    calls = []
+            if calls:
+                created += sum(int(answer) for answer in self._run_all("enqueue", calls))
+        except redis.RedisError as exc:
+            raise type(exc)(f"{exc}; at least {created} new jobs had been written to batch "
+                            f"{batch!r} and will run; the same command again enqueues the "
+                            "rest (nothing twice)") from exc
         if self.cancelled(batch):  # `vidq cancel` ran meanwhile (lua/enqueue.lua)
             raise InputError(f"batch {batch!r} was cancelled while this enqueue ran: "
                              f"{created} jobs were written before (cancelled with it unless "
                              "admitted already), the rest were not enqueued")
         return created
+
+    def _enqueue_call(self, batch: str, job_id: str, request: dict, rest: list,
+                      now: float) -> tuple[list[str], list[str]]:
+        ref = keys.job_ref(batch, job_id)
+        script_keys = [keys.job(ref), keys.batch_jobs(batch), keys.batch_counts(batch),
+                       keys.batch(batch)]
+        args = [job_id, batch, json.dumps(request, ensure_ascii=False), repr(now),
+                repr(self.credits.of(request))]
+        for name, value in (rest[0] if rest else {}).items():
+            args += [name, str(value)]
+        return script_keys, args
 
     def configure(self, batch: str, values: dict, defaults: dict | None = None) -> bool:
         """Set a batch's admission settings (priority, paused, max_credits,

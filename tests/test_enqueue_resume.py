@@ -1,0 +1,63 @@
+"""An enqueue that dies half-way: its batch is listed at once, and the same
+command again finishes the file, adding nothing twice, even when the file
+holds several takes (parameters) of one prompt.
+
+Real parts: the `vidq` command as a subprocess, SIGKILLed mid-write, and the
+test Redis.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import redis
+
+from worker import keys
+
+VIDQ = [sys.executable, "-c", "from producer.cli import main; main()"]
+
+
+def _env(redis_url: str) -> dict:
+    env = {**os.environ, "VIDQ_REDIS_URL": redis_url}
+    env.pop("VIDQ_STORAGE_URL", None)
+    return env
+
+
+def _two_takes_each(path, prompts: int):
+    with path.open("w") as out:
+        for i in range(prompts):
+            for resolution in ("480P", "720P"):
+                out.write(json.dumps({"prompt": f"a heron at dawn, take {i}",
+                                      "resolution": resolution}) + "\n")
+    return path
+
+
+def test_an_enqueue_killed_half_way_is_listed_and_the_same_command_finishes_it(
+        redis_url, tmp_path):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    path = _two_takes_each(tmp_path / "takes.jsonl", 20_000)
+    command = VIDQ + ["enqueue", str(path), "--batch", "takes"]
+    first = subprocess.Popen(command, env=_env(redis_url), cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while client.scard(keys.batch_jobs("takes")) < 1 and first.poll() is None:
+        time.sleep(0.005)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    written = client.scard(keys.batch_jobs("takes"))
+    assert 0 < written < 40_000, f"not killed half-way: {written} jobs written"
+
+    listed = subprocess.run(VIDQ + ["batches", "--json"], env=_env(redis_url), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "takes" in [row["batch"] for row in json.loads(listed.stdout)]
+
+    again = subprocess.run(command, env=_env(redis_url), cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"({40_000 - written} new, {written} already enqueued)" in again.stdout
+    assert client.scard(keys.batch_jobs("takes")) == 40_000
+    assert int(client.hget(keys.batch("takes"), "total")) == 40_000
