@@ -3,12 +3,14 @@ nothing twice. The upstream is a sandbox started by the test, so its ledger
 outlives each run and counts every generation."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 from collections import Counter
 
+import av
 import requests
 from conftest import FAST_WORKER_ENV, write_prompts
 
@@ -107,3 +109,32 @@ def test_vidq_run_restarts_a_worker_that_dies(make_sandbox, tmp_path):
     assert process.returncode == 0, output
     assert "starting it again" in output
     assert _ledger(sandbox) == Counter({p: 1 for p in prompts})
+
+
+def test_a_stored_video_is_taken_only_for_the_request_that_made_it(make_sandbox, tmp_path):
+    """The Redis state is lost (a purge, retention, a deleted state dir) and the
+    same explicit ids come back at 480P after a 720P night: the stored 720P
+    videos are not taken as theirs; each is generated again, at 480P."""
+    sandbox = make_sandbox()
+    env = _env(sandbox, tmp_path)
+    path = tmp_path / "shots.jsonl"
+    lines = [{"id": f"shot{i}", "prompt": f"a tram in the rain {i}"} for i in range(2)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert _run(path, tmp_path, env).returncode == 0
+
+    subprocess.run(["rm", "-rf", str(tmp_path / "state")], check=True)
+    again = _run(path, tmp_path, env)  # the same requests: storage says done
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sum(_ledger(sandbox).values()) == 2
+
+    subprocess.run(["rm", "-rf", str(tmp_path / "state")], check=True)
+    path.write_text("".join(json.dumps({**line, "resolution": "480P"}) + "\n" for line in lines))
+    lower = _run(path, tmp_path, env)
+    assert lower.returncode == 0, lower.stdout + lower.stderr
+    bodies = requests.get(sandbox.url + "/__ledger", timeout=10).json()
+    assert [entry["body"].get("resolution") for entry in bodies] == [None, None, "480P", "480P"]
+    for i in range(2):
+        card = json.loads((tmp_path / "videos" / "shots" / f"shot{i}.json").read_text())
+        assert card["parameters"]["resolution"] == "480P"
+        with av.open(str(tmp_path / "videos" / "shots" / f"shot{i}.mp4")) as video:
+            assert video.streams.video[0].height == 480

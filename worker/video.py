@@ -60,11 +60,20 @@ def stored_video(storage: Storage, job: Job) -> dict | None:
         return None
     if not isinstance(card, dict):
         return None
-    if card.get("prompt") != job.request.get("prompt") or not isinstance(card.get("sha256"), str):
+    if not isinstance(card.get("sha256"), str) or not _same_request(card, job.request):
         return None
     if storage.sha256(key) != card["sha256"]:
         return None
     return card
+
+
+def _same_request(card: dict, request: dict) -> bool:
+    """The sidecar's video is what the job asks for: the same prompt, model
+    and parameters (an explicit id reused at 480P after a 720P night is a new
+    video, not the old one)."""
+    if (card.get("prompt"), card.get("model")) != (request.get("prompt"), request.get("model")):
+        return False
+    return json.loads(json.dumps(effective_parameters(request))) == card.get("parameters")
 
 
 def _check_mp4_head(head: bytes) -> bytes:
