@@ -302,3 +302,26 @@ def test_the_estimate_per_model_and_resolution_is_what_a_cap_counts(make_pipelin
 
     assert len(admitted) == 2
     assert {pipeline.store.get(ref).number("credits_pending") for ref, _ in admitted} == {60000.0}
+
+
+def test_a_producers_lower_estimate_does_not_make_a_cap_count_less(make_pipeline, tmp_path):
+    """Workers estimate 120,000 a video; a producer's shell says 1. Under
+    --max-credits 120,000 one video is admitted, not all four: the caps count
+    the deployment's estimate (a producer's may only be higher)."""
+    pipeline = make_pipeline()
+    pipeline.start_workers(count=1, concurrency=2)
+    wait_until(lambda: pipeline.store.redis.hget(keys.CONFIG, "credit_estimate"),
+               what="the workers' estimate in Redis")
+    shell = {**pipeline.env, "VIDQ_CREDIT_ESTIMATE": "1"}
+    path = write_prompts(tmp_path / "p.txt", _prompts("E", 4))
+    enqueued = subprocess.run(["vidq", "enqueue", str(path), "--batch", "capped",
+                               "--max-credits", "120000"], env=shell, capture_output=True,
+                              text=True, timeout=60)
+    assert enqueued.returncode == 0, enqueued.stderr
+
+    wait_until(lambda: pipeline.store.counts("capped")["done"] >= 1, what="a video done")
+    time.sleep(1.0)  # the reconciler pumps every second: time to admit more if it would
+
+    assert len(pipeline.ledger()) == 1
+    assert "(paused: spend cap)" in _vidq(pipeline, "limits", "capped").stdout
+    assert pipeline.admission.waiting("capped") == 3

@@ -27,6 +27,7 @@ import redis
 
 from . import keys
 from .connection import op_id, run_pipeline
+from .contract import shape_of
 from .errors import InputError
 from .jobs import FINAL_STATES, Job, JobStore, State, Step, load_script
 from .metrics_record import resent as resent_metric
@@ -57,6 +58,7 @@ class Admission:
                          for name in LINE_SCRIPTS}
         self._scripts["release_holds"] = load_script(self.redis, "release_holds")
         self._scripts["set_cap"] = load_script(self.redis, "set_cap")
+        self._scripts["set_estimates"] = load_script(self.redis, "set_estimates")
 
     def set_cap(self, max_in_flight: int, by_operator: bool = False) -> tuple[int | None, bool]:
         """Store C (see `lua/set_cap.lua`): an operator's, or a starting
@@ -66,6 +68,13 @@ class Admission:
         old, outcome = self._scripts["set_cap"](keys=[keys.CONFIG],
                                                 args=[max_in_flight, int(by_operator)])
         return (int(old) if old else None), outcome == "kept"
+
+    def publish_estimates(self) -> None:
+        """This deployment's credit estimates, for the pump (lua/set_estimates.lua)."""
+        args: list[str] = [repr(self.credits.default)]
+        for (model, resolution), credits in sorted(self.credits.table.items()):
+            args += [f"{model}@{resolution}", repr(credits)]
+        self._scripts["set_estimates"](keys=[keys.CONFIG], args=args)
 
     def cap(self) -> int | None:
         raw = self.redis.hget(keys.CONFIG, "max_in_flight")
@@ -131,7 +140,8 @@ class Admission:
                        keys.batch(batch)]
         args = [job_id, batch, json.dumps(request, ensure_ascii=False), repr(now),
                 repr(self.credits.of(request))]
-        for name, value in (rest[0] if rest else {}).items():
+        extra = {"shape": "@".join(shape_of(request)), **(rest[0] if rest else {})}
+        for name, value in extra.items():
             args += [name, str(value)]
         return script_keys, args
 

@@ -35,6 +35,8 @@
     vidq:config                 hash: max_in_flight (C, one value per deployment);
                                 effective_cap, cap_credit (C lowered after 429s)
                                 daily_credits (the deployment's daily credit cap)
+                                credit_estimate, credit_estimate@<model>@<RES> (the
+                                workers' estimates: what the spend caps count)
     vidq:pause:submit           string with a TTL: the upstream said 429 to a POST;
                                 no admission, no POST until it expires
     vidq:pause:poll             string with a TTL: the same for status GETs

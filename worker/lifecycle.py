@@ -49,6 +49,7 @@ class Lifecycle(bootsteps.StartStopStep):
         elif old not in (None, settings.max_in_flight):
             log.warning("C (VIDQ_MAX_IN_FLIGHT) changed from %s to %s for the deployment",
                         old, settings.max_in_flight)
+        steps.admission.publish_estimates()
         self.beat()
         self.timers = [
             worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),
