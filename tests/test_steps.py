@@ -4,12 +4,19 @@
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
+import subprocess
+import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
 import requests
 
+from sandbox.videos import render_clip
 from worker.admission import reconcile
 from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired
 from worker.keys import durations, job_ref
@@ -471,3 +478,118 @@ def test_a_submit_put_back_after_an_earlier_posts_id_landed_is_polled(steps_for,
     assert steps.sent[-1][:2] == ("poll", ref)
     # A 429 still counts toward finding the account's real limit.
     assert (client.hget("vidq:config", "last_429_at") is not None) == rate_limited
+
+
+@pytest.fixture(scope="module")
+def real_mp4(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    render_clip(path, 320, 240)
+    return path.read_bytes()
+
+
+def _serve_cut(body: bytes, with_length: bool) -> tuple[str, ThreadingHTTPServer]:
+    """200 with `body` (a cut video): without Content-Length the close ends it
+    as a whole answer would; with one, the length matches the cut body (a
+    CDN's cached cut object). Neither is an HTTP error."""
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            if with_length:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/v.mp4", server
+
+
+@pytest.mark.parametrize("with_length", [False, True], ids=["closed", "cached_cut"])
+def test_a_video_cut_short_without_an_http_error_is_refused(steps_for, redis_url, real_mp4,
+                                                            tmp_path, with_length):
+    """60% of a real MP4, ended by a close or by a matching Content-Length: its
+    last box is unfinished, so CorruptVideo (retried), nothing published."""
+    url, server = _serve_cut(real_mp4[:len(real_mp4) * 6 // 10], with_length)
+    try:
+        steps = steps_for()
+        ref, token = _admit_one(steps)
+        redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
+            "video_url": url, "state": "downloading"})
+        job = steps.claim(ref, token, "download")
+        with pytest.raises(CorruptVideo, match="cut inside an MP4 box"):
+            steps.download(job)
+    finally:
+        server.shutdown()
+    assert not any(tmp_path.rglob("*.mp4")) and not any(tmp_path.rglob("*.part"))
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from worker.errors import StorageError
+from worker.storage import FileStorage
+from worker.video import stream_video
+
+video = Path(sys.argv[1]).read_bytes()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG), as ENOSPC would
+resource.setrlimit(resource.RLIMIT_FSIZE, (len(video) // 2, len(video) // 2))
+chunks = (video[i:i + 4096] for i in range(0, len(video), 4096))
+try:
+    stream_video(FileStorage(Path(sys.argv[2])), "b/j.mp4", chunks, None)
+except StorageError as exc:
+    print("StorageError:", exc)
+"""
+
+
+def test_a_full_disk_is_a_storage_error_even_when_the_close_fails_again(real_mp4, tmp_path):
+    """The kernel refuses a write half-way (RLIMIT_FSIZE, like a full disk); the
+    buffer still holds bytes, so the close's flush fails too. That second
+    failure used to escape as a bare OSError, which a download does not retry:
+    a paid video given up after 8 attempts. It is a StorageError, retried."""
+    source = tmp_path / "clip.mp4"
+    source.write_bytes(real_mp4)
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(source), str(tmp_path / "s")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("StorageError: cannot write"), result.stdout + result.stderr
+    assert not any((tmp_path / "s").rglob("*.mp4")) and not any((tmp_path / "s").rglob("*.part"))
+
+
+def test_a_gzipped_video_with_its_wire_length_is_stored_whole(steps_for, redis_url, real_mp4,
+                                                             tmp_path):
+    """vidq asks for the file as is (Accept-Encoding: identity); a server that
+    gzips anyway, with the compressed Content-Length, is still stored whole.
+    It used to fail every attempt: the decoded bytes never matched the wire's length."""
+    seen = []
+    packed = gzip.compress(real_mp4)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Accept-Encoding"))
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(packed)))
+            self.end_headers()
+            self.wfile.write(packed)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        steps = steps_for()
+        ref, token = _admit_one(steps)
+        redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
+            "video_url": f"http://127.0.0.1:{server.server_port}/v.mp4", "state": "downloading"})
+        steps.download(steps.claim(ref, token, "download"))
+    finally:
+        server.shutdown()
+    assert seen == ["identity"]
+    stored = (tmp_path / "b" / "j1.mp4").read_bytes()
+    assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(real_mp4).hexdigest()

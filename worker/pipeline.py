@@ -34,7 +34,7 @@ from .rate_limits import pause_s, revive_refused, spread
 from .schedule import PollPlan, backoff_delay
 from .settings import Settings
 from .storage import Storage, sidecar_key, video_key
-from .upstream import Generation, UpstreamClient
+from .upstream import Generation, UpstreamClient, file_length
 from .video import sidecar, stored_video, stream_video
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Steps:
             with response, lease_renewed(self.store, job, self.settings.download_grace_s) as lost:
                 size, digest = stream_video(
                     self.storage, key, unless_lost(self.client.chunks(response, 1 << 20), lost),
-                    response.headers.get("Content-Length"))
+                    file_length(response))
         except TakenOver:
             self._taken_over(job)
             return

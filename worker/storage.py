@@ -56,17 +56,17 @@ class FileStorage:
         except OSError as exc:
             raise StorageError(f"cannot write {final}: {exc.strerror}") from None
         try:
-            with os.fdopen(fd, "wb") as out:
-                try:
+            try:
+                with os.fdopen(fd, "wb") as out:
                     yield out
-                except OSError as exc:  # ENOSPC, EIO while the caller writes
-                    raise StorageError(f"cannot write {final}: {exc.strerror}") from None
-                try:
                     out.flush()
                     os.fchmod(out.fileno(), FILE_MODE)
                     os.fsync(out.fileno())
-                except OSError as exc:
-                    raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+            except OSError as exc:
+                # ENOSPC, EIO while the caller writes, or again as the close
+                # flushes what the buffer still held: a StorageError either
+                # way, which a paid video's download retries.
+                raise StorageError(f"cannot write {final}: {exc.strerror}") from None
             try:
                 os.replace(tmp, final)
                 _fsync_dir(final.parent)

@@ -173,8 +173,11 @@ class UpstreamClient:
         for _ in range(MAX_REDIRECTS + 1):
             check_url(url, self._policy)
             with http_errors("download", result_url=url):
+                # A video does not compress; a gzipped body would also make
+                # its Content-Length the wire's, not the file's.
                 response = self._session.get(url, stream=True, timeout=self._timeout,
-                                             allow_redirects=False)
+                                             allow_redirects=False,
+                                             headers={"Accept-Encoding": "identity"})
             if not response.is_redirect:
                 raise_for_response(response, result_url=True)
                 announced = response.headers.get("Content-Length", "")
@@ -194,6 +197,14 @@ class UpstreamClient:
                 total += len(chunk)
                 check_size(total, self._policy)
                 yield chunk
+
+
+def file_length(response: requests.Response) -> str | None:
+    """The video's length as announced: the Content-Length, unless a
+    Content-Encoding (asked for or not) makes that the wire's length."""
+    if response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+        return None
+    return response.headers.get("Content-Length")
 
 
 def raise_for_submit(response: requests.Response) -> None:

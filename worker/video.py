@@ -14,12 +14,14 @@ from .storage import Storage, sidecar_key, video_key
 
 def stream_video(storage: Storage, key: str, chunks: Iterable[bytes],
                  announced: str | None) -> tuple[int, str]:
-    """Write chunks under `key`, published only whole; returns (bytes, sha256)."""
-    digest, size, head = hashlib.sha256(), 0, b""
+    """Write chunks under `key`, published only whole; returns (bytes, sha256).
+    `announced` is the Content-Length (None when the body is not sent as is)."""
+    digest, size, head, boxes = hashlib.sha256(), 0, b"", Mp4Boxes()
     with storage.writer(key) as out:
         for chunk in chunks:
             if len(head) < 8:
                 head = _check_mp4_head(head + chunk[:8 - len(head)])
+            boxes.feed(chunk)
             digest.update(chunk)
             out.write(chunk)
             size += len(chunk)
@@ -27,7 +29,60 @@ def stream_video(storage: Storage, key: str, chunks: Iterable[bytes],
             raise CorruptVideo(f"got only {size} bytes: not an MP4")
         if announced is not None and announced.isdigit() and size != int(announced):
             raise CorruptVideo(f"got {size} bytes, Content-Length said {announced}")
+        boxes.check_whole(size)
     return size, digest.hexdigest()
+
+
+class Mp4Boxes:
+    """The top-level MP4 boxes, walked as the bytes stream by. A body cut
+    short without an error (a server that closes a response sent without
+    Content-Length, a CDN's cached cut object with a length to match) ends
+    inside its last box: only the box sizes tell."""
+
+    def __init__(self) -> None:
+        self.header = b""  # of the box being read
+        self.skip = 0  # bytes of the current box still to come
+        self.to_end = False  # a box of size 0 runs to the end of the file
+        self.seen: set[bytes] = set()
+
+    def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view and not self.to_end:
+            if self.skip:
+                taken = min(self.skip, len(view))
+                self.skip -= taken
+                view = view[taken:]
+                continue
+            wanted = self._header_size() - len(self.header)
+            self.header += bytes(view[:wanted])
+            view = view[wanted:]
+            if len(self.header) == self._header_size():
+                self._open_box()
+
+    def _header_size(self) -> int:
+        large = len(self.header) >= 4 and int.from_bytes(self.header[:4], "big") == 1
+        return 16 if large else 8
+
+    def _open_box(self) -> None:
+        header, self.header = self.header, b""
+        size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+        if size == 1:
+            size = int.from_bytes(header[8:16], "big")
+        self.seen.add(kind)
+        if size == 0:
+            self.to_end = True
+        elif size < len(header):
+            raise CorruptVideo(f"MP4 box {kind!r} says {size} bytes, less than its header")
+        else:
+            self.skip = size - len(header)
+
+    def check_whole(self, size: int) -> None:
+        if self.skip or self.header:
+            missing = self.skip or self._header_size() - len(self.header)
+            raise CorruptVideo(f"got {size} bytes, cut inside an MP4 box "
+                               f"({missing} or more bytes missing)")
+        if not {b"moov", b"mdat"} <= self.seen:
+            raise CorruptVideo(f"got {size} bytes: an MP4 without its moov and mdat boxes")
 
 
 def sidecar(job: Job, key: str, size: int, digest: str, now: float) -> dict:
