@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
 import pytest
+import redis
 from conftest import wait_until, write_prompts
 
 from worker import keys
@@ -309,3 +312,32 @@ def test_a_sigterm_while_a_posts_answer_is_on_its_way_keeps_the_paid_id(proxied,
     assert recorded == pipeline.ledger()[0]["id"]
     assert pipeline.wait_finished("term", timeout_s=60)["done"] == 1
     assert _generations_per_prompt(pipeline) == {"stopped mid answer": 1}
+
+
+def test_a_redis_that_may_evict_any_key_is_refused_and_a_volatile_one_warned_of(
+        make_pipeline, restartable_redis, tmp_path):
+    """maxmemory-policy allkeys-lru could evict a paid job's record (its
+    generation id): a worker refuses to start. volatile-lru only touches keys
+    with a TTL: the worker runs and says what may vanish."""
+    client = redis.Redis.from_url(restartable_redis.url)
+    pipeline = make_pipeline(VIDQ_REDIS_URL=restartable_redis.url)
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    log = tmp_path / "evicting.log"
+    with log.open("w") as out:
+        refused = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1", "-n",
+             "evicting@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+            env=pipeline.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            assert refused.wait(timeout=90) != 0
+        except subprocess.TimeoutExpired:
+            refused.kill()
+            raise AssertionError("the worker started on an allkeys-lru Redis") from None
+    assert "Redis maxmemory-policy is allkeys-lru" in log.read_text()
+
+    client.config_set("maxmemory-policy", "volatile-lru")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["kept in memory"]), "volatile")
+    assert pipeline.wait_finished("volatile", timeout_s=60)["done"] == 1
+    assert "WARNING" in next(line for line in (pipeline.log_dir / "worker-0.log").read_text()
+                             .splitlines() if "maxmemory-policy is volatile-lru" in line)

@@ -8,6 +8,11 @@ What each Redis setting guarantees (the README's Reliability section):
     Redis < 7.2, appendfsync always every write is fsynced before the reply
     appendfsync everysec / no AOF   up to ~1 s (or everything) may be lost on a crash:
                                     a job POSTed in that window may be POSTed again
+                                    (logged as a warning at start)
+
+A Redis that may evict any key when memory is full (maxmemory-policy
+allkeys-*) could drop a job's record with its generation id: a worker
+refuses to start on it, and refuses to POST if it changes to that later.
 
 `vidq run`'s private Redis uses AOF with appendfsync always.
 
@@ -27,6 +32,8 @@ from dataclasses import dataclass, field
 
 import redis
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 WAIT_TIMEOUT_MS = 2000
 REPROBE_S = 30.0
@@ -42,19 +49,39 @@ class Durability:
     waitaof: bool = False
     replicas: int = 0
     fsync_always: bool = False
+    eviction: str = "noeviction"
     probed_at: float = field(default_factory=time.monotonic)
 
     @classmethod
     def probe(cls, client: redis.Redis) -> Durability:
         found = cls(client)
         found._read()
-        log.info("durability of the POST marker: %s", found.describe())
+        if found.evicts_any_key:
+            raise ConfigError(f"Redis maxmemory-policy is {found.eviction}: when memory is "
+                              "full it may evict a job's record, its generation id included, "
+                              "and a paid video is then lost or paid for twice; set "
+                              "maxmemory-policy noeviction (volatile-* is tolerated)")
+        if found.eviction.startswith("volatile"):
+            log.warning("Redis maxmemory-policy is %s: when memory is full, records with a "
+                        "TTL (429 pauses, worker heartbeats, finished jobs, webhook "
+                        "deliveries) may vanish early; noeviction is safer", found.eviction)
+        durable = found.waitaof or found.fsync_always or found.replicas
+        (log.info if durable else log.warning)(
+            "durability of the POST marker: %s%s", found.describe(),
+            "" if durable else ": a Redis crash may lose the marker of a POST just sent, "
+                               "and that job would be POSTed again")
         return found
+
+    @property
+    def evicts_any_key(self) -> bool:
+        return self.eviction.startswith("allkeys")
 
     def _read(self) -> None:
         """What the server this client reaches (the master, through Sentinel) offers."""
         server = self.client.info("server")
         persistence = self.client.info("persistence")
+        # INFO, not CONFIG: managed Redis often disables CONFIG.
+        self.eviction = str(self.client.info("memory").get("maxmemory_policy", "noeviction"))
         replication = self.client.info("replication")
         version = tuple(int(p) for p in str(server.get("redis_version", "0")).split(".")[:2])
         aof = bool(persistence.get("aof_enabled"))
@@ -95,6 +122,9 @@ class Durability:
             pipe.execute_command("WAIT", self.replicas, WAIT_TIMEOUT_MS)
 
     def check(self, answers: list) -> None:
+        if self.evicts_any_key:  # changed since the worker started (refresh)
+            raise NotDurable(f"Redis maxmemory-policy is {self.eviction}: the POST marker "
+                             "may be evicted")
         answers = list(answers)
         if self.waitaof and int(answers.pop(0)[0]) < 1:
             raise NotDurable("WAITAOF: the POST marker was not fsynced in time")
