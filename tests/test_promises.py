@@ -341,3 +341,29 @@ def test_a_redis_that_may_evict_any_key_is_refused_and_a_volatile_one_warned_of(
     assert pipeline.wait_finished("volatile", timeout_s=60)["done"] == 1
     assert "WARNING" in next(line for line in (pipeline.log_dir / "worker-0.log").read_text()
                              .splitlines() if "maxmemory-policy is volatile-lru" in line)
+
+
+def test_a_redis_full_for_a_while_stops_no_worker_and_pays_nothing_twice(
+        make_pipeline, make_sandbox, tmp_path, restartable_redis):
+    """Redis at maxmemory with noeviction refuses every write for 6 s, mid-batch:
+    the workers ride it out (an ack it refused used to end the worker), every job
+    ends done, every prompt POSTed once."""
+    sandbox = make_sandbox(time_scale=30, max_concurrency=100)
+    pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=restartable_redis.url,
+                             VIDQ_EXPECTED_GENERATION_S=3)
+    pipeline.start_workers(count=1, concurrency=2)
+    prompts = [f"full memory {i}" for i in range(8)]
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "full")
+    client = redis.Redis.from_url(restartable_redis.url)
+    time.sleep(2)
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 100_000)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("probe", "x")
+    time.sleep(6)
+    client.config_set("maxmemory", 0)
+
+    counts = pipeline.wait_finished("full", timeout_s=150)
+
+    assert counts["done"] == 8, counts
+    assert all(p.poll() is None for p in pipeline.processes), "a worker exited"
+    assert _generations_per_prompt(pipeline) == Counter({p: 1 for p in prompts})

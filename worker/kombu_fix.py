@@ -11,6 +11,9 @@ open; celery 5.7 then also calls `connection.close()`, whose
 `_connparams` reads `self.connection.client.hostname` and raises
 AttributeError, which nothing catches (kombu/transport/redis.py).
 
+A Redis at maxmemory (noeviction) refusing an ack's write ended the worker
+the same way (OutOfMemoryError): that ack is dropped too, with an error.
+
 The same detached channel also breaks `QoS.ack` and `QoS.reject` of a task
 that started before the connection dropped and ends after it (the pool
 result handler calls them on the old channel): the AttributeError again ends
@@ -68,14 +71,29 @@ def _ack(self, delivery_tag):
         log.warning("ack of %s dropped: its connection is gone (it will be redelivered "
                     "and find its step done)", delivery_tag)
         return virtual.QoS.ack(self, delivery_tag)
-    return _original_ack(self, delivery_tag)
+    try:
+        return _original_ack(self, delivery_tag)
+    except redis.exceptions.OutOfMemoryError:
+        return _dropped_when_full(self, delivery_tag, "ack")
 
 
 def _reject(self, delivery_tag, requeue=False):
     if _detached(self):
         log.warning("reject of %s dropped: its connection is gone", delivery_tag)
         return virtual.QoS.ack(self, delivery_tag)
-    return _original_reject(self, delivery_tag, requeue)
+    try:
+        return _original_reject(self, delivery_tag, requeue)
+    except redis.exceptions.OutOfMemoryError:
+        return _dropped_when_full(self, delivery_tag, "reject")
+
+
+def _dropped_when_full(qos, delivery_tag, what: str):
+    # Redis at maxmemory (noeviction) refuses the ack's write; uncaught, it
+    # ends the worker. The message stays in Redis's unacked hash and comes
+    # back after the visibility timeout, finding its step done.
+    log.error("%s of %s dropped: Redis is out of memory (maxmemory); it will be "
+              "redelivered and find its step done", what, delivery_tag)
+    return virtual.QoS.ack(qos, delivery_tag)
 
 
 class RestoreDeferredUnacked(bootsteps.StartStopStep):
