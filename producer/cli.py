@@ -293,13 +293,17 @@ def sandbox_command(host, port, time_scale, max_concurrency, api_key, cache_dir)
 def report(batch, fmt, states, output):
     """One row per job of BATCH: id, input line, prompt, parameters, state,
     storage URL, sha256, generation ids, credits, timings, error."""
+    from worker.manifest import workers_storage_url
+
     from .enqueue import open_admission
     from .report import check_states, write_report
 
     chosen = check_states(states)
     settings = Settings.from_env()
-    count = write_report(open_admission(settings).store, batch, settings.storage_url, chosen,
-                         fmt, output)
+    store = open_admission(settings).store
+    # Rows point where the workers store, whatever this shell's VIDQ_STORAGE_URL.
+    count = write_report(store, batch, workers_storage_url(store.redis, settings.storage_url),
+                         chosen, fmt, output)
     if output is not None:
         click.echo(f"batch {batch}: {count} {_jobs(count)} written to {output}", err=True)
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from worker import keys, manifest
 from worker.admission import Admission
 from worker.errors import InputError
+from worker.rows import storage_base
 from worker.settings import Settings
 from worker.storage import open_storage
 
@@ -30,9 +31,7 @@ def show_status(admission: Admission, settings: Settings, batch: str, console: C
         return _expired(settings, batch, as_json)
     if follow:
         status = watch(admission, batch, console, settings=settings, every_s=every_s)
-    storage = open_storage(settings.storage_url, settings.s3_part_bytes)
-    manifest.write_safely(admission.redis, storage, settings, batch)
-    status["manifest"] = _manifest_url(admission, storage, batch)
+    status["manifest"] = _manifest(admission, settings, batch)
     if as_json:
         click.echo(json.dumps(status))
     elif follow:
@@ -70,10 +69,19 @@ def _reasons(status: dict) -> None:
             click.echo(f"    {line}")
 
 
-def _manifest_url(admission: Admission, storage, batch: str) -> str | None:
-    if not admission.redis.hget(keys.batch(batch), "manifest_of"):
-        return None
-    return storage.location(manifest.manifest_key(batch))
+def _manifest(admission: Admission, settings: Settings, batch: str) -> str | None:
+    """Write the finished batch's manifest if this shell's storage is the
+    workers' (else leave it to them); where it is, once written."""
+    theirs = manifest.workers_storage_url(admission.redis, settings.storage_url)
+    if theirs == storage_base(settings.storage_url):
+        storage = open_storage(settings.storage_url, settings.s3_part_bytes)
+        manifest.write_safely(admission.redis, storage, settings, batch)
+        where = storage.location(manifest.manifest_key(batch))
+    else:
+        click.echo(f"note: this shell's VIDQ_STORAGE_URL is not the workers' ({theirs}): "
+                   "the manifest is theirs to write", err=True)
+        where = f"{theirs}/{manifest.manifest_key(batch)}"
+    return where if admission.redis.hget(keys.batch(batch), "manifest_of") else None
 
 
 def _expired(settings: Settings, batch: str, as_json: bool) -> int:

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlparse
 
 from conftest import wait_until, write_prompts
 
@@ -346,3 +347,37 @@ def test_the_same_prompts_with_other_flags_are_refused_unless_variants_are_allow
     assert pipeline.store.batch_total("v") == 6
     other = vidq(pipeline, "enqueue", str(path), "--batch", "w", "--resolution", "480P")
     assert other.returncode == 0 and "3 new" in other.stdout
+
+
+def test_a_shell_with_another_storage_url_leaves_the_manifest_to_the_workers(make_pipeline,
+                                                                              tmp_path):
+    """The workers store under videos/; a producer's shell says elsewhere/.
+    `vidq status` used to write the manifest (and mark it written) in its own
+    storage, so the workers' never got one, and `vidq report` pointed at files
+    that were not there. Now status leaves it to the workers and says so, the
+    report points where the videos are, and purge refuses."""
+    pipeline = make_pipeline()
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", GOOD), "split")
+    pipeline.wait_finished("split")
+    elsewhere = tmp_path / "elsewhere"
+    env = {**os.environ, "VIDQ_REDIS_URL": pipeline.settings.redis_url,
+           "VIDQ_STORAGE_URL": elsewhere.as_uri()}
+
+    def shell(*args):
+        return subprocess.run(["vidq", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    status = shell("status", "split")
+    assert status.returncode == 0, status.stderr
+    assert "not the workers'" in status.stderr
+    wait_until(lambda: (tmp_path / "videos" / "split" / "manifest.jsonl").exists(),
+               what="the workers' manifest")
+    assert not elsewhere.exists()
+    rows = [json.loads(line) for line in shell("report", "split").stdout.splitlines()]
+    assert len(rows) == len(GOOD)
+    for row in rows:
+        assert Path(urlparse(row["storage_url"]).path).is_file(), row["storage_url"]
+    purge = shell("purge", "split")
+    assert purge.returncode == 2 and "nothing was purged" in purge.stderr
+    assert pipeline.store.batch_total("split") == len(GOOD)

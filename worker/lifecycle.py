@@ -15,7 +15,7 @@ import redis
 from celery import bootsteps
 from celery.signals import task_received
 
-from . import keys
+from . import keys, manifest
 from .admission import reconcile
 from .celery_app import app
 from .connection import take_lock
@@ -50,6 +50,7 @@ class Lifecycle(bootsteps.StartStopStep):
             log.warning("C (VIDQ_MAX_IN_FLIGHT) changed from %s to %s for the deployment",
                         old, settings.max_in_flight)
         steps.admission.publish_estimates()
+        manifest.publish_storage_url(steps.store.redis, settings.storage_url)
         self.beat()
         self.timers = [
             worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),

@@ -27,7 +27,7 @@ from . import events, keys
 from .connection import op_id, take_lock
 from .errors import StorageError
 from .jobs import FINAL_STATES, State, load_script
-from .rows import batch_rows
+from .rows import batch_rows, storage_base
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,19 @@ def read(storage: Storage, batch: str) -> list[dict] | None:
         return None
     text = storage.read_bytes(manifest_key(batch)).decode()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def publish_storage_url(client: redis.Redis, storage_url: str) -> None:
+    """A starting worker says where the deployment's videos and manifests go,
+    so a producer's shell with another VIDQ_STORAGE_URL neither writes a
+    manifest elsewhere nor reports paths where nothing is."""
+    client.hset(keys.CONFIG, "storage_url", storage_base(storage_url))
+
+
+def workers_storage_url(client: redis.Redis, own: str) -> str:
+    """The workers' storage URL (as `storage_base` gives it), else `own`'s."""
+    theirs = client.hget(keys.CONFIG, "storage_url")
+    return str(theirs) if theirs else storage_base(own)
 
 
 def write_safely(client: redis.Redis, storage: Storage, settings, batch: str) -> None:
