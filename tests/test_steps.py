@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -593,3 +594,19 @@ def test_a_gzipped_video_with_its_wire_length_is_stored_whole(steps_for, redis_u
     assert seen == ["identity"]
     stored = (tmp_path / "b" / "j1.mp4").read_bytes()
     assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(real_mp4).hexdigest()
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_download(
+        steps_for, make_sandbox, tmp_path):
+    """A pool child SIGKILLed mid-write leaves `.j1.mp4.<random>.part`; the next
+    download of that video removes one untouched for an hour, not a live one."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    (tmp_path / "b").mkdir()
+    dead, live = tmp_path / "b" / ".j1.mp4.dead1234.part", tmp_path / "b" / ".j1.mp4.live5678.part"
+    dead.write_bytes(b"\0" * 1000)
+    live.write_bytes(b"\0" * 1000)
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
+    token = _until_completed(steps, ref, token)
+    assert _run(steps, "download", ref, token).state == "done"
+    assert not dead.exists() and live.exists()

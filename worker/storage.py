@@ -12,10 +12,12 @@ The S3 backend lives in `worker.storage_s3`.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -31,6 +33,20 @@ log = logging.getLogger(__name__)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+
+
+# A temporary file untouched this long was left by a writer that died (a
+# SIGKILLed pool child): a live one writes to it at least every chunk.
+STALE_PART_S = 3600.0
+
+
+def _remove_stale_parts(final: Path) -> None:
+    """Each killed writer would leave up to a whole video behind."""
+    now = time.time()
+    for part in final.parent.glob(f".{glob.escape(final.name)}.*.part"):
+        with contextlib.suppress(OSError):
+            if now - part.stat().st_mtime > STALE_PART_S:
+                part.unlink()
 
 
 class FileStorage:
@@ -52,6 +68,7 @@ class FileStorage:
         final = self.path(key)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_parts(final)
             fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
         except OSError as exc:
             raise StorageError(f"cannot write {final}: {exc.strerror}") from None
