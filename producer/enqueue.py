@@ -11,14 +11,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker import keys
 from worker.admission import Admission, admit
-from worker.connection import connect
+from worker.connection import connect, held_lock
 from worker.errors import InputError
 from worker.jobs import JobStore
 from worker.spend import CreditEstimates
 
 from .prompts import ID_PATTERN, LineError, PromptFileError, load_prompts
 from .variants import check_variants
+
+# Renewed while held; a producer that dies frees its batch for the next in this long.
+ENQUEUE_LOCK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,17 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
     check_batch_name(batch)
     prompt_file = load_prompts(path, defaults)
     jobs = [(job.job_id, job.request, {"line": job.line}) for job in prompt_file.jobs]
+    # Checks and writes of two producers on one batch must not interleave:
+    # both would find no variant and conflict, and every prompt be paid twice.
+    with held_lock(admission.redis, keys.batch_enqueue_lock(batch), ENQUEUE_LOCK_S):
+        result = _checked_enqueue(admission, path, batch, prompt_file, jobs, batch_settings,
+                                  allow_variants, check_plan)
+    admit(admission, dispatch)
+    return result
+
+
+def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_file, jobs,
+                     batch_settings, allow_variants: bool, check_plan) -> EnqueueResult:
     existing = admission.existing_requests(batch, [job[0] for job in jobs])
     conflicts = [
         LineError(job.line, "id", f"job {job.job_id!r} already exists in batch {batch!r} "
@@ -70,7 +85,6 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
         check_plan([j[1] for j in jobs if j[0] not in existing])
     created = admission.enqueue(batch, (j for j in jobs if j[0] not in existing), time.time(),
                                 batch_settings)
-    admit(admission, dispatch)
     return EnqueueResult(batch, len(jobs), created, len(existing),
                          prompt_file.merged_duplicates, variants)
 

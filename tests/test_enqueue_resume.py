@@ -61,3 +61,22 @@ def test_an_enqueue_killed_half_way_is_listed_and_the_same_command_finishes_it(
     assert f"({40_000 - written} new, {written} already enqueued)" in again.stdout
     assert client.scard(keys.batch_jobs("takes")) == 40_000
     assert int(client.hget(keys.batch("takes"), "total")) == 40_000
+
+
+def test_two_producers_with_other_flags_at_once_never_both_enqueue(redis_url, tmp_path):
+    """The same 300 prompts into one batch at once, one at 720P and one at
+    480P, neither with --allow-variants: one gets in, the other is refused.
+    Both used to pass the variants check before either wrote (3 in 12 tries),
+    and every prompt was paid twice."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    path = tmp_path / "p.txt"
+    path.write_text("".join(f"a lighthouse in fog {i}\n" for i in range(300)))
+    for attempt in range(10):
+        batch = f"mixed{attempt}"
+        both = [subprocess.Popen(VIDQ + ["enqueue", str(path), "--batch", batch, *flags],
+                                 env=_env(redis_url), cwd=tmp_path, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+                for flags in ([], ["--resolution", "480P"])]
+        codes = sorted(process.wait(timeout=120) for process in both)
+        assert codes == [0, 2], (attempt, codes)
+        assert client.scard(keys.batch_jobs(batch)) == 300

@@ -14,6 +14,9 @@
     vidq:batch:<batch>:finished hash: minute (Redis time // 60) -> jobs that ended then,
                                 as `d:<minute>` (done) and `f:<minute>` (failed): the rate
     vidq:batch:<batch>:manifest string with a TTL: the one process writing the manifest
+    vidq:batch:<batch>:enqueuing
+                                string with a TTL: the one producer checking and writing
+                                the batch's new jobs
     vidq:batches                set of batch names
     vidq:admission              old single waiting line (list of refs); drained once
                                 into the batch lines by the pump (lua/pump.lua)
@@ -121,6 +124,10 @@ def batch_failed(name: str) -> str:
 
 def batch_finished(name: str) -> str:
     return f"{PREFIX}batch:{name}:finished"
+
+
+def batch_enqueue_lock(name: str) -> str:
+    return f"{PREFIX}batch:{name}:enqueuing"
 
 
 def manifest_lock(name: str) -> str:
