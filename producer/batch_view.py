@@ -18,7 +18,7 @@ from collections import Counter
 
 from worker import keys
 from worker.admission import Admission
-from worker.batch_control import admission_state, in_flight
+from worker.batch_control import admission_state, posted_in_flight, slot_holders
 from worker.contract import DEFAULT_MODEL, DEFAULT_RESOLUTION
 from worker.durations import DurationModel
 from worker.jobs import FINAL_STATES, State
@@ -42,10 +42,12 @@ def batch_status(admission: Admission, batch: str, settings: Settings | None = N
     found = failures(store, batch) if counts[State.FAILED] else []
     finished = sum(counts.get(state, 0) for state in FINAL_STATES)
     rate = finish_rate(client, batch, now, created)
+    holders = slot_holders(admission, batch)  # admitted, its POST maybe on its way: 'queued'
     status = {
         "batch": batch, "total": total, "counts": counts, "finished": finished,
         "admission": admission_state(admission, batch) if total else "open",
-        "in_flight": in_flight(admission, batch), "waiting": admission.waiting(batch),
+        "in_flight": posted_in_flight(holders), "being_sent": holders.get(State.QUEUED, 0),
+        "waiting": admission.waiting(batch),
         "outcome_unknown": store.outcome_unknown(batch),
         "failures": top_reasons(found), "credits": batch_spend(client, batch),
         "age_s": round(max(0.0, now - created), 1), **rate,
@@ -101,6 +103,10 @@ def eta(status: dict, admission: Admission, settings: Settings | None) -> tuple[
     left = status["total"] - status["finished"]
     if left <= 0:
         return 0.0, "finished"
+    if status["waiting"] and status["admission"] != "open":
+        return None, f"{status['admission']}: its waiting jobs are not admitted"
+    if status["workers_alive"] == 0:
+        return None, "no worker is alive"
     if status["rate_per_min"] > 0:
         return round(left * 60 / status["rate_per_min"]), "observed rate"
     cap = status["deployment"]["effective_max_in_flight"] or status["deployment"]["max_in_flight"]

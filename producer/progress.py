@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -22,6 +23,7 @@ from worker.settings import Settings
 
 from .batch_view import SPIKE_WINDOW_S, batch_status
 
+REDIS_AWAY_S = 300.0  # a restart or failover takes seconds; longer is an outage
 __all__ = ["batch_status", "describe", "failures", "is_finished", "warnings", "watch"]
 # (label, states) of each bar, in the order they are drawn.
 BARS = (("done", ("done",)), ("failed", ("failed",)), ("cancelled", ("cancelled",)),
@@ -61,7 +63,26 @@ def _bars(admission, batch, console, settings, interval_s, keep_going) -> dict:
             if is_finished(status) or not keep_going():
                 return status
             time.sleep(interval_s)
-            status = batch_status(admission, batch, settings)
+            status = _next_status(admission, batch, settings, console, interval_s)
+
+
+def _next_status(admission, batch, settings, console, interval_s) -> dict:
+    """The next status. A Redis away for a while (a restart, a failover) is
+    waited for, not an error: the batch runs on meanwhile, and the watch's
+    exit status is for its outcome."""
+    away_since = None
+    while True:
+        try:
+            return batch_status(admission, batch, settings)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if away_since is None:
+                away_since = time.monotonic()
+                console.print(f"warning: Redis unreachable ({type(exc).__name__}); watching "
+                              f"again when it is back (up to {REDIS_AWAY_S:.0f} s)",
+                              highlight=False, soft_wrap=True)
+            if time.monotonic() - away_since > REDIS_AWAY_S:
+                raise
+            time.sleep(interval_s)
 
 
 def bar_details(status: dict) -> dict[str, str]:
@@ -89,7 +110,7 @@ def _lines(admission, batch, console, settings, interval_s, every_s, keep_going)
         if is_finished(status) or not keep_going():
             return status
         time.sleep(interval_s)
-        status = batch_status(admission, batch, settings)
+        status = _next_status(admission, batch, settings, console, interval_s)
 
 
 def summary_line(status: dict) -> str:
@@ -107,7 +128,8 @@ def describe(status: dict, with_deployment: bool = True) -> str:
              if counts.get(s)]
     if status.get("outcome_unknown"):
         parts.append(f"{status['outcome_unknown']} outcome unknown (may have been charged)")
-    parts.append(f"{status['in_flight']} in flight, {status['waiting']} waiting")
+    sending = f"{status['being_sent']} being sent, " if status.get("being_sent") else ""
+    parts.append(f"{status['in_flight']} in flight, {sending}{status['waiting']} waiting")
     if with_deployment:
         parts[-1] += (f" (deployment: {status['deployment']['in_flight']} in flight of "
                       f"{_cap(status)}, {status['deployment']['waiting']} waiting)")

@@ -46,7 +46,7 @@ def _plain(status: dict) -> None:
     _reasons(status)
     credits = status["credits"]
     if credits["spent"] or credits["committed"]:
-        click.echo(f"  credits: {credits['spent']:g} spent, {credits['committed']:g} "
+        click.echo(f"  credits: {credits['spent']:,.0f} spent, {credits['committed']:,.0f} "
                    "committed in flight")
     for warning in warnings(status):
         click.echo(f"warning: {warning}")
@@ -81,7 +81,8 @@ def _manifest(admission: Admission, settings: Settings, batch: str) -> str | Non
         click.echo(f"note: this shell's VIDQ_STORAGE_URL is not the workers' ({theirs}): "
                    "the manifest is theirs to write", err=True)
         where = f"{theirs}/{manifest.manifest_key(batch)}"
-    return where if admission.redis.hget(keys.batch(batch), "manifest_of") else None
+    # A batch reopened (a retry, a late id) has only an out-of-date one.
+    return where if manifest.read_marks(admission.redis, [batch])[batch].manifest_current else None
 
 
 def _expired(settings: Settings, batch: str, as_json: bool) -> int:
@@ -95,7 +96,8 @@ def _expired(settings: Settings, batch: str, as_json: bool) -> int:
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(f"{batch}: left Redis (retention); from its manifest: "
+        click.echo(f"{batch}: left Redis (purged, or expired after VIDQ_RETENTION_S); "
+                   "from its manifest: "
                    + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
                    + f"; {summary['manifest']}")
     return 0

@@ -381,3 +381,46 @@ def test_a_shell_with_another_storage_url_leaves_the_manifest_to_the_workers(mak
     purge = shell("purge", "split")
     assert purge.returncode == 2 and "nothing was purged" in purge.stderr
     assert pipeline.store.batch_total("split") == len(GOOD)
+
+
+def test_status_after_a_retry_counts_each_job_once_and_names_no_stale_manifest(
+        make_pipeline, make_sandbox, tmp_path):
+    """Four POSTs refused (400), then `vidq retry`: while the batch runs again
+    its old manifest (four failures) is not shown as its manifest; once done,
+    the rate counts four endings, not eight, and no failure spike is warned of
+    with no job failed."""
+    pipeline = make_pipeline(make_sandbox(time_scale=15))  # ~6 s generations
+    pipeline.faults(submit=[400, 400, 400, 400])
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"retry rate {i}" for i in range(4)]),
+                     "rr")
+    assert pipeline.wait_finished("rr")["failed"] == 4
+    wait_until(lambda: pipeline.store.redis.hget(keys.batch("rr"), "manifest_of"),
+               what="the first manifest")
+    assert vidq(pipeline, "retry", "rr", "--yes").returncode == 0
+    running = json.loads(vidq(pipeline, "status", "rr", "--json").stdout)
+    assert running["finished"] < 4 and running["manifest"] is None
+
+    assert pipeline.wait_finished("rr", timeout_s=60)["done"] == 4
+    status = json.loads(vidq(pipeline, "status", "rr", "--json").stdout)
+    assert round(status["rate_per_min"] * status["rate_window_s"] / 60) == 4
+    assert status["recent_failures"] == 0 and not status["errors_spiking"]
+    assert "warning: " not in vidq(pipeline, "status", "rr").stdout
+
+
+def test_status_shows_jobs_being_sent_and_no_eta_while_paused_or_unworked(make_pipeline,
+                                                                           tmp_path):
+    """No worker: the 4 admitted jobs (C = 4) are 'being sent', not missing
+    from the sums, and the ETA is unknown because no worker is alive; paused,
+    it is unknown because the waiting jobs are not admitted."""
+    pipeline = make_pipeline()
+    pipeline.admission.set_cap(4)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"unworked {i}" for i in range(6)]), "u")
+    status = json.loads(vidq(pipeline, "status", "u", "--json").stdout)
+    assert (status["in_flight"], status["being_sent"], status["waiting"]) == (0, 4, 2)
+    assert status["eta_s"] is None and status["eta_basis"] == "no worker is alive"
+    assert "0 in flight, 4 being sent, 2 waiting" in vidq(pipeline, "status", "u").stdout
+
+    assert vidq(pipeline, "pause", "u").returncode == 0
+    paused = json.loads(vidq(pipeline, "status", "u", "--json").stdout)
+    assert paused["eta_s"] is None and paused["eta_basis"].startswith("paused")

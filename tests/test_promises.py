@@ -367,3 +367,26 @@ def test_a_redis_full_for_a_while_stops_no_worker_and_pays_nothing_twice(
     assert counts["done"] == 8, counts
     assert all(p.poll() is None for p in pipeline.processes), "a worker exited"
     assert _generations_per_prompt(pipeline) == Counter({p: 1 for p in prompts})
+
+
+def test_status_watch_rides_out_a_redis_restart_and_exits_for_the_batch(
+        make_pipeline, make_sandbox, tmp_path, restartable_redis):
+    """Redis down for 2 s while `vidq status --watch` follows a batch: the watch
+    says so and goes on, and exits 0 when every job is done (it used to exit 2
+    with 'cannot use Redis' on a clean night)."""
+    sandbox = make_sandbox(time_scale=30)
+    pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=restartable_redis.url,
+                             VIDQ_EXPECTED_GENERATION_S=3)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"watched {i}" for i in range(8)]), "w")
+    watching = subprocess.Popen(["vidq", "status", "w", "--watch", "--every", "1"],
+                                env=pipeline.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    time.sleep(2)
+    restartable_redis.stop()
+    time.sleep(2)
+    restartable_redis.start()
+    output, _ = watching.communicate(timeout=150)
+
+    assert watching.returncode == 0, output
+    assert "Redis unreachable" in output and "8/8 ended" in output

@@ -9,6 +9,7 @@ pump and every put-back script leave it alone from the first chunk on.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from . import keys
@@ -69,14 +70,23 @@ def in_flight(admission: Admission, batch: str) -> int:
     admitted but not yet POSTed (still `queued`) is not counted: a cancel
     ends it before its POST; nor is a failed one whose slot is only held for
     a POST of unknown outcome (it is counted as failed)."""
+    return posted_in_flight(slot_holders(admission, batch))
+
+
+def posted_in_flight(holders: Counter) -> int:
+    return sum(count for state, count in holders.items()
+               if state not in (State.QUEUED, State.FAILED))
+
+
+def slot_holders(admission: Admission, batch: str) -> Counter:
+    """The states of `batch`'s jobs that hold an upstream slot now (O(C))."""
     prefix = keys.job_ref(batch, "")
     refs = [str(ref) for ref in admission.redis.zrange(keys.SLOTS, 0, -1)
             if str(ref).startswith(prefix)]
     pipe = admission.redis.pipeline(transaction=False)
     for ref in refs:
         pipe.hget(keys.job(ref), "state")
-    return sum(1 for state in pipe.execute()
-               if state is not None and state not in (State.QUEUED, State.FAILED))
+    return Counter(str(state) for state in pipe.execute() if state is not None)
 
 
 def set_limits(admission: Admission, batch: str, **limits: float | None) -> None:

@@ -66,6 +66,7 @@ if old == STATE.failed then
   -- Revived: nothing runs for it now; the reconciler sends a poll at once.
   -- The batch is open again: a manifest written already is out of date.
   redis.call('SREM', failed_key, redis.call('HGET', job_key, 'id'))
+  unfail_finish_count(job_key)
   redis.call('HINCRBY', batch_key, 'reopened', 1)
   redis.call('HSET', job_key, 'token', '', 'recovered', '1')
   redis.call('ZADD', due_key, now, ref)

@@ -18,6 +18,7 @@ local fields = {'outcome_unknown', '', 'attempts', '0', 'link_refreshes', '0', '
   'token', '', 'step', '', 'recovered', '1', 'requeue_op', op,
   'last_op', ''}  -- a step's call sent again now answers 'moved on'
 local function leave_failed(state)
+  unfail_finish_count(job_key)
   redis.call('HSET', job_key, 'state', state, unpack(fields))
   redis.call('SREM', unknown_key, job_id)
   redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed

@@ -44,10 +44,14 @@ if new_state ~= '' and new_state ~= old then
   redis.call('HINCRBY', counts_key, new_state, 1)
   redis.call('HSET', job_key, 'state', new_state)
   if new_state == STATE.failed then redis.call('SADD', failed_key, job_id) end
-  if old == STATE.failed then redis.call('SREM', failed_key, job_id) end
+  if old == STATE.failed then
+    redis.call('SREM', failed_key, job_id)
+    unfail_finish_count(job_key)
+  end
   if new_state == STATE.done or new_state == STATE.failed then
     local minute = math.floor(now / 60)
     redis.call('HINCRBY', finished_key, string.sub(new_state, 1, 1) .. ':' .. minute, 1)
+    if new_state == STATE.failed then redis.call('HSET', job_key, 'failed_minute', minute) end
     if redis.call('HLEN', finished_key) > 240 then
       -- Keep the last hour: the rate looks back minutes, not the whole night.
       for _, name in ipairs(redis.call('HKEYS', finished_key)) do
