@@ -140,3 +140,16 @@ def test_run_derives_a_safe_batch_name_from_the_file_name(redis_url, tmp_path):
     for run, (stdout, stderr) in zip(runs, outputs, strict=True):
         assert "Traceback" not in stderr, stderr
         assert run.returncode in (0, 130), (run.returncode, stdout, stderr)
+
+
+def test_a_worker_with_a_bad_setting_says_which(redis_url):
+    """A worker started with VIDQ_STEP_GRACE_S too short for the POST deadline
+    exits naming it; it used to die of "'Celery' object has no attribute
+    'vidq_settings'", the real cause nowhere in its output."""
+    env = {**base_env(), "VIDQ_REDIS_URL": redis_url, "VIDQ_POST_DEADLINE_S": "8",
+           "VIDQ_STEP_GRACE_S": "10", "AIMLAPI_KEY": "sk-test"}
+    worker = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1",
+                             "--without-mingle", "--without-gossip"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert worker.returncode != 0
+    assert "VIDQ_STEP_GRACE_S must exceed VIDQ_POST_DEADLINE_S" in worker.stdout + worker.stderr

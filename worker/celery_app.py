@@ -11,6 +11,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from . import kombu_fix
+from .errors import ConfigError
 from .settings import Settings, is_sentinel_url, sentinel_master_of, without_master_name
 
 # Webhook deliveries have their own queue, so a slow receiver never holds up a step.
@@ -29,12 +30,21 @@ kombu_fix.install(app)
 @app.on_configure.connect
 def _configure_from_env(sender: Celery, **_kwargs) -> None:
     if getattr(sender, "vidq_settings", None) is None:
-        apply_settings(sender, Settings.from_env())
+        try:
+            apply_settings(sender, Settings.from_env())
+        except ConfigError as exc:
+            # Celery's signal swallows it: kept for settings_of to raise, so a
+            # worker with a bad setting says which, not "no attribute".
+            sender.vidq_config_error = exc  # type: ignore[attr-defined]
 
 
 def settings_of(celery_app: Celery) -> Settings:
     _ = celery_app.conf.broker_url  # configures the app if nothing did yet
-    return celery_app.vidq_settings  # type: ignore[attr-defined]
+    settings = getattr(celery_app, "vidq_settings", None)
+    if settings is None:
+        raise getattr(celery_app, "vidq_config_error", None) or ConfigError(
+            "vidq settings were never applied")
+    return settings
 
 
 def apply_settings(celery_app: Celery, settings: Settings) -> None:
