@@ -19,7 +19,7 @@ import requests
 
 from sandbox.videos import render_clip
 from worker.admission import reconcile
-from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired
+from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired, UpstreamUnavailable
 from worker.keys import durations, job_ref
 from worker.settings import Settings
 from worker.tasks import build_steps
@@ -610,3 +610,48 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_download(
     token = _until_completed(steps, ref, token)
     assert _run(steps, "download", ref, token).state == "done"
     assert not dead.exists() and live.exists()
+
+
+def test_a_result_that_trickles_ends_the_attempt_instead_of_holding_a_worker(
+        steps_for, redis_url, real_mp4):
+    """A result URL sending a byte every 0.1 s (never quiet long enough for the
+    read timeout) used to hold the download, and its worker process, with no
+    bound. Under 1,000 bytes/s over a third of the download grace (1 s here)
+    the attempt ends as UpstreamUnavailable, to be tried again later."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(real_mp4)))
+            self.end_headers()
+            try:
+                for byte in real_mp4:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass  # vidq hung up
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    steps = steps_for(VIDQ_DOWNLOAD_GRACE_S="3")
+    ref, token = _admit_one(steps)
+    redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
+        "video_url": f"http://127.0.0.1:{server.server_port}/v.mp4", "state": "downloading"})
+    job = steps.claim(ref, token, "download")
+    outcome: list = []
+
+    def download():
+        try:
+            steps.download(job)
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test reads
+            outcome.append(exc)
+
+    runner = threading.Thread(target=download, daemon=True)
+    runner.start()
+    runner.join(timeout=20)
+    server.shutdown()
+    assert not runner.is_alive(), "the download still holds its worker after 20 s"
+    assert isinstance(outcome[0], UpstreamUnavailable) and "bytes/s" in str(outcome[0])

@@ -156,7 +156,8 @@ class Steps:
         try:
             with response, lease_renewed(self.store, job, self.settings.download_grace_s) as lost:
                 size, digest = stream_video(
-                    self.storage, key, unless_lost(self.client.chunks(response, 1 << 20), lost),
+                    self.storage, key, unless_lost(self.client.chunks(
+                        response, 1 << 20, self.settings.download_grace_s / 3), lost),
                     file_length(response))
         except TakenOver:
             self._taken_over(job)

@@ -21,6 +21,7 @@ created nothing (see the README's table):
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin
@@ -53,6 +54,9 @@ from .upstream_text import (
 )
 
 MAX_REDIRECTS = 5
+# A result body slower than this over a third of VIDQ_DOWNLOAD_GRACE_S is a
+# stall, not a slow link: a 200 MB video at this rate would outlive the hard limit.
+MIN_RESULT_BPS = 1000
 # Statuses on which the upstream surely created nothing, so a POST may be sent again.
 SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
 NEVER_SENT = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
@@ -103,6 +107,9 @@ def http_errors(action: str, *, posting: bool = False, result_url: str = "") -> 
     """Map every `requests` failure inside the block to the error hierarchy."""
     try:
         yield
+    except urllib3.exceptions.HTTPError as exc:  # a result body read raw (`chunks`)
+        where = f" {redacted(result_url)}" if result_url else ""
+        raise UpstreamUnavailable(f"{action}{where} failed: {type(exc).__name__}") from None
     except requests.RequestException as exc:
         kind = type(exc).__name__
         where = f" {redacted(result_url)}" if result_url else ""
@@ -189,13 +196,28 @@ class UpstreamClient:
             url = urljoin(url, location)
         raise ResultRefused(f"more than {MAX_REDIRECTS} redirects from a result URL")
 
-    def chunks(self, response: requests.Response, size: int) -> Iterator[bytes]:
-        """The body of an open result, size-capped, failures mapped."""
-        total = 0
+    def chunks(self, response: requests.Response, size: int,
+               stall_window_s: float) -> Iterator[bytes]:
+        """The body of an open result as it arrives, size-capped, failures
+        mapped. Under MIN_RESULT_BPS over `stall_window_s` the attempt is
+        given up (UpstreamUnavailable: tried again later): a result URL that
+        trickles a byte at a time, never long enough quiet for the read
+        timeout, held a worker process with no bound."""
+        total, window_start, window_bytes = 0, time.monotonic(), 0
         with http_errors("download", result_url=response.url):
-            for chunk in response.iter_content(size):
+            # read1, not iter_content: what has arrived, not a full chunk's
+            # wait, so a trickle is seen as one.
+            while chunk := response.raw.read1(size, decode_content=True):
                 total += len(chunk)
                 check_size(total, self._policy)
+                window_bytes += len(chunk)
+                elapsed = time.monotonic() - window_start
+                if elapsed >= stall_window_s:
+                    if window_bytes < MIN_RESULT_BPS * elapsed:
+                        raise UpstreamUnavailable(
+                            f"download {redacted(response.url)}: {window_bytes} bytes in the "
+                            f"last {elapsed:.0f} s, under {MIN_RESULT_BPS} bytes/s")
+                    window_start, window_bytes = time.monotonic(), 0
                 yield chunk
 
 
