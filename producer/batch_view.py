@@ -20,6 +20,7 @@ from worker import keys
 from worker.admission import Admission
 from worker.batch_control import admission_state, posted_in_flight, slot_holders
 from worker.contract import DEFAULT_MODEL, DEFAULT_RESOLUTION
+from worker.deployment import disagreements, live_values
 from worker.durations import DurationModel
 from worker.jobs import FINAL_STATES, State
 from worker.retry import Failure, failures
@@ -71,7 +72,8 @@ def deployment(admission: Admission) -> dict:
             "effective_max_in_flight": admission.effective_cap(),
             "submits_paused_s": round(submits_ms / 1000, 1) if submits_ms > 0 else 0,
             "polls_paused_s": round(polls_ms / 1000, 1) if polls_ms > 0 else 0,
-            "orphaned_generations": admission.redis.hlen(keys.ORPHANS)}
+            "orphaned_generations": admission.redis.hlen(keys.ORPHANS),
+            "settings_disagree": disagreements(live_values(admission.redis))}
 
 
 def finish_rate(client, batch: str, now: float, created: float) -> dict:

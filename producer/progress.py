@@ -148,6 +148,8 @@ def warnings(status: dict) -> list[str]:
     if orphans:
         found.append(f"{orphans} paid generation id(s) answered after their batch was "
                      "purged: kept in the Redis hash vidq:orphans, not downloaded")
+    for disagreement in status.get("deployment", {}).get("settings_disagree", []):
+        found.append(f"the live workers disagree on {disagreement}")
     if not is_finished(status) and status["workers_alive"] == 0:
         found.append("no worker is alive (no heartbeat in Redis): nothing is being processed")
     if status["errors_spiking"]:

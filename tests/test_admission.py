@@ -276,3 +276,41 @@ def test_an_earlier_posts_id_survives_a_refusal_of_the_repost(proxied, make_sand
     assert pipeline.wait_finished("p", timeout_s=60)["done"] == 1
     ((generation_id, downloads),) = [(g["id"], g["downloads"]) for g in pipeline.ledger()]
     assert downloads == 1 and pipeline.store.get(ref).generation_id == generation_id
+
+
+def test_workers_that_disagree_on_c_run_at_the_lowest_and_keep_an_operators_cap(
+        make_pipeline, make_sandbox, tmp_path):
+    """Worker A says C = 3, worker B C = 2 (two shells). C is the lower, 2; the
+    operator's `vidq cap 1` then stands when A restarts (A's restart used to
+    count as a new deployment value and put C back to 3, three generations
+    running against 1), and both the log and `vidq status` name the disagreement."""
+    import subprocess
+
+    sandbox = make_sandbox(time_scale=30)
+    a = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=3, VIDQ_EXPECTED_GENERATION_S=3)
+    b = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=2, VIDQ_EXPECTED_GENERATION_S=3)
+    b.log_dir = tmp_path / "logs-b"
+    b.log_dir.mkdir()
+    a.start_workers()
+    b.start_workers()
+    wait_until(lambda: a.admission.cap() == 2, 30, "C at the lower value")
+    assert subprocess.run(["vidq", "cap", "1"], env=a.env, capture_output=True,
+                          timeout=60).returncode == 0
+    os.killpg(a.processes[0].pid, signal.SIGKILL)
+    a.processes[0].wait()
+    a.processes = []
+    a.start_workers()
+    log = tmp_path / "logs" / "worker-0.log"
+    wait_until(lambda: log.read_text().count(" ready.") == 2, 30, "A restarted")
+
+    a.enqueue(write_prompts(tmp_path / "p.txt", [f"mixed shells {i}" for i in range(6)]), "mix")
+    assert a.wait_finished("mix", timeout_s=120)["done"] == 6
+    status = subprocess.run(["vidq", "status", "mix"], env=a.env, capture_output=True,
+                            text=True, timeout=60)
+
+    assert sandbox.stats()["max_in_flight"] == 1
+    assert a.admission.cap() == 1
+    assert "disagree on VIDQ_MAX_IN_FLIGHT" in log.read_text()
+    (warned,) = [line for line in status.stdout.splitlines()
+                 if line.startswith("warning: the live workers disagree on VIDQ_MAX_IN_FLIGHT: ")]
+    assert "3 (test0@" in warned and "2 (test0@" in warned

@@ -424,3 +424,29 @@ def test_status_shows_jobs_being_sent_and_no_eta_while_paused_or_unworked(make_p
     assert vidq(pipeline, "pause", "u").returncode == 0
     paused = json.loads(vidq(pipeline, "status", "u", "--json").stdout)
     assert paused["eta_s"] is None and paused["eta_basis"].startswith("paused")
+
+
+def test_workers_storing_in_two_roots_are_named_and_the_report_finds_every_video(
+        make_pipeline, make_sandbox, tmp_path):
+    """Two workers with different VIDQ_STORAGE_URL split a batch's videos. The
+    report and manifest rows used to put every video under the manifest
+    writer's root (files that were not there); each row now says where its
+    worker stored it, and `vidq status` names the disagreement."""
+    sandbox = make_sandbox()
+    a = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=4)
+    b = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=4,
+                      VIDQ_STORAGE_URL=(tmp_path / "other-root").as_uri())
+    b.log_dir = tmp_path / "logs-b"
+    b.log_dir.mkdir()
+    a.start_workers(concurrency=2)
+    b.start_workers(concurrency=2)
+    a.enqueue(write_prompts(tmp_path / "p.txt", [f"two roots {i}" for i in range(8)]), "roots")
+    a.wait_finished("roots")
+
+    for root in ("videos", "other-root"):  # each worker stored some
+        assert any((tmp_path / root / "roots").glob("*.mp4")), root
+    rows = report(a, "roots")
+    assert len(rows) == 8
+    for row in rows:
+        assert Path(urlparse(row["storage_url"]).path).is_file(), row["storage_url"]
+    assert "disagree on VIDQ_STORAGE_URL" in vidq(a, "status", "roots").stdout

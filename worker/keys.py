@@ -40,6 +40,8 @@
                                 daily_credits (the deployment's daily credit cap)
                                 credit_estimate, credit_estimate@<model>@<RES> (the
                                 workers' estimates: what the spend caps count)
+    vidq:worker_settings        hash: worker name -> JSON of the settings a deployment's
+                                workers must share (worker/deployment.py)
     vidq:pause:submit           string with a TTL: the upstream said 429 to a POST;
                                 no admission, no POST until it expires
     vidq:pause:poll             string with a TTL: the same for status GETs
@@ -87,6 +89,7 @@ PAUSE_SUBMIT = PREFIX + "pause:submit"
 PAUSE_POLL = PREFIX + "pause:poll"
 WORKER_PREFIX = PREFIX + "worker:"
 WORKERS = PREFIX + "workers"
+WORKER_SETTINGS = PREFIX + "worker_settings"
 EVENTS = PREFIX + "events"
 WEBHOOK_RELAY_LOCK = PREFIX + "relay:lock"
 WEBHOOKS_DUE = PREFIX + "webhooks_due"

@@ -15,7 +15,7 @@ import redis
 from celery import bootsteps
 from celery.signals import task_received
 
-from . import keys, manifest
+from . import deployment, keys, manifest
 from .admission import reconcile
 from .celery_app import app
 from .connection import take_lock
@@ -42,13 +42,13 @@ class Lifecycle(bootsteps.StartStopStep):
     def start(self, worker):
         steps = get_steps()  # fail at start-up, not on the first task
         settings = steps.settings
-        old, kept = steps.admission.set_cap(settings.max_in_flight)
-        if kept and old != settings.max_in_flight:
-            log.warning("C = %s, set with `vidq cap`, stands (this worker's VIDQ_MAX_IN_FLIGHT "
-                        "is %s, the value it overrode)", old, settings.max_in_flight)
-        elif old not in (None, settings.max_in_flight):
-            log.warning("C (VIDQ_MAX_IN_FLIGHT) changed from %s to %s for the deployment",
-                        old, settings.max_in_flight)
+        client = steps.store.redis
+        deployment.publish(client, self.hostname, settings)
+        live = deployment.live_values(client, self.hostname, prune=True)
+        for disagreement in deployment.disagreements(live):
+            log.error("the live workers disagree on %s: start them all with one value "
+                      "(`vidq status` shows this too)", disagreement)
+        self.set_cap(steps, deployment.lowest_cap(live, settings.max_in_flight))
         steps.admission.publish_estimates()
         manifest.publish_storage_url(steps.store.redis, settings.storage_url)
         self.beat()
@@ -56,6 +56,25 @@ class Lifecycle(bootsteps.StartStopStep):
             worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),
             worker.timer.call_repeatedly(settings.reconcile_interval_s, self.reconcile),
         ]
+
+    @staticmethod
+    def set_cap(steps, cap: int) -> None:
+        old, kept = steps.admission.set_cap(cap)
+        if kept and old != cap:
+            log.warning("C = %s, set with `vidq cap`, stands (the workers' VIDQ_MAX_IN_FLIGHT "
+                        "is %s, the value it overrode)", old, cap)
+        elif old not in (None, cap):
+            log.warning("C (VIDQ_MAX_IN_FLIGHT, the lowest of the live workers') changed from "
+                        "%s to %s for the deployment", old, cap)
+
+    def follow_cap(self, steps) -> None:
+        """C is the lowest VIDQ_MAX_IN_FLIGHT of the live workers: once the
+        last worker of an old value is gone (a rolling upgrade), C follows."""
+        client = steps.store.redis
+        cap = deployment.lowest_cap(deployment.live_values(client, self.hostname),
+                                    steps.settings.max_in_flight)
+        if client.hget(keys.CONFIG, "deployment_cap") != str(cap):
+            self.set_cap(steps, cap)
 
     def stop(self, worker):
         for timer in self.timers:
@@ -101,6 +120,7 @@ class Lifecycle(bootsteps.StartStopStep):
             if not take_lock(steps.store.redis, keys.RECONCILE_LOCK, token,
                              0.9 * settings.reconcile_interval_s):
                 return
+            self.follow_cap(steps)
             resent = reconcile(steps.admission, dispatch, settings.step_grace_s)
             if resent:
                 log.warning("reconciler re-sent %d lost steps", resent)

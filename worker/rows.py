@@ -170,7 +170,10 @@ def _row(data: dict, line: int | None, base: str, siblings: dict[str, str]) -> d
         "custom_id": job_id, "line": line, "prompt": request.get("prompt"),
         "model": request.get("model"), "parameters": effective_parameters(request),
         "state": data.get("state"),
-        "storage_url": f"{base}/{storage_key}" if storage_key else None,
+        # Where the worker that stored it put it (workers may disagree on
+        # VIDQ_STORAGE_URL); the writer's base for a record from before that.
+        "storage_url": data.get("storage_url") or (f"{base}/{storage_key}" if storage_key
+                                                   else None),
         "sha256": data.get("sha256") or None, "generation_id": own or None,
         "generation_ids": generation_ids, "siblings": sibling_ids,
         "sibling_of": _parent(job_id) if "~" in job_id else None,
