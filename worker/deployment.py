@@ -13,12 +13,18 @@ of the live workers' values: never above any of them.
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import redis
 
 from . import keys
 from .rows import storage_base
 from .settings import Settings
+
+log = logging.getLogger(__name__)
+# Celery runs a countdown on the receiving worker's clock, set by the sender's.
+CLOCK_SKEW_WARN_S = 5.0
 
 # What must agree, by the variable that sets it.
 SHARED = {
@@ -69,3 +75,17 @@ def lowest_cap(values: dict[str, dict], own: int) -> int:
     caps = [int(theirs["VIDQ_MAX_IN_FLIGHT"]) for theirs in values.values()
             if isinstance(theirs.get("VIDQ_MAX_IN_FLIGHT"), int)]
     return min([own, *caps])
+
+
+def warn_of_clock_skew(client: redis.Redis) -> float:
+    """This machine's clock against Redis's (leases, spend days and retention
+    use Redis's; Celery's countdowns use each worker's own): a worker an hour
+    off sends its polls an hour late or early, and the reconciler re-sends
+    them after the step grace. Returns the skew in seconds."""
+    seconds, micros = client.time()
+    skew = time.time() - (seconds + micros / 1e6)
+    if abs(skew) > CLOCK_SKEW_WARN_S:
+        log.error("this machine's clock is %+.0f s off Redis's: countdown polls run on each "
+                  "worker's clock, so they come late or early and are re-sent; sync the "
+                  "clocks (NTP)", skew)
+    return skew

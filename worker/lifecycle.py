@@ -49,6 +49,7 @@ class Lifecycle(bootsteps.StartStopStep):
             log.error("the live workers disagree on %s: start them all with one value "
                       "(`vidq status` shows this too)", disagreement)
         self.set_cap(steps, deployment.lowest_cap(live, settings.max_in_flight))
+        deployment.warn_of_clock_skew(client)
         steps.admission.publish_estimates()
         manifest.publish_storage_url(steps.store.redis, settings.storage_url)
         self.beat()
