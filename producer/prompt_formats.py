@@ -108,7 +108,12 @@ def _txt_records(text: str) -> Iterator[Record]:
     for number, raw in enumerate(text.split("\n"), 1):
         prompt = raw.strip()
         if prompt and not prompt.startswith("#"):
-            yield Record(number, {"prompt": prompt}, [])
+            # A CRLF line's CR is stripped above; one left inside means lines
+            # ended by CR alone (classic Mac), read as one long prompt.
+            errors = [LineError(number, "prompt", "a carriage return inside the line: "
+                                "lines ended by CR alone? save the file with LF or CRLF "
+                                "line endings")] if "\r" in prompt else []
+            yield Record(number, {"prompt": prompt}, errors)
 
 
 class _RepeatedKey(ValueError):

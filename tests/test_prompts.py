@@ -269,6 +269,17 @@ def test_nul_in_prompt(tmp_path):
     assert (error.line, error.field) == (2, "prompt")
 
 
+def test_lines_ended_by_cr_alone_are_refused_not_read_as_one_prompt(tmp_path):
+    """A .txt saved with classic Mac line endings used to become one job whose
+    prompt was 'one\rtwo\rthree'; CRLF stays fine."""
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"one\rtwo\rthree\r")
+    (error,) = errors_of(path)
+    assert (error.line, error.field) == (1, "prompt") and "CR alone" in error.reason
+    path.write_bytes(b"one\r\ntwo\r\n")
+    assert [job.request["prompt"] for job in load_prompts(path, DEFAULTS).jobs] == ["one", "two"]
+
+
 def test_invalid_utf8_names_the_line(tmp_path):
     """Bytes that are not UTF-8 are reported with their line number."""
     path = tmp_path / "p.txt"
