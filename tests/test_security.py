@@ -365,3 +365,16 @@ def test_hostile_batch_names_and_job_ids_are_refused(redis_url, tmp_path):
     assert "line 1" in result.stderr and "../../etc/x" in result.stderr, result.stderr
 
     assert sorted(client.scan_iter()) == before
+
+
+def test_a_gateway_password_in_the_base_url_stays_out_of_the_workers_shared_record():
+    """The settings each worker records for its peers (and `vidq status` shows
+    when they disagree) carry the upstream URL without userinfo or query."""
+    from worker.deployment import record
+    from worker.settings import Settings
+
+    settings = Settings.from_env({"AIMLAPI_KEY": "sk-x", "AIMLAPI_BASE_URL":
+                                  "http://gw:Zq7Se/cr3tPw@127.0.0.1:8000/v1?token=T0kenValue"})
+    shared = record(settings)
+    assert "Zq7Se" not in shared and "cr3tPw" not in shared and "T0kenValue" not in shared
+    assert "http://127.0.0.1:8000/v1" in shared

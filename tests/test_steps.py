@@ -655,3 +655,56 @@ def test_a_result_that_trickles_ends_the_attempt_instead_of_holding_a_worker(
     server.shutdown()
     assert not runner.is_alive(), "the download still holds its worker after 20 s"
     assert isinstance(outcome[0], UpstreamUnavailable) and "bytes/s" in str(outcome[0])
+
+
+def test_a_result_just_above_the_stall_floor_is_still_bounded(steps_for, redis_url, real_mp4):
+    """1,500 bytes/s passes the 1,000 bytes/s floor, and used to hold the
+    download for as long as it trickled. An attempt may take three download
+    graces, or its Content-Length at 10 kB/s if longer: here 3 s for 20 kB."""
+    body = real_mp4[:20_000]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for start in range(0, len(body), 150):
+                    self.wfile.write(body[start:start + 150])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    steps = steps_for(VIDQ_DOWNLOAD_GRACE_S="1")
+    ref, token = _admit_one(steps)
+    redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
+        "video_url": f"http://127.0.0.1:{server.server_port}/v.mp4", "state": "downloading"})
+    started = time.monotonic()
+    try:
+        with pytest.raises(UpstreamUnavailable, match="on average"):
+            steps.download(steps.claim(ref, token, "download"))
+    finally:
+        server.shutdown()
+    assert time.monotonic() - started < 8
+
+
+def test_a_video_with_a_few_bytes_of_padding_is_stored(steps_for, redis_url, real_mp4,
+                                                      tmp_path):
+    """Four zero bytes after the last box (too few for a box) are padding, not a
+    cut: refused, the paid video would be retried until the hard limit and lost."""
+    url = _serve_cut(real_mp4 + b"\0\0\0\0", with_length=True)
+    try:
+        steps = steps_for()
+        ref, token = _admit_one(steps)
+        redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
+            "video_url": url[0], "state": "downloading"})
+        steps.download(steps.claim(ref, token, "download"))
+    finally:
+        url[1].shutdown()
+    assert (tmp_path / "b" / "j1.mp4").read_bytes() == real_mp4 + b"\0\0\0\0"

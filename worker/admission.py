@@ -69,10 +69,10 @@ class Admission:
                                                 args=[max_in_flight, int(by_operator)])
         return (int(old) if old else None), outcome == "kept"
 
-    def publish_estimates(self) -> None:
-        """This deployment's credit estimates, for the pump (lua/set_estimates.lua)."""
-        args: list[str] = [repr(self.credits.default)]
-        for (model, resolution), credits in sorted(self.credits.table.items()):
+    def publish_estimates(self, estimates: CreditEstimates) -> None:
+        """The deployment's credit estimates, for the pump (lua/set_estimates.lua)."""
+        args: list[str] = [repr(estimates.default)]
+        for (model, resolution), credits in sorted(estimates.table.items()):
             args += [f"{model}@{resolution}", repr(credits)]
         self._scripts["set_estimates"](keys=[keys.CONFIG], args=args)
 

@@ -12,6 +12,7 @@ of the live workers' values: never above any of them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -19,18 +20,25 @@ import time
 import redis
 
 from . import keys
+from .errors import ConfigError
+from .netguard import redacted, without_credentials
 from .rows import storage_base
 from .settings import Settings
+from .spend import CreditEstimates, parse_estimates
 
 log = logging.getLogger(__name__)
 # Celery runs a countdown on the receiving worker's clock, set by the sender's.
 CLOCK_SKEW_WARN_S = 5.0
+# A worker not heard from this long is gone (far more than a heartbeat TTL).
+GONE_AFTER_S = 60.0
 
 # What must agree, by the variable that sets it.
 SHARED = {
     "VIDQ_MAX_IN_FLIGHT": lambda s: s.max_in_flight,
     "VIDQ_STORAGE_URL": lambda s: storage_base(s.storage_url),
-    "AIMLAPI_BASE_URL": lambda s: s.base_url.rstrip("/"),
+    # Without a gateway's credentials or token: a rotation is no disagreement,
+    # and this is shown in logs and `vidq status`.
+    "AIMLAPI_BASE_URL": lambda s: redacted(without_credentials(s.base_url)).rstrip("/"),
     "VIDQ_ENDPOINT": lambda s: s.endpoint,
     "VIDQ_DEADLINE_S": lambda s: s.deadline_s,
     "VIDQ_HARD_LIMIT_S": lambda s: s.hard_limit_s,
@@ -40,22 +48,34 @@ SHARED = {
 }
 
 
+def record(settings: Settings) -> str:
+    """What a worker writes at start and with every heartbeat."""
+    return json.dumps({name: read(settings) for name, read in SHARED.items()})
+
+
 def publish(client: redis.Redis, worker: str, settings: Settings) -> None:
-    values = {name: read(settings) for name, read in SHARED.items()}
-    client.hset(keys.WORKER_SETTINGS, worker, json.dumps(values))
+    client.hset(keys.WORKER_SETTINGS, worker, record(settings))
+
+
+def forget(client: redis.Redis, worker: str) -> None:
+    """A worker stopping cleanly: gone at once, not after GONE_AFTER_S."""
+    client.hdel(keys.WORKER_SETTINGS, worker)
+    client.zrem(keys.WORKERS, worker)
 
 
 def live_values(client: redis.Redis, worker: str = "", prune: bool = False) -> dict[str, dict]:
-    """Each live worker's shared values (`worker`, starting, counts as live);
-    with `prune` (a worker starting), the records of workers whose heartbeat
-    is gone are dropped."""
+    """The shared values of each worker heard from within GONE_AFTER_S
+    (`worker`, starting, counts). A worker frozen for a few heartbeats (a VM
+    paused, a swap storm) still counts, so C is not raised above its value
+    meanwhile. With `prune`, older records are dropped."""
     recorded = client.hgetall(keys.WORKER_SETTINGS)
-    names = sorted(str(name) for name in recorded)
-    alive = client.mget([keys.worker_alive(name) for name in names]) if names else []
-    dead = [name for name, beat in zip(names, alive, strict=True) if not beat and name != worker]
-    if dead and prune:
-        client.hdel(keys.WORKER_SETTINGS, *dead)
-    return {name: json.loads(recorded[name]) for name in names if name not in dead}
+    seconds, _ = client.time()
+    recent = {str(name) for name in client.zrangebyscore(keys.WORKERS, seconds - GONE_AFTER_S,
+                                                         "+inf")}
+    gone = [str(name) for name in recorded if name not in recent and name != worker]
+    if gone and prune:
+        client.hdel(keys.WORKER_SETTINGS, *gone)
+    return {str(name): json.loads(value) for name, value in recorded.items() if name not in gone}
 
 
 def disagreements(values: dict[str, dict]) -> list[str]:
@@ -89,3 +109,15 @@ def warn_of_clock_skew(client: redis.Redis) -> float:
                   "worker's clock, so they come late or early and are re-sent; sync the "
                   "clocks (NTP)", skew)
     return skew
+
+
+def highest_estimates(values: dict[str, dict], own: CreditEstimates) -> CreditEstimates:
+    """The highest credit estimate any live worker has, per shape: the spend
+    caps count what the most careful of them would."""
+    default, table = own.default, dict(own.table)
+    for theirs in values.values():
+        with contextlib.suppress(KeyError, TypeError, ValueError, ConfigError):
+            default = max(default, float(theirs["VIDQ_CREDIT_ESTIMATE"]))
+            for shape, credits in parse_estimates(str(theirs["VIDQ_CREDIT_ESTIMATES"])).items():
+                table[shape] = max(table.get(shape, 0.0), credits)
+    return CreditEstimates(default, table)

@@ -7,6 +7,7 @@ are re-sent by the next reconciler pass, not after a long grace period.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -36,6 +37,7 @@ class Lifecycle(bootsteps.StartStopStep):
     def __init__(self, worker, **kwargs):
         super().__init__(worker, **kwargs)
         self.timers: list = []
+        self.record = ""
         self.housekeeper: threading.Thread | None = None
         WORKER_ID["name"] = self.hostname = f"{worker.hostname}/{os.getpid()}"
 
@@ -43,6 +45,7 @@ class Lifecycle(bootsteps.StartStopStep):
         steps = get_steps()  # fail at start-up, not on the first task
         settings = steps.settings
         client = steps.store.redis
+        self.record = deployment.record(settings)  # re-written with every heartbeat
         deployment.publish(client, self.hostname, settings)
         live = deployment.live_values(client, self.hostname, prune=True)
         for disagreement in deployment.disagreements(live):
@@ -50,7 +53,8 @@ class Lifecycle(bootsteps.StartStopStep):
                       "(`vidq status` shows this too)", disagreement)
         self.set_cap(steps, deployment.lowest_cap(live, settings.max_in_flight))
         deployment.warn_of_clock_skew(client)
-        steps.admission.publish_estimates()
+        steps.admission.publish_estimates(
+            deployment.highest_estimates(live, steps.admission.credits))
         manifest.publish_storage_url(steps.store.redis, settings.storage_url)
         self.beat()
         self.timers = [
@@ -70,7 +74,11 @@ class Lifecycle(bootsteps.StartStopStep):
 
     def follow_cap(self, steps) -> None:
         """C is the lowest VIDQ_MAX_IN_FLIGHT of the live workers: once the
-        last worker of an old value is gone (a rolling upgrade), C follows."""
+        last worker of an old value is gone (a rolling upgrade; a worker
+        killed without a clean stop counts for GONE_AFTER_S), C follows, as
+        when a worker starts: an operator's `vidq cap` stands until that
+        deployment value changes. A worker frozen for a few heartbeats still
+        counts, so C never rises above its value meanwhile."""
         client = steps.store.redis
         cap = deployment.lowest_cap(deployment.live_values(client, self.hostname),
                                     steps.settings.max_in_flight)
@@ -80,6 +88,10 @@ class Lifecycle(bootsteps.StartStopStep):
     def stop(self, worker):
         for timer in self.timers:
             timer.cancel()
+        client = get_steps().store.redis
+        with contextlib.suppress(redis.RedisError):  # else it is gone after GONE_AFTER_S
+            deployment.forget(client, self.hostname)
+            client.delete(keys.worker_alive(self.hostname))
 
     def beat(self) -> None:
         steps = get_steps()
@@ -92,6 +104,8 @@ class Lifecycle(bootsteps.StartStopStep):
             # The names seen lately, so `vidq status` finds the live ones
             # without scanning the keyspace; a name silent for a day is dropped.
             pipe.zadd(keys.WORKERS, {self.hostname: seconds})
+            # Again and again: a record pruned while this worker was frozen comes back.
+            pipe.hset(keys.WORKER_SETTINGS, self.hostname, self.record)
             pipe.zremrangebyscore(keys.WORKERS, "-inf", seconds - WORKER_NAMES_KEPT_S)
             pipe.execute()
         except redis.RedisError as exc:

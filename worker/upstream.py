@@ -57,6 +57,8 @@ MAX_REDIRECTS = 5
 # A result body slower than this over a third of VIDQ_DOWNLOAD_GRACE_S is a
 # stall, not a slow link: a 200 MB video at this rate would outlive the hard limit.
 MIN_RESULT_BPS = 1000
+# An attempt may take 3 download graces, or its length at this rate if longer.
+MIN_AVERAGE_BPS = 10_000
 # Statuses on which the upstream surely created nothing, so a POST may be sent again.
 SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
 NEVER_SENT = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
@@ -203,7 +205,11 @@ class UpstreamClient:
         given up (UpstreamUnavailable: tried again later): a result URL that
         trickles a byte at a time, never long enough quiet for the read
         timeout, held a worker process with no bound."""
-        total, window_start, window_bytes = 0, time.monotonic(), 0
+        started = window_start = time.monotonic()
+        total = window_bytes = 0
+        announced = file_length(response) or ""
+        expected = int(announced) if announced.isdigit() else self._policy.max_bytes
+        attempt_s = max(9 * stall_window_s, expected / MIN_AVERAGE_BPS)
         with http_errors("download", result_url=response.url):
             # read1, not iter_content: what has arrived, not a full chunk's
             # wait, so a trickle is seen as one.
@@ -211,13 +217,17 @@ class UpstreamClient:
                 total += len(chunk)
                 check_size(total, self._policy)
                 window_bytes += len(chunk)
-                elapsed = time.monotonic() - window_start
-                if elapsed >= stall_window_s:
-                    if window_bytes < MIN_RESULT_BPS * elapsed:
+                now = time.monotonic()
+                if now - window_start >= stall_window_s:
+                    if window_bytes < MIN_RESULT_BPS * (now - window_start):
                         raise UpstreamUnavailable(
                             f"download {redacted(response.url)}: {window_bytes} bytes in the "
-                            f"last {elapsed:.0f} s, under {MIN_RESULT_BPS} bytes/s")
-                    window_start, window_bytes = time.monotonic(), 0
+                            f"last {now - window_start:.0f} s, under {MIN_RESULT_BPS} bytes/s")
+                    window_start, window_bytes = now, 0
+                if now - started > attempt_s:  # just above the floor, for hours
+                    raise UpstreamUnavailable(
+                        f"download {redacted(response.url)}: {total} bytes in "
+                        f"{now - started:.0f} s, under {MIN_AVERAGE_BPS} bytes/s on average")
                 yield chunk
 
 

@@ -77,6 +77,11 @@ class Mp4Boxes:
             self.skip = size - len(header)
 
     def check_whole(self, size: int) -> None:
+        # A few bytes of padding after the last box (too few for a box
+        # header) are tolerated: refusing them would lose a paid video that
+        # plays, for good.
+        if self.header and not self.skip and {b"moov", b"mdat"} <= self.seen:
+            return
         if self.skip or self.header:
             missing = self.skip or self._header_size() - len(self.header)
             raise CorruptVideo(f"got {size} bytes, cut inside an MP4 box "
