@@ -11,7 +11,7 @@ import yaml
 
 from worker.celery_app import QUEUES, app
 from worker.posting import SHUTDOWN_WAIT_S
-from worker.settings import ENV_NAMES
+from worker.settings import ENV_NAMES, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
@@ -126,6 +126,15 @@ def test_workers_outlive_their_soft_shutdown_when_stopped():
     assert soft == pytest.approx(10.0)
     for name in _worker_pools():
         assert _seconds(SERVICES[name]["stop_grace_period"]) > soft + SHUTDOWN_WAIT_S, name
+    # SIGTERM lets a submit wait out its POST's deadline, then its pool child
+    # waits for a late answer: both, or a paid id is lost to SIGKILL.
+    assert (_seconds(SERVICES["worker-submit"]["stop_grace_period"])
+            > Settings().post_deadline_s + SHUTDOWN_WAIT_S)
+
+
+def test_redis_has_a_memory_limit_for_noeviction_to_apply():
+    command = SERVICES["redis"]["command"]
+    assert command[command.index("--maxmemory") + 1] == "${REDIS_MAXMEMORY:-2gb}"
 
 
 def test_redis_is_durable_never_evicts_and_needs_a_password():
@@ -211,3 +220,10 @@ def test_env_example_lists_every_variable_compose_uses_and_every_setting():
     # every setting reaches the workers (VIDQ_REDIS_URL is built from REDIS_PASSWORD)
     passed = set(COMPOSE["x-vidq-env"])
     assert set(ENV_NAMES.values()) <= passed, sorted(set(ENV_NAMES.values()) - passed)
+
+
+def test_flower_gets_no_secret_it_does_not_need():
+    environment = SERVICES["flower"]["environment"]
+    for secret in ("AIMLAPI_KEY", "AWS_SECRET_ACCESS_KEY", "VIDQ_WEBHOOK_SECRET"):
+        assert secret not in environment, secret
+    assert "VIDQ_REDIS_URL" in environment and "FLOWER_BASIC_AUTH" in environment

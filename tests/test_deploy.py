@@ -18,6 +18,7 @@ from worker import keys
 from worker.admission import PRIORITIES
 from worker.celery_app import QUEUES, app
 from worker.posting import SHUTDOWN_WAIT_S
+from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -135,6 +136,18 @@ def test_workers_outlive_their_soft_shutdown(name):
     assert soft == pytest.approx(10.0)
     for pool, deployment in pool_deployments(name).items():
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > soft + SHUTDOWN_WAIT_S, pool
+    submit = pool_deployments(name)["submit"]["spec"]["template"]["spec"]
+    assert submit["terminationGracePeriodSeconds"] > Settings().post_deadline_s + SHUTDOWN_WAIT_S
+
+
+@parametrize_kustomizations
+def test_a_redis_outage_of_an_hour_restarts_no_worker(name):
+    """The liveness ping needs Redis; a worker rides out a Redis outage or a
+    full Redis by itself, and a restart would kill pool children still
+    recording a paid id."""
+    for pool, deployment in pool_deployments(name).items():
+        probe = container(deployment)["livenessProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 3600, pool
 
 
 @parametrize_kustomizations
@@ -243,7 +256,8 @@ def test_a_scaled_object_per_pool_targets_its_deployment_and_queue(name):
         # pool wakes on its own queue only (a delivery is made after its event)
         assert ({POOLS[pool]} if pool == "webhook" else {*RINGS, POOLS[pool]}) == lists, pool
         # the poll pool keeps one worker: it holds the countdown polls and reconciles
-        assert obj["spec"]["minReplicaCount"] == (1 if pool == "poll" else 0), pool
+        # poll holds the countdowns; a running download is not in its queue
+        assert obj["spec"]["minReplicaCount"] == (1 if pool in ("poll", "download") else 0), pool
 
 
 @parametrize_kustomizations
