@@ -202,16 +202,24 @@ def test_sigterm_hands_countdowns_back_and_nothing_is_lost(make_pipeline, make_s
     assert sandbox.stats()["submissions"] == 4
 
 
+def _running_on(restartable_redis, make_pipeline, make_sandbox, tmp_path, batch: str,
+                prompts: list[str], workers: int = 1):
+    """A batch of ~3 s generations on a Redis the test may stop, fill or restart."""
+    sandbox = make_sandbox(time_scale=30, max_concurrency=100)
+    pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=restartable_redis.url,
+                             VIDQ_EXPECTED_GENERATION_S=3)
+    pipeline.start_workers(count=workers, concurrency=2)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), batch)
+    return pipeline
+
+
 def test_redis_restarted_twice_mid_batch_completes_with_no_duplicate_post(
         make_pipeline, make_sandbox, tmp_path, restartable_redis):
     """Redis (AOF, fsync always) stopped and started twice during a batch: the workers
     survive (the kombu workaround), every job ends done, every prompt POSTed once."""
-    sandbox = make_sandbox(time_scale=30, max_concurrency=100)
-    pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=restartable_redis.url,
-                             VIDQ_EXPECTED_GENERATION_S=3)
-    pipeline.start_workers(count=2, concurrency=2)
     prompts = [f"restart {i}" for i in range(12)]
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "rr")
+    pipeline = _running_on(restartable_redis, make_pipeline, make_sandbox, tmp_path, "rr",
+                           prompts, workers=2)
     for _ in range(2):
         time.sleep(3)
         restartable_redis.stop()
@@ -348,12 +356,9 @@ def test_a_redis_full_for_a_while_stops_no_worker_and_pays_nothing_twice(
     """Redis at maxmemory with noeviction refuses every write for 6 s, mid-batch:
     the workers ride it out (an ack it refused used to end the worker), every job
     ends done, every prompt POSTed once."""
-    sandbox = make_sandbox(time_scale=30, max_concurrency=100)
-    pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=restartable_redis.url,
-                             VIDQ_EXPECTED_GENERATION_S=3)
-    pipeline.start_workers(count=1, concurrency=2)
     prompts = [f"full memory {i}" for i in range(8)]
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "full")
+    pipeline = _running_on(restartable_redis, make_pipeline, make_sandbox, tmp_path, "full",
+                           prompts)
     client = redis.Redis.from_url(restartable_redis.url)
     time.sleep(2)
     client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 100_000)
@@ -374,11 +379,8 @@ def test_status_watch_rides_out_a_redis_restart_and_exits_for_the_batch(
     """Redis down for 2 s while `vidq status --watch` follows a batch: the watch
     says so and goes on, and exits 0 when every job is done (it used to exit 2
     with 'cannot use Redis' on a clean night)."""
-    sandbox = make_sandbox(time_scale=30)
-    pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=restartable_redis.url,
-                             VIDQ_EXPECTED_GENERATION_S=3)
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"watched {i}" for i in range(8)]), "w")
+    pipeline = _running_on(restartable_redis, make_pipeline, make_sandbox, tmp_path, "w",
+                           [f"watched {i}" for i in range(8)])
     watching = subprocess.Popen(["vidq", "status", "w", "--watch", "--every", "1"],
                                 env=pipeline.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

@@ -488,27 +488,47 @@ def real_mp4(tmp_path_factory) -> bytes:
     return path.read_bytes()
 
 
-def _serve_cut(body: bytes, with_length: bool) -> tuple[str, ThreadingHTTPServer]:
-    """200 with `body` (a cut video): without Content-Length the close ends it
-    as a whole answer would; with one, the length matches the cut body (a
-    CDN's cached cut object). Neither is an HTTP error."""
+def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[str, ThreadingHTTPServer]:
+    """A local result URL answered by `handler`."""
+    handler.log_message = lambda self, *args: None  # type: ignore[method-assign]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/v.mp4", server
+
+
+def _download_from(steps, redis_url, url):
+    """Claim the download step of a job whose result is `url`."""
+    ref, token = _admit_one(steps)
+    redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
+        "video_url": url, "state": "downloading"})
+    return steps.claim(ref, token, "download")
+
+
+def _answering(body: bytes, length: bool = True, piece: int = 0, every_s: float = 0.0,
+               headers: dict | None = None, seen: list | None = None):
+    """A handler answering 200 with `body`: with its Content-Length or ended by a
+    close, sent whole or `piece` bytes every `every_s`, with extra `headers`."""
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
 
         def do_GET(self):
+            if seen is not None:
+                seen.append(self.headers.get("Accept-Encoding"))
             self.send_response(200)
-            self.send_header("Content-Type", "video/mp4")
-            if with_length:
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if length:
                 self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                for start in range(0, len(body), piece or len(body)):
+                    self.wfile.write(body[start:start + (piece or len(body))])
+                    self.wfile.flush()
+                    time.sleep(every_s)
+            except OSError:
+                pass  # vidq hung up
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_port}/v.mp4", server
+    return Handler
 
 
 @pytest.mark.parametrize("with_length", [False, True], ids=["closed", "cached_cut"])
@@ -516,15 +536,11 @@ def test_a_video_cut_short_without_an_http_error_is_refused(steps_for, redis_url
                                                             tmp_path, with_length):
     """60% of a real MP4, ended by a close or by a matching Content-Length: its
     last box is unfinished, so CorruptVideo (retried), nothing published."""
-    url, server = _serve_cut(real_mp4[:len(real_mp4) * 6 // 10], with_length)
+    url, server = _serve(_answering(real_mp4[:len(real_mp4) * 6 // 10], length=with_length))
+    steps = steps_for()
     try:
-        steps = steps_for()
-        ref, token = _admit_one(steps)
-        redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
-            "video_url": url, "state": "downloading"})
-        job = steps.claim(ref, token, "download")
         with pytest.raises(CorruptVideo, match="cut inside an MP4 box"):
-            steps.download(job)
+            steps.download(_download_from(steps, redis_url, url))
     finally:
         server.shutdown()
     assert not any(tmp_path.rglob("*.mp4")) and not any(tmp_path.rglob("*.part"))
@@ -566,29 +582,12 @@ def test_a_gzipped_video_with_its_wire_length_is_stored_whole(steps_for, redis_u
     """vidq asks for the file as is (Accept-Encoding: identity); a server that
     gzips anyway, with the compressed Content-Length, is still stored whole.
     It used to fail every attempt: the decoded bytes never matched the wire's length."""
-    seen = []
-    packed = gzip.compress(real_mp4)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append(self.headers.get("Accept-Encoding"))
-            self.send_response(200)
-            self.send_header("Content-Encoding", "gzip")
-            self.send_header("Content-Length", str(len(packed)))
-            self.end_headers()
-            self.wfile.write(packed)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    seen: list = []
+    url, server = _serve(_answering(gzip.compress(real_mp4), headers={"Content-Encoding": "gzip"},
+                                    seen=seen))
     try:
         steps = steps_for()
-        ref, token = _admit_one(steps)
-        redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
-            "video_url": f"http://127.0.0.1:{server.server_port}/v.mp4", "state": "downloading"})
-        steps.download(steps.claim(ref, token, "download"))
+        steps.download(_download_from(steps, redis_url, url))
     finally:
         server.shutdown()
     assert seen == ["identity"]
@@ -618,29 +617,9 @@ def test_a_result_that_trickles_ends_the_attempt_instead_of_holding_a_worker(
     read timeout) used to hold the download, and its worker process, with no
     bound. Under 1,000 bytes/s over a third of the download grace (1 s here)
     the attempt ends as UpstreamUnavailable, to be tried again later."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(real_mp4)))
-            self.end_headers()
-            try:
-                for byte in real_mp4:
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-                    time.sleep(0.1)
-            except OSError:
-                pass  # vidq hung up
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, server = _serve(_answering(real_mp4, piece=1, every_s=0.1))
     steps = steps_for(VIDQ_DOWNLOAD_GRACE_S="3")
-    ref, token = _admit_one(steps)
-    redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
-        "video_url": f"http://127.0.0.1:{server.server_port}/v.mp4", "state": "downloading"})
-    job = steps.claim(ref, token, "download")
+    job = _download_from(steps, redis_url, url)
     outcome: list = []
 
     def download():
@@ -661,34 +640,12 @@ def test_a_result_just_above_the_stall_floor_is_still_bounded(steps_for, redis_u
     """1,500 bytes/s passes the 1,000 bytes/s floor, and used to hold the
     download for as long as it trickled. An attempt may take three download
     graces, or its Content-Length at 10 kB/s if longer: here 3 s for 20 kB."""
-    body = real_mp4[:20_000]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            try:
-                for start in range(0, len(body), 150):
-                    self.wfile.write(body[start:start + 150])
-                    self.wfile.flush()
-                    time.sleep(0.1)
-            except OSError:
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, server = _serve(_answering(real_mp4[:20_000], piece=150, every_s=0.1))
     steps = steps_for(VIDQ_DOWNLOAD_GRACE_S="1")
-    ref, token = _admit_one(steps)
-    redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
-        "video_url": f"http://127.0.0.1:{server.server_port}/v.mp4", "state": "downloading"})
     started = time.monotonic()
     try:
         with pytest.raises(UpstreamUnavailable, match="on average"):
-            steps.download(steps.claim(ref, token, "download"))
+            steps.download(_download_from(steps, redis_url, url))
     finally:
         server.shutdown()
     assert time.monotonic() - started < 8
@@ -698,13 +655,10 @@ def test_a_video_with_a_few_bytes_of_padding_is_stored(steps_for, redis_url, rea
                                                       tmp_path):
     """Four zero bytes after the last box (too few for a box) are padding, not a
     cut: refused, the paid video would be retried until the hard limit and lost."""
-    url = _serve_cut(real_mp4 + b"\0\0\0\0", with_length=True)
+    url, server = _serve(_answering(real_mp4 + b"\0\0\0\0"))
     try:
         steps = steps_for()
-        ref, token = _admit_one(steps)
-        redis.Redis.from_url(redis_url).hset("vidq:job:" + ref, mapping={
-            "video_url": url[0], "state": "downloading"})
-        steps.download(steps.claim(ref, token, "download"))
+        steps.download(_download_from(steps, redis_url, url))
     finally:
-        url[1].shutdown()
+        server.shutdown()
     assert (tmp_path / "b" / "j1.mp4").read_bytes() == real_mp4 + b"\0\0\0\0"
