@@ -324,3 +324,55 @@ def test_workers_that_disagree_on_c_run_at_the_lowest_and_keep_an_operators_cap(
     (warned,) = [line for line in status.stdout.splitlines()
                  if line.startswith("warning: the live workers disagree on VIDQ_MAX_IN_FLIGHT: ")]
     assert "3 (test0@" in warned and "2 (test0@" in warned
+
+
+def test_an_operators_cap_stands_while_a_worker_restarts_with_its_old_value(
+        make_pipeline, make_sandbox, tmp_path):
+    """A says C = 2, B C = 4; the operator sets 1. A stops cleanly and starts
+    again with the same 2: its record counts until 60 s after its last beat,
+    so C never rises to B's 4 meanwhile (it used to, and the operator's 1 was
+    gone for good). A record that is not JSON stops nothing, and a flushed
+    estimate is written back."""
+    import subprocess
+
+    sandbox = make_sandbox(time_scale=30)
+    a = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=2, VIDQ_EXPECTED_GENERATION_S=3)
+    b = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=4, VIDQ_EXPECTED_GENERATION_S=3)
+    b.log_dir = tmp_path / "logs-b"
+    b.log_dir.mkdir()
+    a.start_workers()
+    b.start_workers()
+    client = a.store.redis
+    assert subprocess.run(["vidq", "cap", "1"], env=a.env, capture_output=True,
+                          timeout=60).returncode == 0
+    a.stop_workers()
+    seen = set()
+    for _ in range(15):  # several reconcile passes without A
+        seen.add(a.admission.cap())
+        time.sleep(0.2)
+    a.start_workers()
+    client.hset(keys.WORKER_SETTINGS, "foreign@host/1", "{truncated")
+    client.zadd(keys.WORKERS, {"foreign@host/1": client.time()[0]})
+    client.hdel(keys.CONFIG, "credit_estimate")
+    a.enqueue(write_prompts(tmp_path / "p.txt", [f"restarted {i}" for i in range(4)]), "r")
+
+    assert a.wait_finished("r", timeout_s=90)["done"] == 4
+    assert seen == {1} and a.admission.cap() == 1
+    assert sandbox.stats()["max_in_flight"] == 1
+    wait_until(lambda: client.hget(keys.CONFIG, "credit_estimate"), 10, "the estimate back")
+    status = subprocess.run(["vidq", "status", "r"], env=a.env, capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr
+
+
+def test_the_spend_caps_count_each_shape_at_the_most_any_live_worker_would():
+    """A counts 720P at 20 (default 5); B has no table and a default of 30, so
+    B counts 720P at 30: the pump's table must say 30, not 20."""
+    from worker.deployment import highest_estimates
+    from worker.spend import CreditEstimates
+
+    shape = ("alibaba/wan2.1-t2v-turbo", "720P")
+    own = CreditEstimates(5.0, {shape: 20.0})
+    found = highest_estimates({"b": {"VIDQ_CREDIT_ESTIMATE": 30.0, "VIDQ_CREDIT_ESTIMATES": ""}},
+                              own)
+    assert found.default == 30.0 and found.table == {shape: 30.0}

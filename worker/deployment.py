@@ -57,12 +57,6 @@ def publish(client: redis.Redis, worker: str, settings: Settings) -> None:
     client.hset(keys.WORKER_SETTINGS, worker, record(settings))
 
 
-def forget(client: redis.Redis, worker: str) -> None:
-    """A worker stopping cleanly: gone at once, not after GONE_AFTER_S."""
-    client.hdel(keys.WORKER_SETTINGS, worker)
-    client.zrem(keys.WORKERS, worker)
-
-
 def live_values(client: redis.Redis, worker: str = "", prune: bool = False) -> dict[str, dict]:
     """The shared values of each worker heard from within GONE_AFTER_S
     (`worker`, starting, counts). A worker frozen for a few heartbeats (a VM
@@ -72,10 +66,22 @@ def live_values(client: redis.Redis, worker: str = "", prune: bool = False) -> d
     seconds, _ = client.time()
     recent = {str(name) for name in client.zrangebyscore(keys.WORKERS, seconds - GONE_AFTER_S,
                                                          "+inf")}
-    gone = [str(name) for name in recorded if name not in recent and name != worker]
+    gone = {str(name) for name in recorded if name not in recent and name != worker}
     if gone and prune:
         client.hdel(keys.WORKER_SETTINGS, *gone)
-    return {str(name): json.loads(value) for name, value in recorded.items() if name not in gone}
+    found = {}
+    for name, value in recorded.items():
+        if name in gone:
+            continue
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            found[str(name)] = parsed
+        else:  # another version's or a foreign writer's: never in C's way
+            log.warning("worker settings record of %s is not a JSON object: ignored", name)
+    return found
 
 
 def disagreements(values: dict[str, dict]) -> list[str]:
@@ -114,10 +120,13 @@ def warn_of_clock_skew(client: redis.Redis) -> float:
 def highest_estimates(values: dict[str, dict], own: CreditEstimates) -> CreditEstimates:
     """The highest credit estimate any live worker has, per shape: the spend
     caps count what the most careful of them would."""
-    default, table = own.default, dict(own.table)
+    workers = [own]
     for theirs in values.values():
         with contextlib.suppress(KeyError, TypeError, ValueError, ConfigError):
-            default = max(default, float(theirs["VIDQ_CREDIT_ESTIMATE"]))
-            for shape, credits in parse_estimates(str(theirs["VIDQ_CREDIT_ESTIMATES"])).items():
-                table[shape] = max(table.get(shape, 0.0), credits)
-    return CreditEstimates(default, table)
+            workers.append(CreditEstimates(float(theirs["VIDQ_CREDIT_ESTIMATE"]),
+                                           parse_estimates(str(theirs["VIDQ_CREDIT_ESTIMATES"]))))
+    shapes = {shape for each in workers for shape in each.table}
+    # A worker without a shape in its table counts it at its default.
+    return CreditEstimates(max(each.default for each in workers),
+                           {shape: max(each.table.get(shape, each.default) for each in workers)
+                            for shape in shapes})

@@ -39,7 +39,10 @@ class Lifecycle(bootsteps.StartStopStep):
         self.timers: list = []
         self.record = ""
         self.housekeeper: threading.Thread | None = None
-        WORKER_ID["name"] = self.hostname = f"{worker.hostname}/{os.getpid()}"
+        # The random part: two workers named alike (one hostname, both PID 1
+        # in their containers) must not share a record or a holder name.
+        WORKER_ID["name"] = self.hostname = (f"{worker.hostname}/{os.getpid()}/"
+                                             f"{os.urandom(2).hex()}")
 
     def start(self, worker):
         steps = get_steps()  # fail at start-up, not on the first task
@@ -75,23 +78,30 @@ class Lifecycle(bootsteps.StartStopStep):
     def follow_cap(self, steps) -> None:
         """C is the lowest VIDQ_MAX_IN_FLIGHT of the live workers: once the
         last worker of an old value is gone (a rolling upgrade; a worker
-        killed without a clean stop counts for GONE_AFTER_S), C follows, as
+        counts until GONE_AFTER_S after its last beat, stopped or not), C follows, as
         when a worker starts: an operator's `vidq cap` stands until that
         deployment value changes. A worker frozen for a few heartbeats still
         counts, so C never rises above its value meanwhile."""
         client = steps.store.redis
-        cap = deployment.lowest_cap(deployment.live_values(client, self.hostname),
-                                    steps.settings.max_in_flight)
+        live = deployment.live_values(client, self.hostname)
+        cap = deployment.lowest_cap(live, steps.settings.max_in_flight)
         if client.hget(keys.CONFIG, "deployment_cap") != str(cap):
             self.set_cap(steps, cap)
+        # Also what a flushed or rewritten config lost, and what departed workers left.
+        estimates = deployment.highest_estimates(live, steps.admission.credits)
+        if client.hget(keys.CONFIG, "credit_estimate") != repr(estimates.default):
+            steps.admission.publish_estimates(estimates)
+        if not client.hexists(keys.CONFIG, "storage_url"):
+            manifest.publish_storage_url(client, steps.settings.storage_url)
 
     def stop(self, worker):
         for timer in self.timers:
             timer.cancel()
-        client = get_steps().store.redis
-        with contextlib.suppress(redis.RedisError):  # else it is gone after GONE_AFTER_S
-            deployment.forget(client, self.hostname)
-            client.delete(keys.worker_alive(self.hostname))
+        # Its settings record stays until GONE_AFTER_S: a worker restarted
+        # with the same value must not let C rise meanwhile, over an
+        # operator's cap. Its heartbeat goes now: its held polls are re-sent.
+        with contextlib.suppress(redis.RedisError):
+            get_steps().store.redis.delete(keys.worker_alive(self.hostname))
 
     def beat(self) -> None:
         steps = get_steps()
@@ -135,7 +145,10 @@ class Lifecycle(bootsteps.StartStopStep):
             if not take_lock(steps.store.redis, keys.RECONCILE_LOCK, token,
                              0.9 * settings.reconcile_interval_s):
                 return
-            self.follow_cap(steps)
+            try:
+                self.follow_cap(steps)
+            except (ValueError, TypeError, KeyError) as exc:  # never in the re-sends' way
+                log.error("C not followed: %s", exc)
             resent = reconcile(steps.admission, dispatch, settings.step_grace_s)
             if resent:
                 log.warning("reconciler re-sent %d lost steps", resent)
