@@ -279,6 +279,19 @@ def test_an_earlier_posts_id_survives_a_refusal_of_the_repost(proxied, make_sand
     assert downloads == 1 and pipeline.store.get(ref).generation_id == generation_id
 
 
+def _two_shells(make_pipeline, make_sandbox, tmp_path, c_of_a: int, c_of_b: int):
+    """Workers A and B on one Redis and sandbox (~3 s generations), started
+    from two shells with their own VIDQ_MAX_IN_FLIGHT."""
+    sandbox = make_sandbox(time_scale=30)
+    a = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=c_of_a, VIDQ_EXPECTED_GENERATION_S=3)
+    b = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=c_of_b, VIDQ_EXPECTED_GENERATION_S=3)
+    b.log_dir = tmp_path / "logs-b"
+    b.log_dir.mkdir()
+    a.start_workers()
+    b.start_workers()
+    return sandbox, a, b
+
+
 def test_workers_that_disagree_on_c_run_at_the_lowest_and_keep_an_operators_cap(
         make_pipeline, make_sandbox, tmp_path):
     """Worker A says C = 3, worker B C = 2 (two shells). C is the lower, 2; the
@@ -287,13 +300,7 @@ def test_workers_that_disagree_on_c_run_at_the_lowest_and_keep_an_operators_cap(
     running against 1), and both the log and `vidq status` name the disagreement."""
     import subprocess
 
-    sandbox = make_sandbox(time_scale=30)
-    a = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=3, VIDQ_EXPECTED_GENERATION_S=3)
-    b = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=2, VIDQ_EXPECTED_GENERATION_S=3)
-    b.log_dir = tmp_path / "logs-b"
-    b.log_dir.mkdir()
-    a.start_workers()
-    b.start_workers()
+    sandbox, a, b = _two_shells(make_pipeline, make_sandbox, tmp_path, 3, 2)
     wait_until(lambda: a.admission.cap() == 2, 30, "C at the lower value")
     assert subprocess.run(["vidq", "cap", "1"], env=a.env, capture_output=True,
                           timeout=60).returncode == 0
@@ -335,13 +342,7 @@ def test_an_operators_cap_stands_while_a_worker_restarts_with_its_old_value(
     estimate is written back."""
     import subprocess
 
-    sandbox = make_sandbox(time_scale=30)
-    a = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=2, VIDQ_EXPECTED_GENERATION_S=3)
-    b = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=4, VIDQ_EXPECTED_GENERATION_S=3)
-    b.log_dir = tmp_path / "logs-b"
-    b.log_dir.mkdir()
-    a.start_workers()
-    b.start_workers()
+    sandbox, a, b = _two_shells(make_pipeline, make_sandbox, tmp_path, 2, 4)
     client = a.store.redis
     assert subprocess.run(["vidq", "cap", "1"], env=a.env, capture_output=True,
                           timeout=60).returncode == 0
