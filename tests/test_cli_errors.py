@@ -40,6 +40,9 @@ def cases(redis_url: str) -> dict[str, tuple[dict, str]]:
                         "VIDQ_REDIS_URL"),
         "notaurl": ({"VIDQ_REDIS_URL": "notaurl"}, "VIDQ_REDIS_URL"),
         "http_url": ({"VIDQ_REDIS_URL": "http://x"}, "VIDQ_REDIS_URL"),
+        # redis-py reads a db that is not a number as db 0, silently.
+        "db_not_a_number": ({"VIDQ_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/zero"},
+                            "VIDQ_REDIS_URL is not a Redis URL"),
         # An unencoded '/' or '#' splits the URL inside the password: the parser's
         # own message quoted its head ("Port could not be cast ... 'Zq7Se'").
         "slash_in_password": ({"VIDQ_REDIS_URL": f"redis://:{PASSWORD[:5]}/{PASSWORD[5:]}"

@@ -50,6 +50,9 @@ def connect(redis_url: str) -> redis.Redis:
                    socket_timeout=30, retry_on_timeout=True)
     try:
         if not is_sentinel_url(redis_url):
+            named_db = urlsplit(redis_url).path.strip("/")
+            if named_db and not named_db.isdigit():  # redis-py would quietly use db 0
+                raise ValueError(f"db {named_db!r} is not a number")
             return redis.Redis.from_url(redis_url, **options)
         master = sentinel_master_of(redis_url)
         if not master:
