@@ -13,9 +13,10 @@ from pathlib import Path
 
 from worker import keys
 from worker.admission import Admission, admit
-from worker.connection import connect, held_lock
+from worker.connection import connect
 from worker.errors import InputError
 from worker.jobs import JobStore
+from worker.leases import held_lock
 from worker.spend import CreditEstimates
 
 from .prompts import ID_PATTERN, LineError, PromptFileError, load_prompts

@@ -17,7 +17,6 @@ from worker.admission import Admission
 from worker.errors import InputError
 from worker.posting import SHUTDOWN_WAIT_S
 from worker.retention import purge
-from worker.rows import storage_base
 from worker.settings import Settings
 from worker.storage import open_storage
 
@@ -33,8 +32,8 @@ def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bo
     mark = manifest.read_marks(client, [batch])[batch]
     if mark.total == 0:
         raise InputError(f"no batch named {batch!r} in Redis")
-    theirs = manifest.workers_storage_url(client, settings.storage_url)
-    if theirs != storage_base(settings.storage_url):
+    same, theirs = manifest.storage_is_theirs(client, settings.storage_url)
+    if not same:
         raise InputError(f"this shell's VIDQ_STORAGE_URL is not the workers' ({theirs}): purge "
                          "writes the batch's manifest there first; run it with theirs "
                          "(nothing was purged)")

@@ -15,7 +15,6 @@ from rich.console import Console
 from worker import keys, manifest
 from worker.admission import Admission
 from worker.errors import InputError
-from worker.rows import storage_base
 from worker.settings import Settings
 from worker.storage import open_storage
 
@@ -72,8 +71,8 @@ def _reasons(status: dict) -> None:
 def _manifest(admission: Admission, settings: Settings, batch: str) -> str | None:
     """Write the finished batch's manifest if this shell's storage is the
     workers' (else leave it to them); where it is, once written."""
-    theirs = manifest.workers_storage_url(admission.redis, settings.storage_url)
-    if theirs == storage_base(settings.storage_url):
+    same, theirs = manifest.storage_is_theirs(admission.redis, settings.storage_url)
+    if same:
         storage = open_storage(settings.storage_url, settings.s3_part_bytes)
         manifest.write_safely(admission.redis, storage, settings, batch)
         where = storage.location(manifest.manifest_key(batch))

@@ -6,11 +6,8 @@ current master that follows a failover.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -97,32 +94,6 @@ def take_lock(client: redis.Redis, key: str, token: str, ttl_s: float) -> bool:
     if client.set(key, token, nx=True, px=max(1, int(ttl_s * 1000))):
         return True
     return client.get(key) == token
-
-
-@contextlib.contextmanager
-def held_lock(client: redis.Redis, key: str, ttl_s: float) -> Iterator[None]:
-    """Wait for the lock, hold it while the block runs (renewed every third
-    of its TTL), then free it. A holder that dies frees it within `ttl_s`."""
-    from .jobs import load_script  # jobs imports this module
-
-    token = os.urandom(8).hex()
-    while not take_lock(client, key, token, ttl_s):
-        time.sleep(0.1)
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(ttl_s / 3):
-            with contextlib.suppress(redis.RedisError):  # two more thirds to go
-                load_script(client, "renew_lock")(keys=[key], args=[token, int(ttl_s * 1000)])
-
-    thread = threading.Thread(target=renew, name=f"lock {key}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        load_script(client, "release_lock")(keys=[key], args=[token])
 
 
 def run_pipeline(client: redis.Redis, build: Callable[[Any], None]) -> list:

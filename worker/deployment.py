@@ -53,10 +53,6 @@ def record(settings: Settings) -> str:
     return json.dumps({name: read(settings) for name, read in SHARED.items()})
 
 
-def publish(client: redis.Redis, worker: str, settings: Settings) -> None:
-    client.hset(keys.WORKER_SETTINGS, worker, record(settings))
-
-
 def live_values(client: redis.Redis, worker: str = "", prune: bool = False) -> dict[str, dict]:
     """The shared values of each worker heard from within GONE_AFTER_S
     (`worker`, starting, counts). A worker frozen for a few heartbeats (a VM

@@ -6,17 +6,21 @@ slow link can outlive any fixed lease, and a second copy then competes with
 the first for the same bandwidth, so neither finishes in time and the job
 never ends. While a step runs, a thread renews its lease every third of it;
 when the renewal finds the token gone, the step stops as taken over.
+A lock held for a long block (a producer's enqueue) is renewed the same way.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import redis
 
-from .jobs import Job, JobStore
+from .connection import take_lock
+from .jobs import Job, JobStore, load_script
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +30,53 @@ class TakenOver(Exception):
 
 
 @contextlib.contextmanager
-def lease_renewed(store: JobStore, job: Job, lease_s: float) -> Iterator[threading.Event]:
-    """Renew `job`'s lease while the block runs; the event is set if it was lost."""
+def renewed(renew: Callable[[], bool], lease_s: float, name: str) -> Iterator[threading.Event]:
+    """Call `renew` every third of `lease_s` while the block runs; the event
+    is set once it answers False (the lease is someone else's now). A Redis
+    error leaves the lease two more thirds: it is tried again."""
     stop, lost = threading.Event(), threading.Event()
 
-    def renew() -> None:
+    def run() -> None:
         while not stop.wait(lease_s / 3):
             try:
-                if not store.renew_lease(job, lease_s):
+                if not renew():
                     lost.set()
                     return
-            except redis.RedisError as exc:  # the lease has two more thirds
-                log.warning("job %s: lease not renewed (%s); trying again", job.ref, exc)
+            except redis.RedisError as exc:
+                log.warning("%s not renewed (%s); trying again", name, exc)
 
-    thread = threading.Thread(target=renew, name=f"lease {job.ref}", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     try:
         yield lost
     finally:
         stop.set()
         thread.join()
+
+
+def lease_renewed(store: JobStore, job: Job, lease_s: float):
+    """Renew `job`'s lease while the block runs; the event is set if it was lost."""
+    return renewed(lambda: store.renew_lease(job, lease_s), lease_s, f"lease of job {job.ref}")
+
+
+@contextlib.contextmanager
+def held_lock(client: redis.Redis, key: str, ttl_s: float) -> Iterator[None]:
+    """Wait for the lock, hold it while the block runs (renewed every third
+    of its TTL), then free it. A holder that dies frees it within `ttl_s`."""
+    token = os.urandom(8).hex()
+    while not take_lock(client, key, token, ttl_s):
+        time.sleep(0.1)
+    script = load_script(client, "renew_lock")
+
+    def renew() -> bool:
+        script(keys=[key], args=[token, int(ttl_s * 1000)])
+        return True  # the holder goes on either way: its block is not interruptible
+
+    try:
+        with renewed(renew, ttl_s, f"lock {key}"):
+            yield
+    finally:
+        load_script(client, "release_lock")(keys=[key], args=[token])
 
 
 def unless_lost(chunks: Iterable[bytes], lost: threading.Event) -> Iterator[bytes]:

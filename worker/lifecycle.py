@@ -49,7 +49,7 @@ class Lifecycle(bootsteps.StartStopStep):
         settings = steps.settings
         client = steps.store.redis
         self.record = deployment.record(settings)  # re-written with every heartbeat
-        deployment.publish(client, self.hostname, settings)
+        client.hset(keys.WORKER_SETTINGS, self.hostname, self.record)
         live = deployment.live_values(client, self.hostname, prune=True)
         for disagreement in deployment.disagreements(live):
             log.error("the live workers disagree on %s: start them all with one value "
@@ -58,7 +58,7 @@ class Lifecycle(bootsteps.StartStopStep):
         deployment.warn_of_clock_skew(client)
         steps.admission.publish_estimates(
             deployment.highest_estimates(live, steps.admission.credits))
-        manifest.publish_storage_url(steps.store.redis, settings.storage_url)
+        manifest.publish_storage_url(client, settings.storage_url)
         self.beat()
         self.timers = [
             worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),

@@ -149,6 +149,13 @@ def workers_storage_url(client: redis.Redis, own: str) -> str:
     return str(theirs) if theirs else storage_base(own)
 
 
+def storage_is_theirs(client: redis.Redis, own: str) -> tuple[bool, str]:
+    """Whether a shell's VIDQ_STORAGE_URL `own` is the workers', and theirs:
+    only then may it write a batch's manifest."""
+    theirs = workers_storage_url(client, own)
+    return theirs == storage_base(own), theirs
+
+
 def write_safely(client: redis.Redis, storage: Storage, settings, batch: str) -> None:
     """`write_if_finished` for a step: a manifest problem never fails a job
     (the reconciler's next pass writes it)."""
