@@ -112,7 +112,9 @@ def test_scraped_metrics_match_the_sandbox_ledger_and_redis(make_pipeline, expor
     assert value(samples, "vidq_status_gets_per_video_count", **shape) == 6
     assert value(samples, "vidq_status_gets_per_video_sum", **shape) == sum(
         entry["polls"] for entry in done)
-    assert value(samples, "vidq_detection_lag_seconds_count", **shape) == value(
+    # Lag is known only for videos found after an earlier poll; on a loaded
+    # machine all six may be found at their first, and neither series exists.
+    assert total(samples, "vidq_detection_lag_seconds_count", **shape) == total(
         samples, "vidq_completions_total", seen="later_poll", **shape)
     # Gauges read from Redis.
     for state in ("queued", "submitted", "generating", "downloading", "cancelled"):
