@@ -40,7 +40,7 @@ from producer.prompts import (
 )
 from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, OPTIONAL_FIELDS, RESOLUTIONS
 from worker.errors import BadResponse, InputError
-from worker.upstream import Generation, parse_generation
+from worker.generation import Generation, parse_generation
 from worker.upstream_text import MAX_MESSAGE_CHARS, error_message
 
 DEFAULTS = {"model": DEFAULT_MODEL}

@@ -13,8 +13,9 @@ from worker.errors import (
     SubmitOutcomeUnknown,
     UpstreamUnavailable,
 )
+from worker.generation import Generation
 from worker.settings import Settings
-from worker.upstream import Generation, UpstreamClient
+from worker.upstream import UpstreamClient
 
 REQUEST = {"model": "alibaba/wan2.1-t2v-turbo", "prompt": "a kite"}
 

@@ -25,6 +25,7 @@ from .errors import (
     SubmitOutcomeUnknown,
     UpstreamError,
 )
+from .generation import Generation
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .learning import learn, tells_generation_time
 from .leases import TakenOver, lease_renewed, unless_lost
@@ -34,7 +35,7 @@ from .rate_limits import pause_s, revive_refused, spread
 from .schedule import PollPlan, backoff_delay
 from .settings import Settings
 from .storage import Storage, sidecar_key, video_key
-from .upstream import Generation, UpstreamClient, file_length
+from .upstream import UpstreamClient, file_length
 from .video import sidecar, stored_video, stream_video
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,10 @@ from .errors import (
     SubmitOutcomeUnknown,
     UpstreamError,
 )
+from .generation import Generation
 from .jobs import Job, JobStore
 from .settings import Settings
-from .upstream import Generation, UpstreamClient
+from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,11 @@
 Every failure of an upstream call becomes a `worker.errors` exception here and
 nowhere else: `http_errors` maps what `requests` raises (while sending, and
 while a streamed body is read), `raise_for_submit` and `raise_for_response`
-map HTTP statuses. The API key travels only in the Authorization header of
-API calls; no message built here contains it, nor a result URL's query, and
-an upstream (or a gateway before it) that echoes the key in an error body
-has it replaced by "[redacted]" before the text goes anywhere.
+map HTTP statuses; a 2xx body is read by `generation`. The API key travels
+only in the Authorization header of API calls; no message built here contains
+it, nor a result URL's query, and an upstream (or a gateway before it) that
+echoes the key in an error body has it replaced by "[redacted]" before the
+text goes anywhere.
 
 A POST is sent again automatically only when the failure proves the upstream
 created nothing (see the README's table):
@@ -23,17 +24,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from urllib.parse import urljoin
 
 import requests
 import urllib3.exceptions
 
-from .contract import ENDPOINTS, FAILURE_STATUSES, SUCCESS_STATUSES
+from .contract import ENDPOINTS
 from .errors import (
     BadResponse,
     ConfigError,
-    GenerationFailed,
     RateLimited,
     RequestRejected,
     ResultLinkExpired,
@@ -42,16 +41,12 @@ from .errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from .generation import Generation, parse_generation
 from .metrics_record import upstream_call
 from .netguard import UrlPolicy, check_size, check_url, redacted
 from .retry_after import retry_after_s
 from .settings import Settings
-from .upstream_text import (
-    CALLER_KEY,
-    body_message,
-    cut,
-    error_message,
-)
+from .upstream_text import CALLER_KEY, error_message
 
 MAX_REDIRECTS = 5
 # A result body slower than this over a third of VIDQ_DOWNLOAD_GRACE_S is a
@@ -64,34 +59,6 @@ SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
 NEVER_SENT = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
 BAD_URL = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
            requests.exceptions.InvalidSchema)
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One generation as the upstream describes it."""
-
-    id: str
-    status: str
-    video_url: str | None = None
-    error_message: str | None = None
-    credits_used: float | None = None
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status in SUCCESS_STATUSES and bool(self.video_url)
-
-    @property
-    def failed(self) -> bool:
-        return self.status in FAILURE_STATUSES
-
-    @property
-    def pending(self) -> bool:
-        # Unknown statuses, and a success without a URL, are never success.
-        return not (self.succeeded or self.failed)
-
-    def raise_if_failed(self) -> None:
-        if self.failed:
-            raise GenerationFailed(self.error_message or f"generation {self.status}")
 
 
 def never_sent(exc: requests.RequestException) -> bool:
@@ -275,43 +242,3 @@ def response_generation(response: requests.Response, *, posting: bool = False) -
             raise
         raise SubmitOutcomeUnknown(f"submit answered without a readable id ({exc}); "
                                    "not re-sent, to avoid paying twice") from None
-
-
-def parse_generation(response: requests.Response) -> Generation:
-    try:
-        body = response.json()
-    except (ValueError, RecursionError):
-        raise BadResponse(f"HTTP {response.status_code}: body is not JSON") from None
-    if not isinstance(body, dict) or not _text(body.get("id")) or not _text(body.get("status")):
-        raise BadResponse(f"HTTP {response.status_code}: no id/status in {cut(str(body), 200)}")
-    video_url = _dig(body, "video", "url")
-    return Generation(
-        id=str(body["id"]),
-        status=str(body["status"]).lower(),
-        video_url=video_url if isinstance(video_url, str) else None,
-        error_message=body_message(body),
-        credits_used=_credits(_dig(body, "meta", "usage", "credits_used")),
-    )
-
-
-def _text(value) -> bool:
-    return (isinstance(value, str) and value != "") or (
-        isinstance(value, int) and not isinstance(value, bool))
-
-
-def _credits(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if number == number and abs(number) != float("inf") else None
-
-
-def _dig(body, *path: str):
-    for key in path:
-        if not isinstance(body, dict):
-            return None
-        body = body.get(key)
-    return body

@@ -1,0 +1,84 @@
+"""What the upstream's answers say: one generation, read from a JSON body.
+
+Only the fields named in the contract are read; anything else in the body is
+ignored, and a body without an id and a status is a `BadResponse`. Unknown
+statuses, and a success without a video URL, are pending, never success: the
+job is polled again rather than marked done with nothing to download.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import requests
+
+from .contract import FAILURE_STATUSES, SUCCESS_STATUSES
+from .errors import BadResponse, GenerationFailed
+from .upstream_text import body_message, cut
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generation as the upstream describes it."""
+
+    id: str
+    status: str
+    video_url: str | None = None
+    error_message: str | None = None
+    credits_used: float | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in SUCCESS_STATUSES and bool(self.video_url)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILURE_STATUSES
+
+    @property
+    def pending(self) -> bool:
+        # Unknown statuses, and a success without a URL, are never success.
+        return not (self.succeeded or self.failed)
+
+    def raise_if_failed(self) -> None:
+        if self.failed:
+            raise GenerationFailed(self.error_message or f"generation {self.status}")
+
+
+def parse_generation(response: requests.Response) -> Generation:
+    try:
+        body = response.json()
+    except (ValueError, RecursionError):
+        raise BadResponse(f"HTTP {response.status_code}: body is not JSON") from None
+    if not isinstance(body, dict) or not _text(body.get("id")) or not _text(body.get("status")):
+        raise BadResponse(f"HTTP {response.status_code}: no id/status in {cut(str(body), 200)}")
+    video_url = _dig(body, "video", "url")
+    return Generation(
+        id=str(body["id"]),
+        status=str(body["status"]).lower(),
+        video_url=video_url if isinstance(video_url, str) else None,
+        error_message=body_message(body),
+        credits_used=_credits(_dig(body, "meta", "usage", "credits_used")),
+    )
+
+
+def _text(value) -> bool:
+    return (isinstance(value, str) and value != "") or (
+        isinstance(value, int) and not isinstance(value, bool))
+
+
+def _credits(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number == number and abs(number) != float("inf") else None
+
+
+def _dig(body, *path: str):
+    for key in path:
+        if not isinstance(body, dict):
+            return None
+        body = body.get(key)
+    return body
