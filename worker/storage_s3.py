@@ -12,9 +12,11 @@ single put_object sends the sha256 with the object; a multipart upload only
 knows it at the end, so after completing, the object is copied onto itself
 with the full metadata (MetadataDirective=REPLACE; server-side, no bytes
 re-sent). `sha256(key)` reads that metadata, and hashes the object only when
-it is absent. botocore errors become StorageError (retried by the download
-step). An upload whose abort itself fails (storage gone mid-upload) stays
-open: give the bucket a lifecycle rule AbortIncompleteMultipartUpload.
+it is absent (a failed copy leaves the whole object as it is, undescribed:
+deleting it could lose a paid video, or another writer's copy). botocore
+errors become StorageError (retried by the download step). An upload whose
+abort itself fails (storage gone mid-upload) stays open: give the bucket a
+lifecycle rule AbortIncompleteMultipartUpload.
 """
 from __future__ import annotations
 
@@ -180,11 +182,11 @@ class _S3Upload:
                     Bucket=bucket, Key=self.key, CopySource={"Bucket": bucket, "Key": self.key},
                     MetadataDirective="REPLACE", ContentType=self.content_type,
                     Metadata=metadata)
-        except StorageError:
-            # Published only whole and described: take the object back.
-            with contextlib.suppress(Exception):
-                client.delete_object(Bucket=bucket, Key=self.key)
-            raise
+        except StorageError as exc:
+            # The object is whole (completed); only its description is
+            # missing, and `sha256` hashes its bytes then. Never delete it: it
+            # may be a paid video no longer served, or another writer's.
+            log.warning("%s is stored whole, without its sha256 metadata: %s", self.where, exc)
 
     def abort(self) -> None:
         if self.upload_id is None or self.completed:
