@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 
-from .errors import CorruptVideo, StorageError
+from .errors import CorruptVideo, SidecarNotStored, StorageError
 from .jobs import Job
 from .rows import effective_parameters
 from .storage import Storage, sidecar_key, video_key
@@ -108,15 +108,37 @@ def sidecar(job: Job, key: str, size: int, digest: str, now: float) -> dict:
     }
 
 
+def store_sidecar(storage: Storage, job: Job, key: str, size: int, digest: str) -> None:
+    """Write the sidecar of a video stored whole under `key`."""
+    card = sidecar(job, key, size, digest, job.now())
+    try:
+        storage.put_bytes(sidecar_key(job.batch, job.id), json.dumps(card, indent=2).encode())
+    except StorageError as exc:
+        raise SidecarNotStored(str(exc), size=size, sha256=digest) from None
+
+
+def kept_video(storage: Storage, job: Job, key: str) -> tuple[int, str] | None:
+    """(bytes, sha256) of the video an earlier attempt stored whole before its
+    sidecar failed (`SidecarNotStored`): not fetched again, since the result
+    may no longer be served. None when there is none, or it changed."""
+    kept = job.extra.get("kept_sha256")
+    if kept and storage.exists(key) and storage.sha256(key) == kept:
+        return int(job.number("kept_bytes")), kept
+    return None
+
+
 def stored_video(storage: Storage, job: Job) -> dict | None:
     """The sidecar of this job's video if both are in storage and the video's
-    sha256 matches the sidecar's; None otherwise."""
+    sha256 matches the sidecar's; None otherwise. Raises StorageError when
+    storage cannot tell."""
     card_key, key = sidecar_key(job.batch, job.id), video_key(job.batch, job.id)
+    # A storage error is not "not stored": the caller must not POST on it
+    # (a throttled or misconfigured bucket would buy every video again).
+    if not (storage.exists(card_key) and storage.exists(key)):
+        return None
     try:
-        if not (storage.exists(card_key) and storage.exists(key)):
-            return None
         card = json.loads(storage.read_bytes(card_key))
-    except (StorageError, ValueError):
+    except ValueError:
         return None
     if not isinstance(card, dict):
         return None
