@@ -18,6 +18,8 @@
      |                                   or metadata address, redirect there, too large)
      +-- StorageError                 the video could not be stored
           +-- CorruptVideo            not an MP4, or shorter/longer than announced
+          +-- SidecarNotStored        the video is stored whole, its sidecar is not:
+                                      a retry writes the sidecar, not the video again
 
 HTTP answers are translated into this tree in exactly one place,
 `worker.upstream.raise_for_response`.
@@ -97,3 +99,11 @@ class StorageError(VidqError):
 
 class CorruptVideo(StorageError):
     """Raised when downloaded bytes are not an MP4 or their length is wrong."""
+
+
+class SidecarNotStored(StorageError):
+    """Raised when a video is stored whole but its sidecar could not be written."""
+
+    def __init__(self, message: str, *, size: int, sha256: str):
+        super().__init__(message)
+        self.size, self.sha256 = size, sha256

@@ -7,7 +7,6 @@ Times are Redis server time (`Job.now`), the one clock every worker shares.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,22 +20,24 @@ from .errors import (
     GenerationFailed,
     RateLimited,
     ResultRefused,
+    SidecarNotStored,
     StorageError,
     SubmitOutcomeUnknown,
     UpstreamError,
 )
 from .generation import Generation
+from .job_timing import deadline_s, poll_delay, unknown_hold_s
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .learning import learn, tells_generation_time
 from .leases import TakenOver, lease_renewed, unless_lost
 from .metrics_record import completed, downloaded, failed, upstream_call
 from .posting import post_once
 from .rate_limits import pause_s, revive_refused, spread
-from .schedule import PollPlan, backoff_delay
+from .schedule import backoff_delay
 from .settings import Settings
-from .storage import Storage, sidecar_key, video_key
+from .storage import Storage, video_key
 from .upstream import UpstreamClient, file_length
-from .video import sidecar, stored_video, stream_video
+from .video import kept_video, store_sidecar, stored_video, stream_video
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ class Steps:
         except RateLimited as exc:
             return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()
-        plan = self.durations.plan(*self._shape(job))
-        delay = self._poll_delay(job, 0.0, plan)
+        plan = self.durations.plan(*shape_of(job.request))
+        delay = poll_delay(self.settings, plan, job, 0.0)
         # Which plan aimed it: a job aimed by no fit, or by one for slower
         # times, finishing late is no news of a slowdown (schedule.mark_late).
         self._next(job, Step.POLL, delay, attempts=0, first_aim=delay,
@@ -141,30 +142,23 @@ class Steps:
         if age >= self.settings.hard_limit_s:
             return self.fail(job, f"timeout: still {generation.status!r} after "
                                   f"{age:.0f} s (hard limit); generation id kept")
-        if age >= self._deadline_s(job):
+        if age >= deadline_s(self.settings, job):
             # Paid for and maybe still coming: look slowly, keep the slot.
             self._next(job, Step.POLL, self.settings.overdue_poll_interval_s,
                        state=State.OVERDUE, polls=job.polls, attempts=0)
             return
-        self._next(job, Step.POLL, self._poll_delay(job, age), state=State.GENERATING,
+        delay = poll_delay(self.settings, self.durations.plan(*shape_of(job.request)), job, age)
+        self._next(job, Step.POLL, delay, state=State.GENERATING,
                    polls=job.polls, attempts=0, last_poll_age=age)
 
     def download(self, job: Job) -> None:
         started = time.monotonic()
         key = video_key(job.batch, job.id)
-        with upstream_call("download"):  # redirects and the answer's status included
-            response = self.client.open_video(job.video_url)
-        try:
-            with response, lease_renewed(self.store, job, self.settings.download_grace_s) as lost:
-                size, digest = stream_video(
-                    self.storage, key, unless_lost(self.client.chunks(
-                        response, 1 << 20, self.settings.download_grace_s / 3), lost),
-                    file_length(response))
-        except TakenOver:
-            self._taken_over(job)
+        stored = kept_video(self.storage, job, key) or self._fetch_video(job, key)
+        if stored is None:
             return
-        card = sidecar(job, key, size, digest, job.now())
-        self.storage.put_bytes(sidecar_key(job.batch, job.id), json.dumps(card, indent=2).encode())
+        size, digest = stored
+        store_sidecar(self.storage, job, key, size, digest)
         if self.store.transition(job, state=State.DONE, storage_key=key, sha256=digest, bytes=size,
                                  storage_url=events.video_url(self.settings, key),
                                  downloaded_at=job.now(), download_s=time.monotonic() - started,
@@ -174,6 +168,20 @@ class Steps:
         log.info("job %s done: %d bytes, sha256 %s", job.ref, size, digest[:12])
         downloaded(size, time.monotonic() - started)
         job.outcome = f"done, {size / 1e6:.1f} MB"
+
+    def _fetch_video(self, job: Job, key: str) -> tuple[int, str] | None:
+        """Stream the result into storage: (bytes, sha256), None if taken over."""
+        with upstream_call("download"):  # redirects and the answer's status included
+            response = self.client.open_video(job.video_url)
+        try:
+            with response, lease_renewed(self.store, job, self.settings.download_grace_s) as lost:
+                return stream_video(
+                    self.storage, key, unless_lost(self.client.chunks(
+                        response, 1 << 20, self.settings.download_grace_s / 3), lost),
+                    file_length(response))
+        except TakenOver:
+            self._taken_over(job)
+            return None
 
     def rejected(self, job: Job, error: UpstreamError) -> None:
         """An answer that retrying cannot change, as a rule. For a paid
@@ -209,8 +217,10 @@ class Steps:
         if attempts >= limit and not self._keeps_trying(job, error):
             return self.fail(job, f"{job.step}: gave up after {attempts} attempts: {error}")
         log.info("job %s: %s retry %d in %.1f s: %s", job.ref, job.step, attempts, delay, error)
+        kept = ({"kept_sha256": error.sha256, "kept_bytes": error.size}
+                if isinstance(error, SidecarNotStored) else {})
         self._next(job, job.step, delay, attempts=attempts, last_error=str(error),
-                   polls=job.polls)
+                   polls=job.polls, **kept)
 
     def _keeps_trying(self, job: Job, error: Exception) -> bool:
         # A paid generation is polled, and its video stored, until the hard
@@ -225,7 +235,7 @@ class Steps:
 
     def fail(self, job: Job, reason: str) -> None:
         unknown = reason.startswith(OUTCOME_UNKNOWN)
-        hold = self._unknown_hold_s(job) if unknown else 0.0
+        hold = unknown_hold_s(self.settings, self.durations, job) if unknown else 0.0
         log.warning("job %s failed: %s", job.ref, reason)
         if self.store.transition(job, state=State.FAILED, release_slot=True, hold_slot_s=hold,
                                  outcome_unknown=unknown, last_error=reason,
@@ -274,8 +284,8 @@ class Steps:
             # because its transition was lost must not count it twice. A
             # recovered chain's delays say nothing about the upstream.
             if not job.extra.get("recovered"):
-                completed(*self._shape(job), job.polls, previous, age)
-            if tells_generation_time(job, age, self._deadline_s(job)):
+                completed(*shape_of(job.request), job.polls, previous, age)
+            if tells_generation_time(job, age, deadline_s(self.settings, job)):
                 learn(self.durations, self.store, self.dispatch, self.settings, job,
                       previous, age)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
@@ -293,31 +303,8 @@ class Steps:
         job.outcome = f"{step} in {delay:.0f} s" if delay >= 1 else f"{step} next"
         return True
 
-    def _deadline_s(self, job: Job) -> float:
-        # Counted from admission too, so a job requeued by `vidq retry` gets a
-        # fresh deadline when it gets a slot, not when the retry was asked.
-        admitted_at = job.number("admitted_at")
-        return self.settings.deadline_s + max(0.0, admitted_at - job.submitted_at)
-
-    def _shape(self, job: Job) -> tuple[str, str]:
-        return shape_of(job.request)
-
     @staticmethod
     def _taken_over(job: Job) -> bool:
         log.info("job %s was taken over by a newer step; this chain stops", job.ref)
         job.outcome = "taken over by a newer step"
         return False
-
-    def _unknown_hold_s(self, job: Job) -> float:
-        # An unknown outcome may be generating upstream, and nothing tells
-        # when it ends: its slot stays taken until all but 1 in 1,000
-        # generations would have ended, or, with nothing learned (the prior
-        # may be far off), until the deadline, so the cap holds.
-        plan = self.durations.plan(*self._shape(job))
-        return plan.surprise_s if plan.surprise_s is not None else self.settings.deadline_s
-
-    def _poll_delay(self, job: Job, age_s: float, plan: PollPlan | None = None) -> float:
-        plan = plan or self.durations.plan(*self._shape(job))
-        return plan.delay(job.polls, age_s, self.settings.poll_min_interval_s,
-                          self.settings.poll_max_interval_s)
-

@@ -1,0 +1,105 @@
+"""S3 answering errors at the worst moments, through a fault proxy in front of
+moto's real S3 server, with real workers and the sandbox: a paid video is
+never deleted, never bought twice, never fetched again once stored whole."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import boto3
+import pytest
+import redis
+from botocore.config import Config
+from conftest import write_prompts
+from s3faults import S3FaultProxy
+from test_s3 import _keys, _uploads, aws_env, bucket, s3, s3_endpoint  # noqa: F401
+
+from worker.storage_s3 import S3Storage
+
+MiB = 1024 * 1024
+PROMPTS = ["a paper boat on a river, take 1", "a paper boat on a river, take 2"]
+
+
+@pytest.fixture
+def s3_faults(s3_endpoint):  # noqa: F811
+    proxy = S3FaultProxy(s3_endpoint)
+    yield proxy
+    proxy.stop()
+
+
+def is_metadata_copy(request) -> bool:
+    return request.method == "PUT" and "x-amz-copy-source" in request.headers
+
+
+def test_a_failed_metadata_copy_keeps_the_whole_object(s3, bucket, s3_faults):  # noqa: F811
+    """The upload completed, then the copy that attaches the sha256 failed: the
+    object is the whole video, maybe a paid one no longer served, or another
+    writer's. It stays, and its sha256 is read from its bytes."""
+    client = boto3.client("s3", endpoint_url=s3_faults.url,
+                          config=Config(retries={"mode": "standard"}))
+    storage = S3Storage(bucket, "night", client=client, part_bytes=5 * MiB)
+    data = bytes(range(256)) * (6 * MiB // 256)  # two parts
+    copies = s3_faults.fail(is_metadata_copy, status=500, count=10)
+    with storage.writer("b/j.mp4") as out:
+        out.write(data)
+
+    assert copies.hits == 3  # botocore's standard tries, all refused
+    assert s3.get_object(Bucket=bucket, Key="night/b/j.mp4")["Body"].read() == data
+    assert storage.sha256("b/j.mp4") == hashlib.sha256(data).hexdigest()
+    assert _uploads(s3, bucket) == []
+
+
+def test_storage_that_cannot_answer_the_resume_check_is_no_reason_to_post(
+        make_pipeline, make_sandbox, redis_url, aws_env, s3, bucket, s3_faults,  # noqa: F811
+        tmp_path):
+    """Redis lost, the batch enqueued again, its videos in S3, and S3 throttling
+    the HEADs of the resume check: the check is asked again, nothing is bought."""
+    sandbox = make_sandbox()
+    env = {**aws_env, "AWS_ENDPOINT_URL": s3_faults.url,
+           "VIDQ_STORAGE_URL": f"s3://{bucket}/night"}
+    prompts = write_prompts(tmp_path / "p.txt", PROMPTS)
+    first = make_pipeline(sandbox, **env)
+    first.start_workers()
+    first.enqueue(prompts, "b1")
+    assert first.wait_finished("b1", timeout_s=60)["done"] == 2
+    first.stop_workers()
+    redis.Redis.from_url(redis_url).flushdb()
+
+    heads = s3_faults.fail(lambda request: request.method == "HEAD", status=503, count=12)
+    again = make_pipeline(sandbox, **env)
+    again.start_workers()
+    again.enqueue(prompts, "b1")
+    assert again.wait_finished("b1", timeout_s=90)["done"] == 2
+
+    assert len(again.ledger()) == 2  # the first run's POSTs only
+    assert heads.hits == 12
+
+
+def test_a_video_stored_before_its_sidecar_failed_is_not_fetched_again(
+        make_pipeline, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
+    """The video lands whole, its sidecar's PUT fails, and by the retry the
+    upstream no longer serves the result: the retry writes the sidecar from
+    the stored video, and the job is done."""
+    env = {**aws_env, "AWS_ENDPOINT_URL": s3_faults.url,
+           "VIDQ_STORAGE_URL": f"s3://{bucket}/night"}
+    pipeline = make_pipeline(**env)
+    sidecars = s3_faults.fail(
+        lambda request: request.method == "PUT" and request.path.endswith(".json"),
+        status=503, count=6)  # two StorageErrors: botocore tries 3 times
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", PROMPTS[:1]), "b1")
+    deadline = time.monotonic() + 60
+    while not any(key.endswith(".mp4") for key in _keys(s3, bucket)):
+        assert time.monotonic() < deadline, "the video never landed"
+        time.sleep(0.02)
+    pipeline.faults(download=[404] * 100)  # the upstream no longer serves it
+
+    assert pipeline.wait_finished("b1", timeout_s=60)["done"] == 1
+    assert sidecars.hits == 6
+    [generation] = pipeline.ledger()
+    [job_id] = pipeline.store.job_ids("b1")
+    video = s3.get_object(Bucket=bucket, Key=f"night/b1/{job_id}.mp4")["Body"].read()
+    card = json.loads(s3.get_object(Bucket=bucket, Key=f"night/b1/{job_id}.json")["Body"].read())
+    assert hashlib.sha256(video).hexdigest() == card["sha256"] == generation["sha256"]
+    assert generation["downloads"] == 1

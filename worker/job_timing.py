@@ -1,0 +1,33 @@
+"""When a job's next poll is due, when it is overdue, and how long an unknown
+POST holds its slot: the plan's numbers applied to one job's record."""
+from __future__ import annotations
+
+from .contract import shape_of
+from .durations import DurationModel
+from .jobs import Job
+from .schedule import PollPlan
+from .settings import Settings
+
+
+def deadline_s(settings: Settings, job: Job) -> float:
+    """Age past which a generation is overdue (polled slowly, slot kept)."""
+    # Counted from admission too, so a job requeued by `vidq retry` gets a
+    # fresh deadline when it gets a slot, not when the retry was asked.
+    admitted_at = job.number("admitted_at")
+    return settings.deadline_s + max(0.0, admitted_at - job.submitted_at)
+
+
+def unknown_hold_s(settings: Settings, durations: DurationModel, job: Job) -> float:
+    """How long the slot of a POST whose outcome is unknown stays taken."""
+    # An unknown outcome may be generating upstream, and nothing tells
+    # when it ends: its slot stays taken until all but 1 in 1,000
+    # generations would have ended, or, with nothing learned (the prior
+    # may be far off), until the deadline, so the cap holds.
+    plan = durations.plan(*shape_of(job.request))
+    return plan.surprise_s if plan.surprise_s is not None else settings.deadline_s
+
+
+def poll_delay(settings: Settings, plan: PollPlan, job: Job, age_s: float) -> float:
+    """Seconds until the job's next poll, at `age_s` since its submit."""
+    return plan.delay(job.polls, age_s, settings.poll_min_interval_s,
+                      settings.poll_max_interval_s)
