@@ -141,6 +141,7 @@ def _assemble(records: Iterator[Record],
               base_request: dict) -> tuple[list[PromptJob], int, list[LineError]]:
     """Validate every record, fold duplicates, and collect every error."""
     jobs: dict[str, PromptJob] = {}
+    by_folded_id: dict[str, PromptJob] = {}
     errors: list[LineError] = []
     merged = 0
     seen_any = False
@@ -153,7 +154,7 @@ def _assemble(records: Iterator[Record],
         errors.extend(job_errors)
         if job is None or record.errors:
             continue
-        outcome = _add_job(jobs, job)
+        outcome = _add_job(jobs, by_folded_id, job)
         if isinstance(outcome, LineError):
             errors.append(outcome)
         else:
@@ -163,10 +164,17 @@ def _assemble(records: Iterator[Record],
     return list(jobs.values()), merged, errors
 
 
-def _add_job(jobs: dict[str, PromptJob], job: PromptJob) -> int | LineError:
+def _add_job(jobs: dict[str, PromptJob], by_folded_id: dict[str, PromptJob],
+             job: PromptJob) -> int | LineError:
     """Add `job`; return 1 if it merged into an identical job, or the conflict."""
     first = jobs.get(job.job_id)
     if first is None:
+        twin = by_folded_id.setdefault(job.job_id.lower(), job)
+        if twin is not job:
+            return LineError(job.line, "id", (
+                f"id {job.job_id!r} differs only in case from {twin.job_id!r} (line "
+                f"{twin.line}): on a case-insensitive disk (macOS, Windows) both would "
+                "be one video file"))
         jobs[job.job_id] = job
         return 0
     if first.request == job.request:

@@ -169,6 +169,16 @@ def test_duplicate_id_with_different_prompts_names_both_lines(tmp_path):
     assert str(error) == "line 3: duplicate id 'x' (first on line 1) with different parameters"
 
 
+def test_ids_that_differ_only_in_case_are_refused(tmp_path):
+    """On a case-insensitive disk (macOS, Windows) 'Intro' and 'intro' are one
+    video file: the second video would replace the first, paid for."""
+    text = jsonl({"id": "Intro", "prompt": "a"}, {"id": "outro", "prompt": "b"},
+                 {"id": "intro", "prompt": "c"})
+    (error,) = errors_of(write(tmp_path, "p.jsonl", text))
+    assert (error.line, error.field) == (3, "id")
+    assert "'intro' differs only in case from 'Intro' (line 1)" in str(error)
+
+
 # --- bad lines ---------------------------------------------------------------
 
 
