@@ -54,6 +54,9 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     echo(f"batch {batch}: {plural(result.requeued, 'failed job')} requeued"
          + (f" ({result.resubmitted} to be POSTed again, {polled} polled again)"
             if result.resubmitted else ""))
+    if result.cancelled:
+        echo(f"{plural(result.cancelled)} left failed: batch {batch!r} was cancelled "
+             "meanwhile, and its jobs are not POSTed again")
     if result.left_unknown:
         echo(f"{plural(result.left_unknown)} left failed: the outcome of "
              f"{'its' if result.left_unknown == 1 else 'their'} POST is unknown "

@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+import pytest
 from conftest import wait_until, write_prompts
 
 from producer.batch_view import batch_status
@@ -145,9 +146,12 @@ def test_an_unknown_post_keeps_its_slot_while_its_generation_may_run(proxied, ma
     assert batch_status(pipeline.admission, "u", pipeline.settings)["in_flight"] == 0
 
 
-def test_resubmitting_an_unknown_post_keeps_its_slot_taken(proxied, make_sandbox, tmp_path):
-    """`vidq retry --resubmit-unknown` at once: the job is POSTed again, but the
-    earlier POST's generation may still run, so its slot stays taken; C holds."""
+@pytest.mark.parametrize("flag", ["resubmit_unknown", "resubmit"])
+def test_resubmitting_an_unknown_post_keeps_its_slot_taken(proxied, make_sandbox, tmp_path,
+                                                           flag):
+    """`vidq retry --resubmit-unknown` (or `--resubmit`) at once: the job is POSTed
+    again, but the earlier POST's generation may still run, so its slot stays
+    taken; C holds."""
     from producer.retrying import run_retry
 
     pipeline, sandbox = _unknown_first_post(proxied, make_sandbox,
@@ -156,8 +160,8 @@ def test_resubmitting_an_unknown_post_keeps_its_slot_taken(proxied, make_sandbox
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "r")
     wait_until(lambda: pipeline.store.counts("r")["failed"] == 1, 30, "the unknown POST")
 
-    requeued = run_retry(pipeline.admission, dispatch, "r", resubmit_unknown=True, yes=True,
-                         echo=lambda _: None)
+    requeued = run_retry(pipeline.admission, dispatch, "r", yes=True, echo=lambda _: None,
+                         **{flag: True})
     counts = pipeline.wait_finished("r", timeout_s=90)
 
     assert requeued == 1 and counts["done"] == 6, counts

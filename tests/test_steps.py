@@ -448,7 +448,7 @@ def test_a_late_refusal_undoes_only_its_own_attempts_booking(steps_for):
         spent.append(float(steps.store.redis.hget(batch_key, "credits_spent")))
         if attempt == "A":
             assert requeue(steps.admission, steps.dispatch, "b", ["j1"],
-                           resubmit_unknown=True) == {"requeued": 1}
+                           resubmit_unknown=True) == {"resubmitted": 1}
             token = steps.sent[-1][2]
     assert steps.store.clear_posting(job)  # B's own refusal, matched to its marker
 

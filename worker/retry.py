@@ -13,8 +13,9 @@ downloaded, nothing is paid): it takes a slot at once, not a place in line,
 since its generation runs upstream whatever the line says, and pauses, spend
 caps and cancels are about new POSTs; a job whose POST has an unknown outcome stays
 failed unless re-POSTing it was asked for. With `resubmit` every selected job
-gets a new generation: its old id goes into its history first
-(`lua/retire_generation.lua`), then the admission puts it back in line.
+gets a new generation: its old id goes into its history and the admission
+puts it back in line, in one call per job (`lua/requeue.lua`), so a cancel
+between the two cannot leave a failed job stripped of its id.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class RetryResult:
     requeued: int = 0
     resubmitted: int = 0
     left_unknown: int = 0  # outcome unknown, --resubmit not given
+    cancelled: int = 0  # not requeued: the batch was cancelled meanwhile
     answers: dict[str, int] = field(default_factory=dict)
 
 
@@ -95,39 +97,22 @@ def select(found: list[Failure], ids: Iterable[str] = (), reason: str = "") -> l
 def retry(admission: Admission, dispatch, batch: str, chosen: list[Failure], *,
           resubmit: bool = False, resubmit_unknown: bool = False) -> RetryResult:
     """Put `chosen` back in line (see the module docstring), then fill free slots."""
-    result = RetryResult()
-    if resubmit:
-        result.resubmitted = _retire(admission.store, batch, [f.job_id for f in chosen])
-    repost_unknown = resubmit or resubmit_unknown
-    if resubmit_unknown and not resubmit:
-        result.resubmitted = sum(1 for f in chosen if f.outcome_unknown)
     answers = requeue(admission, dispatch, batch, [f.job_id for f in chosen],
-                      resubmit_unknown=repost_unknown)
-    result.answers = answers
-    result.requeued = answers.get("requeued", 0)
-    result.left_unknown = answers.get("needs_resubmit", 0)
-    return result
+                      resubmit_unknown=resubmit_unknown, resubmit=resubmit)
+    resubmitted = answers.get("resubmitted", 0)
+    return RetryResult(requeued=answers.get("requeued", 0) + resubmitted,
+                       resubmitted=resubmitted, left_unknown=answers.get("needs_resubmit", 0),
+                       cancelled=answers.get("cancelled", 0), answers=answers)
 
 
 def requeue(admission: Admission, dispatch, batch: str, job_ids: list[str], *,
-            resubmit_unknown: bool = False) -> dict[str, int]:
+            resubmit_unknown: bool = False, resubmit: bool = False) -> dict[str, int]:
     """Failed jobs back in their line, then free slots filled; the answers of
     `Admission.requeue_failed`."""
     answers = admission.requeue_failed(batch, resubmit_unknown=resubmit_unknown,
-                                       job_ids=job_ids)
-    if answers.get("requeued"):
+                                       job_ids=job_ids, resubmit=resubmit)
+    if answers.get("requeued") or answers.get("resubmitted"):
         # The batch is open again: a manifest written for it is out of date.
         admission.redis.hincrby(keys.batch(batch), "reopened", 1)
     admit(admission, dispatch)
     return answers
-
-
-def _retire(store: JobStore, batch: str, job_ids: list[str]) -> int:
-    script = load_script(store.redis, "retire_generation")
-    retired = 0
-    for start in range(0, len(job_ids), CHUNK):
-        pipe = store.redis.pipeline(transaction=False)
-        for job_id in job_ids[start:start + CHUNK]:
-            script(keys=[keys.job(keys.job_ref(batch, job_id))], client=pipe)
-        retired += sum(1 for answer in pipe.execute() if answer == "retired")
-    return retired

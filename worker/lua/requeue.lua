@@ -1,25 +1,46 @@
 -- Put one failed job back in its batch's line at its enqueue position,
 -- atomically: it is in the line exactly when its state says queued. A job
--- with a generation id is not put in line: it is polled again at once.
--- Returns 'requeued', 'not_failed', 'cancelled' (its batch was cancelled) or
--- 'needs_resubmit' (its POST's outcome is unknown and resubmitting was not asked).
+-- with a generation id is not put in line: it is polled again at once,
+-- unless `retire` (`vidq retry --resubmit`): then its id goes into its
+-- history and it waits in line for a new POST. Checked and done in one call,
+-- so a cancel between them cannot leave a failed job stripped of its id.
+-- Returns 'requeued', 'resubmitted' (to be POSTed again), 'not_failed',
+-- 'cancelled' (its batch was cancelled) or 'needs_resubmit' (its POST's
+-- outcome is unknown and resubmitting was not asked).
 local job_key, counts_key, unknown_key, holds_key, slots_key, due_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ref, job_id = ARGV[1], ARGV[2]
-local resubmit_unknown = ARGV[3] == '1'
+local resubmit_unknown = ARGV[3] == '1' or ARGV[5] == '1'
+local retire = ARGV[5] == '1'
 local op = ARGV[4]  -- this call's id: sent again after a lost reply, it answers again
 -- (its own field: a claim of the requeued job may come before the re-send)
 
-if redis.call('HGET', job_key, 'requeue_op') == op then return 'requeued' end
+if redis.call('HGET', job_key, 'requeue_op') == op then
+  return redis.call('HGET', job_key, 'requeue_answer') or 'requeued'
+end
 if redis.call('HGET', job_key, 'state') ~= STATE.failed then return 'not_failed' end
 local batch = redis.call('HGET', job_key, 'batch')
+local cancelled = redis.call('HGET', batch_key(batch), 'cancelled') == '1'
 local generation_id = redis.call('HGET', job_key, 'generation_id') or ''
+if retire then
+  if cancelled then return 'cancelled' end
+  if generation_id ~= '' then
+    local history = cjson.decode(redis.call('HGET', job_key, 'past_generations') or '[]')
+    table.insert(history, generation_id)
+    redis.call('HSET', job_key, 'past_generations', cjson.encode(history))
+    redis.call('HDEL', job_key, 'generation_id', 'video_url', 'completed_at',
+      'last_poll_age', 'polls')
+    generation_id = ''
+  end
+  redis.call('HINCRBY', job_key, 'resubmits', 1)
+end
 local fields = {'outcome_unknown', '', 'attempts', '0', 'link_refreshes', '0', 'last_error', '',
   'token', '', 'step', '', 'recovered', '1', 'requeue_op', op,
   'last_op', ''}  -- a step's call sent again now answers 'moved on'
+local answer = retire and 'resubmitted' or 'requeued'
 local function leave_failed(state)
   unfail_finish_count(job_key)
-  redis.call('HSET', job_key, 'state', state, unpack(fields))
+  redis.call('HSET', job_key, 'state', state, 'requeue_answer', answer, unpack(fields))
   redis.call('SREM', unknown_key, job_id)
   redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed
   redis.call('ZREM', holds_key, ref)
@@ -32,10 +53,11 @@ if generation_id ~= '' then
   poll_at_once(job_key, slots_key, due_key, ref)
   return 'requeued'
 end
-if redis.call('HGET', batch_key(batch), 'cancelled') == '1' then return 'cancelled' end
+if cancelled then return 'cancelled' end
 local posting = redis.call('HGET', job_key, 'posting_at') or ''
 if posting ~= '' then
   if not resubmit_unknown then return 'needs_resubmit' end
+  answer = 'resubmitted'
   redis.call('HSET', job_key, 'unknown_posts',
     (redis.call('HGET', job_key, 'unknown_posts') or '') .. posting .. ' ')
   redis.call('HDEL', job_key, 'posting_at')
@@ -54,4 +76,4 @@ end
 leave_failed(STATE.queued)
 redis.call('ZREM', slots_key, ref)
 put_in_line(batch, job_key, job_id, false)
-return 'requeued'
+return answer

@@ -1,0 +1,59 @@
+"""More of the batch operations raced against a running batch (review 23), on
+real parts: a real redis-server, real workers, the sandbox over HTTP."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from conftest import write_prompts
+
+from worker import keys
+from worker.batch_control import cancel
+from worker.jobs import State
+from worker.retry import failures, retry, select
+from worker.tasks import dispatch
+
+
+def _vidq(pipeline, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["vidq", *args], env=pipeline.env, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+
+
+def _failed_with_ids(pipeline, batch: str, prompts: list[str], tmp_path) -> dict[str, str]:
+    """A finished batch whose jobs are made failed with their generation ids
+    (as if their downloads had failed for good): {job id: generation id}."""
+    pipeline.enqueue(write_prompts(tmp_path / f"{batch}.txt", prompts), batch)
+    assert pipeline.wait_finished(batch)["done"] == len(prompts)
+    store, ids = pipeline.store, {}
+    for job_id in store.job_ids(batch):
+        job = store.get(keys.job_ref(batch, job_id))
+        ids[job_id] = job.generation_id
+        store.transition(job, state=State.FAILED, expected_token="*", last_error="download: lost")
+    for path in (Path(pipeline.settings.storage_url.removeprefix("file://")) / batch).iterdir():
+        path.unlink()
+    return ids
+
+
+def test_retry_resubmit_confirmed_after_a_cancel_keeps_every_generation_id(
+        make_pipeline, tmp_path):
+    """`vidq retry --resubmit` reads the failures and asks "Continue?"; another
+    shell cancels the batch; then the user answers yes. Nothing is requeued,
+    and every job keeps its generation id, so a plain `vidq retry` still
+    fetches the paid videos (no new POST)."""
+    pipeline = make_pipeline()
+    pipeline.start_workers()
+    ids = _failed_with_ids(pipeline, "rc", ["a kept fox", "a kept whale", "a kept owl"],
+                           tmp_path)
+    chosen = select(failures(pipeline.store, "rc"))  # what the confirming shell read
+    cancel(pipeline.admission, "rc")
+
+    result = retry(pipeline.admission, dispatch, "rc", chosen, resubmit=True)
+
+    for job_id, generation_id in ids.items():
+        job = pipeline.store.get(keys.job_ref("rc", job_id))
+        assert (job.state, job.generation_id) == (State.FAILED, generation_id)
+    assert (result.requeued, result.resubmitted, result.cancelled) == (0, 0, 3)
+    polled = _vidq(pipeline, "retry", "rc")
+    assert polled.returncode == 0, polled.stderr
+    assert pipeline.wait_finished("rc")["done"] == 3
+    assert len(pipeline.ledger()) == 3  # the first POSTs only
