@@ -237,7 +237,9 @@ def test_a_paid_job_retried_then_cancelled_is_still_downloaded(make_pipeline, ma
     cancelled = _vidq(pipeline, "cancel", "g")
 
     assert retried.returncode == 0 and cancelled.returncode == 0, retried.stderr
-    assert state_after_retry == State.SUBMITTED
+    # Not waiting in line: polled at once (on a fast machine, maybe done already).
+    assert state_after_retry in (State.SUBMITTED, State.GENERATING, State.DOWNLOADING,
+                                 State.DONE), state_after_retry
     assert pipeline.wait_finished("g", timeout_s=30)["done"] == 1
     downloads = {g["prompt"]: g["downloads"] for g in pipeline.ledger()}
     assert downloads["a paid green turtle"] == 1
