@@ -15,6 +15,8 @@ from worker.errors import VidqError
 from worker.settings import Settings
 from worker.webhook_signing import check_webhook_url
 
+from .params import Limit
+
 console = Console(stderr=False, highlight=False)
 
 
@@ -82,9 +84,9 @@ _deadline_option = click.option(
 @click.option("--force", is_flag=True, help="Enqueue even if --deadline cannot be met.")
 @click.option("--priority", type=click.Choice(["high", "normal", "low"]),
               help="The batch's admission priority (new batches: normal).")
-@click.option("--max-credits", type=click.FloatRange(min=0),
+@click.option("--max-credits", type=Limit(removable=False),
               help="Admit no job that could carry the batch's credits past this.")
-@click.option("--max-videos", type=click.IntRange(min=0),
+@click.option("--max-videos", type=Limit(whole=True, removable=False),
               help="Admit at most this many of the batch's videos.")
 @click.option("--allow-variants", is_flag=True,
               help="Enqueue new jobs even if they differ from the batch's jobs only by "

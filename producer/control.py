@@ -10,30 +10,9 @@ import click
 from worker.settings import Settings
 
 from .cli import VidqCommand, _jobs, main
+from .params import UNSET, Limit
 
-UNSET = "unset"  # a limit option not given (None means "remove it")
-
-
-class Limit(click.ParamType):
-    """A non-negative number of credits or videos, or `none` to remove the cap."""
-
-    name = "N|none"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float) or value in (None, UNSET):
-            return value
-        if str(value).strip().lower() == "none":
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            number = -1.0
-        if number < 0 or number != number:
-            self.fail(f"{value!r} is not a non-negative number or 'none'", param, ctx)
-        return number
-
-
-LIMIT = Limit()
+CREDITS, VIDEOS = Limit(), Limit(whole=True)
 
 
 def _admission():
@@ -83,10 +62,10 @@ def cancel(batch):
 
 @main.command(cls=VidqCommand)
 @click.argument("batch", required=False)
-@click.option("--max-credits", type=LIMIT, default=UNSET, help="The batch's credit cap.")
-@click.option("--max-videos", type=LIMIT, default=UNSET, help="The batch's video cap.")
+@click.option("--max-credits", type=CREDITS, default=UNSET, help="The batch's credit cap.")
+@click.option("--max-videos", type=VIDEOS, default=UNSET, help="The batch's video cap.")
 @click.option("--priority", type=click.Choice(["high", "normal", "low"]))
-@click.option("--daily-credits", type=LIMIT, default=UNSET,
+@click.option("--daily-credits", type=CREDITS, default=UNSET,
               help="The deployment's credit cap per UTC day.")
 def limits(batch, max_credits, max_videos, priority, daily_credits):
     """Show or change spend caps: BATCH's (--max-credits, --max-videos,

@@ -57,3 +57,26 @@ def test_retry_resubmit_confirmed_after_a_cancel_keeps_every_generation_id(
     assert polled.returncode == 0, polled.stderr
     assert pipeline.wait_finished("rc")["done"] == 3
     assert len(pipeline.ledger()) == 3  # the first POSTs only
+
+
+def test_caps_that_are_not_finite_numbers_are_refused_and_nothing_is_enqueued(
+        make_pipeline, tmp_path):
+    """`--max-credits nan` was taken, and a cap compared against NaN never
+    stops anything: the whole batch ran. NaN, inf and half videos are now one
+    error line, exit 2, and nothing is written."""
+    pipeline = make_pipeline()
+    path = write_prompts(tmp_path / "p.txt", ["a capped cat"])
+    refused = [_vidq(pipeline, "enqueue", str(path), "--batch", "nan", "--max-credits", value)
+               for value in ("nan", "inf", "-1")]
+    refused.append(_vidq(pipeline, "enqueue", str(path), "--batch", "nan", "--max-videos", "2.5"))
+    pipeline.enqueue(path, "kept")
+    refused += [_vidq(pipeline, "limits", "kept", "--max-credits", "inf"),
+                _vidq(pipeline, "limits", "kept", "--max-videos", "2.5")]
+    taken = _vidq(pipeline, "limits", "kept", "--max-videos", "2", "--max-credits", "1e5")
+
+    for result in refused:
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "is not a non-negative" in result.stderr
+    assert pipeline.store.batch_total("nan") == 0
+    assert taken.returncode == 0, taken.stderr
+    assert "max credits 100,000, max videos 2;" in taken.stdout, taken.stdout
