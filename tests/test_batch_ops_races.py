@@ -7,11 +7,14 @@ from pathlib import Path
 
 from conftest import write_prompts
 
+from producer.enqueue import enqueue_file
 from worker import keys
 from worker.batch_control import cancel
 from worker.jobs import State
 from worker.retry import failures, retry, select
 from worker.tasks import dispatch
+
+MODEL = "alibaba/wan2.1-t2v-turbo"
 
 
 def _vidq(pipeline, *args: str) -> subprocess.CompletedProcess:
@@ -80,3 +83,22 @@ def test_caps_that_are_not_finite_numbers_are_refused_and_nothing_is_enqueued(
     assert pipeline.store.batch_total("nan") == 0
     assert taken.returncode == 0, taken.stderr
     assert "max credits 100,000, max videos 2;" in taken.stdout, taken.stdout
+
+
+def test_a_waiting_batch_raised_to_high_priority_is_admitted_next(make_pipeline, tmp_path):
+    """`vidq limits BATCH --priority high` on a low batch waiting behind a
+    normal one: its jobs come next, not once the normal ring is empty."""
+    from worker.batch_control import set_priority
+
+    pipeline = make_pipeline()
+    admission = pipeline.admission
+    pipeline.enqueue(write_prompts(tmp_path / "n.txt", [f"normal {i}" for i in range(4)]), "n")
+    path = write_prompts(tmp_path / "l.txt", ["urgent 1", "urgent 2"])
+    enqueue_file(admission, path, "l", {"model": MODEL}, dispatch,
+                 batch_settings={"priority": "low"})
+
+    set_priority(admission, "l", "high")
+    admission.set_cap(6)
+    order = [ref.split(":")[0] for ref, _token in admission.pump()]
+
+    assert order == ["l", "l", "n", "n", "n", "n"]
