@@ -55,9 +55,11 @@ def cancel(batch):
 
     result = cancel_batch(_admission(), batch)
     verbs = "finishes and is" if result.in_flight == 1 else "finish and are"
+    unsent = (f"; {result.unsent} admitted, not yet sent, "
+              f"{'ends' if result.unsent == 1 else 'end'} cancelled" if result.unsent else "")
     click.echo(f"batch {batch} cancelled: {result.cancelled} waiting "
                f"{_jobs(result.cancelled)} cancelled; {result.in_flight} "
-               f"{_jobs(result.in_flight)} in flight {verbs} downloaded")
+               f"{_jobs(result.in_flight)} in flight {verbs} downloaded{unsent}")
 
 
 @main.command(cls=VidqCommand)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from conftest import write_prompts
+from conftest import wait_until, write_prompts
 
 from producer.enqueue import enqueue_file
 from worker import keys
@@ -102,3 +102,24 @@ def test_a_waiting_batch_raised_to_high_priority_is_admitted_next(make_pipeline,
     order = [ref.split(":")[0] for ref, _token in admission.pump()]
 
     assert order == ["l", "l", "n", "n", "n", "n"]
+
+
+def test_cancel_counts_the_jobs_whose_post_is_on_its_way_as_in_flight(proxied, tmp_path):
+    """Two POSTs whose answers trickle in when `vidq cancel` runs: they are
+    paid and will be downloaded, and the cancel says so (it said 0 in flight)."""
+    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="15", VIDQ_STEP_GRACE_S="30")
+    proxy.trickle_interval_s = 0.02
+    proxy.queue("trickle", count=2, method="POST")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["sent 1", "sent 2"]), "c")
+    client = pipeline.store.redis
+    wait_until(lambda: all(client.hget(keys.job(keys.job_ref("c", job_id)), "posting_at")
+                           for job_id in pipeline.store.job_ids("c")), 30, "both POSTs out",
+               0.05)
+
+    result = _vidq(pipeline, "cancel", "c")
+
+    assert result.returncode == 0, result.stderr
+    assert "0 waiting jobs cancelled; 2 jobs in flight finish and are downloaded" in \
+        result.stdout, result.stdout
+    assert pipeline.wait_finished("c", timeout_s=60)["done"] == 2

@@ -24,7 +24,8 @@ CANCEL_CHUNK = 1000
 @dataclass(frozen=True)
 class CancelResult:
     cancelled: int  # waiting jobs ended `cancelled`
-    in_flight: int  # admitted jobs left to finish
+    in_flight: int  # POSTed, or their POST on its way: paid, left to finish
+    unsent: int = 0  # admitted, POST not started: they end `cancelled` too
 
 
 def check_batch(admission: Admission, batch: str) -> None:
@@ -62,31 +63,36 @@ def cancel(admission: Admission, batch: str) -> CancelResult:
         cancelled += ended
         if taken == 0:
             break
-    return CancelResult(cancelled, in_flight(admission, batch))
-
-
-def in_flight(admission: Admission, batch: str) -> int:
-    """Jobs of `batch` POSTed and holding an upstream slot now (O(C)). A job
-    admitted but not yet POSTed (still `queued`) is not counted: a cancel
-    ends it before its POST; nor is a failed one whose slot is only held for
-    a POST of unknown outcome (it is counted as failed)."""
-    return posted_in_flight(slot_holders(admission, batch))
+    # A job admitted but still `queued` is paid for once its POST has started
+    # (`posting_at`); before that, its submit sees the cancel and ends it.
+    holders = _holders(admission, batch, "state", "posting_at")
+    sending = sum(1 for state, posting in holders if state == State.QUEUED and posting)
+    unsent = sum(1 for state, posting in holders if state == State.QUEUED and not posting)
+    paid = posted_in_flight(Counter(state for state, _posting in holders)) + sending
+    return CancelResult(cancelled, paid, unsent)
 
 
 def posted_in_flight(holders: Counter) -> int:
+    """Slot holders POSTed and generating; not a failed one whose slot is only
+    held for a POST of unknown outcome (it is counted as failed)."""
     return sum(count for state, count in holders.items()
                if state not in (State.QUEUED, State.FAILED))
 
 
 def slot_holders(admission: Admission, batch: str) -> Counter:
     """The states of `batch`'s jobs that hold an upstream slot now (O(C))."""
+    return Counter(state for (state,) in _holders(admission, batch, "state"))
+
+
+def _holders(admission: Admission, batch: str, *fields: str) -> list[tuple]:
+    """`fields` of each of `batch`'s jobs that hold an upstream slot now."""
     prefix = keys.job_ref(batch, "")
     refs = [str(ref) for ref in admission.redis.zrange(keys.SLOTS, 0, -1)
             if str(ref).startswith(prefix)]
     pipe = admission.redis.pipeline(transaction=False)
     for ref in refs:
-        pipe.hget(keys.job(ref), "state")
-    return Counter(str(state) for state in pipe.execute() if state is not None)
+        pipe.hmget(keys.job(ref), list(fields))
+    return [tuple(values) for values in pipe.execute() if values[0] is not None]
 
 
 def set_limits(admission: Admission, batch: str, **limits: float | None) -> None:
