@@ -71,10 +71,17 @@ def _refuse_while_answers_may_come(client, settings: Settings, batch: str, force
     the purge has no job to land in (it goes to `vidq:orphans`, unfetched)."""
     if force:
         return
+    seconds, micros = client.time()
+    on_the_wire = client.zcount(keys.batch_open_posts(batch), seconds * 1000 + micros // 1000,
+                                "+inf")
+    if on_the_wire:
+        raise InputError(
+            f"batch {batch!r} has {plural(on_the_wire, 'POST')} whose answer is still being "
+            "read: a late generation id would find no job to land in; purge again once it "
+            "is in, or add --force")
     # Set (Redis clock) when a job fails "outcome unknown" and when one is
     # re-POSTed while its earlier POST may still answer.
     last = float(client.hget(keys.batch(batch), "unknown_post_at") or 0)
-    seconds, micros = client.time()
     ago_s, window_s = seconds + micros / 1e6 - last, settings.http_timeout_s + SHUTDOWN_WAIT_S
     if ago_s < window_s:
         raise InputError(

@@ -123,3 +123,26 @@ def test_cancel_counts_the_jobs_whose_post_is_on_its_way_as_in_flight(proxied, t
     assert "0 waiting jobs cancelled; 2 jobs in flight finish and are downloaded" in \
         result.stdout, result.stdout
     assert pipeline.wait_finished("c", timeout_s=60)["done"] == 2
+
+
+def test_purge_waits_for_a_post_answer_that_outlasts_its_window(proxied, tmp_path):
+    """A POST's answer trickles in long after the job failed "outcome unknown",
+    past the window purge allowed for it (here: that failure made to look
+    older than the window): purge refuses while the answer is being read, and
+    the late id lands in its job, whose video is downloaded; nothing orphaned."""
+    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="1")
+    proxy.trickle_interval_s = 0.03  # the answer takes ~10 s
+    proxy.queue("trickle", count=1, method="POST")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a slow answer, still paid"]), "w")
+    assert pipeline.wait_finished("w", timeout_s=30)["failed"] == 1
+    client = pipeline.store.redis
+    client.hincrbyfloat(keys.batch("w"), "unknown_post_at", -3600)  # as if an hour ago
+
+    refused = _vidq(pipeline, "purge", "w")
+
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "1 POST whose answer is still being read" in refused.stderr
+    wait_until(lambda: pipeline.store.counts("w")["done"] == 1, 60, "the late video")
+    assert client.hlen(keys.ORPHANS) == 0
+    assert _vidq(pipeline, "purge", "w").returncode == 0

@@ -17,6 +17,9 @@
     vidq:batch:<batch>:enqueuing
                                 string with a TTL: the one producer checking and writing
                                 the batch's new jobs
+    vidq:batch:<batch>:open_posts
+                                zset: refs whose POST is on the wire (score: its lease's
+                                end, Redis ms): `vidq purge` waits for their answers
     vidq:batches                set of batch names
     vidq:admission              old single waiting line (list of refs); drained once
                                 into the batch lines by the pump (lua/pump.lua)
@@ -131,6 +134,10 @@ def batch_finished(name: str) -> str:
 
 def batch_enqueue_lock(name: str) -> str:
     return f"{PREFIX}batch:{name}:enqueuing"
+
+
+def batch_open_posts(name: str) -> str:
+    return f"{PREFIX}batch:{name}:open_posts"
 
 
 def manifest_lock(name: str) -> str:

@@ -12,13 +12,16 @@ worker process stopping waits for the answers still due.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import redis
 from celery.signals import worker_process_shutdown
 
+from . import keys
 from .errors import (
     RequestRejected,
     RetryableUpstreamError,
@@ -26,7 +29,8 @@ from .errors import (
     UpstreamError,
 )
 from .generation import Generation
-from .jobs import Job, JobStore
+from .jobs import Job, JobStore, load_script
+from .leases import renewed
 from .settings import Settings
 from .upstream import UpstreamClient
 
@@ -38,6 +42,7 @@ RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
 # POSTs whose answer may still come: a process shutting down waits for them.
 _POSTING: set[threading.Thread] = set()
 SHUTDOWN_WAIT_S = 60.0  # past the read timeout, and a few retries of the record
+OPEN_POST_LEASE_S = 30.0  # renewed every 10 s while the answer is read
 
 
 def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Settings,
@@ -61,7 +66,8 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
     def post() -> None:
         try:
             try:
-                generation = client.submit(job.request)
+                with on_the_wire(store, job):
+                    generation = client.submit(job.request)
             except (RetryableUpstreamError, RequestRejected) as exc:
                 mine = store.clear_posting(job)  # this attempt surely created nothing
                 if settle(error=exc) and mine and refused_late:
@@ -108,6 +114,28 @@ def _wait_for_late_answers(**_kwargs) -> None:
     deadline = time.monotonic() + SHUTDOWN_WAIT_S
     for thread in waiting:
         thread.join(max(0.0, deadline - time.monotonic()))
+
+
+@contextlib.contextmanager
+def on_the_wire(store: JobStore, job: Job) -> Iterator[None]:
+    """Announce the POST while its answer may come (`lua/open_post.lua`):
+    `vidq purge` waits for it, however long the answer takes. Best effort:
+    a Redis error never holds a POST back; the entry expires with its lease."""
+    script = load_script(store.redis, "open_post")
+    key, lease_ms = keys.batch_open_posts(job.batch), int(OPEN_POST_LEASE_S * 1000)
+
+    def mark(on: bool) -> bool:
+        script(keys=[key], args=[job.ref, lease_ms, "1" if on else "0"])
+        return True
+
+    with contextlib.suppress(redis.RedisError):
+        mark(True)
+    try:
+        with renewed(lambda: mark(True), OPEN_POST_LEASE_S, f"open POST of {job.ref}"):
+            yield
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            mark(False)
 
 
 def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float) -> str:
