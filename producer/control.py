@@ -37,13 +37,16 @@ def pause(batch):
 def resume(batch):
     """Admit BATCH's waiting jobs again."""
     from worker.admission import admit
+    from worker.batch_control import admission_state
     from worker.batch_control import resume as resume_batch
     from worker.tasks import dispatch
 
     admission = _admission()
     waiting = resume_batch(admission, batch)
     admit(admission, dispatch)
-    click.echo(f"batch {batch} resumed: {waiting} {_jobs(waiting)} waiting")
+    state = admission_state(admission, batch)
+    still = f"; still {state} (`vidq limits {batch}`)" if state.startswith("paused") else ""
+    click.echo(f"batch {batch} resumed: {waiting} {_jobs(waiting)} waiting{still}")
 
 
 @main.command(cls=VidqCommand)

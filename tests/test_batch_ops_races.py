@@ -146,3 +146,17 @@ def test_purge_waits_for_a_post_answer_that_outlasts_its_window(proxied, tmp_pat
     wait_until(lambda: pipeline.store.counts("w")["done"] == 1, 60, "the late video")
     assert client.hlen(keys.ORPHANS) == 0
     assert _vidq(pipeline, "purge", "w").returncode == 0
+
+
+def test_resume_says_when_a_spend_cap_still_holds_the_batch(make_pipeline, tmp_path):
+    pipeline = make_pipeline()
+    path = write_prompts(tmp_path / "p.txt", ["capped 1", "capped 2"])
+    enqueue_file(pipeline.admission, path, "cap0", {"model": MODEL}, dispatch,
+                 batch_settings={"max_videos": 0})
+    pipeline.admission.set_cap(4)
+    assert pipeline.admission.pump() == []  # meets the cap: the batch is held
+
+    resumed = _vidq(pipeline, "resume", "cap0")
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 jobs waiting; still paused: spend cap (`vidq limits cap0`)" in resumed.stdout
