@@ -125,11 +125,16 @@ def test_a_batch_lands_in_s3_whole_and_a_rerun_posts_nothing(
 
 
 def test_storage_missing_for_a_while_then_back(make_pipeline, aws_env, s3, tmp_path):
-    """Uploads fail (NoSuchBucket -> StorageError) and are retried with backoff
-    until the bucket appears; then every object lands and no upload is left open."""
+    """The worker says at start that the bucket is missing (before any video is
+    paid for); uploads fail (NoSuchBucket -> StorageError) and are retried with
+    backoff until the bucket appears; then every object lands and no upload is
+    left open."""
     late = f"vidq-late-{uuid.uuid4().hex[:8]}"
     pipeline = make_pipeline(VIDQ_STORAGE_URL=f"s3://{late}/night", **aws_env)
     pipeline.start_workers()
+    log = (tmp_path / "logs" / "worker-0.log").read_text()
+    assert f"storage is not usable now: cannot reach s3://{late}" in log
+    assert "testing" not in log  # the credentials
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", PROMPTS), "b2")
 
     deadline = time.monotonic() + 30

@@ -20,6 +20,7 @@ from . import deployment, keys, manifest
 from .admission import reconcile
 from .celery_app import app
 from .connection import take_lock
+from .errors import StorageError
 from .retention import housekeeping
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
 from .webhook_tasks import send_delivery
@@ -27,6 +28,18 @@ from .webhooks import relay
 
 log = logging.getLogger(__name__)
 WORKER_NAMES_KEPT_S = 86400
+
+
+def check_storage(storage) -> None:
+    """Say at start, not after the first paid video, that storage is not
+    usable: a mistyped bucket or a wrong key. Not a refusal: a bucket may
+    come later, and until then downloads are retried (VIDQ_HARD_LIMIT_S)."""
+    try:
+        storage.check()
+    except StorageError as exc:
+        log.error("storage is not usable now: %s. Videos will be paid for and wait for it "
+                  "(downloads are retried until VIDQ_HARD_LIMIT_S); fix VIDQ_STORAGE_URL or "
+                  "its credentials, or pause its batches (`vidq pause NAME`)", exc)
 
 
 class Lifecycle(bootsteps.StartStopStep):
@@ -59,6 +72,7 @@ class Lifecycle(bootsteps.StartStopStep):
         steps.admission.publish_estimates(
             deployment.highest_estimates(live, steps.admission.credits))
         manifest.publish_storage_url(client, settings.storage_url)
+        check_storage(steps.storage)
         self.beat()
         self.timers = [
             worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),

@@ -120,6 +120,15 @@ class FileStorage:
     def location(self, key: str) -> str:
         return str(self.path(key))
 
+    def check(self) -> None:
+        """Raise StorageError unless videos can be written under the root now."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.root}: {exc.strerror}") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write in {self.root}: permission denied")
+
 
 class Storage(Protocol):
     """What the steps need from a backend."""
@@ -131,6 +140,7 @@ class Storage(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
     def sha256(self, key: str) -> str: ...
     def location(self, key: str) -> str: ...
+    def check(self) -> None: ...
 
 
 def open_storage(url: str, part_bytes: int) -> Storage:

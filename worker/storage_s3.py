@@ -68,6 +68,11 @@ class S3Storage:
     def location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.object_key(key)}"
 
+    def check(self) -> None:
+        """Raise StorageError unless the bucket answers (exists, credentials work)."""
+        with _translated(f"cannot reach s3://{self.bucket}"):
+            self.client.head_bucket(Bucket=self.bucket)
+
     @contextlib.contextmanager
     def writer(self, key: str, metadata: dict[str, str] | None = None) -> Iterator[_S3Upload]:
         """An object to write (`.write(bytes)`); it exists under `key` only if
