@@ -239,7 +239,7 @@ def test_a_late_429_of_an_old_attempt_leaves_a_newer_attempts_marker_alone(
     with _post_answered_429_late(steps_for, make_sandbox, 0.5) as (steps, sandbox, proxy, ref):
         answers = retry(steps.admission, steps.dispatch, "b", failures(steps.store, "b"),
                         resubmit_unknown=True).answers
-        assert answers == {"requeued": 1}
+        assert answers == {"resubmitted": 1}
         proxy.slow_s = 6.0
         proxy.queue("slow_headers", count=1, method="POST")
         _, ref, token = steps.sent[-1]
