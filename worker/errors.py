@@ -16,6 +16,8 @@
      |         |                         cannot see: never re-sent on its own
      |         +-- ResultRefused         a result URL vidq will not fetch (scheme, private
      |                                   or metadata address, redirect there, too large)
+     +-- MarkerUnconfirmed            Redis did not answer the "POST started" marker:
+     |                                nothing was sent; the next try may take it over
      +-- StorageError                 the video could not be stored
           +-- CorruptVideo            not an MP4, or shorter/longer than announced
           +-- SidecarNotStored        the video is stored whole, its sidecar is not:
@@ -93,6 +95,14 @@ class ResultRefused(PermanentUpstreamError):
     """Raised when a result URL is not safe to fetch (SSRF guard) or is too large."""
 
 
+class MarkerUnconfirmed(VidqError):
+    """Raised when the "POST started" marker's reply was lost; names its call."""
+
+    def __init__(self, message: str, *, op: str):
+        super().__init__(message)
+        self.carried = {"unconfirmed_op": op}  # for the next try (Steps.retry)
+
+
 class StorageError(VidqError):
     """Raised when a video or its sidecar cannot be stored."""
 
@@ -106,4 +116,4 @@ class SidecarNotStored(StorageError):
 
     def __init__(self, message: str, *, size: int, sha256: str):
         super().__init__(message)
-        self.size, self.sha256 = size, sha256
+        self.carried = {"kept_sha256": sha256, "kept_bytes": size}  # for the next try

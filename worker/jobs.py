@@ -22,6 +22,7 @@ import redis
 from . import events, keys
 from .connection import op_id, run_pipeline
 from .durability import Durability
+from .errors import MarkerUnconfirmed
 
 log = logging.getLogger(__name__)
 
@@ -166,19 +167,32 @@ class JobStore:
     def set_holder(self, ref: str, token: str, holder: str) -> None:
         self._scripts["set_holder"](keys=[keys.job(ref)], args=[token, holder])
 
-    def mark_posting(self, job: Job, durability: Durability) -> str:
+    def mark_posting(self, job: Job, durability: Durability, patience_s: float = 0.0) -> str:
         """Write the "POST started" marker and wait until it is durable; see
         lua/mark_posting.lua for the answers. A job whose batch was cancelled
         (after the submit's own check) ends cancelled here, and the answer is
-        'stale': the step stops, nothing is sent."""
+        'stale': the step stops, nothing is sent. Redis unreachable: the same
+        call (same id) is sent again for `patience_s`, then MarkerUnconfirmed
+        names it, so the next try may take over a marker it left (nothing
+        was sent after it)."""
         op = op_id()
 
         def build(pipe) -> None:
-            self._scripts["mark_posting"](keys=[keys.job(job.ref), keys.batch(job.batch)],
-                                          args=[job.token, op], client=pipe)
+            self._scripts["mark_posting"](
+                keys=[keys.job(job.ref), keys.batch(job.batch)],
+                args=[job.token, op, str(job.extra.get("unconfirmed_op", ""))], client=pipe)
             durability.append_waits(pipe)
 
-        answer, *waits = run_pipeline(self.redis, build)
+        give_up_at = time.monotonic() + patience_s
+        while True:
+            try:
+                answer, *waits = run_pipeline(self.redis, build)
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() >= give_up_at:
+                    raise MarkerUnconfirmed(f"the POST marker's answer was lost ({exc}); "
+                                            "nothing was sent", op=op) from None
+                time.sleep(0.5)
         if answer == "ok":
             job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
             durability.check(waits)

@@ -20,7 +20,6 @@ from .errors import (
     GenerationFailed,
     RateLimited,
     ResultRefused,
-    SidecarNotStored,
     StorageError,
     SubmitOutcomeUnknown,
     UpstreamError,
@@ -80,7 +79,9 @@ class Steps:
             self.store.back_in_line(job, 0.0, rate_limited=False)
             return
         try:
-            marker = self.store.mark_posting(job, self.durability)
+            # Patience within the step's lease, past its POST's deadline.
+            marker = self.store.mark_posting(job, self.durability, patience_s=max(
+                0.0, self.settings.step_grace_s - self.settings.post_deadline_s - 5))
         except NotDurable:
             self.store.clear_posting(job)  # nothing was sent
             raise
@@ -217,10 +218,8 @@ class Steps:
         if attempts >= limit and not self._keeps_trying(job, error):
             return self.fail(job, f"{job.step}: gave up after {attempts} attempts: {error}")
         log.info("job %s: %s retry %d in %.1f s: %s", job.ref, job.step, attempts, delay, error)
-        kept = ({"kept_sha256": error.sha256, "kept_bytes": error.size}
-                if isinstance(error, SidecarNotStored) else {})
         self._next(job, job.step, delay, attempts=attempts, last_error=str(error),
-                   polls=job.polls, **kept)
+                   polls=job.polls, **getattr(error, "carried", {}))
 
     def _keeps_trying(self, job: Job, error: Exception) -> bool:
         # A paid generation is polled, and its video stored, until the hard
@@ -308,3 +307,4 @@ class Steps:
         log.info("job %s was taken over by a newer step; this chain stops", job.ref)
         job.outcome = "taken over by a newer step"
         return False
+

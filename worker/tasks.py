@@ -14,6 +14,7 @@ from .durability import Durability
 from .durations import DurationModel
 from .errors import (
     CorruptVideo,
+    MarkerUnconfirmed,
     PermanentUpstreamError,
     ResultLinkExpired,
     RetryableUpstreamError,
@@ -105,7 +106,7 @@ def _run(steps: Steps, step: str, job) -> None:
         steps.refresh_link(job, exc)
     except SubmitOutcomeUnknown as exc:
         steps.fail(job, f"{OUTCOME_UNKNOWN}: {exc}")
-    except (RetryableUpstreamError, CorruptVideo, StorageError) as exc:
+    except (RetryableUpstreamError, CorruptVideo, StorageError, MarkerUnconfirmed) as exc:
         steps.retry(job, exc)
     except PermanentUpstreamError as exc:
         steps.rejected(job, exc)

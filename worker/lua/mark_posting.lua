@@ -8,13 +8,19 @@
 local job_key, batch_key = KEYS[1], KEYS[2]
 local running_token = ARGV[1]
 local op = ARGV[2]
+-- The id of an earlier try's marker whose answer was lost (Redis down): that
+-- try gave up before its POST, so its marker is taken over, not 'posted_before'.
+local unconfirmed = ARGV[3] or ''
 
 if redis.call('HGET', job_key, 'last_op') == op then return 'ok' end
 if redis.call('HGET', job_key, 'token') ~= running_token then return 'stale' end
 local generation_id = redis.call('HGET', job_key, 'generation_id')
 if generation_id and generation_id ~= '' then return 'has_id' end
 local posting = redis.call('HGET', job_key, 'posting_at')
-if posting and posting ~= '' then return 'posted_before' end
+if posting and posting ~= ''
+    and (unconfirmed == '' or redis.call('HGET', job_key, 'posting_op') ~= unconfirmed) then
+  return 'posted_before'
+end
 if redis.call('HGET', batch_key, 'cancelled') == '1' then return 'cancelled' end
 local t = redis.call('TIME')
 redis.call('HSET', job_key, 'posting_at', t[1] .. '.' .. t[2], 'posting_op', op, 'last_op', op)
