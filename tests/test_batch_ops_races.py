@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from conftest import wait_until, write_prompts
+from conftest import unknown_post_trickling, wait_until, write_prompts
 
 from producer.enqueue import enqueue_file
 from worker import keys
@@ -130,12 +130,8 @@ def test_purge_waits_for_a_post_answer_that_outlasts_its_window(proxied, tmp_pat
     past the window purge allowed for it (here: that failure made to look
     older than the window): purge refuses while the answer is being read, and
     the late id lands in its job, whose video is downloaded; nothing orphaned."""
-    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="1")
-    proxy.trickle_interval_s = 0.03  # the answer takes ~10 s
-    proxy.queue("trickle", count=1, method="POST")
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a slow answer, still paid"]), "w")
-    assert pipeline.wait_finished("w", timeout_s=30)["failed"] == 1
+    pipeline = unknown_post_trickling(proxied, tmp_path, "w", "a slow answer, still paid",
+                                      deadline_s=1, interval_s=0.03)  # answered in ~10 s
     client = pipeline.store.redis
     client.hincrbyfloat(keys.batch("w"), "unknown_post_at", -3600)  # as if an hour ago
 

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import wait_until, write_prompts
+from conftest import unknown_post_trickling, wait_until, write_prompts
 
 from producer.batch_view import deployment
 from producer.enqueue import enqueue_file
@@ -251,12 +251,8 @@ def test_purge_waits_for_an_unknown_posts_answer_and_a_forced_one_keeps_the_id(p
     """A POST whose answer trickles in past its deadline: the batch looks finished,
     but `vidq purge` refuses while the answer may come; with --force, the late id
     finds no job and is kept in vidq:orphans, not retried for an hour."""
-    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="2")
-    proxy.trickle_interval_s = 0.04  # the answer takes ~10 s
-    proxy.queue("trickle", count=1, method="POST")
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a slow answer, paid"]), "d")
-    assert pipeline.wait_finished("d", timeout_s=30)["failed"] == 1
+    pipeline = unknown_post_trickling(proxied, tmp_path, "d", "a slow answer, paid",
+                                      deadline_s=2, interval_s=0.04)  # answered in ~10 s
 
     refused = _vidq(pipeline, "purge", "d")
     forced = _vidq(pipeline, "purge", "d", "--force")
