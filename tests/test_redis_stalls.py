@@ -4,13 +4,19 @@ Redis behind a proxy that resets the connection after Redis ran the command
 (tests/chaos/redis_lost_reply.py); the sandbox over HTTP."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+from collections import Counter
 from urllib.parse import urlsplit
 
 from chaos.redis_lost_reply import LostReplyProxy
+from conftest import wait_until, write_prompts
 from test_lost_replies import _run_of
 from test_steps import _admit_one, _run, steps_for  # noqa: F401 - fixture
 
 from worker import tasks
+from worker.jobs import load_script
 
 
 def _through_proxy(steps_for, redis_url, sandbox, **env):  # noqa: F811
@@ -75,3 +81,41 @@ def test_a_marker_left_unconfirmed_is_taken_over_by_the_next_try(
     assert sandbox.stats()["submissions"] == 1
     assert record.generation_id and record.state == "submitted"
     assert steps.store.outcome_unknown("b") == 0
+
+
+def test_a_worker_frozen_between_its_marker_and_its_post_never_passes_c(
+        make_pipeline, make_sandbox, redis_url, tmp_path):
+    """Worker 0's process group is stopped (SIGSTOP: a paused VM, a swap storm)
+    between its POST marker and its POST (right after Redis answered the last
+    call before the send), for longer than the slot hold of the "outcome
+    unknown" that another worker then books for the job. Woken, it must not
+    send that POST: C would be passed. Nothing is paid twice, every job ends
+    done, and never more than C generations run at once."""
+    sandbox = make_sandbox(time_scale=15, max_concurrency=100)  # ~6 s generations
+    env = {"VIDQ_MAX_IN_FLIGHT": "2", "VIDQ_DEADLINE_S": "8"}  # the hold before a fit
+    url = urlsplit(redis_url)
+    proxy = LostReplyProxy(url.hostname, url.port)
+    frozen = make_pipeline(sandbox, VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}",
+                           **env)
+    healthy = make_pipeline(sandbox, **env)
+    healthy.log_dir = tmp_path / "healthy"
+    healthy.log_dir.mkdir()
+    frozen.start_workers(concurrency=2)
+    victim = frozen.processes[0]
+    last_call_before_the_post = b"EVALSHA\r\n$40\r\n" + load_script(
+        frozen.store.redis, "open_post").sha.encode()
+
+    def freeze() -> None:
+        os.killpg(victim.pid, signal.SIGSTOP)
+        # Woken mid-generation of the job given the slot once the hold ended.
+        threading.Timer(13, os.killpg, (victim.pid, signal.SIGCONT)).start()
+
+    proxy.after_reply(last_call_before_the_post, freeze)
+    prompts = [f"a frozen night, take {i}" for i in range(10)]
+    frozen.enqueue(write_prompts(tmp_path / "p.txt", prompts), "f")
+    wait_until(lambda: proxy._after is None, 30, "worker 0's first marker")
+    healthy.start_workers(concurrency=2)
+
+    assert healthy.wait_finished("f", timeout_s=120)["done"] == len(prompts)
+    assert Counter(entry["prompt"] for entry in healthy.ledger()) == {p: 1 for p in prompts}
+    assert sandbox.stats()["max_in_flight"] == 2

@@ -27,6 +27,7 @@ from .errors import (
     RetryableUpstreamError,
     SubmitOutcomeUnknown,
     UpstreamError,
+    UpstreamUnavailable,
 )
 from .generation import Generation
 from .jobs import Job, JobStore, load_script
@@ -43,6 +44,14 @@ RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
 _POSTING: set[threading.Thread] = set()
 SHUTDOWN_WAIT_S = 60.0  # past the read timeout, and a few retries of the record
 OPEN_POST_LEASE_S = 30.0  # renewed every 10 s while the answer is read
+
+
+class NotSent(UpstreamUnavailable):
+    """A POST withheld: its worker stood still (SIGSTOP, a paused VM) between
+    the marker and the send, and another worker took the job over: it found
+    the marker and failed the job "outcome unknown", its slot held only so
+    long. Sent now, the POST could pass C. Nothing was sent, so the job is
+    revived (`refused_late`) or retried."""
 
 
 def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Settings,
@@ -66,11 +75,15 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
     def post() -> None:
         try:
             try:
-                with on_the_wire(store, job):
+                with on_the_wire(store, job, settings.heartbeat_ttl_s) as still_ours:
+                    if not still_ours():
+                        raise NotSent("not sent: this worker stood still after its POST "
+                                      "marker, and the job was (or may be) taken over")
                     generation = client.submit(job.request)
             except (RetryableUpstreamError, RequestRejected) as exc:
                 mine = store.clear_posting(job)  # this attempt surely created nothing
-                if settle(error=exc) and mine and refused_late:
+                late = settle(error=exc)
+                if (late or isinstance(exc, NotSent)) and mine and refused_late:
                     refused_late(exc)
                 return
             # Not written into `job`: a step that gave up must fail as one that
@@ -117,22 +130,33 @@ def _wait_for_late_answers(**_kwargs) -> None:
 
 
 @contextlib.contextmanager
-def on_the_wire(store: JobStore, job: Job) -> Iterator[None]:
+def on_the_wire(store: JobStore, job: Job,
+                fresh_s: float) -> Iterator[Callable[[], bool]]:
     """Announce the POST while its answer may come (`lua/open_post.lua`):
-    `vidq purge` waits for it, however long the answer takes. Best effort:
-    a Redis error never holds a POST back; the entry expires with its lease."""
+    `vidq purge` waits for it, however long the answer takes. Yields a check
+    to make right before sending: False if the job is no longer this step's,
+    or if more than `fresh_s` (the heartbeat's life: then others may act)
+    passed since it was asked. Best effort: a Redis error never holds a POST
+    back; the entry expires with its lease."""
     script = load_script(store.redis, "open_post")
-    key, lease_ms = keys.batch_open_posts(job.batch), int(OPEN_POST_LEASE_S * 1000)
+    script_keys = [keys.batch_open_posts(job.batch), keys.job(job.ref)]
+    lease_ms = int(OPEN_POST_LEASE_S * 1000)
 
-    def mark(on: bool) -> bool:
-        script(keys=[key], args=[job.ref, lease_ms, "1" if on else "0"])
-        return True
+    def mark(on: bool, token: str = "") -> bool:
+        return bool(script(keys=script_keys, args=[job.ref, lease_ms, int(on), token]))
 
-    with contextlib.suppress(redis.RedisError):
-        mark(True)
+    asked = time.monotonic()  # before: the process may stop while the answer comes
     try:
-        with renewed(lambda: mark(True), OPEN_POST_LEASE_S, f"open POST of {job.ref}"):
-            yield
+        ours = mark(True, job.token)
+    except redis.RedisError:
+        ours = True  # cannot tell: sent, as it would be without this check
+
+    def still_ours() -> bool:
+        return ours and time.monotonic() - asked <= fresh_s
+
+    try:
+        with renewed(lambda: mark(True) or True, OPEN_POST_LEASE_S, f"open POST of {job.ref}"):
+            yield still_ours
     finally:
         with contextlib.suppress(redis.RedisError):
             mark(False)

@@ -7,6 +7,8 @@ script cache), then resets the client's connection instead of passing the
 answer on. The client sees what a network
 drop or a Redis restart after the command leaves it with: a ConnectionError
 for a call that did happen. redis-py then reconnects and sends it again.
+`after_reply` loses nothing: it runs its `then` right after a command's
+answer was passed on (to freeze the client at exactly that point).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class LostReplyProxy:
         self.lost = 0
         self._pattern: bytes | None = None
         self._then: Callable[[], object] | None = None
+        self._after: tuple[bytes, Callable[[], object]] | None = None
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
@@ -32,6 +35,20 @@ class LostReplyProxy:
         running `then` (before the client can send it again)."""
         with self._lock:
             self._pattern, self._then = pattern, then
+
+    def after_reply(self, pattern: bytes, then: Callable[[], object]) -> None:
+        """Run `then` once the reply to the next request that contains
+        `pattern` has been passed on (nothing lost): e.g. freeze the client
+        right after Redis answered it."""
+        with self._lock:
+            self._after = (pattern, then)
+
+    def _take_after(self, data: bytes) -> Callable[[], object] | None:
+        with self._lock:
+            if self._after is None or self._after[0] not in data:
+                return None
+            then, self._after = self._after[1], None
+            return then
 
     def _take(self, data: bytes) -> bool:
         with self._lock:
@@ -45,16 +62,20 @@ class LostReplyProxy:
             client, _ = self._server.accept()
             upstream = socket.create_connection(self.target)
             cut, answered = threading.Event(), threading.Event()
-            threading.Thread(target=self._down, args=(client, upstream, cut, answered),
+            pending: list = []  # a `then` to run after the next reply passed on
+            threading.Thread(target=self._down, args=(client, upstream, cut, answered, pending),
                              daemon=True).start()
-            threading.Thread(target=self._up, args=(client, upstream, cut, answered),
+            threading.Thread(target=self._up, args=(client, upstream, cut, answered, pending),
                              daemon=True).start()
 
     def _up(self, client: socket.socket, upstream: socket.socket, cut: threading.Event,
-            answered: threading.Event) -> None:
+            answered: threading.Event, pending: list) -> None:
         """Client to Redis; on a hit, forward, wait for Redis's answer, reset."""
         try:
             while data := client.recv(1 << 16):
+                then = self._take_after(data)
+                if then is not None:
+                    pending.append(then)
                 hit = self._take(data)
                 if hit:
                     cut.set()
@@ -74,7 +95,7 @@ class LostReplyProxy:
 
     @staticmethod
     def _down(client: socket.socket, upstream: socket.socket, cut: threading.Event,
-              answered: threading.Event) -> None:
+              answered: threading.Event, pending: list) -> None:
         """Redis to client; after a hit, the answer is swallowed."""
         try:
             while data := upstream.recv(1 << 16):
@@ -82,6 +103,8 @@ class LostReplyProxy:
                     answered.set()
                     return
                 client.sendall(data)
+                while pending:
+                    pending.pop(0)()
         except OSError:
             pass
         finally:

@@ -4,7 +4,9 @@
 -- submit's own check, and a job not yet POSTed must never be sent.
 -- Returns 'ok', 'stale' (the step moved on), 'has_id', 'posted_before' or
 -- 'cancelled'. The same call sent again (its reply was lost; `op` is its id)
--- gets 'ok' again: the marker is its own, and its POST has not been sent.
+-- gets 'ok' again: the marker is its own, and its POST has not been sent;
+-- unless the job moved on meanwhile (its worker stood still and another took
+-- it over): 'stale', and nothing is sent.
 local job_key, batch_key = KEYS[1], KEYS[2]
 local running_token = ARGV[1]
 local op = ARGV[2]
@@ -12,8 +14,8 @@ local op = ARGV[2]
 -- try gave up before its POST, so its marker is taken over, not 'posted_before'.
 local unconfirmed = ARGV[3] or ''
 
-if redis.call('HGET', job_key, 'last_op') == op then return 'ok' end
 if redis.call('HGET', job_key, 'token') ~= running_token then return 'stale' end
+if redis.call('HGET', job_key, 'last_op') == op then return 'ok' end
 local generation_id = redis.call('HGET', job_key, 'generation_id')
 if generation_id and generation_id ~= '' then return 'has_id' end
 local posting = redis.call('HGET', job_key, 'posting_at')
