@@ -179,3 +179,22 @@ def test_a_worker_whose_clock_is_off_says_so(make_pipeline):
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
     assert "this machine's clock is +3600 s off Redis's" in log_path.read_text()
+
+
+def test_a_clock_that_jumps_mid_night_is_told_once_each_way(caplog):
+    """Checked with every heartbeat (the worker above shows the wiring): a clock
+    that jumps an hour after start (an NTP step, a VM moved) is an error once,
+    not once a beat, and its return is told too."""
+    from worker.deployment import note_clock_skew
+
+    off = False
+    with caplog.at_level("WARNING", logger="worker.deployment"):
+        for skew in (0.2, 3600.4, 3600.1, -0.3, 0.1):
+            off = note_clock_skew(skew, off)
+    said = [record.getMessage() for record in caplog.records]
+
+    assert said == ["this machine's clock is +3600 s off Redis's: countdown polls run on each "
+                    "worker's clock, so they come late or early and are re-sent; sync the "
+                    "clocks (NTP)", "this machine's clock agrees with Redis's again (-0.3 s)"]
+    assert off is False
+

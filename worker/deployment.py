@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 
 import redis
 
@@ -99,18 +98,21 @@ def lowest_cap(values: dict[str, dict], own: int) -> int:
     return min([own, *caps])
 
 
-def warn_of_clock_skew(client: redis.Redis) -> float:
-    """This machine's clock against Redis's (leases, spend days and retention
-    use Redis's; Celery's countdowns use each worker's own): a worker an hour
-    off sends its polls an hour late or early, and the reconciler re-sends
-    them after the step grace. Returns the skew in seconds."""
-    seconds, micros = client.time()
-    skew = time.time() - (seconds + micros / 1e6)
-    if abs(skew) > CLOCK_SKEW_WARN_S:
+def note_clock_skew(skew_s: float, was_off: bool) -> bool:
+    """This machine's clock against Redis's (`skew_s`, local minus Redis;
+    leases, spend days and retention use Redis's; Celery's countdowns use each
+    worker's own): a worker an hour off sends its polls an hour late or early,
+    and the reconciler re-sends them after the step grace. Checked with every
+    heartbeat, so a clock that jumps mid-night (an NTP step, a VM moved) is
+    told too; said once each way. Returns whether it is off now."""
+    off = abs(skew_s) > CLOCK_SKEW_WARN_S
+    if off and not was_off:
         log.error("this machine's clock is %+.0f s off Redis's: countdown polls run on each "
                   "worker's clock, so they come late or early and are re-sent; sync the "
-                  "clocks (NTP)", skew)
-    return skew
+                  "clocks (NTP)", skew_s)
+    elif was_off and not off:
+        log.warning("this machine's clock agrees with Redis's again (%+.1f s)", skew_s)
+    return off
 
 
 def highest_estimates(values: dict[str, dict], own: CreditEstimates) -> CreditEstimates:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
 import redis
 from celery import bootsteps
@@ -52,6 +53,7 @@ class Lifecycle(bootsteps.StartStopStep):
         self.timers: list = []
         self.record = ""
         self.housekeeper: threading.Thread | None = None
+        self.clock_off = False
         # The random part: two workers named alike (one hostname, both PID 1
         # in their containers) must not share a record or a holder name.
         WORKER_ID["name"] = self.hostname = (f"{worker.hostname}/{os.getpid()}/"
@@ -68,7 +70,6 @@ class Lifecycle(bootsteps.StartStopStep):
             log.error("the live workers disagree on %s: start them all with one value "
                       "(`vidq status` shows this too)", disagreement)
         self.set_cap(steps, deployment.lowest_cap(live, settings.max_in_flight))
-        deployment.warn_of_clock_skew(client)
         steps.admission.publish_estimates(
             deployment.highest_estimates(live, steps.admission.credits))
         manifest.publish_storage_url(client, settings.storage_url)
@@ -121,7 +122,9 @@ class Lifecycle(bootsteps.StartStopStep):
         steps = get_steps()
         client = steps.store.redis
         try:
-            seconds, _ = client.time()
+            seconds, micros = client.time()
+            self.clock_off = deployment.note_clock_skew(
+                time.time() - (seconds + micros / 1e6), self.clock_off)
             pipe = client.pipeline(transaction=False)
             pipe.set(keys.worker_alive(self.hostname), "1",
                      px=int(steps.settings.heartbeat_ttl_s * 1000))
