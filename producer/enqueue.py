@@ -77,6 +77,8 @@ def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_
         for job in prompt_file.jobs
         if job.job_id in existing and existing[job.job_id] != job.request
     ]
+    conflicts += _case_twins(admission.redis, batch, [job for job in prompt_file.jobs
+                                                     if job.job_id not in existing])
     if conflicts:
         raise PromptFileError(str(path), conflicts)
     variants = check_variants(admission.redis, batch, str(path),
@@ -88,6 +90,21 @@ def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_
                                 batch_settings)
     return EnqueueResult(batch, len(jobs), created, len(existing),
                          prompt_file.merged_duplicates, variants)
+
+
+def _case_twins(client, batch: str, new_jobs: list) -> list[LineError]:
+    """New ids that differ only in case from one already in the batch: one
+    video file on a case-insensitive disk (the file's own are checked by
+    `load_prompts`). One pass over the batch's ids, only when there are new jobs."""
+    if not new_jobs:
+        return []
+    folded: dict[str, str] = {}
+    for job_id in client.sscan_iter(keys.batch_jobs(batch), count=5000):
+        folded.setdefault(str(job_id).lower(), str(job_id))
+    return [LineError(job.line, "id", f"id {job.job_id!r} differs only in case from "
+                      f"{folded[job.job_id.lower()]!r}, already in batch {batch!r}: on a "
+                      "case-insensitive disk (macOS, Windows) both would be one video file")
+            for job in new_jobs if job.job_id.lower() in folded]
 
 
 def open_admission(settings) -> Admission:

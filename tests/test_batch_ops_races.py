@@ -2,6 +2,8 @@
 real parts: a real redis-server, real workers, the sandbox over HTTP."""
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -156,3 +158,53 @@ def test_resume_says_when_a_spend_cap_still_holds_the_batch(make_pipeline, tmp_p
 
     assert resumed.returncode == 0, resumed.stderr
     assert "2 jobs waiting; still paused: spend cap (`vidq limits cap0`)" in resumed.stdout
+
+
+def test_a_video_kept_for_one_generation_is_not_taken_for_the_next(make_pipeline, tmp_path):
+    """The video of generation 1 was stored but its sidecar never written (the
+    job failed at the hard limit, the video's sha256 kept on the job); then
+    `vidq retry --resubmit` buys generation 2. Generation 2's video must be
+    downloaded, not generation 1's kept one taken for it."""
+    from producer.retrying import run_retry
+
+    pipeline = make_pipeline(VIDQ_HARD_LIMIT_S="12", VIDQ_DEADLINE_S="10")
+    blocker = tmp_path / "videos" / "k" / "fox.json" / "x"  # the sidecar's path: a directory
+    blocker.mkdir(parents=True)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "k.jsonl",
+                                   ['{"id": "fox", "prompt": "a red fox in the snow"}']), "k")
+    assert pipeline.wait_finished("k", timeout_s=60)["failed"] == 1
+    first = pipeline.store.get(keys.job_ref("k", "fox"))
+    assert first.extra.get("kept_sha256")
+    blocker.rmdir()
+    blocker.parent.rmdir()
+
+    run_retry(pipeline.admission, dispatch, "k", resubmit=True, yes=True, echo=lambda _: None)
+    assert pipeline.wait_finished("k", timeout_s=60)["done"] == 1
+
+    second = pipeline.store.get(keys.job_ref("k", "fox")).generation_id
+    downloads = {entry["id"]: entry["downloads"] for entry in pipeline.ledger()}
+    assert second != first.generation_id and downloads[second] == 1
+    card = json.loads((tmp_path / "videos" / "k" / "fox.json").read_text())
+    stored = (tmp_path / "videos" / "k" / "fox.mp4").read_bytes()
+    assert card["generation_id"] == second
+    assert card["sha256"] == hashlib.sha256(stored).hexdigest() == next(
+        entry["sha256"] for entry in pipeline.ledger() if entry["id"] == second)
+
+
+def test_an_id_that_differs_only_in_case_from_one_in_the_batch_is_refused(
+        make_pipeline, tmp_path):
+    """`Intro` enqueued, then `intro` into the same batch from another file: one
+    video file on a case-insensitive disk. Refused, naming both; nothing written."""
+    pipeline = make_pipeline()
+    pipeline.enqueue(write_prompts(tmp_path / "a.jsonl",
+                                   ['{"id": "Intro", "prompt": "a title card"}']), "case")
+    second = write_prompts(tmp_path / "b.jsonl", ['{"id": "intro", "prompt": "another card"}'])
+
+    refused = _vidq(pipeline, "enqueue", str(second), "--batch", "case")
+
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "id 'intro' differs only in case from 'Intro', already in batch 'case'" in \
+        refused.stderr
+    assert pipeline.store.job_ids("case") == ["Intro"]
+

@@ -36,6 +36,11 @@ def cases(redis_url: str) -> dict[str, tuple[dict, str]]:
                             "VIDQ_MAX_IN_FLIGHT"),
         "http_timeout_abc": ({"VIDQ_REDIS_URL": redis_url, "VIDQ_HTTP_TIMEOUT_S": "abc"},
                              "VIDQ_HTTP_TIMEOUT_S"),
+        # nan passes every "< 0" check, then broke the first enqueue with a raw Redis error.
+        "credit_estimate_nan": ({"VIDQ_REDIS_URL": redis_url, "VIDQ_CREDIT_ESTIMATE": "nan"},
+                                "VIDQ_CREDIT_ESTIMATE='nan' is not a finite number"),
+        "credit_estimates_inf": ({"VIDQ_REDIS_URL": redis_url, "VIDQ_CREDIT_ESTIMATES":
+                                  "alibaba/wan2.1-t2v-turbo@480P=inf"}, "VIDQ_CREDIT_ESTIMATES"),
         "unreachable": ({"VIDQ_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"},
                         "VIDQ_REDIS_URL"),
         "notaurl": ({"VIDQ_REDIS_URL": "notaurl"}, "VIDQ_REDIS_URL"),

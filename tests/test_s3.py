@@ -14,7 +14,7 @@ import uuid
 import boto3
 import pytest
 import redis
-from conftest import write_prompts
+from conftest import wait_until, write_prompts
 from moto.server import ThreadedMotoServer
 
 from worker import keys
@@ -132,9 +132,10 @@ def test_storage_missing_for_a_while_then_back(make_pipeline, aws_env, s3, tmp_p
     late = f"vidq-late-{uuid.uuid4().hex[:8]}"
     pipeline = make_pipeline(VIDQ_STORAGE_URL=f"s3://{late}/night", **aws_env)
     pipeline.start_workers()
-    log = (tmp_path / "logs" / "worker-0.log").read_text()
-    assert f"storage is not usable now: cannot reach s3://{late}" in log
-    assert "testing" not in log  # the credentials
+    log = tmp_path / "logs" / "worker-0.log"
+    wait_until(lambda: f"storage is not usable now: cannot reach s3://{late}" in log.read_text(),
+               30, "the start-up storage check's error")
+    assert "testing" not in log.read_text()  # the credentials
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", PROMPTS), "b2")
 
     deadline = time.monotonic() + 30

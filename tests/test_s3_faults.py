@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 
 import boto3
@@ -14,7 +15,9 @@ from botocore.config import Config
 from conftest import write_prompts
 from s3faults import S3FaultProxy
 from test_s3 import _keys, _uploads, aws_env, bucket, s3, s3_endpoint  # noqa: F401
+from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
+from worker import keys, tasks
 from worker.storage_s3 import S3Storage
 
 MiB = 1024 * 1024
@@ -103,3 +106,40 @@ def test_a_video_stored_before_its_sidecar_failed_is_not_fetched_again(
     card = json.loads(s3.get_object(Bucket=bucket, Key=f"night/b1/{job_id}.json")["Body"].read())
     assert hashlib.sha256(video).hexdigest() == card["sha256"] == generation["sha256"]
     assert generation["downloads"] == 1
+
+
+def test_a_recovered_submit_is_not_held_by_a_storage_check_that_cannot_answer(
+        steps_for, aws_env, bucket, s3_faults, monkeypatch):  # noqa: F811
+    """A worker died mid-POST (its marker written, the answer never read), and
+    storage throttles every HEAD when the submit is sent again: the marker
+    decides, at once: outcome unknown, its slot held (the POST may be
+    generating). It was retried on the storage error 8 times, then failed as a
+    plain error with its slot freed: C = 1 passed (review 24)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_faults.url)
+    s3_faults.fail(lambda request: request.method == "HEAD", status=503, count=10**6)
+    steps = steps_for(VIDQ_STORAGE_URL=f"s3://{bucket}/night")
+    ref, token = _admit_one(steps)
+    steps.store.redis.hset(keys.job(ref), "posting_at", repr(time.time() - 5))
+
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+
+    record = steps.store.get(ref)
+    assert record.state == "failed" and record.extra.get("outcome_unknown") == "1"
+    assert steps.admission.in_flight() == 1
+
+
+def test_a_worker_starts_while_its_storage_never_answers(make_pipeline, aws_env, bucket):  # noqa: F811
+    """An S3 endpoint that accepts connections and never answers: the start-up
+    storage check must not hold the worker's start (it took 183 s: three 60 s
+    reads), nor its heartbeat."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        pipeline = make_pipeline(**{**aws_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                                    "VIDQ_STORAGE_URL": f"s3://{bucket}/night"})
+        started = time.monotonic()
+        pipeline.start_workers()
+
+        assert time.monotonic() - started < 30
+        assert pipeline.store.redis.zcard(keys.WORKERS) == 1
+

@@ -18,8 +18,8 @@
                                 string with a TTL: the one producer checking and writing
                                 the batch's new jobs
     vidq:batch:<batch>:open_posts
-                                zset: refs whose POST is on the wire (score: its lease's
-                                end, Redis ms): `vidq purge` waits for their answers
+                                zset: `<ref>#<marker call id>` of each POST on the wire
+                                (score: its lease's end, Redis ms): `vidq purge` waits
     vidq:batches                set of batch names
     vidq:admission              old single waiting line (list of refs); drained once
                                 into the batch lines by the pump (lua/pump.lua)

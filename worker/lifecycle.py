@@ -73,7 +73,9 @@ class Lifecycle(bootsteps.StartStopStep):
         steps.admission.publish_estimates(
             deployment.highest_estimates(live, steps.admission.credits))
         manifest.publish_storage_url(client, settings.storage_url)
-        check_storage(steps.storage)
+        # In a thread: an endpoint that never answers must not hold the start.
+        threading.Thread(target=check_storage, args=(steps.storage,), name="storage check",
+                         daemon=True).start()
         self.beat()
         self.timers = [
             worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),

@@ -66,7 +66,9 @@ class Steps:
             # Requeued or recovered: the generation exists; look at it now.
             self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
             return
-        if self._already_stored(job):
+        # A marker means a POST may have gone out: the marker decides (outcome
+        # unknown, slot held), not a storage check that may fail and retry.
+        if not job.extra.get("posting_at") and self._already_stored(job):
             return
         if not job.extra.get("posting_at") and self.admission.cancelled(job.batch):
             # Cancelled between admission and POST: never sent (it ends cancelled).

@@ -141,9 +141,12 @@ def on_the_wire(store: JobStore, job: Job,
     script = load_script(store.redis, "open_post")
     script_keys = [keys.batch_open_posts(job.batch), keys.job(job.ref)]
     lease_ms = int(OPEN_POST_LEASE_S * 1000)
+    # One entry per POST (its marker's call id): a re-POST of the job while an
+    # earlier POST's answer trickles in must not end the earlier one's entry.
+    entry = f"{job.ref}#{job.extra.get('posting_op', '')}"
 
     def mark(on: bool, token: str = "") -> bool:
-        return bool(script(keys=script_keys, args=[job.ref, lease_ms, int(on), token]))
+        return bool(script(keys=script_keys, args=[entry, lease_ms, int(on), token]))
 
     asked = time.monotonic()  # before: the process may stop while the answer comes
     try:

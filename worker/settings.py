@@ -5,6 +5,7 @@ reads os.environ for its behaviour.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -202,9 +203,13 @@ def default_storage_url() -> str:
 def _parse(name: str, raw: str, type_name: str):
     kind = {"int": int, "float": float}.get(str(type_name), str)
     try:
-        return kind(raw)
+        value = kind(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        # nan passes every "< 0" check and then breaks (or silently lifts) a limit.
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
+    return value
 
 
 def is_sentinel_url(url: str) -> bool:

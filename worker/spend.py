@@ -16,6 +16,7 @@ enqueued, and are what the caps count until the real figure arrives.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import redis
@@ -59,7 +60,7 @@ def parse_estimates(raw: str) -> dict[tuple[str, str], float]:
             credits = float(number)
         except ValueError:
             credits = -1.0
-        if not (model and resolution and credits >= 0):
+        if not (model and resolution and math.isfinite(credits) and credits >= 0):
             raise ConfigError(f"VIDQ_CREDIT_ESTIMATES: {item!r} is not "
                               "model@RESOLUTION=credits (e.g. alibaba/wan2.1-t2v-turbo@480P=60000)")
         table[(model, resolution)] = credits

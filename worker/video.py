@@ -114,14 +114,18 @@ def store_sidecar(storage: Storage, job: Job, key: str, size: int, digest: str) 
     try:
         storage.put_bytes(sidecar_key(job.batch, job.id), json.dumps(card, indent=2).encode())
     except StorageError as exc:
-        raise SidecarNotStored(str(exc), size=size, sha256=digest) from None
+        raise SidecarNotStored(str(exc), size=size, sha256=digest,
+                               generation_id=job.generation_id) from None
 
 
 def kept_video(storage: Storage, job: Job, key: str) -> tuple[int, str] | None:
     """(bytes, sha256) of the video an earlier attempt stored whole before its
     sidecar failed (`SidecarNotStored`): not fetched again, since the result
-    may no longer be served. None when there is none, or it changed."""
+    may no longer be served. None when there is none, it changed, or it is
+    another generation's."""
     kept = job.extra.get("kept_sha256")
+    if job.extra.get("kept_generation") != job.generation_id:
+        return None  # another generation's video (a --resubmit since)
     if kept and storage.exists(key) and storage.sha256(key) == kept:
         return int(job.number("kept_bytes")), kept
     return None

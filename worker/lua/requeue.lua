@@ -29,7 +29,7 @@ if retire then
     table.insert(history, generation_id)
     redis.call('HSET', job_key, 'past_generations', cjson.encode(history))
     redis.call('HDEL', job_key, 'generation_id', 'video_url', 'completed_at',
-      'last_poll_age', 'polls')
+      'last_poll_age', 'polls', 'kept_sha256', 'kept_bytes', 'kept_generation')
     generation_id = ''
   end
   redis.call('HINCRBY', job_key, 'resubmits', 1)
