@@ -160,12 +160,18 @@ def test_killed_workers_and_a_redis_restart_announce_each_video_exactly_once(
     time.sleep(1)
     restartable_redis.start()
     counts = pipeline.wait_finished("cr", timeout_s=150)
-    assert counts["done"] == 10, counts
+    # A SIGKILL between a POST's marker and its answer leaves that job "outcome
+    # unknown" (by design: never re-POSTed on its own); every other job is done.
+    unknown = {job.id for job in map(pipeline.store.get, (
+        f"cr:{job_id}" for job_id in pipeline.store.job_ids("cr")))
+        if job.extra.get("outcome_unknown") == "1"}
+    assert counts["done"] + len(unknown) == 10 and len(unknown) <= 1, counts
     wait_until(lambda: [e for e in _events(restartable_redis.url)
                        if e[1]["type"] == "batch.finished"], what="the batch.finished event")
     found = [fields for _, fields in _events(restartable_redis.url)]
     stored = Counter(f["job"] for f in found if f["type"] == "video.stored")
-    assert stored == Counter({f"cr:{job_id}": 1 for job_id in pipeline.store.job_ids("cr")})
+    assert stored == Counter({f"cr:{job_id}": 1 for job_id in pipeline.store.job_ids("cr")
+                              if job_id not in unknown})
     for fields in found:
         if fields["type"] == "video.stored":
             data = Path(fields["storage_url"].removeprefix("file://")).read_bytes()
