@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections import Counter
 from urllib.parse import urlsplit
 
@@ -15,7 +16,7 @@ from conftest import wait_until, write_prompts
 from test_lost_replies import _run_of
 from test_steps import _admit_one, _run, steps_for  # noqa: F401 - fixture
 
-from worker import tasks
+from worker import keys, tasks
 from worker.jobs import load_script
 
 
@@ -119,3 +120,36 @@ def test_a_worker_frozen_between_its_marker_and_its_post_never_passes_c(
     assert healthy.wait_finished("f", timeout_s=120)["done"] == len(prompts)
     assert Counter(entry["prompt"] for entry in healthy.ledger()) == {p: 1 for p in prompts}
     assert sandbox.stats()["max_in_flight"] == 2
+
+
+def test_a_try_that_gives_up_after_an_earlier_unanswered_post_ends_outcome_unknown(
+        steps_for, redis_url, make_sandbox):  # noqa: F811
+    """An earlier try's POST went out and its worker died before the answer was
+    recorded; the re-sent submit's own marker gets no answer (Redis out) on its
+    last allowed attempt. The job must end outcome unknown with its slot held,
+    not fail as a plain error with its slot freed while that POST generates:
+    the next job would pass C = 1 (review 25)."""
+    from worker.admission import _resend
+
+    sandbox = make_sandbox(mean_generation_s=600.0)
+    steps, proxy = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",
+                                  VIDQ_POST_DEADLINE_S="5")
+    steps.admission.set_cap(1)
+    ref, token = _admit_one(steps)
+    steps.store.redis.hset(keys.job(ref), "attempts", 7)  # earlier tries met 503s
+    job = steps.claim(ref, token, "submit")
+    assert steps.store.mark_posting(job, steps.durability) == "ok"
+    steps.client.submit(job.request)  # sent; its worker dies before the answer is read
+    assert _resend(steps.admission, steps.dispatch, 5.0, ref) == 1
+    step, _, token = steps.sent[-1]
+    _lose_marker_replies(steps, proxy, times=100)
+
+    tasks._run(steps, step, steps.claim(ref, token, step))
+    proxy.arm(b"nothing matches this")
+
+    record = steps.store.get(ref)
+    assert record.state == "failed" and record.extra.get("outcome_unknown") == "1"
+    assert steps.admission.in_flight() == 1
+    steps.admission.enqueue("b", [("j2", {"model": "alibaba/wan2.1-t2v-turbo", "prompt": "two"})],
+                            time.time())
+    assert steps.admission.pump() == []  # the slot is still taken

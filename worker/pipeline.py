@@ -25,7 +25,13 @@ from .errors import (
     UpstreamError,
 )
 from .generation import Generation
-from .job_timing import deadline_s, poll_delay, unknown_hold_s
+from .job_rules import (
+    deadline_s,
+    earlier_post_unanswered,
+    is_paid,
+    poll_delay,
+    unknown_hold_s,
+)
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .learning import learn, tells_generation_time
 from .leases import TakenOver, lease_renewed, unless_lost
@@ -192,7 +198,7 @@ class Steps:
         gateway's or CDN's hiccup) is asked again until the hard limit: only
         the generation's own failure, or a result vidq refuses, ends it. A
         result URL refused is asked for again through a poll (a fresh link)."""
-        if not self._is_paid(job) or isinstance(error, GenerationFailed | ResultRefused):
+        if not is_paid(job) or isinstance(error, GenerationFailed | ResultRefused):
             return self.fail(job, f"{job.step}: {error}")
         if job.step == Step.DOWNLOAD:
             return self.refresh_link(job, error)
@@ -227,14 +233,14 @@ class Steps:
         # A paid generation is polled, and its video stored, until the hard
         # limit, however many tries an upstream or storage outage costs.
         transient = isinstance(error, UpstreamError | StorageError)
-        return (self._is_paid(job) and transient
+        return (is_paid(job) and transient
                 and job.now() - job.submitted_at < self.settings.hard_limit_s)
 
-    @staticmethod
-    def _is_paid(job: Job) -> bool:
-        return job.step in (Step.POLL, Step.DOWNLOAD) and bool(job.generation_id)
-
     def fail(self, job: Job, reason: str) -> None:
+        # Giving up (say the marker's answer was lost) while an earlier try's
+        # POST may be generating: outcome unknown, its slot held.
+        if not reason.startswith(OUTCOME_UNKNOWN) and earlier_post_unanswered(job):
+            reason = f"{OUTCOME_UNKNOWN}: {reason}; an earlier POST of this job got no answer"
         unknown = reason.startswith(OUTCOME_UNKNOWN)
         hold = unknown_hold_s(self.settings, self.durations, job) if unknown else 0.0
         log.warning("job %s failed: %s", job.ref, reason)

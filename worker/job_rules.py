@@ -1,10 +1,11 @@
-"""When a job's next poll is due, when it is overdue, and how long an unknown
-POST holds its slot: the plan's numbers applied to one job's record."""
+"""What one job's record says: when its next poll is due, when it is overdue,
+how long an unknown POST holds its slot (the plan's numbers applied to the
+job), whether it is paid, and whether an earlier POST of it may be out."""
 from __future__ import annotations
 
 from .contract import shape_of
 from .durations import DurationModel
-from .jobs import Job
+from .jobs import Job, Step
 from .schedule import PollPlan
 from .settings import Settings
 
@@ -31,3 +32,17 @@ def poll_delay(settings: Settings, plan: PollPlan, job: Job, age_s: float) -> fl
     """Seconds until the job's next poll, at `age_s` since its submit."""
     return plan.delay(job.polls, age_s, settings.poll_min_interval_s,
                       settings.poll_max_interval_s)
+
+
+def is_paid(job: Job) -> bool:
+    """A generation exists: its poll or download is under way."""
+    return job.step in (Step.POLL, Step.DOWNLOAD) and bool(job.generation_id)
+
+
+def earlier_post_unanswered(job: Job) -> bool:
+    """A submit whose earlier try's POST got no answer (its marker is not the
+    one this job's last try left unconfirmed): that POST may be generating."""
+    return (job.step == Step.SUBMIT and not job.generation_id
+            and bool(job.extra.get("posting_at"))
+            and job.extra.get("posting_op") != job.extra.get("unconfirmed_op"))
+
