@@ -19,7 +19,7 @@ from worker.jobs import JobStore
 from worker.leases import held_lock
 from worker.spend import CreditEstimates
 
-from .prompts import ID_PATTERN, LineError, PromptFileError, load_prompts
+from .prompts import ID_PATTERN, LineError, PromptFileError, case_twin, load_prompts
 from .variants import check_variants
 
 # Renewed while held; a producer that dies frees its batch for the next in this long.
@@ -101,9 +101,8 @@ def _case_twins(client, batch: str, new_jobs: list) -> list[LineError]:
     folded: dict[str, str] = {}
     for job_id in client.sscan_iter(keys.batch_jobs(batch), count=5000):
         folded.setdefault(str(job_id).lower(), str(job_id))
-    return [LineError(job.line, "id", f"id {job.job_id!r} differs only in case from "
-                      f"{folded[job.job_id.lower()]!r}, already in batch {batch!r}: on a "
-                      "case-insensitive disk (macOS, Windows) both would be one video file")
+    return [LineError(job.line, "id", case_twin(job.job_id, folded[job.job_id.lower()],
+                                                f", already in batch {batch!r}"))
             for job in new_jobs if job.job_id.lower() in folded]
 
 

@@ -171,16 +171,20 @@ def _add_job(jobs: dict[str, PromptJob], by_folded_id: dict[str, PromptJob],
     if first is None:
         twin = by_folded_id.setdefault(job.job_id.lower(), job)
         if twin is not job:
-            return LineError(job.line, "id", (
-                f"id {job.job_id!r} differs only in case from {twin.job_id!r} (line "
-                f"{twin.line}): on a case-insensitive disk (macOS, Windows) both would "
-                "be one video file"))
+            return LineError(job.line, "id", case_twin(job.job_id, twin.job_id,
+                                                       f" (line {twin.line})"))
         jobs[job.job_id] = job
         return 0
     if first.request == job.request:
         return 1
     reason = f"duplicate id {job.job_id!r} (first on line {first.line}) with different parameters"
     return LineError(job.line, None, reason)
+
+
+def case_twin(job_id: str, twin_id: str, where: str) -> str:
+    """Why an id that differs only in case from another is refused."""
+    return (f"id {job_id!r} differs only in case from {twin_id!r}{where}: on a "
+            "case-insensitive disk (macOS, Windows) both would be one video file")
 
 
 def _job_from_fields(line: int, fields: dict,

@@ -74,22 +74,22 @@ class Steps:
             return
         # A marker means a POST may have gone out: the marker decides (outcome
         # unknown, slot held), not a storage check that may fail and retry.
-        if not job.extra.get("posting_at") and self._already_stored(job):
+        marked = bool(job.extra.get("posting_at"))
+        if not marked and self._already_stored(job):
             return
-        if not job.extra.get("posting_at") and self.admission.cancelled(job.batch):
+        if not marked and self.admission.cancelled(job.batch):
             # Cancelled between admission and POST: never sent (it ends cancelled).
             self.store.back_in_line(job, 0.0, rate_limited=False)
             return
-        if not job.extra.get("posting_at") and job.number("__submit_pause_ms") > 0:
+        if not marked and job.number("__submit_pause_ms") > 0:
             # Admitted just before a 429 paused submits: back to the front of
             # the line. (Not a recovered submit whose POST may have been sent:
             # it must end outcome unknown, never be POSTed again.)
             self.store.back_in_line(job, 0.0, rate_limited=False)
             return
         try:
-            # Patience within the step's lease, past its POST's deadline.
-            marker = self.store.mark_posting(job, self.durability, patience_s=max(
-                0.0, self.settings.step_grace_s - self.settings.post_deadline_s - 5))
+            marker = self.store.mark_posting(job, self.durability,
+                                             self.settings.marker_patience_s)
         except NotDurable:
             self.store.clear_posting(job)  # nothing was sent
             raise

@@ -158,7 +158,7 @@ def on_the_wire(store: JobStore, job: Job,
         return ours and time.monotonic() - asked <= fresh_s
 
     try:
-        with renewed(lambda: mark(True) or True, OPEN_POST_LEASE_S, f"open POST of {job.ref}"):
+        with renewed(lambda: mark(True), OPEN_POST_LEASE_S, f"open POST of {job.ref}"):
             yield still_ours
     finally:
         with contextlib.suppress(redis.RedisError):

@@ -100,7 +100,7 @@ class Settings:
             )
         if self.max_in_flight < 1:
             raise ConfigError("VIDQ_MAX_IN_FLIGHT must be at least 1")
-        if self.step_grace_s <= self.post_deadline_s + 5:
+        if self.marker_patience_s <= 0:
             raise ConfigError(
                 "VIDQ_STEP_GRACE_S must exceed VIDQ_POST_DEADLINE_S + 5 s, or a slow "
                 "but live submit would be taken over")
@@ -123,6 +123,13 @@ class Settings:
                 "(VIDQ_POLL_MAX_INTERVAL_S or VIDQ_BACKOFF_CAP_S) plus "
                 f"VIDQ_DOWNLOAD_GRACE_S: {longest:.0f} s"
             )
+
+    @property
+    def marker_patience_s(self) -> float:
+        """How long the "POST started" marker is sent again through a Redis
+        outage: what the submit's lease leaves past its POST's deadline, and
+        a 5 s margin. At 0 or below, a slow but live submit would be taken over."""
+        return self.step_grace_s - self.post_deadline_s - 5
 
     @property
     def heartbeat_ttl_s(self) -> float:
