@@ -48,6 +48,10 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     charged = _charged(chosen, resubmit, resubmit_unknown)
     if charged:
         _confirm(batch, charged, yes)
+    finished = sum(1 for failure in chosen if failure.completed)
+    if resubmit and finished:
+        echo(f"{plural(finished)} not POSTed again: {'its' if finished == 1 else 'their'} "
+             "generation finished upstream (paid for); polled again and downloaded")
     result = retry(admission, dispatch, batch, chosen, resubmit=resubmit,
                    resubmit_unknown=resubmit_unknown)
     polled = result.requeued - result.resubmitted
@@ -75,8 +79,8 @@ def _check_ids(admission: Admission, batch: str, ids: Sequence[str]) -> None:
 
 
 def _charged(chosen: list[Failure], resubmit: bool, resubmit_unknown: bool) -> int:
-    if resubmit:
-        return len(chosen)
+    if resubmit:  # a finished generation is downloaded, never paid again
+        return sum(1 for failure in chosen if not failure.completed)
     return sum(1 for failure in chosen if failure.outcome_unknown) if resubmit_unknown else 0
 
 

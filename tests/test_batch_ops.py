@@ -3,6 +3,7 @@ purge and retention, --allow-variants. Real Redis, real `celery -A worker
 worker` processes, the sandbox over HTTP; `vidq` run as a user runs it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -90,6 +91,34 @@ def test_retry_polls_by_default_and_resubmit_posts_exactly_one_new_generation_pe
         assert rows[prompt]["generation_ids"] == [old_ids[prompt], new_ids[prompt]]
     assert rows[LONELY]["generation_ids"] == [new_ids[LONELY]]
     assert all(row["state"] == "done" and row["sha256"] for row in rows.values())
+
+
+def test_resubmit_never_pays_again_for_a_generation_that_finished(make_pipeline, tmp_path):
+    """A job whose generation completed upstream but whose video could not be
+    stored before the hard limit fails with its id. `vidq retry --resubmit`
+    does not POST it again (nothing to confirm: no new charge) and says so; its
+    video is downloaded, the sandbox's bytes, with one POST in the ledger."""
+    pipeline = make_pipeline(VIDQ_DEADLINE_S=3, VIDQ_HARD_LIMIT_S=5)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "night").write_text("a file where the batch's directory goes")  # storage refuses
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", [LONELY]), "night")
+    assert pipeline.wait_finished("night")["failed"] == 1
+    [paid] = pipeline.ledger()
+    assert paid["status"] == "completed"
+    (videos / "night").unlink()
+
+    result = vidq(pipeline, "retry", "night", "--resubmit")  # no --yes, no terminal
+    assert result.returncode == 0, result.stderr
+    assert "1 job not POSTed again: its generation finished upstream" in result.stdout
+    assert "1 failed job requeued" in result.stdout and "POSTed again)" not in result.stdout
+    assert pipeline.wait_finished("night")["done"] == 1
+    assert [entry["id"] for entry in pipeline.ledger()] == [paid["id"]]  # one POST
+    [row] = report(pipeline, "night")
+    assert row["generation_ids"] == [paid["id"]]
+    video = hashlib.sha256((videos / "night" / f"{row['custom_id']}.mp4").read_bytes()).hexdigest()
+    assert video == row["sha256"] == paid["sha256"]
 
 
 def test_retry_reads_only_the_failures_of_a_big_batch(make_pipeline):

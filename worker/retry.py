@@ -38,6 +38,7 @@ class Failure:
     reason: str
     generation_id: str
     outcome_unknown: bool  # its POST may have been charged; no id to poll
+    completed: bool = False  # its generation finished upstream: its video is paid for
 
 
 @dataclass
@@ -64,8 +65,9 @@ def _read_failed(store: JobStore, batch: str) -> list[Failure]:
     answer = script(keys=[keys.batch_failed(batch)],
                     args=[keys.job(keys.job_ref(batch, ""))])
     return [Failure(job_id, reason, generation_id, bool(posting) and not generation_id
-                    or unknown == "1")
-            for job_id, reason, generation_id, posting, unknown in json.loads(answer)]
+                    or unknown == "1", bool(generation_id and completed_at))
+            for job_id, reason, generation_id, posting, unknown, completed_at
+            in json.loads(answer)]
 
 
 def rebuild_failed_set(store: JobStore, batch: str) -> int:

@@ -2,7 +2,8 @@
 -- atomically: it is in the line exactly when its state says queued. A job
 -- with a generation id is not put in line: it is polled again at once,
 -- unless `retire` (`vidq retry --resubmit`): then its id goes into its
--- history and it waits in line for a new POST. Checked and done in one call,
+-- history and it waits in line for a new POST. Never a generation that
+-- completed upstream: its video is paid for, and is polled and downloaded. Checked and done in one call,
 -- so a cancel between them cannot leave a failed job stripped of its id.
 -- Returns 'requeued', 'resubmitted' (to be POSTed again), 'not_failed',
 -- 'cancelled' (its batch was cancelled) or 'needs_resubmit' (its POST's
@@ -22,7 +23,8 @@ if redis.call('HGET', job_key, 'state') ~= STATE.failed then return 'not_failed'
 local batch = redis.call('HGET', job_key, 'batch')
 local cancelled = redis.call('HGET', batch_key(batch), 'cancelled') == '1'
 local generation_id = redis.call('HGET', job_key, 'generation_id') or ''
-if retire then
+local completed = (redis.call('HGET', job_key, 'completed_at') or '') ~= ''
+if retire and not (generation_id ~= '' and completed) then
   if cancelled then return 'cancelled' end
   if generation_id ~= '' then
     local history = cjson.decode(redis.call('HGET', job_key, 'past_generations') or '[]')
@@ -37,7 +39,7 @@ end
 local fields = {'outcome_unknown', '', 'attempts', '0', 'link_refreshes', '0', 'last_error', '',
   'token', '', 'step', '', 'recovered', '1', 'requeue_op', op,
   'last_op', ''}  -- a step's call sent again now answers 'moved on'
-local answer = retire and 'resubmitted' or 'requeued'
+local answer = (retire and generation_id == '') and 'resubmitted' or 'requeued'
 local function leave_failed(state)
   unfail_finish_count(job_key)
   redis.call('HSET', job_key, 'state', state, 'requeue_answer', answer, unpack(fields))
