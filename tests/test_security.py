@@ -21,6 +21,7 @@ import pytest
 import redis
 from conftest import write_prompts
 
+from sandbox.videos import render_clip
 from worker.keys import job_ref
 
 CANARY_KEY = "sk-vidq-canary-7Q2x9"
@@ -208,6 +209,8 @@ class HostileUpstream:
         self.requests: list[tuple[str, str]] = []
         self.urls: dict[str, str] = {}  # generation id -> result URL
         self.echoed: dict[str, str] = {}  # generation id -> its failure, quoting the key
+        self.loop_hops = 0  # /loop redirects to itself this many times, then serves `video`
+        self.video = b""
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -254,6 +257,19 @@ class HostileUpstream:
 
             def do_GET(self):
                 owner.requests.append(("GET", self.path))
+                if self.path.startswith("/loop") and owner.loop_hops > 0:
+                    owner.loop_hops -= 1  # a CDN redirecting to itself, for a while
+                    self.send_response(302)
+                    self.send_header("Location", "/loop")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.path.startswith("/loop"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "video/mp4")
+                    self.send_header("Content-Length", str(len(owner.video)))
+                    self.end_headers()
+                    return self.wfile.write(owner.video)
                 if self.path.startswith("/redirect"):
                     self.send_response(302)
                     self.send_header("Location",
@@ -318,6 +334,28 @@ def test_hostile_result_urls_are_refused(make_sandbox, make_pipeline, hostile_up
     fetched = [path for method, path in hostile_upstream.requests if method == "GET"]
     assert all(p.startswith(("/v2/video/generations?", "/redirect")) for p in fetched), fetched
     assert sum(p.startswith("/redirect") for p in fetched) == 1
+
+
+def test_a_redirect_loop_on_a_paid_result_is_tried_again_not_failed(
+        make_sandbox, make_pipeline, hostile_upstream, tmp_path):
+    """A CDN that redirects a result URL to itself past the hop limit, for a
+    while: the paid job is not failed ("refused" is for URLs vidq must not
+    fetch); its download is tried again and stores the video, whole."""
+    clip = tmp_path / "clip.mp4"
+    render_clip(clip, 64, 64)
+    hostile_upstream.video = clip.read_bytes()
+    hostile_upstream.loop_hops = 20  # more than three tries' worth of hops
+    hostile_upstream.urls["g-looping"] = f"{hostile_upstream.url}/loop"
+    pipeline = make_pipeline(make_sandbox(), AIMLAPI_BASE_URL=hostile_upstream.url,
+                             AIMLAPI_KEY="k")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a cdn looping"]), "loop")
+
+    assert pipeline.wait_finished("loop", timeout_s=60) == {
+        **pipeline.store.counts("loop"), "done": 1}
+    assert hostile_upstream.loop_hops == 0
+    [stored] = [path for path in media_under(tmp_path / "videos") if path.suffix == ".mp4"]
+    assert stored.read_bytes() == hostile_upstream.video
 
 
 def test_video_over_size_cap_is_refused(make_sandbox, make_pipeline, tmp_path):

@@ -1,6 +1,8 @@
 """HTTP answers become the right errors, against real local servers."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from producer.redis_server import free_port
@@ -77,6 +79,15 @@ def test_unparseable_status_body_is_retryable(serve_bytes):
     """A 2xx status answer that is not the documented JSON is retryable, not a success."""
     with pytest.raises(BadResponse):
         _client(serve_bytes(b"<html>maintenance</html>"), "k").fetch("some-id")
+
+
+def test_an_absurd_credits_figure_is_read_as_unknown_not_raised(serve_bytes):
+    """A completed answer whose credits_used no float holds: the video is still
+    there (credits unknown), not an error that would end a paid job."""
+    body = {"id": "g", "status": "completed", "video": {"url": "http://x/v.mp4"},
+            "meta": {"usage": {"credits_used": 10 ** 400}}}
+    generation = _client(serve_bytes(json.dumps(body).encode()), "k").fetch("g")
+    assert generation.succeeded and generation.credits_used is None
 
 
 @pytest.mark.parametrize("status, url, pending, succeeded", [

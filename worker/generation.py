@@ -71,7 +71,7 @@ def _credits(value) -> float | None:
         return None
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer of 400 digits
         return None
     return number if number == number and abs(number) != float("inf") else None
 

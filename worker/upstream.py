@@ -163,7 +163,9 @@ class UpstreamClient:
             location = response.headers.get("Location", "")
             response.close()
             url = urljoin(url, location)
-        raise ResultRefused(f"more than {MAX_REDIRECTS} redirects from a result URL")
+        # A CDN's fault that often passes, not a URL vidq refuses: a paid
+        # video is tried again (each hop was checked by the SSRF guard).
+        raise UpstreamUnavailable(f"more than {MAX_REDIRECTS} redirects from a result URL")
 
     def chunks(self, response: requests.Response, size: int,
                stall_window_s: float) -> Iterator[bytes]:
