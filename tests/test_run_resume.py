@@ -3,6 +3,7 @@ nothing twice. The upstream is a sandbox started by the test, so its ledger
 outlives each run and counts every generation."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -114,7 +115,8 @@ def test_vidq_run_restarts_a_worker_that_dies(make_sandbox, tmp_path):
 def test_a_stored_video_is_taken_only_for_the_request_that_made_it(make_sandbox, tmp_path):
     """The Redis state is lost (a purge, retention, a deleted state dir) and the
     same explicit ids come back at 480P after a 720P night: the stored 720P
-    videos are not taken as theirs; each is generated again, at 480P."""
+    videos are not taken as theirs; each is generated again, at 480P, and the
+    paid 720P videos are kept whole, with their sidecars, in replaced/."""
     sandbox = make_sandbox()
     env = _env(sandbox, tmp_path)
     path = tmp_path / "shots.jsonl"
@@ -133,8 +135,17 @@ def test_a_stored_video_is_taken_only_for_the_request_that_made_it(make_sandbox,
     assert lower.returncode == 0, lower.stdout + lower.stderr
     bodies = requests.get(sandbox.url + "/__ledger", timeout=10).json()
     assert [entry["body"].get("resolution") for entry in bodies] == [None, None, "480P", "480P"]
+    first_night = {entry["id"]: entry for entry in bodies[:2]}
     for i in range(2):
         card = json.loads((tmp_path / "videos" / "shots" / f"shot{i}.json").read_text())
         assert card["parameters"]["resolution"] == "480P"
         with av.open(str(tmp_path / "videos" / "shots" / f"shot{i}.mp4")) as video:
             assert video.streams.video[0].height == 480
+        [kept] = (tmp_path / "videos" / "shots" / "replaced").glob(f"shot{i}.*.mp4")
+        old_card = json.loads(kept.with_suffix(".json").read_text())
+        assert old_card["parameters"]["resolution"] == "720P"
+        assert old_card["generation_id"] == kept.name.split(".")[1]
+        paid = first_night[old_card["generation_id"]]
+        assert hashlib.sha256(kept.read_bytes()).hexdigest() == old_card["sha256"] == paid["sha256"]
+        with av.open(str(kept)) as video:
+            assert video.streams.video[0].height == 720

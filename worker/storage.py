@@ -101,6 +101,20 @@ class FileStorage:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    def move(self, key: str, new_key: str) -> bool:
+        """Rename `key` to `new_key` (replacing it); False if `key` is not there."""
+        source, target = self.path(key), self.path(new_key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+            _fsync_dir(target.parent)
+            _fsync_dir(source.parent)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot move {source} to {target}: {exc.strerror}") from None
+        return True
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
@@ -137,6 +151,7 @@ class Storage(Protocol):
                ) -> contextlib.AbstractContextManager[Any]: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def exists(self, key: str) -> bool: ...
+    def move(self, key: str, new_key: str) -> bool: ...
     def read_bytes(self, key: str) -> bytes: ...
     def sha256(self, key: str) -> str: ...
     def location(self, key: str) -> str: ...

@@ -92,6 +92,18 @@ class S3Storage:
     def exists(self, key: str) -> bool:
         return self._head(key) is not None
 
+    def move(self, key: str, new_key: str) -> bool:
+        """Copy `key` to `new_key` (type and metadata kept), then delete it;
+        False if `key` is not there."""
+        if not self.exists(key):
+            return False
+        with _translated(f"cannot move {self.location(key)} to {self.location(new_key)}"):
+            self.client.copy_object(Bucket=self.bucket, Key=self.object_key(new_key),
+                                    CopySource={"Bucket": self.bucket,
+                                                "Key": self.object_key(key)})
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+        return True
+
     def read_bytes(self, key: str) -> bytes:
         where = self.location(key)
         with _translated(f"cannot read {where}"):

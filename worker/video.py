@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from collections.abc import Iterable
 
 from .errors import CorruptVideo, SidecarNotStored, StorageError
 from .jobs import Job
 from .rows import effective_parameters
 from .storage import Storage, sidecar_key, video_key
+
+log = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")  # generation ids are opaque: keep them to a file name
 
 
 def stream_video(storage: Storage, key: str, chunks: Iterable[bytes],
@@ -133,12 +139,15 @@ def kept_video(storage: Storage, job: Job, key: str) -> tuple[int, str] | None:
 
 def stored_video(storage: Storage, job: Job) -> dict | None:
     """The sidecar of this job's video if both are in storage and the video's
-    sha256 matches the sidecar's; None otherwise. Raises StorageError when
-    storage cannot tell."""
+    sha256 matches the sidecar's; None otherwise. A video of another request
+    under this job's key (a batch name and id reused, after a purge or
+    retention, with another prompt or parameters) is paid for: it is moved to
+    `<batch>/replaced/`, never overwritten. Raises StorageError when storage
+    cannot tell."""
     card_key, key = sidecar_key(job.batch, job.id), video_key(job.batch, job.id)
     # A storage error is not "not stored": the caller must not POST on it
     # (a throttled or misconfigured bucket would buy every video again).
-    if not (storage.exists(card_key) and storage.exists(key)):
+    if not storage.exists(card_key):
         return None
     try:
         card = json.loads(storage.read_bytes(card_key))
@@ -146,11 +155,29 @@ def stored_video(storage: Storage, job: Job) -> dict | None:
         return None
     if not isinstance(card, dict):
         return None
-    if not isinstance(card.get("sha256"), str) or not _same_request(card, job.request):
+    if not _same_request(card, job.request):
+        set_aside(storage, job, card)
+        return None
+    if not isinstance(card.get("sha256"), str) or not storage.exists(key):
         return None
     if storage.sha256(key) != card["sha256"]:
         return None
     return card
+
+
+def set_aside(storage: Storage, job: Job, card: dict) -> str:
+    """Move the video and sidecar under `job`'s keys, those of the generation
+    `card` names, to `<batch>/replaced/<id>.<generation>`; returns that name.
+    The video goes first: a try stopped between the two finds the sidecar
+    still there, and moves it to the same name."""
+    made_by = str(card.get("generation_id") or card.get("sha256") or "unknown")
+    aside = f"{job.batch}/replaced/{job.id}.{_SAFE.sub('_', made_by)[:64]}"
+    moved = storage.move(video_key(job.batch, job.id), f"{aside}.mp4")
+    storage.move(sidecar_key(job.batch, job.id), f"{aside}.json")
+    log.warning("job %s: storage held another request's video under its name; %s "
+                "to %s, not overwritten", job.ref, "moved" if moved else "its sidecar moved",
+                aside)
+    return aside
 
 
 def _same_request(card: dict, request: dict) -> bool:
