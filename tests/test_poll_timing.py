@@ -126,6 +126,19 @@ def test_jobs_still_running_keep_the_first_completions_from_aiming_too_early():
     assert with_running.second_s is not None and with_running.second_s > 9.0
 
 
+def test_a_job_just_submitted_does_not_move_the_first_fit():
+    """Five of fifty jobs done by their 80 s poll, the rest still running: the
+    plan leans on the spread prior. A job submitted a moment ago, running at
+    5 s, says nothing about them, and must not move the aims (it once moved
+    the second aim from 90 s to 116 s, the fit's start having moved)."""
+    first = [Sample(40.0, 80.0)] * 5
+    plan = plan_from(first, prior_s=90, running=[80.0] * 45)
+    with_new_job = plan_from(first, prior_s=90, running=[80.0] * 45 + [5.0])
+    assert plan.second_s is not None and with_new_job.second_s is not None
+    assert abs(with_new_job.second_s / plan.second_s - 1) < 0.01
+    assert abs(with_new_job.first_s / plan.first_s - 1) < 0.01
+
+
 def test_no_stored_sample_a_worker_could_write_breaks_the_plan(redis_url):
     """Garbage samples, clocks that stepped back, no time at all, unreadable job
     hashes in the slots: ignored, never a NaN, a zero or a negative wait, never

@@ -20,10 +20,12 @@ ROUNDS = 60
 TOLERANCE = 1e-5
 
 
-def fit_lognormal(intervals: list[tuple[float, float]], min_sigma: float) -> tuple[float, float]:
+def fit_lognormal(intervals: list[tuple[float, float]], min_sigma: float,
+                  prior_sigma: float = 0.0, prior_weight: float = 0.0) -> tuple[float, float]:
     """(mu, sigma) of log generation times, from (lo, hi] intervals in seconds
     (lo <= 0: finished at or before hi; hi infinite: still running at lo);
-    sigma is at least min_sigma."""
+    sigma is at least min_sigma, and pulled towards prior_sigma as if
+    prior_weight intervals had that spread."""
     # (0, inf) says nothing; every other interval narrows the fit.
     bounds = [(math.log(lo) if lo > 0 else -math.inf, math.log(max(hi, 1e-6)))
               for lo, hi in intervals if lo > 0 or math.isfinite(hi)]
@@ -33,7 +35,8 @@ def fit_lognormal(intervals: list[tuple[float, float]], min_sigma: float) -> tup
         moments = [truncated_moments(lo, hi, mu, sigma) for lo, hi in bounds]
         new_mu = statistics.fmean(m for m, _ in moments)
         second = statistics.fmean(s for _, s in moments)
-        new_sigma = max(math.sqrt(max(second - new_mu ** 2, 0.0)), min_sigma)
+        spread = len(bounds) * max(second - new_mu ** 2, 0.0) + prior_weight * prior_sigma ** 2
+        new_sigma = max(math.sqrt(spread / (len(bounds) + prior_weight)), min_sigma)
         converged = abs(new_mu - mu) < TOLERANCE and abs(new_sigma - sigma) < TOLERANCE
         mu, sigma = new_mu, new_sigma
         if converged:

@@ -187,10 +187,13 @@ def plan_from(samples: list[Sample], prior_s: float,
         # may be from the slower past.)
         longest = max(s.hi for s in recent)
         intervals += [(min(age, RUNNING_BEYOND * longest), math.inf) for age in running]
-    mu, sigma = fit_lognormal(intervals, MIN_SPREAD)
-    # A few samples say little about the spread: lean on a wide one until
-    # there are more.
-    sigma = math.sqrt((n * sigma ** 2 + PRIOR_WEIGHT * SPREAD_PRIOR ** 2) / (n + PRIOR_WEIGHT))
+    # A few samples say little about the spread: lean on a wide one, worth
+    # PRIOR_WEIGHT completions (jobs still running tell little of it), until
+    # there are more. Inside the fit, not after it: a batch's first
+    # completions alone ("8 of 50 done by 80 s") fit any spread, each with its
+    # own median, and which one the fit stopped at depended on its start.
+    mu, sigma = fit_lognormal(intervals, MIN_SPREAD, SPREAD_PRIOR,
+                              PRIOR_WEIGHT * len(intervals) / n)
     return aimed_plan(mu, sigma, Z_SECOND + SE_MARGIN / math.sqrt(n))
 
 
