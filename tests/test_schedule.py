@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from worker import keys
 from worker.durations import DurationModel
 from worker.errors import ConfigError
 from worker.schedule import backoff_delay
@@ -26,6 +27,16 @@ def test_duration_model_keeps_one_plan_per_model_and_resolution(redis_url):
     learned = model.plan("m", "480P")
     assert learned.second_s is not None and 38 <= learned.first_s <= learned.second_s <= 48
     assert model.plan("m", "720P").second_s is None
+
+
+def test_a_durations_key_of_the_wrong_type_gives_the_cold_start_not_an_error(redis_url):
+    """Another program (or a typo) left a string where the samples list goes:
+    every poll would raise WRONGTYPE and a paid job would end; the plan falls
+    back to the cold start instead."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.set(keys.durations("m", "720P"), "oops")
+    plan = DurationModel(client, 90).plan("m", "720P")
+    assert plan.second_s is None and plan.first_s == 5.0
 
 
 def test_settings_name_the_bad_variable():

@@ -211,6 +211,29 @@ def test_an_http_date_retry_after_is_read_against_the_servers_clock_in_gmt(form,
     assert caught.value.retry_after == pytest.approx(60, abs=1.5)
 
 
+# Retry-After unreadable: the default pause (None); Date unreadable: the
+# worker's clock, against which 2025 is past (no wait).
+@pytest.mark.parametrize("header, wait", [("Retry-After", None), ("Date", 0.0)])
+def test_a_retry_after_date_out_of_range_is_still_a_429(header, wait):
+    """A date whose fields no clock holds, in Retry-After or in Date: still a
+    429 (the default pause), never an error that would end a paid job's poll
+    or leave a POST's marker behind."""
+    _Answers429.headers_to_send = {
+        "Retry-After": "Mon, 01 Jan 2025 00:00:00 GMT",
+        "Date": "Sun, 31 Dec 2024 23:59:00 GMT",
+        header: "Mon, 01 Jan 2025 00:99999999999:00 GMT"}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers429)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = UpstreamClient(Settings(api_key="sk-x",
+                                         base_url=f"http://127.0.0.1:{server.server_port}"))
+        with pytest.raises(RateLimited) as caught:
+            client.fetch("gen-1")
+    finally:
+        server.shutdown()
+    assert caught.value.retry_after == wait
+
+
 def test_vidq_status_names_a_poll_pause_as_well_as_a_submit_pause(redis_url, tmp_path):
     """A 429 on a status GET pauses every worker's polls: the operator sees it."""
     path = tmp_path / "p.txt"

@@ -50,9 +50,16 @@ class DurationModel:
         cached = self._cache.get(key)
         if cached and time.monotonic() - cached[1] < CACHE_S:
             return cached[0]
-        samples = self._newest(key, WINDOW)
-        current, _ = fitted(samples)
-        running = self._running(model, resolution) if len(current) < WINDOW else []
+        try:
+            samples = self._newest(key, WINDOW)
+            current, _ = fitted(samples)
+            running = self._running(model, resolution) if len(current) < WINDOW else []
+        except redis.ResponseError as exc:
+            # A key of the wrong type (an operator's typo, another program):
+            # polls go on with the cold start rather than fail every time.
+            log.warning("%s %s: poll timing unreadable (%s); polling as at a cold start",
+                        model, resolution, exc)
+            samples, running = [], []
         plan = plan_from(samples, self.prior_s, running)
         self._cache[key] = (plan, time.monotonic())
         return plan

@@ -20,7 +20,6 @@ from .errors import (
     GenerationFailed,
     RateLimited,
     ResultRefused,
-    StorageError,
     SubmitOutcomeUnknown,
     UpstreamError,
 )
@@ -231,10 +230,9 @@ class Steps:
 
     def _keeps_trying(self, job: Job, error: Exception) -> bool:
         # A paid generation is polled, and its video stored, until the hard
-        # limit, however many tries an upstream or storage outage costs.
-        transient = isinstance(error, UpstreamError | StorageError)
-        return (is_paid(job) and transient
-                and job.now() - job.submitted_at < self.settings.hard_limit_s)
+        # limit, however many tries an outage, or a bug, costs: failing it
+        # sooner would free its slot while it may still be generating.
+        return is_paid(job) and job.now() - job.submitted_at < self.settings.hard_limit_s
 
     def fail(self, job: Job, reason: str) -> None:
         # Giving up (say the marker's answer was lost) while an earlier try's

@@ -35,8 +35,10 @@ def _http_date(raw: str) -> float | None:
     is GMT like the other two (never the worker's local time)."""
     try:
         when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        # OverflowError: a field out of range ("00:99999999999:00"). A 429
+        # must stay a 429 whatever its header says (the default pause).
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()

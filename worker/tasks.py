@@ -112,7 +112,8 @@ def _run(steps: Steps, step: str, job) -> None:
         steps.rejected(job, exc)
     except Exception as exc:
         # A bug or an odd record: counted like any failure, so the job ends
-        # (failed, with this reason) instead of being re-sent forever.
+        # (failed, with this reason) instead of being re-sent forever; a paid
+        # one at the hard limit, like any failure of a paid job.
         log.exception("job %s: %s raised unexpectedly", job.ref, step)
         steps.retry(job, RuntimeError(f"unexpected {type(exc).__name__}: {exc}"))
 
