@@ -19,6 +19,7 @@ import requests
 
 from sandbox.videos import render_clip
 from worker.admission import reconcile
+from worker.contract import shape_of
 from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired, UpstreamUnavailable
 from worker.keys import durations, job_ref
 from worker.settings import Settings
@@ -99,6 +100,20 @@ def test_past_the_deadline_a_job_is_overdue_keeps_its_slot_and_is_still_download
     assert _run(steps, "download", ref, token).state == "done"
     # Its age is vidq's waiting, not a generation time: nothing learned.
     assert steps.store.redis.llen(durations("alibaba/wan2.1-t2v-turbo", "720P")) == 0
+
+
+def test_an_overdue_job_is_polled_within_the_longest_countdown(steps_for, make_sandbox):
+    """VIDQ_POLL_MAX_INTERVAL_S bounds every poll countdown, an overdue job's
+    too (its own interval, 60 s by default, is longer here)."""
+    steps = steps_for(make_sandbox(time_scale=3), VIDQ_DEADLINE_S="0.3",
+                      VIDQ_POLL_MAX_INTERVAL_S="5")
+    countdowns = []
+    steps.dispatch = lambda step, ref, token, countdown: countdowns.append((step, token, countdown))
+    ref, token = _admit_one(steps)
+    _run(steps, "submit", ref, token)
+    time.sleep(0.4)
+    assert _run(steps, "poll", ref, countdowns[-1][1]).state == "overdue"
+    assert countdowns[-1][0] == "poll" and countdowns[-1][2] == 5
 
 
 def test_a_first_poll_held_back_far_past_its_aim_teaches_the_plan_nothing(steps_for,
@@ -312,6 +327,25 @@ def test_an_unexpected_exception_on_a_paid_job_is_tried_until_the_hard_limit(ste
     assert "hard limit" in record.last_error or "odd credits_used" in record.last_error
     assert record.generation_id
     assert record.number("failed_at") - record.submitted_at >= 3
+
+
+def test_a_first_poll_held_back_by_a_poll_pause_teaches_nothing(steps_for):
+    """A 429 on a status GET pauses every worker's polls, holding back a whole
+    wave of first polls: each then finds its video "done by then", which the
+    plan would read as its aims being far too late (eight in a row drop what
+    it learned). Such a completion is not recorded."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    _run(steps, "submit", ref, token)
+    steps.store.pause_polls(1.0)
+    step, _, token = steps.sent[-1]
+    assert step == "poll" and _run(steps, step, ref, token).polls == 0  # held back
+    time.sleep(1.5)  # the pause is over, the ~1 s generation done
+    step, _, token = steps.sent[-1]
+    record = _run(steps, step, ref, token)
+
+    assert record.polls == 1 and record.step == "download"
+    assert steps.store.redis.llen(durations(*shape_of(record.request))) == 0
 
 
 def test_leases_use_the_redis_clock_not_the_workers(steps_for, monkeypatch):

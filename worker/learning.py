@@ -24,9 +24,12 @@ LATE_FIRST_POLL = 1.5
 def tells_generation_time(job: Job, age_s: float, deadline_s: float) -> bool:
     """Whether the plan may learn from this completion. Not a recovered
     chain's, nor one past its deadline: their delays are vidq's. Nor one found
-    at a first poll held back far past its aim (a 429 pause, a worker
-    backlog): "done by then" would read as the plan being too late."""
+    at a first poll held back past its aim (a 429 pause; a worker backlog,
+    when far past): "done by then" would read as the plan being too late, and
+    a pause holds back a whole wave of first polls, enough to drop the plan."""
     if job.extra.get("recovered") or age_s >= deadline_s:
+        return False
+    if job.polls <= 1 and job.extra.get("held_back"):
         return False
     aim = job.number("first_aim")
     return job.polls > 1 or not aim or age_s <= LATE_FIRST_POLL * aim + 1.0

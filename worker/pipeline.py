@@ -121,7 +121,10 @@ class Steps:
         # than the longest countdown (kept under the broker's visibility
         # timeout) is waited out in several, each finding the pause still on.
         delay = min(pause_s + spread(pause_s), self.settings.poll_max_interval_s)
-        self._next(job, Step.POLL, delay, polls=job.polls)
+        # A first poll held back finds its video "done by then" late: no news
+        # of the generation time (learning.tells_generation_time).
+        held = {"held_back": "1"} if job.polls == 0 else {}
+        self._next(job, Step.POLL, delay, polls=job.polls, **held)
 
     def _rate_limited_submit(self, job: Job, error: RateLimited) -> None:
         """A 429 is about the account: every worker pauses submits, this job
@@ -152,7 +155,8 @@ class Steps:
                                   f"{age:.0f} s (hard limit); generation id kept")
         if age >= deadline_s(self.settings, job):
             # Paid for and maybe still coming: look slowly, keep the slot.
-            self._next(job, Step.POLL, self.settings.overdue_poll_interval_s,
+            slowly = min(self.settings.overdue_poll_interval_s, self.settings.poll_max_interval_s)
+            self._next(job, Step.POLL, slowly,
                        state=State.OVERDUE, polls=job.polls, attempts=0)
             return
         delay = poll_delay(self.settings, self.durations.plan(*shape_of(job.request)), job, age)
