@@ -26,14 +26,16 @@ def _vidq(pipeline, *args: str) -> subprocess.CompletedProcess:
 
 def _failed_with_ids(pipeline, batch: str, prompts: list[str], tmp_path) -> dict[str, str]:
     """A finished batch whose jobs are made failed with their generation ids
-    (as if their downloads had failed for good): {job id: generation id}."""
+    (as if polling them had failed for good, before their videos finished):
+    {job id: generation id}."""
     pipeline.enqueue(write_prompts(tmp_path / f"{batch}.txt", prompts), batch)
     assert pipeline.wait_finished(batch)["done"] == len(prompts)
     store, ids = pipeline.store, {}
     for job_id in store.job_ids(batch):
         job = store.get(keys.job_ref(batch, job_id))
         ids[job_id] = job.generation_id
-        store.transition(job, state=State.FAILED, expected_token="*", last_error="download: lost")
+        store.transition(job, state=State.FAILED, expected_token="*", last_error="poll: lost",
+                         completed_at="")
     for path in (Path(pipeline.settings.storage_url.removeprefix("file://")) / batch).iterdir():
         path.unlink()
     return ids
@@ -160,11 +162,11 @@ def test_resume_says_when_a_spend_cap_still_holds_the_batch(make_pipeline, tmp_p
     assert "2 jobs waiting; still paused: spend cap (`vidq limits cap0`)" in resumed.stdout
 
 
-def test_a_video_kept_for_one_generation_is_not_taken_for_the_next(make_pipeline, tmp_path):
-    """The video of generation 1 was stored but its sidecar never written (the
+def test_a_video_kept_whole_is_taken_by_the_retry_not_bought_again(make_pipeline, tmp_path):
+    """The video of a generation was stored but its sidecar never written (the
     job failed at the hard limit, the video's sha256 kept on the job); then
-    `vidq retry --resubmit` buys generation 2. Generation 2's video must be
-    downloaded, not generation 1's kept one taken for it."""
+    `vidq retry --resubmit`. The generation finished: nothing is bought again,
+    and the kept video is taken (not downloaded again), its sidecar written."""
     from producer.retrying import run_retry
 
     pipeline = make_pipeline(VIDQ_HARD_LIMIT_S="12", VIDQ_DEADLINE_S="10")
@@ -182,14 +184,13 @@ def test_a_video_kept_for_one_generation_is_not_taken_for_the_next(make_pipeline
     run_retry(pipeline.admission, dispatch, "k", resubmit=True, yes=True, echo=lambda _: None)
     assert pipeline.wait_finished("k", timeout_s=60)["done"] == 1
 
-    second = pipeline.store.get(keys.job_ref("k", "fox")).generation_id
-    downloads = {entry["id"]: entry["downloads"] for entry in pipeline.ledger()}
-    assert second != first.generation_id and downloads[second] == 1
+    assert pipeline.store.get(keys.job_ref("k", "fox")).generation_id == first.generation_id
+    [paid] = pipeline.ledger()
+    assert paid["id"] == first.generation_id and paid["downloads"] == 1
     card = json.loads((tmp_path / "videos" / "k" / "fox.json").read_text())
     stored = (tmp_path / "videos" / "k" / "fox.mp4").read_bytes()
-    assert card["generation_id"] == second
-    assert card["sha256"] == hashlib.sha256(stored).hexdigest() == next(
-        entry["sha256"] for entry in pipeline.ledger() if entry["id"] == second)
+    assert card["generation_id"] == first.generation_id
+    assert card["sha256"] == hashlib.sha256(stored).hexdigest() == paid["sha256"]
 
 
 def test_an_id_that_differs_only_in_case_from_one_in_the_batch_is_refused(

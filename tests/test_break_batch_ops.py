@@ -195,7 +195,8 @@ def test_retry_resubmit_run_twice_at_once_posts_one_new_generation_per_job(make_
     for job_id in store.job_ids("twice"):  # as if their generations had failed upstream
         job = store.get(keys.job_ref("twice", job_id))
         old[job.request["prompt"]] = job.generation_id
-        store.transition(job, state=State.FAILED, expected_token="*", last_error="poll: lost")
+        store.transition(job, state=State.FAILED, expected_token="*", last_error="poll: lost",
+                         completed_at="")
     stored = Path(pipeline.settings.storage_url.removeprefix("file://")) / "twice"
     for path in stored.iterdir():  # a failed job has no video in storage
         path.unlink()

@@ -112,6 +112,26 @@ def _admit(steps, count: int, running: int = 0) -> list[Job]:
     return jobs
 
 
+def test_a_job_refused_by_a_429_is_the_next_posted_ahead_of_other_batches(
+        steps_for):  # noqa: F811
+    """C = 1, batches A and B waiting in turn: A's job meets a 429 and goes
+    back to the front of the line, its batch ahead of B in the ring (it was
+    already there, behind B), so it is the next one POSTed."""
+    steps = steps_for()
+    steps.admission.set_cap(1)
+    for batch in ("A", "B"):
+        steps.admission.enqueue(batch, [(f"{batch.lower()}{i}", {"model": MODEL,
+                                                                 "prompt": f"{batch} {i}"})
+                                        for i in range(2)], time.time())
+    [(ref, token)] = steps.admission.pump()
+    assert ref == keys.job_ref("A", "a0")
+    refused = steps.claim(ref, token, "submit")
+    steps.store.back_in_line(refused, 0.0, rate_limited=True)
+
+    [(ref, _)] = steps.admission.pump()
+    assert ref == keys.job_ref("A", "a0")
+
+
 def test_a_burst_of_429s_on_posts_sent_together_halves_the_cap_once(steps_for):  # noqa: F811
     """Eight POSTs sent together all meet 429 with nothing running: that is one
     signal, not eight. Before, each put-back lowered the cap to the slots still

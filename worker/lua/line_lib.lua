@@ -17,14 +17,22 @@ local function poll_at_once(job_key, slots_key, due_key, ref)
   redis.call('ZADD', due_key, now, ref)
 end
 
--- Put `batch` in its priority's ring (at the front if `front`), unless it is
--- there already, paused, cancelled, held by a spend cap or has no one waiting.
+-- Put `batch` in its priority's ring (at the front if `front`, moved there if
+-- it is in the ring already), unless it is paused, cancelled, held by a spend
+-- cap or has no one waiting.
 local function wake(batch, front)
   local key = batch_key(batch)
   local f = redis.call('HMGET', key, 'in_ring', 'paused', 'cancelled', 'blocked', 'priority')
-  if f[1] == '1' or f[2] == '1' or f[3] == '1' or (f[4] and f[4] ~= '') then return false end
-  if redis.call('ZCARD', line_key(batch)) == 0 then return false end
-  redis.call(front and 'LPUSH' or 'RPUSH', NS.ring .. (f[5] or 'normal'), batch)
+  if f[2] == '1' or f[3] == '1' or (f[4] and f[4] ~= '') then return false end
+  local ring = NS.ring .. (f[5] or 'normal')
+  if f[1] == '1' then
+    if not front then return false end
+    -- A job refused by a 429 goes first: its batch too, ahead of the others.
+    redis.call('LREM', ring, 0, batch)
+  elseif redis.call('ZCARD', line_key(batch)) == 0 then
+    return false
+  end
+  redis.call(front and 'LPUSH' or 'RPUSH', ring, batch)
   redis.call('HSET', key, 'in_ring', '1')
   return true
 end
