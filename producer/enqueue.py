@@ -108,4 +108,4 @@ def _case_twins(client, batch: str, new_jobs: list) -> list[LineError]:
 
 def open_admission(settings) -> Admission:
     return Admission(JobStore(connect(settings.redis_url)), settings.step_grace_s,
-                     CreditEstimates.from_settings(settings))
+                     CreditEstimates.from_settings(settings), settings.deadline_s)

@@ -18,6 +18,7 @@ import redis
 import requests
 
 from sandbox.videos import render_clip
+from worker import keys
 from worker.admission import reconcile
 from worker.contract import shape_of
 from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired, UpstreamUnavailable
@@ -395,6 +396,36 @@ def test_an_outcome_unknown_job_keeps_its_slot_until_the_deadline_before_any_fit
     time.sleep(0.7)
     assert steps.admission.release_expired_holds() == 1
     assert steps.admission.in_flight() == 0
+
+
+def test_an_unknown_posts_hold_lasts_while_a_job_admitted_before_it_still_runs(steps_for):
+    """The fit that set an unknown POST's hold may be stale (generations just
+    got slower): while a job admitted before it still holds its slot, the
+    unknown POST, if it created anything, is likely generating too, and its
+    slot stays taken; once that job is done, or VIDQ_DEADLINE_S after its
+    admission, the hold ends."""
+    steps = steps_for(VIDQ_DEADLINE_S="3")
+    steps.admission.enqueue("b", [(f"j{i}", {"model": "alibaba/wan2.1-t2v-turbo",
+                                             "prompt": f"p {i}"}) for i in range(3)],
+                            time.time())
+    (old, _), (unknown, _), (done, _) = steps.admission.pump()
+    for ref in (unknown, done):  # their holds ran out; the first job still runs
+        steps.store.redis.zadd(keys.SLOT_HOLDS, {ref: time.time() - 1})
+    now = time.time()  # admitted in this order (one pump gives them one time)
+    steps.store.redis.zadd(keys.SLOTS, {done: now - 2.0, old: now - 1.5, unknown: now - 1.0})
+
+    assert steps.admission.release_expired_holds(recheck_s=0.2) == 1
+    assert set(steps.store.redis.zrange(keys.SLOTS, 0, -1)) == {old, unknown}
+    time.sleep(0.3)
+    assert steps.admission.release_expired_holds(recheck_s=0.2) == 0  # still running
+    steps.store.redis.zrem(keys.SLOTS, old)  # done
+    time.sleep(0.3)
+    assert steps.admission.release_expired_holds(recheck_s=0.2) == 1
+    assert steps.admission.in_flight() == 0
+
+    steps.store.redis.zadd(keys.SLOTS, {old: time.time() - 10, unknown: time.time() - 3.1})
+    steps.store.redis.zadd(keys.SLOT_HOLDS, {unknown: time.time() - 1})
+    assert steps.admission.release_expired_holds() == 1  # past VIDQ_DEADLINE_S: ends
 
 
 def test_one_unreadable_record_does_not_stop_the_reconcilers_pass(steps_for):

@@ -40,6 +40,8 @@ ENQUEUE_PIPELINE = 2000
 # The effective cap (lowered after 429s) grows by one after this many times
 # itself in clean completions, or after this long without a 429.
 CAP_PROBE_FACTOR, CAP_QUIET_S = 2, 30.0
+# A hold kept because an older job still runs is looked at again after this.
+HOLD_RECHECK_S = 5.0
 # Highest first: the pump serves a lower priority only when the higher are empty.
 PRIORITIES = ("high", "normal", "low")
 LINE_SCRIPTS = ("pump", "enqueue", "requeue", "settle", "batch_settings", "cancel")
@@ -49,10 +51,11 @@ class Admission:
     """The global slot pool and the batches' waiting lines."""
 
     def __init__(self, store: JobStore, step_grace_s: float,
-                 credits: CreditEstimates | None = None):
+                 credits: CreditEstimates | None = None, longest_hold_s: float = 1000.0):
         self.store = store
         self.redis: redis.Redis = store.redis
         self.step_grace_s = step_grace_s
+        self.longest_hold_s = longest_hold_s  # VIDQ_DEADLINE_S (lua/release_holds.lua)
         self.credits = credits or CreditEstimates()
         self._scripts = {name: load_script(self.redis, name, ("line_lib",))
                          for name in LINE_SCRIPTS}
@@ -215,8 +218,10 @@ class Admission:
             args=[batch, limit, op_id()])
         return int(taken), int(ended)
 
-    def release_expired_holds(self) -> int:
-        return int(self._scripts["release_holds"](keys=[keys.SLOT_HOLDS, keys.SLOTS]))
+    def release_expired_holds(self, recheck_s: float = HOLD_RECHECK_S) -> int:
+        """Free the slots of expired holds (see lua/release_holds.lua); returns how many."""
+        return int(self._scripts["release_holds"](keys=[keys.SLOT_HOLDS, keys.SLOTS],
+                                                  args=[self.longest_hold_s, recheck_s]))
 
     def in_flight(self) -> int:
         return int(self.redis.zcard(keys.SLOTS))
