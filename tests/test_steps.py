@@ -426,6 +426,24 @@ def test_an_unknown_posts_hold_lasts_while_a_job_admitted_before_it_still_runs(s
     steps.store.redis.zadd(keys.SLOTS, {old: time.time() - 10, unknown: time.time() - 3.1})
     steps.store.redis.zadd(keys.SLOT_HOLDS, {unknown: time.time() - 1})
     assert steps.admission.release_expired_holds() == 1  # past VIDQ_DEADLINE_S: ends
+    steps.store.redis.delete(keys.SLOTS)
+
+
+def test_a_job_admitted_with_an_unknown_post_keeps_its_hold_while_it_runs(steps_for):
+    """One pump call admits both jobs, so both slots have one score, here one
+    whose 14-digit rounding falls below it: the job still running counts as
+    no younger than the unknown POST, and its hold stays."""
+    steps = steps_for(VIDQ_DEADLINE_S="30")
+    steps.admission.enqueue("b", [(f"j{i}", {"model": "alibaba/wan2.1-t2v-turbo",
+                                             "prompt": f"p {i}"}) for i in range(2)],
+                            time.time())
+    (running, _), (unknown, _) = steps.admission.pump()
+    one_pump = int(time.time()) - 1 + 0.954546  # %.14g: ....9545, below it
+    steps.store.redis.zadd(keys.SLOTS, {running: one_pump, unknown: one_pump})
+    steps.store.redis.zadd(keys.SLOT_HOLDS, {unknown: time.time() - 1})
+
+    assert steps.admission.release_expired_holds() == 0
+    assert steps.admission.in_flight() == 2
 
 
 def test_one_unreadable_record_does_not_stop_the_reconcilers_pass(steps_for):

@@ -1,6 +1,6 @@
 -- Free the slots of outcome-unknown jobs whose expected generation time has
 -- passed (the upstream is done with them by now, or never started them),
--- unless a job that took its slot before them still holds it: the upstream
+-- unless a job that took its slot before them (or with them) still holds it: the upstream
 -- is then slower than the fit that set the hold (it just slowed down), and
 -- the unknown POST, if it created anything, is likely still generating. Such
 -- a hold is looked at again in ARGV[2] seconds, never past ARGV[1] seconds
@@ -10,8 +10,11 @@ local longest_s, recheck_s = tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
+-- `taken` as Redis wrote it: a Lua number would be formatted back with 14
+-- digits, and a job admitted by the same pump call (the same score) would
+-- then count or not by the rounding. Such a job counts: it is no younger.
 local function older_job_running(taken)
-  for _, other in ipairs(redis.call('ZRANGEBYSCORE', slots_key, '-inf', '(' .. taken)) do
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', slots_key, '-inf', taken)) do
     if not redis.call('ZSCORE', holds_key, other) then return true end
   end
   return false
@@ -19,8 +22,8 @@ end
 
 local released = 0
 for _, ref in ipairs(redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)) do
-  local taken = tonumber(redis.call('ZSCORE', slots_key, ref))
-  if taken and now - taken < longest_s and older_job_running(taken) then
+  local taken = redis.call('ZSCORE', slots_key, ref)
+  if taken and now - tonumber(taken) < longest_s and older_job_running(taken) then
     redis.call('ZADD', holds_key, now + recheck_s, ref)
   else
     redis.call('ZREM', holds_key, ref)
