@@ -139,21 +139,24 @@ def kept_video(storage: Storage, job: Job, key: str) -> tuple[int, str] | None:
 
 def stored_video(storage: Storage, job: Job) -> dict | None:
     """The sidecar of this job's video if both are in storage and the video's
-    sha256 matches the sidecar's; None otherwise. A video of another request
-    under this job's key (a batch name and id reused, after a purge or
-    retention, with another prompt or parameters) is paid for: it is moved to
-    `<batch>/replaced/`, never overwritten. Raises StorageError when storage
-    cannot tell."""
+    sha256 matches the sidecar's; None otherwise. A video under this job's key
+    that is not that (another request's: a batch name and id reused, after a
+    purge or retention; or one whose sidecar was never written) was paid for:
+    it is moved to `<batch>/replaced/`, never overwritten. Raises StorageError
+    when storage cannot tell."""
     card_key, key = sidecar_key(job.batch, job.id), video_key(job.batch, job.id)
     # A storage error is not "not stored": the caller must not POST on it
     # (a throttled or misconfigured bucket would buy every video again).
     if not storage.exists(card_key):
+        if storage.exists(key):
+            set_aside(storage, job, {})
         return None
     try:
         card = json.loads(storage.read_bytes(card_key))
     except ValueError:
-        return None
+        card = None
     if not isinstance(card, dict):
+        set_aside(storage, job, {})
         return None
     if not _same_request(card, job.request):
         set_aside(storage, job, card)
@@ -167,16 +170,20 @@ def stored_video(storage: Storage, job: Job) -> dict | None:
 
 def set_aside(storage: Storage, job: Job, card: dict) -> str:
     """Move the video and sidecar under `job`'s keys, those of the generation
-    `card` names, to `<batch>/replaced/<id>.<generation>`; returns that name.
+    `card` names (`{}`: none readable), to `<batch>/replaced/<id>.<generation,
+    else the video's sha256>`; returns that name.
     The video goes first: a try stopped between the two finds the sidecar
     still there, and moves it to the same name."""
-    made_by = str(card.get("generation_id") or card.get("sha256") or "unknown")
+    key = video_key(job.batch, job.id)
+    made_by = str(card.get("generation_id") or card.get("sha256") or "")
+    if not made_by:  # no sidecar to name it: its own bytes do
+        made_by = storage.sha256(key)[:16] if storage.exists(key) else "unknown"
     aside = f"{job.batch}/replaced/{job.id}.{_SAFE.sub('_', made_by)[:64]}"
-    moved = storage.move(video_key(job.batch, job.id), f"{aside}.mp4")
+    moved = storage.move(key, f"{aside}.mp4")
     storage.move(sidecar_key(job.batch, job.id), f"{aside}.json")
-    log.warning("job %s: storage held another request's video under its name; %s "
-                "to %s, not overwritten", job.ref, "moved" if moved else "its sidecar moved",
-                aside)
+    log.warning("job %s: storage held a video under its name that is not this request's "
+                "(or has no sidecar); %s to %s, not overwritten", job.ref,
+                "moved" if moved else "its sidecar moved", aside)
     return aside
 
 
