@@ -162,14 +162,18 @@ def batches(as_json):
               help="Only failed jobs whose reason contains TEXT (case-insensitive).")
 @click.option("--resubmit", is_flag=True,
               help="POST a new generation for every chosen job: a new charge. Old "
-                   "generation ids stay in the job's history.")
+                   "generation ids stay in the job's history. Not a job whose generation "
+                   "finished upstream (paid for): it is polled and downloaded again.")
+@click.option("--include-completed", is_flag=True,
+              help="With --resubmit: buy a new generation for those too, when their "
+                   "videos cannot be fetched (a link refused for good, a corrupt video).")
 @click.option("--resubmit-unknown", is_flag=True,
               help="POST again only jobs whose POST has an unknown outcome (they may have "
                    "been charged already); the others are polled again.")
 @click.option("--yes", is_flag=True,
               help="Confirm a new charge without asking (required when stdin is not a "
                    "terminal).")
-def retry(batch, ids, reason, resubmit, resubmit_unknown, yes):
+def retry(batch, ids, reason, resubmit, include_completed, resubmit_unknown, yes):
     """Put BATCH's failed jobs back in line. Without --resubmit a job that has a
     generation id is polled again (a late video is downloaded), never re-posted."""
     from worker.tasks import dispatch
@@ -180,7 +184,7 @@ def retry(batch, ids, reason, resubmit, resubmit_unknown, yes):
     admission = open_admission(Settings.from_env())
     chosen = [part for value in ids for part in re.split(r"[\s,]+", value) if part]
     run_retry(admission, dispatch, batch, ids=chosen, reason=reason, resubmit=resubmit,
-              resubmit_unknown=resubmit_unknown, yes=yes)
+              include_completed=include_completed, resubmit_unknown=resubmit_unknown, yes=yes)
 
 
 def _jobs(count: int) -> str:

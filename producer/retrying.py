@@ -26,8 +26,11 @@ def plural(count: int, word: str = "job") -> str:
 
 def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] = (),
               reason: str = "", resubmit: bool = False, resubmit_unknown: bool = False,
-              yes: bool = False, echo: Callable[[str], None] = click.echo) -> int:
+              include_completed: bool = False, yes: bool = False,
+              echo: Callable[[str], None] = click.echo) -> int:
     """Retry the chosen failures of `batch`; returns how many were requeued."""
+    if include_completed and not resubmit:
+        raise InputError("--include-completed goes with --resubmit")
     store = admission.store
     if store.batch_total(batch) == 0:
         raise InputError(f"no batch named {batch!r}")
@@ -45,15 +48,16 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     if not chosen:
         echo(f"batch {batch}: no failed jobs{_filters(ids, reason)}; nothing to retry")
         return 0
-    charged = _charged(chosen, resubmit, resubmit_unknown)
+    charged = _charged(chosen, resubmit, resubmit_unknown, include_completed)
     if charged:
         _confirm(batch, charged, yes)
     finished = sum(1 for failure in chosen if failure.completed)
-    if resubmit and finished:
+    if resubmit and finished and not include_completed:
         echo(f"{plural(finished)} not POSTed again: {'its' if finished == 1 else 'their'} "
-             "generation finished upstream (paid for); polled again and downloaded")
+             "generation finished upstream (paid for); polled again and downloaded "
+             "(--include-completed buys new ones if those videos cannot be fetched)")
     result = retry(admission, dispatch, batch, chosen, resubmit=resubmit,
-                   resubmit_unknown=resubmit_unknown)
+                   resubmit_unknown=resubmit_unknown, include_completed=include_completed)
     polled = result.requeued - result.resubmitted
     echo(f"batch {batch}: {plural(result.requeued, 'failed job')} requeued"
          + (f" ({result.resubmitted} to be POSTed again, {polled} polled again)"
@@ -78,9 +82,10 @@ def _check_ids(admission: Admission, batch: str, ids: Sequence[str]) -> None:
                          + ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
 
 
-def _charged(chosen: list[Failure], resubmit: bool, resubmit_unknown: bool) -> int:
-    if resubmit:  # a finished generation is downloaded, never paid again
-        return sum(1 for failure in chosen if not failure.completed)
+def _charged(chosen: list[Failure], resubmit: bool, resubmit_unknown: bool,
+             include_completed: bool = False) -> int:
+    if resubmit:  # a finished generation is downloaded, not paid again unless asked
+        return sum(1 for failure in chosen if include_completed or not failure.completed)
     return sum(1 for failure in chosen if failure.outcome_unknown) if resubmit_unknown else 0
 
 

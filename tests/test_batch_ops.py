@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
+import requests
 from conftest import wait_until, write_prompts
 
 from worker import keys
@@ -119,6 +120,40 @@ def test_resubmit_never_pays_again_for_a_generation_that_finished(make_pipeline,
     assert row["generation_ids"] == [paid["id"]]
     video = hashlib.sha256((videos / "night" / f"{row['custom_id']}.mp4").read_bytes()).hexdigest()
     assert video == row["sha256"] == paid["sha256"]
+
+
+def test_include_completed_buys_a_new_generation_when_the_finished_one_cannot_be_had(
+        make_pipeline, make_sandbox, tmp_path):
+    """The finished generation's link is refused for good (410 on every
+    download): a plain --resubmit only polls it again. --include-completed
+    (with --resubmit, confirmed as a charge) POSTs once more; the new video
+    lands and the old id stays in the job's history."""
+    pipeline = make_pipeline(VIDQ_DEADLINE_S=3, VIDQ_HARD_LIMIT_S=5)
+    pipeline.faults(download=[410] * 200)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", [LONELY]), "gone")
+    assert pipeline.wait_finished("gone")["failed"] == 1
+    [paid] = pipeline.ledger()
+
+    alone = vidq(pipeline, "retry", "gone", "--include-completed")
+    assert alone.returncode == 2 and "goes with --resubmit" in alone.stderr
+    unconfirmed = vidq(pipeline, "retry", "gone", "--resubmit", "--include-completed")
+    assert unconfirmed.returncode == 2 and "1 job of batch gone will be POSTed again" in (
+        unconfirmed.stderr)
+    [job_id] = pipeline.store.job_ids("gone")
+    link = pipeline.store.get(keys.job_ref("gone", job_id)).extra["video_url"]
+    while requests.get(link, timeout=10).status_code == 410:  # the CDN is fine again
+        pass
+    bought = vidq(pipeline, "retry", "gone", "--resubmit", "--include-completed", "--yes")
+    assert bought.returncode == 0, bought.stderr
+    assert "(1 to be POSTed again, 0 polled again)" in bought.stdout
+    assert pipeline.wait_finished("gone")["done"] == 1
+
+    [first, second] = pipeline.ledger()
+    assert first["id"] == paid["id"] and first["prompt"] == second["prompt"] == LONELY
+    [row] = report(pipeline, "gone")
+    assert row["generation_ids"] == [paid["id"], second["id"]] and row["sha256"] == (
+        second["sha256"])
 
 
 def test_retry_reads_only_the_failures_of_a_big_batch(make_pipeline):

@@ -161,13 +161,14 @@ class Admission:
         return bool(self._scripts["batch_settings"](keys=[keys.batch(batch)], args=args))
 
     def requeue_failed(self, batch: str, resubmit_unknown: bool = False,
-                       job_ids: list[str] | None = None,
-                       resubmit: bool = False) -> dict[str, int]:
+                       job_ids: list[str] | None = None, resubmit: bool = False,
+                       include_completed: bool = False) -> dict[str, int]:
         """Put a batch's failed jobs (or those of `job_ids`) back in their
         batch's line at their enqueue position, one atomic script each. A job
         with a generation id takes a slot and polls it again at once (a late
         video is downloaded, even in a cancelled batch), unless `resubmit`
-        (a new generation for every job); one whose POST has an unknown
+        (a new generation for every job whose generation did not finish, and
+        for those too if `include_completed`); one whose POST has an unknown
         outcome is re-POSTed only if asked."""
         answers: dict[str, int] = {}
         ids = self.store.job_ids(batch) if job_ids is None else job_ids
@@ -176,7 +177,7 @@ class Admission:
             calls = [([keys.job(keys.job_ref(batch, job_id)), keys.batch_counts(batch),
                        keys.batch_unknown(batch), keys.SLOT_HOLDS, keys.SLOTS, keys.DUE],
                       [keys.job_ref(batch, job_id), job_id, "1" if resubmit_unknown else "0", op,
-                       "1" if resubmit else "0"])
+                       "1" if resubmit else "0", "1" if include_completed else "0"])
                      for job_id in ids[start:start + ENQUEUE_PIPELINE]]
             for answer in self._run_all("requeue", calls):
                 answers[answer] = answers.get(answer, 0) + 1

@@ -97,10 +97,12 @@ def select(found: list[Failure], ids: Iterable[str] = (), reason: str = "") -> l
 
 
 def retry(admission: Admission, dispatch, batch: str, chosen: list[Failure], *,
-          resubmit: bool = False, resubmit_unknown: bool = False) -> RetryResult:
+          resubmit: bool = False, resubmit_unknown: bool = False,
+          include_completed: bool = False) -> RetryResult:
     """Put `chosen` back in line (see the module docstring), then fill free slots."""
     answers = requeue(admission, dispatch, batch, [f.job_id for f in chosen],
-                      resubmit_unknown=resubmit_unknown, resubmit=resubmit)
+                      resubmit_unknown=resubmit_unknown, resubmit=resubmit,
+                      include_completed=include_completed)
     resubmitted = answers.get("resubmitted", 0)
     return RetryResult(requeued=answers.get("requeued", 0) + resubmitted,
                        resubmitted=resubmitted, left_unknown=answers.get("needs_resubmit", 0),
@@ -108,11 +110,13 @@ def retry(admission: Admission, dispatch, batch: str, chosen: list[Failure], *,
 
 
 def requeue(admission: Admission, dispatch, batch: str, job_ids: list[str], *,
-            resubmit_unknown: bool = False, resubmit: bool = False) -> dict[str, int]:
+            resubmit_unknown: bool = False, resubmit: bool = False,
+            include_completed: bool = False) -> dict[str, int]:
     """Failed jobs back in their line, then free slots filled; the answers of
     `Admission.requeue_failed`."""
     answers = admission.requeue_failed(batch, resubmit_unknown=resubmit_unknown,
-                                       job_ids=job_ids, resubmit=resubmit)
+                                       job_ids=job_ids, resubmit=resubmit,
+                                       include_completed=include_completed)
     if answers.get("requeued") or answers.get("resubmitted"):
         # The batch is open again: a manifest written for it is out of date.
         admission.redis.hincrby(keys.batch(batch), "reopened", 1)

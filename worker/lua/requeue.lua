@@ -2,8 +2,9 @@
 -- atomically: it is in the line exactly when its state says queued. A job
 -- with a generation id is not put in line: it is polled again at once,
 -- unless `retire` (`vidq retry --resubmit`): then its id goes into its
--- history and it waits in line for a new POST. Never a generation that
--- completed upstream: its video is paid for, and is polled and downloaded. Checked and done in one call,
+-- history and it waits in line for a new POST. Not a generation that
+-- completed upstream (its video is paid for, and is polled and downloaded)
+-- unless ARGV[6] (`--include-completed`: its video cannot be fetched). Checked and done in one call,
 -- so a cancel between them cannot leave a failed job stripped of its id.
 -- Returns 'requeued', 'resubmitted' (to be POSTed again), 'not_failed',
 -- 'cancelled' (its batch was cancelled) or 'needs_resubmit' (its POST's
@@ -24,7 +25,8 @@ local batch = redis.call('HGET', job_key, 'batch')
 local cancelled = redis.call('HGET', batch_key(batch), 'cancelled') == '1'
 local generation_id = redis.call('HGET', job_key, 'generation_id') or ''
 local completed = (redis.call('HGET', job_key, 'completed_at') or '') ~= ''
-if retire and not (generation_id ~= '' and completed) then
+local keep_completed = ARGV[6] ~= '1'
+if retire and not (generation_id ~= '' and completed and keep_completed) then
   if cancelled then return 'cancelled' end
   if generation_id ~= '' then
     local history = cjson.decode(redis.call('HGET', job_key, 'past_generations') or '[]')
