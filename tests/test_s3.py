@@ -197,7 +197,8 @@ def test_small_objects_and_sha256_without_metadata(s3, bucket):
 
 def test_move_keeps_bytes_type_and_metadata_and_is_false_when_nothing_is_there(s3, bucket):
     """A replaced video is set aside by a move: copied whole (type, sha256
-    metadata), the old key gone; moving a key that is not there says so."""
+    metadata), the old key gone; moving a key that is not there, or onto one
+    that is, moves nothing."""
     storage = S3Storage(bucket, "night", part_bytes=5 * MiB)
     data = b"\0\0\0\x18ftypisom" + bytes(range(256)) * 40
     storage.put_bytes("b/j.mp4", data)
@@ -209,6 +210,10 @@ def test_move_keeps_bytes_type_and_metadata_and_is_false_when_nothing_is_there(s
     assert storage.read_bytes("b/replaced/j.g1.mp4") == data
     assert not storage.move("b/j.mp4", "b/replaced/j.g2.mp4")
     assert _keys(s3, bucket) == {"night/b/replaced/j.g1.mp4"}
+    storage.put_bytes("b/j.mp4", b"another")  # never onto a video set aside before
+    assert not storage.move("b/j.mp4", "b/replaced/j.g1.mp4")
+    assert storage.read_bytes("b/replaced/j.g1.mp4") == data
+    assert storage.read_bytes("b/j.mp4") == b"another"
 
 
 def test_an_unreachable_endpoint_is_a_storage_error_without_secrets(aws_env, monkeypatch):

@@ -373,6 +373,66 @@ def test_a_video_without_a_usable_sidecar_is_moved_aside_not_overwritten(
     assert sandbox.stats()["submissions"] == 1
 
 
+def test_setting_a_video_aside_never_replaces_one_and_only_its_owner_moves(steps_for,
+                                                                         tmp_path):
+    """Two copies of one submit (one re-sent while the other hashed a big
+    file): the stale one must not move what the job's new chain stored, and
+    a move never lands on a video set aside before."""
+    from worker.leases import TakenOver
+    from worker.video import set_aside
+
+    steps = steps_for()
+    ref, _ = _admit_one(steps)
+    job = steps.store.get(ref)
+    (tmp_path / "b" / "replaced").mkdir(parents=True)
+    (tmp_path / "b" / "replaced" / "j1.g0.mp4").write_bytes(b"V0, set aside before")
+    (tmp_path / "b" / "j1.mp4").write_bytes(b"V1, stored since")
+
+    with pytest.raises(TakenOver):
+        set_aside(steps.storage, job, {"generation_id": "g1"}, still_ours=lambda: False)
+    set_aside(steps.storage, job, {"generation_id": "g0"})
+
+    assert (tmp_path / "b" / "j1.mp4").read_bytes() == b"V1, stored since"
+    assert (tmp_path / "b" / "replaced" / "j1.g0.mp4").read_bytes() == b"V0, set aside before"
+    assert sorted(p.name for p in (tmp_path / "b" / "replaced").iterdir()) == ["j1.g0.mp4"]
+
+
+def test_a_worker_killed_after_publishing_a_video_leaves_it_kept(steps_for, make_sandbox,
+                                                                 tmp_path, monkeypatch):
+    """The worker dies between publishing the video and writing its sidecar;
+    then the result link is refused for good. The video stored whole was
+    recorded as it was published: the next try writes its sidecar and ends
+    the job done, without fetching it again (nor buying it again)."""
+    import worker.pipeline
+
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox)
+    ref, token = _admit_one(steps)
+    token = _until_completed(steps, ref, token)
+
+    def killed(*_args):
+        raise SystemExit("SIGKILL")
+
+    monkeypatch.setattr(worker.pipeline, "store_sidecar", killed)
+    with pytest.raises(SystemExit):
+        _run(steps, "download", ref, token)
+    monkeypatch.undo()
+    video = (tmp_path / "b" / "j1.mp4").read_bytes()
+    record = steps.store.get(ref)
+    assert record.extra["kept_sha256"] == hashlib.sha256(video).hexdigest()
+    requests.post(sandbox.url + "/__faults", json={"download": [410] * 5},
+                  timeout=10).raise_for_status()
+
+    steps.store.redis.zadd(keys.DUE, {ref: 0})  # the reconciler re-sends the step
+    reconcile(steps.admission, steps.dispatch, steps.settings.step_grace_s)
+    step, _, token = steps.sent[-1]
+    done = _run(steps, step, ref, token)
+
+    assert done.state == "done" and done.extra["sha256"] == hashlib.sha256(video).hexdigest()
+    assert (tmp_path / "b" / "j1.json").exists()
+    assert sandbox.stats()["downloads"] == 1 and sandbox.stats()["submissions"] == 1
+
+
 def test_leases_use_the_redis_clock_not_the_workers(steps_for, monkeypatch):
     """A worker whose clock runs an hour ahead still leases its step for `grace` seconds
     of Redis time, so no other worker takes it over early."""

@@ -134,7 +134,7 @@ class JobStore:
         self.redis = client
         self._scripts = {name: load_script(client, name) for name in (
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
-            "grow_cap", "clear_posting", "renew_lease")}
+            "grow_cap", "clear_posting", "renew_lease", "keep_video")}
         self._scripts["extend_pause"] = load_script(client, "extend_pause", ("pause_lib",))
         self._scripts["undo_unknown"] = load_script(client, "undo_unknown", ("line_lib",))
         self._scripts["back_in_line"] = load_script(client, "back_in_line",
@@ -158,6 +158,14 @@ class JobStore:
         if not flat:
             return None
         return Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def keep_video(self, job: Job, size: int, digest: str) -> None:
+        """Record that `job`'s generation's video, `size` bytes with this
+        sha256, is being published under its key (video.kept_video). Not
+        token-checked: it names its generation, so it is true for any chain
+        while that generation is the job's (lua/keep_video.lua)."""
+        self._scripts["keep_video"](keys=[keys.job(job.ref)],
+                                    args=[job.generation_id, digest, size])
 
     def renew_lease(self, job: Job, lease_s: float) -> bool:
         """Extend a running step's lease; False if its token moved on."""

@@ -190,7 +190,8 @@ class Steps:
                 return stream_video(
                     self.storage, key, unless_lost(self.client.chunks(
                         response, 1 << 20, self.settings.download_grace_s / 3), lost),
-                    file_length(response))
+                    file_length(response),
+                    lambda size, digest: self.store.keep_video(job, size, digest))
         except TakenOver:
             self._taken_over(job)
             return None
@@ -257,7 +258,15 @@ class Steps:
     def _already_stored(self, job: Job) -> bool:
         """A video and sidecar already in storage with a matching sha256 (Redis
         state lost, or a re-run): the job is done without a POST."""
-        found = stored_video(self.storage, job)
+        grace = self.settings.step_grace_s
+        try:
+            # Hashing a big stored video may outlast the step's lease.
+            with lease_renewed(self.store, job, grace):
+                found = stored_video(self.storage, job,
+                                     lambda: self.store.renew_lease(job, grace))
+        except TakenOver:
+            self._taken_over(job)
+            return True
         if found is None:
             return False
         log.info("job %s: video already in storage (sha256 %s); not submitted", job.ref,

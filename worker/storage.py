@@ -102,14 +102,16 @@ class FileStorage:
         return self.path(key).is_file()
 
     def move(self, key: str, new_key: str) -> bool:
-        """Rename `key` to `new_key` (replacing it); False if `key` is not there."""
+        """Rename `key` to `new_key`, never replacing it; False (nothing moved)
+        if `key` is not there or `new_key` is."""
         source, target = self.path(key), self.path(new_key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
+            os.link(source, target)  # fails if the target exists, unlike a rename
+            os.unlink(source)
             _fsync_dir(target.parent)
             _fsync_dir(source.parent)
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             return False
         except OSError as exc:
             raise StorageError(f"cannot move {source} to {target}: {exc.strerror}") from None

@@ -94,8 +94,8 @@ class S3Storage:
 
     def move(self, key: str, new_key: str) -> bool:
         """Copy `key` to `new_key` (type and metadata kept), then delete it;
-        False if `key` is not there."""
-        if not self.exists(key):
+        False (nothing moved) if `key` is not there or `new_key` is."""
+        if not self.exists(key) or self.exists(new_key):
             return False
         with _translated(f"cannot move {self.location(key)} to {self.location(new_key)}"):
             self.client.copy_object(Bucket=self.bucket, Key=self.object_key(new_key),

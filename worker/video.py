@@ -6,10 +6,11 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .errors import CorruptVideo, SidecarNotStored, StorageError
 from .jobs import Job
+from .leases import TakenOver
 from .rows import effective_parameters
 from .storage import Storage, sidecar_key, video_key
 
@@ -18,10 +19,13 @@ log = logging.getLogger(__name__)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")  # generation ids are opaque: keep them to a file name
 
 
-def stream_video(storage: Storage, key: str, chunks: Iterable[bytes],
-                 announced: str | None) -> tuple[int, str]:
+def stream_video(storage: Storage, key: str, chunks: Iterable[bytes], announced: str | None,
+                 before_publish: Callable[[int, str], None] | None = None) -> tuple[int, str]:
     """Write chunks under `key`, published only whole; returns (bytes, sha256).
-    `announced` is the Content-Length (None when the body is not sent as is)."""
+    `announced` is the Content-Length (None when the body is not sent as is).
+    `before_publish(bytes, sha256)` runs once the video is checked whole, just
+    before it is published: a worker that dies after publishing it leaves a
+    record of what is there."""
     digest, size, head, boxes = hashlib.sha256(), 0, b"", Mp4Boxes()
     with storage.writer(key) as out:
         for chunk in chunks:
@@ -36,6 +40,8 @@ def stream_video(storage: Storage, key: str, chunks: Iterable[bytes],
         if announced is not None and announced.isdigit() and size != int(announced):
             raise CorruptVideo(f"got {size} bytes, Content-Length said {announced}")
         boxes.check_whole(size)
+        if before_publish is not None:
+            before_publish(size, digest.hexdigest())
     return size, digest.hexdigest()
 
 
@@ -125,10 +131,10 @@ def store_sidecar(storage: Storage, job: Job, key: str, size: int, digest: str) 
 
 
 def kept_video(storage: Storage, job: Job, key: str) -> tuple[int, str] | None:
-    """(bytes, sha256) of the video an earlier attempt stored whole before its
-    sidecar failed (`SidecarNotStored`): not fetched again, since the result
-    may no longer be served. None when there is none, it changed, or it is
-    another generation's."""
+    """(bytes, sha256) of the video an earlier attempt stored whole (recorded
+    as it was published, or when its sidecar failed: `SidecarNotStored`): not
+    fetched again, since the result may no longer be served. None when there
+    is none, it changed, or it is another generation's."""
     kept = job.extra.get("kept_sha256")
     if job.extra.get("kept_generation") != job.generation_id:
         return None  # another generation's video (a --resubmit since)
@@ -137,29 +143,30 @@ def kept_video(storage: Storage, job: Job, key: str) -> tuple[int, str] | None:
     return None
 
 
-def stored_video(storage: Storage, job: Job) -> dict | None:
+def stored_video(storage: Storage, job: Job,
+                 still_ours: Callable[[], bool] = lambda: True) -> dict | None:
     """The sidecar of this job's video if both are in storage and the video's
     sha256 matches the sidecar's; None otherwise. A video under this job's key
     that is not that (another request's: a batch name and id reused, after a
     purge or retention; or one whose sidecar was never written) was paid for:
-    it is moved to `<batch>/replaced/`, never overwritten. Raises StorageError
-    when storage cannot tell."""
+    it is moved to `<batch>/replaced/`, never overwritten, while `still_ours()`
+    (the step's token) holds. Raises StorageError when storage cannot tell."""
     card_key, key = sidecar_key(job.batch, job.id), video_key(job.batch, job.id)
     # A storage error is not "not stored": the caller must not POST on it
     # (a throttled or misconfigured bucket would buy every video again).
     if not storage.exists(card_key):
         if storage.exists(key):
-            set_aside(storage, job, {})
+            set_aside(storage, job, {}, still_ours)
         return None
     try:
         card = json.loads(storage.read_bytes(card_key))
     except ValueError:
         card = None
     if not isinstance(card, dict):
-        set_aside(storage, job, {})
+        set_aside(storage, job, {}, still_ours)
         return None
     if not _same_request(card, job.request):
-        set_aside(storage, job, card)
+        set_aside(storage, job, card, still_ours)
         return None
     if not isinstance(card.get("sha256"), str) or not storage.exists(key):
         return None
@@ -168,7 +175,8 @@ def stored_video(storage: Storage, job: Job) -> dict | None:
     return card
 
 
-def set_aside(storage: Storage, job: Job, card: dict) -> str:
+def set_aside(storage: Storage, job: Job, card: dict,
+              still_ours: Callable[[], bool] = lambda: True) -> str:
     """Move the video and sidecar under `job`'s keys, those of the generation
     `card` names (`{}`: none readable), to `<batch>/replaced/<id>.<generation,
     else the video's sha256>`; returns that name.
@@ -179,7 +187,14 @@ def set_aside(storage: Storage, job: Job, card: dict) -> str:
     if not made_by:  # no sidecar to name it: its own bytes do
         made_by = storage.sha256(key)[:16] if storage.exists(key) else "unknown"
     aside = f"{job.batch}/replaced/{job.id}.{_SAFE.sub('_', made_by)[:64]}"
+    # Only the step that owns the job moves anything: a stale copy of it
+    # (re-sent while this one hashed a big file) would move the video the
+    # job's new chain just stored.
+    if not still_ours():
+        raise TakenOver(f"job {job.ref}: its submit was taken over")
     moved = storage.move(key, f"{aside}.mp4")
+    if not still_ours():
+        raise TakenOver(f"job {job.ref}: its submit was taken over")
     storage.move(sidecar_key(job.batch, job.id), f"{aside}.json")
     log.warning("job %s: storage held a video under its name that is not this request's "
                 "(or has no sidecar); %s to %s, not overwritten", job.ref,
