@@ -112,9 +112,6 @@ class CorruptVideo(StorageError):
 
 
 class SidecarNotStored(StorageError):
-    """Raised when a video is stored whole but its sidecar could not be written."""
-
-    def __init__(self, message: str, *, size: int, sha256: str, generation_id: str):
-        super().__init__(message)
-        self.carried = {"kept_sha256": sha256, "kept_bytes": size,  # for the next try
-                        "kept_generation": generation_id}
+    """Raised when a video is stored whole but its sidecar could not be written
+    (the video was recorded on its job as it was published: the next try
+    writes the sidecar, not the video again)."""

@@ -126,15 +126,15 @@ def store_sidecar(storage: Storage, job: Job, key: str, size: int, digest: str) 
     try:
         storage.put_bytes(sidecar_key(job.batch, job.id), json.dumps(card, indent=2).encode())
     except StorageError as exc:
-        raise SidecarNotStored(str(exc), size=size, sha256=digest,
-                               generation_id=job.generation_id) from None
+        raise SidecarNotStored(str(exc)) from None
 
 
 def kept_video(storage: Storage, job: Job, key: str) -> tuple[int, str] | None:
     """(bytes, sha256) of the video an earlier attempt stored whole (recorded
-    as it was published, or when its sidecar failed: `SidecarNotStored`): not
-    fetched again, since the result may no longer be served. None when there
-    is none, it changed, or it is another generation's."""
+    as it was published: `stream_video`'s `before_publish`), say before its
+    sidecar failed or its worker died: not fetched again, since the result may
+    no longer be served. None when there is none, it changed, or it is another
+    generation's."""
     kept = job.extra.get("kept_sha256")
     if job.extra.get("kept_generation") != job.generation_id:
         return None  # another generation's video (a --resubmit since)
@@ -187,15 +187,16 @@ def set_aside(storage: Storage, job: Job, card: dict,
     if not made_by:  # no sidecar to name it: its own bytes do
         made_by = storage.sha256(key)[:16] if storage.exists(key) else "unknown"
     aside = f"{job.batch}/replaced/{job.id}.{_SAFE.sub('_', made_by)[:64]}"
-    # Only the step that owns the job moves anything: a stale copy of it
-    # (re-sent while this one hashed a big file) would move the video the
-    # job's new chain just stored.
-    if not still_ours():
-        raise TakenOver(f"job {job.ref}: its submit was taken over")
-    moved = storage.move(key, f"{aside}.mp4")
-    if not still_ours():
-        raise TakenOver(f"job {job.ref}: its submit was taken over")
-    storage.move(sidecar_key(job.batch, job.id), f"{aside}.json")
+    def move(source: str, target: str) -> bool:
+        # Only the step that owns the job moves anything: a stale copy of it
+        # (re-sent while this one hashed a big file) would move the video the
+        # job's new chain just stored.
+        if not still_ours():
+            raise TakenOver(f"job {job.ref}: its submit was taken over")
+        return storage.move(source, target)
+
+    moved = move(key, f"{aside}.mp4")
+    move(sidecar_key(job.batch, job.id), f"{aside}.json")
     log.warning("job %s: storage held a video under its name that is not this request's "
                 "(or has no sidecar); %s to %s, not overwritten", job.ref,
                 "moved" if moved else "its sidecar moved", aside)
