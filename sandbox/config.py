@@ -21,6 +21,9 @@ class SandboxConfig:
     mean_generation_s: float = 90.0
     spread: float = 0.1  # standard deviation as a fraction of the mean
     reject_substring: str = "REJECT"  # prompts containing it end in status "error"; "" disables
+    # The status word a rejected generation ends in: "error" for this model;
+    # other models answer "failed", and an upstream may add words of its own.
+    failed_status: str = "error"
     url_ttl_s: float = 86400.0
     pad_video_to: int = 0  # bytes; > 0 pads served files with an MP4 `free` box
     cache_dir: str | os.PathLike | None = None  # None: $XDG_CACHE_HOME or ~/.cache, /vidq-sandbox

@@ -66,6 +66,7 @@ class Generation:
     submitted_at: float
     completes_at: float
     rejected: bool
+    failed_status: str = "error"
     polls: int = 0
     downloads: int = 0
     url_expires: int | None = None  # Expires of the current signed URL
@@ -74,7 +75,7 @@ class Generation:
 
     def status(self, now: float) -> str:
         if now >= self.completes_at:
-            return "error" if self.rejected else "completed"
+            return self.failed_status if self.rejected else "completed"
         queued_until = self.submitted_at + QUEUED_FRACTION * (self.completes_at - self.submitted_at)
         return "queued" if now < queued_until else "generating"
 
@@ -122,7 +123,8 @@ class SandboxState:
                 self._stats["rate_limited"] += 1
                 raise RateLimited(max(1, math.ceil(self._in_flight[0] - now)))
             gen = Generation(str(uuid.uuid4()), prompt, body, endpoint, width, height,
-                             now, now + self._duration_s(), bool(reject) and reject in prompt)
+                             now, now + self._duration_s(), bool(reject) and reject in prompt,
+                             self.config.failed_status)
             self._generations[gen.id] = gen
             heapq.heappush(self._in_flight, gen.completes_at)
             self._stats["submissions"] += 1
@@ -173,7 +175,7 @@ class SandboxState:
             response["video"] = {"url": f"{file_base_url}/files/{gen.id}.mp4"
                                         f"?Expires={expires}&Signature={sign(gen.id, expires)}"}
             response["meta"] = {"usage": {"credits_used": CREDITS_PER_VIDEO}}
-        elif status == "error":
+        elif gen.rejected and status == gen.failed_status:
             response["error"] = {
                 "name": "ContentPolicyViolation",
                 "message": "Prompt rejected by content policy: the prompt contains "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
 from conftest import write_prompts
 
 from worker.keys import job_ref
@@ -78,6 +79,26 @@ def test_generation_error_fails_job_with_upstream_message(make_pipeline, tmp_pat
     failed = [job for job in failed if job.state == "failed"][0]
     assert "Prompt rejected by content policy" in failed.last_error
     assert failed.generation_id  # kept: the generation was paid for
+
+
+@pytest.mark.parametrize("word", ["failed", "cancelled"])
+def test_a_generation_ended_in_another_failure_word_frees_its_slot(make_pipeline, make_sandbox,
+                                                                   tmp_path, word):
+    """Other models answer `failed`, and an upstream may name a generation it
+    gave up on in its own words: read as pending, it would hold its slot until
+    the hard limit (24 h). With C = 1 the next prompt runs only once it is freed."""
+    sandbox = make_sandbox(failed_status=word)
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=1)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["please REJECT me", "fine prompt"]), "w")
+
+    counts = pipeline.wait_finished("w", timeout_s=60)
+
+    assert (counts["done"], counts["failed"]) == (1, 1)
+    failed = [job for job in (pipeline.store.get(job_ref("w", i))
+                              for i in pipeline.store.job_ids("w")) if job.state == "failed"]
+    assert "Prompt rejected by content policy" in failed[0].last_error
+    assert sandbox.stats()["submissions"] == 2  # each prompt POSTed once
 
 
 def test_429_and_503_are_retried_to_success(make_pipeline, tmp_path):

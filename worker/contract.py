@@ -33,7 +33,12 @@ OPTIONAL_FIELDS: dict[str, type] = {
 
 PENDING_STATUSES = frozenset({"queued", "generating", "waiting", "active"})
 SUCCESS_STATUSES = frozenset({"completed", "succeeded"})
-FAILURE_STATUSES = frozenset({"error", "failed"})
+# "error" and "failed" are named by the contract; the others are words no
+# pending generation is ever called. Read as pending, an upstream's own word
+# for a generation it gave up on would hold a slot until the hard limit (24 h).
+# Success stays strict: an unknown word is never read as a video to fetch.
+FAILURE_STATUSES = frozenset({"error", "failed", "failure", "cancelled", "canceled", "aborted",
+                              "rejected", "expired", "timeout", "timed_out"})
 
 
 @dataclass(frozen=True)
