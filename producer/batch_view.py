@@ -71,6 +71,8 @@ def deployment(admission: Admission) -> dict:
             "max_in_flight": admission.cap(),
             "effective_max_in_flight": admission.effective_cap(),
             "submits_paused_s": round(submits_ms / 1000, 1) if submits_ms > 0 else 0,
+            # Set only when the upstream refused the account (401, 403), not on a 429.
+            "submits_paused_why": admission.redis.get(keys.PAUSE_SUBMIT_WHY) or "",
             "polls_paused_s": round(polls_ms / 1000, 1) if polls_ms > 0 else 0,
             "orphaned_generations": admission.redis.hlen(keys.ORPHANS),
             "settings_disagree": disagreements(live_values(admission.redis))}

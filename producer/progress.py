@@ -157,10 +157,14 @@ def warnings(status: dict) -> list[str]:
         found.append(f"{status['recent_failures']} failures in the last "
                      f"{SPIKE_WINDOW_S / 60:.0f} min"
                      + (f" (most: {top[0]['reason']})" if top else ""))
+    why = status["deployment"].get("submits_paused_why")
     for call in ("submits", "polls"):
-        if status["deployment"].get(f"{call}_paused_s"):
-            found.append(f"the upstream answered 429: {call} paused for "
-                         f"{status['deployment'][f'{call}_paused_s']:g} s")
+        paused = status["deployment"].get(f"{call}_paused_s")
+        if paused and call == "submits" and why:
+            found.append(f"the upstream refused the account ({why}): submits paused for "
+                         f"{paused:g} s, then tried again; check the API key and the credits")
+        elif paused:
+            found.append(f"the upstream answered 429: {call} paused for {paused:g} s")
     return found
 
 

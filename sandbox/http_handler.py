@@ -32,7 +32,7 @@ GENERATION_ENDPOINTS = {
 SUBMIT_STATUS = {"universal": 201, "legacy": 200}  # as the two real endpoints answer
 FILE_PATH = re.compile(r"^/files/([A-Za-z0-9-]+)\.mp4$")
 RANGE_HEADER = re.compile(r"^bytes=(\d*)-(\d*)$")
-FAULT_MESSAGES = {504: "Generation timeout"}
+FAULT_MESSAGES = {403: "Insufficient credits", 504: "Generation timeout"}
 
 
 class BadRequest(Exception):

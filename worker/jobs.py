@@ -228,7 +228,7 @@ class JobStore:
         recorded = self._scripts["record_generation"](
             keys=[keys.job(job.ref), keys.batch_counts(batch), keys.DUE, keys.SLOTS,
                   keys.SLOT_HOLDS, keys.batch_unknown(batch), keys.batch_jobs(batch),
-                  keys.batch(batch), keys.batch_failed(batch)],
+                  keys.batch(batch), keys.batch_failed(batch), keys.ACCOUNT_REFUSALS],
             args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX,
                   str(job.extra.get("posting_op", ""))])
         if recorded == "orphan":

@@ -48,6 +48,9 @@
     vidq:pause:submit           string with a TTL: the upstream said 429 to a POST;
                                 no admission, no POST until it expires
     vidq:pause:poll             string with a TTL: the same for status GETs
+    vidq:pause:submit:why       string with a TTL: the upstream refused the account (401,
+                                403): its answer, for `vidq status`, while that pause lasts
+    vidq:account:refusals       integer: 401/403 answers to POSTs in a row
     vidq:worker:<hostname>      string with a TTL: that worker is alive
     vidq:workers                zset: worker names (score: last heartbeat, Redis time), so
                                 live workers are found without scanning the keyspace
@@ -90,6 +93,11 @@ CONFIG = PREFIX + "config"
 RECONCILE_LOCK = PREFIX + "reconcile:lock"
 PAUSE_SUBMIT = PREFIX + "pause:submit"
 PAUSE_POLL = PREFIX + "pause:poll"
+# Why submits are paused, when the upstream refused the account (401, 403);
+# lives as long as that pause.
+PAUSE_SUBMIT_WHY = PREFIX + "pause:submit:why"
+# 401/403 answers to POSTs in a row, deployment-wide; a recorded POST resets it.
+ACCOUNT_REFUSALS = PREFIX + "account:refusals"
 WORKER_PREFIX = PREFIX + "worker:"
 WORKERS = PREFIX + "workers"
 WORKER_SETTINGS = PREFIX + "worker_settings"

@@ -36,7 +36,7 @@ from .learning import learn, tells_generation_time
 from .leases import TakenOver, lease_renewed, unless_lost
 from .metrics_record import completed, downloaded, failed, upstream_call
 from .posting import post_once
-from .rate_limits import pause_s, revive_refused, spread
+from .rate_limits import account_refused, pause_s, revive_refused, spread
 from .schedule import backoff_delay
 from .settings import Settings
 from .storage import Storage, video_key
@@ -197,11 +197,15 @@ class Steps:
             return None
 
     def rejected(self, job: Job, error: UpstreamError) -> None:
-        """An answer that retrying cannot change, as a rule. For a paid
+        """An answer that retrying cannot change, as a rule. A 401/403 to a
+        POST, in a row, refuses the account: submits pause (rate_limits). For a paid
         generation, a 4xx on its status GET or result (a key being rotated, a
         gateway's or CDN's hiccup) is asked again until the hard limit: only
         the generation's own failure, or a result vidq refuses, ends it. A
         result URL refused is asked for again through a poll (a fresh link)."""
+        if job.step == Step.SUBMIT and account_refused(self.store, job, error,
+                                                       self.settings.backoff_cap_s):
+            return None
         if not is_paid(job) or isinstance(error, GenerationFailed | ResultRefused):
             return self.fail(job, f"{job.step}: {error}")
         if job.step == Step.DOWNLOAD:

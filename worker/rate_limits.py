@@ -1,6 +1,11 @@
 """What the upstream saying "not now" does. A 429 is about the account, not
 the job: one pause per kind of call (submits, status GETs), kept in Redis for
 every worker, that only grows (worker/lua/back_in_line.lua, extend_pause.lua).
+So are a 401 (the key) and a 403 (the credits) to a POST, once
+`ACCOUNT_REFUSALS_TO_PAUSE` come in a row: one alone may be about its prompt
+and fails its job, but credits running out at 2 a.m. must not fail the rest
+of the night's prompts one by one. Submits then pause for `VIDQ_BACKOFF_CAP_S`
+and are tried again, with the refused job first, until a POST is accepted.
 A POST whose refusal came after its step gave up waiting is revived here.
 """
 from __future__ import annotations
@@ -9,8 +14,9 @@ import logging
 import random
 import time
 
+from . import keys
 from .admission import Admission, Dispatch, admit
-from .errors import RateLimited, RetryableUpstreamError, UpstreamError
+from .errors import RateLimited, RequestRejected, RetryableUpstreamError, UpstreamError
 from .jobs import Job, JobStore
 from .retry import requeue
 
@@ -23,6 +29,8 @@ DEFAULT_PAUSE_S, MAX_PAUSE_S = 10.0, 3600.0
 RESUME_SPREAD_S = 10.0
 # A late refusal may come before the step's failure lands: tried again after these.
 REVIVE_WAITS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+ACCOUNT_STATUSES = frozenset({401, 403})
+ACCOUNT_REFUSALS_TO_PAUSE = 3  # in a row, deployment-wide (a recorded POST resets it)
 
 
 def pause_s(error: RateLimited) -> float:
@@ -32,6 +40,24 @@ def pause_s(error: RateLimited) -> float:
 
 def spread(pause: float) -> float:
     return random.uniform(0, min(pause, RESUME_SPREAD_S))
+
+
+def account_refused(store: JobStore, job: Job, error: UpstreamError, pause: float) -> bool:
+    """Whether this refusal of `job`'s POST is about the account, and so
+    pauses submits for every worker and puts `job` back at the front of its
+    line, with no attempt spent; False: it fails as a rejected prompt."""
+    if not isinstance(error, RequestRejected) or error.status not in ACCOUNT_STATUSES:
+        return False
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.incr(keys.ACCOUNT_REFUSALS)
+    pipe.expire(keys.ACCOUNT_REFUSALS, 86400)
+    if int(pipe.execute()[0]) < ACCOUNT_REFUSALS_TO_PAUSE:
+        return False
+    store.redis.set(keys.PAUSE_SUBMIT_WHY, str(error), px=max(1, int(pause * 1000)))
+    store.back_in_line(job, pause, rate_limited=False)
+    log.error("the upstream refused the account (%s): submits paused %.0f s for every "
+              "worker, then tried again; check the API key and the credits", error, pause)
+    return True
 
 
 def revive_refused(store: JobStore, admission: Admission, dispatch: Dispatch, job: Job,

@@ -1,0 +1,59 @@
+"""401 (the key) and 403 (the credits) answered to POSTs, in a row: the
+account is refused, not the prompts. Real workers, Redis and the sandbox."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+from conftest import wait_until, write_prompts
+
+from worker import keys
+from worker.keys import job_ref
+
+
+def test_credits_running_out_pause_submits_instead_of_failing_the_night(
+        make_pipeline, make_sandbox, tmp_path):
+    """Five POSTs in a row answered 403: the first two fail their jobs (one
+    refusal alone may be about its prompt), the third pauses submits for every
+    worker, says why in `vidq status`, and is tried again after the pause
+    (VIDQ_BACKOFF_CAP_S), first in line, until the credits are back. Without
+    the pause, the five would fail five prompts, and at 2 a.m. the whole night's."""
+    sandbox = make_sandbox()
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=1, VIDQ_BACKOFF_CAP_S=3)
+    pipeline.faults(submit=[403] * 5)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"night {i}" for i in range(6)]), "n")
+
+    wait_until(lambda: pipeline.store.redis.exists(keys.PAUSE_SUBMIT_WHY), 60,
+               "submits paused for the account")
+    status = subprocess.run(["vidq", "status", "n"], env=pipeline.env, capture_output=True,
+                            text=True, timeout=60)
+    counts = pipeline.wait_finished("n", timeout_s=120)
+
+    assert "the upstream refused the account (HTTP 403: Insufficient credits)" in status.stdout
+    assert "check the API key and the credits" in status.stdout
+    assert (counts["done"], counts["failed"]) == (4, 2)
+    jobs = [pipeline.store.get(job_ref("n", i)) for i in pipeline.store.job_ids("n")]
+    reasons = [job.last_error for job in jobs if job.state == "failed"]
+    assert all("HTTP 403" in reason for reason in reasons), reasons
+    assert sandbox.stats()["submissions"] == 4  # a refused POST created nothing
+    # Accepted POSTs reset the count: one later refusal fails its own job only.
+    assert not pipeline.store.redis.exists(keys.ACCOUNT_REFUSALS)
+
+
+def test_one_refused_prompt_between_accepted_ones_fails_alone(make_pipeline, make_sandbox,
+                                                               tmp_path):
+    """A 403 that is not in a row pauses nothing: its job fails with the
+    upstream's words and the batch goes on at once."""
+    sandbox = make_sandbox()
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=1, VIDQ_BACKOFF_CAP_S=60)
+    pipeline.faults(submit=[403, 403])
+    pipeline.start_workers()
+    started = time.monotonic()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"day {i}" for i in range(3)]), "d")
+
+    counts = pipeline.wait_finished("d", timeout_s=60)
+
+    assert (counts["done"], counts["failed"]) == (1, 2)
+    assert time.monotonic() - started < 45  # no 60 s pause
+    assert not pipeline.store.redis.exists(keys.PAUSE_SUBMIT)
