@@ -10,6 +10,7 @@ MEAN_GENERATION_S = 90.0  # simulated seconds, as the sandbox default
 PRIOR_GENERATION_S = 90.0  # VIDQ_EXPECTED_GENERATION_S
 POLL_MIN_INTERVAL_S = 0.5  # VIDQ_POLL_MIN_INTERVAL_S
 POLL_MAX_INTERVAL_S = 600.0  # VIDQ_POLL_MAX_INTERVAL_S
+MAX_SUBMITS_PER_S = 2.0  # VIDQ_MAX_SUBMITS_PER_S (multiplied by S)
 SEED_POLL_S = 10.0  # the seed example polls every 10 simulated seconds
 SANDBOX_SEED = 1234
 MODEL = "alibaba/wan2.1-t2v-turbo"

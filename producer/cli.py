@@ -274,16 +274,20 @@ def metrics(host, port):
               help="Divide generation times by this.")
 @click.option("--max-concurrency", default=2, show_default=True,
               help="Generations in flight before 429.")
+@click.option("--max-submits-per-s", default=2, show_default=True,
+              help="POSTs in any one wall-clock second before 429 (0: no limit).")
 @click.option("--api-key", default="sandbox-key", show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Where rendered videos are cached (default ~/.cache/vidq-sandbox).")
-def sandbox_command(host, port, time_scale, max_concurrency, api_key, cache_dir):
+def sandbox_command(host, port, time_scale, max_concurrency, max_submits_per_s, api_key,
+                    cache_dir):
     """Run the local stand-in for the upstream API."""
     from sandbox import SandboxConfig
     from sandbox.server import serve_forever
 
     serve_forever(SandboxConfig(host=host, port=port, time_scale=time_scale,
-                                max_concurrency=max_concurrency, api_key=api_key,
+                                max_concurrency=max_concurrency,
+                                max_submits_per_s=max_submits_per_s, api_key=api_key,
                                 cache_dir=cache_dir))
 
 

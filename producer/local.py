@@ -8,6 +8,7 @@ whatever happens.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import subprocess
@@ -67,7 +68,8 @@ def sandbox_upstream(env: dict, console: Console):
     settings = Settings.from_env(env)
     config = SandboxConfig(port=0, api_key=secrets.token_urlsafe(16),
                            time_scale=SANDBOX_TIME_SCALE,
-                           max_concurrency=settings.max_in_flight)
+                           max_concurrency=settings.max_in_flight,
+                           max_submits_per_s=math.floor(settings.max_submits_per_s))
     with SandboxServer(config) as server:
         console.print(f"sandbox upstream at {server.url} (time scale {SANDBOX_TIME_SCALE:g})")
         yield {

@@ -18,6 +18,9 @@ class SandboxConfig:
     # and URL lifetimes are divided by it.
     time_scale: float = 1.0
     max_concurrency: int = 2  # in-flight generations before 429; <= 0 means unlimited
+    # POSTs in any one second of the wall clock (not scaled) before 429, as
+    # the provider documents 2; <= 0 means unlimited.
+    max_submits_per_s: int = 0
     mean_generation_s: float = 90.0
     spread: float = 0.1  # standard deviation as a fraction of the mean
     reject_substring: str = "REJECT"  # prompts containing it end in status "error"; "" disables

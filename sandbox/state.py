@@ -28,9 +28,9 @@ CREDITS_PER_VIDEO = 120000
 QUEUED_FRACTION = 0.1  # share of a generation's time spent "queued"
 FAULT_KINDS = ("submit", "poll", "download")
 STAT_NAMES = ("submissions", "rejected_submissions", "polls", "downloads",
-              "max_in_flight", "rate_limited")
+              "max_in_flight", "rate_limited", "too_fast")
 STATS_ORDER = ("submissions", "rejected_submissions", "polls", "downloads",
-               "max_in_flight", "in_flight", "duplicate_prompts", "rate_limited")
+               "max_in_flight", "in_flight", "duplicate_prompts", "rate_limited", "too_fast")
 
 
 def sign(gen_id: str, expires: int) -> str:
@@ -95,6 +95,7 @@ class SandboxState:
             self._rng = random.Random(self.config.seed)  # same durations after each reset
             self._generations: dict[str, Generation] = {}
             self._in_flight: list[float] = []  # min-heap of completion times
+            self._recent_posts: deque[float] = deque()  # times of the last second's POSTs
             self._prompt_counts: Counter[str] = Counter()
             self._stats = dict.fromkeys(STAT_NAMES, 0)
             self._faults: dict[str, deque[Fault]] = {kind: deque() for kind in FAULT_KINDS}
@@ -117,6 +118,7 @@ class SandboxState:
         reject = self.config.reject_substring
         with self._lock:
             self._prune_in_flight(now)
+            self._count_post(now)
             limit = self.config.max_concurrency
             if 0 < limit <= len(self._in_flight):
                 self._stats["rejected_submissions"] += 1
@@ -133,6 +135,20 @@ class SandboxState:
         if not gen.rejected:
             self.videos.prepare_async(width, height)
         return gen
+
+    def _count_post(self, now: float) -> None:
+        """Raise RateLimited past max_submits_per_s POSTs in the last second."""
+        per_second = self.config.max_submits_per_s
+        if per_second <= 0:
+            return
+        while self._recent_posts and self._recent_posts[0] <= now - 1.0:
+            self._recent_posts.popleft()
+        if len(self._recent_posts) >= per_second:
+            self._stats["rejected_submissions"] += 1
+            self._stats["rate_limited"] += 1
+            self._stats["too_fast"] += 1
+            raise RateLimited(1)
+        self._recent_posts.append(now)
 
     def count_rejected_submission(self, status: int) -> None:
         with self._lock:

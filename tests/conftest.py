@@ -34,6 +34,9 @@ FAST_WORKER_ENV = {
     "VIDQ_EXPECTED_GENERATION_S": "1.0",
     "VIDQ_POLL_MIN_INTERVAL_S": "0.1",
     "VIDQ_POLL_MAX_INTERVAL_S": "5",
+    # Paced like production (worker/pacing.py), only faster: C POSTs at once
+    # wait a few tens of ms for their turns.
+    "VIDQ_MAX_SUBMITS_PER_S": "20",
     "VIDQ_BACKOFF_BASE_S": "0.2",
     "VIDQ_BACKOFF_CAP_S": "2",
     "VIDQ_RECONCILE_INTERVAL_S": "1",

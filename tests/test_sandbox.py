@@ -133,6 +133,20 @@ def test_429_with_retry_after_at_max_concurrency(start_sandbox):
     assert (stats["in_flight"], stats["max_in_flight"], stats["submissions"]) == (2, 2, 2)
 
 
+def test_429_past_max_submits_in_one_second(start_sandbox):
+    """The provider documents 2 submissions per second: the third POST within
+    a second is refused, and creates nothing; a second later POSTs go through."""
+    srv = start_sandbox(max_concurrency=10, max_submits_per_s=2)
+    started = time.monotonic()
+    answers = [submit(srv, prompt=f"burst {n}").status_code for n in range(3)]
+    assert time.monotonic() - started < 0.9
+    assert answers == [201, 201, 429]
+    time.sleep(1.05)
+    assert submit(srv, prompt="later").status_code == 201
+    stats = srv.stats()
+    assert (stats["too_fast"], stats["rate_limited"], stats["submissions"]) == (1, 1, 3)
+
+
 def test_prompt_with_reject_substring_ends_in_error(start_sandbox):
     srv = start_sandbox(reject_substring="FORBIDDEN")
     gen_id = submit(srv, prompt="a FORBIDDEN scene").json()["id"]
@@ -205,7 +219,8 @@ def test_stats_count_polls_duplicates_and_reset(start_sandbox):
     assert requests.get(srv.url + "/nowhere").status_code == 404
     assert srv.stats() == requests.get(srv.url + "/__stats").json() == {
         "submissions": 6, "rejected_submissions": 0, "polls": 3, "downloads": 0,
-        "max_in_flight": 6, "in_flight": 6, "duplicate_prompts": 2, "rate_limited": 0}
+        "max_in_flight": 6, "in_flight": 6, "duplicate_prompts": 2, "rate_limited": 0,
+        "too_fast": 0}
     assert [e["polls"] for e in requests.get(srv.url + "/__ledger").json()] == [1, 1, 1, 0, 0, 0]
     requests.post(srv.url + "/__reset")
     assert set(srv.stats().values()) == {0} and requests.get(srv.url + "/__ledger").json() == []

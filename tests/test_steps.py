@@ -34,7 +34,9 @@ def steps_for(redis_url, make_sandbox, tmp_path):
         settings = Settings.from_env({
             "VIDQ_REDIS_URL": redis_url, "AIMLAPI_BASE_URL": sandbox.url,
             "AIMLAPI_KEY": sandbox.config.api_key, "VIDQ_STORAGE_URL": tmp_path.as_uri(),
-            "VIDQ_EXPECTED_GENERATION_S": "1", "VIDQ_POLL_MIN_INTERVAL_S": "0.1", **env})
+            "VIDQ_EXPECTED_GENERATION_S": "1", "VIDQ_POLL_MIN_INTERVAL_S": "0.1",
+            # Steps driven by hand have no countdowns to wait for a turn to POST.
+            "VIDQ_MAX_SUBMITS_PER_S": "0", **env})
         steps = build_steps(settings)
         steps.admission.set_cap(4)
         steps.sent = []

@@ -31,6 +31,9 @@ OPTIONAL_FIELDS: dict[str, type] = {
     "enhance_prompt": bool,
 }
 
+# HTTP statuses that refuse the account (the key, the credits), not one request.
+ACCOUNT_STATUSES = frozenset({401, 403})
+
 PENDING_STATUSES = frozenset({"queued", "generating", "waiting", "active"})
 SUCCESS_STATUSES = frozenset({"completed", "succeeded"})
 # "error" and "failed" are named by the contract; the others are words no

@@ -34,6 +34,7 @@ GONE_AFTER_S = 60.0
 # What must agree, by the variable that sets it.
 SHARED = {
     "VIDQ_MAX_IN_FLIGHT": lambda s: s.max_in_flight,
+    "VIDQ_MAX_SUBMITS_PER_S": lambda s: s.max_submits_per_s,
     "VIDQ_STORAGE_URL": lambda s: storage_base(s.storage_url),
     # Without a gateway's credentials or token: a rotation is no disagreement,
     # and this is shown in logs and `vidq status`.

@@ -51,6 +51,8 @@
     vidq:pause:submit:why       string with a TTL: the upstream refused the account (401,
                                 403): its answer, for `vidq status`, while that pause lasts
     vidq:account:refusals       integer: 401/403 answers to POSTs in a row
+    vidq:posts:turns            string with a TTL: the next free turn to POST (ms, Redis clock)
+    vidq:posts:sent             zset with a TTL: POSTs sent in the last window (worker/pacing.py)
     vidq:worker:<hostname>      string with a TTL: that worker is alive
     vidq:workers                zset: worker names (score: last heartbeat, Redis time), so
                                 live workers are found without scanning the keyspace
@@ -98,6 +100,8 @@ PAUSE_POLL = PREFIX + "pause:poll"
 PAUSE_SUBMIT_WHY = PREFIX + "pause:submit:why"
 # 401/403 answers to POSTs in a row, deployment-wide; a recorded POST resets it.
 ACCOUNT_REFUSALS = PREFIX + "account:refusals"
+POST_TURNS = PREFIX + "posts:turns"  # when the next POST may be booked (worker/pacing.py)
+POSTS_SENT = PREFIX + "posts:sent"  # POSTs sent in the last second or so
 WORKER_PREFIX = PREFIX + "worker:"
 WORKERS = PREFIX + "workers"
 WORKER_SETTINGS = PREFIX + "worker_settings"

@@ -35,6 +35,7 @@ from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .learning import learn, tells_generation_time
 from .leases import TakenOver, lease_renewed, unless_lost
 from .metrics_record import completed, downloaded, failed, upstream_call
+from .pacing import post_wait_s, post_window
 from .posting import post_once
 from .rate_limits import account_refused, pause_s, revive_refused, spread
 from .schedule import backoff_delay
@@ -86,6 +87,10 @@ class Steps:
             # it must end outcome unknown, never be POSTed again.)
             self.store.back_in_line(job, 0.0, rate_limited=False)
             return
+        if not marked and (wait := post_wait_s(self.store, job, self.settings.max_submits_per_s)):
+            # The upstream limits POSTs per second: this one's turn comes later.
+            self._next(job, Step.SUBMIT, wait)
+            return
         try:
             marker = self.store.mark_posting(job, self.durability,
                                              self.settings.marker_patience_s)
@@ -130,7 +135,8 @@ class Steps:
         """A 429 is about the account: every worker pauses submits, this job
         keeps its place at the front of the line, and no attempt is spent."""
         pause = pause_s(error)
-        effective = self.store.back_in_line(job, pause, rate_limited=True)
+        effective = self.store.back_in_line(job, pause, rate_limited=True,
+                                            post_window=post_window(self.settings.max_submits_per_s))
         log.warning("429 on submit: submits paused %.0f s for every worker; effective C %d",
                     pause, effective)
 
@@ -203,8 +209,8 @@ class Steps:
         gateway's or CDN's hiccup) is asked again until the hard limit: only
         the generation's own failure, or a result vidq refuses, ends it. A
         result URL refused is asked for again through a poll (a fresh link)."""
-        if job.step == Step.SUBMIT and account_refused(self.store, job, error,
-                                                       self.settings.backoff_cap_s):
+        if job.step == Step.SUBMIT and account_refused(
+                self.store, job, error, self.settings.backoff_cap_s, self.settings.max_attempts):
             return None
         if not is_paid(job) or isinstance(error, GenerationFailed | ResultRefused):
             return self.fail(job, f"{job.step}: {error}")

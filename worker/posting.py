@@ -22,6 +22,7 @@ import redis
 from celery.signals import worker_process_shutdown
 
 from . import keys
+from .contract import ACCOUNT_STATUSES
 from .errors import (
     RequestRejected,
     RetryableUpstreamError,
@@ -54,6 +55,23 @@ class NotSent(UpstreamUnavailable):
     revived (`refused_late`) or retried."""
 
 
+def answered(store: JobStore, submit: Callable[[dict], Generation], request: dict) -> Generation:
+    """`submit(request)`, counting 401/403 answers in a row for the account
+    (rate_limits.account_refused); any other HTTP answer ends the run (an
+    accepted POST ends it in lua/record_generation.lua)."""
+    try:
+        return submit(request)
+    except UpstreamError as exc:
+        if exc.status in ACCOUNT_STATUSES:
+            with contextlib.suppress(redis.RedisError):  # a count, never a reason to fail
+                store.redis.incr(keys.ACCOUNT_REFUSALS)
+                store.redis.expire(keys.ACCOUNT_REFUSALS, 86400)
+        elif exc.status is not None:
+            with contextlib.suppress(redis.RedisError):
+                store.redis.delete(keys.ACCOUNT_REFUSALS)
+        raise
+
+
 def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Settings,
               refused_late: Callable[[UpstreamError], None] | None = None
               ) -> Generation:
@@ -79,7 +97,7 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
                     if not still_ours():
                         raise NotSent("not sent: this worker stood still after its POST "
                                       "marker, and the job was (or may be) taken over")
-                    generation = client.submit(job.request)
+                    generation = answered(store, client.submit, job.request)
             except (RetryableUpstreamError, RequestRejected) as exc:
                 mine = store.clear_posting(job)  # this attempt surely created nothing
                 late = settle(error=exc)

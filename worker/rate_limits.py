@@ -5,7 +5,8 @@ So are a 401 (the key) and a 403 (the credits) to a POST, once
 `ACCOUNT_REFUSALS_TO_PAUSE` come in a row: one alone may be about its prompt
 and fails its job, but credits running out at 2 a.m. must not fail the rest
 of the night's prompts one by one. Submits then pause for `VIDQ_BACKOFF_CAP_S`
-and are tried again, with the refused job first, until a POST is accepted.
+and are tried again, with the refused job first, until a POST is accepted;
+each refusal spends one of the job's `VIDQ_MAX_ATTEMPTS`.
 A POST whose refusal came after its step gave up waiting is revived here.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 
 from . import keys
 from .admission import Admission, Dispatch, admit
+from .contract import ACCOUNT_STATUSES
 from .errors import RateLimited, RequestRejected, RetryableUpstreamError, UpstreamError
 from .jobs import Job, JobStore
 from .retry import requeue
@@ -29,8 +31,9 @@ DEFAULT_PAUSE_S, MAX_PAUSE_S = 10.0, 3600.0
 RESUME_SPREAD_S = 10.0
 # A late refusal may come before the step's failure lands: tried again after these.
 REVIVE_WAITS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
-ACCOUNT_STATUSES = frozenset({401, 403})
-ACCOUNT_REFUSALS_TO_PAUSE = 3  # in a row, deployment-wide (a recorded POST resets it)
+# 401/403 answers in a row, deployment-wide (any other answer to a POST ends
+# a run), before submits pause: one alone may be about its prompt.
+ACCOUNT_REFUSALS_TO_PAUSE = 3
 
 
 def pause_s(error: RateLimited) -> float:
@@ -42,18 +45,19 @@ def spread(pause: float) -> float:
     return random.uniform(0, min(pause, RESUME_SPREAD_S))
 
 
-def account_refused(store: JobStore, job: Job, error: UpstreamError, pause: float) -> bool:
-    """Whether this refusal of `job`'s POST is about the account, and so
-    pauses submits for every worker and puts `job` back at the front of its
-    line, with no attempt spent; False: it fails as a rejected prompt."""
+def account_refused(store: JobStore, job: Job, error: UpstreamError, pause: float,
+                    max_attempts: int) -> bool:
+    """Whether this refusal of `job`'s POST is about the account: submits then
+    pause for every worker and `job` goes back to the front of its line,
+    spending an attempt (so an upstream refusing some prompts with 401s
+    cannot stall a batch for ever); False: it fails as a rejected prompt."""
     if not isinstance(error, RequestRejected) or error.status not in ACCOUNT_STATUSES:
         return False
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.incr(keys.ACCOUNT_REFUSALS)
-    pipe.expire(keys.ACCOUNT_REFUSALS, 86400)
-    if int(pipe.execute()[0]) < ACCOUNT_REFUSALS_TO_PAUSE:
+    in_a_row = int(store.redis.get(keys.ACCOUNT_REFUSALS) or 0)
+    if in_a_row < ACCOUNT_REFUSALS_TO_PAUSE or job.attempts + 1 >= max_attempts:
         return False
     store.redis.set(keys.PAUSE_SUBMIT_WHY, str(error), px=max(1, int(pause * 1000)))
+    store.redis.hincrby(keys.job(job.ref), "attempts", 1)
     store.back_in_line(job, pause, rate_limited=False)
     log.error("the upstream refused the account (%s): submits paused %.0f s for every "
               "worker, then tried again; check the API key and the credits", error, pause)

@@ -37,6 +37,8 @@ class Settings:
     storage_url: str = ""
     endpoint: str = "universal"
     max_in_flight: int = 2
+    # POSTs per second the account allows (the provider documents 2); 0: no limit.
+    max_submits_per_s: float = 2.0
     # First poll of a generation before any has completed; later learned.
     expected_generation_s: float = 90.0
     # Low enough that a 5 s generation is still found within ~10% of its time;
@@ -100,6 +102,8 @@ class Settings:
             )
         if self.max_in_flight < 1:
             raise ConfigError("VIDQ_MAX_IN_FLIGHT must be at least 1")
+        if not 0 <= self.max_submits_per_s < math.inf:
+            raise ConfigError("VIDQ_MAX_SUBMITS_PER_S must be a number >= 0 (0: no limit)")
         if self.marker_patience_s <= 0:
             raise ConfigError(
                 "VIDQ_STEP_GRACE_S must exceed VIDQ_POST_DEADLINE_S + 5 s, or a slow "
@@ -171,6 +175,7 @@ ENV_NAMES = {
     "redis_sentinel_master": "VIDQ_REDIS_SENTINEL_MASTER",
     "endpoint": "VIDQ_ENDPOINT",
     "max_in_flight": "VIDQ_MAX_IN_FLIGHT",
+    "max_submits_per_s": "VIDQ_MAX_SUBMITS_PER_S",
     "expected_generation_s": "VIDQ_EXPECTED_GENERATION_S",
     "poll_min_interval_s": "VIDQ_POLL_MIN_INTERVAL_S",
     "poll_max_interval_s": "VIDQ_POLL_MAX_INTERVAL_S",

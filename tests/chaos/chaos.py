@@ -191,6 +191,7 @@ def run_chaos(parts: ChaosParts, *, jobs: int, seed: int, kill_every_s: float,
                       "VIDQ_MAX_IN_FLIGHT": str(max_in_flight),
                       # Production's durations on the sandbox's clock.
                       "VIDQ_EXPECTED_GENERATION_S": f"{90.0 / time_scale:.2f}",
+                      "VIDQ_MAX_SUBMITS_PER_S": f"{2.0 * time_scale:.2f}",
                       "VIDQ_DEADLINE_S": f"{1000.0 / time_scale:.2f}",
                       "VIDQ_OVERDUE_POLL_INTERVAL_S": f"{60.0 / time_scale:.2f}"}
         worker_env.update(env or {})

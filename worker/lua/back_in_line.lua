@@ -28,6 +28,8 @@ if (redis.call('HGET', job_key, 'generation_id') or '') ~= '' then
   poll_at_once(job_key, slots_key, due_key, ref)
 else
   redis.call('HSET', job_key, 'token', '', 'step', '', 'holder', '')
+  -- A turn to POST booked before the pause is long gone (worker/pacing.py).
+  redis.call('HDEL', job_key, 'send_at')
   -- Only a 429 proves the POST created nothing; a job bounced by a pause or a
   -- cancel keeps its marker (a recovered submit may have POSTed: never again).
   if rate_limited then redis.call('HDEL', job_key, 'posting_at') end
@@ -45,8 +47,17 @@ else
 end
 if not rate_limited then return effective end
 local REPEAT_S, SETTLE_S = 60, 5
-local now = tonumber(redis.call('TIME')[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1])
 redis.call('HSET', config_key, 'last_429_at', now)
+-- At the edge of the POST rate (worker/pacing.py: as many POSTs sent in its
+-- last window as it allows), a 429 may be about the rate, a POST having
+-- reached the upstream later than it was counted: no news of the cap.
+local per_window, window_ms = tonumber(ARGV[5]) or 0, tonumber(ARGV[6]) or 0
+local now_ms = now * 1000 + math.floor(tonumber(t[2]) / 1000)
+if per_window > 0 and redis.call('ZCOUNT', KEYS[7], now_ms - window_ms - 100, '+inf') >= per_window then
+  return effective
+end
 local running = 0
 for _, holder in ipairs(redis.call('ZRANGE', slots_key, 0, -1)) do
   local id, done = unpack(redis.call('HMGET', NS.job .. holder, 'generation_id', 'completed_at'))

@@ -1,0 +1,37 @@
+"""Submissions per second, the upstream's other limit, on real workers,
+Redis and the sandbox (which refuses POSTs past its per-second limit)."""
+from __future__ import annotations
+
+from conftest import write_prompts
+
+
+def _most_in_one_second(times: list[float]) -> int:
+    times = sorted(times)
+    return max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+
+
+def test_a_batch_start_is_paced_under_the_rate_and_never_lowers_c(make_pipeline, make_sandbox,
+                                                                  tmp_path):
+    """C = 8 slots open at once, the account takes 3 POSTs a second: the
+    POSTs go out one turn at a time, across two worker processes, they meet
+    no 429 (one at most, on a loaded machine, read as the rate's, not as a
+    lower concurrency limit), and all 8 slots fill."""
+    # 4.5 s generations: the 8 slots fill (in 8/3 s) before the first ends.
+    sandbox = make_sandbox(max_concurrency=8, max_submits_per_s=3, time_scale=20)
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=8, VIDQ_MAX_SUBMITS_PER_S=3)
+    pipeline.start_workers(count=2, concurrency=4)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"paced {i}" for i in range(16)]), "p")
+
+    counts = pipeline.wait_finished("p", timeout_s=120)
+
+    stats = sandbox.stats()
+    posted = [entry["submitted_at"] for entry in pipeline.ledger()]
+    print(f"\n16 POSTs over {max(posted) - min(posted):.1f} s, at most "
+          f"{_most_in_one_second(posted)} in one second; 429s: {stats['rate_limited']}")
+    assert counts["done"] == 16
+    # A POST counted on time may still reach the upstream late (a loaded
+    # machine): one 429 then, no more, and it must not lower C.
+    assert stats["too_fast"] <= 1 and stats["rate_limited"] == stats["too_fast"]
+    assert stats["submissions"] == 16 and _most_in_one_second(posted) <= 3
+    assert pipeline.admission.effective_cap() is None
+    assert stats["max_in_flight"] == 8  # the slots were used, not starved by the pacing

@@ -1,0 +1,38 @@
+"""Submissions per second: the upstream's other limit.
+
+The provider documents 2 submissions per second per account for this model,
+besides its 2 concurrent tasks; `VIDQ_MAX_SUBMITS_PER_S` says what the
+account allows (0: no limit). Without pacing, the C POSTs of a batch's start
+(or of a pause's end) go out at once: those past the rate meet 429s, and
+429s while fewer than C generations run would lower the effective cap
+(lua/back_in_line.lua). A paced POST waits for its turn as a countdown
+(workers never sleep), holding the slot it was admitted to
+(lua/pace_post.lua).
+"""
+from __future__ import annotations
+
+import math
+
+from . import keys
+from .jobs import Job, JobStore, load_script
+
+
+def post_window(per_second: float) -> tuple[int, float]:
+    """(POSTs, per window of ms): 2/s is 2 per 1,000 ms, 0.5/s 1 per 2,000 ms;
+    (0, 0) for no limit."""
+    if per_second <= 0:
+        return 0, 0.0
+    per_window = max(1, math.floor(per_second))
+    return per_window, 1000.0 * per_window / per_second
+
+
+def post_wait_s(store: JobStore, job: Job, per_second: float) -> float:
+    """0 if `job`'s POST may be sent now (it is counted as sent), else how
+    long to wait for its turn."""
+    per_window, window_ms = post_window(per_second)
+    if not per_window:
+        return 0.0
+    script = load_script(store.redis, "pace_post")
+    wait_ms = script(keys=[keys.job(job.ref), keys.POST_TURNS, keys.POSTS_SENT],
+                     args=[job.ref, per_window, window_ms])
+    return max(float(wait_ms), 0.0) / 1000
