@@ -75,7 +75,20 @@ def deployment(admission: Admission) -> dict:
             "submits_paused_why": admission.redis.get(keys.PAUSE_SUBMIT_WHY) or "",
             "polls_paused_s": round(polls_ms / 1000, 1) if polls_ms > 0 else 0,
             "orphaned_generations": admission.redis.hlen(keys.ORPHANS),
-            "settings_disagree": disagreements(live_values(admission.redis))}
+            "settings_disagree": disagreements(running_values(admission.redis))}
+
+
+def running_values(client) -> dict[str, dict]:
+    """The shared settings of the workers running now: a worker stopped
+    cleanly drops its heartbeat at once but keeps its record a minute (so C
+    cannot rise over an operator's cap meanwhile); its values are no
+    disagreement with the workers that replaced it."""
+    values = live_values(client)
+    pipe = client.pipeline(transaction=False)
+    for name in values:
+        pipe.exists(keys.worker_alive(name))
+    return {name: theirs for (name, theirs), alive in zip(values.items(), pipe.execute(),
+                                                          strict=True) if alive}
 
 
 def finish_rate(client, batch: str, now: float, created: float) -> dict:
@@ -131,7 +144,9 @@ def top_reasons(found: list[Failure], limit: int = TOP_REASONS) -> dict:
 
 
 def reason_group(reason: str) -> str:
-    folded = re.sub(r"\d+(\.\d+)?", "N", reason.strip() or "(no reason recorded)")
+    # Standalone numbers only: "wan2.1-t2v" is a name, not a count.
+    folded = re.sub(r"(?<![\w.])\d+(\.\d+)?(?![A-Za-z])", "N",
+                    reason.strip() or "(no reason recorded)")
     return folded if len(folded) <= 200 else folded[:199] + "…"
 
 

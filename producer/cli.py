@@ -11,13 +11,14 @@ from rich.console import Console
 
 from worker import keys
 from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, RESOLUTIONS
-from worker.errors import VidqError
+from worker.errors import ConfigError, VidqError
 from worker.settings import Settings
 from worker.webhook_signing import check_webhook_url
 
 from .params import Limit
 
-console = Console(stderr=False, highlight=False)
+# soft_wrap: a path or message piped to a log stays on one line, whole for grep.
+console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 
 def _fail(error: Exception) -> None:
@@ -242,6 +243,7 @@ def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variant
     """Run one batch end to end on this machine, then exit."""
     from worker.connection import connect
 
+    from .local import NO_API_KEY
     from .run import run_batch
 
     # Refuse bad settings, and a given Redis that is malformed or unreachable,
@@ -249,6 +251,14 @@ def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variant
     settings = Settings.from_env()
     if os.environ.get("VIDQ_REDIS_URL"):
         connect(settings.redis_url).ping()
+    if use_sandbox and os.environ.get("VIDQ_REDIS_URL"):
+        raise ConfigError(
+            "--sandbox starts a throwaway upstream and its own workers; with VIDQ_REDIS_URL "
+            "set they would join the deployment on that Redis (its workers would POST this "
+            "batch's prompts to the real upstream, and this run's workers its jobs to the "
+            "sandbox). Unset VIDQ_REDIS_URL: vidq run then keeps a private Redis in --state-dir")
+    if not use_sandbox and not settings.api_key:
+        raise ConfigError(NO_API_KEY)
     # The name becomes a path part and a key part: never a leading '.' or '-'.
     batch = batch or re.sub(r"[^A-Za-z0-9._-]", "-", file.stem).lstrip(".-")[:128] or "batch"
     sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console,

@@ -25,6 +25,8 @@ from worker.settings import Settings
 
 from .redis_server import PrivateRedis
 
+NO_API_KEY = ("no API key: set AIMLAPI_KEY to run against the real API, or add --sandbox "
+              "to try the pipeline without spending credits")
 # Ten example prompts at the default cap of 2 finish in about a minute.
 SANDBOX_TIME_SCALE = 9.0
 # A worker that keeps dying this soon after starting is misconfigured, not unlucky.
@@ -53,23 +55,24 @@ def local_system(options: RunOptions, console: Console):
             env["VIDQ_REDIS_URL"] = server.url
             console.print(f"private Redis at {server.url}, state in {server.state_dir}")
         if options.use_sandbox:
-            env.update(stack.enter_context(sandbox_upstream(env, console)))
+            env.update(stack.enter_context(sandbox_upstream(env, console, options.state_dir)))
         elif not (env.get("AIMLAPI_KEY") or env.get("AIML_API_KEY")):
-            raise ConfigError("no API key: set AIMLAPI_KEY to run against the real API, "
-                              "or add --sandbox to try the pipeline without spending credits")
+            raise ConfigError(NO_API_KEY)
         supervisor = stack.enter_context(worker_processes(options, env, console))
         yield env, supervisor
 
 
 @contextlib.contextmanager
-def sandbox_upstream(env: dict, console: Console):
+def sandbox_upstream(env: dict, console: Console, state_dir: Path):
     from sandbox import SandboxConfig, SandboxServer
 
     settings = Settings.from_env(env)
     config = SandboxConfig(port=0, api_key=secrets.token_urlsafe(16),
                            time_scale=SANDBOX_TIME_SCALE,
                            max_concurrency=settings.max_in_flight,
-                           max_submits_per_s=math.floor(settings.max_submits_per_s))
+                           max_submits_per_s=math.floor(settings.max_submits_per_s),
+                           # An interrupted run's generations still answer on resume.
+                           journal_path=state_dir / "sandbox-generations.jsonl")
     with SandboxServer(config) as server:
         console.print(f"sandbox upstream at {server.url} (time scale {SANDBOX_TIME_SCALE:g})")
         yield {

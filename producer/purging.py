@@ -49,7 +49,7 @@ def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bo
     else:
         _refuse_while_answers_may_come(client, settings, batch, force)
         if not mark.manifest_current:
-            _write_manifest(client, storage, settings, batch)
+            write_manifest(client, storage, settings, batch)
     now = manifest.read_marks(client, [batch])[batch]
     if mark.is_finished and not now.is_finished and not force:
         raise InputError(f"batch {batch!r} was reopened (a retry, a late generation id or new "
@@ -90,10 +90,11 @@ def _refuse_while_answers_may_come(client, settings: Settings, batch: str, force
             f"purge again in {window_s - ago_s:.0f} s, or add --force")
 
 
-def _write_manifest(client, storage, settings: Settings, batch: str) -> None:
+def write_manifest(client, storage, settings: Settings, batch: str) -> None:
     """Write the batch's manifest, or wait while another process (the
     reconciler, `vidq status`) writes it: purging under a writer would leave
-    it reading jobs already gone, and a manifest missing their rows."""
+    it reading jobs already gone, and a manifest missing their rows; `vidq
+    run` stopping its workers under one, a manifest cut short."""
     deadline = time.monotonic() + WRITER_WAIT_S
     while True:
         manifest.write_if_finished(client, storage, settings.storage_url, batch,

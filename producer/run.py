@@ -11,16 +11,21 @@ import sys
 import time
 from pathlib import Path
 
+import redis
 from rich.console import Console
 
+from worker import manifest
 from worker.contract import DEFAULT_MODEL
+from worker.errors import VidqError
 from worker.settings import Settings
+from worker.storage import open_storage
 
 from .batch_view import workers_alive
 from .enqueue import enqueue_file, open_admission
 from .local import RunOptions, local_system
 from .progress import batch_status, failures, watch
 from .prompts import load_prompts
+from .purging import write_manifest
 
 
 def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurrency: int,
@@ -87,7 +92,17 @@ def summarise(admission, batch: str, status: dict, settings: Settings,
     counts = status["counts"]
     console.print(f"[bold]{batch}[/]: {counts['done']} done, {counts['failed']} failed "
                   f"of {status['total']}")
-    console.print(f"videos in {settings.storage_url.removeprefix('file://')}/{batch}/")
+    if counts["done"]:
+        console.print(f"videos in {settings.storage_url.removeprefix('file://')}/{batch}/")
     for job_id, reason in failures(admission.store, batch):
         console.print(f"  failed {job_id}: {reason}")
+    # This run's Redis stops with it: the manifest is what stays to read.
+    storage = open_storage(settings.storage_url, settings.s3_part_bytes)
+    try:
+        write_manifest(admission.redis, storage, settings, batch)
+    except (VidqError, redis.RedisError, OSError) as exc:
+        console.print(f"[yellow]manifest not written: {exc}[/]")
+    else:
+        console.print(f"every job's row: {storage.location(manifest.manifest_key(batch))} "
+                      "(failed ones also in errors.jsonl beside it)")
     return 0 if counts["done"] == status["total"] else 1

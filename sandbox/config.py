@@ -32,6 +32,9 @@ class SandboxConfig:
     cache_dir: str | os.PathLike | None = None  # None: $XDG_CACHE_HOME or ~/.cache, /vidq-sandbox
     seed: int | None = None  # seeds generation durations, for reproducible benchmarks
     log_requests: bool = False  # one access-log line per request on stderr
+    # Where created generations are kept, so a restarted sandbox still knows
+    # them (sandbox/journal.py); None: in memory only.
+    journal_path: str | os.PathLike | None = None
 
     def __post_init__(self):
         if self.time_scale <= 0:

@@ -17,7 +17,9 @@ import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from sandbox import journal
 from sandbox.config import SandboxConfig
 from sandbox.validation import defaulted
 from sandbox.videos import VideoCache, VideoFile, frame_size
@@ -89,6 +91,19 @@ class SandboxState:
         self.videos = videos
         self._lock = threading.Lock()
         self.reset()
+        self._journal = Path(config.journal_path) if config.journal_path else None
+        if self._journal:
+            self._restore(journal.load(self._journal))
+
+    def _restore(self, records: list[dict]) -> None:
+        now = time.time()
+        with self._lock:
+            for record in records:
+                gen = Generation(**record)
+                self._generations[gen.id] = gen
+                self._prompt_counts[gen.prompt] += 1
+                if gen.completes_at > now:
+                    heapq.heappush(self._in_flight, gen.completes_at)
 
     def reset(self) -> None:
         with self._lock:
@@ -132,6 +147,8 @@ class SandboxState:
             self._stats["submissions"] += 1
             self._stats["max_in_flight"] = max(self._stats["max_in_flight"], len(self._in_flight))
             self._prompt_counts[prompt] += 1
+            if self._journal:
+                journal.append(self._journal, gen)
         if not gen.rejected:
             self.videos.prepare_async(width, height)
         return gen

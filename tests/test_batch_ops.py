@@ -514,3 +514,28 @@ def test_workers_storing_in_two_roots_are_named_and_the_report_finds_every_video
     for row in rows:
         assert Path(urlparse(row["storage_url"]).path).is_file(), row["storage_url"]
     assert "disagree on VIDQ_STORAGE_URL" in vidq(a, "status", "roots").stdout
+
+
+def test_a_worker_stopped_cleanly_is_no_disagreement_with_its_successor(make_pipeline,
+                                                                        make_sandbox, tmp_path):
+    """Back-to-back `vidq run --sandbox` runs: the first run's workers stop (warm
+    shutdown), the next run's point at a new sandbox port. `vidq status` said
+    the live workers disagreed on AIMLAPI_BASE_URL for a minute, a false alarm
+    that hides a real one; a worker still running with another value is
+    still named."""
+    first = make_pipeline(make_sandbox())
+    first.start_workers(concurrency=1)
+    first.enqueue(write_prompts(tmp_path / "p.txt", ["before"]), "b1")
+    first.wait_finished("b1")
+    first.stop_workers()
+    second = make_pipeline(make_sandbox())
+    second.start_workers(concurrency=1)
+    second.enqueue(write_prompts(tmp_path / "q.txt", ["after"]), "b2")
+    second.wait_finished("b2")
+
+    assert "disagree" not in vidq(second, "status", "b2").stdout
+    first.start_workers(concurrency=1)  # running again, with its own sandbox's URL
+    wait_for_beats = time.monotonic() + 30
+    while "disagree on AIMLAPI_BASE_URL" not in (out := vidq(second, "status", "b2").stdout):
+        assert time.monotonic() < wait_for_beats, out
+        time.sleep(0.5)

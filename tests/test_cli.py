@@ -101,3 +101,15 @@ def test_worker_without_key_refuses_to_start(redis_url, tmp_path):
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "set AIMLAPI_KEY" in result.stdout + result.stderr
+
+
+def test_failure_reasons_fold_counts_not_names():
+    """`vidq status` groups reasons that differ only in their numbers, but the
+    model's name is not a number: it read 'alibaba/wanN-tNv-turbo'."""
+    from producer.batch_view import reason_group
+
+    rejected = "submit: HTTP 400: model: 'x' is not one of ['alibaba/wan2.1-t2v-turbo']"
+    assert reason_group(rejected) == ("submit: HTTP N: model: 'x' is not one of "
+                                      "['alibaba/wan2.1-t2v-turbo']")
+    assert (reason_group("timeout: still 'generating' after 86412 s (hard limit)")
+            == reason_group("timeout: still 'generating' after 86417.5 s (hard limit)"))

@@ -117,18 +117,19 @@ def test_help_works_with_bad_settings():
         assert "Usage:" in result.stdout and result.stderr == "", (args, result.stderr)
 
 
-def test_run_derives_a_safe_batch_name_from_the_file_name(redis_url, tmp_path):
+def test_run_derives_a_safe_batch_name_from_the_file_name(redis_url, make_sandbox, tmp_path):
     """`vidq run .x.txt` and `vidq run -- -y.txt` name their batches 'x' and 'y';
     `-.txt` falls back to 'batch'. Each run is interrupted once its batch exists."""
     files = {".x.txt": "x", "-y.txt": "y", "-.txt": "batch"}
+    sandbox = make_sandbox()
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     runs = []
     for index, (name, _) in enumerate(files.items()):
         write_prompts(tmp_path / name, [f"a lantern on a pier number {index}"])
         runs.append(subprocess.Popen(
-            VIDQ + ["run", "--sandbox", "--state-dir", str(tmp_path / f"state{index}"),
-                    "--", name],
-            env={**base_env(), "VIDQ_REDIS_URL": redis_url}, cwd=tmp_path, text=True,
+            VIDQ + ["run", "--state-dir", str(tmp_path / f"state{index}"), "--", name],
+            env={**base_env(), "VIDQ_REDIS_URL": redis_url, "AIMLAPI_BASE_URL": sandbox.url,
+                 "AIMLAPI_KEY": sandbox.config.api_key}, cwd=tmp_path, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
         deadline = time.monotonic() + 45

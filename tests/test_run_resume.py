@@ -12,8 +12,11 @@ import time
 from collections import Counter
 
 import av
+import redis
 import requests
 from conftest import FAST_WORKER_ENV, write_prompts
+
+from worker import keys
 
 
 def _env(sandbox, tmp_path) -> dict:
@@ -149,3 +152,63 @@ def test_a_stored_video_is_taken_only_for_the_request_that_made_it(make_sandbox,
         assert hashlib.sha256(kept.read_bytes()).hexdigest() == old_card["sha256"] == paid["sha256"]
         with av.open(str(kept)) as video:
             assert video.streams.video[0].height == 720
+
+
+def _journal(tmp_path) -> Counter:
+    path = tmp_path / "state" / "sandbox-generations.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return Counter(json.loads(line)["prompt"] for line in lines)
+
+
+def test_an_interrupted_sandbox_run_resumes_its_generations(tmp_path):
+    """`vidq run --sandbox` starts a new sandbox on each run: the generations the
+    first run created must still answer the second run's polls (they 404ed,
+    and held every slot until the 24 h hard limit). One generation per prompt
+    over both runs, every video stored, the manifest written and named."""
+    env = _sandbox_env(tmp_path)
+    prompts = [f"resumed {i}" for i in range(4)]
+    path = write_prompts(tmp_path / "night.txt", prompts)
+    process = subprocess.Popen(["vidq", "run", str(path), "--sandbox", "--state-dir",
+                                str(tmp_path / "state")], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(_journal(tmp_path).values()) < 2:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130 and "in flight upstream" in output, output
+
+    rerun = _run(path, tmp_path, env, "--sandbox")
+
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert _journal(tmp_path) == Counter({p: 1 for p in prompts})
+    assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 4
+    manifest = tmp_path / "videos" / "night" / "manifest.jsonl"
+    assert f"every job's row: {manifest}" in rerun.stdout
+    assert len(manifest.read_text().splitlines()) == 4
+
+
+def _sandbox_env(tmp_path) -> dict:
+    env = dict(os.environ)
+    for name in ("VIDQ_REDIS_URL", "AIML_API_KEY", "AIMLAPI_KEY", "AIMLAPI_BASE_URL",
+                 "VIDQ_ENDPOINT"):
+        env.pop(name, None)
+    env.update(FAST_WORKER_ENV)
+    env.update({"VIDQ_STORAGE_URL": (tmp_path / "videos").as_uri(), "VIDQ_MAX_IN_FLIGHT": "2"})
+    return env
+
+
+def test_a_sandbox_run_refuses_to_join_a_deployments_redis(tmp_path, redis_url):
+    """With VIDQ_REDIS_URL set, `--sandbox`'s workers and throwaway upstream
+    would join that deployment: its workers would POST the trial's prompts to
+    the real API, and the trial's workers its jobs to the sandbox. Refused
+    before anything starts; so is a run with no API key."""
+    path = write_prompts(tmp_path / "night.txt", ["a trial"])
+    env = {**_sandbox_env(tmp_path), "VIDQ_REDIS_URL": redis_url}
+    joined = _run(path, tmp_path, env, "--sandbox")
+    keyless = _run(path, tmp_path, _sandbox_env(tmp_path))
+
+    assert joined.returncode == 2 and "Unset VIDQ_REDIS_URL" in joined.stderr, joined.stderr
+    assert keyless.returncode == 2 and "no API key" in keyless.stderr, keyless.stderr
+    assert not (tmp_path / "state").exists()  # no private Redis, sandbox or worker started
+    assert not redis.Redis.from_url(redis_url).exists(keys.batch("night"))
