@@ -116,10 +116,7 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
                           allow_variants=allow_variants,
                           check_plan=plan_check(admission.redis, Settings.from_env(),
                                                 deadline, force, click.echo))
-    click.echo(f"batch {result.batch}: {result.jobs_in_file} jobs "
-               f"({result.created} new, {result.already_there} already enqueued"
-               + (f", {result.variants} of the new ones variants of existing prompts"
-                  if result.variants else "") + ")")
+    click.echo(result.summary())
 
 
 @main.command(cls=VidqCommand)

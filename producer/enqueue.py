@@ -35,6 +35,16 @@ class EnqueueResult:
     merged_duplicates: int
     variants: int = 0  # new jobs differing from the batch's only by parameters
 
+    def summary(self) -> str:
+        """One line for the user: how many jobs, and where a count may surprise."""
+        jobs = f"{self.jobs_in_file} job" + ("" if self.jobs_in_file == 1 else "s")
+        parts = [f"{self.created} new", f"{self.already_there} already enqueued"]
+        if self.merged_duplicates:
+            parts.append(f"{self.merged_duplicates} duplicate line(s) merged into one job each")
+        if self.variants:
+            parts.append(f"{self.variants} of the new ones variants of existing prompts")
+        return f"batch {self.batch}: {jobs} ({', '.join(parts)})"
+
 
 def check_batch_name(batch: str) -> str:
     """Return `batch` if it is safe as a path part and Redis key part, else raise InputError."""

@@ -48,8 +48,7 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
             admission = open_admission(settings)
             result = enqueue_file(admission, file, batch, defaults, dispatch,
                                   allow_variants=allow_variants)
-            console.print(f"batch {batch}: {result.jobs_in_file} jobs "
-                          f"({result.created} new, {result.already_there} already enqueued)")
+            console.print(result.summary())
             # Workers take a few seconds to start; "no worker is alive" is for
             # a night where they are really gone, not for these.
             _until_a_worker_beats(admission, supervisor.keep_alive)

@@ -69,6 +69,22 @@ def test_enqueue_twice_creates_no_new_jobs_and_status_json(redis_url, tmp_path):
     assert sum(report["counts"].values()) == 3
 
 
+def test_enqueue_says_when_duplicate_lines_became_one_job(redis_url, tmp_path):
+    """Three lines, two of them the same prompt: two jobs, and the line that
+    seems lost is accounted for; one job is 'job', not 'jobs'."""
+    twice = tmp_path / "twice.txt"
+    twice.write_text("a harbour at dawn\na lighthouse\na harbour at dawn\n")
+    once = tmp_path / "once.txt"
+    once.write_text("a single shot\n")
+
+    merged = vidq("enqueue", str(twice), "--batch", "dup-1", redis_url=redis_url)
+    single = vidq("enqueue", str(once), "--batch", "one-1", redis_url=redis_url)
+
+    assert ("\nbatch dup-1: 2 jobs (2 new, 0 already enqueued, 1 duplicate line(s) merged "
+            "into one job each)\n") in merged.stdout
+    assert "\nbatch one-1: 1 job (1 new, 0 already enqueued)\n" in single.stdout
+
+
 def test_same_id_with_new_parameters_is_refused(redis_url, tmp_path):
     """An id already in the batch with other parameters is an error, not an overwrite."""
     path = tmp_path / "p.jsonl"
