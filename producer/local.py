@@ -70,7 +70,9 @@ def sandbox_upstream(env: dict, console: Console, state_dir: Path):
     config = SandboxConfig(port=0, api_key=secrets.token_urlsafe(16),
                            time_scale=SANDBOX_TIME_SCALE,
                            max_concurrency=settings.max_in_flight,
-                           max_submits_per_s=math.floor(settings.max_submits_per_s),
+                           # Whole POSTs per second only: vidq paces 2.5/s as 2 per
+                           # 0.8 s, which a per-second count would refuse.
+                           max_submits_per_s=_whole(settings.max_submits_per_s),
                            # An interrupted run's generations still answer on resume.
                            journal_path=state_dir / "sandbox-generations.jsonl")
     with SandboxServer(config) as server:
@@ -80,6 +82,10 @@ def sandbox_upstream(env: dict, console: Console, state_dir: Path):
             "VIDQ_EXPECTED_GENERATION_S": str(config.mean_generation_s / config.time_scale),
             "VIDQ_POLL_MIN_INTERVAL_S": "0.5",
         }
+
+
+def _whole(per_second: float) -> int:
+    return int(per_second) if per_second >= 1 and per_second == math.floor(per_second) else 0
 
 
 @dataclass

@@ -7,6 +7,7 @@ POSTed twice).
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,9 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
     from worker.tasks import dispatch
 
     options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve())
+    # SIGTERM (a `timeout`, a service manager) stops the run as Ctrl-C does:
+    # its Redis and workers run in sessions of their own, and outlived it.
+    signal.signal(signal.SIGTERM, _interrupt)
     defaults = {"model": DEFAULT_MODEL}
     load_prompts(file, defaults)  # refuse a bad file before starting anything
     admission = None
@@ -61,6 +65,11 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
         except KeyboardInterrupt:
             interrupted(admission, batch, console)
             return 130
+
+
+def _interrupt(_signum, _frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stopping short
+    raise KeyboardInterrupt
 
 
 def _until_a_worker_beats(admission, keep_going, timeout_s: float = 60.0) -> None:
@@ -101,7 +110,14 @@ def summarise(admission, batch: str, status: dict, settings: Settings,
         write_manifest(admission.redis, storage, settings, batch)
     except (VidqError, redis.RedisError, OSError) as exc:
         console.print(f"[yellow]manifest not written: {exc}[/]")
-    else:
+        return _exit_status(counts, status)
+    # Not for a batch left unfinished (the workers kept exiting): no manifest
+    # is written for it, and an older one would describe another run.
+    if manifest.read_marks(admission.redis, [batch])[batch].manifest_current:
         console.print(f"every job's row: {storage.location(manifest.manifest_key(batch))} "
                       "(failed ones also in errors.jsonl beside it)")
+    return _exit_status(counts, status)
+
+
+def _exit_status(counts: dict, status: dict) -> int:
     return 0 if counts["done"] == status["total"] else 1

@@ -21,11 +21,16 @@ def append(path: Path, generation) -> None:
 
 def load(path: Path) -> list[dict]:
     """The generations recorded in `path` (none if it does not exist); a line
-    cut short by a crash is skipped."""
+    cut short by a crash is skipped, and ended so the next one is not joined
+    to it."""
     if not path.exists():
         return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        with path.open("a", encoding="utf-8") as journal:
+            journal.write("\n")
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -2,7 +2,11 @@
 Redis and the sandbox (which refuses POSTs past its per-second limit)."""
 from __future__ import annotations
 
+import time
+
 from conftest import write_prompts
+
+from worker import keys
 
 
 def _most_in_one_second(times: list[float]) -> int:
@@ -35,3 +39,24 @@ def test_a_batch_start_is_paced_under_the_rate_and_never_lowers_c(make_pipeline,
     assert stats["submissions"] == 16 and _most_in_one_second(posted) <= 3
     assert pipeline.admission.effective_cap() is None
     assert stats["max_in_flight"] == 8  # the slots were used, not starved by the pacing
+
+
+def test_turns_left_by_a_clock_stepped_back_do_not_stall_posts(make_pipeline, make_sandbox,
+                                                              tmp_path):
+    """Redis's clock stepped back 90 s (a failover to a replica behind, an NTP
+    fix): the turn, and the sends, booked on the old clock lie 90 s ahead.
+    No POST waits for them: none can wait longer than every slot's turn."""
+    sandbox = make_sandbox(max_concurrency=4)
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=4, VIDQ_MAX_SUBMITS_PER_S=2)
+    seconds, micros = pipeline.store.redis.time()
+    ahead_ms = seconds * 1000 + micros // 1000 + 90_000
+    pipeline.store.redis.set(keys.POST_TURNS, ahead_ms, px=200_000)
+    pipeline.store.redis.zadd(keys.POSTS_SENT, {"old-a": ahead_ms, "old-b": ahead_ms - 400})
+    pipeline.start_workers()
+    started = time.monotonic()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"stepped {i}" for i in range(4)]), "s")
+
+    counts = pipeline.wait_finished("s", timeout_s=60)
+
+    assert counts["done"] == 4
+    assert time.monotonic() - started < 30  # not 90 s of idle slots

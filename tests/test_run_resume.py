@@ -4,6 +4,7 @@ outlives each run and counts every generation."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from collections import Counter
 
 import av
+import psutil
 import redis
 import requests
 from conftest import FAST_WORKER_ENV, write_prompts
@@ -212,3 +214,39 @@ def test_a_sandbox_run_refuses_to_join_a_deployments_redis(tmp_path, redis_url):
     assert keyless.returncode == 2 and "no API key" in keyless.stderr, keyless.stderr
     assert not (tmp_path / "state").exists()  # no private Redis, sandbox or worker started
     assert not redis.Redis.from_url(redis_url).exists(keys.batch("night"))
+
+
+def test_sigterm_stops_the_run_and_everything_it_started(make_sandbox, tmp_path):
+    """`timeout 8h vidq run ...` ends with a SIGTERM: the run reports and stops
+    its private Redis and workers, as on Ctrl-C. They run in sessions of their
+    own and went on working the batch after the run was gone."""
+    sandbox = make_sandbox(time_scale=15)
+    env = _env(sandbox, tmp_path)
+    path = write_prompts(tmp_path / "night.txt", [f"terminated {i}" for i in range(4)])
+    process = _start_run_until_posted(path, tmp_path, env, sandbox, posted=1)
+    started = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+
+    assert process.returncode == 130 and "resume with: vidq run" in output, output
+    assert started and not [p for p in started if p.is_running()
+                            and p.status() != psutil.STATUS_ZOMBIE], started
+
+
+def test_an_unfinished_run_names_no_manifest(make_pipeline, make_sandbox, tmp_path):
+    """The workers kept exiting at start-up, so the run ends with its batch
+    unfinished: no manifest is written for it, and none may be named."""
+    from rich.console import Console
+
+    from producer.progress import batch_status
+    from producer.run import summarise
+
+    pipeline = make_pipeline(make_sandbox())
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a", "b"]), "m")
+    out = io.StringIO()
+
+    code = summarise(pipeline.admission, "m", batch_status(pipeline.admission, "m"),
+                     pipeline.settings, Console(file=out, width=200))
+
+    assert code == 1 and "m: 0 done, 0 failed of 2" in out.getvalue()
+    assert "manifest" not in out.getvalue() and "every job's row" not in out.getvalue()

@@ -26,13 +26,14 @@ def post_window(per_second: float) -> tuple[int, float]:
     return per_window, 1000.0 * per_window / per_second
 
 
-def post_wait_s(store: JobStore, job: Job, per_second: float) -> float:
+def post_wait_s(store: JobStore, job: Job, per_second: float, slots: int) -> float:
     """0 if `job`'s POST may be sent now (it is counted as sent), else how
-    long to wait for its turn."""
+    long to wait for its turn (never longer than `slots` POSTs in turn)."""
     per_window, window_ms = post_window(per_second)
     if not per_window:
         return 0.0
+    longest_ms = window_ms * (slots / per_window + 2)
     script = load_script(store.redis, "pace_post")
     wait_ms = script(keys=[keys.job(job.ref), keys.POST_TURNS, keys.POSTS_SENT],
-                     args=[job.ref, per_window, window_ms])
+                     args=[job.ref, per_window, window_ms, longest_ms])
     return max(float(wait_ms), 0.0) / 1000

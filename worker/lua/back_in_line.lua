@@ -52,10 +52,11 @@ local now = tonumber(t[1])
 redis.call('HSET', config_key, 'last_429_at', now)
 -- At the edge of the POST rate (worker/pacing.py: as many POSTs sent in its
 -- last window as it allows), a 429 may be about the rate, a POST having
--- reached the upstream later than it was counted: no news of the cap.
+-- reached the upstream later than it was counted (lua/pace_post.lua's
+-- slack, 400 ms): no news of the cap.
 local per_window, window_ms = tonumber(ARGV[5]) or 0, tonumber(ARGV[6]) or 0
 local now_ms = now * 1000 + math.floor(tonumber(t[2]) / 1000)
-if per_window > 0 and redis.call('ZCOUNT', KEYS[7], now_ms - window_ms - 100, '+inf') >= per_window then
+if per_window > 0 and redis.call('ZCOUNT', KEYS[7], now_ms - window_ms - 400, '+inf') >= per_window then
   return effective
 end
 local running = 0

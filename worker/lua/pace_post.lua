@@ -11,12 +11,19 @@
 local job_key, turns_key, sent_key = KEYS[1], KEYS[2], KEYS[3]
 local ref = ARGV[1]
 local per_window, window_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
-local GUARD_MS, EARLY_MS = 100, 20  -- a POST reaches the upstream a little after this call
+-- No wait is longer than every slot's POST in turn: a later booking, turn or
+-- send time was made on a clock since stepped back (a failover, an NTP fix).
+local longest_ms = tonumber(ARGV[4])
+-- A POST reaches the upstream after this call: the marker, its durability
+-- wait, a new TLS connection. The upstream counts arrivals: this much slack.
+local GUARD_MS, EARLY_MS = 400, 20
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local booked = tonumber(redis.call('HGET', job_key, 'send_at') or '')
+if booked and booked - now > longest_ms then booked = nil end
 if booked and booked - now > EARLY_MS then return booked - now end
 redis.call('ZREMRANGEBYSCORE', sent_key, '-inf', now - window_ms - GUARD_MS)
+redis.call('ZREMRANGEBYSCORE', sent_key, '(' .. now, '+inf')
 if redis.call('ZCARD', sent_key) < per_window then
   redis.call('ZADD', sent_key, now, ref .. '@' .. now)
   redis.call('PEXPIRE', sent_key, math.ceil(window_ms + GUARD_MS) + 1000)
@@ -27,7 +34,9 @@ local oldest = tonumber(redis.call('ZRANGE', sent_key, 0, 0, 'WITHSCORES')[2])
 local at = oldest + window_ms + GUARD_MS
 if not booked then  -- a turn of its own, after those already booked
   local spacing = window_ms / per_window
-  at = math.max(at, tonumber(redis.call('GET', turns_key) or '') or 0)
+  local turns = tonumber(redis.call('GET', turns_key) or '') or 0
+  if turns - now > longest_ms then turns = 0 end
+  at = math.max(at, turns)
   redis.call('SET', turns_key, at + spacing, 'PX', math.ceil(at + spacing - now) + 1000)
 end
 at = math.max(at, now + 1)
