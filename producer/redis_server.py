@@ -38,6 +38,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+PID_FILE = "redis-server.pid"
+
+
 class PrivateRedis:
     """One redis-server process, owned by this Python process."""
 
@@ -61,9 +64,11 @@ class PrivateRedis:
 
     def start(self, timeout_s: float = 10.0):
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_if_in_use()
         log = open(self.state_dir / self.log_name, "ab")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
+        (self.state_dir / PID_FILE).write_text(str(self.process.pid))
         client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -85,6 +90,24 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        (self.state_dir / PID_FILE).unlink(missing_ok=True)
+
+    def _refuse_if_in_use(self) -> None:
+        """A redis-server still running on this directory belongs to a run
+        that died without stopping it (a closed terminal, the OOM killer):
+        its workers may still be working the batch. A second Redis on the
+        same files would not see their POSTs, and POST the same prompts again."""
+        try:
+            pid = int((self.state_dir / PID_FILE).read_text())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return  # none recorded, or no longer running
+        if b"redis-server" in command:
+            raise ConfigError(
+                f"{self.state_dir} is in use by a redis-server still running (pid {pid}), left "
+                "by a run that ended without stopping it; its workers may still be working "
+                f"the batch. Stop them (kill {pid}, and the celery workers of that run), "
+                "then run again")
 
     def __enter__(self):
         return self.start()

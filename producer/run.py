@@ -37,9 +37,11 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
     from worker.tasks import dispatch
 
     options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve())
-    # SIGTERM (a `timeout`, a service manager) stops the run as Ctrl-C does:
-    # its Redis and workers run in sessions of their own, and outlived it.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (a `timeout`, a service manager) and SIGHUP (a closed terminal)
+    # stop the run as Ctrl-C does: its Redis and workers run in sessions of
+    # their own, and outlived it.
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _interrupt)
     defaults = {"model": DEFAULT_MODEL}
     load_prompts(file, defaults)  # refuse a bad file before starting anything
     admission = None
@@ -58,6 +60,9 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
             _until_a_worker_beats(admission, supervisor.keep_alive)
             status = watch(admission, batch, console, settings=settings,
                            keep_going=supervisor.keep_alive)
+            # Watching is over: a stop signal now must not cut the summary,
+            # the manifest or the stopping short (a finished batch read as failed).
+            _ignore_stop_signals()
             if not supervisor.keep_alive():
                 console.print("[red]the workers keep exiting at start-up; see "
                               f"{options.state_dir / 'logs'}[/]")
@@ -67,9 +72,17 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
             return 130
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _interrupt(_signum, _frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stopping short
+    _ignore_stop_signals()  # a second one must not cut the stopping short
     raise KeyboardInterrupt
+
+
+def _ignore_stop_signals() -> None:
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def _until_a_worker_beats(admission, keep_going, timeout_s: float = 60.0) -> None:

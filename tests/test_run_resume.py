@@ -14,6 +14,7 @@ from collections import Counter
 
 import av
 import psutil
+import pytest
 import redis
 import requests
 from conftest import FAST_WORKER_ENV, write_prompts
@@ -216,16 +217,18 @@ def test_a_sandbox_run_refuses_to_join_a_deployments_redis(tmp_path, redis_url):
     assert not redis.Redis.from_url(redis_url).exists(keys.batch("night"))
 
 
-def test_sigterm_stops_the_run_and_everything_it_started(make_sandbox, tmp_path):
-    """`timeout 8h vidq run ...` ends with a SIGTERM: the run reports and stops
-    its private Redis and workers, as on Ctrl-C. They run in sessions of their
-    own and went on working the batch after the run was gone."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_stops_the_run_and_everything_it_started(make_sandbox, tmp_path, stop):
+    """`timeout 8h vidq run ...` ends with a SIGTERM, a closed terminal with a
+    SIGHUP: the run reports and stops its private Redis and workers, as on
+    Ctrl-C. They run in sessions of their own and went on working the batch
+    after the run was gone."""
     sandbox = make_sandbox(time_scale=15)
     env = _env(sandbox, tmp_path)
     path = write_prompts(tmp_path / "night.txt", [f"terminated {i}" for i in range(4)])
     process = _start_run_until_posted(path, tmp_path, env, sandbox, posted=1)
     started = psutil.Process(process.pid).children(recursive=True)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     output, _ = process.communicate(timeout=60)
 
     assert process.returncode == 130 and "resume with: vidq run" in output, output
@@ -250,3 +253,23 @@ def test_an_unfinished_run_names_no_manifest(make_pipeline, make_sandbox, tmp_pa
 
     assert code == 1 and "m: 0 done, 0 failed of 2" in out.getvalue()
     assert "manifest" not in out.getvalue() and "every job's row" not in out.getvalue()
+
+
+def test_a_state_dir_still_in_use_is_refused(make_sandbox, tmp_path):
+    """A run killed without stopping its Redis and workers (the OOM killer, a
+    SIGKILL) left them working the batch. The same command again started a
+    second Redis on the same files and a second set of workers, and POSTed
+    the prompts the first were still working on again. It is refused, naming
+    the Redis to stop, and nothing is sent."""
+    from producer.redis_server import PrivateRedis
+
+    sandbox = make_sandbox()
+    path = write_prompts(tmp_path / "night.txt", ["left running"])
+    with PrivateRedis(tmp_path / "state" / "redis") as orphan:
+        again = _run(path, tmp_path, _env(sandbox, tmp_path))
+
+        assert again.returncode == 2, again.stdout + again.stderr
+        assert f"in use by a redis-server still running (pid {orphan.process.pid})" in again.stderr
+    assert _ledger(sandbox) == Counter()
+    after = _run(path, tmp_path, _env(sandbox, tmp_path))  # stopped: the run goes on
+    assert after.returncode == 0, after.stdout + after.stderr

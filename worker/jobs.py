@@ -255,16 +255,13 @@ class JobStore:
             args += [name, _encode(value)]
         return self._scripts["transition"](keys=script_keys, args=args)
 
-    def back_in_line(self, job: Job, pause_s: float, rate_limited: bool,
-                     post_window: tuple[int, float] = (0, 0.0)) -> int:
+    def back_in_line(self, job: Job, pause_s: float, rate_limited: bool) -> int:
         """Put a job refused by a 429 (or by a pause) back at the front of its
-        batch's line, pausing submits for `pause_s`; returns the effective cap.
-        `post_window`: POSTs allowed per window of ms (worker/pacing.py)."""
+        batch's line, pausing submits for `pause_s`; returns the effective cap."""
         return int(self._scripts["back_in_line"](
             keys=[keys.job(job.ref), keys.SLOTS, keys.DUE, keys.CONFIG, keys.PAUSE_SUBMIT,
-                  keys.batch_counts(job.batch), keys.POSTS_SENT],
-            args=[job.ref, job.token, int(pause_s * 1000), "1" if rate_limited else "0",
-                  *post_window]))
+                  keys.batch_counts(job.batch)],
+            args=[job.ref, job.token, int(pause_s * 1000), "1" if rate_limited else "0"]))
 
     def pause_polls(self, pause_s: float) -> None:
         self._pause(keys.PAUSE_POLL, pause_s)

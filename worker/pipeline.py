@@ -35,7 +35,7 @@ from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .learning import learn, tells_generation_time
 from .leases import TakenOver, lease_renewed, unless_lost
 from .metrics_record import completed, downloaded, failed, upstream_call
-from .pacing import post_wait_s, post_window
+from .pacing import post_wait_s
 from .posting import post_once
 from .rate_limits import account_refused, pause_s, revive_refused, spread
 from .schedule import backoff_delay
@@ -136,8 +136,7 @@ class Steps:
         """A 429 is about the account: every worker pauses submits, this job
         keeps its place at the front of the line, and no attempt is spent."""
         pause = pause_s(error)
-        effective = self.store.back_in_line(job, pause, rate_limited=True,
-                                            post_window=post_window(self.settings.max_submits_per_s))
+        effective = self.store.back_in_line(job, pause, rate_limited=True)
         log.warning("429 on submit: submits paused %.0f s for every worker; effective C %d",
                     pause, effective)
 

@@ -47,18 +47,8 @@ else
 end
 if not rate_limited then return effective end
 local REPEAT_S, SETTLE_S = 60, 5
-local t = redis.call('TIME')
-local now = tonumber(t[1])
+local now = tonumber(redis.call('TIME')[1])
 redis.call('HSET', config_key, 'last_429_at', now)
--- At the edge of the POST rate (worker/pacing.py: as many POSTs sent in its
--- last window as it allows), a 429 may be about the rate, a POST having
--- reached the upstream later than it was counted (lua/pace_post.lua's
--- slack, 400 ms): no news of the cap.
-local per_window, window_ms = tonumber(ARGV[5]) or 0, tonumber(ARGV[6]) or 0
-local now_ms = now * 1000 + math.floor(tonumber(t[2]) / 1000)
-if per_window > 0 and redis.call('ZCOUNT', KEYS[7], now_ms - window_ms - 400, '+inf') >= per_window then
-  return effective
-end
 local running = 0
 for _, holder in ipairs(redis.call('ZRANGE', slots_key, 0, -1)) do
   local id, done = unpack(redis.call('HMGET', NS.job .. holder, 'generation_id', 'completed_at'))

@@ -5,9 +5,9 @@
 -- under the cap read as a lower concurrency limit. The POSTs actually sent
 -- in the last window decide: under the limit, a POST goes at once (bursts up
 -- to the limit cost nothing). At the limit, the job books a turn (turns are
--- 1/rate apart, so waiting jobs wake one by one, not as a herd); at its
--- turn the window decides again, so a turn come late (a busy worker) cannot
--- bunch sends up.
+-- as far apart as the window lets POSTs go, so waiting jobs wake one by
+-- one, not as a herd); at its turn the window decides again, so a turn come
+-- late (a busy worker) cannot bunch sends up.
 local job_key, turns_key, sent_key = KEYS[1], KEYS[2], KEYS[3]
 local ref = ARGV[1]
 local per_window, window_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -15,8 +15,9 @@ local per_window, window_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 -- send time was made on a clock since stepped back (a failover, an NTP fix).
 local longest_ms = tonumber(ARGV[4])
 -- A POST reaches the upstream after this call: the marker, its durability
--- wait, a new TLS connection. The upstream counts arrivals: this much slack.
-local GUARD_MS, EARLY_MS = 400, 20
+-- wait, a new TLS connection. The upstream counts arrivals: this much slack
+-- (worker/pacing.py).
+local GUARD_MS, EARLY_MS = tonumber(ARGV[5]), 20
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local booked = tonumber(redis.call('HGET', job_key, 'send_at') or '')
@@ -30,15 +31,14 @@ if redis.call('ZCARD', sent_key) < per_window then
   if booked then redis.call('HDEL', job_key, 'send_at') end
   return 0
 end
+-- A turn after those already booked (a job whose turn found the window
+-- full too, rarely: a turn come late, takes a new one rather than all such
+-- jobs waking together). Turns are as far apart as the window lets POSTs go.
 local oldest = tonumber(redis.call('ZRANGE', sent_key, 0, 0, 'WITHSCORES')[2])
-local at = oldest + window_ms + GUARD_MS
-if not booked then  -- a turn of its own, after those already booked
-  local spacing = window_ms / per_window
-  local turns = tonumber(redis.call('GET', turns_key) or '') or 0
-  if turns - now > longest_ms then turns = 0 end
-  at = math.max(at, turns)
-  redis.call('SET', turns_key, at + spacing, 'PX', math.ceil(at + spacing - now) + 1000)
-end
-at = math.max(at, now + 1)
+local spacing = (window_ms + GUARD_MS) / per_window
+local turns = tonumber(redis.call('GET', turns_key) or '') or 0
+if turns - now > longest_ms then turns = 0 end
+local at = math.max(oldest + window_ms + GUARD_MS, turns, now + 1)
+redis.call('SET', turns_key, at + spacing, 'PX', math.ceil(at + spacing - now) + 1000)
 redis.call('HSET', job_key, 'send_at', at)
 return at - now
