@@ -28,6 +28,9 @@ class BenchConfig:
     enqueue_n: int = 100_000
     download_bytes: int = 200_000_000
     quick: bool = False
+    # POSTs per second vidq is told the account allows, in simulated seconds
+    # (x S); 0: no limit. The benchmark's sandbox enforces none.
+    max_submits_per_s: float = MAX_SUBMITS_PER_S
 
     @property
     def generation_s(self) -> float:

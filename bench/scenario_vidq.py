@@ -19,7 +19,6 @@ from worker.keys import job_ref
 
 from . import infra
 from .config import (
-    MAX_SUBMITS_PER_S,
     MEAN_GENERATION_S,
     POLL_MAX_INTERVAL_S,
     POLL_MIN_INTERVAL_S,
@@ -44,7 +43,7 @@ def vidq_env(cfg: BenchConfig, redis_url: str, server, storage: Path) -> dict:
         "VIDQ_EXPECTED_GENERATION_S": repr(PRIOR_GENERATION_S / s),
         "VIDQ_POLL_MIN_INTERVAL_S": repr(POLL_MIN_INTERVAL_S / s),
         "VIDQ_POLL_MAX_INTERVAL_S": repr(POLL_MAX_INTERVAL_S / s),
-        "VIDQ_MAX_SUBMITS_PER_S": repr(MAX_SUBMITS_PER_S * s),
+        "VIDQ_MAX_SUBMITS_PER_S": repr(cfg.max_submits_per_s * s),
         "VIDQ_STORAGE_URL": storage.resolve().as_uri(),
     })
     return env
