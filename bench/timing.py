@@ -6,7 +6,8 @@ Every scenario runs the real vidq workers (2 processes x -c 4, as bench.run's
 2x4 layout) against its own sandbox (spread 0.1, max_concurrency C) and its own
 private Redis, so nothing is learned in advance. vidq always gets the
 production defaults, only sped up by the clock: VIDQ_EXPECTED_GENERATION_S =
-90/S, VIDQ_POLL_MIN_INTERVAL_S = 0.5/S, VIDQ_POLL_MAX_INTERVAL_S = 600/S. The
+90/S, VIDQ_POLL_MIN_INTERVAL_S = 0.5/S, VIDQ_POLL_MAX_INTERVAL_S = 600/S, and
+no POST pacing (the sandbox has no per-second limit). The
 sandbox's true mean differs per scenario (simulated seconds):
 
   right    true 90, the reference (prior right)
