@@ -5,7 +5,8 @@
 -- (a pause only grows: a later, shorter Retry-After does not cut it short).
 -- In a batch cancelled meanwhile it ends cancelled instead.
 -- The effective cap: a 429 while the upstream ran fewer of our generations
--- (slot holders with an id, not yet seen complete) than the effective cap
+-- (slot holders with an id, not yet seen complete, or with a POST on its way)
+-- than the effective cap
 -- says the account's real limit may be lower. A second such 429, within
 -- REPEAT_S after the pause the first one set ended, lowers the cap: halved,
 -- never below those running nor below 1 (multiplicative decrease), at most
@@ -49,10 +50,17 @@ if not rate_limited then return effective end
 local REPEAT_S, SETTLE_S = 60, 5
 local now = tonumber(redis.call('TIME')[1])
 redis.call('HSET', config_key, 'last_429_at', now)
+-- Running, as the upstream may count them: generations not yet seen done,
+-- and POSTs on their way (marker set, no id yet: one answered 201 a moment
+-- ago is running upstream before its id is recorded here).
 local running = 0
 for _, holder in ipairs(redis.call('ZRANGE', slots_key, 0, -1)) do
-  local id, done = unpack(redis.call('HMGET', NS.job .. holder, 'generation_id', 'completed_at'))
-  if id and id ~= '' and not (done and done ~= '') then running = running + 1 end
+  local id, done, posting = unpack(redis.call('HMGET', NS.job .. holder, 'generation_id',
+                                              'completed_at', 'posting_at'))
+  local has_id = id and id ~= ''
+  if (has_id and not (done and done ~= '')) or (not has_id and posting and posting ~= '') then
+    running = running + 1
+  end
 end
 if running >= effective then return effective end
 local repeat_until = tonumber(redis.call('HGET', config_key, 'under_cap_429_until') or '') or 0
