@@ -240,7 +240,6 @@ def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variant
     """Run one batch end to end on this machine, then exit."""
     from worker.connection import connect
 
-    from .local import NO_API_KEY
     from .run import run_batch
 
     # Refuse bad settings, and a given Redis that is malformed or unreachable,
@@ -255,7 +254,8 @@ def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variant
             "batch's prompts to the real upstream, and this run's workers its jobs to the "
             "sandbox). Unset VIDQ_REDIS_URL: vidq run then keeps a private Redis in --state-dir")
     if not use_sandbox and not settings.api_key:
-        raise ConfigError(NO_API_KEY)
+        raise ConfigError("no API key: set AIMLAPI_KEY to run against the real API, or add "
+                          "--sandbox to try the pipeline without spending credits")
     # The name becomes a path part and a key part: never a leading '.' or '-'.
     batch = batch or re.sub(r"[^A-Za-z0-9._-]", "-", file.stem).lstrip(".-")[:128] or "batch"
     sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console,

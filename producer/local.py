@@ -20,13 +20,10 @@ from pathlib import Path
 from rich.console import Console
 
 from worker.celery_app import QUEUES, WEBHOOK_QUEUE
-from worker.errors import ConfigError
 from worker.settings import Settings
 
 from .redis_server import PrivateRedis
 
-NO_API_KEY = ("no API key: set AIMLAPI_KEY to run against the real API, or add --sandbox "
-              "to try the pipeline without spending credits")
 # Ten example prompts at the default cap of 2 finish in about a minute.
 SANDBOX_TIME_SCALE = 9.0
 # A worker that keeps dying this soon after starting is misconfigured, not unlucky.
@@ -56,8 +53,6 @@ def local_system(options: RunOptions, console: Console):
             console.print(f"private Redis at {server.url}, state in {server.state_dir}")
         if options.use_sandbox:
             env.update(stack.enter_context(sandbox_upstream(env, console, options.state_dir)))
-        elif not (env.get("AIMLAPI_KEY") or env.get("AIML_API_KEY")):
-            raise ConfigError(NO_API_KEY)
         supervisor = stack.enter_context(worker_processes(options, env, console))
         yield env, supervisor
 

@@ -121,16 +121,11 @@ def summarise(admission, batch: str, status: dict, settings: Settings,
     storage = open_storage(settings.storage_url, settings.s3_part_bytes)
     try:
         write_manifest(admission.redis, storage, settings, batch)
+        # Not for a batch left unfinished (the workers kept exiting): no manifest
+        # is written for it, and an older one would describe another run.
+        if manifest.read_marks(admission.redis, [batch])[batch].manifest_current:
+            console.print(f"every job's row: {storage.location(manifest.manifest_key(batch))} "
+                          "(failed ones also in errors.jsonl beside it)")
     except (VidqError, redis.RedisError, OSError) as exc:
         console.print(f"[yellow]manifest not written: {exc}[/]")
-        return _exit_status(counts, status)
-    # Not for a batch left unfinished (the workers kept exiting): no manifest
-    # is written for it, and an older one would describe another run.
-    if manifest.read_marks(admission.redis, [batch])[batch].manifest_current:
-        console.print(f"every job's row: {storage.location(manifest.manifest_key(batch))} "
-                      "(failed ones also in errors.jsonl beside it)")
-    return _exit_status(counts, status)
-
-
-def _exit_status(counts: dict, status: dict) -> int:
     return 0 if counts["done"] == status["total"] else 1

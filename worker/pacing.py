@@ -6,9 +6,8 @@ account allows (0: no limit). Without pacing, the C POSTs of a batch's start
 (or of a pause's end) go out at once: those past the rate meet 429s, and
 429s while fewer than C generations run would lower the effective cap
 (lua/back_in_line.lua; a 429 cannot say which limit it is about). A paced
-POST waits for its turn as a countdown
-(workers never sleep), holding the slot it was admitted to
-(lua/pace_post.lua).
+POST waits for its turn as a countdown (workers never sleep), holding the
+slot it was admitted to (lua/pace_post.lua).
 """
 from __future__ import annotations
 

@@ -64,8 +64,10 @@ def answered(store: JobStore, submit: Callable[[dict], Generation], request: dic
     except UpstreamError as exc:
         if exc.status in ACCOUNT_STATUSES:
             with contextlib.suppress(redis.RedisError):  # a count, never a reason to fail
-                store.redis.incr(keys.ACCOUNT_REFUSALS)
-                store.redis.expire(keys.ACCOUNT_REFUSALS, 86400)
+                pipe = store.redis.pipeline(transaction=False)
+                pipe.incr(keys.ACCOUNT_REFUSALS)
+                pipe.expire(keys.ACCOUNT_REFUSALS, 86400)
+                pipe.execute()
         elif exc.status is not None:
             with contextlib.suppress(redis.RedisError):
                 store.redis.delete(keys.ACCOUNT_REFUSALS)
