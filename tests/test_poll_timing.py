@@ -12,6 +12,7 @@ import random
 import statistics
 import time
 
+import pytest
 import redis
 from conftest import learned_then, write_prompts
 
@@ -99,11 +100,25 @@ def test_first_polls_that_keep_finding_videos_done_move_earlier_by_half():
     censored = [Sample(0.0, 9.0)] * TOO_LATE_RUN
     plan = plan_from(censored + learned, prior_s=90)
     assert plan == PollPlan(4.5, None, 0.0, LAG_SHARE * 4.5)
-    plan = plan_from([Sample(0.0, 4.5)] * 2 + censored + learned, prior_s=90)
+    plan = plan_from([Sample(0.0, 4.5)] * 5 + censored + learned, prior_s=90)
     assert plan.first_s == 2.25 and plan.second_s is None  # done even at 4.5 s: halve again
     after = [Sample(t - 0.2, t + 0.2) for t in (2.0, 2.2, 2.4, 2.6, 2.8)]
     plan = plan_from(after + censored + learned, prior_s=90)
     assert plan.second_s is not None and plan.second_s < 3.0  # the slow past is gone
+
+
+def test_a_few_jobs_found_done_at_odd_ages_do_not_halve_the_aim_again():
+    """Generation times halved to ~45 s under a plan polling first at ~82 s: eight
+    first polls in a row found the video done, so the next first polls go to 41 s.
+    Jobs re-aimed then are polled at whatever age they had (72, 55, 43 s) and found
+    done too; that says nothing of polls at 41 s, which stay (the earliest-poll rule
+    halved them to 21 s, and those jobs then took up to 21 GETs each)."""
+    learned = _observed(_lognormal(40, 90.0, 0.1, 3), [80.0 + 2 * k for k in range(20)])
+    run = [Sample(0.0, t) for t in (82.9, 82.5, 82.2, 82.3, 82.7, 82.6, 82.2, 82.2)]
+    assert plan_from(run + learned, prior_s=90).first_s == pytest.approx(41.2, abs=0.1)
+    reaimed = [Sample(0.0, t) for t in (42.8, 54.9, 72.4)]
+    plan = plan_from(reaimed + run + learned, prior_s=90)
+    assert plan.second_s is None and plan.first_s == pytest.approx(41.2, abs=0.1)
 
 
 def test_first_polls_finding_more_videos_done_than_planned_pull_the_aims_down():

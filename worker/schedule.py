@@ -27,9 +27,11 @@ poll held back far past its aim are never recorded: their delays are vidq's):
   growing once a job is `FLAT_STEPS` steps past the second aim.
 * Too late: if the newest `TOO_LATE_RUN` completions were all found at their
   first poll (planned: about a fifth), what was learned describes a slower
-  upstream. It is dropped, the next first poll comes at half the earliest of
+  upstream. It is dropped, the next first poll comes at half the median of
   those poll times, then in small steps, until `MIN_SAMPLES` completions can
-  be fitted again.
+  be fitted again. (The median, not the earliest: a job re-aimed late is
+  polled at whatever age it had, and one found done early must not halve
+  the aim again on its own; most of the newest must.)
 * Slower: a completion is *late* if its job was still running when the fit
   had 99.9% of videos done, and was aimed by a fitted plan no slower than
   the current one (a job planned for slower times, submitted before the
@@ -66,6 +68,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -169,11 +172,11 @@ def plan_from(samples: list[Sample], prior_s: float,
     if run is not None and run < MIN_SAMPLES:
         # The newest first polls all found their video done, which the plan
         # expects of about a fifth: the aims are far too late, and what was
-        # learned before describes a slower upstream. Halve the earliest of
+        # learned before describes a slower upstream. Halve the median of
         # those poll times, then look in small steps (jobs already past their
         # first poll must not wait a doubled time) until MIN_SAMPLES
         # completions after the run can be fitted.
-        first = min(s.hi for s in samples[:run + TOO_LATE_RUN] if s.censored) / 2
+        first = statistics.median(s.hi for s in samples[:run + TOO_LATE_RUN] if s.censored) / 2
         return PollPlan(first, None, 0.0, LAG_SHARE * first)
     recent = samples[:run] if run is not None else samples
     n = len(recent)
