@@ -7,7 +7,7 @@ N(T, (0.1 T)^2), redrawn until above 0.2 T, with T set per scenario (the prior i
 always 90 s). A job polls at its submit plus the delays of the REAL
 `PollPlan.delay` (worker/schedule.py), each delay plus a countdown/dispatch
 jitter of U(0, JITTER_S). The plan is the REAL `plan_from`, cached for
-CACHE_S like `DurationModel`, and like it dropped when a completion is
+`cache_s` like `DurationModel`, and like it dropped when a completion is
 recorded. A poll at age >= the generation time finds the video done: a
 Sample(previous poll age or 0, this poll age), flagged by the REAL
 `mark_late` as `DurationModel.record` does, goes first into a list kept to
@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from worker import schedule
-from worker.durations import CACHE_S
+from worker.durations import cache_s
 from worker.fit import normal_cdf, normal_pdf
 from worker.reaim import REAIM_SHARE
 from worker.schedule import (
@@ -81,7 +81,7 @@ class Sim:
         self.seq = self.in_flight = self.max_in_flight = self.fits = 0
 
     def plan(self, now: float) -> PollPlan:
-        if self.cached and now - self.cached[1] < CACHE_S:
+        if self.cached and now - self.cached[1] < cache_s(self.cached[0]):
             return self.cached[0]
         running = [] if len(fitted(self.samples)[0]) >= WINDOW else [
             j.last_age for j in self.jobs if j.detect < 0 and j.polls >= 1]

@@ -1,6 +1,8 @@
 """Poll timing, backoff and settings: small rules that shape a whole night."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -27,6 +29,24 @@ def test_duration_model_keeps_one_plan_per_model_and_resolution(redis_url):
     learned = model.plan("m", "480P")
     assert learned.second_s is not None and 38 <= learned.first_s <= learned.second_s <= 48
     assert model.plan("m", "720P").second_s is None
+
+
+def test_a_worker_sees_another_workers_news_within_a_few_percent_of_t(redis_url):
+    """Generations of ~3 s: one worker process learns that they are now ~1.5 s (a
+    run of first polls that found the video done); another one, holding a copy of
+    the plan, aims its next submits by the news within 3% of the aim, not 2 s later
+    (two thirds of a generation, every job it submitted meanwhile polled late)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    one, other = DurationModel(client, 90), DurationModel(client, 90)
+    for done_at in (2.9, 3.0, 3.0, 3.1, 3.2, 2.8, 3.0, 3.1):
+        one.record("m", "720P", done_at - 0.2, done_at)
+    before = other.plan("m", "720P")
+    assert before.second_s is not None and before.first_s > 2.5
+    for _ in range(8):
+        one.record("m", "720P", 0.0, before.first_s)
+    assert one.plan("m", "720P").first_s < 0.6 * before.first_s
+    time.sleep(0.03 * before.first_s + 0.05)
+    assert other.plan("m", "720P").first_s < 0.6 * before.first_s
 
 
 def test_a_durations_key_of_the_wrong_type_gives_the_cold_start_not_an_error(redis_url):

@@ -7,7 +7,10 @@ submit and by the one at hi; lo 0 for a first poll), with ":late" appended
 when the job was still running far past the plan's aims, ":slower" when it
 ended a run of late ones (the upstream got slower). Every worker
 process computes the same plan from the same list; its own copy is cached for
-`CACHE_S`, and dropped when it records a completion.
+`CACHE_S` or `CACHE_SHARE` of its first aim, whichever is shorter, and dropped
+when it records a completion. (A copy kept 2 s is nothing against 90 s
+generations, but against 5 s ones it aims a third of a second's submits with
+a plan the other processes have already dropped.)
 """
 from __future__ import annotations
 
@@ -35,6 +38,12 @@ from .schedule import (
 log = logging.getLogger(__name__)
 
 CACHE_S = 2.0
+CACHE_SHARE = 0.03  # a fit takes about 1 ms: refitting this often costs little
+
+
+def cache_s(plan: PollPlan) -> float:
+    """How long a process may reuse `plan` before it fits the samples again."""
+    return min(CACHE_S, CACHE_SHARE * plan.first_s)
 
 
 class DurationModel:
@@ -48,7 +57,7 @@ class DurationModel:
     def plan(self, model: str, resolution: str) -> PollPlan:
         key = keys.durations(model, resolution)
         cached = self._cache.get(key)
-        if cached and time.monotonic() - cached[1] < CACHE_S:
+        if cached and time.monotonic() - cached[1] < cache_s(cached[0]):
             return cached[0]
         try:
             samples = self._newest(key, WINDOW)
