@@ -124,6 +124,9 @@ def eta(status: dict, admission: Admission, settings: Settings | None) -> tuple[
         return None, f"{status['admission']}: its waiting jobs are not admitted"
     if status["workers_alive"] == 0:
         return None, "no worker is alive"
+    if status["waiting"] and status["deployment"]["submits_paused_why"]:
+        # The last hour's rate says nothing of when the account is usable again.
+        return None, "submits paused: the upstream refused the account"
     if status["rate_per_min"] > 0:
         return round(left * 60 / status["rate_per_min"]), "observed rate"
     cap = status["deployment"]["effective_max_in_flight"] or status["deployment"]["max_in_flight"]

@@ -32,6 +32,7 @@ def test_credits_running_out_pause_submits_instead_of_failing_the_night(
 
     assert "the upstream refused the account (HTTP 403: Insufficient credits)" in status.stdout
     assert "check the API key and the credits" in status.stdout
+    assert "ETA unknown (submits paused: the upstream refused the account)" in status.stdout
     assert (counts["done"], counts["failed"]) == (4, 2)
     jobs = [pipeline.store.get(job_ref("n", i)) for i in pipeline.store.job_ids("n")]
     reasons = [job.last_error for job in jobs if job.state == "failed"]
