@@ -100,6 +100,7 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
             allow_variants, webhook):
     """Validate FILE (.txt, .jsonl, .csv) and add its prompts to a batch, saying first
     what the batch will take (see `vidq plan`)."""
+    from worker.batch_control import daily_cap_reached
     from worker.tasks import dispatch
 
     from .enqueue import enqueue_file, open_admission
@@ -117,6 +118,9 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
                           check_plan=plan_check(admission.redis, Settings.from_env(),
                                                 deadline, force, click.echo))
     click.echo(result.summary())
+    if daily_cap_reached(admission):
+        click.echo("warning: today's (UTC) daily credit cap is reached: the batch waits until "
+                   "00:00 UTC, or until `vidq limits --daily-credits` raises the cap", err=True)
 
 
 @main.command(cls=VidqCommand)

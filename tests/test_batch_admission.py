@@ -152,7 +152,8 @@ def test_max_videos_stops_admission_at_the_limit_and_raising_it_resumes(make_pip
 
 
 def test_daily_credit_cap_stops_every_batch_and_raising_it_resumes(make_pipeline, tmp_path):
-    """A daily cap of 2 videos' credits admits two jobs in all, then two more when raised."""
+    """A daily cap of 2 videos' credits admits two jobs in all, then two more when raised;
+    a batch enqueued meanwhile is told it waits."""
     pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=4)
     assert _vidq(pipeline, "limits", "--daily-credits", "240000").returncode == 0
     pipeline.start_workers(count=1, concurrency=2)
@@ -163,16 +164,21 @@ def test_daily_credit_cap_stops_every_batch_and_raising_it_resumes(make_pipeline
     time.sleep(1.5)
     assert len(pipeline.ledger()) == 2
     assert admission_state(pipeline.admission, "day-b") == "paused: daily credit cap"
+    late = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "c.txt", ["F 0"])),
+                 "--batch", "day-c")
+    assert late.returncode == 0
+    assert "daily credit cap is reached: the batch waits until 00:00 UTC" in late.stderr
 
     assert _vidq(pipeline, "limits", "--daily-credits", "480000").returncode == 0
-    wait_until(lambda: sum(pipeline.store.counts(b)["done"] for b in ("day-a", "day-b")) == 4,
+    batches = ("day-a", "day-b", "day-c")
+    wait_until(lambda: sum(pipeline.store.counts(b)["done"] for b in batches) == 4,
           what="four done")
     time.sleep(1.5)
 
     assert len(pipeline.ledger()) == 4
     today = spend_summary(pipeline.store.redis, "day-a")["today"]
     assert today["spent"] + today["committed"] <= 480000
-    done = [pipeline.store.get(keys.job_ref(b, i)) for b in ("day-a", "day-b")
+    done = [pipeline.store.get(keys.job_ref(b, i)) for b in batches
             for i in pipeline.store.job_ids(b)]
     assert sorted(job.number("credits") for job in done if job.state == "done") == [120000.0] * 4
 
