@@ -58,3 +58,24 @@ def test_one_refused_prompt_between_accepted_ones_fails_alone(make_pipeline, mak
     assert (counts["done"], counts["failed"]) == (1, 2)
     assert time.monotonic() - started < 45  # no 60 s pause
     assert not pipeline.store.redis.exists(keys.PAUSE_SUBMIT)
+
+
+def test_rate_limit_429s_between_refusals_do_not_restart_the_count(make_pipeline, make_sandbox,
+                                                                   tmp_path):
+    """The credits are gone and every POST is refused 403, but now and then a 429
+    comes first (the rate limiter in front). A 429 says nothing of the account:
+    still two prompts fail, then submits pause. (Counted afresh after each 429,
+    the eight prompts failed six.)"""
+    sandbox = make_sandbox()
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=1, VIDQ_BACKOFF_CAP_S=2)
+    pipeline.faults(submit=[403, 403, 429, 403, 403, 429, 403, 403, 429])
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"night {i}" for i in range(8)]), "n")
+
+    counts = pipeline.wait_finished("n", timeout_s=120)
+
+    jobs = [pipeline.store.get(job_ref("n", i)) for i in pipeline.store.job_ids("n")]
+    refused = [job.ref for job in jobs if job.state == "failed" and "HTTP 403" in job.last_error]
+    assert len(refused) == 2, refused
+    assert (counts["done"], counts["failed"]) == (6, 2)
+    assert sandbox.stats()["submissions"] == 6

@@ -34,7 +34,7 @@ from .generation import Generation
 from .jobs import Job, JobStore, load_script
 from .leases import renewed
 from .settings import Settings
-from .upstream import UpstreamClient
+from .upstream import SUBMIT_RETRY_STATUSES, UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,10 @@ class NotSent(UpstreamUnavailable):
 
 def answered(store: JobStore, submit: Callable[[dict], Generation], request: dict) -> Generation:
     """`submit(request)`, counting 401/403 answers in a row for the account
-    (rate_limits.account_refused); any other HTTP answer ends the run (an
-    accepted POST ends it in lua/record_generation.lua)."""
+    (rate_limits.account_refused); another 4xx ends the run (an accepted POST
+    ends it in lua/record_generation.lua). A 429, a 408 or a 5xx says nothing
+    of the account and leaves the count: with the credits gone, a rate-limit
+    429 now and then must not fail two more prompts each time."""
     try:
         return submit(request)
     except UpstreamError as exc:
@@ -68,7 +70,8 @@ def answered(store: JobStore, submit: Callable[[dict], Generation], request: dic
                 pipe.incr(keys.ACCOUNT_REFUSALS)
                 pipe.expire(keys.ACCOUNT_REFUSALS, 86400)
                 pipe.execute()
-        elif exc.status is not None:
+        elif exc.status is not None and exc.status < 500 \
+                and exc.status not in SUBMIT_RETRY_STATUSES:
             with contextlib.suppress(redis.RedisError):
                 store.redis.delete(keys.ACCOUNT_REFUSALS)
         raise
