@@ -13,13 +13,16 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+from chaos.faultproxy import FaultProxy
 from chaos.redis_lost_reply import LostReplyProxy
+from conftest import wait_until
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from test_steps import _admit_one, _run, _until_completed, steps_for  # noqa: F401 - fixture
 
 from worker import keys, webhooks
-from worker.jobs import load_script
+from worker.errors import SubmitOutcomeUnknown
+from worker.jobs import OUTCOME_UNKNOWN, load_script
 from worker.metrics import COMPLETIONS, STATUS_GETS_PER_VIDEO, bucket_field, counter_field
 from worker.metrics_record import Recorder
 from worker.reaim import reaim_first_polls
@@ -75,6 +78,43 @@ def test_a_lost_reply_to_the_post_marker_still_posts_once(proxied):
     assert proxy.lost == 1
     assert record.generation_id and record.state == "submitted" and not record.last_error
     assert sandbox.stats()["submissions"] == 1
+
+
+def test_a_lost_reply_to_clearing_a_late_refused_posts_marker_still_revives_it(
+        steps_for, redis_url, make_sandbox):  # noqa: F811
+    """A POST's answer trickles in past VIDQ_POST_DEADLINE_S: the job fails "outcome
+    unknown", its slot held. The answer is a 429, so nothing was created: the marker
+    is cleared and the job revived. The clearing's reply is lost; sent again, it
+    must still say the marker was this POST's, or the job stays "outcome unknown"
+    holding its slot for VIDQ_DEADLINE_S (and counted as maybe paid)."""
+    url = urlsplit(redis_url)
+    proxy = LostReplyProxy(url.hostname, url.port)
+    sandbox = make_sandbox()
+    http = FaultProxy(sandbox.url, seed=3, trickle_interval_s=0.02).start()
+    try:
+        steps = steps_for(sandbox, VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}",
+                          AIMLAPI_BASE_URL=http.url, VIDQ_POST_DEADLINE_S="1")
+        for script in [*steps.store._scripts.values(), *steps.admission._scripts.values()]:
+            steps.store.redis.script_load(getattr(script, "_script", script).script)
+        sandbox.state.add_faults({"submit": [429]})
+        http.queue("trickle", count=1, method="POST")
+        proxy.arm(_run_of(steps.store._scripts["clear_posting"]))
+        ref, token = _admit_one(steps)
+        job = steps.claim(ref, token, "submit")
+        with pytest.raises(SubmitOutcomeUnknown):
+            steps.submit(job)
+        steps.fail(job, f"{OUTCOME_UNKNOWN}: no answer in time")
+
+        def revived() -> bool:
+            record = steps.store.get(ref)
+            return record.state != "failed" and not record.extra.get("outcome_unknown")
+        wait_until(revived, 30, "the job revived by the late 429")
+    finally:
+        http.stop()
+
+    assert proxy.lost == 1
+    assert not steps.store.redis.sismember(keys.batch_unknown("b"), ref)
+    assert sandbox.stats()["submissions"] == 0
 
 
 def test_a_lost_reply_to_a_claim_still_runs_the_step(proxied):
