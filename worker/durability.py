@@ -1,5 +1,7 @@
 """Make a write durable before acting on it: the "POST started" marker must
-survive a Redis crash or failover, or a recovered submit could POST again.
+survive a Redis crash or failover, or a recovered submit could POST again;
+so must a paid generation id, or its video is lost (the worker holds the id
+and records it again until the wait succeeds, on a new master if need be).
 
 What each Redis setting guarantees (the README's Reliability section):
 

@@ -223,14 +223,27 @@ class JobStore:
             keys=[keys.job(job.ref), keys.batch_unknown(job.batch), keys.SLOT_HOLDS, keys.SLOTS],
             args=[job.ref, job.id, reason])
 
-    def record_generation(self, job: Job, generation_id: str, lease_s: float) -> str:
+    def record_generation(self, job: Job, generation_id: str, lease_s: float,
+                          durability: Durability | None = None) -> str:
+        """Record a paid generation id (lua/record_generation.lua for the
+        answers), durable as the POST marker is: NotDurable if the wait for
+        it failed, so the caller records it again, on the current master
+        after a failover (the same call answers the same)."""
         batch = job.batch
-        recorded = self._scripts["record_generation"](
-            keys=[keys.job(job.ref), keys.batch_counts(batch), keys.DUE, keys.SLOTS,
-                  keys.SLOT_HOLDS, keys.batch_unknown(batch), keys.batch_jobs(batch),
-                  keys.batch(batch), keys.batch_failed(batch), keys.ACCOUNT_REFUSALS],
-            args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX,
-                  str(job.extra.get("posting_op", ""))])
+
+        def build(pipe) -> None:
+            self._scripts["record_generation"](
+                keys=[keys.job(job.ref), keys.batch_counts(batch), keys.DUE, keys.SLOTS,
+                      keys.SLOT_HOLDS, keys.batch_unknown(batch), keys.batch_jobs(batch),
+                      keys.batch(batch), keys.batch_failed(batch), keys.ACCOUNT_REFUSALS],
+                args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX,
+                      str(job.extra.get("posting_op", ""))], client=pipe)
+            if durability is not None:
+                durability.append_waits(pipe)
+
+        recorded, *waits = run_pipeline(self.redis, build)
+        if durability is not None:
+            durability.check(waits)
         if recorded == "orphan":
             log.error("job %s: generation %s answered after the batch was purged; kept in "
                       "%s, not downloaded", job.ref, generation_id, keys.ORPHANS)

@@ -111,7 +111,7 @@ class Steps:
         try:
             generation = post_once(self.client, self.store, job, self.settings, lambda error:
                                    revive_refused(self.store, self.admission, self.dispatch,
-                                                  job, error))
+                                                  job, error), self.durability)
         except RateLimited as exc:
             return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()

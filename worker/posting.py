@@ -23,6 +23,7 @@ from celery.signals import worker_process_shutdown
 
 from . import keys
 from .contract import ACCOUNT_STATUSES
+from .durability import Durability
 from .errors import (
     RequestRejected,
     RetryableUpstreamError,
@@ -78,8 +79,8 @@ def answered(store: JobStore, submit: Callable[[dict], Generation], request: dic
 
 
 def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Settings,
-              refused_late: Callable[[UpstreamError], None] | None = None
-              ) -> Generation:
+              refused_late: Callable[[UpstreamError], None] | None = None,
+              durability: Durability | None = None) -> Generation:
     """POST `job` once; its generation id is recorded before this returns. An
     answer that proves nothing was created (a 429, a 503, a 4xx) but comes after the
     step gave up is handed to `refused_late`: the job failed "outcome
@@ -112,7 +113,8 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
             # Not written into `job`: a step that gave up must fail as one that
             # saw no id (lua/transition.lua then leaves a paid job to its poll).
             settle(generation=generation,
-                   generation_id=record_paid(store, job, generation.id, settings.step_grace_s))
+                   generation_id=record_paid(store, job, generation.id, settings.step_grace_s,
+                                             durability))
         except BaseException as exc:  # handed to the waiting step, or logged if it left
             if done.is_set():
                 log.exception("job %s: a late answer to its POST could not be handled", job.ref)
@@ -188,11 +190,13 @@ def on_the_wire(store: JobStore, job: Job,
             mark(False)
 
 
-def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float) -> str:
-    """Store a paid generation id, through a Redis outage if need be."""
+def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,
+                durability: Durability | None = None) -> str:
+    """Store a paid generation id, durably, through a Redis outage or a
+    failover if need be: until then this process holds the only copy."""
     for pause in (*RECORD_RETRY_S, *([10.0] * 360)):
         try:
-            return store.record_generation(job, generation_id, lease_s)
+            return store.record_generation(job, generation_id, lease_s, durability)
         except Exception as exc:
             log.error("job %s: generation %s not recorded yet (%s); retrying",
                       job.ref, generation_id, exc)
