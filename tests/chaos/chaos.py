@@ -88,6 +88,7 @@ class ChaosReport:
     kills: int = 0
     redis_restarts: int = 0
     storms: int = 0
+    refusal_bursts: int = 0
     faults: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
     generations: int = 0
@@ -143,6 +144,7 @@ class ChaosReport:
                                        f"{self.kill_log}"),
             ("redis restarts", f"{self.redis_restarts} at {self.restart_log}"),
             ("429 storms on GET", self.storms),
+            ("403 bursts to POSTs (credits out)", self.refusal_bursts),
             ("faults injected", f"{sum(faults.values())}: "
              + ", ".join(f"{k} {v}" for k, v in faults.items())),
             ("requests forwarded", self.faults.get("forwarded", 0)),
@@ -177,13 +179,18 @@ def run_chaos(parts: ChaosParts, *, jobs: int, seed: int, kill_every_s: float,
               time_scale: float = 60.0, max_in_flight: int = 4, workers: int = 2,
               concurrency: int = 2, storm_every_s: float = 0.0,
               finish_timeout_s: float = 120.0, env: dict | None = None,
+              submits_per_s: int = 0, refusals: bool = False,
               log=print) -> ChaosReport:
     """Run `jobs` prompts under chaos for `duration_s` (default: enough for the kills),
-    then without faults until every job is done or failed; verify and report."""
+    then without faults until every job is done or failed; verify and report.
+    `submits_per_s`: the sandbox refuses POSTs past this many a (wall) second and
+    the workers pace theirs at it. `refusals`: each storm also makes the sandbox
+    answer the next 3-6 POSTs 403 (credits out: two jobs fail, submits pause)."""
     rng = random.Random(seed)
     started = time.monotonic()
     report = ChaosReport(jobs=jobs, seed=seed)
-    sandbox = parts.make_sandbox(time_scale=time_scale, max_concurrency=1000, seed=seed)
+    sandbox = parts.make_sandbox(time_scale=time_scale, max_concurrency=1000, seed=seed,
+                                 max_submits_per_s=submits_per_s)
     proxy = FaultProxy(sandbox.url, seed=seed, rewrite_urls=True, slow_s=1.0).start()
     pipeline = None
     try:
@@ -191,7 +198,7 @@ def run_chaos(parts: ChaosParts, *, jobs: int, seed: int, kill_every_s: float,
                       "VIDQ_MAX_IN_FLIGHT": str(max_in_flight),
                       # Production's durations on the sandbox's clock.
                       "VIDQ_EXPECTED_GENERATION_S": f"{90.0 / time_scale:.2f}",
-                      "VIDQ_MAX_SUBMITS_PER_S": f"{2.0 * time_scale:.2f}",
+                      "VIDQ_MAX_SUBMITS_PER_S": str(submits_per_s or f"{2.0 * time_scale:.2f}"),
                       "VIDQ_DEADLINE_S": f"{1000.0 / time_scale:.2f}",
                       "VIDQ_OVERDUE_POLL_INTERVAL_S": f"{60.0 / time_scale:.2f}"}
         worker_env.update(env or {})
@@ -265,6 +272,9 @@ def run_chaos(parts: ChaosParts, *, jobs: int, seed: int, kill_every_s: float,
                 burst = rng.randint(5, 20)
                 proxy.queue("429", count=burst, method="GET", path_prefix="/v2/")
                 report.storms += 1
+                if refusals:
+                    sandbox.state.add_faults({"submit": [403] * rng.randint(3, 6)})
+                    report.refusal_bursts += 1
                 next_storm = now + storm_every_s * rng.uniform(0.5, 1.5)
             time.sleep(0.1)
         report.chaos_s = time.monotonic() - chaos_start
@@ -455,6 +465,10 @@ def main(argv=None) -> int:
     parser.add_argument("--heavy", action="store_true", help="HEAVY fault rates")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds to wait for the batch once faults stop")
+    parser.add_argument("--submits-per-s", type=int, default=0, metavar="N",
+                        help="the sandbox refuses POSTs past N a second; workers pace at N")
+    parser.add_argument("--refusals", action="store_true",
+                        help="each storm also answers the next 3-6 POSTs 403 (credits out)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 16)
     if args.long:
@@ -467,6 +481,7 @@ def main(argv=None) -> int:
                     finish_timeout_s=120.0)
     if args.timeout:
         plan["finish_timeout_s"] = args.timeout
+    plan.update(submits_per_s=args.submits_per_s, refusals=args.refusals)
 
     tests_dir = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(tests_dir))
