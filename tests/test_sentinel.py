@@ -14,6 +14,8 @@ from collections import Counter
 import pytest
 import redis
 from conftest import write_prompts
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from producer.redis_server import PrivateRedis, PrivateSentinel, sentinel_url
@@ -37,6 +39,14 @@ def _until(condition, timeout_s: float, what: str):
             pass
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def _stalled(client: redis.Redis) -> bool:
+    try:
+        client.ping()
+    except redis.TimeoutError:
+        return True
+    return False
 
 
 class SentinelGroup:
@@ -114,7 +124,7 @@ def test_master_killed_mid_batch_fails_over_with_no_duplicate_post_and_no_lost_j
 def test_a_paid_id_is_not_taken_as_recorded_until_the_replica_has_it(
         tmp_path, steps_for, make_sandbox):  # noqa: F811
     """A paid generation id is waited for as the POST marker is: while the replica
-    cannot acknowledge it (busy for 3 s), recording it raises NotDurable, so the
+    cannot acknowledge it (busy for 5 s), recording it raises NotDurable, so the
     worker keeps the id and records it again (posting.record_paid), on the
     promoted replica if the master dies meanwhile. Taken as recorded at once, the
     id lived only on a master that could die before sending it on: after the
@@ -131,9 +141,10 @@ def test_a_paid_id_is_not_taken_as_recorded_until_the_replica_has_it(
         job = steps.claim(ref, token, "submit")
         assert steps.store.mark_posting(job, steps.durability) == "ok"
         busy = threading.Thread(target=redis.Redis(port=replica.port).execute_command,
-                                args=("DEBUG", "SLEEP", "3"))
+                                args=("DEBUG", "SLEEP", "5"))
         busy.start()
-        time.sleep(0.2)
+        probe = redis.Redis(port=replica.port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
+        _until(lambda: _stalled(probe), 10, "the replica busy")
         with pytest.raises(NotDurable):
             steps.store.record_generation(job, "gen-paid", 30.0, steps.durability)
         busy.join()
