@@ -183,6 +183,37 @@ def test_daily_credit_cap_stops_every_batch_and_raising_it_resumes(make_pipeline
     assert sorted(job.number("credits") for job in done if job.state == "done") == [120000.0] * 4
 
 
+def test_the_daily_cap_warning_prices_the_jobs_that_wait(make_pipeline, tmp_path):
+    """Deployment estimates of 60,000 credits for 480P and 300,000 for 720P (the
+    default is 120,000) and a daily cap of 1,000,000. With 900,000 spent, a 480P
+    batch fits and is not warned; with 800,000, a 720P batch does not, is told it
+    waits for midnight, and `vidq status` says so. (Priced at the default, the
+    first was warned for nothing and the second waited silently.)"""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=4, VIDQ_CREDIT_ESTIMATES=(
+        "alibaba/wan2.1-t2v-turbo@480P=60000,alibaba/wan2.1-t2v-turbo@720P=300000"))
+    pipeline.start_workers(count=1, concurrency=2)
+    client = pipeline.store.redis
+    wait_until(lambda: client.hexists(keys.CONFIG, "credit_estimate@alibaba/wan2.1-t2v-turbo"
+                                      "@720P"), 30, "the workers' estimates")
+    assert _vidq(pipeline, "limits", "--daily-credits", "1000000").returncode == 0
+    today = keys.spend_day(int(client.time()[0]) // 86400)
+    client.hset(today, "spent", 900000)
+
+    cheap = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "c.txt", ["cheap 0"])),
+                  "--batch", "cheap", "--resolution", "480P")
+    wait_until(lambda: pipeline.store.counts("cheap")["done"] == 1, 60, "the 480P video")
+    client.hset(today, "spent", 800000)
+    dear = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "d.txt", ["dear 0"])),
+                 "--batch", "dear", "--resolution", "720P")
+    time.sleep(1.5)
+    status = _vidq(pipeline, "status", "dear")
+
+    assert cheap.returncode == 0 and "daily credit cap" not in cheap.stderr
+    assert "daily credit cap is reached" in dear.stderr
+    assert "paused: daily credit cap" in status.stdout
+    assert [entry["prompt"] for entry in pipeline.ledger()] == ["cheap 0"]
+
+
 def test_old_single_line_is_drained_into_batch_lines(make_pipeline, tmp_path):
     """Jobs waiting in a pre-upgrade `vidq:admission` list are admitted from their batch's line."""
     pipeline = make_pipeline()
