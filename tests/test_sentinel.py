@@ -7,21 +7,15 @@ reaching Redis through `VIDQ_REDIS_URL=sentinel://...;...` plus
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 
 import pytest
 import redis
 from conftest import write_prompts
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from producer.redis_server import PrivateRedis, PrivateSentinel, sentinel_url
-from worker import keys
 from worker.connection import connect
-from worker.durability import NotDurable
 from worker.errors import ConfigError
 from worker.settings import Settings
 
@@ -39,14 +33,6 @@ def _until(condition, timeout_s: float, what: str):
             pass
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout_s} s: {what}")
-
-
-def _stalled(client: redis.Redis) -> bool:
-    try:
-        client.ping()
-    except redis.TimeoutError:
-        return True
-    return False
 
 
 class SentinelGroup:
@@ -119,42 +105,6 @@ def test_master_killed_mid_batch_fails_over_with_no_duplicate_post_and_no_lost_j
     logs = "".join(path.read_text(errors="replace")
                    for path in sorted(pipeline.log_dir.glob("worker-*.log")))
     assert "WAIT for 1 replica(s)" in logs  # the probe ran on the master, via Sentinel
-
-
-def test_a_paid_id_is_not_taken_as_recorded_until_the_replica_has_it(
-        tmp_path, steps_for, make_sandbox):  # noqa: F811
-    """A paid generation id is waited for as the POST marker is: while the replica
-    cannot acknowledge it (busy for 5 s), recording it raises NotDurable, so the
-    worker keeps the id and records it again (posting.record_paid), on the
-    promoted replica if the master dies meanwhile. Taken as recorded at once, the
-    id lived only on a master that could die before sending it on: after the
-    failover the job had its marker and no id, and its paid video was lost."""
-    master = PrivateRedis(tmp_path / "master").start()
-    replica = PrivateRedis(tmp_path / "replica", extra_args=(
-        "--replicaof", "127.0.0.1", str(master.port))).start()
-    try:
-        direct = redis.Redis(port=master.port, decode_responses=True)
-        _until(lambda: direct.info("replication")["connected_slaves"] == 1, 10, "the replica")
-        steps = steps_for(make_sandbox(), VIDQ_REDIS_URL=f"redis://127.0.0.1:{master.port}/0")
-        assert steps.durability.replicas == 1
-        ref, token = _admit_one(steps)
-        job = steps.claim(ref, token, "submit")
-        assert steps.store.mark_posting(job, steps.durability) == "ok"
-        busy = threading.Thread(target=redis.Redis(port=replica.port).execute_command,
-                                args=("DEBUG", "SLEEP", "5"))
-        busy.start()
-        probe = redis.Redis(port=replica.port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
-        _until(lambda: _stalled(probe), 10, "the replica busy")
-        with pytest.raises(NotDurable):
-            steps.store.record_generation(job, "gen-paid", 30.0, steps.durability)
-        busy.join()
-        assert steps.store.record_generation(job, "gen-paid", 30.0, steps.durability) \
-            == "gen-paid"
-        on_replica = redis.Redis(port=replica.port, decode_responses=True)
-        assert on_replica.hget(keys.job(ref), "generation_id") == "gen-paid"
-    finally:
-        replica.stop()
-        master.stop()
 
 
 def test_connect_reaches_the_new_master_and_reloads_scripts(sentinel_group):

@@ -42,7 +42,10 @@ REPROBE_S = 30.0
 
 
 class NotDurable(redis.RedisError):
-    """The marker did not reach disk or the replicas in time: do not POST."""
+    """The marker did not reach disk or the replicas in time: do not POST.
+    (For a generation id: `answer` is what its recording answered.)"""
+
+    answer: str = ""
 
 
 @dataclass

@@ -21,7 +21,7 @@ import redis
 
 from . import events, keys
 from .connection import op_id, run_pipeline
-from .durability import Durability
+from .durability import Durability, NotDurable
 from .errors import MarkerUnconfirmed
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,9 @@ class JobStore:
     def record_generation(self, job: Job, generation_id: str, lease_s: float,
                           durability: Durability | None = None) -> str:
         """Record a paid generation id (lua/record_generation.lua for the
-        answers), durable as the POST marker is: NotDurable if the wait for
-        it failed, so the caller records it again, on the current master
-        after a failover (the same call answers the same)."""
+        answers), durable as the POST marker is: NotDurable (with the answer)
+        if the wait for it failed, so the caller records it again, on the
+        current master after a failover (the same call answers the same)."""
         batch = job.batch
 
         def build(pipe) -> None:
@@ -242,12 +242,16 @@ class JobStore:
                 durability.append_waits(pipe)
 
         recorded, *waits = run_pipeline(self.redis, build)
-        if durability is not None:
-            durability.check(waits)
         if recorded == "orphan":
             log.error("job %s: generation %s answered after the batch was purged; kept in "
                       "%s, not downloaded", job.ref, generation_id, keys.ORPHANS)
-            return generation_id
+            recorded = generation_id
+        if durability is not None:
+            try:
+                durability.check(waits)
+            except NotDurable as exc:
+                exc.answer = recorded  # the script ran: its answer stands
+                raise
         return recorded
 
     def transition(self, job: Job, *, state: str = "", next_step: str = "",

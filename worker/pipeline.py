@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 # Rate limiting is the upstream saying "not now", not a fault: allow more tries.
 RATE_LIMIT_ATTEMPT_FACTOR = 5
+# A POST marker Redis could not make durable (its wait timed out): tried again
+# this much later.
+MARKER_RETRY_S = 5.0
 
 
 @dataclass
@@ -95,9 +98,14 @@ class Steps:
         try:
             marker = self.store.mark_posting(job, self.durability,
                                              self.settings.marker_patience_s)
-        except NotDurable:
-            self.store.clear_posting(job)  # nothing was sent
-            raise
+        except NotDurable as exc:
+            # Nothing was sent. Redis cannot make the marker durable now (a
+            # replica lagging, an fsync stalled): no fault of the job's, so it
+            # keeps its slot and tries again shortly, spending no attempt.
+            self.store.clear_posting(job)
+            log.warning("job %s: not POSTed yet: %s", job.ref, exc)
+            self._next(job, Step.SUBMIT, MARKER_RETRY_S)
+            return
         if marker == "stale":
             return
         if marker == "has_id":

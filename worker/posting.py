@@ -23,7 +23,7 @@ from celery.signals import worker_process_shutdown
 
 from . import keys
 from .contract import ACCOUNT_STATUSES
-from .durability import Durability
+from .durability import Durability, NotDurable
 from .errors import (
     RequestRejected,
     RetryableUpstreamError,
@@ -112,9 +112,8 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
                 return
             # Not written into `job`: a step that gave up must fail as one that
             # saw no id (lua/transition.lua then leaves a paid job to its poll).
-            settle(generation=generation,
-                   generation_id=record_paid(store, job, generation.id, settings.step_grace_s,
-                                             durability))
+            record_paid(store, job, generation.id, settings.step_grace_s, durability,
+                        lambda recorded: settle(generation=generation, generation_id=recorded))
         except BaseException as exc:  # handed to the waiting step, or logged if it left
             if done.is_set():
                 log.exception("job %s: a late answer to its POST could not be handled", job.ref)
@@ -191,14 +190,29 @@ def on_the_wire(store: JobStore, job: Job,
 
 
 def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,
-                durability: Durability | None = None) -> str:
+                durability: Durability | None, recorded: Callable[[str], object]) -> None:
     """Store a paid generation id, durably, through a Redis outage or a
-    failover if need be: until then this process holds the only copy."""
+    failover if need be: until then this process holds the only copy.
+    `recorded(id)` is called once Redis has it, durable or not yet: polling
+    it is harmless, and the step must not wait for a lagging replica."""
+    handed = False
     for pause in (*RECORD_RETRY_S, *([10.0] * 360)):
         try:
-            return store.record_generation(job, generation_id, lease_s, durability)
+            answer = store.record_generation(job, generation_id, lease_s, durability)
+            if not handed:
+                recorded(answer)
+            return
+        except NotDurable as exc:  # the script ran: the id is there, not yet durable
+            if not handed:
+                handed = True
+                recorded(exc.answer)
+            log.warning("job %s: generation %s recorded, not yet durable (%s); recording "
+                        "it again", job.ref, generation_id, exc)
         except Exception as exc:
             log.error("job %s: generation %s not recorded yet (%s); retrying",
                       job.ref, generation_id, exc)
-            time.sleep(pause)
-    raise RuntimeError(f"generation {generation_id} of {job.ref} could not be recorded")
+        time.sleep(pause)
+    if not handed:
+        raise RuntimeError(f"generation {generation_id} of {job.ref} could not be recorded")
+    log.error("job %s: generation %s recorded but never confirmed durable", job.ref,
+              generation_id)
