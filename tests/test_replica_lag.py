@@ -19,7 +19,7 @@ from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from producer.redis_server import PrivateRedis
 from worker import keys
-from worker.durability import NotDurable
+from worker.durability import Durability, NotDurable
 from worker.tasks import _run
 
 
@@ -120,3 +120,19 @@ def test_a_replica_stopped_after_a_201_delays_neither_the_poll_nor_other_jobs(
     assert resent, "the second job's submit was not sent again"
     _run(steps, "submit", steps.claim(other, resent[-1], "submit"))
     assert steps.store.get(other).generation_id and sandbox.stats()["submissions"] == 2
+
+
+def test_wait_answers_are_checked_by_what_they_are_not_by_flags_refreshed_since(
+        replicated):
+    """A late POST's thread and the next step share one Durability: a refresh in
+    one between the other's append_waits and check must not make check read a
+    WAIT's answer as WAITAOF's or skip one. Each answer is read by its shape."""
+    master, _ = replicated
+    durability = Durability.probe(redis.Redis(port=master.port, decode_responses=True))
+    assert (durability.waitaof, durability.replicas) == (False, 1)
+    durability.check([1])
+    durability.check([[1, 1]])  # a WAITAOF appended before a refresh turned it off
+    with pytest.raises(NotDurable, match="WAITAOF"):
+        durability.check([[0, 1]])
+    with pytest.raises(NotDurable, match="WAIT: 0 of 1"):
+        durability.check([[1, 0], 0])

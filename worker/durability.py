@@ -130,17 +130,21 @@ class Durability:
         if self.evicts_any_key:  # changed since the worker started (refresh)
             raise NotDurable(f"Redis maxmemory-policy is {self.eviction}: the POST marker "
                              "may be evicted")
-        answers = list(answers)
-        if self.waitaof and int(answers.pop(0)[0]) < 1:
-            raise NotDurable("WAITAOF: the POST marker was not fsynced in time")
-        if self.replicas:
-            acknowledged = int(answers.pop(0))
-            if acknowledged < self.replicas:
-                expected = self.replicas
-                self.refresh()  # on the current master: after a failover it has fewer
-                if acknowledged < self.replicas or self.replicas >= expected:
-                    raise NotDurable(f"WAIT: {acknowledged} of {expected} replicas have "
-                                     "the POST marker")
-                log.warning("POST marker acknowledged by %d replica(s), all the current "
-                            "master has (was %d): %s", acknowledged, expected,
-                            self.describe())
+        # Told apart by their shape, not by this object's flags: another thread
+        # (a late POST's) may refresh them between append_waits and here.
+        for answer in answers:
+            if isinstance(answer, list | tuple):  # WAITAOF: [local fsyncs, replicas]
+                if int(answer[0]) < 1:
+                    raise NotDurable("WAITAOF: the POST marker was not fsynced in time")
+            else:
+                self._check_replicas(int(answer))
+
+    def _check_replicas(self, acknowledged: int) -> None:
+        if acknowledged >= self.replicas:
+            return
+        expected = self.replicas
+        self.refresh()  # on the current master: after a failover it has fewer
+        if acknowledged < self.replicas or self.replicas >= expected:
+            raise NotDurable(f"WAIT: {acknowledged} of {expected} replicas have the POST marker")
+        log.warning("POST marker acknowledged by %d replica(s), all the current master has "
+                    "(was %d): %s", acknowledged, expected, self.describe())
