@@ -7,9 +7,9 @@ import pytest
 import redis
 
 from worker import keys
-from worker.durations import DurationModel
+from worker.durations import DurationModel, cache_s
 from worker.errors import ConfigError
-from worker.schedule import backoff_delay
+from worker.schedule import PollPlan, backoff_delay
 from worker.settings import Settings
 
 
@@ -47,6 +47,17 @@ def test_a_worker_sees_another_workers_news_within_a_few_percent_of_t(redis_url)
     assert one.plan("m", "720P").first_s < 0.6 * before.first_s
     time.sleep(0.03 * before.first_s + 0.05)
     assert other.plan("m", "720P").first_s < 0.6 * before.first_s
+
+
+def test_a_costly_plan_is_refitted_at_most_a_twentieth_of_the_time():
+    """A fit with 200 jobs still running takes ~20-30 ms: refitted every 3% of a
+    3.5 s aim (0.1 s), it would take a core at C = 200; it is reused for 20 times
+    its cost. A cheap fit keeps the 3% rule, and nothing is reused over 2 s."""
+    plan = PollPlan(3.5, 4.0, 0.2, 4.0)
+    assert cache_s(plan, 0.001) == pytest.approx(0.105)
+    assert cache_s(plan, 0.030) == pytest.approx(0.6)
+    assert cache_s(PollPlan(80.0, 90.0, 5.0, 90.0), 0.001) == 2.0
+    assert cache_s(plan, 1.0) == 2.0
 
 
 def test_a_durations_key_of_the_wrong_type_gives_the_cold_start_not_an_error(redis_url):

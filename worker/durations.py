@@ -7,8 +7,9 @@ submit and by the one at hi; lo 0 for a first poll), with ":late" appended
 when the job was still running far past the plan's aims, ":slower" when it
 ended a run of late ones (the upstream got slower). Every worker
 process computes the same plan from the same list; its own copy is cached for
-`CACHE_S` or `CACHE_SHARE` of its first aim, whichever is shorter, and dropped
-when it records a completion. (A copy kept 2 s is nothing against 90 s
+`CACHE_S` or `CACHE_SHARE` of its first aim, whichever is shorter (but long
+enough that refits take at most `CPU_SHARE` of its time), and dropped when it
+records a completion. (A copy kept 2 s is nothing against 90 s
 generations, but against 5 s ones it aims a third of a second's submits with
 a plan the other processes have already dropped.)
 """
@@ -38,12 +39,17 @@ from .schedule import (
 log = logging.getLogger(__name__)
 
 CACHE_S = 2.0
-CACHE_SHARE = 0.03  # a fit takes about 1 ms: refitting this often costs little
+CACHE_SHARE = 0.03
+# Refits take at most this share of a process's time: a fit of 60 samples
+# takes about 1 ms, but one of a batch's first completions with 200 jobs
+# still running (C = 200) about 30 ms.
+CPU_SHARE = 0.05
 
 
-def cache_s(plan: PollPlan) -> float:
-    """How long a process may reuse `plan` before it fits the samples again."""
-    return min(CACHE_S, CACHE_SHARE * plan.first_s)
+def cache_s(plan: PollPlan, fit_s: float = 0.0) -> float:
+    """How long a process may reuse `plan`, whose reading and fitting took
+    `fit_s`, before it fits the samples again."""
+    return min(CACHE_S, max(CACHE_SHARE * plan.first_s, fit_s / CPU_SHARE))
 
 
 class DurationModel:
@@ -52,13 +58,14 @@ class DurationModel:
     def __init__(self, client: redis.Redis, prior_s: float):
         self.redis = client
         self.prior_s = prior_s
-        self._cache: dict[str, tuple[PollPlan, float]] = {}
+        self._cache: dict[str, tuple[PollPlan, float, float]] = {}  # plan, when, cost
 
     def plan(self, model: str, resolution: str) -> PollPlan:
         key = keys.durations(model, resolution)
         cached = self._cache.get(key)
-        if cached and time.monotonic() - cached[1] < cache_s(cached[0]):
+        if cached and time.monotonic() - cached[1] < cache_s(cached[0], cached[2]):
             return cached[0]
+        started = time.monotonic()
         try:
             samples = self._newest(key, WINDOW)
             current, _ = fitted(samples)
@@ -70,7 +77,8 @@ class DurationModel:
                         model, resolution, exc)
             samples, running = [], []
         plan = plan_from(samples, self.prior_s, running)
-        self._cache[key] = (plan, time.monotonic())
+        now = time.monotonic()
+        self._cache[key] = (plan, now, now - started)
         return plan
 
     def _newest(self, key: str, count: int) -> list[Sample]:
