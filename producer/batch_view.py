@@ -73,6 +73,7 @@ def deployment(admission: Admission) -> dict:
             "submits_paused_s": round(submits_ms / 1000, 1) if submits_ms > 0 else 0,
             # Set only when the upstream refused the account (401, 403), not on a 429.
             "submits_paused_why": admission.redis.get(keys.PAUSE_SUBMIT_WHY) or "",
+            "storage_failing": admission.redis.get(keys.STORAGE_FAILING) or "",
             "polls_paused_s": round(polls_ms / 1000, 1) if polls_ms > 0 else 0,
             "orphaned_generations": admission.redis.hlen(keys.ORPHANS),
             "settings_disagree": disagreements(running_values(admission.redis))}
@@ -127,6 +128,8 @@ def eta(status: dict, admission: Admission, settings: Settings | None) -> tuple[
     if status["waiting"] and status["deployment"]["submits_paused_why"]:
         # The last hour's rate says nothing of when the account is usable again.
         return None, "submits paused: the upstream refused the account"
+    if status["deployment"]["storage_failing"]:
+        return None, "storage failing"
     if status["rate_per_min"] > 0:
         return round(left * 60 / status["rate_per_min"]), "observed rate"
     cap = status["deployment"]["effective_max_in_flight"] or status["deployment"]["max_in_flight"]

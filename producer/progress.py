@@ -157,13 +157,17 @@ def warnings(status: dict) -> list[str]:
         found.append(f"{status['recent_failures']} failures in the last "
                      f"{SPIKE_WINDOW_S / 60:.0f} min"
                      + (f" (most: {top[0]['reason']})" if top else ""))
+    storage = status["deployment"].get("storage_failing")
+    if storage:
+        found.append(f"storage failing ({storage}): no new POSTs until it works; paid "
+                     "videos wait for it (their links last about 24 h)")
     why = status["deployment"].get("submits_paused_why")
     for call in ("submits", "polls"):
         paused = status["deployment"].get(f"{call}_paused_s")
         if paused and call == "submits" and why:
             found.append(f"the upstream refused the account ({why}): submits paused for "
                          f"{paused:g} s, then tried again; check the API key and the credits")
-        elif paused:
+        elif paused and not (storage and call == "submits"):
             found.append(f"the upstream answered 429: {call} paused for {paused:g} s")
     return found
 

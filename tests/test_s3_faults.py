@@ -79,6 +79,27 @@ def test_storage_that_cannot_answer_the_resume_check_is_no_reason_to_post(
     assert heads.hits == 12
 
 
+def test_storage_down_longer_than_the_attempts_fails_no_unpaid_job(
+        make_pipeline, make_sandbox, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
+    """S3 answers the submits' resume checks 503 five times over, with
+    VIDQ_MAX_ATTEMPTS = 2: the jobs wait in line, unpaid, spending no attempt,
+    until S3 answers; then each is POSTed once and done. (Each failed check
+    spent an attempt: an outage of a few minutes failed the prompts admitted
+    during it, for a manual `vidq retry`.)"""
+    env = {**aws_env, "AWS_ENDPOINT_URL": s3_faults.url,
+           "VIDQ_STORAGE_URL": f"s3://{bucket}/night", "VIDQ_MAX_ATTEMPTS": "2"}
+    pipeline = make_pipeline(make_sandbox(), **env)
+    heads = s3_faults.fail(lambda request: request.method == "HEAD", status=503, count=15)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", PROMPTS), "b1")
+
+    counts = pipeline.wait_finished("b1", timeout_s=90)
+
+    assert heads.hits == 15
+    assert counts["done"] == len(PROMPTS), counts
+    assert sorted(entry["prompt"] for entry in pipeline.ledger()) == sorted(PROMPTS)
+
+
 def test_a_video_stored_before_its_sidecar_failed_is_not_fetched_again(
         make_pipeline, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
     """The video lands whole, its sidecar's PUT fails, and by the retry the

@@ -98,6 +98,7 @@ PAUSE_POLL = PREFIX + "pause:poll"
 # Why submits are paused, when the upstream refused the account (401, 403);
 # lives as long as that pause.
 PAUSE_SUBMIT_WHY = PREFIX + "pause:submit:why"
+STORAGE_FAILING = PREFIX + "storage:failing"  # why, while storage fails (storage_pause)
 # 401/403 answers to POSTs in a row, deployment-wide; a recorded POST resets it.
 ACCOUNT_REFUSALS = PREFIX + "account:refusals"
 POST_TURNS = PREFIX + "posts:turns"  # when the next POST may be booked (worker/pacing.py)

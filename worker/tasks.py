@@ -27,6 +27,7 @@ from .pipeline import Steps
 from .settings import Settings
 from .spend import CreditEstimates
 from .storage import open_storage
+from .storage_pause import storage_failing
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,11 @@ def _run(steps: Steps, step: str, job) -> None:
         steps.refresh_link(job, exc)
     except SubmitOutcomeUnknown as exc:
         steps.fail(job, f"{OUTCOME_UNKNOWN}: {exc}")
-    except (RetryableUpstreamError, CorruptVideo, StorageError, MarkerUnconfirmed) as exc:
+    except (RetryableUpstreamError, CorruptVideo, MarkerUnconfirmed) as exc:
         steps.retry(job, exc)
+    except StorageError as exc:
+        if not storage_failing(steps.store, job, exc, steps.settings.backoff_cap_s):
+            steps.retry(job, exc)
     except PermanentUpstreamError as exc:
         steps.rejected(job, exc)
     except Exception as exc:

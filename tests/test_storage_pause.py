@@ -1,0 +1,46 @@
+"""Storage that cannot take videos stops new POSTs; paid videos wait for it.
+Real workers, Redis and the sandbox; local storage whose root cannot be made
+(a file stands where its directory goes), then can."""
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+
+from conftest import wait_until, write_prompts
+
+from worker import keys
+
+PROMPTS = [f"a lighthouse at dusk, take {i}" for i in range(8)]
+
+
+def test_storage_failing_stops_new_posts_and_every_paid_video_lands_once_it_works(
+        make_pipeline, make_sandbox, tmp_path):
+    """The videos' directory cannot be created: the first completed videos fail
+    to store, submits pause for every worker (renewed while it fails), `vidq
+    status` says why with no ETA, and the prompts not yet sent wait unpaid.
+    Once the directory can be made, every video lands, each prompt POSTed once.
+    (Before, the whole batch was bought while nothing could be stored.)"""
+    blocked = tmp_path / "disk"
+    blocked.write_text("a file where the videos' directory goes")
+    pipeline = make_pipeline(make_sandbox(max_concurrency=0), VIDQ_MAX_IN_FLIGHT=2,
+                             VIDQ_STORAGE_URL=(blocked / "videos").as_uri())
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", PROMPTS), "night")
+
+    wait_until(lambda: pipeline.store.redis.exists(keys.STORAGE_FAILING), 60,
+               "storage failing noticed")
+    posted = len(pipeline.ledger())
+    time.sleep(6)  # three backoff caps: the pause is renewed by each failed download
+    still_posted = len(pipeline.ledger())
+    status = subprocess.run(["vidq", "status", "night"], env=pipeline.env,
+                            capture_output=True, text=True, timeout=60)
+    blocked.unlink()
+    counts = pipeline.wait_finished("night", timeout_s=120)
+
+    assert still_posted == posted < len(PROMPTS), (posted, still_posted)
+    assert "storage failing (" in status.stdout and "no new POSTs until it works" in status.stdout
+    assert "ETA unknown (storage failing)" in status.stdout
+    assert counts["done"] == len(PROMPTS), counts
+    assert Counter(entry["prompt"] for entry in pipeline.ledger()) == Counter(PROMPTS)
+    assert len(list((tmp_path / "disk" / "videos" / "night").glob("*.mp4"))) == len(PROMPTS)
