@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -244,6 +245,39 @@ def test_a_late_generation_id_is_kept_due_and_counted_in_flight(steps_for, redis
     assert record.generation_id == "paid-late" and record.state == "submitted"
     assert client.zscore("vidq:due", ref) is not None
     assert client.zscore("vidq:slots", ref) is not None
+
+
+def test_a_result_host_that_cannot_be_reached_gets_a_fresh_link_after_two_tries(
+        steps_for, make_sandbox):
+    """The saved result link names a host nobody answers on (a `vidq run --sandbox`
+    resumed on a new port; a CDN edge gone): after two failed downloads the
+    generation is fetched again, and the fresh link's video is stored. (The same
+    dead link was tried again until the 24 h hard limit.)"""
+    from worker.tasks import _run as run_step
+
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox)
+    ref, token = _admit_one(steps)
+    token = _until_completed(steps, ref, token)
+    with socket.socket() as closed:  # a port nobody listens on once this closes
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    stale = steps.store.get(ref).extra["video_url"].replace(
+        sandbox.url, f"http://127.0.0.1:{dead}")
+    steps.store.redis.hset(keys.job(ref), "video_url", stale)
+
+    seen = []
+    for _ in range(4):
+        step, _, token = steps.sent[-1]
+        seen.append(step)
+        run_step(steps, step, steps.claim(ref, token, step))
+        if steps.store.get(ref).state == "done":
+            break
+
+    assert seen == ["download", "download", "poll", "download"]
+    record = steps.store.get(ref)
+    assert record.state == "done" and record.extra["sha256"]
+    assert sandbox.stats()["submissions"] == 1
 
 
 def test_a_result_link_refused_again_and_again_is_refreshed_until_the_hard_limit(steps_for):

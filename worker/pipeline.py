@@ -22,6 +22,7 @@ from .errors import (
     ResultRefused,
     SubmitOutcomeUnknown,
     UpstreamError,
+    UpstreamUnavailable,
 )
 from .generation import Generation
 from .job_rules import (
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 # Rate limiting is the upstream saying "not now", not a fault: allow more tries.
 RATE_LIMIT_ATTEMPT_FACTOR = 5
+# Failed downloads of one result link before the generation is fetched again
+# for a fresh one.
+TRIES_PER_LINK = 2
 # A POST marker Redis could not make durable (its wait timed out): tried again
 # this much later.
 MARKER_RETRY_S = 5.0
@@ -236,6 +240,12 @@ class Steps:
                    polls=job.polls)
 
     def retry(self, job: Job, error: Exception) -> None:
+        if (job.step == Step.DOWNLOAD and isinstance(error, UpstreamUnavailable)
+                and (job.attempts + 1) % TRIES_PER_LINK == 0):
+            # A host that cannot be reached may not be the one a fresh link
+            # names (a CDN edge down; a resumed `vidq run --sandbox` on a new
+            # port): one GET for a new link every few failed downloads.
+            return self.refresh_link(job, error)
         delay = getattr(error, "retry_after", None)
         if delay is None:
             delay = backoff_delay(job.attempts + 1, self.settings.backoff_base_s,
