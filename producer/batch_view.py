@@ -141,9 +141,12 @@ def eta(status: dict, admission: Admission, settings: Settings | None) -> tuple[
 
 
 def top_reasons(found: list[Failure], limit: int = TOP_REASONS) -> dict:
-    """Failures grouped by reason (numbers folded, so "after 86412 s" and
-    "after 86417 s" are one reason), the most common first."""
-    grouped = Counter(reason_group(failure.reason) for failure in found)
+    """Failures grouped by reason (numbers and the job's id folded, so "after
+    86412 s" and "after 86417 s" are one reason), the most common first."""
+    # A job's own id (in its storage key, say) must not make each reason unique.
+    grouped = Counter(reason_group(failure.reason.replace(failure.job_id, "<job>")
+                                   if failure.job_id else failure.reason)
+                      for failure in found)
     return {"count": len(found),
             "top_reasons": [{"reason": reason, "count": count}
                             for reason, count in grouped.most_common(limit)]}

@@ -101,7 +101,8 @@ def interrupted(admission, batch: str, console: Console) -> None:
             in_flight = sum(counts[s] for s in ("submitted", "generating", "overdue",
                                                 "downloading"))
             console.print(f"\ninterrupted: {status['finished']}/{status['total']} finished, "
-                          f"{in_flight} in flight upstream (paid; polled on resume), "
+                          f"{in_flight} in flight upstream or downloading "
+                          "(paid; taken up on resume), "
                           f"{counts['queued']} not submitted yet")
         except Exception:  # Redis may already be gone; the hint below still holds
             pass

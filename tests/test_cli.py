@@ -129,3 +129,17 @@ def test_failure_reasons_fold_counts_not_names():
                                       "['alibaba/wan2.1-t2v-turbo']")
     assert (reason_group("timeout: still 'generating' after 86412 s (hard limit)")
             == reason_group("timeout: still 'generating' after 86417.5 s (hard limit)"))
+
+
+def test_failure_reasons_that_name_their_job_are_one_reason():
+    """Eight jobs failed on S3 lookups of their own keys: one reason, not eight
+    lines of '1 x' (their ids, folded digit by digit, read 'p-N8d87b')."""
+    from producer.batch_view import top_reasons
+    from worker.retry import Failure
+
+    found = [Failure(job_id, f"submit: gave up after 8 attempts: cannot look up "
+                             f"s3://b/night/{job_id}.json: EndpointConnectionError", "", False)
+             for job_id in ("p-3f8d87b1", "p-9a0c", "p-77e2d1")]
+    assert top_reasons(found)["top_reasons"] == [{
+        "reason": "submit: gave up after N attempts: cannot look up s3://b/night/<job>.json: "
+                  "EndpointConnectionError", "count": 3}]
