@@ -47,13 +47,14 @@ def local_system(options: RunOptions, console: Console):
     """Yields the environment every part of this run shares, and the worker supervisor."""
     env = dict(os.environ)
     with contextlib.ExitStack() as stack:
+        server = None
         if not env.get("VIDQ_REDIS_URL"):
             server = stack.enter_context(PrivateRedis(options.state_dir / "redis"))
             env["VIDQ_REDIS_URL"] = server.url
             console.print(f"private Redis at {server.url}, state in {server.state_dir}")
         if options.use_sandbox:
             env.update(stack.enter_context(sandbox_upstream(env, console, options.state_dir)))
-        supervisor = stack.enter_context(worker_processes(options, env, console))
+        supervisor = stack.enter_context(worker_processes(options, env, console, server))
         yield env, supervisor
 
 
@@ -94,6 +95,7 @@ class Supervisor:
     started_at: list[float] = field(default_factory=list)
     quick_exits: int = 0
     restarts: int = 0
+    redis: PrivateRedis | None = None  # this run's own Redis, if it started one
 
     def start(self, index: int) -> subprocess.Popen:
         log_dir = self.options.state_dir / "logs"
@@ -115,8 +117,21 @@ class Supervisor:
             self.processes.append(self.start(index))
             self.started_at.append(time.monotonic())
 
+    def redis_stopped(self) -> str:
+        """Why this run's own Redis stopped ("" while it runs, or if it has
+        none): nothing restarts it, so waiting for it is pointless."""
+        process = self.redis.process if self.redis else None
+        if self.redis is None or process is None or process.poll() is None:
+            return ""
+        log = self.redis.state_dir / self.redis.log_name
+        tail = log.read_text(errors="replace").strip().splitlines()[-2:] if log.exists() else []
+        return f"exit status {process.returncode}; {log} ends: " + " / ".join(tail)
+
     def keep_alive(self) -> bool:
-        """Restart exited workers; False once they keep dying at start-up."""
+        """Restart exited workers; False once they keep dying at start-up, or
+        once this run's Redis has stopped."""
+        if self.redis_stopped():
+            return False
         for index, process in enumerate(self.processes):
             if process.poll() is None:
                 continue
@@ -133,8 +148,9 @@ class Supervisor:
 
 
 @contextlib.contextmanager
-def worker_processes(options: RunOptions, env: dict, console: Console):
-    supervisor = Supervisor(options, env, console)
+def worker_processes(options: RunOptions, env: dict, console: Console,
+                     redis: PrivateRedis | None = None):
+    supervisor = Supervisor(options, env, console, redis=redis)
     try:
         supervisor.start_all()
         console.print(f"{options.workers} worker process(es) and one for webhooks, logs in "

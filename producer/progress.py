@@ -63,18 +63,22 @@ def _bars(admission, batch, console, settings, interval_s, keep_going) -> dict:
             if is_finished(status) or not keep_going():
                 return status
             time.sleep(interval_s)
-            status = _next_status(admission, batch, settings, console, interval_s)
+            status = _next_status(admission, batch, settings, console, interval_s, keep_going)
 
 
-def _next_status(admission, batch, settings, console, interval_s) -> dict:
+def _next_status(admission, batch, settings, console, interval_s,
+                 keep_going: Callable[[], bool] = lambda: True) -> dict:
     """The next status. A Redis away for a while (a restart, a failover) is
     waited for, not an error: the batch runs on meanwhile, and the watch's
-    exit status is for its outcome."""
+    exit status is for its outcome. Not once keep_going() is False (the
+    run's own Redis stopped: nothing will bring it back)."""
     away_since = None
     while True:
         try:
             return batch_status(admission, batch, settings)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if not keep_going():
+                raise
             if away_since is None:
                 away_since = time.monotonic()
                 console.print(f"warning: Redis unreachable ({type(exc).__name__}); watching "
@@ -110,7 +114,7 @@ def _lines(admission, batch, console, settings, interval_s, every_s, keep_going)
         if is_finished(status) or not keep_going():
             return status
         time.sleep(interval_s)
-        status = _next_status(admission, batch, settings, console, interval_s)
+        status = _next_status(admission, batch, settings, console, interval_s, keep_going)
 
 
 def summary_line(status: dict) -> str:

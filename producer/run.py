@@ -70,6 +70,16 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
         except KeyboardInterrupt:
             interrupted(admission, batch, console)
             return 130
+        except (redis.ConnectionError, redis.TimeoutError):
+            why = supervisor.redis_stopped()
+            if not why:
+                raise
+            # A full disk stops a Redis with appendfsync always: say so, not
+            # "cannot use Redis (VIDQ_REDIS_URL)" five minutes later.
+            console.print(f"[red]this run's Redis stopped ({why})[/]; once the cause is "
+                          f"fixed (a full disk?), the state in {options.state_dir} is kept")
+            interrupted(None, batch, console)
+            return 2
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)

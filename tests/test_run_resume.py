@@ -191,6 +191,35 @@ def test_an_interrupted_sandbox_run_resumes_its_generations(tmp_path):
     assert len(manifest.read_text().splitlines()) == 4
 
 
+def test_a_run_whose_own_redis_stops_says_so_at_once_and_the_rerun_finishes(tmp_path):
+    """The run's private Redis dies (a full disk stops a Redis with appendfsync
+    always): `vidq run` says so at once, naming its log, and how to resume, exit
+    status 2 (it waited 5 minutes for a Redis nothing would restart, then blamed
+    VIDQ_REDIS_URL, a variable the user never set). The rerun finishes the batch,
+    one generation per prompt."""
+    env = _sandbox_env(tmp_path)
+    prompts = [f"stopped {i}" for i in range(4)]
+    path = write_prompts(tmp_path / "night.txt", prompts)
+    process = subprocess.Popen(["vidq", "run", str(path), "--sandbox", "--state-dir",
+                                str(tmp_path / "state")], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(_journal(tmp_path).values()) < 1:
+        time.sleep(0.2)
+    pid = int((tmp_path / "state" / "redis" / "redis-server.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    stopped = time.monotonic()
+    output, _ = process.communicate(timeout=60)
+
+    assert process.returncode == 2, output
+    assert time.monotonic() - stopped < 30
+    assert "this run's Redis stopped (exit status -9;" in output and "redis.log" in output
+    assert "resume with: vidq run" in output and "VIDQ_REDIS_URL" not in output
+    rerun = _run(path, tmp_path, env, "--sandbox")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert _journal(tmp_path) == Counter({p: 1 for p in prompts})
+
+
 def _sandbox_env(tmp_path) -> dict:
     env = dict(os.environ)
     for name in ("VIDQ_REDIS_URL", "AIML_API_KEY", "AIMLAPI_KEY", "AIMLAPI_BASE_URL",
