@@ -3,6 +3,7 @@ Real workers, Redis and the sandbox; local storage whose root cannot be made
 (a file stands where its directory goes), then can."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections import Counter
@@ -23,15 +24,18 @@ def test_storage_failing_stops_new_posts_and_every_paid_video_lands_once_it_work
     (Before, the whole batch was bought while nothing could be stored.)"""
     blocked = tmp_path / "disk"
     blocked.write_text("a file where the videos' directory goes")
+    # Retries 1, 2, 4 s apart: each paid job's three pauses (storage_pause.PAUSES_PER_JOB)
+    # outlast the 6 s looked at.
     pipeline = make_pipeline(make_sandbox(max_concurrency=0), VIDQ_MAX_IN_FLIGHT=2,
-                             VIDQ_STORAGE_URL=(blocked / "videos").as_uri())
+                             VIDQ_STORAGE_URL=(blocked / "videos").as_uri(),
+                             VIDQ_BACKOFF_BASE_S="1", VIDQ_BACKOFF_CAP_S="4")
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", PROMPTS), "night")
 
     wait_until(lambda: pipeline.store.redis.exists(keys.STORAGE_FAILING), 60,
                "storage failing noticed")
     posted = len(pipeline.ledger())
-    time.sleep(6)  # three backoff caps: the pause is renewed by each failed download
+    time.sleep(6)  # the pause is renewed by each failed download
     still_posted = len(pipeline.ledger())
     status = subprocess.run(["vidq", "status", "night"], env=pipeline.env,
                             capture_output=True, text=True, timeout=60)
@@ -44,3 +48,29 @@ def test_storage_failing_stops_new_posts_and_every_paid_video_lands_once_it_work
     assert counts["done"] == len(PROMPTS), counts
     assert Counter(entry["prompt"] for entry in pipeline.ledger()) == Counter(PROMPTS)
     assert len(list((tmp_path / "disk" / "videos" / "night").glob("*.mp4"))) == len(PROMPTS)
+
+
+def test_one_jobs_own_storage_error_stalls_neither_the_batch_nor_the_deployment(
+        make_pipeline, make_sandbox, tmp_path):
+    """p0's sidecar is a symlink that leaves the storage root: its resume check
+    fails, and only p0's. It pauses submits a few times, then is retried like
+    any failure and ends failed; the other jobs are POSTed and done. (Put back
+    at the front of its line each time, it stopped every POST for good: h37.)"""
+    root = tmp_path / "videos"
+    (root / "night").mkdir(parents=True)
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (root / "night" / "p0.json").symlink_to(tmp_path / "elsewhere.json")
+    rows = [{"id": f"p{i}", "prompt": f"a red kite over dunes, take {i}"} for i in range(4)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pipeline = make_pipeline(make_sandbox(), VIDQ_MAX_IN_FLIGHT=1, VIDQ_MAX_ATTEMPTS=3,
+                             VIDQ_STORAGE_URL=root.as_uri())
+    pipeline.start_workers()
+    pipeline.enqueue(prompts, "night")
+
+    counts = pipeline.wait_finished("night", timeout_s=90)
+
+    assert (counts["done"], counts["failed"]) == (3, 1), counts
+    assert "leaves the storage root" in pipeline.store.get("night:p0").last_error
+    assert sorted(entry["prompt"] for entry in pipeline.ledger()) == [
+        row["prompt"] for row in rows[1:]]

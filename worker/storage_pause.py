@@ -1,11 +1,17 @@
 """Storage that cannot take videos (a full disk, an S3 endpoint down) stops
 new POSTs. Paid videos keep waiting for it (their result links live ~24 h);
-buying more of them meanwhile only adds to what may be lost. Each storage
+buying more of them meanwhile only adds to what may be lost. A storage
 failure, at a download or at a submit's resume check, pauses submits for
-every worker for `VIDQ_BACKOFF_CAP_S` (the 429 pause: it only grows) and says why in
-`keys.STORAGE_FAILING`, read by `vidq status`. A job not yet POSTed goes back
-to the front of its line, spending no attempt: a night's S3 outage must not
-fail the prompts that happened to be admitted during it.
+every worker for `VIDQ_BACKOFF_CAP_S` (the 429 pause: it only grows) and says
+why in `keys.STORAGE_FAILING`, read by `vidq status`; a job not yet POSTed
+goes back to the front of its line, spending no attempt, so a night's S3
+outage does not fail the prompts admitted during it.
+
+Each job does so at most `PAUSES_PER_JOB` times; after that its failures are
+retried like any other (an unpaid job then spends attempts). An error about
+one job only (one object refused, one path blocked) must not stall the
+deployment for ever; an outage of storage as a whole keeps being seen by
+the next jobs, which renew the pause.
 """
 from __future__ import annotations
 
@@ -17,9 +23,15 @@ from .jobs import Job, JobStore
 
 log = logging.getLogger(__name__)
 
+PAUSES_PER_JOB = 3
+
+
 def storage_failing(store: JobStore, job: Job, error: StorageError, pause_s: float) -> bool:
-    """Pause submits for every worker; True if `job` went back in line (it was
-    not POSTed), False if it is to be retried as any failed step."""
+    """Pause submits for every worker (unless this job has done so enough);
+    True if `job` went back in line (it was not POSTed), False if it is to be
+    retried as any failed step."""
+    if store.redis.hincrby(keys.job(job.ref), "storage_pauses", 1) > PAUSES_PER_JOB:
+        return False
     first = not store.redis.exists(keys.STORAGE_FAILING)
     store.redis.set(keys.STORAGE_FAILING, str(error)[:300], px=max(1, int(pause_s * 1000)))
     store.pause_submits(pause_s)
