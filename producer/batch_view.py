@@ -143,13 +143,19 @@ def eta(status: dict, admission: Admission, settings: Settings | None) -> tuple[
 def top_reasons(found: list[Failure], limit: int = TOP_REASONS) -> dict:
     """Failures grouped by reason (numbers and the job's id folded, so "after
     86412 s" and "after 86417 s" are one reason), the most common first."""
-    # A job's own id (in its storage key, say) must not make each reason unique.
-    grouped = Counter(reason_group(failure.reason.replace(failure.job_id, "<job>")
-                                   if failure.job_id else failure.reason)
+    grouped = Counter(reason_group(_without_id(failure.reason, failure.job_id))
                       for failure in found)
     return {"count": len(found),
             "top_reasons": [{"reason": reason, "count": count}
                             for reason, count in grouped.most_common(limit)]}
+
+
+def _without_id(reason: str, job_id: str) -> str:
+    """A job's own id in its storage key or path (after a '/'): it must not make
+    each reason unique, nor id "8" eat the 8 of "8 attempts"."""
+    if not job_id:
+        return reason
+    return re.sub(rf"(?<=/){re.escape(job_id)}(?![\w-])", "<job>", reason)
 
 
 def reason_group(reason: str) -> str:

@@ -143,3 +143,10 @@ def test_failure_reasons_that_name_their_job_are_one_reason():
     assert top_reasons(found)["top_reasons"] == [{
         "reason": "submit: gave up after N attempts: cannot look up s3://b/night/<job>.json: "
                   "EndpointConnectionError", "count": 3}]
+    # Short numeric ids (CSV rows) are replaced in paths only.
+    full = [Failure(str(i), f"download: gave up after 8 attempts: cannot write "
+                            f"/v/night/{i}.mp4: [Errno 28] No space left", "", False)
+            for i in (2, 8, 28)]
+    assert top_reasons(full)["top_reasons"] == [{
+        "reason": "download: gave up after N attempts: cannot write /v/night/<job>.mp4: "
+                  "[Errno N] No space left", "count": 3}]
