@@ -58,6 +58,8 @@ class RetryableUpstreamError(UpstreamError):
 class UpstreamUnavailable(RetryableUpstreamError):
     """Raised on connection errors, timeouts and 5xx answers."""
 
+    never_sent: bool = False  # the host could not even be reached
+
 
 class RateLimited(RetryableUpstreamError):
     """Raised on 429; `retry_after` is the server's Retry-After, if any."""

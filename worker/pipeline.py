@@ -241,10 +241,12 @@ class Steps:
 
     def retry(self, job: Job, error: Exception) -> None:
         if (job.step == Step.DOWNLOAD and isinstance(error, UpstreamUnavailable)
-                and (job.attempts + 1) % TRIES_PER_LINK == 0):
+                and error.never_sent and (job.attempts + 1) % TRIES_PER_LINK == 0):
             # A host that cannot be reached may not be the one a fresh link
-            # names (a CDN edge down; a resumed `vidq run --sandbox` on a new
-            # port): one GET for a new link every few failed downloads.
+            # names (a CDN edge gone; a resumed `vidq run --sandbox` on a new
+            # port): one GET for a new link every few downloads that could not
+            # connect. (Not for 5xx answers: a CDN outage with every video
+            # waiting must not turn into a storm of status GETs.)
             return self.refresh_link(job, error)
         delay = getattr(error, "retry_after", None)
         if delay is None:

@@ -87,6 +87,7 @@ def http_errors(action: str, *, posting: bool = False, result_url: str = "") -> 
                 f"{action}{where}: invalid URL ({kind})")
         elif never_sent(exc):
             error = UpstreamUnavailable(f"{action}{where}: not sent ({kind})")
+            error.never_sent = True
         elif posting:
             error = SubmitOutcomeUnknown(f"{action}: the request was sent, the answer lost "
                                          f"({kind}); not re-sent, to avoid paying twice")
