@@ -163,6 +163,17 @@ def _journal(tmp_path) -> Counter:
     return Counter(json.loads(line)["prompt"] for line in lines)
 
 
+def _sandbox_run_until_posted(path, tmp_path, env, posted: int) -> subprocess.Popen:
+    """`vidq run PATH --sandbox`, once its sandbox has `posted` generations."""
+    process = subprocess.Popen(["vidq", "run", str(path), "--sandbox", "--state-dir",
+                                str(tmp_path / "state")], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(_journal(tmp_path).values()) < posted:
+        time.sleep(0.2)
+    return process
+
+
 def test_an_interrupted_sandbox_run_resumes_its_generations(tmp_path):
     """`vidq run --sandbox` starts a new sandbox on each run: the generations the
     first run created must still answer the second run's polls (they 404ed,
@@ -171,12 +182,7 @@ def test_an_interrupted_sandbox_run_resumes_its_generations(tmp_path):
     env = _sandbox_env(tmp_path)
     prompts = [f"resumed {i}" for i in range(4)]
     path = write_prompts(tmp_path / "night.txt", prompts)
-    process = subprocess.Popen(["vidq", "run", str(path), "--sandbox", "--state-dir",
-                                str(tmp_path / "state")], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sum(_journal(tmp_path).values()) < 2:
-        time.sleep(0.2)
+    process = _sandbox_run_until_posted(path, tmp_path, env, 2)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 130 and "in flight upstream" in output, output
@@ -200,12 +206,7 @@ def test_a_run_whose_own_redis_stops_says_so_at_once_and_the_rerun_finishes(tmp_
     env = _sandbox_env(tmp_path)
     prompts = [f"stopped {i}" for i in range(4)]
     path = write_prompts(tmp_path / "night.txt", prompts)
-    process = subprocess.Popen(["vidq", "run", str(path), "--sandbox", "--state-dir",
-                                str(tmp_path / "state")], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sum(_journal(tmp_path).values()) < 1:
-        time.sleep(0.2)
+    process = _sandbox_run_until_posted(path, tmp_path, env, 1)
     pid = int((tmp_path / "state" / "redis" / "redis-server.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     stopped = time.monotonic()

@@ -24,21 +24,21 @@ def test_storage_failing_stops_new_posts_and_every_paid_video_lands_once_it_work
     (Before, the whole batch was bought while nothing could be stored.)"""
     blocked = tmp_path / "disk"
     blocked.write_text("a file where the videos' directory goes")
-    # Retries 1, 2, 4 s apart: each paid job's three pauses (storage_pause.PAUSES_PER_JOB)
-    # outlast the 6 s looked at.
+    # Pauses of 10 s, renewed by retries ~1, 2 and 4 s apart: each paid job's
+    # three (storage_pause.PAUSES_PER_JOB) outlast the 6 s looked at.
     pipeline = make_pipeline(make_sandbox(max_concurrency=0), VIDQ_MAX_IN_FLIGHT=2,
                              VIDQ_STORAGE_URL=(blocked / "videos").as_uri(),
-                             VIDQ_BACKOFF_BASE_S="1", VIDQ_BACKOFF_CAP_S="4")
+                             VIDQ_BACKOFF_BASE_S="1", VIDQ_BACKOFF_CAP_S="10")
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", PROMPTS), "night")
 
     wait_until(lambda: pipeline.store.redis.exists(keys.STORAGE_FAILING), 60,
                "storage failing noticed")
-    posted = len(pipeline.ledger())
-    time.sleep(6)  # the pause is renewed by each failed download
-    still_posted = len(pipeline.ledger())
     status = subprocess.run(["vidq", "status", "night"], env=pipeline.env,
                             capture_output=True, text=True, timeout=60)
+    posted = len(pipeline.ledger())
+    time.sleep(6)
+    still_posted = len(pipeline.ledger())
     blocked.unlink()
     counts = pipeline.wait_finished("night", timeout_s=120)
 
