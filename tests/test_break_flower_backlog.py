@@ -13,7 +13,7 @@ import requests
 from conftest import write_prompts
 from test_flower import AUTH, start_flower, stop_flower
 
-from worker import batch_control
+from worker import batch_control, keys
 from worker.flower_backlog import ROW_PREFIX, TOTAL_ROW, backlog_rows
 
 MOVED_INTERNALS_CONF = """\
@@ -113,3 +113,27 @@ def test_flower_whose_internals_moved_starts_without_the_hooks(make_pipeline, tm
     text = log.read_text(errors="replace")
     for hook in ("worker.flower_backlog", "worker.flower_save"):
         assert f"{hook} not installed" in text, f"{hook}: no word of it in {log}"
+
+
+def test_rows_price_the_next_job_as_the_pump_does(make_pipeline, tmp_path):
+    """Deployment estimates of 60,000 credits for 480P and 300,000 for 720P (the
+    default is 120,000), a daily cap of 200,000. With 100,000 spent a 480P job
+    fits, so its batch is not shown held; with nothing spent a 720P job does not
+    fit, so its batch is. (Flower priced both at the default and said the
+    opposite of the pump.)"""
+    pipeline = make_pipeline(VIDQ_CREDIT_ESTIMATES=(
+        "alibaba/wan2.1-t2v-turbo@480P=60000,alibaba/wan2.1-t2v-turbo@720P=300000"))
+    admission, client = pipeline.admission, pipeline.store.redis
+    admission.publish_estimates(admission.credits)  # as a starting worker does
+    batch_control.set_daily_credits(admission, 200000.0)
+    today = keys.spend_day(int(client.time()[0]) // 86400)
+    client.hset(today, "spent", 100000)
+    pipeline.enqueue(write_prompts(tmp_path / "c.txt", ["cheap"]), "cheap", resolution="480P")
+    cheap = _rows(pipeline.settings.redis_url)
+    batch_control.cancel(admission, "cheap")
+    client.hset(today, "spent", 0)
+    pipeline.enqueue(write_prompts(tmp_path / "d.txt", ["dear"]), "dear", resolution="720P")
+
+    assert cheap == {TOTAL_ROW: 1, ROW_PREFIX + "cheap": 1}
+    assert _rows(pipeline.settings.redis_url) == {
+        TOTAL_ROW: 1, ROW_PREFIX + "dear (held: daily credit cap)": 1}

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from . import keys
 from .admission import PRIORITIES, Admission
 from .errors import InputError
-from .jobs import State
-from .spend import day_spend
+from .jobs import State, load_script
 
 CANCEL_CHUNK = 1000
 
@@ -134,35 +133,11 @@ def admission_state(admission: Admission, batch: str) -> str:
 
 
 def daily_cap_reached(admission: Admission) -> bool:
-    """Whether the next job in turn would pass today's credit cap: the pump
-    (lua/pump.lua) admits batches in turn and stops at the first whose job
-    would. False while no job waits: the cap holds nothing back."""
-    today = day_spend(admission.redis)
-    cap = today["daily_credits"]
-    estimate = next_estimate(admission) if cap is not None else None
-    return estimate is not None and today["spent"] + today["committed"] + estimate > cap
-
-
-def next_estimate(admission: Admission) -> float | None:
-    """The credits the pump would commit for the next job it admits (the
-    first waiting job of the first batch in turn; lua/pump.lua estimate_of:
-    the job's own estimate or the deployment's for its shape, the higher),
-    or None if no batch waits."""
-    client = admission.redis
-    batch = next((name for priority in PRIORITIES
-                  if (name := client.lindex(keys.ring(priority), 0)) is not None), None)
-    head = client.zrange(keys.batch_line(str(batch)), 0, 0) if batch is not None else []
-    if not head:
-        return None
-    own, generation_id, shape = client.hmget(keys.job(keys.job_ref(str(batch), str(head[0]))),
-                                             "credits_estimate", "generation_id", "shape")
-    if generation_id:
-        return 0.0  # polled again, not paid again
-    deployed = (client.hget(keys.CONFIG, "credit_estimate@" + str(shape or ""))
-                or client.hget(keys.CONFIG, "credit_estimate"))
-    if deployed is None:
-        return float(own) if own else admission.credits.default
-    return max(float(own or 0), float(deployed))
+    """Whether the next job in turn would pass today's credit cap, priced as
+    the pump prices it (lua/daily_cap.lua). False while no job waits: the cap
+    holds nothing back."""
+    script = load_script(admission.redis, "daily_cap", ("line_lib",))
+    return script(keys=[keys.CONFIG], args=[repr(admission.credits.default), *PRIORITIES]) == 1
 
 
 def _plain(value: float | None) -> str | None:

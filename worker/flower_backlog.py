@@ -23,7 +23,8 @@ import logging
 from typing import Any
 
 from . import keys
-from .spend import DAY_S
+from .admission import PRIORITIES
+from .jobs import load_script
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +68,13 @@ def _why_held(paused: Any, blocked: Any, daily_cap: bool = False) -> str:
 
 
 async def _daily_cap_reached(client: Any) -> bool:
-    """What `vidq status` calls "paused: daily credit cap" (batch_control.daily_cap_reached):
-    a job at the default estimate would pass today's cap, so no batch is admitted."""
-    cap = await client.hget(keys.CONFIG, "daily_credits")
-    if not cap:
-        return False
-    seconds, _ = await client.time()
-    day = keys.spend_day(int(seconds) // DAY_S)
-    committed, spent = await client.hmget(day, "committed", "spent")
+    """What `vidq status` calls "paused: daily credit cap": the next job in
+    turn, priced as the pump prices it, would pass today's cap
+    (lua/daily_cap.lua)."""
     from .celery_app import app, settings_of  # Flower's app: `celery -A worker flower`
-    estimate = settings_of(app).credit_estimate
-    return float(committed or 0) + float(spent or 0) + estimate > float(cap)
+    script = load_script(client, "daily_cap", ("line_lib",))
+    default = settings_of(app).credit_estimate
+    return await script(keys=[keys.CONFIG], args=[repr(default), *PRIORITIES]) == 1
 
 
 async def _rows_or_none(client: Any) -> list[dict]:

@@ -76,3 +76,17 @@ local function settle(job_key, batch, spent, kept)
   end
   return true
 end
+
+-- The credits admitting the job commits: the deployment's estimate for its
+-- shape (lua/set_estimates.lua), unless the job's own, from the producer's
+-- shell, is higher: a producer may make the caps count more, never less.
+-- Before any worker wrote one, the job's own, else `default_estimate`.
+local function estimate_of(job_key, config_key, default_estimate)
+  local f = redis.call('HMGET', job_key, 'credits_estimate', 'generation_id', 'shape')
+  if f[2] and f[2] ~= '' then return 0 end  -- polled again, not paid again
+  local own = tonumber(f[1])
+  local deployed = tonumber(redis.call('HGET', config_key, 'credit_estimate@' .. (f[3] or ''))
+    or redis.call('HGET', config_key, 'credit_estimate') or '')
+  if not deployed then return own or default_estimate end
+  return math.max(own or 0, deployed)
+end

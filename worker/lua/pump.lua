@@ -88,19 +88,6 @@ local function head_of(batch)
   end
 end
 
--- The deployment's estimate for the job's shape (lua/set_estimates.lua),
--- unless the job's own, from the producer's shell, is higher: a producer may
--- make the caps count more, never less. Before any worker wrote one, the job's.
-local function estimate_of(job_key)
-  local f = redis.call('HMGET', job_key, 'credits_estimate', 'generation_id', 'shape')
-  if f[2] and f[2] ~= '' then return 0 end  -- polled again, not paid again
-  local own = tonumber(f[1])
-  local deployed = tonumber(redis.call('HGET', config_key, 'credit_estimate@' .. (f[3] or ''))
-    or redis.call('HGET', config_key, 'credit_estimate') or '')
-  if not deployed then return own or default_estimate end
-  return math.max(own or 0, deployed)
-end
-
 local function over_batch_cap(batch, estimate)
   local f = redis.call('HMGET', batch_key(batch), 'max_videos', 'max_credits', 'videos',
     'credits_committed', 'credits_spent')
@@ -138,7 +125,7 @@ local function serve(batch, ring, priority)
   end
   local job_id, job_key = head_of(batch)
   if not job_id then leave_ring(batch); return 'dropped' end
-  local estimate = estimate_of(job_key)
+  local estimate = estimate_of(job_key, config_key, default_estimate)
   if over_batch_cap(batch, estimate) then leave_ring(batch, 'spend cap'); return 'dropped' end
   if not within_daily(estimate) then
     redis.call('LPUSH', ring, batch)  -- its turn is kept for when the cap allows
