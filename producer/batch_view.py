@@ -74,6 +74,7 @@ def deployment(admission: Admission) -> dict:
             # Set only when the upstream refused the account (401, 403), not on a 429.
             "submits_paused_why": admission.redis.get(keys.PAUSE_SUBMIT_WHY) or "",
             "storage_failing": admission.redis.get(keys.STORAGE_FAILING) or "",
+            "marker_not_durable": admission.redis.get(keys.MARKER_NOT_DURABLE) or "",
             "polls_paused_s": round(polls_ms / 1000, 1) if polls_ms > 0 else 0,
             "orphaned_generations": admission.redis.hlen(keys.ORPHANS),
             "settings_disagree": disagreements(running_values(admission.redis))}

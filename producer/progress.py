@@ -165,6 +165,11 @@ def warnings(status: dict) -> list[str]:
     if storage:
         found.append(f"storage failing ({storage}): no new POSTs until it works; paid "
                      "videos wait for it (their links last about 24 h)")
+    not_durable = status["deployment"].get("marker_not_durable")
+    if not_durable:
+        found.append(f"Redis cannot make writes durable ({not_durable}): no new POSTs "
+                     "until it can, tried again every few seconds; check its replicas "
+                     "(WAIT) and its AOF (WAITAOF)")
     why = status["deployment"].get("submits_paused_why")
     for call in ("submits", "polls"):
         paused = status["deployment"].get(f"{call}_paused_s")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -82,7 +83,8 @@ def test_a_replica_stopped_after_a_201_delays_neither_the_poll_nor_other_jobs(
     for the whole POST deadline, logged "outcome unknown", and sent no poll). A
     job admitted meanwhile is not POSTed (its marker cannot be made durable) and
     tries again shortly, spending no attempt (it spent one per try: a replica
-    stuck for minutes failed every admitted job)."""
+    stuck for minutes failed every admitted job); `vidq status` says why (only
+    the worker log did)."""
     master, replica = replicated
     sandbox = make_sandbox()
     steps = steps_for(sandbox, VIDQ_REDIS_URL=f"redis://127.0.0.1:{master.port}/0",
@@ -104,6 +106,8 @@ def test_a_replica_stopped_after_a_201_delays_neither_the_poll_nor_other_jobs(
         other, other_token = _admit_one(steps, prompt="a second boat", job_id="j2")
         _run(steps, "submit", steps.claim(other, other_token, "submit"))
         waiting = steps.store.get(other)
+        status = subprocess.run(["vidq", "status", "b"], capture_output=True, text=True,
+                                env={**os.environ, "VIDQ_REDIS_URL": master.url}, timeout=60)
     finally:
         os.kill(replica.process.pid, signal.SIGCONT)
     on_replica = redis.Redis(port=replica.port, decode_responses=True)
@@ -116,6 +120,7 @@ def test_a_replica_stopped_after_a_201_delays_neither_the_poll_nor_other_jobs(
     assert [step for step, job_ref, _ in steps.sent if job_ref == ref] == ["poll"]
     assert (waiting.state, waiting.attempts, waiting.step) == ("queued", 0, "submit")
     assert sandbox.stats()["submissions"] == 1
+    assert "Redis cannot make writes durable (WAIT: 0 of 1 replicas" in status.stdout, status
     resent = [token for step, job_ref, token in steps.sent if job_ref == other]
     assert resent, "the second job's submit was not sent again"
     _run(steps, "submit", steps.claim(other, resent[-1], "submit"))

@@ -99,6 +99,9 @@ PAUSE_POLL = PREFIX + "pause:poll"
 # lives as long as that pause.
 PAUSE_SUBMIT_WHY = PREFIX + "pause:submit:why"
 STORAGE_FAILING = PREFIX + "storage:failing"  # why, while storage fails (storage_pause)
+# Why jobs wait to POST: Redis could not make a POST marker durable (a replica
+# not acknowledging, an fsync stalled); lives a few of their retries.
+MARKER_NOT_DURABLE = PREFIX + "marker:not_durable"
 # 401/403 answers to POSTs in a row, deployment-wide; a recorded POST resets it.
 ACCOUNT_REFUSALS = PREFIX + "account:refusals"
 POST_TURNS = PREFIX + "posts:turns"  # when the next POST may be booked (worker/pacing.py)
