@@ -96,18 +96,24 @@ def take_lock(client: redis.Redis, key: str, token: str, ttl_s: float) -> bool:
     return client.get(key) == token
 
 
-def run_pipeline(client: redis.Redis, build: Callable[[Any], None]) -> list:
+def run_pipeline(client: redis.Redis, build: Callable[[Any], None],
+                 raise_on_error: bool = True) -> list:
     """Run the pipeline that `build(pipe)` fills. A pipeline loads its scripts
     once, before redis-py's retries: re-sent to a Redis that restarted (or a
     promoted replica), whose script cache is empty, it fails with NOSCRIPT.
     Built again, it loads them; its calls carry their ids, so one that had
-    run answers as it did."""
+    run answers as it did. With `raise_on_error` False, a command's error is
+    its answer (the commands before and after it still ran)."""
     for attempt in (1, 2):
         pipe = client.pipeline(transaction=False)
         build(pipe)
         try:
-            return pipe.execute()
+            answers = pipe.execute(raise_on_error=raise_on_error)
         except redis.exceptions.NoScriptError:
             if attempt == 2:
                 raise
+            continue
+        if attempt == 1 and any(isinstance(a, redis.exceptions.NoScriptError) for a in answers):
+            continue
+        return answers
     return []

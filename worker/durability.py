@@ -133,6 +133,12 @@ class Durability:
         # Told apart by their shape, not by this object's flags: another thread
         # (a late POST's) may refresh them between append_waits and here.
         for answer in answers:
+            if isinstance(answer, redis.ResponseError):
+                # The server no longer does what it was probed doing (AOF
+                # turned off at runtime: WAITAOF refused): look again, and the
+                # next try waits for what it does now.
+                self.refresh()
+                raise NotDurable(f"Redis refused the wait ({answer}); now {self.describe()}")
             if isinstance(answer, list | tuple):  # WAITAOF: [local fsyncs, replicas]
                 if int(answer[0]) < 1:
                     raise NotDurable("WAITAOF: the POST marker was not fsynced in time")

@@ -194,7 +194,7 @@ class JobStore:
         give_up_at = time.monotonic() + patience_s
         while True:
             try:
-                answer, *waits = run_pipeline(self.redis, build)
+                answer, *waits = self._run_with_waits(build)
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() >= give_up_at:
@@ -223,6 +223,15 @@ class JobStore:
             keys=[keys.job(job.ref), keys.batch_unknown(job.batch), keys.SLOT_HOLDS, keys.SLOTS],
             args=[job.ref, job.id, reason])
 
+    def _run_with_waits(self, build) -> list:
+        """A script and the waits that make its write durable: a wait Redis
+        refuses (WAITAOF after AOF was turned off) is an answer for
+        Durability.check, not an error of the script that ran before it."""
+        answers = run_pipeline(self.redis, build, raise_on_error=False)
+        if answers and isinstance(answers[0], Exception):
+            raise answers[0]
+        return answers
+
     def record_generation(self, job: Job, generation_id: str, lease_s: float,
                           durability: Durability | None = None) -> str:
         """Record a paid generation id (lua/record_generation.lua for the
@@ -241,7 +250,7 @@ class JobStore:
             if durability is not None:
                 durability.append_waits(pipe)
 
-        recorded, *waits = run_pipeline(self.redis, build)
+        recorded, *waits = self._run_with_waits(build)
         if recorded == "orphan":
             log.error("job %s: generation %s answered after the batch was purged; kept in "
                       "%s, not downloaded", job.ref, generation_id, keys.ORPHANS)
