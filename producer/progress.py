@@ -167,8 +167,8 @@ def warnings(status: dict) -> list[str]:
                      "videos wait for it (their links last about 24 h)")
     not_durable = status["deployment"].get("marker_not_durable")
     if not_durable:
-        found.append(f"Redis cannot make writes durable ({not_durable}): no new POSTs "
-                     "until it can, tried again every few seconds; check its replicas "
+        found.append(f"Redis could not make the last POST marker durable ({not_durable}): "
+                     "POSTs wait and are tried again every few seconds; check its replicas "
                      "(WAIT) and its AOF (WAITAOF)")
     why = status["deployment"].get("submits_paused_why")
     for call in ("submits", "polls"):

@@ -120,7 +120,8 @@ def test_a_replica_stopped_after_a_201_delays_neither_the_poll_nor_other_jobs(
     assert [step for step, job_ref, _ in steps.sent if job_ref == ref] == ["poll"]
     assert (waiting.state, waiting.attempts, waiting.step) == ("queued", 0, "submit")
     assert sandbox.stats()["submissions"] == 1
-    assert "Redis cannot make writes durable (WAIT: 0 of 1 replicas" in status.stdout, status
+    assert ("could not make the last POST marker durable (WAIT: 0 of 1 replicas"
+            in status.stdout), status
     resent = [token for step, job_ref, token in steps.sent if job_ref == other]
     assert resent, "the second job's submit was not sent again"
     _run(steps, "submit", steps.claim(other, resent[-1], "submit"))

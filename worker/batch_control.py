@@ -137,7 +137,8 @@ def daily_cap_reached(admission: Admission) -> bool:
     the pump prices it (lua/daily_cap.lua). False while no job waits: the cap
     holds nothing back."""
     script = load_script(admission.redis, "daily_cap", ("line_lib",))
-    return script(keys=[keys.CONFIG], args=[repr(admission.credits.default), *PRIORITIES]) == 1
+    return script(keys=[keys.CONFIG, keys.SLOTS],
+                  args=[repr(admission.credits.default), *PRIORITIES]) == 1
 
 
 def _plain(value: float | None) -> str | None:

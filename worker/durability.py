@@ -138,7 +138,7 @@ class Durability:
                 # turned off at runtime: WAITAOF refused): look again, and the
                 # next try waits for what it does now.
                 self.refresh()
-                raise NotDurable(f"Redis refused the wait ({answer}); now {self.describe()}")
+                raise NotDurable(f"Redis refused the wait for the POST marker ({answer})")
             if isinstance(answer, list | tuple):  # WAITAOF: [local fsyncs, replicas]
                 if int(answer[0]) < 1:
                     raise NotDurable("WAITAOF: the POST marker was not fsynced in time")

@@ -74,7 +74,7 @@ async def _daily_cap_reached(client: Any) -> bool:
     from .celery_app import app, settings_of  # Flower's app: `celery -A worker flower`
     script = load_script(client, "daily_cap", ("line_lib",))
     default = settings_of(app).credit_estimate
-    return await script(keys=[keys.CONFIG], args=[repr(default), *PRIORITIES]) == 1
+    return await script(keys=[keys.CONFIG, keys.SLOTS], args=[repr(default), *PRIORITIES]) == 1
 
 
 async def _rows_or_none(client: Any) -> list[dict]:

@@ -9,6 +9,7 @@ and due times never depend on a worker host's clock.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -48,6 +49,9 @@ class Step(StrEnum):
 
 FINAL_STATES = frozenset({State.DONE, State.FAILED, State.CANCELLED})
 OUTCOME_UNKNOWN = "outcome_unknown"
+# How long `vidq status` says a POST marker could not be made durable (its job
+# tries again in 5 s: pipeline.MARKER_RETRY_S); the next durable one clears it.
+NOT_DURABLE_SHOWN_MS = 15_000
 
 
 def lua_constants() -> str:
@@ -190,11 +194,12 @@ class JobStore:
                 keys=[keys.job(job.ref), keys.batch(job.batch)],
                 args=[job.token, op, str(job.extra.get("unconfirmed_op", ""))], client=pipe)
             durability.append_waits(pipe)
+            pipe.delete(keys.MARKER_NOT_DURABLE)  # set again below if this one is not
 
         give_up_at = time.monotonic() + patience_s
         while True:
             try:
-                answer, *waits = self._run_with_waits(build)
+                answer, *waits, _ = self._run_with_waits(build)
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() >= give_up_at:
@@ -203,11 +208,21 @@ class JobStore:
                 time.sleep(0.5)
         if answer == "ok":
             job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
-            durability.check(waits)
+            self._check_durable(durability, waits)
         if answer == "cancelled":
             self.back_in_line(job, 0.0, rate_limited=False)  # ends it cancelled, slot freed
             return "stale"
         return answer
+
+    def _check_durable(self, durability: Durability, waits: list) -> None:
+        """NotDurable if the marker's waits failed; `vidq status` then says
+        why until a marker is durable again."""
+        try:
+            durability.check(waits)
+        except NotDurable as exc:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.set(keys.MARKER_NOT_DURABLE, str(exc)[:300], px=NOT_DURABLE_SHOWN_MS)
+            raise
 
     def clear_posting(self, job: Job) -> bool:
         """The upstream proved this attempt created nothing (refused, 429, 503):

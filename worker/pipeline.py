@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import events, keys
+from . import events
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, Admission, Dispatch, admit
 from .contract import shape_of
 from .durability import Durability, NotDurable
@@ -108,8 +108,6 @@ class Steps:
             # keeps its slot and tries again shortly, spending no attempt.
             self.store.clear_posting(job)
             log.warning("job %s: not POSTed yet: %s", job.ref, exc)
-            self.store.redis.set(keys.MARKER_NOT_DURABLE, str(exc)[:300],
-                                 px=int(3 * MARKER_RETRY_S * 1000))
             self._next(job, Step.SUBMIT, MARKER_RETRY_S)
             return
         if marker == "stale":

@@ -77,6 +77,35 @@ local function settle(job_key, batch, spent, kept)
   return true
 end
 
+-- The batch's first job still queued and holding no slot (its id, its key).
+-- Ids that are not (admitted by an old script, cancelled, paid late) are
+-- dropped from the line on the way if `drop`, else passed over (a reader).
+local function first_queued(batch, slots_key, drop)
+  local line = line_key(batch)
+  local at = 0
+  while true do
+    local head = redis.call('ZRANGE', line, at, at)
+    if #head == 0 then return nil end
+    local job_key = NS.job .. batch .. ':' .. head[1]
+    if redis.call('HGET', job_key, 'state') == STATE.queued
+        and not redis.call('ZSCORE', slots_key, batch .. ':' .. head[1]) then
+      return head[1], job_key
+    end
+    if drop then redis.call('ZREM', line, head[1]) else at = at + 1 end
+  end
+end
+
+-- Whether admitting a job of `estimate` credits would pass the batch's own
+-- max-videos or max-credits.
+local function over_batch_cap(batch, estimate)
+  local f = redis.call('HMGET', batch_key(batch), 'max_videos', 'max_credits', 'videos',
+    'credits_committed', 'credits_spent')
+  local max_videos, max_credits = tonumber(f[1]), tonumber(f[2])
+  if max_videos and (tonumber(f[3]) or 0) + 1 > max_videos then return true end
+  return max_credits ~= nil
+    and (tonumber(f[4]) or 0) + (tonumber(f[5]) or 0) + estimate > max_credits
+end
+
 -- The credits admitting the job commits: the deployment's estimate for its
 -- shape (lua/set_estimates.lua), unless the job's own, from the producer's
 -- shell, is higher: a producer may make the caps count more, never less.

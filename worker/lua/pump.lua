@@ -72,31 +72,6 @@ local function leave_ring(batch, blocked)
   end
 end
 
--- The batch's first job still queued; ids that are not (admitted by an old
--- script, cancelled) are dropped from the line on the way.
-local function head_of(batch)
-  local line = line_key(batch)
-  while true do
-    local head = redis.call('ZRANGE', line, 0, 0)
-    if #head == 0 then return nil end
-    local job_key = NS.job .. batch .. ':' .. head[1]
-    if redis.call('HGET', job_key, 'state') == STATE.queued
-        and not redis.call('ZSCORE', slots_key, batch .. ':' .. head[1]) then
-      return head[1], job_key
-    end
-    redis.call('ZREM', line, head[1])
-  end
-end
-
-local function over_batch_cap(batch, estimate)
-  local f = redis.call('HMGET', batch_key(batch), 'max_videos', 'max_credits', 'videos',
-    'credits_committed', 'credits_spent')
-  local max_videos, max_credits = tonumber(f[1]), tonumber(f[2])
-  if max_videos and (tonumber(f[3]) or 0) + 1 > max_videos then return true end
-  return max_credits ~= nil
-    and (tonumber(f[4]) or 0) + (tonumber(f[5]) or 0) + estimate > max_credits
-end
-
 local function admit(batch, job_id, job_key, estimate)
   local ref = batch .. ':' .. job_id
   settle(job_key, batch, 0, false)  -- a commitment an earlier admission never settled
@@ -123,7 +98,7 @@ local function serve(batch, ring, priority)
     wake(batch, false)  -- its priority changed: into the right ring
     return 'dropped'
   end
-  local job_id, job_key = head_of(batch)
+  local job_id, job_key = first_queued(batch, slots_key, true)
   if not job_id then leave_ring(batch); return 'dropped' end
   local estimate = estimate_of(job_key, config_key, default_estimate)
   if over_batch_cap(batch, estimate) then leave_ring(batch, 'spend cap'); return 'dropped' end
