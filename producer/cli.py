@@ -118,7 +118,7 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
                           check_plan=plan_check(admission.redis, Settings.from_env(),
                                                 deadline, force, click.echo))
     click.echo(result.summary())
-    if daily_cap_reached(admission):
+    if admission.waiting(batch) and daily_cap_reached(admission):
         click.echo("warning: today's (UTC) daily credit cap is reached: the batch waits until "
                    "00:00 UTC, or until `vidq limits --daily-credits` raises the cap", err=True)
 

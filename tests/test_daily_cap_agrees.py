@@ -83,3 +83,25 @@ def test_a_line_head_paid_late_is_passed_over_as_the_pump_does(steps_for):  # no
 
     assert admitted == []
     assert said == "paused: daily credit cap"
+
+
+def test_a_batch_with_nothing_waiting_is_not_said_held(make_pipeline, tmp_path):
+    """A daily cap of 200,000; a 720P batch (300,000) waits for it. A high-priority
+    480P batch is enqueued and its one job admitted at once: nothing of it waits,
+    so neither `vidq enqueue` nor status may say it waits for the daily cap."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=4, VIDQ_CREDIT_ESTIMATES=(
+        "alibaba/wan2.1-t2v-turbo@480P=60000,alibaba/wan2.1-t2v-turbo@720P=300000"))
+    admission = pipeline.admission
+    admission.publish_estimates(admission.credits)
+    admission.set_cap(4)
+    set_daily_credits(admission, 200000.0)
+    enqueue_file(admission, write_prompts(tmp_path / "d.txt", ["dear"]), "dear",
+                 {**MODEL, "resolution": "720P"}, dispatch)
+    cheap = subprocess.run(["vidq", "enqueue", str(write_prompts(tmp_path / "c.txt", ["cheap"])),
+                            "--batch", "cheap", "--resolution", "480P", "--priority", "high"],
+                           env=pipeline.env, capture_output=True, text=True, timeout=60)
+
+    assert admission.waiting("cheap") == 0 and admission.waiting("dear") == 1
+    assert cheap.returncode == 0 and "daily credit cap" not in cheap.stderr, cheap.stderr
+    assert admission_state(admission, "cheap") == "open"
+    assert admission_state(admission, "dear") == "paused: daily credit cap"

@@ -9,8 +9,10 @@ import os
 import subprocess
 import time
 
+import pytest
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
+from worker import keys
 from worker.tasks import _run
 
 
@@ -51,3 +53,63 @@ def test_a_refused_wait_posts_nothing_spends_nothing_and_the_next_try_posts_once
             "marker (unknown command") in warned, warned
     assert "durable" not in _status(redis_url)
 
+
+
+def _redis_lost_during(restartable_redis, call):
+    """`call`, run while the Redis is down (back at once after it): a loss at that
+    very moment."""
+    def lost(*args):
+        restartable_redis.stop()
+        try:
+            return call(*args)
+        finally:
+            restartable_redis.start()
+    return lost
+
+
+@pytest.mark.parametrize("moment", ["reading Redis again", "clearing the marker"])
+def test_redis_lost_while_a_refused_marker_is_handled_is_no_outcome_unknown(
+        steps_for, make_sandbox, restartable_redis, moment):  # noqa: F811
+    """The marker's wait is refused, and Redis is lost at the moment the worker reads
+    its settings again, or clears the marker. Nothing was sent after the marker, so
+    the next try takes it over: one POST, the id recorded. (The lost connection was
+    an unexpected error: the marker stayed, and the next try ended the job "outcome
+    unknown", its slot held, with nothing POSTed.)"""
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox, VIDQ_REDIS_URL=restartable_redis.url)
+    steps.durability.waitaof, steps.durability.probed_at = True, time.monotonic()
+    owner, name = ((steps.durability, "refresh") if moment == "reading Redis again"
+                   else (steps.store, "clear_posting"))
+    real = getattr(owner, name)
+    setattr(owner, name, _redis_lost_during(restartable_redis, real))
+    ref, token = _admit_one(steps)
+    _run(steps, "submit", steps.claim(ref, token, "submit"))
+    setattr(owner, name, real)
+    for _ in range(3):  # a try after the loss may meet the refused wait again
+        if steps.store.get(ref).state != "queued":
+            break
+        resent = [token for step, job_ref, token in steps.sent if job_ref == ref][-1]
+        _run(steps, "submit", steps.claim(ref, resent, "submit"))
+
+    paid = steps.store.get(ref)
+    assert (paid.state, bool(paid.generation_id)) == ("submitted", True), paid.last_error
+    assert sandbox.stats()["submissions"] == 1
+
+
+def test_warning_stays_while_another_marker_is_not_checked(
+        steps_for, make_sandbox):  # noqa: F811
+    """Job A's marker is not durable (the warning is set); job B's marker call finds
+    an earlier marker of its own ("posted_before": no wait checked). The warning
+    stays: only a marker found durable ends it."""
+    steps = steps_for(make_sandbox())
+    steps.durability.waitaof, steps.durability.probed_at = True, time.monotonic()
+    first, token = _admit_one(steps, job_id="a")
+    _run(steps, "submit", steps.claim(first, token, "submit"))
+    second, token = _admit_one(steps, prompt="another boat", job_id="b")
+    steps.store.redis.hset(keys.job(second), mapping={"posting_at": "1.0", "posting_op": "old"})
+    steps.durability.waitaof, steps.durability.probed_at = True, time.monotonic()
+
+    answer = steps.store.mark_posting(steps.claim(second, token, "submit"), steps.durability)
+
+    assert answer == "posted_before"
+    assert "Redis refused the wait" in steps.store.redis.get(keys.MARKER_NOT_DURABLE)

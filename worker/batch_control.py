@@ -127,8 +127,8 @@ def admission_state(admission: Admission, batch: str) -> str:
         return "paused"
     if blocked:
         return "paused: spend cap"  # the one hold the pump sets
-    if daily_cap_reached(admission):
-        return "paused: daily credit cap"
+    if admission.waiting(batch) and daily_cap_reached(admission):
+        return "paused: daily credit cap"  # (none waiting: nothing of it is held)
     return "open"
 
 

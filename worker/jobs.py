@@ -194,12 +194,12 @@ class JobStore:
                 keys=[keys.job(job.ref), keys.batch(job.batch)],
                 args=[job.token, op, str(job.extra.get("unconfirmed_op", ""))], client=pipe)
             durability.append_waits(pipe)
-            pipe.delete(keys.MARKER_NOT_DURABLE)  # set again below if this one is not
+            pipe.exists(keys.MARKER_NOT_DURABLE)  # `vidq status` says one was not
 
         give_up_at = time.monotonic() + patience_s
         while True:
             try:
-                answer, *waits, _ = self._run_with_waits(build)
+                answer, *waits, warned = self._run_with_waits(build)
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() >= give_up_at:
@@ -208,21 +208,33 @@ class JobStore:
                 time.sleep(0.5)
         if answer == "ok":
             job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
-            self._check_durable(durability, waits)
+            self._check_durable(job, durability, waits, bool(warned))
         if answer == "cancelled":
             self.back_in_line(job, 0.0, rate_limited=False)  # ends it cancelled, slot freed
             return "stale"
         return answer
 
-    def _check_durable(self, durability: Durability, waits: list) -> None:
-        """NotDurable if the marker's waits failed; `vidq status` then says
-        why until a marker is durable again."""
+    def _check_durable(self, job: Job, durability: Durability, waits: list,
+                       warned: bool) -> None:
+        """Returns if the marker's waits passed. Else NotDurable, the marker
+        cleared (nothing was sent) and `vidq status` told why until a marker is
+        durable again; Redis lost meanwhile: MarkerUnconfirmed, so the next try
+        may take the marker over."""
         try:
-            durability.check(waits)
-        except NotDurable as exc:
+            try:
+                durability.check(waits)
+            except NotDurable as exc:
+                self.clear_posting(job)
+                with contextlib.suppress(redis.RedisError):
+                    self.redis.set(keys.MARKER_NOT_DURABLE, str(exc)[:300],
+                                   px=NOT_DURABLE_SHOWN_MS)
+                raise
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise MarkerUnconfirmed(f"Redis was lost while the POST marker was checked ({exc}); "
+                                    "nothing was sent", op=str(job.extra["posting_op"])) from None
+        if warned:
             with contextlib.suppress(redis.RedisError):
-                self.redis.set(keys.MARKER_NOT_DURABLE, str(exc)[:300], px=NOT_DURABLE_SHOWN_MS)
-            raise
+                self.redis.delete(keys.MARKER_NOT_DURABLE)
 
     def clear_posting(self, job: Job) -> bool:
         """The upstream proved this attempt created nothing (refused, 429, 503):

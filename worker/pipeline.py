@@ -103,10 +103,10 @@ class Steps:
             marker = self.store.mark_posting(job, self.durability,
                                              self.settings.marker_patience_s)
         except NotDurable as exc:
-            # Nothing was sent. Redis cannot make the marker durable now (a
-            # replica lagging, an fsync stalled): no fault of the job's, so it
-            # keeps its slot and tries again shortly, spending no attempt.
-            self.store.clear_posting(job)
+            # Nothing was sent, and the marker is cleared. Redis cannot make it
+            # durable now (a replica lagging, an fsync stalled): no fault of the
+            # job's, so it keeps its slot and tries again shortly, spending no
+            # attempt.
             log.warning("job %s: not POSTed yet: %s", job.ref, exc)
             self._next(job, Step.SUBMIT, MARKER_RETRY_S)
             return
