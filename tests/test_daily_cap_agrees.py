@@ -15,6 +15,7 @@ from producer.enqueue import enqueue_file
 from worker import keys
 from worker.batch_control import admission_state, set_daily_credits
 from worker.flower_backlog import ROW_PREFIX, TOTAL_ROW
+from worker.marker import mark_posting
 from worker.retry import requeue
 from worker.tasks import dispatch
 
@@ -65,7 +66,7 @@ def test_a_line_head_paid_late_is_passed_over_as_the_pump_does(steps_for):  # no
                       time.time())
     (ref, token), _ = admission.pump()
     job = steps.claim(ref, token, "submit")
-    assert steps.store.mark_posting(job, steps.durability) == "ok"
+    assert mark_posting(steps.store, job, steps.durability) == "ok"
     posting_op = job.extra["posting_op"]
     steps.fail(job, "outcome_unknown: the answer was lost")
     today = keys.spend_day(int(client.time()[0]) // 86400)

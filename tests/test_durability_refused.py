@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 
 import pytest
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from worker import keys
+from worker.marker import mark_posting
 from worker.tasks import _run
 
 
@@ -55,11 +57,14 @@ def test_a_refused_wait_posts_nothing_spends_nothing_and_the_next_try_posts_once
 
 
 
-def _redis_lost_during(restartable_redis, call):
-    """`call`, run while the Redis is down (back at once after it): a loss at that
-    very moment."""
+def _redis_lost_during(restartable_redis, call, down_s):
+    """`call`, run while the Redis is down: back `down_s` later (0: at once after
+    the call)."""
     def lost(*args):
         restartable_redis.stop()
+        if down_s:
+            threading.Timer(down_s, restartable_redis.start).start()
+            return call(*args)
         try:
             return call(*args)
         finally:
@@ -67,21 +72,23 @@ def _redis_lost_during(restartable_redis, call):
     return lost
 
 
-@pytest.mark.parametrize("moment", ["reading Redis again", "clearing the marker"])
+@pytest.mark.parametrize("moment, down_s", [("reading Redis again", 0.0),
+                                            ("reading Redis again", 1.0),
+                                            ("clearing the marker", 0.0)])
 def test_redis_lost_while_a_refused_marker_is_handled_is_no_outcome_unknown(
-        steps_for, make_sandbox, restartable_redis, moment):  # noqa: F811
+        steps_for, make_sandbox, restartable_redis, moment, down_s):  # noqa: F811
     """The marker's wait is refused, and Redis is lost at the moment the worker reads
-    its settings again, or clears the marker. Nothing was sent after the marker, so
-    the next try takes it over: one POST, the id recorded. (The lost connection was
-    an unexpected error: the marker stayed, and the next try ended the job "outcome
-    unknown", its slot held, with nothing POSTed.)"""
+    its settings again, or clears the marker. Nothing was sent after the marker: the
+    marker is cleared once Redis is back, and the next try POSTs once, the id
+    recorded. (The lost connection was an unexpected error: the marker stayed, and
+    the next try ended the job "outcome unknown", its slot held, nothing POSTed.)"""
     sandbox = make_sandbox()
     steps = steps_for(sandbox, VIDQ_REDIS_URL=restartable_redis.url)
     steps.durability.waitaof, steps.durability.probed_at = True, time.monotonic()
     owner, name = ((steps.durability, "refresh") if moment == "reading Redis again"
                    else (steps.store, "clear_posting"))
     real = getattr(owner, name)
-    setattr(owner, name, _redis_lost_during(restartable_redis, real))
+    setattr(owner, name, _redis_lost_during(restartable_redis, real, down_s))
     ref, token = _admit_one(steps)
     _run(steps, "submit", steps.claim(ref, token, "submit"))
     setattr(owner, name, real)
@@ -109,7 +116,47 @@ def test_warning_stays_while_another_marker_is_not_checked(
     steps.store.redis.hset(keys.job(second), mapping={"posting_at": "1.0", "posting_op": "old"})
     steps.durability.waitaof, steps.durability.probed_at = True, time.monotonic()
 
-    answer = steps.store.mark_posting(steps.claim(second, token, "submit"), steps.durability)
+    answer = mark_posting(steps.store, steps.claim(second, token, "submit"), steps.durability)
 
     assert answer == "posted_before"
     assert "Redis refused the wait" in steps.store.redis.get(keys.MARKER_NOT_DURABLE)
+
+
+def test_a_worker_that_stood_still_before_its_marker_was_checked_revives_the_job(
+        steps_for, make_sandbox):  # noqa: F811
+    """Worker A writes the marker and stands still (SIGSTOP, a paused VM) before its
+    wait is looked at; the job is recovered, and worker B finds A's marker: "outcome
+    unknown", its slot held. A resumes: the wait was refused, nothing was sent, A
+    clears its own marker, so the job goes back in line and is POSTed once (it
+    stayed failed "outcome unknown", never POSTed)."""
+    sandbox = make_sandbox()
+    steps_a, steps_b = steps_for(sandbox), steps_for(sandbox)
+    steps_a.durability.waitaof, steps_a.durability.probed_at = True, time.monotonic()
+    ref, token = _admit_one(steps_a)
+    standing, resume = threading.Event(), threading.Event()
+    real_check = steps_a.durability.check
+
+    def stands_still_first(waits):
+        standing.set()
+        resume.wait(30)
+        return real_check(waits)
+
+    steps_a.durability.check = stands_still_first
+    worker_a = threading.Thread(target=_run, args=(steps_a, "submit",
+                                                   steps_a.claim(ref, token, "submit")))
+    worker_a.start()
+    assert standing.wait(10)
+    recovered = steps_b.store.transition(steps_b.store.get(ref), next_step="submit",
+                                         due_in_s=1.0, recovered="1")
+    _run(steps_b, "submit", steps_b.claim(ref, recovered, "submit"))
+    taken_over = steps_b.store.get(ref)
+    resume.set()
+    worker_a.join(30)
+    # Revived, it is admitted again at once: its submit went out through A.
+    resent = [token for step, job_ref, token in steps_a.sent if job_ref == ref]
+    _run(steps_b, "submit", steps_b.claim(ref, resent[-1], "submit"))
+
+    assert taken_over.state == "failed" and "outcome_unknown" in taken_over.last_error
+    paid = steps_b.store.get(ref)
+    assert (paid.state, bool(paid.generation_id)) == ("submitted", True), paid.last_error
+    assert sandbox.stats()["submissions"] == 1

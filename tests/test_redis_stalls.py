@@ -18,6 +18,7 @@ from test_steps import _admit_one, _run, steps_for  # noqa: F401 - fixture
 
 from worker import keys, tasks
 from worker.jobs import load_script
+from worker.marker import mark_posting
 
 
 def _through_proxy(steps_for, redis_url, sandbox, **env):  # noqa: F811
@@ -138,7 +139,7 @@ def test_a_try_that_gives_up_after_an_earlier_unanswered_post_ends_outcome_unkno
     ref, token = _admit_one(steps)
     steps.store.redis.hset(keys.job(ref), "attempts", 7)  # earlier tries met 503s
     job = steps.claim(ref, token, "submit")
-    assert steps.store.mark_posting(job, steps.durability) == "ok"
+    assert mark_posting(steps.store, job, steps.durability) == "ok"
     steps.client.submit(job.request)  # sent; its worker dies before the answer is read
     assert _resend(steps.admission, steps.dispatch, 5.0, ref) == 1
     step, _, token = steps.sent[-1]

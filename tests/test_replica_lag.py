@@ -21,6 +21,7 @@ from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 from producer.redis_server import PrivateRedis
 from worker import keys
 from worker.durability import Durability, NotDurable
+from worker.marker import mark_posting
 from worker.tasks import _run
 
 
@@ -58,7 +59,7 @@ def test_a_paid_id_is_not_taken_as_recorded_until_the_replica_has_it(
     assert steps.durability.replicas == 1
     ref, token = _admit_one(steps)
     job = steps.claim(ref, token, "submit")
-    assert steps.store.mark_posting(job, steps.durability) == "ok"
+    assert mark_posting(steps.store, job, steps.durability) == "ok"
     busy = threading.Thread(target=redis.Redis(port=replica.port).execute_command,
                             args=("DEBUG", "SLEEP", "5"))
     busy.start()

@@ -24,6 +24,7 @@ from worker.admission import reconcile
 from worker.contract import shape_of
 from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired, UpstreamUnavailable
 from worker.keys import durations, job_ref
+from worker.marker import mark_posting
 from worker.settings import Settings
 from worker.tasks import build_steps
 
@@ -316,7 +317,7 @@ def test_an_unexpected_exception_counts_as_an_attempt_and_ends_an_unpaid_job(ste
     def broken(*_args, **_kwargs):
         raise ValueError("odd record")
 
-    steps.store.mark_posting = broken
+    steps.store.run_with_waits = broken  # the POST marker's write
     with pytest.raises(JobFailed, match="unexpected ValueError"):
         run_step(steps, "submit", ref, token)
         for _ in range(3):
@@ -680,7 +681,7 @@ def test_a_late_refusal_undoes_only_its_own_attempts_booking(steps_for):
     spent = []
     for attempt in ("A", "B"):
         job = steps.claim(ref, token, "submit")
-        assert steps.store.mark_posting(job, steps.durability) == "ok"
+        assert mark_posting(steps.store, job, steps.durability) == "ok"
         steps.fail(job, f"outcome_unknown: {attempt}'s answer was lost")
         spent.append(float(steps.store.redis.hget(batch_key, "credits_spent")))
         if attempt == "A":

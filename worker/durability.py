@@ -43,9 +43,11 @@ REPROBE_S = 30.0
 
 class NotDurable(redis.RedisError):
     """The marker did not reach disk or the replicas in time: do not POST.
-    (For a generation id: `answer` is what its recording answered.)"""
+    (For a generation id: `answer` is what its recording answered. For a
+    marker: `mine`, whether the marker cleared was the try's own.)"""
 
     answer: str = ""
+    mine: bool = False
 
 
 @dataclass

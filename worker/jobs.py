@@ -9,7 +9,6 @@ and due times never depend on a worker host's clock.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -23,7 +22,6 @@ import redis
 from . import events, keys
 from .connection import op_id, run_pipeline
 from .durability import Durability, NotDurable
-from .errors import MarkerUnconfirmed
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +47,6 @@ class Step(StrEnum):
 
 FINAL_STATES = frozenset({State.DONE, State.FAILED, State.CANCELLED})
 OUTCOME_UNKNOWN = "outcome_unknown"
-# How long `vidq status` says a POST marker could not be made durable (its job
-# tries again in 5 s: pipeline.MARKER_RETRY_S); the next durable one clears it.
-NOT_DURABLE_SHOWN_MS = 15_000
 
 
 def lua_constants() -> str:
@@ -179,62 +174,9 @@ class JobStore:
     def set_holder(self, ref: str, token: str, holder: str) -> None:
         self._scripts["set_holder"](keys=[keys.job(ref)], args=[token, holder])
 
-    def mark_posting(self, job: Job, durability: Durability, patience_s: float = 0.0) -> str:
-        """Write the "POST started" marker and wait until it is durable; see
-        lua/mark_posting.lua for the answers. A job whose batch was cancelled
-        (after the submit's own check) ends cancelled here, and the answer is
-        'stale': the step stops, nothing is sent. Redis unreachable: the same
-        call (same id) is sent again for `patience_s`, then MarkerUnconfirmed
-        names it, so the next try may take over a marker it left (nothing
-        was sent after it)."""
-        op = op_id()
-
-        def build(pipe) -> None:
-            self._scripts["mark_posting"](
-                keys=[keys.job(job.ref), keys.batch(job.batch)],
-                args=[job.token, op, str(job.extra.get("unconfirmed_op", ""))], client=pipe)
-            durability.append_waits(pipe)
-            pipe.exists(keys.MARKER_NOT_DURABLE)  # `vidq status` says one was not
-
-        give_up_at = time.monotonic() + patience_s
-        while True:
-            try:
-                answer, *waits, warned = self._run_with_waits(build)
-                break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if time.monotonic() >= give_up_at:
-                    raise MarkerUnconfirmed(f"the POST marker's answer was lost ({exc}); "
-                                            "nothing was sent", op=op) from None
-                time.sleep(0.5)
-        if answer == "ok":
-            job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
-            self._check_durable(job, durability, waits, bool(warned))
-        if answer == "cancelled":
-            self.back_in_line(job, 0.0, rate_limited=False)  # ends it cancelled, slot freed
-            return "stale"
-        return answer
-
-    def _check_durable(self, job: Job, durability: Durability, waits: list,
-                       warned: bool) -> None:
-        """Returns if the marker's waits passed. Else NotDurable, the marker
-        cleared (nothing was sent) and `vidq status` told why until a marker is
-        durable again; Redis lost meanwhile: MarkerUnconfirmed, so the next try
-        may take the marker over."""
-        try:
-            try:
-                durability.check(waits)
-            except NotDurable as exc:
-                self.clear_posting(job)
-                with contextlib.suppress(redis.RedisError):
-                    self.redis.set(keys.MARKER_NOT_DURABLE, str(exc)[:300],
-                                   px=NOT_DURABLE_SHOWN_MS)
-                raise
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise MarkerUnconfirmed(f"Redis was lost while the POST marker was checked ({exc}); "
-                                    "nothing was sent", op=str(job.extra["posting_op"])) from None
-        if warned:
-            with contextlib.suppress(redis.RedisError):
-                self.redis.delete(keys.MARKER_NOT_DURABLE)
+    def script(self, name: str):
+        """One of the store's Lua scripts (worker/marker.py writes the marker)."""
+        return self._scripts[name]
 
     def clear_posting(self, job: Job) -> bool:
         """The upstream proved this attempt created nothing (refused, 429, 503):
@@ -250,7 +192,7 @@ class JobStore:
             keys=[keys.job(job.ref), keys.batch_unknown(job.batch), keys.SLOT_HOLDS, keys.SLOTS],
             args=[job.ref, job.id, reason])
 
-    def _run_with_waits(self, build) -> list:
+    def run_with_waits(self, build) -> list:
         """A script and the waits that make its write durable: a wait Redis
         refuses (WAITAOF after AOF was turned off) is an answer for
         Durability.check, not an error of the script that ran before it."""
@@ -277,7 +219,7 @@ class JobStore:
             if durability is not None:
                 durability.append_waits(pipe)
 
-        recorded, *waits = self._run_with_waits(build)
+        recorded, *waits = self.run_with_waits(build)
         if recorded == "orphan":
             log.error("job %s: generation %s answered after the batch was purged; kept in "
                       "%s, not downloaded", job.ref, generation_id, keys.ORPHANS)

@@ -35,9 +35,10 @@ from .job_rules import (
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .learning import learn, tells_generation_time
 from .leases import TakenOver, lease_renewed, unless_lost
+from .marker import mark_posting
 from .metrics_record import completed, downloaded, failed, upstream_call
 from .pacing import post_wait_s
-from .posting import post_once
+from .posting import NotSent, post_once
 from .rate_limits import account_refused, pause_s, revive_refused, spread
 from .schedule import backoff_delay
 from .settings import Settings
@@ -100,15 +101,18 @@ class Steps:
             self._next(job, Step.SUBMIT, wait)
             return
         try:
-            marker = self.store.mark_posting(job, self.durability,
-                                             self.settings.marker_patience_s)
+            marker = mark_posting(self.store, job, self.durability,
+                                  self.settings.marker_patience_s)
         except NotDurable as exc:
             # Nothing was sent, and the marker is cleared. Redis cannot make it
             # durable now (a replica lagging, an fsync stalled): no fault of the
             # job's, so it keeps its slot and tries again shortly, spending no
-            # attempt.
+            # attempt. Taken over while this worker stood still, the job was
+            # failed "outcome unknown" for its marker: revived.
             log.warning("job %s: not POSTed yet: %s", job.ref, exc)
-            self._next(job, Step.SUBMIT, MARKER_RETRY_S)
+            if not self._next(job, Step.SUBMIT, MARKER_RETRY_S) and exc.mine:
+                revive_refused(self.store, self.admission, self.dispatch, job,
+                               NotSent(f"not sent: {exc}"))
             return
         if marker == "stale":
             return

@@ -1,0 +1,93 @@
+"""The "POST started" marker: written on the job before its POST, made durable
+(worker/durability.py) or cleared again, so that a redelivered or recovered
+submit never POSTs a second time.
+
+A marker whose durability cannot be had (a replica not acknowledging, an
+fsync stalled, a wait Redis refuses) is cleared at once, nothing having been
+sent, and `vidq status` says why (`keys.MARKER_NOT_DURABLE`) until a marker
+is found durable again. Redis unreachable meanwhile is waited out for the
+step's patience; past it MarkerUnconfirmed names the marker, so the next try
+may take it over (nothing was sent after it).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+from . import keys
+from .connection import op_id
+from .durability import Durability, NotDurable
+from .errors import MarkerUnconfirmed
+from .jobs import Job, JobStore
+
+# How long `vidq status` says a POST marker could not be made durable (its job
+# tries again in 5 s: pipeline.MARKER_RETRY_S); the next durable one clears it.
+NOT_DURABLE_SHOWN_MS = 15_000
+Answer = TypeVar("Answer")
+
+
+def mark_posting(store: JobStore, job: Job, durability: Durability,
+                 patience_s: float = 0.0) -> str:
+    """Write the marker and wait until it is durable; see lua/mark_posting.lua
+    for the answers. A job whose batch was cancelled (after the submit's own
+    check) ends cancelled here, and the answer is 'stale': the step stops,
+    nothing is sent. NotDurable (its `mine`: the marker cleared was this
+    try's) if it cannot be made durable now."""
+    op = op_id()
+
+    def build(pipe) -> None:
+        store.script("mark_posting")(
+            keys=[keys.job(job.ref), keys.batch(job.batch)],
+            args=[job.token, op, str(job.extra.get("unconfirmed_op", ""))], client=pipe)
+        durability.append_waits(pipe)
+        pipe.exists(keys.MARKER_NOT_DURABLE)  # `vidq status` says one was not
+
+    give_up_at = time.monotonic() + patience_s
+    answer, *waits, warned = _patiently(lambda: store.run_with_waits(build), op, give_up_at,
+                                        "the POST marker's answer was lost")
+    if answer == "ok":
+        job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
+        _check_durable(store, job, durability, waits, give_up_at)
+        if warned:
+            with contextlib.suppress(redis.RedisError):
+                store.redis.delete(keys.MARKER_NOT_DURABLE)
+    if answer == "cancelled":
+        store.back_in_line(job, 0.0, rate_limited=False)  # ends it cancelled, slot freed
+        return "stale"
+    return answer
+
+
+def _check_durable(store: JobStore, job: Job, durability: Durability, waits: list,
+                   give_up_at: float) -> None:
+    """Returns if the marker's waits passed; else clears it and raises
+    NotDurable. Redis lost while the waits' answers are looked at again
+    (Durability.check reads its settings) leaves them unknown: not durable."""
+    try:
+        durability.check(waits)
+        return
+    except NotDurable as exc:
+        why = exc
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        why = NotDurable(f"Redis was lost while the POST marker was checked ({exc})")
+    why.mine = _patiently(lambda: store.clear_posting(job), str(job.extra["posting_op"]),
+                          give_up_at, "the POST marker could not be cleared")
+    with contextlib.suppress(redis.RedisError):
+        store.redis.set(keys.MARKER_NOT_DURABLE, str(why)[:300], px=NOT_DURABLE_SHOWN_MS)
+    raise why
+
+
+def _patiently(call: Callable[[], Answer], op: str, give_up_at: float, lost: str) -> Answer:
+    """call(), sent again while Redis cannot be reached, until give_up_at; then
+    MarkerUnconfirmed names marker `op` (its calls carry ids: one that ran
+    answers as it did)."""
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() >= give_up_at:
+                raise MarkerUnconfirmed(f"{lost} ({exc}); nothing was sent", op=op) from None
+            time.sleep(0.5)
