@@ -122,15 +122,19 @@ def test_warning_stays_while_another_marker_is_not_checked(
     assert "Redis refused the wait" in steps.store.redis.get(keys.MARKER_NOT_DURABLE)
 
 
+@pytest.mark.parametrize("redis_down_s", [0.0, 1.5])
 def test_a_worker_that_stood_still_before_its_marker_was_checked_revives_the_job(
-        steps_for, make_sandbox):  # noqa: F811
+        steps_for, make_sandbox, restartable_redis, redis_down_s):  # noqa: F811
     """Worker A writes the marker and stands still (SIGSTOP, a paused VM) before its
     wait is looked at; the job is recovered, and worker B finds A's marker: "outcome
-    unknown", its slot held. A resumes: the wait was refused, nothing was sent, A
-    clears its own marker, so the job goes back in line and is POSTed once (it
-    stayed failed "outcome unknown", never POSTed)."""
+    unknown", its slot held. A resumes past its patience (2 s), and Redis is down for
+    `redis_down_s` as it does: the wait was refused, nothing was sent, A clears its
+    own marker, so the job goes back in line and is POSTed once (it stayed failed
+    "outcome unknown", never POSTed; with Redis down, the clear got no patience)."""
     sandbox = make_sandbox()
-    steps_a, steps_b = steps_for(sandbox), steps_for(sandbox)
+    steps_a = steps_for(sandbox, VIDQ_REDIS_URL=restartable_redis.url, VIDQ_STEP_GRACE_S="10",
+                        VIDQ_POST_DEADLINE_S="3")
+    steps_b = steps_for(sandbox, VIDQ_REDIS_URL=restartable_redis.url)
     steps_a.durability.waitaof, steps_a.durability.probed_at = True, time.monotonic()
     ref, token = _admit_one(steps_a)
     standing, resume = threading.Event(), threading.Event()
@@ -139,6 +143,10 @@ def test_a_worker_that_stood_still_before_its_marker_was_checked_revives_the_job
     def stands_still_first(waits):
         standing.set()
         resume.wait(30)
+        time.sleep(steps_a.settings.marker_patience_s + 0.2)
+        if redis_down_s:
+            restartable_redis.stop()
+            threading.Timer(redis_down_s, restartable_redis.start).start()
         return real_check(waits)
 
     steps_a.durability.check = stands_still_first

@@ -51,7 +51,7 @@ def mark_posting(store: JobStore, job: Job, durability: Durability,
                                         "the POST marker's answer was lost")
     if answer == "ok":
         job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
-        _check_durable(store, job, durability, waits, give_up_at)
+        _check_durable(store, job, durability, waits, patience_s)
         if warned:
             with contextlib.suppress(redis.RedisError):
                 store.redis.delete(keys.MARKER_NOT_DURABLE)
@@ -62,10 +62,12 @@ def mark_posting(store: JobStore, job: Job, durability: Durability,
 
 
 def _check_durable(store: JobStore, job: Job, durability: Durability, waits: list,
-                   give_up_at: float) -> None:
+                   patience_s: float) -> None:
     """Returns if the marker's waits passed; else clears it and raises
     NotDurable. Redis lost while the waits' answers are looked at again
-    (Durability.check reads its settings) leaves them unknown: not durable."""
+    (Durability.check reads its settings) leaves them unknown: not durable.
+    The clear has a patience of its own: a worker that stood still here, its
+    job taken over meanwhile, must still clear its marker to revive the job."""
     try:
         durability.check(waits)
         return
@@ -74,7 +76,7 @@ def _check_durable(store: JobStore, job: Job, durability: Durability, waits: lis
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         why = NotDurable(f"Redis was lost while the POST marker was checked ({exc})")
     why.mine = _patiently(lambda: store.clear_posting(job), str(job.extra["posting_op"]),
-                          give_up_at, "the POST marker could not be cleared")
+                          time.monotonic() + patience_s, "the POST marker could not be cleared")
     with contextlib.suppress(redis.RedisError):
         store.redis.set(keys.MARKER_NOT_DURABLE, str(why)[:300], px=NOT_DURABLE_SHOWN_MS)
     raise why
