@@ -22,6 +22,23 @@ from worker.tasks import dispatch
 MODEL = {"model": "alibaba/wan2.1-t2v-turbo"}
 
 
+def _capped_pipeline(make_pipeline, cap: int):
+    """C = `cap`; 60,000 credits a 480P video and 300,000 a 720P one, as the
+    workers publish them; a daily cap of 200,000."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=cap, VIDQ_CREDIT_ESTIMATES=(
+        "alibaba/wan2.1-t2v-turbo@480P=60000,alibaba/wan2.1-t2v-turbo@720P=300000"))
+    admission = pipeline.admission
+    admission.publish_estimates(admission.credits)
+    admission.set_cap(cap)
+    set_daily_credits(admission, 200000.0)
+    return pipeline, admission
+
+
+def _vidq_enqueue(pipeline, path, batch: str, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["vidq", "enqueue", str(path), "--batch", batch, *options],
+                          env=pipeline.env, capture_output=True, text=True, timeout=60)
+
+
 def test_a_batch_past_its_own_cap_is_passed_over_as_the_pump_does(make_pipeline, tmp_path):
     """C = 1, held by a 480P job (60,000 of a 200,000 daily cap). First in the ring, a
     720P batch (300,000) whose own max-credits (100,000) its job would pass; then a
@@ -29,19 +46,13 @@ def test_a_batch_past_its_own_cap_is_passed_over_as_the_pump_does(make_pipeline,
     within the daily cap, so neither `vidq enqueue` nor status nor Flower may say
     "daily credit cap" (they priced the first batch's job, and said it, for as
     long as the slot was full)."""
-    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1, VIDQ_CREDIT_ESTIMATES=(
-        "alibaba/wan2.1-t2v-turbo@480P=60000,alibaba/wan2.1-t2v-turbo@720P=300000"))
-    admission = pipeline.admission
-    admission.publish_estimates(admission.credits)
-    admission.set_cap(1)
-    set_daily_credits(admission, 200000.0)
+    pipeline, admission = _capped_pipeline(make_pipeline, 1)
     enqueue_file(admission, write_prompts(tmp_path / "f.txt", ["filler"]), "filler",
                  {**MODEL, "resolution": "480P"}, dispatch)
     enqueue_file(admission, write_prompts(tmp_path / "d.txt", ["dear"]), "dear",
                  {**MODEL, "resolution": "720P"}, dispatch, batch_settings={"max_credits": 100000})
-    cheap = subprocess.run(["vidq", "enqueue", str(write_prompts(tmp_path / "c.txt", ["cheap"])),
-                            "--batch", "cheap", "--resolution", "480P"], env=pipeline.env,
-                           capture_output=True, text=True, timeout=60)
+    cheap = _vidq_enqueue(pipeline, write_prompts(tmp_path / "c.txt", ["cheap"]), "cheap",
+                          "--resolution", "480P")
     said = admission_state(admission, "cheap")
     rows = _rows(pipeline.settings.redis_url)
     pipeline.start_workers(count=1, concurrency=2)
@@ -90,17 +101,11 @@ def test_a_batch_with_nothing_waiting_is_not_said_held(make_pipeline, tmp_path):
     """A daily cap of 200,000; a 720P batch (300,000) waits for it. A high-priority
     480P batch is enqueued and its one job admitted at once: nothing of it waits,
     so neither `vidq enqueue` nor status may say it waits for the daily cap."""
-    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=4, VIDQ_CREDIT_ESTIMATES=(
-        "alibaba/wan2.1-t2v-turbo@480P=60000,alibaba/wan2.1-t2v-turbo@720P=300000"))
-    admission = pipeline.admission
-    admission.publish_estimates(admission.credits)
-    admission.set_cap(4)
-    set_daily_credits(admission, 200000.0)
+    pipeline, admission = _capped_pipeline(make_pipeline, 4)
     enqueue_file(admission, write_prompts(tmp_path / "d.txt", ["dear"]), "dear",
                  {**MODEL, "resolution": "720P"}, dispatch)
-    cheap = subprocess.run(["vidq", "enqueue", str(write_prompts(tmp_path / "c.txt", ["cheap"])),
-                            "--batch", "cheap", "--resolution", "480P", "--priority", "high"],
-                           env=pipeline.env, capture_output=True, text=True, timeout=60)
+    cheap = _vidq_enqueue(pipeline, write_prompts(tmp_path / "c.txt", ["cheap"]), "cheap",
+                          "--resolution", "480P", "--priority", "high")
 
     assert admission.waiting("cheap") == 0 and admission.waiting("dear") == 1
     assert cheap.returncode == 0 and "daily credit cap" not in cheap.stderr, cheap.stderr
