@@ -57,13 +57,28 @@ def test_a_refused_wait_posts_nothing_spends_nothing_and_the_next_try_posts_once
 
 
 
-def _redis_lost_during(restartable_redis, call, down_s):
+@pytest.fixture
+def back_later(restartable_redis):
+    """back_later(s): the stopped Redis starts again s seconds later. Waited for
+    before the fixture's Redis is stopped, so no server outlives the test."""
+    timers: list[threading.Timer] = []
+
+    def schedule(delay_s: float) -> None:
+        timers.append(threading.Timer(delay_s, restartable_redis.start))
+        timers[-1].start()
+
+    yield schedule
+    for timer in timers:
+        timer.join()
+
+
+def _redis_lost_during(restartable_redis, back_later, call, down_s):
     """`call`, run while the Redis is down: back `down_s` later (0: at once after
     the call)."""
     def lost(*args):
         restartable_redis.stop()
         if down_s:
-            threading.Timer(down_s, restartable_redis.start).start()
+            back_later(down_s)
             return call(*args)
         try:
             return call(*args)
@@ -76,7 +91,7 @@ def _redis_lost_during(restartable_redis, call, down_s):
                                             ("reading Redis again", 1.0),
                                             ("clearing the marker", 0.0)])
 def test_redis_lost_while_a_refused_marker_is_handled_is_no_outcome_unknown(
-        steps_for, make_sandbox, restartable_redis, moment, down_s):  # noqa: F811
+        steps_for, make_sandbox, restartable_redis, back_later, moment, down_s):  # noqa: F811
     """The marker's wait is refused, and Redis is lost at the moment the worker reads
     its settings again, or clears the marker. Nothing was sent after the marker: the
     marker is cleared once Redis is back, and the next try POSTs once, the id
@@ -88,7 +103,7 @@ def test_redis_lost_while_a_refused_marker_is_handled_is_no_outcome_unknown(
     owner, name = ((steps.durability, "refresh") if moment == "reading Redis again"
                    else (steps.store, "clear_posting"))
     real = getattr(owner, name)
-    setattr(owner, name, _redis_lost_during(restartable_redis, real, down_s))
+    setattr(owner, name, _redis_lost_during(restartable_redis, back_later, real, down_s))
     ref, token = _admit_one(steps)
     _run(steps, "submit", steps.claim(ref, token, "submit"))
     setattr(owner, name, real)
@@ -124,7 +139,7 @@ def test_warning_stays_while_another_marker_is_not_checked(
 
 @pytest.mark.parametrize("redis_down_s", [0.0, 1.5])
 def test_a_worker_that_stood_still_before_its_marker_was_checked_revives_the_job(
-        steps_for, make_sandbox, restartable_redis, redis_down_s):  # noqa: F811
+        steps_for, make_sandbox, restartable_redis, back_later, redis_down_s):  # noqa: F811
     """Worker A writes the marker and stands still (SIGSTOP, a paused VM) before its
     wait is looked at; the job is recovered, and worker B finds A's marker: "outcome
     unknown", its slot held. A resumes past its patience (2 s), and Redis is down for
@@ -146,7 +161,7 @@ def test_a_worker_that_stood_still_before_its_marker_was_checked_revives_the_job
         time.sleep(steps_a.settings.marker_patience_s + 0.2)
         if redis_down_s:
             restartable_redis.stop()
-            threading.Timer(redis_down_s, restartable_redis.start).start()
+            back_later(redis_down_s)
         return real_check(waits)
 
     steps_a.durability.check = stands_still_first
