@@ -7,6 +7,13 @@ Start a worker with `celery -A worker worker -Q vidq.submit,vidq.poll,vidq.downl
 """
 from __future__ import annotations
 
+# Imported now, before any thread or pool child exists: datetime.strptime
+# imports it on first use (botocore calls it on every S3 answer), and a pool
+# child forked while a thread of the worker's main process (the start-up
+# storage check) held that import's lock inherited the lock held, and hung
+# for good in its first S3 call.
+import _strptime  # noqa: F401
+
 from celery import Celery
 from kombu import Exchange, Queue
 
