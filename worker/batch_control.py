@@ -136,9 +136,14 @@ def daily_cap_reached(admission: Admission) -> bool:
     """Whether the next job in turn would pass today's credit cap, priced as
     the pump prices it (lua/daily_cap.lua). False while no job waits: the cap
     holds nothing back."""
-    script = load_script(admission.redis, "daily_cap", ("line_lib",))
-    return script(keys=[keys.CONFIG, keys.SLOTS],
-                  args=[repr(admission.credits.default), *PRIORITIES]) == 1
+    return ask_daily_cap(admission.redis, admission.credits.default) == 1
+
+
+def ask_daily_cap(client, default_estimate: float):
+    """lua/daily_cap.lua's answer (1: reached); awaitable with an asyncio
+    client (Flower's)."""
+    script = load_script(client, "daily_cap", ("line_lib",))
+    return script(keys=[keys.CONFIG, keys.SLOTS], args=[repr(default_estimate), *PRIORITIES])
 
 
 def _plain(value: float | None) -> str | None:

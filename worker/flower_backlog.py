@@ -23,8 +23,7 @@ import logging
 from typing import Any
 
 from . import keys
-from .admission import PRIORITIES
-from .jobs import load_script
+from .batch_control import ask_daily_cap
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +71,7 @@ async def _daily_cap_reached(client: Any) -> bool:
     turn, priced as the pump prices it, would pass today's cap
     (lua/daily_cap.lua)."""
     from .celery_app import app, settings_of  # Flower's app: `celery -A worker flower`
-    script = load_script(client, "daily_cap", ("line_lib",))
-    default = settings_of(app).credit_estimate
-    return await script(keys=[keys.CONFIG, keys.SLOTS], args=[repr(default), *PRIORITIES]) == 1
+    return await ask_daily_cap(client, settings_of(app).credit_estimate) == 1
 
 
 async def _rows_or_none(client: Any) -> list[dict]:
