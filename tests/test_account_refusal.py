@@ -5,12 +5,14 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
 from conftest import wait_until, write_prompts
 
 from worker import keys
 from worker.keys import job_ref
 
 
+@pytest.mark.slow
 def test_credits_running_out_pause_submits_instead_of_failing_the_night(
         make_pipeline, make_sandbox, tmp_path):
     """Five POSTs in a row answered 403: the first two fail their jobs (one
@@ -60,6 +62,7 @@ def test_one_refused_prompt_between_accepted_ones_fails_alone(make_pipeline, mak
     assert not pipeline.store.redis.exists(keys.PAUSE_SUBMIT)
 
 
+@pytest.mark.slow
 def test_rate_limit_429s_between_refusals_do_not_restart_the_count(make_pipeline, make_sandbox,
                                                                    tmp_path):
     """The credits are gone and every POST is refused 403, but now and then a 429

@@ -14,6 +14,7 @@ from worker.keys import job_ref
 from worker.tasks import dispatch
 
 
+@pytest.mark.slow
 def test_cap_holds_across_four_worker_processes(make_pipeline, make_sandbox, tmp_path):
     """With 4 workers and C=3, the sandbox never sees more than 3 in flight, and sees 3."""
     sandbox = make_sandbox(max_concurrency=100)
@@ -71,6 +72,7 @@ def test_duplicated_poll_message_runs_one_chain(make_pipeline, make_sandbox, tmp
     assert entry["polls"] <= 4
 
 
+@pytest.mark.slow
 def test_killed_worker_loses_no_video(make_pipeline, make_sandbox, tmp_path):
     """SIGKILL the only worker while it holds countdown polls; a new one finishes all."""
     sandbox = make_sandbox(time_scale=30)  # ~3 s generations
@@ -107,8 +109,15 @@ def test_a_big_backlog_publishes_only_as_many_tasks_as_slots(make_pipeline, make
 
     samples = []
     for _ in range(15):
-        queued = sum(client.llen(name) for name in ("vidq.submit", "vidq.poll", "vidq.download"))
-        samples.append((queued + client.hlen("unacked"), client.zcard("vidq:batch:big:line")))
+        # One MULTI: a task fetched between two separate reads (queue, then
+        # unacked) would be counted twice.
+        pipe = client.pipeline(transaction=True)
+        for name in ("vidq.submit", "vidq.poll", "vidq.download"):
+            pipe.llen(name)
+        pipe.hlen("unacked")
+        pipe.zcard("vidq:batch:big:line")
+        *tasks, waiting = pipe.execute()
+        samples.append((sum(tasks), waiting))
         time.sleep(0.2)
 
     # Each of the 5 slot holders has one task (submit, poll or download),
@@ -128,6 +137,7 @@ def _unknown_first_post(proxied, make_sandbox, **env):
     return pipeline, sandbox
 
 
+@pytest.mark.slow
 def test_an_unknown_post_keeps_its_slot_while_its_generation_may_run(proxied, make_sandbox,
                                                                      tmp_path):
     """Generations take 3x the prior: the unknown POST's generation, created upstream,
@@ -146,6 +156,7 @@ def test_an_unknown_post_keeps_its_slot_while_its_generation_may_run(proxied, ma
     assert batch_status(pipeline.admission, "u", pipeline.settings)["in_flight"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["resubmit_unknown", "resubmit"])
 def test_resubmitting_an_unknown_post_keeps_its_slot_taken(proxied, make_sandbox, tmp_path,
                                                            flag):
@@ -170,6 +181,7 @@ def test_resubmitting_an_unknown_post_keeps_its_slot_taken(proxied, make_sandbox
     assert stats["max_in_flight"] == 2, stats
 
 
+@pytest.mark.slow
 def test_an_operators_cap_stands_when_workers_restart(make_pipeline, tmp_path):
     """`vidq cap 1` against workers started with C = 2: a restarted worker leaves it
     at 1 (saying so); a deployment whose VIDQ_MAX_IN_FLIGHT changed sets its own."""
@@ -230,6 +242,7 @@ def test_an_earlier_posts_late_answer_after_a_resubmit_ends_its_own_hold(proxied
     assert client.zrange(keys.SLOTS, 0, -1) == [] and client.zrange(keys.SLOT_HOLDS, 0, -1) == []
 
 
+@pytest.mark.slow
 def test_a_late_refusal_of_a_post_undoes_what_the_unknown_outcome_booked(proxied, make_sandbox,
                                                                          tmp_path):
     """A POST answered 400 after its step gave up created nothing: the job is not
@@ -256,6 +269,7 @@ def test_a_late_refusal_of_a_post_undoes_what_the_unknown_outcome_booked(proxied
     assert float(batch.get("credits_spent", 0)) == 0 and int(batch.get("videos", 0)) == 0
 
 
+@pytest.mark.slow
 def test_an_earlier_posts_id_survives_a_refusal_of_the_repost(proxied, make_sandbox, tmp_path):
     """POST A outlives its deadline; `--resubmit-unknown` sends B; A's id lands while B
     is in flight, then B is refused 400. A's generation is paid: it is polled and its
@@ -296,6 +310,7 @@ def _two_shells(make_pipeline, make_sandbox, tmp_path, c_of_a: int, c_of_b: int)
     return sandbox, a, b
 
 
+@pytest.mark.slow
 def test_workers_that_disagree_on_c_run_at_the_lowest_and_keep_an_operators_cap(
         make_pipeline, make_sandbox, tmp_path):
     """Worker A says C = 3, worker B C = 2 (two shells). C is the lower, 2; the
@@ -337,6 +352,7 @@ def test_workers_that_disagree_on_c_run_at_the_lowest_and_keep_an_operators_cap(
     assert "3 (test0@" in warned and "2 (test0@" in warned
 
 
+@pytest.mark.slow
 def test_an_operators_cap_stands_while_a_worker_restarts_with_its_old_value(
         make_pipeline, make_sandbox, tmp_path):
     """A says C = 2, B C = 4; the operator sets 1. A stops cleanly and starts

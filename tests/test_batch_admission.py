@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import wait_until, write_prompts
 
 from worker import keys
@@ -32,6 +33,7 @@ def _vidq(pipeline, *args: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
+@pytest.mark.slow
 def test_two_batches_share_one_slot_round_robin(make_pipeline, tmp_path):
     """A batch enqueued after a bigger one is served every other turn, not after it."""
     pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1)
@@ -45,6 +47,7 @@ def test_two_batches_share_one_slot_round_robin(make_pipeline, tmp_path):
     assert _posted_batches(pipeline) == "ABABABAAA"
 
 
+@pytest.mark.slow
 def test_a_batch_enqueued_while_another_runs_gets_every_other_slot(make_pipeline, make_sandbox,
                                                                     tmp_path):
     """Workers busy with batch A's backlog at C=2: batch B's jobs start within its next turns."""
@@ -62,6 +65,7 @@ def test_a_batch_enqueued_while_another_runs_gets_every_other_slot(make_pipeline
     assert "BB" not in order, order
 
 
+@pytest.mark.slow
 def test_a_high_priority_batch_enqueued_later_is_admitted_first(make_pipeline, tmp_path):
     """`--priority high` jumps a normal batch that was enqueued before it."""
     pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1)
@@ -76,6 +80,7 @@ def test_a_high_priority_batch_enqueued_later_is_admitted_first(make_pipeline, t
     assert _posted_batches(pipeline) == "HHNNN"
 
 
+@pytest.mark.slow
 def test_pause_stops_admission_and_resume_restarts_it(make_pipeline, make_sandbox, tmp_path):
     """A paused batch's job in flight finishes; the waiting ones are not POSTed until resume."""
     pipeline = make_pipeline(make_sandbox(time_scale=30), VIDQ_MAX_IN_FLIGHT=1,

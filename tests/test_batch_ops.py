@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 import requests
 from conftest import wait_until, write_prompts
 
@@ -44,6 +45,7 @@ def mark_failed(store, batch: str, job_id: str, reason: str) -> None:
     store.transition(job, state=State.FAILED, expected_token="*", last_error=reason)
 
 
+@pytest.mark.slow
 def test_retry_polls_by_default_and_resubmit_posts_exactly_one_new_generation_per_job(
         make_pipeline, make_sandbox, tmp_path):
     """Given 2 jobs failed upstream (with generation ids) and 1 whose POST had an
@@ -94,6 +96,7 @@ def test_retry_polls_by_default_and_resubmit_posts_exactly_one_new_generation_pe
     assert all(row["state"] == "done" and row["sha256"] for row in rows.values())
 
 
+@pytest.mark.slow
 def test_resubmit_never_pays_again_for_a_generation_that_finished(make_pipeline, tmp_path):
     """A job whose generation completed upstream but whose video could not be
     stored before the hard limit fails with its id. `vidq retry --resubmit`
@@ -122,6 +125,7 @@ def test_resubmit_never_pays_again_for_a_generation_that_finished(make_pipeline,
     assert video == row["sha256"] == paid["sha256"]
 
 
+@pytest.mark.slow
 def test_include_completed_buys_a_new_generation_when_the_finished_one_cannot_be_had(
         make_pipeline, make_sandbox, tmp_path):
     """The finished generation's link is refused for good (410 on every
@@ -247,6 +251,7 @@ def test_a_finished_batch_writes_its_manifest_once_and_again_after_a_retry(make_
     assert manifest_rows(pipeline, "m", "errors.jsonl")[0]["failed_at"] > failed_at
 
 
+@pytest.mark.slow
 def test_status_counts_the_batch_apart_from_the_deployment_and_watch_reports_failures(
         make_pipeline, tmp_path):
     """`vidq status` counts waiting jobs for the batch and for the deployment apart,
@@ -328,6 +333,7 @@ def simulate_night(pipeline, batch: str, jobs: int) -> None:
                          downloaded_at=time.time(), polls=2)
 
 
+@pytest.mark.slow
 def test_finished_batches_leave_redis_and_memory_stays_bounded_night_after_night(
         make_pipeline, tmp_path):
     """Given retention 0: on real workers a finished batch leaves Redis and `vidq
@@ -447,6 +453,7 @@ def test_a_shell_with_another_storage_url_leaves_the_manifest_to_the_workers(mak
     assert pipeline.store.batch_total("split") == len(GOOD)
 
 
+@pytest.mark.slow
 def test_status_after_a_retry_counts_each_job_once_and_names_no_stale_manifest(
         make_pipeline, make_sandbox, tmp_path):
     """Four POSTs refused (400), then `vidq retry`: while the batch runs again

@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import unknown_post_trickling, wait_until, write_prompts
 
 from producer.enqueue import enqueue_file
@@ -129,6 +130,7 @@ def test_cancel_counts_the_jobs_whose_post_is_on_its_way_as_in_flight(proxied, t
     assert pipeline.wait_finished("c", timeout_s=60)["done"] == 2
 
 
+@pytest.mark.slow
 def test_purge_waits_for_a_post_answer_that_outlasts_its_window(proxied, tmp_path):
     """A POST's answer trickles in long after the job failed "outcome unknown",
     past the window purge allowed for it (here: that failure made to look
@@ -162,6 +164,7 @@ def test_resume_says_when_a_spend_cap_still_holds_the_batch(make_pipeline, tmp_p
     assert "2 jobs waiting; still paused: spend cap (`vidq limits cap0`)" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_a_video_kept_whole_is_taken_by_the_retry_not_bought_again(make_pipeline, tmp_path):
     """The video of a generation was stored but its sidecar never written (the
     job failed at the hard limit, the video's sha256 kept on the job); then

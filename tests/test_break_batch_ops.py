@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import unknown_post_trickling, wait_until, write_prompts
 
 from producer.batch_view import deployment
@@ -216,6 +217,7 @@ def test_retry_resubmit_run_twice_at_once_posts_one_new_generation_per_job(make_
         assert job.generation_id not in old.values()
 
 
+@pytest.mark.slow
 def test_a_paid_job_retried_then_cancelled_is_still_downloaded(make_pipeline, make_sandbox,
                                                                tmp_path):
     """A job failed past the hard limit keeps its generation id; its video finished
@@ -247,6 +249,7 @@ def test_a_paid_job_retried_then_cancelled_is_still_downloaded(make_pipeline, ma
     assert (tmp_path / "videos" / "g" / f"{job_id}.mp4").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_purge_waits_for_an_unknown_posts_answer_and_a_forced_one_keeps_the_id(proxied,
                                                                                 tmp_path):
     """A POST whose answer trickles in past its deadline: the batch looks finished,

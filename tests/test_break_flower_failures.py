@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 
+import pytest
 import requests
 from test_flower import AUTH, start_flower, stop_flower
 
@@ -47,6 +48,7 @@ def _failure_filter(base: str) -> set[str]:
     return {row["uuid"] for row in answer.json()["data"]}
 
 
+@pytest.mark.slow
 def test_failed_filter_lists_exactly_the_failed_jobs_once_each(make_pipeline, make_sandbox,
                                                                video_cache, tmp_path):
     sandbox = _sandbox_serving_a_corrupt_480p_video(make_sandbox, video_cache, tmp_path)

@@ -116,6 +116,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_delivery_whose_pool_child_is_killed_mid_attempt_is_sent_again(make_pipeline,
                                                                           receivers):
     """Given a receiver that holds the first POST of an event and the pool child

@@ -90,6 +90,7 @@ def _redis_lost_during(restartable_redis, back_later, call, down_s):
 @pytest.mark.parametrize("moment, down_s", [("reading Redis again", 0.0),
                                             ("reading Redis again", 1.0),
                                             ("clearing the marker", 0.0)])
+@pytest.mark.slow
 def test_redis_lost_while_a_refused_marker_is_handled_is_no_outcome_unknown(
         steps_for, make_sandbox, restartable_redis, back_later, moment, down_s):  # noqa: F811
     """The marker's wait is refused, and Redis is lost at the moment the worker reads

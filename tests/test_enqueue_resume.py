@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import redis
 
 from worker import keys
@@ -36,6 +37,7 @@ def _two_takes_each(path, prompts: int):
     return path
 
 
+@pytest.mark.slow
 def test_an_enqueue_killed_half_way_is_listed_and_the_same_command_finishes_it(
         redis_url, tmp_path):
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -63,6 +65,7 @@ def test_an_enqueue_killed_half_way_is_listed_and_the_same_command_finishes_it(
     assert int(client.hget(keys.batch("takes"), "total")) == 40_000
 
 
+@pytest.mark.slow
 def test_two_producers_with_other_flags_at_once_never_both_enqueue(redis_url, tmp_path):
     """The same 300 prompts into one batch at once, one at 720P and one at
     480P, neither with --allow-variants: one gets in, the other is refused.

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import redis
 from conftest import wait_until, write_prompts
 
@@ -142,6 +143,7 @@ def test_the_example_consumer_killed_midway_resumes_and_acks_every_event(make_pi
     assert client.xpending(EVENTS, "pipeline")["pending"] == 0
 
 
+@pytest.mark.slow
 def test_killed_workers_and_a_redis_restart_announce_each_video_exactly_once(
         make_pipeline, make_sandbox, restartable_redis, tmp_path):
     """Given a batch during which a worker is SIGKILLed and Redis (AOF, fsync

@@ -49,6 +49,7 @@ def _require_browser() -> None:
                     pytrace=False)
 
 
+@pytest.mark.slow
 def test_flower_in_a_browser_shows_progress_backlog_and_failures(make_pipeline, make_sandbox,
                                                                   tmp_path):
     _require_browser()

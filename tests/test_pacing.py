@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from conftest import write_prompts
 
 from worker import keys
@@ -14,6 +15,7 @@ def _most_in_one_second(times: list[float]) -> int:
     return max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
 
 
+@pytest.mark.slow
 def test_a_batch_start_is_paced_under_the_rate_and_never_lowers_c(make_pipeline, make_sandbox,
                                                                   tmp_path):
     """C = 8 slots open at once, the account takes 3 POSTs a second: the

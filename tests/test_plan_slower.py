@@ -7,6 +7,7 @@ import math
 import random
 import statistics
 
+import pytest
 import redis
 from conftest import learned_then
 
@@ -90,6 +91,7 @@ def test_the_completion_that_ends_the_run_is_stored_flagged(redis_url):
     assert parse_sample("24:23:slower") is None
 
 
+@pytest.mark.slow
 def test_real_workers_follow_generations_that_get_six_times_slower(make_pipeline,
                                                                      make_sandbox, tmp_path):
     """Learned at ~0.5 s (a full window), the upstream turns ~3 s: a slowdown is flagged and the last

@@ -208,6 +208,7 @@ def test_stuck_jobs_in_slots_do_not_stretch_the_first_fit():
     assert plan.second_s is not None and 11.5 < plan.second_s < 120 and plan.first_s < 60
 
 
+@pytest.mark.slow
 def test_prior_90_s_learns_1_s_generations_from_censored_first_polls(make_pipeline,
                                                                        tmp_path):
     """Every first poll of the cold start finds the video done: the plan moves earlier
@@ -224,6 +225,7 @@ def test_prior_90_s_learns_1_s_generations_from_censored_first_polls(make_pipeli
     assert last < 0.6, lags   # ~1 s generations, found within a fraction of that
 
 
+@pytest.mark.slow
 def test_the_plan_follows_a_drop_in_generation_time(make_pipeline, make_sandbox, tmp_path):
     """Learned at ~2 s, the upstream turns ~4x faster: the plan follows."""
     pipeline = learned_then(make_pipeline, make_sandbox, tmp_path,
@@ -252,6 +254,7 @@ def test_a_recovered_chain_records_no_generation_time(make_pipeline, tmp_path):
     assert pipeline.store.redis.llen(key) == 0
 
 
+@pytest.mark.slow
 def test_429s_pause_every_worker_lower_c_to_the_real_limit_and_fail_no_job(
         make_pipeline, make_sandbox, tmp_path):
     """The account really allows 2, C is configured at 5: submits that meet 429 go

@@ -137,6 +137,7 @@ def test_c_is_the_deployments_value_not_the_producers_shell(make_pipeline, make_
     assert sandbox.stats()["max_in_flight"] == 2
 
 
+@pytest.mark.slow
 def test_a_killed_workers_countdowns_resume_long_before_the_step_grace(
         make_pipeline, make_sandbox, tmp_path):
     """SIGKILL a worker holding countdown polls: the jobs name it as their holder, its
@@ -213,6 +214,7 @@ def _running_on(restartable_redis, make_pipeline, make_sandbox, tmp_path, batch:
     return pipeline
 
 
+@pytest.mark.slow
 def test_redis_restarted_twice_mid_batch_completes_with_no_duplicate_post(
         make_pipeline, make_sandbox, tmp_path, restartable_redis):
     """Redis (AOF, fsync always) stopped and started twice during a batch: the workers
@@ -261,6 +263,7 @@ def test_requeue_keeps_every_queued_job_in_line_and_a_late_id_leaks_no_slot(make
 @pytest.mark.parametrize("faults", [{"poll": [404, 401, 403]}, {"download": [403] * 9 + [400]},
                                     {"download": [400, 401, 400]}],
                          ids=["status-4xx", "result-expired", "result-4xx"])
+@pytest.mark.slow
 def test_4xx_answers_about_a_paid_generation_never_abandon_its_video(make_pipeline, tmp_path,
                                                                     faults):
     """A paid generation's status GETs answered 404, 401, 403 (a gateway's hiccup, a
@@ -281,6 +284,7 @@ def test_4xx_answers_about_a_paid_generation_never_abandon_its_video(make_pipeli
     assert generation["status"] == "completed" and generation["downloads"] == 1
 
 
+@pytest.mark.slow
 def test_a_download_slower_than_its_lease_is_renewed_not_sent_again(proxied, make_sandbox,
                                                                     tmp_path):
     """A result served at 40 kB/s takes ~6 s against a 2 s download lease: the
@@ -299,6 +303,7 @@ def test_a_download_slower_than_its_lease_is_renewed_not_sent_again(proxied, mak
     assert "re-sending download" not in (pipeline.log_dir / "worker-0.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_sigterm_while_a_posts_answer_is_on_its_way_keeps_the_paid_id(proxied, tmp_path):
     """SIGTERM (warm shutdown) while a POST's answer trickles in for ~10 s, past its
     2 s deadline: the stopping pool child waits for the answer and records the id;
@@ -351,6 +356,7 @@ def test_a_redis_that_may_evict_any_key_is_refused_and_a_volatile_one_warned_of(
                              .splitlines() if "maxmemory-policy is volatile-lru" in line)
 
 
+@pytest.mark.slow
 def test_a_redis_full_for_a_while_stops_no_worker_and_pays_nothing_twice(
         make_pipeline, make_sandbox, tmp_path, restartable_redis):
     """Redis at maxmemory with noeviction refuses every write for 6 s, mid-batch:
@@ -374,6 +380,7 @@ def test_a_redis_full_for_a_while_stops_no_worker_and_pays_nothing_twice(
     assert _generations_per_prompt(pipeline) == Counter({p: 1 for p in prompts})
 
 
+@pytest.mark.slow
 def test_status_watch_rides_out_a_redis_restart_and_exits_for_the_batch(
         make_pipeline, make_sandbox, tmp_path, restartable_redis):
     """Redis down for 2 s while `vidq status --watch` follows a batch: the watch

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from urllib.parse import urlsplit
 
+import pytest
 from chaos.redis_lost_reply import LostReplyProxy
 from conftest import wait_until, write_prompts
 from test_lost_replies import _run_of
@@ -85,6 +86,7 @@ def test_a_marker_left_unconfirmed_is_taken_over_by_the_next_try(
     assert steps.store.outcome_unknown("b") == 0
 
 
+@pytest.mark.slow
 def test_a_worker_frozen_between_its_marker_and_its_post_never_passes_c(
         make_pipeline, make_sandbox, redis_url, tmp_path):
     """Worker 0's process group is stopped (SIGSTOP: a paused VM, a swap storm)

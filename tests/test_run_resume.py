@@ -54,6 +54,7 @@ def _ledger(sandbox) -> Counter:
     return Counter(entry["prompt"] for entry in entries)
 
 
+@pytest.mark.slow
 def test_running_the_same_file_twice_posts_nothing_the_second_time(make_sandbox, tmp_path):
     sandbox = make_sandbox()
     env = _env(sandbox, tmp_path)
@@ -75,6 +76,7 @@ def test_running_the_same_file_twice_posts_nothing_the_second_time(make_sandbox,
     assert _ledger(sandbox) == Counter({p: 1 for p in prompts})
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_is_in_flight_and_the_rerun_resumes(make_sandbox, tmp_path):
     sandbox = make_sandbox(time_scale=15)  # ~6 s generations: in flight when interrupted
     env = _env(sandbox, tmp_path)
@@ -92,6 +94,7 @@ def test_ctrl_c_says_what_is_in_flight_and_the_rerun_resumes(make_sandbox, tmp_p
     assert _ledger(sandbox) == Counter({p: 1 for p in prompts})
 
 
+@pytest.mark.slow
 def test_vidq_run_restarts_a_worker_that_dies(make_sandbox, tmp_path):
     """SIGKILL the run's worker mid-batch: `vidq run` starts it again and the batch
     completes, each prompt POSTed once."""
@@ -118,6 +121,7 @@ def test_vidq_run_restarts_a_worker_that_dies(make_sandbox, tmp_path):
     assert _ledger(sandbox) == Counter({p: 1 for p in prompts})
 
 
+@pytest.mark.slow
 def test_a_stored_video_is_taken_only_for_the_request_that_made_it(make_sandbox, tmp_path):
     """The Redis state is lost (a purge, retention, a deleted state dir) and the
     same explicit ids come back at 480P after a 720P night: the stored 720P
@@ -174,6 +178,7 @@ def _sandbox_run_until_posted(path, tmp_path, env, posted: int) -> subprocess.Po
     return process
 
 
+@pytest.mark.slow
 def test_an_interrupted_sandbox_run_resumes_its_generations(tmp_path):
     """`vidq run --sandbox` starts a new sandbox on each run: the generations the
     first run created must still answer the second run's polls (they 404ed,
@@ -197,6 +202,7 @@ def test_an_interrupted_sandbox_run_resumes_its_generations(tmp_path):
     assert len(manifest.read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_a_run_whose_own_redis_stops_says_so_at_once_and_the_rerun_finishes(tmp_path):
     """The run's private Redis dies (a full disk stops a Redis with appendfsync
     always): `vidq run` says so at once, naming its log, and how to resume, exit

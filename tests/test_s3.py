@@ -237,6 +237,7 @@ def test_part_size_setting_is_checked():
         open_storage("s3:///no-bucket", 8 * MiB)
 
 
+@pytest.mark.slow
 def test_vidq_run_with_the_sandbox_into_s3(aws_env, s3, bucket, tmp_path):
     """`vidq run FILE --sandbox` with s3:// storage: every video and sidecar lands as an
     object whose sha256 matches, and no upload is left open."""

@@ -53,6 +53,7 @@ def test_a_failed_metadata_copy_keeps_the_whole_object(s3, bucket, s3_faults):  
     assert _uploads(s3, bucket) == []
 
 
+@pytest.mark.slow
 def test_storage_that_cannot_answer_the_resume_check_is_no_reason_to_post(
         make_pipeline, make_sandbox, redis_url, aws_env, s3, bucket, s3_faults,  # noqa: F811
         tmp_path):
@@ -79,6 +80,7 @@ def test_storage_that_cannot_answer_the_resume_check_is_no_reason_to_post(
     assert heads.hits == 12
 
 
+@pytest.mark.slow
 def test_storage_down_longer_than_the_attempts_fails_no_unpaid_job(
         make_pipeline, make_sandbox, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
     """S3 answers the submits' resume checks 503 five times over, with

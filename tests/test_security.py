@@ -159,6 +159,7 @@ def test_wrong_api_key_fails_with_401_and_is_never_written(make_sandbox, make_pi
     assert_nowhere(WRONG_KEY, pipeline, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_key_quoted_back_by_the_upstream_is_redacted_everywhere(make_sandbox, make_pipeline,
                                                                   hostile_upstream, tmp_path):
     """A 401, a 500, failed generations and a cut message that quote the key: each job

@@ -76,6 +76,7 @@ def test_settings_fold_the_master_name_into_the_url_and_refuse_half_a_setup():
                            "VIDQ_REDIS_SENTINEL_MASTER": "mymaster"})
 
 
+@pytest.mark.slow
 def test_master_killed_mid_batch_fails_over_with_no_duplicate_post_and_no_lost_job(
         sentinel_group, make_pipeline, make_sandbox, tmp_path):
     """SIGKILL the master mid-batch: the sentinels promote the replica, the workers

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections import Counter
 
+import pytest
 from conftest import wait_until, write_prompts
 
 from worker import keys
@@ -15,6 +16,7 @@ from worker import keys
 PROMPTS = [f"a lighthouse at dusk, take {i}" for i in range(8)]
 
 
+@pytest.mark.slow
 def test_storage_failing_stops_new_posts_and_every_paid_video_lands_once_it_works(
         make_pipeline, make_sandbox, tmp_path):
     """The videos' directory cannot be created: the first completed videos fail
@@ -50,6 +52,7 @@ def test_storage_failing_stops_new_posts_and_every_paid_video_lands_once_it_work
     assert len(list((tmp_path / "disk" / "videos" / "night").glob("*.mp4"))) == len(PROMPTS)
 
 
+@pytest.mark.slow
 def test_one_jobs_own_storage_error_stalls_neither_the_batch_nor_the_deployment(
         make_pipeline, make_sandbox, tmp_path):
     """p0's sidecar is a symlink that leaves the storage root: its resume check

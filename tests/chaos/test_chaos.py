@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from .chaos import MODERATE, ChaosParts, run_chaos
 
 
+@pytest.mark.slow
 def test_chaos_short_keeps_every_promise(make_pipeline, make_sandbox, restartable_redis,
                                          tmp_path):
     seed = int(os.environ.get("VIDQ_CHAOS_SEED", "20261125"))
