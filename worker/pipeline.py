@@ -1,4 +1,5 @@
-"""The logic of each step, without Celery: submit, poll, download, fail, retry.
+"""The logic of each step, without Celery: submit, poll, download (fail,
+retry and the rest of what a step may end with: worker/step_outcomes.py).
 
 Each method takes a claimed `Job`, talks to the upstream, writes the record
 in one atomic transition and hands the next step to `dispatch`. Errors are
@@ -9,71 +10,37 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from . import events
-from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, Admission, Dispatch, admit
+from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, admit
 from .contract import shape_of
-from .durability import Durability, NotDurable
-from .durations import DurationModel
-from .errors import (
-    GenerationFailed,
-    RateLimited,
-    ResultRefused,
-    SubmitOutcomeUnknown,
-    UpstreamError,
-    UpstreamUnavailable,
-)
+from .durability import NotDurable
+from .errors import RateLimited, SubmitOutcomeUnknown
 from .generation import Generation
-from .job_rules import (
-    deadline_s,
-    earlier_post_unanswered,
-    is_paid,
-    poll_delay,
-    unknown_hold_s,
-)
-from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
+from .job_rules import deadline_s, poll_delay
+from .jobs import Job, State, Step
 from .learning import learn, tells_generation_time
 from .leases import TakenOver, lease_renewed, unless_lost
 from .marker import mark_posting
-from .metrics_record import completed, downloaded, failed, upstream_call
+from .metrics_record import completed, downloaded, upstream_call
 from .pacing import post_wait_s
 from .posting import NotSent, post_once
-from .rate_limits import account_refused, pause_s, revive_refused, spread
-from .schedule import backoff_delay
-from .settings import Settings
-from .storage import Storage, video_key
-from .upstream import UpstreamClient, file_length
+from .rate_limits import pause_s, revive_refused, spread
+from .step_outcomes import StepOutcomes
+from .storage import video_key
+from .upstream import file_length
 from .video import kept_video, store_sidecar, stored_video, stream_video
 
 log = logging.getLogger(__name__)
 
-# Rate limiting is the upstream saying "not now", not a fault: allow more tries.
-RATE_LIMIT_ATTEMPT_FACTOR = 5
-# Failed downloads of one result link before the generation is fetched again
-# for a fresh one.
-TRIES_PER_LINK = 2
 # A POST marker Redis could not make durable (its wait timed out): tried again
 # this much later.
 MARKER_RETRY_S = 5.0
 
 
-@dataclass
-class Steps:
-    """Everything one step needs; built once per worker process."""
-
-    settings: Settings
-    store: JobStore
-    admission: Admission
-    client: UpstreamClient
-    storage: Storage
-    durations: DurationModel
-    dispatch: Dispatch
-    durability: Durability
-    worker_name: str = "local"
-
-    def claim(self, ref: str, token: str, step: str) -> Job | None:
-        return self.store.claim(ref, token, self.settings.grace_s(step), self.worker_name)
+class Steps(StepOutcomes):
+    """Submit, poll and download: each takes a claimed job and ends by moving
+    it on (`_next`) or raising to its task."""
 
     def submit(self, job: Job) -> None:
         if job.generation_id:
@@ -218,77 +185,6 @@ class Steps:
             self._taken_over(job)
             return None
 
-    def rejected(self, job: Job, error: UpstreamError) -> None:
-        """An answer that retrying cannot change, as a rule. A 401/403 to a
-        POST, in a row, refuses the account: submits pause (rate_limits). For a paid
-        generation, a 4xx on its status GET or result (a key being rotated, a
-        gateway's or CDN's hiccup) is asked again until the hard limit: only
-        the generation's own failure, or a result vidq refuses, ends it. A
-        result URL refused is asked for again through a poll (a fresh link)."""
-        if job.step == Step.SUBMIT and account_refused(
-                self.store, job, error, self.settings.backoff_cap_s, self.settings.max_attempts):
-            return None
-        if not is_paid(job) or isinstance(error, GenerationFailed | ResultRefused):
-            return self.fail(job, f"{job.step}: {error}")
-        if job.step == Step.DOWNLOAD:
-            return self.refresh_link(job, error)
-        self.retry(job, error)
-
-    def refresh_link(self, job: Job, error: UpstreamError) -> None:
-        """A result URL expired: fetch the generation again for a fresh one."""
-        refreshes = int(job.number("link_refreshes")) + 1
-        if refreshes > self.settings.max_attempts and not self._keeps_trying(job, error):
-            return self.fail(job, f"download: result link refused {refreshes} times: {error}")
-        delay = backoff_delay(refreshes, self.settings.backoff_base_s, self.settings.backoff_cap_s)
-        self._next(job, Step.POLL, delay, link_refreshes=refreshes, last_error=str(error),
-                   polls=job.polls)
-
-    def retry(self, job: Job, error: Exception) -> None:
-        if (job.step == Step.DOWNLOAD and isinstance(error, UpstreamUnavailable)
-                and error.never_sent and (job.attempts + 1) % TRIES_PER_LINK == 0):
-            # A host that cannot be reached may not be the one a fresh link
-            # names (a CDN edge gone; a resumed `vidq run --sandbox` on a new
-            # port): one GET for a new link every few downloads that could not
-            # connect. (Not for 5xx answers: a CDN outage with every video
-            # waiting must not turn into a storm of status GETs.)
-            return self.refresh_link(job, error)
-        delay = getattr(error, "retry_after", None)
-        if delay is None:
-            delay = backoff_delay(job.attempts + 1, self.settings.backoff_base_s,
-                                  self.settings.backoff_cap_s)
-        delay = min(delay, self.settings.backoff_cap_s)
-        attempts = job.attempts + 1
-        limit = self.settings.max_attempts
-        if isinstance(error, RateLimited):
-            limit *= RATE_LIMIT_ATTEMPT_FACTOR
-        if attempts >= limit and not self._keeps_trying(job, error):
-            return self.fail(job, f"{job.step}: gave up after {attempts} attempts: {error}")
-        log.info("job %s: %s retry %d in %.1f s: %s", job.ref, job.step, attempts, delay, error)
-        self._next(job, job.step, delay, attempts=attempts, last_error=str(error),
-                   polls=job.polls, **getattr(error, "carried", {}))
-
-    def _keeps_trying(self, job: Job, error: Exception) -> bool:
-        # A paid generation is polled, and its video stored, until the hard
-        # limit, however many tries an outage, or a bug, costs: failing it
-        # sooner would free its slot while it may still be generating.
-        return is_paid(job) and job.now() - job.submitted_at < self.settings.hard_limit_s
-
-    def fail(self, job: Job, reason: str) -> None:
-        # Giving up (say the marker's answer was lost) while an earlier try's
-        # POST may be generating: outcome unknown, its slot held.
-        if not reason.startswith(OUTCOME_UNKNOWN) and earlier_post_unanswered(job):
-            reason = f"{OUTCOME_UNKNOWN}: {reason}; an earlier POST of this job got no answer"
-        unknown = reason.startswith(OUTCOME_UNKNOWN)
-        hold = unknown_hold_s(self.settings, self.durations, job) if unknown else 0.0
-        log.warning("job %s failed: %s", job.ref, reason)
-        if self.store.transition(job, state=State.FAILED, release_slot=True, hold_slot_s=hold,
-                                 outcome_unknown=unknown, last_error=reason,
-                                 failed_at=job.now(), polls=job.polls) is not None:
-            job.failed, job.outcome = True, f"failed: {reason}"
-            failed(job.step, reason)
-            self.admission.settle(job.ref, "failed")
-        admit(self.admission, self.dispatch)
-
     def _already_stored(self, job: Job) -> bool:
         """A video and sidecar already in storage with a matching sha256 (Redis
         state lost, or a re-run): the job is done without a POST."""
@@ -342,22 +238,3 @@ class Steps:
                       previous, age)
         self.store.grow_cap(CAP_PROBE_FACTOR, CAP_QUIET_S, completed=True)
         admit(self.admission, self.dispatch)
-
-    def _next(self, job: Job, step: str, delay: float, **values) -> bool:
-        """Move the job to `step` in `delay` seconds; False if a newer step took it."""
-        # Due by its start time plus the step grace; once a step starts, its
-        # claim leases it for as long as that step may run.
-        token = self.store.transition(job, next_step=step,
-                                      due_in_s=delay + self.settings.step_grace_s, **values)
-        if token is None:
-            return self._taken_over(job)
-        self.dispatch(step, job.ref, token, delay)
-        job.outcome = f"{step} in {delay:.0f} s" if delay >= 1 else f"{step} next"
-        return True
-
-    @staticmethod
-    def _taken_over(job: Job) -> bool:
-        log.info("job %s was taken over by a newer step; this chain stops", job.ref)
-        job.outcome = "taken over by a newer step"
-        return False
-

@@ -1,0 +1,139 @@
+"""What every step shares: its claim, the move to the next step, and what
+happens when a step cannot go on: retry later, fetch a fresh result link, or
+fail (outcome unknown when a POST may have been sent).
+
+`Steps` (worker/pipeline.py) adds the steps themselves; the tasks call these
+after a step raised, and decide which one by the error's class.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .admission import Admission, Dispatch, admit
+from .durability import Durability
+from .durations import DurationModel
+from .errors import GenerationFailed, RateLimited, ResultRefused, UpstreamError, UpstreamUnavailable
+from .job_rules import earlier_post_unanswered, is_paid, unknown_hold_s
+from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
+from .metrics_record import failed
+from .rate_limits import account_refused
+from .schedule import backoff_delay
+from .settings import Settings
+from .storage import Storage
+from .upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+# Rate limiting is the upstream saying "not now", not a fault: allow more tries.
+RATE_LIMIT_ATTEMPT_FACTOR = 5
+# Failed downloads of one result link before the generation is fetched again
+# for a fresh one.
+TRIES_PER_LINK = 2
+
+
+@dataclass
+class StepOutcomes:
+    """Everything one step needs; built once per worker process."""
+
+    settings: Settings
+    store: JobStore
+    admission: Admission
+    client: UpstreamClient
+    storage: Storage
+    durations: DurationModel
+    dispatch: Dispatch
+    durability: Durability
+    worker_name: str = "local"
+
+    def claim(self, ref: str, token: str, step: str) -> Job | None:
+        return self.store.claim(ref, token, self.settings.grace_s(step), self.worker_name)
+
+    def rejected(self, job: Job, error: UpstreamError) -> None:
+        """An answer that retrying cannot change, as a rule. A 401/403 to a
+        POST, in a row, refuses the account: submits pause (rate_limits). For a paid
+        generation, a 4xx on its status GET or result (a key being rotated, a
+        gateway's or CDN's hiccup) is asked again until the hard limit: only
+        the generation's own failure, or a result vidq refuses, ends it. A
+        result URL refused is asked for again through a poll (a fresh link)."""
+        if job.step == Step.SUBMIT and account_refused(
+                self.store, job, error, self.settings.backoff_cap_s, self.settings.max_attempts):
+            return None
+        if not is_paid(job) or isinstance(error, GenerationFailed | ResultRefused):
+            return self.fail(job, f"{job.step}: {error}")
+        if job.step == Step.DOWNLOAD:
+            return self.refresh_link(job, error)
+        self.retry(job, error)
+
+    def refresh_link(self, job: Job, error: UpstreamError) -> None:
+        """A result URL expired: fetch the generation again for a fresh one."""
+        refreshes = int(job.number("link_refreshes")) + 1
+        if refreshes > self.settings.max_attempts and not self._keeps_trying(job, error):
+            return self.fail(job, f"download: result link refused {refreshes} times: {error}")
+        delay = backoff_delay(refreshes, self.settings.backoff_base_s, self.settings.backoff_cap_s)
+        self._next(job, Step.POLL, delay, link_refreshes=refreshes, last_error=str(error),
+                   polls=job.polls)
+
+    def retry(self, job: Job, error: Exception) -> None:
+        if (job.step == Step.DOWNLOAD and isinstance(error, UpstreamUnavailable)
+                and error.never_sent and (job.attempts + 1) % TRIES_PER_LINK == 0):
+            # A host that cannot be reached may not be the one a fresh link
+            # names (a CDN edge gone; a resumed `vidq run --sandbox` on a new
+            # port): one GET for a new link every few downloads that could not
+            # connect. (Not for 5xx answers: a CDN outage with every video
+            # waiting must not turn into a storm of status GETs.)
+            return self.refresh_link(job, error)
+        delay = getattr(error, "retry_after", None)
+        if delay is None:
+            delay = backoff_delay(job.attempts + 1, self.settings.backoff_base_s,
+                                  self.settings.backoff_cap_s)
+        delay = min(delay, self.settings.backoff_cap_s)
+        attempts = job.attempts + 1
+        limit = self.settings.max_attempts
+        if isinstance(error, RateLimited):
+            limit *= RATE_LIMIT_ATTEMPT_FACTOR
+        if attempts >= limit and not self._keeps_trying(job, error):
+            return self.fail(job, f"{job.step}: gave up after {attempts} attempts: {error}")
+        log.info("job %s: %s retry %d in %.1f s: %s", job.ref, job.step, attempts, delay, error)
+        self._next(job, job.step, delay, attempts=attempts, last_error=str(error),
+                   polls=job.polls, **getattr(error, "carried", {}))
+
+    def _keeps_trying(self, job: Job, error: Exception) -> bool:
+        # A paid generation is polled, and its video stored, until the hard
+        # limit, however many tries an outage, or a bug, costs: failing it
+        # sooner would free its slot while it may still be generating.
+        return is_paid(job) and job.now() - job.submitted_at < self.settings.hard_limit_s
+
+    def fail(self, job: Job, reason: str) -> None:
+        # Giving up (say the marker's answer was lost) while an earlier try's
+        # POST may be generating: outcome unknown, its slot held.
+        if not reason.startswith(OUTCOME_UNKNOWN) and earlier_post_unanswered(job):
+            reason = f"{OUTCOME_UNKNOWN}: {reason}; an earlier POST of this job got no answer"
+        unknown = reason.startswith(OUTCOME_UNKNOWN)
+        hold = unknown_hold_s(self.settings, self.durations, job) if unknown else 0.0
+        log.warning("job %s failed: %s", job.ref, reason)
+        if self.store.transition(job, state=State.FAILED, release_slot=True, hold_slot_s=hold,
+                                 outcome_unknown=unknown, last_error=reason,
+                                 failed_at=job.now(), polls=job.polls) is not None:
+            job.failed, job.outcome = True, f"failed: {reason}"
+            failed(job.step, reason)
+            self.admission.settle(job.ref, "failed")
+        admit(self.admission, self.dispatch)
+
+    def _next(self, job: Job, step: str, delay: float, **values) -> bool:
+        """Move the job to `step` in `delay` seconds; False if a newer step took it."""
+        # Due by its start time plus the step grace; once a step starts, its
+        # claim leases it for as long as that step may run.
+        token = self.store.transition(job, next_step=step,
+                                      due_in_s=delay + self.settings.step_grace_s, **values)
+        if token is None:
+            return self._taken_over(job)
+        self.dispatch(step, job.ref, token, delay)
+        job.outcome = f"{step} in {delay:.0f} s" if delay >= 1 else f"{step} next"
+        return True
+
+    @staticmethod
+    def _taken_over(job: Job) -> bool:
+        log.info("job %s was taken over by a newer step; this chain stops", job.ref)
+        job.outcome = "taken over by a newer step"
+        return False
