@@ -64,26 +64,122 @@ def test_a_marker_sent_again_within_the_steps_lease_posts_once(
     assert sandbox.stats()["submissions"] == 1
 
 
-def test_a_marker_left_unconfirmed_is_taken_over_by_the_next_try(
+def test_a_marker_left_unconfirmed_is_cleared_and_the_next_try_posts_once(
         steps_for, redis_url, make_sandbox):  # noqa: F811
-    """No patience left in the step's lease: the try gives up before its POST,
-    and names its marker; the next try takes that marker over and POSTs once."""
+    """No patience left in the step's lease: the try gives up before its POST
+    and clears its marker (nothing was sent); the next try POSTs once."""
     sandbox = make_sandbox()
     steps, proxy = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",
                                   VIDQ_POST_DEADLINE_S="5")  # 0.5 s of patience
     ref, token = _admit_one(steps)
-    _lose_marker_replies(steps, proxy, times=100)  # Redis out for longer
+    _lose_marker_replies(steps, proxy, times=100)  # every answer to the marker lost
 
     tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
-    proxy.arm(b"nothing matches this")  # Redis back
+    proxy.arm(b"nothing matches this")  # Redis answers again
     given_up = steps.store.get(ref)
     step, _, token = steps.sent[-1]
     record = _run(steps, step, ref, token)
 
-    assert given_up.extra.get("posting_at") and "marker's answer was lost" in given_up.last_error
+    assert proxy.lost > 1 and step == "submit" and not given_up.extra.get("posting_at")
     assert sandbox.stats()["submissions"] == 1
     assert record.generation_id and record.state == "submitted"
     assert steps.store.outcome_unknown("b") == 0
+
+
+def test_a_marker_redis_never_answered_for_is_taken_over_by_the_next_try(
+        steps_for, redis_url, make_sandbox, monkeypatch):  # noqa: F811
+    """Redis answered neither the marker within the step's patience nor its
+    clear within OUTAGE_PATIENCE_S (none here; the clear ran, its answers were
+    lost): the try gives up before its POST and names its marker; the next
+    try may take that marker over, and POSTs once."""
+    from worker import marker
+
+    monkeypatch.setattr(marker, "OUTAGE_PATIENCE_S", 0.0)
+    sandbox = make_sandbox()
+    steps, proxy = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",
+                                  VIDQ_POST_DEADLINE_S="5")  # 0.5 s of patience
+    ref, token = _admit_one(steps)
+    _lose_marker_replies(steps, proxy, times=100)
+    # The clear's answers are lost too (redis-py sends a call twice).
+    real_clear = steps.store.clear_posting
+
+    def clear_unanswered(job):
+        proxy.arm(_run_of(steps.store._scripts["clear_posting"]),
+                  then=lambda: proxy.arm(_run_of(steps.store._scripts["clear_posting"])))
+        return real_clear(job)
+
+    steps.store.clear_posting = clear_unanswered
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    proxy.arm(b"nothing matches this")
+    steps.store.clear_posting = real_clear
+    given_up = steps.store.get(ref)
+    step, _, token = steps.sent[-1]
+    record = _run(steps, step, ref, token)
+
+    assert "marker's answer was lost" in given_up.last_error
+    assert given_up.extra.get("unconfirmed_op") == given_up.extra.get("posting_op")
+    assert sandbox.stats()["submissions"] == 1
+    assert record.generation_id and record.state == "submitted"
+    assert steps.store.outcome_unknown("b") == 0
+
+
+def test_redis_away_past_the_steps_patience_is_waited_out_and_the_job_posts_once(
+        steps_for, redis_url, make_sandbox):  # noqa: F811
+    """Redis ran the marker, then stayed unreachable well past the step's
+    patience (a restart loading a big AOF): the retry that names the marker
+    cannot be written either. The worker waits for Redis, clears its marker
+    (nothing was sent), and the next try POSTs once: not "outcome unknown"
+    with nothing sent, its slot held."""
+    sandbox = make_sandbox()
+    steps, proxy = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",
+                                  VIDQ_POST_DEADLINE_S="5")  # 0.5 s of patience
+    ref, token = _admit_one(steps)
+    proxy.arm(_run_of(steps.store._scripts["mark_posting"]), then=lambda: proxy.down_for(3))
+
+    started = time.monotonic()
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    waited = time.monotonic() - started
+    withdrawn = steps.store.get(ref)
+    step, _, token = steps.sent[-1]
+    record = _run(steps, step, ref, token)
+
+    assert waited > 2.5 and proxy.lost == 1
+    assert step == "submit" and not withdrawn.extra.get("posting_at")
+    assert record.generation_id and record.state == "submitted", record.last_error
+    assert sandbox.stats()["submissions"] == 1
+    assert steps.store.outcome_unknown("b") == 0
+
+
+def test_a_job_taken_over_while_redis_was_away_is_revived_and_posts_once(
+        steps_for, redis_url, make_sandbox):  # noqa: F811
+    """As above, and while worker A could not reach Redis, worker B recovered the
+    job and found A's marker: "outcome unknown". Once Redis answers A, A
+    clears its own marker (it sent nothing), so the job goes back in line and is
+    POSTed once."""
+    sandbox = make_sandbox()
+    steps_a, proxy = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",
+                                    VIDQ_POST_DEADLINE_S="5")  # 0.5 s of patience
+    steps_b = steps_for(sandbox)
+    ref, token = _admit_one(steps_a)
+    proxy.arm(_run_of(steps_a.store._scripts["mark_posting"]), then=lambda: proxy.down_for(4))
+    worker_a = threading.Thread(target=tasks._run, args=(steps_a, "submit",
+                                                         steps_a.claim(ref, token, "submit")))
+    worker_a.start()
+    wait_until(lambda: steps_b.store.get(ref).extra.get("posting_at"), timeout_s=10)
+    recovered = steps_b.store.transition(steps_b.store.get(ref), next_step="submit",
+                                         due_in_s=1.0, recovered="1")
+    tasks._run(steps_b, "submit", steps_b.claim(ref, recovered, "submit"))
+    taken_over = steps_b.store.get(ref)
+    worker_a.join(30)
+    resent = [token for step, job_ref, token in steps_a.sent if job_ref == ref]
+    tasks._run(steps_b, "submit", steps_b.claim(ref, resent[-1], "submit"))
+
+    assert not worker_a.is_alive()
+    assert taken_over.state == "failed" and "outcome_unknown" in taken_over.last_error
+    paid = steps_b.store.get(ref)
+    assert (paid.state, bool(paid.generation_id)) == ("submitted", True), paid.last_error
+    assert sandbox.stats()["submissions"] == 1
+    assert steps_b.store.outcome_unknown("b") == 0
 
 
 @pytest.mark.slow
@@ -149,6 +245,10 @@ def test_a_try_that_gives_up_after_an_earlier_unanswered_post_ends_outcome_unkno
 
     tasks._run(steps, step, steps.claim(ref, token, step))
     proxy.arm(b"nothing matches this")
+    # Its own marker was never written (the earlier one stands): nothing to
+    # clear, and the next try finds the earlier marker.
+    step, _, token = steps.sent[-1]
+    tasks._run(steps, step, steps.claim(ref, token, step))
 
     record = steps.store.get(ref)
     assert record.state == "failed" and record.extra.get("outcome_unknown") == "1"

@@ -6,15 +6,17 @@ A marker whose durability cannot be had (a replica not acknowledging, an
 fsync stalled, a wait Redis refuses) is cleared at once, nothing having been
 sent, and `vidq status` says why (`keys.MARKER_NOT_DURABLE`) until a marker
 is found durable again. Redis unreachable meanwhile is waited out for the
-step's patience; past it MarkerUnconfirmed names the marker, so the next try
-may take it over (nothing was sent after it).
+step's patience. Past it the worker still knows that nothing was sent: it
+waits up to `OUTAGE_PATIENCE_S` more to clear its marker (the job then tries
+again, or is revived if it was taken over meanwhile), and only then gives
+up: MarkerUnconfirmed names the marker, so the next try may take it over.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import redis
 
@@ -27,6 +29,11 @@ from .jobs import Job, JobStore
 # How long `vidq status` says a POST marker could not be made durable (its job
 # tries again in 5 s: pipeline.MARKER_RETRY_S); the next durable one clears it.
 NOT_DURABLE_SHOWN_MS = 15_000
+# Redis away past the step's patience (a restart loading a big AOF, a
+# failover): how much longer a submit waits to clear its marker. Without it,
+# the retry that names the marker could not be written either, and the job
+# ended "outcome unknown" with nothing sent.
+OUTAGE_PATIENCE_S = 300.0
 Answer = TypeVar("Answer")
 
 
@@ -47,8 +54,11 @@ def mark_posting(store: JobStore, job: Job, durability: Durability,
         pipe.exists(keys.MARKER_NOT_DURABLE)  # `vidq status` says one was not
 
     give_up_at = time.monotonic() + patience_s
-    answer, *waits, warned = _patiently(lambda: store.run_with_waits(build), op, give_up_at,
-                                        "the POST marker's answer was lost")
+    try:
+        answer, *waits, warned = _patiently(lambda: store.run_with_waits(build), op, give_up_at,
+                                            "the POST marker's answer was lost")
+    except MarkerUnconfirmed as exc:
+        _withdraw(store, job, op, exc)
     if answer == "ok":
         job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
         _check_durable(store, job, durability, waits, patience_s)
@@ -59,6 +69,20 @@ def mark_posting(store: JobStore, job: Job, durability: Durability,
         store.back_in_line(job, 0.0, rate_limited=False)  # ends it cancelled, slot freed
         return "stale"
     return answer
+
+
+def _withdraw(store: JobStore, job: Job, op: str, lost: MarkerUnconfirmed) -> NoReturn:
+    """Redis stayed away past the step's patience, the marker written or not:
+    nothing was sent. Clear it once Redis answers, and raise NotDurable (its
+    `mine`: the marker cleared was this try's); MarkerUnconfirmed if Redis
+    is still away after OUTAGE_PATIENCE_S."""
+    job.extra["posting_op"] = op  # clear_posting clears only this try's marker
+    mine = _patiently(lambda: store.clear_posting(job), op,
+                      time.monotonic() + OUTAGE_PATIENCE_S,
+                      "the POST marker's answer was lost, and its clear's")
+    why = NotDurable(f"{lost}; its marker is cleared" if mine else str(lost))
+    why.mine = mine
+    raise why
 
 
 def _check_durable(store: JobStore, job: Job, durability: Durability, waits: list,

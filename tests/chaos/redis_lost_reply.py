@@ -9,12 +9,15 @@ drop or a Redis restart after the command leaves it with: a ConnectionError
 for a call that did happen. redis-py then reconnects and sends it again.
 `after_reply` loses nothing: it runs its `then` right after a command's
 answer was passed on (to freeze the client at exactly that point).
+`down_for` makes Redis unreachable through the proxy for a while (a restart
+loading a big AOF): every request, on any connection, is reset unsent.
 """
 from __future__ import annotations
 
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -26,6 +29,7 @@ class LostReplyProxy:
         self._then: Callable[[], object] | None = None
         self._after: tuple[bytes, Callable[[], object]] | None = None
         self._lock = threading.Lock()
+        self._down_until = 0.0
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -42,6 +46,15 @@ class LostReplyProxy:
         right after Redis answered it."""
         with self._lock:
             self._after = (pattern, then)
+
+    def down_for(self, seconds: float) -> None:
+        """Reset every request for `seconds`, unsent: Redis unreachable."""
+        with self._lock:
+            self._down_until = time.monotonic() + seconds
+
+    def _is_down(self) -> bool:
+        with self._lock:
+            return time.monotonic() < self._down_until
 
     def _take_after(self, data: bytes) -> Callable[[], object] | None:
         with self._lock:
@@ -73,6 +86,10 @@ class LostReplyProxy:
         """Client to Redis; on a hit, forward, wait for Redis's answer, reset."""
         try:
             while data := client.recv(1 << 16):
+                if self._is_down():
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      struct.pack("ii", 1, 0))
+                    break
                 then = self._take_after(data)
                 if then is not None:
                     pending.append(then)
