@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 
 from worker import keys
-from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, RESOLUTIONS
+from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, MODELS, RESOLUTIONS
 from worker.errors import ConfigError, VidqError
 from worker.settings import Settings
 from worker.webhook_signing import check_webhook_url
@@ -62,7 +62,8 @@ def _prompt_options(command):
     """The options that fill in a prompt file's defaults (enqueue, plan)."""
     for option in reversed([
             click.argument("file", type=click.Path(dir_okay=False, path_type=Path)),
-            click.option("--model", default=DEFAULT_MODEL, show_default=True),
+            click.option("--model", type=click.Choice(MODELS), default=DEFAULT_MODEL,
+                         show_default=True),
             click.option("--resolution", type=click.Choice(RESOLUTIONS)),
             click.option("--aspect-ratio", type=click.Choice(ASPECT_RATIOS)),
             click.option("--negative-prompt"),
@@ -331,3 +332,10 @@ def report(batch, fmt, states, output):
 # pause, resume, cancel, limits, plan and webhooks live in their own modules;
 # importing them registers them on `main` (they import `main` from here, hence the end).
 from . import control, plan_cmd, webhooks_cmd  # noqa: E402,F401
+
+if __name__ == "__main__":
+    # python -m producer.cli: the modules above registered their commands on
+    # producer.cli's `main`, not on this __main__ module's copy.
+    from producer.cli import main as vidq
+
+    vidq()

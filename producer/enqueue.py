@@ -52,11 +52,10 @@ def check_batch_name(batch: str) -> str:
         return batch
     from .prompts import id_problem, shown
 
-    if isinstance(batch, str):
-        name, problem = shown(batch), id_problem(batch)
-    else:
-        name, problem = repr(batch), "is not a string"
-    raise InputError(f"batch name {name} {problem}: use 1-128 characters of letters, digits, "
+    if isinstance(batch, str) and id_problem(batch) == "must not start with '.' or '-'":
+        raise InputError(f"batch name {shown(batch)} must not start with '.' or '-'")
+    name = shown(batch) if isinstance(batch, str) else repr(batch)
+    raise InputError(f"batch name {name}: use 1-128 characters of letters, digits, "
                      "'.', '_' or '-', not starting with '.' or '-'")
 
 

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, OPTIONAL_FIELDS, RESOLUTIONS
+from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, MODELS, OPTIONAL_FIELDS, RESOLUTIONS
 from worker.errors import InputError
 
 # LineError is part of this module's public API; it lives in prompt_formats
@@ -56,7 +56,7 @@ MAX_SEED = 2**31 - 1
 
 # Fields the CLI flags may set for every line; a line may override each.
 DEFAULT_FIELDS = frozenset({"model", *OPTIONAL_FIELDS})
-CHOICES = {"resolution": RESOLUTIONS, "aspect_ratio": ASPECT_RATIOS}
+CHOICES = {"model": MODELS, "resolution": RESOLUTIONS, "aspect_ratio": ASPECT_RATIOS}
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,10 @@ def cases(redis_url: str) -> dict[str, tuple[dict, str]]:
                                 "VIDQ_CREDIT_ESTIMATE='nan' is not a finite number"),
         "credit_estimates_inf": ({"VIDQ_REDIS_URL": redis_url, "VIDQ_CREDIT_ESTIMATES":
                                   "alibaba/wan2.1-t2v-turbo@480P=inf"}, "VIDQ_CREDIT_ESTIMATES"),
+        # Checked only when a worker first stored a video: every command accepted it.
+        "storage_ftp": ({"VIDQ_REDIS_URL": redis_url,
+                         "VIDQ_STORAGE_URL": f"ftp://me:{PASSWORD}@host/videos"},
+                        "VIDQ_STORAGE_URL='ftp://host/videos': unsupported scheme 'ftp'"),
         "unreachable": ({"VIDQ_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"},
                         "VIDQ_REDIS_URL"),
         "notaurl": ({"VIDQ_REDIS_URL": "notaurl"}, "VIDQ_REDIS_URL"),

@@ -43,7 +43,7 @@ def test_contract_data_matches_the_published_schema():
     props = _request_schema()["properties"]
     assert tuple(props["resolution"]["enum"]) == contract.RESOLUTIONS
     assert tuple(props["aspect_ratio"]["enum"]) == contract.ASPECT_RATIOS
-    assert props["model"]["enum"] == [contract.DEFAULT_MODEL]
+    assert props["model"]["enum"] == [contract.DEFAULT_MODEL] == list(contract.MODELS)
     assert set(contract.OPTIONAL_FIELDS) == set(props) - {"model", "prompt"}
 
 

@@ -54,14 +54,14 @@ def test_jsonl_with_all_fields(tmp_path):
     """A .jsonl line with every field maps to contract names, with `id` as the job id."""
     record = {
         "id": "shot-1.a_b", "prompt": "a cat", "negative_prompt": "blur", "resolution": "480P",
-        "aspect_ratio": "9:16", "seed": 42, "enhance_prompt": False, "watermark": True, "model": "m/x",
+        "aspect_ratio": "9:16", "seed": 42, "enhance_prompt": False, "watermark": True, "model": DEFAULT_MODEL,
     }
     result = load_prompts(write(tmp_path, "p.jsonl", "\n" + jsonl(record)), DEFAULTS)
     (job,) = result.jobs
     assert job.line == 2
     assert job.job_id == "shot-1.a_b"
     assert job.request == {
-        "model": "m/x", "prompt": "a cat", "negative_prompt": "blur", "resolution": "480P",
+        "model": DEFAULT_MODEL, "prompt": "a cat", "negative_prompt": "blur", "resolution": "480P",
         "aspect_ratio": "9:16", "seed": 42, "enhance_prompt": False, "watermark": True,
     }
 
@@ -114,14 +114,24 @@ def test_extension_is_case_insensitive(tmp_path):
 
 def test_defaults_applied_and_overridden_per_line(tmp_path):
     """CLI defaults fill every request; values on a line win over them."""
-    defaults = {"model": "m/default", "resolution": "480P", "seed": 1, "enhance_prompt": False,
+    defaults = {"model": DEFAULT_MODEL, "resolution": "480P", "seed": 1, "enhance_prompt": False,
                 "negative_prompt": None}
-    text = jsonl({"prompt": "a"}, {"prompt": "b", "resolution": "720P", "seed": 9, "model": "m/line"})
+    text = jsonl({"prompt": "a"}, {"prompt": "b", "resolution": "720P", "seed": 9, "model": DEFAULT_MODEL})
     first, second = load_prompts(write(tmp_path, "p.jsonl", text), defaults).jobs
-    assert first.request == {"model": "m/default", "prompt": "a", "resolution": "480P", "seed": 1,
+    assert first.request == {"model": DEFAULT_MODEL, "prompt": "a", "resolution": "480P", "seed": 1,
                              "enhance_prompt": False}
-    assert second.request == {"model": "m/line", "prompt": "b", "resolution": "720P", "seed": 9,
+    assert second.request == {"model": DEFAULT_MODEL, "prompt": "b", "resolution": "720P", "seed": 9,
                               "enhance_prompt": False}
+
+
+def test_a_model_the_schema_does_not_name_is_a_line_error(tmp_path):
+    """A model typo fails the file at enqueue, not every job at 2 a.m. with
+    the upstream's 400 (the provider's schema names one model)."""
+    text = jsonl({"prompt": "a"}, {"prompt": "b", "model": "alibaba/wan2.1-t2v-turb"})
+    with pytest.raises(PromptFileError) as raised:
+        load_prompts(write(tmp_path, "p.jsonl", text), DEFAULTS)
+    assert ("line 2: model: 'alibaba/wan2.1-t2v-turb' is not one of alibaba/wan2.1-t2v-turbo"
+            in str(raised.value))
 
 
 def test_bad_default_is_a_line_zero_error(tmp_path):

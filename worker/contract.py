@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 DEFAULT_BASE_URL = "https://api.aimlapi.com"
 DEFAULT_MODEL = "alibaba/wan2.1-t2v-turbo"
+# The provider's schema for this request names one model; the fields and
+# values checked below are that model's (other Wan models differ).
+MODELS = (DEFAULT_MODEL,)
 
 RESOLUTIONS = ("480P", "720P")
 ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4")

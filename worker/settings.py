@@ -16,6 +16,7 @@ from .contract import DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
 from .netguard import without_credentials
 from .spend import parse_estimates
+from .storage import check_storage_url
 from .webhook_signing import check_webhook_settings
 
 # S3's limits on a multipart upload's parts (all but the last).
@@ -116,6 +117,7 @@ class Settings:
             raise ConfigError("VIDQ_CREDIT_ESTIMATE must not be negative")
         parse_estimates(self.credit_estimates)
         check_webhook_settings(self)
+        check_storage_url(self.storage_url)
         if not S3_MIN_PART_BYTES <= self.s3_part_bytes <= S3_MAX_PART_BYTES:
             raise ConfigError(
                 f"VIDQ_S3_PART_BYTES={self.s3_part_bytes}: S3 parts must be between "

@@ -160,23 +160,34 @@ class Storage(Protocol):
     def check(self) -> None: ...
 
 
-def open_storage(url: str, part_bytes: int) -> Storage:
-    """The backend for VIDQ_STORAGE_URL: file:///abs/path, a plain path, or
-    s3://bucket/prefix (multipart parts of `part_bytes`, VIDQ_S3_PART_BYTES)."""
+def check_storage_url(url: str) -> None:
+    """ConfigError unless VIDQ_STORAGE_URL is file:///abs/path, a plain path or
+    s3://bucket/prefix: every command checks it with its settings, not only
+    the workers when they first store a video."""
     parsed = urlparse(url)
     shown = without_credentials(url) if "://" in url else url
     if parsed.scheme in ("", "file"):
-        raw = unquote(parsed.path) if parsed.scheme else url
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: use file:///absolute/path")
-        return FileStorage(Path(raw).expanduser().resolve())
-    if parsed.scheme == "s3":
+    elif parsed.scheme == "s3":
         if not parsed.netloc or parsed.query or parsed.fragment or "@" in parsed.netloc:
             raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: use s3://bucket/prefix")
+    else:
+        raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: unsupported scheme {parsed.scheme!r}; "
+                          "use a path, file:///absolute/path or s3://bucket/prefix")
+
+
+def open_storage(url: str, part_bytes: int) -> Storage:
+    """The backend for VIDQ_STORAGE_URL (check_storage_url); S3 multipart parts
+    of `part_bytes` (VIDQ_S3_PART_BYTES)."""
+    check_storage_url(url)
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
         from .storage_s3 import S3Storage
 
         return S3Storage(parsed.netloc, unquote(parsed.path), part_bytes=part_bytes)
-    raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: unsupported scheme {parsed.scheme!r}")
+    raw = unquote(parsed.path) if parsed.scheme else url
+    return FileStorage(Path(raw).expanduser().resolve())
 
 
 def video_key(batch: str, job_id: str) -> str:
