@@ -17,6 +17,7 @@ from worker import keys
 from worker.admission import Admission
 from worker.batch_control import admission_state
 from worker.errors import InputError
+from worker.metrics_record import failure_kind
 from worker.retry import Failure, failures, retry, select
 
 
@@ -62,6 +63,11 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     echo(f"batch {batch}: {plural(result.requeued, 'failed job')} requeued"
          + (f" ({result.resubmitted} to be POSTed again, {polled} polled again)"
             if result.resubmitted else ""))
+    failed_upstream = 0 if resubmit else sum(1 for failure in chosen if _failed_upstream(failure))
+    if failed_upstream:
+        echo(f"{plural(failed_upstream)} failed upstream (the generation's own error): "
+             f"polled again, {'it finds' if failed_upstream == 1 else 'they find'} the same "
+             "error; --resubmit POSTs a new generation (charged)")
     if result.cancelled:
         echo(f"{plural(result.cancelled)} left failed: batch {batch!r} was cancelled "
              "meanwhile, and its jobs are not POSTed again")
@@ -70,6 +76,12 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
              f"{'its' if result.left_unknown == 1 else 'their'} POST is unknown "
              "(it may have been charged); add --resubmit to POST again")
     return result.requeued
+
+
+def _failed_upstream(failure: Failure) -> bool:
+    """Its generation ended in the upstream's own error (`error`, `failed`)."""
+    return bool(failure.generation_id) and failure_kind("poll", failure.reason) \
+        == "generation_failed" and failure.reason.startswith("poll: ")
 
 
 def _check_ids(admission: Admission, batch: str, ids: Sequence[str]) -> None:

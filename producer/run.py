@@ -69,7 +69,7 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
             return summarise(admission, batch, status, settings, console)
         except KeyboardInterrupt:
             interrupted(admission, batch, console)
-            return 130
+            return 128 + (_STOPPED_BY[0] if _STOPPED_BY else signal.SIGINT)
         except (redis.ConnectionError, redis.TimeoutError):
             why = supervisor.redis_stopped()
             if not why:
@@ -83,10 +83,14 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# The stop signal that ended the run: its exit status is 128 + its number, as
+# a shell reports a process the signal killed (Ctrl-C: 130, SIGTERM: 143).
+_STOPPED_BY: list[int] = []
 
 
-def _interrupt(_signum, _frame) -> None:
+def _interrupt(signum, _frame) -> None:
     _ignore_stop_signals()  # a second one must not cut the stopping short
+    _STOPPED_BY.append(signum)
     raise KeyboardInterrupt
 
 

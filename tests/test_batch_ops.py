@@ -65,6 +65,9 @@ def test_retry_polls_by_default_and_resubmit_posts_exactly_one_new_generation_pe
     polled = vidq(first, "retry", "night")
     assert polled.returncode == 0, polled.stderr
     assert "2 failed jobs requeued" in polled.stdout
+    # Said, not left to be found out: their second poll finds the same error.
+    assert ("2 jobs failed upstream (the generation's own error): polled again, they find "
+            "the same error; --resubmit POSTs a new generation (charged)") in polled.stdout
     assert "1 job left failed" in polled.stdout and "--resubmit" in polled.stdout
     time.sleep(1)
     assert first.wait_finished("night")["failed"] == 3

@@ -267,7 +267,7 @@ def test_sigterm_stops_the_run_and_everything_it_started(make_sandbox, tmp_path,
     process.send_signal(stop)
     output, _ = process.communicate(timeout=60)
 
-    assert process.returncode == 130 and "resume with: vidq run" in output, output
+    assert process.returncode == 128 + stop and "resume with: vidq run" in output, output
     assert started and not [p for p in started if p.is_running()
                             and p.status() != psutil.STATUS_ZOMBIE], started
 
