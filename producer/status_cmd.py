@@ -95,8 +95,9 @@ def _expired(settings: Settings, batch: str, as_json: bool) -> int:
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(f"{batch}: left Redis (purged, or expired after VIDQ_RETENTION_S); "
-                   "from its manifest: "
+        # `vidq run` keeps its batches in a Redis of its own, stopped with the run.
+        click.echo(f"{batch}: not in this Redis (purged, expired after VIDQ_RETENTION_S, or "
+                   "run by `vidq run` on a Redis of its own); from its manifest: "
                    + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
                    + f"; {summary['manifest']}")
     return 0

@@ -360,6 +360,9 @@ def test_finished_batches_leave_redis_and_memory_stays_bounded_night_after_night
     assert report(pipeline, "real", "--state", "failed") == []
     expired = json.loads(vidq(pipeline, "status", "real", "--json").stdout)
     assert expired["expired"] and expired["counts"] == {"done": 3}
+    said = vidq(pipeline, "status", "real").stdout
+    # Also what a `vidq run` batch shows once the run (and its own Redis) ended.
+    assert "or run by `vidq run` on a Redis of its own); from its manifest: 3 done" in said
     pipeline.stop_workers()
 
     storage = open_storage(pipeline.settings.storage_url, pipeline.settings.s3_part_bytes)
