@@ -73,9 +73,13 @@ def back_later(restartable_redis):
 
 
 def _redis_lost_during(restartable_redis, back_later, call, down_s):
-    """`call`, run while the Redis is down: back `down_s` later (0: at once after
-    the call)."""
+    """`call`, its first run while the Redis is down: back `down_s` later (0: at
+    once after the call)."""
+    first = [True]
+
     def lost(*args):
+        if not first or not first.pop():
+            return call(*args)  # sent again: Redis is back, or coming back
         restartable_redis.stop()
         if down_s:
             back_later(down_s)

@@ -103,10 +103,10 @@ def test_a_marker_redis_never_answered_for_is_taken_over_by_the_next_try(
     # The clear's answers are lost too (redis-py sends a call twice).
     real_clear = steps.store.clear_posting
 
-    def clear_unanswered(job):
+    def clear_unanswered(*args):
         proxy.arm(_run_of(steps.store._scripts["clear_posting"]),
                   then=lambda: proxy.arm(_run_of(steps.store._scripts["clear_posting"])))
-        return real_clear(job)
+        return real_clear(*args)
 
     steps.store.clear_posting = clear_unanswered
     tasks._run(steps, "submit", steps.claim(ref, token, "submit"))

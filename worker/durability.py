@@ -44,10 +44,12 @@ REPROBE_S = 30.0
 class NotDurable(redis.RedisError):
     """The marker did not reach disk or the replicas in time: do not POST.
     (For a generation id: `answer` is what its recording answered. For a
-    marker: `mine`, whether the marker cleared was the try's own.)"""
+    marker: `mine`, whether the marker cleared was the try's own, and
+    `carried`, what the next try's record must name.)"""
 
     answer: str = ""
     mine: bool = False
+    carried: dict[str, str] = {}  # replaced, never changed
 
 
 @dataclass

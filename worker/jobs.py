@@ -178,12 +178,13 @@ class JobStore:
         """One of the store's Lua scripts (worker/marker.py writes the marker)."""
         return self._scripts[name]
 
-    def clear_posting(self, job: Job) -> bool:
+    def clear_posting(self, job: Job, op: str | None = None) -> bool:
         """The upstream proved this attempt created nothing (refused, 429, 503):
-        the job may be POSTed again. False if the marker was not this attempt's."""
+        the job may be POSTed again. False if the marker was not this attempt's
+        (`op`, its mark_posting call's id; by default the one that answered)."""
+        op = str(job.extra.get("posting_op", "")) if op is None else op
         return bool(self._scripts["clear_posting"](
-            keys=[keys.job(job.ref), keys.SLOT_HOLDS, keys.SLOTS],
-            args=[str(job.extra.get("posting_op", "")), job.ref]))
+            keys=[keys.job(job.ref), keys.SLOT_HOLDS, keys.SLOTS], args=[op, job.ref]))
 
     def undo_unknown(self, job: Job, reason: str = "") -> str:
         """The POST that made `job` "outcome unknown" was refused after all:

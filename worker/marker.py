@@ -61,7 +61,7 @@ def mark_posting(store: JobStore, job: Job, durability: Durability,
         _withdraw(store, job, op, exc)
     if answer == "ok":
         job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
-        _check_durable(store, job, durability, waits, patience_s)
+        _check_durable(store, job, durability, waits)
         if warned:
             with contextlib.suppress(redis.RedisError):
                 store.redis.delete(keys.MARKER_NOT_DURABLE)
@@ -76,22 +76,23 @@ def _withdraw(store: JobStore, job: Job, op: str, lost: MarkerUnconfirmed) -> No
     nothing was sent. Clear it once Redis answers, and raise NotDurable (its
     `mine`: the marker cleared was this try's); MarkerUnconfirmed if Redis
     is still away after OUTAGE_PATIENCE_S."""
-    job.extra["posting_op"] = op  # clear_posting clears only this try's marker
-    mine = _patiently(lambda: store.clear_posting(job), op,
+    mine = _patiently(lambda: store.clear_posting(job, op), op,
                       time.monotonic() + OUTAGE_PATIENCE_S,
                       "the POST marker's answer was lost, and its clear's")
     why = NotDurable(f"{lost}; its marker is cleared" if mine else str(lost))
-    why.mine = mine
+    # A marker call held up in the network may still land after the clear:
+    # the next try may take it over, as it never POSTed (MarkerUnconfirmed's).
+    why.mine, why.carried = mine, lost.carried
     raise why
 
 
-def _check_durable(store: JobStore, job: Job, durability: Durability, waits: list,
-                   patience_s: float) -> None:
+def _check_durable(store: JobStore, job: Job, durability: Durability, waits: list) -> None:
     """Returns if the marker's waits passed; else clears it and raises
     NotDurable. Redis lost while the waits' answers are looked at again
     (Durability.check reads its settings) leaves them unknown: not durable.
-    The clear has a patience of its own: a worker that stood still here, its
-    job taken over meanwhile, must still clear its marker to revive the job."""
+    The clear waits out Redis for OUTAGE_PATIENCE_S: nothing was sent, and a
+    worker that stood still here, its job taken over meanwhile, must still
+    clear its marker to revive the job."""
     try:
         durability.check(waits)
         return
@@ -100,7 +101,8 @@ def _check_durable(store: JobStore, job: Job, durability: Durability, waits: lis
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         why = NotDurable(f"Redis was lost while the POST marker was checked ({exc})")
     why.mine = _patiently(lambda: store.clear_posting(job), str(job.extra["posting_op"]),
-                          time.monotonic() + patience_s, "the POST marker could not be cleared")
+                          time.monotonic() + OUTAGE_PATIENCE_S,
+                          "the POST marker could not be cleared")
     with contextlib.suppress(redis.RedisError):
         store.redis.set(keys.MARKER_NOT_DURABLE, str(why)[:300], px=NOT_DURABLE_SHOWN_MS)
     raise why

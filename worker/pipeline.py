@@ -77,7 +77,7 @@ class Steps(StepOutcomes):
             # attempt. Taken over while this worker stood still, the job was
             # failed "outcome unknown" for its marker: revived.
             log.warning("job %s: not POSTed yet: %s", job.ref, exc)
-            if not self._next(job, Step.SUBMIT, MARKER_RETRY_S) and exc.mine:
+            if not self._next(job, Step.SUBMIT, MARKER_RETRY_S, **exc.carried) and exc.mine:
                 revive_refused(self.store, self.admission, self.dispatch, job,
                                NotSent(f"not sent: {exc}"))
             return

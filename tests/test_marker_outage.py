@@ -1,0 +1,126 @@
+"""Redis away past a submit's patience, at the edges (review 74): a marker
+request held up in the network that lands after its try gave up, a try that
+took an earlier marker over and ran out of attempts, and a marker found not
+durable whose clear meets the outage. Nothing was sent in any of them: one
+POST in the end, or a plain failure, never "outcome unknown". A real Redis
+behind tests/chaos/redis_lost_reply.py's proxy; the sandbox over HTTP; steps
+driven by hand."""
+from __future__ import annotations
+
+import redis
+from test_lost_replies import _run_of
+from test_redis_stalls import _lose_marker_replies, _through_proxy
+from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
+
+from worker import keys, marker, tasks
+from worker.admission import _resend
+from worker.durability import NotDurable
+
+
+def test_a_marker_that_lands_after_its_try_gave_up_is_taken_over_by_the_next_try(
+        steps_for, redis_url, make_sandbox, monkeypatch):  # noqa: F811
+    """The marker's request is held up in the network past the step's patience;
+    the try clears (nothing there: 'not mine'), and the held request reaches
+    Redis just after, written as the try's marker. The next try names that
+    marker (it never POSTed), takes it over and POSTs once."""
+    sandbox = make_sandbox()
+    steps, _ = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",
+                              VIDQ_POST_DEADLINE_S="5")  # 0.5 s of patience
+    direct = steps_for(sandbox)
+    ref, token = _admit_one(steps)
+    ops: list[str] = []
+    real_op_id = marker.op_id
+    monkeypatch.setattr(marker, "op_id", lambda: ops.append(real_op_id()) or ops[-1])
+    real_run, real_clear = steps.store.run_with_waits, steps.store.clear_posting
+    job = steps.claim(ref, token, "submit")
+    landed = []
+
+    def held_in_the_network(build):
+        raise redis.ConnectionError("the marker's request is held up in the network")
+
+    def clear_then_the_marker_lands(*args):
+        mine = real_clear(*args)
+        landed.append(direct.store.script("mark_posting")(
+            keys=[keys.job(ref), keys.batch("b")], args=[job.token, ops[0], ""]))
+        return mine
+
+    steps.store.run_with_waits = held_in_the_network
+    steps.store.clear_posting = clear_then_the_marker_lands
+    tasks._run(steps, "submit", job)
+    steps.store.run_with_waits, steps.store.clear_posting = real_run, real_clear
+    step, _, token = steps.sent[-1]
+    tasks._run(steps, step, steps.claim(ref, token, step))
+    record = steps.store.get(ref)
+
+    assert landed == ["ok"]
+    assert record.generation_id and record.state == "submitted", record.last_error
+    assert sandbox.stats()["submissions"] == 1
+
+
+def test_a_takeover_try_out_of_attempts_fails_plainly_with_its_slot_freed(
+        steps_for, redis_url, make_sandbox, monkeypatch):  # noqa: F811
+    """An earlier try left its marker unconfirmed (it sent nothing; the record
+    names it). This try, the job's last attempt, takes it over; every answer to
+    its marker and to its clear is lost (OUTAGE_PATIENCE_S 0 here). It gives
+    up: nobody sent anything, so the job fails plainly, its slot freed, not
+    "outcome unknown" with its slot held for VIDQ_DEADLINE_S."""
+    monkeypatch.setattr(marker, "OUTAGE_PATIENCE_S", 0.0)
+    sandbox = make_sandbox()
+    steps, proxy = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",
+                                  VIDQ_POST_DEADLINE_S="5")
+    ref, token = _admit_one(steps)
+    steps.store.redis.hset(keys.job(ref), mapping={
+        "attempts": steps.settings.max_attempts - 1, "posting_at": repr(steps.store.now()),
+        "posting_op": "e0e0e0e0", "unconfirmed_op": "e0e0e0e0"})
+    _lose_marker_replies(steps, proxy, times=100)
+    real_clear = steps.store.clear_posting
+    clear = _run_of(steps.store._scripts["clear_posting"])
+
+    def clear_unanswered(*args):
+        proxy.arm(clear, then=lambda: proxy.arm(clear))  # redis-py sends it twice
+        return real_clear(*args)
+
+    steps.store.clear_posting = clear_unanswered
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    proxy.arm(b"nothing matches this")
+    record = steps.store.get(ref)
+
+    assert sandbox.stats()["submissions"] == 0
+    assert record.state == "failed" and "gave up after" in record.last_error
+    assert record.extra.get("outcome_unknown") != "1", record.last_error
+    assert steps.admission.in_flight() == 0 and not steps.store.redis.zcard(keys.SLOT_HOLDS)
+
+
+def test_a_marker_not_durable_whose_clear_meets_an_outage_posts_once(
+        steps_for, redis_url, make_sandbox):  # noqa: F811
+    """The marker answered, but its wait failed (an fsync stalled), and Redis
+    went away for 3 s, past the 0.5 s patience, as the marker was cleared: the
+    clear waits Redis out (nothing was sent) and the job is POSTed once, not
+    failed "outcome unknown" by the recovered submit."""
+    sandbox = make_sandbox()
+    steps, proxy = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",
+                                  VIDQ_POST_DEADLINE_S="5")
+    direct = steps_for(sandbox)
+    ref, token = _admit_one(steps)
+    real_check = steps.durability.check
+    stalls = [True]
+
+    def stalled(waits):
+        if stalls and stalls.pop():
+            proxy.down_for(3)
+            raise NotDurable("WAITAOF: the POST marker was not fsynced in time")
+        return real_check(waits)
+
+    steps.durability.check = stalled
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    record = direct.store.get(ref)
+    if record.extra.get("posting_at"):  # as before: the try could not hand on
+        direct.store.redis.zadd(keys.DUE, {ref: 0})
+        assert _resend(direct.admission, direct.dispatch, 5.0, ref) == 1
+    step, _, token = (direct.sent or steps.sent)[-1]
+    tasks._run(direct, step, direct.claim(ref, token, step))
+    final = direct.store.get(ref)
+
+    assert not record.extra.get("posting_at")
+    assert final.generation_id and final.state == "submitted", final.last_error
+    assert sandbox.stats()["submissions"] == 1
