@@ -124,3 +124,35 @@ def test_a_marker_not_durable_whose_clear_meets_an_outage_posts_once(
     assert not record.extra.get("posting_at")
     assert final.generation_id and final.state == "submitted", final.last_error
     assert sandbox.stats()["submissions"] == 1
+
+
+def test_a_try_whose_marker_never_lands_keeps_an_earlier_unposted_marker_takeable(
+        steps_for, redis_url, make_sandbox):  # noqa: F811
+    """An earlier try's marker stands, never POSTed (it landed after its clear),
+    named for the next try to take over. This try's own marker request never
+    reaches Redis: clearing only its own left the earlier one standing, and
+    naming its own op for the next try made that try meet the earlier marker:
+    "outcome unknown", nothing ever sent (review 75). Both go now; one POST."""
+    sandbox = make_sandbox()
+    steps, _ = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",
+                              VIDQ_POST_DEADLINE_S="5")  # 0.5 s of patience
+    ref, token = _admit_one(steps)
+    steps.store.redis.hset(keys.job(ref), mapping={
+        "posting_at": repr(steps.store.now()), "posting_op": "a0a0a0a0",
+        "unconfirmed_op": "a0a0a0a0"})
+    real_run = steps.store.run_with_waits
+
+    def never_lands(build):
+        raise redis.ConnectionError("the marker's request never reaches Redis")
+
+    steps.store.run_with_waits = never_lands
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    steps.store.run_with_waits = real_run
+    step, _, token = steps.sent[-1]
+    tasks._run(steps, step, steps.claim(ref, token, step))
+    record = steps.store.get(ref)
+
+    assert record.extra.get("outcome_unknown") != "1", record.last_error
+    assert record.generation_id and record.state == "submitted", record.last_error
+    assert sandbox.stats()["submissions"] == 1
+

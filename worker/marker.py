@@ -74,10 +74,18 @@ def mark_posting(store: JobStore, job: Job, durability: Durability,
 def _withdraw(store: JobStore, job: Job, op: str, lost: MarkerUnconfirmed) -> NoReturn:
     """Redis stayed away past the step's patience, the marker written or not:
     nothing was sent. Clear it once Redis answers, and raise NotDurable (its
-    `mine`: the marker cleared was this try's); MarkerUnconfirmed if Redis
-    is still away after OUTAGE_PATIENCE_S."""
-    mine = _patiently(lambda: store.clear_posting(job, op), op,
-                      time.monotonic() + OUTAGE_PATIENCE_S,
+    `mine`: a marker cleared was this try's, or the never-POSTed one it was
+    taking over); MarkerUnconfirmed if Redis is still away after
+    OUTAGE_PATIENCE_S."""
+    # The earlier try's marker this try was taking over (it never POSTed) goes
+    # too: the next try then names this one's, should it land late.
+    earlier = str(job.extra.get("unconfirmed_op", ""))
+
+    def clear() -> bool:
+        mine = store.clear_posting(job, op)
+        return store.clear_posting(job, earlier) or mine if earlier else mine
+
+    mine = _patiently(clear, op, time.monotonic() + OUTAGE_PATIENCE_S,
                       "the POST marker's answer was lost, and its clear's")
     why = NotDurable(f"{lost}; its marker is cleared" if mine else str(lost))
     # A marker call held up in the network may still land after the clear:
