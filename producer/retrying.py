@@ -80,8 +80,8 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
 
 def _failed_upstream(failure: Failure) -> bool:
     """Its generation ended in the upstream's own error (`error`, `failed`)."""
-    return bool(failure.generation_id) and failure_kind("poll", failure.reason) \
-        == "generation_failed" and failure.reason.startswith("poll: ")
+    return (bool(failure.generation_id) and failure.reason.startswith("poll: ")
+            and failure_kind("poll", failure.reason) == "generation_failed")
 
 
 def _check_ids(admission: Admission, batch: str, ids: Sequence[str]) -> None:

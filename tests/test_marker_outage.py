@@ -8,8 +8,7 @@ driven by hand."""
 from __future__ import annotations
 
 import redis
-from test_lost_replies import _run_of
-from test_redis_stalls import _lose_marker_replies, _through_proxy
+from test_redis_stalls import _lose_clear_replies, _lose_marker_replies, _through_proxy
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from worker import keys, marker, tasks
@@ -73,14 +72,7 @@ def test_a_takeover_try_out_of_attempts_fails_plainly_with_its_slot_freed(
         "attempts": steps.settings.max_attempts - 1, "posting_at": repr(steps.store.now()),
         "posting_op": "e0e0e0e0", "unconfirmed_op": "e0e0e0e0"})
     _lose_marker_replies(steps, proxy, times=100)
-    real_clear = steps.store.clear_posting
-    clear = _run_of(steps.store._scripts["clear_posting"])
-
-    def clear_unanswered(*args):
-        proxy.arm(clear, then=lambda: proxy.arm(clear))  # redis-py sends it twice
-        return real_clear(*args)
-
-    steps.store.clear_posting = clear_unanswered
+    _lose_clear_replies(steps, proxy)
     tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
     proxy.arm(b"nothing matches this")
     record = steps.store.get(ref)

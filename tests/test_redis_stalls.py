@@ -45,6 +45,20 @@ def _lose_marker_replies(steps, proxy, times: int) -> None:
     proxy.arm(pattern, then=again)
 
 
+def _lose_clear_replies(steps, proxy) -> None:
+    """Lose the replies to every clear of a marker (redis-py's re-send
+    included) until `del steps.store.clear_posting`: Redis ran it, the worker
+    never hears."""
+    real_clear = steps.store.clear_posting
+    pattern = _run_of(steps.store._scripts["clear_posting"])
+
+    def clear_unanswered(*args):
+        proxy.arm(pattern, then=lambda: proxy.arm(pattern))
+        return real_clear(*args)
+
+    steps.store.clear_posting = clear_unanswered
+
+
 def test_a_marker_sent_again_within_the_steps_lease_posts_once(
         steps_for, redis_url, make_sandbox):  # noqa: F811
     """Redis ran the marker, and its answer, and redis-py's re-send's, were
@@ -100,18 +114,10 @@ def test_a_marker_redis_never_answered_for_is_taken_over_by_the_next_try(
                                   VIDQ_POST_DEADLINE_S="5")  # 0.5 s of patience
     ref, token = _admit_one(steps)
     _lose_marker_replies(steps, proxy, times=100)
-    # The clear's answers are lost too (redis-py sends a call twice).
-    real_clear = steps.store.clear_posting
-
-    def clear_unanswered(*args):
-        proxy.arm(_run_of(steps.store._scripts["clear_posting"]),
-                  then=lambda: proxy.arm(_run_of(steps.store._scripts["clear_posting"])))
-        return real_clear(*args)
-
-    steps.store.clear_posting = clear_unanswered
+    _lose_clear_replies(steps, proxy)  # the clear's answers are lost too
     tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
     proxy.arm(b"nothing matches this")
-    steps.store.clear_posting = real_clear
+    del steps.store.clear_posting
     given_up = steps.store.get(ref)
     step, _, token = steps.sent[-1]
     record = _run(steps, step, ref, token)

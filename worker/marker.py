@@ -83,7 +83,8 @@ def _withdraw(store: JobStore, job: Job, op: str, lost: MarkerUnconfirmed) -> No
 
     def clear() -> bool:
         mine = store.clear_posting(job, op)
-        return store.clear_posting(job, earlier) or mine if earlier else mine
+        took_over = bool(earlier) and store.clear_posting(job, earlier)
+        return mine or took_over
 
     mine = _patiently(clear, op, time.monotonic() + OUTAGE_PATIENCE_S,
                       "the POST marker's answer was lost, and its clear's")
