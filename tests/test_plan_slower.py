@@ -91,6 +91,24 @@ def test_the_completion_that_ends_the_run_is_stored_flagged(redis_url):
     assert parse_sample("24:23:slower") is None
 
 
+def test_a_wave_ending_fastest_first_is_judged_against_the_fit_before_it(redis_url):
+    """A wave of jobs all just past the fit's 99.9th percentile, its fastest
+    first: each late one joining the fit raised the bar for the next (the
+    third was "on time", no slowdown seen, CI); judged against the fit
+    before the run, the third flags it."""
+    model = DurationModel(redis.Redis.from_url(redis_url, decode_responses=True), 90.0)
+    key = keys.durations(*SHAPE)
+    model.redis.delete(key)
+    for sample in reversed(_learned(60, 10.0, 4)):
+        model.record(*SHAPE, sample.lo, sample.hi)
+    surprise = model.plan(*SHAPE).surprise_s
+    for lo in (surprise * 1.04, surprise * 1.05, surprise * 1.06):
+        model.record(*SHAPE, lo, lo + 0.5, 9.0)
+    stored = model.redis.lrange(key, 0, SLOWER_RUN - 1)
+    assert [raw.partition(":")[2].partition(":")[2] for raw in stored] == \
+        ["slower", "late", "late"], (surprise, stored)
+
+
 @pytest.mark.slow
 def test_real_workers_follow_generations_that_get_six_times_slower(make_pipeline,
                                                                      make_sandbox, tmp_path):

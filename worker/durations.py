@@ -81,8 +81,9 @@ class DurationModel:
         self._cache[key] = (plan, now, now - started)
         return plan
 
-    def _newest(self, key: str, count: int) -> list[Sample]:
-        return [sample for raw in self.redis.lrange(key, 0, count - 1)
+    def _newest(self, key: str, count: int, reader=None) -> list[Sample]:
+        reader = self.redis if reader is None else reader
+        return [sample for raw in reader.lrange(key, 0, count - 1)
                 if (sample := parse_sample(str(raw))) is not None]
 
     def _running(self, model: str, resolution: str) -> list[float]:
@@ -126,18 +127,36 @@ class DurationModel:
             return  # a clock stepped back, or no time at all: nothing to learn
         key = keys.durations(model, resolution)
         plan = self.plan(model, resolution)
-        if plan.surprise_s is not None and sample.lo > plan.surprise_s:
-            sample = mark_late(plan, sample, aimed_second_s, self._newest(key, SLOWER_RUN - 1))
-            if sample.slower:
+
+        def store(pipe) -> None:
+            marked = self._judged(pipe, key, plan, sample, aimed_second_s)
+            pipe.multi()
+            flag = ":slower" if marked.slower else ":late" if marked.late else ""
+            pipe.lpush(key, f"{marked.lo:.3f}:{marked.hi:.3f}{flag}")
+            pipe.ltrim(key, 0, WINDOW - 1)
+            if marked.slower:
                 log.info("%s %s: generations got slower (%d jobs in a row still running "
-                         "after %.1f s); the poll plan relearns from them",
-                         model, resolution, SLOWER_RUN, plan.surprise_s)
-        pipe = self.redis.pipeline(transaction=False)
-        mark = ":slower" if sample.slower else ":late" if sample.late else ""
-        pipe.lpush(key, f"{sample.lo:.3f}:{sample.hi:.3f}{mark}")
-        pipe.ltrim(key, 0, WINDOW - 1)
-        pipe.execute()
+                         "past the poll plan's 99.9th percentile); the plan relearns from "
+                         "them", model, resolution, SLOWER_RUN)
+
+        # Watched: a wave of C jobs ends within milliseconds, and each
+        # completion must be judged with the ones stored just before it.
+        self.redis.transaction(store, key)
         self._cache.pop(key, None)
+
+    def _judged(self, reader, key: str, plan: PollPlan, sample: Sample,
+                aimed_second_s: float) -> Sample:
+        """`sample`, marked late (and slower) against the fit of what came
+        before the newest run of late completions: joining the fit, each late
+        one would raise the bar for the next, and a wave's jobs end fastest
+        first, so the run was seldom seen whole."""
+        newest = self._newest(key, SLOWER_RUN - 1, reader)
+        run = next((i for i, s in enumerate(newest) if not s.late or s.slower), len(newest))
+        if run:
+            plan = plan_from(self._newest(key, WINDOW, reader)[run:], self.prior_s)
+        if plan.surprise_s is None or sample.lo <= plan.surprise_s:
+            return sample
+        return mark_late(plan, sample, aimed_second_s, newest)
 
 
 def parse_sample(raw: str) -> Sample | None:
