@@ -9,11 +9,12 @@ COPY worker ./worker
 COPY producer ./producer
 COPY sandbox ./sandbox
 # A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it. /videos is for
-# VIDQ_STORAGE_URL=file:///videos, /data for Flower's persistent state.
+# VIDQ_STORAGE_URL=file:///videos, /data for Flower's persistent state, /journal
+# for paid generation ids a worker holds until Redis has them (VIDQ_JOURNAL_DIR).
 RUN pip install --no-cache-dir . \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin vidq \
- && mkdir -p /videos /data \
- && chown vidq:vidq /videos /data
+ && mkdir -p /videos /data /journal \
+ && chown vidq:vidq /videos /data /journal
 USER 10001
-ENV VIDQ_STORAGE_URL=file:///videos
+ENV VIDQ_STORAGE_URL=file:///videos VIDQ_JOURNAL_DIR=/journal
 CMD ["celery", "-A", "worker", "worker", "-Q", "vidq.submit,vidq.poll,vidq.download,vidq.webhook", "-c", "8", "--loglevel", "INFO"]

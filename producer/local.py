@@ -46,6 +46,8 @@ class RunOptions:
 def local_system(options: RunOptions, console: Console):
     """Yields the environment every part of this run shares, and the worker supervisor."""
     env = dict(os.environ)
+    # A paid id its worker was stopped holding is recorded by the next run's workers.
+    env.setdefault("VIDQ_JOURNAL_DIR", str(options.state_dir / "journal"))
     with contextlib.ExitStack() as stack:
         server = None
         if not env.get("VIDQ_REDIS_URL"):

@@ -188,6 +188,7 @@ def make_pipeline(redis_url, make_sandbox, tmp_path):
             "VIDQ_REDIS_URL": redis_url, "AIMLAPI_BASE_URL": sandbox.url,
             "AIMLAPI_KEY": sandbox.config.api_key, "VIDQ_MAX_IN_FLIGHT": "4",
             "VIDQ_STORAGE_URL": (tmp_path / "videos").as_uri(),
+            "VIDQ_JOURNAL_DIR": str(tmp_path / "journal"),
         })
         env.update({k: str(v) for k, v in env_overrides.items()})
         (tmp_path / "logs").mkdir(exist_ok=True)

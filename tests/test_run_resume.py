@@ -215,9 +215,8 @@ def test_a_run_whose_own_redis_stops_says_so_at_once_and_the_rerun_finishes(tmp_
     process = _sandbox_run_until_posted(path, tmp_path, env, 2)
     # C = 2: both POSTs went out together, their ids are recorded within
     # milliseconds, and the next POST waits for a slot (~9 s generations). The
-    # kill lands between, not between a POST's answer and its record: a paid
-    # id then held only by a worker that the stopping run kills is lost (the
-    # rerun ends that job "outcome unknown"), a case this test is not about.
+    # kill lands between, not between a POST's answer and its record (then the
+    # rerun records the id from the journal: test_paid_journal.py).
     time.sleep(1.0)
     pid = int((tmp_path / "state" / "redis" / "redis-server.pid").read_text())
     os.kill(pid, signal.SIGKILL)

@@ -38,7 +38,8 @@ def steps_for(redis_url, make_sandbox, tmp_path):
             "AIMLAPI_KEY": sandbox.config.api_key, "VIDQ_STORAGE_URL": tmp_path.as_uri(),
             "VIDQ_EXPECTED_GENERATION_S": "1", "VIDQ_POLL_MIN_INTERVAL_S": "0.1",
             # Steps driven by hand have no countdowns to wait for a turn to POST.
-            "VIDQ_MAX_SUBMITS_PER_S": "0", **env})
+            "VIDQ_MAX_SUBMITS_PER_S": "0", "VIDQ_JOURNAL_DIR": str(tmp_path / "journal"),
+            **env})
         steps = build_steps(settings)
         steps.admission.set_cap(4)
         steps.sent = []

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import redis
 from celery import bootsteps
@@ -22,6 +23,7 @@ from .admission import reconcile
 from .celery_app import app
 from .connection import take_lock
 from .errors import StorageError
+from .paid_journal import REPLAY_EVERY_S, deployment_id, replay
 from .retention import housekeeping
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
 from .webhook_tasks import send_delivery
@@ -53,6 +55,8 @@ class Lifecycle(bootsteps.StartStopStep):
         self.timers: list = []
         self.record = ""
         self.housekeeper: threading.Thread | None = None
+        self.replayer: threading.Thread | None = None
+        self.deployment = ""
         self.clock_off = False
         # The random part: two workers named alike (one hostname, both PID 1
         # in their containers) must not share a record or a holder name.
@@ -76,10 +80,13 @@ class Lifecycle(bootsteps.StartStopStep):
         # In a thread: an endpoint that never answers must not hold the start.
         threading.Thread(target=check_storage, args=(steps.storage,), name="storage check",
                          daemon=True).start()
+        self.deployment = deployment_id(client)
         self.beat()
+        self.replay_journal()
         self.timers = [
             worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),
             worker.timer.call_repeatedly(settings.reconcile_interval_s, self.reconcile),
+            worker.timer.call_repeatedly(REPLAY_EVERY_S, self.replay_journal),
         ]
 
     @staticmethod
@@ -155,6 +162,24 @@ class Lifecycle(bootsteps.StartStopStep):
 
         self.housekeeper = threading.Thread(target=run, name="vidq housekeeping", daemon=True)
         self.housekeeper.start()
+
+    def replay_journal(self) -> None:
+        """Paid ids a process died holding before Redis had them
+        (worker/paid_journal.py), in a thread: recording waits out Redis."""
+        if self.replayer is not None and self.replayer.is_alive():
+            return
+        steps = get_steps()
+
+        def run() -> None:
+            try:
+                # Lease 0: no step of the dead process will poll it; one is due now.
+                replay(Path(steps.settings.journal_dir), steps.store, self.deployment, 0.0,
+                       steps.durability)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("paid-id journal not replayed yet: %s", exc)
+
+        self.replayer = threading.Thread(target=run, name="vidq journal replay", daemon=True)
+        self.replayer.start()
 
     def reconcile(self) -> None:
         steps = get_steps()

@@ -67,6 +67,8 @@ class Steps(StepOutcomes):
             # The upstream limits POSTs per second: this one's turn comes later.
             self._next(job, Step.SUBMIT, wait)
             return
+        if self.journal is not None:
+            self.journal.know_deployment(self.store.redis)  # before the marker: Redis is up
         try:
             marker = mark_posting(self.store, job, self.durability,
                                   self.settings.marker_patience_s)
@@ -94,7 +96,7 @@ class Steps(StepOutcomes):
         try:
             generation = post_once(self.client, self.store, job, self.settings, lambda error:
                                    revive_refused(self.store, self.admission, self.dispatch,
-                                                  job, error), self.durability)
+                                                  job, error), self.durability, self.journal)
         except RateLimited as exc:
             return self._rate_limited_submit(job, exc)
         generation.raise_if_failed()

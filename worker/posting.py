@@ -34,6 +34,7 @@ from .errors import (
 from .generation import Generation
 from .jobs import Job, JobStore, load_script
 from .leases import renewed
+from .paid_journal import PaidJournal
 from .settings import Settings
 from .upstream import SUBMIT_RETRY_STATUSES, UpstreamClient
 
@@ -80,7 +81,8 @@ def answered(store: JobStore, submit: Callable[[dict], Generation], request: dic
 
 def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Settings,
               refused_late: Callable[[UpstreamError], None] | None = None,
-              durability: Durability | None = None) -> Generation:
+              durability: Durability | None = None,
+              journal: PaidJournal | None = None) -> Generation:
     """POST `job` once; its generation id is recorded before this returns. An
     answer that proves nothing was created (a 429, a 503, a 4xx) but comes after the
     step gave up is handed to `refused_late`: the job failed "outcome
@@ -112,8 +114,10 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
                 return
             # Not written into `job`: a step that gave up must fail as one that
             # saw no id (lua/transition.lua then leaves a paid job to its poll).
+            _journal(journal, "paid", job, generation.id)
             record_paid(store, job, generation.id, settings.step_grace_s, durability,
                         lambda recorded: settle(generation=generation, generation_id=recorded))
+            _journal(journal, "recorded", job, generation.id)
         except BaseException as exc:  # handed to the waiting step, or logged if it left
             if done.is_set():
                 log.exception("job %s: a late answer to its POST could not be handled", job.ref)
@@ -138,6 +142,20 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
     job.generation_id = outcome["generation_id"]
     log.info("job %s submitted as generation %s", job.ref, job.generation_id)
     return outcome["generation"]
+
+
+def _journal(journal: PaidJournal | None, entry: str, job: Job, generation_id: str) -> None:
+    """Best effort: a full or read-only disk must not keep the id from Redis."""
+    if journal is None:
+        return
+    try:
+        if entry == "paid":
+            journal.paid(job, generation_id)
+        else:
+            journal.recorded(generation_id)
+    except OSError as exc:
+        log.error("job %s: generation %s not written to the journal in %s (%s); only "
+                  "Redis will hold it", job.ref, generation_id, journal.directory, exc)
 
 
 @worker_process_shutdown.connect

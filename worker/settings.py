@@ -92,6 +92,9 @@ class Settings:
     webhook_retry_for_s: float = 86400.0
     webhook_backoff_base_s: float = 5.0
     webhook_timeout_s: float = 10.0
+    # Where a worker keeps a paid generation id until Redis has it
+    # (worker/paid_journal.py): on a disk that outlives the worker process.
+    journal_dir: str = ".vidq/journal"
 
     def __post_init__(self) -> None:
         # Frozen: the one field normalised here is written the dataclass way.
@@ -169,6 +172,7 @@ class Settings:
             name = ENV_NAMES.get(f.name)
             if name and env.get(name, "").strip():
                 values[f.name] = _parse(name, env[name].strip(), str(f.type))
+        values["journal_dir"] = str(Path(values.get("journal_dir", cls.journal_dir)).resolve())
         return cls(**values)
 
 
@@ -207,6 +211,7 @@ ENV_NAMES = {
     "webhook_retry_for_s": "VIDQ_WEBHOOK_RETRY_FOR_S",
     "webhook_backoff_base_s": "VIDQ_WEBHOOK_BACKOFF_BASE_S",
     "webhook_timeout_s": "VIDQ_WEBHOOK_TIMEOUT_S",
+    "journal_dir": "VIDQ_JOURNAL_DIR",
 }
 
 

@@ -17,6 +17,7 @@ from .errors import GenerationFailed, RateLimited, ResultRefused, UpstreamError,
 from .job_rules import earlier_post_unanswered, is_paid, unknown_hold_s
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .metrics_record import failed
+from .paid_journal import PaidJournal
 from .rate_limits import account_refused
 from .schedule import backoff_delay
 from .settings import Settings
@@ -45,6 +46,7 @@ class StepOutcomes:
     dispatch: Dispatch
     durability: Durability
     worker_name: str = "local"
+    journal: PaidJournal | None = None
 
     def claim(self, ref: str, token: str, step: str) -> Job | None:
         return self.store.claim(ref, token, self.settings.grace_s(step), self.worker_name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from .admission import Admission
 from .celery_app import TASK_FOR_STEP, app, settings_of
@@ -23,6 +24,7 @@ from .errors import (
     VidqError,
 )
 from .jobs import OUTCOME_UNKNOWN, JobStore
+from .paid_journal import PaidJournal
 from .pipeline import Steps
 from .settings import Settings
 from .spend import CreditEstimates
@@ -68,6 +70,7 @@ def build_steps(settings: Settings, worker_name: str = "local") -> Steps:
         storage=open_storage(settings.storage_url, settings.s3_part_bytes),
         durations=DurationModel(client, settings.expected_generation_s), dispatch=dispatch,
         durability=Durability.probe(client), worker_name=worker_name,
+        journal=PaidJournal(Path(settings.journal_dir)),
     )
 
 

@@ -1,0 +1,134 @@
+"""A paid generation id held only by a worker that is stopped while Redis is
+away (worker/paid_journal.py): the next worker sharing its journal records it,
+so the video is downloaded and the job never ends "outcome unknown". Real
+Redis, real worker processes killed with SIGKILL, the sandbox over HTTP."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from chaos.redis_lost_reply import LostReplyProxy
+from conftest import wait_until, write_prompts
+from test_lost_replies import _run_of
+
+from worker import keys
+from worker.jobs import JobStore, load_script
+from worker.paid_journal import deployment_id, replay
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from worker.jobs import Job
+    from worker.paid_journal import PaidJournal
+    journal = PaidJournal(Path(sys.argv[1]))
+    journal.deployment = sys.argv[2]
+    job = Job(batch="night", id=sys.argv[3], request={}, state="", extra={"posting_op": "op1"})
+    journal.paid(job, sys.argv[4])
+    print("journaled", flush=True)
+    time.sleep(600)
+""")
+
+
+def _holding(directory: Path, deployment: str, job_id: str, generation_id: str):
+    """A process that journaled a paid id and holds it (Redis never told)."""
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), deployment,
+                                job_id, generation_id], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline() == "journaled\n"
+    return process
+
+
+def _job(client: redis.Redis, job_id: str, **fields) -> None:
+    client.hset(keys.job(f"night:{job_id}"), mapping={
+        "batch": "night", "id": job_id, "request": "{}", "state": "submitting", **fields})
+    client.sadd(keys.batch_jobs("night"), job_id)
+
+
+def test_a_dead_processs_paid_ids_are_recorded_and_a_live_ones_left(redis_url, tmp_path):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = JobStore(client)
+    deployment = deployment_id(client)
+    _job(client, "1")
+    _job(client, "2", state="failed", outcome_unknown="1")
+    client.hset(keys.batch_counts("night"), mapping={"submitting": 1, "failed": 1})
+    directory = tmp_path / "journal"
+    dead = [_holding(directory, deployment, "1", "gen-a"),
+            _holding(directory, deployment, "2", "gen-b")]
+    alive = _holding(directory, deployment, "3", "gen-c")
+    for process in dead:
+        process.kill()
+        process.wait()
+    try:
+        assert replay(directory, store, deployment, 0.0, None) == 2
+        (kept,) = directory.iterdir()  # the dead ones' files are gone
+        assert "gen-c" in kept.read_text()
+        assert replay(directory, store, deployment, 0.0, None) == 0  # the live one's stays
+    finally:
+        alive.kill()
+        alive.wait()
+    first, second = client.hgetall(keys.job("night:1")), client.hgetall(keys.job("night:2"))
+    assert (first["generation_id"], first["state"]) == ("gen-a", "submitted")
+    # Failed "outcome unknown" meanwhile (its marker found, no id): revived.
+    assert (second["generation_id"], second["state"], second["outcome_unknown"]) == \
+        ("gen-b", "submitted", "")
+
+
+def test_another_redis_s_ids_are_kept_and_a_torn_line_skipped(redis_url, tmp_path, caplog):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = JobStore(client)
+    directory = tmp_path / "journal"
+    other = _holding(directory, "another-deployment", "1", "gen-x")
+    other.kill()
+    other.wait()
+    (path,) = directory.iterdir()
+    with path.open("a") as handle:
+        handle.write('{"paid": "gen-y", "ba')  # a process killed mid-write
+    _job(client, "1")
+
+    assert replay(directory, store, deployment_id(client), 0.0, None) == 0
+    assert path.exists() and "another Redis" in caplog.text and ":2: unreadable" in caplog.text
+    assert not client.hget(keys.job("night:1"), "generation_id")
+    assert replay(directory, store, "another-deployment", 0.0, None) == 1
+    assert not path.exists()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_holding_a_paid_id_while_redis_is_away_loses_no_video(
+        make_pipeline, make_sandbox, redis_url, tmp_path):
+    """Redis goes away right as the POST is sent (after its open-POST note):
+    the upstream creates the generation and answers, the worker cannot record
+    the id, and it is killed. A new worker, Redis back, records it from the
+    journal: the video is stored, paid for once (it ended "outcome unknown",
+    not downloaded)."""
+    url = urlsplit(redis_url)
+    proxy = LostReplyProxy(url.hostname, url.port)
+    pipeline = make_pipeline(make_sandbox(), VIDQ_MAX_IN_FLIGHT=1,
+                             VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}")
+    open_post = load_script(pipeline.store.redis, "open_post")
+    proxy.after_reply(_run_of(open_post), then=lambda: proxy.down_for(600))
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "night.txt", ["a paid fox"]), "night")
+    wait_until(lambda: pipeline.ledger(), 30, "the generation created")
+    log = tmp_path / "logs" / "worker-0.log"
+    wait_until(lambda: "not recorded yet" in log.read_text(), 10, "the id held, Redis away")
+    os.killpg(pipeline.processes[0].pid, signal.SIGKILL)
+    pipeline.processes[0].wait()
+    pipeline.processes = []
+    proxy.down_for(0)
+
+    pipeline.start_workers()
+    counts = pipeline.wait_finished("night", timeout_s=60)
+
+    assert counts["done"] == 1, counts
+    (paid,) = pipeline.ledger()
+    (video,) = (tmp_path / "videos" / "night").glob("*.mp4")
+    assert hashlib.sha256(video.read_bytes()).hexdigest() == paid["sha256"]
+    assert not list((tmp_path / "journal").iterdir())
+

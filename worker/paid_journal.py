@@ -1,0 +1,198 @@
+"""Paid generation ids on the worker's own disk, until Redis holds them.
+
+Between the upstream's answer to a POST and Redis recording its id
+(posting.record_paid, which retries through an outage), the id lives only in
+the worker's memory. A worker stopped then (a deploy, `vidq run` stopping its
+workers after its Redis died, a SIGKILL) lost a paid video, and its job ended
+"outcome unknown". So the answer is appended here first, fsynced; a second
+line says when Redis has it.
+
+Each process appends to a file of its own and holds an exclusive lock (flock)
+on it while it lives. A file whose lock can be taken was left by a process
+that died: a worker sharing the directory records the ids still pending, as
+the answering process would have (lua/record_generation.lua: kept, a failed
+job revived, a second id a sibling, the same id again nothing), then deletes
+the file. An entry names the Redis it belongs to by an id kept in that Redis
+(a URL changes with a port or a failover): a worker of another deployment
+leaves it alone.
+
+    {"paid": "<generation id>", "batch": "night", "id": "7", "op": "<marker call id>",
+     "redis": "<deployment id>", "at": 1764998400.1}
+    {"recorded": "<generation id>"}
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import redis
+
+from . import keys
+from .durability import Durability
+from .jobs import Job, JobStore
+
+log = logging.getLogger(__name__)
+
+REPLAY_EVERY_S = 30.0
+
+
+def deployment_id(client: redis.Redis) -> str:
+    """The id this Redis's deployment is known by (made on first use)."""
+    client.hsetnx(keys.CONFIG, "deployment_id", os.urandom(8).hex())
+    return str(client.hget(keys.CONFIG, "deployment_id") or "")
+
+
+class PaidJournal:
+    """This process's journal file in `directory` (made on the first entry)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.deployment = ""  # learned from Redis before the first POST (know_deployment)
+        self._lock = threading.Lock()
+        self._file: IO[str] | None = None
+        self._owner = 0  # the pid that opened _file: a forked child opens its own
+        self._pending: set[str] = set()
+        _JOURNALS.add(self)
+
+    def know_deployment(self, client: redis.Redis) -> None:
+        if not self.deployment:
+            self.deployment = deployment_id(client)
+
+    def paid(self, job: Job, generation_id: str) -> None:
+        self._append({"paid": generation_id, "batch": job.batch, "id": job.id,
+                      "op": str(job.extra.get("posting_op", "")), "redis": self.deployment,
+                      "at": round(time.time(), 3)}, generation_id, pending=True)
+
+    def recorded(self, generation_id: str) -> None:
+        self._append({"recorded": generation_id}, generation_id, pending=False)
+
+    def _append(self, entry: dict, generation_id: str, pending: bool) -> None:
+        with self._lock:
+            if self._file is None or self._owner != os.getpid():
+                self._open()
+            assert self._file is not None
+            if not pending and generation_id in self._pending and len(self._pending) == 1:
+                # Nothing else pending: the file starts over, so it stays small.
+                self._file.seek(0)
+                self._file.truncate()
+            else:
+                self._file.write(json.dumps(entry) + "\n")
+                self._file.flush()
+            os.fsync(self._file.fileno())
+            (self._pending.add if pending else self._pending.discard)(generation_id)
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}.jsonl"
+        handle = open(self.directory / name, "a+", encoding="utf-8")  # noqa: SIM115 - lives with the process
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _fsync_dir(self.directory)  # the new file's name survives a power cut too
+        self._file, self._owner, self._pending = handle, os.getpid(), set()
+
+    def _forget(self) -> None:
+        """In a forked child: the parent's file and lock stay the parent's."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._file, self._owner, self._pending = None, 0, set()
+        self._lock = threading.Lock()
+
+
+_JOURNALS: weakref.WeakSet[PaidJournal] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for journal in list(_JOURNALS):
+        journal._forget()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def replay(directory: Path, store: JobStore, deployment: str, lease_s: float,
+           durability: Durability | None) -> int:
+    """Record the pending ids of files whose process died; returns how many.
+    A Redis error stops the pass: the next one starts over."""
+    if not directory.is_dir():
+        return 0
+    count = 0
+    for path in sorted(directory.glob("*.jsonl")):
+        with _abandoned(path) as handle:
+            if handle is None:
+                continue
+            pending = _pending(handle, path)
+            foreign = [e for e in pending if e.get("redis") != deployment]
+            for entry in pending:
+                if entry.get("redis") == deployment:
+                    job = Job(batch=entry["batch"], id=entry["id"], request={}, state="",
+                              extra={"posting_op": entry.get("op", "")})
+                    store.record_generation(job, entry["paid"], lease_s, durability)
+                    log.warning("job %s: generation %s, paid for by a worker that stopped "
+                                "before Redis had its id, recorded from %s", job.ref,
+                                entry["paid"], path)
+                    count += 1
+            if foreign:
+                log.error("%s: %d paid generation id(s) of another Redis (deployment id "
+                          "%s, not this one's %s): kept; run a worker of that deployment "
+                          "with VIDQ_JOURNAL_DIR=%s", path, len(foreign),
+                          foreign[0].get("redis"), deployment, directory)
+            else:
+                path.unlink(missing_ok=True)
+    return count
+
+
+@contextlib.contextmanager
+def _abandoned(path: Path) -> Iterator[IO[str] | None]:
+    """The file, locked, if no live process holds it; else None."""
+    try:
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        yield handle
+    finally:
+        handle.close()
+
+
+def _pending(handle: IO[str], path: Path) -> list[dict]:
+    """The entries whose id has no "recorded" line after it."""
+    paid: dict[str, dict] = {}
+    for number, line in enumerate(handle, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            # The last line of a process killed mid-write: that id never
+            # reached the disk (nor Redis, which is told after).
+            log.warning("%s:%d: unreadable journal line skipped", path, number)
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if all(isinstance(entry.get(name), str) for name in ("paid", "batch", "id")):
+            paid[entry["paid"]] = entry
+        elif "recorded" in entry:
+            paid.pop(entry["recorded"], None)
+    return list(paid.values())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
