@@ -65,7 +65,7 @@ def disable_storage_fsync() -> None:
     import worker.storage
 
     worker.storage.os = _NoFsyncOs()
-    worker.storage._fsync_dir = lambda directory: None
+    worker.storage.fsync_dir = lambda directory: None
 
 
 class _NoFsyncOs:

@@ -19,6 +19,7 @@ from chaos.redis_lost_reply import LostReplyProxy
 from conftest import wait_until, write_prompts
 from test_lost_replies import _run_of
 
+from producer.batch_view import workers_alive
 from worker import keys
 from worker.jobs import JobStore, load_script
 from worker.paid_journal import deployment_id, replay
@@ -132,3 +133,25 @@ def test_a_worker_killed_holding_a_paid_id_while_redis_is_away_loses_no_video(
     assert hashlib.sha256(video.read_bytes()).hexdigest() == paid["sha256"]
     assert not list((tmp_path / "journal").iterdir())
 
+
+
+@pytest.mark.slow
+def test_a_starting_worker_records_journaled_ids_before_it_beats(make_pipeline, tmp_path):
+    """`vidq run`, resuming, watches the batch once a worker beats: a job
+    failed "outcome unknown" whose paid id waits in the journal must be
+    revived by then, or the rerun reports it lost and stops its workers."""
+    pipeline = make_pipeline()
+    client = pipeline.store.redis
+    _job(client, "1", state="failed", outcome_unknown="1")
+    client.hset(keys.batch_counts("night"), "failed", 1)
+    holder = _holding(tmp_path / "journal", deployment_id(client), "1", "gen-a")
+    holder.kill()
+    holder.wait()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "vidq.poll",
+         "--without-mingle", "--without-gossip"], env=pipeline.env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    pipeline.processes.append(process)
+    state = wait_until(lambda: workers_alive(client) and client.hget(
+        keys.job("night:1"), "state"), 60, "the first heartbeat", 0.01)
+    assert state == "submitted"

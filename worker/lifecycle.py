@@ -31,6 +31,7 @@ from .webhooks import relay
 
 log = logging.getLogger(__name__)
 WORKER_NAMES_KEPT_S = 86400
+REPLAY_AT_START_S = 10.0
 
 
 def check_storage(storage) -> None:
@@ -81,8 +82,11 @@ class Lifecycle(bootsteps.StartStopStep):
         threading.Thread(target=check_storage, args=(steps.storage,), name="storage check",
                          daemon=True).start()
         self.deployment = deployment_id(client)
+        # Before the first heartbeat: `vidq run` resuming a batch watches it
+        # once a worker beats, and must not read a job as failed "outcome
+        # unknown" whose paid id is in the journal.
+        self.replay_journal(wait_s=REPLAY_AT_START_S)
         self.beat()
-        self.replay_journal()
         self.timers = [
             worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),
             worker.timer.call_repeatedly(settings.reconcile_interval_s, self.reconcile),
@@ -163,9 +167,10 @@ class Lifecycle(bootsteps.StartStopStep):
         self.housekeeper = threading.Thread(target=run, name="vidq housekeeping", daemon=True)
         self.housekeeper.start()
 
-    def replay_journal(self) -> None:
+    def replay_journal(self, wait_s: float = 0.0) -> None:
         """Paid ids a process died holding before Redis had them
-        (worker/paid_journal.py), in a thread: recording waits out Redis."""
+        (worker/paid_journal.py), in a thread: a Redis stall must not hold
+        the timer (the heartbeat) for longer than `wait_s`."""
         if self.replayer is not None and self.replayer.is_alive():
             return
         steps = get_steps()
@@ -180,6 +185,7 @@ class Lifecycle(bootsteps.StartStopStep):
 
         self.replayer = threading.Thread(target=run, name="vidq journal replay", daemon=True)
         self.replayer.start()
+        self.replayer.join(wait_s)
 
     def reconcile(self) -> None:
         steps = get_steps()

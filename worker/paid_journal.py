@@ -40,6 +40,7 @@ import redis
 from . import keys
 from .durability import Durability
 from .jobs import Job, JobStore
+from .storage import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class PaidJournal:
         name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}.jsonl"
         handle = open(self.directory / name, "a+", encoding="utf-8")  # noqa: SIM115 - lives with the process
         fcntl.flock(handle, fcntl.LOCK_EX)
-        _fsync_dir(self.directory)  # the new file's name survives a power cut too
+        fsync_dir(self.directory)
         self._file, self._owner, self._pending = handle, os.getpid(), set()
 
     def _forget(self) -> None:
@@ -189,10 +190,3 @@ def _pending(handle: IO[str], path: Path) -> list[dict]:
             paid.pop(entry["recorded"], None)
     return list(paid.values())
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -86,7 +86,7 @@ class FileStorage:
                 raise StorageError(f"cannot write {final}: {exc.strerror}") from None
             try:
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             except OSError as exc:
                 raise StorageError(f"cannot publish {final}: {exc.strerror}") from None
         except BaseException:
@@ -109,8 +109,8 @@ class FileStorage:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(source, target)  # fails if the target exists, unlike a rename
             os.unlink(source)
-            _fsync_dir(target.parent)
-            _fsync_dir(source.parent)
+            fsync_dir(target.parent)
+            fsync_dir(source.parent)
         except (FileNotFoundError, FileExistsError):
             return False
         except OSError as exc:
@@ -198,7 +198,8 @@ def sidecar_key(batch: str, job_id: str) -> str:
     return f"{batch}/{job_id}.json"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a new or renamed entry of `directory` survive a power cut."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
