@@ -45,6 +45,7 @@ def vidq_env(cfg: BenchConfig, redis_url: str, server, storage: Path) -> dict:
         "VIDQ_POLL_MAX_INTERVAL_S": repr(POLL_MAX_INTERVAL_S / s),
         "VIDQ_MAX_SUBMITS_PER_S": repr(cfg.max_submits_per_s * s),
         "VIDQ_STORAGE_URL": storage.resolve().as_uri(),
+        "VIDQ_JOURNAL_DIR": f"{storage.resolve()}-journal",
     })
     return env
 

@@ -507,7 +507,8 @@ def main(argv=None) -> int:
             env.pop(name, None)
         env.update(conftest.FAST_WORKER_ENV)
         env.update({"AIMLAPI_BASE_URL": sandbox.url, "AIMLAPI_KEY": sandbox.config.api_key,
-                    "VIDQ_STORAGE_URL": (work / "videos").as_uri()})
+                    "VIDQ_STORAGE_URL": (work / "videos").as_uri(),
+                    "VIDQ_JOURNAL_DIR": str(work / "journal")})
         env.update({k: str(v) for k, v in overrides.items()})
         (work / "logs").mkdir(exist_ok=True)
         return conftest.Pipeline(env, sandbox, work / "logs")
