@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,11 +19,13 @@ import redis
 from chaos.redis_lost_reply import LostReplyProxy
 from conftest import wait_until, write_prompts
 from test_lost_replies import _run_of
+from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from producer.batch_view import workers_alive
 from worker import keys
 from worker.jobs import JobStore, load_script
-from worker.paid_journal import deployment_id, replay
+from worker.marker import mark_posting
+from worker.paid_journal import _abandoned, deployment_id, replay
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -30,8 +33,8 @@ HOLDER = textwrap.dedent("""
     from worker.jobs import Job
     from worker.paid_journal import PaidJournal
     journal = PaidJournal(Path(sys.argv[1]))
-    journal.deployment = sys.argv[2]
-    job = Job(batch="night", id=sys.argv[3], request={}, state="", extra={"posting_op": "op1"})
+    job = Job(batch="night", id=sys.argv[3], request={}, state="",
+              extra={"posting_op": "op1", "deployment": sys.argv[2]})
     journal.paid(job, sys.argv[4])
     print("journaled", flush=True)
     time.sleep(600)
@@ -67,10 +70,10 @@ def test_a_dead_processs_paid_ids_are_recorded_and_a_live_ones_left(redis_url, t
         process.kill()
         process.wait()
     try:
-        assert replay(directory, store, deployment, 0.0, None) == 2
+        assert replay(directory, store, 0.0, None) == 2
         (kept,) = directory.iterdir()  # the dead ones' files are gone
         assert "gen-c" in kept.read_text()
-        assert replay(directory, store, deployment, 0.0, None) == 0  # the live one's stays
+        assert replay(directory, store, 0.0, None) == 0  # the live one's stays
     finally:
         alive.kill()
         alive.wait()
@@ -93,11 +96,51 @@ def test_another_redis_s_ids_are_kept_and_a_torn_line_skipped(redis_url, tmp_pat
         handle.write('{"paid": "gen-y", "ba')  # a process killed mid-write
     _job(client, "1")
 
-    assert replay(directory, store, deployment_id(client), 0.0, None) == 0
+    assert replay(directory, store, 0.0, None) == 0
     assert path.exists() and "another Redis" in caplog.text and ":2: unreadable" in caplog.text
     assert not client.hget(keys.job("night:1"), "generation_id")
-    assert replay(directory, store, "another-deployment", 0.0, None) == 1
+    client.hset(keys.CONFIG, "deployment_id", "another-deployment")  # that Redis's worker
+    assert replay(directory, store, 0.0, None) == 1
+    assert client.hget(keys.job("night:1"), "generation_id") == "gen-x"
     assert not path.exists()
+
+
+def test_each_marker_names_the_redis_it_went_to(steps_for, make_sandbox):  # noqa: F811
+    """Read with the marker, never cached: a Redis flushed under a running
+    worker is known by a new id, and the old one's entries stay out of it."""
+    steps = steps_for(make_sandbox())
+    client = steps.store.redis
+    ref, token = _admit_one(steps, job_id="j1")
+    job = steps.claim(ref, token, "submit")
+    assert mark_posting(steps.store, job, steps.durability) == "ok"
+    assert job.extra["deployment"] == deployment_id(client)
+    client.hset(keys.CONFIG, "deployment_id", "after-a-flush")
+    ref, token = _admit_one(steps, job_id="j2")
+    job = steps.claim(ref, token, "submit")
+    assert mark_posting(steps.store, job, steps.durability) == "ok"
+    assert job.extra["deployment"] == "after-a-flush"
+
+
+def test_a_child_forked_during_a_replay_leaves_the_dead_file_unlocked(tmp_path):
+    """A pool child replaced while the main process replays a dead file must
+    not share its lock: the file would look alive as long as the child lives."""
+    path = tmp_path / "dead.jsonl"
+    path.write_text("")
+    with _abandoned(path) as handle:
+        assert handle is not None
+        child = os.fork()
+        if child == 0:
+            time.sleep(30)
+            os._exit(0)
+    def unlocked() -> bool:
+        with _abandoned(path) as again:
+            return again is not None
+
+    try:
+        wait_until(unlocked, 5, "the dead file unlocked", 0.05)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
 
 
 @pytest.mark.slow
@@ -121,7 +164,6 @@ def test_a_worker_killed_holding_a_paid_id_while_redis_is_away_loses_no_video(
     wait_until(lambda: "not recorded yet" in log.read_text(), 10, "the id held, Redis away")
     os.killpg(pipeline.processes[0].pid, signal.SIGKILL)
     pipeline.processes[0].wait()
-    pipeline.processes = []
     proxy.down_for(0)
 
     pipeline.start_workers()

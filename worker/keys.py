@@ -43,6 +43,7 @@
                                 daily_credits (the deployment's daily credit cap)
                                 credit_estimate, credit_estimate@<model>@<RES> (the
                                 workers' estimates: what the spend caps count)
+                                deployment_id (names this Redis in the paid-id journal)
     vidq:worker_settings        hash: worker name -> JSON of the settings a deployment's
                                 workers must share (worker/deployment.py)
     vidq:pause:submit           string with a TTL: the upstream said 429 to a POST;

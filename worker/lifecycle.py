@@ -23,7 +23,7 @@ from .admission import reconcile
 from .celery_app import app
 from .connection import take_lock
 from .errors import StorageError
-from .paid_journal import REPLAY_EVERY_S, deployment_id, replay
+from .paid_journal import REPLAY_EVERY_S, check_directory, replay
 from .retention import housekeeping
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
 from .webhook_tasks import send_delivery
@@ -57,7 +57,6 @@ class Lifecycle(bootsteps.StartStopStep):
         self.record = ""
         self.housekeeper: threading.Thread | None = None
         self.replayer: threading.Thread | None = None
-        self.deployment = ""
         self.clock_off = False
         # The random part: two workers named alike (one hostname, both PID 1
         # in their containers) must not share a record or a holder name.
@@ -81,7 +80,12 @@ class Lifecycle(bootsteps.StartStopStep):
         # In a thread: an endpoint that never answers must not hold the start.
         threading.Thread(target=check_storage, args=(steps.storage,), name="storage check",
                          daemon=True).start()
-        self.deployment = deployment_id(client)
+        try:
+            check_directory(Path(settings.journal_dir))
+        except OSError as exc:
+            log.error("the paid-id journal VIDQ_JOURNAL_DIR=%s is not usable (%s): a worker "
+                      "stopped while Redis is away loses the ids it holds", settings.journal_dir,
+                      exc)
         # Before the first heartbeat: `vidq run` resuming a batch watches it
         # once a worker beats, and must not read a job as failed "outcome
         # unknown" whose paid id is in the journal.
@@ -178,8 +182,7 @@ class Lifecycle(bootsteps.StartStopStep):
         def run() -> None:
             try:
                 # Lease 0: no step of the dead process will poll it; one is due now.
-                replay(Path(steps.settings.journal_dir), steps.store, self.deployment, 0.0,
-                       steps.durability)
+                replay(Path(steps.settings.journal_dir), steps.store, 0.0, steps.durability)
             except (redis.RedisError, OSError) as exc:
                 log.warning("paid-id journal not replayed yet: %s", exc)
 

@@ -25,6 +25,7 @@ from .connection import op_id
 from .durability import Durability, NotDurable
 from .errors import MarkerUnconfirmed
 from .jobs import Job, JobStore
+from .paid_journal import new_deployment_id
 
 # How long `vidq status` says a POST marker could not be made durable (its job
 # tries again in 5 s: pipeline.MARKER_RETRY_S); the next durable one clears it.
@@ -52,15 +53,20 @@ def mark_posting(store: JobStore, job: Job, durability: Durability,
             args=[job.token, op, str(job.extra.get("unconfirmed_op", ""))], client=pipe)
         durability.append_waits(pipe)
         pipe.exists(keys.MARKER_NOT_DURABLE)  # `vidq status` says one was not
+        # The Redis this marker went to, for the paid-id journal (worker/paid_journal.py).
+        pipe.hsetnx(keys.CONFIG, "deployment_id", new_deployment_id())
+        pipe.hget(keys.CONFIG, "deployment_id")
 
     give_up_at = time.monotonic() + patience_s
     try:
-        answer, *waits, warned = _patiently(lambda: store.run_with_waits(build), op, give_up_at,
-                                            "the POST marker's answer was lost")
+        answer, *waits, warned, _, deployment = _patiently(
+            lambda: store.run_with_waits(build), op, give_up_at,
+            "the POST marker's answer was lost")
     except MarkerUnconfirmed as exc:
         _withdraw(store, job, op, exc)
     if answer == "ok":
         job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
+        job.extra["deployment"] = str(deployment or "")
         _check_durable(store, job, durability, waits)
         if warned:
             with contextlib.suppress(redis.RedisError):

@@ -67,8 +67,6 @@ class Steps(StepOutcomes):
             # The upstream limits POSTs per second: this one's turn comes later.
             self._next(job, Step.SUBMIT, wait)
             return
-        if self.journal is not None:
-            self.journal.know_deployment(self.store.redis)  # before the marker: Redis is up
         try:
             marker = mark_posting(self.store, job, self.durability,
                                   self.settings.marker_patience_s)

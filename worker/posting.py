@@ -114,10 +114,11 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
                 return
             # Not written into `job`: a step that gave up must fail as one that
             # saw no id (lua/transition.lua then leaves a paid job to its poll).
-            _journal(journal, "paid", job, generation.id)
+            journaled = _journal(journal, job, generation.id)
             record_paid(store, job, generation.id, settings.step_grace_s, durability,
                         lambda recorded: settle(generation=generation, generation_id=recorded))
-            _journal(journal, "recorded", job, generation.id)
+            if journaled:
+                _journal(journal, job, generation.id, recorded=True)
         except BaseException as exc:  # handed to the waiting step, or logged if it left
             if done.is_set():
                 log.exception("job %s: a late answer to its POST could not be handled", job.ref)
@@ -144,18 +145,26 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
     return outcome["generation"]
 
 
-def _journal(journal: PaidJournal | None, entry: str, job: Job, generation_id: str) -> None:
+def _journal(journal: PaidJournal | None, job: Job, generation_id: str,
+             recorded: bool = False) -> bool:
     """Best effort: a full or read-only disk must not keep the id from Redis."""
     if journal is None:
-        return
+        return False
     try:
-        if entry == "paid":
-            journal.paid(job, generation_id)
-        else:
+        if recorded:
             journal.recorded(generation_id)
+        else:
+            journal.paid(job, generation_id)
+        return True
     except OSError as exc:
-        log.error("job %s: generation %s not written to the journal in %s (%s); only "
-                  "Redis will hold it", job.ref, generation_id, journal.directory, exc)
+        if recorded:  # replayed once this process is gone: the same id again is nothing
+            log.warning("job %s: generation %s is in Redis; the journal in %s could not say "
+                        "so (%s)", job.ref, generation_id, journal.directory, exc)
+        else:
+            log.error("job %s: generation %s not journaled in %s (%s): until Redis has it, "
+                      "only this process holds it", job.ref, generation_id, journal.directory,
+                      exc)
+        return False
 
 
 @worker_process_shutdown.connect
