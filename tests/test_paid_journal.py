@@ -22,7 +22,7 @@ from test_lost_replies import _run_of
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from producer.batch_view import workers_alive
-from worker import keys
+from worker import keys, tasks
 from worker.jobs import JobStore, load_script
 from worker.marker import mark_posting
 from worker.paid_journal import _abandoned, deployment_id, replay
@@ -103,6 +103,45 @@ def test_another_redis_s_ids_are_kept_and_a_torn_line_skipped(redis_url, tmp_pat
     assert replay(directory, store, 0.0, None) == 1
     assert client.hget(keys.job("night:1"), "generation_id") == "gen-x"
     assert not path.exists()
+
+
+def test_a_file_with_another_rediss_ids_has_this_ones_recorded_once(redis_url, tmp_path,
+                                                                      caplog):
+    """A process died with ids of this Redis and of one flushed since pending:
+    this Redis's are recorded once (not again every pass, reviving a purged
+    job's orphan record each time); the others are kept, logged once."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = JobStore(client)
+    directory = tmp_path / "journal"
+    for holder in (_holding(directory, "before-the-flush", "1", "gen-old"),
+                   _holding(directory, deployment_id(client), "2", "gen-new")):
+        holder.kill()
+        holder.wait()
+    paths = sorted(directory.iterdir())
+    (directory / "z-unreadable.jsonl").write_bytes(b"\xff\xfe not utf-8 {\n")
+    (directory / "a-directory.jsonl").mkdir()
+    _job(client, "1")
+    _job(client, "2")
+
+    assert replay(directory, store, 0.0, None) == 1
+    assert replay(directory, store, 0.0, None) == 0
+    assert client.hget(keys.job("night:2"), "generation_id") == "gen-new"
+    assert not client.hget(keys.job("night:1"), "generation_id")
+    assert caplog.text.count("journaled for another Redis (deployment id before-the-flush") == 1
+    assert "a-directory.jsonl: paid-id journal file not read" in caplog.text
+    assert [p.exists() for p in paths].count(True) == 1  # the other Redis's file is kept
+
+
+def test_a_stalled_journal_disk_never_keeps_the_id_from_redis(steps_for,  # noqa: F811
+                                                              make_sandbox, monkeypatch):
+    """The journal's fsync hangs (a network block volume stalled): Redis gets
+    the id anyway, within the POST's deadline, and the job is polled."""
+    steps = steps_for(make_sandbox(), VIDQ_POST_DEADLINE_S="3")
+    monkeypatch.setattr(steps.journal, "paid", lambda job, generation_id: time.sleep(6))
+    ref, token = _admit_one(steps)
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    record = steps.store.get(ref)
+    assert record.generation_id and record.state == "submitted", record.last_error
 
 
 def test_each_marker_names_the_redis_it_went_to(steps_for, make_sandbox):  # noqa: F811

@@ -57,7 +57,8 @@ def lua_constants() -> str:
     # Key prefixes for keys a script derives from a batch name (worker.keys).
     prefixes = (f"local NS = {{job = '{keys.JOB_PREFIX}', batch = '{keys.BATCH_PREFIX}', "
                 f"line = '{keys.LINE_SUFFIX}', ring = '{keys.RING_PREFIX}', "
-                f"spend = '{keys.SPEND_PREFIX}', orphans = '{keys.ORPHANS}'}}\n")
+                f"spend = '{keys.SPEND_PREFIX}', orphans = '{keys.ORPHANS}', "
+                f"config = '{keys.CONFIG}'}}\n")
     return (f"local STATE = {{{states}}}\nlocal STEP = {{{steps}}}\n" + prefixes
             + (LUA_DIR / "common.lua").read_text())
 
@@ -203,9 +204,10 @@ class JobStore:
         return answers
 
     def record_generation(self, job: Job, generation_id: str, lease_s: float,
-                          durability: Durability | None = None) -> str:
+                          durability: Durability | None = None, deployment: str = "") -> str:
         """Record a paid generation id (lua/record_generation.lua for the
-        answers), durable as the POST marker is: NotDurable (with the answer)
+        answers; 'foreign' if `deployment`, a journal entry's Redis, is not
+        this one), durable as the POST marker is: NotDurable (with the answer)
         if the wait for it failed, so the caller records it again, on the
         current master after a failover (the same call answers the same)."""
         batch = job.batch
@@ -216,7 +218,7 @@ class JobStore:
                       keys.SLOT_HOLDS, keys.batch_unknown(batch), keys.batch_jobs(batch),
                       keys.batch(batch), keys.batch_failed(batch), keys.ACCOUNT_REFUSALS],
                 args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX,
-                      str(job.extra.get("posting_op", ""))], client=pipe)
+                      str(job.extra.get("posting_op", "")), deployment], client=pipe)
             if durability is not None:
                 durability.append_waits(pipe)
 

@@ -51,22 +51,22 @@ def mark_posting(store: JobStore, job: Job, durability: Durability,
         store.script("mark_posting")(
             keys=[keys.job(job.ref), keys.batch(job.batch)],
             args=[job.token, op, str(job.extra.get("unconfirmed_op", ""))], client=pipe)
-        durability.append_waits(pipe)
-        pipe.exists(keys.MARKER_NOT_DURABLE)  # `vidq status` says one was not
         # The Redis this marker went to, for the paid-id journal (worker/paid_journal.py).
         pipe.hsetnx(keys.CONFIG, "deployment_id", new_deployment_id())
         pipe.hget(keys.CONFIG, "deployment_id")
+        durability.append_waits(pipe)
+        pipe.exists(keys.MARKER_NOT_DURABLE)  # `vidq status` says one was not
 
     give_up_at = time.monotonic() + patience_s
     try:
-        answer, *waits, warned, _, deployment = _patiently(
+        answer, _, deployment, *waits, warned = _patiently(
             lambda: store.run_with_waits(build), op, give_up_at,
             "the POST marker's answer was lost")
     except MarkerUnconfirmed as exc:
         _withdraw(store, job, op, exc)
     if answer == "ok":
         job.extra["posting_op"] = op  # names this attempt's marker (clear_posting)
-        job.extra["deployment"] = str(deployment or "")
+        job.extra["deployment"] = deployment if isinstance(deployment, str) else ""
         _check_durable(store, job, durability, waits)
         if warned:
             with contextlib.suppress(redis.RedisError):

@@ -115,35 +115,44 @@ class PaidJournal:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         made = self.directory / f"{name}.tmp"
-        handle = open(made, "a+", encoding="utf-8")  # noqa: SIM115 - lives with the process
+        with _FORK_LOCK:  # a child forked now must find it in self._file, to close it
+            handle = open(made, "a+", encoding="utf-8")  # noqa: SIM115 - lives with the process
+            self._file, self._owner, self._pending = handle, os.getpid(), set()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
             made.rename(self.directory / f"{name}.jsonl")
             fsync_dir(self.directory)
         except OSError:
-            handle.close()
+            self._close()
             raise
-        self._file, self._owner, self._pending = handle, os.getpid(), set()
 
-    def _forget(self) -> None:
-        """In a forked child: the parent's file and lock stay the parent's."""
+    def _close(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
         self._file, self._owner, self._pending = None, 0, set()
+
+    def _forget(self) -> None:
+        """In a forked child: the parent's file and lock stay the parent's."""
+        self._close()
         self._lock = threading.Lock()
 
 
 _JOURNALS: weakref.WeakSet[PaidJournal] = weakref.WeakSet()
 # Dead processes' files a replay holds open (and locked) in this process.
 _REPLAYING: set[IO[str]] = set()
+# Held while a journal file is opened or closed, and across fork(): a child
+# never gets a handle this process has not yet listed (and so cannot close).
+_FORK_LOCK = threading.Lock()
 # Files of another Redis already logged by this process (logged once each).
 _REPORTED: set[Path] = set()
 
 
-def _forget_after_fork() -> None:
+def _after_fork_in_child() -> None:
     """A forked child (a pool child replaced while a replay runs) must not
     share a lock: the file would look alive for as long as the child lives."""
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
     for journal in list(_JOURNALS):
         journal._forget()
     for handle in list(_REPLAYING):
@@ -152,21 +161,26 @@ def _forget_after_fork() -> None:
     _REPLAYING.clear()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+os.register_at_fork(before=lambda: _FORK_LOCK.acquire(),
+                    after_in_parent=lambda: _FORK_LOCK.release(),
+                    after_in_child=_after_fork_in_child)
 
 
 def replay(directory: Path, store: JobStore, lease_s: float,
            durability: Durability | None) -> int:
     """Record the pending ids of files whose process died; returns how many.
-    Redis unreachable stops the pass: the next one starts over."""
+    Redis unreachable stops the pass (the next one starts over); a file that
+    cannot be read is logged and passed over."""
     if not directory.is_dir():
         return 0
-    deployment = deployment_id(store.redis)  # read again: Redis may have been flushed
     count = 0
     for path in sorted(directory.glob("*.jsonl")):
-        with _abandoned(path) as handle:
-            if handle is not None:
-                count += _replay_file(path, handle, store, deployment, lease_s, durability)
+        try:
+            with _abandoned(path) as handle:
+                if handle is not None:
+                    count += _replay_file(path, handle, store, lease_s, durability)
+        except (OSError, ValueError) as exc:
+            log.error("%s: paid-id journal file not read (%s)", path, exc)
     for path in directory.glob("*.tmp"):
         with contextlib.suppress(OSError):
             if time.time() - path.stat().st_mtime > STALE_TMP_S:
@@ -174,50 +188,66 @@ def replay(directory: Path, store: JobStore, lease_s: float,
     return count
 
 
-def _replay_file(path: Path, handle: IO[str], store: JobStore, deployment: str,
-                 lease_s: float, durability: Durability | None) -> int:
-    pending = _pending(handle, path)
-    ours = [entry for entry in pending if entry.get("redis") == deployment]
-    kept = len(pending) - len(ours)
-    for entry in ours:
+def _replay_file(path: Path, handle: IO[str], store: JobStore, lease_s: float,
+                 durability: Durability | None) -> int:
+    foreign, recorded, kept = [], 0, 0
+    for entry in _pending(handle, path):
         job = Job(batch=entry["batch"], id=entry["id"], request={}, state="",
                   extra={"posting_op": entry.get("op", "")})
         try:
-            store.record_generation(job, entry["paid"], lease_s, durability)
+            # The script checks the entry's Redis is this one (never record
+            # another's, or this one's before a flush), in the same step.
+            answer = store.record_generation(job, entry["paid"], lease_s, durability,
+                                             deployment=entry.get("redis") or "?")
         except NotDurable:
-            kept += 1  # the script ran; recorded again (the same answer) next pass
-        log.warning("job %s: generation %s, from the journal of a process that died before "
-                    "Redis had it (%s): in Redis now", job.ref, entry["paid"], path)
-    if kept == 0:
-        path.unlink(missing_ok=True)
-    elif len(ours) < len(pending) and path not in _REPORTED:
+            kept += 1  # recorded, not yet durable: recorded again (the same answer) next pass
+            continue
+        if answer == "foreign":
+            foreign.append(entry)
+            continue
+        recorded += 1
+        handle.write(json.dumps({"recorded": entry["paid"]}) + "\n")  # if the file is kept
+        log.warning("job %s: generation %s, journaled by a process that died with it "
+                    "pending (%s): in Redis", job.ref, entry["paid"], path)
+    if foreign and path not in _REPORTED:
         _REPORTED.add(path)
-        log.error("%s: %d paid generation id(s) journaled for another Redis than this "
-                  "worker's (deployment id %s; flushed since, or another deployment's): "
-                  "kept, not recorded here", path, len(pending) - len(ours), deployment)
-    return len(ours)
+        log.error("%s: %d paid generation id(s) journaled for another Redis (deployment id %s; "
+                  "this Redis is %s): kept, not recorded here. If that Redis still runs, start "
+                  "one of its workers with VIDQ_JOURNAL_DIR=%s; if it was flushed, the file "
+                  "lists what was paid for", path, len(foreign), foreign[0].get("redis"),
+                  deployment_id(store.redis), path.parent)
+    if foreign or kept:
+        handle.flush()
+        os.fsync(handle.fileno())
+    else:
+        path.unlink(missing_ok=True)
+    return recorded
 
 
 @contextlib.contextmanager
 def _abandoned(path: Path) -> Iterator[IO[str] | None]:
-    """The file, locked, if no live process holds it and no other replay
-    deleted it meanwhile; else None."""
-    try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
+    """The file, locked and open to append, if no live process holds it and
+    no other replay deleted it meanwhile; else None."""
+    handle: IO[str] | None = None
+    with _FORK_LOCK, contextlib.suppress(FileNotFoundError):
+        opened = open(path, "a+", encoding="utf-8", errors="replace")  # noqa: SIM115
+        _REPLAYING.add(opened)
+        handle = opened
+    if handle is None:
         yield None
         return
-    _REPLAYING.add(handle)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield None
             return
+        handle.seek(0)
         yield handle if os.fstat(handle.fileno()).st_nlink else None
     finally:
-        _REPLAYING.discard(handle)
-        handle.close()
+        with _FORK_LOCK:
+            handle.close()
+            _REPLAYING.discard(handle)
 
 
 def _pending(handle: IO[str], path: Path) -> list[dict]:

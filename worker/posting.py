@@ -41,6 +41,7 @@ from .upstream import SUBMIT_RETRY_STATUSES, UpstreamClient
 log = logging.getLogger(__name__)
 
 RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
+JOURNAL_WAIT_S = 1.0
 
 
 # POSTs whose answer may still come: a process shutting down waits for them.
@@ -114,11 +115,11 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
                 return
             # Not written into `job`: a step that gave up must fail as one that
             # saw no id (lua/transition.lua then leaves a paid job to its poll).
-            journaled = _journal(journal, job, generation.id)
+            journaled = _journal_paid(journal, job, generation.id)
             record_paid(store, job, generation.id, settings.step_grace_s, durability,
                         lambda recorded: settle(generation=generation, generation_id=recorded))
-            if journaled:
-                _journal(journal, job, generation.id, recorded=True)
+            if journal is not None and journaled.is_set():
+                _journal_recorded(journal, job, generation.id)
         except BaseException as exc:  # handed to the waiting step, or logged if it left
             if done.is_set():
                 log.exception("job %s: a late answer to its POST could not be handled", job.ref)
@@ -145,26 +146,38 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
     return outcome["generation"]
 
 
-def _journal(journal: PaidJournal | None, job: Job, generation_id: str,
-             recorded: bool = False) -> bool:
-    """Best effort: a full or read-only disk must not keep the id from Redis."""
+def _journal_paid(journal: PaidJournal | None, job: Job, generation_id: str) -> threading.Event:
+    """Journal a POST's answer (worker/paid_journal.py), set once it is on
+    disk. Waited for at most JOURNAL_WAIT_S: a stalled disk must not keep the
+    id from Redis, and a full or read-only one is logged, never fatal."""
+    written = threading.Event()
     if journal is None:
-        return False
-    try:
-        if recorded:
-            journal.recorded(generation_id)
-        else:
+        return written
+
+    def write() -> None:
+        try:
             journal.paid(job, generation_id)
-        return True
-    except OSError as exc:
-        if recorded:  # replayed once this process is gone: the same id again is nothing
-            log.warning("job %s: generation %s is in Redis; the journal in %s could not say "
-                        "so (%s)", job.ref, generation_id, journal.directory, exc)
-        else:
+            written.set()
+        except OSError as exc:
             log.error("job %s: generation %s not journaled in %s (%s): until Redis has it, "
-                      "only this process holds it", job.ref, generation_id, journal.directory,
-                      exc)
-        return False
+                      "only this process holds it", job.ref, generation_id,
+                      journal.directory, exc)
+
+    thread = threading.Thread(target=write, name=f"journal {job.ref}", daemon=True)
+    thread.start()
+    thread.join(JOURNAL_WAIT_S)
+    if thread.is_alive():
+        log.warning("job %s: the journal in %s is slow (over %.0f s); Redis is told first",
+                    job.ref, journal.directory, JOURNAL_WAIT_S)
+    return written
+
+
+def _journal_recorded(journal: PaidJournal, job: Job, generation_id: str) -> None:
+    try:
+        journal.recorded(generation_id)
+    except OSError as exc:  # replayed once this process is gone: the same id again is nothing
+        log.warning("job %s: generation %s is in Redis; the journal in %s could not say so "
+                    "(%s)", job.ref, generation_id, journal.directory, exc)
 
 
 @worker_process_shutdown.connect

@@ -6,6 +6,13 @@
 local job_key, counts_key, due_key, slots_key, holds_key, unknown_key, jobs_key, batch_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local failed_key = KEYS[9]
+-- From the paid-id journal (worker/paid_journal.py): the deployment id of the
+-- Redis its marker went to. Another Redis's id (or this one flushed since)
+-- is never recorded here.
+local deployment = ARGV[6] or ''
+if deployment ~= '' and redis.call('HGET', NS.config, 'deployment_id') ~= deployment then
+  return 'foreign'
+end
 -- The account is not refused: 401/403 answers to POSTs no longer come in a row.
 redis.call('DEL', KEYS[10])
 local generation_id = ARGV[1]
