@@ -39,6 +39,7 @@ from .schedule import (
 log = logging.getLogger(__name__)
 
 CACHE_S = 2.0
+WATCH_TRIES = 5
 CACHE_SHARE = 0.03
 # Refits take at most this share of a process's time: a fit of 60 samples
 # takes about 1 ms, but one of a batch's first completions with 200 jobs
@@ -127,36 +128,53 @@ class DurationModel:
             return  # a clock stepped back, or no time at all: nothing to learn
         key = keys.durations(model, resolution)
         plan = self.plan(model, resolution)
-
-        def store(pipe) -> None:
-            marked = self._judged(pipe, key, plan, sample, aimed_second_s)
-            pipe.multi()
-            flag = ":slower" if marked.slower else ":late" if marked.late else ""
-            pipe.lpush(key, f"{marked.lo:.3f}:{marked.hi:.3f}{flag}")
-            pipe.ltrim(key, 0, WINDOW - 1)
-            if marked.slower:
-                log.info("%s %s: generations got slower (%d jobs in a row still running "
-                         "past the poll plan's 99.9th percentile); the plan relearns from "
-                         "them", model, resolution, SLOWER_RUN)
-
-        # Watched: a wave of C jobs ends within milliseconds, and each
-        # completion must be judged with the ones stored just before it.
-        self.redis.transaction(store, key)
+        marked = sample
+        with self.redis.pipeline() as pipe:
+            # Watched: a wave of C jobs ends within milliseconds, and each
+            # completion must be judged with the ones stored just before it.
+            # Bounded: under heavy contention, stored as last judged.
+            for _ in range(WATCH_TRIES):
+                try:
+                    pipe.watch(key)
+                    marked = self._judged(pipe, key, plan, sample, aimed_second_s)
+                    self._store(pipe, key, marked)
+                    break
+                except redis.WatchError:
+                    continue
+            else:
+                self._store(pipe, key, marked)
         self._cache.pop(key, None)
+        if marked.slower:
+            log.info("%s %s: generations got slower (%d jobs in a row still running past "
+                     "the poll plan's 99.9th percentile); the plan relearns from them",
+                     model, resolution, SLOWER_RUN)
+
+    @staticmethod
+    def _store(pipe, key: str, sample: Sample) -> None:
+        pipe.multi()
+        flag = ":slower" if sample.slower else ":late" if sample.late else ""
+        pipe.lpush(key, f"{sample.lo:.3f}:{sample.hi:.3f}{flag}")
+        pipe.ltrim(key, 0, WINDOW - 1)
+        pipe.execute()
 
     def _judged(self, reader, key: str, plan: PollPlan, sample: Sample,
                 aimed_second_s: float) -> Sample:
         """`sample`, marked late (and slower) against the fit of what came
         before the newest run of late completions: joining the fit, each late
         one would raise the bar for the next, and a wave's jobs end fastest
-        first, so the run was seldom seen whole."""
+        first, so the run was seldom seen whole. (Its aim is checked against
+        the later of that fit's and the current plan's second polls: a job
+        aimed after the run began was aimed with the run in the fit.)"""
         newest = self._newest(key, SLOWER_RUN - 1, reader)
         run = next((i for i, s in enumerate(newest) if not s.late or s.slower), len(newest))
+        judge = plan
         if run:
-            plan = plan_from(self._newest(key, WINDOW, reader)[run:], self.prior_s)
-        if plan.surprise_s is None or sample.lo <= plan.surprise_s:
+            judge = plan_from(self._newest(key, WINDOW, reader)[run:], self.prior_s)
+            if judge.second_s is not None and plan.second_s is not None:
+                judge = replace(judge, second_s=max(judge.second_s, plan.second_s))
+        if judge.surprise_s is None or sample.lo <= judge.surprise_s:
             return sample
-        return mark_late(plan, sample, aimed_second_s, newest)
+        return mark_late(judge, sample, aimed_second_s, newest)
 
 
 def parse_sample(raw: str) -> Sample | None:
