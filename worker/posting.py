@@ -4,7 +4,9 @@ The POST runs in a thread that records the generation id the moment the
 upstream answers, even after the step gave up waiting (VIDQ_POST_DEADLINE_S):
 a late id revives the job, and the generation it names is polled and
 downloaded. Recording retries through a Redis outage, because the id of a
-paid generation is the one thing that must not be dropped. A late answer
+paid generation is the one thing that must not be dropped; the answer is
+journaled on the worker's disk first (worker/paid_journal.py), so a process
+stopped before Redis has it loses nothing. A late answer
 that proves nothing was created (a 429, a 503, a 4xx) is handed back
 instead, if the marker it clears is its own attempt's (worker/rate_limits.py:
 a 429 or 503 is POSTed again, a 4xx fails with the upstream's reason). A
