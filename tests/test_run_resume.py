@@ -167,14 +167,15 @@ def _journal(tmp_path) -> Counter:
     return Counter(json.loads(line)["prompt"] for line in lines)
 
 
-def _sandbox_run_until_posted(path, tmp_path, env, posted: int) -> subprocess.Popen:
+def _sandbox_run_until_posted(path, tmp_path, env, posted: int,
+                              every_s: float = 0.2) -> subprocess.Popen:
     """`vidq run PATH --sandbox`, once its sandbox has `posted` generations."""
     process = subprocess.Popen(["vidq", "run", str(path), "--sandbox", "--state-dir",
                                 str(tmp_path / "state")], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and sum(_journal(tmp_path).values()) < posted:
-        time.sleep(0.2)
+        time.sleep(every_s)
     return process
 
 
@@ -230,6 +231,30 @@ def test_a_run_whose_own_redis_stops_says_so_at_once_and_the_rerun_finishes(tmp_
     rerun = _run(path, tmp_path, env, "--sandbox")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert _journal(tmp_path) == Counter({p: 1 for p in prompts})
+
+
+@pytest.mark.slow
+def test_a_run_whose_redis_dies_as_a_post_is_answered_loses_no_video(tmp_path):
+    """The run's Redis is killed the moment the sandbox creates the first
+    generation: its answer reaches a worker that cannot record it, and the
+    stopping run kills that worker (CI met this: the rerun ended the job
+    "outcome unknown", its video never downloaded). The rerun's workers
+    record the id from the journal in the state directory: every prompt
+    done, one generation each."""
+    env = _sandbox_env(tmp_path)
+    prompts = [f"answered {i}" for i in range(3)]
+    path = write_prompts(tmp_path / "night.txt", prompts)
+    process = _sandbox_run_until_posted(path, tmp_path, env, 1, every_s=0.002)
+    pid = int((tmp_path / "state" / "redis" / "redis-server.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, output
+
+    rerun = _run(path, tmp_path, env, "--sandbox")
+
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert _journal(tmp_path) == Counter({p: 1 for p in prompts})
+    assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 3
 
 
 def _sandbox_env(tmp_path) -> dict:
