@@ -39,12 +39,14 @@ from .schedule import (
 log = logging.getLogger(__name__)
 
 CACHE_S = 2.0
-WATCH_TRIES = 5
 CACHE_SHARE = 0.03
 # Refits take at most this share of a process's time: a fit of 60 samples
 # takes about 1 ms, but one of a batch's first completions with 200 jobs
 # still running (C = 200) about 30 ms.
 CPU_SHARE = 0.05
+# A completion's record is judged and stored under WATCH this many times at
+# most; under heavy contention it is then stored as last judged.
+WATCH_TRIES = 5
 
 
 def cache_s(plan: PollPlan, fit_s: float = 0.0) -> float:

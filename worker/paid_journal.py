@@ -215,7 +215,7 @@ def _replay_file(path: Path, handle: IO[str], store: JobStore, lease_s: float,
                   "this Redis is %s): kept, not recorded here. If that Redis still runs, start "
                   "one of its workers with VIDQ_JOURNAL_DIR=%s; if it was flushed, the file "
                   "lists what was paid for", path, len(foreign), foreign[0].get("redis"),
-                  deployment_id(store.redis), path.parent)
+                  store.redis.hget(keys.CONFIG, "deployment_id"), path.parent)
     if foreign or kept:
         handle.flush()
         os.fsync(handle.fileno())
