@@ -42,6 +42,26 @@ class VidqCommand(click.Command):
                                f"{exc}"))
 
 
+RUN_STATE_DIR = Path(".vidq")  # `vidq run`'s default --state-dir
+
+
+def cli_settings() -> Settings:
+    """The settings from the environment. With VIDQ_REDIS_URL unset and a
+    `vidq run` going on in this directory's .vidq, its Redis: `vidq status`
+    in a second shell then reads the batch that run is running, not the
+    default Redis, where it is not."""
+    if os.environ.get("VIDQ_REDIS_URL", "").strip():
+        return Settings.from_env()
+    from .redis_server import running_url
+
+    url = running_url(RUN_STATE_DIR / "redis")
+    if url is None:
+        return Settings.from_env()
+    click.echo(f"VIDQ_REDIS_URL is unset: using the Redis of the `vidq run` in "
+               f"{RUN_STATE_DIR.resolve()} ({url})", err=True)
+    return Settings.from_env({**os.environ, "VIDQ_REDIS_URL": url})
+
+
 @click.group()
 def main() -> None:
     """Overnight text-to-video batches on Celery + Redis."""
@@ -109,14 +129,15 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
 
     defaults = _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed,
                                 no_enhance_prompt)
-    admission = open_admission(Settings.from_env())
+    settings = cli_settings()
+    admission = open_admission(settings)
     batch_settings = {name: value for name, value in (
         ("priority", priority), ("max_credits", max_credits), ("max_videos", max_videos),
         ("webhook_url", webhook and check_webhook_url(webhook, "--webhook")))
         if value is not None}
     result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings,
                           allow_variants=allow_variants,
-                          check_plan=plan_check(admission.redis, Settings.from_env(),
+                          check_plan=plan_check(admission.redis, settings,
                                                 deadline, force, click.echo))
     click.echo(result.summary())
     if admission.waiting(batch) and daily_cap_reached(admission):
@@ -139,7 +160,7 @@ def status(batch, as_json, watch, every_s):
     from .enqueue import open_admission
     from .status_cmd import show_status
 
-    settings = Settings.from_env()
+    settings = cli_settings()
     admission = open_admission(settings)
     sys.exit(show_status(admission, settings, batch, console, as_json=as_json, follow=watch,
                          every_s=every_s))
@@ -152,7 +173,7 @@ def batches(as_json):
     from .enqueue import open_admission
     from .status_cmd import show_batches
 
-    settings = Settings.from_env()
+    settings = cli_settings()
     show_batches(open_admission(settings), settings, as_json)
 
 
@@ -184,7 +205,7 @@ def retry(batch, ids, reason, resubmit, include_completed, resubmit_unknown, yes
     from .enqueue import open_admission
     from .retrying import run_retry
 
-    admission = open_admission(Settings.from_env())
+    admission = open_admission(cli_settings())
     chosen = [part for value in ids for part in re.split(r"[\s,]+", value) if part]
     run_retry(admission, dispatch, batch, ids=chosen, reason=reason, resubmit=resubmit,
               include_completed=include_completed, resubmit_unknown=resubmit_unknown, yes=yes)
@@ -205,7 +226,7 @@ def purge(batch, force):
     from .enqueue import open_admission
     from .purging import run_purge
 
-    settings = Settings.from_env()
+    settings = cli_settings()
     run_purge(open_admission(settings), settings, batch, force=force)
 
 
@@ -215,7 +236,7 @@ def cap(max_in_flight):
     """Show or set C, the generations in flight upstream for the whole deployment."""
     from .enqueue import open_admission
 
-    admission = open_admission(Settings.from_env())
+    admission = open_admission(cli_settings())
     if max_in_flight is None:
         current = admission.cap()
         set_by, deployed = (str(value or "") for value in admission.redis.hmget(
@@ -276,7 +297,7 @@ def metrics(host, port):
     Redis at each scrape; run one per deployment)."""
     from .metrics_cmd import serve_metrics
 
-    serve_metrics(Settings.from_env(), host, port, click.echo)
+    serve_metrics(cli_settings(), host, port, click.echo)
 
 
 @main.command(name="sandbox", cls=VidqCommand)
@@ -321,7 +342,7 @@ def report(batch, fmt, states, output):
     from .report import check_states, write_report
 
     chosen = check_states(states)
-    settings = Settings.from_env()
+    settings = cli_settings()
     store = open_admission(settings).store
     # Rows point where the workers store, whatever this shell's VIDQ_STORAGE_URL.
     count = write_report(store, batch, workers_storage_url(store.redis, settings.storage_url),

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import click
 
-from worker.settings import Settings
-
-from .cli import VidqCommand, _jobs, main
+from .cli import VidqCommand, _jobs, cli_settings, main
 from .params import UNSET, Limit
 
 CREDITS, VIDEOS = Limit(), Limit(whole=True)
@@ -18,7 +16,7 @@ CREDITS, VIDEOS = Limit(), Limit(whole=True)
 def _admission():
     from .enqueue import open_admission
 
-    return open_admission(Settings.from_env())
+    return open_admission(cli_settings())
 
 
 @main.command(cls=VidqCommand)

@@ -53,7 +53,8 @@ def local_system(options: RunOptions, console: Console):
         if not env.get("VIDQ_REDIS_URL"):
             server = stack.enter_context(PrivateRedis(options.state_dir / "redis"))
             env["VIDQ_REDIS_URL"] = server.url
-            console.print(f"private Redis at {server.url}, state in {server.state_dir}")
+            console.print(f"private Redis at {server.url}, state in {server.state_dir} "
+                          f"(commands in other shells: VIDQ_REDIS_URL={server.url})")
         if options.use_sandbox:
             env.update(stack.enter_context(sandbox_upstream(env, console, options.state_dir)))
         supervisor = stack.enter_context(worker_processes(options, env, console, server))

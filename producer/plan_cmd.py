@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import click
 
-from worker.settings import Settings
-
-from .cli import VidqCommand, _deadline_option, _prompt_defaults, _prompt_options, main
+from .cli import (
+    VidqCommand,
+    _deadline_option,
+    _prompt_defaults,
+    _prompt_options,
+    cli_settings,
+    main,
+)
 from .plan import plan_file
 
 
@@ -17,5 +22,5 @@ def plan(file, model, resolution, aspect_ratio, negative_prompt, seed, no_enhanc
     """Print what FILE's prompts would take at this deployment's C; enqueue nothing."""
     defaults = _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed,
                                 no_enhance_prompt)
-    for line in plan_file(Settings.from_env(), file, defaults, deadline):
+    for line in plan_file(cli_settings(), file, defaults, deadline):
         click.echo(line)

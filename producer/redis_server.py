@@ -8,6 +8,7 @@ is an append-only file in `state_dir`, fsynced on every write
 """
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -39,6 +40,36 @@ def free_port() -> int:
 
 
 PID_FILE = "redis-server.pid"
+URL_FILE = "redis-server.url"  # for the commands of other shells (running_url)
+
+
+def running_pid(state_dir: Path) -> int | None:
+    """The pid of the redis-server recorded in state_dir, if it still runs."""
+    found = _running_command(state_dir)
+    return found[0] if found else None
+
+
+def running_url(state_dir: Path) -> str | None:
+    """The URL of the redis-server running on state_dir, if one does (and
+    still listens where the URL says: a reused pid may be another one's)."""
+    found = _running_command(state_dir)
+    try:
+        url = (state_dir / URL_FILE).read_text().strip() if found else ""
+    except OSError:
+        return None
+    port = url.rpartition(":")[2].partition("/")[0]
+    # Its arguments ("--port N"), or the title Redis gives itself ("redis-server 127.0.0.1:N").
+    listens = found and port.isdigit() and re.search(rf"[:\0]{port}(\0|\s|$)".encode(), found[1])
+    return url if listens else None
+
+
+def _running_command(state_dir: Path) -> tuple[int, bytes] | None:
+    try:
+        pid = int((state_dir / PID_FILE).read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None  # none recorded, or no longer running
+    return (pid, command) if b"redis-server" in command else None
 
 
 class PrivateRedis:
@@ -69,6 +100,7 @@ class PrivateRedis:
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         (self.state_dir / PID_FILE).write_text(str(self.process.pid))
+        (self.state_dir / URL_FILE).write_text(self.url)
         client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -91,18 +123,15 @@ class PrivateRedis:
                 self.process.kill()
                 self.process.wait()
         (self.state_dir / PID_FILE).unlink(missing_ok=True)
+        (self.state_dir / URL_FILE).unlink(missing_ok=True)
 
     def _refuse_if_in_use(self) -> None:
         """A redis-server still running on this directory belongs to a run
         that died without stopping it (a closed terminal, the OOM killer):
         its workers may still be working the batch. A second Redis on the
         same files would not see their POSTs, and POST the same prompts again."""
-        try:
-            pid = int((self.state_dir / PID_FILE).read_text())
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return  # none recorded, or no longer running
-        if b"redis-server" in command:
+        pid = running_pid(self.state_dir)
+        if pid is not None:
             raise ConfigError(
                 f"{self.state_dir} is in use by a redis-server still running (pid {pid}), left "
                 "by a run that ended without stopping it; its workers may still be working "

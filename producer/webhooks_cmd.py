@@ -15,9 +15,8 @@ from worker import webhooks
 from worker.errors import InputError
 from worker.keys import BATCHES
 from worker.netguard import redacted
-from worker.settings import Settings
 
-from .cli import VidqCommand, main
+from .cli import VidqCommand, cli_settings, main
 
 
 @main.command(name="webhooks", cls=VidqCommand)
@@ -29,7 +28,7 @@ def webhooks_command(batch, replay, as_json):
     (and was not replayed)."""
     from worker.connection import connect
 
-    client = connect(Settings.from_env().redis_url)
+    client = connect(cli_settings().redis_url)
     records = webhooks.deliveries(client, batch)
     if not records and not client.sismember(BATCHES, batch):
         raise InputError(f"no batch {batch!r} (and no webhook deliveries for it)")

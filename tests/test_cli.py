@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
 import redis
+import requests
+from conftest import FAST_WORKER_ENV, wait_until, write_prompts
 
 BAD_FILES = {
     "empty_prompt.jsonl": ('{"prompt": "ok"}\n{"prompt": "  "}\n', ["line 2", "prompt"]),
@@ -150,3 +153,51 @@ def test_failure_reasons_that_name_their_job_are_one_reason():
     assert top_reasons(full)["top_reasons"] == [{
         "reason": "download: gave up after N attempts: cannot write /v/night/<job>.mp4: "
                   "[Errno N] No space left", "count": 3}]
+
+
+@pytest.mark.slow
+def test_a_second_shell_reads_the_batch_of_the_vidq_run_going_on_here(make_sandbox, tmp_path):
+    """`vidq run` keeps its batch in a Redis of its own. `vidq status` typed in
+    a second shell, in the same directory and with no VIDQ_REDIS_URL, read the
+    default Redis instead and said there was no such batch. It reads the run's,
+    and says so on stderr (stdout stays one JSON document)."""
+    sandbox = make_sandbox(time_scale=15)
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("VIDQ_REDIS_URL", "AIML_API_KEY", "VIDQ_ENDPOINT")}
+    env.update(FAST_WORKER_ENV)
+    env.update({"AIMLAPI_BASE_URL": sandbox.url, "AIMLAPI_KEY": sandbox.config.api_key,
+                "VIDQ_STORAGE_URL": (tmp_path / "videos").as_uri(), "VIDQ_MAX_IN_FLIGHT": "2"})
+    path = write_prompts(tmp_path / "night.txt", [f"watched {i}" for i in range(4)])
+    run = subprocess.Popen(["vidq", "run", str(path)], env=env, cwd=tmp_path, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: requests.get(sandbox.url + "/__ledger", timeout=5).json(), 60,
+                   "the run's first POST")
+        status = subprocess.run(["vidq", "status", "night", "--json"], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        run.send_signal(2)
+        output, _ = run.communicate(timeout=60)
+
+    assert status.returncode == 0, status.stderr + output
+    assert json.loads(status.stdout)["total"] == 4
+    url = re.search(r"private Redis at (\S+),", output)
+    assert url, output
+    assert (f"using the Redis of the `vidq run` in {tmp_path.resolve() / '.vidq'} "
+            f"({url.group(1)})") in status.stderr, status.stderr
+
+
+def test_only_a_running_redis_of_the_state_dir_is_named(tmp_path):
+    """What a stopped or killed run left behind never redirects a command."""
+    from producer.redis_server import PID_FILE, URL_FILE, PrivateRedis, running_url
+
+    state = tmp_path / "redis"
+    with PrivateRedis(state) as server:
+        assert running_url(state) == server.url
+    assert running_url(state) is None  # stopped: its files are gone
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    for pid in (ended.pid, os.getpid()):  # a dead pid, and a live one of no redis-server
+        (state / PID_FILE).write_text(str(pid))
+        (state / URL_FILE).write_text(server.url)
+        assert running_url(state) is None
