@@ -7,6 +7,7 @@ Never lose a paid video: every generation in the ledger ends as a stored video.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -187,6 +188,36 @@ def test_storage_unavailable_for_a_while_then_back(make_pipeline, tmp_path):
         time.sleep(0.1)
     assert not list((tmp_path / "videos").rglob("*.part"))
     assert pipeline.sandbox.stats()["submissions"] == 2
+
+
+def test_a_video_completing_near_the_hard_limit_waits_out_a_storage_outage(make_pipeline,
+                                                                           make_sandbox, tmp_path):
+    """The hard limit counted from the submit: a video that completed near it
+    had the rest of it, minutes at most, to be stored, and a short storage
+    outage then failed it for good, paid and never downloaded. A completed
+    video's downloads now count from its completion, as its link's life does."""
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=4, spread=0)
+    pipeline = make_pipeline(sandbox, VIDQ_EXPECTED_GENERATION_S=4, VIDQ_DEADLINE_S=5,
+                             VIDQ_HARD_LIMIT_S=6, VIDQ_MAX_ATTEMPTS=3)
+    blocker = tmp_path / "videos" / "late"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")  # storage refuses every download
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["stored late"]), "late")
+    [job_id] = pipeline.store.job_ids("late")
+    ref = keys.job_ref("late", job_id)
+    wait_until(lambda: pipeline.store.get(ref).submitted_at, 30, "the POST")
+    submitted = pipeline.store.get(ref).submitted_at
+    # Past the hard limit after the submit, with the download's attempts spent.
+    wait_until(lambda: time.time() > submitted + 9, 30, "the hard limit to pass")
+    job = pipeline.store.get(ref)
+    assert job.state == "downloading" and int(job.extra.get("attempts") or 0) >= 3, job.extra
+    blocker.unlink()
+
+    assert pipeline.wait_finished("late", timeout_s=30)["done"] == 1
+    [generation] = pipeline.ledger()
+    stored = tmp_path / "videos" / "late" / f"{job_id}.mp4"
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == generation["sha256"]
 
 
 def test_sigterm_hands_countdowns_back_and_nothing_is_lost(make_pipeline, make_sandbox,

@@ -103,8 +103,12 @@ class StepOutcomes:
     def _keeps_trying(self, job: Job, error: Exception) -> bool:
         # A paid generation is polled, and its video stored, until the hard
         # limit, however many tries an outage, or a bug, costs: failing it
-        # sooner would free its slot while it may still be generating.
-        return is_paid(job) and job.now() - job.submitted_at < self.settings.hard_limit_s
+        # sooner would free its slot while it may still be generating. A
+        # finished one's limit counts from its completion, as its link's life
+        # does (about 24 h): counted from the submit, a video completing near
+        # the limit was lost to a storage outage of a few minutes.
+        since = job.completed_at or job.submitted_at
+        return is_paid(job) and job.now() - since < self.settings.hard_limit_s
 
     def fail(self, job: Job, reason: str) -> None:
         # Giving up (say the marker's answer was lost) while an earlier try's
