@@ -129,6 +129,45 @@ def test_resubmit_never_pays_again_for_a_generation_that_finished(make_pipeline,
 
 
 @pytest.mark.slow
+def test_resubmit_looks_first_at_a_generation_nobody_saw_finish(make_pipeline, make_sandbox,
+                                                               tmp_path):
+    """Two jobs fail at the hard limit while their generations still run, ids
+    kept. One is resubmitted while its generation still runs: POSTed again.
+    The other once its generation has completed upstream: `--resubmit` took
+    "no completion seen" for "not finished", retired the paid id and POSTed
+    again, and the finished video was never downloaded. It is looked at
+    first: downloaded, the sandbox's bytes, and nothing POSTed."""
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=8, spread=0)
+    pipeline = make_pipeline(sandbox, VIDQ_EXPECTED_GENERATION_S=8, VIDQ_DEADLINE_S=2,
+                             VIDQ_HARD_LIMIT_S=4, VIDQ_OVERDUE_POLL_INTERVAL_S=0.5)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["too soon", "finished later"]), "late")
+    assert pipeline.wait_finished("late", timeout_s=30)["failed"] == 2
+    ids = {row["prompt"]: row["custom_id"] for row in report(pipeline, "late")}
+    first = {entry["prompt"]: entry for entry in pipeline.ledger()}
+    assert all(entry["status"] != "completed" for entry in first.values()), first
+
+    soon = vidq(pipeline, "retry", "late", "--resubmit", "--yes", "--ids", ids["too soon"])
+    assert soon.returncode == 0, soon.stderr
+    wait_until(lambda: len(pipeline.ledger()) == 3, 30, "the new POST of the job still running")
+    wait_until(lambda: {e["id"]: e for e in pipeline.ledger()}[first["finished later"]["id"]][
+        "status"] == "completed", 30, "the other generation to complete")
+    later = vidq(pipeline, "retry", "late", "--resubmit", "--yes", "--ids", ids["finished later"])
+    assert later.returncode == 0, later.stderr
+    assert ("1 job had a generation nobody saw finish: it is looked at again before the new "
+            "POST, and if it finished meanwhile its video is downloaded") in later.stdout
+
+    wait_until(lambda: pipeline.store.counts("late")["done"] == 1, 30, "the finished video")
+    posts = Counter(entry["prompt"] for entry in pipeline.ledger())
+    assert posts == Counter({"too soon": 2, "finished later": 1})
+    row = {r["prompt"]: r for r in report(pipeline, "late")}["finished later"]
+    assert row["state"] == "done" and row["generation_ids"] == [first["finished later"]["id"]]
+    paid = {entry["id"]: entry for entry in pipeline.ledger()}[first["finished later"]["id"]]
+    video = (tmp_path / "videos" / "late" / f"{row['custom_id']}.mp4").read_bytes()
+    assert hashlib.sha256(video).hexdigest() == row["sha256"] == paid["sha256"]
+
+
+@pytest.mark.slow
 def test_include_completed_buys_a_new_generation_when_the_finished_one_cannot_be_had(
         make_pipeline, make_sandbox, tmp_path):
     """The finished generation's link is refused for good (410 on every

@@ -15,7 +15,7 @@ from . import events
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, admit
 from .contract import shape_of
 from .durability import NotDurable
-from .errors import RateLimited, SubmitOutcomeUnknown
+from .errors import PermanentUpstreamError, RateLimited, SubmitOutcomeUnknown
 from .generation import Generation
 from .job_rules import deadline_s, poll_delay
 from .jobs import Job, State, Step
@@ -50,6 +50,8 @@ class Steps(StepOutcomes):
         # A marker means a POST may have gone out: the marker decides (outcome
         # unknown, slot held), not a storage check that may fail and retry.
         marked = bool(job.extra.get("posting_at"))
+        if not marked and self._finished_since(job):
+            return
         if not marked and self._already_stored(job):
             return
         if not marked and self.admission.cancelled(job.batch):
@@ -104,6 +106,30 @@ class Steps(StepOutcomes):
         # times, finishing late is no news of a slowdown (schedule.mark_late).
         self._next(job, Step.POLL, delay, attempts=0, first_aim=delay,
                    aimed_second=plan.second_s or 0.0)
+
+    def _finished_since(self, job: Job) -> bool:
+        """`vidq retry --resubmit` retired a generation nobody saw finish (it
+        failed at the hard limit, say). If it has finished since, its video is
+        paid for: it becomes the job's generation again, downloaded, and
+        nothing is POSTed. (Checked before every POST of the job: one that
+        waited in line after a 429 looks again.)"""
+        earlier = job.extra.get("check_before_post")
+        if not earlier:
+            return False
+        try:
+            generation = self.client.fetch(earlier)
+        except PermanentUpstreamError as exc:  # forgotten (404): there is nothing to fetch
+            log.info("job %s: earlier generation %s not found (%s): POSTing", job.ref,
+                     earlier, exc)
+            return False
+        if not generation.succeeded:
+            return False
+        log.warning("job %s: earlier generation %s finished after all: downloading it, "
+                    "no new POST", job.ref, earlier)
+        job.generation_id = earlier
+        self._next(job, Step.POLL, 0.0, attempts=0, generation_id=earlier,
+                   check_before_post="")
+        return True
 
     def _after_poll_pause(self, job: Job, pause_s: float) -> None:
         # Spread, so paused polls do not resume all at once; a pause longer

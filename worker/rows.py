@@ -162,8 +162,10 @@ def _row(data: dict, line: int | None, base: str, siblings: dict[str, str]) -> d
         request = {}
     own = data.get("generation_id") or ""
     sibling_ids = _sibling_ids(data)
-    generation_ids = [gen for gen in [*_past_generations(data), own,
-                                      *(siblings.get(s, "") for s in sibling_ids)] if gen]
+    # (A retired generation that finished after all is its own again: once.)
+    generation_ids = list(dict.fromkeys(
+        gen for gen in [*_past_generations(data), own,
+                        *(siblings.get(s, "") for s in sibling_ids)] if gen))
     storage_key = data.get("storage_key") or ""
     job_id = data["id"]
     row = {

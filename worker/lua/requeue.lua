@@ -4,7 +4,9 @@
 -- unless `retire` (`vidq retry --resubmit`): then its id goes into its
 -- history and it waits in line for a new POST. Not a generation that
 -- completed upstream (its video is paid for, and is polled and downloaded)
--- unless ARGV[6] (`--include-completed`: its video cannot be fetched). Checked and done in one call,
+-- unless ARGV[6] (`--include-completed`: its video cannot be fetched); one
+-- nobody saw complete is looked at again before the new POST, which is not
+-- sent if it completed meanwhile. Checked and done in one call,
 -- so a cancel between them cannot leave a failed job stripped of its id.
 -- Returns 'requeued', 'resubmitted' (to be POSTed again), 'not_failed',
 -- 'cancelled' (its batch was cancelled) or 'needs_resubmit' (its POST's
@@ -34,6 +36,11 @@ if retire and not (generation_id ~= '' and completed and keep_completed) then
     redis.call('HSET', job_key, 'past_generations', cjson.encode(history))
     redis.call('HDEL', job_key, 'generation_id', 'video_url', 'completed_at',
       'last_poll_age', 'polls', 'kept_sha256', 'kept_bytes', 'kept_generation')
+    if not completed then
+      -- Nobody saw it finish (the hard limit, say): it may have since, paid
+      -- for. The submit step looks at it before any POST (Steps.submit).
+      redis.call('HSET', job_key, 'check_before_post', generation_id)
+    end
     generation_id = ''
   end
   redis.call('HINCRBY', job_key, 'resubmits', 1)
