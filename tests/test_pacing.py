@@ -62,3 +62,31 @@ def test_turns_left_by_a_clock_stepped_back_do_not_stall_posts(make_pipeline, ma
 
     assert counts["done"] == 4
     assert time.monotonic() - started < 30  # not 90 s of idle slots
+
+
+@pytest.mark.slow
+def test_workers_started_with_different_rates_post_at_the_lowest(make_pipeline, make_sandbox,
+                                                                 tmp_path):
+    """Two worker groups, one started with VIDQ_MAX_SUBMITS_PER_S=2 (the
+    account's), one with 10 (another shell's): each paced its own POSTs, the
+    second's met 429s, and those halved the effective C for the rest of the
+    batch (a review measured 212 idle slot-seconds against 29). Both keep to
+    the lowest, as C is the lowest of theirs: no 429, C never lowered."""
+    sandbox = make_sandbox(max_concurrency=8, max_submits_per_s=2, time_scale=20)
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=8, VIDQ_MAX_SUBMITS_PER_S=2)
+    pipeline.start_workers(count=1, concurrency=4)
+    pipeline.env = {**pipeline.env, "VIDQ_MAX_SUBMITS_PER_S": "10"}
+    pipeline.start_workers(count=1, concurrency=4)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"mixed {i}" for i in range(16)]), "m")
+
+    counts = pipeline.wait_finished("m", timeout_s=120)
+
+    stats = sandbox.stats()
+    posted = [entry["submitted_at"] for entry in pipeline.ledger()]
+    print(f"\n16 POSTs, at most {_most_in_one_second(posted)} in one second; "
+          f"429s: {stats['rate_limited']}")
+    assert counts["done"] == 16 and stats["submissions"] == 16
+    # One at most, as above: a POST counted on time reaching a loaded upstream late.
+    assert stats["too_fast"] <= 1 and stats["rate_limited"] == stats["too_fast"]
+    assert pipeline.admission.effective_cap() is None
+    assert pipeline.store.redis.hget(keys.CONFIG, "submit_rate") == "2.0"

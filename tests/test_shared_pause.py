@@ -155,6 +155,20 @@ def test_one_429_does_not_lower_the_cap_and_a_repeat_stops_at_those_running(
     assert steps.store.back_in_line(jobs[5], 1.0, rate_limited=True) == 3
 
 
+def test_a_429_that_lowers_nothing_keeps_the_climb_back(steps_for):  # noqa: F811
+    """At an effective C of 1, a repeated 429 cannot lower it: it reset the
+    credit earned towards C all the same, so stray 429s (another shell's
+    pacing) kept C low for a whole batch. The credit stands."""
+    steps = steps_for()
+    [job] = _admit(steps, 1)
+    steps.store.redis.hset(keys.CONFIG, mapping={
+        "effective_cap": 1, "cap_credit": 5, "lowered_at": 0,
+        "under_cap_429_until": int(time.time()) + 60})
+
+    assert steps.store.back_in_line(job, 1.0, rate_limited=True) == 1
+    assert steps.store.redis.hget(keys.CONFIG, "cap_credit") == "5"
+
+
 def test_the_cap_does_not_grow_while_submits_are_paused(steps_for):  # noqa: F811
     """Nothing is learned during a pause: a 1 h Retry-After must not find the
     full cap restored, one quiet step at a time, when it ends."""

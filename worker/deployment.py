@@ -21,6 +21,7 @@ import redis
 from . import keys
 from .errors import ConfigError
 from .netguard import redacted, without_credentials
+from .pacing import lowest_rate
 from .rows import storage_base
 from .settings import Settings
 from .spend import CreditEstimates, parse_estimates
@@ -97,6 +98,13 @@ def lowest_cap(values: dict[str, dict], own: int) -> int:
     caps = [int(theirs["VIDQ_MAX_IN_FLIGHT"]) for theirs in values.values()
             if isinstance(theirs.get("VIDQ_MAX_IN_FLIGHT"), int)]
     return min([own, *caps])
+
+
+def lowest_submit_rate(values: dict[str, dict], own: float) -> float:
+    """The lowest VIDQ_MAX_SUBMITS_PER_S of the live workers that set one (0: none)."""
+    rates = [float(theirs["VIDQ_MAX_SUBMITS_PER_S"]) for theirs in values.values()
+             if isinstance(theirs.get("VIDQ_MAX_SUBMITS_PER_S"), int | float)]
+    return lowest_rate([own, *rates])
 
 
 def note_clock_skew(skew_s: float, was_off: bool) -> bool:

@@ -74,6 +74,8 @@ class Lifecycle(bootsteps.StartStopStep):
             log.error("the live workers disagree on %s: start them all with one value "
                       "(`vidq status` shows this too)", disagreement)
         self.set_cap(steps, deployment.lowest_cap(live, settings.max_in_flight))
+        self.publish_submit_rate(client, deployment.lowest_submit_rate(
+            live, settings.max_submits_per_s))
         steps.admission.publish_estimates(
             deployment.highest_estimates(live, steps.admission.credits))
         manifest.publish_storage_url(client, settings.storage_url)
@@ -107,6 +109,17 @@ class Lifecycle(bootsteps.StartStopStep):
             log.warning("C (VIDQ_MAX_IN_FLIGHT, the lowest of the live workers') changed from "
                         "%s to %s for the deployment", old, cap)
 
+    @staticmethod
+    def publish_submit_rate(client, rate: float) -> None:
+        """POSTs go at the lowest VIDQ_MAX_SUBMITS_PER_S of the live workers
+        (worker/pacing.py), followed as C is."""
+        old = client.hget(keys.CONFIG, "submit_rate")
+        client.hset(keys.CONFIG, "submit_rate", repr(rate))
+        if old not in (None, repr(rate)):
+            log.warning("POSTs per second (VIDQ_MAX_SUBMITS_PER_S, the lowest of the live "
+                        "workers'; 0: unpaced) changed from %s to %s for the deployment",
+                        old, rate)
+
     def follow_cap(self, steps) -> None:
         """C is the lowest VIDQ_MAX_IN_FLIGHT of the live workers: once the
         last worker of an old value is gone (a rolling upgrade; a worker
@@ -119,6 +132,9 @@ class Lifecycle(bootsteps.StartStopStep):
         cap = deployment.lowest_cap(live, steps.settings.max_in_flight)
         if client.hget(keys.CONFIG, "deployment_cap") != str(cap):
             self.set_cap(steps, cap)
+        rate = deployment.lowest_submit_rate(live, steps.settings.max_submits_per_s)
+        if client.hget(keys.CONFIG, "submit_rate") != repr(rate):
+            self.publish_submit_rate(client, rate)
         # Also what a flushed or rewritten config lost, and what departed workers left.
         estimates = deployment.highest_estimates(live, steps.admission.credits)
         if client.hget(keys.CONFIG, "credit_estimate") != repr(estimates.default):

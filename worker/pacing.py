@@ -8,10 +8,20 @@ account allows (0: no limit). Without pacing, the C POSTs of a batch's start
 (lua/back_in_line.lua; a 429 cannot say which limit it is about). A paced
 POST waits for its turn as a countdown (workers never sleep), holding the
 slot it was admitted to (lua/pace_post.lua).
+
+The rate is the lowest of the live workers' (each publishes the lowest it
+sees, as C is the lowest of theirs: worker/deployment.py): two groups started
+with 2/s and 10/s sent POSTs at the higher rate, met 429s, and those kept the
+effective C low for the rest of the batch.
 """
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis
 
 from . import keys
 from .jobs import Job, JobStore, load_script
@@ -21,6 +31,35 @@ from .jobs import Job, JobStore, load_script
 # longer. When the rate binds, POSTs then go at rate * 1 s / (1 s + slack):
 # 1.4 a second for 2 (review h33 measured 1.43).
 SLACK_MS = 400
+
+
+RATE_REFRESH_S = 5.0  # how stale a process's copy of the deployment's rate may be
+
+
+def lowest_rate(rates: Iterable[float]) -> float:
+    """The lowest of these limits (0 is none), or 0 if none limits."""
+    limits = [rate for rate in rates if rate > 0]
+    return min(limits) if limits else 0.0
+
+
+@dataclass
+class DeployedRate:
+    """The POST rate a worker process keeps to: its own VIDQ_MAX_SUBMITS_PER_S,
+    or the deployment's (`vidq:config` `submit_rate`) when that is lower, read
+    at most every RATE_REFRESH_S."""
+
+    own: float
+    value: float = 0.0
+    read_at: float = -math.inf
+
+    def get(self, client: redis.Redis) -> float:
+        if time.monotonic() - self.read_at >= RATE_REFRESH_S:
+            try:
+                deployed = float(client.hget(keys.CONFIG, "submit_rate") or 0.0)
+            except ValueError:  # not a number: another version's, never in the way
+                deployed = 0.0
+            self.value, self.read_at = lowest_rate([self.own, deployed]), time.monotonic()
+        return self.value
 
 
 def post_window(per_second: float) -> tuple[int, float]:

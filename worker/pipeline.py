@@ -64,7 +64,8 @@ class Steps(StepOutcomes):
             # it must end outcome unknown, never be POSTed again.)
             self.store.back_in_line(job, 0.0, rate_limited=False)
             return
-        if not marked and (wait := post_wait_s(self.store, job, self.settings.max_submits_per_s,
+        rate = self.submit_rate.get(self.store.redis)
+        if not marked and (wait := post_wait_s(self.store, job, rate,
                                                 self.settings.max_in_flight)):
             # The upstream limits POSTs per second: this one's turn comes later.
             self._next(job, Step.SUBMIT, wait)

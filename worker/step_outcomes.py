@@ -8,7 +8,7 @@ after a step raised, and decide which one by the error's class.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .admission import Admission, Dispatch, admit
 from .durability import Durability
@@ -17,6 +17,7 @@ from .errors import GenerationFailed, RateLimited, ResultRefused, UpstreamError,
 from .job_rules import earlier_post_unanswered, is_paid, unknown_hold_s
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .metrics_record import failed
+from .pacing import DeployedRate
 from .paid_journal import PaidJournal
 from .rate_limits import account_refused
 from .schedule import backoff_delay
@@ -47,6 +48,10 @@ class StepOutcomes:
     durability: Durability
     worker_name: str = "local"
     journal: PaidJournal | None = None
+    submit_rate: DeployedRate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.submit_rate = DeployedRate(self.settings.max_submits_per_s)
 
     def claim(self, ref: str, token: str, step: str) -> Job | None:
         return self.store.claim(ref, token, self.settings.grace_s(step), self.worker_name)

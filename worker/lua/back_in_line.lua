@@ -67,7 +67,12 @@ local repeat_until = tonumber(redis.call('HGET', config_key, 'under_cap_429_unti
 local lowered = tonumber(redis.call('HGET', config_key, 'lowered_at') or '') or 0
 redis.call('HSET', config_key, 'under_cap_429_until', now + math.ceil(pause_ms / 1000) + REPEAT_S)
 if now <= repeat_until and now - lowered >= SETTLE_S then
-  effective = math.max(1, running, math.floor(effective / 2))
-  redis.call('HSET', config_key, 'effective_cap', effective, 'cap_credit', 0, 'lowered_at', now)
+  local halved = math.max(1, running, math.floor(effective / 2))
+  -- Only a real drop restarts the climb back: a 429 that lowers nothing (C
+  -- at 1 already) must not throw away the credit earned towards C.
+  if halved < effective then
+    effective = halved
+    redis.call('HSET', config_key, 'effective_cap', effective, 'cap_credit', 0, 'lowered_at', now)
+  end
 end
 return effective
