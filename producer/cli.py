@@ -243,7 +243,10 @@ def cap(max_in_flight):
             keys.CONFIG, "cap_set_by", "deployment_cap"))
         by_operator = (f" (set with `vidq cap`; the workers' VIDQ_MAX_IN_FLIGHT is {deployed})"
                        if set_by == "operator" and deployed else "")
-        click.echo(f"C = {current}{by_operator}" if current
+        lowered = admission.effective_cap()
+        lowered_note = (f"; lowered to {lowered} after 429s, climbing back as "
+                        "generations end without one" if lowered else "")
+        click.echo(f"C = {current}{by_operator}{lowered_note}" if current
                    else "C is not set yet (no worker has started)")
         return
     old, _ = admission.set_cap(max_in_flight, by_operator=True)

@@ -286,6 +286,18 @@ def test_vidq_status_names_a_poll_pause_as_well_as_a_submit_pause(redis_url, tmp
     assert "polls paused for 1" in status.stdout and "submits paused for " in status.stdout
 
 
+def test_vidq_cap_says_when_429s_lowered_c(redis_url):
+    """`vidq cap` said "C = 6" while 429s had the workers at 3 (`vidq status` told)."""
+    client = redis.Redis.from_url(redis_url)
+    client.hset(keys.CONFIG, mapping={"max_in_flight": 6, "effective_cap": 3})
+    env = {**os.environ, "VIDQ_REDIS_URL": redis_url}
+
+    shown = subprocess.run(["vidq", "cap"], env=env, capture_output=True, text=True, timeout=60)
+
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("C = 6; lowered to 3 after 429s"), shown.stdout
+
+
 def test_a_late_429_of_an_old_attempt_leaves_a_newer_attempts_marker_alone(
         steps_for, make_sandbox):  # noqa: F811
     """Attempt 1's POST is held and answers 429 late; meanwhile the user re-POSTed
