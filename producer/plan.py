@@ -18,6 +18,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
@@ -104,7 +105,7 @@ def capacity_plan(client: redis.Redis, settings, requests: list[dict]) -> Capaci
     for (model, resolution), videos in sorted(counts.items()):
         generation_s, learned = durations.typical_s(model, resolution)
         shapes.append(Shape(model, resolution, videos, generation_s, learned))
-    estimates = CreditEstimates.from_settings(settings)
+    estimates = deployed_estimates(client, CreditEstimates.from_settings(settings), counts)
     groups = _ahead(client)
     ahead_s, unread = 0.0, 0
     for count, sample in groups:
@@ -116,6 +117,26 @@ def capacity_plan(client: redis.Redis, settings, requests: list[dict]) -> Capaci
     return CapacityPlan(tuple(shapes), sum(count for count, _ in groups),
                         _cap(client, settings), sum(estimates.of(r) for r in requests),
                         ahead_s, unread)
+
+
+def deployed_estimates(client: redis.Redis, own: CreditEstimates,
+                       shapes: Iterable[tuple[str, str]]) -> CreditEstimates:
+    """The estimates the admission will commit (lua/line_lib.lua `estimate_of`):
+    the deployment's for each shape, unless this shell's is higher. Priced on
+    the shell's alone, a plan said "about 2 credits" for a batch the caps then
+    stopped after one video."""
+    config = client.hgetall(keys.CONFIG)
+
+    def higher(shape: tuple[str, str]) -> float:
+        mine = own.table.get(shape, own.default)
+        raw = config.get(f"credit_estimate@{shape[0]}@{shape[1]}") or config.get(
+            "credit_estimate")
+        try:
+            return max(mine, float(raw)) if raw else mine
+        except ValueError:  # not a number: another version's, never in the way
+            return mine
+
+    return CreditEstimates(own.default, {shape: higher(shape) for shape in shapes})
 
 
 def parse_deadline(text: str) -> float:

@@ -83,6 +83,20 @@ def test_vidq_plan_prints_the_plan_and_enqueues_nothing(redis_url, tmp_path):
     assert redis.Redis.from_url(redis_url).keys("vidq:batch*") == []
 
 
+def test_the_plan_prices_what_the_spend_caps_will_count(redis_url, tmp_path):
+    """The producer's shell says 1 credit a video, the workers 120,000: the
+    caps count the higher, and so must the plan (it said "about 2 credits"
+    for a batch a 150,000 cap then stopped after one video)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.hset(keys.CONFIG, "credit_estimate", "120000.0")  # as a starting worker writes it
+    path = write_prompts(tmp_path / "p.txt", ["one", "two"])
+
+    result = vidq("plan", str(path), redis_url=redis_url, VIDQ_CREDIT_ESTIMATE="1")
+
+    assert result.returncode == 0, result.stderr
+    assert "spend: about 240,000 credits (120,000 per video, estimated)" in result.stdout
+
+
 def test_enqueue_with_a_deadline_it_cannot_meet_refuses_unless_forced(redis_url, tmp_path):
     """240 videos x 90 s at C = 2 take ~3.3 h: a 1 h deadline is refused (exit 2,
     nothing enqueued, the C it would need named); --force enqueues anyway."""
