@@ -227,7 +227,7 @@ def test_a_run_whose_own_redis_stops_says_so_at_once_and_the_rerun_finishes(tmp_
     assert process.returncode == 2, output
     assert time.monotonic() - stopped < 30
     assert "this run's Redis stopped (exit status -9;" in output and "redis.log" in output
-    assert "resume with: vidq run" in output and "VIDQ_REDIS_URL" not in output
+    assert "resume with: vidq run" in output and "cannot use Redis (VIDQ_REDIS_URL)" not in output
     rerun = _run(path, tmp_path, env, "--sandbox")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert _journal(tmp_path) == Counter({p: 1 for p in prompts})
