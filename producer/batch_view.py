@@ -167,10 +167,12 @@ def reason_group(reason: str) -> str:
 
 
 def workers_alive(client) -> int:
-    """Workers whose heartbeat key is alive, among the names seen in the last
-    hour (O(workers), no keyspace scan)."""
+    """Workers running steps (not only webhook deliveries) whose heartbeat key
+    is alive, among the names seen in the last hour (O(workers), no keyspace
+    scan)."""
     seconds, _ = client.time()
     names = client.zrangebyscore(keys.WORKERS, seconds - 3600, "+inf")
     if not names:
         return 0
-    return sum(1 for alive in client.mget([keys.worker_alive(name) for name in names]) if alive)
+    beats = client.mget([keys.worker_alive(name) for name in names])
+    return sum(1 for alive in beats if alive and alive != keys.WEBHOOK_WORKER)

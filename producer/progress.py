@@ -155,7 +155,9 @@ def warnings(status: dict) -> list[str]:
     for disagreement in status.get("deployment", {}).get("settings_disagree", []):
         found.append(f"the live workers disagree on {disagreement}")
     if not is_finished(status) and status["workers_alive"] == 0:
-        found.append("no worker is alive (no heartbeat in Redis): nothing is being processed")
+        found.append("no worker is alive that runs steps (no heartbeat in Redis from one "
+                     "consuming vidq.submit, vidq.poll or vidq.download): nothing is being "
+                     "processed")
     if status["errors_spiking"]:
         top = status["failures"]["top_reasons"][:1]
         found.append(f"{status['recent_failures']} failures in the last "

@@ -201,3 +201,22 @@ def test_only_a_running_redis_of_the_state_dir_is_named(tmp_path):
         (state / PID_FILE).write_text(str(pid))
         (state / URL_FILE).write_text(server.url)
         assert running_url(state) is None
+
+
+def test_a_worker_delivering_only_webhooks_is_not_a_worker_for_the_batch(make_pipeline, tmp_path):
+    """Only a webhook pool is up: no job moves, but `vidq status` counted it as
+    a live worker, gave an ETA of seconds and no warning, for as long as one
+    cared to look."""
+    from worker.celery_app import WEBHOOK_QUEUE
+
+    pipeline = make_pipeline()
+    pipeline.start_workers(queues=[WEBHOOK_QUEUE])
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["stands still"]), "still")
+
+    status = vidq("status", "still", "--json", redis_url=pipeline.settings.redis_url)
+    shown = vidq("status", "still", redis_url=pipeline.settings.redis_url)
+
+    assert status.returncode == 0, status.stderr
+    found = json.loads(status.stdout)
+    assert found["workers_alive"] == 0 and found["eta_s"] is None, found
+    assert "warning: no worker is alive that runs steps" in shown.stdout, shown.stdout

@@ -191,3 +191,10 @@ def batch_webhooks(name: str) -> str:
 
 def worker_alive(hostname: str) -> str:
     return WORKER_PREFIX + hostname
+
+
+# What a heartbeat (worker_alive) says the worker runs: `vidq status` counts
+# the workers that run steps (one of another version writes "1": counted). One
+# that only delivers webhooks moves no job: with nothing else alive, a batch
+# stands still.
+STEPS_WORKER, WEBHOOK_WORKER = "1", "webhook"

@@ -20,7 +20,7 @@ from celery.signals import task_received
 
 from . import deployment, keys, manifest
 from .admission import reconcile
-from .celery_app import app
+from .celery_app import QUEUES, WEBHOOK_QUEUE, app
 from .connection import take_lock
 from .errors import StorageError
 from .paid_journal import REPLAY_EVERY_S, check_directory, replay
@@ -32,6 +32,11 @@ from .webhooks import relay
 log = logging.getLogger(__name__)
 WORKER_NAMES_KEPT_S = 86400
 REPLAY_AT_START_S = 10.0
+
+
+def alive_as(consumed) -> str:
+    """What this worker's heartbeat says it runs (keys.STEPS_WORKER, keys.WEBHOOK_WORKER)."""
+    return keys.STEPS_WORKER if set(consumed or QUEUES) - {WEBHOOK_QUEUE} else keys.WEBHOOK_WORKER
 
 
 def check_storage(storage) -> None:
@@ -55,6 +60,7 @@ class Lifecycle(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.timers: list = []
         self.record = ""
+        self.alive_as = keys.STEPS_WORKER
         self.housekeeper: threading.Thread | None = None
         self.replayer: threading.Thread | None = None
         self.clock_off = False
@@ -68,6 +74,7 @@ class Lifecycle(bootsteps.StartStopStep):
         settings = steps.settings
         client = steps.store.redis
         self.record = deployment.record(settings)  # re-written with every heartbeat
+        self.alive_as = alive_as(worker.app.amqp.queues.consume_from)
         client.hset(keys.WORKER_SETTINGS, self.hostname, self.record)
         live = deployment.live_values(client, self.hostname, prune=True)
         for disagreement in deployment.disagreements(live):
@@ -159,7 +166,7 @@ class Lifecycle(bootsteps.StartStopStep):
             self.clock_off = deployment.note_clock_skew(
                 time.time() - (seconds + micros / 1e6), self.clock_off)
             pipe = client.pipeline(transaction=False)
-            pipe.set(keys.worker_alive(self.hostname), "1",
+            pipe.set(keys.worker_alive(self.hostname), self.alive_as,
                      px=int(steps.settings.heartbeat_ttl_s * 1000))
             # The names seen lately, so `vidq status` finds the live ones
             # without scanning the keyspace; a name silent for a day is dropped.
