@@ -402,3 +402,36 @@ def test_a_lost_reply_to_a_webhook_claim_still_sends_the_attempt(redis_url):
     assert proxy.lost == 1
     assert record is not None and record["attempts"] == "1"
     assert webhooks.claim(direct, ident, 0) is None  # a duplicate message of attempt 0
+
+
+@pytest.mark.slow
+def test_a_submit_publish_during_a_redis_blip_waits_for_redis(make_pipeline, make_sandbox,
+                                                              tmp_path):
+    """Redis is unreachable for 3 s just after the pump took the slots: the
+    submits' publish gave up after 0.6 s (Celery's default policy), and the
+    jobs, their slots taken, waited a step grace (here 60 s) for the
+    reconciler while the upstream sat idle. The publish now rides it out."""
+    import subprocess
+    import sys
+
+    sandbox = make_sandbox(time_scale=30, max_concurrency=4)
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT="4", VIDQ_STEP_GRACE_S="60")
+    pipeline.start_workers(1, concurrency=4)
+    url = urlsplit(pipeline.env["VIDQ_REDIS_URL"])
+    assert pipeline.admission.pump() == []  # its script cached in Redis: EVALSHA runs
+    proxy = LostReplyProxy(url.hostname, url.port)
+    proxy.after_reply(b"pump:replay:", lambda: proxy.down_for(3.0))
+    env = {**pipeline.env, "VIDQ_REDIS_URL": f"redis://127.0.0.1:{proxy.port}{url.path}"}
+    path = tmp_path / "s.txt"
+    path.write_text("".join(f"blip {i}\n" for i in range(8)))
+    started = time.monotonic()
+
+    enqueued = subprocess.run([sys.executable, "-m", "producer.cli", "enqueue", str(path),
+                               "--batch", "s"], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    assert enqueued.returncode == 0, enqueued.stdout + enqueued.stderr
+    wait_until(lambda: sandbox.stats()["submissions"] >= 4, 30, "the first POSTs")
+    print(f"\nfirst 4 POSTs {time.monotonic() - started:.1f} s after the enqueue began")
+    assert time.monotonic() - started < 30
+    assert pipeline.wait_finished("s", timeout_s=60)["done"] == 8

@@ -19,6 +19,7 @@ never exceeded by a recovery.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -242,8 +243,16 @@ def admit(admission: Admission, dispatch: Dispatch) -> int:
     """Fill free slots and publish a submit for each admitted job: the one
     place that does it (workers, enqueue, retry and the reconciler call it)."""
     admitted = admission.pump()
-    for ref, token in admitted:
-        dispatch(Step.SUBMIT, ref, token, 0.0)
+    for index, (ref, token) in enumerate(admitted):
+        try:
+            dispatch(Step.SUBMIT, ref, token, 0.0)
+        except Exception:
+            # Not published: due now, so the next reconciler pass sends them,
+            # not a step grace later with their slots idle (if Redis answers).
+            unsent = {unsent_ref: 0 for unsent_ref, _ in admitted[index:]}
+            with contextlib.suppress(redis.RedisError):
+                admission.redis.zadd(keys.DUE, unsent)
+            raise
     return len(admitted)
 
 

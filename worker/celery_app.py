@@ -70,9 +70,13 @@ def apply_settings(celery_app: Celery, settings: Settings) -> None:
         "unacked_restore_throttle": 1,
     }
     broker_url = settings.redis_url
-    # Celery's default publish retry policy, unless Sentinel is used (below).
-    publish_retry = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2,
-                     "interval_max": 1}
+    # A publish during a Redis blip or a Sentinel failover waits for Redis
+    # (~20 s at most) instead of failing: a submit published just after the
+    # pump took its slot was otherwise re-sent only a step grace later (90 s
+    # by default), its slot idle meanwhile (review 81; Celery's default
+    # policy gave up after 0.6 s).
+    publish_retry = {"max_retries": 12, "interval_start": 0.2, "interval_step": 0.5,
+                     "interval_max": 2.0}
     if is_sentinel_url(broker_url):
         # kombu's SentinelChannel takes the master's name as a transport option;
         # a dead master's half-open socket must time out, not hang a publish.
@@ -81,10 +85,6 @@ def apply_settings(celery_app: Celery, settings: Settings) -> None:
                                  socket_connect_timeout=5, socket_timeout=30,
                                  sentinel_kwargs={"socket_connect_timeout": 1,
                                                   "socket_timeout": 2})
-        # A publish during a failover waits for the new master (~20 s at most)
-        # instead of failing the step and leaving it to the reconciler.
-        publish_retry = {"max_retries": 12, "interval_start": 0.2, "interval_step": 0.5,
-                         "interval_max": 2.0}
     celery_app.conf.update(
         broker_url=broker_url,
         task_queues=[Queue(name, EXCHANGE, routing_key=name) for name in QUEUES],
