@@ -60,6 +60,13 @@ def cases(redis_url: str) -> dict[str, tuple[dict, str]]:
         "hash_in_password": ({"VIDQ_REDIS_URL": f"redis://:{PASSWORD[:5]}#{PASSWORD[5:]}"
                                                 f"@127.0.0.1:{closed_port()}/0"},
                              "VIDQ_REDIS_URL"),
+        # The query is as secret as the userinfo: messages showed `?password=`
+        # (redis-py's own form) and an S3 URL's `?secret=` whole.
+        "password_in_query": ({"VIDQ_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/zero"
+                                                 f"?password={PASSWORD}"}, "VIDQ_REDIS_URL"),
+        "s3_secret_in_query": ({"VIDQ_REDIS_URL": redis_url, "VIDQ_STORAGE_URL":
+                                f"s3://bucket/videos?secret={PASSWORD}"},
+                               "VIDQ_STORAGE_URL='s3://bucket/videos': use s3://bucket/prefix"),
         "sentinel_then_plain": ({"VIDQ_REDIS_URL": f"sentinel://:{PASSWORD}@127.0.0.1:26379;"
                                                    f"redis://:{PASSWORD}@h2:6379"},
                                 "every ;-separated part"),

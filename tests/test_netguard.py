@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from worker.errors import ConfigError, ResultRefused, UpstreamUnavailable
-from worker.netguard import UrlPolicy, check_size, check_url, redacted
+from worker.netguard import UrlPolicy, check_size, check_url, redacted, without_credentials
 
 PUBLIC = UrlPolicy()
 
@@ -254,6 +254,22 @@ def test_error_message_never_shows_query_or_credentials():
 )
 def test_redacted(url, shown):
     assert redacted(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("redis://:pw@h:6379/0", "redis://h:6379/0"),
+        ("redis://h:6379/0?password=s3cret", "redis://h:6379/0"),
+        ("s3://bucket/p?secret=s3cret#frag", "s3://bucket/p"),
+        ("redis://:s3/cr#et@h:6379/0", "redis://..."),  # '@' after a '#': whose is it?
+        ("redis://h:6379/0?password=s3c@ret", "redis://..."),
+        ("notaurl", "<not a URL>"),
+    ],
+)
+def test_without_credentials(url, shown):
+    """A configured URL in a message: no userinfo, query or fragment, nor any tail of them."""
+    assert without_credentials(url) == shown
 
 
 def test_check_size():

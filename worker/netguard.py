@@ -16,6 +16,7 @@ when it connects, so a DNS answer that changes in between is not caught here.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -88,14 +89,20 @@ def redacted(url: str) -> str:
 
 
 def without_credentials(url: str) -> str:
-    """A configured URL (Redis, S3) for a message: scheme://host:port/path with
-    everything up to the last '@' taken out. A password holding an unencoded
-    '/', '#' or '?' ends urlsplit's netloc early, so the split's userinfo is not
-    enough: the password's tail would show as the path."""
+    """A configured URL (Redis, S3) for a message: scheme://host:port/path, without
+    userinfo, query and fragment (a Redis `?password=`, an S3 `?secret=` are as
+    secret as a password). Everything up to the last '@' is taken out: a password
+    holding an unencoded '/', '#' or '?' ends urlsplit's netloc early, so the
+    split's userinfo is not enough (the password's tail would show as the path).
+    A '?' or '#' before that '@' leaves it unknown whether the '@' ends a password
+    or sits in a query's secret (`?password=a@b`): then only the scheme is shown."""
     scheme, sep, rest = url.strip().partition("://")
     if not sep:
         return "<not a URL>"
-    return f"{scheme}://{rest.rpartition('@')[2]}"[:300]
+    userinfo, at, rest = rest.rpartition("@")
+    if at and ("?" in userinfo or "#" in userinfo):
+        return f"{scheme}://..."
+    return f"{scheme}://{re.split('[?#]', rest, maxsplit=1)[0]}"[:300]
 
 
 def check_url(url: str, policy: UrlPolicy, resolve: Resolver = socket.getaddrinfo) -> None:
