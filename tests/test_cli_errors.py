@@ -118,6 +118,26 @@ def test_bad_settings_and_redis_give_one_error_line(command, redis_url, tmp_path
     assert not (tmp_path / "videos").exists() and not (tmp_path / ".vidq").exists()
 
 
+def test_a_password_in_the_redis_urls_query_is_refused_before_anything_is_written(
+        restartable_redis, tmp_path):
+    """`?password=` is redis-py's own form, but Celery's broker (kombu) cannot
+    read it: `vidq enqueue` wrote the jobs and took their slots, then died
+    sending their tasks (TypeError: multiple values for 'password'). Refused
+    first, saying where the password goes; the password is never shown."""
+    redis.Redis.from_url(restartable_redis.url).config_set("requirepass", PASSWORD)
+    prompts = write_prompts(tmp_path / "p.txt", ["a small red boat", "a tall green tree"])
+    result = subprocess.run(VIDQ + ["enqueue", str(prompts), "--batch", "b"],
+                            env={**base_env(), "VIDQ_REDIS_URL":
+                                 f"{restartable_redis.url}?password={PASSWORD}"},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("error: VIDQ_REDIS_URL: put the password in the URL's "
+                                     "userinfo, redis://:PASSWORD@host:port/0"), result.stderr
+    assert len(result.stderr.splitlines()) == 1 and PASSWORD not in result.stderr
+    assert redis.Redis.from_url(restartable_redis.url, password=PASSWORD).dbsize() == 0
+
+
 def test_help_works_with_bad_settings():
     """Help never reads the settings: it works while they are broken."""
     env = {**base_env(), "VIDQ_MAX_IN_FLIGHT": "0", "VIDQ_REDIS_URL": "notaurl"}

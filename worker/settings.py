@@ -100,6 +100,7 @@ class Settings:
         # Frozen: the one field normalised here is written the dataclass way.
         object.__setattr__(self, "redis_url",
                            sentinel_url(self.redis_url, self.redis_sentinel_master))
+        check_redis_url(self.redis_url)
         if self.endpoint not in ENDPOINTS:
             raise ConfigError(
                 f"VIDQ_ENDPOINT={self.endpoint!r}: use one of {', '.join(ENDPOINTS)}"
@@ -229,6 +230,52 @@ def _parse(name: str, raw: str, type_name: str):
         # nan passes every "< 0" check and then breaks (or silently lifts) a limit.
         raise ConfigError(f"{name}={raw!r} is not a finite number")
     return value
+
+
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
+USERINFO_FORM = ("redis://:PASSWORD@host:port/0 (redis://USER:PASSWORD@... with a user; "
+                 "percent-encode '/', '#', '?' and '@' in it)")
+
+
+def check_redis_url(url: str) -> None:
+    """ConfigError unless each ;-separated part of VIDQ_REDIS_URL reads the same
+    to both its clients: redis-py (job records) and kombu (Celery's broker).
+    One only redis-py reads (`?password=`, `?db=`, `unix://`) let `vidq enqueue`
+    write a batch's jobs and take their slots, then fail sending their tasks."""
+    for part in url.split(";"):
+        scheme = part.strip().partition("://")[0].lower()
+        if scheme == "unix":
+            raise ConfigError("VIDQ_REDIS_URL: unix sockets are not supported (Celery's broker, "
+                              "kombu, has no unix:// transport); have Redis listen on TCP and "
+                              f"use {USERINFO_FORM}")
+        if scheme not in REDIS_SCHEMES:
+            raise ConfigError(f"VIDQ_REDIS_URL={without_credentials(part)!r} is not a Redis "
+                              "URL: use redis://[:password@]host:port/db, rediss:// (TLS) or "
+                              "sentinel://host:port;...")
+        _check_redis_query(part)
+
+
+def _check_redis_query(part: str) -> None:
+    """Only `ssl_*` options (and the sentinel's master_name, vidq's own) may be
+    in the query: kombu takes any other name for a keyword of its own and fails
+    (`?password=` twice over). No name is shown: with an unencoded '?' in a
+    password, what urlsplit calls the query is the password's tail."""
+    try:
+        names = {name for name, _ in parse_qsl(urlsplit(part.strip()).query,
+                                               keep_blank_values=True)}
+    except ValueError:
+        return  # malformed: connect() says so, naming no piece of it
+    if names & {"password", "username"}:
+        raise ConfigError(f"VIDQ_REDIS_URL: put the password in the URL's userinfo, "
+                          f"{USERINFO_FORM}, not in ?password=: Celery's broker cannot read "
+                          "it from the query")
+    if "db" in names:
+        raise ConfigError("VIDQ_REDIS_URL: put the db in the path, redis://host:port/DB, not in "
+                          "?db=: Celery's broker cannot read it from the query")
+    if any(name != "master_name" and not name.startswith("ssl_") for name in names):
+        raise ConfigError("VIDQ_REDIS_URL: its query may hold only ssl_* options (Celery's "
+                          f"broker refuses any other); a password goes in the userinfo, "
+                          f"{USERINFO_FORM}")
 
 
 def is_sentinel_url(url: str) -> bool:
