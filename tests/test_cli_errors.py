@@ -19,6 +19,8 @@ import pytest
 import redis
 from conftest import write_prompts
 
+from worker.settings import Settings
+
 VIDQ = [sys.executable, "-c", "from producer.cli import main; main()"]
 PASSWORD = "Zq7Secr3tPw"
 
@@ -94,9 +96,47 @@ COMMANDS = {
 def test_bad_settings_and_redis_give_one_error_line(command, redis_url, tmp_path):
     """Each case: exit 2, stderr is exactly one line starting 'error:' naming the
     culprit, no traceback, nothing written to Redis, nothing started by `run`."""
+    assert_refused(command, cases(redis_url), redis_url, tmp_path)
+
+
+def out_of_range(redis_url: str) -> dict[str, tuple[dict, str]]:
+    """Settings whose 0 or negative value was taken: each hung, spun or failed
+    every job at night (a 0 HTTP timeout failed every POST before it was sent,
+    yet each job ended "outcome unknown", its credits counted)."""
+    counts = {"VIDQ_MAX_ATTEMPTS": "0", "VIDQ_MAX_VIDEO_BYTES": "0"}
+    durations = {"VIDQ_HTTP_TIMEOUT_S": "0", "VIDQ_EXPECTED_GENERATION_S": "-5",
+                 "VIDQ_POLL_MIN_INTERVAL_S": "-1", "VIDQ_HEARTBEAT_INTERVAL_S": "0",
+                 "VIDQ_RECONCILE_INTERVAL_S": "0", "VIDQ_DEADLINE_S": "-1",
+                 "VIDQ_WEBHOOK_TIMEOUT_S": "0", "VIDQ_POST_DEADLINE_S": "-100"}
+    found = {name: ({"VIDQ_REDIS_URL": redis_url, name: value},
+                    f"{name}={value}: must be at least 1") for name, value in counts.items()}
+    found.update({name: ({"VIDQ_REDIS_URL": redis_url, name: value},
+                         f"{name}={value}: must be above 0") for name, value in durations.items()})
+    found["poll_min_over_max"] = (
+        {"VIDQ_REDIS_URL": redis_url, "VIDQ_POLL_MIN_INTERVAL_S": "700"},
+        "VIDQ_POLL_MIN_INTERVAL_S=700 is above VIDQ_POLL_MAX_INTERVAL_S=600")
+    return found
+
+
+@pytest.mark.parametrize("command", ["enqueue", "run"])
+def test_out_of_range_settings_are_refused_naming_the_variable(command, redis_url, tmp_path):
+    assert_refused(command, out_of_range(redis_url), redis_url, tmp_path)
+
+
+def test_the_settings_whose_zero_means_something_keep_it():
+    """0: POSTs unpaced, a finished batch leaves Redis at once, a failing webhook is not retried."""
+    settings = Settings.from_env({"VIDQ_MAX_SUBMITS_PER_S": "0", "VIDQ_RETENTION_S": "0",
+                                  "VIDQ_WEBHOOK_RETRY_FOR_S": "0"})
+    assert (settings.max_submits_per_s, settings.retention_s,
+            settings.webhook_retry_for_s) == (0, 0, 0)
+
+
+def assert_refused(command: str, refused: dict[str, tuple[dict, str]], redis_url: str,
+                   tmp_path) -> None:
+    """Each case run at once as `vidq COMMAND` (see the test above for what is asserted)."""
     prompts = write_prompts(tmp_path / "p.txt", ["a small red boat"])
     running = {}
-    for name, (overrides, fragment) in cases(redis_url).items():
+    for name, (overrides, fragment) in refused.items():
         state = tmp_path / f"state-{name}"
         args = [a.format(file=prompts, state=state) for a in COMMANDS[command]]
         running[name] = (subprocess.Popen(

@@ -24,6 +24,20 @@ S3_MIN_PART_BYTES = 5 * 1024**2
 S3_MAX_PART_BYTES = 5 * 1024**3
 
 
+# Counts below 1 stop the work outright: no slot, no try, no byte of a video.
+AT_LEAST_ONE = ("max_in_flight", "max_attempts", "max_video_bytes", "events_maxlen")
+# Durations that must be above 0 (VIDQ_MAX_SUBMITS_PER_S, VIDQ_RETENTION_S and
+# VIDQ_WEBHOOK_RETRY_FOR_S take 0). At 0 or below a timer spins (heartbeats,
+# the reconciler), polls and retries come back to back (375 status GETs for
+# two videos at VIDQ_POLL_MIN_INTERVAL_S=-1), or every POST fails before it is
+# sent (an HTTP timeout of 0) yet counts as perhaps paid.
+ABOVE_ZERO = ("expected_generation_s", "poll_min_interval_s", "poll_max_interval_s",
+              "deadline_s", "overdue_poll_interval_s", "backoff_base_s", "backoff_cap_s",
+              "http_timeout_s", "reconcile_interval_s", "heartbeat_interval_s", "step_grace_s",
+              "download_grace_s", "post_deadline_s", "webhook_backoff_base_s",
+              "webhook_timeout_s")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a worker or the producer needs to know; units in names."""
@@ -105,8 +119,7 @@ class Settings:
             raise ConfigError(
                 f"VIDQ_ENDPOINT={self.endpoint!r}: use one of {', '.join(ENDPOINTS)}"
             )
-        if self.max_in_flight < 1:
-            raise ConfigError("VIDQ_MAX_IN_FLIGHT must be at least 1")
+        self._check_ranges()
         if not 0 <= self.max_submits_per_s < math.inf:
             raise ConfigError("VIDQ_MAX_SUBMITS_PER_S must be a number >= 0 (0: no limit)")
         if self.marker_patience_s <= 0:
@@ -133,6 +146,20 @@ class Settings:
                 "(VIDQ_POLL_MAX_INTERVAL_S or VIDQ_BACKOFF_CAP_S) plus "
                 f"VIDQ_DOWNLOAD_GRACE_S: {longest:.0f} s"
             )
+
+    def _check_ranges(self) -> None:
+        """A ConfigError for the first setting out of its range, naming its variable."""
+        for name in AT_LEAST_ONE:
+            if (count := getattr(self, name)) < 1:
+                raise ConfigError(f"{ENV_NAMES[name]}={count}: must be at least 1")
+        for name in ABOVE_ZERO:
+            if not (seconds := getattr(self, name)) > 0:
+                raise ConfigError(f"{ENV_NAMES[name]}={seconds:g}: must be above 0 (seconds)")
+        if self.poll_min_interval_s > self.poll_max_interval_s:
+            raise ConfigError(
+                f"VIDQ_POLL_MIN_INTERVAL_S={self.poll_min_interval_s:g} is above "
+                f"VIDQ_POLL_MAX_INTERVAL_S={self.poll_max_interval_s:g}: the shortest poll "
+                "countdown cannot exceed the longest")
 
     @property
     def marker_patience_s(self) -> float:
