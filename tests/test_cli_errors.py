@@ -99,10 +99,10 @@ def test_bad_settings_and_redis_give_one_error_line(command, redis_url, tmp_path
     assert_refused(command, cases(redis_url), redis_url, tmp_path)
 
 
-def out_of_range(redis_url: str) -> dict[str, tuple[dict, str]]:
-    """Settings whose 0 or negative value was taken: each hung, spun or failed
-    every job at night (a 0 HTTP timeout failed every POST before it was sent,
-    yet each job ended "outcome unknown", its credits counted)."""
+def refused_settings(redis_url: str) -> dict[str, tuple[dict, str]]:
+    """Values each setting took and then hung, spun or failed every job at night
+    with: 0 or negative (a 0 HTTP timeout failed every POST before it was sent,
+    yet each job ended "outcome unknown", its credits counted), an unusable key."""
     counts = {"VIDQ_MAX_ATTEMPTS": "0", "VIDQ_MAX_VIDEO_BYTES": "0"}
     durations = {"VIDQ_HTTP_TIMEOUT_S": "0", "VIDQ_EXPECTED_GENERATION_S": "-5",
                  "VIDQ_POLL_MIN_INTERVAL_S": "-1", "VIDQ_HEARTBEAT_INTERVAL_S": "0",
@@ -115,12 +115,18 @@ def out_of_range(redis_url: str) -> dict[str, tuple[dict, str]]:
     found["poll_min_over_max"] = (
         {"VIDQ_REDIS_URL": redis_url, "VIDQ_POLL_MIN_INTERVAL_S": "700"},
         "VIDQ_POLL_MIN_INTERVAL_S=700 is above VIDQ_POLL_MAX_INTERVAL_S=600")
+    # A key no HTTP header can carry failed every POST unsent, each job then
+    # "outcome unknown". The message places the character, never shows the key.
+    for name, key, kind in (("key_line_break", f"{PASSWORD}\nX", "a control character"),
+                            ("key_en_dash", f"{PASSWORD}\u2013X", "not ASCII")):
+        found[name] = ({"VIDQ_REDIS_URL": redis_url, "AIMLAPI_KEY": key},
+                       f"AIMLAPI_KEY (or AIML_API_KEY): character 12 of the key is {kind}")
     return found
 
 
 @pytest.mark.parametrize("command", ["enqueue", "run"])
-def test_out_of_range_settings_are_refused_naming_the_variable(command, redis_url, tmp_path):
-    assert_refused(command, out_of_range(redis_url), redis_url, tmp_path)
+def test_bad_values_are_refused_naming_the_variable(command, redis_url, tmp_path):
+    assert_refused(command, refused_settings(redis_url), redis_url, tmp_path)
 
 
 def test_the_settings_whose_zero_means_something_keep_it():

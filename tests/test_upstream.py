@@ -1,6 +1,7 @@
 """HTTP answers become the right errors, against real local servers."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -144,3 +145,56 @@ def test_submit_to_a_closed_port_is_retryable_not_unknown(make_sandbox):
     client = _client(f"http://127.0.0.1:{free_port()}", "sk-x")
     with pytest.raises(UpstreamUnavailable, match="not sent"):
         client.submit(REQUEST)
+
+
+def _listener():
+    """A socket that accepts connections and keeps every byte sent to it."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    received: list[bytes] = []
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                connection.settimeout(1)
+                with contextlib.suppress(OSError), connection:
+                    received.append(connection.recv(65536))
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello")
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, received
+
+
+@pytest.mark.parametrize("key", ["sk-never-show\nX-Injected: 1", "sk-never-show\u2013me"])
+def test_a_key_no_header_can_carry_is_never_sent_not_outcome_unknown(key):
+    """Settings refuse such a key; one that got past them (a Settings built in
+    code) fails inside the HTTP client before a byte is sent (InvalidHeader,
+    UnicodeEncodeError). That is "not sent", retryable with nothing paid,
+    not "the answer lost" (which counted the job's credits)."""
+    listener, received = _listener()
+    client = _client(f"http://127.0.0.1:{listener.getsockname()[1]}", "sk-placeholder")
+    client._auth = {"Authorization": f"Bearer {key}"}
+    try:
+        with pytest.raises(UpstreamUnavailable, match="not sent") as raised:
+            client.submit(REQUEST)
+    finally:
+        listener.close()
+    assert raised.value.never_sent
+    assert "never-show" not in str(raised.value) and not received
+
+
+def test_a_bad_header_in_a_posts_answer_is_outcome_unknown_not_never_sent():
+    """requests raises InvalidHeader for a bad answer too (Content-Length: 5, 6):
+    that POST was sent and may have been paid, so it is never re-sent."""
+    listener, received = _listener()
+    try:
+        with pytest.raises(SubmitOutcomeUnknown, match="InvalidHeader"):
+            _client(f"http://127.0.0.1:{listener.getsockname()[1]}", "k").submit(REQUEST)
+    finally:
+        listener.close()
+    assert received and received[0].startswith(b"POST ")

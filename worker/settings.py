@@ -115,6 +115,7 @@ class Settings:
         object.__setattr__(self, "redis_url",
                            sentinel_url(self.redis_url, self.redis_sentinel_master))
         check_redis_url(self.redis_url)
+        check_api_key(self.api_key)
         if self.endpoint not in ENDPOINTS:
             raise ConfigError(
                 f"VIDQ_ENDPOINT={self.endpoint!r}: use one of {', '.join(ENDPOINTS)}"
@@ -245,6 +246,19 @@ ENV_NAMES = {
 
 def default_storage_url() -> str:
     return (Path.cwd() / "videos").resolve().as_uri()
+
+
+def check_api_key(key: str | None) -> None:
+    """ConfigError unless the key can go in an HTTP header as it is. A newline or
+    a non-ASCII character (a copy-paste's no-break space or en dash) failed every
+    POST inside the HTTP client, unsent, and each job ended "outcome unknown".
+    The message names the character's place and kind, never the key."""
+    for place, char in enumerate(key or "", start=1):
+        if not char.isascii() or not char.isprintable():
+            kind = "not ASCII" if not char.isascii() else "a control character (a line break?)"
+            raise ConfigError(f"AIMLAPI_KEY (or AIML_API_KEY): character {place} of the key is "
+                              f"{kind}: the Authorization header takes printable ASCII; "
+                              "copy the key again")
 
 
 def _parse(name: str, raw: str, type_name: str):

@@ -13,6 +13,7 @@ A POST is sent again automatically only when the failure proves the upstream
 created nothing (see the README's table):
 
     connection refused, connect timeout (no byte sent)   retry
+    a header the client cannot send (nothing sent)       retry
     429, 503                                             retry (429 after Retry-After)
     400-499 but 408, 429                                 rejected: the job fails, nothing paid
     408                                                  retry
@@ -65,6 +66,11 @@ def never_sent(exc: requests.RequestException) -> bool:
     """True when the request surely did not reach the upstream."""
     if isinstance(exc, requests.ConnectTimeout | requests.exceptions.InvalidURL):
         return True
+    if isinstance(exc, requests.exceptions.InvalidHeader):
+        # Raised while the request was built (a key with a newline) it has no
+        # request; an answer's bad header (Content-Length: 5, 6) comes with the
+        # request it answered, sent and perhaps paid.
+        return exc.request is None
     if isinstance(exc, requests.ConnectionError) and exc.args:
         reason = getattr(exc.args[0], "reason", exc.args[0])
         return isinstance(reason, NEVER_SENT)
@@ -79,6 +85,13 @@ def http_errors(action: str, *, posting: bool = False, result_url: str = "") -> 
     except urllib3.exceptions.HTTPError as exc:  # a result body read raw (`chunks`)
         where = f" {redacted(result_url)}" if result_url else ""
         raise UpstreamUnavailable(f"{action}{where} failed: {type(exc).__name__}") from None
+    except UnicodeEncodeError:
+        # http.client encodes a request's line and headers before it writes a
+        # byte (a key holding an en dash). Any other ValueError is not known
+        # to come before the send, so a POST's stays "outcome unknown".
+        unsent = UpstreamUnavailable(f"{action}: not sent (UnicodeEncodeError)")
+        unsent.never_sent = True
+        raise unsent from None
     except requests.RequestException as exc:
         kind = type(exc).__name__
         where = f" {redacted(result_url)}" if result_url else ""
