@@ -121,7 +121,44 @@ def refused_settings(redis_url: str) -> dict[str, tuple[dict, str]]:
                             ("key_en_dash", f"{PASSWORD}\u2013X", "not ASCII")):
         found[name] = ({"VIDQ_REDIS_URL": redis_url, "AIMLAPI_KEY": key},
                        f"AIMLAPI_KEY (or AIML_API_KEY): character 12 of the key is {kind}")
+    # Malformed URLs: urlsplit's ValueError was a traceback, a bad port or host
+    # was taken and failed at the first video stored, webhook sent or POST.
+    unusable = "is not a usable URL: "
+    for name, variable, url, fragment in (
+            ("storage_bracket", "VIDQ_STORAGE_URL", "s3://[bucket/p",
+             "VIDQ_STORAGE_URL='s3://[bucket/p' is malformed"),
+            ("storage_port", "VIDQ_STORAGE_URL", "s3://bucket:99999/p",
+             "VIDQ_STORAGE_URL='s3://bucket:99999/p': use s3://bucket/prefix (a bucket name"),
+            ("storage_space", "VIDQ_STORAGE_URL", "s3://my bucket/p",
+             "VIDQ_STORAGE_URL='s3://my bucket/p': use s3://bucket/prefix (a bucket name"),
+            ("webhook_bracket", "VIDQ_WEBHOOK_URL", f"https://[::1/hook?token={PASSWORD}",
+             f"VIDQ_WEBHOOK_URL: '<unparseable URL>' {unusable}malformed"),
+            ("webhook_port", "VIDQ_WEBHOOK_URL", f"https://example.com:99999/h?t={PASSWORD}",
+             f"VIDQ_WEBHOOK_URL: 'https://example.com:99999/h' {unusable}malformed"),
+            ("webhook_space", "VIDQ_WEBHOOK_URL", f"https://exa mple.com/h?t={PASSWORD}",
+             f"VIDQ_WEBHOOK_URL: 'https://exa mple.com/h' {unusable}its host holds"),
+            ("base_bracket", "AIMLAPI_BASE_URL", f"https://me:{PASSWORD}@[api/",
+             f"AIMLAPI_BASE_URL='<unparseable URL>' {unusable}malformed"),
+            ("base_not_a_url", "AIMLAPI_BASE_URL", "api.example.com",
+             f"AIMLAPI_BASE_URL='<not a URL>' {unusable}no host")):
+        found[name] = ({"VIDQ_REDIS_URL": redis_url, variable: url}, fragment)
     return found
+
+
+def test_a_malformed_webhook_option_is_refused_naming_it(redis_url, tmp_path):
+    """`vidq enqueue --webhook URL`: the same checks, naming the option; nothing written."""
+    prompts = write_prompts(tmp_path / "p.txt", ["a small red boat"])
+    for url in (f"https://[::1/hook?token={PASSWORD}", f"https://example.com:99999/h?t={PASSWORD}",
+                f"https://exa mple.com/h?t={PASSWORD}"):
+        result = subprocess.run(VIDQ + ["enqueue", str(prompts), "--batch", "b", "--webhook", url],
+                                env={**base_env(), "VIDQ_REDIS_URL": redis_url}, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        where = f"--webhook {url!r}: {result}"
+        assert result.returncode == 2, where
+        assert result.stderr.startswith("error: --webhook: ") and "not a usable URL" in \
+            result.stderr and len(result.stderr.splitlines()) == 1, where
+        assert PASSWORD not in result.stdout + result.stderr, where
+    assert redis.Redis.from_url(redis_url).dbsize() == 0
 
 
 @pytest.mark.parametrize("command", ["enqueue", "run"])

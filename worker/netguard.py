@@ -105,6 +105,24 @@ def without_credentials(url: str) -> str:
     return f"{scheme}://{re.split('[?#]', rest, maxsplit=1)[0]}"[:300]
 
 
+def host_problem(url: str) -> str | None:
+    """Why a configured http(s) URL's host or port cannot be connected to, or
+    None: checked when the setting is read, not by the first request of the
+    night (urlsplit's ValueError was a traceback; a port of 99999 or a host
+    with a space in it were taken). Nothing of the URL is in the answer."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+    except ValueError:
+        return "malformed (an unclosed '[', or a port that is not a number up to 65535)"
+    host = parts.hostname
+    if not host:
+        return "no host"
+    if _literal(host) is None and not all(c.isalnum() or c in "._-" for c in host):
+        return "its host holds characters no host name has"
+    return None
+
+
 def check_url(url: str, policy: UrlPolicy, resolve: Resolver = socket.getaddrinfo) -> None:
     """Raise ResultRefused (message shows only `redacted(url)`) if the URL must not be fetched.
 

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit, urluns
 
 from .contract import DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
-from .netguard import without_credentials
+from .netguard import host_problem, redacted, without_credentials
 from .spend import parse_estimates
 from .storage import check_storage_url
 from .webhook_signing import check_webhook_settings
@@ -116,6 +116,7 @@ class Settings:
                            sentinel_url(self.redis_url, self.redis_sentinel_master))
         check_redis_url(self.redis_url)
         check_api_key(self.api_key)
+        check_base_url(self.base_url)
         if self.endpoint not in ENDPOINTS:
             raise ConfigError(
                 f"VIDQ_ENDPOINT={self.endpoint!r}: use one of {', '.join(ENDPOINTS)}"
@@ -259,6 +260,19 @@ def check_api_key(key: str | None) -> None:
             raise ConfigError(f"AIMLAPI_KEY (or AIML_API_KEY): character {place} of the key is "
                               f"{kind}: the Authorization header takes printable ASCII; "
                               "copy the key again")
+
+
+def check_base_url(url: str) -> None:
+    """ConfigError unless AIMLAPI_BASE_URL is http(s) with a host and port a
+    request can use: a malformed one failed every job of the night instead.
+    A gateway's password in it is taken out first, and never shown."""
+    shown = without_credentials(url)
+    problem = host_problem(shown)
+    if not problem and urlsplit(shown).scheme.lower() not in ("http", "https"):
+        problem = "not http(s)"
+    if problem:
+        raise ConfigError(f"AIMLAPI_BASE_URL={redacted(shown)!r} is not a usable URL: {problem}; "
+                          "use https://host[:port][/path]")
 
 
 def _parse(name: str, raw: str, type_name: str):

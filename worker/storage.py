@@ -16,6 +16,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -160,18 +161,28 @@ class Storage(Protocol):
     def check(self) -> None: ...
 
 
+BUCKET = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def check_storage_url(url: str) -> None:
     """ConfigError unless VIDQ_STORAGE_URL is file:///abs/path, a plain path or
     s3://bucket/prefix: every command checks it with its settings, not only
     the workers when they first store a video."""
-    parsed = urlparse(url)
     shown = without_credentials(url) if "://" in url else url
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # an unclosed '[': its text may quote the URL
+        raise ConfigError(f"VIDQ_STORAGE_URL={shown!r} is malformed: use a path, "
+                          "file:///absolute/path or s3://bucket/prefix") from None
     if parsed.scheme in ("", "file"):
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: use file:///absolute/path")
     elif parsed.scheme == "s3":
-        if not parsed.netloc or parsed.query or parsed.fragment or "@" in parsed.netloc:
-            raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: use s3://bucket/prefix")
+        # A bucket name is all the netloc holds: a port, a space or userinfo
+        # there failed only at the first video stored, after it was paid for.
+        if not BUCKET.fullmatch(parsed.netloc) or parsed.query or parsed.fragment:
+            raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: use s3://bucket/prefix (a bucket "
+                              "name is letters, digits, '.', '-' and '_')")
     else:
         raise ConfigError(f"VIDQ_STORAGE_URL={shown!r}: unsupported scheme {parsed.scheme!r}; "
                           "use a path, file:///absolute/path or s3://bucket/prefix")

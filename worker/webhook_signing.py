@@ -20,7 +20,7 @@ import hmac
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .netguard import redacted
+from .netguard import host_problem, redacted
 
 PREFIX = "whsec_"
 # The specification asks for keys of 24 to 64 bytes.
@@ -74,10 +74,13 @@ def check_webhook_settings(settings) -> None:
 def check_webhook_url(url: str, name: str) -> str:
     """An http(s) URL with a host and no credentials in it; ConfigError otherwise.
     (Where it may point is checked at every delivery, by the SSRF guard.)"""
-    parts = urlsplit(url.strip())
+    url = url.strip()
+    if problem := host_problem(url):
+        raise ConfigError(f"{name}: {redacted(url)!r} is not a usable URL: {problem}")
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name}: {redacted(url)!r} is not an http(s) URL with a host")
     if "@" in parts.netloc:
         raise ConfigError(f"{name}: credentials in the URL are refused; deliveries are "
                           "signed with VIDQ_WEBHOOK_SECRET instead")
-    return url.strip()
+    return url
