@@ -259,8 +259,11 @@ def cap(max_in_flight):
 @click.option("--batch", help="Batch name (default: the file's name).")
 @click.option("--sandbox", "use_sandbox", is_flag=True,
               help="Run against the local sandbox upstream: no credits spent.")
-@click.option("--workers", default=1, show_default=True, help="Worker processes.")
-@click.option("--concurrency", default=4, show_default=True, help="Pool size per worker.")
+# At 0 or below the run started its Redis and sandbox and then waited for ever.
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes.")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Pool size per worker.")
 @click.option("--state-dir", default=".vidq", show_default=True, type=click.Path(path_type=Path))
 @click.option("--allow-variants", is_flag=True,
               help="As for `vidq enqueue`: add jobs that differ from the batch's only by "

@@ -221,6 +221,28 @@ def test_a_password_in_the_redis_urls_query_is_refused_before_anything_is_writte
     assert redis.Redis.from_url(restartable_redis.url, password=PASSWORD).dbsize() == 0
 
 
+@pytest.mark.parametrize("option, value", [("--workers", "0"), ("--workers", "-2"),
+                                           ("--concurrency", "0"), ("--concurrency", "-1")])
+def test_run_refuses_no_workers_or_no_pool_before_starting_anything(option, value, tmp_path):
+    """`vidq run --workers 0` (or --concurrency 0) started its Redis and sandbox,
+    then waited for ever with no worker to do the batch."""
+    prompts = write_prompts(tmp_path / "p.txt", ["a small red boat"])
+    state = tmp_path / "state"
+    process = subprocess.Popen(VIDQ + ["run", str(prompts), "--sandbox", "--state-dir",
+                                       str(state), option, value],
+                               env=base_env(), cwd=tmp_path, text=True, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+        pytest.fail(f"vidq run {option} {value} still running after 30 s: {stdout} {stderr}")
+    assert process.returncode == 2, (stdout, stderr)
+    assert f"Invalid value for '{option}': {value} is not in the range x>=1" in stderr
+    assert "Traceback" not in stderr and not state.exists()
+
+
 def test_help_works_with_bad_settings():
     """Help never reads the settings: it works while they are broken."""
     env = {**base_env(), "VIDQ_MAX_IN_FLIGHT": "0", "VIDQ_REDIS_URL": "notaurl"}
