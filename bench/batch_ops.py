@@ -66,7 +66,7 @@ def main() -> None:
               f"{time.monotonic() - started:.1f} s")
         memory = client.info("memory")["used_memory"]
         started = time.monotonic()
-        purged = purge(client, "big")
+        purged = purge(client, "big", Settings.from_env({"VIDQ_REDIS_URL": server.url}))
         took = time.monotonic() - started
         time.sleep(2)  # UNLINK frees in the background
         print(f"purge: {purged.jobs:,} jobs, {purged.keys:,} keys in {took:.2f} s; "

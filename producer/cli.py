@@ -219,7 +219,8 @@ def _jobs(count: int) -> str:
 @click.argument("batch")
 @click.option("--force", is_flag=True,
               help="Remove an unfinished batch too (its waiting jobs are never submitted, "
-                   "its generations in flight never downloaded).")
+                   "its generations in flight never downloaded; their slots stay taken "
+                   "until they can no longer be running, so C still holds).")
 def purge(batch, force):
     """Remove BATCH from Redis now (a finished batch expires after VIDQ_RETENTION_S
     anyway); its videos, sidecars and manifest stay in storage."""

@@ -3,7 +3,8 @@
 A finished batch gets its manifest written first if it has none, so `vidq
 report` still answers from storage. An unfinished batch is refused unless
 `--force`: its waiting jobs would never be submitted and its generations in
-flight (paid for) never downloaded.
+flight (paid for) never downloaded. Those generations keep their slots taken
+until they can no longer be running (worker/retention.py), so C holds.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import click
 
-from worker import keys, manifest
+from worker import deployment, keys, manifest
 from worker.admission import Admission
 from worker.errors import InputError
 from worker.posting import SHUTDOWN_WAIT_S
@@ -55,14 +56,30 @@ def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bo
         raise InputError(f"batch {batch!r} was reopened (a retry, a late generation id or new "
                          "jobs) while its manifest was written; nothing removed")
     written = now.manifest_current
-    purged = purge(client, batch)
+    purged = purge(client, batch, settings, longest_deadline_s(client, settings))
     echo(f"batch {batch}: removed from Redis: {plural(purged.jobs, 'job record')} and every "
          f"key of the batch ({purged.keys} keys)")
+    if purged.held:
+        one = purged.held == 1
+        echo(f"{plural(purged.held, 'generation')} of it may still be running upstream: "
+             f"{'its slot stays' if one else 'their slots stay'} taken until "
+             f"{'it' if one else 'they'} can no longer be running, as for a POST of unknown "
+             "outcome (C holds)")
     if written:
         echo(f"videos, sidecars and the manifest stay in storage: "
              f"{storage.location(manifest.manifest_key(batch))} (`vidq report {batch}` reads it)")
     else:
         echo("videos and sidecars stay in storage; no manifest was written")
+
+
+def longest_deadline_s(client, settings: Settings) -> float:
+    """VIDQ_DEADLINE_S as the live workers have it (the longest, if they
+    disagree), else as this shell does: a purged generation's slot is held
+    that long while nothing is learned, as the workers hold an unknown POST's."""
+    theirs = [float(values["VIDQ_DEADLINE_S"])
+              for values in deployment.live_values(client).values()
+              if isinstance(values.get("VIDQ_DEADLINE_S"), int | float)]
+    return max(theirs) if theirs else settings.deadline_s
 
 
 def _refuse_while_answers_may_come(client, settings: Settings, batch: str, force: bool) -> None:

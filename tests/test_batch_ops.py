@@ -18,8 +18,9 @@ import pytest
 import requests
 from conftest import wait_until, write_prompts
 
+from producer.purging import run_purge
 from worker import keys
-from worker.jobs import State
+from worker.jobs import Job, State
 from worker.retry import failures
 
 GOOD = ["a red fox in the snow", "a blue whale at dawn", "a green frog on a leaf"]
@@ -591,3 +592,77 @@ def test_a_worker_stopped_cleanly_is_no_disagreement_with_its_successor(make_pip
     while "disagree on AIMLAPI_BASE_URL" not in (out := vidq(second, "status", "b2").stdout):
         assert time.monotonic() < wait_for_beats, out
         time.sleep(0.5)
+
+
+def test_purge_force_keeps_the_slots_of_generations_still_running_so_c_holds(
+        make_pipeline, make_sandbox, tmp_path):
+    """`vidq purge --force` of a batch whose 2 generations still run upstream
+    (C = 2 = the upstream's real limit), another batch waiting: the purged
+    generations keep their slots as holds (their refs gone), the waiting batch
+    is admitted only once those end, the upstream never runs more than C and
+    never answers 429, C is not lowered, and the waiting batch completes."""
+    sandbox = make_sandbox(time_scale=15, max_concurrency=2)  # ~6 s generations
+    # Nothing learned yet: a hold lasts VIDQ_DEADLINE_S, above any generation here.
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT="2", VIDQ_DEADLINE_S="12",
+                             VIDQ_EXPECTED_GENERATION_S="6")
+    pipeline.start_workers(1, concurrency=4)
+    store, client = pipeline.store, pipeline.store.redis
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["a purged fox", "a purged whale"]), "a")
+    wait_until(lambda: all((job := store.get(keys.job_ref("a", i))) and job.generation_id
+                           for i in store.job_ids("a")), 30, "a's two generations running")
+    pipeline.enqueue(write_prompts(tmp_path / "b.txt", ["a waiting frog", "a waiting owl"]), "b")
+
+    purged = subprocess.run(["vidq", "purge", "a", "--force"], env=pipeline.env,
+                            capture_output=True, text=True, timeout=60)
+    slots = [str(ref) for ref in client.zrange(keys.SLOTS, 0, -1)]
+    time.sleep(1.5)
+    waiting = store.counts("b")["queued"]
+    counts = pipeline.wait_finished("b", timeout_s=60)
+    stats = requests.get(sandbox.url + "/__stats", timeout=5).json()
+
+    assert purged.returncode == 0, purged.stderr
+    assert stats["max_in_flight"] <= 2 and stats["rate_limited"] == 0, stats
+    assert client.hget(keys.CONFIG, "effective_cap") in (None, "2")
+    assert waiting == 2  # not admitted while the purged generations may run
+    assert len(slots) == 2 and all(ref.startswith("a:") and "#" in ref for ref in slots), slots
+    assert "2 generations of it may still be running upstream" in purged.stdout, purged.stdout
+    assert counts["done"] == 2
+    assert client.zcard(keys.SLOTS) == 0 and client.zcard(keys.SLOT_HOLDS) == 0
+
+
+def test_purge_holds_only_the_slots_whose_generation_may_run_and_a_late_id_keeps_its_hold(
+        make_pipeline, tmp_path):
+    """Four slot holders purged with --force: a generation not seen complete
+    and a POST with no answer yet keep their slots (as holds named apart from
+    their refs); a completed generation and a job never POSTed free theirs.
+    The POST's late id lands in vidq:orphans and its slot stays held; the same
+    batch name enqueued again gets only the free slots, and none of the holds."""
+    pipeline = make_pipeline(VIDQ_DEADLINE_S="600")
+    admission, store, client = pipeline.admission, pipeline.store, pipeline.store.redis
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"held {i}" for i in range(4)]), "p")
+    admission.set_cap(4)
+    assert len(admission.pump()) == 4
+    running, completed, posting, unsent = (keys.job_ref("p", i) for i in store.job_ids("p"))
+    client.hset(keys.job(running), mapping={"generation_id": "gen-running"})
+    client.hset(keys.job(completed), mapping={"generation_id": "gen-done", "completed_at": "1"})
+    client.hset(keys.job(posting), mapping={"posting_at": "1.5", "posting_op": "op-1"})
+    seconds, _ = client.time()
+
+    said: list[str] = []
+    run_purge(admission, pipeline.settings, "p", force=True, echo=said.append)
+    holds = dict(client.zrange(keys.SLOT_HOLDS, 0, -1, withscores=True))
+
+    assert sorted(client.zrange(keys.SLOTS, 0, -1)) == sorted(holds) == sorted([
+        f"{posting}#op-1", f"{running}#gen-running"])
+    assert all(seconds + 590 < until < seconds + 610 for until in holds.values()), holds
+    assert "2 generations of it may still be running upstream" in " ".join(said), said
+    late = Job(batch="p", id=posting.split(":")[1], request={}, state=State.QUEUED,
+               extra={"posting_op": "op-1"})
+    assert store.record_generation(late, "gen-late", 10.0) == "gen-late"
+    assert client.hget(keys.ORPHANS, "gen-late")
+    assert client.zscore(keys.SLOT_HOLDS, f"{posting}#op-1")  # still generating
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"held {i}" for i in range(4)]), "p")
+    admission.pump()
+    slots = [str(ref) for ref in client.zrange(keys.SLOTS, 0, -1)]
+    assert len(slots) == 4 and sum("#" not in ref for ref in slots) == 2, slots
+    assert admission.waiting("p") == 2 and len(holds) == client.zcard(keys.SLOT_HOLDS)

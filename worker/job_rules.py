@@ -20,12 +20,17 @@ def deadline_s(settings: Settings, job: Job) -> float:
 
 def unknown_hold_s(settings: Settings, durations: DurationModel, job: Job) -> float:
     """How long the slot of a POST whose outcome is unknown stays taken."""
-    # An unknown outcome may be generating upstream, and nothing tells
-    # when it ends: its slot stays taken until all but 1 in 1,000
-    # generations would have ended, or, with nothing learned (the prior
-    # may be far off), until the deadline, so the cap holds.
-    plan = durations.plan(*shape_of(job.request))
-    return plan.surprise_s if plan.surprise_s is not None else settings.deadline_s
+    return generation_hold_s(settings.deadline_s, durations, job.request)
+
+
+def generation_hold_s(deadline_s: float, durations: DurationModel, request: dict) -> float:
+    """How long the slot of a generation that may be running, and that nobody
+    will see end (an unknown POST's, a purged job's), stays taken."""
+    # Nothing tells when it ends: its slot stays taken until all but 1 in
+    # 1,000 generations would have ended, or, with nothing learned (the
+    # prior may be far off), until the deadline, so the cap holds.
+    plan = durations.plan(*shape_of(request))
+    return plan.surprise_s if plan.surprise_s is not None else deadline_s
 
 
 def poll_delay(settings: Settings, plan: PollPlan, job: Job, age_s: float) -> float:

@@ -29,7 +29,9 @@
     vidq:slots                  zset: refs holding an upstream slot (score: admitted at)
     vidq:slot_holds             zset: failed refs whose slot is kept until the score
                                 (an outcome-unknown POST the upstream may be generating;
-                                '<ref>#<posting_at>' for an earlier POST of a re-POSTed job)
+                                '<ref>#<posting_op>' for an earlier POST of a re-POSTed job;
+                                '<ref>#<generation id or posting_op>' for a purged job's
+                                generation that may still run, lua/purge_jobs.lua)
     vidq:orphans                hash: generation id -> "<ref> <time>" of a POST that
                                 answered after its batch was purged (never fetched)
     vidq:due                    zset: refs whose next step must have started by the score

@@ -52,13 +52,16 @@ local now = tonumber(redis.call('TIME')[1])
 redis.call('HSET', config_key, 'last_429_at', now)
 -- Running, as the upstream may count them: generations not yet seen done,
 -- and POSTs on their way (marker set, no id yet: one answered 201 a moment
--- ago is running upstream before its id is recorded here).
+-- ago is running upstream before its id is recorded here), and the slots
+-- held under a name of their own ('<ref>#...': an earlier POST of a
+-- re-POSTed job, a purged job's generation), which may be generating.
 local running = 0
 for _, holder in ipairs(redis.call('ZRANGE', slots_key, 0, -1)) do
   local id, done, posting = unpack(redis.call('HMGET', NS.job .. holder, 'generation_id',
                                               'completed_at', 'posting_at'))
   local has_id = id and id ~= ''
-  if (has_id and not (done and done ~= '')) or (not has_id and posting and posting ~= '') then
+  if (has_id and not (done and done ~= '')) or (not has_id and posting and posting ~= '')
+      or (string.find(holder, '#', 1, true) and redis.call('EXISTS', NS.job .. holder) == 0) then
     running = running + 1
   end
 end

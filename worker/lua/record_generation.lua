@@ -21,21 +21,23 @@ local lease_s = tonumber(ARGV[3])
 local job_prefix = ARGV[4]
 local posting_op = ARGV[5] or ''  -- the answering POST's mark_posting call id
 
--- A POST answering after the job was re-POSTed held a slot of its own
--- (lua/requeue.lua); its generation now holds the job's or a sibling's.
-if posting_op ~= '' then
-  redis.call('ZREM', holds_key, ref .. '#' .. posting_op)
-  redis.call('ZREM', slots_key, ref .. '#' .. posting_op)
-end
-
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local stamp = string.format('%.6f', now)
 if redis.call('EXISTS', job_key) == 0 then
   -- Its batch was purged (with --force, or by retention) before the answer
-  -- came: the paid id is kept where an operator can find it.
+  -- came: the paid id is kept where an operator can find it. The slot the
+  -- purge kept for this POST ('<ref>#<posting_op>', lua/purge_jobs.lua)
+  -- stays taken until its hold ends: the generation runs, and nobody polls it.
   redis.call('HSET', NS.orphans, generation_id, ref .. ' ' .. stamp)
   return 'orphan'
+end
+
+-- A POST answering after the job was re-POSTed held a slot of its own
+-- (lua/requeue.lua); its generation now holds the job's or a sibling's.
+if posting_op ~= '' then
+  redis.call('ZREM', holds_key, ref .. '#' .. posting_op)
+  redis.call('ZREM', slots_key, ref .. '#' .. posting_op)
 end
 local known = redis.call('HGET', job_key, 'generation_id')
 if known == generation_id then return known end

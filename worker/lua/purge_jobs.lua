@@ -1,0 +1,48 @@
+-- Remove some of a purged batch's jobs (worker/retention.py), each with its
+-- slot, due time and hold, in one call. A job whose generation may still be
+-- running upstream keeps its slot taken, as a POST of unknown outcome does
+-- (lua/release_holds.lua frees it): freed at once, the pump gave it to
+-- another job while the upstream still ran this one, and C was passed. That
+-- is a job holding a slot with a generation id nobody saw complete, or with
+-- a POST marker and no id (its answer is not known), or one already held as
+-- an unknown POST. Its slot and hold go under a name of their own,
+-- '<ref>#<generation id>' or '<ref>#<its POST's marker call id>' (a late
+-- refusal of that POST ends the hold, lua/clear_posting.lua), never the
+-- ref: the same name enqueued again must not share them. The hold lasts
+-- until an existing one's end, else its ARGV seconds from now (the job's
+-- unknown-POST hold, VIDQ_DEADLINE_S if '').
+-- ARGV: default hold seconds, then ref, hold seconds ('' = default) per job.
+-- Returns {job records removed, slots kept as holds}. Sent again after a
+-- lost reply, it finds the jobs gone and changes nothing.
+local slots_key, due_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
+local default_hold_s = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+
+local removed, held = 0, 0
+for i = 2, #ARGV, 2 do
+  local ref = ARGV[i]
+  local job_key = NS.job .. ref
+  local taken = redis.call('ZSCORE', slots_key, ref)
+  if taken then
+    local f = redis.call('HMGET', job_key, 'generation_id', 'completed_at', 'posting_at',
+                         'posting_op')
+    local id, done, posting, op = f[1] or '', f[2] or '', f[3] or '', f[4] or ''
+    local hold_until = redis.call('ZSCORE', holds_key, ref)
+    if hold_until or (id ~= '' and done == '') or (id == '' and posting ~= '') then
+      if not hold_until then
+        hold_until = now + (tonumber(ARGV[i + 1]) or default_hold_s)
+      end
+      local suffix = id ~= '' and id or (op ~= '' and op or (posting ~= '' and posting or 'purged'))
+      local name = ref .. '#' .. suffix
+      redis.call('ZADD', holds_key, hold_until, name)
+      redis.call('ZADD', slots_key, taken, name)
+      held = held + 1
+    end
+  end
+  redis.call('ZREM', slots_key, ref)
+  redis.call('ZREM', due_key, ref)
+  redis.call('ZREM', holds_key, ref)
+  removed = removed + redis.call('UNLINK', job_key)
+end
+return {removed, held}
