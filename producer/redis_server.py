@@ -63,6 +63,27 @@ def running_url(state_dir: Path) -> str | None:
     return url if listens else None
 
 
+def workers_on(url: str) -> list[int]:
+    """The celery worker processes (not their pool children) started with
+    VIDQ_REDIS_URL=`url`, from /proc: those a killed `vidq run` left working."""
+    wanted = f"VIDQ_REDIS_URL={url}".encode()
+    found: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"celery" not in b" ".join(command) or b"worker" not in command:
+                continue
+            if wanted not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or another user's
+        found[int(entry.name)] = parent
+    return sorted(pid for pid, parent in found.items() if parent not in found)
+
+
 def _running_command(state_dir: Path) -> tuple[int, bytes] | None:
     try:
         pid = int((state_dir / PID_FILE).read_text())
@@ -132,11 +153,15 @@ class PrivateRedis:
         same files would not see their POSTs, and POST the same prompts again."""
         pid = running_pid(self.state_dir)
         if pid is not None:
+            url = running_url(self.state_dir)
+            workers = workers_on(url) if url else []
             raise ConfigError(
                 f"{self.state_dir} is in use by a redis-server still running (pid {pid}), left "
                 "by a run that ended without stopping it; its workers may still be working "
-                f"the batch. Stop them (kill {pid}, and the celery workers of that run), "
-                "then run again")
+                f"the batch ({len(workers)} found). Stop them, "
+                + (f"`kill {' '.join(map(str, workers))}`, then the Redis, `kill {pid}`"
+                   if workers else f"`kill {pid}` and the celery workers of that run")
+                + ", then run again (it resumes the batch)")
 
     def __enter__(self):
         return self.start()

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -17,8 +18,9 @@ import psutil
 import pytest
 import redis
 import requests
-from conftest import FAST_WORKER_ENV, write_prompts
+from conftest import FAST_WORKER_ENV, wait_for_log, write_prompts
 
+from producer.local import stop_processes
 from worker import keys
 
 
@@ -326,16 +328,28 @@ def test_a_state_dir_still_in_use_is_refused(make_sandbox, tmp_path):
     SIGKILL) left them working the batch. The same command again started a
     second Redis on the same files and a second set of workers, and POSTed
     the prompts the first were still working on again. It is refused, naming
-    the Redis to stop, and nothing is sent."""
+    the Redis and the worker processes to stop (it said "the celery workers
+    of that run", to be found by hand), and nothing is sent."""
     from producer.redis_server import PrivateRedis
 
     sandbox = make_sandbox()
     path = write_prompts(tmp_path / "night.txt", ["left running"])
     with PrivateRedis(tmp_path / "state" / "redis") as orphan:
-        again = _run(path, tmp_path, _env(sandbox, tmp_path))
+        log = tmp_path / "orphan-worker.log"
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "2",
+             "--loglevel", "INFO"], env={**_env(sandbox, tmp_path), "VIDQ_REDIS_URL": orphan.url},
+            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_log(log, "ready.", worker)
+            again = _run(path, tmp_path, _env(sandbox, tmp_path))
+        finally:
+            stop_processes([worker])
 
         assert again.returncode == 2, again.stdout + again.stderr
         assert f"in use by a redis-server still running (pid {orphan.process.pid})" in again.stderr
+        assert (f"(1 found). Stop them, `kill {worker.pid}`, then the Redis, "
+                f"`kill {orphan.process.pid}`") in again.stderr, again.stderr
     assert _ledger(sandbox) == Counter()
     after = _run(path, tmp_path, _env(sandbox, tmp_path))  # stopped: the run goes on
     assert after.returncode == 0, after.stdout + after.stderr
