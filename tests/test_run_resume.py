@@ -18,7 +18,7 @@ import psutil
 import pytest
 import redis
 import requests
-from conftest import FAST_WORKER_ENV, wait_for_log, write_prompts
+from conftest import FAST_WORKER_ENV, wait_for_log, wait_until, write_prompts
 
 from producer.local import stop_processes
 from worker import keys
@@ -302,6 +302,33 @@ def test_sigterm_stops_the_run_and_everything_it_started(make_sandbox, tmp_path,
     assert process.returncode == 128 + stop and "resume with: vidq run" in output, output
     assert started and not [p for p in started if p.is_running()
                             and p.status() != psutil.STATUS_ZOMBIE], started
+
+
+@pytest.mark.slow
+def test_a_run_killed_outright_stops_what_it_started_and_the_rerun_finishes(make_sandbox,
+                                                                            tmp_path):
+    """`kill -9` (or the OOM killer) on `vidq run`: its Redis and workers, in
+    sessions of their own, went on working the batch with nobody watching,
+    and the same command was refused until they were found and stopped by
+    hand. They stop with it now, and the same command resumes the batch: one
+    generation per prompt, every video stored."""
+    sandbox = make_sandbox(time_scale=15)
+    env = _env(sandbox, tmp_path)
+    prompts = [f"killed outright {i}" for i in range(4)]
+    path = write_prompts(tmp_path / "night.txt", prompts)
+    process = _start_run_until_posted(path, tmp_path, env, sandbox, posted=1)
+    started = psutil.Process(process.pid).children(recursive=True)
+    process.kill()
+    process.communicate(timeout=30)
+
+    def gone() -> bool:
+        return not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    wait_until(gone, 60, "what the run started to stop")
+    rerun = _run(path, tmp_path, env)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert _ledger(sandbox) == Counter({prompt: 1 for prompt in prompts})
+    assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 4
 
 
 def test_an_unfinished_run_names_no_manifest(make_pipeline, make_sandbox, tmp_path):
