@@ -76,16 +76,19 @@ def running_pid(state_dir: Path) -> int | None:
 
 
 def running_url(state_dir: Path) -> str | None:
-    """The URL of the redis-server running on state_dir, if one does (and
-    still listens where the URL says: a reused pid may be another one's)."""
+    """The URL of the redis-server running on state_dir, if one does: only
+    the form PrivateRedis writes, in a file of this user's, and where that
+    process still listens (a reused pid may be another one's). A checked-out
+    directory's crafted .vidq must not send this user's prompts elsewhere."""
     found = _running_command(state_dir)
+    path = state_dir / URL_FILE
     try:
-        url = (state_dir / URL_FILE).read_text().strip() if found else ""
+        url = path.read_text().strip() if found and path.stat().st_uid == os.getuid() else ""
     except OSError:
         return None
-    port = url.rpartition(":")[2].partition("/")[0]
+    port = re.fullmatch(r"redis://127\.0\.0\.1:(\d+)/0", url)
     # Its arguments ("--port N"), or the title Redis gives itself ("redis-server 127.0.0.1:N").
-    listens = found and port.isdigit() and re.search(rf"[:\0]{port}(\0|\s|$)".encode(), found[1])
+    listens = found and port and re.search(rf"[:\0]{port.group(1)}(\0|\s|$)".encode(), found[1])
     return url if listens else None
 
 

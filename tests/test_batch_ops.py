@@ -153,6 +153,11 @@ def test_resubmit_looks_first_at_a_generation_nobody_saw_finish(make_pipeline, m
     wait_until(lambda: len(pipeline.ledger()) == 3, 30, "the new POST of the job still running")
     wait_until(lambda: {e["id"]: e for e in pipeline.ledger()}[first["finished later"]["id"]][
         "status"] == "completed", 30, "the other generation to complete")
+    wait_until(lambda: pipeline.store.counts("late")["failed"] == 2, 30, "the new POST's timeout")
+    charged = {r["prompt"]: r["credits"] for r in report(pipeline, "late")}["finished later"]
+    # A 403 says nothing of the generation (a key being rotated): it was taken
+    # for "forgotten" and the prompt POSTed again. Only a 404 or 410 is.
+    pipeline.faults(poll=[403, 403])
     later = vidq(pipeline, "retry", "late", "--resubmit", "--yes", "--ids", ids["finished later"])
     assert later.returncode == 0, later.stderr
     assert ("1 job had a generation nobody saw finish: it is looked at again before the new "
@@ -166,6 +171,8 @@ def test_resubmit_looks_first_at_a_generation_nobody_saw_finish(make_pipeline, m
     paid = {entry["id"]: entry for entry in pipeline.ledger()}[first["finished later"]["id"]]
     video = (tmp_path / "videos" / "late" / f"{row['custom_id']}.mp4").read_bytes()
     assert hashlib.sha256(video).hexdigest() == row["sha256"] == paid["sha256"]
+    assert row["credits"] == charged  # counted when it failed, not again when taken back
+    assert "not checked yet (HTTP 403" in (pipeline.log_dir / "worker-0.log").read_text()
 
 
 @pytest.mark.slow

@@ -201,6 +201,14 @@ def test_only_a_running_redis_of_the_state_dir_is_named(tmp_path):
         (state / PID_FILE).write_text(str(pid))
         (state / URL_FILE).write_text(server.url)
         assert running_url(state) is None
+    # A crafted .vidq in a checked-out directory: a live redis-server's pid and
+    # another host, or a file of another user's, never redirect a command.
+    with PrivateRedis(state) as server:
+        (state / URL_FILE).write_text(server.url.replace("127.0.0.1", ":x@elsewhere.invalid"))
+        assert running_url(state) is None
+        (state / URL_FILE).write_text(server.url)
+        os.chown(state / URL_FILE, 12345, -1)
+        assert running_url(state) is None
 
 
 def test_a_worker_delivering_only_webhooks_is_not_a_worker_for_the_batch(make_pipeline, tmp_path):

@@ -15,7 +15,7 @@ from . import events
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, admit
 from .contract import shape_of
 from .durability import NotDurable
-from .errors import PermanentUpstreamError, RateLimited, SubmitOutcomeUnknown
+from .errors import RateLimited, SubmitOutcomeUnknown, UpstreamError, UpstreamUnavailable
 from .generation import Generation
 from .job_rules import deadline_s, poll_delay
 from .jobs import Job, State, Step
@@ -33,6 +33,8 @@ from .video import kept_video, store_sidecar, stored_video, stream_video
 
 log = logging.getLogger(__name__)
 
+# What a status GET answers for a generation the upstream does not know.
+FORGOTTEN = (404, 410)
 # A POST marker Redis could not make durable (its wait timed out): tried again
 # this much later.
 MARKER_RETRY_S = 5.0
@@ -113,20 +115,30 @@ class Steps(StepOutcomes):
         failed at the hard limit, say). If it has finished since, its video is
         paid for: it becomes the job's generation again, downloaded, and
         nothing is POSTed. (Checked before every POST of the job: one that
-        waited in line after a 429 looks again.)"""
+        waited in line after a 429 looks again.) Only a 404 or 410 lets the
+        POST go unchecked; any other failure is retried and never POSTs."""
         earlier = job.extra.get("check_before_post")
         if not earlier:
             return False
         try:
             generation = self.client.fetch(earlier)
-        except PermanentUpstreamError as exc:  # forgotten (404): there is nothing to fetch
-            log.info("job %s: earlier generation %s not found (%s): POSTing", job.ref,
-                     earlier, exc)
-            return False
+        except RateLimited:
+            raise
+        except UpstreamError as exc:
+            if exc.status in FORGOTTEN:
+                log.info("job %s: the upstream does not know earlier generation %s (%s): "
+                         "POSTing", job.ref, earlier, exc)
+                return False
+            # A 401/403 (a key being rotated) or a 5xx says nothing of it.
+            raise UpstreamUnavailable(f"earlier generation {earlier} not checked yet ({exc}): "
+                                      "no new POST before it is") from None
         if not generation.succeeded:
             return False
         log.warning("job %s: earlier generation %s finished after all: downloading it, "
                     "no new POST", job.ref, earlier)
+        # Paid when its job failed (lua/settle.lua): this admission's commitment
+        # is released, not spent a second time.
+        self.admission.settle(job.ref, "stored")
         job.generation_id = earlier
         self._next(job, Step.POLL, 0.0, attempts=0, generation_id=earlier,
                    check_before_post="")
