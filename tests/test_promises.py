@@ -316,36 +316,6 @@ def test_4xx_answers_about_a_paid_generation_never_abandon_its_video(make_pipeli
 
 
 @pytest.mark.slow
-def test_a_generation_the_upstream_forgot_gives_up_its_slot_and_is_still_polled(make_pipeline,
-                                                                                make_sandbox,
-                                                                                tmp_path):
-    """C = 1. The upstream answers 404 for the first job's generation (forgotten,
-    or a key rotated to another account): its slot was held to the hard limit
-    (24 h by default; at the provider's C = 2, two such ids stopped a batch).
-    Past the age it should have ended by (VIDQ_DEADLINE_S here, nothing
-    learned) the slot goes to the next job, which finishes, while the first
-    is still polled: not failed, one POST each."""
-    sandbox = make_sandbox(time_scale=15, max_concurrency=10)  # ~6 s generations
-    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=1, VIDQ_EXPECTED_GENERATION_S=6,
-                             VIDQ_DEADLINE_S=8, VIDQ_HARD_LIMIT_S=300)
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["forgotten", "next in line"]), "f")
-    wait_until(lambda: pipeline.ledger(), 30, "the first POST")
-    [forgotten] = pipeline.ledger()
-    with sandbox.state._lock:  # the in-process sandbox forgets it: its GETs answer 404
-        del sandbox.state._generations[forgotten["id"]]
-
-    wait_until(lambda: pipeline.store.counts("f")["done"] == 1, 45, "the next job's video")
-
-    rows = {job.request["prompt"]: job for job in
-            (pipeline.store.get(keys.job_ref("f", i)) for i in pipeline.store.job_ids("f"))}
-    assert rows["forgotten"].state in ("generating", "overdue", "submitted"), rows["forgotten"]
-    assert rows["next in line"].state == "done"
-    assert Counter(entry["prompt"] for entry in pipeline.ledger()) == {"next in line": 1}
-    assert sandbox.stats()["submissions"] == 2
-
-
-@pytest.mark.slow
 def test_a_download_slower_than_its_lease_is_renewed_not_sent_again(proxied, make_sandbox,
                                                                     tmp_path):
     """A result served at 40 kB/s takes ~6 s against a 2 s download lease: the

@@ -14,7 +14,7 @@ from .admission import Admission, Dispatch, admit
 from .durability import Durability
 from .durations import DurationModel
 from .errors import GenerationFailed, RateLimited, ResultRefused, UpstreamError, UpstreamUnavailable
-from .job_rules import earlier_post_unanswered, generation_hold_s, is_paid, unknown_hold_s
+from .job_rules import earlier_post_unanswered, is_paid, unknown_hold_s
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .metrics_record import failed
 from .pacing import DeployedRate
@@ -61,10 +61,8 @@ class StepOutcomes:
         POST, in a row, refuses the account: submits pause (rate_limits). For a paid
         generation, a 4xx on its status GET or result (a key being rotated, a
         gateway's or CDN's hiccup) is asked again until the hard limit: only
-        the generation's own failure, or a result vidq refuses, ends it; one the
-        upstream does not know (404) past the age it should have ended by
-        gives up its slot meanwhile. A result URL refused is asked for again
-        through a poll (a fresh link)."""
+        the generation's own failure, or a result vidq refuses, ends it. A
+        result URL refused is asked for again through a poll (a fresh link)."""
         if job.step == Step.SUBMIT and account_refused(
                 self.store, job, error, self.settings.backoff_cap_s, self.settings.max_attempts):
             return None
@@ -72,20 +70,6 @@ class StepOutcomes:
             return self.fail(job, f"{job.step}: {error}")
         if job.step == Step.DOWNLOAD:
             return self.refresh_link(job, error)
-        if self._unknown_upstream(job, error):
-            # The upstream does not know it (404), long after all but 1 in
-            # 1,000 generations have ended: it runs nothing for us there, and
-            # its slot, held to the hard limit, stalled the batch (at the
-            # provider's C = 2, two such ids stopped it for 24 h; a key
-            # rotated to another account makes every id in flight one). The
-            # slot goes to the next job; the polls go on, so a video that
-            # appears after all is still downloaded.
-            log.warning("job %s: the upstream does not know generation %s (404) past the "
-                        "age when it should have ended: its slot is freed; polled until the "
-                        "hard limit", job.ref, job.generation_id)
-            self.retry(job, error, release_slot=True)
-            admit(self.admission, self.dispatch)
-            return
         self.retry(job, error)
 
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
@@ -97,12 +81,7 @@ class StepOutcomes:
         self._next(job, Step.POLL, delay, link_refreshes=refreshes, last_error=str(error),
                    polls=job.polls)
 
-    def _unknown_upstream(self, job: Job, error: UpstreamError) -> bool:
-        age = job.now() - job.submitted_at
-        return (job.step == Step.POLL and error.status == 404
-                and age > generation_hold_s(self.settings.deadline_s, self.durations, job.request))
-
-    def retry(self, job: Job, error: Exception, release_slot: bool = False) -> None:
+    def retry(self, job: Job, error: Exception) -> None:
         if (job.step == Step.DOWNLOAD and isinstance(error, UpstreamUnavailable)
                 and error.never_sent and (job.attempts + 1) % TRIES_PER_LINK == 0):
             # A host that cannot be reached may not be the one a fresh link
@@ -123,9 +102,8 @@ class StepOutcomes:
         if attempts >= limit and not self._keeps_trying(job, error):
             return self.fail(job, f"{job.step}: gave up after {attempts} attempts: {error}")
         log.info("job %s: %s retry %d in %.1f s: %s", job.ref, job.step, attempts, delay, error)
-        freed = {"release_slot": True} if release_slot else {}
         self._next(job, job.step, delay, attempts=attempts, last_error=str(error),
-                   polls=job.polls, **freed, **getattr(error, "carried", {}))
+                   polls=job.polls, **getattr(error, "carried", {}))
 
     def _keeps_trying(self, job: Job, error: Exception) -> bool:
         # A paid generation is polled, and its video stored, until the hard
