@@ -51,9 +51,11 @@ def local_system(options: RunOptions, console: Console):
     with contextlib.ExitStack() as stack:
         server = None
         if not env.get("VIDQ_REDIS_URL"):
-            server = stack.enter_context(PrivateRedis(options.state_dir / "redis",
-                                                      stops_with_owner=True))
+            server = stack.enter_context(PrivateRedis(options.state_dir / "redis"))
             env["VIDQ_REDIS_URL"] = server.url
+            if server.left_by_killed_run:
+                console.print(f"stopped the Redis a killed run left (pid "
+                              f"{server.left_by_killed_run}); resuming from its state")
             console.print(f"private Redis at {server.url}, state in {server.state_dir} "
                           f"(commands in other shells: VIDQ_REDIS_URL={server.url})")
         if options.use_sandbox:

@@ -8,6 +8,7 @@ is an append-only file in `state_dir`, fsynced on every write
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -39,9 +40,10 @@ def redis_server_binary() -> str:
 def stops_with_this_process():
     """A `preexec_fn`: the child gets a SIGTERM when the process starting it
     dies, however it dies (Linux's parent-death signal). A `vidq run` killed
-    outright (SIGKILL, the OOM killer) left its Redis and workers running in
-    sessions of their own, working the batch with nobody watching; they now
-    stop as on Ctrl-C, and the same command resumes. None where unsupported."""
+    outright (SIGKILL, the OOM killer) left its workers running in sessions of
+    their own, working the batch with nobody watching; they now stop as on
+    Ctrl-C (their Redis, not signalled, stays up while they record what they
+    hold; the same command stops it and resumes). None where unsupported."""
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
     except (AttributeError, OSError):
@@ -66,6 +68,7 @@ def free_port() -> int:
 
 
 PID_FILE = "redis-server.pid"
+OWNER_FILE = "owner.pid"  # the process that started it: gone, the Redis is an orphan
 URL_FILE = "redis-server.url"  # for the commands of other shells (running_url)
 
 
@@ -83,7 +86,9 @@ def running_url(state_dir: Path) -> str | None:
     found = _running_command(state_dir)
     path = state_dir / URL_FILE
     try:
-        url = path.read_text().strip() if found and path.stat().st_uid == os.getuid() else ""
+        # Redis runs in its --dir: a guessed pid of another Redis is not in this one.
+        ours = found and Path(f"/proc/{found[0]}/cwd").resolve() == state_dir.resolve()
+        url = path.read_text().strip() if ours and path.stat().st_uid == os.getuid() else ""
     except OSError:
         return None
     port = re.fullmatch(r"redis://127\.0\.0\.1:(\d+)/0", url)
@@ -102,7 +107,7 @@ def workers_on(url: str) -> list[int]:
             continue
         try:
             command = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"celery" not in b" ".join(command) or b"worker" not in command:
+            if not _is_celery_worker(command):
                 continue
             if wanted not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
@@ -111,6 +116,41 @@ def workers_on(url: str) -> list[int]:
             continue  # gone meanwhile, or another user's
         found[int(entry.name)] = parent
     return sorted(pid for pid, parent in found.items() if parent not in found)
+
+
+def _is_celery_worker(command: list[bytes]) -> bool:
+    """`celery -A APP worker ...` (python -m celery too), not `flower` or `inspect`."""
+    try:
+        app = command.index(b"-A")
+    except ValueError:
+        return False
+    return any(b"celery" in part for part in command[:app]) and command[app + 2:app + 3] == [
+        b"worker"]
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_process(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM (Redis writes its append-only file and exits), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
 
 
 def _running_command(state_dir: Path) -> tuple[int, bytes] | None:
@@ -128,13 +168,11 @@ class PrivateRedis:
     log_name = "redis.log"
 
     def __init__(self, state_dir: Path, port: int | None = None,
-                 extra_args: tuple[str, ...] = (), stops_with_owner: bool = False):
+                 extra_args: tuple[str, ...] = ()):
         self.state_dir = state_dir
         self.port = port or free_port()
         self.extra_args = extra_args  # e.g. ("--replicaof", "127.0.0.1", "6379")
-        # `vidq run`'s (stops_with_this_process; the signal comes when the
-        # starting *thread* ends, so not for a Redis a helper thread restarts).
-        self.stops_with_owner = stops_with_owner
+        self.left_by_killed_run = 0  # the pid of an orphaned Redis start() stopped
         self.process: subprocess.Popen | None = None
 
     @property
@@ -151,10 +189,9 @@ class PrivateRedis:
         self._refuse_if_in_use()
         log = open(self.state_dir / self.log_name, "ab")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True,
-                                        preexec_fn=stops_with_this_process()
-                                        if self.stops_with_owner else None)
+                                        start_new_session=True)
         (self.state_dir / PID_FILE).write_text(str(self.process.pid))
+        (self.state_dir / OWNER_FILE).write_text(str(os.getpid()))
         (self.state_dir / URL_FILE).write_text(self.url)
         client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + timeout_s
@@ -177,25 +214,34 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        (self.state_dir / PID_FILE).unlink(missing_ok=True)
-        (self.state_dir / URL_FILE).unlink(missing_ok=True)
+        for name in (PID_FILE, URL_FILE, OWNER_FILE):
+            (self.state_dir / name).unlink(missing_ok=True)
 
     def _refuse_if_in_use(self) -> None:
-        """A redis-server still running on this directory belongs to a run
-        that died without stopping it (a closed terminal, the OOM killer):
-        its workers may still be working the batch. A second Redis on the
-        same files would not see their POSTs, and POST the same prompts again."""
+        """A redis-server still running on this directory belongs to another
+        run, live, or killed without stopping it: its workers may still be
+        working the batch, and a second Redis on the same files would not see
+        their POSTs and POST the same prompts again. Refused, naming what to
+        stop; but a Redis whose run is gone (it no longer has it as parent)
+        and that no worker uses is stopped here, and the run resumes: a
+        `vidq run` killed outright stops its workers (stops_with_this_process)
+        and leaves only that."""
         pid = running_pid(self.state_dir)
-        if pid is not None:
-            url = running_url(self.state_dir)
-            workers = workers_on(url) if url else []
-            raise ConfigError(
-                f"{self.state_dir} is in use by a redis-server still running (pid {pid}), left "
-                "by a run that ended without stopping it; its workers may still be working "
-                f"the batch ({len(workers)} found). Stop them, "
-                + (f"`kill {' '.join(map(str, workers))}`, then the Redis, `kill {pid}`"
-                   if workers else f"`kill {pid}` and the celery workers of that run")
-                + ", then run again (it resumes the batch)")
+        if pid is None:
+            return
+        url = running_url(self.state_dir)
+        workers = workers_on(url) if url else []
+        if not workers and _parent_of(pid) != _read_int(self.state_dir / OWNER_FILE):
+            _stop_process(pid)
+            self.left_by_killed_run = pid
+            return
+        raise ConfigError(
+            f"{self.state_dir} is in use by a redis-server still running (pid {pid}), of a "
+            "run going on or one that ended without stopping it; its workers may still be "
+            f"working the batch ({len(workers)} found). Stop them, "
+            + (f"`kill {' '.join(map(str, workers))}`, then the Redis, `kill {pid}`"
+               if workers else f"`kill {pid}` and the celery workers of that run")
+            + ", then run again (it resumes the batch)")
 
     def __enter__(self):
         return self.start()

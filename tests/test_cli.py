@@ -209,6 +209,20 @@ def test_only_a_running_redis_of_the_state_dir_is_named(tmp_path):
         (state / URL_FILE).write_text(server.url)
         os.chown(state / URL_FILE, 12345, -1)
         assert running_url(state) is None
+    # Or the pid and port of a Redis running elsewhere (guessed): not in this directory.
+    with PrivateRedis(tmp_path / "elsewhere") as other:
+        (state / PID_FILE).write_text(str(other.process.pid))
+        (state / URL_FILE).write_text(other.url)
+        assert running_url(state) is None
+
+
+def test_only_celery_worker_processes_are_named_as_a_runs_workers():
+    """Flower or `celery inspect` on the same Redis are not workers to stop."""
+    from producer.redis_server import _is_celery_worker
+
+    assert _is_celery_worker([b"python3", b"-m", b"celery", b"-A", b"worker", b"worker", b"-c"])
+    assert not _is_celery_worker([b"celery", b"-A", b"worker", b"flower"])
+    assert not _is_celery_worker([b"celery", b"-A", b"worker", b"inspect", b"active"])
 
 
 def test_a_worker_delivering_only_webhooks_is_not_a_worker_for_the_batch(make_pipeline, tmp_path):

@@ -310,23 +310,26 @@ def test_a_run_killed_outright_stops_what_it_started_and_the_rerun_finishes(make
     """`kill -9` (or the OOM killer) on `vidq run`: its Redis and workers, in
     sessions of their own, went on working the batch with nobody watching,
     and the same command was refused until they were found and stopped by
-    hand. They stop with it now, and the same command resumes the batch: one
-    generation per prompt, every video stored."""
+    hand. The workers stop with it now, and the same command stops the Redis
+    nobody uses any more and resumes the batch: one generation per prompt,
+    every video stored."""
     sandbox = make_sandbox(time_scale=15)
     env = _env(sandbox, tmp_path)
     prompts = [f"killed outright {i}" for i in range(4)]
     path = write_prompts(tmp_path / "night.txt", prompts)
     process = _start_run_until_posted(path, tmp_path, env, sandbox, posted=1)
-    started = psutil.Process(process.pid).children(recursive=True)
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if "celery" in " ".join(p.cmdline())]
     process.kill()
     process.communicate(timeout=30)
 
     def gone() -> bool:
-        return not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        return not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
-    wait_until(gone, 60, "what the run started to stop")
+    wait_until(gone, 60, "the run's workers to stop")
     rerun = _run(path, tmp_path, env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "stopped the Redis a killed run left (pid " in rerun.stdout
     assert _ledger(sandbox) == Counter({prompt: 1 for prompt in prompts})
     assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 4
 
