@@ -269,8 +269,11 @@ def run_chaos(parts: ChaosParts, *, jobs: int, seed: int, kill_every_s: float,
                 report.redis_restarts += 1
                 report.restart_log.append((round(now - started, 1), unfinished))
             if next_storm and now >= next_storm:
-                burst = rng.randint(5, 20)
-                proxy.queue("429", count=burst, method="GET", path_prefix="/v2/")
+                # A window of time, as a rate limiter's: a number of 429s was
+                # outpaced by the polls' shared pause (one GET a Retry-After),
+                # and once stalled seed 57's batch for 200 s.
+                proxy.queue_for("429", seconds=rng.uniform(1.0, 4.0), method="GET",
+                                path_prefix="/v2/")
                 report.storms += 1
                 if refusals:
                     sandbox.state.add_faults({"submit": [403] * rng.randint(3, 6)})

@@ -36,6 +36,7 @@ become the proxy's URL (Content-Length fixed), so result downloads go through it
 from __future__ import annotations
 
 import json
+import math
 import random
 import socket
 import struct
@@ -68,7 +69,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._rules: dict[tuple, list[tuple[str, float]]] = {}
-        self._queued: list[list] = []  # [kind, method or None, path_prefix, remaining]
+        # [kind, method or None, path_prefix, remaining, until (monotonic; inf: none)]
+        self._queued: list[list] = []
         self._counts: Counter[str] = Counter()
         self._listener: tuple[threading.Event, threading.Thread] | None = None
 
@@ -142,7 +144,16 @@ class FaultProxy:
         """The next `count` requests matching method (None: any) and prefix get `kind`."""
         _check_kinds([kind])
         with self._lock:
-            self._queued.append([kind, method and method.upper(), path_prefix, count])
+            self._queued.append([kind, method and method.upper(), path_prefix, count, math.inf])
+
+    def queue_for(self, kind: str, seconds: float, method: str | None = "POST",
+                  path_prefix: str = "") -> None:
+        """Every request matching method (None: any) and prefix for `seconds` gets `kind`:
+        a rate limiter's storm is a window of time, not a number of answers."""
+        _check_kinds([kind])
+        with self._lock:
+            self._queued.append([kind, method and method.upper(), path_prefix, math.inf,
+                                 time.monotonic() + seconds])
 
     def clear(self) -> None:
         with self._lock:
@@ -162,8 +173,10 @@ class FaultProxy:
             return kind
 
     def _take_queued(self, method: str, path: str) -> str | None:
+        now = time.monotonic()
+        self._queued = [entry for entry in self._queued if entry[4] > now]
         for entry in self._queued:
-            kind, want, prefix, _ = entry
+            kind, want, prefix, _, _ = entry
             if want in (None, method) and path.startswith(prefix):
                 entry[3] -= 1
                 if entry[3] <= 0:

@@ -199,3 +199,15 @@ def test_unknown_kind_and_bad_rates_are_rejected(proxy):
         proxy.queue("teapot")
     with pytest.raises(ValueError):
         proxy.set_rates({"503": 0.7, "429": 0.5})
+
+
+def test_a_storm_answers_every_request_for_its_time_then_none(proxy, sandbox):
+    """A rate limiter's storm is a window of time: every request in it gets a
+    429 (as many as come), none after it."""
+    proxy.queue_for("429", seconds=0.5)
+    during = [submit(proxy, sandbox).status_code for _ in range(5)]
+    time.sleep(0.6)
+    after = submit(proxy, sandbox)
+
+    assert during == [429] * 5 and after.status_code in (200, 201)
+    assert proxy.counts == {"429": 5} and len(ledger(sandbox)) == 1
