@@ -210,4 +210,4 @@ def test_a_storm_answers_every_request_for_its_time_then_none(proxy, sandbox):
     after = submit(proxy, sandbox)
 
     assert during == [429] * 5 and after.status_code in (200, 201)
-    assert proxy.counts == {"429": 5} and len(ledger(sandbox)) == 1
+    assert proxy.counts == {"429": 5, "forwarded": 1} and len(ledger(sandbox)) == 1
