@@ -86,9 +86,7 @@ def running_url(state_dir: Path) -> str | None:
     found = _running_command(state_dir)
     path = state_dir / URL_FILE
     try:
-        # Redis runs in its --dir: a guessed pid of another Redis is not in this one.
-        ours = found and Path(f"/proc/{found[0]}/cwd").resolve() == state_dir.resolve()
-        url = path.read_text().strip() if ours and path.stat().st_uid == os.getuid() else ""
+        url = path.read_text().strip() if found and path.stat().st_uid == os.getuid() else ""
     except OSError:
         return None
     port = re.fullmatch(r"redis://127\.0\.0\.1:(\d+)/0", url)
@@ -154,12 +152,16 @@ def _stop_process(pid: int, timeout_s: float = 10.0) -> None:
 
 
 def _running_command(state_dir: Path) -> tuple[int, bytes] | None:
+    """The pid and command line of the redis-server running on state_dir. Redis
+    runs in its --dir: a recorded pid now another Redis's (reused, or guessed
+    in a crafted .vidq) is not this one, and is never named, used or stopped."""
     try:
         pid = int((state_dir / PID_FILE).read_text())
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        here = Path(f"/proc/{pid}/cwd").resolve() == state_dir.resolve()
     except (OSError, ValueError):
         return None  # none recorded, or no longer running
-    return (pid, command) if b"redis-server" in command else None
+    return (pid, command) if here and b"redis-server" in command else None
 
 
 class PrivateRedis:
@@ -231,7 +233,7 @@ class PrivateRedis:
             return
         url = running_url(self.state_dir)
         workers = workers_on(url) if url else []
-        if not workers and _parent_of(pid) != _read_int(self.state_dir / OWNER_FILE):
+        if url and not workers and _parent_of(pid) != _read_int(self.state_dir / OWNER_FILE):
             _stop_process(pid)
             self.left_by_killed_run = pid
             return

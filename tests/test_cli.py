@@ -242,3 +242,19 @@ def test_a_worker_delivering_only_webhooks_is_not_a_worker_for_the_batch(make_pi
     found = json.loads(status.stdout)
     assert found["workers_alive"] == 0 and found["eta_s"] is None, found
     assert "warning: no worker is alive that runs steps" in shown.stdout, shown.stdout
+
+
+def test_a_pid_now_another_redis_is_never_stopped_or_named(tmp_path):
+    """The state dir's pid file names a redis-server that is not its own (the
+    pid reused by another Redis, say the machine's): `vidq run` starting there
+    neither refuses naming it nor stops it as a killed run's orphan."""
+    from producer.redis_server import OWNER_FILE, PID_FILE, PrivateRedis
+
+    with PrivateRedis(tmp_path / "elsewhere") as other:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / PID_FILE).write_text(str(other.process.pid))
+        (state / OWNER_FILE).write_text("1")
+        with PrivateRedis(state) as mine:
+            assert mine.left_by_killed_run == 0
+        assert other.process.poll() is None
