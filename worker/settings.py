@@ -10,11 +10,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .contract import DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
 from .netguard import host_problem, redacted, without_credentials
+from .redis_url import check_redis_url, sentinel_url
 from .spend import parse_estimates
 from .storage import check_storage_url
 from .webhook_signing import check_webhook_settings
@@ -285,101 +286,3 @@ def _parse(name: str, raw: str, type_name: str):
         # nan passes every "< 0" check and then breaks (or silently lifts) a limit.
         raise ConfigError(f"{name}={raw!r} is not a finite number")
     return value
-
-
-REDIS_SCHEMES = ("redis", "rediss", "sentinel")
-USERINFO_FORM = ("redis://:PASSWORD@host:port/0 (redis://USER:PASSWORD@... with a user; "
-                 "percent-encode '/', '#', '?' and '@' in it)")
-
-
-def check_redis_url(url: str) -> None:
-    """ConfigError unless each ;-separated part of VIDQ_REDIS_URL reads the same
-    to both its clients: redis-py (job records) and kombu (Celery's broker).
-    One only redis-py reads (`?password=`, `?db=`, `unix://`) let `vidq enqueue`
-    write a batch's jobs and take their slots, then fail sending their tasks."""
-    for part in url.split(";"):
-        scheme = part.strip().partition("://")[0].lower()
-        if scheme == "unix":
-            raise ConfigError("VIDQ_REDIS_URL: unix sockets are not supported (Celery's broker, "
-                              "kombu, has no unix:// transport); have Redis listen on TCP and "
-                              f"use {USERINFO_FORM}")
-        if scheme not in REDIS_SCHEMES:
-            raise ConfigError(f"VIDQ_REDIS_URL={without_credentials(part)!r} is not a Redis "
-                              "URL: use redis://[:password@]host:port/db, rediss:// (TLS) or "
-                              "sentinel://host:port;...")
-        _check_redis_query(part)
-
-
-def _check_redis_query(part: str) -> None:
-    """Only `ssl_*` options (and the sentinel's master_name, vidq's own) may be
-    in the query: kombu takes any other name for a keyword of its own and fails
-    (`?password=` twice over). No name is shown: with an unencoded '?' in a
-    password, what urlsplit calls the query is the password's tail."""
-    try:
-        names = {name for name, _ in parse_qsl(urlsplit(part.strip()).query,
-                                               keep_blank_values=True)}
-    except ValueError:
-        return  # malformed: connect() says so, naming no piece of it
-    if names & {"password", "username"}:
-        raise ConfigError(f"VIDQ_REDIS_URL: put the password in the URL's userinfo, "
-                          f"{USERINFO_FORM}, not in ?password=: Celery's broker cannot read "
-                          "it from the query")
-    if "db" in names:
-        raise ConfigError("VIDQ_REDIS_URL: put the db in the path, redis://host:port/DB, not in "
-                          "?db=: Celery's broker cannot read it from the query")
-    if any(name != "master_name" and not name.startswith("ssl_") for name in names):
-        raise ConfigError("VIDQ_REDIS_URL: its query may hold only ssl_* options (Celery's "
-                          f"broker refuses any other); a password goes in the userinfo, "
-                          f"{USERINFO_FORM}")
-
-
-def is_sentinel_url(url: str) -> bool:
-    return url.strip().lower().startswith("sentinel://")
-
-
-def sentinel_url(url: str, master: str) -> str:
-    """`url` with the sentinel master's name in it (`?master_name=`); checks that
-    a sentinel URL has one and that a master name comes with a sentinel URL."""
-    url = url.strip()
-    if not is_sentinel_url(url):
-        if master.strip():
-            raise ConfigError("VIDQ_REDIS_SENTINEL_MASTER is set but VIDQ_REDIS_URL is not "
-                              "sentinel://host:port;sentinel://host:port;...")
-        return url
-    parts = [part.strip() for part in url.split(";") if part.strip()]
-    for part in parts:
-        if not is_sentinel_url(part):
-            shown = without_credentials(part)
-            raise ConfigError(f"VIDQ_REDIS_URL: {shown!r} is not sentinel://host:port "
-                              "(every ;-separated part must be a sentinel)")
-    named = sentinel_master_of(url)
-    master = master.strip()
-    if named and master and named != master:
-        raise ConfigError(f"VIDQ_REDIS_SENTINEL_MASTER={master!r} but VIDQ_REDIS_URL names "
-                          f"master_name={named!r}")
-    if not (named or master):
-        raise ConfigError("VIDQ_REDIS_URL is a sentinel URL: set VIDQ_REDIS_SENTINEL_MASTER "
-                          "to the master name the sentinels monitor (e.g. mymaster)")
-    if named:
-        return ";".join(parts)
-    last = parts[-1]
-    parts[-1] = last + ("&" if "?" in last else "?") + "master_name=" + quote(master, safe="")
-    return ";".join(parts)
-
-
-def sentinel_master_of(url: str) -> str:
-    for part in url.split(";"):
-        found = parse_qs(urlsplit(part.strip()).query).get("master_name")
-        if found and found[0]:
-            return found[0]
-    return ""
-
-
-def without_master_name(url: str) -> str:
-    """The sentinel URL as kombu takes it: `master_name` goes in transport options."""
-    parts = []
-    for part in url.split(";"):
-        split = urlsplit(part.strip())
-        query = urlencode([(k, v) for k, v in parse_qsl(split.query) if k != "master_name"])
-        parts.append(urlunsplit(split._replace(query=query)))
-    return ";".join(parts)
