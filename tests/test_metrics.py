@@ -239,3 +239,20 @@ def test_metrics_on_a_busy_port_is_one_error_line(redis_url, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: --port {port}: cannot listen")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_webhook_only_pool_is_not_counted_as_a_live_worker(make_pipeline, exporter, tmp_path):
+    """Only a webhook pool is up: no job moves, so an alert on
+    `vidq_workers_alive == 0` must fire, as `vidq status` warns; the pool's
+    heartbeat age is still shown."""
+    from worker.celery_app import WEBHOOK_QUEUE
+
+    pipeline = make_pipeline()
+    pipeline.start_workers(queues=[WEBHOOK_QUEUE])
+    url = exporter(pipeline.env, tmp_path / "logs" / "exporter.log")
+
+    samples = scrape(url)
+
+    assert value(samples, "vidq_workers_alive") == 0
+    assert [n for (n, _) in samples if n == "vidq_worker_heartbeat_age_seconds"] == [
+        "vidq_worker_heartbeat_age_seconds"]

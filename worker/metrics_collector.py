@@ -162,20 +162,25 @@ def deployment_gauges(client: redis.Redis) -> Iterator[Metric]:
 
 
 def worker_gauges(client: redis.Redis, heartbeat_ttl_s: float) -> Iterator[Metric]:
-    """Workers whose heartbeat key is alive, and how old each heartbeat is."""
+    """Workers running steps whose heartbeat key is alive (as `vidq status`
+    counts them: a webhook-only pool moves no job), and how old each live
+    heartbeat is, webhook pools included."""
     names = sorted(str(key) for key in client.scan_iter(keys.WORKER_PREFIX + "*", count=1000))
     pipe = client.pipeline(transaction=False)
     for key in names:
         pipe.pttl(key)
+        pipe.get(key)
+    replies = pipe.execute()
     ages = GaugeMetricFamily("vidq_worker_heartbeat_age_seconds", "Seconds since each live "
                              "worker's last heartbeat.", labels=("worker",))
     alive = 0
-    for key, ttl_ms in zip(names, pipe.execute(), strict=True):
+    for key, ttl_ms, runs in zip(names, replies[::2], replies[1::2], strict=True):
         if ttl_ms > 0:
-            alive += 1
+            alive += runs != keys.WEBHOOK_WORKER
             ages.add_metric([key.removeprefix(keys.WORKER_PREFIX)],
                             max(heartbeat_ttl_s - ttl_ms / 1000, 0.0))
-    yield _gauge("vidq_workers_alive", "Worker instances with a live heartbeat.", alive)
+    yield _gauge("vidq_workers_alive", "Worker instances running steps with a live "
+                 "heartbeat (webhook-only pools are not counted).", alive)
     yield ages
 
 
