@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import hashlib
 import os
 import subprocess
 import threading
@@ -338,3 +339,40 @@ def test_429s_further_apart_than_a_minute_still_lower_the_cap_after_a_long_pause
     assert steps.store.back_in_line(steps.claim(ref, token, "submit"), 90.0,
                                     rate_limited=True) == 3
 
+
+
+def test_a_429_to_resubmits_look_pauses_polls_and_spends_no_attempt(make_pipeline, make_sandbox,
+                                                                     tmp_path):
+    """A job failed at the hard limit while generating; its generation then
+    completed. `vidq retry --resubmit` looks at the old id before POSTing, and
+    the look meets a run of 429s. It went through the job's own retries,
+    spending an attempt each and pausing no other poll, until the job failed
+    "gave up" with its paid video never fetched. Now the 429s pause polls for
+    every worker, the look waits them out, and the video is downloaded."""
+    from conftest import write_prompts
+    from test_batch_ops import report, vidq
+
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=4, spread=0)
+    pipeline = make_pipeline(sandbox, VIDQ_EXPECTED_GENERATION_S=4, VIDQ_DEADLINE_S=1,
+                             VIDQ_HARD_LIMIT_S=2, VIDQ_MAX_ATTEMPTS=1)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["finished later"]), "late")
+    assert pipeline.wait_finished("late", timeout_s=30)["failed"] == 1
+    [paid] = pipeline.ledger()
+    wait_until_completed = time.monotonic() + 30
+    while {e["id"]: e for e in pipeline.ledger()}[paid["id"]]["status"] != "completed":
+        assert time.monotonic() < wait_until_completed, "the generation never completed"
+        time.sleep(0.2)
+    limited = 6  # over VIDQ_MAX_ATTEMPTS x the 429 allowance (5)
+    pipeline.faults(poll=[429] * limited, retry_after=1)
+
+    retried = vidq(pipeline, "retry", "late", "--resubmit", "--yes")
+    assert retried.returncode == 0, retried.stderr
+
+    assert pipeline.wait_finished("late", timeout_s=60)["done"] == 1
+    [row] = report(pipeline, "late")
+    assert row["generation_ids"] == [paid["id"]] and len(pipeline.ledger()) == 1
+    video = (tmp_path / "videos" / "late" / f"{row['custom_id']}.mp4").read_bytes()
+    assert hashlib.sha256(video).hexdigest() == row["sha256"] == pipeline.ledger()[0]["sha256"]
+    log = (pipeline.log_dir / "worker-0.log").read_text()
+    assert log.count("429 on a status GET: polls paused 1 s for every worker") == limited

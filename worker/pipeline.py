@@ -116,14 +116,21 @@ class Steps(StepOutcomes):
         paid for: it becomes the job's generation again, downloaded, and
         nothing is POSTed. (Checked before every POST of the job: one that
         waited in line after a 429 looks again.) Only a 404 or 410 lets the
-        POST go unchecked; any other failure is retried and never POSTs."""
+        POST go unchecked; any other failure is retried and never POSTs. True
+        when the job moved on without a POST: adopted, or waiting out the
+        account's pause on status GETs (a 429 to this look is one, for every
+        worker, and spends no attempt)."""
         earlier = job.extra.get("check_before_post")
         if not earlier:
             return False
+        if (paused_ms := job.number("__poll_pause_ms")) > 0:
+            self._look_later(job, paused_ms / 1000)
+            return True
         try:
             generation = self.client.fetch(earlier)
-        except RateLimited:
-            raise
+        except RateLimited as exc:
+            self._look_later(job, self._pause_polls(exc))
+            return True
         except UpstreamError as exc:
             if exc.status in FORGOTTEN:
                 log.info("job %s: the upstream does not know earlier generation %s (%s): "
@@ -144,15 +151,28 @@ class Steps(StepOutcomes):
                    check_before_post="")
         return True
 
-    def _after_poll_pause(self, job: Job, pause_s: float) -> None:
+    def _pause_polls(self, error: RateLimited) -> float:
+        pause = pause_s(error)
+        self.store.pause_polls(pause)
+        log.warning("429 on a status GET: polls paused %.0f s for every worker", pause)
+        return pause
+
+    def _resume_delay(self, pause_s: float) -> float:
         # Spread, so paused polls do not resume all at once; a pause longer
         # than the longest countdown (kept under the broker's visibility
         # timeout) is waited out in several, each finding the pause still on.
-        delay = min(pause_s + spread(pause_s), self.settings.poll_max_interval_s)
+        return min(pause_s + spread(pause_s), self.settings.poll_max_interval_s)
+
+    def _after_poll_pause(self, job: Job, pause_s: float) -> None:
         # A first poll held back finds its video "done by then" late: no news
         # of the generation time (learning.tells_generation_time).
         held = {"held_back": "1"} if job.polls == 0 else {}
-        self._next(job, Step.POLL, delay, polls=job.polls, **held)
+        self._next(job, Step.POLL, self._resume_delay(pause_s), polls=job.polls, **held)
+
+    def _look_later(self, job: Job, pause_s: float) -> None:
+        # Its slot stays held: the look may find the video, and a POST follows
+        # at once if not.
+        self._next(job, Step.SUBMIT, self._resume_delay(pause_s))
 
     def _rate_limited_submit(self, job: Job, error: RateLimited) -> None:
         """A 429 is about the account: every worker pauses submits, this job
@@ -169,10 +189,7 @@ class Steps(StepOutcomes):
         try:
             generation = self.client.fetch(job.generation_id)
         except RateLimited as exc:
-            pause = pause_s(exc)
-            self.store.pause_polls(pause)
-            log.warning("429 on a status GET: polls paused %.0f s for every worker", pause)
-            return self._after_poll_pause(job, pause)
+            return self._after_poll_pause(job, self._pause_polls(exc))
         job.polls += 1
         if generation.succeeded:
             return self._completed(job, generation)
