@@ -223,11 +223,17 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
         self._send_json(200, {"ok": True})
 
     def _expire(self) -> None:
+        self._on_generation(self.state.expire_url)
+
+    def _forget(self) -> None:
+        self._on_generation(self.state.forget)
+
+    def _on_generation(self, action) -> None:
         spec = self._json_body()
         gen_id = spec.get("id") if isinstance(spec, dict) else None
         if not isinstance(gen_id, str):
             raise BadRequest("id: is required")
-        if not self.state.expire_url(gen_id):
+        if not action(gen_id):
             return self._send_error_json(404, f"Generation {gen_id} not found")
         self._send_json(200, {"ok": True})
 
@@ -284,4 +290,5 @@ ADMIN_ROUTES = {
     ("POST", "/__faults"): SandboxRequestHandler._add_faults,
     ("POST", "/__reset"): SandboxRequestHandler._reset,
     ("POST", "/__expire"): SandboxRequestHandler._expire,
+    ("POST", "/__forget"): SandboxRequestHandler._forget,
 }

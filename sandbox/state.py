@@ -74,6 +74,7 @@ class Generation:
     url_expires: int | None = None  # Expires of the current signed URL
     revoked_expires: set[int] = field(default_factory=set)  # via POST /__expire
     video: VideoFile | None = None
+    forgotten: bool = False  # via POST /__forget: 404 from then on
 
     def status(self, now: float) -> str:
         if now >= self.completes_at:
@@ -177,7 +178,7 @@ class SandboxState:
         """The provider's response shape for one generation; None if unknown."""
         with self._lock:
             gen = self._generations.get(gen_id)
-            if gen is None:
+            if gen is None or gen.forgotten:
                 return None
             gen.polls += 1
             self._stats["polls"] += 1
@@ -226,6 +227,20 @@ class SandboxState:
                 gen.revoked_expires.add(gen.url_expires)
             return True
 
+    def forget(self, gen_id: str) -> bool:
+        """Answer 404 for the generation from now on, no longer counted against
+        max_concurrency: the upstream lost it, or the key is now another
+        account's."""
+        with self._lock:
+            gen = self._generations.get(gen_id)
+            if gen is None:
+                return False
+            gen.forgotten = True
+            if gen.completes_at in self._in_flight:
+                self._in_flight.remove(gen.completes_at)
+                heapq.heapify(self._in_flight)
+            return True
+
     # -- downloads -----------------------------------------------------------
     def authorize_download(self, gen_id: str, expires: str, signature: str,
                            count: bool = True) -> VideoFile:
@@ -236,7 +251,7 @@ class SandboxState:
         now = time.time()
         with self._lock:
             gen = self._generations.get(gen_id)
-        if gen is None or not gen.is_downloadable(now):
+        if gen is None or gen.forgotten or not gen.is_downloadable(now):
             raise DownloadDenied(404, "NoSuchKey", "The specified key does not exist.")
         if int(expires) <= now or int(expires) in gen.revoked_expires:
             raise DownloadDenied(403, "AccessDenied", "Request has expired.")

@@ -34,6 +34,8 @@ OPTIONAL_FIELDS: dict[str, type] = {
     "enhance_prompt": bool,
 }
 
+# What a status GET answers for a generation the upstream does not know.
+FORGOTTEN_STATUSES = frozenset({404, 410})
 # HTTP statuses that refuse the account (the key, the credits), not one request.
 ACCOUNT_STATUSES = frozenset({401, 403})
 

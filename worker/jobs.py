@@ -175,6 +175,18 @@ class JobStore:
     def set_holder(self, ref: str, token: str, holder: str) -> None:
         self._scripts["set_holder"](keys=[keys.job(ref)], args=[token, holder])
 
+    def found_again(self, job: Job, running: bool) -> None:
+        """The upstream knows `job`'s generation again after "not found"
+        answers (step_outcomes._not_found): the count starts over, and a slot
+        it gave up is taken back while it runs, freed or not."""
+        with self.redis.pipeline() as pipe:  # MULTI: all of it or nothing
+            if job.extra.get("slot_given_up"):
+                pipe.zrem(keys.SLOT_HOLDS, job.ref)
+                if running:
+                    pipe.zadd(keys.SLOTS, {job.ref: job.now()}, nx=True)
+            pipe.hdel(keys.job(job.ref), "not_found", "not_found_since", "slot_given_up")
+            pipe.execute()
+
     def script(self, name: str):
         """One of the store's Lua scripts (worker/marker.py writes the marker)."""
         return self._scripts[name]

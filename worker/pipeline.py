@@ -13,7 +13,7 @@ import time
 
 from . import events
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, admit
-from .contract import shape_of
+from .contract import FORGOTTEN_STATUSES, shape_of
 from .durability import NotDurable
 from .errors import RateLimited, SubmitOutcomeUnknown, UpstreamError, UpstreamUnavailable
 from .generation import Generation
@@ -33,8 +33,6 @@ from .video import kept_video, store_sidecar, stored_video, stream_video
 
 log = logging.getLogger(__name__)
 
-# What a status GET answers for a generation the upstream does not know.
-FORGOTTEN = (404, 410)
 # A POST marker Redis could not make durable (its wait timed out): tried again
 # this much later.
 MARKER_RETRY_S = 5.0
@@ -132,7 +130,7 @@ class Steps(StepOutcomes):
             self._look_later(job, self._pause_polls(exc))
             return True
         except UpstreamError as exc:
-            if exc.status in FORGOTTEN:
+            if exc.status in FORGOTTEN_STATUSES:
                 log.info("job %s: the upstream does not know earlier generation %s (%s): "
                          "POSTing", job.ref, earlier, exc)
                 return False
@@ -191,6 +189,8 @@ class Steps(StepOutcomes):
         except RateLimited as exc:
             return self._after_poll_pause(job, self._pause_polls(exc))
         job.polls += 1
+        if job.extra.get("not_found"):
+            self.store.found_again(job, running=generation.pending)
         if generation.succeeded:
             return self._completed(job, generation)
         generation.raise_if_failed()

@@ -11,10 +11,11 @@ import logging
 from dataclasses import dataclass, field
 
 from .admission import Admission, Dispatch, admit
+from .contract import FORGOTTEN_STATUSES
 from .durability import Durability
 from .durations import DurationModel
 from .errors import GenerationFailed, RateLimited, ResultRefused, UpstreamError, UpstreamUnavailable
-from .job_rules import earlier_post_unanswered, is_paid, unknown_hold_s
+from .job_rules import earlier_post_unanswered, generation_hold_s, is_paid, unknown_hold_s
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .metrics_record import failed
 from .pacing import DeployedRate
@@ -32,6 +33,13 @@ RATE_LIMIT_ATTEMPT_FACTOR = 5
 # Failed downloads of one result link before the generation is fetched again
 # for a fresh one.
 TRIES_PER_LINK = 2
+# Status GETs in a row answered "not found", over at least VIDQ_BACKOFF_CAP_S,
+# before a paid generation past the age all but 1 in 1,000 end by gives its
+# slot up (one alone came during a slowdown while the generation ran).
+NOT_FOUND_TO_GIVE_UP = 3
+# A hold that ends at once: the reconciler's next pass frees it, or keeps it
+# while an older job runs.
+GIVE_UP_HOLD_S = 0.001
 
 
 @dataclass
@@ -61,7 +69,8 @@ class StepOutcomes:
         POST, in a row, refuses the account: submits pause (rate_limits). For a paid
         generation, a 4xx on its status GET or result (a key being rotated, a
         gateway's or CDN's hiccup) is asked again until the hard limit: only
-        the generation's own failure, or a result vidq refuses, ends it. A
+        the generation's own failure, or a result vidq refuses, ends it (a
+        "not found" that lasts gives its slot up meanwhile: `_not_found`). A
         result URL refused is asked for again through a poll (a fresh link)."""
         if job.step == Step.SUBMIT and account_refused(
                 self.store, job, error, self.settings.backoff_cap_s, self.settings.max_attempts):
@@ -70,7 +79,33 @@ class StepOutcomes:
             return self.fail(job, f"{job.step}: {error}")
         if job.step == Step.DOWNLOAD:
             return self.refresh_link(job, error)
+        if job.step == Step.POLL and error.status in FORGOTTEN_STATUSES:
+            return self._not_found(job, error)
         self.retry(job, error)
+
+    def _not_found(self, job: Job, error: UpstreamError) -> None:
+        """The upstream does not know the generation. Its slot, held to the
+        hard limit, stalled a batch (at the provider's C = 2, two such ids
+        stopped it for 24 h; a key rotated to another account makes every id
+        in flight one). Only "not found" again and again, long after all but 1
+        in 1,000 generations have ended, gives the slot up, as a hold that
+        lua/release_holds.lua frees unless an older job still runs (then the
+        upstream is slow, not forgetful). Polls go on: an id that answers
+        again takes a slot back (JobStore.found_again), and its video is
+        downloaded."""
+        now = job.now()
+        since = job.number("not_found_since") or now
+        in_a_row = int(job.number("not_found")) + 1
+        values: dict = {"not_found": in_a_row, "not_found_since": since}
+        if (not job.extra.get("slot_given_up") and in_a_row >= NOT_FOUND_TO_GIVE_UP
+                and now - since >= self.settings.backoff_cap_s
+                and now - job.submitted_at > generation_hold_s(
+                    self.settings.deadline_s, self.durations, job.request)):
+            log.warning("job %s: the upstream has not known generation %s for %.0f s (%s): "
+                        "its slot is given up; polled until the hard limit",
+                        job.ref, job.generation_id, now - since, error)
+            values.update(slot_given_up="1", hold_slot_s=GIVE_UP_HOLD_S)
+        self.retry(job, error, **values)
 
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
         """A result URL expired: fetch the generation again for a fresh one."""
@@ -81,7 +116,7 @@ class StepOutcomes:
         self._next(job, Step.POLL, delay, link_refreshes=refreshes, last_error=str(error),
                    polls=job.polls)
 
-    def retry(self, job: Job, error: Exception) -> None:
+    def retry(self, job: Job, error: Exception, **values) -> None:
         if (job.step == Step.DOWNLOAD and isinstance(error, UpstreamUnavailable)
                 and error.never_sent and (job.attempts + 1) % TRIES_PER_LINK == 0):
             # A host that cannot be reached may not be the one a fresh link
@@ -103,7 +138,7 @@ class StepOutcomes:
             return self.fail(job, f"{job.step}: gave up after {attempts} attempts: {error}")
         log.info("job %s: %s retry %d in %.1f s: %s", job.ref, job.step, attempts, delay, error)
         self._next(job, job.step, delay, attempts=attempts, last_error=str(error),
-                   polls=job.polls, **getattr(error, "carried", {}))
+                   polls=job.polls, **values, **getattr(error, "carried", {}))
 
     def _keeps_trying(self, job: Job, error: Exception) -> bool:
         # A paid generation is polled, and its video stored, until the hard
