@@ -19,7 +19,7 @@ from worker.jobs import JobStore
 from worker.leases import held_lock
 from worker.spend import CreditEstimates
 
-from .prompts import ID_PATTERN, LineError, PromptFileError, case_twin, load_prompts
+from .prompts import ID_PATTERN, LineError, PromptFileError, case_twin, load_prompts, same_request
 from .variants import check_variants
 
 # Renewed while held; a producer that dies frees its batch for the next in this long.
@@ -84,7 +84,7 @@ def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_
         LineError(job.line, "id", f"job {job.job_id!r} already exists in batch {batch!r} "
                                   "with different parameters")
         for job in prompt_file.jobs
-        if job.job_id in existing and existing[job.job_id] != job.request
+        if job.job_id in existing and not same_request(existing[job.job_id], job.request)
     ]
     conflicts += _case_twins(admission.redis, batch, [job for job in prompt_file.jobs
                                                      if job.job_id not in existing])

@@ -22,7 +22,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, MODELS, OPTIONAL_FIELDS, RESOLUTIONS
+from worker.contract import (
+    ASPECT_RATIOS,
+    DEFAULT_MODEL,
+    DEFAULT_PARAMETERS,
+    MODELS,
+    OPTIONAL_FIELDS,
+    RESOLUTIONS,
+)
 from worker.errors import InputError
 
 # LineError is part of this module's public API; it lives in prompt_formats
@@ -175,7 +182,7 @@ def _add_job(jobs: dict[str, PromptJob], by_folded_id: dict[str, PromptJob],
                                                        f" (line {twin.line})"))
         jobs[job.job_id] = job
         return 0
-    if first.request == job.request:
+    if same_request(first.request, job.request):
         return 1
     reason = f"duplicate id {job.job_id!r} (first on line {first.line}) with different parameters"
     return LineError(job.line, None, reason)
@@ -228,9 +235,23 @@ _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure
 
 
 def _digest_id(request: dict) -> str:
-    """A stable id from the request, so re-enqueueing the same file is idempotent."""
-    canonical = _CANONICAL_JSON.encode(request)
+    """A stable id from what the request asks for, so re-enqueueing the same
+    file is idempotent, and a parameter spelled out at the upstream's default
+    is the line that leaves it out: one job, one charge (the id of a line
+    without defaults spelled out is what it always was)."""
+    canonical = _CANONICAL_JSON.encode(asked(request))
     return "p-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
+
+
+def asked(request: dict) -> dict:
+    """The request without the parameters given at the upstream's default."""
+    return {name: value for name, value in request.items()
+            if name not in DEFAULT_PARAMETERS or value != DEFAULT_PARAMETERS[name]}
+
+
+def same_request(first: dict, second: dict) -> bool:
+    """Whether the upstream would generate the same thing for both."""
+    return first == second or asked(first) == asked(second)
 
 
 def _check_value(field: str, value: object) -> str | None:

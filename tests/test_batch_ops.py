@@ -463,6 +463,10 @@ def test_the_same_prompts_with_other_flags_are_refused_unless_variants_are_allow
 
     again = vidq(pipeline, "enqueue", str(path), "--batch", "v")
     assert again.returncode == 0 and "(0 new, 3 already enqueued)" in again.stdout
+    # 720P is the upstream's default: the same requests, not variants to buy again.
+    spelled = vidq(pipeline, "enqueue", str(path), "--batch", "v", "--resolution", "720P",
+                   "--allow-variants")
+    assert spelled.returncode == 0 and "(0 new, 3 already enqueued)" in spelled.stdout
     allowed = vidq(pipeline, "enqueue", str(path), "--batch", "v", "--resolution", "480P",
                    "--allow-variants")
     assert allowed.returncode == 0, allowed.stderr

@@ -18,6 +18,11 @@ RESOLUTIONS = ("480P", "720P")
 ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4")
 DEFAULT_RESOLUTION = "720P"
 DEFAULT_ASPECT_RATIO = "16:9"
+# The upstream's documented defaults (the provider's schema): a parameter left
+# out is generated as this, so a row says what was generated, and a parameter
+# spelled out at its default is the same request (one job, one charge).
+DEFAULT_PARAMETERS = {"resolution": DEFAULT_RESOLUTION, "aspect_ratio": DEFAULT_ASPECT_RATIO,
+                      "watermark": False, "enhance_prompt": True}
 
 
 def shape_of(request: dict) -> tuple[str, str]:

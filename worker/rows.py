@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import redis
 
 from . import keys
-from .contract import DEFAULT_ASPECT_RATIO, DEFAULT_RESOLUTION
+from .contract import DEFAULT_PARAMETERS
 
 CHUNK = 5000
 TIMINGS = ("enqueued_at", "submitted_at", "completed_at", "downloaded_at", "failed_at")
@@ -37,10 +37,6 @@ COLUMNS = ("custom_id", "line", "prompt", "model", "parameters", "state", "stora
            "sha256", "generation_id", "generation_ids", "siblings", "sibling_of",
            "credits_used", "credits", *TIMINGS, "attempts", "polls", "error",
            "outcome_unknown")
-# The upstream's documented defaults (sandbox/request_schema.json), so a row
-# says what was generated, not only what was asked.
-DEFAULT_PARAMETERS = {"resolution": DEFAULT_RESOLUTION, "aspect_ratio": DEFAULT_ASPECT_RATIO,
-                      "watermark": False, "enhance_prompt": True}
 
 # Every KEYS[i]'s hash as a JSON object ({} if the job is gone), in one string.
 _READ_HASHES = """
