@@ -134,7 +134,7 @@ class JobStore:
         self.redis = client
         self._scripts = {name: load_script(client, name) for name in (
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
-            "grow_cap", "clear_posting", "renew_lease", "keep_video")}
+            "grow_cap", "clear_posting", "renew_lease", "keep_video", "found_again")}
         self._scripts["extend_pause"] = load_script(client, "extend_pause", ("pause_lib",))
         self._scripts["undo_unknown"] = load_script(client, "undo_unknown", ("line_lib",))
         self._scripts["back_in_line"] = load_script(client, "back_in_line",
@@ -177,15 +177,9 @@ class JobStore:
 
     def found_again(self, job: Job, running: bool) -> None:
         """The upstream knows `job`'s generation again after "not found"
-        answers (step_outcomes._not_found): the count starts over, and a slot
-        it gave up is taken back while it runs, freed or not."""
-        with self.redis.pipeline() as pipe:  # MULTI: all of it or nothing
-            if job.extra.get("slot_given_up"):
-                pipe.zrem(keys.SLOT_HOLDS, job.ref)
-                if running:
-                    pipe.zadd(keys.SLOTS, {job.ref: job.now()}, nx=True)
-            pipe.hdel(keys.job(job.ref), "not_found", "not_found_since", "slot_given_up")
-            pipe.execute()
+        answers (lua/found_again.lua)."""
+        self._scripts["found_again"](keys=[keys.job(job.ref), keys.SLOTS],
+                                     args=[job.ref, job.token, "1" if running else "0"])
 
     def script(self, name: str):
         """One of the store's Lua scripts (worker/marker.py writes the marker)."""

@@ -15,7 +15,7 @@ from .contract import FORGOTTEN_STATUSES
 from .durability import Durability
 from .durations import DurationModel
 from .errors import GenerationFailed, RateLimited, ResultRefused, UpstreamError, UpstreamUnavailable
-from .job_rules import earlier_post_unanswered, generation_hold_s, is_paid, unknown_hold_s
+from .job_rules import deadline_s, earlier_post_unanswered, is_paid, unknown_hold_s
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .metrics_record import failed
 from .pacing import DeployedRate
@@ -34,12 +34,8 @@ RATE_LIMIT_ATTEMPT_FACTOR = 5
 # for a fresh one.
 TRIES_PER_LINK = 2
 # Status GETs in a row answered "not found", over at least VIDQ_BACKOFF_CAP_S,
-# before a paid generation past the age all but 1 in 1,000 end by gives its
-# slot up (one alone came during a slowdown while the generation ran).
+# before a paid generation past its deadline gives its slot up.
 NOT_FOUND_TO_GIVE_UP = 3
-# A hold that ends at once: the reconciler's next pass frees it, or keeps it
-# while an older job runs.
-GIVE_UP_HOLD_S = 0.001
 
 
 @dataclass
@@ -87,25 +83,27 @@ class StepOutcomes:
         """The upstream does not know the generation. Its slot, held to the
         hard limit, stalled a batch (at the provider's C = 2, two such ids
         stopped it for 24 h; a key rotated to another account makes every id
-        in flight one). Only "not found" again and again, long after all but 1
-        in 1,000 generations have ended, gives the slot up, as a hold that
-        lua/release_holds.lua frees unless an older job still runs (then the
-        upstream is slow, not forgetful). Polls go on: an id that answers
-        again takes a slot back (JobStore.found_again), and its video is
-        downloaded."""
+        in flight one). Only a job past its deadline (VIDQ_DEADLINE_S), told
+        "not found" again and again, gives its slot up: a gateway's 404s for
+        every id while they run then free no young job's slot (freed on one
+        404 past the fit's 99.9th percentile, a slowdown passed C). Polls go
+        on: an id that answers again takes a slot back (lua/found_again.lua),
+        and its video is downloaded."""
         now = job.now()
         since = job.number("not_found_since") or now
         in_a_row = int(job.number("not_found")) + 1
         values: dict = {"not_found": in_a_row, "not_found_since": since}
-        if (not job.extra.get("slot_given_up") and in_a_row >= NOT_FOUND_TO_GIVE_UP
-                and now - since >= self.settings.backoff_cap_s
-                and now - job.submitted_at > generation_hold_s(
-                    self.settings.deadline_s, self.durations, job.request)):
-            log.warning("job %s: the upstream has not known generation %s for %.0f s (%s): "
-                        "its slot is given up; polled until the hard limit",
+        give_up = (not job.extra.get("slot_given_up") and in_a_row >= NOT_FOUND_TO_GIVE_UP
+                   and now - since >= self.settings.backoff_cap_s
+                   and now - job.submitted_at > deadline_s(self.settings, job))
+        if give_up:
+            log.warning("job %s: the upstream has not known generation %s for %.0f s (%s), "
+                        "past its deadline: its slot is given up; polled until the hard limit",
                         job.ref, job.generation_id, now - since, error)
-            values.update(slot_given_up="1", hold_slot_s=GIVE_UP_HOLD_S)
+            values.update(slot_given_up="1", release_slot=True)
         self.retry(job, error, **values)
+        if give_up:
+            admit(self.admission, self.dispatch)
 
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
         """A result URL expired: fetch the generation again for a fresh one."""
