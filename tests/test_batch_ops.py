@@ -647,7 +647,10 @@ def test_purge_holds_only_the_slots_whose_generation_may_run_and_a_late_id_keeps
     and a POST with no answer yet keep their slots (as holds named apart from
     their refs); a completed generation and a job never POSTed free theirs.
     The POST's late id lands in vidq:orphans and its slot stays held; the same
-    batch name enqueued again gets only the free slots, and none of the holds."""
+    batch name enqueued again gets only the free slots, and none of the holds.
+    What the four committed against today's credit cap goes with them: spent
+    for the two that may be charged, given back for the others (left
+    committed, it held the daily cap until midnight)."""
     pipeline = make_pipeline(VIDQ_DEADLINE_S="600")
     admission, store, client = pipeline.admission, pipeline.store, pipeline.store.redis
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"held {i}" for i in range(4)]), "p")
@@ -658,10 +661,15 @@ def test_purge_holds_only_the_slots_whose_generation_may_run_and_a_late_id_keeps
     client.hset(keys.job(completed), mapping={"generation_id": "gen-done", "completed_at": "1"})
     client.hset(keys.job(posting), mapping={"posting_at": "1.5", "posting_op": "op-1"})
     seconds, _ = client.time()
+    today = keys.spend_day(seconds // 86400)
+    each = float(client.hget(keys.job(unsent), "credits_pending"))
+    assert float(client.hget(today, "committed")) == 4 * each > 0
 
     said: list[str] = []
     run_purge(admission, pipeline.settings, "p", force=True, echo=said.append)
     holds = dict(client.zrange(keys.SLOT_HOLDS, 0, -1, withscores=True))
+    assert float(client.hget(today, "committed")) == 0
+    assert float(client.hget(today, "spent") or 0) == 2 * each
 
     assert sorted(client.zrange(keys.SLOTS, 0, -1)) == sorted(holds) == sorted([
         f"{posting}#op-1", f"{running}#gen-running"])

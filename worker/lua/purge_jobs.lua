@@ -11,6 +11,9 @@
 -- ref: the same name enqueued again must not share them. The hold lasts
 -- until an existing one's end, else its ARGV seconds from now (the job's
 -- unknown-POST hold, VIDQ_DEADLINE_S if '').
+-- What an admitted job committed against today's credit cap goes too: spent
+-- if its generation may run (it may be charged; nothing will settle it now),
+-- else given back. Left committed, it held the daily cap until midnight.
 -- ARGV: default hold seconds, then ref, hold seconds ('' = default) per job.
 -- Returns {job records removed, slots kept as holds}. Sent again after a
 -- lost reply, it finds the jobs gone and changes nothing.
@@ -19,17 +22,29 @@ local default_hold_s = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
+local function settle_purged(job_key, may_run)
+  local f = redis.call('HMGET', job_key, 'credits_pending', 'spend_day')
+  if not f[1] or not f[2] then return end
+  local pending = tonumber(f[1]) or 0
+  redis.call('HINCRBYFLOAT', NS.spend .. f[2], 'committed', -pending)
+  if may_run and pending > 0 then
+    redis.call('HINCRBYFLOAT', NS.spend .. f[2], 'spent', pending)
+  end
+end
+
 local removed, held = 0, 0
 for i = 2, #ARGV, 2 do
   local ref = ARGV[i]
   local job_key = NS.job .. ref
   local taken = redis.call('ZSCORE', slots_key, ref)
+  local f = redis.call('HMGET', job_key, 'generation_id', 'completed_at', 'posting_at',
+                       'posting_op')
+  local id, done, posting, op = f[1] or '', f[2] or '', f[3] or '', f[4] or ''
+  local hold_until = redis.call('ZSCORE', holds_key, ref)
+  local may_run = hold_until or (id ~= '' and done == '') or (id == '' and posting ~= '')
+  settle_purged(job_key, may_run)
   if taken then
-    local f = redis.call('HMGET', job_key, 'generation_id', 'completed_at', 'posting_at',
-                         'posting_op')
-    local id, done, posting, op = f[1] or '', f[2] or '', f[3] or '', f[4] or ''
-    local hold_until = redis.call('ZSCORE', holds_key, ref)
-    if hold_until or (id ~= '' and done == '') or (id == '' and posting ~= '') then
+    if may_run then
       if not hold_until then
         hold_until = now + (tonumber(ARGV[i + 1]) or default_hold_s)
       end
