@@ -45,6 +45,33 @@ class VidqCommand(click.Command):
 RUN_STATE_DIR = Path(".vidq")  # `vidq run`'s default --state-dir
 
 
+def redis_gone(client, settings: Settings, batch: str) -> bool:
+    """Whether Redis cannot be reached and the batch's manifest in storage
+    stands in for it: a `vidq run` is over and its private Redis stopped with
+    it, or VIDQ_REDIS_URL is unset and nothing runs on the default (said on
+    stderr). With no manifest either, the Redis error stands."""
+    import redis
+
+    from worker.manifest import manifest_key
+    from worker.netguard import redacted
+    from worker.storage import open_storage
+
+    try:
+        client.ping()
+        return False
+    except redis.ConnectionError:
+        try:
+            found = open_storage(settings.storage_url, settings.s3_part_bytes).exists(
+                manifest_key(batch))
+        except Exception:  # storage down too: the Redis error is what to fix first
+            found = False
+        if not found:
+            raise
+    click.echo(f"Redis at {redacted(settings.redis_url)} cannot be reached: batch "
+               f"{batch} is read from its manifest in storage", err=True)
+    return True
+
+
 def cli_settings() -> Settings:
     """The settings from the environment. With VIDQ_REDIS_URL unset and a
     `vidq run` going on in this directory's .vidq, its Redis: `vidq status`
@@ -162,6 +189,10 @@ def status(batch, as_json, watch, every_s):
 
     settings = cli_settings()
     admission = open_admission(settings)
+    if redis_gone(admission.redis, settings, batch):
+        from .status_cmd import show_from_manifest
+
+        sys.exit(show_from_manifest(settings, batch, as_json))
     sys.exit(show_status(admission, settings, batch, console, as_json=as_json, follow=watch,
                          every_s=every_s))
 
@@ -351,9 +382,13 @@ def report(batch, fmt, states, output):
     chosen = check_states(states)
     settings = cli_settings()
     store = open_admission(settings).store
-    # Rows point where the workers store, whatever this shell's VIDQ_STORAGE_URL.
-    count = write_report(store, batch, workers_storage_url(store.redis, settings.storage_url),
-                         chosen, fmt, output)
+    if redis_gone(store.redis, settings, batch):
+        count = write_report(None, batch, settings.storage_url, chosen, fmt, output)
+    else:
+        # Rows point where the workers store, whatever this shell's VIDQ_STORAGE_URL.
+        count = write_report(store, batch,
+                             workers_storage_url(store.redis, settings.storage_url),
+                             chosen, fmt, output)
     if output is not None:
         click.echo(f"batch {batch}: {count} {_jobs(count)} written to {output}", err=True)
 

@@ -35,11 +35,12 @@ def check_states(states: Iterable[str]) -> set[str] | None:
     return chosen or None
 
 
-def report_rows(store: JobStore, batch: str, storage_url: str,
+def report_rows(store: JobStore | None, batch: str, storage_url: str,
                 states: set[str] | None = None) -> Iterator[dict]:
-    """One dict per job (keys: COLUMNS), in input-line order. Checks the batch
+    """One dict per job (keys: COLUMNS), in input-line order, from the
+    manifest when there is no `store` (its Redis is gone). Checks the batch
     exists before yielding anything: an unknown batch is an InputError."""
-    if store.batch_total(batch) == 0:
+    if store is None or store.batch_total(batch) == 0:
         return _from_manifest(batch, storage_url, states)
     return batch_rows(store.redis, batch, store.job_ids(batch), storage_url, states)
 
@@ -53,7 +54,7 @@ def _from_manifest(batch: str, storage_url: str, states: set[str] | None) -> Ite
     return iter([row for row in rows if states is None or row.get("state") in states])
 
 
-def write_report(store: JobStore, batch: str, storage_url: str, states: set[str] | None,
+def write_report(store: JobStore | None, batch: str, storage_url: str, states: set[str] | None,
                  fmt: str, output: Path | None) -> int:
     """`vidq report`: rows to standard output, or to `output` published whole
     (written beside it, then renamed); returns the rows written."""

@@ -27,7 +27,7 @@ def show_status(admission: Admission, settings: Settings, batch: str, console: C
     """Print BATCH's status; returns the exit status."""
     status = batch_status(admission, batch, settings)
     if status["total"] == 0:
-        return _expired(settings, batch, as_json)
+        return show_from_manifest(settings, batch, as_json)
     if follow:
         status = watch(admission, batch, console, settings=settings, every_s=every_s)
     status["manifest"] = _manifest(admission, settings, batch)
@@ -84,7 +84,7 @@ def _manifest(admission: Admission, settings: Settings, batch: str) -> str | Non
     return where if manifest.read_marks(admission.redis, [batch])[batch].manifest_current else None
 
 
-def _expired(settings: Settings, batch: str, as_json: bool) -> int:
+def show_from_manifest(settings: Settings, batch: str, as_json: bool) -> int:
     storage = open_storage(settings.storage_url, settings.s3_part_bytes)
     rows = manifest.read(storage, batch)
     if rows is None:

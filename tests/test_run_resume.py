@@ -8,10 +8,12 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import av
 import psutil
@@ -56,6 +58,28 @@ def _ledger(sandbox) -> Counter:
     return Counter(entry["prompt"] for entry in entries)
 
 
+def _read_after_the_run(env: dict, tmp_path, batch: str, done: int) -> None:
+    """The run is over and its Redis stopped; no Redis is where the shell
+    points either (here a closed port, on a laptop the default 6379): the
+    manifest is what is left. `vidq report` and `status` said "cannot use
+    Redis" and exited 2."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    shell = {**env, "VIDQ_REDIS_URL": f"redis://127.0.0.1:{closed}/0"}
+    report = subprocess.run(["vidq", "report", batch], env=shell, capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    status = subprocess.run(["vidq", "status", batch], env=shell, capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert report.returncode == 0 and status.returncode == 0, report.stderr + status.stderr
+    rows = [json.loads(line) for line in report.stdout.splitlines()]
+    assert [row["state"] for row in rows] == ["done"] * done
+    assert all(Path(row["storage_url"].removeprefix("file://")).is_file() for row in rows)
+    assert f"from its manifest: {done} done" in status.stdout
+    assert "cannot be reached: batch night is read from its manifest in storage" in (
+        report.stderr)
+
+
 @pytest.mark.slow
 def test_running_the_same_file_twice_posts_nothing_the_second_time(make_sandbox, tmp_path):
     sandbox = make_sandbox()
@@ -65,6 +89,7 @@ def test_running_the_same_file_twice_posts_nothing_the_second_time(make_sandbox,
 
     first = _run(path, tmp_path, env)
     assert first.returncode == 0, first.stdout + first.stderr
+    _read_after_the_run(env, tmp_path, "night", done=3)
     second = _run(path, tmp_path, env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "3 already enqueued" in second.stdout
