@@ -177,7 +177,12 @@ def _csv_records(text: str) -> Iterator[Record]:
     header_errors = _check_header(header.line, columns)
     if header_errors:
         yield Record(header.line, None, header_errors)
-        return
+        if "prompt" not in columns:
+            return
+        # The rows are still checked, so the file is fixed in one round; an
+        # unknown or repeated column's cells are left out ('').
+        columns = [name if name in FIELD_TYPES and columns.index(name) == at else ""
+                   for at, name in enumerate(columns)]
     for row in rows:
         if row.error:
             yield Record(row.line, None, [row.error])
@@ -230,7 +235,7 @@ def _csv_record(line: int, columns: list[str], cells: list[str]) -> Record:
         errors.append(LineError(line, None, extra))
     for name, cell in zip(columns, cells, strict=False):  # a short row leaves fields unset
         text = cell.strip()
-        if not text and name != "prompt":  # an empty prompt is an error, not "not given"
+        if not name or (not text and name != "prompt"):  # an empty prompt is an error
             continue
         value, problem = _convert_cell(name, text)
         if problem:

@@ -303,6 +303,17 @@ def test_csv_unknown_column(tmp_path):
     ]
 
 
+def test_a_bad_csv_header_still_lists_every_bad_row(tmp_path):
+    """Only the header's unknown column was reported: the rows' own errors came
+    one round of fixes later. The rows are checked too, leaving that column
+    (and a repeated one's later cells) out."""
+    text = "prompt,resolution,seed,foo,seed\nworld,999P,abc,x,1\nfine,480P,1,y,2\n"
+    errors = errors_of(write(tmp_path, "p.csv", text))
+    assert [(error.line, error.field) for error in errors] == [
+        (1, None), (1, None), (2, "seed"), (2, "resolution")]
+    assert str(errors[0]) == "line 1: unknown field 'foo'"
+
+
 def test_nul_in_prompt(tmp_path):
     """A prompt containing a NUL character is rejected."""
     (error,) = errors_of(write(tmp_path, "p.txt", "ok\nbad\x00prompt\n"))
