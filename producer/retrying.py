@@ -57,7 +57,8 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
         echo(f"{plural(finished)} not POSTed again: {'its' if finished == 1 else 'their'} "
              "generation finished upstream (paid for); polled again and downloaded "
              "(--include-completed buys new ones if those videos cannot be fetched)")
-    unseen = sum(1 for failure in chosen if failure.generation_id and not failure.completed)
+    unseen = sum(1 for failure in chosen if failure.generation_id and not failure.completed
+                 and not _failed_upstream(failure))
     if resubmit and unseen:
         echo(f"{plural(unseen)} had a generation nobody saw finish: it is looked at again "
              "before the new POST, and if it finished meanwhile its video is downloaded "

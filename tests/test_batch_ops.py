@@ -88,6 +88,8 @@ def test_retry_polls_by_default_and_resubmit_posts_exactly_one_new_generation_pe
     assert resubmitted.returncode == 0, resubmitted.stderr
     assert "3 failed jobs requeued (3 to be POSTed again, 0 polled again)" in resubmitted.stdout
     assert "new charge" in resubmitted.stderr
+    # Their generations were seen to fail: not ones "nobody saw finish".
+    assert "nobody saw finish" not in resubmitted.stdout, resubmitted.stdout
     assert second.wait_finished("night")["done"] == 6
 
     posts = Counter(entry["prompt"] for entry in second.ledger())
