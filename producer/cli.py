@@ -59,7 +59,11 @@ def redis_gone(client, settings: Settings, batch: str) -> bool:
     try:
         client.ping()
         return False
-    except redis.ConnectionError:
+    except redis.ConnectionError as exc:
+        # Only nothing listening: a refused login, a Redis still loading or a
+        # Sentinel without a master is a Redis that holds the live batch.
+        if type(exc) is not redis.ConnectionError:
+            raise
         try:
             found = open_storage(settings.storage_url, settings.s3_part_bytes).exists(
                 manifest_key(batch))
@@ -68,7 +72,8 @@ def redis_gone(client, settings: Settings, batch: str) -> bool:
         if not found:
             raise
     click.echo(f"Redis at {redacted(settings.redis_url)} cannot be reached: batch "
-               f"{batch} is read from its manifest in storage", err=True)
+               f"{batch} is read from its manifest in storage, as it was when written",
+               err=True)
     return True
 
 

@@ -90,15 +90,20 @@ def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_
                                                      if job.job_id not in existing])
     if conflicts:
         raise PromptFileError(str(path), conflicts)
-    variants = check_variants(admission.redis, batch, str(path),
-                              [j[1] for j in jobs if j[0] not in existing], allow_variants,
-                              file_requests=[j[1] for j in jobs])
+    fresh = [job for job in prompt_file.jobs if job.job_id not in existing]
+    variants = check_variants(admission.redis, batch, str(path), [job.request for job in fresh],
+                              allow_variants, file_requests=[j[1] for j in jobs])
+    # Asked already under another digest id (a default spelled out one way and
+    # not the other): the same generation, not bought twice. A line's own id
+    # is the user's: kept.
+    known = set(existing) | {fresh[at].job_id for at in variants.already
+                             if not fresh[at].named}
     if check_plan is not None:  # may refuse: nothing is enqueued yet
-        check_plan([j[1] for j in jobs if j[0] not in existing])
-    created = admission.enqueue(batch, (j for j in jobs if j[0] not in existing), time.time(),
+        check_plan([j[1] for j in jobs if j[0] not in known])
+    created = admission.enqueue(batch, (j for j in jobs if j[0] not in known), time.time(),
                                 batch_settings)
-    return EnqueueResult(batch, len(jobs), created, len(existing),
-                         prompt_file.merged_duplicates, variants)
+    return EnqueueResult(batch, len(jobs), created, len(known),
+                         prompt_file.merged_duplicates, variants.count)
 
 
 def _case_twins(client, batch: str, new_jobs: list) -> list[LineError]:

@@ -73,6 +73,7 @@ class PromptJob:
     line: int  # 1-based line number where the record starts
     job_id: str
     request: dict  # contract field names, ready to send (model, prompt, ...)
+    named: bool = False  # the line gave its own id (else a digest of the request)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def _assemble(records: Iterator[Record],
     """Validate every record, fold duplicates, and collect every error."""
     jobs: dict[str, PromptJob] = {}
     by_folded_id: dict[str, PromptJob] = {}
+    by_asked: dict[str, PromptJob] = {}
     errors: list[LineError] = []
     merged = 0
     seen_any = False
@@ -161,7 +163,7 @@ def _assemble(records: Iterator[Record],
         errors.extend(job_errors)
         if job is None or record.errors:
             continue
-        outcome = _add_job(jobs, by_folded_id, job)
+        outcome = _add_job(jobs, by_folded_id, by_asked, job)
         if isinstance(outcome, LineError):
             errors.append(outcome)
         else:
@@ -172,8 +174,12 @@ def _assemble(records: Iterator[Record],
 
 
 def _add_job(jobs: dict[str, PromptJob], by_folded_id: dict[str, PromptJob],
-             job: PromptJob) -> int | LineError:
-    """Add `job`; return 1 if it merged into an identical job, or the conflict."""
+             by_asked: dict[str, PromptJob], job: PromptJob) -> int | LineError:
+    """Add `job`; return 1 if it merged into an identical job (or, with no id
+    of its own, one asking the same, a default spelled out or not), or the
+    conflict."""
+    if not job.named and by_asked.setdefault(asked_key(job.request), job) is not job:
+        return 1
     first = jobs.get(job.job_id)
     if first is None:
         twin = by_folded_id.setdefault(job.job_id.lower(), job)
@@ -202,7 +208,7 @@ def _job_from_fields(line: int, fields: dict,
         return None, errors
     request = _build_request(fields, base_request)
     job_id = fields.get("id") or _digest_id(request)
-    return PromptJob(line=line, job_id=job_id, request=request), []
+    return PromptJob(line=line, job_id=job_id, request=request, named="id" in fields), []
 
 
 def _field_errors(line: int, fields: dict) -> list[LineError]:
@@ -235,18 +241,22 @@ _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure
 
 
 def _digest_id(request: dict) -> str:
-    """A stable id from what the request asks for, so re-enqueueing the same
-    file is idempotent, and a parameter spelled out at the upstream's default
-    is the line that leaves it out: one job, one charge (the id of a line
-    without defaults spelled out is what it always was)."""
-    canonical = _CANONICAL_JSON.encode(asked(request))
+    """A stable id from the request, so re-enqueueing the same file is
+    idempotent. (The request as written: ids stored by earlier versions stay
+    valid. A default spelled out is matched by `asked_key` instead.)"""
+    canonical = _CANONICAL_JSON.encode(request)
     return "p-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
 
 
 def asked(request: dict) -> dict:
-    """The request without the parameters given at the upstream's default."""
+    """The request without the parameters given at the upstream's default:
+    `"resolution": "720P"` asks what leaving it out asks (one job, one charge)."""
     return {name: value for name, value in request.items()
             if name not in DEFAULT_PARAMETERS or value != DEFAULT_PARAMETERS[name]}
+
+
+def asked_key(request: dict) -> str:
+    return _CANONICAL_JSON.encode(asked(request))
 
 
 def same_request(first: dict, second: dict) -> bool:

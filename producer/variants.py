@@ -18,6 +18,8 @@ import redis
 from worker import keys
 from worker.errors import InputError
 
+from .prompts import asked, asked_key
+
 CHUNK = 5000
 # Every KEYS[i]'s request, in one JSON string (false where the job is gone).
 _READ_REQUESTS = """
@@ -31,6 +33,9 @@ return cjson.encode(out)
 class Variants:
     count: int  # new jobs whose prompt a job of the batch already has
     fields: tuple[str, ...]  # the parameters they differ by
+    # New requests (their indexes) that a job of the batch already asks, a
+    # default spelled out or not: under another digest id, the same video.
+    already: frozenset[int] = frozenset()
 
 
 def find_variants(client: redis.Redis, batch: str, new_requests: list[dict],
@@ -38,28 +43,32 @@ def find_variants(client: redis.Redis, batch: str, new_requests: list[dict],
     """The new requests whose prompt is already in `batch` with other
     parameters that the file itself does not ask for: a file with a 480P and
     a 720P take of each prompt, enqueued again after an interrupted run, is
-    finishing its own work, not adding variants."""
+    finishing its own work, not adding variants. Parameters are compared as
+    asked (`prompts.asked`: a default spelled out is no difference)."""
     if not new_requests or not client.exists(keys.batch_jobs(batch)):
         return Variants(0, ())
     wanted = {request.get("prompt") for request in new_requests}
-    asked = {_canonical(request) for request in file_requests or new_requests}
+    in_file = {asked_key(request) for request in file_requests or new_requests}
+    had: set[str] = set()
     existing: dict[str, list[dict]] = {}
     for request in _requests(client, batch):
-        if request.get("prompt") in wanted and _canonical(request) not in asked:
-            existing.setdefault(request["prompt"], []).append(request)
+        if request.get("prompt") not in wanted:
+            continue
+        key = asked_key(request)
+        had.add(key)
+        if key not in in_file:
+            existing.setdefault(request["prompt"], []).append(asked(request))
+    already = frozenset(at for at, request in enumerate(new_requests)
+                        if asked_key(request) in had)
     count, fields = 0, set()
-    for request in new_requests:
-        others = [old for old in existing.get(request.get("prompt") or "", [])
-                  if old != request]
-        if others:
+    for at, request in enumerate(new_requests):
+        mine = asked(request)
+        others = [old for old in existing.get(request.get("prompt") or "", []) if old != mine]
+        if others and at not in already:
             count += 1
-            fields |= {name for old in others for name in set(old) | set(request)
-                       if old.get(name) != request.get(name)}
-    return Variants(count, tuple(sorted(fields)))
-
-
-def _canonical(request: dict) -> str:
-    return json.dumps(request, sort_keys=True, ensure_ascii=False)
+            fields |= {name for old in others for name in set(old) | set(mine)
+                       if old.get(name) != mine.get(name)}
+    return Variants(count, tuple(sorted(fields)), already)
 
 
 def _requests(client: redis.Redis, batch: str):
@@ -76,8 +85,9 @@ def _requests(client: redis.Redis, batch: str):
 
 
 def check_variants(client: redis.Redis, batch: str, path: str, new_requests: list[dict],
-                   allow: bool, file_requests: list[dict] | None = None) -> int:
-    """How many new jobs are variants; refused (InputError) unless `allow`."""
+                   allow: bool, file_requests: list[dict] | None = None) -> Variants:
+    """The new jobs that are variants (refused, InputError, unless `allow`),
+    and those the batch already asks."""
     found = find_variants(client, batch, new_requests, file_requests)
     if found.count and not allow:
         word = "job differs" if found.count == 1 else "jobs differ"
@@ -85,4 +95,4 @@ def check_variants(client: redis.Redis, batch: str, path: str, new_requests: lis
             f"{path}: {found.count} new {word} from jobs already in batch {batch!r} only by "
             f"parameters ({', '.join(found.fields)}): each would be a new generation and a "
             "new charge; add --allow-variants to enqueue them anyway (nothing was enqueued)")
-    return found.count
+    return found

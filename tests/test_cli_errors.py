@@ -8,6 +8,7 @@ its own sandbox and worker processes.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -340,3 +341,28 @@ def test_a_clock_that_jumps_mid_night_is_told_once_each_way(caplog):
                     "clocks (NTP)", "this machine's clock agrees with Redis's again (-0.3 s)"]
     assert off is False
 
+
+
+def test_a_redis_that_refuses_the_login_is_an_error_not_a_reason_to_read_the_manifest(
+        restartable_redis, tmp_path):
+    """With no Redis to reach, `report` and `status` read a batch's manifest.
+    A Redis refusing the password holds the live batch: answering from an
+    older run's manifest of that name showed finished rows with exit 0."""
+    redis.Redis.from_url(restartable_redis.url).config_set("requirepass", PASSWORD)
+    videos = tmp_path / "videos"
+    (videos / "night").mkdir(parents=True)
+    (videos / "night" / "manifest.jsonl").write_text(
+        json.dumps({"custom_id": "old", "state": "done"}) + "\n")
+    port = restartable_redis.url.rsplit(":", 1)[1].split("/")[0]
+    env = {**base_env(), "VIDQ_STORAGE_URL": videos.as_uri()}
+    for url in (f"redis://:wrong-{PASSWORD}@127.0.0.1:{port}/0",
+                f"redis://127.0.0.1:{closed_port()}/0"):
+        for command in (["report", "night"], ["status", "night"]):
+            result = subprocess.run(VIDQ + command, env={**env, "VIDQ_REDIS_URL": url},
+                                    cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            if "wrong" in url:
+                assert result.returncode == 2 and "error: cannot use Redis" in result.stderr
+                assert "old" not in result.stdout and PASSWORD not in result.stderr
+            else:  # nothing listening: the manifest is what is left
+                assert result.returncode == 0, result.stderr
+                assert "read from its manifest" in result.stderr

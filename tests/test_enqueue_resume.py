@@ -83,3 +83,28 @@ def test_two_producers_with_other_flags_at_once_never_both_enqueue(redis_url, tm
         codes = sorted(process.wait(timeout=120) for process in both)
         assert codes == [0, 2], (attempt, codes)
         assert client.scard(keys.batch_jobs(batch)) == 300
+
+
+def test_a_line_spelling_a_default_finds_the_job_that_left_it_out(redis_url, tmp_path):
+    """A batch run from a file that spelled `"resolution": "720P"`, enqueued
+    again from one that leaves it out (and back): the same requests, under
+    other digest ids. Each was a new job and a second charge; now none is,
+    and no variant is claimed."""
+    spelled = tmp_path / "spelled.jsonl"
+    spelled.write_text("".join(json.dumps({"prompt": f"a lantern {i}", "resolution": "720P"})
+                               + "\n" for i in range(3)))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("".join(f"a lantern {i}\n" for i in range(3)))
+    env = _env(redis_url)
+
+    outputs = []
+    for path in (spelled, plain, spelled):
+        done = subprocess.run([*VIDQ, "enqueue", str(path), "--batch", "lanterns"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+
+    assert "(3 new, 0 already enqueued)" in outputs[0]
+    assert all("(0 new, 3 already enqueued)" in out for out in outputs[1:]), outputs
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.scard(keys.batch_jobs("lanterns")) == 3

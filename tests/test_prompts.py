@@ -154,23 +154,23 @@ def test_defaults_change_digest_ids(tmp_path):
 # --- ids and duplicates ------------------------------------------------------
 
 
-def test_a_default_spelled_out_is_the_same_job_with_the_same_id(tmp_path):
+def test_a_default_spelled_out_is_the_same_job(tmp_path):
     """`resolution` 720P is what the upstream generates when it is left out: two
-    lines asking the same thing were two jobs, two charges. They are one job,
-    with the id a line leaving defaults out always had; a real difference
-    still makes its own job."""
+    lines asking the same thing were two jobs, two charges. They are one job
+    (the first line's); a real difference still makes its own. Ids stay the
+    digest of the request as written, as earlier versions stored them."""
     text = jsonl({"prompt": "same"}, {"prompt": "same", "resolution": "720P"},
                  {"prompt": "same", "aspect_ratio": "16:9", "watermark": False,
                   "enhance_prompt": True}, {"prompt": "same", "resolution": "480P"})
     result = load_prompts(write(tmp_path, "p.jsonl", text), DEFAULTS)
     assert [job.line for job in result.jobs] == [1, 4] and result.merged_duplicates == 2
-    plain = load_prompts(write(tmp_path, "q.txt", "same\n"), DEFAULTS).jobs[0].job_id
-    spelled = load_prompts(write(tmp_path, "r.txt", "same\n"),
-                           {**DEFAULTS, "resolution": "720P"}).jobs[0].job_id
-    assert result.jobs[0].job_id == plain == spelled
-    assert plain == "p-" + hashlib.sha256(json.dumps(
+    assert result.jobs[0].job_id == "p-" + hashlib.sha256(json.dumps(
         {"model": DEFAULT_MODEL, "prompt": "same"}, sort_keys=True,
-        separators=(",", ":")).encode()).hexdigest()[:24]  # as before: no video bought twice
+        separators=(",", ":")).encode()).hexdigest()[:24]
+    named = jsonl({"id": "one", "prompt": "same"}, {"id": "two", "prompt": "same",
+                                                     "resolution": "720P"})
+    assert [job.job_id for job in load_prompts(write(tmp_path, "n.jsonl", named),
+                                               DEFAULTS).jobs] == ["one", "two"]
 
 
 def test_ids_are_stable_across_loads(tmp_path):
