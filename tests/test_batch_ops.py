@@ -684,6 +684,7 @@ def test_purge_holds_only_the_slots_whose_generation_may_run_and_a_late_id_keeps
     assert store.record_generation(late, "gen-late", 10.0) == "gen-late"
     assert client.hget(keys.ORPHANS, "gen-late")
     assert client.zscore(keys.SLOT_HOLDS, f"{posting}#op-1")  # still generating
+    assert float(client.hget(today, "spent")) == 2 * each  # created: spent it stays
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"held {i}" for i in range(4)]), "p")
     admission.pump()
     slots = [str(ref) for ref in client.zrange(keys.SLOTS, 0, -1)]

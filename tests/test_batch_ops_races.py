@@ -212,3 +212,33 @@ def test_an_id_that_differs_only_in_case_from_one_in_the_batch_is_refused(
         refused.stderr
     assert pipeline.store.job_ids("case") == ["Intro"]
 
+
+
+def test_a_purged_post_refused_late_gives_back_what_the_purge_booked(make_pipeline, tmp_path):
+    """`vidq purge --force` while a job's POST has no answer yet books its
+    estimate as spent (it may be charged). The POST is then refused (a 400, a
+    429): nothing was created, yet the spend stayed, holding today's credit
+    cap until midnight (review 89). The late refusal gives it back; a late
+    id keeps it (test_batch_ops.py)."""
+    from producer.purging import run_purge
+    from worker.jobs import Job
+
+    pipeline = make_pipeline()
+    admission, store, client = pipeline.admission, pipeline.store, pipeline.store.redis
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["refused late"]), "p")
+    admission.set_cap(1)
+    [(ref, _)] = admission.pump()
+    client.hset(keys.job(ref), mapping={"posting_at": "1.5", "posting_op": "op-9"})
+    today = keys.spend_day(int(client.time()[0]) // 86400)
+    each = float(client.hget(keys.job(ref), "credits_pending"))
+
+    run_purge(admission, pipeline.settings, "p", force=True, echo=lambda _: None)
+    assert float(client.hget(today, "spent")) == each and float(client.hget(today, "committed")) == 0
+    late = Job(batch="p", id=ref.split(":")[1], request={}, state=State.QUEUED,
+               extra={"posting_op": "op-9"})
+    store.clear_posting(late)
+
+    assert float(client.hget(today, "spent")) == 0
+    assert client.zcard(keys.SLOTS) == 0 and not client.hgetall(keys.PURGED_BOOKINGS)
+    store.clear_posting(late)  # sent again after a lost reply: nothing given back twice
+    assert float(client.hget(today, "spent")) == 0

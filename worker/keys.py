@@ -91,6 +91,9 @@ LINE_SUFFIX = ":line"
 SLOTS = PREFIX + "slots"
 SLOT_HOLDS = PREFIX + "slot_holds"
 ORPHANS = PREFIX + "orphans"
+# Spend booked by `vidq purge --force` for a purged job whose POST had no
+# answer yet, by hold name ('<ref>#<op>'): given back if that POST is refused.
+PURGED_BOOKINGS = PREFIX + "purged_bookings"
 DUE = PREFIX + "due"
 SEQ = PREFIX + "seq"
 PUMP_REPLAY = PREFIX + "pump:replay:"  # + call id: what that pump call admitted

@@ -10,6 +10,13 @@ local ref = ARGV[2]
 if op ~= '' then  -- an earlier attempt's own slot hold (lua/requeue.lua): nothing runs
   redis.call('ZREM', holds_key, ref .. '#' .. op)
   redis.call('ZREM', slots_key, ref .. '#' .. op)
+  -- A purged job's (lua/purge_jobs.lua): what the purge booked as spent goes back.
+  local booked = redis.call('HGET', NS.purged, ref .. '#' .. op)
+  if booked then
+    local day, amount = string.match(booked, '^(%S+) (%S+)$')
+    redis.call('HINCRBYFLOAT', NS.spend .. day, 'spent', -tonumber(amount))
+    redis.call('HDEL', NS.purged, ref .. '#' .. op)
+  end
 end
 if op == '' or redis.call('HGET', job_key, 'posting_op') ~= op then return 0 end
 if redis.call('HEXISTS', job_key, 'posting_at') == 0 then

@@ -22,13 +22,16 @@ local default_hold_s = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
-local function settle_purged(job_key, may_run)
+-- `unanswered`: the hold name of a POST with no answer yet, whose booking a
+-- late refusal gives back (lua/clear_posting.lua).
+local function settle_purged(job_key, may_run, unanswered)
   local f = redis.call('HMGET', job_key, 'credits_pending', 'spend_day')
   if not f[1] or not f[2] then return end
   local pending = tonumber(f[1]) or 0
   redis.call('HINCRBYFLOAT', NS.spend .. f[2], 'committed', -pending)
   if may_run and pending > 0 then
     redis.call('HINCRBYFLOAT', NS.spend .. f[2], 'spent', pending)
+    if unanswered then redis.call('HSET', NS.purged, unanswered, f[2] .. ' ' .. pending) end
   end
 end
 
@@ -42,7 +45,7 @@ for i = 2, #ARGV, 2 do
   local id, done, posting, op = f[1] or '', f[2] or '', f[3] or '', f[4] or ''
   local hold_until = redis.call('ZSCORE', holds_key, ref)
   local may_run = hold_until or (id ~= '' and done == '') or (id == '' and posting ~= '')
-  settle_purged(job_key, may_run)
+  settle_purged(job_key, may_run, id == '' and op ~= '' and (ref .. '#' .. op))
   if taken then
     if may_run then
       if not hold_until then

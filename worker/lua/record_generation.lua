@@ -30,6 +30,8 @@ if redis.call('EXISTS', job_key) == 0 then
   -- purge kept for this POST ('<ref>#<posting_op>', lua/purge_jobs.lua)
   -- stays taken until its hold ends: the generation runs, and nobody polls it.
   redis.call('HSET', NS.orphans, generation_id, ref .. ' ' .. stamp)
+  -- Created after all: what the purge booked as spent stays (lua/purge_jobs.lua).
+  if posting_op ~= '' then redis.call('HDEL', NS.purged, ref .. '#' .. posting_op) end
   return 'orphan'
 end
 

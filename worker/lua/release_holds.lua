@@ -28,6 +28,7 @@ for _, ref in ipairs(redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)) do
   else
     redis.call('ZREM', holds_key, ref)
     redis.call('ZREM', slots_key, ref)
+    redis.call('HDEL', NS.purged, ref)  -- its POST was not refused in time: spent it stays
     released = released + 1
   end
 end
