@@ -38,8 +38,17 @@ class VidqCommand(click.Command):
         except VidqError as exc:
             _fail(exc)
         except redis.RedisError as exc:
-            _fail(RuntimeError(f"cannot use Redis (VIDQ_REDIS_URL): {type(exc).__name__}: "
-                               f"{exc}"))
+            _fail(RuntimeError(redis_error_text(exc)))
+
+
+def redis_error_text(exc: Exception) -> str:
+    """One readable line. A Sentinel's "No master found" carries the repr of
+    every connection pool it tried: over 1,000 characters of noise."""
+    text = str(exc).split(" : <", 1)[0].split(" : {", 1)[0]
+    if type(exc).__name__ == "MasterNotFoundError":
+        text += " (are the Sentinels up, and is the master's name right?)"
+    text = text if len(text) <= 300 else text[:299] + "…"
+    return f"cannot use Redis (VIDQ_REDIS_URL): {type(exc).__name__}: {text}"
 
 
 RUN_STATE_DIR = Path(".vidq")  # `vidq run`'s default --state-dir

@@ -92,12 +92,12 @@ def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_
         raise PromptFileError(str(path), conflicts)
     fresh = [job for job in prompt_file.jobs if job.job_id not in existing]
     variants = check_variants(admission.redis, batch, str(path), [job.request for job in fresh],
-                              allow_variants, file_requests=[j[1] for j in jobs])
+                              allow_variants, file_requests=[j[1] for j in jobs],
+                              named=[job.named for job in fresh])
     # Asked already under another digest id (a default spelled out one way and
-    # not the other): the same generation, not bought twice. A line's own id
-    # is the user's: kept.
-    known = set(existing) | {fresh[at].job_id for at in variants.already
-                             if not fresh[at].named}
+    # not the other): the same generation, not bought twice. (A line with its
+    # own id is a variant: refused unless --allow-variants.)
+    known = set(existing) | {fresh[at].job_id for at in variants.already}
     if check_plan is not None:  # may refuse: nothing is enqueued yet
         check_plan([j[1] for j in jobs if j[0] not in known])
     created = admission.enqueue(batch, (j for j in jobs if j[0] not in known), time.time(),

@@ -170,7 +170,22 @@ def _assemble(records: Iterator[Record],
             merged += outcome
     if not seen_any:
         errors.append(LineError(0, None, "no prompts in file"))
+    merged += _fold_into_named(jobs)
     return list(jobs.values()), merged, errors
+
+
+def _fold_into_named(jobs: dict[str, PromptJob]) -> int:
+    """A line without an id asking what a line with its own id asks is that
+    job, whichever comes first, as it is when the two are enqueued apart
+    (enqueue.py): one generation, under the user's id."""
+    named = {asked_key(job.request) for job in jobs.values() if job.named}
+    if not named:
+        return 0
+    folded = [job_id for job_id, job in jobs.items()
+              if not job.named and asked_key(job.request) in named]
+    for job_id in folded:
+        del jobs[job_id]
+    return len(folded)
 
 
 def _add_job(jobs: dict[str, PromptJob], by_folded_id: dict[str, PromptJob],

@@ -39,12 +39,15 @@ class Variants:
 
 
 def find_variants(client: redis.Redis, batch: str, new_requests: list[dict],
-                  file_requests: list[dict] | None = None) -> Variants:
+                  file_requests: list[dict] | None = None,
+                  named: list[bool] | None = None) -> Variants:
     """The new requests whose prompt is already in `batch` with other
     parameters that the file itself does not ask for: a file with a 480P and
     a 720P take of each prompt, enqueued again after an interrupted run, is
     finishing its own work, not adding variants. Parameters are compared as
-    asked (`prompts.asked`: a default spelled out is no difference)."""
+    asked (`prompts.asked`: a default spelled out is no difference). A new
+    job with an id of its own (`named`) asking what a job of the batch asks
+    is a variant too: a second generation of the same, under another id."""
     if not new_requests or not client.exists(keys.batch_jobs(batch)):
         return Variants(0, ())
     wanted = {request.get("prompt") for request in new_requests}
@@ -58,16 +61,20 @@ def find_variants(client: redis.Redis, batch: str, new_requests: list[dict],
         had.add(key)
         if key not in in_file:
             existing.setdefault(request["prompt"], []).append(asked(request))
-    already = frozenset(at for at, request in enumerate(new_requests)
-                        if asked_key(request) in had)
+    named = named or [False] * len(new_requests)
+    asked_before = [asked_key(request) in had for request in new_requests]
     count, fields = 0, set()
     for at, request in enumerate(new_requests):
         mine = asked(request)
         others = [old for old in existing.get(request.get("prompt") or "", []) if old != mine]
-        if others and at not in already:
+        if named[at] and asked_before[at]:
+            count += 1  # the same, asked again under another id
+        elif others and not asked_before[at]:
             count += 1
             fields |= {name for old in others for name in set(old) | set(mine)
                        if old.get(name) != mine.get(name)}
+    already = frozenset(at for at, before in enumerate(asked_before)
+                        if before and not named[at])
     return Variants(count, tuple(sorted(fields)), already)
 
 
@@ -85,14 +92,16 @@ def _requests(client: redis.Redis, batch: str):
 
 
 def check_variants(client: redis.Redis, batch: str, path: str, new_requests: list[dict],
-                   allow: bool, file_requests: list[dict] | None = None) -> Variants:
+                   allow: bool, file_requests: list[dict] | None = None,
+                   named: list[bool] | None = None) -> Variants:
     """The new jobs that are variants (refused, InputError, unless `allow`),
     and those the batch already asks."""
-    found = find_variants(client, batch, new_requests, file_requests)
+    found = find_variants(client, batch, new_requests, file_requests, named)
     if found.count and not allow:
         word = "job differs" if found.count == 1 else "jobs differ"
         raise InputError(
             f"{path}: {found.count} new {word} from jobs already in batch {batch!r} only by "
-            f"parameters ({', '.join(found.fields)}): each would be a new generation and a "
+            f"parameters ({', '.join(found.fields) or 'none: the same, under another id'}): "
+            "each would be a new generation and a "
             "new charge; add --allow-variants to enqueue them anyway (nothing was enqueued)")
     return found

@@ -140,8 +140,10 @@ def test_resubmit_looks_first_at_a_generation_nobody_saw_finish(make_pipeline, m
     "no completion seen" for "not finished", retired the paid id and POSTed
     again, and the finished video was never downloaded. It is looked at
     first: downloaded, the sandbox's bytes, and nothing POSTed."""
-    sandbox = make_sandbox(time_scale=1, mean_generation_s=8, spread=0)
-    pipeline = make_pipeline(sandbox, VIDQ_EXPECTED_GENERATION_S=8, VIDQ_DEADLINE_S=2,
+    # Generations of 14 s against a 4 s hard limit: still running when their
+    # jobs fail, even on a loaded machine (at 8 s one flaked under -n 6).
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=14, spread=0)
+    pipeline = make_pipeline(sandbox, VIDQ_EXPECTED_GENERATION_S=14, VIDQ_DEADLINE_S=2,
                              VIDQ_HARD_LIMIT_S=4, VIDQ_OVERDUE_POLL_INTERVAL_S=0.5)
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["too soon", "finished later"]), "late")

@@ -366,3 +366,16 @@ def test_a_redis_that_refuses_the_login_is_an_error_not_a_reason_to_read_the_man
             else:  # nothing listening: the manifest is what is left
                 assert result.returncode == 0, result.stderr
                 assert "read from its manifest" in result.stderr
+
+
+def test_a_sentinel_without_a_master_is_one_readable_line():
+    """No Sentinel answered: redis-py's error held the repr of every connection
+    pool tried, over 1,000 characters on the one error line (review 90)."""
+    from redis.sentinel import MasterNotFoundError
+
+    from producer.cli import redis_error_text
+
+    pools = "<redis.client.Redis(<redis.connection.ConnectionPool(" + "x" * 1200 + ")>)>"
+    text = redis_error_text(MasterNotFoundError(f"No master found for 'mymaster' : {pools}"))
+    assert text == ("cannot use Redis (VIDQ_REDIS_URL): MasterNotFoundError: No master found "
+                    "for 'mymaster' (are the Sentinels up, and is the master's name right?)")

@@ -108,3 +108,30 @@ def test_a_line_spelling_a_default_finds_the_job_that_left_it_out(redis_url, tmp
     assert all("(0 new, 3 already enqueued)" in out for out in outputs[1:]), outputs
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     assert client.scard(keys.batch_jobs("lanterns")) == 3
+
+
+def test_a_line_with_its_own_id_asking_what_the_batch_has_is_a_variant(redis_url, tmp_path):
+    """The batch has a fox; a line `{"id": "hero", ...the fox, "resolution":
+    "720P"}` asks the same under another id: a second generation and a second
+    charge, refused unless --allow-variants (it was created silently, review
+    90). A line without an id asking the same is already there."""
+    plain = tmp_path / "p.txt"
+    plain.write_text("a red fox\n")
+    hero = tmp_path / "hero.jsonl"
+    hero.write_text(json.dumps({"id": "hero", "prompt": "a red fox", "resolution": "720P"}))
+    env = _env(redis_url)
+
+    def enqueue(path, *extra):
+        return subprocess.run([*VIDQ, "enqueue", str(path), "--batch", "heroes", *extra],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    assert enqueue(plain).returncode == 0
+    refused = enqueue(hero)
+    assert refused.returncode == 2
+    assert ("1 new job differs from jobs already in batch 'heroes' only by parameters (none: "
+            "the same, under another id)") in refused.stderr, refused.stderr
+    allowed = enqueue(hero, "--allow-variants")
+    assert allowed.returncode == 0 and "(1 new, 0 already enqueued" in allowed.stdout
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.smembers(keys.batch_jobs("heroes")) >= {"hero"}
+    assert client.scard(keys.batch_jobs("heroes")) == 2

@@ -171,6 +171,11 @@ def test_a_default_spelled_out_is_the_same_job(tmp_path):
                                                      "resolution": "720P"})
     assert [job.job_id for job in load_prompts(write(tmp_path, "n.jsonl", named),
                                                DEFAULTS).jobs] == ["one", "two"]
+    # A line without an id is the named line asking the same, in either order.
+    for lines in ([{"prompt": "same"}, {"id": "intro", "prompt": "same", "resolution": "720P"}],
+                  [{"id": "intro", "prompt": "same"}, {"prompt": "same"}]):
+        folded = load_prompts(write(tmp_path, "f.jsonl", jsonl(*lines)), DEFAULTS)
+        assert [job.job_id for job in folded.jobs] == ["intro"] and folded.merged_duplicates == 1
 
 
 def test_ids_are_stable_across_loads(tmp_path):
