@@ -96,7 +96,7 @@ def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_
                               named=[job.named for job in fresh])
     # Asked already under another digest id (a default spelled out one way and
     # not the other): the same generation, not bought twice. (A line with its
-    # own id is a variant: refused unless --allow-variants.)
+    # own id is the user's take: created, as before.)
     known = set(existing) | {fresh[at].job_id for at in variants.already}
     if check_plan is not None:  # may refuse: nothing is enqueued yet
         check_plan([j[1] for j in jobs if j[0] not in known])

@@ -47,7 +47,9 @@ def find_variants(client: redis.Redis, batch: str, new_requests: list[dict],
     finishing its own work, not adding variants. Parameters are compared as
     asked (`prompts.asked`: a default spelled out is no difference). A new
     job with an id of its own (`named`) asking what a job of the batch asks
-    is a variant too: a second generation of the same, under another id."""
+    is the user's own second take (the upstream draws a new video), as two
+    named lines asking the same in one file are: neither already there nor
+    a variant."""
     if not new_requests or not client.exists(keys.batch_jobs(batch)):
         return Variants(0, ())
     wanted = {request.get("prompt") for request in new_requests}
@@ -67,9 +69,7 @@ def find_variants(client: redis.Redis, batch: str, new_requests: list[dict],
     for at, request in enumerate(new_requests):
         mine = asked(request)
         others = [old for old in existing.get(request.get("prompt") or "", []) if old != mine]
-        if named[at] and asked_before[at]:
-            count += 1  # the same, asked again under another id
-        elif others and not asked_before[at]:
+        if others and not asked_before[at]:
             count += 1
             fields |= {name for old in others for name in set(old) | set(mine)
                        if old.get(name) != mine.get(name)}
@@ -101,7 +101,6 @@ def check_variants(client: redis.Redis, batch: str, path: str, new_requests: lis
         word = "job differs" if found.count == 1 else "jobs differ"
         raise InputError(
             f"{path}: {found.count} new {word} from jobs already in batch {batch!r} only by "
-            f"parameters ({', '.join(found.fields) or 'none: the same, under another id'}): "
-            "each would be a new generation and a "
+            f"parameters ({', '.join(found.fields)}): each would be a new generation and a "
             "new charge; add --allow-variants to enqueue them anyway (nothing was enqueued)")
     return found

@@ -242,3 +242,31 @@ def test_a_purged_post_refused_late_gives_back_what_the_purge_booked(make_pipeli
     assert client.zcard(keys.SLOTS) == 0 and not client.hgetall(keys.PURGED_BOOKINGS)
     store.clear_posting(late)  # sent again after a lost reply: nothing given back twice
     assert float(client.hget(today, "spent")) == 0
+
+
+def test_a_purged_unknown_post_refused_late_gives_back_its_spend(make_pipeline, tmp_path):
+    """The job had failed "outcome unknown" (its estimate booked as spent)
+    before `vidq purge --force`; its POST is then refused. Kept, the job would
+    have been revived and the spend given back; purged, the spend stayed
+    (review 91)."""
+    from producer.purging import run_purge
+    from worker.jobs import Job
+
+    pipeline = make_pipeline()
+    admission, store, client = pipeline.admission, pipeline.store, pipeline.store.redis
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["unknown, then refused"]), "u")
+    admission.set_cap(1)
+    [(ref, _)] = admission.pump()
+    client.hset(keys.job(ref), mapping={"posting_at": "1.5", "posting_op": "op-7",
+                                        "outcome_unknown": "1"})
+    each = float(client.hget(keys.job(ref), "credits_pending"))
+    assert admission.settle(ref, "failed")  # as Steps.fail books an unknown POST
+    today = keys.spend_day(int(client.time()[0]) // 86400)
+    assert float(client.hget(today, "spent")) == each
+
+    run_purge(admission, pipeline.settings, "u", force=True, echo=lambda _: None)
+    store.clear_posting(Job(batch="u", id=ref.split(":")[1], request={}, state=State.QUEUED,
+                            extra={"posting_op": "op-7"}))
+
+    assert float(client.hget(today, "spent")) == 0
+    assert float(client.hget(today, "committed")) == 0

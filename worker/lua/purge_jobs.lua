@@ -25,8 +25,14 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 -- `unanswered`: the hold name of a POST with no answer yet, whose booking a
 -- late refusal gives back (lua/clear_posting.lua).
 local function settle_purged(job_key, may_run, unanswered)
-  local f = redis.call('HMGET', job_key, 'credits_pending', 'spend_day')
-  if not f[1] or not f[2] then return end
+  local f = redis.call('HMGET', job_key, 'credits_pending', 'spend_day', 'unknown_booked')
+  if not f[2] then return end
+  if not f[1] then
+    -- Failed "outcome unknown" already: settle.lua booked it as spent, and
+    -- undo_unknown.lua, which would give it back, needs the job kept here.
+    if unanswered and f[3] then redis.call('HSET', NS.purged, unanswered, f[2] .. ' ' .. f[3]) end
+    return
+  end
   local pending = tonumber(f[1]) or 0
   redis.call('HINCRBYFLOAT', NS.spend .. f[2], 'committed', -pending)
   if may_run and pending > 0 then

@@ -40,6 +40,7 @@ end
 if posting_op ~= '' then
   redis.call('ZREM', holds_key, ref .. '#' .. posting_op)
   redis.call('ZREM', slots_key, ref .. '#' .. posting_op)
+  redis.call('HDEL', NS.purged, ref .. '#' .. posting_op)  -- created: spent it stays
 end
 local known = redis.call('HGET', job_key, 'generation_id')
 if known == generation_id then return known end
