@@ -38,52 +38,12 @@ class VidqCommand(click.Command):
         except VidqError as exc:
             _fail(exc)
         except redis.RedisError as exc:
+            from .redis_unusable import redis_error_text
+
             _fail(RuntimeError(redis_error_text(exc)))
 
 
-def redis_error_text(exc: Exception) -> str:
-    """One readable line. A Sentinel's "No master found" carries the repr of
-    every connection pool it tried: over 1,000 characters of noise."""
-    text = str(exc).split(" : <", 1)[0].split(" : {", 1)[0]
-    if type(exc).__name__ == "MasterNotFoundError":
-        text += " (are the Sentinels up, and is the master's name right?)"
-    text = text if len(text) <= 300 else text[:299] + "…"
-    return f"cannot use Redis (VIDQ_REDIS_URL): {type(exc).__name__}: {text}"
-
-
 RUN_STATE_DIR = Path(".vidq")  # `vidq run`'s default --state-dir
-
-
-def redis_gone(client, settings: Settings, batch: str) -> bool:
-    """Whether Redis cannot be reached and the batch's manifest in storage
-    stands in for it: a `vidq run` is over and its private Redis stopped with
-    it, or VIDQ_REDIS_URL is unset and nothing runs on the default (said on
-    stderr). With no manifest either, the Redis error stands."""
-    import redis
-
-    from worker.manifest import manifest_key
-    from worker.netguard import redacted
-    from worker.storage import open_storage
-
-    try:
-        client.ping()
-        return False
-    except redis.ConnectionError as exc:
-        # Only nothing listening: a refused login, a Redis still loading or a
-        # Sentinel without a master is a Redis that holds the live batch.
-        if type(exc) is not redis.ConnectionError:
-            raise
-        try:
-            found = open_storage(settings.storage_url, settings.s3_part_bytes).exists(
-                manifest_key(batch))
-        except Exception:  # storage down too: the Redis error is what to fix first
-            found = False
-        if not found:
-            raise
-    click.echo(f"Redis at {redacted(settings.redis_url)} cannot be reached: batch "
-               f"{batch} is read from its manifest in storage, as it was when written",
-               err=True)
-    return True
 
 
 def cli_settings() -> Settings:
@@ -199,13 +159,12 @@ def status(batch, as_json, watch, every_s):
     """BATCH's counts by state, in flight and waiting (and the deployment's),
     failures by reason, credits, rate and ETA."""
     from .enqueue import open_admission
-    from .status_cmd import show_status
+    from .redis_unusable import redis_gone
+    from .status_cmd import show_from_manifest, show_status
 
     settings = cli_settings()
     admission = open_admission(settings)
     if redis_gone(admission.redis, settings, batch):
-        from .status_cmd import show_from_manifest
-
         sys.exit(show_from_manifest(settings, batch, as_json))
     sys.exit(show_status(admission, settings, batch, console, as_json=as_json, follow=watch,
                          every_s=every_s))
@@ -391,6 +350,7 @@ def report(batch, fmt, states, output):
     from worker.manifest import workers_storage_url
 
     from .enqueue import open_admission
+    from .redis_unusable import redis_gone
     from .report import check_states, write_report
 
     chosen = check_states(states)

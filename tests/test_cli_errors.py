@@ -373,7 +373,7 @@ def test_a_sentinel_without_a_master_is_one_readable_line():
     pool tried, over 1,000 characters on the one error line (review 90)."""
     from redis.sentinel import MasterNotFoundError
 
-    from producer.cli import redis_error_text
+    from producer.redis_unusable import redis_error_text
 
     pools = "<redis.client.Redis(<redis.connection.ConnectionPool(" + "x" * 1200 + ")>)>"
     text = redis_error_text(MasterNotFoundError(f"No master found for 'mymaster' : {pools}"))
