@@ -150,7 +150,6 @@ def _assemble(records: Iterator[Record],
     """Validate every record, fold duplicates, and collect every error."""
     jobs: dict[str, PromptJob] = {}
     by_folded_id: dict[str, PromptJob] = {}
-    by_asked: dict[str, PromptJob] = {}
     errors: list[LineError] = []
     merged = 0
     seen_any = False
@@ -163,38 +162,38 @@ def _assemble(records: Iterator[Record],
         errors.extend(job_errors)
         if job is None or record.errors:
             continue
-        outcome = _add_job(jobs, by_folded_id, by_asked, job)
+        outcome = _add_job(jobs, by_folded_id, job)
         if isinstance(outcome, LineError):
             errors.append(outcome)
         else:
             merged += outcome
     if not seen_any:
         errors.append(LineError(0, None, "no prompts in file"))
-    merged += _fold_into_named(jobs)
+    merged += _fold_same_asks(jobs)
     return list(jobs.values()), merged, errors
 
 
-def _fold_into_named(jobs: dict[str, PromptJob]) -> int:
-    """A line without an id asking what a line with its own id asks is that
-    job, whichever comes first, as it is when the two are enqueued apart
-    (enqueue.py): one generation, under the user's id."""
-    named = {asked_key(job.request) for job in jobs.values() if job.named}
-    if not named:
-        return 0
-    folded = [job_id for job_id, job in jobs.items()
-              if not job.named and asked_key(job.request) in named]
+def _fold_same_asks(jobs: dict[str, PromptJob]) -> int:
+    """Lines without an id asking what another line asks, a default spelled
+    out or not, are that line's job: one with its own id if there is one
+    (whichever comes first, as when the two are enqueued apart: enqueue.py),
+    else the first. Returns how many were folded."""
+    seen = {asked_key(job.request) for job in jobs.values() if job.named}
+    folded = []
+    for job_id, job in jobs.items():
+        if not job.named:
+            key = asked_key(job.request)
+            if key in seen:
+                folded.append(job_id)
+            seen.add(key)
     for job_id in folded:
         del jobs[job_id]
     return len(folded)
 
 
 def _add_job(jobs: dict[str, PromptJob], by_folded_id: dict[str, PromptJob],
-             by_asked: dict[str, PromptJob], job: PromptJob) -> int | LineError:
-    """Add `job`; return 1 if it merged into an identical job (or, with no id
-    of its own, one asking the same, a default spelled out or not), or the
-    conflict."""
-    if not job.named and by_asked.setdefault(asked_key(job.request), job) is not job:
-        return 1
+             job: PromptJob) -> int | LineError:
+    """Add `job`; return 1 if it merged into an identical job, or the conflict."""
     first = jobs.get(job.job_id)
     if first is None:
         twin = by_folded_id.setdefault(job.job_id.lower(), job)
