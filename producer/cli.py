@@ -165,7 +165,7 @@ def status(batch, as_json, watch, every_s):
     settings = cli_settings()
     admission = open_admission(settings)
     if redis_gone(admission.redis, settings, batch):
-        sys.exit(show_from_manifest(settings, batch, as_json))
+        sys.exit(show_from_manifest(settings, batch, as_json, watch))
     sys.exit(show_status(admission, settings, batch, console, as_json=as_json, follow=watch,
                          every_s=every_s))
 

@@ -15,10 +15,11 @@ from rich.console import Console
 from worker import keys, manifest
 from worker.admission import Admission
 from worker.errors import InputError
+from worker.retry import Failure
 from worker.settings import Settings
 from worker.storage import open_storage
 
-from .batch_view import batch_status
+from .batch_view import batch_status, top_reasons
 from .progress import describe, duration, reasons_text, summary_line, warnings, watch
 
 
@@ -27,7 +28,7 @@ def show_status(admission: Admission, settings: Settings, batch: str, console: C
     """Print BATCH's status; returns the exit status."""
     status = batch_status(admission, batch, settings)
     if status["total"] == 0:
-        return show_from_manifest(settings, batch, as_json)
+        return show_from_manifest(settings, batch, as_json, follow)
     if follow:
         status = watch(admission, batch, console, settings=settings, every_s=every_s)
     status["manifest"] = _manifest(admission, settings, batch)
@@ -84,23 +85,44 @@ def _manifest(admission: Admission, settings: Settings, batch: str) -> str | Non
     return where if manifest.read_marks(admission.redis, [batch])[batch].manifest_current else None
 
 
-def show_from_manifest(settings: Settings, batch: str, as_json: bool) -> int:
+def show_from_manifest(settings: Settings, batch: str, as_json: bool,
+                       follow: bool = False) -> int:
+    """A batch that has left Redis, as its manifest tells it: the same counts,
+    failures by reason, outcome-unknown jobs and credits `vidq status` shows
+    (a manifest is written once every job has ended: nothing to watch), and
+    with `--watch` the same exit status."""
     storage = open_storage(settings.storage_url, settings.s3_part_bytes)
     rows = manifest.read(storage, batch)
     if rows is None:
         raise InputError(f"no batch named {batch!r}")
-    counts = Counter(row.get("state") for row in rows)
-    summary = {"batch": batch, "total": len(rows), "counts": dict(counts),
-               "expired": True, "manifest": storage.location(manifest.manifest_key(batch))}
+    summary = _manifest_summary(rows)
+    summary.update(batch=batch, expired=True,
+                   manifest=storage.location(manifest.manifest_key(batch)))
     if as_json:
         click.echo(json.dumps(summary))
     else:
         # `vidq run` keeps its batches in a Redis of its own, stopped with the run.
         click.echo(f"{batch}: not in this Redis (purged, expired after VIDQ_RETENTION_S, or "
                    "run by `vidq run` on a Redis of its own); from its manifest: "
-                   + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+                   + ", ".join(f"{n} {state}" for state, n in sorted(summary["counts"].items()))
                    + f"; {summary['manifest']}")
-    return 0
+        _reasons(summary)
+        if summary["outcome_unknown"]:
+            click.echo(f"  {summary['outcome_unknown']} failed with an unknown outcome (may "
+                       "have been charged)")
+        if summary["credits"]["spent"]:
+            click.echo(f"  credits: {summary['credits']['spent']:,.0f} spent")
+    return 1 if follow and summary["counts"].get("failed") else 0
+
+
+def _manifest_summary(rows: list[dict]) -> dict:
+    failed = [row for row in rows if row.get("state") == "failed"]
+    found = [Failure(str(row.get("custom_id") or ""), str(row.get("error") or ""), "",
+                     bool(row.get("outcome_unknown"))) for row in failed]
+    return {"total": len(rows), "counts": dict(Counter(row.get("state") for row in rows)),
+            "outcome_unknown": sum(1 for row in failed if row.get("outcome_unknown")),
+            "failures": top_reasons(found),
+            "credits": {"spent": sum(row.get("credits") or 0 for row in rows)}}
 
 
 def show_batches(admission: Admission, settings: Settings, as_json: bool) -> None:

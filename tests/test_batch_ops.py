@@ -388,6 +388,29 @@ def simulate_night(pipeline, batch: str, jobs: int) -> None:
 
 
 @pytest.mark.slow
+def test_status_of_a_batch_gone_from_redis_tells_its_failures_and_watch_exits_1(
+        make_pipeline, tmp_path):
+    """The morning check after a `vidq run` (its Redis stopped) or a purge:
+    status read from the manifest said only the counts, and `--watch` exited
+    0 with a failed job."""
+    pipeline = make_pipeline(VIDQ_RETENTION_S="0")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [GOOD[0], "REJECT this one"]), "gone")
+    pipeline.wait_finished("gone")
+    client = pipeline.store.redis
+    wait_until(lambda: not client.sismember(keys.BATCHES, "gone"), what="batch expired")
+    watched = vidq(pipeline, "status", "gone", "--watch")
+    assert watched.returncode == 1, watched.stdout + watched.stderr
+    assert "from its manifest: 1 done, 1 failed" in watched.stdout
+    assert "1 failed, by reason:" in watched.stdout and "content policy" in watched.stdout
+    said = json.loads(vidq(pipeline, "status", "gone", "--json").stdout)
+    assert said["failures"]["count"] == 1 and said["outcome_unknown"] == 0
+    assert said["credits"]["spent"] > 0
+    assert vidq(pipeline, "status", "gone").returncode == 0
+    pipeline.stop_workers()
+
+
+@pytest.mark.slow
 def test_finished_batches_leave_redis_and_memory_stays_bounded_night_after_night(
         make_pipeline, tmp_path):
     """Given retention 0: on real workers a finished batch leaves Redis and `vidq
