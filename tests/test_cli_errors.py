@@ -70,6 +70,13 @@ def cases(redis_url: str) -> dict[str, tuple[dict, str]]:
         "s3_secret_in_query": ({"VIDQ_REDIS_URL": redis_url, "VIDQ_STORAGE_URL":
                                 f"s3://bucket/videos?secret={PASSWORD}"},
                                "VIDQ_STORAGE_URL='s3://bucket/videos': use s3://bucket/prefix"),
+        # kombu splits the broker URL on ';' (failover), and redis-py's plain
+        # Connection takes no ssl_* keyword: both were tracebacks or "<not a URL>".
+        "semicolon_in_password": ({"VIDQ_REDIS_URL": f"redis://:{PASSWORD[:5]};{PASSWORD[5:]}"
+                                                     f"@127.0.0.1:{closed_port()}/0"}, "%3B"),
+        "ssl_option_without_tls": ({"VIDQ_REDIS_URL": f"redis://:{PASSWORD}@127.0.0.1:"
+                                                      f"{closed_port()}/0?ssl_cert_reqs=required"},
+                                   "ssl_* options need TLS: use rediss://"),
         "sentinel_then_plain": ({"VIDQ_REDIS_URL": f"sentinel://:{PASSWORD}@127.0.0.1:26379;"
                                                    f"redis://:{PASSWORD}@h2:6379"},
                                 "every ;-separated part"),

@@ -10,7 +10,7 @@ from .netguard import without_credentials
 
 REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 USERINFO_FORM = ("redis://:PASSWORD@host:port/0 (redis://USER:PASSWORD@... with a user; "
-                 "percent-encode '/', '#', '?' and '@' in it)")
+                 "percent-encode '/', '#', '?', '@' and ';' in it)")
 
 
 def check_redis_url(url: str) -> None:
@@ -18,12 +18,16 @@ def check_redis_url(url: str) -> None:
     to both its clients: redis-py (job records) and kombu (Celery's broker).
     One only redis-py reads (`?password=`, `?db=`, `unix://`) let `vidq enqueue`
     write a batch's jobs and take their slots, then fail sending their tasks."""
-    for part in url.split(";"):
+    for index, part in enumerate(url.split(";")):
         scheme = part.strip().partition("://")[0].lower()
         if scheme == "unix":
             raise ConfigError("VIDQ_REDIS_URL: unix sockets are not supported (Celery's broker, "
                               "kombu, has no unix:// transport); have Redis listen on TCP and "
                               f"use {USERINFO_FORM}")
+        if scheme not in REDIS_SCHEMES and index:
+            raise ConfigError("VIDQ_REDIS_URL: a ';' separates Sentinel addresses "
+                              "(sentinel://h1:p;sentinel://h2:p); one in a password must be "
+                              "percent-encoded, %3B")
         if scheme not in REDIS_SCHEMES:
             raise ConfigError(f"VIDQ_REDIS_URL={without_credentials(part)!r} is not a Redis "
                               "URL: use redis://[:password@]host:port/db, rediss:// (TLS) or "
@@ -48,6 +52,10 @@ def _check_redis_query(part: str) -> None:
     if "db" in names:
         raise ConfigError("VIDQ_REDIS_URL: put the db in the path, redis://host:port/DB, not in "
                           "?db=: Celery's broker cannot read it from the query")
+    if any(name.startswith("ssl_") for name in names) \
+            and not part.strip().lower().startswith(("rediss://", "sentinel://")):
+        raise ConfigError("VIDQ_REDIS_URL: ssl_* options need TLS: use rediss://, not "
+                          "redis://")
     if any(name != "master_name" and not name.startswith("ssl_") for name in names):
         raise ConfigError("VIDQ_REDIS_URL: its query may hold only ssl_* options (Celery's "
                           f"broker refuses any other); a password goes in the userinfo, "
