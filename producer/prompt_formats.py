@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ def read_text(path: str) -> str | LineError:
         return LineError(line, None, f"not valid UTF-8 (byte 0x{data[exc.start]:02x})")
 
 
+def is_blank(text: str) -> bool:
+    """Nothing a reader would see: whitespace, and format characters (a BOM
+    left by `cat a.txt b.txt`, a zero-width space, a soft hyphen), which
+    `str.strip()` keeps. Such a prompt would be a paid video of nothing."""
+    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in text)
+
+
 # --- format parsers: text -> Record ----------------------------------------
 # Lines are split on "\n" only: str.splitlines() also splits on form feeds and
 # U+2028, which would shift line numbers away from what editors show.
@@ -107,7 +115,7 @@ def _txt_records(text: str) -> Iterator[Record]:
     """One prompt a line; blank lines and `#` comments skipped."""
     for number, raw in enumerate(text.split("\n"), 1):
         prompt = raw.strip()
-        if prompt and not prompt.startswith("#"):
+        if not is_blank(prompt) and not prompt.startswith("#"):
             # A CRLF line's CR is stripped above; one left inside means lines
             # ended by CR alone (classic Mac), read as one long prompt.
             errors = [LineError(number, "prompt", "a carriage return inside the line: "
@@ -139,7 +147,7 @@ _JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_repeats)
 def _jsonl_records(text: str) -> Iterator[Record]:
     """One JSON object a line; blank lines skipped."""
     for number, raw in enumerate(text.split("\n"), 1):
-        if not raw.strip():
+        if is_blank(raw):
             continue
         try:
             value = _JSON_DECODER.decode(raw)
@@ -202,7 +210,7 @@ def _csv_rows(text: str) -> Iterator[_CsvRow]:
     start = 1
     try:
         for cells in reader:
-            if any(cell.strip() for cell in cells):
+            if not all(is_blank(cell) for cell in cells):
                 yield _CsvRow(start, cells, None)
             # A quoted cell may span lines, so the next record starts after
             # however many lines the reader has consumed so far.

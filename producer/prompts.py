@@ -39,6 +39,7 @@ from .prompt_formats import (
     TYPE_NAMES,
     LineError,
     Record,
+    is_blank,
     parser_for,
     read_text,
     shown,
@@ -297,8 +298,8 @@ def _check_value(field: str, value: object) -> str | None:
 
 def _check_text(field: str, value: str) -> str | None:
     """Checks shared by every string field."""
-    if field in ("prompt", "model") and not value.strip():
-        return f"empty {field}"
+    if field in ("prompt", "model") and is_blank(value):
+        return f"empty {field}" + (" (only invisible characters)" if value.strip() else "")
     if field == "id":
         problem = id_problem(value)
         if problem:

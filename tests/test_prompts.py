@@ -223,6 +223,22 @@ def test_empty_prompt(tmp_path):
     assert error == LineError(1, "prompt", "empty prompt")
 
 
+def test_a_prompt_of_invisible_characters_is_empty(tmp_path):
+    """A zero-width space, a word joiner and a soft hyphen look like nothing,
+    and were each a paid job; so was a BOM-only line (`cat a.txt b.txt` when
+    b.txt starts with a BOM and a blank line), which a .txt reads as blank."""
+    errors = errors_of(write(tmp_path, "p.jsonl", jsonl({"prompt": "\u200b"},
+                                                         {"prompt": "\u2060\u00ad "},
+                                                         {"prompt": "ok \u200b"})))
+    assert errors == [LineError(1, "prompt", "empty prompt (only invisible characters)"),
+                      LineError(2, "prompt", "empty prompt (only invisible characters)")]
+    text = "a lighthouse\n\ufeff\n\u200b\nwaves on rocks\n"
+    assert [job.line for job in load_prompts(write(tmp_path, "p.txt", text), DEFAULTS).jobs] \
+        == [1, 4]
+    csv_errors = errors_of(write(tmp_path, "p.csv", "prompt,seed\n\u200b,1\n\ufeff,\nok,2\n"))
+    assert csv_errors == [LineError(2, "prompt", "empty prompt (only invisible characters)")]
+
+
 def test_missing_prompt(tmp_path):
     """A JSON object without `prompt` is rejected."""
     (error,) = errors_of(write(tmp_path, "p.jsonl", jsonl({"seed": 1})))
