@@ -206,6 +206,9 @@ class _CsvRow(NamedTuple):
 
 def _csv_rows(text: str) -> Iterator[_CsvRow]:
     """Yield non-blank CSV rows with the line where each starts; stop at broken CSV."""
+    # The module's default of 131,072 characters a cell stopped reading at a long
+    # prompt, one a .jsonl file takes (the upstream publishes no maximum).
+    csv.field_size_limit(2**31 - 1)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     start = 1
     try:

@@ -306,6 +306,14 @@ def test_bad_bool_and_seed_from_csv(tmp_path):
     assert "'maybe'" in errors[0].reason
 
 
+def test_a_long_csv_cell_is_read_as_jsonl_reads_it(tmp_path):
+    """csv's default cell limit (131,072) stopped the file at a 200,000-character
+    prompt and hid the later lines' errors."""
+    text = 'prompt,seed\n"short one",1\n"' + "y" * 200_000 + '",2\n"ok",abc\n'
+    (error,) = errors_of(write(tmp_path, "p.csv", text))
+    assert (error.line, error.field) == (4, "seed")
+
+
 def test_csv_without_prompt_column(tmp_path):
     """A CSV header without `prompt` is a single error on line 1."""
     assert errors_of(write(tmp_path, "p.csv", "text,seed\na,1\n")) == [
