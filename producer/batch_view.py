@@ -131,14 +131,19 @@ def eta(status: dict, admission: Admission, settings: Settings | None) -> tuple[
         return None, "submits paused: the upstream refused the account"
     if status["deployment"]["storage_failing"]:
         return None, "storage failing"
+    # A 429's pause (up to an hour) holds the batch back before any rate resumes.
+    pause_s = max(status["deployment"]["submits_paused_s"] if status["waiting"] else 0,
+                  status["deployment"]["polls_paused_s"] if status["in_flight"] else 0)
+    after = f", after the 429 pause ({pause_s:.0f} s)" if pause_s else ""
     if status["rate_per_min"] > 0:
-        return round(left * 60 / status["rate_per_min"]), "observed rate"
+        return round(pause_s + left * 60 / status["rate_per_min"]), "observed rate" + after
     cap = status["deployment"]["effective_max_in_flight"] or status["deployment"]["max_in_flight"]
     if not cap or settings is None:
         return None, "no C yet: no worker has started"
     model = DurationModel(admission.redis, settings.expected_generation_s)
     generation_s = model.expected_s(DEFAULT_MODEL, DEFAULT_RESOLUTION)
-    return round(math.ceil(left / cap) * generation_s), "estimated from C and generation time"
+    return (round(pause_s + math.ceil(left / cap) * generation_s),
+            "estimated from C and generation time" + after)
 
 
 def top_reasons(found: list[Failure], limit: int = TOP_REASONS) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -376,3 +377,21 @@ def test_a_429_to_resubmits_look_pauses_polls_and_spends_no_attempt(make_pipelin
     assert hashlib.sha256(video).hexdigest() == row["sha256"] == pipeline.ledger()[0]["sha256"]
     log = (pipeline.log_dir / "worker-0.log").read_text()
     assert log.count("429 on a status GET: polls paused 1 s for every worker") == limited
+
+
+def test_the_eta_waits_out_a_429_pause(make_pipeline, tmp_path):
+    """A 429 with `Retry-After: 30` paused submits; `vidq status` said "ETA 2 s"."""
+    from conftest import wait_until, write_prompts
+    from test_batch_ops import vidq
+
+    pipeline = make_pipeline()
+    pipeline.faults(submit=[429], retry_after=30)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["one", "two", "three"]), "paused")
+    wait_until(lambda: pipeline.store.redis.pttl(keys.PAUSE_SUBMIT) > 0, what="a submit pause")
+
+    shown = vidq(pipeline, "status", "paused", "--json")
+    status = json.loads(shown.stdout)
+    assert status["waiting"] and status["eta_s"] >= 20, status
+    assert "after the 429 pause" in status["eta_basis"]
+    pipeline.stop_workers()
