@@ -93,7 +93,7 @@ def bar_details(status: dict) -> dict[str, str]:
     """The short text beside each bar: rate and ETA, and the deployment's figures."""
     deployment = status["deployment"]
     eta = f"ETA {duration(status['eta_s'])}"
-    if status["eta_basis"] not in ("observed rate", "finished"):
+    if not status["eta_basis"].startswith(("observed rate", "finished")):
         eta += " (estimated)"
     return {"done": f"{status['rate_per_min']:g}/min, {eta}",
             "failed": f"{status['outcome_unknown']} outcome unknown"
@@ -123,6 +123,18 @@ def summary_line(status: dict) -> str:
             f"{status['rate_per_min']:g}/min, ETA {duration(status['eta_s'])}"
             + ("" if status["eta_basis"] in ("observed rate", "finished")
                else f" ({status['eta_basis']})"))
+
+
+def ended_line(status: dict) -> str:
+    """`10 done, 1 failed, 13 cancelled of 24`: how a finished batch ended."""
+    counts = status["counts"]
+    line = (f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed"
+            + (f", {counts['cancelled']} cancelled" if counts.get("cancelled") else "")
+            + f" of {status['total']}")
+    if status.get("outcome_unknown"):
+        line += (f"; {status['outcome_unknown']} failed with an unknown outcome (may have "
+                 "been charged)")
+    return line
 
 
 def describe(status: dict, with_deployment: bool = True) -> str:

@@ -24,7 +24,7 @@ from worker.storage import open_storage
 from .batch_view import workers_alive
 from .enqueue import enqueue_file, open_admission
 from .local import RunOptions, local_system
-from .progress import batch_status, failures, watch
+from .progress import batch_status, ended_line, failures, watch
 from .prompts import load_prompts
 from .purging import write_manifest
 
@@ -126,8 +126,7 @@ def interrupted(admission, batch: str, console: Console) -> None:
 def summarise(admission, batch: str, status: dict, settings: Settings,
               console: Console) -> int:
     counts = status["counts"]
-    console.print(f"[bold]{batch}[/]: {counts['done']} done, {counts['failed']} failed "
-                  f"of {status['total']}")
+    console.print(f"[bold]{batch}[/]: {ended_line(status)}")
     if counts["done"]:
         console.print(f"videos in {settings.storage_url.removeprefix('file://')}/{batch}/")
     for job_id, reason in failures(admission.store, batch):

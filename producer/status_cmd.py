@@ -20,7 +20,7 @@ from worker.settings import Settings
 from worker.storage import open_storage
 
 from .batch_view import batch_status, top_reasons
-from .progress import describe, duration, reasons_text, summary_line, warnings, watch
+from .progress import describe, duration, ended_line, reasons_text, summary_line, warnings, watch
 
 
 def show_status(admission: Admission, settings: Settings, batch: str, console: Console, *,
@@ -55,10 +55,7 @@ def _plain(status: dict) -> None:
 
 
 def _closing(status: dict) -> None:
-    counts = status["counts"]
-    click.echo(f"{status['batch']}: {counts['done']} done, {counts['failed']} failed"
-               + (f", {counts['cancelled']} cancelled" if counts.get("cancelled") else "")
-               + f" of {status['total']}")
+    click.echo(f"{status['batch']}: {ended_line(status)}")
     _reasons(status)
 
 

@@ -408,3 +408,23 @@ def test_a_state_dir_still_in_use_is_refused(make_sandbox, tmp_path):
     assert _ledger(sandbox) == Counter()
     after = _run(path, tmp_path, _env(sandbox, tmp_path))  # stopped: the run goes on
     assert after.returncode == 0, after.stdout + after.stderr
+
+
+def test_the_runs_last_line_counts_cancelled_jobs(make_pipeline, make_sandbox, tmp_path):
+    """`vidq cancel` from a second shell: the run's last line said
+    "10 done, 1 failed of 24", leaving 13 jobs out."""
+    from rich.console import Console
+    from test_batch_ops import vidq
+
+    from producer.progress import batch_status
+    from producer.run import summarise
+
+    pipeline = make_pipeline(make_sandbox())
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a", "b", "c"]), "m")
+    assert vidq(pipeline, "cancel", "m").returncode == 0
+    out = io.StringIO()
+
+    code = summarise(pipeline.admission, "m", batch_status(pipeline.admission, "m"),
+                     pipeline.settings, Console(file=out, width=200))
+
+    assert code == 1 and "m: 0 done, 0 failed, 3 cancelled of 3" in out.getvalue()
