@@ -327,12 +327,15 @@ def sandbox_command(host, port, time_scale, max_concurrency, max_submits_per_s, 
                     cache_dir):
     """Run the local stand-in for the upstream API."""
     from sandbox import SandboxConfig
-    from sandbox.server import serve_forever
+    from sandbox.server import CannotListen, serve_forever
 
-    serve_forever(SandboxConfig(host=host, port=port, time_scale=time_scale,
-                                max_concurrency=max_concurrency,
-                                max_submits_per_s=max_submits_per_s, api_key=api_key,
-                                cache_dir=cache_dir))
+    try:
+        serve_forever(SandboxConfig(host=host, port=port, time_scale=time_scale,
+                                    max_concurrency=max_concurrency,
+                                    max_submits_per_s=max_submits_per_s, api_key=api_key,
+                                    cache_dir=cache_dir))
+    except CannotListen as exc:
+        raise ConfigError(f"--host/--port: {exc}") from None
 
 
 @main.command(cls=VidqCommand)

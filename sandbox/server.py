@@ -96,6 +96,10 @@ class SandboxServer:
         self.stop()
 
 
+class CannotListen(Exception):
+    """`vidq sandbox` cannot bind its address."""
+
+
 def serve_forever(config: SandboxConfig | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM (the `vidq sandbox` command)."""
     config = config or SandboxConfig()
@@ -104,7 +108,12 @@ def serve_forever(config: SandboxConfig | None = None) -> None:
     previous_handler = None
     if in_main_thread:
         previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
-    server = SandboxServer(config).start()
+    server = SandboxServer(config)
+    try:
+        server.start()
+    except OSError as exc:  # the port in use, a host that does not resolve
+        raise CannotListen(f"cannot listen on {config.host}:{config.port}: "
+                           f"{exc.strerror or exc}") from None
     print(f"sandbox listening on {server.url} (api key: {config.api_key})", flush=True)
     try:
         while not stop_requested.wait(0.5):  # short waits keep Ctrl-C responsive

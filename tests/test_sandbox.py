@@ -238,3 +238,16 @@ def test_many_concurrent_keep_alive_clients(start_sandbox):
         results = list(pool.map(client, range(32)))
     assert all(codes == [201] * 5 for codes in results)
     assert srv.stats()["max_in_flight"] == 32 * 5
+
+
+def test_vidq_sandbox_on_a_port_in_use_is_one_error_line(make_sandbox):
+    """It was a 39-line traceback and exit 1."""
+    import subprocess
+    from urllib.parse import urlparse
+
+    taken = urlparse(make_sandbox().url).port
+    result = subprocess.run(["vidq", "sandbox", "--port", str(taken)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: --host/--port: cannot listen on 127.0.0.1:{taken}: Address already in use"]
