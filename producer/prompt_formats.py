@@ -92,11 +92,27 @@ def read_text(path: str) -> str | LineError:
         return LineError(0, None, f"cannot read file: {exc}")
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
+    if _looks_utf16(data):
+        return LineError(0, None, "looks like UTF-16 (a NUL beside every character, or its "
+                                  "BOM): save the file as UTF-8")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         return LineError(line, None, f"not valid UTF-8 (byte 0x{data[exc.start]:02x})")
+
+
+def _looks_utf16(data: bytes) -> bool:
+    """Windows tools save "Unicode" text as UTF-16, with or without a BOM; read
+    as UTF-8 it is a NUL on every line, or one bad byte, and neither says why."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return True
+    head = data[:4096]
+    if len(head) < 4:
+        return False
+    # Latin text: a NUL in every high (LE: odd, BE: even) byte, none in the low.
+    halves = (head[0::2].count(0) / len(head[0::2]), head[1::2].count(0) / len(head[1::2]))
+    return max(halves) >= 0.9 and min(halves) <= 0.1
 
 
 def is_blank(text: str) -> bool:

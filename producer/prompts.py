@@ -104,12 +104,21 @@ class PromptFileError(InputError):
         return "\n  ".join([header, *map(str, self.errors)])
 
 
+class OptionError(PromptFileError):
+    """A bad default given on the command line (`--seed -5`): about the flag,
+    not the file, whatever file it came with."""
+
+    def __str__(self) -> str:
+        return "\n".join(f"--{error.field.replace('_', '-')}: {error.reason}" if error.field
+                         else error.reason for error in self.errors)
+
+
 def load_prompts(path: str | os.PathLike, defaults: dict) -> PromptFile:
     """Parse and validate the whole file at `path`; raise PromptFileError if any line is bad."""
     path = os.fspath(path)
     base_request, errors = _base_request(defaults)
     if errors:
-        raise PromptFileError(path, errors)
+        raise OptionError(path, errors)
     parser = parser_for(path)
     if isinstance(parser, LineError):
         raise PromptFileError(path, [parser])

@@ -138,9 +138,13 @@ def test_a_model_the_schema_does_not_name_is_a_line_error(tmp_path):
 def test_bad_default_is_a_line_zero_error(tmp_path):
     """A bad --resolution is reported once, at line 0, naming the field."""
     path = write(tmp_path, "p.txt", "hi\n")
-    errors = errors_of(path, {"model": DEFAULT_MODEL, "resolution": "1080P"})
-    assert errors == [LineError(0, "resolution", "'1080P' is not one of 480P, 720P")]
-    assert str(errors[0]) == "resolution: '1080P' is not one of 480P, 720P"
+    with pytest.raises(PromptFileError) as caught:
+        load_prompts(path, {"model": DEFAULT_MODEL, "resolution": "1080P", "seed": -5})
+    assert caught.value.errors[0] == LineError(0, "resolution",
+                                               "'1080P' is not one of 480P, 720P")
+    # About the flag, not the file: it said "p.txt: seed: -5 is out of range".
+    assert str(caught.value).splitlines()[0] == "--resolution: '1080P' is not one of 480P, 720P"
+    assert str(caught.value).splitlines()[1].startswith("--seed: -5 ")
 
 
 def test_defaults_change_digest_ids(tmp_path):
@@ -358,6 +362,17 @@ def test_lines_ended_by_cr_alone_are_refused_not_read_as_one_prompt(tmp_path):
     assert (error.line, error.field) == (1, "prompt") and "CR alone" in error.reason
     path.write_bytes(b"one\r\ntwo\r\n")
     assert [job.request["prompt"] for job in load_prompts(path, DEFAULTS).jobs] == ["one", "two"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_a_utf16_file_is_named_as_such(tmp_path, encoding):
+    """Saved as "Unicode" by a Windows tool: without a BOM it was "contains a NUL
+    character" on every line, with one "not valid UTF-8 (byte 0xff)"."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("a red fox\nblue sea\n".encode(encoding))
+    (error,) = errors_of(path)
+    assert error.line == 0 and "looks like UTF-16" in error.reason
+    assert "save the file as UTF-8" in error.reason
 
 
 def test_invalid_utf8_names_the_line(tmp_path):
