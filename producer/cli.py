@@ -138,8 +138,8 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
         if value is not None}
     result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings,
                           allow_variants=allow_variants,
-                          check_plan=plan_check(admission.redis, settings,
-                                                deadline, force, click.echo))
+                          check_plan=plan_check(admission.redis, settings, deadline, force,
+                                                click.echo, max_credits))
     click.echo(result.summary())
     if admission.waiting(batch) and daily_cap_reached(admission):
         click.echo("warning: today's (UTC) daily credit cap is reached: the batch waits until "

@@ -55,6 +55,7 @@ class CapacityPlan:
     credits: float
     ahead_s: float = 0.0  # generation seconds of the jobs ahead whose shape was read
     ahead_unread: int | None = None  # jobs ahead of unknown shape (None: all of them)
+    cheapest: float = 0.0  # the lowest estimate of one new video
 
     @property
     def videos(self) -> int:
@@ -114,9 +115,10 @@ def capacity_plan(client: redis.Redis, settings, requests: list[dict]) -> Capaci
             ahead_s += count * sum(times) / len(times)
         else:
             unread += count
+    each = [estimates.of(r) for r in requests]
     return CapacityPlan(tuple(shapes), sum(count for count, _ in groups),
-                        _cap(client, settings), sum(estimates.of(r) for r in requests),
-                        ahead_s, unread)
+                        _cap(client, settings), sum(each), ahead_s, unread,
+                        min(each, default=0.0))
 
 
 def deployed_estimates(client: redis.Redis, own: CreditEstimates,
@@ -198,9 +200,11 @@ def plan_file(settings, path, defaults: dict, deadline: str | None) -> list[str]
     return capacity_plan(connect(settings.redis_url), settings, requests).lines(deadline_s)
 
 
-def plan_check(client: redis.Redis, settings, deadline: str | None, force: bool, echo):
+def plan_check(client: redis.Redis, settings, deadline: str | None, force: bool, echo,
+               max_credits: float | None = None):
     """For `vidq enqueue`: prints the plan of the new jobs and refuses (InputError,
-    nothing enqueued) when it cannot meet the deadline, unless forced."""
+    nothing enqueued) when it cannot meet the deadline, unless forced; warns of
+    a --max-credits that admits no new video at all."""
     deadline_s = parse_deadline(deadline) if deadline else None
 
     def check(requests: list[dict]) -> None:
@@ -209,6 +213,10 @@ def plan_check(client: redis.Redis, settings, deadline: str | None, force: bool,
         plan = capacity_plan(client, settings, requests)
         for line in plan.lines(deadline_s):
             echo(line)
+        if max_credits is not None and max_credits < plan.cheapest:
+            echo(f"warning: --max-credits {max_credits:,.0f} is below one video's estimate "
+                 f"({plan.cheapest:,.0f}): no job of this batch will be admitted "
+                 "(`vidq limits NAME --max-credits` changes it)")
         if deadline_s is not None and not plan.meets(deadline_s) and not force:
             raise InputError(
                 f"the batch cannot finish in {_duration(deadline_s)}: about "

@@ -112,3 +112,17 @@ def test_enqueue_with_a_deadline_it_cannot_meet_refuses_unless_forced(redis_url,
     assert forced.returncode == 0, forced.stderr
     assert "plan: 240 videos at C = 2" in forced.stdout
     assert "batch night: 240 jobs (240 new" in forced.stdout
+
+
+def test_enqueue_warns_of_a_credit_cap_below_one_video(redis_url, tmp_path):
+    """--max-credits 100000 with 120,000 a video: the plan said "2 videos ...
+    about 3 s" and nothing ever ran."""
+    path = write_prompts(tmp_path / "p.txt", ["one", "two"])
+    capped = vidq("enqueue", str(path), "--batch", "capped", "--max-credits", "100000",
+                  redis_url=redis_url, VIDQ_CREDIT_ESTIMATE="120000")
+    assert capped.returncode == 0, capped.stderr
+    assert ("warning: --max-credits 100,000 is below one video's estimate (120,000): no job "
+            "of this batch will be admitted") in capped.stdout
+    enough = vidq("enqueue", str(path), "--batch", "enough", "--max-credits", "120000",
+                  redis_url=redis_url, VIDQ_CREDIT_ESTIMATE="120000")
+    assert enough.returncode == 0 and "warning" not in enough.stdout + enough.stderr
