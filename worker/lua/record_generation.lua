@@ -84,6 +84,13 @@ if old == STATE.failed then
   redis.call('HINCRBY', batch_key, 'reopened', 1)
   redis.call('HSET', job_key, 'token', '', 'recovered', '1')
   redis.call('ZADD', due_key, now, ref)
+elseif not redis.call('HGET', job_key, 'token') then
+  -- Never admitted, as far as this Redis knows: it lost the admission's writes
+  -- (restarted from an older AOF, or everysec's last second) while the POST
+  -- was out. No step owns the job, and none could take it from a missing
+  -- token: the reconciler sends a poll at once, as for a revived job.
+  redis.call('HSET', job_key, 'token', '', 'recovered', '1')
+  redis.call('ZADD', due_key, now, ref)
 else
   redis.call('ZADD', due_key, 'NX', now + lease_s, ref)
 end
