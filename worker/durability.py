@@ -10,7 +10,9 @@ What each Redis setting guarantees (the README's Reliability section):
     Redis < 7.2, appendfsync always every write is fsynced before the reply
     appendfsync everysec / no AOF   up to ~1 s (or everything) may be lost on a crash:
                                     a job POSTed in that window may be POSTed again
-                                    (logged as a warning at start)
+                                    (logged as a warning at start); a paid id is
+                                    recorded again if Redis restarted within
+                                    posting.SETTLE_S of its record
 
 A Redis that may evict any key when memory is full (maxmemory-policy
 allkeys-*) could drop a job's record with its generation id: a worker
@@ -74,12 +76,18 @@ class Durability:
             log.warning("Redis maxmemory-policy is %s: when memory is full, records with a "
                         "TTL (429 pauses, worker heartbeats, finished jobs, webhook "
                         "deliveries) may vanish early; noeviction is safer", found.eviction)
-        durable = found.waitaof or found.fsync_always or found.replicas
+        durable = found.acknowledged_is_durable
         (log.info if durable else log.warning)(
             "durability of the POST marker: %s%s", found.describe(),
             "" if durable else ": a Redis crash may lose the marker of a POST just sent, "
                                "and that job would be POSTed again")
         return found
+
+    @property
+    def acknowledged_is_durable(self) -> bool:
+        """Whether a write Redis answered survives its crash (on disk or on
+        every replica); not with appendfsync everysec or no AOF."""
+        return bool(self.waitaof or self.fsync_always or self.replicas)
 
     @property
     def evicts_any_key(self) -> bool:
