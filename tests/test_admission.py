@@ -397,3 +397,37 @@ def test_the_spend_caps_count_each_shape_at_the_most_any_live_worker_would():
     found = highest_estimates({"b": {"VIDQ_CREDIT_ESTIMATE": 30.0, "VIDQ_CREDIT_ESTIMATES": ""}},
                               own)
     assert found.default == 30.0 and found.table == {shape: 30.0}
+
+
+@pytest.mark.slow
+def test_countdowns_a_worker_holds_follow_an_operators_cap(make_pipeline, make_sandbox,
+                                                           tmp_path):
+    """Workers started at C = 2 hold 22 countdown messages (3C + 16). After
+    `vidq cap 50` the polls past them waited in the queue, due, while their
+    slots sat idle (review 93: 174 idle slot-seconds against 53)."""
+    import subprocess
+
+    import redis
+
+    sandbox = make_sandbox(time_scale=4.5, max_concurrency=60)  # ~20 s generations
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=2, VIDQ_EXPECTED_GENERATION_S=20)
+    pipeline.start_workers()
+    raised = subprocess.run(["vidq", "cap", "50"], env=pipeline.env, capture_output=True,
+                            text=True, timeout=60)
+    assert raised.returncode == 0, raised.stderr
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"clip {i}" for i in range(50)]), "wide")
+    wait_until(lambda: pipeline.admission.in_flight() == 50, 30, "50 in flight")
+    client = redis.Redis.from_url(pipeline.env["VIDQ_REDIS_URL"])
+    queued = []
+    for _ in range(40):
+        # Every priority's list (kombu's Redis transport keeps one each).
+        queued.append(sum(client.llen(name) for name in client.keys("vidq.poll*")))
+        time.sleep(0.1)
+    pipeline.wait_finished("wide", timeout_s=120)
+    pipeline.stop_workers()
+
+    # Once every job is in flight a poll waits in the queue only in passing
+    # (the old limit kept some there for good).
+    assert sum(queued[10:]) <= 3, f"polls waiting in the queue: {queued}"
+    assert "countdown messages held: up to 166 (C = 50)" in (
+        tmp_path / "logs" / "worker-0.log").read_text()

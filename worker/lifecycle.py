@@ -25,6 +25,7 @@ from .connection import take_lock
 from .errors import StorageError
 from .paid_journal import REPLAY_EVERY_S, check_directory, replay
 from .retention import housekeeping
+from .settings import eta_task_limit
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
 from .webhook_tasks import send_delivery
 from .webhooks import relay
@@ -64,6 +65,7 @@ class Lifecycle(bootsteps.StartStopStep):
         self.housekeeper: threading.Thread | None = None
         self.replayer: threading.Thread | None = None
         self.clock_off = False
+        self.worker = worker
         # The random part: two workers named alike (one hostname, both PID 1
         # in their containers) must not share a record or a holder name.
         WORKER_ID["name"] = self.hostname = (f"{worker.hostname}/{os.getpid()}/"
@@ -174,9 +176,23 @@ class Lifecycle(bootsteps.StartStopStep):
             # Again and again: a record pruned while this worker was frozen comes back.
             pipe.hset(keys.WORKER_SETTINGS, self.hostname, self.record)
             pipe.zremrangebyscore(keys.WORKERS, "-inf", seconds - WORKER_NAMES_KEPT_S)
-            pipe.execute()
+            pipe.hget(keys.CONFIG, "max_in_flight")
+            self.follow_eta_limit(pipe.execute()[-1], steps.settings)
         except redis.RedisError as exc:
             log.warning("heartbeat skipped: %s", exc)
+
+    def follow_eta_limit(self, cap: str | None, settings) -> None:
+        """The countdown messages this worker may hold follow C as it is now:
+        set at start from its own VIDQ_MAX_IN_FLIGHT, a `vidq cap` above it
+        left due polls waiting in the queue while slots sat idle (review 93:
+        174 idle slot-seconds against 53 at C = 30)."""
+        qos = getattr(getattr(self.worker, "consumer", None), "qos", None)
+        if qos is None or cap is None or not cap.isdigit():
+            return
+        limit = max(settings.worker_eta_task_limit, eta_task_limit(int(cap)))
+        if qos.max_prefetch != limit:
+            log.info("countdown messages held: up to %d (C = %s)", limit, cap)
+            qos.max_prefetch = limit
 
     def keep_house(self, steps) -> None:
         """Manifests and retention, in a thread of their own: writing a big

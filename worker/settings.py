@@ -187,7 +187,7 @@ class Settings:
         # held until its old countdown: at 2C a lone worker stalled in a
         # simulated drift at C = 200 (it fetches nothing, not even downloads,
         # once at the limit).
-        return 3 * self.max_in_flight + 16
+        return eta_task_limit(self.max_in_flight)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -286,3 +286,8 @@ def _parse(name: str, raw: str, type_name: str):
         # nan passes every "< 0" check and then breaks (or silently lifts) a limit.
         raise ConfigError(f"{name}={raw!r} is not a finite number")
     return value
+
+
+def eta_task_limit(cap: int) -> int:
+    """Countdown messages a worker may hold at C = `cap` (see above)."""
+    return 3 * cap + 16
