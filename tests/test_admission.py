@@ -431,3 +431,36 @@ def test_countdowns_a_worker_holds_follow_an_operators_cap(make_pipeline, make_s
     assert sum(queued[10:]) <= 3, f"polls waiting in the queue: {queued}"
     assert "countdown messages held: up to 166 (C = 50)" in (
         tmp_path / "logs" / "worker-0.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_step_whose_pool_child_dies_is_re_sent_at_once(proxied, make_sandbox, tmp_path):
+    """The OOM killer takes a pool child in the middle of a poll. Its message
+    came back with a token the claim had swapped ("stale token"), and its
+    worker lived on, beating: the step waited out its lease, a step grace
+    (90 s in production), its slot idle. Now it is due at once."""
+    import psutil
+
+    sandbox = make_sandbox(time_scale=30)  # ~3 s generations
+    pipeline, proxy = proxied(sandbox, VIDQ_STEP_GRACE_S="60", VIDQ_HTTP_TIMEOUT_S="30",
+                              VIDQ_EXPECTED_GENERATION_S="3")
+    proxy.slow_s = 20.0
+    pipeline.start_workers(concurrency=2)
+    proxy.queue_for("slow_headers", seconds=120, method="GET")  # every status GET hangs
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["killed mid-poll"]), "oom")
+    [job_id] = pipeline.store.job_ids("oom")
+    job_key = keys.job(f"oom:{job_id}")
+
+    def polling() -> bool:
+        fields = pipeline.store.redis.hmget(job_key, "token", "step")
+        return (fields[0] or "").startswith("run:") and fields[1] == "poll"
+
+    wait_until(polling, 30, "a poll claimed, its GET hanging")
+    for child in psutil.Process(pipeline.processes[0].pid).children():
+        child.kill()
+    proxy.clear()
+
+    assert pipeline.wait_finished("oom", timeout_s=40)["done"] == 1  # well inside the 60 s
+    log = (tmp_path / "logs" / "worker-0.log").read_text()
+    assert "its pool child died running it" in log
+    pipeline.stop_workers()

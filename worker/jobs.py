@@ -134,7 +134,8 @@ class JobStore:
         self.redis = client
         self._scripts = {name: load_script(client, name) for name in (
             "transition", "claim", "record_generation", "mark_posting", "set_holder",
-            "grow_cap", "clear_posting", "renew_lease", "keep_video", "found_again")}
+            "grow_cap", "clear_posting", "renew_lease", "keep_video", "found_again",
+            "step_lost")}
         self._scripts["extend_pause"] = load_script(client, "extend_pause", ("pause_lib",))
         self._scripts["undo_unknown"] = load_script(client, "undo_unknown", ("line_lib",))
         self._scripts["back_in_line"] = load_script(client, "back_in_line",
@@ -171,6 +172,12 @@ class JobStore:
         """Extend a running step's lease; False if its token moved on."""
         return bool(self._scripts["renew_lease"](keys=[keys.job(job.ref), keys.DUE],
                                                  args=[job.token, job.ref, repr(lease_s)]))
+
+    def step_lost(self, ref: str, token: str) -> bool:
+        """The step `token` claimed died with its pool child: due now
+        (lua/step_lost.lua); False if the job moved on."""
+        return bool(self._scripts["step_lost"](keys=[keys.job(ref), keys.DUE],
+                                               args=[f"run:{token}", ref]))
 
     def set_holder(self, ref: str, token: str, holder: str) -> None:
         self._scripts["set_holder"](keys=[keys.job(ref)], args=[token, holder])

@@ -8,6 +8,10 @@ import logging
 import os
 from pathlib import Path
 
+import redis
+from billiard.exceptions import WorkerLostError
+from celery.worker.request import Request
+
 from .admission import Admission
 from .celery_app import TASK_FOR_STEP, app, settings_of
 from .connection import connect
@@ -125,20 +129,42 @@ def _run(steps: Steps, step: str, job) -> None:
         steps.retry(job, RuntimeError(f"unexpected {type(exc).__name__}: {exc}"))
 
 
+class StepRequest(Request):
+    """A step's message in the worker's main process. A pool child that died
+    running it (the OOM killer, a crash) left the job's step claimed: the step
+    is made due now, for the next reconciler pass, not a step grace later
+    (review 93: four slots idle 85 s after four children were killed)."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        lost = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
+        if isinstance(lost, WorkerLostError) and len(self.args) >= 2:
+            ref, token = self.args[:2]
+            try:
+                if get_steps().store.step_lost(ref, token):
+                    log.warning("%s for %s: its pool child died running it (%s); re-sent by "
+                                "the next reconciler pass", self.name, ref, lost)
+            except redis.RedisError as exc:  # the step grace re-sends it all the same
+                log.warning("could not mark the lost step of %s: %s", ref, exc)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+
+STEP_REQUEST = f"{__name__}:StepRequest"
+
+
 # JobFailed is an expected outcome: Celery logs it in one line, no traceback.
-@app.task(name=TASK_FOR_STEP["submit"], throws=(JobFailed,))
+@app.task(name=TASK_FOR_STEP["submit"], throws=(JobFailed,), Request=STEP_REQUEST)
 def submit(ref: str, token: str) -> str:
     """POST the job upstream (once ever), then schedule its first poll."""
     return run_step(get_steps(), "submit", ref, token)
 
 
-@app.task(name=TASK_FOR_STEP["poll"], throws=(JobFailed,))
+@app.task(name=TASK_FOR_STEP["poll"], throws=(JobFailed,), Request=STEP_REQUEST)
 def poll(ref: str, token: str) -> str:
     """GET the generation's status; reschedule, download or fail."""
     return run_step(get_steps(), "poll", ref, token)
 
 
-@app.task(name=TASK_FOR_STEP["download"], throws=(JobFailed,))
+@app.task(name=TASK_FOR_STEP["download"], throws=(JobFailed,), Request=STEP_REQUEST)
 def download(ref: str, token: str) -> str:
     """Stream the finished video into storage and write its sidecar."""
     return run_step(get_steps(), "download", ref, token)
