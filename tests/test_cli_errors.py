@@ -349,6 +349,14 @@ def test_a_clock_that_jumps_mid_night_is_told_once_each_way(caplog):
     assert off is False
 
 
+def test_a_clock_a_few_seconds_off_is_told():
+    """4 s off delays every poll crossing to another worker by 4 s (review 93:
+    7x the idle slot-seconds), and went unsaid under the old 5 s threshold."""
+    from worker.deployment import note_clock_skew
+
+    assert note_clock_skew(-4.0, False) is True and note_clock_skew(0.3, False) is False
+
+
 
 def test_a_redis_that_refuses_the_login_is_an_error_not_a_reason_to_read_the_manifest(
         restartable_redis, tmp_path):
