@@ -270,3 +270,39 @@ def test_a_purged_unknown_post_refused_late_gives_back_its_spend(make_pipeline, 
 
     assert float(client.hget(today, "spent")) == 0
     assert float(client.hget(today, "committed")) == 0
+
+
+@pytest.mark.slow
+def test_a_purged_posts_late_id_never_lands_in_a_job_enqueued_again_under_its_name(
+        proxied, make_sandbox, tmp_path):
+    """`vidq purge --force` while a named job's POST is out; the user enqueues a
+    new prompt under the same id; then the old POST answers. Its id went to
+    the new job by name: "done", with the old prompt's video under the new
+    prompt's sidecar, and the new prompt never POSTed (review 95)."""
+    sandbox = make_sandbox()
+    pipeline, proxy = proxied(sandbox, VIDQ_MAX_IN_FLIGHT="2", VIDQ_POST_DEADLINE_S="20",
+                              VIDQ_STEP_GRACE_S="40", VIDQ_HTTP_TIMEOUT_S="30")
+    proxy.slow_s = 6.0
+    proxy.queue("slow_headers", count=1, method="POST")
+    pipeline.start_workers(concurrency=2)
+
+    def named(name: str, prompt: str) -> Path:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps({"id": "shot-1", "prompt": prompt}) + "\n")
+        return path
+
+    pipeline.enqueue(named("old", "OLD: a red fox"), "night")
+    client = pipeline.store.redis
+    wait_until(lambda: client.hget(keys.job("night:shot-1"), "posting_at"), 30, "the marker")
+    assert _vidq(pipeline, "purge", "night", "--force").returncode == 0
+    pipeline.enqueue(named("new", "NEW: a blue whale"), "night")
+
+    assert pipeline.wait_finished("night", timeout_s=60)["done"] == 1
+    wait_until(lambda: len(pipeline.ledger()) == 2 and client.hlen(keys.ORPHANS) == 1, 30,
+               "the old POST's answer")
+    by_prompt = {entry["prompt"]: entry for entry in pipeline.ledger()}
+    assert sorted(by_prompt) == ["NEW: a blue whale", "OLD: a red fox"]
+    video = (tmp_path / "videos" / "night" / "shot-1.mp4").read_bytes()
+    assert hashlib.sha256(video).hexdigest() == by_prompt["NEW: a blue whale"]["sha256"]
+    assert by_prompt["OLD: a red fox"]["id"] in client.hkeys(keys.ORPHANS)
+    pipeline.stop_workers()

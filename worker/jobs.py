@@ -231,7 +231,8 @@ class JobStore:
                       keys.SLOT_HOLDS, keys.batch_unknown(batch), keys.batch_jobs(batch),
                       keys.batch(batch), keys.batch_failed(batch), keys.ACCOUNT_REFUSALS],
                 args=[generation_id, job.ref, repr(lease_s), keys.JOB_PREFIX,
-                      str(job.extra.get("posting_op", "")), deployment], client=pipe)
+                      str(job.extra.get("posting_op", "")), deployment,
+                      repr(job.enqueued_at) if job.enqueued_at else ""], client=pipe)
             if durability is not None:
                 durability.append_waits(pipe)
 

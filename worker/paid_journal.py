@@ -21,7 +21,7 @@ a local filesystem (NFS emulates it with per-process POSIX locks), shared by
 the workers of one machine.
 
     {"paid": "<generation id>", "batch": "night", "id": "7", "op": "<marker call id>",
-     "redis": "<deployment id>", "at": 1764998400.1}
+     "redis": "<deployment id>", "enqueued": 1764998300.2, "at": 1764998400.1}
     {"recorded": "<generation id>"}
 """
 from __future__ import annotations
@@ -89,6 +89,7 @@ class PaidJournal:
         self._append({"paid": generation_id, "batch": job.batch, "id": job.id,
                       "op": str(job.extra.get("posting_op", "")),
                       "redis": str(job.extra.get("deployment", "")),
+                      "enqueued": job.enqueued_at,
                       "at": round(time.time(), 3)}, generation_id, pending=True)
 
     def recorded(self, generation_id: str) -> None:
@@ -193,6 +194,7 @@ def _replay_file(path: Path, handle: IO[str], store: JobStore, lease_s: float,
     foreign, recorded, kept = [], 0, 0
     for entry in _pending(handle, path):
         job = Job(batch=entry["batch"], id=entry["id"], request={}, state="",
+                  enqueued_at=_number(entry.get("enqueued")),
                   extra={"posting_op": entry.get("op", "")})
         try:
             # The script checks the entry's Redis is this one (never record
@@ -222,6 +224,11 @@ def _replay_file(path: Path, handle: IO[str], store: JobStore, lease_s: float,
     else:
         path.unlink(missing_ok=True)
     return recorded
+
+
+def _number(value: object) -> float:
+    """An entry's number, 0.0 (not known) if it has none: older entries."""
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 @contextlib.contextmanager

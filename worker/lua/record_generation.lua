@@ -21,12 +21,19 @@ local lease_s = tonumber(ARGV[3])
 local job_prefix = ARGV[4]
 local posting_op = ARGV[5] or ''  -- the answering POST's mark_posting call id
 
+-- When the answering POST's job was enqueued ('' = not known: an older
+-- journal entry): a job at this ref enqueued at another time is a new one.
+local born = tonumber(ARGV[7] or '')
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local stamp = string.format('%.6f', now)
-if redis.call('EXISTS', job_key) == 0 then
+if redis.call('EXISTS', job_key) == 0
+    or (born and tonumber(redis.call('HGET', job_key, 'enqueued_at') or '') ~= born) then
   -- Its batch was purged (with --force, or by retention) before the answer
-  -- came: the paid id is kept where an operator can find it. The slot the
+  -- came: the paid id is kept where an operator can find it. So it is when
+  -- the same name was enqueued again since: that job asks its own request
+  -- and makes its own POST. The slot the
   -- purge kept for this POST ('<ref>#<posting_op>', lua/purge_jobs.lua)
   -- stays taken until its hold ends: the generation runs, and nobody polls it.
   redis.call('HSET', NS.orphans, generation_id, ref .. ' ' .. stamp)
