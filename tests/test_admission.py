@@ -423,14 +423,19 @@ def test_countdowns_a_worker_holds_follow_an_operators_cap(make_pipeline, make_s
         # Every priority's list (kombu's Redis transport keeps one each).
         queued.append(sum(client.llen(name) for name in client.keys("vidq.poll*")))
         time.sleep(0.1)
+    # Lowered while they are held: a limit below them made kombu clamp the
+    # prefetch count, and the worker then took one submit at a time (review 95).
+    assert subprocess.run(["vidq", "cap", "4"], env=pipeline.env, timeout=60).returncode == 0
+    time.sleep(2)  # a few heartbeats
     pipeline.wait_finished("wide", timeout_s=120)
     pipeline.stop_workers()
+    log = (tmp_path / "logs" / "worker-0.log").read_text()
+    assert "countdown messages held: up to 166 (C = 50)" in log
+    assert "(C = 4)" not in log
 
     # Once every job is in flight a poll waits in the queue only in passing
     # (the old limit kept some there for good).
     assert sum(queued[10:]) <= 3, f"polls waiting in the queue: {queued}"
-    assert "countdown messages held: up to 166 (C = 50)" in (
-        tmp_path / "logs" / "worker-0.log").read_text()
 
 
 @pytest.mark.slow

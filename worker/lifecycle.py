@@ -189,7 +189,11 @@ class Lifecycle(bootsteps.StartStopStep):
         qos = getattr(getattr(self.worker, "consumer", None), "qos", None)
         if qos is None or cap is None or not cap.isdigit():
             return
-        limit = max(settings.worker_eta_task_limit, eta_task_limit(int(cap)))
+        # Raised, never lowered: below the countdowns already held, kombu clamps
+        # the prefetch count and the pool's own share of it is lost (review 95:
+        # after C went from 40 to 4, one submit at a time on a -c 4 worker).
+        limit = max(qos.max_prefetch or 0, settings.worker_eta_task_limit,
+                    eta_task_limit(int(cap)))
         if qos.max_prefetch != limit:
             log.info("countdown messages held: up to %d (C = %s)", limit, cap)
             qos.max_prefetch = limit
