@@ -107,19 +107,50 @@ def _looks_utf16(data: bytes) -> bool:
     as UTF-8 it is a NUL on every line, or one bad byte, and neither says why."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return True
-    head = data[:4096]
-    if len(head) < 4:
+    if b"\x00" not in data:  # UTF-16 of any line break holds a NUL byte
         return False
-    # Latin text: a NUL in every high (LE: odd, BE: even) byte, none in the low.
-    halves = (head[0::2].count(0) / len(head[0::2]), head[1::2].count(0) / len(head[1::2]))
-    return max(halves) >= 0.9 and min(halves) <= 0.1
+    for encoding in ("utf-16-le", "utf-16-be"):
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if "\n" in text and "\x00" not in text:
+            return True
+    # One line of Latin text: a NUL in every high byte (LE: odd, BE: even).
+    head = data[:4096]
+    halves = (head[0::2].count(0) / max(1, len(head[0::2])),
+              head[1::2].count(0) / max(1, len(head[1::2])))
+    return len(head) >= 4 and max(halves) >= 0.9 and min(halves) <= 0.1
+
+
+# Unicode's Default_Ignorable_Code_Point beyond the format characters (Cf):
+# fillers and selectors that render as nothing.
+_IGNORABLE = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F),
+              (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8),
+              (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+
+
+def _invisible(char: str) -> bool:
+    code = ord(char)
+    return (char.isspace() or unicodedata.category(char) == "Cf"
+            or any(low <= code <= high for low, high in _IGNORABLE))
 
 
 def is_blank(text: str) -> bool:
-    """Nothing a reader would see: whitespace, and format characters (a BOM
-    left by `cat a.txt b.txt`, a zero-width space, a soft hyphen), which
-    `str.strip()` keeps. Such a prompt would be a paid video of nothing."""
-    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in text)
+    """Nothing a reader would see: whitespace, format characters (a BOM left by
+    `cat a.txt b.txt`, a zero-width space, a soft hyphen) and the other code
+    points Unicode says to ignore (a Hangul filler, a variation selector),
+    which `str.strip()` keeps. Such a prompt would be a paid video of nothing."""
+    return all(_invisible(char) for char in text)
+
+
+def visible_start(text: str) -> str:
+    """`text` from its first visible character: a `#` after a stray BOM still
+    starts a comment."""
+    for index, char in enumerate(text):
+        if not _invisible(char):
+            return text[index:]
+    return ""
 
 
 # --- format parsers: text -> Record ----------------------------------------
@@ -131,7 +162,7 @@ def _txt_records(text: str) -> Iterator[Record]:
     """One prompt a line; blank lines and `#` comments skipped."""
     for number, raw in enumerate(text.split("\n"), 1):
         prompt = raw.strip()
-        if not is_blank(prompt) and not prompt.startswith("#"):
+        if not is_blank(prompt) and not visible_start(prompt).startswith("#"):
             # A CRLF line's CR is stripped above; one left inside means lines
             # ended by CR alone (classic Mac), read as one long prompt.
             errors = [LineError(number, "prompt", "a carriage return inside the line: "

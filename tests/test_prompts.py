@@ -239,6 +239,11 @@ def test_a_prompt_of_invisible_characters_is_empty(tmp_path):
     text = "a lighthouse\n\ufeff\n\u200b\nwaves on rocks\n"
     assert [job.line for job in load_prompts(write(tmp_path, "p.txt", text), DEFAULTS).jobs] \
         == [1, 4]
+    # A comment after a stray BOM is a comment; a Hangul filler, a variation
+    # selector and a grapheme joiner are as invisible (review 96).
+    text = "\ufeff# section two\n\u3164\n\ufe0f\n\u034f\nok \U0001F44D\ufe0f\n"
+    assert [job.line for job in load_prompts(write(tmp_path, "q.txt", text), DEFAULTS).jobs] \
+        == [5]
     csv_errors = errors_of(write(tmp_path, "p.csv", "prompt,seed\n\u200b,1\n\ufeff,\nok,2\n"))
     assert csv_errors == [LineError(2, "prompt", "empty prompt (only invisible characters)")]
 
@@ -365,11 +370,14 @@ def test_lines_ended_by_cr_alone_are_refused_not_read_as_one_prompt(tmp_path):
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
-def test_a_utf16_file_is_named_as_such(tmp_path, encoding):
+@pytest.mark.parametrize("text", ["a red fox\nblue sea\n", "кошка гуляет по саду\nсобака\n",
+                                  "猫が庭を歩く\n犬\n", "a red fox"])
+def test_a_utf16_file_is_named_as_such(tmp_path, encoding, text):
     """Saved as "Unicode" by a Windows tool: without a BOM it was "contains a NUL
-    character" on every line, with one "not valid UTF-8 (byte 0xff)"."""
+    character" on every line, with one "not valid UTF-8 (byte 0xff)"; Cyrillic
+    or CJK without a BOM slipped past the first check (review 96)."""
     path = tmp_path / "p.txt"
-    path.write_bytes("a red fox\nblue sea\n".encode(encoding))
+    path.write_bytes(text.encode(encoding))
     (error,) = errors_of(path)
     assert error.line == 0 and "looks like UTF-16" in error.reason
     assert "save the file as UTF-8" in error.reason
