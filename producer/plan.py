@@ -55,7 +55,7 @@ class CapacityPlan:
     credits: float
     ahead_s: float = 0.0  # generation seconds of the jobs ahead whose shape was read
     ahead_unread: int | None = None  # jobs ahead of unknown shape (None: all of them)
-    cheapest: float = 0.0  # the lowest estimate of one new video
+    dearest: float = 0.0  # the highest estimate of one new video
 
     @property
     def videos(self) -> int:
@@ -118,7 +118,7 @@ def capacity_plan(client: redis.Redis, settings, requests: list[dict]) -> Capaci
     each = [estimates.of(r) for r in requests]
     return CapacityPlan(tuple(shapes), sum(count for count, _ in groups),
                         _cap(client, settings), sum(each), ahead_s, unread,
-                        min(each, default=0.0))
+                        max(each, default=0.0))
 
 
 def deployed_estimates(client: redis.Redis, own: CreditEstimates,
@@ -204,7 +204,7 @@ def plan_check(client: redis.Redis, settings, deadline: str | None, force: bool,
                max_credits: float | None = None):
     """For `vidq enqueue`: prints the plan of the new jobs and refuses (InputError,
     nothing enqueued) when it cannot meet the deadline, unless forced; warns of
-    a --max-credits that admits no new video at all."""
+    a --max-credits below what one of the new videos commits."""
     deadline_s = parse_deadline(deadline) if deadline else None
 
     def check(requests: list[dict]) -> None:
@@ -213,10 +213,11 @@ def plan_check(client: redis.Redis, settings, deadline: str | None, force: bool,
         plan = capacity_plan(client, settings, requests)
         for line in plan.lines(deadline_s):
             echo(line)
-        if max_credits is not None and max_credits < plan.cheapest:
-            echo(f"warning: --max-credits {max_credits:,.0f} is below one video's estimate "
-                 f"({plan.cheapest:,.0f}): no job of this batch will be admitted "
-                 "(`vidq limits NAME --max-credits` changes it)")
+        if max_credits is not None and max_credits < plan.dearest:
+            # Jobs are admitted in line order: one that can never fit stops the rest.
+            echo(f"warning: --max-credits {max_credits:,.2f} is below one new video's estimate "
+                 f"({plan.dearest:,.2f}): the batch stops at that job for good, 'paused: "
+                 "spend cap' (`vidq limits NAME --max-credits` changes it)")
         if deadline_s is not None and not plan.meets(deadline_s) and not force:
             raise InputError(
                 f"the batch cannot finish in {_duration(deadline_s)}: about "

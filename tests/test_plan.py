@@ -121,8 +121,17 @@ def test_enqueue_warns_of_a_credit_cap_below_one_video(redis_url, tmp_path):
     capped = vidq("enqueue", str(path), "--batch", "capped", "--max-credits", "100000",
                   redis_url=redis_url, VIDQ_CREDIT_ESTIMATE="120000")
     assert capped.returncode == 0, capped.stderr
-    assert ("warning: --max-credits 100,000 is below one video's estimate (120,000): no job "
-            "of this batch will be admitted") in capped.stdout
+    assert ("warning: --max-credits 100,000.00 is below one new video's estimate "
+            "(120,000.00): the batch stops at that job for good") in capped.stdout
     enough = vidq("enqueue", str(path), "--batch", "enough", "--max-credits", "120000",
                   redis_url=redis_url, VIDQ_CREDIT_ESTIMATE="120000")
     assert enough.returncode == 0 and "warning" not in enough.stdout + enough.stderr
+    # Admitted in line order: a 720P job that never fits stops the 480P one
+    # behind it, though that one alone would fit (review 96).
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "big first", "resolution": "720P"}\n'
+                     '{"prompt": "small second", "resolution": "480P"}\n')
+    stopped = vidq("enqueue", str(mixed), "--batch", "mixed", "--max-credits", "150000",
+                   redis_url=redis_url, VIDQ_CREDIT_ESTIMATES="alibaba/wan2.1-t2v-turbo@720P=200000",
+                   VIDQ_CREDIT_ESTIMATE="120000")
+    assert "below one new video's estimate (200,000.00)" in stopped.stdout
