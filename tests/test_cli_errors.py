@@ -74,6 +74,11 @@ def cases(redis_url: str) -> dict[str, tuple[dict, str]]:
         # Connection takes no ssl_* keyword: both were tracebacks or "<not a URL>".
         "semicolon_in_password": ({"VIDQ_REDIS_URL": f"redis://:{PASSWORD[:5]};{PASSWORD[5:]}"
                                                      f"@127.0.0.1:{closed_port()}/0"}, "%3B"),
+        "ssl_option_on_sentinel": ({"VIDQ_REDIS_URL": f"sentinel://127.0.0.1:{closed_port()}"
+                                                      "?ssl_cert_reqs=required&master_name=m"},
+                                   "ssl_* options need TLS: use rediss://"),
+        "trailing_semicolon": ({"VIDQ_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0;"},
+                               "nothing after a ';'"),
         "ssl_option_without_tls": ({"VIDQ_REDIS_URL": f"redis://:{PASSWORD}@127.0.0.1:"
                                                       f"{closed_port()}/0?ssl_cert_reqs=required"},
                                    "ssl_* options need TLS: use rediss://"),

@@ -24,6 +24,9 @@ def check_redis_url(url: str) -> None:
             raise ConfigError("VIDQ_REDIS_URL: unix sockets are not supported (Celery's broker, "
                               "kombu, has no unix:// transport); have Redis listen on TCP and "
                               f"use {USERINFO_FORM}")
+        if not part.strip() and index:
+            raise ConfigError("VIDQ_REDIS_URL: nothing after a ';' (one at the end?): "
+                              "remove it")
         if scheme not in REDIS_SCHEMES and index:
             raise ConfigError("VIDQ_REDIS_URL: a ';' separates Sentinel addresses "
                               "(sentinel://h1:p;sentinel://h2:p); one in a password must be "
@@ -53,9 +56,11 @@ def _check_redis_query(part: str) -> None:
         raise ConfigError("VIDQ_REDIS_URL: put the db in the path, redis://host:port/DB, not in "
                           "?db=: Celery's broker cannot read it from the query")
     if any(name.startswith("ssl_") for name in names) \
-            and not part.strip().lower().startswith(("rediss://", "sentinel://")):
+            and not part.strip().lower().startswith("rediss://"):
+        # On sentinel:// redis-py drops them and kombu applies them: job records
+        # in plaintext, and a broker that cannot connect (review 96).
         raise ConfigError("VIDQ_REDIS_URL: ssl_* options need TLS: use rediss://, not "
-                          "redis://")
+                          "redis:// or sentinel://")
     if any(name != "master_name" and not name.startswith("ssl_") for name in names):
         raise ConfigError("VIDQ_REDIS_URL: its query may hold only ssl_* options (Celery's "
                           f"broker refuses any other); a password goes in the userinfo, "
