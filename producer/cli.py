@@ -313,8 +313,9 @@ def metrics(host, port):
 
 @main.command(name="sandbox", cls=VidqCommand)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8900, show_default=True)
+@click.option("--port", default=8900, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--time-scale", default=1.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
               help="Divide generation times by this.")
 @click.option("--max-concurrency", default=2, show_default=True,
               help="Generations in flight before 429.")

@@ -251,3 +251,8 @@ def test_vidq_sandbox_on_a_port_in_use_is_one_error_line(make_sandbox):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: --host/--port: cannot listen on 127.0.0.1:{taken}: Address already in use"]
+    for option, value in (("--port", "70000"), ("--time-scale", "0")):  # review 96
+        refused = subprocess.run(["vidq", "sandbox", option, value], capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode == 2 and f"Invalid value for '{option}'" in refused.stderr
+        assert "Traceback" not in refused.stderr
