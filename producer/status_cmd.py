@@ -116,10 +116,19 @@ def _manifest_summary(rows: list[dict]) -> dict:
     failed = [row for row in rows if row.get("state") == "failed"]
     found = [Failure(str(row.get("custom_id") or ""), str(row.get("error") or ""), "",
                      bool(row.get("outcome_unknown"))) for row in failed]
-    return {"total": len(rows), "counts": dict(Counter(row.get("state") for row in rows)),
+    states = Counter(str(row.get("state") or "unknown") for row in rows)
+    return {"total": len(rows), "counts": dict(states),
             "outcome_unknown": sum(1 for row in failed if row.get("outcome_unknown")),
             "failures": top_reasons(found),
-            "credits": {"spent": sum(row.get("credits") or 0 for row in rows)}}
+            "credits": {"spent": sum(_credits(row.get("credits")) for row in rows)}}
+
+
+def _credits(value: object) -> float:
+    """A row's credits (vidq writes a number; a hand-edited "120000" counts too)."""
+    try:
+        return float(value) if value is not None else 0.0  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def show_batches(admission: Admission, settings: Settings, as_json: bool) -> None:

@@ -399,3 +399,30 @@ def test_a_sentinel_without_a_master_is_one_readable_line():
     text = redis_error_text(MasterNotFoundError(f"No master found for 'mymaster' : {pools}"))
     assert text == ("cannot use Redis (VIDQ_REDIS_URL): MasterNotFoundError: No master found "
                     "for 'mymaster' (are the Sentinels up, and is the master's name right?)")
+
+
+def test_a_damaged_manifest_is_one_error_line_and_odd_rows_still_count(tmp_path):
+    """Status read from a manifest (no Redis listens): a row with a text
+    credits figure or no state, and a line that is not a row, were tracebacks
+    (review 96)."""
+    import json
+
+    manifest = tmp_path / "videos" / "night" / "manifest.jsonl"
+    manifest.parent.mkdir(parents=True)
+    rows = [{"custom_id": "a", "state": "done", "credits": "120000"},
+            {"custom_id": "b", "state": None, "credits": None}]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {**base_env(), "VIDQ_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0",
+           "VIDQ_STORAGE_URL": (tmp_path / "videos").as_uri()}
+
+    def status(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["vidq", "status", "night", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    read = json.loads(status("--json").stdout)
+    assert read["counts"] == {"done": 1, "unknown": 1} and read["credits"]["spent"] == 120000
+    assert "1 done, 1 unknown" in status().stdout
+    manifest.write_text(manifest.read_text() + "[1, 2]\n")
+    damaged = status()
+    assert damaged.returncode == 2 and "Traceback" not in damaged.stderr
+    assert "line 3 is not a manifest row (not a JSON object)" in damaged.stderr

@@ -25,7 +25,7 @@ import redis
 
 from . import events, keys
 from .connection import op_id, take_lock
-from .errors import StorageError
+from .errors import InputError, StorageError
 from .jobs import FINAL_STATES, State, load_script
 from .rows import batch_rows, storage_base
 from .storage import Storage
@@ -129,11 +129,25 @@ def write(client: redis.Redis, storage: Storage, storage_url: str, batch: str) -
 
 
 def read(storage: Storage, batch: str) -> list[dict] | None:
-    """The rows of a batch's manifest in storage; None if it has none."""
-    if not storage.exists(manifest_key(batch)):
+    """The rows of a batch's manifest in storage; None if it has none.
+    InputError naming the line if it is not one (damaged, or edited by hand)."""
+    key = manifest_key(batch)
+    if not storage.exists(key):
         return None
-    text = storage.read_bytes(manifest_key(batch)).decode()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(storage.read_bytes(key).split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:  # bad JSON, or not UTF-8
+            raise InputError(f"{storage.location(key)}: line {number} is not a manifest row "
+                             f"({type(exc).__name__})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{storage.location(key)}: line {number} is not a manifest row "
+                             "(not a JSON object)")
+        rows.append(row)
+    return rows
 
 
 def publish_storage_url(client: redis.Redis, storage_url: str) -> None:
