@@ -79,7 +79,8 @@ class CapacityPlan:
 
     def lines(self, deadline_s: float | None = None) -> list[str]:
         typical = self.work_s / max(self.videos + self.ahead, 1)
-        out = [f"plan: {self.videos:,} videos at C = {self.cap} and ~{_duration(typical)} "
+        out = [f"plan: {self.videos:,} video{'' if self.videos == 1 else 's'} at C = "
+               f"{self.cap} and ~{_duration(typical)} "
                f"each: about {_duration(self.duration_s())}"]
         for shape in self.shapes:
             source = ("learned" if shape.learned else

@@ -144,6 +144,12 @@ def is_blank(text: str) -> bool:
     return all(_invisible(char) for char in text)
 
 
+def trimmed(text: str) -> str:
+    """`text` without the invisible characters at either end."""
+    start = visible_start(text)
+    return visible_start(start[::-1])[::-1]
+
+
 def visible_start(text: str) -> str:
     """`text` from its first visible character: a `#` after a stray BOM still
     starts a comment."""
@@ -197,7 +203,8 @@ def _jsonl_records(text: str) -> Iterator[Record]:
         if is_blank(raw):
             continue
         try:
-            value = _JSON_DECODER.decode(raw)
+            # A BOM inside the file: `cat a.jsonl b.jsonl` of two saved with one.
+            value = _JSON_DECODER.decode(raw.removeprefix("\ufeff"))
         except json.JSONDecodeError as exc:
             reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
             yield Record(number, None, [LineError(number, None, reason)])

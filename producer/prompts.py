@@ -43,6 +43,7 @@ from .prompt_formats import (
     parser_for,
     read_text,
     shown,
+    trimmed,
     type_name,
     unknown_field,
 )
@@ -272,10 +273,16 @@ def _digest_id(request: dict) -> str:
     return "p-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
 
 
+TEXT_FIELDS = ("prompt", "negative_prompt")
+
+
 def asked(request: dict) -> dict:
     """The request without the parameters given at the upstream's default:
-    `"resolution": "720P"` asks what leaving it out asks (one job, one charge)."""
-    return {name: value for name, value in request.items()
+    `"resolution": "720P"` asks what leaving it out asks (one job, one charge);
+    nor the invisible characters at the ends of its texts (a stray BOM left
+    by `cat a.txt b.txt`: the same prompt, one charge)."""
+    return {name: trimmed(value) if name in TEXT_FIELDS and isinstance(value, str) else value
+            for name, value in request.items()
             if name not in DEFAULT_PARAMETERS or value != DEFAULT_PARAMETERS[name]}
 
 

@@ -315,6 +315,18 @@ def test_bad_bool_and_seed_from_csv(tmp_path):
     assert "'maybe'" in errors[0].reason
 
 
+def test_files_joined_with_cat_keep_their_bom_out_of_the_request_count(tmp_path):
+    """`cat a.txt b.txt` of two files saved with a BOM: the second's first line
+    starts with U+FEFF. In .txt it was a second job for the same prompt, two
+    charges; in .jsonl "invalid JSON" for a line that looks right (review 97)."""
+    bom = "\ufeff"
+    joined = load_prompts(write(tmp_path, "p.txt", f"{bom}a red fox\n{bom}a red fox\n"), DEFAULTS)
+    assert len(joined.jobs) == 1
+    lines = f'{bom}{{"prompt": "a blue whale"}}\n{bom}{{"prompt": "a green frog"}}\n'
+    read = load_prompts(write(tmp_path, "p.jsonl", lines), DEFAULTS)
+    assert [job.request["prompt"] for job in read.jobs] == ["a blue whale", "a green frog"]
+
+
 def test_a_long_csv_cell_is_read_as_jsonl_reads_it(tmp_path):
     """csv's default cell limit (131,072) stopped the file at a 200,000-character
     prompt and hid the later lines' errors."""
