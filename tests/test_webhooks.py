@@ -281,3 +281,24 @@ def test_webhooks_of_an_unknown_batch_exits_2_with_one_line(redis_url):
                             env={**os.environ, "VIDQ_REDIS_URL": redis_url}, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: no batch 'nope' (and no webhook deliveries for it)\n"
+
+
+@pytest.mark.slow
+def test_a_receiver_that_is_down_does_not_stop_the_batch_of_a_worker_sending_both(
+        make_pipeline, make_sandbox, receiver, tmp_path):
+    """One worker on every queue (the README's start line, the image's default)
+    and a receiver answering 503: each delivery awaiting its retry is a
+    countdown message, so they filled the limit sized for polls (3C + 16),
+    kombu's prefetch count shrank with each one that arrived at it, and the
+    worker fetched no polls: both slots taken, nothing upstream, 2 videos in
+    80 s (review 97)."""
+    from conftest import write_prompts
+
+    r = receiver(lambda path, attempt: 503)
+    pipeline = make_pipeline(make_sandbox(max_concurrency=2), VIDQ_MAX_IN_FLIGHT="2",
+                             VIDQ_WEBHOOK_SECRET=SECRET, VIDQ_WEBHOOK_ALLOWLIST="127.0.0.1",
+                             VIDQ_WEBHOOK_URL=r.url + "/down", VIDQ_WEBHOOK_BACKOFF_BASE_S="5")
+    pipeline.start_workers(1, concurrency=2)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"clip {i}" for i in range(60)]), "wb")
+    assert pipeline.wait_finished("wb", timeout_s=150)["done"] == 60
+    pipeline.stop_workers()

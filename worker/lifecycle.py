@@ -40,6 +40,10 @@ def alive_as(consumed) -> str:
     return keys.STEPS_WORKER if set(consumed or QUEUES) - {WEBHOOK_QUEUE} else keys.WEBHOOK_WORKER
 
 
+def webhooks_consumed(consumed) -> bool:
+    return not consumed or WEBHOOK_QUEUE in set(consumed)
+
+
 def check_storage(storage) -> None:
     """Say at start, not after the first paid video, that storage is not
     usable: a mistyped bucket or a wrong key. Not a refusal: a bucket may
@@ -66,6 +70,7 @@ class Lifecycle(bootsteps.StartStopStep):
         self.replayer: threading.Thread | None = None
         self.clock_off = False
         self.worker = worker
+        self.holds_webhooks = False
         # The random part: two workers named alike (one hostname, both PID 1
         # in their containers) must not share a record or a holder name.
         WORKER_ID["name"] = self.hostname = (f"{worker.hostname}/{os.getpid()}/"
@@ -77,6 +82,9 @@ class Lifecycle(bootsteps.StartStopStep):
         client = steps.store.redis
         self.record = deployment.record(settings)  # re-written with every heartbeat
         self.alive_as = alive_as(worker.app.amqp.queues.consume_from)
+        self.holds_webhooks = webhooks_consumed(worker.app.amqp.queues.consume_from)
+        if self.holds_webhooks:  # before the consumer reads it, where it starts after this
+            worker.app.conf.worker_eta_task_limit = None
         client.hset(keys.WORKER_SETTINGS, self.hostname, self.record)
         live = deployment.live_values(client, self.hostname, prune=True)
         for disagreement in deployment.disagreements(live):
@@ -187,6 +195,14 @@ class Lifecycle(bootsteps.StartStopStep):
         left due polls waiting in the queue while slots sat idle (review 93:
         174 idle slot-seconds against 53 at C = 30)."""
         qos = getattr(getattr(self.worker, "consumer", None), "qos", None)
+        if qos is not None and self.holds_webhooks:
+            # A delivery awaiting its retry is a countdown too, one per video
+            # while the receiver is down: no size fits, and kombu loses a unit
+            # of prefetch for each one that arrives at the limit, until this
+            # worker fetches nothing, polls included (review 97: both slots
+            # taken, 0 generations upstream for minutes).
+            qos.max_prefetch = None
+            return
         if qos is None or cap is None or not cap.isdigit():
             return
         # Raised, never lowered: below the countdowns already held, kombu clamps

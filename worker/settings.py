@@ -186,7 +186,8 @@ class Settings:
         # re-aimed first poll (worker/reaim.py), whose superseded message stays
         # held until its old countdown: at 2C a lone worker stalled in a
         # simulated drift at C = 200 (it fetches nothing, not even downloads,
-        # once at the limit).
+        # once at the limit). Not for a worker that also sends webhooks
+        # (lifecycle.follow_eta_limit): their retries are countdowns too.
         return eta_task_limit(self.max_in_flight)
 
     @classmethod
