@@ -17,6 +17,7 @@ from worker.admission import Admission
 from worker.errors import InputError
 from worker.retry import Failure
 from worker.settings import Settings
+from worker.spend import amount
 from worker.storage import open_storage
 
 from .batch_view import batch_status, top_reasons
@@ -120,15 +121,7 @@ def _manifest_summary(rows: list[dict]) -> dict:
     return {"total": len(rows), "counts": dict(states),
             "outcome_unknown": sum(1 for row in failed if row.get("outcome_unknown")),
             "failures": top_reasons(found),
-            "credits": {"spent": sum(_credits(row.get("credits")) for row in rows)}}
-
-
-def _credits(value: object) -> float:
-    """A row's credits (vidq writes a number; a hand-edited "120000" counts too)."""
-    try:
-        return float(value) if value is not None else 0.0  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return 0.0
+            "credits": {"spent": sum(amount(row.get("credits")) for row in rows)}}
 
 
 def show_batches(admission: Admission, settings: Settings, as_json: bool) -> None:

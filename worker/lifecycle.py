@@ -41,7 +41,7 @@ def alive_as(consumed) -> str:
 
 
 def webhooks_consumed(consumed) -> bool:
-    return not consumed or WEBHOOK_QUEUE in set(consumed)
+    return WEBHOOK_QUEUE in set(consumed or QUEUES)
 
 
 def check_storage(storage) -> None:

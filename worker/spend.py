@@ -78,8 +78,8 @@ def batch_spend(client: redis.Redis, batch: str) -> dict:
     raw = client.hmget(keys.batch(batch), "credits_spent", "credits_committed", "videos",
                        "max_credits", "max_videos", "blocked")
     spent, committed, videos, max_credits, max_videos, blocked = raw
-    return {"spent": _number(spent), "committed": _number(committed),
-            "videos": int(_number(videos)), "max_credits": _optional(max_credits),
+    return {"spent": amount(spent), "committed": amount(committed),
+            "videos": int(amount(videos)), "max_credits": _optional(max_credits),
             "max_videos": _optional(max_videos), "spend_cap_reached": blocked == "spend cap"}
 
 
@@ -88,7 +88,7 @@ def day_spend(client: redis.Redis, day: int | None = None) -> dict:
     day = today(client) if day is None else day
     spent, committed = client.hmget(keys.spend_day(day), "spent", "committed")
     cap = client.hget(keys.CONFIG, "daily_credits")
-    return {"day": day, "spent": _number(spent), "committed": _number(committed),
+    return {"day": day, "spent": amount(spent), "committed": amount(committed),
             "daily_credits": _optional(cap)}
 
 
@@ -97,10 +97,12 @@ def spend_summary(client: redis.Redis, batch: str) -> dict:
     return {"batch": batch_spend(client, batch), "today": day_spend(client)}
 
 
-def _number(raw) -> float:
+def amount(raw) -> float:
+    """Credits as stored (a Redis string) or written (a manifest row's value);
+    0 where there is none or it is not a number."""
     try:
         return max(0.0, float(raw)) if raw is not None else 0.0
-    except ValueError:
+    except (TypeError, ValueError):
         return 0.0
 
 
