@@ -7,6 +7,8 @@ behind tests/chaos/redis_lost_reply.py's proxy; the sandbox over HTTP; steps
 driven by hand."""
 from __future__ import annotations
 
+import time
+
 import redis
 from test_redis_stalls import _lose_clear_replies, _lose_marker_replies, _through_proxy
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
@@ -14,6 +16,7 @@ from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 from worker import keys, marker, tasks
 from worker.admission import _resend
 from worker.durability import NotDurable
+from worker.upstream import UpstreamClient
 
 
 def test_a_marker_that_lands_after_its_try_gave_up_is_taken_over_by_the_next_try(
@@ -148,3 +151,40 @@ def test_a_try_whose_marker_never_lands_keeps_an_earlier_unposted_marker_takeabl
     assert record.generation_id and record.state == "submitted", record.last_error
     assert sandbox.stats()["submissions"] == 1
 
+
+
+def test_a_submit_sent_again_while_its_post_may_answer_waits_for_the_answer(
+        steps_for, make_sandbox):  # noqa: F811
+    """CI, everysec Redis: the id's record and the step's next write were lost
+    in a crash; the step's retry met the restored marker and failed the job
+    "outcome unknown" while the POST thread was about to record the id again.
+    The batch looked finished with a failure, then reopened. While the POST's
+    entry on the wire lasts, the submit now looks again later: one POST, the
+    id recorded, the job never failed."""
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox)
+    ref, token = _admit_one(steps)
+    client = steps.store.redis
+    seconds, micros = client.time()
+    client.hset(keys.job(ref), mapping={"posting_at": f"{seconds}.{micros}",
+                                        "posting_op": "op-1"})
+    client.zadd(keys.batch_open_posts("b"), {f"{ref}#op-1": seconds * 1000 + 30_000})
+
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    step, _, token = steps.sent[-1]
+    assert (step, steps.store.get(ref).state) == ("submit", "queued")
+    paid = UpstreamClient(steps.settings).submit(steps.store.get(ref).request)
+    steps.store.record_generation(steps.store.get(ref), paid.id, lease_s=30)
+
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    for _ in range(20):
+        step, _, token = steps.sent[-1]
+        tasks._run(steps, step, steps.claim(ref, token, step))
+        if step == "download":
+            break
+        time.sleep(0.2)
+    record = steps.store.get(ref)
+    [entry] = sandbox.state.ledger()
+    assert record.state == "done" and record.extra["sha256"] == entry["sha256"]
+    assert client.hget(keys.batch("b"), "reopened") is None and not record.extra.get(
+        "outcome_unknown")

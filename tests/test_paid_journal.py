@@ -304,7 +304,9 @@ def test_a_redis_that_loses_the_recorded_id_in_a_crash_has_it_recorded_again(
         video = (tmp_path / "videos" / "night" / f"{job_id}.mp4").read_bytes()
         assert hashlib.sha256(video).hexdigest() == entry["sha256"]
         log = (pipeline.log_dir / "worker-0.log").read_text()
-        assert "Redis restarted before generation" in log and "recording it again" in log
+        # Restarted by the time of the check ("Redis restarted before generation
+        # ..."), or still away ("not confirmed on disk yet"): recorded again.
+        assert "recording it again" in log
         pipeline.stop_workers()
     finally:
         proxy.stop()

@@ -24,7 +24,7 @@ from .leases import TakenOver, lease_renewed, unless_lost
 from .marker import mark_posting
 from .metrics_record import completed, downloaded, upstream_call
 from .pacing import post_wait_s
-from .posting import NotSent, post_once
+from .posting import NotSent, answer_may_come, post_once
 from .rate_limits import pause_s, revive_refused, spread
 from .step_outcomes import StepOutcomes
 from .storage import video_key
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # A POST marker Redis could not make durable (its wait timed out): tried again
 # this much later.
 MARKER_RETRY_S = 5.0
+# A marked job whose POST may still answer: looked at again this much later.
+ANSWER_RECHECK_S = 5.0
 
 
 class Steps(StepOutcomes):
@@ -91,6 +93,12 @@ class Steps(StepOutcomes):
             self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
             return
         if marker == "posted_before":
+            if answer_may_come(self.store, job):
+                # Its POST is still on the wire, or Redis lost its answer's
+                # record (restarted from an older state) and the POST thread
+                # records it again: not unknown yet. Slot kept, nothing sent.
+                self._next(job, Step.SUBMIT, ANSWER_RECHECK_S)
+                return
             raise SubmitOutcomeUnknown(
                 "a POST for this job was started earlier and its answer never arrived "
                 "(a worker or Redis died mid-POST); not re-sent, to avoid paying twice")

@@ -236,6 +236,15 @@ def on_the_wire(store: JobStore, job: Job,
             mark(False)
 
 
+def answer_may_come(store: JobStore, job: Job) -> bool:
+    """Whether the POST behind the job's marker may still answer: its entry
+    (`on_the_wire`) is renewed while the answer is read and lasts
+    OPEN_POST_LEASE_S after its thread stopped renewing it."""
+    entry = f"{job.ref}#{job.extra.get('posting_op', '')}"
+    until_ms = store.redis.zscore(keys.batch_open_posts(job.batch), entry)
+    return until_ms is not None and until_ms > job.now() * 1000
+
+
 def _run_id(store: JobStore) -> str:
     return str(store.redis.info("server").get("run_id", ""))
 
@@ -276,8 +285,9 @@ def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,
             log.warning("job %s: generation %s recorded, not yet durable (%s); recording "
                         "it again", job.ref, generation_id, exc)
         except Exception as exc:
-            log.error("job %s: generation %s not recorded yet (%s); retrying",
-                      job.ref, generation_id, exc)
+            log.error("job %s: generation %s %s (%s); recording it again", job.ref,
+                      generation_id, "not confirmed on disk yet" if handed else
+                      "not recorded yet", exc)
         time.sleep(pause)
     if not handed:
         raise RuntimeError(f"generation {generation_id} of {job.ref} could not be recorded")
