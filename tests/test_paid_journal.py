@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,14 +16,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-from chaos.faultproxy import FaultProxy
 from chaos.redis_lost_reply import LostReplyProxy
 from conftest import wait_until, write_prompts
 from test_lost_replies import _run_of
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from producer.batch_view import workers_alive
-from producer.redis_server import PrivateRedis
 from worker import keys, tasks
 from worker.jobs import JobStore, load_script
 from worker.marker import mark_posting
@@ -265,49 +262,3 @@ def test_an_id_recorded_into_a_job_whose_admission_redis_lost_is_downloaded(make
     video = (tmp_path / "videos" / "night" / f"{job_id}.mp4").read_bytes()
     assert hashlib.sha256(video).hexdigest() == entry["sha256"]
     pipeline.stop_workers()
-
-
-@pytest.mark.slow
-def test_a_redis_that_loses_the_recorded_id_in_a_crash_has_it_recorded_again(
-        make_pipeline, make_sandbox, tmp_path):
-    """appendfsync everysec: Redis answered the id's record, then crashed before
-    its disk had it. It came back with the POST's marker and no id: the job
-    failed "outcome unknown" and its paid video was never fetched (the journal
-    was already emptied). The id is now recorded again once the same Redis
-    has run past its fsync window, or on the Redis that replaced it."""
-    everysec = ("--appendfsync", "everysec")
-    server = PrivateRedis(tmp_path / "redis", extra_args=everysec).start()
-    sandbox = make_sandbox()
-    proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True, slow_s=1.0).start()
-    try:
-        pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=server.url, AIMLAPI_BASE_URL=proxy.url,
-                                 VIDQ_MAX_IN_FLIGHT="1")
-        proxy.queue("slow_headers", count=1, method="POST")  # answered 1 s after the marker
-        pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["paid before the crash"]), "night")
-        [job_id] = pipeline.store.job_ids("night")
-        job_key = keys.job(f"night:{job_id}")
-        pipeline.start_workers()
-        client = redis.Redis.from_url(server.url)
-        wait_until(lambda: client.hget(job_key, "posting_at"), 30, "the POST's marker", 0.01)
-        aof = tmp_path / "redis" / "appendonly.aof"
-        shutil.copy(aof, tmp_path / "before-the-answer.aof")
-        wait_until(lambda: client.hget(job_key, "generation_id"), 30, "the id recorded", 0.01)
-        server.process.kill()  # a crash before everysec's fsync: the id's record is lost
-        server.process.wait()
-        shutil.copy(tmp_path / "before-the-answer.aof", aof)
-        server = PrivateRedis(tmp_path / "redis", port=server.port, extra_args=everysec).start()
-        client = redis.Redis.from_url(server.url)
-        assert client.hget(job_key, "generation_id") is None and client.hget(job_key, "posting_at")
-
-        assert pipeline.wait_finished("night", timeout_s=60)["done"] == 1
-        [entry] = pipeline.ledger()
-        video = (tmp_path / "videos" / "night" / f"{job_id}.mp4").read_bytes()
-        assert hashlib.sha256(video).hexdigest() == entry["sha256"]
-        log = (pipeline.log_dir / "worker-0.log").read_text()
-        # Restarted by the time of the check ("Redis restarted before generation
-        # ..."), or still away ("not confirmed on disk yet"): recorded again.
-        assert "recording it again" in log
-        pipeline.stop_workers()
-    finally:
-        proxy.stop()
-        server.stop()

@@ -12,7 +12,7 @@ What each Redis setting guarantees (the README's Reliability section):
                                     a job POSTed in that window may be POSTed again
                                     (logged as a warning at start); a paid id is
                                     recorded again if Redis restarted within
-                                    posting.SETTLE_S of its record
+                                    SETTLE_S of its record
 
 A Redis that may evict any key when memory is full (maxmemory-policy
 allkeys-*) could drop a job's record with its generation id: a worker
@@ -41,6 +41,9 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 WAIT_TIMEOUT_MS = 2000
 REPROBE_S = 30.0
+# appendfsync everysec writes to disk every second, late by up to 2 s when the
+# disk is slow: a write acknowledged this long ago is on disk.
+SETTLE_S = 3.0
 
 
 class NotDurable(redis.RedisError):
@@ -166,3 +169,19 @@ class Durability:
             raise NotDurable(f"WAIT: {acknowledged} of {expected} replicas have the POST marker")
         log.warning("POST marker acknowledged by %d replica(s), all the current master has "
                     "(was %d): %s", acknowledged, expected, self.describe())
+
+
+def settling_run(client: redis.Redis, durability: Durability | None) -> str:
+    """The run id of the Redis about to be written, if a write it acknowledges
+    may still be lost in a crash (everysec, no AOF); '' if not."""
+    if durability is None or durability.acknowledged_is_durable:
+        return ""
+    return str(client.info("server").get("run_id", ""))
+
+
+def same_run_after(client: redis.Redis, run: str) -> bool:
+    """Whether the Redis that acknowledged a write still runs SETTLE_S later,
+    when even everysec has written it to disk. A crash meanwhile may have lost
+    it: restarted, Redis has another run id. (A Redis down now raises.)"""
+    time.sleep(SETTLE_S)
+    return str(client.info("server").get("run_id", "")) == run

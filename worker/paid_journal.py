@@ -12,9 +12,11 @@ on it while it lives. A file whose lock can be taken was left by a process
 that died: a worker sharing the directory records the ids still pending, as
 the answering process would have (lua/record_generation.lua: kept, a failed
 job revived, a second id a sibling, the same id again nothing), then deletes
-the file. An entry names the Redis it belongs to by an id kept in that Redis
-(a URL changes with a port or a failover), read with the POST's marker: a
-worker of another Redis, or of this one flushed since, leaves it alone.
+the file (under a Redis that may lose what it acknowledged, everysec, once
+the same Redis still runs durability.SETTLE_S later). An entry names the
+Redis it belongs to by an id kept in that Redis (a URL changes with a port
+or a failover), read with the POST's marker: a worker of another Redis, or
+of this one flushed since, leaves it alone.
 
 flock is what tells a live process from a dead one: the directory must be on
 a local filesystem (NFS emulates it with per-process POSIX locks), shared by
@@ -42,7 +44,7 @@ from typing import IO
 import redis
 
 from . import keys
-from .durability import Durability, NotDurable
+from .durability import SETTLE_S, Durability, NotDurable, same_run_after, settling_run
 from .jobs import Job, JobStore
 from .storage import fsync_dir
 
@@ -191,7 +193,8 @@ def replay(directory: Path, store: JobStore, lease_s: float,
 
 def _replay_file(path: Path, handle: IO[str], store: JobStore, lease_s: float,
                  durability: Durability | None) -> int:
-    foreign, recorded, kept = [], 0, 0
+    foreign, recorded, kept = [], [], 0
+    run = settling_run(store.redis, durability)
     for entry in _pending(handle, path):
         job = Job(batch=entry["batch"], id=entry["id"], request={}, state="",
                   enqueued_at=_number(entry.get("enqueued")),
@@ -207,10 +210,18 @@ def _replay_file(path: Path, handle: IO[str], store: JobStore, lease_s: float,
         if answer == "foreign":
             foreign.append(entry)
             continue
-        recorded += 1
+        recorded.append(entry)
+    if recorded and run and not same_run_after(store.redis, run):
+        # Redis restarted before its disk had them (everysec): all still
+        # pending, recorded again next pass. (A Redis down now raises: the same.)
+        log.warning("%s: Redis restarted within %.0f s of recording %d journaled id(s): "
+                    "recording them again", path, SETTLE_S, len(recorded))
+        return 0
+    for entry in recorded:
         handle.write(json.dumps({"recorded": entry["paid"]}) + "\n")  # if the file is kept
         log.warning("job %s: generation %s, journaled by a process that died with it "
-                    "pending (%s): in Redis", job.ref, entry["paid"], path)
+                    "pending (%s): in Redis", keys.job_ref(entry["batch"], entry["id"]),
+                    entry["paid"], path)
     if foreign and path not in _REPORTED:
         _REPORTED.add(path)
         log.error("%s: %d paid generation id(s) journaled for another Redis (deployment id %s; "
@@ -223,7 +234,7 @@ def _replay_file(path: Path, handle: IO[str], store: JobStore, lease_s: float,
         os.fsync(handle.fileno())
     else:
         path.unlink(missing_ok=True)
-    return recorded
+    return len(recorded)
 
 
 def _number(value: object) -> float:

@@ -8,7 +8,7 @@ paid generation is the one thing that must not be dropped; the answer is
 journaled on the worker's disk first (worker/paid_journal.py), so a process
 stopped before Redis has it loses nothing. Where Redis answers before its disk
 has the write (appendfsync everysec), the id is recorded again if Redis
-restarted within SETTLE_S, before the journal lets it go. A late answer
+restarted within durability.SETTLE_S, before the journal lets it go. A late answer
 that proves nothing was created (a 429, a 503, a 4xx) is handed back
 instead, if the marker it clears is its own attempt's (worker/rate_limits.py:
 a 429 or 503 is POSTed again, a 4xx fails with the upstream's reason). A
@@ -27,7 +27,7 @@ from celery.signals import worker_process_shutdown
 
 from . import keys
 from .contract import ACCOUNT_STATUSES
-from .durability import Durability, NotDurable
+from .durability import Durability, NotDurable, same_run_after, settling_run
 from .errors import (
     RequestRejected,
     RetryableUpstreamError,
@@ -45,9 +45,6 @@ from .upstream import SUBMIT_RETRY_STATUSES, UpstreamClient
 log = logging.getLogger(__name__)
 
 RECORD_RETRY_S = (0.2, 1.0, 2.0, 5.0)
-# appendfsync everysec writes to disk every second, late by up to 2 s when the
-# disk is slow: a write acknowledged this long ago is on disk.
-SETTLE_S = 3.0
 JOURNAL_WAIT_S = 1.0
 
 
@@ -245,18 +242,6 @@ def answer_may_come(store: JobStore, job: Job) -> bool:
     return until_ms is not None and until_ms > job.now() * 1000
 
 
-def _run_id(store: JobStore) -> str:
-    return str(store.redis.info("server").get("run_id", ""))
-
-
-def _same_run_after(store: JobStore, run_id: str, settle_s: float) -> bool:
-    """Whether the Redis that acknowledged a write still runs `settle_s` later,
-    when even everysec has written it to disk. A crash meanwhile may have lost
-    it: restarted, Redis has another run_id. (A Redis down now raises.)"""
-    time.sleep(settle_s)
-    return _run_id(store) == run_id
-
-
 def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,
                 durability: Durability | None, recorded: Callable[[str], object]) -> None:
     """Store a paid generation id, durably, through a Redis outage or a
@@ -264,15 +249,14 @@ def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,
     `recorded(id)` is called once Redis has it, durable or not yet: polling
     it is harmless, and the step must not wait for a lagging replica."""
     handed = False
-    settle_s = 0.0 if durability is None or durability.acknowledged_is_durable else SETTLE_S
     for pause in (*RECORD_RETRY_S, *([10.0] * 360)):
         try:
-            run_id = _run_id(store) if settle_s else ""
+            run = settling_run(store.redis, durability)
             answer = store.record_generation(job, generation_id, lease_s, durability)
             if not handed:
                 handed = True
                 recorded(answer)
-            if not settle_s or _same_run_after(store, run_id, settle_s):
+            if not run or same_run_after(store.redis, run):
                 return
             log.warning("job %s: Redis restarted before generation %s reached its disk "
                         "(appendfsync everysec, or no AOF): recording it again", job.ref,

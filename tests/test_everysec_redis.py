@@ -1,0 +1,114 @@
+"""A Redis that answers before its disk has the write (appendfsync everysec,
+or no AOF) and crashes within that second: a paid generation id it had
+acknowledged is recorded again, by the POST thread or by the journal's
+replay, so its video is still downloaded. A real Redis SIGKILLed and
+restarted from its AOF as it was before the record; real workers; the
+sandbox over HTTP."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import redis
+from chaos.faultproxy import FaultProxy
+from conftest import wait_until, write_prompts
+from test_paid_journal import _holding, _job
+
+from producer.redis_server import PrivateRedis
+from worker import keys
+from worker.durability import Durability
+from worker.jobs import JobStore
+from worker.paid_journal import deployment_id, replay
+
+EVERYSEC = ("--appendfsync", "everysec")
+
+
+@pytest.mark.slow
+def test_a_redis_that_loses_the_recorded_id_in_a_crash_has_it_recorded_again(
+        make_pipeline, make_sandbox, tmp_path):
+    """appendfsync everysec: Redis answered the id's record, then crashed before
+    its disk had it. It came back with the POST's marker and no id: the job
+    failed "outcome unknown" and its paid video was never fetched (the journal
+    was already emptied). The id is now recorded again once the same Redis
+    has run past its fsync window, or on the Redis that replaced it."""
+    server = PrivateRedis(tmp_path / "redis", extra_args=EVERYSEC).start()
+    sandbox = make_sandbox()
+    proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True, slow_s=1.0).start()
+    try:
+        pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=server.url, AIMLAPI_BASE_URL=proxy.url,
+                                 VIDQ_MAX_IN_FLIGHT="1")
+        proxy.queue("slow_headers", count=1, method="POST")  # answered 1 s after the marker
+        pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["paid before the crash"]), "night")
+        [job_id] = pipeline.store.job_ids("night")
+        job_key = keys.job(f"night:{job_id}")
+        pipeline.start_workers()
+        client = redis.Redis.from_url(server.url)
+        wait_until(lambda: client.hget(job_key, "posting_at"), 30, "the POST's marker", 0.01)
+        aof = tmp_path / "redis" / "appendonly.aof"
+        shutil.copy(aof, tmp_path / "before-the-answer.aof")
+        wait_until(lambda: client.hget(job_key, "generation_id"), 30, "the id recorded", 0.01)
+        server.process.kill()  # a crash before everysec's fsync: the id's record is lost
+        server.process.wait()
+        shutil.copy(tmp_path / "before-the-answer.aof", aof)
+        server = PrivateRedis(tmp_path / "redis", port=server.port, extra_args=EVERYSEC).start()
+        client = redis.Redis.from_url(server.url)
+        assert client.hget(job_key, "generation_id") is None and client.hget(job_key, "posting_at")
+
+        assert pipeline.wait_finished("night", timeout_s=60)["done"] == 1
+        [entry] = pipeline.ledger()
+        video = (tmp_path / "videos" / "night" / f"{job_id}.mp4").read_bytes()
+        assert hashlib.sha256(video).hexdigest() == entry["sha256"]
+        log = (pipeline.log_dir / "worker-0.log").read_text()
+        # Restarted by the time of the check ("Redis restarted before generation
+        # ..."), or still away ("not confirmed on disk yet"): recorded again.
+        assert "recording it again" in log
+        pipeline.stop_workers()
+    finally:
+        proxy.stop()
+        server.stop()
+
+
+def test_a_replayed_id_that_an_everysec_redis_loses_in_a_crash_is_replayed_again(tmp_path):
+    """appendfsync everysec: a dead process's pending id was recorded from its
+    journal, the file deleted, and Redis crashed before its disk had the
+    record: the paid video was lost. The file now stays until the same Redis
+    still runs a few seconds later; else the next pass records it again."""
+    server = PrivateRedis(tmp_path / "redis", extra_args=EVERYSEC).start()
+    try:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        _job(client, "1")
+        directory = tmp_path / "journal"
+        holder = _holding(directory, deployment_id(client), "1", "gen-a")
+        holder.kill()
+        holder.wait()
+        aof = tmp_path / "redis" / "appendonly.aof"
+        shutil.copy(aof, tmp_path / "before-the-replay.aof")
+        durability = Durability.probe(client)
+        replayed: list[object] = []
+        first = threading.Thread(target=lambda: replayed.append(_replay_or_error(
+            directory, JobStore(client), durability)))
+        first.start()
+        wait_until(lambda: client.hget(keys.job("night:1"), "generation_id"), 10, "the record",
+                   0.01)
+        server.process.kill()  # a crash before everysec's fsync: the record is lost
+        server.process.wait()
+        shutil.copy(tmp_path / "before-the-replay.aof", aof)
+        server = PrivateRedis(tmp_path / "redis", port=server.port, extra_args=EVERYSEC).start()
+        first.join(30)
+        assert replayed != [1] and not client.hget(keys.job("night:1"), "generation_id")
+
+        assert replay(directory, JobStore(client), 0.0, Durability.probe(client)) == 1
+        assert client.hget(keys.job("night:1"), "generation_id") == "gen-a"
+        assert not list(directory.glob("*.jsonl"))
+    finally:
+        server.stop()
+
+
+def _replay_or_error(directory: Path, store: JobStore, durability: Durability) -> object:
+    try:
+        return replay(directory, store, 0.0, durability)
+    except redis.RedisError as exc:  # Redis still away at the check: the file is kept too
+        return exc
