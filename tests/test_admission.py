@@ -435,9 +435,11 @@ def test_countdowns_a_worker_holds_follow_an_operators_cap(make_pipeline, make_s
     assert "countdown messages held: up to 166 (C = 50)" in log
     assert "(C = 4)" not in log
 
-    # Once every job is in flight a poll waits in the queue only in passing
-    # (the old limit kept some there for good).
-    assert sum(queued[10:]) <= 3, f"polls waiting in the queue: {queued}"
+    # Once every job is in flight a poll waits in the queue only in passing,
+    # under a second even on a loaded machine (the old limit kept some there
+    # for good).
+    longest = max(len(run) for run in "".join("x" if n else " " for n in queued).split(" "))
+    assert longest < 10, f"polls waiting in the queue (every 0.1 s): {queued}"
 
 
 @pytest.mark.slow

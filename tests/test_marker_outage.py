@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 from test_redis_stalls import _lose_clear_replies, _lose_marker_replies, _through_proxy
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
@@ -165,10 +166,8 @@ def test_a_submit_sent_again_while_its_post_may_answer_waits_for_the_answer(
     steps = steps_for(sandbox)
     ref, token = _admit_one(steps)
     client = steps.store.redis
-    seconds, micros = client.time()
-    client.hset(keys.job(ref), mapping={"posting_at": f"{seconds}.{micros}",
-                                        "posting_op": "op-1"})
-    client.zadd(keys.batch_open_posts("b"), {f"{ref}#op-1": seconds * 1000 + 30_000})
+    seconds, _ = client.time()
+    _sent_by_a_live_worker(client, ref, seconds - 1)
 
     tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
     step, _, token = steps.sent[-1]
@@ -188,3 +187,33 @@ def test_a_submit_sent_again_while_its_post_may_answer_waits_for_the_answer(
     assert record.state == "done" and record.extra["sha256"] == entry["sha256"]
     assert client.hget(keys.batch("b"), "reopened") is None and not record.extra.get(
         "outcome_unknown")
+
+
+@pytest.mark.parametrize("sent", ["by a worker that died", "longer ago than the POST deadline"])
+def test_a_submit_sent_again_waits_no_longer_than_its_post_could_answer(steps_for, sent):  # noqa: F811
+    """Review 98: the wait had no bound but the entry's renewals (a taken-over
+    job waited 113 s for a trickled answer, past its hard limit), and a worker
+    SIGKILLed mid-POST left its job and slot waiting 30 s for an answer that
+    could not come. Either ends the job "outcome unknown" at once, as before;
+    a late id still revives it."""
+    steps = steps_for(VIDQ_POST_DEADLINE_S="20")
+    ref, token = _admit_one(steps)
+    client = steps.store.redis
+    seconds, _ = client.time()
+    _sent_by_a_live_worker(client, ref, seconds - (25 if "deadline" in sent else 1))
+    if "died" in sent:
+        client.delete(keys.worker_alive("w-sender"))
+
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    record = steps.store.get(ref)
+    assert (record.state, record.extra["outcome_unknown"]) == ("failed", "1")
+    assert not steps.sent
+
+
+def _sent_by_a_live_worker(client: redis.Redis, ref: str, at: int) -> None:
+    """The job's marker, as a POST sent at `at` (Redis time) by worker w-sender
+    leaves it while its answer is read: the entry on the wire and a heartbeat."""
+    client.hset(keys.job(ref), mapping={"posting_at": f"{at}.0", "posting_op": "op-1",
+                                        "posting_by": "w-sender"})
+    client.zadd(keys.batch_open_posts("b"), {f"{ref}#op-1": (at + 30) * 1000})
+    client.set(keys.worker_alive("w-sender"), keys.STEPS_WORKER, ex=60)

@@ -233,13 +233,19 @@ def on_the_wire(store: JobStore, job: Job,
             mark(False)
 
 
-def answer_may_come(store: JobStore, job: Job) -> bool:
-    """Whether the POST behind the job's marker may still answer: its entry
-    (`on_the_wire`) is renewed while the answer is read and lasts
-    OPEN_POST_LEASE_S after its thread stopped renewing it."""
-    entry = f"{job.ref}#{job.extra.get('posting_op', '')}"
-    until_ms = store.redis.zscore(keys.batch_open_posts(job.batch), entry)
-    return until_ms is not None and until_ms > job.now() * 1000
+def answer_may_come(store: JobStore, job: Job, post_deadline_s: float) -> bool:
+    """Whether the POST behind the job's marker may still answer, for a step
+    waiting no longer than its own POST would: its entry is still on the wire
+    (`on_the_wire`: renewed while the answer is read, OPEN_POST_LEASE_S
+    after), its worker beats, and it was sent under `post_deadline_s` ago."""
+    if job.now() - job.number("posting_at") >= post_deadline_s:
+        return False
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.zscore(keys.batch_open_posts(job.batch), f"{job.ref}#{job.extra.get('posting_op', '')}")
+    sender = job.extra.get("posting_by") or ""
+    pipe.exists(keys.worker_alive(sender))
+    until_ms, beats = pipe.execute()
+    return until_ms is not None and until_ms > job.now() * 1000 and (beats or not sender)
 
 
 def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,
