@@ -17,6 +17,7 @@ from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 from worker import keys, marker, tasks
 from worker.admission import _resend
 from worker.durability import NotDurable
+from worker.jobs import JobStore
 from worker.upstream import UpstreamClient
 
 
@@ -217,3 +218,18 @@ def _sent_by_a_live_worker(client: redis.Redis, ref: str, at: int) -> None:
                                         "posting_by": "w-sender"})
     client.zadd(keys.batch_open_posts("b"), {f"{ref}#op-1": (at + 30) * 1000})
     client.set(keys.worker_alive("w-sender"), keys.STEPS_WORKER, ex=60)
+
+
+def test_the_marker_says_when_the_post_was_sent_to_the_microsecond(redis_url):
+    """Its time was Redis's seconds and microseconds joined unpadded: 5,123 us
+    read as 0.5123 s, and the wait for a POST's answer was off by up to 1 s."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = JobStore(client)
+    for n in range(32):  # 1.1 s in steps of 35 ms: some within 100 ms of a whole second
+        time.sleep(0.035)
+        job_key = keys.job(f"stamps:{n}")
+        client.hset(job_key, mapping={"token": "run:t", "holder": "w"})
+        store.script("mark_posting")(keys=[job_key, keys.batch("stamps")],
+                                     args=["run:t", f"op-{n}", ""])
+        sent, now = float(client.hget(job_key, "posting_at")), store.now()
+        assert 0 <= now - sent < 0.5, (client.hget(job_key, "posting_at"), now)

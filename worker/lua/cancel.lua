@@ -11,7 +11,7 @@ local last = redis.call('HMGET', batch_hash_key, 'cancel_op', 'cancel_out')
 if last[1] == op then return cjson.decode(last[2]) end
 redis.call('HSET', batch_hash_key, 'cancelled', '1')
 local t = redis.call('TIME')
-local stamp = t[1] .. '.' .. t[2]
+local stamp = string.format('%s.%06d', t[1], tonumber(t[2]))
 local taken = redis.call('ZPOPMIN', line, limit)
 local cancelled = 0
 for i = 1, #taken, 2 do

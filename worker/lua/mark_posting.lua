@@ -25,8 +25,9 @@ if posting and posting ~= ''
 end
 if redis.call('HGET', batch_key, 'cancelled') == '1' then return 'cancelled' end
 local t = redis.call('TIME')
+local stamp = string.format('%s.%06d', t[1], tonumber(t[2]))
 -- posting_by: the worker sending it (the claim's holder), whose death ends
 -- the wait for its answer (posting.answer_may_come).
-redis.call('HSET', job_key, 'posting_at', t[1] .. '.' .. t[2], 'posting_op', op, 'last_op', op,
+redis.call('HSET', job_key, 'posting_at', stamp, 'posting_op', op, 'last_op', op,
   'posting_by', redis.call('HGET', job_key, 'holder') or '')
 return 'ok'
