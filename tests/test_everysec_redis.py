@@ -16,12 +16,15 @@ import redis
 from chaos.faultproxy import FaultProxy
 from conftest import wait_until, write_prompts
 from test_paid_journal import _holding, _job
+from test_steps import _admit_one
 
 from producer.redis_server import PrivateRedis
-from worker import keys
+from worker import keys, posting, tasks
 from worker.durability import Durability
 from worker.jobs import JobStore
 from worker.paid_journal import deployment_id, replay
+from worker.settings import Settings
+from worker.tasks import build_steps
 
 EVERYSEC = ("--appendfsync", "everysec")
 
@@ -112,3 +115,54 @@ def _replay_or_error(directory: Path, store: JobStore, durability: Durability) -
         return replay(directory, store, 0.0, durability)
     except redis.RedisError as exc:  # Redis still away at the check: the file is kept too
         return exc
+
+
+def test_a_submit_sent_again_after_a_crash_as_the_answer_came_waits_for_its_record(
+        make_sandbox, tmp_path, monkeypatch):
+    """Review 99: the POST's entry on the wire ended as soon as the answer
+    came, before the id was recorded. A crash just then restored the marker
+    with neither entry nor id: the step's retry failed the job "outcome
+    unknown", and the POST thread revived it 3 s later (the batch reopened)."""
+    server = PrivateRedis(tmp_path / "redis", extra_args=EVERYSEC).start()
+    sandbox = make_sandbox()
+    aof = tmp_path / "redis" / "appendonly.aof"
+    try:
+        steps = build_steps(Settings.from_env({
+            "VIDQ_REDIS_URL": server.url, "AIMLAPI_BASE_URL": sandbox.url,
+            "AIMLAPI_KEY": sandbox.config.api_key, "VIDQ_STORAGE_URL": tmp_path.as_uri(),
+            "VIDQ_MAX_SUBMITS_PER_S": "0", "VIDQ_JOURNAL_DIR": str(tmp_path / "journal")}),
+            "w1")
+        steps.admission.set_cap(4)
+        steps.sent = []
+        steps.dispatch = lambda step, ref, token, countdown: steps.sent.append((step, ref, token))
+        client = steps.store.redis
+        client.set(keys.worker_alive("w1"), keys.STEPS_WORKER)  # the sender beats
+        ref, token = _admit_one(steps)
+        journal_paid = posting._journal_paid
+
+        def crash_point(journal, job, generation_id):  # the answer is in, not yet recorded
+            shutil.copy(aof, tmp_path / "as-the-answer-came.aof")
+            return journal_paid(journal, job, generation_id)
+
+        monkeypatch.setattr(posting, "_journal_paid", crash_point)
+        job = steps.claim(ref, token, "submit")
+        tasks._run(steps, "submit", job)
+        server.process.kill()  # the record and the step's next write are lost
+        server.process.wait()
+        shutil.copy(tmp_path / "as-the-answer-came.aof", aof)
+        server = PrivateRedis(tmp_path / "redis", port=server.port, extra_args=EVERYSEC).start()
+        client.set(keys.worker_alive("w1"), keys.STEPS_WORKER)
+        assert not client.hget(keys.job(ref), "generation_id")
+
+        steps.retry(job, RuntimeError("ConnectionError: Connection closed by server."))
+        step, _, token = steps.sent[-1]
+        tasks._run(steps, step, steps.claim(ref, token, step))
+        assert steps.store.get(ref).state == "queued"  # not failed: looks again in 5 s
+        wait_until(lambda: client.hget(keys.job(ref), "generation_id"), 30, "the id again")
+        step, _, token = steps.sent[-1]
+        tasks._run(steps, step, steps.claim(ref, token, step))
+        assert steps.sent[-1][0] == "poll" and steps.store.get(ref).state == "submitted"
+        assert client.hget(keys.batch("b"), "reopened") is None
+        assert sandbox.stats()["submissions"] == 1
+    finally:
+        server.stop()

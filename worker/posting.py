@@ -105,25 +105,28 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
 
     def post() -> None:
         try:
-            try:
-                with on_the_wire(store, job, settings.heartbeat_ttl_s) as still_ours:
+            # On the wire until Redis surely has the id: a submit sent again
+            # meanwhile (a Redis restored without it) waits (answer_may_come).
+            with on_the_wire(store, job, settings.heartbeat_ttl_s) as still_ours:
+                try:
                     if not still_ours():
                         raise NotSent("not sent: this worker stood still after its POST "
                                       "marker, and the job was (or may be) taken over")
                     generation = answered(store, client.submit, job.request)
-            except (RetryableUpstreamError, RequestRejected) as exc:
-                mine = store.clear_posting(job)  # this attempt surely created nothing
-                late = settle(error=exc)
-                if (late or isinstance(exc, NotSent)) and mine and refused_late:
-                    refused_late(exc)
-                return
-            # Not written into `job`: a step that gave up must fail as one that
-            # saw no id (lua/transition.lua then leaves a paid job to its poll).
-            journaled = _journal_paid(journal, job, generation.id)
-            record_paid(store, job, generation.id, settings.step_grace_s, durability,
-                        lambda recorded: settle(generation=generation, generation_id=recorded))
-            if journal is not None and journaled.is_set():
-                _journal_recorded(journal, job, generation.id)
+                except (RetryableUpstreamError, RequestRejected) as exc:
+                    mine = store.clear_posting(job)  # this attempt surely created nothing
+                    late = settle(error=exc)
+                    if (late or isinstance(exc, NotSent)) and mine and refused_late:
+                        refused_late(exc)
+                    return
+                # Not written into `job`: a step that gave up must fail as one that
+                # saw no id (lua/transition.lua then leaves a paid job to its poll).
+                journaled = _journal_paid(journal, job, generation.id)
+                record_paid(store, job, generation.id, settings.step_grace_s, durability,
+                            lambda recorded: settle(generation=generation,
+                                                    generation_id=recorded))
+                if journal is not None and journaled.is_set():
+                    _journal_recorded(journal, job, generation.id)
         except BaseException as exc:  # handed to the waiting step, or logged if it left
             if done.is_set():
                 log.exception("job %s: a late answer to its POST could not be handled", job.ref)
