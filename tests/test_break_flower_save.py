@@ -129,7 +129,7 @@ def test_a_crashed_flowers_save_child_does_not_keep_its_port(make_pipeline, tmp_
                                  env=pipeline.env, cwd=ROOT, stdout=open(log, "ab"),
                                  stderr=subprocess.STDOUT)
         try:
-            wait_http(base + "/healthcheck", again, log, timeout_s=20)
+            wait_http(base + "/healthcheck", again, log, timeout_s=60)  # a loaded machine
         except requests.ReadTimeout:
             raise AssertionError(f"port {port} still accepts for the orphaned save child "
                                  f"{child}: the restarted Flower cannot serve; log {log}") from None
