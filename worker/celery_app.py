@@ -17,7 +17,7 @@ import _strptime  # noqa: F401
 from celery import Celery
 from kombu import Exchange, Queue
 
-from . import kombu_fix
+from . import kombu_fix, prefetch_fix
 from .errors import ConfigError
 from .redis_url import is_sentinel_url, sentinel_master_of, without_master_name
 from .settings import Settings
@@ -33,6 +33,7 @@ TASK_FOR_STEP = {"submit": "vidq.submit", "poll": "vidq.poll", "download": "vidq
 
 app = Celery("vidq", include=["worker.tasks", "worker.lifecycle", "worker.webhook_tasks"])
 kombu_fix.install(app)
+prefetch_fix.install()
 
 
 @app.on_configure.connect

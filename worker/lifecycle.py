@@ -197,17 +197,16 @@ class Lifecycle(bootsteps.StartStopStep):
         qos = getattr(getattr(self.worker, "consumer", None), "qos", None)
         if qos is not None and self.holds_webhooks:
             # A delivery awaiting its retry is a countdown too, one per video
-            # while the receiver is down: no size fits, and kombu loses a unit
-            # of prefetch for each one that arrives at the limit, until this
-            # worker fetches nothing, polls included (review 97: both slots
-            # taken, 0 generations upstream for minutes).
+            # while the receiver is down: no size fits, and once they fill the
+            # limit this worker fetches nothing, polls included (review 97:
+            # both slots taken, 0 generations upstream for minutes).
             qos.max_prefetch = None
             return
         if qos is None or cap is None or not cap.isdigit():
             return
-        # Raised, never lowered: below the countdowns already held, kombu clamps
-        # the prefetch count and the pool's own share of it is lost (review 95:
-        # after C went from 40 to 4, one submit at a time on a -c 4 worker).
+        # Raised, never lowered: below the countdowns already held, the worker
+        # fetches nothing until they run (review 95: after C went from 40 to 4,
+        # one submit at a time on a -c 4 worker; worker/prefetch_fix.py).
         limit = max(qos.max_prefetch or 0, settings.worker_eta_task_limit,
                     eta_task_limit(int(cap)))
         if qos.max_prefetch != limit:
