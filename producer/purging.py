@@ -94,8 +94,8 @@ def _refuse_while_answers_may_come(client, settings: Settings, batch: str, force
     if on_the_wire:
         raise InputError(
             f"batch {batch!r} has {plural(on_the_wire, 'POST')} whose answer is still being "
-            "read: a late generation id would find no job to land in; purge again once it "
-            "is in, or add --force")
+            "read or recorded: a late generation id would find no job to land in; purge "
+            "again once it is in, or add --force")
     # Set (Redis clock) when a job fails "outcome unknown" and when one is
     # re-POSTed while its earlier POST may still answer.
     last = float(client.hget(keys.batch(batch), "unknown_post_at") or 0)

@@ -19,7 +19,7 @@ from test_paid_journal import _holding, _job
 from test_steps import _admit_one
 
 from producer.redis_server import PrivateRedis
-from worker import keys, posting, tasks
+from worker import keys, pipeline, posting, tasks
 from worker.durability import Durability
 from worker.jobs import JobStore
 from worker.paid_journal import deployment_id, replay
@@ -117,12 +117,14 @@ def _replay_or_error(directory: Path, store: JobStore, durability: Durability) -
         return exc
 
 
-def test_a_submit_sent_again_after_a_crash_as_the_answer_came_waits_for_its_record(
-        make_sandbox, tmp_path, monkeypatch):
-    """Review 99: the POST's entry on the wire ended as soon as the answer
-    came, before the id was recorded. A crash just then restored the marker
-    with neither entry nor id: the step's retry failed the job "outcome
-    unknown", and the POST thread revived it 3 s later (the batch reopened)."""
+@pytest.mark.parametrize("crash", ["as the marker was written", "as the answer came"])
+def test_a_submit_sent_again_after_a_crash_mid_post_waits_for_the_id(
+        make_sandbox, tmp_path, monkeypatch, crash):
+    """Reviews 99 and 100: a Redis crash mid-POST restored the marker with no
+    id (and no entry on the wire, which ended as the answer came, or did not
+    exist yet). The step's retry failed the job "outcome unknown", and the
+    POST thread revived it 3 s later (the batch reopened). While the POST's
+    worker beats, the submit sent again now waits for the id."""
     server = PrivateRedis(tmp_path / "redis", extra_args=EVERYSEC).start()
     sandbox = make_sandbox()
     aof = tmp_path / "redis" / "appendonly.aof"
@@ -138,20 +140,15 @@ def test_a_submit_sent_again_after_a_crash_as_the_answer_came_waits_for_its_reco
         client = steps.store.redis
         client.set(keys.worker_alive("w1"), keys.STEPS_WORKER)  # the sender beats
         ref, token = _admit_one(steps)
-        journal_paid = posting._journal_paid
-
-        def crash_point(journal, job, generation_id):  # the answer is in, not yet recorded
-            shutil.copy(aof, tmp_path / "as-the-answer-came.aof")
-            return journal_paid(journal, job, generation_id)
-
-        monkeypatch.setattr(posting, "_journal_paid", crash_point)
+        _snapshot_at(crash, aof, tmp_path / "at-the-crash.aof", monkeypatch)
         job = steps.claim(ref, token, "submit")
         tasks._run(steps, "submit", job)
         server.process.kill()  # the record and the step's next write are lost
         server.process.wait()
-        shutil.copy(tmp_path / "as-the-answer-came.aof", aof)
+        shutil.copy(tmp_path / "at-the-crash.aof", aof)
         server = PrivateRedis(tmp_path / "redis", port=server.port, extra_args=EVERYSEC).start()
         client.set(keys.worker_alive("w1"), keys.STEPS_WORKER)
+        assert client.hget(keys.job(ref), "posting_at")
         assert not client.hget(keys.job(ref), "generation_id")
 
         steps.retry(job, RuntimeError("ConnectionError: Connection closed by server."))
@@ -166,3 +163,24 @@ def test_a_submit_sent_again_after_a_crash_as_the_answer_came_waits_for_its_reco
         assert sandbox.stats()["submissions"] == 1
     finally:
         server.stop()
+
+
+def _snapshot_at(crash: str, aof: Path, copy: Path, monkeypatch) -> None:
+    """Copy Redis's AOF at the crash point (it then holds what a crash there keeps)."""
+    if crash == "as the marker was written":
+        marked = pipeline.mark_posting
+
+        def snapshot(*args, **kwargs):
+            answer = marked(*args, **kwargs)
+            shutil.copy(aof, copy)
+            return answer
+
+        monkeypatch.setattr(pipeline, "mark_posting", snapshot)
+    else:
+        journal_paid = posting._journal_paid
+
+        def snapshot(journal, job, generation_id):  # type: ignore[misc]
+            shutil.copy(aof, copy)
+            return journal_paid(journal, job, generation_id)
+
+        monkeypatch.setattr(posting, "_journal_paid", snapshot)

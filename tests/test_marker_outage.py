@@ -213,7 +213,8 @@ def test_a_submit_sent_again_waits_no_longer_than_its_post_could_answer(steps_fo
 
 def _sent_by_a_live_worker(client: redis.Redis, ref: str, at: int) -> None:
     """The job's marker, as a POST sent at `at` (Redis time) by worker w-sender
-    leaves it while its answer is read: the entry on the wire and a heartbeat."""
+    leaves it while its answer is read or recorded: the entry on the wire, and
+    the sender's heartbeat."""
     client.hset(keys.job(ref), mapping={"posting_at": f"{at}.0", "posting_op": "op-1",
                                         "posting_by": "w-sender"})
     client.zadd(keys.batch_open_posts("b"), {f"{ref}#op-1": (at + 30) * 1000})

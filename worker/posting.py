@@ -105,8 +105,7 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
 
     def post() -> None:
         try:
-            # On the wire until Redis surely has the id: a submit sent again
-            # meanwhile (a Redis restored without it) waits (answer_may_come).
+            # On the wire until Redis surely has the id: `vidq purge` waits.
             with on_the_wire(store, job, settings.heartbeat_ttl_s) as still_ours:
                 try:
                     if not still_ours():
@@ -238,17 +237,16 @@ def on_the_wire(store: JobStore, job: Job,
 
 def answer_may_come(store: JobStore, job: Job, post_deadline_s: float) -> bool:
     """Whether the POST behind the job's marker may still answer, for a step
-    waiting no longer than its own POST would: its entry is still on the wire
-    (`on_the_wire`: renewed while the answer is read, OPEN_POST_LEASE_S
-    after), its worker beats, and it was sent under `post_deadline_s` ago."""
-    if job.now() - job.number("posting_at") >= post_deadline_s:
-        return False
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.zscore(keys.batch_open_posts(job.batch), f"{job.ref}#{job.extra.get('posting_op', '')}")
+    waiting no longer than its own POST would: the worker that sent it
+    (`posting_by`) still beats, so its thread still reads or records the
+    answer, and it was sent under `post_deadline_s` ago. Not the entry on
+    the wire: a Redis restored from just after the marker has no entry yet.
+    A marker naming no sender (a pool child died: lua/step_lost.lua; or an
+    older version's) is answered no more."""
     sender = job.extra.get("posting_by") or ""
-    pipe.exists(keys.worker_alive(sender))
-    until_ms, beats = pipe.execute()
-    return until_ms is not None and until_ms > job.now() * 1000 and (beats or not sender)
+    if not sender or job.now() - job.number("posting_at") >= post_deadline_s:
+        return False
+    return bool(store.redis.exists(keys.worker_alive(sender)))
 
 
 def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,

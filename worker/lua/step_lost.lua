@@ -8,11 +8,13 @@ local job_key, due_key = KEYS[1], KEYS[2]
 local claimed, ref = ARGV[1], ARGV[2]
 if redis.call('HGET', job_key, 'token') ~= claimed then return 0 end
 -- A POST this claim sent died with that child (its marker is the claim's
--- last act): no answer will come, so the submit re-sent need not wait for
--- one (posting.answer_may_come) before it ends the job "outcome unknown".
+-- last act): no answer will come, so neither the submit re-sent
+-- (posting.answer_may_come: its sender) nor `vidq purge` (the entry on the
+-- wire) waits for one.
 local batch, posting_op, last_op, generation_id = unpack(redis.call('HMGET', job_key,
   'batch', 'posting_op', 'last_op', 'generation_id'))
 if posting_op and posting_op == last_op and not generation_id then
+  redis.call('HSET', job_key, 'posting_by', '')
   redis.call('ZREM', NS.batch .. batch .. ':open_posts', ref .. '#' .. posting_op)
 end
 local t = redis.call('TIME')
