@@ -17,6 +17,7 @@ from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 from worker import keys, marker, tasks
 from worker.admission import _resend
 from worker.durability import NotDurable
+from worker.job_rules import generation_hold_s
 from worker.jobs import JobStore
 from worker.upstream import UpstreamClient
 
@@ -193,22 +194,41 @@ def test_a_submit_sent_again_while_its_post_may_answer_waits_for_the_answer(
 @pytest.mark.parametrize("sent", ["by a worker that died", "longer ago than the POST deadline"])
 def test_a_submit_sent_again_waits_no_longer_than_its_post_could_answer(steps_for, sent):  # noqa: F811
     """Review 98: the wait had no bound but the entry's renewals (a taken-over
-    job waited 113 s for a trickled answer, past its hard limit), and a worker
-    SIGKILLed mid-POST left its job and slot waiting 30 s for an answer that
-    could not come. Either ends the job "outcome unknown" at once, as before;
-    a late id still revives it."""
+    job waited 113 s for a trickled answer, past its hard limit). Past the POST
+    deadline, or with its sender dead and its entry lapsed, the job ends
+    "outcome unknown" at once (a late id still revives it), its slot held
+    from the marker on, when the generation, if any, started."""
     steps = steps_for(VIDQ_POST_DEADLINE_S="20")
     ref, token = _admit_one(steps)
     client = steps.store.redis
     seconds, _ = client.time()
-    _sent_by_a_live_worker(client, ref, seconds - (25 if "deadline" in sent else 1))
+    sent_at = seconds - (25 if "deadline" in sent else 1)
+    _sent_by_a_live_worker(client, ref, sent_at)
     if "died" in sent:
         client.delete(keys.worker_alive("w-sender"))
+        client.zadd(keys.batch_open_posts("b"), {f"{ref}#op-1": seconds * 1000 - 1})
 
     tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
     record = steps.store.get(ref)
     assert (record.state, record.extra["outcome_unknown"]) == ("failed", "1")
     assert not steps.sent
+    hold = generation_hold_s(steps.settings.deadline_s, steps.durations, record.request)
+    assert abs(client.zscore(keys.SLOT_HOLDS, ref) - (sent_at + hold)) < 2
+
+
+def test_a_submit_sent_again_waits_for_a_sender_cut_off_from_redis(steps_for):  # noqa: F811
+    """Review 101: a sender cut off from Redis for a few seconds misses its
+    heartbeat while its thread still reads the answer; the job was failed,
+    then revived when the id came. Its entry on the wire outlives the cut."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    client = steps.store.redis
+    seconds, _ = client.time()
+    _sent_by_a_live_worker(client, ref, seconds - 1)
+    client.delete(keys.worker_alive("w-sender"))
+
+    tasks._run(steps, "submit", steps.claim(ref, token, "submit"))
+    assert (steps.sent[-1][0], steps.store.get(ref).state) == ("submit", "queued")
 
 
 def _sent_by_a_live_worker(client: redis.Redis, ref: str, at: int) -> None:

@@ -19,8 +19,12 @@ def deadline_s(settings: Settings, job: Job) -> float:
 
 
 def unknown_hold_s(settings: Settings, durations: DurationModel, job: Job) -> float:
-    """How long the slot of a POST whose outcome is unknown stays taken."""
-    return generation_hold_s(settings.deadline_s, durations, job.request)
+    """How long, from now, the slot of a POST whose outcome is unknown stays
+    taken: counted from its marker, when the generation (if any) started, so
+    a job that waited for the answer first holds its slot no longer."""
+    hold = generation_hold_s(settings.deadline_s, durations, job.request)
+    sent_at = job.number("posting_at")
+    return hold - max(0.0, job.now() - sent_at) if sent_at else hold
 
 
 def generation_hold_s(deadline_s: float, durations: DurationModel, request: dict) -> float:

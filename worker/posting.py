@@ -237,16 +237,20 @@ def on_the_wire(store: JobStore, job: Job,
 
 def answer_may_come(store: JobStore, job: Job, post_deadline_s: float) -> bool:
     """Whether the POST behind the job's marker may still answer, for a step
-    waiting no longer than its own POST would: the worker that sent it
-    (`posting_by`) still beats, so its thread still reads or records the
-    answer, and it was sent under `post_deadline_s` ago. Not the entry on
-    the wire: a Redis restored from just after the marker has no entry yet.
-    A marker naming no sender (a pool child died: lua/step_lost.lua; or an
-    older version's) is answered no more."""
-    sender = job.extra.get("posting_by") or ""
-    if not sender or job.now() - job.number("posting_at") >= post_deadline_s:
+    waiting no longer than its own POST would (`post_deadline_s` from the
+    marker): its sender (`posting_by`) beats, so its thread still reads or
+    records the answer (a Redis restored from just after the marker has no
+    entry on the wire yet), or its entry on the wire is live (a sender cut
+    off from Redis for a few seconds misses its heartbeat). A pool child's
+    death clears both (lua/step_lost.lua)."""
+    if job.now() - job.number("posting_at") >= post_deadline_s:
         return False
-    return bool(store.redis.exists(keys.worker_alive(sender)))
+    sender = job.extra.get("posting_by") or ""
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.zscore(keys.batch_open_posts(job.batch), f"{job.ref}#{job.extra.get('posting_op', '')}")
+    pipe.exists(keys.worker_alive(sender))
+    until_ms, beats = pipe.execute()
+    return bool(sender and beats) or (until_ms is not None and until_ms > job.now() * 1000)
 
 
 def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,
