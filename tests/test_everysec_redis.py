@@ -16,15 +16,13 @@ import redis
 from chaos.faultproxy import FaultProxy
 from conftest import wait_until, write_prompts
 from test_paid_journal import _holding, _job
-from test_steps import _admit_one
+from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from producer.redis_server import PrivateRedis
 from worker import keys, pipeline, posting, tasks
 from worker.durability import Durability
 from worker.jobs import JobStore
 from worker.paid_journal import deployment_id, replay
-from worker.settings import Settings
-from worker.tasks import build_steps
 
 EVERYSEC = ("--appendfsync", "everysec")
 
@@ -119,7 +117,7 @@ def _replay_or_error(directory: Path, store: JobStore, durability: Durability) -
 
 @pytest.mark.parametrize("crash", ["as the marker was written", "as the answer came"])
 def test_a_submit_sent_again_after_a_crash_mid_post_waits_for_the_id(
-        make_sandbox, tmp_path, monkeypatch, crash):
+        steps_for, make_sandbox, tmp_path, monkeypatch, crash):  # noqa: F811
     """Reviews 99 and 100: a Redis crash mid-POST restored the marker with no
     id (and no entry on the wire, which ended as the answer came, or did not
     exist yet). The step's retry failed the job "outcome unknown", and the
@@ -129,16 +127,10 @@ def test_a_submit_sent_again_after_a_crash_mid_post_waits_for_the_id(
     sandbox = make_sandbox()
     aof = tmp_path / "redis" / "appendonly.aof"
     try:
-        steps = build_steps(Settings.from_env({
-            "VIDQ_REDIS_URL": server.url, "AIMLAPI_BASE_URL": sandbox.url,
-            "AIMLAPI_KEY": sandbox.config.api_key, "VIDQ_STORAGE_URL": tmp_path.as_uri(),
-            "VIDQ_MAX_SUBMITS_PER_S": "0", "VIDQ_JOURNAL_DIR": str(tmp_path / "journal")}),
-            "w1")
-        steps.admission.set_cap(4)
-        steps.sent = []
-        steps.dispatch = lambda step, ref, token, countdown: steps.sent.append((step, ref, token))
+        steps = steps_for(sandbox, VIDQ_REDIS_URL=server.url)
         client = steps.store.redis
-        client.set(keys.worker_alive("w1"), keys.STEPS_WORKER)  # the sender beats
+        sender = keys.worker_alive(steps.worker_name)
+        client.set(sender, keys.STEPS_WORKER)  # the sender beats
         ref, token = _admit_one(steps)
         _snapshot_at(crash, aof, tmp_path / "at-the-crash.aof", monkeypatch)
         job = steps.claim(ref, token, "submit")
@@ -147,7 +139,7 @@ def test_a_submit_sent_again_after_a_crash_mid_post_waits_for_the_id(
         server.process.wait()
         shutil.copy(tmp_path / "at-the-crash.aof", aof)
         server = PrivateRedis(tmp_path / "redis", port=server.port, extra_args=EVERYSEC).start()
-        client.set(keys.worker_alive("w1"), keys.STEPS_WORKER)
+        client.set(sender, keys.STEPS_WORKER)
         assert client.hget(keys.job(ref), "posting_at")
         assert not client.hget(keys.job(ref), "generation_id")
 

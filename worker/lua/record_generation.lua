@@ -33,9 +33,9 @@ if redis.call('EXISTS', job_key) == 0
   -- Its batch was purged (with --force, or by retention) before the answer
   -- came: the paid id is kept where an operator can find it. So it is when
   -- the same name was enqueued again since: that job asks its own request
-  -- and makes its own POST. The slot the
-  -- purge kept for this POST ('<ref>#<posting_op>', lua/purge_jobs.lua)
-  -- stays taken until its hold ends: the generation runs, and nobody polls it.
+  -- and makes its own POST. The slot the purge kept for this POST
+  -- ('<ref>#<posting_op>', lua/purge_jobs.lua) stays taken until its hold
+  -- ends: the generation runs, and nobody polls it.
   redis.call('HSET', NS.orphans, generation_id, ref .. ' ' .. stamp)
   -- Created after all: what the purge booked as spent stays (lua/purge_jobs.lua).
   if posting_op ~= '' then redis.call('HDEL', NS.purged, ref .. '#' .. posting_op) end
