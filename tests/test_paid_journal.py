@@ -262,3 +262,39 @@ def test_an_id_recorded_into_a_job_whose_admission_redis_lost_is_downloaded(make
     video = (tmp_path / "videos" / "night" / f"{job_id}.mp4").read_bytes()
     assert hashlib.sha256(video).hexdigest() == entry["sha256"]
     pipeline.stop_workers()
+
+
+@pytest.mark.slow
+def test_a_pool_child_killed_before_redis_took_its_paid_id_leaves_its_job_alive(
+        make_pipeline, make_sandbox, redis_url, tmp_path):
+    """Redis goes away as the POST is sent; the pool child journals the
+    answer and waits to record it. Redis comes back and, before the child's
+    next try, the OOM killer takes it. Its worker marked the step lost (no
+    POST on the wire any more), so the submit re-sent found the marker and no
+    id and failed the job "outcome unknown", until the journal's next replay
+    revived it. The worker now replays the dead child's journal first: the
+    job never fails, and its video is downloaded, paid for once."""
+    import psutil
+
+    url = urlsplit(redis_url)
+    proxy = LostReplyProxy(url.hostname, url.port)
+    pipeline = make_pipeline(make_sandbox(), VIDQ_MAX_IN_FLIGHT=1,
+                             VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}")
+    open_post = load_script(pipeline.store.redis, "open_post")
+    proxy.after_reply(_run_of(open_post), then=lambda: proxy.down_for(600))
+    pipeline.start_workers(concurrency=1)
+    pipeline.enqueue(write_prompts(tmp_path / "night.txt", ["a paid fox"]), "night")
+    log = tmp_path / "logs" / "worker-0.log"
+    # Four tries failed: the child sleeps 5 s before its fifth (posting.RECORD_RETRY_S).
+    wait_until(lambda: log.read_text().count("not recorded yet") >= 4, 30, "four tries failed")
+    proxy.down_for(0)
+    for child in psutil.Process(pipeline.processes[0].pid).children():
+        child.kill()
+
+    counts = pipeline.wait_finished("night", timeout_s=60)
+
+    assert counts == {**counts, "done": 1, "failed": 0}, counts
+    (paid,) = pipeline.ledger()
+    (video,) = (tmp_path / "videos" / "night").glob("*.mp4")
+    assert hashlib.sha256(video.read_bytes()).hexdigest() == paid["sha256"]
+    assert "its pool child died running it" in log.read_text()

@@ -147,6 +147,9 @@ _REPLAYING: set[IO[str]] = set()
 # Held while a journal file is opened or closed, and across fork(): a child
 # never gets a handle this process has not yet listed (and so cannot close).
 _FORK_LOCK = threading.Lock()
+# One replay at a time in a process: a pass that finds a dead child's file
+# held by another pass waits for it, not skips it (tasks.step_lost).
+_REPLAY_LOCK = threading.Lock()
 # Files of another Redis already logged by this process (logged once each).
 _REPORTED: set[Path] = set()
 
@@ -154,8 +157,8 @@ _REPORTED: set[Path] = set()
 def _after_fork_in_child() -> None:
     """A forked child (a pool child replaced while a replay runs) must not
     share a lock: the file would look alive for as long as the child lives."""
-    global _FORK_LOCK
-    _FORK_LOCK = threading.Lock()
+    global _FORK_LOCK, _REPLAY_LOCK
+    _FORK_LOCK, _REPLAY_LOCK = threading.Lock(), threading.Lock()
     for journal in list(_JOURNALS):
         journal._forget()
     for handle in list(_REPLAYING):
@@ -177,13 +180,14 @@ def replay(directory: Path, store: JobStore, lease_s: float,
     if not directory.is_dir():
         return 0
     count = 0
-    for path in sorted(directory.glob("*.jsonl")):
-        try:
-            with _abandoned(path) as handle:
-                if handle is not None:
-                    count += _replay_file(path, handle, store, lease_s, durability)
-        except (OSError, ValueError) as exc:
-            log.error("%s: paid-id journal file not read (%s)", path, exc)
+    with _REPLAY_LOCK:
+        for path in sorted(directory.glob("*.jsonl")):
+            try:
+                with _abandoned(path) as handle:
+                    if handle is not None:
+                        count += _replay_file(path, handle, store, lease_s, durability)
+            except (OSError, ValueError) as exc:
+                log.error("%s: paid-id journal file not read (%s)", path, exc)
     for path in directory.glob("*.tmp"):
         with contextlib.suppress(OSError):
             if time.time() - path.stat().st_mtime > STALE_TMP_S:

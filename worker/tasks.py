@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import redis
@@ -28,7 +29,7 @@ from .errors import (
     VidqError,
 )
 from .jobs import OUTCOME_UNKNOWN, JobStore
-from .paid_journal import PaidJournal
+from .paid_journal import PaidJournal, replay
 from .pipeline import Steps
 from .settings import Settings
 from .spend import CreditEstimates
@@ -138,14 +139,29 @@ class StepRequest(Request):
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         lost = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
         if isinstance(lost, WorkerLostError) and len(self.args) >= 2:
-            ref, token = self.args[:2]
-            try:
-                if get_steps().store.step_lost(ref, token):
-                    log.warning("%s for %s: its pool child died running it (%s); re-sent by "
-                                "the next reconciler pass", self.name, ref, lost)
-            except redis.RedisError as exc:  # the step grace re-sends it all the same
-                log.warning("could not mark the lost step of %s: %s", ref, exc)
+            # In a thread: a Redis stall must not hold the worker's event loop.
+            threading.Thread(target=step_lost, args=(self.name, *self.args[:2], lost),
+                             name="vidq lost step", daemon=True).start()
         return super().on_failure(exc_info, send_failed_event, return_ok)
+
+
+def step_lost(name: str, ref: str, token: str, lost: BaseException) -> None:
+    """The claim a dead pool child held, made due now. The child may have
+    died holding a paid id that Redis has not got yet (its journal): that is
+    recorded first, else the step re-sent finds the marker and no id, with no
+    POST left to answer, and fails the job "outcome unknown" until the
+    journal's next pass (every 30 s) revives it."""
+    steps = get_steps()
+    try:
+        replay(Path(steps.settings.journal_dir), steps.store, 0.0, steps.durability)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("paid-id journal not replayed yet: %s", exc)
+    try:
+        if steps.store.step_lost(ref, token):
+            log.warning("%s for %s: its pool child died running it (%s); re-sent by "
+                        "the next reconciler pass", name, ref, lost)
+    except redis.RedisError as exc:  # the step grace re-sends it all the same
+        log.warning("could not mark the lost step of %s: %s", ref, exc)
 
 
 STEP_REQUEST = f"{__name__}:StepRequest"
