@@ -81,16 +81,17 @@ def deployment(admission: Admission) -> dict:
 
 
 def running_values(client) -> dict[str, dict]:
-    """The shared settings of the workers running now: a worker stopped
-    cleanly drops its heartbeat at once but keeps its record a minute (so C
-    cannot rise over an operator's cap meanwhile); its values are no
+    """The shared settings of the workers running now: a stopping worker
+    says so in its heartbeat, then drops it, but keeps its record a minute
+    (so C cannot rise over an operator's cap meanwhile); its values are no
     disagreement with the workers that replaced it."""
     values = live_values(client)
     pipe = client.pipeline(transaction=False)
     for name in values:
-        pipe.exists(keys.worker_alive(name))
-    return {name: theirs for (name, theirs), alive in zip(values.items(), pipe.execute(),
-                                                          strict=True) if alive}
+        pipe.get(keys.worker_alive(name))
+    return {name: theirs for (name, theirs), beat in zip(values.items(), pipe.execute(),
+                                                         strict=True)
+            if beat and beat != keys.STOPPING_WORKER}
 
 
 def finish_rate(client, batch: str, now: float, created: float) -> dict:

@@ -276,11 +276,18 @@ def lost_steps(admission: Admission, now: float, limit: int = 1000) -> list[str]
         return lost
     holders = client.pipeline(transaction=False)
     for ref in waiting:
-        holders.hget(keys.job(ref), "holder")
+        holders.hmget(keys.job(ref), "holder", "token")
     held_by = dict(zip(waiting, holders.execute(), strict=True))
-    names = sorted({name for name in held_by.values() if name})
-    alive = dict(zip(names, client.mget([keys.worker_alive(n) for n in names]), strict=True))
-    return lost + [ref for ref, name in held_by.items() if name and not alive[name]]
+    names = sorted({name for name, _token in held_by.values() if name})
+    beats = dict(zip(names, client.mget([keys.worker_alive(n) for n in names]), strict=True))
+    return lost + [ref for ref, (name, token) in held_by.items()
+                   if name and not _will_run(beats[name], token or "")]
+
+
+def _will_run(beat: str | None, token: str) -> bool:
+    """Whether the holder with this heartbeat runs the step: a stopping
+    worker (worker/draining.py) only the steps its pool claimed."""
+    return bool(beat) and (beat != keys.STOPPING_WORKER or token.startswith("run:"))
 
 
 def reconcile(admission: Admission, dispatch: Dispatch, start_grace_s: float) -> int:

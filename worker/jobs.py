@@ -160,13 +160,14 @@ class JobStore:
             return None
         return Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
 
-    def keep_video(self, job: Job, size: int, digest: str) -> None:
+    def keep_video(self, job: Job, size: int, digest: str) -> bool:
         """Record that `job`'s generation's video, `size` bytes with this
-        sha256, is being published under its key (video.kept_video). Not
-        token-checked: it names its generation, so it is true for any chain
-        while that generation is the job's (lua/keep_video.lua)."""
-        self._scripts["keep_video"](keys=[keys.job(job.ref)],
-                                    args=[job.generation_id, digest, size])
+        sha256, is being published under its key (video.kept_video); False,
+        nothing recorded, if this step no longer owns the job: it must not
+        publish (lua/keep_video.lua)."""
+        return bool(self._scripts["keep_video"](keys=[keys.job(job.ref)],
+                                                args=[job.generation_id, digest, size,
+                                                      job.token]))
 
     def renew_lease(self, job: Job, lease_s: float) -> bool:
         """Extend a running step's lease; False if its token moved on."""

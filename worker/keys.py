@@ -201,5 +201,6 @@ def worker_alive(hostname: str) -> str:
 # What a heartbeat (worker_alive) says the worker runs: `vidq status` counts
 # the workers that run steps (one of another version writes "1": counted). One
 # that only delivers webhooks moves no job: with nothing else alive, a batch
-# stands still.
-STEPS_WORKER, WEBHOOK_WORKER = "1", "webhook"
+# stands still. A stopping one finishes the steps its pool runs, nothing more
+# (worker/draining.py).
+STEPS_WORKER, WEBHOOK_WORKER, STOPPING_WORKER = "1", "webhook", "stopping"

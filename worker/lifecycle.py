@@ -7,7 +7,6 @@ are re-sent by the next reconciler pass, not after a long grace period.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -16,12 +15,13 @@ from pathlib import Path
 
 import redis
 from celery import bootsteps
-from celery.signals import task_received
+from celery.signals import task_received, worker_shutting_down
 
 from . import deployment, keys, manifest
 from .admission import reconcile
 from .celery_app import QUEUES, WEBHOOK_QUEUE, app
 from .connection import take_lock
+from .draining import beat_until_exit
 from .errors import StorageError
 from .paid_journal import REPLAY_EVERY_S, check_directory, replay
 from .retention import housekeeping
@@ -110,6 +110,7 @@ class Lifecycle(bootsteps.StartStopStep):
         # unknown" whose paid id is in the journal.
         self.replay_journal(wait_s=REPLAY_AT_START_S)
         self.beat()
+        worker_shutting_down.connect(self.shutting_down)
         self.timers = [
             worker.timer.call_repeatedly(settings.heartbeat_interval_s, self.beat),
             worker.timer.call_repeatedly(settings.reconcile_interval_s, self.reconcile),
@@ -159,14 +160,25 @@ class Lifecycle(bootsteps.StartStopStep):
         if not client.hexists(keys.CONFIG, "storage_url"):
             manifest.publish_storage_url(client, steps.settings.storage_url)
 
+    def shutting_down(self, **_kwargs) -> None:
+        """A warm shutdown began (SIGTERM): the pool finishes the steps it
+        runs, but the countdown polls this worker holds will not run here.
+        The next heartbeat says so, and the reconciler sends them again at
+        once (admission.lost_steps), not when the pool is done and the worker
+        exits (a download's minutes, its slots idle). No Redis call here: this
+        runs in the signal handler."""
+        self.alive_as = keys.STOPPING_WORKER
+
     def stop(self, worker):
         for timer in self.timers:
             timer.cancel()
         # Its settings record stays until GONE_AFTER_S: a worker restarted
         # with the same value must not let C rise meanwhile, over an
-        # operator's cap. Its heartbeat goes now: its held polls are re-sent.
-        with contextlib.suppress(redis.RedisError):
-            get_steps().store.redis.delete(keys.worker_alive(self.hostname))
+        # operator's cap. Its heartbeat says "stopping" until it exits: its
+        # held polls are re-sent, the steps its pool still runs are not.
+        steps = get_steps()
+        beat_until_exit(steps.store.redis, self.hostname, steps.settings.heartbeat_ttl_s,
+                        steps.settings.heartbeat_interval_s)
 
     def beat(self) -> None:
         steps = get_steps()

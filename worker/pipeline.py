@@ -223,6 +223,10 @@ class Steps(StepOutcomes):
         if stored is None:
             return
         size, digest = stored
+        # A copy taken over meanwhile must not write its sidecar over its successor's.
+        if not self.store.renew_lease(job, self.settings.download_grace_s):
+            self._taken_over(job)
+            return
         store_sidecar(self.storage, job, key, size, digest)
         if self.store.transition(job, state=State.DONE, storage_key=key, sha256=digest, bytes=size,
                                  storage_url=events.video_url(self.settings, key),
@@ -243,11 +247,16 @@ class Steps(StepOutcomes):
                 return stream_video(
                     self.storage, key, unless_lost(self.client.chunks(
                         response, 1 << 20, self.settings.download_grace_s / 3), lost),
-                    file_length(response),
-                    lambda size, digest: self.store.keep_video(job, size, digest))
+                    file_length(response), lambda size, digest: self._publishing(job, size, digest))
         except TakenOver:
             self._taken_over(job)
             return None
+
+    def _publishing(self, job: Job, size: int, digest: str) -> None:
+        """Right before the video is published: TakenOver if another copy of
+        the step owns the job now (the publish would replace its video)."""
+        if not self.store.keep_video(job, size, digest):
+            raise TakenOver
 
     def _already_stored(self, job: Job) -> bool:
         """A video and sidecar already in storage with a matching sha256 (Redis

@@ -1,0 +1,146 @@
+"""A download whose worker stops or stands still mid-stream, while another
+worker runs (review 102). Real Redis, real worker processes, the sandbox
+over HTTP behind a proxy that makes the first fetch of a video slow."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from chaos.faultproxy import FaultProxy
+from conftest import wait_until, write_prompts
+
+from worker import keys
+
+
+class ChangingProxy(FaultProxy):
+    """Every fetch of a video after the first has its last byte (inside the
+    sandbox's padding box: still a valid MP4) flipped: a CDN serving a
+    re-muxed object. Two fetches then store two different sha256s."""
+    file_gets = 0
+    change = False
+
+    def _forward(self, request: bytes) -> bytes:
+        answer = super()._forward(request)
+        if request.startswith(b"GET /files/"):
+            with self._lock:
+                self.file_gets += 1
+                if self.change and self.file_gets >= 2:
+                    answer = answer[:-1] + bytes([answer[-1] ^ 0xFF])
+        return answer
+
+
+def _one_slow_download(make_pipeline, make_sandbox, tmp_path, batch: str, sandbox=None,
+                       **env):
+    """Worker A streams the batch's one video slowly."""
+    sandbox_server = make_sandbox(**(sandbox or {}))
+    proxy = ChangingProxy(sandbox_server.url, seed=1, rewrite_urls=True).start()
+    # The production lease: renewed (and found lost) every 300 s, not during the stream.
+    pipeline = make_pipeline(sandbox_server, AIMLAPI_BASE_URL=proxy.url,
+                             VIDQ_DOWNLOAD_GRACE_S="900", VIDQ_VISIBILITY_TIMEOUT_S="1800",
+                             **env)
+    proxy.throttle_bps = 40_000  # the sandbox's 0.8 MB video in ~20 s
+    proxy.queue("throttle", count=1, method="GET", path_prefix="/files/")
+    pipeline.start_workers(1, concurrency=2)
+    pipeline.enqueue(write_prompts(tmp_path / f"{batch}.txt", [f"{batch} fox"]), batch)
+    (job_id,) = pipeline.store.job_ids(batch)
+    wait_until(lambda: proxy.counts.get("throttle") == 1, 60, "A's download started", 0.05)
+    return pipeline, proxy, keys.job_ref(batch, job_id), tmp_path / "videos" / batch / f"{job_id}.mp4"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _stored_once(pipeline, ref: str, video: Path) -> None:
+    job = pipeline.store.get(ref)
+    card = json.loads(video.with_suffix(".json").read_text())
+    assert job.state == "done"
+    assert job.extra["sha256"] == _sha(video) == card["sha256"]
+
+
+def test_a_warm_shutdown_mid_download_finishes_it_once(make_pipeline, make_sandbox, tmp_path):
+    """SIGTERM (a deploy) while A streams a video: its heartbeat went as the
+    shutdown began, so B's reconciler could send the download again and
+    store it; A, finishing, stored it again over B's after the job was done.
+    A's heartbeat now says "stopping" until it exits: the step its pool runs
+    stays its."""
+    pipeline, proxy, ref, video = _one_slow_download(make_pipeline, make_sandbox, tmp_path,
+                                                     "deploy")
+    a = pipeline.processes[0]
+    try:
+        pipeline.start_workers(1, concurrency=2)
+        time.sleep(1)  # B's reconciler at work
+        a.send_signal(signal.SIGTERM)
+        a.wait(60)
+        assert pipeline.wait_finished("deploy", timeout_s=30)["done"] == 1
+        time.sleep(2)  # B's reconciler passes once more
+
+        assert proxy.file_gets == 1
+        (generation,) = pipeline.ledger()
+        assert generation["sha256"] == _sha(video)
+        _stored_once(pipeline, ref, video)
+        assert "taken over" not in (pipeline.log_dir / "worker-0.log").read_text()
+    finally:
+        proxy.stop()
+
+
+def test_a_stopping_worker_hands_the_polls_it_holds_on_at_once(make_pipeline, make_sandbox,
+                                                               tmp_path):
+    """The same deploy, A also holding another job's countdown poll: that
+    poll will not run in a stopping worker, so it goes to B at once, not
+    when A's download ends and A exits (nor a step grace past its due time,
+    when the reconciler takes a poll not run for lost)."""
+    pipeline, proxy, ref, _video = _one_slow_download(
+        make_pipeline, make_sandbox, tmp_path, "deploy", sandbox={"time_scale": 9},  # ~10 s
+        VIDQ_STEP_GRACE_S="60")
+    a = pipeline.processes[0]
+    pipeline.enqueue(write_prompts(tmp_path / "more.txt", ["a poll held"]), "more")
+    (other,) = [keys.job_ref("more", i) for i in pipeline.store.job_ids("more")]
+
+    def held_by_a() -> bool:
+        job = pipeline.store.get(other)
+        return job.state == "generating" and not job.token.startswith("run:") and bool(
+            pipeline.store.redis.hget(keys.job(other), "holder"))
+
+    try:
+        wait_until(held_by_a, 30, "A holding the other job's countdown poll", 0.05)
+        pipeline.start_workers(1, concurrency=2)
+        a.send_signal(signal.SIGTERM)
+        assert pipeline.wait_finished("more", timeout_s=30)["done"] == 1
+        assert pipeline.store.get(ref).state == "downloading", "the held poll waited for A"
+        a.wait(60)
+        assert pipeline.wait_finished("deploy", timeout_s=30)["done"] == 1
+    finally:
+        proxy.stop()
+
+
+def test_a_copy_taken_over_mid_download_never_publishes(make_pipeline, make_sandbox, tmp_path):
+    """A stands still (SIGSTOP: a paused VM) mid-stream past its heartbeat;
+    B takes the download over, stores the video and ends the job. A, woken,
+    finished its copy and published it over B's: a file and sidecar whose
+    sha256 was not the one in Redis, the event and the manifest. Now the
+    step checks it still owns the job right before publishing."""
+    pipeline, proxy, ref, video = _one_slow_download(make_pipeline, make_sandbox, tmp_path,
+                                                     "frozen")
+    proxy.change = True
+    a = pipeline.processes[0]
+    pipeline.start_workers(1, concurrency=2)
+    try:
+        os.killpg(a.pid, signal.SIGSTOP)
+        wait_until(lambda: pipeline.store.get(ref).state == "done", 60, "done by B", 0.1)
+        stored_by_b = (video.stat().st_ino, _sha(video))
+        os.killpg(a.pid, signal.SIGCONT)
+        log_a = pipeline.log_dir / "worker-0.log"
+        wait_until(lambda: "taken over by a newer step" in log_a.read_text(), 60,
+                   "A's copy to end", 0.2)
+
+        assert proxy.file_gets == 2  # A's copy did run to its end
+        assert (video.stat().st_ino, _sha(video)) == stored_by_b
+        _stored_once(pipeline, ref, video)
+    finally:
+        os.killpg(a.pid, signal.SIGCONT)
+        proxy.stop()
