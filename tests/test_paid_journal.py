@@ -184,6 +184,18 @@ def test_a_child_forked_during_a_replay_leaves_the_dead_file_unlocked(tmp_path):
 
 
 @pytest.mark.slow
+def _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url):
+    """A pipeline (C = 1) whose Redis, behind a proxy, goes away right as a
+    POST is sent (after its open-POST note), until the test brings it back."""
+    url = urlsplit(redis_url)
+    proxy = LostReplyProxy(url.hostname, url.port)
+    pipeline = make_pipeline(make_sandbox(), VIDQ_MAX_IN_FLIGHT=1,
+                             VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}")
+    open_post = load_script(pipeline.store.redis, "open_post")
+    proxy.after_reply(_run_of(open_post), then=lambda: proxy.down_for(600))
+    return pipeline, proxy
+
+
 def test_a_worker_killed_holding_a_paid_id_while_redis_is_away_loses_no_video(
         make_pipeline, make_sandbox, redis_url, tmp_path):
     """Redis goes away right as the POST is sent (after its open-POST note):
@@ -191,12 +203,7 @@ def test_a_worker_killed_holding_a_paid_id_while_redis_is_away_loses_no_video(
     the id, and it is killed. A new worker, Redis back, records it from the
     journal: the video is stored, paid for once (it ended "outcome unknown",
     not downloaded)."""
-    url = urlsplit(redis_url)
-    proxy = LostReplyProxy(url.hostname, url.port)
-    pipeline = make_pipeline(make_sandbox(), VIDQ_MAX_IN_FLIGHT=1,
-                             VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}")
-    open_post = load_script(pipeline.store.redis, "open_post")
-    proxy.after_reply(_run_of(open_post), then=lambda: proxy.down_for(600))
+    pipeline, proxy = _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url)
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / "night.txt", ["a paid fox"]), "night")
     wait_until(lambda: pipeline.ledger(), 30, "the generation created")
@@ -276,12 +283,7 @@ def test_a_pool_child_killed_before_redis_took_its_paid_id_leaves_its_job_alive(
     job never fails, and its video is downloaded, paid for once."""
     import psutil
 
-    url = urlsplit(redis_url)
-    proxy = LostReplyProxy(url.hostname, url.port)
-    pipeline = make_pipeline(make_sandbox(), VIDQ_MAX_IN_FLIGHT=1,
-                             VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}")
-    open_post = load_script(pipeline.store.redis, "open_post")
-    proxy.after_reply(_run_of(open_post), then=lambda: proxy.down_for(600))
+    pipeline, proxy = _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url)
     pipeline.start_workers(concurrency=1)
     pipeline.enqueue(write_prompts(tmp_path / "night.txt", ["a paid fox"]), "night")
     log = tmp_path / "logs" / "worker-0.log"
