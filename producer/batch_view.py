@@ -173,12 +173,12 @@ def reason_group(reason: str) -> str:
 
 
 def workers_alive(client) -> int:
-    """Workers running steps (not only webhook deliveries) whose heartbeat key
-    is alive, among the names seen in the last hour (O(workers), no keyspace
-    scan)."""
+    """Workers running steps (not only webhook deliveries, not stopping)
+    whose heartbeat key is alive, among the names seen in the last hour
+    (O(workers), no keyspace scan)."""
     seconds, _ = client.time()
     names = client.zrangebyscore(keys.WORKERS, seconds - 3600, "+inf")
     if not names:
         return 0
     beats = client.mget([keys.worker_alive(name) for name in names])
-    return sum(1 for alive in beats if alive and alive != keys.WEBHOOK_WORKER)
+    return sum(1 for alive in beats if alive and alive not in keys.NOT_TAKING_STEPS)

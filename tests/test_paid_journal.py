@@ -300,3 +300,38 @@ def test_a_pool_child_killed_before_redis_took_its_paid_id_leaves_its_job_alive(
     (video,) = (tmp_path / "videos" / "night").glob("*.mp4")
     assert hashlib.sha256(video.read_bytes()).hexdigest() == paid["sha256"]
     assert "its pool child died running it" in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_pool_child_killed_while_its_worker_is_cut_off_from_redis_leaves_its_job_alive(
+        make_pipeline, make_sandbox, redis_url, tmp_path):
+    """The same child death, its worker cut off from Redis (a partition) and
+    so unable to replay; another worker on the machine, sharing the journal,
+    reaches Redis. Its submit re-sent found the marker and no id and failed
+    the job "outcome unknown" for ~30 s, until its journal pass revived it
+    (review 103). The submit now reads the journal before it gives up."""
+    import psutil
+
+    pipeline, proxy = _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url)
+    pipeline.start_workers(concurrency=1)
+    pipeline.enqueue(write_prompts(tmp_path / "night.txt", ["a paid fox"]), "night")
+    direct = JobStore(redis.Redis.from_url(redis_url, decode_responses=True))
+    (job_id,) = direct.job_ids("night")
+    log = tmp_path / "logs" / "worker-0.log"
+    wait_until(lambda: log.read_text().count("not recorded yet") >= 2, 30, "two tries failed")
+    pipeline.env["VIDQ_REDIS_URL"] = redis_url  # the second worker reaches Redis
+    pipeline.start_workers(concurrency=1)
+    for child in psutil.Process(pipeline.processes[0].pid).children():
+        child.kill()
+    states = set()
+    deadline = time.monotonic() + 60
+    while (state := direct.get(f"night:{job_id}").state) != "done":
+        states.add(state)
+        assert time.monotonic() < deadline, f"not done in 60 s: {sorted(states)}"
+        time.sleep(0.05)
+    proxy.down_for(0)
+
+    assert "failed" not in states, sorted(states)
+    (paid,) = pipeline.ledger()
+    (video,) = (tmp_path / "videos" / "night").glob("*.mp4")
+    assert hashlib.sha256(video.read_bytes()).hexdigest() == paid["sha256"]

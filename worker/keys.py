@@ -204,3 +204,5 @@ def worker_alive(hostname: str) -> str:
 # stands still. A stopping one finishes the steps its pool runs, nothing more
 # (worker/draining.py).
 STEPS_WORKER, WEBHOOK_WORKER, STOPPING_WORKER = "1", "webhook", "stopping"
+# Heartbeats of workers that will take no new step.
+NOT_TAKING_STEPS = frozenset({WEBHOOK_WORKER, STOPPING_WORKER})

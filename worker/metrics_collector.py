@@ -176,11 +176,11 @@ def worker_gauges(client: redis.Redis, heartbeat_ttl_s: float) -> Iterator[Metri
     alive = 0
     for key, ttl_ms, runs in zip(names, replies[::2], replies[1::2], strict=True):
         if ttl_ms > 0:
-            alive += runs != keys.WEBHOOK_WORKER
+            alive += runs not in keys.NOT_TAKING_STEPS
             ages.add_metric([key.removeprefix(keys.WORKER_PREFIX)],
                             max(heartbeat_ttl_s - ttl_ms / 1000, 0.0))
     yield _gauge("vidq_workers_alive", "Worker instances running steps with a live "
-                 "heartbeat (webhook-only pools are not counted).", alive)
+                 "heartbeat (webhook-only pools and stopping workers are not counted).", alive)
     yield ages
 
 

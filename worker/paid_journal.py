@@ -179,6 +179,10 @@ def replay(directory: Path, store: JobStore, lease_s: float,
     cannot be read is logged and passed over."""
     if not directory.is_dir():
         return 0
+    # A dead process's file stays locked while its replay waits on Redis: a
+    # worker cut off from Redis must not hold it from one that is not
+    # (posting.answered_in_journal; review 103).
+    store.redis.ping()
     count = 0
     with _REPLAY_LOCK:
         for path in sorted(directory.glob("*.jsonl")):

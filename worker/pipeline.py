@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from . import events
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, admit
@@ -24,7 +25,7 @@ from .leases import TakenOver, lease_renewed, unless_lost
 from .marker import mark_posting
 from .metrics_record import completed, downloaded, upstream_call
 from .pacing import post_wait_s
-from .posting import NotSent, answer_may_come, post_once
+from .posting import NotSent, answer_may_come, answered_in_journal, post_once
 from .rate_limits import pause_s, revive_refused, spread
 from .step_outcomes import StepOutcomes
 from .storage import video_key
@@ -98,6 +99,9 @@ class Steps(StepOutcomes):
                 # record (restarted from an older state) and the POST thread
                 # records it again: not unknown yet. Slot kept, nothing sent.
                 self._next(job, Step.SUBMIT, ANSWER_RECHECK_S)
+                return
+            if answered_in_journal(self.store, job, Path(self.settings.journal_dir),
+                                   self.durability):
                 return
             raise SubmitOutcomeUnknown(
                 "a POST for this job was started earlier and its answer never arrived "

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import redis
 from celery.signals import worker_process_shutdown
@@ -38,7 +39,7 @@ from .errors import (
 from .generation import Generation
 from .jobs import Job, JobStore, load_script
 from .leases import renewed
-from .paid_journal import PaidJournal
+from .paid_journal import PaidJournal, replay
 from .settings import Settings
 from .upstream import SUBMIT_RETRY_STATUSES, UpstreamClient
 
@@ -251,6 +252,21 @@ def answer_may_come(store: JobStore, job: Job, post_deadline_s: float) -> bool:
     pipe.exists(keys.worker_alive(sender))
     until_ms, beats = pipe.execute()
     return bool(sender and beats) or (until_ms is not None and until_ms > job.now() * 1000)
+
+
+def answered_in_journal(store: JobStore, job: Job, directory: Path,
+                        durability: Durability | None) -> bool:
+    """Whether the answer to the job's POST was in a dead process's journal
+    on this machine (a pool child killed while its worker could not reach
+    Redis; review 103): recorded from there, its poll made due, the job is
+    not "outcome unknown"."""
+    try:
+        replay(directory, store, 0.0, durability)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("paid-id journal not replayed yet: %s", exc)
+        return False
+    recorded = store.get(job.ref)
+    return bool(recorded and recorded.generation_id)
 
 
 def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,

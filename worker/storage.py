@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
@@ -63,9 +63,12 @@ class FileStorage:
         return path
 
     @contextlib.contextmanager
-    def writer(self, key: str, metadata: dict[str, str] | None = None) -> Iterator[BinaryIO]:
+    def writer(self, key: str, metadata: dict[str, str] | None = None,
+               before_publish: Callable[[], None] | None = None) -> Iterator[BinaryIO]:
         """A file to write; published under `key` only if the block succeeds.
-        `metadata` is accepted for parity with S3Storage; files carry none."""
+        `metadata` is accepted for parity with S3Storage; files carry none.
+        `before_publish()` runs once the file is on disk, right before it is
+        published: its exception leaves nothing published."""
         final = self.path(key)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,8 @@ class FileStorage:
                 # flushes what the buffer still held: a StorageError either
                 # way, which a paid video's download retries.
                 raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+            if before_publish is not None:
+                before_publish()
             try:
                 os.replace(tmp, final)
                 fsync_dir(final.parent)
@@ -150,7 +155,8 @@ class FileStorage:
 class Storage(Protocol):
     """What the steps need from a backend."""
 
-    def writer(self, key: str, metadata: dict[str, str] | None = None
+    def writer(self, key: str, metadata: dict[str, str] | None = None,
+               before_publish: Callable[[], None] | None = None
                ) -> contextlib.AbstractContextManager[Any]: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def exists(self, key: str) -> bool: ...

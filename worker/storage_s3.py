@@ -11,10 +11,13 @@ carries Content-Type (video/mp4, application/json) and metadata job-id, batch
 single put_object sends the sha256 with the object; a multipart upload only
 knows it at the end, so after completing, the object is copied onto itself
 with the full metadata (MetadataDirective=REPLACE; server-side, no bytes
-re-sent). `sha256(key)` reads that metadata, and hashes the object only when
-it is absent (a failed copy leaves the whole object as it is, undescribed:
-deleting it could lose a paid video, or another writer's copy). botocore
-errors become StorageError (retried by the download step). An upload whose
+re-sent), only if it is still the object that upload made. `sha256(key)`
+reads that metadata, and hashes the object only when it is absent (a failed
+copy leaves the whole object as it is, undescribed: deleting it could lose a
+paid video, or another writer's copy). The request that publishes the object
+(the put_object, or the completion) runs `before_publish()` before each of
+its tries, which vidq makes itself rather than botocore. botocore errors
+become StorageError (retried by the download step). An upload whose
 abort itself fails (storage gone mid-upload) stays open: give the bucket a
 lifecycle rule AbortIncompleteMultipartUpload.
 """
@@ -24,7 +27,8 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -33,6 +37,9 @@ from .errors import ConfigError, StorageError
 log = logging.getLogger(__name__)
 
 DEFAULT_S3_PART_BYTES = 8 * 1024**2
+# Pauses between the tries of an object's publishing request (botocore's
+# standard mode would make 3 tries with backoff).
+PUBLISH_RETRY_S = (0.5, 2.0)
 # copy_object (used to attach the sha256 after a multipart upload) stops here;
 # larger objects keep their other metadata and are hashed when asked.
 _S3_COPY_LIMIT = 5 * 1024**3
@@ -52,12 +59,16 @@ class S3Storage:
         if part_bytes < 1:
             raise ConfigError("S3 part size must be positive")
         self.bucket, self.prefix, self.part_bytes = bucket, prefix.strip("/"), part_bytes
+        self.client = self.publish_client = client
         if client is None:
             import boto3
             from botocore.config import Config
 
-            client = boto3.client("s3", config=Config(retries={"mode": "standard"}))
-        self.client = client
+            self.client = boto3.client("s3", config=Config(retries={"mode": "standard"}))
+            # The request that publishes an object is tried by _S3Upload, which
+            # checks before each try that it may still publish.
+            self.publish_client = boto3.client(
+                "s3", config=Config(retries={"mode": "standard", "total_max_attempts": 1}))
 
     def object_key(self, key: str) -> str:
         parts = PurePosixPath(key).parts
@@ -74,10 +85,12 @@ class S3Storage:
             self.client.head_bucket(Bucket=self.bucket)
 
     @contextlib.contextmanager
-    def writer(self, key: str, metadata: dict[str, str] | None = None) -> Iterator[_S3Upload]:
+    def writer(self, key: str, metadata: dict[str, str] | None = None,
+               before_publish: Callable[[], None] | None = None) -> Iterator[_S3Upload]:
         """An object to write (`.write(bytes)`); it exists under `key` only if
-        the block and the upload succeed, else the multipart upload is aborted."""
-        upload = _S3Upload(self, key, metadata)
+        the block and the upload succeed, else the multipart upload is aborted.
+        `before_publish()` runs right before the request that publishes it."""
+        upload = _S3Upload(self, key, metadata, before_publish)
         try:
             yield upload
             upload.finish()
@@ -150,8 +163,10 @@ class S3Storage:
 class _S3Upload:
     """One object being written: at most one part buffered at a time."""
 
-    def __init__(self, storage: S3Storage, key: str, metadata: dict[str, str] | None):
+    def __init__(self, storage: S3Storage, key: str, metadata: dict[str, str] | None,
+                 before_publish: Callable[[], None] | None = None):
         self.storage, self.key = storage, storage.object_key(key)
+        self.before_publish = before_publish or (lambda: None)
         self.where = storage.location(key)
         suffix = PurePosixPath(key).suffix
         self.content_type = _CONTENT_TYPES.get(suffix, "application/octet-stream")
@@ -180,16 +195,16 @@ class _S3Upload:
         client, bucket = self.storage.client, self.storage.bucket
         metadata = {**self.metadata, "sha256": self.digest.hexdigest()}
         if self.upload_id is None:
-            with _translated(f"cannot write {self.where}"):
-                client.put_object(Bucket=bucket, Key=self.key, Body=bytes(self.buffer),
-                                  ContentType=self.content_type, Metadata=metadata)
+            self._publish(f"cannot write {self.where}", lambda publisher: publisher.put_object(
+                Bucket=bucket, Key=self.key, Body=bytes(self.buffer),
+                ContentType=self.content_type, Metadata=metadata))
             return
         if self.buffer:
             self._upload_part()
-        with _translated(f"cannot complete {self.where}"):
-            client.complete_multipart_upload(
+        completed = self._publish(
+            f"cannot complete {self.where}", lambda publisher: publisher.complete_multipart_upload(
                 Bucket=bucket, Key=self.key, UploadId=self.upload_id,
-                MultipartUpload={"Parts": self.parts})
+                MultipartUpload={"Parts": self.parts}))
         self.completed = True
         if self.size > _S3_COPY_LIMIT:
             return
@@ -197,6 +212,9 @@ class _S3Upload:
             with _translated(f"cannot record the sha256 of {self.where}"):
                 client.copy_object(
                     Bucket=bucket, Key=self.key, CopySource={"Bucket": bucket, "Key": self.key},
+                    # Only onto these bytes: a writer that stood still after
+                    # completing must not describe another's object as its own.
+                    CopySourceIfMatch=completed["ETag"],
                     MetadataDirective="REPLACE", ContentType=self.content_type,
                     Metadata=metadata)
         except StorageError as exc:
@@ -204,6 +222,22 @@ class _S3Upload:
             # missing, and `sha256` hashes its bytes then. Never delete it: it
             # may be a paid video no longer served, or another writer's.
             log.warning("%s is stored whole, without its sha256 metadata: %s", self.where, exc)
+
+    def _publish(self, what: str, request: Callable[[Any], dict]) -> dict:
+        """The request that makes the object visible, tried up to 3 times,
+        `before_publish()` before each: botocore's own retries would send it
+        again after a pause (a 503's backoff, a frozen VM) in which the step
+        may have been taken over (review 103)."""
+        for pause in (*PUBLISH_RETRY_S, None):
+            self.before_publish()
+            try:
+                with _translated(what):
+                    return request(self.storage.publish_client)
+            except StorageError:
+                if pause is None:
+                    raise
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def abort(self) -> None:
         if self.upload_id is None or self.completed:

@@ -24,10 +24,13 @@ def stream_video(storage: Storage, key: str, chunks: Iterable[bytes], announced:
     """Write chunks under `key`, published only whole; returns (bytes, sha256).
     `announced` is the Content-Length (None when the body is not sent as is).
     `before_publish(bytes, sha256)` runs once the video is checked whole, just
-    before it is published: a worker that dies after publishing it leaves a
-    record of what is there."""
+    before it is published (by the storage, after the bytes are on disk or
+    uploaded): a worker that dies after publishing it leaves a record of what
+    is there, and a step taken over meanwhile can still stop it."""
     digest, size, head, boxes = hashlib.sha256(), 0, b"", Mp4Boxes()
-    with storage.writer(key) as out:
+    whole: list[tuple[int, str]] = []  # (bytes, sha256), once checked
+    hook = None if before_publish is None else (lambda: before_publish(*whole[0]))
+    with storage.writer(key, before_publish=hook) as out:
         for chunk in chunks:
             if len(head) < 8:
                 head = _check_mp4_head(head + chunk[:8 - len(head)])
@@ -40,9 +43,8 @@ def stream_video(storage: Storage, key: str, chunks: Iterable[bytes], announced:
         if announced is not None and announced.isdigit() and size != int(announced):
             raise CorruptVideo(f"got {size} bytes, Content-Length said {announced}")
         boxes.check_whole(size)
-        if before_publish is not None:
-            before_publish(size, digest.hexdigest())
-    return size, digest.hexdigest()
+        whole.append((size, digest.hexdigest()))
+    return whole[0]
 
 
 class Mp4Boxes:
