@@ -5,7 +5,9 @@ No eager mode, no fake Redis: every test talks to the real thing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -132,6 +134,11 @@ class Pipeline:
 
     def stop_workers(self) -> None:
         stop_processes(self.processes)
+        for process in self.processes:
+            # A pool child whose worker was SIGKILLed (or killed by a test)
+            # may live on in the worker's session: never leak it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
         self.processes = []
 
     def enqueue(self, path: Path, batch: str, **defaults):

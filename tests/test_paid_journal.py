@@ -184,13 +184,13 @@ def test_a_child_forked_during_a_replay_leaves_the_dead_file_unlocked(tmp_path):
 
 
 @pytest.mark.slow
-def _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url):
+def _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url, **env):
     """A pipeline (C = 1) whose Redis, behind a proxy, goes away right as a
     POST is sent (after its open-POST note), until the test brings it back."""
     url = urlsplit(redis_url)
     proxy = LostReplyProxy(url.hostname, url.port)
     pipeline = make_pipeline(make_sandbox(), VIDQ_MAX_IN_FLIGHT=1,
-                             VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}")
+                             VIDQ_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{url.path}", **env)
     open_post = load_script(pipeline.store.redis, "open_post")
     proxy.after_reply(_run_of(open_post), then=lambda: proxy.down_for(600))
     return pipeline, proxy
@@ -309,10 +309,12 @@ def test_a_pool_child_killed_while_its_worker_is_cut_off_from_redis_leaves_its_j
     so unable to replay; another worker on the machine, sharing the journal,
     reaches Redis. Its submit re-sent found the marker and no id and failed
     the job "outcome unknown" for ~30 s, until its journal pass revived it
-    (review 103). The submit now reads the journal before it gives up."""
+    (review 103). The submit now reads the journal before it gives up, and
+    polls the id it finds at once, not a step grace later (review 104)."""
     import psutil
 
-    pipeline, proxy = _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url)
+    pipeline, proxy = _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url,
+                                                VIDQ_STEP_GRACE_S="60")
     pipeline.start_workers(concurrency=1)
     pipeline.enqueue(write_prompts(tmp_path / "night.txt", ["a paid fox"]), "night")
     direct = JobStore(redis.Redis.from_url(redis_url, decode_responses=True))
@@ -324,12 +326,14 @@ def test_a_pool_child_killed_while_its_worker_is_cut_off_from_redis_leaves_its_j
     for child in psutil.Process(pipeline.processes[0].pid).children():
         child.kill()
     states = set()
-    deadline = time.monotonic() + 60
-    while (state := direct.get(f"night:{job_id}").state) != "done":
-        states.add(state)
-        assert time.monotonic() < deadline, f"not done in 60 s: {sorted(states)}"
-        time.sleep(0.05)
-    proxy.down_for(0)
+    deadline = time.monotonic() + 30  # half the step grace
+    try:
+        while (state := direct.get(f"night:{job_id}").state) != "done":
+            states.add(state)
+            assert time.monotonic() < deadline, f"not done in 30 s: {sorted(states)}"
+            time.sleep(0.05)
+    finally:
+        proxy.down_for(0)
 
     assert "failed" not in states, sorted(states)
     (paid,) = pipeline.ledger()

@@ -100,8 +100,13 @@ class Steps(StepOutcomes):
                 # records it again: not unknown yet. Slot kept, nothing sent.
                 self._next(job, Step.SUBMIT, ANSWER_RECHECK_S)
                 return
-            if answered_in_journal(self.store, job, Path(self.settings.journal_dir),
-                                   self.durability):
+            if generation_id := answered_in_journal(self.store, job,
+                                                    Path(self.settings.journal_dir),
+                                                    self.durability):
+                # Polled now, as a marker found with its id is: the claim
+                # still holds the step, so nothing else would for a step grace.
+                job.generation_id = generation_id
+                self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
                 return
             raise SubmitOutcomeUnknown(
                 "a POST for this job was started earlier and its answer never arrived "

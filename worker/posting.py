@@ -255,18 +255,18 @@ def answer_may_come(store: JobStore, job: Job, post_deadline_s: float) -> bool:
 
 
 def answered_in_journal(store: JobStore, job: Job, directory: Path,
-                        durability: Durability | None) -> bool:
-    """Whether the answer to the job's POST was in a dead process's journal
-    on this machine (a pool child killed while its worker could not reach
-    Redis; review 103): recorded from there, its poll made due, the job is
-    not "outcome unknown"."""
+                        durability: Durability | None) -> str:
+    """The generation id the job's POST got, if it was in a dead process's
+    journal on this machine (a pool child killed while its worker could not
+    reach Redis; review 103): recorded from there, the job is not "outcome
+    unknown". "" if not."""
     try:
         replay(directory, store, 0.0, durability)
     except (redis.RedisError, OSError) as exc:
         log.warning("paid-id journal not replayed yet: %s", exc)
-        return False
+        return ""
     recorded = store.get(job.ref)
-    return bool(recorded and recorded.generation_id)
+    return recorded.generation_id if recorded else ""
 
 
 def record_paid(store: JobStore, job: Job, generation_id: str, lease_s: float,
