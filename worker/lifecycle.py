@@ -23,7 +23,7 @@ from .celery_app import QUEUES, WEBHOOK_QUEUE, app
 from .connection import take_lock
 from .draining import beat_until_exit
 from .errors import StorageError
-from .paid_journal import REPLAY_EVERY_S, check_directory, replay
+from .paid_journal import REPLAY_EVERY_S, check_directory, replay_now
 from .retention import housekeeping
 from .settings import eta_task_limit
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
@@ -248,15 +248,9 @@ class Lifecycle(bootsteps.StartStopStep):
         if self.replayer is not None and self.replayer.is_alive():
             return
         steps = get_steps()
-
-        def run() -> None:
-            try:
-                # Lease 0: no step of the dead process will poll it; one is due now.
-                replay(Path(steps.settings.journal_dir), steps.store, 0.0, steps.durability)
-            except (redis.RedisError, OSError) as exc:
-                log.warning("paid-id journal not replayed yet: %s", exc)
-
-        self.replayer = threading.Thread(target=run, name="vidq journal replay", daemon=True)
+        self.replayer = threading.Thread(
+            target=replay_now, args=(Path(steps.settings.journal_dir), steps.store,
+                                     steps.durability), name="vidq journal replay", daemon=True)
         self.replayer.start()
         self.replayer.join(wait_s)
 

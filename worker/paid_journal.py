@@ -199,6 +199,18 @@ def replay(directory: Path, store: JobStore, lease_s: float,
     return count
 
 
+def replay_now(directory: Path, store: JobStore, durability: Durability | None) -> bool:
+    """replay() by a worker for whatever dead process left ids: each made due
+    at once (lease 0: no step of the dead process will poll it). False, and
+    logged, if Redis or the disk failed: the next pass tries again."""
+    try:
+        replay(directory, store, 0.0, durability)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("paid-id journal not replayed yet: %s", exc)
+        return False
+    return True
+
+
 def _replay_file(path: Path, handle: IO[str], store: JobStore, lease_s: float,
                  durability: Durability | None) -> int:
     foreign, recorded, kept = [], [], 0

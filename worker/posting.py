@@ -39,7 +39,7 @@ from .errors import (
 from .generation import Generation
 from .jobs import Job, JobStore, load_script
 from .leases import renewed
-from .paid_journal import PaidJournal, replay
+from .paid_journal import PaidJournal, replay_now
 from .settings import Settings
 from .upstream import SUBMIT_RETRY_STATUSES, UpstreamClient
 
@@ -260,10 +260,7 @@ def answered_in_journal(store: JobStore, job: Job, directory: Path,
     journal on this machine (a pool child killed while its worker could not
     reach Redis; review 103): recorded from there, the job is not "outcome
     unknown". "" if not."""
-    try:
-        replay(directory, store, 0.0, durability)
-    except (redis.RedisError, OSError) as exc:
-        log.warning("paid-id journal not replayed yet: %s", exc)
+    if not replay_now(directory, store, durability):
         return ""
     recorded = store.get(job.ref)
     return recorded.generation_id if recorded else ""

@@ -29,7 +29,7 @@ from .errors import (
     VidqError,
 )
 from .jobs import OUTCOME_UNKNOWN, JobStore
-from .paid_journal import PaidJournal, replay
+from .paid_journal import PaidJournal, replay_now
 from .pipeline import Steps
 from .settings import Settings
 from .spend import CreditEstimates
@@ -152,10 +152,7 @@ def step_lost(name: str, ref: str, token: str, lost: BaseException) -> None:
     POST left to answer, and fails the job "outcome unknown" until the
     journal's next pass (every 30 s) revives it."""
     steps = get_steps()
-    try:
-        replay(Path(steps.settings.journal_dir), steps.store, 0.0, steps.durability)
-    except (redis.RedisError, OSError) as exc:
-        log.warning("paid-id journal not replayed yet: %s", exc)
+    replay_now(Path(steps.settings.journal_dir), steps.store, steps.durability)
     try:
         if steps.store.step_lost(ref, token):
             log.warning("%s for %s: its pool child died running it (%s); re-sent by "
