@@ -112,8 +112,11 @@ def test_a_waiting_batch_raised_to_high_priority_is_admitted_next(make_pipeline,
 def test_cancel_counts_the_jobs_whose_post_is_on_its_way_as_in_flight(proxied, tmp_path):
     """Two POSTs whose answers trickle in when `vidq cancel` runs: they are
     paid and will be downloaded, and the cancel says so (it said 0 in flight)."""
-    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="15", VIDQ_STEP_GRACE_S="30")
-    proxy.trickle_interval_s = 0.02
+    pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S="60", VIDQ_STEP_GRACE_S="90")
+    # Slow enough that the answers cannot finish (nor pass their deadline) while
+    # `vidq cancel` starts up on a loaded machine (at 0.02 s a byte they did
+    # once, in CI); sped up once it has run.
+    proxy.trickle_interval_s = 0.25
     proxy.queue("trickle", count=2, method="POST")
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["sent 1", "sent 2"]), "c")
@@ -123,6 +126,7 @@ def test_cancel_counts_the_jobs_whose_post_is_on_its_way_as_in_flight(proxied, t
                0.05)
 
     result = _vidq(pipeline, "cancel", "c")
+    proxy.trickle_interval_s = 0.001
 
     assert result.returncode == 0, result.stderr
     assert "0 waiting jobs cancelled; 2 jobs in flight finish and are downloaded" in \
