@@ -240,17 +240,18 @@ def proxied(make_pipeline, make_sandbox):
 
 
 def unknown_post_trickling(proxied, tmp_path: Path, batch: str, prompt: str, *,
-                           deadline_s: float, interval_s: float):
+                           deadline_s: float, interval_s: float = 0.25):
     """A one-job batch whose POST's answer trickles in (one byte every
-    `interval_s`): the job fails "outcome unknown" at `deadline_s` while its
-    worker is still reading the answer. Returns the pipeline."""
+    `interval_s`; ~290 bytes): the job fails "outcome unknown" at `deadline_s`
+    while its worker is still reading the answer. Returns the pipeline and the
+    proxy (`proxy.trickle_interval_s = 0.001` lets the rest of the answer in)."""
     pipeline, proxy = proxied(VIDQ_POST_DEADLINE_S=str(deadline_s))
     proxy.trickle_interval_s = interval_s
     proxy.queue("trickle", count=1, method="POST")
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / f"{batch}.txt", [prompt]), batch)
     assert pipeline.wait_finished(batch, timeout_s=30)["failed"] == 1
-    return pipeline
+    return pipeline, proxy
 
 
 def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition",

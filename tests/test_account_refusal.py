@@ -28,8 +28,14 @@ def test_credits_running_out_pause_submits_instead_of_failing_the_night(
 
     wait_until(lambda: pipeline.store.redis.exists(keys.PAUSE_SUBMIT_WHY), 60,
                "submits paused for the account")
-    status = subprocess.run(["vidq", "status", "n"], env=pipeline.env, capture_output=True,
-                            text=True, timeout=60)
+
+    def status_while_paused():
+        # Asked again if a slow start missed a 3 s pause; three of them come.
+        shown = subprocess.run(["vidq", "status", "n"], env=pipeline.env, capture_output=True,
+                               text=True, timeout=60)
+        return "submits paused" in shown.stdout and shown
+
+    status = wait_until(status_while_paused, 30, "`vidq status` during a pause", every_s=0)
     counts = pipeline.wait_finished("n", timeout_s=120)
 
     assert "the upstream refused the account (HTTP 403: Insufficient credits)" in status.stdout

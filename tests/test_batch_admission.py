@@ -109,10 +109,15 @@ def test_cancel_ends_waiting_jobs_and_downloads_those_in_flight(make_pipeline, m
     pipeline = make_pipeline(make_sandbox(time_scale=30), VIDQ_MAX_IN_FLIGHT=2,
                              VIDQ_EXPECTED_GENERATION_S=3)
     pipeline.start_workers(count=1, concurrency=2)
+    # Polls held until the cancel has run: a ~3 s generation found done
+    # first would free its slot for a third job while `vidq cancel` starts up
+    # on a loaded machine (+3 s before the cancel failed the test).
+    pipeline.store.pause_polls(120)
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", _prompts("C", 6)), "doomed")
     wait_until(lambda: len(pipeline.ledger()) == 2, what="two POSTs")
 
     result = _vidq(pipeline, "cancel", "doomed")
+    pipeline.store.redis.delete(keys.PAUSE_POLL)
     wait_until(lambda: pipeline.store.counts("doomed")["done"] == 2, timeout_s=60,
           what="in-flight jobs done")
     time.sleep(1.5)

@@ -148,7 +148,11 @@ def test_resubmit_looks_first_at_a_generation_nobody_saw_finish(make_pipeline, m
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["too soon", "finished later"]), "late")
     assert pipeline.wait_finished("late", timeout_s=30)["failed"] == 2
-    ids = {row["prompt"]: row["custom_id"] for row in report(pipeline, "late")}
+    # Read here, not with `vidq report`: one command less before the first
+    # generation completes (two slow commands could outlast its 10 s).
+    store = pipeline.store
+    ids = {store.get(keys.job_ref("late", job_id)).request["prompt"]: job_id
+           for job_id in store.job_ids("late")}
     first = {entry["prompt"]: entry for entry in pipeline.ledger()}
     assert all(entry["status"] != "completed" for entry in first.values()), first
 
@@ -554,8 +558,12 @@ def test_status_after_a_retry_counts_each_job_once_and_names_no_stale_manifest(
     assert pipeline.wait_finished("rr")["failed"] == 4
     wait_until(lambda: pipeline.store.redis.hget(keys.batch("rr"), "manifest_of"),
                what="the first manifest")
+    # Polls held while the two commands run, so the ~6 s generations cannot
+    # all be found done before a slow `vidq status` reads the batch.
+    pipeline.store.pause_polls(120)
     assert vidq(pipeline, "retry", "rr", "--yes").returncode == 0
     running = json.loads(vidq(pipeline, "status", "rr", "--json").stdout)
+    pipeline.store.redis.delete(keys.PAUSE_POLL)
     assert running["finished"] < 4 and running["manifest"] is None
 
     assert pipeline.wait_finished("rr", timeout_s=60)["done"] == 4
@@ -647,6 +655,9 @@ def test_purge_force_keeps_the_slots_of_generations_still_running_so_c_holds(
                              VIDQ_EXPECTED_GENERATION_S="6")
     pipeline.start_workers(1, concurrency=4)
     store, client = pipeline.store, pipeline.store.redis
+    # Polls held until the purge has been looked at: a generation found done
+    # first would not be "still running" when a slow `vidq purge` starts.
+    store.pause_polls(120)
     pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["a purged fox", "a purged whale"]), "a")
     wait_until(lambda: all((job := store.get(keys.job_ref("a", i))) and job.generation_id
                            for i in store.job_ids("a")), 30, "a's two generations running")
@@ -657,6 +668,7 @@ def test_purge_force_keeps_the_slots_of_generations_still_running_so_c_holds(
     slots = [str(ref) for ref in client.zrange(keys.SLOTS, 0, -1)]
     time.sleep(1.5)
     waiting = store.counts("b")["queued"]
+    client.delete(keys.PAUSE_POLL)
     counts = pipeline.wait_finished("b", timeout_s=60)
     stats = requests.get(sandbox.url + "/__stats", timeout=5).json()
 

@@ -140,12 +140,13 @@ def test_purge_waits_for_a_post_answer_that_outlasts_its_window(proxied, tmp_pat
     past the window purge allowed for it (here: that failure made to look
     older than the window): purge refuses while the answer is being read, and
     the late id lands in its job, whose video is downloaded; nothing orphaned."""
-    pipeline = unknown_post_trickling(proxied, tmp_path, "w", "a slow answer, still paid",
-                                      deadline_s=1, interval_s=0.03)  # answered in ~10 s
+    pipeline, proxy = unknown_post_trickling(proxied, tmp_path, "w",
+                                             "a slow answer, still paid", deadline_s=1)
     client = pipeline.store.redis
     client.hincrbyfloat(keys.batch("w"), "unknown_post_at", -3600)  # as if an hour ago
 
     refused = _vidq(pipeline, "purge", "w")
+    proxy.trickle_interval_s = 0.001  # the answer comes once the purge has run
 
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "1 POST whose answer is still being read" in refused.stderr
@@ -286,8 +287,10 @@ def test_a_purged_posts_late_id_never_lands_in_a_job_enqueued_again_under_its_na
     sandbox = make_sandbox()
     pipeline, proxy = proxied(sandbox, VIDQ_MAX_IN_FLIGHT="2", VIDQ_POST_DEADLINE_S="20",
                               VIDQ_STEP_GRACE_S="40", VIDQ_HTTP_TIMEOUT_S="30")
-    proxy.slow_s = 6.0
-    proxy.queue("slow_headers", count=1, method="POST")
+    # The answer trickles in slowly until the purge and the re-enqueue have
+    # run, however slowly `vidq purge` starts (a fixed 6 s could be outrun).
+    proxy.trickle_interval_s = 0.25
+    proxy.queue("trickle", count=1, method="POST")
     pipeline.start_workers(concurrency=2)
 
     def named(name: str, prompt: str) -> Path:
@@ -300,6 +303,7 @@ def test_a_purged_posts_late_id_never_lands_in_a_job_enqueued_again_under_its_na
     wait_until(lambda: client.hget(keys.job("night:shot-1"), "posting_at"), 30, "the marker")
     assert _vidq(pipeline, "purge", "night", "--force").returncode == 0
     pipeline.enqueue(named("new", "NEW: a blue whale"), "night")
+    proxy.trickle_interval_s = 0.001
 
     assert pipeline.wait_finished("night", timeout_s=60)["done"] == 1
     wait_until(lambda: len(pipeline.ledger()) == 2 and client.hlen(keys.ORPHANS) == 1, 30,

@@ -99,14 +99,17 @@ def test_cancel_during_a_429_pause_ends_the_job_put_back_and_posts_nothing(
     POSTed when the pause ends."""
     pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1)
     pipeline.start_workers(count=1, concurrency=2)
-    pipeline.faults(submit=[429], retry_after=5)
+    # A pause that outlasts a slow `vidq cancel` (at 5 s, +5.5 s before the
+    # cancel failed the test), ended by hand once the cancel has run.
+    pipeline.faults(submit=[429], retry_after=120)
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["paused 1", "paused 2"]), "held")
     client = pipeline.store.redis
     wait_until(lambda: client.exists(keys.PAUSE_SUBMIT) and pipeline.admission.waiting("held") == 2,
           what="the 429 pause with the job back in line")
 
     result = _vidq(pipeline, "cancel", "held")
-    time.sleep(6)  # the pause is over: a wrongful submit would have gone out
+    client.delete(keys.PAUSE_SUBMIT)
+    time.sleep(3)  # the pause is over: a wrongful submit would have gone out
 
     assert result.returncode == 0, result.stderr
     assert "2 waiting jobs cancelled; 0 jobs in flight" in result.stdout, result.stdout
@@ -252,11 +255,12 @@ def test_purge_waits_for_an_unknown_posts_answer_and_a_forced_one_keeps_the_id(p
     """A POST whose answer trickles in past its deadline: the batch looks finished,
     but `vidq purge` refuses while the answer may come; with --force, the late id
     finds no job and is kept in vidq:orphans, not retried for an hour."""
-    pipeline = unknown_post_trickling(proxied, tmp_path, "d", "a slow answer, paid",
-                                      deadline_s=2, interval_s=0.04)  # answered in ~10 s
+    pipeline, proxy = unknown_post_trickling(proxied, tmp_path, "d", "a slow answer, paid",
+                                             deadline_s=2)
 
     refused = _vidq(pipeline, "purge", "d")
     forced = _vidq(pipeline, "purge", "d", "--force")
+    proxy.trickle_interval_s = 0.001  # the answer comes once both have run
     orphans = wait_until(lambda: pipeline.store.redis.hgetall(keys.ORPHANS), 30, "the late id")
 
     assert refused.returncode == 2 and "would find no job to land in" in refused.stderr

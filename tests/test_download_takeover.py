@@ -18,6 +18,8 @@ from test_s3 import aws_env, bucket, s3, s3_endpoint  # noqa: F401 - fixtures
 from producer.batch_view import workers_alive
 from worker import keys
 
+FAST_BPS = 1_000_000
+
 
 class ChangingProxy(FaultProxy):
     """Every fetch of a video after the first has its last byte (inside the
@@ -45,7 +47,10 @@ def _one_slow_download(make_pipeline, make_sandbox, tmp_path, batch: str, sandbo
     pipeline = make_pipeline(sandbox_server, AIMLAPI_BASE_URL=proxy.url,
                              VIDQ_DOWNLOAD_GRACE_S="900", VIDQ_VISIBILITY_TIMEOUT_S="1800",
                              **env)
-    proxy.throttle_bps = 40_000  # the sandbox's 0.8 MB video in ~20 s
+    # The sandbox's 0.8 MB video in ~80 s, so that the test's steps (starting
+    # worker B, a SIGTERM) surely come mid-stream on a loaded machine; tests
+    # speed it up (`proxy.throttle_bps = FAST_BPS`) once they have.
+    proxy.throttle_bps = 10_000
     proxy.queue("throttle", count=1, method="GET", path_prefix="/files/")
     pipeline.start_workers(1, concurrency=2)
     pipeline.enqueue(write_prompts(tmp_path / f"{batch}.txt", [f"{batch} fox"]), batch)
@@ -84,6 +89,7 @@ def test_a_warm_shutdown_mid_download_finishes_it_once(make_pipeline, make_sandb
                    "A's heartbeat to say it is stopping", 0.05)
         # `vidq status` counts B alone: A will take no new step.
         assert workers_alive(client) == 1 and pipeline.store.get(ref).state == "downloading"
+        proxy.throttle_bps = FAST_BPS
         a.wait(60)
         assert pipeline.wait_finished("deploy", timeout_s=30)["done"] == 1
         time.sleep(2)  # B's reconciler passes once more
@@ -125,6 +131,7 @@ def test_a_stopping_worker_hands_the_polls_it_holds_on_at_once(make_pipeline, ma
         wait_until(lambda: any(f"re-sending poll for job {other}" in log.read_text()
                                for log in logs), 10, "the held poll sent again", 0.05)
         assert pipeline.store.get(ref).state == "downloading", "the held poll waited for A"
+        proxy.throttle_bps = FAST_BPS
         assert pipeline.wait_finished("more", timeout_s=60)["done"] == 1
         a.wait(60)
         assert pipeline.wait_finished("deploy", timeout_s=30)["done"] == 1
@@ -147,6 +154,7 @@ def test_a_copy_taken_over_mid_download_never_publishes(make_pipeline, make_sand
         os.killpg(a.pid, signal.SIGSTOP)
         wait_until(lambda: pipeline.store.get(ref).state == "done", 60, "done by B", 0.1)
         stored_by_b = (video.stat().st_ino, _sha(video))
+        proxy.throttle_bps = FAST_BPS
         os.killpg(a.pid, signal.SIGCONT)
         log_a = pipeline.log_dir / "worker-0.log"
         wait_until(lambda: "taken over by a newer step" in log_a.read_text(), 60,

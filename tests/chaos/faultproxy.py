@@ -17,7 +17,8 @@ Fault kinds, forwarded (the upstream acts on the request):
     close_after_send  upstream answers; the client gets a clean FIN and not one byte
     gateway_502/_504  upstream answer discarded; the client gets 502/504 with HTML
     trickle           the answer, headers included, one byte per `trickle_interval_s`
-    throttle          the answer at `throttle_bps` bytes per second (a slow CDN)
+    throttle          the answer at `throttle_bps` bytes per second (a slow CDN; read
+                      as it goes, as `trickle_interval_s` is)
     truncate_json     the answer with its body cut in half and a matching Content-Length
     truncate_body     the true Content-Length but half the body, then close
     slow_headers      nothing for `slow_s` seconds, then forwarded normally
@@ -244,9 +245,11 @@ class FaultProxy:
         replace = {b"content-length": str(length).encode()} if length is not None else {}
         payload = _build(start, fields, replace) + body
         if kind == "throttle":
-            step = max(1, self.throttle_bps // 10)
-            for start in range(0, len(payload), step):
-                conn.sendall(payload[start:start + step])
+            sent = 0
+            while sent < len(payload):  # the rate read each time: a test may change it
+                step = max(1, self.throttle_bps // 10)
+                conn.sendall(payload[sent:sent + step])
+                sent += step
                 time.sleep(0.1)
             return
         if kind != "trickle":
