@@ -215,7 +215,7 @@ def test_an_operators_cap_stands_when_workers_restart(make_pipeline, tmp_path):
 
 def test_an_earlier_posts_late_answer_after_a_resubmit_ends_its_own_hold(proxied, make_sandbox,
                                                                          tmp_path):
-    """A POST whose answer trickles in for ~10 s, re-POSTed at once with
+    """A POST whose answer trickles in, re-POSTed at once with
     --resubmit-unknown: the batch looks finished, but `vidq purge` waits; the late
     id becomes a sibling and is downloaded; its earlier slot hold ends with it."""
     import subprocess
@@ -224,7 +224,9 @@ def test_an_earlier_posts_late_answer_after_a_resubmit_ends_its_own_hold(proxied
 
     sandbox = make_sandbox(max_concurrency=0)
     pipeline, proxy = proxied(sandbox, VIDQ_POST_DEADLINE_S="2", VIDQ_MAX_IN_FLIGHT="2")
-    proxy.trickle_interval_s = 0.03
+    # Slow until the purge has run (at 0.03 s a byte the answer came first
+    # when every vidq command took 5 s more to start), then let in.
+    proxy.trickle_interval_s = 0.25
     proxy.queue("trickle", count=1, method="POST")
     pipeline.start_workers(concurrency=3)
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["slow answer"]), "p")
@@ -234,6 +236,7 @@ def test_an_earlier_posts_late_answer_after_a_resubmit_ends_its_own_hold(proxied
     wait_until(lambda: pipeline.store.counts("p")["done"] == 1, 30, "the re-POST's video")
     purge = subprocess.run(["vidq", "purge", "p"], env=pipeline.env, capture_output=True,
                            text=True, timeout=60)
+    proxy.trickle_interval_s = 0.001
 
     wait_until(lambda: pipeline.store.counts("p")["done"] == 2, 60, "the late id's video")
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import requests
+from conftest import wait_until
 from test_flower import AUTH, start_flower, stop_flower
 
 from worker import keys
@@ -63,7 +64,13 @@ def test_failed_filter_lists_exactly_the_failed_jobs_once_each(make_pipeline, ma
         pipeline.faults(submit=[500])
         pipeline.start_workers()
         counts = pipeline.wait_finished(BATCH, timeout_s=60)
-        time.sleep(2.0)  # the last events reach Flower; a redelivery would show by now
+
+        def failures_shown():  # events reach Flower asynchronously
+            shown = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
+            return sum(task["state"] == "FAILURE" for task in shown.values()) >= len(REASONS)
+
+        wait_until(failures_shown, 30, "Flower to show the failures", 0.5)
+        time.sleep(2.0)  # a redelivery would show by now
         tasks = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
         failed_filter = _failure_filter(base)
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 import yaml
-from conftest import wait_http, write_prompts
+from conftest import wait_http, wait_until, write_prompts
 
 from producer.redis_server import free_port
 from worker import keys
@@ -64,8 +64,13 @@ def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
         pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["a secret garden at noon",
                                                            "REJECT this one"]), "fl")
         assert pipeline.wait_finished("fl")["done"] == 1
-        time.sleep(1.5)  # events reach Flower asynchronously
-        tasks = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
+
+        def all_steps_shown():  # events reach Flower asynchronously
+            shown = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
+            names = {task["name"] for task in shown.values()}
+            return {"vidq.submit", "vidq.poll", "vidq.download"} <= names and shown
+
+        tasks = wait_until(all_steps_shown, 30, "Flower to show every step", 0.5)
     finally:
         stop_flower(flower)
     names = {task["name"] for task in tasks.values()}
@@ -117,8 +122,14 @@ def test_periodic_state_saves_survive_a_crash(make_pipeline, tmp_path):
         pipeline.start_workers()
         pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["one", "two", "three"]), "saved")
         pipeline.wait_finished("saved")
-        time.sleep(2.0)  # the last events arrive, then at least one save after them
-        seen = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
+
+        def settled():  # no new event for three save intervals: saved after the last
+            before = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
+            time.sleep(1.5)
+            after = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
+            return len(before) >= 9 and after == before and before
+
+        seen = wait_until(settled, 30, "Flower's task list to settle", 0)
     finally:
         flower.send_signal(signal.SIGKILL)  # a crash: no save at exit
         flower.wait(10)
