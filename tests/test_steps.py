@@ -668,7 +668,7 @@ def test_an_id_landing_just_after_the_post_step_gave_up_is_still_polled(steps_fo
         proxy.stop()
 
     assert record.state != "failed" and record.generation_id, record.extra
-    assert steps.sent[-1][:2] == ("poll", ref) or steps.sent[-1][:2] == ("submit", ref)
+    assert steps.sent[-1][:2] == ("poll", ref)
 
 
 def test_a_late_refusal_undoes_only_its_own_attempts_booking(steps_for):

@@ -124,6 +124,10 @@ class ChaosReport:
             broken.append(f"never lose a paid video: {len(self.paid_not_downloaded)} paid "
                           f"generation(s) neither downloaded nor kept by a failed job: "
                           f"{self.paid_not_downloaded[:5]}")
+        completed_but_failed = [g for g, status in self.kept_on_failure if status == "completed"]
+        if completed_but_failed:  # a paid video's download is retried until the hard limit
+            broken.append(f"never lose a paid video: {len(completed_but_failed)} completed "
+                          f"generation(s) whose job failed: {completed_but_failed[:5]}")
         if self.max_in_flight > self.cap:
             broken.append(f"never above the cap: {self.max_in_flight} generations ran "
                           f"upstream at once with C = {self.cap}")

@@ -29,6 +29,7 @@ def test_chaos_short_keeps_every_promise(make_pipeline, make_sandbox, restartabl
     assert report.lost_or_stuck == [], report.lost_or_stuck
     assert report.verified == report.done and not report.unverified, report.unverified
     assert report.paid_not_downloaded == [], report.paid_not_downloaded
+    assert report.done >= 1, "no video was stored"
     assert report.workers_exited == 0, (
         f"a worker exited on its own (it was replaced); logs in {report.log_dir}")
     assert not report.broken_promises()
