@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
+import kustomize_by_hand
 import pytest
 import yaml
 
@@ -32,30 +33,39 @@ KEDA_SCHEMAS = {"ScaledObject": "keda-scaledobject.json",
                 "TriggerAuthentication": "keda-triggerauthentication.json"}
 
 
-def _by_hand(directory: Path) -> list[dict]:
-    """Without kustomize: the objects of every file in `resources`, recursively
-    (patches, images and namespace are not applied)."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    objects: list[dict] = []
-    for entry in kustomization.get("resources", []):
-        path = directory / entry
-        if path.is_dir():
-            objects += _by_hand(path)
-        else:
-            objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-    return objects
+def _tool() -> list[str] | None:
+    for tool in (["kubectl", "kustomize"], ["kustomize", "build"]):
+        if shutil.which(tool[0]):
+            return tool
+    return None
 
 
 @cache
 def render(name: str) -> tuple[dict, ...]:
+    """The objects `kubectl apply -k` would get; without kubectl or kustomize,
+    rendered by hand (patches, images and namespace applied: the overlay's
+    tests would otherwise check the base's objects; helper 106)."""
     directory = DEPLOY / name
-    for tool in (["kubectl", "kustomize"], ["kustomize", "build"]):
-        if shutil.which(tool[0]):
-            result = subprocess.run([*tool, str(directory)], capture_output=True, text=True,
-                                    timeout=120)
-            assert result.returncode == 0, result.stderr
-            return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-    return tuple(_by_hand(directory))
+    if tool := _tool():
+        result = subprocess.run([*tool, str(directory)], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+    return tuple(kustomize_by_hand.render(directory))
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_rendering_by_hand_is_kustomizes(name):
+    """Where kubectl or kustomize is installed, the by-hand rendering that
+    machines without them use gives the same objects."""
+    if _tool() is None:
+        pytest.skip("neither kubectl nor kustomize is installed: nothing to compare with")
+
+    def by_name(objects) -> dict:
+        return {(obj["kind"], obj["metadata"]["name"]): json.dumps(obj, sort_keys=True)
+                for obj in objects}
+
+    assert by_name(kustomize_by_hand.render(DEPLOY / name)) == by_name(render(name))
 
 
 def kind(name: str, wanted: str) -> dict[str, dict]:
