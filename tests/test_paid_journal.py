@@ -183,7 +183,6 @@ def test_a_child_forked_during_a_replay_leaves_the_dead_file_unlocked(tmp_path):
         os.waitpid(child, 0)
 
 
-@pytest.mark.slow
 def _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url, **env):
     """A pipeline (C = 1) whose Redis, behind a proxy, goes away right as a
     POST is sent (after its open-POST note), until the test brings it back."""
@@ -196,6 +195,7 @@ def _redis_away_from_the_post(make_pipeline, make_sandbox, redis_url, **env):
     return pipeline, proxy
 
 
+@pytest.mark.slow
 def test_a_worker_killed_holding_a_paid_id_while_redis_is_away_loses_no_video(
         make_pipeline, make_sandbox, redis_url, tmp_path):
     """Redis goes away right as the POST is sent (after its open-POST note):
