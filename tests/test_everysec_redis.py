@@ -37,11 +37,14 @@ def test_a_redis_that_loses_the_recorded_id_in_a_crash_has_it_recorded_again(
     has run past its fsync window, or on the Redis that replaced it."""
     server = PrivateRedis(tmp_path / "redis", extra_args=EVERYSEC).start()
     sandbox = make_sandbox()
-    proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True, slow_s=1.0).start()
+    # Answered 3 s after the marker: time for a loaded test process to copy
+    # the AOF before the id's record (the HTTP timeout and deadline allow it).
+    proxy = FaultProxy(sandbox.url, seed=3, rewrite_urls=True, slow_s=3.0).start()
     try:
         pipeline = make_pipeline(sandbox, VIDQ_REDIS_URL=server.url, AIMLAPI_BASE_URL=proxy.url,
-                                 VIDQ_MAX_IN_FLIGHT="1")
-        proxy.queue("slow_headers", count=1, method="POST")  # answered 1 s after the marker
+                                 VIDQ_MAX_IN_FLIGHT="1", VIDQ_HTTP_TIMEOUT_S="10",
+                                 VIDQ_POST_DEADLINE_S="10", VIDQ_STEP_GRACE_S="30")
+        proxy.queue("slow_headers", count=1, method="POST")
         pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["paid before the crash"]), "night")
         [job_id] = pipeline.store.job_ids("night")
         job_key = keys.job(f"night:{job_id}")

@@ -285,7 +285,7 @@ def test_a_429_on_a_status_get_pauses_polls_for_every_worker(make_pipeline, make
                                                              tmp_path):
     sandbox = make_sandbox()
     pipeline = make_pipeline(sandbox)
-    pipeline.faults(poll=[429], retry_after=2)
+    pipeline.faults(poll=[429], retry_after=5)  # outlasts the 1 s look below, with room
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", [f"paused {i}" for i in range(4)]), "pp")
     deadline = time.monotonic() + 20
