@@ -65,12 +65,13 @@ def test_flower_shows_each_step_without_prompts_or_key(make_pipeline, tmp_path):
                                                            "REJECT this one"]), "fl")
         assert pipeline.wait_finished("fl")["done"] == 1
 
-        def all_steps_shown():  # events reach Flower asynchronously
+        def all_steps_shown():  # events reach Flower asynchronously: every one ended
             shown = requests.get(base + "/api/tasks", auth=AUTH, timeout=10).json()
             names = {task["name"] for task in shown.values()}
-            return {"vidq.submit", "vidq.poll", "vidq.download"} <= names and shown
+            ended = {task["state"] for task in shown.values()} <= {"SUCCESS", "FAILURE"}
+            return {"vidq.submit", "vidq.poll", "vidq.download"} <= names and ended and shown
 
-        tasks = wait_until(all_steps_shown, 30, "Flower to show every step", 0.5)
+        tasks = wait_until(all_steps_shown, 30, "Flower to show every step ended", 0.5)
     finally:
         stop_flower(flower)
     names = {task["name"] for task in tasks.values()}
