@@ -39,9 +39,11 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
     options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve())
     # SIGTERM (a `timeout`, a service manager) and SIGHUP (a closed terminal)
     # stop the run as Ctrl-C does: its Redis and workers run in sessions of
-    # their own, and outlived it.
+    # their own, and outlived it. A signal ignored when the run started stays
+    # ignored: `nohup vidq run` must outlive its terminal.
     for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, _interrupt)
+        if signal.getsignal(stop_signal) != signal.SIG_IGN:
+            signal.signal(stop_signal, _interrupt)
     defaults = {"model": DEFAULT_MODEL}
     load_prompts(file, defaults)  # refuse a bad file before starting anything
     admission = None

@@ -42,9 +42,11 @@ def _run(path, tmp_path, env, *extra) -> subprocess.CompletedProcess:
                           cwd=tmp_path)
 
 
-def _start_run_until_posted(path, tmp_path, env, sandbox, posted: int) -> subprocess.Popen:
+def _start_run_until_posted(path, tmp_path, env, sandbox, posted: int,
+                            prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     """`vidq run` in the background, returned once the sandbox has `posted` generations."""
-    process = subprocess.Popen(["vidq", "run", str(path), "--state-dir", str(tmp_path / "state")],
+    process = subprocess.Popen([*prefix, "vidq", "run", str(path), "--state-dir",
+                                str(tmp_path / "state")],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, cwd=tmp_path)
     deadline = time.monotonic() + 60
@@ -327,6 +329,24 @@ def test_sigterm_stops_the_run_and_everything_it_started(make_sandbox, tmp_path,
     assert process.returncode == 128 + stop and "resume with: vidq run" in output, output
     assert started and not [p for p in started if p.is_running()
                             and p.status() != psutil.STATUS_ZOMBIE], started
+
+
+def test_a_run_under_nohup_outlives_its_terminal(make_sandbox, tmp_path):
+    """`nohup vidq run ... &`, then the terminal closes (SIGHUP): the run
+    replaced nohup's "ignore SIGHUP" with its own stop, and the night's batch
+    stopped with the SSH session (helper 107). It now keeps what it was
+    given: the batch finishes, every video stored, exit 0."""
+    sandbox = make_sandbox(time_scale=15)
+    env = _env(sandbox, tmp_path)
+    prompts = [f"nohup {i}" for i in range(4)]
+    path = write_prompts(tmp_path / "night.txt", prompts)
+    process = _start_run_until_posted(path, tmp_path, env, sandbox, posted=1, prefix=("nohup",))
+    process.send_signal(signal.SIGHUP)
+    output, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 0, output
+    assert _ledger(sandbox) == Counter({prompt: 1 for prompt in prompts})
+    assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 4
 
 
 @pytest.mark.slow
