@@ -273,7 +273,12 @@ def cap(max_in_flight):
 @click.option("--allow-variants", is_flag=True,
               help="As for `vidq enqueue`: add jobs that differ from the batch's only by "
                    "parameters.")
-def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variants):
+@click.option("--retry", "retry_failed", is_flag=True,
+              help="Put the batch's failed jobs back in line first, as `vidq retry BATCH` "
+                   "does (a paid generation is polled again, never re-POSTed): `vidq retry` "
+                   "cannot reach a finished run's Redis, which stopped with it.")
+def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variants,
+        retry_failed):
     """Run one batch end to end on this machine, then exit."""
     from worker.connection import connect
 
@@ -296,7 +301,7 @@ def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variant
     # The name becomes a path part and a key part: never a leading '.' or '-'.
     batch = batch or re.sub(r"[^A-Za-z0-9._-]", "-", file.stem).lstrip(".-")[:128] or "batch"
     sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console,
-                       allow_variants=allow_variants))
+                       allow_variants=allow_variants, retry_failed=retry_failed))
 
 
 @main.command(cls=VidqCommand)

@@ -27,10 +27,12 @@ from .local import RunOptions, local_system
 from .progress import batch_status, ended_line, failures, watch
 from .prompts import load_prompts
 from .purging import write_manifest
+from .retrying import run_retry
 
 
 def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurrency: int,
-              state_dir: Path, console: Console, allow_variants: bool = False) -> int:
+              state_dir: Path, console: Console, allow_variants: bool = False,
+              retry_failed: bool = False) -> int:
     """Exit status: 0 only if every job of the batch ended done."""
     import worker
     from worker.celery_app import apply_settings
@@ -57,6 +59,8 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
             result = enqueue_file(admission, file, batch, defaults, dispatch,
                                   allow_variants=allow_variants)
             console.print(result.summary())
+            if retry_failed:  # as `vidq retry BATCH`: a paid id is polled, never re-POSTed
+                run_retry(admission, dispatch, batch, echo=console.print)
             # Workers take a few seconds to start; "no worker is alive" is for
             # a night where they are really gone, not for these.
             _until_a_worker_beats(admission, supervisor.keep_alive)
@@ -122,7 +126,13 @@ def interrupted(admission, batch: str, console: Console) -> None:
                           f"{counts['queued']} not submitted yet")
         except Exception:  # Redis may already be gone; the hint below still holds
             pass
-    console.print("resume with: " + " ".join(shlex.quote(a) for a in ["vidq", *sys.argv[1:]]))
+    console.print(f"resume with: {_same_command()}")
+
+
+def _same_command() -> str:
+    """This run's command line, without --retry: its failures were requeued once."""
+    args = [arg for arg in sys.argv[1:] if arg != "--retry"]
+    return " ".join(shlex.quote(arg) for arg in ["vidq", *args])
 
 
 def summarise(admission, batch: str, status: dict, settings: Settings,
@@ -133,6 +143,8 @@ def summarise(admission, batch: str, status: dict, settings: Settings,
         console.print(f"videos in {settings.storage_url.removeprefix('file://')}/{batch}/")
     for job_id, reason in failures(admission.store, batch):
         console.print(f"  failed {job_id}: {reason}")
+    if counts["failed"]:  # `vidq retry` needs this run's Redis, which stops with it
+        console.print(f"retry them with: {_same_command()} --retry")
     # This run's Redis stops with it: the manifest is what stays to read.
     storage = open_storage(settings.storage_url, settings.s3_part_bytes)
     try:

@@ -331,6 +331,32 @@ def test_sigterm_stops_the_run_and_everything_it_started(make_sandbox, tmp_path,
                             and p.status() != psutil.STATUS_ZOMBIE], started
 
 
+def test_a_finished_runs_paid_failures_are_fetched_by_the_same_command_with_retry(
+        make_sandbox, tmp_path):
+    """Two jobs fail at the hard limit while their generations still run
+    (paid): the run exits 1, and its Redis stops with it, so `vidq retry`
+    had nothing to reach and the videos were lost (helper 107). The same
+    command with --retry polls them again: both videos stored, nothing
+    POSTed again."""
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=8, spread=0)
+    env = _env(sandbox, tmp_path)
+    prompts = ["a slow paid fox", "a slow paid owl"]
+    path = write_prompts(tmp_path / "night.txt", prompts)
+    hurried = {**env, "VIDQ_EXPECTED_GENERATION_S": "8", "VIDQ_DEADLINE_S": "2",
+               "VIDQ_HARD_LIMIT_S": "4", "VIDQ_OVERDUE_POLL_INTERVAL_S": "0.5"}
+    first = _run(path, tmp_path, hurried)
+    assert first.returncode == 1 and "0 done, 2 failed" in first.stdout, first.stdout
+    assert f"retry them with: vidq run {path} --state-dir {tmp_path / 'state'} --retry" in (
+        first.stdout), first.stdout
+
+    retried = _run(path, tmp_path, env, "--retry")
+
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert "batch night: 2 failed jobs requeued" in retried.stdout, retried.stdout
+    assert _ledger(sandbox) == Counter({prompt: 1 for prompt in prompts})
+    assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 2
+
+
 def test_a_run_under_nohup_outlives_its_terminal(make_sandbox, tmp_path):
     """`nohup vidq run ... &`, then the terminal closes (SIGHUP): the run
     replaced nohup's "ignore SIGHUP" with its own stop, and the night's batch
