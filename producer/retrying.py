@@ -84,6 +84,16 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     return result.requeued
 
 
+def plain_retry_helps(failure: Failure, cancelled: bool) -> bool:
+    """Whether a plain `vidq retry` can still end `failure` done: a paid
+    generation not failed upstream is polled (its video downloaded), and a
+    job with nothing created is POSTed again, unless its batch was cancelled.
+    Not an outcome-unknown POST: only --resubmit-unknown sends it again."""
+    if failure.generation_id:
+        return not _failed_upstream(failure)
+    return not failure.outcome_unknown and not cancelled
+
+
 def _failed_upstream(failure: Failure) -> bool:
     """Its generation ended in the upstream's own error (`error`, `failed`)."""
     return (bool(failure.generation_id) and failure.reason.startswith("poll: ")

@@ -18,6 +18,7 @@ from rich.console import Console
 from worker import manifest
 from worker.contract import DEFAULT_MODEL
 from worker.errors import VidqError
+from worker.retry import failures as retry_failures
 from worker.settings import Settings
 from worker.storage import open_storage
 
@@ -27,7 +28,7 @@ from .local import RunOptions, local_system
 from .progress import batch_status, ended_line, failures, watch
 from .prompts import load_prompts
 from .purging import write_manifest
-from .retrying import run_retry
+from .retrying import plain_retry_helps, run_retry
 
 
 def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurrency: int,
@@ -36,7 +37,6 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
     """Exit status: 0 only if every job of the batch ended done."""
     import worker
     from worker.celery_app import apply_settings
-    from worker.tasks import dispatch
 
     options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve())
     # SIGTERM (a `timeout`, a service manager) and SIGHUP (a closed terminal)
@@ -56,11 +56,7 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
             settings = Settings.from_env(env)
             apply_settings(worker.app, settings)  # publish to this run's Redis
             admission = open_admission(settings)
-            result = enqueue_file(admission, file, batch, defaults, dispatch,
-                                  allow_variants=allow_variants)
-            console.print(result.summary())
-            if retry_failed:  # as `vidq retry BATCH`: a paid id is polled, never re-POSTed
-                run_retry(admission, dispatch, batch, echo=console.print)
+            _take_in(admission, options, defaults, console, allow_variants, retry_failed)
             # Workers take a few seconds to start; "no worker is alive" is for
             # a night where they are really gone, not for these.
             _until_a_worker_beats(admission, supervisor.keep_alive)
@@ -86,6 +82,25 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
                           f"fixed (a full disk?), the state in {options.state_dir} is kept")
             interrupted(None, batch, console)
             return 2
+
+
+def _take_in(admission, options: RunOptions, defaults: dict, console: Console,
+             allow_variants: bool, retry_failed: bool) -> None:
+    """Enqueue the file's new prompts, then with --retry put the batch's
+    failures back in line, as `vidq retry BATCH` does (a paid id is polled,
+    never re-POSTed). A cancelled batch takes no new job, but its paid
+    generations are still polled and downloaded, as on any resume."""
+    from worker.tasks import dispatch
+
+    batch = options.batch
+    if admission.cancelled(batch):
+        console.print(f"batch {batch} was cancelled: nothing new enqueued; its generations "
+                      "in flight are still polled and downloaded")
+    else:
+        console.print(enqueue_file(admission, options.file, batch, defaults, dispatch,
+                                   allow_variants=allow_variants).summary())
+    if retry_failed:
+        run_retry(admission, dispatch, batch, echo=console.print)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -129,10 +144,13 @@ def interrupted(admission, batch: str, console: Console) -> None:
     console.print(f"resume with: {_same_command()}")
 
 
-def _same_command() -> str:
-    """This run's command line, without --retry: its failures were requeued once."""
-    args = [arg for arg in sys.argv[1:] if arg != "--retry"]
-    return " ".join(shlex.quote(arg) for arg in ["vidq", *args])
+def _same_command(retry: bool = False) -> str:
+    """This run's command line (`vidq run ...`): with `retry`, --retry put
+    before the other arguments (a file after `--` is taken as it is); else
+    without it, as the failures were requeued once."""
+    command, *args = sys.argv[1:]
+    args = ["--retry"] * retry + [arg for arg in args if arg != "--retry"]
+    return " ".join(shlex.quote(arg) for arg in ["vidq", command, *args])
 
 
 def summarise(admission, batch: str, status: dict, settings: Settings,
@@ -143,8 +161,11 @@ def summarise(admission, batch: str, status: dict, settings: Settings,
         console.print(f"videos in {settings.storage_url.removeprefix('file://')}/{batch}/")
     for job_id, reason in failures(admission.store, batch):
         console.print(f"  failed {job_id}: {reason}")
-    if counts["failed"]:  # `vidq retry` needs this run's Redis, which stops with it
-        console.print(f"retry them with: {_same_command()} --retry")
+    cancelled = admission.cancelled(batch)
+    if any(plain_retry_helps(failure, cancelled) for failure in retry_failures(admission.store,
+                                                                                 batch)):
+        # `vidq retry` needs this run's Redis, which stops with it.
+        console.print(f"retry them with: {_same_command(retry=True)}")
     # This run's Redis stops with it: the manifest is what stays to read.
     storage = open_storage(settings.storage_url, settings.s3_part_bytes)
     try:

@@ -334,27 +334,61 @@ def test_sigterm_stops_the_run_and_everything_it_started(make_sandbox, tmp_path,
 def test_a_finished_runs_paid_failures_are_fetched_by_the_same_command_with_retry(
         make_sandbox, tmp_path):
     """Two jobs fail at the hard limit while their generations still run
-    (paid): the run exits 1, and its Redis stops with it, so `vidq retry`
-    had nothing to reach and the videos were lost (helper 107). The same
-    command with --retry polls them again: both videos stored, nothing
-    POSTed again."""
+    (paid), a third fails upstream (REJECT): the run exits 1, and its Redis
+    stops with it, so `vidq retry` had nothing to reach and the videos were
+    lost (helper 107). The same command with --retry polls them again: both
+    videos stored, nothing POSTed again, and no --retry is offered for the
+    upstream's own failure, which a retry finds again (helper 108)."""
     sandbox = make_sandbox(time_scale=1, mean_generation_s=8, spread=0)
     env = _env(sandbox, tmp_path)
-    prompts = ["a slow paid fox", "a slow paid owl"]
+    prompts = ["a slow paid fox", "a slow paid owl", "REJECT a refused one"]
     path = write_prompts(tmp_path / "night.txt", prompts)
-    hurried = {**env, "VIDQ_EXPECTED_GENERATION_S": "8", "VIDQ_DEADLINE_S": "2",
-               "VIDQ_HARD_LIMIT_S": "4", "VIDQ_OVERDUE_POLL_INTERVAL_S": "0.5"}
-    first = _run(path, tmp_path, hurried)
-    assert first.returncode == 1 and "0 done, 2 failed" in first.stdout, first.stdout
-    assert f"retry them with: vidq run {path} --state-dir {tmp_path / 'state'} --retry" in (
+    first = _run(path, tmp_path, _hurried(env))
+    assert first.returncode == 1 and "0 done, 3 failed" in first.stdout, first.stdout
+    assert f"retry them with: vidq run --retry {path} --state-dir {tmp_path / 'state'}" in (
         first.stdout), first.stdout
 
     retried = _run(path, tmp_path, env, "--retry")
 
-    assert retried.returncode == 0, retried.stdout + retried.stderr
-    assert "batch night: 2 failed jobs requeued" in retried.stdout, retried.stdout
+    assert retried.returncode == 1, retried.stdout + retried.stderr
+    assert "batch night: 3 failed jobs requeued" in retried.stdout, retried.stdout
+    assert "2 done, 1 failed" in retried.stdout and "retry them with" not in retried.stdout
     assert _ledger(sandbox) == Counter({prompt: 1 for prompt in prompts})
     assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 2
+
+
+def _hurried(env: dict) -> dict:
+    """A 4 s hard limit: an 8 s generation's job fails while it runs, paid."""
+    return {**env, "VIDQ_EXPECTED_GENERATION_S": "8", "VIDQ_DEADLINE_S": "2",
+            "VIDQ_HARD_LIMIT_S": "4", "VIDQ_OVERDUE_POLL_INTERVAL_S": "0.5"}
+
+
+def test_a_cancelled_runs_paid_generation_is_still_fetched_on_resume(make_sandbox, tmp_path):
+    """`vidq cancel` in a second shell while a job's generation runs; that job
+    then fails at the hard limit, paid. The printed `--retry` command (and a
+    plain resume) refused the cancelled batch at its enqueue, and the paid
+    video was lost (helper 108). A cancelled batch now takes no new job, and
+    its paid generation is polled and downloaded."""
+    from producer.redis_server import running_url
+
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=8, spread=0)
+    env = {**_env(sandbox, tmp_path), "VIDQ_MAX_IN_FLIGHT": "1"}
+    path = write_prompts(tmp_path / "night.txt", ["a paid fox", "never sent", "nor this"])
+    process = _start_run_until_posted(path, tmp_path, _hurried(env), sandbox, posted=1)
+    private = {**env, "VIDQ_REDIS_URL": running_url(tmp_path / "state" / "redis")}
+    cancelled = subprocess.run(["vidq", "cancel", "night"], env=private, capture_output=True,
+                               text=True, timeout=60)
+    assert cancelled.returncode == 0, cancelled.stderr
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1 and "generation id kept" in output, output
+    assert "--retry" in output, output
+
+    retried = _run(path, tmp_path, env, "--retry")
+
+    assert "batch night was cancelled: nothing new enqueued" in retried.stdout, retried.stdout
+    assert "1 done, 0 failed, 2 cancelled" in retried.stdout, retried.stdout
+    assert _ledger(sandbox) == Counter({"a paid fox": 1})
+    assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 1
 
 
 def test_a_run_under_nohup_outlives_its_terminal(make_sandbox, tmp_path):
