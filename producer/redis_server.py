@@ -164,22 +164,29 @@ class PrivateRedis:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._refuse_if_in_use()
         log = open(self.state_dir / self.log_name, "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        (self.state_dir / PID_FILE).write_text(str(self.process.pid))
+        self.process = process = subprocess.Popen(self.command(), stdout=log,
+                                                  stderr=subprocess.STDOUT,
+                                                  start_new_session=True)
+        try:
+            return self._until_answering(process, timeout_s)
+        except BaseException:  # a Ctrl-C mid-start too: nothing left running, in its session
+            self.stop()
+            raise
+
+    def _until_answering(self, process: subprocess.Popen, timeout_s: float):
+        (self.state_dir / PID_FILE).write_text(str(process.pid))
         (self.state_dir / OWNER_FILE).write_text(str(os.getpid()))
         (self.state_dir / URL_FILE).write_text(self.url)
         client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise ConfigError(f"redis-server exited; see {self.state_dir / self.log_name}")
             try:
                 client.ping()
                 return self
             except redis.ConnectionError:
                 time.sleep(0.05)
-        self.stop()
         raise ConfigError(f"redis-server did not answer within {timeout_s:.0f} s")
 
     def stop(self) -> None:

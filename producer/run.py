@@ -35,9 +35,6 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
               state_dir: Path, console: Console, allow_variants: bool = False,
               retry_failed: bool = False) -> int:
     """Exit status: 0 only if every job of the batch ended done."""
-    import worker
-    from worker.celery_app import apply_settings
-
     options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve())
     # SIGTERM (a `timeout`, a service manager) and SIGHUP (a closed terminal)
     # stop the run as Ctrl-C does: its Redis and workers run in sessions of
@@ -48,40 +45,54 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
             signal.signal(stop_signal, _interrupt)
     defaults = {"model": DEFAULT_MODEL}
     load_prompts(file, defaults)  # refuse a bad file before starting anything
-    admission = None
     # Redis and the workers run in their own sessions, so Ctrl-C reaches only
     # this process, which reports and then stops them in order.
-    with local_system(options, console) as (env, supervisor):
-        try:
-            settings = Settings.from_env(env)
-            apply_settings(worker.app, settings)  # publish to this run's Redis
-            admission = open_admission(settings)
-            _take_in(admission, options, defaults, console, allow_variants, retry_failed)
-            # Workers take a few seconds to start; "no worker is alive" is for
-            # a night where they are really gone, not for these.
-            _until_a_worker_beats(admission, supervisor.keep_alive)
-            status = watch(admission, batch, console, settings=settings,
-                           keep_going=supervisor.keep_alive)
-            # Watching is over: a stop signal now must not cut the summary,
-            # the manifest or the stopping short (a finished batch read as failed).
-            _ignore_stop_signals()
-            if not supervisor.keep_alive():
-                console.print("[red]the workers keep exiting at start-up; see "
-                              f"{options.state_dir / 'logs'}[/]")
-            return summarise(admission, batch, status, settings, console)
-        except KeyboardInterrupt:
-            interrupted(admission, batch, console)
-            return 128 + (_STOPPED_BY[0] if _STOPPED_BY else signal.SIGINT)
-        except (redis.ConnectionError, redis.TimeoutError):
-            why = supervisor.redis_stopped()
-            if not why:
-                raise
-            # A full disk stops a Redis with appendfsync always: say so, not
-            # "cannot use Redis (VIDQ_REDIS_URL)" five minutes later.
-            console.print(f"[red]this run's Redis stopped ({why})[/]; once the cause is "
-                          f"fixed (a full disk?), the state in {options.state_dir} is kept")
-            interrupted(None, batch, console)
-            return 2
+    try:
+        with local_system(options, console) as (env, supervisor):
+            return _run_started(options, env, supervisor, defaults, console, allow_variants,
+                                retry_failed)
+    except KeyboardInterrupt:  # while starting: what had started is stopped (helper 108)
+        interrupted(None, batch, console)
+        return _stopped_status()
+
+
+def _run_started(options: RunOptions, env: dict, supervisor, defaults: dict, console: Console,
+                 allow_variants: bool, retry_failed: bool) -> int:
+    """Enqueue, watch and summarise, with the local system up."""
+    import worker
+    from worker.celery_app import apply_settings
+
+    batch, admission = options.batch, None
+    try:
+        settings = Settings.from_env(env)
+        apply_settings(worker.app, settings)  # publish to this run's Redis
+        admission = open_admission(settings)
+        _take_in(admission, options, defaults, console, allow_variants, retry_failed)
+        # Workers take a few seconds to start; "no worker is alive" is for
+        # a night where they are really gone, not for these.
+        _until_a_worker_beats(admission, supervisor.keep_alive)
+        status = watch(admission, batch, console, settings=settings,
+                       keep_going=supervisor.keep_alive)
+        # Watching is over: a stop signal now must not cut the summary,
+        # the manifest or the stopping short (a finished batch read as failed).
+        _ignore_stop_signals()
+        if not supervisor.keep_alive():
+            console.print("[red]the workers keep exiting at start-up; see "
+                          f"{options.state_dir / 'logs'}[/]")
+        return summarise(admission, batch, status, settings, console)
+    except KeyboardInterrupt:
+        interrupted(admission, batch, console)
+        return _stopped_status()
+    except (redis.ConnectionError, redis.TimeoutError):
+        why = supervisor.redis_stopped()
+        if not why:
+            raise
+        # A full disk stops a Redis with appendfsync always: say so, not
+        # "cannot use Redis (VIDQ_REDIS_URL)" five minutes later.
+        console.print(f"[red]this run's Redis stopped ({why})[/]; once the cause is "
+                      f"fixed (a full disk?), the state in {options.state_dir} is kept")
+        interrupted(None, batch, console)
+        return 2
 
 
 def _take_in(admission, options: RunOptions, defaults: dict, console: Console,
@@ -107,6 +118,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 # The stop signal that ended the run: its exit status is 128 + its number, as
 # a shell reports a process the signal killed (Ctrl-C: 130, SIGTERM: 143).
 _STOPPED_BY: list[int] = []
+
+
+def _stopped_status() -> int:
+    return 128 + (_STOPPED_BY[0] if _STOPPED_BY else signal.SIGINT)
 
 
 def _interrupt(signum, _frame) -> None:

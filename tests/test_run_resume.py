@@ -391,6 +391,26 @@ def test_a_cancelled_runs_paid_generation_is_still_fetched_on_resume(make_sandbo
     assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 1
 
 
+def test_a_sigterm_while_the_run_starts_stops_its_redis(make_sandbox, tmp_path):
+    """A SIGTERM right as the run's private Redis starts: the run ended
+    "Aborted!" with exit 1 and left that redis-server running in its own
+    session, 6 times in 6 (helper 108). It now stops it, exits 143 and
+    prints the command that resumes."""
+    sandbox = make_sandbox()
+    path = write_prompts(tmp_path / "night.txt", ["stopped at start"])
+    process = subprocess.Popen(["vidq", "run", str(path), "--state-dir", str(tmp_path / "state")],
+                               env=_env(sandbox, tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    pid_file = tmp_path / "state" / "redis" / "redis-server.pid"
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60,
+                         "the private Redis started", 0.005))
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+
+    assert process.returncode == 143 and "resume with: vidq run" in output, output
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
 def test_a_run_under_nohup_outlives_its_terminal(make_sandbox, tmp_path):
     """`nohup vidq run ... &`, then the terminal closes (SIGHUP): the run
     replaced nohup's "ignore SIGHUP" with its own stop, and the night's batch
