@@ -236,10 +236,12 @@ def test_the_plan_follows_a_drop_in_generation_time(make_pipeline, make_sandbox,
     assert statistics.median(lags[-10:]) < 0.35, lags  # ~0.5 s generations
 
 
-def test_a_recovered_chain_records_no_generation_time(make_pipeline, tmp_path):
+def test_a_recovered_chain_records_no_generation_time(make_pipeline, make_sandbox, tmp_path):
     """A job whose chain was re-sent by the reconciler says nothing about the upstream:
     its completion adds no sample (one crash must not poison the plan)."""
-    pipeline = make_pipeline()
+    # ~5 s generations: marked recovered long before it completes, even when
+    # the test process stalls (at ~1 s, a 1 s stall let a sample in).
+    pipeline = make_pipeline(make_sandbox(time_scale=18))
     pipeline.start_workers()
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["recovered"]), "rc")
     (job_id,) = pipeline.store.job_ids("rc")
