@@ -18,14 +18,14 @@ from rich.console import Console
 from worker import manifest
 from worker.contract import DEFAULT_MODEL
 from worker.errors import VidqError
-from worker.retry import failures as retry_failures
+from worker.retry import failures as failed_jobs
 from worker.settings import Settings
 from worker.storage import open_storage
 
 from .batch_view import workers_alive
 from .enqueue import enqueue_file, open_admission
 from .local import RunOptions, local_system
-from .progress import batch_status, ended_line, failures, watch
+from .progress import batch_status, ended_line, watch
 from .prompts import load_prompts
 from .purging import write_manifest
 from .retrying import plain_retry_helps, run_retry
@@ -174,11 +174,11 @@ def summarise(admission, batch: str, status: dict, settings: Settings,
     console.print(f"[bold]{batch}[/]: {ended_line(status)}")
     if counts["done"]:
         console.print(f"videos in {settings.storage_url.removeprefix('file://')}/{batch}/")
-    for job_id, reason in failures(admission.store, batch):
-        console.print(f"  failed {job_id}: {reason}")
+    failed = failed_jobs(admission.store, batch)
+    for failure in failed[:20]:
+        console.print(f"  failed {failure.job_id}: {failure.reason}")
     cancelled = admission.cancelled(batch)
-    if any(plain_retry_helps(failure, cancelled) for failure in retry_failures(admission.store,
-                                                                                 batch)):
+    if any(plain_retry_helps(failure, cancelled) for failure in failed):
         # `vidq retry` needs this run's Redis, which stops with it.
         console.print(f"retry them with: {_same_command(retry=True)}")
     # This run's Redis stops with it: the manifest is what stays to read.

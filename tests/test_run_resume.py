@@ -42,13 +42,18 @@ def _run(path, tmp_path, env, *extra) -> subprocess.CompletedProcess:
                           cwd=tmp_path)
 
 
+def _start_run(path, tmp_path, env, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`vidq run` in the background (after `prefix`, e.g. nohup)."""
+    return subprocess.Popen([*prefix, "vidq", "run", str(path), "--state-dir",
+                             str(tmp_path / "state")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path)
+
+
 def _start_run_until_posted(path, tmp_path, env, sandbox, posted: int,
                             prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     """`vidq run` in the background, returned once the sandbox has `posted` generations."""
-    process = subprocess.Popen([*prefix, "vidq", "run", str(path), "--state-dir",
-                                str(tmp_path / "state")],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=tmp_path)
+    process = _start_run(path, tmp_path, env, prefix)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and sum(_ledger(sandbox).values()) < posted:
         time.sleep(0.2)
@@ -398,9 +403,7 @@ def test_a_sigterm_while_the_run_starts_stops_its_redis(make_sandbox, tmp_path):
     prints the command that resumes."""
     sandbox = make_sandbox()
     path = write_prompts(tmp_path / "night.txt", ["stopped at start"])
-    process = subprocess.Popen(["vidq", "run", str(path), "--state-dir", str(tmp_path / "state")],
-                               env=_env(sandbox, tmp_path), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    process = _start_run(path, tmp_path, _env(sandbox, tmp_path))
     pid_file = tmp_path / "state" / "redis" / "redis-server.pid"
     pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60,
                          "the private Redis started", 0.005))
