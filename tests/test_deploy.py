@@ -54,18 +54,26 @@ def render(name: str) -> tuple[dict, ...]:
     return tuple(kustomize_by_hand.render(directory))
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_the_rendering_by_hand_is_kustomizes(name):
-    """Where kubectl or kustomize is installed, the by-hand rendering that
-    machines without them use gives the same objects."""
-    if _tool() is None:
-        pytest.skip("neither kubectl nor kustomize is installed: nothing to compare with")
+def test_the_production_overlay_is_applied():
+    """What overlays/production declares is in its objects, rendered by
+    kubectl or, without it, by hand: the namespace, the released image, its
+    ConfigMap values and TLS on every KEDA trigger (helper 106)."""
+    overlay = DEPLOY / "overlays" / "production"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    values = yaml.safe_load((overlay / "config.yaml").read_text())["data"]
+    (image,) = kustomization["images"]
+    objects = render("overlays/production")
+    pods = [obj["spec"]["template"]["spec"] for obj in objects if obj["kind"] == "Deployment"]
+    triggers = [trigger for scaled in kind("overlays/production", "ScaledObject").values()
+                for trigger in scaled["spec"]["triggers"]]
 
-    def by_name(objects) -> dict:
-        return {(obj["kind"], obj["metadata"]["name"]): json.dumps(obj, sort_keys=True)
-                for obj in objects}
-
-    assert by_name(kustomize_by_hand.render(DEPLOY / name)) == by_name(render(name))
+    assert {obj["metadata"].get("namespace") for obj in objects
+            if obj["kind"] != "Namespace"} == {kustomization["namespace"]}
+    assert {container["image"] for pod in pods for container in pod["containers"]} == {
+        f"{image['newName']}:{image['newTag']}"}
+    assert values.items() <= kind("overlays/production", "ConfigMap")["vidq-config"][
+        "data"].items()
+    assert triggers and {trigger["metadata"]["enableTLS"] for trigger in triggers} == {"true"}
 
 
 def kind(name: str, wanted: str) -> dict[str, dict]:
