@@ -226,6 +226,28 @@ def test_a_bad_webhook_flag_exits_2_and_enqueues_nothing(redis_url, tmp_path):
     assert redis.Redis.from_url(redis_url).exists("vidq:batch:wh3") == 0
 
 
+def test_a_webhook_batch_is_refused_while_a_live_deliverer_cannot_sign(make_pipeline,
+                                                                       receiver, tmp_path):
+    """`--webhook` with no worker up: enqueued, with a warning. With a live
+    worker consuming vidq.webhook and no VIDQ_WEBHOOK_SECRET (whose log says
+    so at start, as VIDQ_WEBHOOK_URL is set): exit 2, nothing enqueued,
+    instead of every delivery failing "not sent" overnight."""
+    url = receiver(lambda path, attempt: 200).url
+    pipeline = make_pipeline(VIDQ_WEBHOOK_URL=url + "/deployment")
+    prompts = write_prompts(tmp_path / "p.txt", ["a cat"])
+    early = _vidq(pipeline, "enqueue", str(prompts), "--batch", "wh-early", "--webhook", url)
+    assert early.returncode == 0, early.stderr
+    assert "no live worker consumes vidq.webhook" in early.stderr
+    pipeline.start_workers(1, concurrency=2)
+    assert "it has no VIDQ_WEBHOOK_SECRET" in (pipeline.log_dir / "worker-0.log").read_text()
+    refused = _vidq(pipeline, "enqueue", str(prompts), "--batch", "wh-late", "--webhook", url)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: --webhook: the live worker(s) test0@")
+    assert "without VIDQ_WEBHOOK_SECRET" in refused.stderr and refused.stderr.count("\n") == 1
+    client = redis.Redis.from_url(pipeline.env["VIDQ_REDIS_URL"])
+    assert client.exists("vidq:batch:wh-late") == 0 and client.exists("vidq:batch:wh-early")
+
+
 def test_a_relay_that_dies_midway_is_redone_without_duplicate_deliveries(redis_url):
     """Given a relay pass that dies after its first task, the next pass redoes
     the unacknowledged events: every delivery exists once and is sent, and the

@@ -52,9 +52,33 @@ SHARED = {
 }
 
 
-def record(settings: Settings) -> str:
+# A worker consuming vidq.webhook says whether it can sign (never the secret):
+# without VIDQ_WEBHOOK_SECRET each delivery it takes fails "not sent", found
+# in the morning; `vidq enqueue --webhook` refuses while one of them cannot.
+SIGNS_WEBHOOKS = "signs_webhooks"
+
+
+def record(settings: Settings, delivers_webhooks: bool = False) -> str:
     """What a worker writes at start and with every heartbeat."""
-    return json.dumps({name: read(settings) for name, read in SHARED.items()})
+    values: dict = {name: read(settings) for name, read in SHARED.items()}
+    if delivers_webhooks:
+        values[SIGNS_WEBHOOKS] = bool(settings.webhook_secret)
+    return json.dumps(values)
+
+
+def check_webhook_deliverers(values: dict[str, dict], option: str) -> str:
+    """Before a batch gets a webhook URL: ConfigError if a live worker consuming
+    vidq.webhook cannot sign; a warning ('' if none) if no such worker is live."""
+    unsigned = sorted(w for w, theirs in values.items() if theirs.get(SIGNS_WEBHOOKS) is False)
+    if unsigned:
+        raise ConfigError(
+            f"{option}: the live worker(s) {', '.join(unsigned)} consume vidq.webhook without "
+            "VIDQ_WEBHOOK_SECRET, so every delivery they take would fail \"not sent\"; start "
+            "them with it (README: Events and webhooks), then enqueue again")
+    if not any(theirs.get(SIGNS_WEBHOOKS) for theirs in values.values()):
+        return (f"warning: {option}: no live worker consumes vidq.webhook; deliveries wait "
+                "for one started with VIDQ_WEBHOOK_SECRET")
+    return ""
 
 
 def live_values(client: redis.Redis, worker: str = "", prune: bool = False) -> dict[str, dict]:

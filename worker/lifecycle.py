@@ -80,11 +80,16 @@ class Lifecycle(bootsteps.StartStopStep):
         steps = get_steps()  # fail at start-up, not on the first task
         settings = steps.settings
         client = steps.store.redis
-        self.record = deployment.record(settings)  # re-written with every heartbeat
         self.alive_as = alive_as(worker.app.amqp.queues.consume_from)
         self.holds_webhooks = webhooks_consumed(worker.app.amqp.queues.consume_from)
+        # re-written with every heartbeat
+        self.record = deployment.record(settings, self.holds_webhooks)
         if self.holds_webhooks:  # before the consumer reads it, where it starts after this
             worker.app.conf.worker_eta_task_limit = None
+            if settings.webhook_url and not settings.webhook_secret:
+                log.error("VIDQ_WEBHOOK_URL is set and this worker consumes vidq.webhook, but "
+                          "it has no VIDQ_WEBHOOK_SECRET: every delivery it takes fails "
+                          "\"not sent\" (`vidq webhooks NAME --replay` once it has one)")
         client.hset(keys.WORKER_SETTINGS, self.hostname, self.record)
         live = deployment.live_values(client, self.hostname, prune=True)
         for disagreement in deployment.disagreements(live):
