@@ -17,8 +17,21 @@ from worker.webhook_signing import check_webhook_url
 
 from .params import Limit
 
+
+class OutputOptionalConsole(Console):
+    """A reader that goes away (`nohup vidq run f | tee log`, the terminal
+    closed: tee dies with it) must not end the command: rich's default exits 1
+    at the next line, which stopped a night's `vidq run` and its workers."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 # soft_wrap: a path or message piped to a log stays on one line, whole for grep.
-console = Console(stderr=False, highlight=False, soft_wrap=True)
+console = OutputOptionalConsole(stderr=False, highlight=False, soft_wrap=True)
 
 
 def _fail(error: Exception) -> None:

@@ -432,6 +432,26 @@ def test_a_run_under_nohup_outlives_its_terminal(make_sandbox, tmp_path):
     assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 4
 
 
+def test_a_run_whose_output_reader_dies_finishes_the_batch(make_sandbox, tmp_path):
+    """`nohup vidq run f | tee log &`, then the terminal closes: tee dies with
+    it, and the run's next line met a broken pipe. rich then exits 1 at once:
+    the run ended with nothing said, its manifest unwritten (helper 108);
+    mid-batch (a progress line every 30 s), with its workers stopped. It now
+    goes on without its output: every video stored, the manifest written,
+    exit 0. Three 12 s generations in a row outlast the first 30 s."""
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=12, spread=0)
+    env = {**_env(sandbox, tmp_path), "VIDQ_MAX_IN_FLIGHT": "1"}
+    prompts = [f"reader gone {i}" for i in range(3)]
+    path = write_prompts(tmp_path / "night.txt", prompts)
+    process = _start_run_until_posted(path, tmp_path, env, sandbox, posted=1)
+    process.stdout.close()  # the reader (tee) is gone: the run's next write fails
+    assert process.wait(timeout=120) == 0
+    assert _ledger(sandbox) == Counter({prompt: 1 for prompt in prompts})
+    assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 3
+    manifest = (tmp_path / "videos" / "night" / "manifest.jsonl").read_text().splitlines()
+    assert sorted(json.loads(row)["prompt"] for row in manifest) == sorted(prompts)
+
+
 @pytest.mark.slow
 def test_a_run_killed_outright_stops_what_it_started_and_the_rerun_finishes(make_sandbox,
                                                                             tmp_path):
