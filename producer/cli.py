@@ -11,7 +11,7 @@ from rich.console import Console
 
 from worker import keys
 from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, MODELS, RESOLUTIONS
-from worker.errors import ConfigError, VidqError
+from worker.errors import ConfigError, InputError, VidqError
 from worker.settings import Settings
 from worker.webhook_signing import check_webhook_url
 
@@ -294,8 +294,12 @@ def cap(max_in_flight):
               help="Put the batch's failed jobs back in line first, as `vidq retry BATCH` "
                    "does (a paid generation is polled again, never re-POSTed): `vidq retry` "
                    "cannot reach a finished run's Redis, which stopped with it.")
+@click.option("--resubmit-unknown", is_flag=True,
+              help="With --retry: also POST again the failed jobs whose POST's outcome is "
+                   "unknown (each may have been charged already); asks first.")
+@click.option("--yes", is_flag=True, help="Do not ask before --resubmit-unknown POSTs.")
 def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variants,
-        retry_failed):
+        retry_failed, resubmit_unknown, yes):
     """Run one batch end to end on this machine, then exit."""
     from worker.connection import connect
 
@@ -312,13 +316,17 @@ def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variant
             "set they would join the deployment on that Redis (its workers would POST this "
             "batch's prompts to the real upstream, and this run's workers its jobs to the "
             "sandbox). Unset VIDQ_REDIS_URL: vidq run then keeps a private Redis in --state-dir")
+    if resubmit_unknown and not retry_failed:
+        raise InputError("--resubmit-unknown goes with --retry")
     if not use_sandbox and not settings.api_key:
         raise ConfigError("no API key: set AIMLAPI_KEY to run against the real API, or add "
                           "--sandbox to try the pipeline without spending credits")
     # The name becomes a path part and a key part: never a leading '.' or '-'.
     batch = batch or re.sub(r"[^A-Za-z0-9._-]", "-", file.stem).lstrip(".-")[:128] or "batch"
     sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console,
-                       allow_variants=allow_variants, retry_failed=retry_failed))
+                       allow_variants=allow_variants,
+                       retry_failed={"resubmit_unknown": resubmit_unknown, "yes": yes}
+                       if retry_failed else None))
 
 
 @main.command(cls=VidqCommand)

@@ -80,7 +80,7 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     if result.left_unknown:
         echo(f"{plural(result.left_unknown)} left failed: the outcome of "
              f"{'its' if result.left_unknown == 1 else 'their'} POST is unknown "
-             "(it may have been charged); add --resubmit to POST again")
+             "(it may have been charged); add --resubmit-unknown to POST again")
     return result.requeued
 
 

@@ -33,8 +33,9 @@ from .retrying import plain_retry_helps, run_retry
 
 def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurrency: int,
               state_dir: Path, console: Console, allow_variants: bool = False,
-              retry_failed: bool = False) -> int:
-    """Exit status: 0 only if every job of the batch ended done."""
+              retry_failed: dict | None = None) -> int:
+    """Exit status: 0 only if every job of the batch ended done. `retry_failed`:
+    put the batch's failures back in line first, with these `run_retry` options."""
     options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve())
     # SIGTERM (a `timeout`, a service manager) and SIGHUP (a closed terminal)
     # stop the run as Ctrl-C does: its Redis and workers run in sessions of
@@ -57,7 +58,7 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
 
 
 def _run_started(options: RunOptions, env: dict, supervisor, defaults: dict, console: Console,
-                 allow_variants: bool, retry_failed: bool) -> int:
+                 allow_variants: bool, retry_failed: dict | None) -> int:
     """Enqueue, watch and summarise, with the local system up."""
     import worker
     from worker.celery_app import apply_settings
@@ -96,7 +97,7 @@ def _run_started(options: RunOptions, env: dict, supervisor, defaults: dict, con
 
 
 def _take_in(admission, options: RunOptions, defaults: dict, console: Console,
-             allow_variants: bool, retry_failed: bool) -> None:
+             allow_variants: bool, retry_failed: dict | None) -> None:
     """Enqueue the file's new prompts, then with --retry put the batch's
     failures back in line, as `vidq retry BATCH` does (a paid id is polled,
     never re-POSTed). A cancelled batch takes no new job, but its paid
@@ -110,11 +111,12 @@ def _take_in(admission, options: RunOptions, defaults: dict, console: Console,
     else:
         console.print(enqueue_file(admission, options.file, batch, defaults, dispatch,
                                    allow_variants=allow_variants).summary())
-    if retry_failed:
-        run_retry(admission, dispatch, batch, echo=console.print)
+    if retry_failed is not None:
+        run_retry(admission, dispatch, batch, echo=console.print, **retry_failed)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+RETRY_FLAGS = ("--retry", "--resubmit-unknown", "--yes")
 # The stop signal that ended the run: its exit status is 128 + its number, as
 # a shell reports a process the signal killed (Ctrl-C: 130, SIGTERM: 143).
 _STOPPED_BY: list[int] = []
@@ -159,12 +161,12 @@ def interrupted(admission, batch: str, console: Console) -> None:
     console.print(f"resume with: {_same_command()}")
 
 
-def _same_command(retry: bool = False) -> str:
-    """This run's command line (`vidq run ...`): with `retry`, --retry put
-    before the other arguments (a file after `--` is taken as it is); else
-    without it, as the failures were requeued once."""
+def _same_command(*flags: str) -> str:
+    """This run's command line (`vidq run ...`) with `flags` put before the
+    other arguments (a file after `--` is taken as it is), and without its
+    retry flags otherwise: the failures were requeued once."""
     command, *args = sys.argv[1:]
-    args = ["--retry"] * retry + [arg for arg in args if arg != "--retry"]
+    args = [*flags, *(arg for arg in args if arg not in RETRY_FLAGS)]
     return " ".join(shlex.quote(arg) for arg in ["vidq", command, *args])
 
 
@@ -178,9 +180,13 @@ def summarise(admission, batch: str, status: dict, settings: Settings,
     for failure in failed[:20]:
         console.print(f"  failed {failure.job_id}: {failure.reason}")
     cancelled = admission.cancelled(batch)
+    # `vidq retry` needs this run's Redis, which stops with it.
     if any(plain_retry_helps(failure, cancelled) for failure in failed):
-        # `vidq retry` needs this run's Redis, which stops with it.
-        console.print(f"retry them with: {_same_command(retry=True)}")
+        console.print(f"retry them with: {_same_command('--retry')}")
+    if not cancelled and any(f.outcome_unknown and not f.generation_id for f in failed):
+        console.print("POST again those whose POST's outcome is unknown (each may have been "
+                      "charged already) with: "
+                      f"{_same_command('--retry', '--resubmit-unknown', '--yes')}")
     # This run's Redis stops with it: the manifest is what stays to read.
     storage = open_storage(settings.storage_url, settings.s3_part_bytes)
     try:

@@ -362,6 +362,38 @@ def test_a_finished_runs_paid_failures_are_fetched_by_the_same_command_with_retr
     assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 2
 
 
+def test_a_finished_runs_unknown_posts_are_posted_again_only_when_asked(make_sandbox,
+                                                                         tmp_path):
+    """Two POSTs answered 500 end `outcome_unknown` (they may have been
+    charged). The run's output named `--resubmit`, which `vidq run` lacks,
+    and its Redis stopped with it: no command could POST them again (helper
+    108). --retry alone leaves them, saying which flag would; the printed
+    command POSTs each once more, and every video is stored."""
+    sandbox = make_sandbox(time_scale=15)
+    env = _env(sandbox, tmp_path)
+    prompts = ["an unknown heron", "an unknown crane", "a known stork"]
+    path = write_prompts(tmp_path / "night.txt", prompts)
+    requests.post(sandbox.url + "/__faults", json={"submit": [500, 500]},
+                  timeout=10).raise_for_status()
+    first = _run(path, tmp_path, env)
+    assert first.returncode == 1 and "1 done, 2 failed" in first.stdout, first.stdout
+    command = (f"vidq run --retry --resubmit-unknown --yes {path} --state-dir "
+               f"{tmp_path / 'state'}")
+    assert f"charged already) with: {command}\n" in first.stdout, first.stdout
+    assert "retry them with" not in first.stdout
+
+    plain = _run(path, tmp_path, env, "--retry")
+    assert plain.returncode == 1
+    assert "2 jobs left failed" in plain.stdout and "add --resubmit-unknown" in plain.stdout
+
+    posted = subprocess.run(command.split(), env=env, capture_output=True, text=True,
+                            timeout=180, cwd=tmp_path)
+    assert posted.returncode == 0, posted.stdout + posted.stderr
+    assert "2 jobs of batch night will be POSTed again" in posted.stderr, posted.stderr
+    assert _ledger(sandbox) == Counter({prompt: 1 for prompt in prompts})  # 500s: nothing
+    assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 3
+
+
 def _hurried(env: dict) -> dict:
     """A 4 s hard limit: an 8 s generation's job fails while it runs, paid."""
     return {**env, "VIDQ_EXPECTED_GENERATION_S": "8", "VIDQ_DEADLINE_S": "2",
