@@ -6,13 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import subprocess
 import time
+from collections import Counter
 
 import boto3
 import pytest
 import redis
 from botocore.config import Config
-from conftest import write_prompts
+from conftest import wait_until, write_prompts
 from s3faults import S3FaultProxy
 from test_s3 import _keys, _uploads, aws_env, bucket, s3, s3_endpoint  # noqa: F401
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
@@ -100,6 +102,45 @@ def test_storage_down_longer_than_the_attempts_fails_no_unpaid_job(
     assert heads.hits == 15
     assert counts["done"] == len(PROMPTS), counts
     assert sorted(entry["prompt"] for entry in pipeline.ledger()) == sorted(PROMPTS)
+
+
+def test_a_store_full_for_longer_than_every_jobs_pauses_buys_no_more_videos(
+        make_pipeline, make_sandbox, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
+    """MinIO's disk is full: every write answers 507 while reads work. Each
+    paid job paused submits three times (storage_pause.PAUSES_PER_JOB), then
+    the pause lapsed and the next C were bought, wave after wave, while
+    `vidq status` said nothing of storage (helper 109: a whole batch bought
+    in a scaled hour of full disk). An error of the whole store keeps the
+    pause and the status line for as long as it lasts; once writes work,
+    every video lands, each prompt POSTed once."""
+    env = {**aws_env, "AWS_ENDPOINT_URL": s3_faults.url,
+           "VIDQ_STORAGE_URL": f"s3://{bucket}/night", "VIDQ_MAX_IN_FLIGHT": "2"}
+    pipeline = make_pipeline(make_sandbox(), **env)
+    full = s3_faults.fail(lambda request: request.method in ("PUT", "POST"), status=507,
+                          count=10**6)
+    pipeline.start_workers()
+    prompts = [f"a full disk, take {i}" for i in range(8)]
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", prompts), "b1")
+    wait_until(lambda: pipeline.store.redis.exists(keys.STORAGE_FAILING), 60,
+               "storage failing noticed")
+    posted = len(pipeline.ledger())
+    # Pauses of VIDQ_BACKOFF_CAP_S = 2 s, renewed by retries 0.1 to 2 s apart:
+    # a job's three were spent within ~4 s, and the next C bought at ~12 s.
+    said = []
+    for _ in range(10):
+        time.sleep(2)
+        said.append(bool(pipeline.store.redis.exists(keys.STORAGE_FAILING)))
+    status = subprocess.run(["vidq", "status", "b1"], env=pipeline.env, capture_output=True,
+                            text=True, timeout=60)
+    still_posted = len(pipeline.ledger())
+    full.count = 0
+
+    assert still_posted == posted < len(prompts), (posted, still_posted)
+    assert all(said), said
+    assert "storage failing (" in status.stdout and "XMinioStorageFull" in status.stdout
+    assert pipeline.wait_finished("b1", timeout_s=120)["done"] == len(prompts)
+    assert Counter(entry["prompt"] for entry in pipeline.ledger()) == Counter(prompts)
+    assert len([key for key in _keys(s3, bucket) if key.endswith(".mp4")]) == len(prompts)
 
 
 def test_a_video_stored_before_its_sidecar_failed_is_not_fetched_again(

@@ -3,7 +3,9 @@ Real workers, Redis and the sandbox; local storage whose root cannot be made
 (a file stands where its directory goes), then can."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import time
 from collections import Counter
@@ -77,3 +79,38 @@ def test_one_jobs_own_storage_error_stalls_neither_the_batch_nor_the_deployment(
     assert "leaves the storage root" in pipeline.store.get("night:p0").last_error
     assert sorted(entry["prompt"] for entry in pipeline.ledger()) == [
         row["prompt"] for row in rows[1:]]
+
+
+def test_errors_of_the_whole_store_are_told_from_one_objects(tmp_path):
+    """Full, over quota, read-only, failing or lost file systems, a root that
+    is no directory, and S3's 5xx (MinIO's full disk is a 507), refused
+    credentials, a missing bucket or no answer keep submits paused while they
+    last; one object's error (a name too long, a key refused) pauses only a
+    few times (storage_pause.PAUSES_PER_JOB)."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from worker.errors import StorageError, StorageUnavailable
+    from worker.storage import storage_error
+    from worker.storage_s3 import _whole_store
+
+    def local(code: int, root=tmp_path) -> StorageError:
+        return storage_error("cannot write v/a.mp4", OSError(code, os.strerror(code)), root)
+
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE):
+        assert isinstance(local(code), StorageUnavailable), code
+    for code in (errno.ENAMETOOLONG, errno.EACCES, errno.ENOENT):
+        assert type(local(code)) is StorageError, code
+    assert isinstance(local(errno.ENOENT, tmp_path / "unmounted"), StorageUnavailable)
+    assert str(local(errno.ENOSPC)) == "cannot write v/a.mp4: No space left on device"
+
+    def s3(status: int, code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    for status, code in ((507, "XMinioStorageFull"), (503, "SlowDown"), (500, "InternalError"),
+                         (403, "AccessDenied"), (403, "InvalidAccessKeyId"),
+                         (404, "NoSuchBucket")):
+        assert _whole_store(s3(status, code)), code
+    assert _whole_store(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    for status, code in ((400, "EntityTooLarge"), (400, "KeyTooLongError"), (404, "NoSuchKey")):
+        assert not _whole_store(s3(status, code)), code

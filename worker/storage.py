@@ -12,6 +12,7 @@ The S3 backend lives in `worker.storage_s3`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import logging
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, StorageError, StorageUnavailable
 from .netguard import without_credentials
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,21 @@ FILE_MODE = 0o666 & ~_UMASK
 # A temporary file untouched this long was left by a writer that died (a
 # SIGKILLed pool child): a live one writes to it at least every chunk.
 STALE_PART_S = 3600.0
+
+
+# Errors of the file system as a whole: full, over quota, read-only, failing,
+# or a network mount gone. Every video would fail alike until they clear.
+WHOLE_STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
+                                errno.ENOTCONN, errno.ESTALE})
+
+
+def storage_error(what: str, exc: OSError, root: Path) -> StorageError:
+    """`exc` as a StorageError saying `what` failed; StorageUnavailable when
+    the file system as a whole refuses, or the root is no writable directory
+    (unmounted, replaced, its permissions changed)."""
+    whole = exc.errno in WHOLE_STORE_ERRNOS or not (
+        root.is_dir() and os.access(root, os.W_OK | os.X_OK))
+    return (StorageUnavailable if whole else StorageError)(f"{what}: {exc.strerror}")
 
 
 def _remove_stale_parts(final: Path) -> None:
@@ -75,7 +91,7 @@ class FileStorage:
             _remove_stale_parts(final)
             fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
         except OSError as exc:
-            raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+            raise storage_error(f"cannot write {final}", exc, self.root) from None
         try:
             try:
                 with os.fdopen(fd, "wb") as out:
@@ -87,14 +103,14 @@ class FileStorage:
                 # ENOSPC, EIO while the caller writes, or again as the close
                 # flushes what the buffer still held: a StorageError either
                 # way, which a paid video's download retries.
-                raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+                raise storage_error(f"cannot write {final}", exc, self.root) from None
             if before_publish is not None:
                 before_publish()
             try:
                 os.replace(tmp, final)
                 fsync_dir(final.parent)
             except OSError as exc:
-                raise StorageError(f"cannot publish {final}: {exc.strerror}") from None
+                raise storage_error(f"cannot publish {final}", exc, self.root) from None
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -120,14 +136,14 @@ class FileStorage:
         except (FileNotFoundError, FileExistsError):
             return False
         except OSError as exc:
-            raise StorageError(f"cannot move {source} to {target}: {exc.strerror}") from None
+            raise storage_error(f"cannot move {source} to {target}", exc, self.root) from None
         return True
 
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
         except OSError as exc:
-            raise StorageError(f"cannot read {key}: {exc.strerror}") from None
+            raise storage_error(f"cannot read {key}", exc, self.root) from None
 
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
@@ -136,7 +152,7 @@ class FileStorage:
                 for block in iter(lambda: source.read(1 << 20), b""):
                     digest.update(block)
         except OSError as exc:
-            raise StorageError(f"cannot read {key}: {exc.strerror}") from None
+            raise storage_error(f"cannot read {key}", exc, self.root) from None
         return digest.hexdigest()
 
     def location(self, key: str) -> str:
@@ -147,9 +163,9 @@ class FileStorage:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"cannot create {self.root}: {exc.strerror}") from None
+            raise storage_error(f"cannot create {self.root}", exc, self.root) from None
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StorageError(f"cannot write in {self.root}: permission denied")
+            raise StorageUnavailable(f"cannot write in {self.root}: permission denied")
 
 
 class Storage(Protocol):

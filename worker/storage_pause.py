@@ -7,30 +7,39 @@ why in `keys.STORAGE_FAILING`, read by `vidq status`; a job not yet POSTed
 goes back to the front of its line, spending no attempt, so a night's S3
 outage does not fail the prompts admitted during it.
 
-Each job does so at most `PAUSES_PER_JOB` times; after that its failures are
-retried like any other (an unpaid job then spends attempts). An error about
-one job only (one object refused, one path blocked) must not stall the
-deployment for ever; an outage of storage as a whole keeps being seen by
-the next jobs, which renew the pause.
+An error of the store as a whole (`StorageUnavailable`: a full disk or
+bucket, a read-only or lost mount, an endpoint down, refused credentials)
+renews the pause for as long as it lasts, for twice `VIDQ_BACKOFF_CAP_S` (a
+paid job's retries come up to that cap apart, plus the download: the pause
+must not lapse between them, or the next C videos are bought). Any other
+storage error pauses at most `PAUSES_PER_JOB` times per job; after that its
+failures are retried like any other (an unpaid job then spends attempts): an
+error about one job only (one object refused, one path blocked) must not
+stall the deployment for ever. (Capping every error so let a full disk's
+pause lapse once the paid jobs had spent theirs, and a night's batch was
+bought in waves of C while nothing could be stored; helper 109.)
 """
 from __future__ import annotations
 
 import logging
 
 from . import keys
-from .errors import StorageError
+from .errors import StorageError, StorageUnavailable
 from .jobs import Job, JobStore
 
 log = logging.getLogger(__name__)
 
 PAUSES_PER_JOB = 3
+WHOLE_STORE_PAUSE = 2.0  # x VIDQ_BACKOFF_CAP_S
 
 
 def storage_failing(store: JobStore, job: Job, error: StorageError, pause_s: float) -> bool:
-    """Pause submits for every worker (unless this job has done so enough);
-    True if `job` went back in line (it was not POSTed), False if it is to be
-    retried as any failed step."""
-    if store.redis.hincrby(keys.job(job.ref), "storage_pauses", 1) > PAUSES_PER_JOB:
+    """Pause submits for every worker (unless this job's own error has done so
+    enough); True if `job` went back in line (it was not POSTed), False if it
+    is to be retried as any failed step."""
+    if isinstance(error, StorageUnavailable):
+        pause_s *= WHOLE_STORE_PAUSE
+    elif store.redis.hincrby(keys.job(job.ref), "storage_pauses", 1) > PAUSES_PER_JOB:
         return False
     first = not store.redis.exists(keys.STORAGE_FAILING)
     store.redis.set(keys.STORAGE_FAILING, str(error)[:300], px=max(1, int(pause_s * 1000)))
