@@ -139,6 +139,32 @@ def test_a_stopping_worker_hands_the_polls_it_holds_on_at_once(make_pipeline, ma
         proxy.stop()
 
 
+def test_a_writer_killed_mid_video_leaves_no_part_file_once_the_video_lands(
+        make_pipeline, make_sandbox, tmp_path):
+    """A is SIGKILLed with half a video in its temporary file; B takes the
+    download over and stores it. A's `.part` stayed for good (only one over
+    an hour old was removed, and only by a later write of the same key):
+    each kill could leave up to a video's bytes on a disk that may be full
+    (helper 109). Publishing a video now removes its name's other parts."""
+    pipeline, proxy, ref, video = _one_slow_download(make_pipeline, make_sandbox, tmp_path,
+                                                     "killed")
+    try:
+        wait_until(lambda: any(p.stat().st_size for p in _parts(video)), 60,
+                   "A's part file", 0.05)
+        os.killpg(pipeline.processes[0].pid, signal.SIGKILL)
+        pipeline.start_workers(1, concurrency=2)
+        wait_until(lambda: pipeline.store.get(ref).state == "done", 90, "done by B", 0.1)
+
+        _stored_once(pipeline, ref, video)
+        assert _parts(video) == []
+    finally:
+        proxy.stop()
+
+
+def _parts(video: Path) -> list[Path]:
+    return sorted(video.parent.glob(f".{video.name}.*.part"))
+
+
 def test_a_copy_taken_over_mid_download_never_publishes(make_pipeline, make_sandbox, tmp_path):
     """A stands still (SIGSTOP: a paused VM) mid-stream past its heartbeat;
     B takes the download over, stores the video and ends the job. A, woken,

@@ -57,12 +57,14 @@ def storage_error(what: str, exc: OSError, root: Path) -> StorageError:
     return (StorageUnavailable if whole else StorageError)(f"{what}: {exc.strerror}")
 
 
-def _remove_stale_parts(final: Path) -> None:
-    """Each killed writer would leave up to a whole video behind."""
+def _remove_stale_parts(final: Path, older_than_s: float = STALE_PART_S) -> None:
+    """Each killed writer would leave up to a whole video behind. Once `final`
+    is published, every other part of it goes (older_than_s=0): a writer
+    still holding one lost the job, and its publish is refused anyway."""
     now = time.time()
     for part in final.parent.glob(f".{glob.escape(final.name)}.*.part"):
         with contextlib.suppress(OSError):
-            if now - part.stat().st_mtime > STALE_PART_S:
+            if now - part.stat().st_mtime > older_than_s:
                 part.unlink()
 
 
@@ -111,6 +113,7 @@ class FileStorage:
                 fsync_dir(final.parent)
             except OSError as exc:
                 raise storage_error(f"cannot publish {final}", exc, self.root) from None
+            _remove_stale_parts(final, older_than_s=0)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
