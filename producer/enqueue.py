@@ -79,6 +79,7 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
 
 def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_file, jobs,
                      batch_settings, allow_variants: bool, check_plan) -> EnqueueResult:
+    admission.refuse_if_cancelled(batch)  # before the plan is printed
     existing = admission.existing_requests(batch, [job[0] for job in jobs])
     conflicts = [
         LineError(job.line, "id", f"job {job.job_id!r} already exists in batch {batch!r} "

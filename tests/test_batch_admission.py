@@ -242,7 +242,8 @@ def test_old_single_line_is_drained_into_batch_lines(make_pipeline, tmp_path):
 
 
 def test_enqueue_into_a_cancelled_batch_is_refused(make_pipeline, tmp_path):
-    """A cancelled batch takes no new jobs: one error line, exit 2, nothing written."""
+    """A cancelled batch takes no new jobs: one error line, exit 2, nothing
+    written, and no plan printed first (helper 107)."""
     pipeline = make_pipeline()
     path = write_prompts(tmp_path / "p.txt", _prompts("X", 2))
     pipeline.enqueue(path, "gone")
@@ -254,6 +255,7 @@ def test_enqueue_into_a_cancelled_batch_is_refused(make_pipeline, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: batch 'gone' was cancelled: enqueue into a new "
                                      "batch name")
+    assert result.stdout == ""
     assert pipeline.store.batch_total("gone") == 2
 
 

@@ -111,8 +111,7 @@ class Admission:
         A job may carry a third element, extra hash fields (e.g. its input
         `line`), written only where the job does not have them yet.
         `batch_settings` (priority, max_credits, max_videos) apply first."""
-        if self.cancelled(batch):
-            raise InputError(f"batch {batch!r} was cancelled: enqueue into a new batch name")
+        self.refuse_if_cancelled(batch)
         self.configure(batch, batch_settings or {}, defaults={"priority": "normal"})
         # Known before its first job is: an enqueue that dies half-way leaves
         # jobs that run, and their batch must be listed, finished and expired.
@@ -211,6 +210,11 @@ class Admission:
 
     def cancelled(self, batch: str) -> bool:
         return self.redis.hget(keys.batch(batch), "cancelled") == "1"
+
+    def refuse_if_cancelled(self, batch: str) -> None:
+        """A cancelled batch takes no new jobs."""
+        if self.cancelled(batch):
+            raise InputError(f"batch {batch!r} was cancelled: enqueue into a new batch name")
 
     def cancel_waiting(self, batch: str, limit: int) -> tuple[int, int]:
         """Mark `batch` cancelled and end up to `limit` of its waiting jobs
