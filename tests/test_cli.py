@@ -118,8 +118,8 @@ def test_worker_without_key_refuses_to_start(redis_url, tmp_path):
     env["VIDQ_REDIS_URL"] = redis_url
     result = subprocess.run(["celery", "-A", "worker", "worker", "-Q", "vidq.submit", "-c", "1"],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "set AIMLAPI_KEY" in result.stdout + result.stderr
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: no API key: set AIMLAPI_KEY (or AIML_API_KEY)\n"
 
 
 def test_failure_reasons_fold_counts_not_names():

@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
 
 import redis
 from celery import bootsteps
-from celery.signals import task_received, worker_shutting_down
+from celery.signals import celeryd_init, task_received, worker_shutting_down
 
 from . import deployment, keys, manifest
 from .admission import reconcile
-from .celery_app import QUEUES, WEBHOOK_QUEUE, app
+from .celery_app import QUEUES, WEBHOOK_QUEUE, app, settings_of
 from .connection import take_lock
 from .draining import beat_until_exit
-from .errors import StorageError
+from .errors import ConfigError, StorageError
 from .paid_journal import REPLAY_EVERY_S, check_directory, replay_now
 from .retention import housekeeping
 from .settings import eta_task_limit
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
+from .upstream import UpstreamClient
 from .webhook_tasks import send_delivery
 from .webhooks import relay
 
@@ -278,6 +280,19 @@ class Lifecycle(bootsteps.StartStopStep):
             relay(steps.store.redis, settings, send_delivery)  # events -> webhook deliveries
         except redis.RedisError as exc:
             log.warning("reconcile skipped: %s", exc)
+
+
+@celeryd_init.connect
+def _refuse_bad_settings(**_kwargs) -> None:
+    """A worker with a bad setting (or no API key) says which in one line and
+    exits 2, before Celery's banner: the banner showed Celery's default
+    `amqp://` transport, as if that were the problem, and a traceback came
+    before the real cause (helper 107)."""
+    try:
+        UpstreamClient(settings_of(app))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 @task_received.connect
