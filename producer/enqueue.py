@@ -67,7 +67,8 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
     unless `allow_variants` (producer/variants.py)."""
     check_batch_name(batch)
     prompt_file = load_prompts(path, defaults)
-    jobs = [(job.job_id, job.request, {"line": job.line}) for job in prompt_file.jobs]
+    jobs = [(job.job_id, job.request, {"line": job.line, "file": str(path)})
+            for job in prompt_file.jobs]
     # Checks and writes of two producers on one batch must not interleave:
     # both would find no variant and conflict, and every prompt be paid twice.
     with held_lock(admission.redis, keys.batch_enqueue_lock(batch), ENQUEUE_LOCK_S):

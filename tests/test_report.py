@@ -24,6 +24,39 @@ def vidq(pipeline, *args, cwd=None) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
+def test_a_batch_enqueued_from_two_files_names_each_rows_file(make_pipeline, tmp_path):
+    """Two files enqueued into one batch both have a line 1: the rows (and so
+    the manifest) said `line` only, and a content pipeline could not tell
+    which prompt file a video answers (helper 107). Each row names its file,
+    as given to `vidq enqueue`. A manifest written before that column existed
+    is still reported (the column empty)."""
+    pipeline = make_pipeline()  # no workers: the jobs wait in line
+    write_prompts(tmp_path / "owls.txt", ["an owl at dusk", "an owl at dawn"])
+    write_prompts(tmp_path / "moths.txt", ["a moth at a lamp"])
+    for name in ("owls.txt", "moths.txt"):
+        enqueued = vidq(pipeline, "enqueue", name, "--batch", "two", cwd=tmp_path)
+        assert enqueued.returncode == 0, enqueued.stderr
+
+    report = vidq(pipeline, "report", "two")
+    rows = [json.loads(line) for line in report.stdout.splitlines()]
+    assert sorted((row["file"], row["line"], row["prompt"]) for row in rows) == [
+        ("moths.txt", 1, "a moth at a lamp"), ("owls.txt", 1, "an owl at dusk"),
+        ("owls.txt", 2, "an owl at dawn")]
+    table = list(csv.DictReader(io.StringIO(vidq(pipeline, "report", "two", "--format",
+                                                 "csv").stdout)))
+    assert sorted((row["file"], row["line"]) for row in table) == [
+        ("moths.txt", "1"), ("owls.txt", "1"), ("owls.txt", "2")]
+
+    videos = Path(pipeline.settings.storage_url.removeprefix("file://"))
+    (videos / "older").mkdir(parents=True)
+    (videos / "older" / "manifest.jsonl").write_text(json.dumps(
+        {"custom_id": "a", "line": 1, "prompt": "an old row", "state": "done"}) + "\n")
+    older = vidq(pipeline, "report", "older", "--format", "csv")
+    assert older.returncode == 0, older.stderr
+    [row] = list(csv.DictReader(io.StringIO(older.stdout)))
+    assert row["prompt"] == "an old row" and row["file"] == ""
+
+
 def test_report_rows_match_the_batch(make_pipeline, tmp_path):
     """JSONL and CSV reports: one row per job with its input line, the stored
     video's URL and sha256 (as in the sidecar and the upstream's ledger), the
@@ -40,6 +73,7 @@ def test_report_rows_match_the_batch(make_pipeline, tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 4
     assert [row["line"] for row in rows] == [2, 4, 5, 6]  # input-line order
+    assert {row["file"] for row in rows} == {str(tmp_path / "p.txt")}
     ledger = {entry["id"]: entry for entry in pipeline.ledger()}
     videos = Path(pipeline.settings.storage_url.removeprefix("file://"))
     for row in rows:

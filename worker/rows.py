@@ -32,8 +32,11 @@ from . import keys
 from .contract import DEFAULT_PARAMETERS
 
 CHUNK = 5000
+# A job's input line, and the prompt file it came from, as given to the enqueue
+# (a batch may be enqueued from several files).
+Origin = tuple[int | None, str | None]
 TIMINGS = ("enqueued_at", "submitted_at", "completed_at", "downloaded_at", "failed_at")
-COLUMNS = ("custom_id", "line", "prompt", "model", "parameters", "state", "storage_url",
+COLUMNS = ("custom_id", "line", "file", "prompt", "model", "parameters", "state", "storage_url",
            "sha256", "generation_id", "generation_ids", "siblings", "sibling_of",
            "credits_used", "credits", *TIMINGS, "attempts", "polls", "error",
            "outcome_unknown")
@@ -52,7 +55,7 @@ return cjson.encode(out)
 _READ_LINES = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  out[i] = redis.call('HMGET', key, 'line', 'state')
+  out[i] = redis.call('HMGET', key, 'line', 'state', 'file')
 end
 return cjson.encode(out)
 """
@@ -82,39 +85,40 @@ def batch_rows(client: redis.Redis, batch: str, job_ids: list[str], storage_url:
 
 
 def _rows(client: redis.Redis, batch: str, base: str,
-          selected: list[tuple[str, int | None]]) -> Iterator[dict]:
+          selected: list[tuple[str, Origin]]) -> Iterator[dict]:
     read = client.register_script(_READ_HASHES)
     for start in range(0, len(selected), CHUNK):
         chunk = selected[start:start + CHUNK]
         answer = read([keys.job(keys.job_ref(batch, job_id)) for job_id, _ in chunk])
-        found = [(data, line) for (_, line), data in zip(chunk, _objects(answer), strict=True)
-                 if data]
+        found = [(data, origin) for (_, origin), data in zip(chunk, _objects(answer),
+                                                               strict=True) if data]
         siblings = _sibling_generations(client, batch, [data for data, _ in found])
-        for data, line in found:
-            yield _row(data, line, base, siblings)
+        for data, origin in found:
+            yield _row(data, origin, base, siblings)
 
 
 def _selected(client: redis.Redis, batch: str, job_ids: list[str],
-              states: set[str] | None) -> list[tuple[str, int | None]]:
-    """(job id, input line) of the jobs to report, ordered by line then id. A
-    sibling `<id>~N` has no line of its own: it takes its job's."""
+              states: set[str] | None) -> list[tuple[str, Origin]]:
+    """(job id, its input line and file) of the jobs to report, ordered by line
+    then id. A sibling `<id>~N` has no line of its own: it takes its job's."""
     read = client.register_script(_READ_LINES)
-    found: dict[str, int | None] = {}
+    found: dict[str, Origin] = {}
     for start in range(0, len(job_ids), CHUNK):
         chunk = job_ids[start:start + CHUNK]
         answer = read([keys.job(keys.job_ref(batch, job_id)) for job_id in chunk])
-        for job_id, (line, state) in zip(chunk, json.loads(answer), strict=True):
+        for job_id, (line, state, *file) in zip(chunk, json.loads(answer), strict=True):
             if states is None or state in states:
-                found[job_id] = _int(line or None)
-    orphans = [job_id for job_id, line in found.items() if line is None and "~" in job_id]
+                found[job_id] = (_int(line or None), (file or [None])[0] or None)
+    orphans = [job_id for job_id, (line, _) in found.items() if line is None and "~" in job_id]
     for start in range(0, len(orphans), CHUNK):  # siblings (rare): their job's line
         chunk = orphans[start:start + CHUNK]
         pipe = client.pipeline(transaction=False)
         for job_id in chunk:
-            pipe.hget(keys.job(keys.job_ref(batch, _parent(job_id))), "line")
-        for job_id, line in zip(chunk, pipe.execute(), strict=True):
-            found[job_id] = _int(line)
-    return sorted(found.items(), key=lambda item: (item[1] is None, item[1] or 0, item[0]))
+            pipe.hmget(keys.job(keys.job_ref(batch, _parent(job_id))), "line", "file")
+        for job_id, (line, file) in zip(chunk, pipe.execute(), strict=True):
+            found[job_id] = (_int(line), file)
+    return sorted(found.items(),
+                  key=lambda item: (item[1][0] is None, item[1][0] or 0, item[0]))
 
 
 def _objects(answer: str) -> list[dict]:
@@ -151,7 +155,7 @@ def _past_generations(data: dict) -> list[str]:
     return [str(gen) for gen in past] if isinstance(past, list) else []
 
 
-def _row(data: dict, line: int | None, base: str, siblings: dict[str, str]) -> dict:
+def _row(data: dict, origin: Origin, base: str, siblings: dict[str, str]) -> dict:
     try:
         request = json.loads(data.get("request") or "{}")
     except ValueError:
@@ -165,7 +169,8 @@ def _row(data: dict, line: int | None, base: str, siblings: dict[str, str]) -> d
     storage_key = data.get("storage_key") or ""
     job_id = data["id"]
     row = {
-        "custom_id": job_id, "line": line, "prompt": request.get("prompt"),
+        "custom_id": job_id, "line": origin[0], "file": origin[1],
+        "prompt": request.get("prompt"),
         "model": request.get("model"), "parameters": effective_parameters(request),
         "state": data.get("state"),
         # Where the worker that stored it put it (workers may disagree on
@@ -235,7 +240,7 @@ def write_csv(rows: Iterable[dict], out: IO[str]) -> int:
     writer.writerow(COLUMNS)
     count = 0
     for row in rows:
-        writer.writerow([_cell(row[name]) for name in COLUMNS])
+        writer.writerow([_cell(row.get(name)) for name in COLUMNS])  # older manifests lack some
         count += 1
     return count
 
