@@ -20,7 +20,7 @@ from worker import keys
 from worker.admission import Admission
 from worker.batch_control import admission_state, posted_in_flight, slot_holders
 from worker.contract import DEFAULT_MODEL, DEFAULT_RESOLUTION
-from worker.deployment import disagreements, live_values
+from worker.deployment import disagreements, running_values
 from worker.durations import DurationModel
 from worker.jobs import FINAL_STATES, State
 from worker.retry import Failure, failures
@@ -78,20 +78,6 @@ def deployment(admission: Admission) -> dict:
             "polls_paused_s": round(polls_ms / 1000, 1) if polls_ms > 0 else 0,
             "orphaned_generations": admission.redis.hlen(keys.ORPHANS),
             "settings_disagree": disagreements(running_values(admission.redis))}
-
-
-def running_values(client) -> dict[str, dict]:
-    """The shared settings of the workers running now: a stopping worker
-    says so in its heartbeat, then drops it, but keeps its record a minute
-    (so C cannot rise over an operator's cap meanwhile); its values are no
-    disagreement with the workers that replaced it."""
-    values = live_values(client)
-    pipe = client.pipeline(transaction=False)
-    for name in values:
-        pipe.get(keys.worker_alive(name))
-    return {name: theirs for (name, theirs), beat in zip(values.items(), pipe.execute(),
-                                                         strict=True)
-            if beat and beat != keys.STOPPING_WORKER}
 
 
 def finish_rate(client, batch: str, now: float, created: float) -> dict:

@@ -136,7 +136,7 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
     """Validate FILE (.txt, .jsonl, .csv) and add its prompts to a batch, saying first
     what the batch will take (see `vidq plan`)."""
     from worker.batch_control import daily_cap_reached
-    from worker.deployment import check_webhook_deliverers, live_values
+    from worker.deployment import check_webhook_deliverers, running_values
     from worker.tasks import dispatch
 
     from .enqueue import enqueue_file, open_admission
@@ -147,7 +147,7 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
     settings = cli_settings()
     admission = open_admission(settings)
     webhook_url = webhook and check_webhook_url(webhook, "--webhook")
-    if webhook_url and (warning := check_webhook_deliverers(live_values(admission.redis),
+    if webhook_url and (warning := check_webhook_deliverers(running_values(admission.redis),
                                                             "--webhook")):
         click.echo(warning, err=True)
     batch_settings = {name: value for name, value in (

@@ -356,6 +356,26 @@ def test_workers_that_disagree_on_c_run_at_the_lowest_and_keep_an_operators_cap(
     assert "3 (test0@" in warned and "2 (test0@" in warned
 
 
+def test_a_worker_replacing_a_stopped_one_is_no_disagreement(make_pipeline, make_sandbox,
+                                                            tmp_path):
+    """A worker stopped, and one started with another C in its place within
+    the minute the old record still counts for C: the new worker logged "the
+    live workers disagree" at start, an error for a restart that changed a
+    setting on purpose (helper 107, a resumed `vidq run --sandbox`). A worker
+    that no longer runs is no disagreement; `vidq status` already said so."""
+    sandbox = make_sandbox()
+    old = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=3)
+    old.start_workers()
+    old.stop_workers()
+    new = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=2)
+    new.log_dir = tmp_path / "logs-new"
+    new.log_dir.mkdir()
+    new.start_workers()
+
+    assert new.admission.cap() == 2
+    assert "disagree" not in (new.log_dir / "worker-0.log").read_text()
+
+
 @pytest.mark.slow
 def test_an_operators_cap_stands_while_a_worker_restarts_with_its_old_value(
         make_pipeline, make_sandbox, tmp_path):

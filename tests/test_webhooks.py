@@ -231,7 +231,8 @@ def test_a_webhook_batch_is_refused_while_a_live_deliverer_cannot_sign(make_pipe
     """`--webhook` with no worker up: enqueued, with a warning. With a live
     worker consuming vidq.webhook and no VIDQ_WEBHOOK_SECRET (whose log says
     so at start, as VIDQ_WEBHOOK_URL is set): exit 2, nothing enqueued,
-    instead of every delivery failing "not sent" overnight."""
+    instead of every delivery failing "not sent" overnight. Once restarted
+    with the secret, the same enqueue goes through."""
     url = receiver(lambda path, attempt: 200).url
     pipeline = make_pipeline(VIDQ_WEBHOOK_URL=url + "/deployment")
     prompts = write_prompts(tmp_path / "p.txt", ["a cat"])
@@ -246,6 +247,16 @@ def test_a_webhook_batch_is_refused_while_a_live_deliverer_cannot_sign(make_pipe
     assert "without VIDQ_WEBHOOK_SECRET" in refused.stderr and refused.stderr.count("\n") == 1
     client = redis.Redis.from_url(pipeline.env["VIDQ_REDIS_URL"])
     assert client.exists("vidq:batch:wh-late") == 0 and client.exists("vidq:batch:wh-early")
+
+    # Restarted with the secret: the stopped worker's record (kept a minute
+    # for C) refuses nothing, and no warning is due.
+    pipeline.stop_workers()
+    pipeline.env["VIDQ_WEBHOOK_SECRET"] = SECRET
+    pipeline.log_dir = tmp_path / "logs-signed"
+    pipeline.log_dir.mkdir()
+    pipeline.start_workers(1, concurrency=2)
+    signed = _vidq(pipeline, "enqueue", str(prompts), "--batch", "wh-late", "--webhook", url)
+    assert signed.returncode == 0 and "warning" not in signed.stderr, signed.stderr
 
 
 def test_a_relay_that_dies_midway_is_redone_without_duplicate_deliveries(redis_url):

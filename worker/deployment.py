@@ -108,6 +108,22 @@ def live_values(client: redis.Redis, worker: str = "", prune: bool = False) -> d
     return found
 
 
+def running_values(client: redis.Redis, values: dict[str, dict] | None = None,
+                   starting: str = "") -> dict[str, dict]:
+    """Of the live values (`values`, else read), those of the workers running
+    now (and the `starting` one, not beating yet): a stopping worker says so
+    in its heartbeat, then drops it, but keeps its record a minute (so C
+    cannot rise over an operator's cap meanwhile); its values are no
+    disagreement with the workers that replaced it."""
+    values = live_values(client) if values is None else values
+    pipe = client.pipeline(transaction=False)
+    for name in values:
+        pipe.get(keys.worker_alive(name))
+    return {name: theirs for (name, theirs), beat in zip(values.items(), pipe.execute(),
+                                                         strict=True)
+            if name == starting or (beat and beat != keys.STOPPING_WORKER)}
+
+
 def disagreements(values: dict[str, dict]) -> list[str]:
     """'VIDQ_MAX_IN_FLIGHT: 3 (a/1), 2 (b/2)' for each setting the live workers disagree on."""
     found = []

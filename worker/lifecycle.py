@@ -94,7 +94,10 @@ class Lifecycle(bootsteps.StartStopStep):
                           "\"not sent\" (`vidq webhooks NAME --replay` once it has one)")
         client.hset(keys.WORKER_SETTINGS, self.hostname, self.record)
         live = deployment.live_values(client, self.hostname, prune=True)
-        for disagreement in deployment.disagreements(live):
+        # Not with the workers this one replaced (a restart with a new value):
+        # they still count for C for a minute, but no longer run.
+        running = deployment.running_values(client, live, starting=self.hostname)
+        for disagreement in deployment.disagreements(running):
             log.error("the live workers disagree on %s: start them all with one value "
                       "(`vidq status` shows this too)", disagreement)
         self.set_cap(steps, deployment.lowest_cap(live, settings.max_in_flight))
