@@ -6,8 +6,7 @@ chosen requests with S3's own error, for the storage-fault tests:
 
 A rule sees the request's method, path and headers (a metadata copy is a PUT
 with `x-amz-copy-source`); the first rule with tries left answers it with
-SlowDown (503), InternalError (500) or XMinioStorageFull (507, MinIO's full
-disk), and anything else is forwarded as is.
+S3's error for its status (CODES), and anything else is forwarded as is.
 """
 from __future__ import annotations
 
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-CODES = {500: "InternalError", 503: "SlowDown", 507: "XMinioStorageFull"}  # MinIO, disk full
+CODES = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown",
+         507: "XMinioStorageFull"}  # 507: MinIO's full disk
 DROPPED = {"connection", "transfer-encoding", "expect"}
 
 

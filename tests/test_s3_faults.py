@@ -110,9 +110,10 @@ def test_a_store_full_for_longer_than_every_jobs_pauses_buys_no_more_videos(
     paid job paused submits three times (storage_pause.PAUSES_PER_JOB), then
     the pause lapsed and the next C were bought, wave after wave, while
     `vidq status` said nothing of storage (helper 109: a whole batch bought
-    in a scaled hour of full disk). An error of the whole store keeps the
-    pause and the status line for as long as it lasts; once writes work,
-    every video lands, each prompt POSTed once."""
+    in a scaled hour of full disk). Past its three, a job asks the store,
+    which refuses the probe too: the outage is the store's, and the pause
+    and the status line last as long as it does; once writes work, every
+    video lands, each prompt POSTed once."""
     env = {**aws_env, "AWS_ENDPOINT_URL": s3_faults.url,
            "VIDQ_STORAGE_URL": f"s3://{bucket}/night", "VIDQ_MAX_IN_FLIGHT": "2"}
     pipeline = make_pipeline(make_sandbox(), **env)
@@ -141,6 +142,32 @@ def test_a_store_full_for_longer_than_every_jobs_pauses_buys_no_more_videos(
     assert pipeline.wait_finished("b1", timeout_s=120)["done"] == len(prompts)
     assert Counter(entry["prompt"] for entry in pipeline.ledger()) == Counter(prompts)
     assert len([key for key in _keys(s3, bucket) if key.endswith(".mp4")]) == len(prompts)
+
+
+def test_one_batchs_denied_prefix_fails_its_own_jobs_and_stalls_no_other(
+        make_pipeline, make_sandbox, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
+    """A bucket policy denies batch `denied`'s prefix (403 to everything under
+    it): its jobs' resume checks fail. Once each has paused submits three
+    times, the store is asked (an empty object at the prefix's root) and
+    takes it: the error is the batch's, so its jobs spend attempts and fail,
+    unpaid, while batch `ok` is bought and stored. (Reading every 403 as the
+    store's kept both batches paused, `denied` queued for ever; review 110.)"""
+    env = {**aws_env, "AWS_ENDPOINT_URL": s3_faults.url,
+           "VIDQ_STORAGE_URL": f"s3://{bucket}/night", "VIDQ_MAX_IN_FLIGHT": "2",
+           "VIDQ_MAX_ATTEMPTS": "3"}
+    pipeline = make_pipeline(make_sandbox(), **env)
+    s3_faults.fail(lambda request: "/night/denied/" in request.path, status=403, count=10**6)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "d.txt", ["denied 0", "denied 1"]), "denied")
+    ok = [f"ok {i}" for i in range(6)]
+    pipeline.enqueue(write_prompts(tmp_path / "o.txt", ok), "ok")
+
+    assert pipeline.wait_finished("denied", timeout_s=120)["failed"] == 2
+    assert pipeline.wait_finished("ok", timeout_s=120)["done"] == len(ok)
+    assert Counter(entry["prompt"] for entry in pipeline.ledger()) == Counter(ok)
+    failures = [pipeline.store.get(keys.job_ref("denied", job_id)).extra["last_error"]
+                for job_id in pipeline.store.job_ids("denied")]
+    assert all("403: Forbidden" in failure for failure in failures), failures
 
 
 def test_a_video_stored_before_its_sidecar_failed_is_not_fetched_again(

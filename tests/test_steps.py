@@ -840,8 +840,12 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     """A pool child SIGKILLed mid-write leaves `.j1.mp4.<random>.part`. The
     next write of that video removes one untouched for an hour as it starts,
     not a live one (that writer may still own the job); once the video is
-    published, every other part of it goes (their writers lost the job)."""
+    published, every other part of it goes (their writers lost the job), but
+    not the part of another key whose name starts with this one's (job id
+    `j1.mp4`; review 110)."""
     (tmp_path / "b").mkdir()
+    other_key = tmp_path / "b" / ".j1.mp4.mp4.abcd1234.part"
+    other_key.write_bytes(b"\0" * 1000)
     dead, live = tmp_path / "b" / ".j1.mp4.dead1234.part", tmp_path / "b" / ".j1.mp4.live5678.part"
     dead.write_bytes(b"\0" * 1000)
     live.write_bytes(b"\0" * 1000)
@@ -850,6 +854,7 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
         out.write(b"a video")
         assert not dead.exists() and live.exists()
     assert not live.exists() and (tmp_path / "b" / "j1.mp4").read_bytes() == b"a video"
+    assert other_key.exists()
 
 
 def test_a_result_that_trickles_ends_the_attempt_instead_of_holding_a_worker(

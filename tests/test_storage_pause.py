@@ -3,7 +3,6 @@ Real workers, Redis and the sandbox; local storage whose root cannot be made
 (a file stands where its directory goes), then can."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -81,36 +80,21 @@ def test_one_jobs_own_storage_error_stalls_neither_the_batch_nor_the_deployment(
         row["prompt"] for row in rows[1:]]
 
 
-def test_errors_of_the_whole_store_are_told_from_one_objects(tmp_path):
-    """Full, over quota, read-only, failing or lost file systems, a root that
-    is no directory, and S3's 5xx (MinIO's full disk is a 507), refused
-    credentials, a missing bucket or no answer keep submits paused while they
-    last; one object's error (a name too long, a key refused) pauses only a
-    few times (storage_pause.PAUSES_PER_JOB)."""
-    from botocore.exceptions import ClientError, EndpointConnectionError
+def test_the_store_is_asked_whether_it_takes_videos_now(tmp_path):
+    """Storage.probe, asked once a job has paused submits three times: a disk
+    with room and a working file system takes it; one with less free than a
+    disk needs to take videos (on the real statvfs, the bar set above it),
+    or a root that is no directory, refuses it with a reason `vidq status`
+    can show."""
+    from worker.errors import StorageError
+    from worker.storage import MIN_FREE_BYTES, FileStorage
 
-    from worker.errors import StorageError, StorageUnavailable
-    from worker.storage import storage_error
-    from worker.storage_s3 import _whole_store
-
-    def local(code: int, root=tmp_path) -> StorageError:
-        return storage_error("cannot write v/a.mp4", OSError(code, os.strerror(code)), root)
-
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE):
-        assert isinstance(local(code), StorageUnavailable), code
-    for code in (errno.ENAMETOOLONG, errno.EACCES, errno.ENOENT):
-        assert type(local(code)) is StorageError, code
-    assert isinstance(local(errno.ENOENT, tmp_path / "unmounted"), StorageUnavailable)
-    assert str(local(errno.ENOSPC)) == "cannot write v/a.mp4: No space left on device"
-
-    def s3(status: int, code: str) -> ClientError:
-        return ClientError({"Error": {"Code": code, "Message": "m"},
-                            "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
-
-    for status, code in ((507, "XMinioStorageFull"), (503, "SlowDown"), (500, "InternalError"),
-                         (403, "AccessDenied"), (403, "InvalidAccessKeyId"),
-                         (404, "NoSuchBucket")):
-        assert _whole_store(s3(status, code)), code
-    assert _whole_store(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
-    for status, code in ((400, "EntityTooLarge"), (400, "KeyTooLongError"), (404, "NoSuchKey")):
-        assert not _whole_store(s3(status, code)), code
+    FileStorage(tmp_path / "videos").probe()
+    assert [p.name for p in (tmp_path / "videos").iterdir()] == []  # nothing left behind
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    assert free > MIN_FREE_BYTES  # this machine's disk has room: the bar is what refuses
+    with pytest.raises(StorageError, match=r"MiB free, under the .* MiB a disk needs"):
+        FileStorage(tmp_path / "videos", min_free_bytes=free * 2).probe()
+    (tmp_path / "blocked").write_text("a file where the root goes")
+    with pytest.raises(StorageError, match="cannot create"):
+        FileStorage(tmp_path / "blocked" / "videos").probe()

@@ -19,8 +19,6 @@
      +-- MarkerUnconfirmed            Redis did not answer the "POST started" marker:
      |                                nothing was sent; the next try may take it over
      +-- StorageError                 the video could not be stored
-          +-- StorageUnavailable      the store as a whole refuses (full, read-only,
-          |                           unreachable, credentials): every video would fail
           +-- CorruptVideo            not an MP4, or shorter/longer than announced
           +-- SidecarNotStored        the video is stored whole, its sidecar is not:
                                       a retry writes the sidecar, not the video again
@@ -109,12 +107,6 @@ class MarkerUnconfirmed(VidqError):
 
 class StorageError(VidqError):
     """Raised when a video or its sidecar cannot be stored."""
-
-
-class StorageUnavailable(StorageError):
-    """Raised when the store as a whole cannot take writes now (a full disk or
-    bucket, a read-only or lost mount, an endpoint down, refused credentials),
-    not this one object: submits stay paused while it lasts (storage_pause)."""
 
 
 class CorruptVideo(StorageError):

@@ -12,7 +12,6 @@ The S3 backend lives in `worker.storage_s3`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import logging
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
-from .errors import ConfigError, StorageError, StorageUnavailable
+from .errors import ConfigError, StorageError
 from .netguard import without_credentials
 
 log = logging.getLogger(__name__)
@@ -40,21 +39,9 @@ FILE_MODE = 0o666 & ~_UMASK
 # A temporary file untouched this long was left by a writer that died (a
 # SIGKILLed pool child): a live one writes to it at least every chunk.
 STALE_PART_S = 3600.0
-
-
-# Errors of the file system as a whole: full, over quota, read-only, failing,
-# or a network mount gone. Every video would fail alike until they clear.
-WHOLE_STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
-                                errno.ENOTCONN, errno.ESTALE})
-
-
-def storage_error(what: str, exc: OSError, root: Path) -> StorageError:
-    """`exc` as a StorageError saying `what` failed; StorageUnavailable when
-    the file system as a whole refuses, or the root is no writable directory
-    (unmounted, replaced, its permissions changed)."""
-    whole = exc.errno in WHOLE_STORE_ERRNOS or not (
-        root.is_dir() and os.access(root, os.W_OK | os.X_OK))
-    return (StorageUnavailable if whole else StorageError)(f"{what}: {exc.strerror}")
+# Less free than this under the root, and the disk is full for videos (a clip
+# of this model is a few MB): see probe().
+MIN_FREE_BYTES = 64 * 1024**2
 
 
 def _remove_stale_parts(final: Path, older_than_s: float = STALE_PART_S) -> None:
@@ -62,7 +49,9 @@ def _remove_stale_parts(final: Path, older_than_s: float = STALE_PART_S) -> None
     is published, every other part of it goes (older_than_s=0): a writer
     still holding one lost the job, and its publish is refused anyway."""
     now = time.time()
-    for part in final.parent.glob(f".{glob.escape(final.name)}.*.part"):
+    # mkstemp's random part is 8 characters: `.*.part` also matched the parts
+    # of another key whose name starts with this one's (job `a.mp4`; review 110).
+    for part in final.parent.glob(f".{glob.escape(final.name)}.{'?' * 8}.part"):
         with contextlib.suppress(OSError):
             if now - part.stat().st_mtime > older_than_s:
                 part.unlink()
@@ -71,8 +60,9 @@ def _remove_stale_parts(final: Path, older_than_s: float = STALE_PART_S) -> None
 class FileStorage:
     """Objects as files under one root directory; keys use '/' separators."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, min_free_bytes: int = MIN_FREE_BYTES):
         self.root = root
+        self.min_free_bytes = min_free_bytes
 
     def path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -93,7 +83,7 @@ class FileStorage:
             _remove_stale_parts(final)
             fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
         except OSError as exc:
-            raise storage_error(f"cannot write {final}", exc, self.root) from None
+            raise StorageError(f"cannot write {final}: {exc.strerror}") from None
         try:
             try:
                 with os.fdopen(fd, "wb") as out:
@@ -105,14 +95,14 @@ class FileStorage:
                 # ENOSPC, EIO while the caller writes, or again as the close
                 # flushes what the buffer still held: a StorageError either
                 # way, which a paid video's download retries.
-                raise storage_error(f"cannot write {final}", exc, self.root) from None
+                raise StorageError(f"cannot write {final}: {exc.strerror}") from None
             if before_publish is not None:
                 before_publish()
             try:
                 os.replace(tmp, final)
                 fsync_dir(final.parent)
             except OSError as exc:
-                raise storage_error(f"cannot publish {final}", exc, self.root) from None
+                raise StorageError(f"cannot publish {final}: {exc.strerror}") from None
             _remove_stale_parts(final, older_than_s=0)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -139,14 +129,14 @@ class FileStorage:
         except (FileNotFoundError, FileExistsError):
             return False
         except OSError as exc:
-            raise storage_error(f"cannot move {source} to {target}", exc, self.root) from None
+            raise StorageError(f"cannot move {source} to {target}: {exc.strerror}") from None
         return True
 
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
         except OSError as exc:
-            raise storage_error(f"cannot read {key}", exc, self.root) from None
+            raise StorageError(f"cannot read {key}: {exc.strerror}") from None
 
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
@@ -155,7 +145,7 @@ class FileStorage:
                 for block in iter(lambda: source.read(1 << 20), b""):
                     digest.update(block)
         except OSError as exc:
-            raise storage_error(f"cannot read {key}", exc, self.root) from None
+            raise StorageError(f"cannot read {key}: {exc.strerror}") from None
         return digest.hexdigest()
 
     def location(self, key: str) -> str:
@@ -166,9 +156,33 @@ class FileStorage:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise storage_error(f"cannot create {self.root}", exc, self.root) from None
+            raise StorageError(f"cannot create {self.root}: {exc.strerror}") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StorageUnavailable(f"cannot write in {self.root}: permission denied")
+            raise StorageError(f"cannot write in {self.root}: permission denied")
+
+
+    def probe(self) -> None:
+        """Raise StorageError unless the store as a whole takes videos now:
+        at least `min_free_bytes` free, and a small file written, fsynced and
+        removed under the root (a read-only, failing or lost disk refuses it)."""
+        self.check()
+        try:
+            stats = os.statvfs(self.root)
+            free = stats.f_bavail * stats.f_frsize
+            if free < self.min_free_bytes:
+                raise StorageError(f"{self.root}: {free / 2**20:.1f} MiB free, under the "
+                                   f"{self.min_free_bytes / 2**20:.0f} MiB a disk needs to "
+                                   "take videos")
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".vidq-probe.", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(bytes(4096))
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                os.unlink(probe)
+        except OSError as exc:
+            raise StorageError(f"cannot write in {self.root}: {exc.strerror}") from None
 
 
 class Storage(Protocol):
@@ -184,6 +198,7 @@ class Storage(Protocol):
     def sha256(self, key: str) -> str: ...
     def location(self, key: str) -> str: ...
     def check(self) -> None: ...
+    def probe(self) -> None: ...
 
 
 BUCKET = re.compile(r"[A-Za-z0-9._-]+")

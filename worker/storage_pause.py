@@ -7,40 +7,48 @@ why in `keys.STORAGE_FAILING`, read by `vidq status`; a job not yet POSTed
 goes back to the front of its line, spending no attempt, so a night's S3
 outage does not fail the prompts admitted during it.
 
-An error of the store as a whole (`StorageUnavailable`: a full disk or
-bucket, a read-only or lost mount, an endpoint down, refused credentials)
-renews the pause for as long as it lasts, for twice `VIDQ_BACKOFF_CAP_S` (a
-paid job's retries come up to that cap apart, plus the download: the pause
-must not lapse between them, or the next C videos are bought). Any other
-storage error pauses at most `PAUSES_PER_JOB` times per job; after that its
-failures are retried like any other (an unpaid job then spends attempts): an
-error about one job only (one object refused, one path blocked) must not
-stall the deployment for ever. (Capping every error so let a full disk's
-pause lapse once the paid jobs had spent theirs, and a night's batch was
-bought in waves of C while nothing could be stored; helper 109.)
+A job pauses submits so at most `PAUSES_PER_JOB` times on its own error. Past
+that, the store itself is asked (`Storage.probe`: room for videos, a small
+write): if it refuses, the outage is the store's, and the job renews the
+pause, for twice `VIDQ_BACKOFF_CAP_S` (a paid job's retries come up to that
+cap apart, plus the download: the pause must not lapse between them, or the
+next C videos are bought), with the probe's reason, for as long as it lasts.
+If the store takes the probe, the error is the job's own (one object
+refused, one prefix denied, one video too big): it is retried like any
+failure (an unpaid job then spends attempts) and stalls nothing. (Before,
+every error stopped pausing after the job's three: a full disk's pause
+lapsed once the paid jobs had spent theirs, and a night's batch was bought
+in waves of C while nothing could be stored; helper 109. Telling the two
+apart by the error instead stalled every batch on one batch's denied S3
+prefix, or on one video too big for the disk; review 110.)
 """
 from __future__ import annotations
 
 import logging
 
 from . import keys
-from .errors import StorageError, StorageUnavailable
+from .errors import StorageError
 from .jobs import Job, JobStore
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
 PAUSES_PER_JOB = 3
-WHOLE_STORE_PAUSE = 2.0  # x VIDQ_BACKOFF_CAP_S
+STORE_DOWN_PAUSE = 2.0  # x VIDQ_BACKOFF_CAP_S
 
 
-def storage_failing(store: JobStore, job: Job, error: StorageError, pause_s: float) -> bool:
+def storage_failing(store: JobStore, storage: Storage, job: Job, error: StorageError,
+                    pause_s: float) -> bool:
     """Pause submits for every worker (unless this job's own error has done so
     enough); True if `job` went back in line (it was not POSTed), False if it
     is to be retried as any failed step."""
-    if isinstance(error, StorageUnavailable):
-        pause_s *= WHOLE_STORE_PAUSE
-    elif store.redis.hincrby(keys.job(job.ref), "storage_pauses", 1) > PAUSES_PER_JOB:
-        return False
+    if store.redis.hincrby(keys.job(job.ref), "storage_pauses", 1) > PAUSES_PER_JOB:
+        try:
+            storage.probe()
+        except StorageError as down:  # the store's outage, not this job's error
+            error, pause_s = down, pause_s * STORE_DOWN_PAUSE
+        else:
+            return False
     first = not store.redis.exists(keys.STORAGE_FAILING)
     store.redis.set(keys.STORAGE_FAILING, str(error)[:300], px=max(1, int(pause_s * 1000)))
     store.pause_submits(pause_s)

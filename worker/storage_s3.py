@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
-from .errors import ConfigError, StorageError, StorageUnavailable
+from .errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,7 @@ DEFAULT_S3_PART_BYTES = 8 * 1024**2
 # Pauses between the tries of an object's publishing request (botocore's
 # standard mode would make 3 tries with backoff).
 PUBLISH_RETRY_S = (0.5, 2.0)
-# Answers about the store, whatever the object (besides 5xx, 401 and 403).
-WHOLE_STORE_CODES = frozenset({"NoSuchBucket", "XMinioStorageFull", "QuotaExceeded",
-                               "RequestTimeTooSkewed"})
+PROBE_KEY = ".vidq-probe"  # written by probe(), at the prefix's root
 # copy_object (used to attach the sha256 after a multipart upload) stops here;
 # larger objects keep their other metadata and are hashed when asked.
 _S3_COPY_LIMIT = 5 * 1024**3
@@ -86,6 +84,14 @@ class S3Storage:
         """Raise StorageError unless the bucket answers (exists, credentials work)."""
         with _translated(f"cannot reach s3://{self.bucket}"):
             self.client.head_bucket(Bucket=self.bucket)
+
+    def probe(self) -> None:
+        """Raise StorageError unless the store as a whole takes writes now: an
+        empty object PUT at the prefix's root (`.vidq-probe`, kept; a full
+        MinIO, an endpoint down or refused credentials refuse it)."""
+        key = self.object_key(PROBE_KEY)
+        with _translated(f"cannot write s3://{self.bucket}/{key}"):
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
 
     @contextlib.contextmanager
     def writer(self, key: str, metadata: dict[str, str] | None = None,
@@ -284,20 +290,7 @@ def _translated(what: str) -> Iterator[None]:
     try:
         yield
     except (ClientError, BotoCoreError) as exc:
-        kind = StorageUnavailable if _whole_store(exc) else StorageError
-        raise kind(f"{what}: {_describe(exc)}") from None
-
-
-def _whole_store(exc: Exception) -> bool:
-    """An error of the store, not of one object: a 5xx (MinIO's full disk is a
-    507), refused credentials, no bucket, or no answer at all."""
-    from botocore.exceptions import ClientError
-
-    if not isinstance(exc, ClientError):
-        return True  # connection, timeout, credentials not found
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-    code = exc.response.get("Error", {}).get("Code", "")
-    return status >= 500 or status in (401, 403) or code in WHOLE_STORE_CODES
+        raise StorageError(f"{what}: {_describe(exc)}") from None
 
 
 def _describe(exc: Exception) -> str:
