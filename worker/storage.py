@@ -44,17 +44,23 @@ STALE_PART_S = 3600.0
 MIN_FREE_BYTES = 64 * 1024**2
 
 
-def _remove_stale_parts(final: Path, older_than_s: float = STALE_PART_S) -> None:
-    """Each killed writer would leave up to a whole video behind. Once `final`
-    is published, every other part of it goes (older_than_s=0): a writer
-    still holding one lost the job, and its publish is refused anyway."""
-    now = time.time()
+def _remove_stale_parts(final: Path) -> list[Path]:
+    """Each killed writer would leave up to a whole video behind: remove the
+    parts of `final` untouched for STALE_PART_S, and return the younger ones.
+    They may be a live writer's, who may still own the job; once this write
+    publishes `final`, they are of writers that lost it (their publish is
+    refused), and go too (one directory scan a write: a batch's directory
+    holds thousands of files)."""
+    now, young = time.time(), []
     # mkstemp's random part is 8 characters: `.*.part` also matched the parts
     # of another key whose name starts with this one's (job `a.mp4`; review 110).
     for part in final.parent.glob(f".{glob.escape(final.name)}.{'?' * 8}.part"):
         with contextlib.suppress(OSError):
-            if now - part.stat().st_mtime > older_than_s:
+            if now - part.stat().st_mtime > STALE_PART_S:
                 part.unlink()
+            else:
+                young.append(part)
+    return young
 
 
 class FileStorage:
@@ -80,7 +86,7 @@ class FileStorage:
         final = self.path(key)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_parts(final)
+            others = _remove_stale_parts(final)
             fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
         except OSError as exc:
             raise StorageError(f"cannot write {final}: {exc.strerror}") from None
@@ -103,7 +109,9 @@ class FileStorage:
                 fsync_dir(final.parent)
             except OSError as exc:
                 raise StorageError(f"cannot publish {final}: {exc.strerror}") from None
-            _remove_stale_parts(final, older_than_s=0)
+            for part in others:
+                with contextlib.suppress(OSError):
+                    part.unlink()
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
