@@ -29,7 +29,6 @@ from .posting import NotSent, answer_may_come, answered_in_journal, post_once
 from .rate_limits import pause_s, revive_refused, spread
 from .step_outcomes import StepOutcomes
 from .storage import video_key
-from .storage_pause import PAUSES_PER_JOB
 from .upstream import file_length
 from .video import kept_video, store_sidecar, stored_video, stream_video
 
@@ -250,11 +249,6 @@ class Steps(StepOutcomes):
 
     def _fetch_video(self, job: Job, key: str) -> tuple[int, str] | None:
         """Stream the result into storage: (bytes, sha256), None if taken over."""
-        if int(job.extra.get("storage_pauses") or 0) >= PAUSES_PER_JOB:
-            # Its storage kept failing: the whole video is fetched again only
-            # once the store takes writes (a night's outage refetched each
-            # paid video every few minutes; helper 109).
-            self.storage.probe()
         with upstream_call("download"):  # redirects and the answer's status included
             response = self.client.open_video(job.video_url)
         try:

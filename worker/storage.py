@@ -39,9 +39,6 @@ FILE_MODE = 0o666 & ~_UMASK
 # A temporary file untouched this long was left by a writer that died (a
 # SIGKILLed pool child): a live one writes to it at least every chunk.
 STALE_PART_S = 3600.0
-# Less free than this under the root, and the disk is full for videos (a clip
-# of this model is a few MB): see probe().
-MIN_FREE_BYTES = 64 * 1024**2
 
 
 def _remove_stale_parts(final: Path) -> list[Path]:
@@ -66,9 +63,8 @@ def _remove_stale_parts(final: Path) -> list[Path]:
 class FileStorage:
     """Objects as files under one root directory; keys use '/' separators."""
 
-    def __init__(self, root: Path, min_free_bytes: int = MIN_FREE_BYTES):
+    def __init__(self, root: Path):
         self.root = root
-        self.min_free_bytes = min_free_bytes
 
     def path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -169,30 +165,6 @@ class FileStorage:
             raise StorageError(f"cannot write in {self.root}: permission denied")
 
 
-    def probe(self) -> None:
-        """Raise StorageError unless the store as a whole takes videos now:
-        at least `min_free_bytes` free, and a small file written, fsynced and
-        removed under the root (a read-only, failing or lost disk refuses it)."""
-        self.check()
-        try:
-            stats = os.statvfs(self.root)
-            free = stats.f_bavail * stats.f_frsize
-            if free < self.min_free_bytes:
-                raise StorageError(f"{self.root}: {free / 2**20:.1f} MiB free, under the "
-                                   f"{self.min_free_bytes / 2**20:.0f} MiB a disk needs to "
-                                   "take videos")
-            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".vidq-probe.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(bytes(4096))
-                    out.flush()
-                    os.fsync(out.fileno())
-            finally:
-                os.unlink(probe)
-        except OSError as exc:
-            raise StorageError(f"cannot write in {self.root}: {exc.strerror}") from None
-
-
 class Storage(Protocol):
     """What the steps need from a backend."""
 
@@ -206,7 +178,6 @@ class Storage(Protocol):
     def sha256(self, key: str) -> str: ...
     def location(self, key: str) -> str: ...
     def check(self) -> None: ...
-    def probe(self) -> None: ...
 
 
 BUCKET = re.compile(r"[A-Za-z0-9._-]+")

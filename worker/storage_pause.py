@@ -7,20 +7,22 @@ why in `keys.STORAGE_FAILING`, read by `vidq status`; a job not yet POSTed
 goes back to the front of its line, spending no attempt, so a night's S3
 outage does not fail the prompts admitted during it.
 
-A job pauses submits so at most `PAUSES_PER_JOB` times on its own error. Past
-that, the store itself is asked (`Storage.probe`: room for videos, a small
-write): if it refuses, the outage is the store's, and the job renews the
-pause, for twice `VIDQ_BACKOFF_CAP_S` (a paid job's retries come up to that
-cap apart, plus the download: the pause must not lapse between them, or the
-next C videos are bought), with the probe's reason, for as long as it lasts.
-If the store takes the probe, the error is the job's own (one object
-refused, one prefix denied, one video too big): it is retried like any
-failure (an unpaid job then spends attempts) and stalls nothing. (Before,
-every error stopped pausing after the job's three: a full disk's pause
+A job pauses submits so at most `PAUSES_PER_JOB` times. Past that, a job
+not yet POSTed is retried like any failure (spending attempts): nothing of
+it is paid, and its error may be its own (its batch's prefix denied). A
+paid job goes on renewing the pause, for twice `VIDQ_BACKOFF_CAP_S` (its
+retries come up to that cap apart, plus the download: the pause must not
+lapse between them), unless a video was stored since its storage failures
+began: then the store works, and the error is its own (one object refused,
+one video too big) and stalls nothing. Only a stored video tells: a store
+may take a small test write and refuse every video (a quota, a disk our own
+videos filled), or refuse a test write where videos go (a policy granting
+only batch prefixes); review 111 broke both kinds of probe. So a paid job
+whose error is its own, with no other video stored since (nothing else in
+flight), holds submits until space is made or its hard limit, saying why.
+(Before, every job stopped pausing after its three: a full disk's pause
 lapsed once the paid jobs had spent theirs, and a night's batch was bought
-in waves of C while nothing could be stored; helper 109. Telling the two
-apart by the error instead stalled every batch on one batch's denied S3
-prefix, or on one video too big for the disk; review 110.)
+in waves of C while nothing could be stored; helper 109.)
 """
 from __future__ import annotations
 
@@ -29,33 +31,48 @@ import logging
 from . import keys
 from .errors import StorageError
 from .jobs import Job, JobStore
-from .storage import Storage
 
 log = logging.getLogger(__name__)
 
 PAUSES_PER_JOB = 3
-STORE_DOWN_PAUSE = 2.0  # x VIDQ_BACKOFF_CAP_S
+PAID_PAUSE = 2.0  # x VIDQ_BACKOFF_CAP_S, past a paid job's own PAUSES_PER_JOB
 
 
-def storage_failing(store: JobStore, storage: Storage, job: Job, error: StorageError,
-                    pause_s: float) -> bool:
-    """Pause submits for every worker (unless this job's own error has done so
-    enough); True if `job` went back in line (it was not POSTed), False if it
-    is to be retried as any failed step."""
-    if store.redis.hincrby(keys.job(job.ref), "storage_pauses", 1) > PAUSES_PER_JOB:
-        try:
-            storage.probe()
-        except StorageError as down:  # the store's outage, not this job's error
-            error, pause_s = down, pause_s * STORE_DOWN_PAUSE
-        else:
+def storage_failing(store: JobStore, job: Job, error: StorageError, pause_s: float) -> bool:
+    """Pause submits for every worker (unless this job has done so enough and
+    the store is not to blame); True if `job` went back in line (it was not
+    POSTed), False if it is to be retried as any failed step."""
+    paid = bool(job.generation_id or job.extra.get("posting_at"))
+    if _pauses_so_far(store, job) > PAUSES_PER_JOB:
+        if not paid or _stored_since_failing(store, job):
             return False
+        pause_s *= PAID_PAUSE
     first = not store.redis.exists(keys.STORAGE_FAILING)
     store.redis.set(keys.STORAGE_FAILING, str(error)[:300], px=max(1, int(pause_s * 1000)))
     store.pause_submits(pause_s)
     if first:
         log.error("storage failing (%s): no new POSTs for every worker until it works; "
                   "paid videos wait for it", error)
-    if job.generation_id or job.extra.get("posting_at"):
+    if paid:
         return False
     store.back_in_line(job, 0.0, rate_limited=False)
     return True
+
+
+def _pauses_so_far(store: JobStore, job: Job) -> int:
+    """Count this failure; the first one's Redis time is kept on the job."""
+    seconds, micros = store.redis.time()
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.hincrby(keys.job(job.ref), "storage_pauses", 1)
+    pipe.hsetnx(keys.job(job.ref), "storage_failing_since", seconds + micros / 1e6)
+    return int(pipe.execute()[0])
+
+
+def _stored_since_failing(store: JobStore, job: Job) -> bool:
+    """Whether any video was stored (lua/transition.lua) after this job's
+    first storage failure."""
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.hget(keys.job(job.ref), "storage_failing_since")
+    pipe.hget(keys.CONFIG, "video_stored_at")
+    since, stored = pipe.execute()
+    return since is not None and stored is not None and float(stored) > float(since)

@@ -40,7 +40,6 @@ DEFAULT_S3_PART_BYTES = 8 * 1024**2
 # Pauses between the tries of an object's publishing request (botocore's
 # standard mode would make 3 tries with backoff).
 PUBLISH_RETRY_S = (0.5, 2.0)
-PROBE_KEY = ".vidq-probe"  # written by probe(), at the prefix's root
 # copy_object (used to attach the sha256 after a multipart upload) stops here;
 # larger objects keep their other metadata and are hashed when asked.
 _S3_COPY_LIMIT = 5 * 1024**3
@@ -84,14 +83,6 @@ class S3Storage:
         """Raise StorageError unless the bucket answers (exists, credentials work)."""
         with _translated(f"cannot reach s3://{self.bucket}"):
             self.client.head_bucket(Bucket=self.bucket)
-
-    def probe(self) -> None:
-        """Raise StorageError unless the store as a whole takes writes now: an
-        empty object PUT at the prefix's root (`.vidq-probe`, kept; a full
-        MinIO, an endpoint down or refused credentials refuse it)."""
-        key = self.object_key(PROBE_KEY)
-        with _translated(f"cannot write s3://{self.bucket}/{key}"):
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
 
     @contextlib.contextmanager
     def writer(self, key: str, metadata: dict[str, str] | None = None,

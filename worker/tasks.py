@@ -118,8 +118,7 @@ def _run(steps: Steps, step: str, job) -> None:
     except (RetryableUpstreamError, CorruptVideo, MarkerUnconfirmed) as exc:
         steps.retry(job, exc)
     except StorageError as exc:
-        if not storage_failing(steps.store, steps.storage, job, exc,
-                               steps.settings.backoff_cap_s):
+        if not storage_failing(steps.store, job, exc, steps.settings.backoff_cap_s):
             steps.retry(job, exc)
     except PermanentUpstreamError as exc:
         steps.rejected(job, exc)

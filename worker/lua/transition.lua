@@ -52,6 +52,8 @@ if new_state ~= '' and new_state ~= old then
     local minute = math.floor(now / 60)
     redis.call('HINCRBY', finished_key, string.sub(new_state, 1, 1) .. ':' .. minute, 1)
     if new_state == STATE.failed then redis.call('HSET', job_key, 'failed_minute', minute) end
+    -- A video stored: the store works (worker/storage_pause.py).
+    if new_state == STATE.done then redis.call('HSET', NS.config, 'video_stored_at', now) end
     if redis.call('HLEN', finished_key) > 240 then
       -- Keep the last hour: the rate looks back minutes, not the whole night.
       for _, name in ipairs(redis.call('HKEYS', finished_key)) do
