@@ -144,6 +144,40 @@ def test_a_store_full_for_longer_than_every_jobs_pauses_buys_no_more_videos(
     assert len([key for key in _keys(s3, bucket) if key.endswith(".mp4")]) == len(prompts)
 
 
+@pytest.mark.slow
+def test_a_retried_batch_starts_its_storage_count_afresh(
+        make_pipeline, make_sandbox, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
+    """Night one: S3 refuses everything; b1's jobs pause, spend their attempts
+    and fail, unpaid. Morning: another batch stores a video. Then MinIO's
+    disk fills and `vidq retry b1` runs. The jobs kept night one's storage
+    count and its start: past their pauses, with a video stored since, every
+    failure read as the job's own, and all of b1 was bought with nothing
+    said (review 112). A requeue, and a POST, start the count afresh."""
+    env = {**aws_env, "AWS_ENDPOINT_URL": s3_faults.url,
+           "VIDQ_STORAGE_URL": f"s3://{bucket}/night", "VIDQ_MAX_IN_FLIGHT": "2",
+           "VIDQ_MAX_ATTEMPTS": "2"}
+    pipeline = make_pipeline(make_sandbox(), **env)
+    pipeline.start_workers()
+    revoked = s3_faults.fail(lambda request: True, status=403, count=10**6)
+    night = [f"night one, take {i}" for i in range(6)]
+    pipeline.enqueue(write_prompts(tmp_path / "b1.txt", night), "b1")
+    assert pipeline.wait_finished("b1", timeout_s=240)["failed"] == len(night)
+    revoked.count = 0
+    pipeline.enqueue(write_prompts(tmp_path / "b0.txt", ["morning, take 0"]), "b0")
+    assert pipeline.wait_finished("b0", timeout_s=60)["done"] == 1
+    s3_faults.fail(lambda request: request.method in ("PUT", "POST"), status=507, count=10**6)
+    retried = subprocess.run(["vidq", "retry", "b1"], env=pipeline.env, capture_output=True,
+                             text=True, timeout=60)
+    assert retried.returncode == 0, retried.stderr
+    wait_until(lambda: pipeline.store.redis.exists(keys.STORAGE_FAILING), 60,
+               "storage failing noticed")
+    time.sleep(10)  # several of the jobs' pauses
+
+    bought = Counter(entry["prompt"] for entry in pipeline.ledger())
+    assert sum(bought[prompt] for prompt in night) < len(night), bought
+    assert pipeline.store.redis.exists(keys.STORAGE_FAILING)
+
+
 def test_one_batchs_denied_prefix_fails_its_own_jobs_and_stalls_no_other(
         make_pipeline, make_sandbox, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
     """A bucket policy denies batch `denied`'s prefix (403 to everything under

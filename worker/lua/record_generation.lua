@@ -80,6 +80,9 @@ end
 -- was lost, the job revived meanwhile) answers 'moved on', not its old answer.
 redis.call('HSET', job_key, 'generation_id', generation_id, 'submitted_at', stamp,
   'state', STATE.submitted, 'outcome_unknown', '', 'last_op', '')
+-- Paid now: its resume checks' storage failures (the pauses they spent, when
+-- they began) are no count of its download's (worker/storage_pause.py).
+redis.call('HDEL', job_key, 'storage_pauses', 'storage_failing_since')
 redis.call('ZREM', holds_key, ref)
 redis.call('SREM', unknown_key, redis.call('HGET', job_key, 'id'))
 redis.call('ZADD', slots_key, 'NX', now, ref)

@@ -52,6 +52,8 @@ local answer = (retire and generation_id == '') and 'resubmitted' or 'requeued'
 local function leave_failed(state)
   unfail_finish_count(job_key)
   redis.call('HSET', job_key, 'state', state, 'requeue_answer', answer, unpack(fields))
+  -- Storage failures of an earlier night are no news of this one's (storage_pause).
+  redis.call('HDEL', job_key, 'storage_pauses', 'storage_failing_since')
   redis.call('SREM', unknown_key, job_id)
   redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed
   redis.call('ZREM', holds_key, ref)
