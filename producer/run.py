@@ -64,16 +64,21 @@ def _run_started(options: RunOptions, env: dict, supervisor, defaults: dict, con
     from worker.celery_app import apply_settings
 
     batch, admission = options.batch, None
+
+    def keep_going() -> bool:
+        _raise_if_stopped()
+        return supervisor.keep_alive()
+
     try:
+        _raise_if_stopped()
         settings = Settings.from_env(env)
         apply_settings(worker.app, settings)  # publish to this run's Redis
         admission = open_admission(settings)
         _take_in(admission, options, defaults, console, allow_variants, retry_failed)
         # Workers take a few seconds to start; "no worker is alive" is for
         # a night where they are really gone, not for these.
-        _until_a_worker_beats(admission, supervisor.keep_alive)
-        status = watch(admission, batch, console, settings=settings,
-                       keep_going=supervisor.keep_alive)
+        _until_a_worker_beats(admission, keep_going)
+        status = watch(admission, batch, console, settings=settings, keep_going=keep_going)
         # Watching is over: a stop signal now must not cut the summary,
         # the manifest or the stopping short (a finished batch read as failed).
         _ignore_stop_signals()
@@ -130,6 +135,15 @@ def _interrupt(signum, _frame) -> None:
     _ignore_stop_signals()  # a second one must not cut the stopping short
     _STOPPED_BY.append(signum)
     raise KeyboardInterrupt
+
+
+def _raise_if_stopped() -> None:
+    """A stop signal whose KeyboardInterrupt was swallowed still stops the run:
+    raised while a subprocess forked, it lands in logging's at-fork hook,
+    which prints and ignores it (a SIGTERM while the workers started: the
+    run went on and finished; seen once in a full run of the suite)."""
+    if _STOPPED_BY:
+        raise KeyboardInterrupt
 
 
 def _ignore_stop_signals() -> None:
