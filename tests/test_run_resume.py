@@ -362,6 +362,7 @@ def test_a_finished_runs_paid_failures_are_fetched_by_the_same_command_with_retr
     assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 2
 
 
+@pytest.mark.slow
 def test_a_finished_runs_unknown_posts_are_posted_again_only_when_asked(make_sandbox,
                                                                          tmp_path):
     """Two POSTs answered 500 end `outcome_unknown` (they may have been
@@ -464,6 +465,7 @@ def test_a_run_under_nohup_outlives_its_terminal(make_sandbox, tmp_path):
     assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 4
 
 
+@pytest.mark.slow
 def test_a_run_whose_output_reader_dies_finishes_the_batch(make_sandbox, tmp_path):
     """`nohup vidq run f | tee log &`, then the terminal closes: tee dies with
     it, and the run's next line met a broken pipe. rich then exits 1 at once:

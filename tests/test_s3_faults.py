@@ -104,6 +104,7 @@ def test_storage_down_longer_than_the_attempts_fails_no_unpaid_job(
     assert sorted(entry["prompt"] for entry in pipeline.ledger()) == sorted(PROMPTS)
 
 
+@pytest.mark.slow
 def test_a_store_full_for_longer_than_every_jobs_pauses_buys_no_more_videos(
         make_pipeline, make_sandbox, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
     """MinIO's disk is full: every write answers 507 while reads work. Each
@@ -178,6 +179,7 @@ def test_a_retried_batch_starts_its_storage_count_afresh(
     assert pipeline.store.redis.exists(keys.STORAGE_FAILING)
 
 
+@pytest.mark.slow
 def test_one_batchs_denied_prefix_fails_its_own_jobs_and_stalls_no_other(
         make_pipeline, make_sandbox, aws_env, s3, bucket, s3_faults, tmp_path):  # noqa: F811
     """A bucket policy denies batch `denied`'s prefix (403 to everything under
