@@ -20,7 +20,9 @@ videos filled), or refuse a test write where videos go (a policy granting
 only batch prefixes); review 111 broke both kinds of probe. So a paid job
 whose error is its own, with no other video stored since (nothing else in
 flight), holds submits until space is made or its hard limit, saying why.
-(Before, every job stopped pausing after its three: a full disk's pause
+The count and its start begin afresh when the job is POSTed or requeued
+(lua/record_generation.lua, lua/requeue.lua): an earlier outage is no news
+of this one (review 112). (Before, every job stopped pausing after its three: a full disk's pause
 lapsed once the paid jobs had spent theirs, and a night's batch was bought
 in waves of C while nothing could be stored; helper 109.)
 """
