@@ -94,6 +94,12 @@ def plain_retry_helps(failure: Failure, cancelled: bool) -> bool:
     return not failure.outcome_unknown and not cancelled
 
 
+def resubmit_unknown_helps(failure: Failure, cancelled: bool) -> bool:
+    """Whether only --resubmit-unknown can still end `failure` done: its POST's
+    outcome is unknown, no id came, and its batch was not cancelled."""
+    return failure.outcome_unknown and not failure.generation_id and not cancelled
+
+
 def _failed_upstream(failure: Failure) -> bool:
     """Its generation ended in the upstream's own error (`error`, `failed`)."""
     return (bool(failure.generation_id) and failure.reason.startswith("poll: ")

@@ -28,7 +28,7 @@ from .local import RunOptions, local_system
 from .progress import batch_status, ended_line, watch
 from .prompts import load_prompts
 from .purging import write_manifest
-from .retrying import plain_retry_helps, run_retry
+from .retrying import plain_retry_helps, resubmit_unknown_helps, run_retry
 
 
 def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurrency: int,
@@ -197,7 +197,7 @@ def summarise(admission, batch: str, status: dict, settings: Settings,
     # `vidq retry` needs this run's Redis, which stops with it.
     if any(plain_retry_helps(failure, cancelled) for failure in failed):
         console.print(f"retry them with: {_same_command('--retry')}")
-    if not cancelled and any(f.outcome_unknown and not f.generation_id for f in failed):
+    if any(resubmit_unknown_helps(failure, cancelled) for failure in failed):
         console.print("POST again those whose POST's outcome is unknown (each may have been "
                       "charged already) with: "
                       f"{_same_command('--retry', '--resubmit-unknown', '--yes')}")

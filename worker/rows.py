@@ -106,9 +106,9 @@ def _selected(client: redis.Redis, batch: str, job_ids: list[str],
     for start in range(0, len(job_ids), CHUNK):
         chunk = job_ids[start:start + CHUNK]
         answer = read([keys.job(keys.job_ref(batch, job_id)) for job_id in chunk])
-        for job_id, (line, state, *file) in zip(chunk, json.loads(answer), strict=True):
+        for job_id, (line, state, file) in zip(chunk, json.loads(answer), strict=True):
             if states is None or state in states:
-                found[job_id] = (_int(line or None), (file or [None])[0] or None)
+                found[job_id] = (_int(line or None), file or None)
     orphans = [job_id for job_id, (line, _) in found.items() if line is None and "~" in job_id]
     for start in range(0, len(orphans), CHUNK):  # siblings (rare): their job's line
         chunk = orphans[start:start + CHUNK]

@@ -45,8 +45,9 @@ def storage_failing(store: JobStore, job: Job, error: StorageError, pause_s: flo
     the store is not to blame); True if `job` went back in line (it was not
     POSTed), False if it is to be retried as any failed step."""
     paid = bool(job.generation_id or job.extra.get("posting_at"))
-    if _pauses_so_far(store, job) > PAUSES_PER_JOB:
-        if not paid or _stored_since_failing(store, job):
+    pauses, stored_since = _count_failure(store, job)
+    if pauses > PAUSES_PER_JOB:
+        if not paid or stored_since:
             return False
         pause_s *= PAID_PAUSE
     first = not store.redis.exists(keys.STORAGE_FAILING)
@@ -61,20 +62,15 @@ def storage_failing(store: JobStore, job: Job, error: StorageError, pause_s: flo
     return True
 
 
-def _pauses_so_far(store: JobStore, job: Job) -> int:
-    """Count this failure; the first one's Redis time is kept on the job."""
+def _count_failure(store: JobStore, job: Job) -> tuple[int, bool]:
+    """Count this failure (the first one's Redis time is kept on the job):
+    how many so far, and whether a video was stored (lua/transition.lua)
+    since the first."""
     seconds, micros = store.redis.time()
     pipe = store.redis.pipeline(transaction=False)
     pipe.hincrby(keys.job(job.ref), "storage_pauses", 1)
     pipe.hsetnx(keys.job(job.ref), "storage_failing_since", seconds + micros / 1e6)
-    return int(pipe.execute()[0])
-
-
-def _stored_since_failing(store: JobStore, job: Job) -> bool:
-    """Whether any video was stored (lua/transition.lua) after this job's
-    first storage failure."""
-    pipe = store.redis.pipeline(transaction=False)
     pipe.hget(keys.job(job.ref), "storage_failing_since")
     pipe.hget(keys.CONFIG, "video_stored_at")
-    since, stored = pipe.execute()
-    return since is not None and stored is not None and float(stored) > float(since)
+    pauses, _, since, stored = pipe.execute()
+    return int(pauses), stored is not None and float(stored) > float(since)
