@@ -16,10 +16,18 @@ from worker.admission import Admission, admit
 from worker.connection import connect
 from worker.errors import InputError
 from worker.jobs import JobStore
-from worker.leases import held_lock
+from worker.leases import Fence, held_lock
 from worker.spend import CreditEstimates
 
-from .prompts import ID_PATTERN, LineError, PromptFileError, case_twin, load_prompts, same_request
+from .prompts import (
+    ID_PATTERN,
+    LineError,
+    PromptFileError,
+    case_twin,
+    load_prompts,
+    same_request,
+    shown_path,
+)
 from .variants import check_variants
 
 # Renewed while held; a producer that dies frees its batch for the next in this long.
@@ -67,20 +75,23 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
     unless `allow_variants` (producer/variants.py)."""
     check_batch_name(batch)
     prompt_file = load_prompts(path, defaults)
-    jobs = [(job.job_id, job.request, {"line": job.line, "file": str(path)})
+    path = shown_path(path)
+    jobs = [(job.job_id, job.request, {"line": job.line, "file": path})
             for job in prompt_file.jobs]
     # Checks and writes of two producers on one batch must not interleave:
     # both would find no variant and conflict, and every prompt be paid twice.
-    with held_lock(admission.redis, keys.batch_enqueue_lock(batch), ENQUEUE_LOCK_S):
+    with held_lock(admission.redis, keys.batch_enqueue_lock(batch), ENQUEUE_LOCK_S) as fence:
         result = _checked_enqueue(admission, path, batch, prompt_file, jobs, batch_settings,
-                                  allow_variants, check_plan)
+                                  allow_variants, check_plan, fence)
     admit(admission, dispatch)
     return result
 
 
 def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_file, jobs,
-                     batch_settings, allow_variants: bool, check_plan) -> EnqueueResult:
+                     batch_settings, allow_variants: bool, check_plan,
+                     fence: Fence) -> EnqueueResult:
     admission.refuse_if_cancelled(batch)  # before the plan is printed
+    _refuse_case_twin_batch(admission.redis, batch)
     existing = admission.existing_requests(batch, [job[0] for job in jobs])
     conflicts = [
         LineError(job.line, "id", f"job {job.job_id!r} already exists in batch {batch!r} "
@@ -103,9 +114,21 @@ def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_
     if check_plan is not None:  # may refuse: nothing is enqueued yet
         check_plan([j[1] for j in jobs if j[0] not in known])
     created = admission.enqueue(batch, (j for j in jobs if j[0] not in known), time.time(),
-                                batch_settings)
+                                batch_settings, fence)
     return EnqueueResult(batch, len(jobs), created, len(known),
                          prompt_file.merged_duplicates, variants.count)
+
+
+def _refuse_case_twin_batch(client, batch: str) -> None:
+    """A new batch named as another but for case would share its directory,
+    and overwrite its manifest, on a case-insensitive disk (review 114)."""
+    if client.sismember(keys.BATCHES, batch):
+        return
+    for other in client.sscan_iter(keys.BATCHES, count=1000):
+        if str(other).lower() == batch.lower():
+            raise InputError(f"batch name {batch!r} differs only in case from batch {other!r}: "
+                             "on a case-insensitive disk (macOS, Windows) both would be one "
+                             "directory (nothing was enqueued)")
 
 
 def _case_twins(client, batch: str, new_jobs: list) -> list[LineError]:

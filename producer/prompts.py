@@ -87,13 +87,20 @@ class PromptFile:
     merged_duplicates: int  # identical lines folded into an earlier job
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """`path` as text that can be printed and stored: a name that is not
+    UTF-8 (Latin-1 from an old zip) keeps its bytes as `\\xe9` escapes
+    instead of failing every write and print it reaches (review 114)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class PromptFileError(InputError):
     """Raised when a prompt file has bad lines; carries every one of them."""
 
     def __init__(self, path: str | os.PathLike, errors: list[LineError]):
         # Both go to Exception.__init__ so the exception survives pickling.
-        super().__init__(os.fspath(path), list(errors))
-        self.path = os.fspath(path)
+        super().__init__(shown_path(path), list(errors))
+        self.path = shown_path(path)
         self.errors = list(errors)
 
     def __str__(self) -> str:
@@ -280,10 +287,14 @@ def asked(request: dict) -> dict:
     """The request without the parameters given at the upstream's default:
     `"resolution": "720P"` asks what leaving it out asks (one job, one charge);
     nor the invisible characters at the ends of its texts (a stray BOM left
-    by `cat a.txt b.txt`: the same prompt, one charge)."""
-    return {name: trimmed(value) if name in TEXT_FIELDS and isinstance(value, str) else value
-            for name, value in request.items()
-            if name not in DEFAULT_PARAMETERS or value != DEFAULT_PARAMETERS[name]}
+    by `cat a.txt b.txt`: the same prompt, one charge); an empty negative
+    prompt is none, as an empty CSV cell is (review 114)."""
+    found = {name: trimmed(value) if name in TEXT_FIELDS and isinstance(value, str) else value
+             for name, value in request.items()
+             if name not in DEFAULT_PARAMETERS or value != DEFAULT_PARAMETERS[name]}
+    if found.get("negative_prompt") == "":
+        del found["negative_prompt"]
+    return found
 
 
 def asked_key(request: dict) -> str:

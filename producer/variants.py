@@ -18,6 +18,7 @@ import redis
 from worker import keys
 from worker.errors import InputError
 
+from .prompt_formats import trimmed
 from .prompts import asked, asked_key
 
 CHUNK = 5000
@@ -52,23 +53,23 @@ def find_variants(client: redis.Redis, batch: str, new_requests: list[dict],
     a variant."""
     if not new_requests or not client.exists(keys.batch_jobs(batch)):
         return Variants(0, ())
-    wanted = {request.get("prompt") for request in new_requests}
+    wanted = {_prompt(request) for request in new_requests}
     in_file = {asked_key(request) for request in file_requests or new_requests}
     had: set[str] = set()
     existing: dict[str, list[dict]] = {}
     for request in _requests(client, batch):
-        if request.get("prompt") not in wanted:
+        if _prompt(request) not in wanted:
             continue
         key = asked_key(request)
         had.add(key)
         if key not in in_file:
-            existing.setdefault(request["prompt"], []).append(asked(request))
+            existing.setdefault(_prompt(request), []).append(asked(request))
     named = named or [False] * len(new_requests)
     asked_before = [asked_key(request) in had for request in new_requests]
     count, fields = 0, set()
     for at, request in enumerate(new_requests):
         mine = asked(request)
-        others = [old for old in existing.get(request.get("prompt") or "", []) if old != mine]
+        others = [old for old in existing.get(_prompt(request), []) if old != mine]
         if others and not asked_before[at]:
             count += 1
             fields |= {name for old in others for name in set(old) | set(mine)
@@ -76,6 +77,12 @@ def find_variants(client: redis.Redis, batch: str, new_requests: list[dict],
     already = frozenset(at for at, before in enumerate(asked_before)
                         if before and not named[at])
     return Variants(count, tuple(sorted(fields)), already)
+
+
+def _prompt(request: dict) -> str:
+    """The prompt as asked: a stray BOM at an end is no other prompt (review 114)."""
+    prompt = request.get("prompt")
+    return trimmed(prompt) if isinstance(prompt, str) else ""
 
 
 def _requests(client: redis.Redis, batch: str):

@@ -137,3 +137,122 @@ def test_a_line_with_its_own_id_is_the_users_take_whatever_the_batch_has(redis_u
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     assert client.scard(keys.batch_jobs("heroes")) == 2
     assert "hero" in client.smembers(keys.batch_jobs("heroes"))
+
+
+def test_a_producer_stopped_past_its_lock_writes_nothing_once_another_enqueued(
+        redis_url, tmp_path):
+    """Producer A holds the batch's lock and has passed its variants check
+    when it stands still (SIGSTOP, a suspended laptop) past the lock's TTL;
+    producer B enqueues the same prompts at 480P meanwhile. A used to write
+    its jobs on waking, and every prompt was paid twice (review 114). Here
+    the lapse is the lock key gone, as its TTL makes it, and B runs inside
+    A's plan check."""
+    from producer.enqueue import enqueue_file, open_admission
+    from worker.errors import InputError
+    from worker.settings import Settings
+
+    path = tmp_path / "p.txt"
+    path.write_text("".join(f"a kite over dunes {i}\n" for i in range(50)))
+    settings = Settings.from_env({"VIDQ_REDIS_URL": redis_url, "AIMLAPI_KEY": "k"})
+    producer_a, producer_b = open_admission(settings), open_admission(settings)
+    defaults = {"model": "alibaba/wan2.1-t2v-turbo"}
+    sent = []
+
+    def stood_still(requests):
+        producer_a.redis.delete(keys.batch_enqueue_lock("kites"))
+        done = enqueue_file(producer_b, path, "kites", {**defaults, "resolution": "480P"},
+                            lambda *call: sent.append(call))
+        assert done.created == 50
+
+    with pytest.raises(InputError, match="stood still longer than its lock lasts.*0 new jobs"):
+        enqueue_file(producer_a, path, "kites", defaults, lambda *call: sent.append(call),
+                     check_plan=stood_still)
+    client = producer_a.redis
+    assert client.scard(keys.batch_jobs("kites")) == 50
+    assert int(client.hget(keys.batch("kites"), "total")) == 50
+    resolutions = {json.loads(client.hget(keys.job(keys.job_ref("kites", job_id)), "request"))
+                   .get("resolution") for job_id in client.smembers(keys.batch_jobs("kites"))}
+    assert resolutions == {"480P"}
+
+    again = subprocess.run([*VIDQ, "enqueue", str(path), "--batch", "kites"],
+                           env=_env(redis_url), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "only by parameters (resolution)" in again.stderr
+    assert client.scard(keys.batch_jobs("kites")) == 50
+
+
+def test_a_stray_bom_or_empty_negative_prompt_asks_what_the_batch_has(redis_url, tmp_path):
+    """`cat a.txt b.txt`, b saved with a BOM: its first prompt carries the BOM
+    into the joined file. Enqueued into the batch that has the prompt, it
+    made a second job and charge, and with --resolution 480P passed the
+    variants check (review 114). A `"negative_prompt": ""` is no negative
+    prompt, as an empty CSV cell is: it made another job too."""
+    plain = tmp_path / "a.txt"
+    plain.write_text("a blue heron at dusk\n")
+    joined = tmp_path / "all.txt"
+    joined.write_bytes(b"a red fox\n\xef\xbb\xbfa blue heron at dusk\n")
+    empty_negative = tmp_path / "n.jsonl"
+    empty_negative.write_text(json.dumps({"prompt": "a blue heron at dusk",
+                                          "negative_prompt": ""}) + "\n")
+    env = _env(redis_url)
+
+    def enqueue(path, *flags):
+        return subprocess.run([*VIDQ, "enqueue", str(path), "--batch", "herons", *flags],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    assert enqueue(plain).returncode == 0
+    variant = enqueue(joined, "--resolution", "480P")
+    assert variant.returncode == 2, variant.stdout
+    assert "1 new job differs from jobs already in batch 'herons'" in variant.stderr
+    joined_in = enqueue(joined)
+    assert joined_in.returncode == 0, joined_in.stderr
+    assert "(1 new, 1 already enqueued)" in joined_in.stdout
+    negative = enqueue(empty_negative)
+    assert negative.returncode == 0 and "(0 new, 1 already enqueued)" in negative.stdout
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.scard(keys.batch_jobs("herons")) == 2
+
+
+def test_a_file_named_in_latin_1_is_enqueued_and_reported_by_its_name(redis_url, tmp_path):
+    """A prompt file whose name is not UTF-8 (`café.txt` from an old zip):
+    the enqueue died with a traceback after listing the batch and setting
+    its priority, a batch of 0 jobs that `vidq status` did not know (review
+    114). Now its jobs go in, and the report names the file with the byte
+    escaped."""
+    name = os.fsencode(tmp_path) + b"/caf\xe9.txt"
+    with open(name, "wb") as out:
+        out.write(b"a heron\na fox\n")
+    env = _env(redis_url)
+    done = subprocess.run([*VIDQ, "enqueue", name, "--batch", "latin", "--priority", "high"],
+                          env=env, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"(2 new, 0 already enqueued)" in done.stdout
+    report = subprocess.run([*VIDQ, "report", "latin"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    rows = [json.loads(line) for line in report.stdout.splitlines()]
+    assert [(row["line"], row["file"]) for row in rows] == [
+        (1, f"{tmp_path}/caf\\xe9.txt"), (2, f"{tmp_path}/caf\\xe9.txt")]
+
+
+def test_a_batch_named_as_another_but_for_case_is_refused(redis_url, tmp_path):
+    """`Night` and `night` are one directory on macOS or Windows: the second
+    batch's manifest would overwrite the first's (review 114). Job ids were
+    checked for case twins; batch names now are too."""
+    path = tmp_path / "p.txt"
+    path.write_text("a heron\n")
+    env = _env(redis_url)
+
+    def enqueue(batch):
+        return subprocess.run([*VIDQ, "enqueue", str(path), "--batch", batch], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    assert enqueue("Night").returncode == 0
+    refused = enqueue("night")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "error: batch name 'night' differs only in case from batch 'Night': on a "
+        "case-insensitive disk (macOS, Windows) both would be one directory (nothing was "
+        "enqueued)")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.smembers(keys.BATCHES) == {"Night"}
+    assert enqueue("Night").returncode == 0

@@ -31,6 +31,7 @@ from .connection import op_id, run_pipeline
 from .contract import shape_of
 from .errors import InputError
 from .jobs import FINAL_STATES, Job, JobStore, State, Step, load_script
+from .leases import Fence
 from .metrics_record import resent as resent_metric
 from .spend import SPEND_TTL_S, CreditEstimates
 
@@ -106,12 +107,16 @@ class Admission:
         return found
 
     def enqueue(self, batch: str, jobs: Iterable[tuple[str, dict] | tuple[str, dict, dict]],
-                now: float, batch_settings: dict | None = None) -> int:
+                now: float, batch_settings: dict | None = None,
+                fence: Fence | None = None) -> int:
         """Write new jobs and put them in line; existing ids are left alone.
         A job may carry a third element, extra hash fields (e.g. its input
         `line`), written only where the job does not have them yet.
-        `batch_settings` (priority, max_credits, max_videos) apply first."""
+        `batch_settings` (priority, max_credits, max_videos) apply first.
+        With a `fence`, each write needs its lock still held."""
         self.refuse_if_cancelled(batch)
+        if fence is not None and not fence.held(self.redis):
+            raise lock_lapsed(batch, 0)
         self.configure(batch, batch_settings or {}, defaults={"priority": "normal"})
         # Known before its first job is: an enqueue that dies half-way leaves
         # jobs that run, and their batch must be listed, finished and expired.
@@ -120,13 +125,15 @@ class Admission:
         created, calls = 0, []
         try:
             for job_id, request, *rest in jobs:
-                calls.append(self._enqueue_call(batch, job_id, request, rest, now))
+                calls.append(self._enqueue_call(batch, job_id, request, rest, now, fence))
                 if len(calls) >= ENQUEUE_PIPELINE:
                     created += sum(int(answer) for answer in self._run_all("enqueue", calls))
                     calls = []
             if calls:
                 created += sum(int(answer) for answer in self._run_all("enqueue", calls))
         except redis.RedisError as exc:
+            if "VIDQ_LOCK_LOST" in str(exc):
+                raise lock_lapsed(batch, created) from None
             raise type(exc)(f"{exc}; at least {created} new jobs had been written to batch "
                             f"{batch!r} and will run; the same command again enqueues the "
                             "rest (nothing twice)") from exc
@@ -137,12 +144,12 @@ class Admission:
         return created
 
     def _enqueue_call(self, batch: str, job_id: str, request: dict, rest: list,
-                      now: float) -> tuple[list[str], list[str]]:
+                      now: float, fence: Fence | None) -> tuple[list[str], list[str]]:
         ref = keys.job_ref(batch, job_id)
         script_keys = [keys.job(ref), keys.batch_jobs(batch), keys.batch_counts(batch),
-                       keys.batch(batch)]
+                       keys.batch(batch)] + ([fence.key] if fence else [])
         args = [job_id, batch, json.dumps(request, ensure_ascii=False), repr(now),
-                repr(self.credits.of(request))]
+                repr(self.credits.of(request)), fence.token if fence else ""]
         extra = {"shape": "@".join(shape_of(request)), **(rest[0] if rest else {})}
         for name, value in extra.items():
             args += [name, str(value)]
@@ -241,6 +248,14 @@ class Admission:
         for name in names:
             pipe.zcard(keys.batch_line(name))
         return sum(pipe.execute()) + int(self.redis.llen(keys.ADMISSION))
+
+
+def lock_lapsed(batch: str, created: int) -> InputError:
+    return InputError(
+        f"batch {batch!r}: this enqueue stood still longer than its lock lasts (the process "
+        f"stopped or suspended, or Redis out of reach) and another enqueue may have changed "
+        f"the batch since; {created} new jobs had been written, the rest were not; the same "
+        "command again checks the batch afresh and enqueues the rest (nothing twice)")
 
 
 def admit(admission: Admission, dispatch: Dispatch) -> int:

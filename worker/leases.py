@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import redis
 
@@ -59,10 +60,24 @@ def lease_renewed(store: JobStore, job: Job, lease_s: float):
     return renewed(lambda: store.renew_lease(job, lease_s), lease_s, f"lease of job {job.ref}")
 
 
+@dataclass(frozen=True)
+class Fence:
+    """A held lock, for writes that must not land once it lapsed: a holder
+    stopped longer than the TTL (SIGSTOP, a suspended laptop) resumes
+    believing it still holds it, while another has taken it meanwhile. Its
+    writes check `token` is still at `key` (review 114)."""
+    key: str
+    token: str
+
+    def held(self, client: redis.Redis) -> bool:
+        return client.get(self.key) == self.token
+
+
 @contextlib.contextmanager
-def held_lock(client: redis.Redis, key: str, ttl_s: float) -> Iterator[None]:
+def held_lock(client: redis.Redis, key: str, ttl_s: float) -> Iterator[Fence]:
     """Wait for the lock, hold it while the block runs (renewed every third
-    of its TTL), then free it. A holder that dies frees it within `ttl_s`."""
+    of its TTL), then free it. A holder that dies frees it within `ttl_s`;
+    one that stood still that long finds it gone only through the `Fence`."""
     token = os.urandom(8).hex()
     while not take_lock(client, key, token, ttl_s):
         time.sleep(0.1)
@@ -74,7 +89,7 @@ def held_lock(client: redis.Redis, key: str, ttl_s: float) -> Iterator[None]:
 
     try:
         with renewed(renew, ttl_s, f"lock {key}"):
-            yield
+            yield Fence(key, token)
     finally:
         load_script(client, "release_lock")(keys=[key], args=[token])
 

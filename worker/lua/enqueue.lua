@@ -3,9 +3,16 @@
 -- the upstream reports the real figure. A batch cancelled meanwhile (`vidq
 -- cancel` while a big file was being written) takes no new job: one put in
 -- its line after the cancel drained it would wait there forever.
+-- KEYS[5], when given, is the batch's enqueue lock, which must still hold
+-- ARGV[6]: a producer stopped past the lock's TTL while another enqueued
+-- writes nothing more (worker/leases.py, Fence).
 local job_key, jobs_key, counts_key, batch_hash_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local job_id, batch, request, now, estimate = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local first_extra = 6  -- ARGV[6..]: extra fields (name, value), set where unset
+local first_extra = 7  -- ARGV[7..]: extra fields (name, value), set where unset
+
+if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[6] then
+  return redis.error_reply('VIDQ_LOCK_LOST the enqueue lock lapsed')
+end
 
 local function set_extras()
   for i = first_extra, #ARGV, 2 do redis.call('HSETNX', job_key, ARGV[i], ARGV[i + 1]) end
