@@ -158,6 +158,33 @@ def test_an_unknown_post_keeps_its_slot_while_its_generation_may_run(proxied, ma
 
 
 @pytest.mark.slow
+def test_an_unknown_post_holds_its_slot_until_a_slower_upstream_finishes_a_later_job(
+        make_pipeline, proxied, make_sandbox, tmp_path):
+    """The plan learned ~3 s generations; then the upstream runs 3x slower. The
+    next POST is created upstream but answered by a gateway's 502, and its job
+    is the oldest slot holder: its hold ended at the old fit's 99.9th
+    percentile while its generation ran on, and the next job made 3 upstream
+    at C = 2 (review 113). It now holds until a job admitted after it is done."""
+    learn = make_pipeline(make_sandbox(time_scale=30), VIDQ_MAX_IN_FLIGHT=2)
+    learn.start_workers(concurrency=4)
+    learn.enqueue(write_prompts(tmp_path / "w.txt", [f"warm {i}" for i in range(12)]), "warm")
+    assert learn.wait_finished("warm", timeout_s=90)["done"] == 12
+    learn.stop_workers()
+    slower = make_sandbox(time_scale=10, max_concurrency=0)  # ~9 s, counted, never refused
+    pipeline, proxy = proxied(slower, VIDQ_MAX_IN_FLIGHT=2)
+    proxy.queue("gateway_502", count=1, method="POST")
+    pipeline.start_workers(concurrency=4)
+    pipeline.enqueue(write_prompts(tmp_path / "u.txt", ["the unknown one"]), "u")
+    wait_until(lambda: pipeline.store.counts("u")["failed"] == 1, 30, "the unknown POST")
+    pipeline.enqueue(write_prompts(tmp_path / "r.txt", [f"after {i}" for i in range(4)]), "r")
+
+    assert pipeline.wait_finished("r", timeout_s=120)["done"] == 4
+    stats = slower.stats()
+    assert stats["submissions"] == 5  # the unknown one was created upstream
+    assert stats["max_in_flight"] == 2, stats
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["resubmit_unknown", "resubmit"])
 def test_resubmitting_an_unknown_post_keeps_its_slot_taken(proxied, make_sandbox, tmp_path,
                                                            flag):

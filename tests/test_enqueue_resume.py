@@ -164,7 +164,7 @@ def test_a_producer_stopped_past_its_lock_writes_nothing_once_another_enqueued(
                             lambda *call: sent.append(call))
         assert done.created == 50
 
-    with pytest.raises(InputError, match="stood still longer than its lock lasts.*0 new jobs"):
+    with pytest.raises(InputError, match="lost its lock.*0 new jobs had been written"):
         enqueue_file(producer_a, path, "kites", defaults, lambda *call: sent.append(call),
                      check_plan=stood_still)
     client = producer_a.redis
@@ -232,6 +232,44 @@ def test_a_file_named_in_latin_1_is_enqueued_and_reported_by_its_name(redis_url,
     rows = [json.loads(line) for line in report.stdout.splitlines()]
     assert [(row["line"], row["file"]) for row in rows] == [
         (1, f"{tmp_path}/caf\\xe9.txt"), (2, f"{tmp_path}/caf\\xe9.txt")]
+
+
+def test_two_batches_named_but_for_case_enqueued_at_once_are_never_both_created(
+        redis_url, tmp_path):
+    """`Night` and `night` enqueued at once: both passed the twin check before
+    either was listed (the locks were per name; review 115). One lock for
+    both names now: the second waits, then is refused."""
+    import threading
+
+    from producer.enqueue import enqueue_file, open_admission
+    from worker.errors import InputError
+    from worker.settings import Settings
+
+    path = tmp_path / "p.txt"
+    path.write_text("a heron\n")
+    settings = Settings.from_env({"VIDQ_REDIS_URL": redis_url, "AIMLAPI_KEY": "k"})
+    defaults = {"model": "alibaba/wan2.1-t2v-turbo"}
+    outcome = []
+
+    def other_case():
+        try:
+            enqueue_file(open_admission(settings), path, "night", defaults, lambda *_: None)
+            outcome.append("created")
+        except InputError as exc:
+            outcome.append(str(exc))
+
+    second = threading.Thread(target=other_case)
+
+    def while_checked(requests):  # the first has passed its twin check
+        second.start()
+        time.sleep(1.0)
+
+    enqueue_file(open_admission(settings), path, "Night", defaults, lambda *_: None,
+                 check_plan=while_checked)
+    second.join(timeout=60)
+    assert outcome and "differs only in case from batch 'Night'" in outcome[0], outcome
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.smembers(keys.BATCHES) == {"Night"}
 
 
 def test_a_batch_named_as_another_but_for_case_is_refused(redis_url, tmp_path):

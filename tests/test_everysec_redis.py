@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,52 @@ def _snapshot_at(crash: str, aof: Path, copy: Path, monkeypatch) -> None:
             return journal_paid(journal, job, generation_id)
 
         monkeypatch.setattr(posting, "_journal_paid", snapshot)
+
+
+@pytest.mark.slow
+def test_a_job_whose_last_writes_redis_lost_is_polled_again_at_once(make_pipeline, make_sandbox,
+                                                                     tmp_path):
+    """appendfsync everysec, a crash inside its second: the job's record comes
+    back with the token of a poll that already ran, while its worker holds
+    the countdown of the next. That message was dropped as stale, and the
+    job waited a step grace (90 s by default; 600 here) with its slot idle
+    for the reconciler (review 113). A claim that finds a record older than
+    its message now makes the job due at once. (The worker's heartbeat outlives
+    the restart here, so the reconciler takes it as holding the first poll.)"""
+    server = PrivateRedis(tmp_path / "redis", extra_args=EVERYSEC).start()
+    aof = tmp_path / "redis" / "appendonly.aof"
+    try:
+        pipeline = make_pipeline(make_sandbox(time_scale=4.5),  # ~20 s generations
+                                 VIDQ_REDIS_URL=server.url, VIDQ_MAX_IN_FLIGHT="1",
+                                 VIDQ_STEP_GRACE_S="600", VIDQ_EXPECTED_GENERATION_S="20",
+                                 VIDQ_HEARTBEAT_INTERVAL_S="5")
+        pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["rolled back"]), "night")
+        [job_id] = pipeline.store.job_ids("night")
+        job_key = keys.job(f"night:{job_id}")
+        pipeline.start_workers()
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+
+        def pending_poll() -> str | None:
+            token, step, holder = client.hmget(job_key, "token", "step", "holder")
+            return token if step == "poll" and token and token.isdigit() and holder else None
+
+        first = wait_until(pending_poll, 30, "the first poll's countdown, held", 0.01)
+        shutil.copy(aof, tmp_path / "first-poll.aof")  # what the disk has...
+        wait_until(lambda: pending_poll() not in (None, first), 30, "the next poll", 0.01)
+        # The first poll's message acked: restored from the worker's memory on
+        # reconnecting, it would run at once and hide the stale one.
+        time.sleep(0.5)
+        server.process.kill()  # ...when the crash comes a poll later
+        server.process.wait()
+        shutil.copy(tmp_path / "first-poll.aof", aof)
+        server = PrivateRedis(tmp_path / "redis", port=server.port, extra_args=EVERYSEC).start()
+        assert client.hget(job_key, "token") == first
+
+        assert pipeline.wait_finished("night", timeout_s=90)["done"] == 1
+        [entry] = pipeline.ledger()
+        video = (tmp_path / "videos" / "night" / f"{job_id}.mp4").read_bytes()
+        assert hashlib.sha256(video).hexdigest() == entry["sha256"]
+        assert "Redis lost its last writes" in (pipeline.log_dir / "worker-0.log").read_text()
+        pipeline.stop_workers()
+    finally:
+        server.stop()

@@ -527,7 +527,8 @@ def test_an_unknown_posts_hold_lasts_while_a_job_admitted_before_it_still_runs(s
     got slower): while a job admitted before it still holds its slot, the
     unknown POST, if it created anything, is likely generating too, and its
     slot stays taken; once that job is done, or VIDQ_DEADLINE_S after its
-    admission, the hold ends."""
+    admission, the hold ends. (A job admitted after them all is done here:
+    without one, the hold stays too; test_admission.py's slower upstream.)"""
     steps = steps_for(VIDQ_DEADLINE_S="3")
     steps.admission.enqueue("b", [(f"j{i}", {"model": "alibaba/wan2.1-t2v-turbo",
                                              "prompt": f"p {i}"}) for i in range(3)],
@@ -537,6 +538,7 @@ def test_an_unknown_posts_hold_lasts_while_a_job_admitted_before_it_still_runs(s
         steps.store.redis.zadd(keys.SLOT_HOLDS, {ref: time.time() - 1})
     now = time.time()  # admitted in this order (one pump gives them one time)
     steps.store.redis.zadd(keys.SLOTS, {done: now - 2.0, old: now - 1.5, unknown: now - 1.0})
+    steps.store.redis.hset(keys.CONFIG, "done_slot_taken", repr(now - 0.5))
 
     assert steps.admission.release_expired_holds(recheck_s=0.2) == 1
     assert set(steps.store.redis.zrange(keys.SLOTS, 0, -1)) == {old, unknown}
@@ -551,6 +553,43 @@ def test_an_unknown_posts_hold_lasts_while_a_job_admitted_before_it_still_runs(s
     steps.store.redis.zadd(keys.SLOT_HOLDS, {unknown: time.time() - 1})
     assert steps.admission.release_expired_holds() == 1  # past VIDQ_DEADLINE_S: ends
     steps.store.redis.delete(keys.SLOTS)
+
+
+def test_unknown_posts_holding_every_slot_end_at_their_expiry(steps_for):
+    """Every slot held by an unknown POST (a gateway's 502s to C POSTs in a
+    row): no job can be admitted after them, so waiting for one to be seen
+    done stalled the night until VIDQ_DEADLINE_S (review 115). With a job
+    running after them and none done, they stay; with none running, they end."""
+    steps = steps_for(VIDQ_DEADLINE_S="30")
+    steps.admission.enqueue("b", [(f"j{i}", {"model": "alibaba/wan2.1-t2v-turbo",
+                                             "prompt": f"p {i}"}) for i in range(3)],
+                            time.time())
+    (first, _), (second, _), (later, _) = steps.admission.pump()
+    now = time.time()
+    steps.store.redis.zadd(keys.SLOTS, {first: now - 3.0, second: now - 3.0, later: now - 1.0})
+    steps.store.redis.zadd(keys.SLOT_HOLDS, {first: now - 0.5, second: now - 0.5})
+
+    assert steps.admission.release_expired_holds(recheck_s=0.2) == 0  # `later` runs
+    steps.store.redis.zrem(keys.SLOTS, later)  # every slot left is a hold
+    time.sleep(0.3)
+    assert steps.admission.release_expired_holds(recheck_s=0.2) == 2
+    assert steps.admission.in_flight() == 0
+
+
+def test_a_claimed_step_is_never_re_sent_for_a_newer_stale_message(steps_for):
+    """After Redis lost a second, its token counter re-issues numbers: a job
+    re-sent since may run a step under a lower token than a message from
+    before the crash. That message must not make the running step due again
+    (a second copy of it; review 115): only a waiting job is taken to have
+    lost its writes."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    leased = steps.store.redis.zscore(keys.DUE, ref)
+
+    assert steps.claim(ref, str(int(token) + 5), "submit") is None
+    assert steps.store.redis.zscore(keys.DUE, ref) == leased
+    assert steps.store.get(ref).token == f"run:{token}" and job is not None
 
 
 def test_a_job_admitted_with_an_unknown_post_keeps_its_hold_while_it_runs(steps_for):

@@ -252,10 +252,11 @@ class Admission:
 
 def lock_lapsed(batch: str, created: int) -> InputError:
     return InputError(
-        f"batch {batch!r}: this enqueue stood still longer than its lock lasts (the process "
-        f"stopped or suspended, or Redis out of reach) and another enqueue may have changed "
-        f"the batch since; {created} new jobs had been written, the rest were not; the same "
-        "command again checks the batch afresh and enqueues the rest (nothing twice)")
+        f"batch {batch!r}: this enqueue lost its lock (the process stood still past its "
+        f"time, stopped or suspended, or Redis was out of reach or restarted without it) "
+        f"and another enqueue may have changed the batch since; {created} new jobs had "
+        "been written, the rest were not; the same command again checks the batch afresh "
+        "and enqueues the rest (nothing twice)")
 
 
 def admit(admission: Admission, dispatch: Dispatch) -> int:

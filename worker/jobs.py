@@ -156,6 +156,10 @@ class JobStore:
         flat = self._scripts["claim"](
             keys=[keys.job(ref), keys.DUE, keys.PAUSE_SUBMIT, keys.PAUSE_POLL],
             args=[token, repr(lease_s), ref, holder, op_id()])
+        if flat == "rolled back":  # lua/claim.lua: re-sent by the next reconciler pass
+            log.warning("job %s: its record is older than this message (token %s): Redis "
+                        "lost its last writes; its step is sent again", ref, token)
+            return None
         if not flat:
             return None
         return Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))

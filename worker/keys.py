@@ -155,7 +155,9 @@ def batch_finished(name: str) -> str:
 
 
 def batch_enqueue_lock(name: str) -> str:
-    return f"{PREFIX}batch:{name}:enqueuing"
+    # One lock for names that differ only in case: their enqueues refuse
+    # each other's twin (producer/enqueue.py), so they must not interleave.
+    return f"{PREFIX}batch:{name.lower()}:enqueuing"
 
 
 def batch_open_posts(name: str) -> str:

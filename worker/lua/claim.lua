@@ -8,10 +8,29 @@ local ref = ARGV[3]
 local holder = ARGV[4]
 local op = ARGV[5]
 
+-- Tokens only grow (one INCR for all), so a job waiting with an older token
+-- than this message's lost its last writes (a crash inside appendfsync
+-- everysec's second, a failover to a lagging replica): no message carries
+-- the token it has, and its step would wait a step grace, its slot idle,
+-- for the reconciler. Due now instead, so the next pass re-sends it (review
+-- 113). Not a claimed token ('run:'): once the counter itself went back,
+-- an older number may be a step re-sent since and running now (review
+-- 115); a waiting one re-sent again only supersedes its message. A pending
+-- step is in the due set; a job that ended is not.
+local function rolled_back(current)
+  local older, mine = tonumber(current or ''), tonumber(token)
+  return older and mine and older < mine and redis.call('ZSCORE', due_key, ref)
+end
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if redis.call('HGET', job_key, 'last_op') ~= op then
-  if redis.call('HGET', job_key, 'token') ~= token then return false end
+  local current = redis.call('HGET', job_key, 'token')
+  if current ~= token then
+    if not rolled_back(current) then return false end
+    redis.call('ZADD', due_key, now, ref)
+    return 'rolled back'
+  end
   redis.call('HSET', job_key, 'token', 'run:' .. token, 'holder', holder, 'last_op', op)
   redis.call('ZADD', due_key, now + lease_s, ref)
 end

@@ -1,9 +1,15 @@
 -- Free the slots of outcome-unknown jobs whose expected generation time has
 -- passed (the upstream is done with them by now, or never started them),
--- unless a job that took its slot before them (or with them) still holds it: the upstream
--- is then slower than the fit that set the hold (it just slowed down), and
--- the unknown POST, if it created anything, is likely still generating. Such
--- a hold is looked at again in ARGV[2] seconds, never past ARGV[1] seconds
+-- unless a job that took its slot before them (or with them) still holds
+-- it, or one that took it after still runs and none that took it with them
+-- or after has been seen done upstream (transition.lua records the newest
+-- such admission): the upstream is then slower than the fit that set the
+-- hold (it just slowed down), and the unknown POST, if it created anything,
+-- is likely still generating. (With only the first rule, the oldest
+-- holder's hold ended on the old fit while the upstream ran 3x slower: C + 1
+-- upstream; review 113. A hold with no job running after it waits for no
+-- completion: with every slot held, none could come; review 115.) Such a
+-- hold is looked at again in ARGV[2] seconds, never past ARGV[1] seconds
 -- (VIDQ_DEADLINE_S) since its slot was taken.
 local holds_key, slots_key = KEYS[1], KEYS[2]
 local longest_s, recheck_s = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -13,17 +19,24 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 -- `taken` as Redis wrote it: a Lua number would be formatted back with 14
 -- digits, and a job admitted by the same pump call (the same score) would
 -- then count or not by the rounding. Such a job counts: it is no younger.
-local function older_job_running(taken)
-  for _, other in ipairs(redis.call('ZRANGEBYSCORE', slots_key, '-inf', taken)) do
+local function job_running(from, to)
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', slots_key, from, to)) do
     if not redis.call('ZSCORE', holds_key, other) then return true end
   end
   return false
 end
 
+local function slower_than_fit(taken)
+  if job_running('-inf', taken) then return true end
+  local newest = redis.call('HGET', NS.config, 'done_slot_taken')
+  return (not newest or tonumber(newest) < tonumber(taken))
+    and job_running('(' .. taken, '+inf')
+end
+
 local released = 0
 for _, ref in ipairs(redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)) do
   local taken = redis.call('ZSCORE', slots_key, ref)
-  if taken and now - tonumber(taken) < longest_s and older_job_running(taken) then
+  if taken and now - tonumber(taken) < longest_s and slower_than_fit(taken) then
     redis.call('ZADD', holds_key, now + recheck_s, ref)
   else
     redis.call('ZREM', holds_key, ref)

@@ -74,6 +74,16 @@ end
 if hold_slot_s > 0 then
   redis.call('ZADD', holds_key, now + hold_slot_s, ref)
 elseif release_slot then
+  -- A generation done upstream: the newest admission done so far tells an
+  -- outcome-unknown hold admitted before it that the upstream is past it
+  -- (lua/release_holds.lua).
+  local taken = new_state == STATE.downloading and redis.call('ZSCORE', slots_key, ref)
+  if taken then
+    local newest = redis.call('HGET', NS.config, 'done_slot_taken')
+    if not newest or tonumber(taken) > tonumber(newest) then
+      redis.call('HSET', NS.config, 'done_slot_taken', taken)
+    end
+  end
   redis.call('ZREM', slots_key, ref)
 end
 if next_step == '' then
