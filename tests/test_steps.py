@@ -576,6 +576,25 @@ def test_unknown_posts_holding_every_slot_end_at_their_expiry(steps_for):
     assert steps.admission.in_flight() == 0
 
 
+def test_only_a_generation_posted_in_its_slot_says_the_upstream_is_past_a_hold(steps_for):
+    """`vidq retry` (and a generation found again) takes a slot now for a
+    generation POSTed long before: its completion says nothing of how long
+    generations take now, and must not end an unknown POST's hold admitted
+    before that slot (review 115). One POSTed in its slot does."""
+    steps = steps_for()
+    config = steps.store.redis
+    for posted_after_admission in (False, True):
+        config.hdel(keys.CONFIG, "done_slot_taken")
+        ref, token = _admit_one(steps, job_id=f"j{posted_after_admission}")
+        taken = config.zscore(keys.SLOTS, ref)
+        config.hset(keys.job(ref), "posting_at",
+                    repr(taken + 0.5 if posted_after_admission else taken - 600))
+        job = steps.claim(ref, token, "submit")
+        steps.store.transition(job, state="downloading", release_slot=True)
+        recorded = config.hget(keys.CONFIG, "done_slot_taken")
+        assert (recorded is not None) == posted_after_admission, recorded
+
+
 def test_a_claimed_step_is_never_re_sent_for_a_newer_stale_message(steps_for):
     """After Redis lost a second, its token counter re-issues numbers: a job
     re-sent since may run a step under a lower token than a message from

@@ -76,9 +76,10 @@ if hold_slot_s > 0 then
 elseif release_slot then
   -- A generation done upstream: the newest admission done so far tells an
   -- outcome-unknown hold admitted before it that the upstream is past it
-  -- (lua/release_holds.lua).
+  -- (lua/release_holds.lua). Only one POSTed in this slot: `vidq retry` and a
+  -- generation found again take a slot for an old one (review 115).
   local taken = new_state == STATE.downloading and redis.call('ZSCORE', slots_key, ref)
-  if taken then
+  if taken and tonumber(redis.call('HGET', job_key, 'posting_at') or '0') >= tonumber(taken) then
     local newest = redis.call('HGET', NS.config, 'done_slot_taken')
     if not newest or tonumber(taken) > tonumber(newest) then
       redis.call('HSET', NS.config, 'done_slot_taken', taken)
