@@ -184,6 +184,62 @@ def test_resubmit_looks_first_at_a_generation_nobody_saw_finish(make_pipeline, m
 
 
 @pytest.mark.slow
+def test_resubmit_under_a_raised_hard_limit_polls_the_generation_still_running(
+        make_pipeline, make_sandbox, tmp_path):
+    """A job failed at a hard limit too short for the night (4 s against 14 s
+    generations); the workers restart with it raised, as the README advises,
+    and `vidq retry --resubmit` runs while its generation still runs. The
+    look found it pending and POSTed anyway: two generations paid, two
+    upstream at C = 1, the first never fetched (review 116). It is polled
+    again now: one POST, its video stored."""
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=14, spread=0)
+    env = dict(VIDQ_EXPECTED_GENERATION_S=14, VIDQ_DEADLINE_S=2, VIDQ_MAX_IN_FLIGHT=1,
+               VIDQ_OVERDUE_POLL_INTERVAL_S=0.5)
+    short = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=4, **env)
+    short.start_workers()
+    short.enqueue(write_prompts(tmp_path / "a.txt", ["still running"]), "slow")
+    assert short.wait_finished("slow", timeout_s=30)["failed"] == 1
+    short.stop_workers()
+    pipeline = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=120, **env)
+    pipeline.start_workers()
+
+    retried = vidq(pipeline, "retry", "slow", "--resubmit", "--yes")
+    assert retried.returncode == 0, retried.stderr
+    assert pipeline.wait_finished("slow", timeout_s=60)["done"] == 1
+    [entry] = pipeline.ledger()
+    [row] = report(pipeline, "slow")
+    video = (tmp_path / "videos" / "slow" / f"{row['custom_id']}.mp4").read_bytes()
+    assert hashlib.sha256(video).hexdigest() == row["sha256"] == entry["sha256"]
+    assert row["generation_ids"] == [entry["id"]]
+    assert sandbox.stats()["max_in_flight"] == 1
+
+
+def test_a_resubmitted_job_cancelled_before_its_post_still_gets_its_finished_video(
+        make_pipeline, make_sandbox, tmp_path):
+    """`vidq retry --resubmit` put back in line a job whose generation nobody
+    saw finish (it failed at the hard limit), to be looked at before a new
+    POST; then `vidq cancel`. The job ended cancelled and the generation,
+    finished and paid for, was never fetched (review 116). Cancel now polls
+    it, as it does any paid generation of a cancelled batch."""
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=5, spread=0)
+    pipeline = make_pipeline(sandbox, VIDQ_EXPECTED_GENERATION_S=5, VIDQ_DEADLINE_S=1,
+                             VIDQ_HARD_LIMIT_S=2, VIDQ_OVERDUE_POLL_INTERVAL_S=0.5)
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "g.txt", ["finished unseen"]), "g")
+    assert pipeline.wait_finished("g", timeout_s=30)["failed"] == 1
+    wait_until(lambda: pipeline.ledger()[0]["status"] == "completed", 30, "the generation")
+    for command in (["pause", "g"], ["retry", "g", "--resubmit", "--yes"], ["cancel", "g"]):
+        done = vidq(pipeline, *command)
+        assert done.returncode == 0, (command, done.stderr)
+
+    assert pipeline.wait_finished("g", timeout_s=30)["done"] == 1
+    [entry] = pipeline.ledger()
+    [row] = report(pipeline, "g")
+    video = (tmp_path / "videos" / "g" / f"{row['custom_id']}.mp4").read_bytes()
+    assert hashlib.sha256(video).hexdigest() == row["sha256"] == entry["sha256"]
+
+
+@pytest.mark.slow
 def test_include_completed_buys_a_new_generation_when_the_finished_one_cannot_be_had(
         make_pipeline, make_sandbox, tmp_path):
     """The finished generation's link is refused for good (410 on every
@@ -680,6 +736,37 @@ def test_purge_force_keeps_the_slots_of_generations_still_running_so_c_holds(
     assert "2 generations of it may still be running upstream" in purged.stdout, purged.stdout
     assert counts["done"] == 2
     assert client.zcard(keys.SLOTS) == 0 and client.zcard(keys.SLOT_HOLDS) == 0
+
+
+@pytest.mark.slow
+def test_purge_force_after_the_upstream_got_slower_keeps_c(make_pipeline, make_sandbox, tmp_path):
+    """The plan learned ~2 s generations; the upstream then takes ~10 s. A
+    batch whose 2 generations run is purged --force and another enqueued: the
+    purged slots were held for the old fit's 99.9th percentile, then given
+    to the new batch while the purged generations ran on, 4 upstream at C = 2
+    (review 116). Their ids are known: they are asked about, and their slots
+    kept until the upstream says they ended."""
+    learn = make_pipeline(make_sandbox(time_scale=45), VIDQ_MAX_IN_FLIGHT="2")
+    learn.start_workers(1, concurrency=4)
+    learn.enqueue(write_prompts(tmp_path / "w.txt", [f"warm {i}" for i in range(12)]), "w")
+    assert learn.wait_finished("w", timeout_s=90)["done"] == 12
+    learn.stop_workers()
+    slower = make_sandbox(time_scale=9, max_concurrency=0)  # ~10 s, counted, never refused
+    pipeline = make_pipeline(slower, VIDQ_MAX_IN_FLIGHT="2")
+    pipeline.start_workers(1, concurrency=4)
+    store = pipeline.store
+    pipeline.enqueue(write_prompts(tmp_path / "x.txt", ["a purged kite", "a purged gull"]), "x")
+    wait_until(lambda: all((job := store.get(keys.job_ref("x", i))) and job.generation_id
+                           for i in store.job_ids("x")), 30, "x's two generations running")
+    purged = vidq(pipeline, "purge", "x", "--force")
+    assert purged.returncode == 0, purged.stderr
+    pipeline.enqueue(write_prompts(tmp_path / "y.txt", ["a new heron", "a new crane"]), "y")
+
+    assert pipeline.wait_finished("y", timeout_s=90)["done"] == 2
+    stats = slower.stats()
+    assert stats["submissions"] == 4 and stats["max_in_flight"] == 2, stats
+    wait_until(lambda: store.redis.zcard(keys.SLOTS) == 0, 30, "every slot free")
+    assert not store.redis.exists(keys.PURGED_GENERATIONS)
 
 
 def test_purge_holds_only_the_slots_whose_generation_may_run_and_a_late_id_keeps_its_hold(

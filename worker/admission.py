@@ -227,7 +227,8 @@ class Admission:
         """Mark `batch` cancelled and end up to `limit` of its waiting jobs
         `cancelled`; returns (taken from its line, ended)."""
         taken, ended = self._scripts["cancel"](
-            keys=[keys.batch(batch), keys.batch_line(batch), keys.batch_counts(batch)],
+            keys=[keys.batch(batch), keys.batch_line(batch), keys.batch_counts(batch),
+                  keys.SLOTS, keys.DUE],
             args=[batch, limit, op_id()])
         return int(taken), int(ended)
 

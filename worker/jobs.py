@@ -58,7 +58,8 @@ def lua_constants() -> str:
     prefixes = (f"local NS = {{job = '{keys.JOB_PREFIX}', batch = '{keys.BATCH_PREFIX}', "
                 f"line = '{keys.LINE_SUFFIX}', ring = '{keys.RING_PREFIX}', "
                 f"spend = '{keys.SPEND_PREFIX}', orphans = '{keys.ORPHANS}', "
-                f"purged = '{keys.PURGED_BOOKINGS}', config = '{keys.CONFIG}'}}\n")
+                f"purged = '{keys.PURGED_BOOKINGS}', config = '{keys.CONFIG}', "
+                f"purged_generations = '{keys.PURGED_GENERATIONS}'}}\n")
     return (f"local STATE = {{{states}}}\nlocal STEP = {{{steps}}}\n" + prefixes
             + (LUA_DIR / "common.lua").read_text())
 

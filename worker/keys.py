@@ -94,6 +94,9 @@ ORPHANS = PREFIX + "orphans"
 # Spend booked by `vidq purge --force` for a purged job whose POST had no
 # answer yet, by hold name ('<ref>#<op>'): given back if that POST is refused.
 PURGED_BOOKINGS = PREFIX + "purged_bookings"
+# Slot hold name of a purged job's generation nobody saw end -> its id
+# (worker/purged_looks.py).
+PURGED_GENERATIONS = PREFIX + "purged_generations"
 DUE = PREFIX + "due"
 SEQ = PREFIX + "seq"
 PUMP_REPLAY = PREFIX + "pump:replay:"  # + call id: what that pump call admitted

@@ -25,6 +25,7 @@ from .connection import take_lock
 from .draining import beat_until_exit
 from .errors import ConfigError, StorageError
 from .paid_journal import REPLAY_EVERY_S, check_directory, replay_now
+from .purged_looks import look_at_purged_generations
 from .retention import housekeeping
 from .settings import eta_task_limit
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
@@ -70,6 +71,7 @@ class Lifecycle(bootsteps.StartStopStep):
         self.alive_as = keys.STEPS_WORKER
         self.housekeeper: threading.Thread | None = None
         self.replayer: threading.Thread | None = None
+        self.looker: threading.Thread | None = None
         self.clock_off = False
         self.worker = worker
         self.holds_webhooks = False
@@ -264,6 +266,14 @@ class Lifecycle(bootsteps.StartStopStep):
         self.replayer.start()
         self.replayer.join(wait_s)
 
+    def look_at_purged(self, steps) -> None:
+        """In a thread: a status GET must not hold the timer (the heartbeat)."""
+        if self.looker is None or not self.looker.is_alive():
+            self.looker = threading.Thread(
+                target=look_at_purged_generations, args=(steps.store.redis, steps.client.fetch),
+                name="vidq purged looks", daemon=True)
+            self.looker.start()
+
     def reconcile(self) -> None:
         steps = get_steps()
         settings = steps.settings
@@ -279,6 +289,7 @@ class Lifecycle(bootsteps.StartStopStep):
             resent = reconcile(steps.admission, dispatch, settings.step_grace_s)
             if resent:
                 log.warning("reconciler re-sent %d lost steps", resent)
+            self.look_at_purged(steps)
             self.keep_house(steps)
             relay(steps.store.redis, settings, send_delivery)  # events -> webhook deliveries
         except redis.RedisError as exc:

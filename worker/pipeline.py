@@ -129,9 +129,12 @@ class Steps(StepOutcomes):
         """`vidq retry --resubmit` retired a generation nobody saw finish (it
         failed at the hard limit, say). If it has finished since, its video is
         paid for: it becomes the job's generation again, downloaded, and
-        nothing is POSTed. (Checked before every POST of the job: one that
-        waited in line after a 429 looks again.) Only a 404 or 410 lets the
-        POST go unchecked; any other failure is retried and never POSTs. True
+        nothing is POSTed. So does one still running short of the hard limit
+        (raised since, say): a new POST would pay twice, pass C, and leave the
+        first video unfetched (review 116). (Checked before every POST of the
+        job: one that waited in line after a 429 looks again.) Only its
+        failure, a pending one past the hard limit, or a 404 or 410 lets the
+        POST go; any other failure is retried and never POSTs. True
         when the job moved on without a POST: adopted, or waiting out the
         account's pause on status GETs (a 429 to this look is one, for every
         worker, and spends no attempt)."""
@@ -154,10 +157,12 @@ class Steps(StepOutcomes):
             # A 401/403 (a key being rotated) or a 5xx says nothing of it.
             raise UpstreamUnavailable(f"earlier generation {earlier} not checked yet ({exc}): "
                                       "no new POST before it is") from None
-        if not generation.succeeded:
+        age = job.now() - job.submitted_at
+        if generation.failed or (generation.pending and age >= self.settings.hard_limit_s):
             return False
-        log.warning("job %s: earlier generation %s finished after all: downloading it, "
-                    "no new POST", job.ref, earlier)
+        log.warning("job %s: earlier generation %s %s: polled again, no new POST", job.ref,
+                    earlier, "finished after all" if generation.succeeded
+                    else f"still {generation.status!r} after {age:.0f} s")
         # Paid when its job failed (lua/settle.lua): this admission's commitment
         # is released, not spent a second time.
         self.admission.settle(job.ref, "stored")

@@ -61,6 +61,8 @@ for i = 2, #ARGV, 2 do
       local name = ref .. '#' .. suffix
       redis.call('ZADD', holds_key, hold_until, name)
       redis.call('ZADD', slots_key, taken, name)
+      -- Its id known: asked about once the hold runs out (worker/purged_looks.py).
+      if id ~= '' then redis.call('HSET', NS.purged_generations, name, id) end
       held = held + 1
     end
   end

@@ -10,7 +10,10 @@
 -- upstream; review 113. A hold with no job running after it waits for no
 -- completion: with every slot held, none could come; review 115.) Such a
 -- hold is looked at again in ARGV[2] seconds, never past ARGV[1] seconds
--- (VIDQ_DEADLINE_S) since its slot was taken.
+-- (VIDQ_DEADLINE_S) since its slot was taken. A purged job's generation whose
+-- id is known is not guessed about: the reconciler asks the upstream, and
+-- ends its hold once it ended (worker/purged_looks.py; review 116), within
+-- the same bound.
 local holds_key, slots_key = KEYS[1], KEYS[2]
 local longest_s, recheck_s = tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -36,9 +39,13 @@ end
 local released = 0
 for _, ref in ipairs(redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)) do
   local taken = redis.call('ZSCORE', slots_key, ref)
-  if taken and now - tonumber(taken) < longest_s and slower_than_fit(taken) then
+  local within = taken and now - tonumber(taken) < longest_s
+  if within and redis.call('HEXISTS', NS.purged_generations, ref) == 1 then
+    -- left to its look
+  elseif within and slower_than_fit(taken) then
     redis.call('ZADD', holds_key, now + recheck_s, ref)
   else
+    redis.call('HDEL', NS.purged_generations, ref)
     redis.call('ZREM', holds_key, ref)
     redis.call('ZREM', slots_key, ref)
     redis.call('HDEL', NS.purged, ref)  -- its POST was not refused in time: spent it stays
