@@ -3,6 +3,7 @@ purge and retention, --allow-variants. Real Redis, real `celery -A worker
 worker` processes, the sandbox over HTTP; `vidq` run as a user runs it."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -597,6 +598,76 @@ def test_a_shell_with_another_storage_url_leaves_the_manifest_to_the_workers(mak
     purge = shell("purge", "split")
     assert purge.returncode == 2 and "nothing was purged" in purge.stderr
     assert pipeline.store.batch_total("split") == len(GOOD)
+
+
+def test_a_retry_that_dies_after_putting_jobs_back_still_gets_a_new_manifest(make_pipeline,
+                                                                             tmp_path):
+    """`vidq retry` died (Ctrl-C, OOM) right after putting the failures back in
+    line: the batch's reopened count was a write of its own after that, so
+    the batch finished again under its old stamp and its manifest said
+    "failed" for videos stored since, for good (review 117). The count now
+    changes in the same script: the workers write a new manifest."""
+    pipeline = make_pipeline()
+    pipeline.faults(submit=[400, 400])
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["refused once", "refused too"]), "rd")
+    assert pipeline.wait_finished("rd", timeout_s=30)["failed"] == 2
+    manifest = tmp_path / "videos" / "rd" / "manifest.jsonl"
+    wait_until(manifest.exists, 30, "the first manifest")
+
+    # What the command had done when it died: no admit, nothing after.
+    assert pipeline.admission.requeue_failed("rd") == {"requeued": 2}
+    assert pipeline.wait_finished("rd", timeout_s=30)["done"] == 2
+    wait_until(lambda: all(json.loads(line)["state"] == "done"
+                           for line in manifest.read_text().splitlines()), 30,
+               "the manifest of the stored videos")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        video = (tmp_path / "videos" / "rd" / f"{row['custom_id']}.mp4").read_bytes()
+        assert hashlib.sha256(video).hexdigest() == row["sha256"]
+
+
+def test_a_reused_batch_names_earlier_manifest_never_describes_tonights_files(make_pipeline,
+                                                                              tmp_path):
+    """Last night's batch `nr` stored clip1 and clip2 and its manifest; purged,
+    its name comes back tonight with other prompts under the same ids. The
+    videos went to replaced/, but the manifest stayed: its rows named
+    nr/clip1.mp4 with last night's prompt and generation while that file was
+    tonight's, all night, and for good after a `purge --force` (review 117).
+    It goes to replaced/ with them now."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1)
+    pipeline.start_workers()
+    night = tmp_path / "videos" / "nr"
+
+    def enqueue(name, prompts):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": f"clip{i}", "prompt": prompt}) + "\n"
+                                for i, prompt in enumerate(prompts, 1)))
+        pipeline.enqueue(path, "nr")
+
+    enqueue("n1.jsonl", ["a red fox in the snow", "a blue whale at dawn"])
+    assert pipeline.wait_finished("nr", timeout_s=30)["done"] == 2
+    wait_until((night / "manifest.jsonl").exists, 30, "last night's manifest")
+    assert vidq(pipeline, "purge", "nr").returncode == 0
+    enqueue("n2.jsonl", ["a green frog on a leaf", "a lighthouse in fog"])
+    contradictions = []
+    while not pipeline.store.redis.hget(keys.batch("nr"), "manifest_of"):
+        rows = [json.loads(line) for line in (night / "manifest.jsonl").read_text().splitlines()
+                ] if (night / "manifest.jsonl").exists() else []
+        for row in rows:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                card = json.loads((night / f"{row['custom_id']}.json").read_text())
+                if (row["prompt"], row["generation_id"]) != (card["prompt"],
+                                                             card["generation_id"]):
+                    contradictions.append((row["custom_id"], row["prompt"], card["prompt"]))
+        time.sleep(0.05)
+
+    assert not contradictions, contradictions[:3]
+    assert [json.loads(line)["prompt"] for line in (night / "manifest.jsonl").read_text()
+            .splitlines()] == ["a green frog on a leaf", "a lighthouse in fog"]
+    [earlier] = (night / "replaced").glob("manifest.*.jsonl")
+    assert {json.loads(line)["prompt"] for line in earlier.read_text().splitlines()} == {
+        "a red fox in the snow", "a blue whale at dawn"}
 
 
 @pytest.mark.slow

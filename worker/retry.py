@@ -117,8 +117,5 @@ def requeue(admission: Admission, dispatch, batch: str, job_ids: list[str], *,
     answers = admission.requeue_failed(batch, resubmit_unknown=resubmit_unknown,
                                        job_ids=job_ids, resubmit=resubmit,
                                        include_completed=include_completed)
-    if answers.get("requeued") or answers.get("resubmitted"):
-        # The batch is open again: a manifest written for it is out of date.
-        admission.redis.hincrby(keys.batch(batch), "reopened", 1)
     admit(admission, dispatch)
     return answers

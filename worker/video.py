@@ -8,6 +8,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 
+from . import manifest
 from .errors import CorruptVideo, SidecarNotStored, StorageError
 from .jobs import Job
 from .leases import TakenOver
@@ -199,10 +200,25 @@ def set_aside(storage: Storage, job: Job, card: dict,
 
     moved = move(key, f"{aside}.mp4")
     move(sidecar_key(job.batch, job.id), f"{aside}.json")
+    _earlier_manifests_aside(storage, job.batch, made_by)
     log.warning("job %s: storage held a video under its name that is not this request's "
                 "(or has no sidecar); %s to %s, not overwritten", job.ref,
                 "moved" if moved else "its sidecar moved", aside)
     return aside
+
+
+def _earlier_manifests_aside(storage: Storage, batch: str, made_by: str) -> None:
+    """The batch name came back with other requests: its manifest, if one is
+    there, is an earlier batch's and describes the videos just moved aside,
+    not tonight's (this batch's is written when it ends). Moved beside them,
+    so no pipeline reads it for tonight's files, nor `vidq report` after a
+    `purge --force` (review 117). The first job to get here moves it."""
+    for key in (manifest.manifest_key(batch), manifest.errors_key(batch)):
+        name = key.rpartition("/")[2].removesuffix(".jsonl")
+        if storage.exists(key) and storage.move(
+                key, f"{batch}/replaced/{name}.{_SAFE.sub('_', made_by)[:64]}.jsonl"):
+            log.warning("batch %s: its %s.jsonl in storage was an earlier batch's of this "
+                        "name; moved to %s/replaced/", batch, name, batch)
 
 
 def _same_request(card: dict, request: dict) -> bool:

@@ -51,6 +51,10 @@ local fields = {'outcome_unknown', '', 'attempts', '0', 'link_refreshes', '0', '
 local answer = (retire and generation_id == '') and 'resubmitted' or 'requeued'
 local function leave_failed(state)
   unfail_finish_count(job_key)
+  -- The batch is open again: a manifest written for it is out of date. In
+  -- this call: a `vidq retry` that died right after it left the manifest
+  -- of the failures current for good (review 117).
+  redis.call('HINCRBY', batch_key(batch), 'reopened', 1)
   redis.call('HSET', job_key, 'state', state, 'requeue_answer', answer, unpack(fields))
   -- Storage failures of an earlier night are no news of this one's (storage_pause).
   redis.call('HDEL', job_key, 'storage_pauses', 'storage_failing_since')
