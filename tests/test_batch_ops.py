@@ -163,6 +163,11 @@ def test_resubmit_looks_first_at_a_generation_nobody_saw_finish(make_pipeline, m
     wait_until(lambda: {e["id"]: e for e in pipeline.ledger()}[first["finished later"]["id"]][
         "status"] == "completed", 30, "the other generation to complete")
     wait_until(lambda: pipeline.store.counts("late")["failed"] == 2, 30, "the new POST's timeout")
+    # Its new POST's id is recorded: the retired generation is behind it, not
+    # looked at again by a later --resubmit, its age read from the new POST's
+    # (review 118).
+    assert not store.redis.hexists(keys.job(keys.job_ref("late", ids["too soon"])),
+                                   "check_before_post")
     charged = {r["prompt"]: r["credits"] for r in report(pipeline, "late")}["finished later"]
     # A 403 says nothing of the generation (a key being rotated): it was taken
     # for "forgotten" and the prompt POSTed again. Only a 404 or 410 is.

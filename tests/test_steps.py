@@ -595,6 +595,35 @@ def test_only_a_generation_posted_in_its_slot_says_the_upstream_is_past_a_hold(s
         assert (recorded is not None) == posted_after_admission, recorded
 
 
+def test_a_429_to_a_purged_generations_look_pauses_polls_and_keeps_its_slot(steps_for,
+                                                                            make_sandbox):
+    """Purged generations whose hold ran out are asked about: a 429 counted
+    as "still running" and the looks went on, 3 GETs every 10 s into the
+    limit with no pause (review 118). It pauses status GETs for every worker,
+    as a poll's 429 does, and ends the pass; the slot stays held."""
+    import requests
+
+    from worker.purged_looks import look_at_purged_generations
+
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox)
+    client = steps.store.redis
+    ref, token = _admit_one(steps)
+    submitted = _run(steps, "submit", ref, token)
+    name = f"{ref}#{submitted.generation_id}"
+    client.zadd(keys.SLOTS, {name: time.time() - 5})
+    client.zadd(keys.SLOT_HOLDS, {name: time.time() - 1})
+    client.hset(keys.PURGED_GENERATIONS, name, submitted.generation_id)
+    requests.post(sandbox.url + "/__faults", json={"poll": [429], "retry_after": 30},
+                  timeout=10).raise_for_status()
+
+    assert look_at_purged_generations(client, steps.client.fetch, steps.store.pause_polls) == 0
+    assert client.pttl(keys.PAUSE_POLL) > 25_000
+    assert client.hget(keys.PURGED_GENERATIONS, name) == submitted.generation_id
+    assert steps.admission.release_expired_holds() == 0  # left to its next look
+    assert client.zscore(keys.SLOTS, name) is not None
+
+
 def test_a_claimed_step_is_never_re_sent_for_a_newer_stale_message(steps_for):
     """After Redis lost a second, its token counter re-issues numbers: a job
     re-sent since may run a step under a lower token than a message from

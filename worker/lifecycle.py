@@ -270,7 +270,8 @@ class Lifecycle(bootsteps.StartStopStep):
         """In a thread: a status GET must not hold the timer (the heartbeat)."""
         if self.looker is None or not self.looker.is_alive():
             self.looker = threading.Thread(
-                target=look_at_purged_generations, args=(steps.store.redis, steps.client.fetch),
+                target=look_at_purged_generations,
+                args=(steps.store.redis, steps.client.fetch, steps.store.pause_polls),
                 name="vidq purged looks", daemon=True)
             self.looker.start()
 

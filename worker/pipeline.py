@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from . import events
+from . import events, keys
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, admit
 from .contract import FORGOTTEN_STATUSES, shape_of
 from .durability import NotDurable
@@ -279,8 +279,10 @@ class Steps(StepOutcomes):
         try:
             # Hashing a big stored video may outlast the step's lease.
             with lease_renewed(self.store, job, grace):
-                found = stored_video(self.storage, job,
-                                     lambda: self.store.renew_lease(job, grace))
+                found = stored_video(
+                    self.storage, job, lambda: self.store.renew_lease(job, grace),
+                    # Written for this batch (a retry reopened it): not an earlier one's.
+                    lambda: bool(self.store.redis.hget(keys.batch(job.batch), "manifest_of")))
         except TakenOver:
             self._taken_over(job)
             return True

@@ -21,8 +21,9 @@ import redis
 
 from . import keys
 from .contract import FORGOTTEN_STATUSES
-from .errors import UpstreamError
+from .errors import RateLimited, UpstreamError
 from .generation import Generation
+from .rate_limits import pause_s
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,18 @@ LOOK_AGAIN_S = 10.0
 LOOKS_PER_PASS = 100
 
 
-def look_at_purged_generations(client: redis.Redis, fetch: Callable[[str], Generation]) -> int:
+def look_at_purged_generations(client: redis.Redis, fetch: Callable[[str], Generation],
+                               pause_polls: Callable[[float], None]) -> int:
     """One pass over the purged generations whose hold has run out; returns
     how many holds were let go (run in a thread of its own: a Redis error
-    ends the pass, the next one tries again)."""
+    ends the pass, the next one tries again). A 429 pauses status GETs for
+    every worker, as a poll's does, and ends the pass (review 118)."""
     try:
         return _look(client, fetch)
+    except RateLimited as exc:
+        pause_polls(pause_s(exc))
+        log.warning("429 on a purged generation's status: polls paused for every worker")
+        return 0
     except redis.RedisError as exc:
         log.warning("purged generations not looked at: %s", exc)
         return 0
@@ -62,6 +69,8 @@ def _look(client: redis.Redis, fetch: Callable[[str], Generation]) -> int:
 def _still_running(fetch: Callable[[str], Generation], generation_id: str) -> bool:
     try:
         return fetch(generation_id).pending
+    except RateLimited:
+        raise
     except UpstreamError as exc:
         if exc.status in FORGOTTEN_STATUSES:
             return False

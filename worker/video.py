@@ -147,29 +147,32 @@ def kept_video(storage: Storage, job: Job, key: str) -> tuple[int, str] | None:
 
 
 def stored_video(storage: Storage, job: Job,
-                 still_ours: Callable[[], bool] = lambda: True) -> dict | None:
+                 still_ours: Callable[[], bool] = lambda: True,
+                 manifest_written: Callable[[], bool] = lambda: False) -> dict | None:
     """The sidecar of this job's video if both are in storage and the video's
     sha256 matches the sidecar's; None otherwise. A video under this job's key
     that is not that (another request's: a batch name and id reused, after a
     purge or retention; or one whose sidecar was never written) was paid for:
     it is moved to `<batch>/replaced/`, never overwritten, while `still_ours()`
-    (the step's token) holds. Raises StorageError when storage cannot tell."""
+    (the step's token) holds, and with it the batch's manifest, unless
+    `manifest_written()` says it is this batch's own. Raises StorageError
+    when storage cannot tell."""
     card_key, key = sidecar_key(job.batch, job.id), video_key(job.batch, job.id)
     # A storage error is not "not stored": the caller must not POST on it
     # (a throttled or misconfigured bucket would buy every video again).
     if not storage.exists(card_key):
         if storage.exists(key):
-            set_aside(storage, job, {}, still_ours)
+            set_aside(storage, job, {}, still_ours, manifest_written)
         return None
     try:
         card = json.loads(storage.read_bytes(card_key))
     except ValueError:
         card = None
     if not isinstance(card, dict):
-        set_aside(storage, job, {}, still_ours)
+        set_aside(storage, job, {}, still_ours, manifest_written)
         return None
     if not _same_request(card, job.request):
-        set_aside(storage, job, card, still_ours)
+        set_aside(storage, job, card, still_ours, manifest_written)
         return None
     if not isinstance(card.get("sha256"), str) or not storage.exists(key):
         return None
@@ -179,7 +182,8 @@ def stored_video(storage: Storage, job: Job,
 
 
 def set_aside(storage: Storage, job: Job, card: dict,
-              still_ours: Callable[[], bool] = lambda: True) -> str:
+              still_ours: Callable[[], bool] = lambda: True,
+              manifest_written: Callable[[], bool] = lambda: False) -> str:
     """Move the video and sidecar under `job`'s keys, those of the generation
     `card` names (`{}`: none readable), to `<batch>/replaced/<id>.<generation,
     else the video's sha256>`; returns that name.
@@ -200,7 +204,8 @@ def set_aside(storage: Storage, job: Job, card: dict,
 
     moved = move(key, f"{aside}.mp4")
     move(sidecar_key(job.batch, job.id), f"{aside}.json")
-    _earlier_manifests_aside(storage, job.batch, made_by)
+    if not manifest_written():
+        _earlier_manifests_aside(storage, job.batch, made_by)
     log.warning("job %s: storage held a video under its name that is not this request's "
                 "(or has no sidecar); %s to %s, not overwritten", job.ref,
                 "moved" if moved else "its sidecar moved", aside)

@@ -81,8 +81,9 @@ end
 redis.call('HSET', job_key, 'generation_id', generation_id, 'submitted_at', stamp,
   'state', STATE.submitted, 'outcome_unknown', '', 'last_op', '')
 -- Paid now: its resume checks' storage failures (the pauses they spent, when
--- they began) are no count of its download's (worker/storage_pause.py).
-redis.call('HDEL', job_key, 'storage_pauses', 'storage_failing_since')
+-- they began) are no count of its download's (worker/storage_pause.py); a
+-- retired generation it was to look at first is behind it (Steps.submit).
+redis.call('HDEL', job_key, 'storage_pauses', 'storage_failing_since', 'check_before_post')
 redis.call('ZREM', holds_key, ref)
 redis.call('SREM', unknown_key, redis.call('HGET', job_key, 'id'))
 redis.call('ZADD', slots_key, 'NX', now, ref)
