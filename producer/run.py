@@ -44,6 +44,7 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
     for stop_signal in STOP_SIGNALS:
         if signal.getsignal(stop_signal) != signal.SIG_IGN:
             signal.signal(stop_signal, _interrupt)
+    sys.unraisablehook = _quiet_when_stopping
     defaults = {"model": DEFAULT_MODEL}
     load_prompts(file, defaults)  # refuse a bad file before starting anything
     # Redis and the workers run in their own sessions, so Ctrl-C reaches only
@@ -120,7 +121,9 @@ def _take_in(admission, options: RunOptions, defaults: dict, console: Console,
         run_retry(admission, dispatch, batch, echo=console.print, **retry_failed)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# Ctrl-C too: its KeyboardInterrupt may land in a __del__ or an at-fork hook,
+# which print "Exception ignored ... Traceback" and go on (seen in the suite).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 RETRY_FLAGS = ("--retry", "--resubmit-unknown", "--yes")
 # The stop signal that ended the run: its exit status is 128 + its number, as
 # a shell reports a process the signal killed (Ctrl-C: 130, SIGTERM: 143).
@@ -135,6 +138,13 @@ def _interrupt(signum, _frame) -> None:
     _ignore_stop_signals()  # a second one must not cut the stopping short
     _STOPPED_BY.append(signum)
     raise KeyboardInterrupt
+
+
+def _quiet_when_stopping(unraisable) -> None:
+    """An interrupt swallowed where Python cannot raise it is recorded
+    (`_STOPPED_BY`) and acted on by `_raise_if_stopped`: not a traceback."""
+    if not (_STOPPED_BY and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+        sys.__unraisablehook__(unraisable)
 
 
 def _raise_if_stopped() -> None:
