@@ -99,8 +99,8 @@ class PromptFileError(InputError):
 
     def __init__(self, path: str | os.PathLike, errors: list[LineError]):
         # Both go to Exception.__init__ so the exception survives pickling.
-        super().__init__(shown_path(path), list(errors))
         self.path = shown_path(path)
+        super().__init__(self.path, list(errors))
         self.errors = list(errors)
 
     def __str__(self) -> str:

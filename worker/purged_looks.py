@@ -49,10 +49,10 @@ def look_at_purged_generations(client: redis.Redis, fetch: Callable[[str], Gener
 
 
 def _look(client: redis.Redis, fetch: Callable[[str], Generation]) -> int:
-    seconds, micros = client.time()
-    now = seconds + micros / 1e6
     if client.pttl(keys.PAUSE_POLL) > 0:
         return 0
+    seconds, micros = client.time()
+    now = seconds + micros / 1e6
     due = [str(name) for name in client.zrangebyscore(keys.SLOT_HOLDS, "-inf", now,
                                                       start=0, num=LOOKS_PER_PASS)]
     ids = client.hmget(keys.PURGED_GENERATIONS, due) if due else []

@@ -22,9 +22,10 @@ whose error is its own, with no other video stored since (nothing else in
 flight), holds submits until space is made or its hard limit, saying why.
 The count and its start begin afresh when the job is POSTed or requeued
 (lua/record_generation.lua, lua/requeue.lua): an earlier outage is no news
-of this one (review 112). (Before, every job stopped pausing after its three: a full disk's pause
-lapsed once the paid jobs had spent theirs, and a night's batch was bought
-in waves of C while nothing could be stored; helper 109.)
+of this one (review 112). (Before, every job stopped pausing after its
+three: a full disk's pause lapsed once the paid jobs had spent theirs, and a
+night's batch was bought in waves of C while nothing could be stored;
+helper 109.)
 """
 from __future__ import annotations
 

@@ -193,7 +193,8 @@ def set_aside(storage: Storage, job: Job, card: dict,
     made_by = str(card.get("generation_id") or card.get("sha256") or "")
     if not made_by:  # no sidecar to name it: its own bytes do
         made_by = storage.sha256(key)[:16] if storage.exists(key) else "unknown"
-    aside = f"{job.batch}/replaced/{job.id}.{_SAFE.sub('_', made_by)[:64]}"
+    tag = _SAFE.sub("_", made_by)[:64]
+    aside = f"{job.batch}/replaced/{job.id}.{tag}"
     def move(source: str, target: str) -> bool:
         # Only the step that owns the job moves anything: a stale copy of it
         # (re-sent while this one hashed a big file) would move the video the
@@ -205,25 +206,24 @@ def set_aside(storage: Storage, job: Job, card: dict,
     moved = move(key, f"{aside}.mp4")
     move(sidecar_key(job.batch, job.id), f"{aside}.json")
     if not manifest_written():
-        _earlier_manifests_aside(storage, job.batch, made_by)
+        _earlier_manifests_aside(storage, job.batch, tag)
     log.warning("job %s: storage held a video under its name that is not this request's "
                 "(or has no sidecar); %s to %s, not overwritten", job.ref,
                 "moved" if moved else "its sidecar moved", aside)
     return aside
 
 
-def _earlier_manifests_aside(storage: Storage, batch: str, made_by: str) -> None:
+def _earlier_manifests_aside(storage: Storage, batch: str, tag: str) -> None:
     """The batch name came back with other requests: its manifest, if one is
     there, is an earlier batch's and describes the videos just moved aside,
     not tonight's (this batch's is written when it ends). Moved beside them,
     so no pipeline reads it for tonight's files, nor `vidq report` after a
     `purge --force` (review 117). The first job to get here moves it."""
-    for key in (manifest.manifest_key(batch), manifest.errors_key(batch)):
-        name = key.rpartition("/")[2].removesuffix(".jsonl")
-        if storage.exists(key) and storage.move(
-                key, f"{batch}/replaced/{name}.{_SAFE.sub('_', made_by)[:64]}.jsonl"):
-            log.warning("batch %s: its %s.jsonl in storage was an earlier batch's of this "
-                        "name; moved to %s/replaced/", batch, name, batch)
+    for name in (manifest.MANIFEST, manifest.ERRORS):
+        key, stem = f"{batch}/{name}", name.removesuffix(".jsonl")
+        if storage.exists(key) and storage.move(key, f"{batch}/replaced/{stem}.{tag}.jsonl"):
+            log.warning("batch %s: its %s in storage was an earlier batch's of this name; "
+                        "moved to %s/replaced/", batch, name, batch)
 
 
 def _same_request(card: dict, request: dict) -> bool:

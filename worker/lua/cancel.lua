@@ -8,7 +8,8 @@
 -- unseen (`check_before_post`) is not cancelled: that generation may have
 -- finished, paid for, so it is polled again at once, as any paid generation
 -- of a cancelled batch is (review 116: it was left unfetched for good).
-local batch_hash_key, line, counts_key, slots_key, due_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local batch_hash_key, line, counts_key = KEYS[1], KEYS[2], KEYS[3]
+local slots_key, due_key = KEYS[4], KEYS[5]
 local batch, limit, op = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 
 local last = redis.call('HMGET', batch_hash_key, 'cancel_op', 'cancel_out')
@@ -20,9 +21,9 @@ local taken = redis.call('ZPOPMIN', line, limit)
 local cancelled = 0
 for i = 1, #taken, 2 do
   local job_key = NS.job .. batch .. ':' .. taken[i]
-  local earlier = redis.call('HGET', job_key, 'check_before_post') or ''
   if redis.call('HGET', job_key, 'state') == STATE.queued
       and (redis.call('HGET', job_key, 'token') or '') == '' then
+    local earlier = redis.call('HGET', job_key, 'check_before_post') or ''
     redis.call('HINCRBY', counts_key, STATE.queued, -1)
     if earlier ~= '' then
       redis.call('HSET', job_key, 'state', STATE.submitted, 'generation_id', earlier)
