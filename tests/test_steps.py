@@ -19,6 +19,7 @@ import redis
 import requests
 
 from sandbox.videos import render_clip
+from tests.conftest import wait_until
 from worker import keys
 from worker.admission import reconcile
 from worker.contract import shape_of
@@ -617,11 +618,56 @@ def test_a_429_to_a_purged_generations_look_pauses_polls_and_keeps_its_slot(step
     requests.post(sandbox.url + "/__faults", json={"poll": [429], "retry_after": 30},
                   timeout=10).raise_for_status()
 
-    assert look_at_purged_generations(client, steps.client.fetch, steps.store.pause_polls) == 0
+    assert look_at_purged_generations(steps.admission, steps.client.fetch,
+                                      steps.store.pause_polls, lambda: None) == 0
     assert client.pttl(keys.PAUSE_POLL) > 25_000
     assert client.hget(keys.PURGED_GENERATIONS, name) == submitted.generation_id
     assert steps.admission.release_expired_holds() == 0  # left to its next look
     assert client.zscore(keys.SLOTS, name) is not None
+
+
+def test_a_purged_generations_hold_outlasts_404s_and_ends_with_its_generation(steps_for,
+                                                                               make_sandbox):
+    """Review 119: one 404 to a purged generation's look (a gateway's hiccup)
+    ended its hold while it ran: both slots of two running generations
+    freed, 4 in flight at C = 2. A 404 now asks again later, as any error.
+    And a look that found it ended only dropped it from the looks: its hold
+    was then judged as an unknown POST's and kept while a later job ran,
+    the slot idle for a generation. It ends in the same step, and the free
+    slot is filled at once."""
+    import requests
+
+    from worker.purged_looks import look_at_purged_generations
+
+    sandbox = make_sandbox(time_scale=30)  # 3 s generations
+    steps = steps_for(sandbox)
+    client = steps.store.redis
+    ref, token = _admit_one(steps)
+    generation_id = _run(steps, "submit", ref, token).generation_id
+    name = f"{ref}#{generation_id}"
+    client.zadd(keys.SLOTS, {name: time.time() - 5})
+    client.zadd(keys.SLOT_HOLDS, {name: time.time() - 1})
+    client.hset(keys.PURGED_GENERATIONS, name, generation_id)
+    later_ref, _ = _admit_one(steps, prompt="a later heron", job_id="j2")  # runs after the hold
+    filled = []
+
+    def look() -> int:
+        return look_at_purged_generations(steps.admission, steps.client.fetch,
+                                          steps.store.pause_polls, lambda: filled.append(1))
+
+    requests.post(sandbox.url + "/__faults", json={"poll": [404, 410]},
+                  timeout=10).raise_for_status()
+    for _ in range(2):
+        assert look() == 0
+        assert client.zscore(keys.SLOTS, name) is not None
+        client.zadd(keys.SLOT_HOLDS, {name: time.time() - 1})
+    wait_until(lambda: steps.client.fetch(generation_id).succeeded, 30, "generation done")
+    assert look() == 1 and filled == [1]
+    steps.admission.release_expired_holds()
+    assert client.zscore(keys.SLOTS, name) is None
+    assert client.zscore(keys.SLOT_HOLDS, name) is None
+    assert client.hget(keys.PURGED_GENERATIONS, name) is None
+    assert client.zscore(keys.SLOTS, later_ref) is not None
 
 
 def test_a_claimed_step_is_never_re_sent_for_a_newer_stale_message(steps_for):

@@ -62,6 +62,7 @@ class Admission:
         self._scripts = {name: load_script(self.redis, name, ("line_lib",))
                          for name in LINE_SCRIPTS}
         self._scripts["release_holds"] = load_script(self.redis, "release_holds")
+        self._scripts["end_purged_hold"] = load_script(self.redis, "end_purged_hold")
         self._scripts["set_cap"] = load_script(self.redis, "set_cap")
         self._scripts["set_estimates"] = load_script(self.redis, "set_estimates")
 
@@ -236,6 +237,11 @@ class Admission:
         """Free the slots of expired holds (see lua/release_holds.lua); returns how many."""
         return int(self._scripts["release_holds"](keys=[keys.SLOT_HOLDS, keys.SLOTS],
                                                   args=[self.longest_hold_s, recheck_s]))
+
+    def end_purged_hold(self, name: str, generation_id: str) -> bool:
+        """End the hold of a purged generation seen ended (lua/end_purged_hold.lua)."""
+        return bool(self._scripts["end_purged_hold"](keys=[keys.SLOT_HOLDS, keys.SLOTS],
+                                                     args=[name, generation_id]))
 
     def in_flight(self) -> int:
         return int(self.redis.zcard(keys.SLOTS))

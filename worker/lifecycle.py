@@ -19,7 +19,7 @@ from celery import bootsteps
 from celery.signals import celeryd_init, task_received, worker_shutting_down
 
 from . import deployment, keys, manifest
-from .admission import reconcile
+from .admission import admit, reconcile
 from .celery_app import QUEUES, WEBHOOK_QUEUE, app, settings_of
 from .connection import take_lock
 from .draining import beat_until_exit
@@ -271,7 +271,8 @@ class Lifecycle(bootsteps.StartStopStep):
         if self.looker is None or not self.looker.is_alive():
             self.looker = threading.Thread(
                 target=look_at_purged_generations,
-                args=(steps.store.redis, steps.client.fetch, steps.store.pause_polls),
+                args=(steps.admission, steps.client.fetch, steps.store.pause_polls,
+                      lambda: admit(steps.admission, dispatch)),
                 name="vidq purged looks", daemon=True)
             self.looker.start()
 
