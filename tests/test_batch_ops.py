@@ -220,6 +220,36 @@ def test_resubmit_under_a_raised_hard_limit_polls_the_generation_still_running(
     assert sandbox.stats()["max_in_flight"] == 1
 
 
+def test_a_404_to_the_look_before_a_resubmit_polls_instead_of_paying_twice(
+        make_pipeline, make_sandbox, tmp_path):
+    """The job failed at a hard limit too short for its generation, which
+    finished after; the workers restart with the limit raised and `vidq
+    retry --resubmit` runs. A gateway answered the look before the new POST
+    404 once: taken for "forgotten", the prompt was POSTed again, two
+    generations paid and the first, finished, never fetched (review 119).
+    Short of the hard limit a 404 is polled, as a poll's 404 is."""
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=5, spread=0)
+    env = dict(VIDQ_EXPECTED_GENERATION_S=5, VIDQ_DEADLINE_S=1, VIDQ_OVERDUE_POLL_INTERVAL_S=0.5)
+    short = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=2, **env)
+    short.start_workers()
+    short.enqueue(write_prompts(tmp_path / "g.txt", ["finished unseen"]), "g")
+    assert short.wait_finished("g", timeout_s=30)["failed"] == 1
+    wait_until(lambda: short.ledger()[0]["status"] == "completed", 30, "the generation")
+    short.stop_workers()
+    pipeline = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=60, **env)
+    pipeline.start_workers()
+
+    pipeline.faults(poll=[404])
+    retried = vidq(pipeline, "retry", "g", "--resubmit", "--yes")
+    assert retried.returncode == 0, retried.stderr
+    assert pipeline.wait_finished("g", timeout_s=30)["done"] == 1
+    [entry] = pipeline.ledger()
+    [row] = report(pipeline, "g")
+    video = (tmp_path / "videos" / "g" / f"{row['custom_id']}.mp4").read_bytes()
+    assert hashlib.sha256(video).hexdigest() == row["sha256"] == entry["sha256"]
+    assert entry["downloads"] == 1
+
+
 def test_a_resubmitted_job_cancelled_before_its_post_still_gets_its_finished_video(
         make_pipeline, make_sandbox, tmp_path):
     """`vidq retry --resubmit` put back in line a job whose generation nobody

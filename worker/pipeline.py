@@ -133,11 +133,12 @@ class Steps(StepOutcomes):
         (raised since, say): a new POST would pay twice, pass C, and leave the
         first video unfetched (review 116). (Checked before every POST of the
         job: one that waited in line after a 429 looks again.) Only its
-        failure, a pending one past the hard limit, or a 404 or 410 lets the
-        POST go; any other failure is retried and never POSTs. True
-        when the job moved on without a POST: adopted, or waiting out the
-        account's pause on status GETs (a 429 to this look is one, for every
-        worker, and spends no attempt)."""
+        failure, or a pending or unknown (404, 410) one past the hard limit,
+        lets the POST go; a 404 short of it is polled (a gateway's one 404
+        paid twice; review 119), any other failure retried: neither POSTs.
+        True when the job moved on without a POST: adopted, or waiting out
+        the account's pause on status GETs (a 429 to this look is one, for
+        every worker, and spends no attempt)."""
         earlier = job.extra.get("check_before_post")
         if not earlier:
             return False
@@ -145,24 +146,18 @@ class Steps(StepOutcomes):
             self._look_later(job, paused_ms / 1000)
             return True
         try:
-            generation = self.client.fetch(earlier)
+            status = self._status_of(earlier)
         except RateLimited as exc:
             self._look_later(job, self._pause_polls(exc))
             return True
-        except UpstreamError as exc:
-            if exc.status in FORGOTTEN_STATUSES:
-                log.info("job %s: the upstream does not know earlier generation %s (%s): "
-                         "POSTing", job.ref, earlier, exc)
-                return False
-            # A 401/403 (a key being rotated) or a 5xx says nothing of it.
-            raise UpstreamUnavailable(f"earlier generation {earlier} not checked yet ({exc}): "
-                                      "no new POST before it is") from None
         age = job.now() - job.submitted_at
-        if generation.failed or (generation.pending and age >= self.settings.hard_limit_s):
+        if status == "failed" or (status != "completed" and age >= self.settings.hard_limit_s):
+            log.info("job %s: earlier generation %s %s after %.0f s: POSTing", job.ref, earlier,
+                     status, age)
             return False
         log.warning("job %s: earlier generation %s %s: polled again, no new POST", job.ref,
-                    earlier, "finished after all" if generation.succeeded
-                    else f"still {generation.status!r} after {age:.0f} s")
+                    earlier, "finished after all" if status == "completed"
+                    else f"{status} after {age:.0f} s, short of the hard limit")
         # Paid when its job failed (lua/settle.lua): this admission's commitment
         # is released, not spent a second time.
         self.admission.settle(job.ref, "stored")
@@ -170,6 +165,22 @@ class Steps(StepOutcomes):
         self._next(job, Step.POLL, 0.0, attempts=0, generation_id=earlier,
                    check_before_post="")
         return True
+
+    def _status_of(self, generation_id: str) -> str:
+        """'completed', 'failed', 'not known' (404, 410) or the pending status."""
+        try:
+            generation = self.client.fetch(generation_id)
+        except RateLimited:
+            raise
+        except UpstreamError as exc:
+            if exc.status in FORGOTTEN_STATUSES:
+                return "not known"
+            # A 401/403 (a key being rotated) or a 5xx says nothing of it.
+            raise UpstreamUnavailable(f"earlier generation {generation_id} not checked yet "
+                                      f"({exc}): no new POST before it is") from None
+        if generation.succeeded:
+            return "completed"
+        return "failed" if generation.failed else f"still {generation.status!r}"
 
     def _pause_polls(self, error: RateLimited) -> float:
         pause = pause_s(error)
