@@ -669,7 +669,8 @@ def test_a_reused_batch_names_earlier_manifest_never_describes_tonights_files(ma
     videos went to replaced/, but the manifest stayed: its rows named
     nr/clip1.mp4 with last night's prompt and generation while that file was
     tonight's, all night, and for good after a `purge --force` (review 117).
-    It goes to replaced/ with them now."""
+    It goes to replaced/ with them now, and so does one whose batch's ids
+    tonight's do not meet (review 119)."""
     pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=1)
     pipeline.start_workers()
     night = tmp_path / "videos" / "nr"
@@ -703,6 +704,21 @@ def test_a_reused_batch_names_earlier_manifest_never_describes_tonights_files(ma
     [earlier] = (night / "replaced").glob("manifest.*.jsonl")
     assert {json.loads(line)["prompt"] for line in earlier.read_text().splitlines()} == {
         "a red fox in the snow", "a blue whale at dawn"}
+
+    # A third night under ids of its own moves nothing aside on the way: its
+    # manifest overwrote the second's, whose two videos stay unlisted (review
+    # 119). The second's is kept beside the first's.
+    second = (night / "manifest.jsonl").read_text()
+    assert vidq(pipeline, "purge", "nr").returncode == 0
+    path = tmp_path / "n3.jsonl"
+    path.write_text(json.dumps({"id": "clip9", "prompt": "a kite over dunes"}) + "\n")
+    pipeline.enqueue(path, "nr")
+    assert pipeline.wait_finished("nr", timeout_s=30)["done"] == 1
+    wait_until(lambda: pipeline.store.redis.hget(keys.batch("nr"), "manifest_of"), 30,
+               "the third night's manifest")
+    assert [json.loads(line)["custom_id"] for line in (night / "manifest.jsonl").read_text()
+            .splitlines()] == ["clip9"]
+    assert second in [kept.read_text() for kept in (night / "replaced").glob("manifest.*.jsonl")]
 
 
 @pytest.mark.slow

@@ -100,6 +100,10 @@ def write_if_finished(client: redis.Redis, storage: Storage, storage_url: str, b
         mark = read_marks(client, [batch])[batch]  # read again, under the lock
         if not mark.needs_manifest:
             return False
+        if not mark.written_for and storage.exists(manifest_key(batch)):
+            # An earlier batch's of this name (purged or expired since): kept,
+            # not overwritten with tonight's (review 119). Named by its bytes.
+            move_earlier_aside(storage, batch, storage.sha256(manifest_key(batch))[:16])
         count, failed = write(client, storage, storage_url, batch)
         marked = events.batch_finished_script(client, storage_url, batch)(
             keys=[keys.batch(batch), keys.batch_counts(batch)],
@@ -126,6 +130,21 @@ def write(client: redis.Redis, storage: Storage, storage_url: str, batch: str) -
                 errors.write(line)
                 failed += 1
     return count, failed
+
+
+def move_earlier_aside(storage: Storage, batch: str, tag: str) -> None:
+    """The batch name came back with other requests: its manifest, if one is
+    there, is an earlier batch's. Moved to `<batch>/replaced/`, beside the
+    videos of it that tonight's moved aside: no pipeline reads it for
+    tonight's files, nor `vidq report` after a `purge --force` (review 117),
+    and tonight's manifest does not erase it (review 119). (A writer of this
+    batch that died between publishing its manifest and marking it written
+    leaves one that is moved too; the next writes it again.)"""
+    for name in (MANIFEST, ERRORS):
+        key, stem = f"{batch}/{name}", name.removesuffix(".jsonl")
+        if storage.exists(key) and storage.move(key, f"{batch}/replaced/{stem}.{tag}.jsonl"):
+            log.warning("batch %s: its %s in storage was an earlier batch's of this name; "
+                        "moved to %s/replaced/", batch, name, batch)
 
 
 def read(storage: Storage, batch: str) -> list[dict] | None:

@@ -206,24 +206,11 @@ def set_aside(storage: Storage, job: Job, card: dict,
     moved = move(key, f"{aside}.mp4")
     move(sidecar_key(job.batch, job.id), f"{aside}.json")
     if not manifest_written():
-        _earlier_manifests_aside(storage, job.batch, tag)
+        manifest.move_earlier_aside(storage, job.batch, tag)
     log.warning("job %s: storage held a video under its name that is not this request's "
                 "(or has no sidecar); %s to %s, not overwritten", job.ref,
                 "moved" if moved else "its sidecar moved", aside)
     return aside
-
-
-def _earlier_manifests_aside(storage: Storage, batch: str, tag: str) -> None:
-    """The batch name came back with other requests: its manifest, if one is
-    there, is an earlier batch's and describes the videos just moved aside,
-    not tonight's (this batch's is written when it ends). Moved beside them,
-    so no pipeline reads it for tonight's files, nor `vidq report` after a
-    `purge --force` (review 117). The first job to get here moves it."""
-    for name in (manifest.MANIFEST, manifest.ERRORS):
-        key, stem = f"{batch}/{name}", name.removesuffix(".jsonl")
-        if storage.exists(key) and storage.move(key, f"{batch}/replaced/{stem}.{tag}.jsonl"):
-            log.warning("batch %s: its %s in storage was an earlier batch's of this name; "
-                        "moved to %s/replaced/", batch, name, batch)
 
 
 def _same_request(card: dict, request: dict) -> bool:
