@@ -147,4 +147,5 @@ def _case_twins(client, batch: str, new_jobs: list) -> list[LineError]:
 
 def open_admission(settings) -> Admission:
     return Admission(JobStore(connect(settings.redis_url)), settings.step_grace_s,
-                     CreditEstimates.from_settings(settings), settings.deadline_s)
+                     CreditEstimates.from_settings(settings), settings.deadline_s,
+                     settings.hard_limit_s)

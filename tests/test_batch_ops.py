@@ -250,6 +250,42 @@ def test_a_404_to_the_look_before_a_resubmit_polls_instead_of_paying_twice(
     assert entry["downloads"] == 1
 
 
+def test_a_resubmit_adopting_a_forgotten_generation_gives_its_slot_up_again(
+        make_pipeline, make_sandbox, tmp_path):
+    """The upstream forgot a job's generation: its polls got 404s, its slot was
+    given up past the deadline, it failed at the hard limit. Workers restart
+    with the limit raised and `retry --resubmit` looks at the generation: a
+    404, short of the hard limit, so it is polled (review 119). The job kept
+    `slot_given_up` from its first slot: its new slot was never given up,
+    held to the new hard limit, another batch waiting (review 121); and it
+    showed `queued` while it held that slot."""
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=3, spread=0)
+    env = dict(VIDQ_EXPECTED_GENERATION_S=3, VIDQ_DEADLINE_S=1, VIDQ_MAX_IN_FLIGHT=1,
+               VIDQ_OVERDUE_POLL_INTERVAL_S=0.5)
+    short = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=3, **env)
+    short.start_workers()
+    short.enqueue(write_prompts(tmp_path / "g.txt", ["a forgotten fox"]), "g")
+    [job_id] = short.store.job_ids("g")
+    ref = keys.job_ref("g", job_id)
+    wait_until(lambda: short.store.get(ref).generation_id, 30, "the generation id")
+    forgotten = short.store.get(ref).generation_id
+    requests.post(sandbox.url + "/__forget", json={"id": forgotten},
+                  timeout=10).raise_for_status()
+    assert short.wait_finished("g", timeout_s=30)["failed"] == 1
+    assert short.store.redis.hget(keys.job(ref), "slot_given_up") == "1"
+    short.stop_workers()
+    pipeline = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=300, **env)
+    pipeline.start_workers()
+
+    assert vidq(pipeline, "retry", "g", "--resubmit", "--yes").returncode == 0
+    wait_until(lambda: pipeline.store.get(ref).generation_id == forgotten, 30, "the adoption")
+    assert pipeline.store.counts("g")["queued"] == 0
+    pipeline.enqueue(write_prompts(tmp_path / "h.txt", ["a heron waiting"]), "h")
+    assert pipeline.wait_finished("h", timeout_s=40)["done"] == 1
+    assert Counter(entry["prompt"] for entry in pipeline.ledger()) == Counter(
+        {"a forgotten fox": 1, "a heron waiting": 1})
+
+
 def test_a_resubmitted_job_cancelled_before_its_post_still_gets_its_finished_video(
         make_pipeline, make_sandbox, tmp_path):
     """`vidq retry --resubmit` put back in line a job whose generation nobody

@@ -670,6 +670,44 @@ def test_a_purged_generations_hold_outlasts_404s_and_ends_with_its_generation(st
     assert client.zscore(keys.SLOTS, later_ref) is not None
 
 
+def test_a_purged_generation_slower_than_the_deadline_keeps_its_slot_while_it_runs(
+        steps_for, make_sandbox):
+    """Review 121: the looks kept a running purged generation's hold, but the
+    hold still ended `VIDQ_DEADLINE_S` after its admission: a generation
+    slower than that lost its slot while it ran, 4 in flight at C = 2. It is
+    kept to the hard limit while the upstream says it runs, as a polled
+    job's slot; past the deadline, 404s in a row end it, as they give up a
+    polled job's slot."""
+    from worker.purged_looks import look_at_purged_generations
+
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=600)
+    steps = steps_for(sandbox, VIDQ_DEADLINE_S="20", VIDQ_HARD_LIMIT_S="60")
+    client = steps.store.redis
+    ref, token = _admit_one(steps)
+    generation_id = _run(steps, "submit", ref, token).generation_id
+    name = f"{ref}#{generation_id}"
+    client.zadd(keys.SLOTS, {name: time.time() - 30})  # past the deadline, short of the limit
+    client.hset(keys.PURGED_GENERATIONS, name, generation_id)
+
+    def look() -> int:
+        client.zadd(keys.SLOT_HOLDS, {name: time.time() - 1})  # its hold ran out
+        released = steps.admission.release_expired_holds()  # an admission first, say
+        return released + look_at_purged_generations(steps.admission, steps.client.fetch,
+                                                      steps.store.pause_polls, lambda: None)
+
+    assert look() == 0  # running
+    assert client.zscore(keys.SLOTS, name) is not None
+    requests.post(sandbox.url + "/__faults", json={"poll": [404, 404, 404]},
+                  timeout=10).raise_for_status()
+    assert [look(), look(), look()] == [0, 0, 1]
+    assert client.zscore(keys.SLOTS, name) is None
+
+    client.zadd(keys.SLOTS, {name: time.time() - 61})  # past the hard limit: no look keeps it
+    client.hset(keys.PURGED_GENERATIONS, name, generation_id)
+    client.zadd(keys.SLOT_HOLDS, {name: time.time() - 1})
+    assert steps.admission.release_expired_holds() == 1
+
+
 def test_a_claimed_step_is_never_re_sent_for_a_newer_stale_message(steps_for):
     """After Redis lost a second, its token counter re-issues numbers: a job
     re-sent since may run a step under a lower token than a message from

@@ -53,11 +53,13 @@ class Admission:
     """The global slot pool and the batches' waiting lines."""
 
     def __init__(self, store: JobStore, step_grace_s: float,
-                 credits: CreditEstimates | None = None, longest_hold_s: float = 1000.0):
+                 credits: CreditEstimates | None = None, longest_hold_s: float = 1000.0,
+                 longest_look_s: float = 86400.0):
         self.store = store
         self.redis: redis.Redis = store.redis
         self.step_grace_s = step_grace_s
         self.longest_hold_s = longest_hold_s  # VIDQ_DEADLINE_S (lua/release_holds.lua)
+        self.longest_look_s = longest_look_s  # VIDQ_HARD_LIMIT_S (worker/purged_looks.py)
         self.credits = credits or CreditEstimates()
         self._scripts = {name: load_script(self.redis, name, ("line_lib",))
                          for name in LINE_SCRIPTS}
@@ -236,7 +238,8 @@ class Admission:
     def release_expired_holds(self, recheck_s: float = HOLD_RECHECK_S) -> int:
         """Free the slots of expired holds (see lua/release_holds.lua); returns how many."""
         return int(self._scripts["release_holds"](keys=[keys.SLOT_HOLDS, keys.SLOTS],
-                                                  args=[self.longest_hold_s, recheck_s]))
+                                                  args=[self.longest_hold_s, recheck_s,
+                                                        self.longest_look_s]))
 
     def end_purged_hold(self, name: str, generation_id: str) -> bool:
         """End the hold of a purged generation seen ended (lua/end_purged_hold.lua)."""

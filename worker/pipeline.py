@@ -162,8 +162,8 @@ class Steps(StepOutcomes):
         # is released, not spent a second time.
         self.admission.settle(job.ref, "stored")
         job.generation_id = earlier
-        self._next(job, Step.POLL, 0.0, attempts=0, generation_id=earlier,
-                   check_before_post="")
+        self._next(job, Step.POLL, 0.0, state=State.SUBMITTED, attempts=0,
+                   generation_id=earlier, check_before_post="")
         return True
 
     def _status_of(self, generation_id: str) -> str:

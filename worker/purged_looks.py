@@ -6,14 +6,21 @@ admitted while they run and C is passed. A hold's length was guessed from
 the learned generation time, and an upstream that got slower since outlived
 the guess: 4 in flight at C = 2 (review 116). Such a generation's id is
 known, and a status GET costs nothing, so once its hold runs out it is asked
-about: still running, the hold stays `LOOK_AGAIN_S` more; ended or failed,
-the hold ends in the same step (lua/end_purged_hold.lua) and the slot is
-filled at once. Any error, a 404 or 410 included, asks again later: a
-gateway's 404s while it runs are no proof it ended (one freed both slots of
-two running generations, C passed; review 119), and the poll path gives a
-slot up on them only past the deadline too. A pause on status GETs waits.
-`VIDQ_DEADLINE_S` after its admission the hold ends regardless, as every
-hold does (lua/release_holds.lua).
+about, as a job's generation is polled:
+- still running (or any error): the hold stays `LOOK_AGAIN_S` more, up to
+  `VIDQ_HARD_LIMIT_S` after its admission (lua/release_holds.lua), as a
+  polled job keeps its slot; bounded by `VIDQ_DEADLINE_S`, a generation
+  slower than that lost its slot while it ran: C passed (review 121);
+- ended or failed: the hold ends in the same step (lua/end_purged_hold.lua)
+  and the slot is filled at once;
+- not known (404, 410): only past `VIDQ_DEADLINE_S`, and answered so
+  `NOT_FOUND_TO_GIVE_UP` times in a row, does the hold end, as a polled
+  job's slot is given up (StepOutcomes._not_found): a gateway's one 404
+  freed the slots of two running generations, C passed (review 119). The
+  count is kept by the process that looks (the reconciler's): moved to
+  another worker, it starts again, later never sooner.
+A pause on status GETs waits, and a 429 to a look is such a pause for every
+worker.
 """
 from __future__ import annotations
 
@@ -24,14 +31,19 @@ import redis
 
 from . import keys
 from .admission import Admission
+from .contract import FORGOTTEN_STATUSES
 from .errors import RateLimited, UpstreamError
 from .generation import Generation
 from .rate_limits import pause_s
+from .step_outcomes import NOT_FOUND_TO_GIVE_UP
 
 log = logging.getLogger(__name__)
 
 LOOK_AGAIN_S = 10.0
 LOOKS_PER_PASS = 100
+RUNNING, ENDED, NOT_KNOWN = "running", "ended", "not known"
+
+_not_found_in_a_row: dict[str, int] = {}
 
 
 def look_at_purged_generations(admission: Admission, fetch: Callable[[str], Generation],
@@ -64,23 +76,29 @@ def _look(admission: Admission, fetch: Callable[[str], Generation]) -> int:
     due = [str(name) for name in client.zrangebyscore(keys.SLOT_HOLDS, "-inf", now,
                                                       start=0, num=LOOKS_PER_PASS)]
     ids = client.hmget(keys.PURGED_GENERATIONS, due) if due else []
+    taken = client.zmscore(keys.SLOTS, due) if due else []
     ended = 0
-    for name, generation_id in zip(due, ids, strict=True):
+    for name, generation_id, taken_at in zip(due, ids, taken, strict=True):
         if not generation_id:
             continue
-        if _still_running(fetch, str(generation_id)):
-            client.zadd(keys.SLOT_HOLDS, {name: now + LOOK_AGAIN_S}, xx=True)
-        else:
+        answer = _answer(fetch, str(generation_id))
+        earlier_404s = _not_found_in_a_row.pop(name, 0)
+        in_a_row = earlier_404s + 1 if answer == NOT_KNOWN else 0
+        overdue = taken_at is not None and now - taken_at >= admission.longest_hold_s
+        if answer == ENDED or (in_a_row >= NOT_FOUND_TO_GIVE_UP and overdue):
             ended += admission.end_purged_hold(name, str(generation_id))
+            continue
+        if in_a_row:
+            _not_found_in_a_row[name] = in_a_row
+        client.zadd(keys.SLOT_HOLDS, {name: now + LOOK_AGAIN_S}, xx=True)
     return ended
 
 
-def _still_running(fetch: Callable[[str], Generation], generation_id: str) -> bool:
+def _answer(fetch: Callable[[str], Generation], generation_id: str) -> str:
     try:
-        return fetch(generation_id).pending
+        return RUNNING if fetch(generation_id).pending else ENDED
     except RateLimited:
         raise
     except UpstreamError as exc:
-        log.info("purged generation %s not looked at (%s): its slot stays taken",
-                 generation_id, exc)
-        return True
+        log.info("purged generation %s: %s; its slot stays taken", generation_id, exc)
+        return NOT_KNOWN if exc.status in FORGOTTEN_STATUSES else RUNNING

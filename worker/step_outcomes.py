@@ -71,7 +71,11 @@ class StepOutcomes:
         if job.step == Step.SUBMIT and account_refused(
                 self.store, job, error, self.settings.backoff_cap_s, self.settings.max_attempts):
             return None
-        if not is_paid(job) or isinstance(error, GenerationFailed | ResultRefused):
+        if isinstance(error, GenerationFailed):
+            # Seen failed: a `retry --resubmit` has nothing to look at first
+            # (lua/requeue.lua; the upstream may since have forgotten the id).
+            return self.fail(job, f"{job.step}: {error}", failed_generation=job.generation_id)
+        if not is_paid(job) or isinstance(error, ResultRefused):
             return self.fail(job, f"{job.step}: {error}")
         if job.step == Step.DOWNLOAD:
             return self.refresh_link(job, error)
@@ -148,7 +152,7 @@ class StepOutcomes:
         since = job.completed_at or job.submitted_at
         return is_paid(job) and job.now() - since < self.settings.hard_limit_s
 
-    def fail(self, job: Job, reason: str) -> None:
+    def fail(self, job: Job, reason: str, **values) -> None:
         # Giving up (say the marker's answer was lost) while an earlier try's
         # POST may be generating: outcome unknown, its slot held.
         if not reason.startswith(OUTCOME_UNKNOWN) and earlier_post_unanswered(job):
@@ -158,7 +162,7 @@ class StepOutcomes:
         log.warning("job %s failed: %s", job.ref, reason)
         if self.store.transition(job, state=State.FAILED, release_slot=True, hold_slot_s=hold,
                                  outcome_unknown=unknown, last_error=reason,
-                                 failed_at=job.now(), polls=job.polls) is not None:
+                                 failed_at=job.now(), polls=job.polls, **values) is not None:
             job.failed, job.outcome = True, f"failed: {reason}"
             failed(job.step, reason)
             self.admission.settle(job.ref, "failed")

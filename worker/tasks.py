@@ -70,7 +70,8 @@ def build_steps(settings: Settings, worker_name: str = "local") -> Steps:
     return Steps(
         settings=settings, store=store,
         admission=Admission(store, settings.step_grace_s,
-                            CreditEstimates.from_settings(settings), settings.deadline_s),
+                            CreditEstimates.from_settings(settings), settings.deadline_s,
+                            settings.hard_limit_s),
         client=UpstreamClient(settings),
         storage=open_storage(settings.storage_url, settings.s3_part_bytes),
         durations=DurationModel(client, settings.expected_generation_s), dispatch=dispatch,

@@ -12,10 +12,14 @@
 -- hold is looked at again in ARGV[2] seconds, never past ARGV[1] seconds
 -- (VIDQ_DEADLINE_S) since its slot was taken. A purged job's generation whose
 -- id is known is not guessed about: the reconciler asks the upstream, and
--- ends its hold once it ended (worker/purged_looks.py; review 116), within
--- the same bound.
+-- ends its hold once it ended (worker/purged_looks.py; review 116), or once
+-- it is not known past the deadline; left here, past ARGV[3] seconds
+-- (VIDQ_HARD_LIMIT_S), as a polled job's slot is. (Bounded by the deadline,
+-- a generation slower than it lost its slot while it ran: C passed; review
+-- 121.)
 local holds_key, slots_key = KEYS[1], KEYS[2]
 local longest_s, recheck_s = tonumber(ARGV[1]), tonumber(ARGV[2])
+local looked_for_s = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
@@ -40,7 +44,8 @@ local released = 0
 for _, ref in ipairs(redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)) do
   local taken = redis.call('ZSCORE', slots_key, ref)
   local within = taken and now - tonumber(taken) < longest_s
-  if within and redis.call('HEXISTS', NS.purged_generations, ref) == 1 then
+  if taken and now - tonumber(taken) < looked_for_s
+      and redis.call('HEXISTS', NS.purged_generations, ref) == 1 then
     -- left to its look
   elseif within and slower_than_fit(taken) then
     redis.call('ZADD', holds_key, now + recheck_s, ref)

@@ -34,11 +34,15 @@ if retire and not (generation_id ~= '' and completed and keep_completed) then
     local history = cjson.decode(redis.call('HGET', job_key, 'past_generations') or '[]')
     table.insert(history, generation_id)
     redis.call('HSET', job_key, 'past_generations', cjson.encode(history))
+    local seen_failed = redis.call('HGET', job_key, 'failed_generation') == generation_id
     redis.call('HDEL', job_key, 'generation_id', 'video_url', 'completed_at',
-      'last_poll_age', 'polls', 'kept_sha256', 'kept_bytes', 'kept_generation')
-    if not completed then
+      'last_poll_age', 'polls', 'kept_sha256', 'kept_bytes', 'kept_generation',
+      'failed_generation')
+    if not completed and not seen_failed then
       -- Nobody saw it finish (the hard limit, say): it may have since, paid
       -- for. The submit step looks at it before any POST (Steps.submit).
+      -- Not one seen failed: an upstream that forgot it since would make
+      -- the look poll it (a 404 short of the hard limit), never POSTing.
       redis.call('HSET', job_key, 'check_before_post', generation_id)
     end
     generation_id = ''
@@ -56,8 +60,11 @@ local function leave_failed(state)
   -- of the failures current for good (review 117).
   redis.call('HINCRBY', batch_key(batch), 'reopened', 1)
   redis.call('HSET', job_key, 'state', state, 'requeue_answer', answer, unpack(fields))
-  -- Storage failures of an earlier night are no news of this one's (storage_pause).
-  redis.call('HDEL', job_key, 'storage_pauses', 'storage_failing_since')
+  -- Storage failures of an earlier night are no news of this one's (storage_pause);
+  -- nor an earlier slot's 404s: kept, a slot given up then was never given
+  -- up again, held to the hard limit (review 121).
+  redis.call('HDEL', job_key, 'storage_pauses', 'storage_failing_since', 'not_found',
+    'not_found_since', 'slot_given_up')
   redis.call('SREM', unknown_key, job_id)
   redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed
   redis.call('ZREM', holds_key, ref)
