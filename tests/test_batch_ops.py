@@ -189,6 +189,37 @@ def test_resubmit_looks_first_at_a_generation_nobody_saw_finish(make_pipeline, m
     assert "not checked yet (HTTP 403" in (pipeline.log_dir / "worker-0.log").read_text()
 
 
+def _failed_then_restarted(make_pipeline, sandbox, tmp_path, prompt: str, hard_limits, env,
+                           meanwhile=lambda short, ref: None):
+    """One job of batch `g` failed at a hard limit too short for the night;
+    the workers restarted with it raised, as the README advises. Returns the
+    new pipeline and the job's ref (`meanwhile` runs while it was running)."""
+    short = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=hard_limits[0], **env)
+    short.start_workers()
+    short.enqueue(write_prompts(tmp_path / "g.txt", [prompt]), "g")
+    [job_id] = short.store.job_ids("g")
+    meanwhile(short, keys.job_ref("g", job_id))
+    assert short.wait_finished("g", timeout_s=30)["failed"] == 1
+    short.stop_workers()
+    pipeline = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=hard_limits[1], **env)
+    pipeline.start_workers()
+    return pipeline, keys.job_ref("g", job_id)
+
+
+def _resubmitted_to_one_stored_video(pipeline, tmp_path) -> dict:
+    """`vidq retry g --resubmit`: the earlier generation's video is stored and
+    nothing is POSTed again; returns the sandbox's ledger entry."""
+    retried = vidq(pipeline, "retry", "g", "--resubmit", "--yes")
+    assert retried.returncode == 0, retried.stderr
+    assert pipeline.wait_finished("g", timeout_s=60)["done"] == 1
+    [entry] = pipeline.ledger()
+    [row] = report(pipeline, "g")
+    video = (tmp_path / "videos" / "g" / f"{row['custom_id']}.mp4").read_bytes()
+    assert hashlib.sha256(video).hexdigest() == row["sha256"] == entry["sha256"]
+    assert row["generation_ids"] == [entry["id"]]
+    return entry
+
+
 @pytest.mark.slow
 def test_resubmit_under_a_raised_hard_limit_polls_the_generation_still_running(
         make_pipeline, make_sandbox, tmp_path):
@@ -201,22 +232,9 @@ def test_resubmit_under_a_raised_hard_limit_polls_the_generation_still_running(
     sandbox = make_sandbox(time_scale=1, mean_generation_s=14, spread=0)
     env = dict(VIDQ_EXPECTED_GENERATION_S=14, VIDQ_DEADLINE_S=2, VIDQ_MAX_IN_FLIGHT=1,
                VIDQ_OVERDUE_POLL_INTERVAL_S=0.5)
-    short = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=4, **env)
-    short.start_workers()
-    short.enqueue(write_prompts(tmp_path / "a.txt", ["still running"]), "slow")
-    assert short.wait_finished("slow", timeout_s=30)["failed"] == 1
-    short.stop_workers()
-    pipeline = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=120, **env)
-    pipeline.start_workers()
-
-    retried = vidq(pipeline, "retry", "slow", "--resubmit", "--yes")
-    assert retried.returncode == 0, retried.stderr
-    assert pipeline.wait_finished("slow", timeout_s=60)["done"] == 1
-    [entry] = pipeline.ledger()
-    [row] = report(pipeline, "slow")
-    video = (tmp_path / "videos" / "slow" / f"{row['custom_id']}.mp4").read_bytes()
-    assert hashlib.sha256(video).hexdigest() == row["sha256"] == entry["sha256"]
-    assert row["generation_ids"] == [entry["id"]]
+    pipeline, _ = _failed_then_restarted(make_pipeline, sandbox, tmp_path, "still running",
+                                         (4, 120), env)
+    _resubmitted_to_one_stored_video(pipeline, tmp_path)
     assert sandbox.stats()["max_in_flight"] == 1
 
 
@@ -230,24 +248,12 @@ def test_a_404_to_the_look_before_a_resubmit_polls_instead_of_paying_twice(
     Short of the hard limit a 404 is polled, as a poll's 404 is."""
     sandbox = make_sandbox(time_scale=1, mean_generation_s=5, spread=0)
     env = dict(VIDQ_EXPECTED_GENERATION_S=5, VIDQ_DEADLINE_S=1, VIDQ_OVERDUE_POLL_INTERVAL_S=0.5)
-    short = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=2, **env)
-    short.start_workers()
-    short.enqueue(write_prompts(tmp_path / "g.txt", ["finished unseen"]), "g")
-    assert short.wait_finished("g", timeout_s=30)["failed"] == 1
-    wait_until(lambda: short.ledger()[0]["status"] == "completed", 30, "the generation")
-    short.stop_workers()
-    pipeline = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=60, **env)
-    pipeline.start_workers()
+    pipeline, _ = _failed_then_restarted(make_pipeline, sandbox, tmp_path, "finished unseen",
+                                         (2, 60), env)
+    wait_until(lambda: pipeline.ledger()[0]["status"] == "completed", 30, "the generation")
 
     pipeline.faults(poll=[404])
-    retried = vidq(pipeline, "retry", "g", "--resubmit", "--yes")
-    assert retried.returncode == 0, retried.stderr
-    assert pipeline.wait_finished("g", timeout_s=30)["done"] == 1
-    [entry] = pipeline.ledger()
-    [row] = report(pipeline, "g")
-    video = (tmp_path / "videos" / "g" / f"{row['custom_id']}.mp4").read_bytes()
-    assert hashlib.sha256(video).hexdigest() == row["sha256"] == entry["sha256"]
-    assert entry["downloads"] == 1
+    assert _resubmitted_to_one_stored_video(pipeline, tmp_path)["downloads"] == 1
 
 
 def test_a_resubmit_adopting_a_forgotten_generation_gives_its_slot_up_again(
@@ -262,20 +268,16 @@ def test_a_resubmit_adopting_a_forgotten_generation_gives_its_slot_up_again(
     sandbox = make_sandbox(time_scale=1, mean_generation_s=3, spread=0)
     env = dict(VIDQ_EXPECTED_GENERATION_S=3, VIDQ_DEADLINE_S=1, VIDQ_MAX_IN_FLIGHT=1,
                VIDQ_OVERDUE_POLL_INTERVAL_S=0.5)
-    short = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=3, **env)
-    short.start_workers()
-    short.enqueue(write_prompts(tmp_path / "g.txt", ["a forgotten fox"]), "g")
-    [job_id] = short.store.job_ids("g")
-    ref = keys.job_ref("g", job_id)
-    wait_until(lambda: short.store.get(ref).generation_id, 30, "the generation id")
-    forgotten = short.store.get(ref).generation_id
-    requests.post(sandbox.url + "/__forget", json={"id": forgotten},
-                  timeout=10).raise_for_status()
-    assert short.wait_finished("g", timeout_s=30)["failed"] == 1
-    assert short.store.redis.hget(keys.job(ref), "slot_given_up") == "1"
-    short.stop_workers()
-    pipeline = make_pipeline(sandbox, VIDQ_HARD_LIMIT_S=300, **env)
-    pipeline.start_workers()
+
+    def forget(short, ref) -> None:
+        wait_until(lambda: short.store.get(ref).generation_id, 30, "the generation id")
+        requests.post(sandbox.url + "/__forget", json={"id": short.store.get(ref).generation_id},
+                      timeout=10).raise_for_status()
+
+    pipeline, ref = _failed_then_restarted(make_pipeline, sandbox, tmp_path, "a forgotten fox",
+                                           (3, 300), env, forget)
+    assert pipeline.store.redis.hget(keys.job(ref), "slot_given_up") == "1"
+    forgotten = pipeline.ledger()[0]["id"]
 
     assert vidq(pipeline, "retry", "g", "--resubmit", "--yes").returncode == 0
     wait_until(lambda: pipeline.store.get(ref).generation_id == forgotten, 30, "the adoption")
