@@ -619,7 +619,7 @@ def test_a_429_to_a_purged_generations_look_pauses_polls_and_keeps_its_slot(step
                   timeout=10).raise_for_status()
 
     assert look_at_purged_generations(steps.admission, steps.client.fetch,
-                                      steps.store.pause_polls, lambda: None) == 0
+                                      steps.store.pause_polls, lambda: None, 0.0) == 0
     assert client.pttl(keys.PAUSE_POLL) > 25_000
     assert client.hget(keys.PURGED_GENERATIONS, name) == submitted.generation_id
     assert steps.admission.release_expired_holds() == 0  # left to its next look
@@ -653,7 +653,7 @@ def test_a_purged_generations_hold_outlasts_404s_and_ends_with_its_generation(st
 
     def look() -> int:
         return look_at_purged_generations(steps.admission, steps.client.fetch,
-                                          steps.store.pause_polls, lambda: filled.append(1))
+                                          steps.store.pause_polls, lambda: filled.append(1), 0.0)
 
     requests.post(sandbox.url + "/__faults", json={"poll": [404, 410]},
                   timeout=10).raise_for_status()
@@ -676,8 +676,10 @@ def test_a_purged_generation_slower_than_the_deadline_keeps_its_slot_while_it_ru
     hold still ended `VIDQ_DEADLINE_S` after its admission: a generation
     slower than that lost its slot while it ran, 4 in flight at C = 2. It is
     kept to the hard limit while the upstream says it runs, as a polled
-    job's slot; past the deadline, 404s in a row end it, as they give up a
-    polled job's slot."""
+    job's slot; past the deadline, 404s end it only as they give up a polled
+    job's slot: three in a row, over `VIDQ_BACKOFF_CAP_S` (review 123: three
+    in 20 s did, and a count kept per process ran on over another worker's
+    "running" answer)."""
     from worker.purged_looks import look_at_purged_generations
 
     sandbox = make_sandbox(time_scale=1, mean_generation_s=600)
@@ -689,23 +691,63 @@ def test_a_purged_generation_slower_than_the_deadline_keeps_its_slot_while_it_ru
     client.zadd(keys.SLOTS, {name: time.time() - 30})  # past the deadline, short of the limit
     client.hset(keys.PURGED_GENERATIONS, name, generation_id)
 
-    def look() -> int:
+    def look(*not_found: int, over_s: float = 2.0) -> int:
+        if not_found:
+            requests.post(sandbox.url + "/__faults", json={"poll": list(not_found)},
+                          timeout=10).raise_for_status()
         client.zadd(keys.SLOT_HOLDS, {name: time.time() - 1})  # its hold ran out
         released = steps.admission.release_expired_holds()  # an admission first, say
         return released + look_at_purged_generations(steps.admission, steps.client.fetch,
-                                                      steps.store.pause_polls, lambda: None)
+                                                      steps.store.pause_polls, lambda: None,
+                                                      over_s)
 
     assert look() == 0  # running
+    # Two 404s, "running", two 404s: never three in a row.
+    assert [look(404, over_s=0), look(404, over_s=0), look(over_s=0), look(410, over_s=0),
+            look(404, over_s=0)] == [0, 0, 0, 0, 0]
+    assert look(404) == 0  # three in a row, not over 2 s yet
     assert client.zscore(keys.SLOTS, name) is not None
-    requests.post(sandbox.url + "/__faults", json={"poll": [404, 404, 404]},
-                  timeout=10).raise_for_status()
-    assert [look(), look(), look()] == [0, 0, 1]
+    time.sleep(2)
+    assert look(404) == 1
     assert client.zscore(keys.SLOTS, name) is None
+    assert not client.exists(keys.PURGED_NOT_FOUND, keys.PURGED_GENERATIONS)
 
     client.zadd(keys.SLOTS, {name: time.time() - 61})  # past the hard limit: no look keeps it
     client.hset(keys.PURGED_GENERATIONS, name, generation_id)
     client.zadd(keys.SLOT_HOLDS, {name: time.time() - 1})
     assert steps.admission.release_expired_holds() == 1
+
+
+def test_a_resubmit_that_takes_back_a_generation_counts_its_video_by_how_it_ends(
+        steps_for, make_sandbox):
+    """`retry --resubmit` took back the earlier generation (a 404 short of the
+    hard limit, so it is polled): settled as 'stored' on the spot, its video
+    kept counting against the batch's max-videos after it failed, and the
+    next `--resubmit` waited on a spend cap for a video that never came
+    (review 123). Nothing is spent twice, and its end decides."""
+    import requests
+
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=600)
+    steps = steps_for(sandbox)
+    client = steps.store.redis
+    ref, token = _admit_one(steps)
+    generation_id = _run(steps, "submit", ref, token).generation_id
+    requests.post(sandbox.url + "/__forget", json={"id": generation_id},
+                  timeout=10).raise_for_status()
+    steps.fail(steps.store.get(ref), "poll: timeout: still 'queued' (hard limit)")
+    spent = float(client.hget(keys.batch("b"), "credits_spent"))
+    assert spent > 0 and client.hget(keys.batch("b"), "videos") == "0"
+
+    assert steps.admission.requeue_failed("b", resubmit=True) == {"resubmitted": 1}
+    ((ref, token),) = steps.admission.pump()
+    assert _run(steps, "submit", ref, token).generation_id == generation_id  # taken back
+    batch = client.hgetall(keys.batch("b"))
+    assert (batch["videos"], float(batch["credits_committed"]), float(batch["credits_spent"])) \
+        == ("1", 0.0, spent)
+    steps.fail(steps.store.get(ref), "poll: timeout: still 'queued' (hard limit)")
+    batch = client.hgetall(keys.batch("b"))
+    assert (batch["videos"], float(batch["credits_committed"]), float(batch["credits_spent"])) \
+        == ("0", 0.0, spent)
 
 
 def test_a_claimed_step_is_never_re_sent_for_a_newer_stale_message(steps_for):

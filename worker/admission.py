@@ -59,12 +59,11 @@ class Admission:
         self.redis: redis.Redis = store.redis
         self.step_grace_s = step_grace_s
         self.longest_hold_s = longest_hold_s  # VIDQ_DEADLINE_S (lua/release_holds.lua)
-        self.longest_look_s = longest_look_s  # VIDQ_HARD_LIMIT_S (worker/purged_looks.py)
+        self.longest_look_s = longest_look_s  # VIDQ_HARD_LIMIT_S (lua/release_holds.lua)
         self.credits = credits or CreditEstimates()
         self._scripts = {name: load_script(self.redis, name, ("line_lib",))
                          for name in LINE_SCRIPTS}
         self._scripts["release_holds"] = load_script(self.redis, "release_holds")
-        self._scripts["end_purged_hold"] = load_script(self.redis, "end_purged_hold")
         self._scripts["set_cap"] = load_script(self.redis, "set_cap")
         self._scripts["set_estimates"] = load_script(self.redis, "set_estimates")
 
@@ -214,7 +213,8 @@ class Admission:
 
     def settle(self, ref: str, outcome: str, credits_used: float | None = None) -> bool:
         """A generation ended ('done', 'failed' or 'stored'): its committed
-        credits become spent ones (lua/settle.lua); once per admission."""
+        credits become spent ones (lua/settle.lua); once per admission
+        ('adopted' first, for an earlier generation taken back)."""
         reported = "" if credits_used is None else repr(credits_used)
         return bool(self._scripts["settle"](keys=[keys.job(ref)], args=[outcome, reported]))
 
@@ -240,11 +240,6 @@ class Admission:
         return int(self._scripts["release_holds"](keys=[keys.SLOT_HOLDS, keys.SLOTS],
                                                   args=[self.longest_hold_s, recheck_s,
                                                         self.longest_look_s]))
-
-    def end_purged_hold(self, name: str, generation_id: str) -> bool:
-        """End the hold of a purged generation seen ended (lua/end_purged_hold.lua)."""
-        return bool(self._scripts["end_purged_hold"](keys=[keys.SLOT_HOLDS, keys.SLOTS],
-                                                     args=[name, generation_id]))
 
     def in_flight(self) -> int:
         return int(self.redis.zcard(keys.SLOTS))

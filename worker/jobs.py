@@ -59,7 +59,8 @@ def lua_constants() -> str:
                 f"line = '{keys.LINE_SUFFIX}', ring = '{keys.RING_PREFIX}', "
                 f"spend = '{keys.SPEND_PREFIX}', orphans = '{keys.ORPHANS}', "
                 f"purged = '{keys.PURGED_BOOKINGS}', config = '{keys.CONFIG}', "
-                f"purged_generations = '{keys.PURGED_GENERATIONS}'}}\n")
+                f"purged_generations = '{keys.PURGED_GENERATIONS}', "
+                f"purged_not_found = '{keys.PURGED_NOT_FOUND}'}}\n")
     return (f"local STATE = {{{states}}}\nlocal STEP = {{{steps}}}\n" + prefixes
             + (LUA_DIR / "common.lua").read_text())
 

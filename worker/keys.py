@@ -97,6 +97,8 @@ PURGED_BOOKINGS = PREFIX + "purged_bookings"
 # Slot hold name of a purged job's generation nobody saw end -> its id
 # (worker/purged_looks.py).
 PURGED_GENERATIONS = PREFIX + "purged_generations"
+# Such a hold's 404s in a row -> '<count> <first one's time>' (lua/purged_answer.lua).
+PURGED_NOT_FOUND = PREFIX + "purged_not_found"
 DUE = PREFIX + "due"
 SEQ = PREFIX + "seq"
 PUMP_REPLAY = PREFIX + "pump:replay:"  # + call id: what that pump call admitted

@@ -272,7 +272,7 @@ class Lifecycle(bootsteps.StartStopStep):
             self.looker = threading.Thread(
                 target=look_at_purged_generations,
                 args=(steps.admission, steps.client.fetch, steps.store.pause_polls,
-                      lambda: admit(steps.admission, dispatch)),
+                      lambda: admit(steps.admission, dispatch), steps.settings.backoff_cap_s),
                 name="vidq purged looks", daemon=True)
             self.looker.start()
 

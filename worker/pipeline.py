@@ -160,7 +160,7 @@ class Steps(StepOutcomes):
                     else f"{status} after {age:.0f} s, short of the hard limit")
         # Paid when its job failed (lua/settle.lua): this admission's commitment
         # is released, not spent a second time.
-        self.admission.settle(job.ref, "stored")
+        self.admission.settle(job.ref, "adopted")
         job.generation_id = earlier
         self._next(job, Step.POLL, 0.0, state=State.SUBMITTED, attempts=0,
                    generation_id=earlier, check_before_post="")

@@ -6,19 +6,17 @@ admitted while they run and C is passed. A hold's length was guessed from
 the learned generation time, and an upstream that got slower since outlived
 the guess: 4 in flight at C = 2 (review 116). Such a generation's id is
 known, and a status GET costs nothing, so once its hold runs out it is asked
-about, as a job's generation is polled:
+about, and its slot is kept as a polled job's is (lua/purged_answer.lua):
 - still running (or any error): the hold stays `LOOK_AGAIN_S` more, up to
-  `VIDQ_HARD_LIMIT_S` after its admission (lua/release_holds.lua), as a
-  polled job keeps its slot; bounded by `VIDQ_DEADLINE_S`, a generation
-  slower than that lost its slot while it ran: C passed (review 121);
-- ended or failed: the hold ends in the same step (lua/end_purged_hold.lua)
-  and the slot is filled at once;
-- not known (404, 410): only past `VIDQ_DEADLINE_S`, and answered so
-  `NOT_FOUND_TO_GIVE_UP` times in a row, does the hold end, as a polled
-  job's slot is given up (StepOutcomes._not_found): a gateway's one 404
-  freed the slots of two running generations, C passed (review 119). The
-  count is kept by the process that looks (the reconciler's): moved to
-  another worker, it starts again, later never sooner.
+  `VIDQ_HARD_LIMIT_S` after its admission (lua/release_holds.lua); bounded
+  by `VIDQ_DEADLINE_S`, a generation slower than that lost its slot while
+  it ran: C passed (review 121);
+- ended or failed: the hold ends in the same step and the slot is filled
+  at once;
+- not known (404, 410): it ends only past `VIDQ_DEADLINE_S`, after
+  `NOT_FOUND_TO_GIVE_UP` such answers in a row over `VIDQ_BACKOFF_CAP_S`,
+  as a polled job's slot is given up (StepOutcomes._not_found): a gateway's
+  one 404 freed the slots of two running generations (review 119).
 A pause on status GETs waits, and a 429 to a look is such a pause for every
 worker.
 """
@@ -34,6 +32,7 @@ from .admission import Admission
 from .contract import FORGOTTEN_STATUSES
 from .errors import RateLimited, UpstreamError
 from .generation import Generation
+from .jobs import load_script
 from .rate_limits import pause_s
 from .step_outcomes import NOT_FOUND_TO_GIVE_UP
 
@@ -41,20 +40,17 @@ log = logging.getLogger(__name__)
 
 LOOK_AGAIN_S = 10.0
 LOOKS_PER_PASS = 100
-RUNNING, ENDED, NOT_KNOWN = "running", "ended", "not known"
-
-_not_found_in_a_row: dict[str, int] = {}
 
 
 def look_at_purged_generations(admission: Admission, fetch: Callable[[str], Generation],
                                pause_polls: Callable[[float], None],
-                               fill_slots: Callable[[], object]) -> int:
+                               fill_slots: Callable[[], object], not_found_for_s: float) -> int:
     """One pass over the purged generations whose hold has run out; returns
     how many holds ended (run in a thread of its own: a Redis error ends the
     pass, the next one tries again). A 429 pauses status GETs for every
     worker, as a poll's does, and ends the pass (review 118)."""
     try:
-        ended = _look(admission, fetch)
+        ended = _look(admission, fetch, not_found_for_s)
         if ended:
             fill_slots()
         return ended
@@ -67,38 +63,32 @@ def look_at_purged_generations(admission: Admission, fetch: Callable[[str], Gene
         return 0
 
 
-def _look(admission: Admission, fetch: Callable[[str], Generation]) -> int:
+def _look(admission: Admission, fetch: Callable[[str], Generation],
+          not_found_for_s: float) -> int:
     client = admission.redis
     if client.pttl(keys.PAUSE_POLL) > 0:
         return 0
     seconds, micros = client.time()
-    now = seconds + micros / 1e6
-    due = [str(name) for name in client.zrangebyscore(keys.SLOT_HOLDS, "-inf", now,
-                                                      start=0, num=LOOKS_PER_PASS)]
+    due = [str(name) for name in client.zrangebyscore(
+        keys.SLOT_HOLDS, "-inf", seconds + micros / 1e6, start=0, num=LOOKS_PER_PASS)]
     ids = client.hmget(keys.PURGED_GENERATIONS, due) if due else []
-    taken = client.zmscore(keys.SLOTS, due) if due else []
+    told = load_script(client, "purged_answer")
     ended = 0
-    for name, generation_id, taken_at in zip(due, ids, taken, strict=True):
-        if not generation_id:
-            continue
-        answer = _answer(fetch, str(generation_id))
-        earlier_404s = _not_found_in_a_row.pop(name, 0)
-        in_a_row = earlier_404s + 1 if answer == NOT_KNOWN else 0
-        overdue = taken_at is not None and now - taken_at >= admission.longest_hold_s
-        if answer == ENDED or (in_a_row >= NOT_FOUND_TO_GIVE_UP and overdue):
-            ended += admission.end_purged_hold(name, str(generation_id))
-            continue
-        if in_a_row:
-            _not_found_in_a_row[name] = in_a_row
-        client.zadd(keys.SLOT_HOLDS, {name: now + LOOK_AGAIN_S}, xx=True)
+    for name, generation_id in zip(due, ids, strict=True):
+        if generation_id:
+            answer = _answer(fetch, str(generation_id))
+            ended += int(told(keys=[keys.SLOT_HOLDS, keys.SLOTS], args=[
+                name, generation_id, answer, LOOK_AGAIN_S, admission.longest_hold_s,
+                not_found_for_s, NOT_FOUND_TO_GIVE_UP]))
     return ended
 
 
 def _answer(fetch: Callable[[str], Generation], generation_id: str) -> str:
+    """'running', 'ended' (completed or failed) or 'not known' (404, 410)."""
     try:
-        return RUNNING if fetch(generation_id).pending else ENDED
+        return "running" if fetch(generation_id).pending else "ended"
     except RateLimited:
         raise
     except UpstreamError as exc:
         log.info("purged generation %s: %s; its slot stays taken", generation_id, exc)
-        return NOT_KNOWN if exc.status in FORGOTTEN_STATUSES else RUNNING
+        return "not known" if exc.status in FORGOTTEN_STATUSES else "running"

@@ -53,27 +53,33 @@ end
 -- a POST that created nothing), and give its video back to the batch's
 -- max-videos unless `kept`. Once per admission: the pending field goes.
 -- A batch held by a spend cap is woken, so the pump checks it again.
-local function settle(job_key, batch, spent, kept)
-  local pending = redis.call('HGET', job_key, 'credits_pending')
-  if not pending then return false end
-  pending = tonumber(pending) or 0
+-- The job's committed credits (its admission's estimate) are no longer
+-- committed, for its batch and its day; a batch that the cap held back
+-- wakes. Returns the day.
+local function uncommit(job_key, batch, pending)
   local key = batch_key(batch)
   redis.call('HINCRBYFLOAT', key, 'credits_committed', -pending)
-  if not kept then redis.call('HINCRBY', key, 'videos', -1) end
-  if spent > 0 then
-    redis.call('HINCRBYFLOAT', key, 'credits_spent', spent)
-    redis.call('HINCRBYFLOAT', job_key, 'credits', spent)
-  end
   local day = redis.call('HGET', job_key, 'spend_day')
-  if day then
-    redis.call('HINCRBYFLOAT', NS.spend .. day, 'committed', -pending)
-    if spent > 0 then redis.call('HINCRBYFLOAT', NS.spend .. day, 'spent', spent) end
-  end
-  redis.call('HDEL', job_key, 'credits_pending')
+  if day then redis.call('HINCRBYFLOAT', NS.spend .. day, 'committed', -pending) end
   if redis.call('HGET', key, 'blocked') == 'spend cap' then
     redis.call('HDEL', key, 'blocked')
     wake(batch, true)
   end
+  return day
+end
+
+local function settle(job_key, batch, spent, kept)
+  local pending = redis.call('HGET', job_key, 'credits_pending')
+  if not pending then return false end
+  local key = batch_key(batch)
+  local day = uncommit(job_key, batch, tonumber(pending) or 0)
+  if not kept then redis.call('HINCRBY', key, 'videos', -1) end
+  if spent > 0 then
+    redis.call('HINCRBYFLOAT', key, 'credits_spent', spent)
+    redis.call('HINCRBYFLOAT', job_key, 'credits', spent)
+    if day then redis.call('HINCRBYFLOAT', NS.spend .. day, 'spent', spent) end
+  end
+  redis.call('HDEL', job_key, 'credits_pending')
   return true
 end
 

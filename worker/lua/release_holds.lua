@@ -51,6 +51,7 @@ for _, ref in ipairs(redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)) do
     redis.call('ZADD', holds_key, now + recheck_s, ref)
   else
     redis.call('HDEL', NS.purged_generations, ref)
+    redis.call('HDEL', NS.purged_not_found, ref)
     redis.call('ZREM', holds_key, ref)
     redis.call('ZREM', slots_key, ref)
     redis.call('HDEL', NS.purged, ref)  -- its POST was not refused in time: spent it stays

@@ -1,6 +1,11 @@
 -- A job's generation ended: its committed credits become spent ones.
 -- 'done' (the upstream completed it): the reported credits, else the
 -- estimate. 'stored' (its video was already in storage, nothing POSTed): 0.
+-- 'adopted' (a `retry --resubmit` took back an earlier generation, paid when
+-- its job failed, nothing POSTed): nothing ends yet; the commitment goes
+-- and its end settles with nothing to spend, its video counting or given
+-- back to the batch's max-videos by how it ends (settled as 'stored', a
+-- video that never came kept counting: review 123).
 -- 'failed': the estimate if a generation may exist (an id, or a POST whose
 -- outcome is unknown; it may have been charged), else 0; its video goes
 -- back to the batch's max-videos, unless its POST's outcome is unknown: that
@@ -14,6 +19,11 @@ local f = redis.call('HMGET', job_key, 'batch', 'credits_pending', 'generation_i
   'posting_at', 'outcome_unknown')
 if not f[1] or not f[2] then return 0 end
 local pending = tonumber(f[2]) or 0
+if outcome == 'adopted' then
+  uncommit(job_key, f[1], pending)
+  redis.call('HSET', job_key, 'credits_pending', '0')
+  return 1
+end
 local spent, kept = 0, true
 if outcome == 'done' then
   spent = reported or pending
