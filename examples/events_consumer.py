@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import redis
@@ -85,8 +86,13 @@ def main() -> None:
                         help="exit after this long without new entries (0: run forever)")
     args = parser.parse_args()
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
-    ensure_group(client, args.group)
-    print(f"processed {consume(client, args)} events", flush=True)
+    try:
+        ensure_group(client, args.group)
+        print(f"processed {consume(client, args)} events", flush=True)
+    except redis.ConnectionError as exc:
+        # One line, not a traceback: the usual cause is the wrong --redis-url
+        # (a `vidq run`'s private Redis lives on its own port, while it runs).
+        sys.exit(f"error: Redis at --redis-url {args.redis_url}: {exc}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from worker import keys
 from worker.admission import Admission
 from worker.batch_control import admission_state
 from worker.errors import InputError
+from worker.jobs import FINAL_STATES
 from worker.metrics_record import failure_kind
 from worker.retry import Failure, failures, retry, select
 
@@ -47,7 +48,8 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
                              "generation id are polled again, and it has none"
                              f"{_filters(ids, reason)}")
     if not chosen:
-        echo(f"batch {batch}: no failed jobs{_filters(ids, reason)}; nothing to retry")
+        echo(f"batch {batch}: no failed jobs{_filters(ids, reason)}; nothing to retry"
+             + _still_running(store, batch))
         return 0
     charged = _charged(chosen, resubmit, resubmit_unknown, include_completed)
     if charged:
@@ -82,6 +84,19 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
              f"{'its' if result.left_unknown == 1 else 'their'} POST is unknown "
              "(it may have been charged); add --resubmit-unknown to POST again")
     return result.requeued
+
+
+def _still_running(store, batch: str) -> str:
+    """Said when jobs are still on their way: a `retry` then a `retry
+    --resubmit` at once found the first's jobs polled again, not failed yet,
+    and said only "nothing to retry" (review 124)."""
+    running = sum(count for state, count in store.counts(batch).items()
+                  if state not in FINAL_STATES)
+    if not running:
+        return ""
+    return (f" now: {plural(running)} still running or polled again (an earlier retry's "
+            "among them, say); those that fail can be retried once they end "
+            f"(vidq status {batch} --watch)")
 
 
 def plain_retry_helps(failure: Failure, cancelled: bool) -> bool:

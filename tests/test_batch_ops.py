@@ -64,6 +64,10 @@ def test_retry_polls_by_default_and_resubmit_posts_exactly_one_new_generation_pe
     assert first.wait_finished("night") == {**first.store.counts("night"), "done": 3,
                                             "failed": 3}
 
+    store = first.store
+    rejected = [job_id for job_id in store.job_ids("night")
+                if "REJECT" in store.get(keys.job_ref("night", job_id)).request["prompt"]]
+    store.pause_polls(10)  # the second command comes before their polls
     polled = vidq(first, "retry", "night")
     assert polled.returncode == 0, polled.stderr
     assert "2 failed jobs requeued" in polled.stdout
@@ -71,7 +75,10 @@ def test_retry_polls_by_default_and_resubmit_posts_exactly_one_new_generation_pe
     assert ("2 jobs failed upstream (the generation's own error): polled again, they find "
             "the same error; --resubmit POSTs a new generation (charged)") in polled.stdout
     assert "1 job left failed" in polled.stdout and "--resubmit" in polled.stdout
-    time.sleep(1)
+    # At once, it said only "nothing to retry" (review 124).
+    early = vidq(first, "retry", "night", "--resubmit", "--yes", "--ids", rejected[0])
+    assert "; nothing to retry now: 2 jobs still running or polled again" in early.stdout, \
+        early.stdout
     assert first.wait_finished("night")["failed"] == 3
     assert first.sandbox.stats()["submissions"] == 5  # polled, never re-posted
     old_ids = {entry["prompt"]: entry["id"] for entry in first.ledger()}

@@ -179,3 +179,20 @@ def test_killed_workers_and_a_redis_restart_announce_each_video_exactly_once(
             data = Path(fields["storage_url"].removeprefix("file://")).read_bytes()
             assert fields["sha256"] == hashlib.sha256(data).hexdigest()
     assert [f["type"] for f in found].count("batch.finished") == 1
+
+
+def test_the_example_consumer_pointed_at_no_redis_says_so_in_one_line(tmp_path):
+    """A `vidq run`'s Redis lives on a port of its own, only while it runs: a
+    consumer started with the wrong URL printed a redis-py traceback
+    (review 124). One line, naming the URL, exit 1."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"  # nothing listens once closed
+    consumer = _run_consumer(url, tmp_path / "out.jsonl")
+    output, _ = consumer.communicate(timeout=60)
+    assert consumer.returncode == 1
+    assert output.startswith(f"error: Redis at --redis-url {url}: ") and \
+        len(output.strip().splitlines()) == 1, output
+    assert not (tmp_path / "out.jsonl").exists()
