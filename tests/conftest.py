@@ -293,13 +293,16 @@ def learned_then(make_pipeline, make_sandbox, tmp_path: Path,
 
 @pytest.fixture
 def serve_bytes():
-    """A local HTTP server answering every GET and POST with 200 and fixed bytes."""
+    """A local HTTP server answering every GET and POST with fixed bytes (and
+    a status, 200 unless given); `.posts` counts the POSTs it answered."""
     servers = []
 
-    def start(body: bytes) -> str:
+    def start(body: bytes, status: int = 200) -> str:
         class Handler(BaseHTTPRequestHandler):
             def _answer(self):
-                self.send_response(200)
+                if self.command == "POST":
+                    start.posts += 1
+                self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -314,6 +317,7 @@ def serve_bytes():
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}"
 
+    start.posts = 0  # type: ignore[attr-defined]
     yield start
     for server in servers:
         server.shutdown()

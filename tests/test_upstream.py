@@ -9,6 +9,7 @@ import pytest
 from producer.redis_server import free_port
 from worker.errors import (
     BadResponse,
+    ConfigError,
     GenerationFailed,
     RateLimited,
     RequestRejected,
@@ -74,6 +75,38 @@ def test_unreadable_submit_answer_is_never_resent(serve_bytes):
     """A 2xx submit without a readable id may have paid: terminal, not retried."""
     with pytest.raises(SubmitOutcomeUnknown, match="paying twice"):
         _client(serve_bytes(b"<html>maintenance</html>"), "k").submit(REQUEST)
+
+
+def test_the_apis_own_503_to_a_post_is_never_sent_again(serve_bytes):
+    """The contract lists 503 with the other 5xx and has no idempotency key:
+    only a proxy's page (above: the sandbox's, from its load balancer) says
+    the API never saw the POST. The API's own JSON 503 was sent again, and
+    paid twice if it had created the generation (review 126)."""
+    body = {"message": "Service Unavailable", "statusCode": 503, "path": "/v2/video/generations"}
+    url = serve_bytes(json.dumps(body).encode(), status=503)
+    with pytest.raises(SubmitOutcomeUnknown, match="may have created"):
+        _client(url, "k").submit(REQUEST)
+    assert serve_bytes.posts == 1
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"id": "g1"}, "queued"),  # the reference client reads only the id
+    ({"id": "g1", "status": "complete", "video": {"url": "http://x/v.mp4"}}, "complete")])
+def test_the_reference_documents_answers_are_read(serve_bytes, body, status):
+    """A submit answered with an id alone had its paid id thrown away ("no
+    id/status", outcome unknown, never polled); `complete`, the reference
+    document's word, was pending: the video never fetched, its slot held to
+    the hard limit (review 126)."""
+    generation = _client(serve_bytes(json.dumps(body).encode()), "k").submit(REQUEST)
+    assert (generation.id, generation.status) == ("g1", status)
+    assert generation.succeeded == (status == "complete")
+
+
+def test_the_reference_clients_base_url_is_refused_naming_why():
+    """`https://api.aimlapi.com/v2`, as the reference client writes it: every
+    POST went to /v2/v2/... and each prompt failed on its 404 (review 126)."""
+    with pytest.raises(ConfigError, match="ends in /v2"):
+        _client("https://api.aimlapi.com/v2/", "k")
 
 
 def test_unparseable_status_body_is_retryable(serve_bytes):

@@ -45,7 +45,11 @@ FORGOTTEN_STATUSES = frozenset({404, 410})
 ACCOUNT_STATUSES = frozenset({401, 403})
 
 PENDING_STATUSES = frozenset({"queued", "generating", "waiting", "active"})
-SUCCESS_STATUSES = frozenset({"completed", "succeeded"})
+# `complete`: the word the reference document's prose uses ("If the video
+# generation task status is `complete`"); read as pending, a finished video
+# would never be fetched and its slot held to the hard limit (review 126).
+# A success still needs its video's URL (Generation.succeeded).
+SUCCESS_STATUSES = frozenset({"completed", "complete", "succeeded"})
 # "error" and "failed" are named by the contract; the others are words no
 # pending generation is ever called. Read as pending, an upstream's own word
 # for a generation it gave up on would hold a slot until the hard limit (24 h).

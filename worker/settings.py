@@ -272,6 +272,10 @@ def check_base_url(url: str) -> None:
     problem = host_problem(shown)
     if not problem and urlsplit(shown).scheme.lower() not in ("http", "https"):
         problem = "not http(s)"
+    if not problem and urlsplit(shown).path.rstrip("/").lower().endswith("/v2"):
+        # The reference client's base URL: vidq's paths carry the /v2 (every
+        # POST went to /v2/v2/... and each prompt failed on its 404; review 126).
+        problem = "it ends in /v2, which vidq's paths already start with (/v2/video/...)"
     if problem:
         raise ConfigError(f"AIMLAPI_BASE_URL={redacted(shown)!r} is not a usable URL: {problem}; "
                           "use https://host[:port][/path]")

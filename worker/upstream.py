@@ -56,8 +56,12 @@ MAX_REDIRECTS = 5
 MIN_RESULT_BPS = 1000
 # An attempt may take 3 download graces, or its length at this rate if longer.
 MIN_AVERAGE_BPS = 10_000
-# Statuses on which the upstream surely created nothing, so a POST may be sent again.
-SUBMIT_RETRY_STATUSES = frozenset({408, 429, 503})
+# Statuses on which the upstream surely created nothing, so a POST may be sent
+# again; and a 503 from a proxy in front of it (a page, not the API's JSON error
+# body: CONTRACT.md, "a 5xx from a proxy may be HTML"). The API's own 503 is
+# one more 5xx: the contract does not say it created nothing, and sent again
+# it could pay twice (review 126).
+SUBMIT_RETRY_STATUSES = frozenset({408, 429})
 NEVER_SENT = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
 BAD_URL = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
            requests.exceptions.InvalidSchema)
@@ -231,11 +235,19 @@ def raise_for_submit(response: requests.Response) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
-    if status in SUBMIT_RETRY_STATUSES or (400 <= status < 500):
+    if status in SUBMIT_RETRY_STATUSES or (400 <= status < 500) or (
+            status == 503 and not _json_body(response)):
         raise_for_response(response)
     message = f"HTTP {status}: {error_message(response)}"
     raise SubmitOutcomeUnknown(f"submit answered {message}; the upstream may have created "
                                "the generation, so it is not re-sent", status=status)
+
+
+def _json_body(response: requests.Response) -> bool:
+    try:
+        return isinstance(response.json(), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def raise_for_response(response: requests.Response, *, result_url: bool = False) -> None:
@@ -256,7 +268,7 @@ def raise_for_response(response: requests.Response, *, result_url: bool = False)
 
 def response_generation(response: requests.Response, *, posting: bool = False) -> Generation:
     try:
-        return parse_generation(response)
+        return parse_generation(response, submitted=posting)
     except BadResponse as exc:
         if not posting:
             raise
