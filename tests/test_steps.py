@@ -750,6 +750,32 @@ def test_a_resubmit_that_takes_back_a_generation_counts_its_video_by_how_it_ends
         == ("0", 0.0, spent)
 
 
+def test_a_plain_retry_counts_the_video_it_fetches_against_max_videos(steps_for, make_sandbox):
+    """A job failed at the hard limit while its generation ran: its video went
+    back to the batch's max-videos. `vidq retry` polled it again and stored
+    the video, which the count never took back: 1 video stored, 0 counted,
+    and one more admitted past the cap (review 125)."""
+    sandbox = make_sandbox(time_scale=30)  # 3 s generations
+    steps = steps_for(sandbox)
+    client = steps.store.redis
+    ref, token = _admit_one(steps)
+    _run(steps, "submit", ref, token)
+    steps.fail(steps.store.get(ref), "timeout: still 'generating' (hard limit)")
+    assert client.hget(keys.batch("b"), "videos") == "0"
+
+    from worker.retry import failures, retry, select
+
+    assert retry(steps.admission, steps.dispatch, "b", select(failures(steps.store, "b"))
+                 ).requeued == 1  # what `vidq retry b` runs
+    assert client.hget(keys.batch("b"), "videos") == "1"
+    assert reconcile(steps.admission, steps.dispatch, 10.0) == 1  # polled at once
+    step, _, token = steps.sent[-1]
+    token = _until_completed(steps, ref, token, first=step)
+    assert _run(steps, "download", ref, token).state == "done"
+    batch = client.hgetall(keys.batch("b"))
+    assert (batch["videos"], float(batch["credits_committed"])) == ("1", 0.0)
+
+
 def test_a_claimed_step_is_never_re_sent_for_a_newer_stale_message(steps_for):
     """After Redis lost a second, its token counter re-issues numbers: a job
     re-sent since may run a step under a lower token than a message from

@@ -39,6 +39,11 @@ OPTIONAL_FIELDS: dict[str, type] = {
     "enhance_prompt": bool,
 }
 
+# Credits a video is estimated at when the upstream does not say: the figure
+# the provider's schema gives as its example of `credits_used` (CONTRACT.md:
+# no price is published; the sandbox reports the same).
+CREDITS_PER_VIDEO_ESTIMATE = 120000.0
+
 # What a status GET answers for a generation the upstream does not know.
 FORGOTTEN_STATUSES = frozenset({404, 410})
 # HTTP statuses that refuse the account (the key, the credits), not one request.

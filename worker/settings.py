@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .contract import DEFAULT_BASE_URL, ENDPOINTS
+from .contract import CREDITS_PER_VIDEO_ESTIMATE, DEFAULT_BASE_URL, ENDPOINTS
 from .errors import ConfigError
 from .netguard import host_problem, redacted, without_credentials
 from .redis_url import check_redis_url, sentinel_url
@@ -93,7 +93,7 @@ class Settings:
     retention_s: float = 7 * 86400.0
     # Credits a generation is expected to cost until the upstream reports it
     # (the spend caps count these); per model@resolution in credit_estimates.
-    credit_estimate: float = 120000.0
+    credit_estimate: float = CREDITS_PER_VIDEO_ESTIMATE
     credit_estimates: str = ""
     # The event stream (worker.events) is trimmed to about this many entries:
     # a consumer further behind than that loses the oldest.

@@ -22,11 +22,9 @@ from dataclasses import dataclass, field
 import redis
 
 from . import keys
-from .contract import shape_of
+from .contract import CREDITS_PER_VIDEO_ESTIMATE, shape_of
 from .errors import ConfigError
 
-# What the upstream reports for one alibaba/wan2.1-t2v-turbo video (CONTRACT.md).
-DEFAULT_CREDITS_PER_VIDEO = 120000.0
 # A day's spend record outlives the day long enough for a weekly look back.
 SPEND_TTL_S = 8 * 86400
 DAY_S = 86400
@@ -36,7 +34,7 @@ DAY_S = 86400
 class CreditEstimates:
     """Credits one generation is expected to cost, by (model, resolution)."""
 
-    default: float = DEFAULT_CREDITS_PER_VIDEO
+    default: float = CREDITS_PER_VIDEO_ESTIMATE
     table: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def of(self, request: dict) -> float:

@@ -73,7 +73,10 @@ local function settle(job_key, batch, spent, kept)
   if not pending then return false end
   local key = batch_key(batch)
   local day = uncommit(job_key, batch, tonumber(pending) or 0)
-  if not kept then redis.call('HINCRBY', key, 'videos', -1) end
+  if not kept then
+    redis.call('HINCRBY', key, 'videos', -1)
+    redis.call('HSET', job_key, 'video_given_back', '1')  -- lua/requeue.lua counts it again
+  end
   if spent > 0 then
     redis.call('HINCRBYFLOAT', key, 'credits_spent', spent)
     redis.call('HINCRBYFLOAT', job_key, 'credits', spent)

@@ -64,7 +64,7 @@ local function leave_failed(state)
   -- nor an earlier slot's 404s: kept, a slot given up then was never given
   -- up again, held to the hard limit (review 121).
   redis.call('HDEL', job_key, 'storage_pauses', 'storage_failing_since', 'not_found',
-    'not_found_since', 'slot_given_up')
+    'not_found_since', 'slot_given_up', 'video_given_back')
   redis.call('SREM', unknown_key, job_id)
   redis.call('SREM', batch_key(batch) .. ':failed', job_id)  -- keys.batch_failed
   redis.call('ZREM', holds_key, ref)
@@ -73,7 +73,15 @@ local function leave_failed(state)
 end
 if generation_id ~= '' then
   -- Paid: past pauses, spend caps and a cancel too (all about new POSTs).
+  local given_back = redis.call('HGET', job_key, 'video_given_back') == '1'
   leave_failed(STATE.submitted)
+  if given_back then
+    -- Its video went back to the batch's max-videos when it failed; polled
+    -- again it may come: counted again, and its end settles it with nothing
+    -- more to spend (a stored video max-videos never counted: review 125).
+    redis.call('HINCRBY', batch_key(batch), 'videos', 1)
+    redis.call('HSET', job_key, 'credits_pending', '0')
+  end
   poll_at_once(job_key, slots_key, due_key, ref)
   return 'requeued'
 end
