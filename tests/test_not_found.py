@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 
+import pytest
 import requests
 from conftest import wait_until, write_prompts
 from test_steps import _admit_one, _run, steps_for  # noqa: F401 - fixture
@@ -50,12 +51,15 @@ def test_a_generation_the_upstream_lost_gives_its_slot_to_the_next_job(make_pipe
     assert f"the upstream has not known generation {lost['id']} for" in log
 
 
+@pytest.mark.parametrize("status", [404, 504])
 def test_404s_that_do_not_last_or_come_early_keep_the_slot_and_an_id_found_again_retakes_it(
-        steps_for, make_sandbox):  # noqa: F811
+        steps_for, make_sandbox, status):  # noqa: F811
     """A gateway's 404s to a generation before its deadline, or two in a row
     after it: the slot never moves. Three over the backoff cap past the
     deadline: the slot is given up. A poll taken over meanwhile cannot take it
-    back; the id answering "generating" to the step holding the job does."""
+    back; the id answering "generating" to the step holding the job does.
+    The same for 504s, the contract's "Generation timeout": retried to the
+    hard limit, they held the slot 24 h (review 126)."""
     sandbox = make_sandbox(time_scale=1, mean_generation_s=60, spread=0)
     steps = steps_for(sandbox, VIDQ_DEADLINE_S="1.5", VIDQ_BACKOFF_BASE_S="0.1",
                       VIDQ_BACKOFF_CAP_S="0.5")
@@ -65,7 +69,7 @@ def test_404s_that_do_not_last_or_come_early_keep_the_slot_and_an_id_found_again
 
     def polls(count: int, not_found: int = 0) -> None:
         if not_found:
-            requests.post(sandbox.url + "/__faults", json={"poll": [404] * not_found},
+            requests.post(sandbox.url + "/__faults", json={"poll": [status] * not_found},
                           timeout=10).raise_for_status()
         for _ in range(count):
             _, _, next_token = steps.sent[-1]

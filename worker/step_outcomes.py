@@ -36,6 +36,7 @@ TRIES_PER_LINK = 2
 # Status GETs in a row answered "not found", over at least VIDQ_BACKOFF_CAP_S,
 # before a paid generation past its deadline gives its slot up.
 NOT_FOUND_TO_GIVE_UP = 3
+GENERATION_TIMEOUT = 504
 
 
 @dataclass
@@ -92,7 +93,8 @@ class StepOutcomes:
         every id while they run then free no young job's slot (freed on one
         404 past the fit's 99.9th percentile, a slowdown passed C). Polls go
         on: an id that answers again takes a slot back (lua/found_again.lua),
-        and its video is downloaded."""
+        and its video is downloaded. A 504 ("Generation timeout") is counted
+        the same way (`unavailable`)."""
         now = job.now()
         since = job.number("not_found_since") or now
         in_a_row = int(job.number("not_found")) + 1
@@ -101,13 +103,25 @@ class StepOutcomes:
                    and now - since >= self.settings.backoff_cap_s
                    and now - job.submitted_at > deadline_s(self.settings, job))
         if give_up:
-            log.warning("job %s: the upstream has not known generation %s for %.0f s (%s), "
+            log.warning("job %s: the upstream has %s generation %s for %.0f s (%s), "
                         "past its deadline: its slot is given up; polled until the hard limit",
-                        job.ref, job.generation_id, now - since, error)
+                        job.ref, "timed out" if error.status == GENERATION_TIMEOUT else
+                        "not known", job.generation_id, now - since, error)
             values.update(slot_given_up="1", release_slot=True)
         self.retry(job, error, **values)
         if give_up:
             admit(self.admission, self.dispatch)
+
+    def unavailable(self, job: Job, error: Exception) -> None:
+        """A failure worth trying again. A 504 to a poll (the contract's
+        "Generation timeout") is counted as a 404 is: past the deadline,
+        lasting, it gives the slot up (polls go on); retried until the hard
+        limit, a generation the upstream had given up on held its slot 24 h
+        (review 126)."""
+        if (job.step == Step.POLL and isinstance(error, UpstreamError)
+                and error.status == GENERATION_TIMEOUT):
+            return self._not_found(job, error)
+        self.retry(job, error)
 
     def refresh_link(self, job: Job, error: UpstreamError) -> None:
         """A result URL expired: fetch the generation again for a fresh one."""

@@ -117,7 +117,7 @@ def _run(steps: Steps, step: str, job) -> None:
     except SubmitOutcomeUnknown as exc:
         steps.fail(job, f"{OUTCOME_UNKNOWN}: {exc}")
     except (RetryableUpstreamError, CorruptVideo, MarkerUnconfirmed) as exc:
-        steps.retry(job, exc)
+        steps.unavailable(job, exc)
     except StorageError as exc:
         if not storage_failing(steps.store, job, exc, steps.settings.backoff_cap_s):
             steps.retry(job, exc)

@@ -24,7 +24,10 @@ Fault kinds, forwarded (the upstream acts on the request):
     slow_headers      nothing for `slow_s` seconds, then forwarded normally
 Not forwarded:
     html_500          500 with an HTML body
-    503 / 429         a small JSON error with `Retry-After: 1`
+    503               an HTML page with `Retry-After: 1`: the proxy's own answer (the
+                      API never saw the request; its own JSON 503 to a POST is "outcome
+                      unknown")
+    429               a small JSON error with `Retry-After: 1`
     refuse            closed right after accept without reading the request (the kernel
                       then sends RST). A real ECONNREFUSED needs a closed port:
                       `pause_listening()` closes the listening socket and
@@ -344,16 +347,18 @@ def _canned(status: int, content_type: str, body: bytes, extra: str = "") -> byt
     return head.encode() + body
 
 
-def _html(status: int) -> bytes:
+def _html(status: int, extra: str = "") -> bytes:
     title = f"{status} {REASONS[status]}"
     body = (f"<html><head><title>{title}</title></head><body><center><h1>{title}</h1>"
             "</center><hr><center>faultproxy</center></body></html>\r\n")
-    return _canned(status, "text/html", body.encode())
+    return _canned(status, "text/html", body.encode(), extra)
 
 
 def _local_answer(kind: str) -> bytes:
     if kind == "html_500":
         return _html(500)
+    if kind == "503":
+        return _html(503, "Retry-After: 1\r\n")
     status = int(kind)
     body = json.dumps({"statusCode": status, "message": REASONS[status]}).encode()
     return _canned(status, "application/json; charset=utf-8", body, "Retry-After: 1\r\n")
