@@ -92,8 +92,8 @@ def test_a_replica_stopped_after_a_201_delays_neither_the_poll_nor_other_jobs(
                       VIDQ_POST_DEADLINE_S="20")
     real_submit = steps.client.submit
 
-    def submit_then_stop_the_replica(request, before_send=None):
-        generation = real_submit(request, before_send)  # answered 201: paid
+    def submit_then_stop_the_replica(request):
+        generation = real_submit(request)  # answered 201: paid
         os.kill(replica.process.pid, signal.SIGSTOP)
         return generation
 

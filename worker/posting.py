@@ -108,17 +108,11 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
         try:
             # On the wire until Redis surely has the id: `vidq purge` waits.
             with on_the_wire(store, job, settings.heartbeat_ttl_s) as still_ours:
-                def unless_stood_still() -> None:
+                try:
                     if not still_ours():
                         raise NotSent("not sent: this worker stood still after its POST "
                                       "marker, and the job was (or may be) taken over")
-
-                try:
-                    # Checked again on the open connection (worker/send_check.py).
-                    unless_stood_still()
-                    generation = answered(
-                        store, lambda request: client.submit(request, unless_stood_still),
-                        job.request)
+                    generation = answered(store, client.submit, job.request)
                 except (RetryableUpstreamError, RequestRejected) as exc:
                     mine = store.clear_posting(job)  # this attempt surely created nothing
                     late = settle(error=exc)
@@ -225,14 +219,14 @@ def on_the_wire(store: JobStore, job: Job,
     def mark(on: bool, token: str = "") -> bool:
         return bool(script(keys=script_keys, args=[entry, lease_ms, int(on), token]))
 
-    asked = _awake_clock()  # before: the process may stop while the answer comes
+    asked = time.monotonic()  # before: the process may stop while the answer comes
     try:
         ours = mark(True, job.token)
     except redis.RedisError:
         ours = True  # cannot tell: sent, as it would be without this check
 
     def still_ours() -> bool:
-        return ours and _awake_clock() - asked <= fresh_s
+        return ours and time.monotonic() - asked <= fresh_s
 
     try:
         with renewed(lambda: mark(True), OPEN_POST_LEASE_S, f"open POST of {job.ref}"):
@@ -240,16 +234,6 @@ def on_the_wire(store: JobStore, job: Job,
     finally:
         with contextlib.suppress(redis.RedisError):
             mark(False)
-
-
-def _awake_clock() -> float:
-    """Seconds that count a machine's suspended time too (Linux's boot-time
-    clock; `time.monotonic` stops while it sleeps): a laptop suspended
-    between the marker and the send stood still, as a SIGSTOPped worker
-    does (review 122)."""
-    if hasattr(time, "CLOCK_BOOTTIME"):
-        return time.clock_gettime(time.CLOCK_BOOTTIME)
-    return time.monotonic()
 
 
 def answer_may_come(store: JobStore, job: Job, post_deadline_s: float) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from urllib.parse import urljoin
 
 import requests
@@ -46,7 +46,6 @@ from .generation import Generation, parse_generation
 from .metrics_record import upstream_call
 from .netguard import UrlPolicy, check_size, check_url, redacted
 from .retry_after import retry_after_s
-from .send_check import checked_session
 from .settings import Settings
 from .upstream_text import CALLER_KEY, error_message
 
@@ -129,17 +128,14 @@ class UpstreamClient:
         self._policy = UrlPolicy.build(settings.base_url, settings.result_url_allowlist,
                                        settings.max_video_bytes)
 
-    def submit(self, request: dict, before_send: Callable[[], None] | None = None) -> Generation:
-        """POST a generation; `before_send()` runs on the open connection, before
-        its first byte, and raises to withhold it (worker/send_check.py)."""
+    def submit(self, request: dict) -> Generation:
         body = dict(request)
         if "enhance_prompt" in body:
             body[self._endpoint.expansion_flag] = body.pop("enhance_prompt")
         url = self._base + self._endpoint.submit_path
         # A fresh connection per POST: a pooled keep-alive connection the
         # server has just closed would turn a harmless resend into "unknown".
-        session = checked_session(before_send) if before_send else requests.Session()
-        with session as fresh, upstream_call("submit"), self._key_kept_out(), \
+        with requests.Session() as fresh, upstream_call("submit"), self._key_kept_out(), \
                 http_errors("submit", posting=True):
             response = fresh.post(url, json=body, headers=self._auth, timeout=self._timeout)
             raise_for_submit(response)
