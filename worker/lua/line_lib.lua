@@ -49,13 +49,9 @@ local function put_in_line(batch, job_key, job_id, front)
   wake(batch, front)
 end
 
--- Turn the credits a job committed at admission into `spent` credits (0 for
--- a POST that created nothing), and give its video back to the batch's
--- max-videos unless `kept`. Once per admission: the pending field goes.
--- A batch held by a spend cap is woken, so the pump checks it again.
 -- The job's committed credits (its admission's estimate) are no longer
--- committed, for its batch and its day; a batch that the cap held back
--- wakes. Returns the day.
+-- committed, for its batch and its day; a batch held by a spend cap is
+-- woken, so the pump checks it again. Returns the day.
 local function uncommit(job_key, batch, pending)
   local key = batch_key(batch)
   redis.call('HINCRBYFLOAT', key, 'credits_committed', -pending)
@@ -68,6 +64,9 @@ local function uncommit(job_key, batch, pending)
   return day
 end
 
+-- Turn the credits a job committed at admission into `spent` credits (0 for
+-- a POST that created nothing), and give its video back to the batch's
+-- max-videos unless `kept`. Once per admission: the pending field goes.
 local function settle(job_key, batch, spent, kept)
   local pending = redis.call('HGET', job_key, 'credits_pending')
   if not pending then return false end
