@@ -153,13 +153,11 @@ class JobStore:
         data = self.redis.hgetall(keys.job(ref))
         return Job.from_hash(data) if data else None
 
-    def claim(self, ref: str, token: str, lease_s: float, holder: str,
-              step: str = "") -> Job | None:
-        """The job if `token` is current (for `step`, when given), after taking
-        it; None for a stale message."""
+    def claim(self, ref: str, token: str, lease_s: float, holder: str) -> Job | None:
+        """The job if `token` is current, after taking it; None for a stale message."""
         flat = self._scripts["claim"](
             keys=[keys.job(ref), keys.DUE, keys.PAUSE_SUBMIT, keys.PAUSE_POLL],
-            args=[token, repr(lease_s), ref, holder, op_id(), step])
+            args=[token, repr(lease_s), ref, holder, op_id()])
         if flat == "rolled back":  # lua/claim.lua: re-sent by the next reconciler pass
             log.warning("job %s: its record is older than this message (token %s): Redis "
                         "lost its last writes; its step is sent again", ref, token)

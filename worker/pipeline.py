@@ -214,6 +214,15 @@ class Steps(StepOutcomes):
                     pause, effective)
 
     def poll(self, job: Job) -> None:
+        if not job.generation_id:
+            # A poll message met a job with no id to poll: once everysec lost
+            # a second, the token counter went back and a number issued again
+            # matched a message from before the crash. Polled, the upstream
+            # answered 400 and the paid job failed while its answer was being
+            # recorded again (a CI run). Stale: its lease runs out and the
+            # reconciler sends the step the record says.
+            log.warning("job %s: a poll with no generation id to poll: stale, left", job.ref)
+            return None
         paused_ms = job.number("__poll_pause_ms")
         if paused_ms > 0:
             return self._after_poll_pause(job, paused_ms / 1000)

@@ -59,8 +59,7 @@ class StepOutcomes:
         self.submit_rate = DeployedRate(self.settings.max_submits_per_s)
 
     def claim(self, ref: str, token: str, step: str) -> Job | None:
-        return self.store.claim(ref, token, self.settings.grace_s(step), self.worker_name,
-                                str(step))
+        return self.store.claim(ref, token, self.settings.grace_s(step), self.worker_name)
 
     def rejected(self, job: Job, error: UpstreamError) -> None:
         """An answer that retrying cannot change, as a rule. A 401/403 to a

@@ -7,7 +7,6 @@ local lease_s = tonumber(ARGV[2])
 local ref = ARGV[3]
 local holder = ARGV[4]
 local op = ARGV[5]
-local step = ARGV[6]  -- the message's step
 
 -- Tokens only grow (one INCR for all), so a job waiting with an older token
 -- than this message's lost its last writes (a crash inside appendfsync
@@ -31,14 +30,6 @@ if redis.call('HGET', job_key, 'last_op') ~= op then
     if not rolled_back(current) then return false end
     redis.call('ZADD', due_key, now, ref)
     return 'rolled back'
-  end
-  -- The token is this job's, the step is not: once the counter went back
-  -- (everysec's lost second), a number issued again met a message from
-  -- before the crash. A poll of a job waiting for its POST's record polled
-  -- no id (HTTP 400) and failed the paid job; stale, like any other.
-  local waiting_for = redis.call('HGET', job_key, 'step')
-  if step ~= '' and waiting_for and waiting_for ~= '' and waiting_for ~= step then
-    return false
   end
   redis.call('HSET', job_key, 'token', 'run:' .. token, 'holder', holder, 'last_op', op)
   redis.call('ZADD', due_key, now + lease_s, ref)
