@@ -471,7 +471,7 @@ def test_countdowns_a_worker_holds_follow_an_operators_cap(make_pipeline, make_s
     wait_until(lambda: pipeline.admission.in_flight() == 50, 30, "50 in flight")
     client = redis.Redis.from_url(pipeline.env["VIDQ_REDIS_URL"])
     queued = []
-    for _ in range(40):
+    for _ in range(60):
         # Every priority's list (kombu's Redis transport keeps one each).
         queued.append(sum(client.llen(name) for name in client.keys("vidq.poll*")))
         time.sleep(0.1)
@@ -485,11 +485,12 @@ def test_countdowns_a_worker_holds_follow_an_operators_cap(make_pipeline, make_s
     assert "countdown messages held: up to 166 (C = 50)" in log
     assert "(C = 4)" not in log
 
-    # Once every job is in flight a poll waits in the queue only in passing,
-    # under a second even on a loaded machine (the old limit kept some there
-    # for good).
+    # Once every job is in flight a poll waits in the queue only in passing:
+    # runs of up to 1.3 s on a loaded CI machine. The old limit kept them
+    # there and they piled up (a run of 4.7 s to the end of the 6 s, 21 at
+    # the end, with the limit left at 22).
     longest = max(len(run) for run in "".join("x" if n else " " for n in queued).split(" "))
-    assert longest < 10, f"polls waiting in the queue (every 0.1 s): {queued}"
+    assert longest < 30, f"polls waiting in the queue (every 0.1 s): {queued}"
 
 
 @pytest.mark.slow
