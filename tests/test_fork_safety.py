@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_what_s3_calls_import_lazily_is_imported_with_the_worker():
     found = subprocess.run(
-        [sys.executable, "-c", "import sys, worker; print('_strptime' in sys.modules)"],
+        [sys.executable, "-c", "import sys, worker; worker.app; print('_strptime' in sys.modules)"],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
 
