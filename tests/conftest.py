@@ -1,5 +1,6 @@
 """Real parts for the tests: a private Redis server, the sandbox upstream over
-HTTP, and Celery worker processes started with `celery -A worker worker`.
+HTTP, and Celery worker processes (started as `celery -A worker worker` starts
+them: tests/worker_main.py).
 
 No eager mode, no fake Redis: every test talks to the real thing.
 """
@@ -50,6 +51,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     none of them starts last and runs alone at the end of the suite."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
+
+WORKER_MAIN = Path(__file__).resolve().parent / "worker_main.py"
 
 # Fast clocks: a 90 s generation takes about 1 s in the sandbox.
 TIME_SCALE = 90.0
@@ -138,9 +141,9 @@ class Pipeline:
     def start_workers(self, count: int = 1, concurrency: int = 4, queues=QUEUES) -> None:
         for index in range(len(self.processes), len(self.processes) + count):
             log_path = self.log_dir / f"worker-{index}.log"
-            command = [sys.executable, "-m", "celery", "-A", "worker", "worker",
-                       "-Q", ",".join(queues), "-c", str(concurrency), "-n", f"test{index}@%h",
-                       "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+            # `celery -A worker worker` without its command line (tests/worker_main.py).
+            command = [sys.executable, str(WORKER_MAIN), "-Q", ",".join(queues),
+                       "-c", str(concurrency), "-n", f"test{index}@%h"]
             self.processes.append(subprocess.Popen(
                 command, env=self.env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
                 start_new_session=True))
