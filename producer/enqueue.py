@@ -45,8 +45,9 @@ class EnqueueResult:
 
     def summary(self) -> str:
         """One line for the user: how many jobs, and where a count may surprise."""
-        jobs = f"{self.jobs_in_file} job" + ("" if self.jobs_in_file == 1 else "s")
-        parts = [f"{self.created} new", f"{self.already_there} already enqueued"]
+        # Thousands separated, as `vidq plan` and `status` print them.
+        jobs = f"{self.jobs_in_file:,} job" + ("" if self.jobs_in_file == 1 else "s")
+        parts = [f"{self.created:,} new", f"{self.already_there:,} already enqueued"]
         if self.merged_duplicates:
             parts.append(f"{self.merged_duplicates} duplicate line(s) merged into one job each")
         if self.variants:

@@ -258,3 +258,11 @@ def test_a_pid_now_another_redis_is_never_stopped_or_named(tmp_path):
         with PrivateRedis(state) as mine:
             assert mine.left_by_killed_run == 0
         assert other.process.poll() is None
+
+
+def test_the_enqueue_line_separates_thousands_as_plan_does():
+    """`vidq plan` said "10,000 videos" and `vidq enqueue` "10000 jobs"."""
+    from producer.enqueue import EnqueueResult
+
+    line = EnqueueResult("night", 10_000, 9_998, 2, 0).summary()
+    assert line == "batch night: 10,000 jobs (9,998 new, 2 already enqueued)"

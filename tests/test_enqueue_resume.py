@@ -60,7 +60,7 @@ def test_an_enqueue_killed_half_way_is_listed_and_the_same_command_finishes_it(
     again = subprocess.run(command, env=_env(redis_url), cwd=tmp_path, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert f"({40_000 - written} new, {written} already enqueued)" in again.stdout
+    assert f"({40_000 - written:,} new, {written:,} already enqueued)" in again.stdout
     assert client.scard(keys.batch_jobs("takes")) == 40_000
     assert int(client.hget(keys.batch("takes"), "total")) == 40_000
 
