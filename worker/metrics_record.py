@@ -1,7 +1,7 @@
 """Counting in a worker process: hooks called by the steps and the upstream
 client add to a process-local buffer, and the buffer goes to Redis in one
-pipeline when the task ends (Celery's task_postrun), so a step costs one
-round trip for its metrics whatever it counted.
+pipeline when the task ends (Celery's task_postrun, hooked in worker/tasks.py),
+so a step costs one round trip for its metrics whatever it counted.
 
 The buffer is per process and guarded by a lock (a submit's POST runs in a
 thread, and its answer may arrive after its step ended: it is then written
@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
-from celery.signals import task_postrun, worker_process_shutdown
 
 from . import keys
 from .connection import op_id
@@ -230,17 +229,3 @@ def resent(client: redis.Redis, steps: int) -> None:
         except redis.RedisError as exc:
             log.warning("re-send count not written: %s", exc)
 
-
-@task_postrun.connect
-def _flush_after_task(**_kwargs) -> None:
-    if not RECORDER.pending():
-        return
-    from .tasks import get_steps  # the tasks import this module: resolve at run time
-
-    RECORDER.flush(get_steps().store.redis)
-
-
-@worker_process_shutdown.connect
-def _flush_at_exit(**_kwargs) -> None:
-    with contextlib.suppress(Exception):
-        _flush_after_task()

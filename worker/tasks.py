@@ -4,6 +4,7 @@ Messages carry a job ref and a step token, never a prompt or a secret.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import redis
 from billiard.exceptions import WorkerLostError
+from celery.signals import task_postrun, worker_process_shutdown
 from celery.worker.request import Request
 
+from . import metrics_record
 from .admission import Admission
 from .celery_app import TASK_FOR_STEP, app, settings_of
 from .connection import connect
@@ -62,6 +65,21 @@ def get_steps() -> Steps:
         _steps.clear()
         _steps[os.getpid()] = steps
     return steps
+
+
+@task_postrun.connect
+def _flush_metrics(**_kwargs) -> None:
+    """A step's counts go to Redis in one pipeline as its task ends
+    (worker/metrics_record.py: connected here, so that importing that module,
+    as `vidq` commands do, imports no Celery)."""
+    if metrics_record.RECORDER.pending():
+        metrics_record.RECORDER.flush(get_steps().store.redis)
+
+
+@worker_process_shutdown.connect
+def _flush_metrics_at_exit(**_kwargs) -> None:
+    with contextlib.suppress(Exception):
+        _flush_metrics()
 
 
 def build_steps(settings: Settings, worker_name: str = "local") -> Steps:
