@@ -88,7 +88,11 @@ def cli_settings() -> Settings:
         return Settings.from_env()
     click.echo(f"VIDQ_REDIS_URL is unset: using the Redis of the `vidq run` in "
                f"{RUN_STATE_DIR.resolve()} ({url})", err=True)
-    return Settings.from_env({**os.environ, "VIDQ_REDIS_URL": url})
+    # Set, not only passed: the Celery app reads it when it first sends a task,
+    # and sent `vidq enqueue`'s tasks to the default Redis (its jobs waited a
+    # step grace for the run's workers to send them again).
+    os.environ["VIDQ_REDIS_URL"] = url
+    return Settings.from_env()
 
 
 @click.group()

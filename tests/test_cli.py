@@ -160,27 +160,40 @@ def test_a_second_shell_reads_the_batch_of_the_vidq_run_going_on_here(make_sandb
     """`vidq run` keeps its batch in a Redis of its own. `vidq status` typed in
     a second shell, in the same directory and with no VIDQ_REDIS_URL, read the
     default Redis instead and said there was no such batch. It reads the run's,
-    and says so on stderr (stdout stays one JSON document)."""
-    sandbox = make_sandbox(time_scale=15)
+    and says so on stderr (stdout stays one JSON document). A `vidq enqueue`
+    there wrote its jobs to the run's Redis but sent their tasks to the default
+    one: they waited a step grace (here 120 s) for the run's workers to send
+    them again. They are POSTed at once."""
+    sandbox = make_sandbox(time_scale=3, max_concurrency=0)  # ~30 s generations
     env = {name: value for name, value in os.environ.items()
            if name not in ("VIDQ_REDIS_URL", "AIML_API_KEY", "VIDQ_ENDPOINT")}
     env.update(FAST_WORKER_ENV)
     env.update({"AIMLAPI_BASE_URL": sandbox.url, "AIMLAPI_KEY": sandbox.config.api_key,
-                "VIDQ_STORAGE_URL": (tmp_path / "videos").as_uri(), "VIDQ_MAX_IN_FLIGHT": "2"})
-    path = write_prompts(tmp_path / "night.txt", [f"watched {i}" for i in range(4)])
+                "VIDQ_STORAGE_URL": (tmp_path / "videos").as_uri(), "VIDQ_MAX_IN_FLIGHT": "2",
+                "VIDQ_STEP_GRACE_S": "120"})
+    path = write_prompts(tmp_path / "night.txt", [f"watched {i}" for i in range(2)])
+    extra = write_prompts(tmp_path / "extra.txt", [f"added {i}" for i in range(2)])
     run = subprocess.Popen(["vidq", "run", str(path)], env=env, cwd=tmp_path, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def second_shell(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["vidq", *args], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+
     try:
-        wait_until(lambda: requests.get(sandbox.url + "/__ledger", timeout=5).json(), 60,
-                   "the run's first POST")
-        status = subprocess.run(["vidq", "status", "night", "--json"], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=60)
+        wait_until(lambda: len(requests.get(sandbox.url + "/__ledger", timeout=5).json()) == 2,
+                   60, "the run's two POSTs")
+        status = second_shell("status", "night", "--json")
+        added = [second_shell("cap", "4"), second_shell("enqueue", str(extra), "--batch", "x")]
+        wait_until(lambda: len(requests.get(sandbox.url + "/__ledger", timeout=5).json()) == 4,
+                   60, "the second shell's jobs POSTed by the run's workers")
     finally:
         run.send_signal(2)
         output, _ = run.communicate(timeout=60)
 
     assert status.returncode == 0, status.stderr + output
-    assert json.loads(status.stdout)["total"] == 4
+    assert json.loads(status.stdout)["total"] == 2
+    assert [result.returncode for result in added] == [0, 0], [r.stderr for r in added]
     url = re.search(r"private Redis at (\S+),", output)
     assert url, output
     assert (f"using the Redis of the `vidq run` in {tmp_path.resolve() / '.vidq'} "
