@@ -5,8 +5,9 @@ its options: the same app, bootsteps, prefork pool and signal handling.
 What it skips is Celery's command line, which loads every installed
 `celery.commands` plugin (Flower and Tornado among them) and click-repl's
 prompt_toolkit: about 0.7 s of CPU a start, on a suite that starts some 400
-workers on two cores. `vidq run`'s tests, and a few others, still start
-workers with the command itself.
+workers on two cores. It also skips what the command reads from CELERY_*
+variables, which the tests never set. `vidq run`'s tests, and a few others,
+still start workers with the command itself.
 """
 from __future__ import annotations
 

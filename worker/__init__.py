@@ -5,7 +5,10 @@ setting and starts nothing; the app, and Celery with it, is imported when
 first asked for: a `vidq` command that refuses its settings, or sends no
 task, never pays for it.
 """
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # typed as what it is wherever `worker.app` is used
+    from .celery_app import app
 
 __all__ = ["app"]
 
