@@ -226,7 +226,9 @@ def make_pipeline(redis_url, make_sandbox, tmp_path):
 
 
 def wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 30.0) -> None:
-    """Wait until a server started as `process` (e.g. Flower) answers `url` with 2xx."""
+    """Wait until a server started as `process` (e.g. Flower) answers `url` with 2xx.
+    A request that times out is asked again: a loaded machine's server may take over a
+    second to answer its first one."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -234,7 +236,7 @@ def wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float =
         try:
             if requests.get(url, timeout=1).ok:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} did not answer in {timeout_s} s; log {log}")
