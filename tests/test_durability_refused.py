@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_until
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from worker import keys
@@ -154,7 +155,12 @@ def test_a_worker_that_stood_still_before_its_marker_was_checked_revives_the_job
     sandbox = make_sandbox()
     steps_a = steps_for(sandbox, VIDQ_REDIS_URL=restartable_redis.url, VIDQ_STEP_GRACE_S="10",
                         VIDQ_POST_DEADLINE_S="3")
-    steps_b = steps_for(sandbox, VIDQ_REDIS_URL=restartable_redis.url)
+    # B takes a missing beat for a dead sender once Redis has run for a heartbeat's
+    # lifetime (0.9 s here): before that, a live sender may not have beaten yet.
+    steps_b = steps_for(sandbox, VIDQ_REDIS_URL=restartable_redis.url,
+                        VIDQ_HEARTBEAT_INTERVAL_S="0.3")
+    wait_until(lambda: steps_b.store.redis.info("server")["uptime_in_seconds"] >= 1, 5,
+               "Redis up for a second")
     steps_a.durability.waitaof, steps_a.durability.probed_at = True, time.monotonic()
     ref, token = _admit_one(steps_a)
     standing, resume = threading.Event(), threading.Event()

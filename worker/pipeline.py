@@ -94,7 +94,8 @@ class Steps(StepOutcomes):
             self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
             return
         if marker == "posted_before":
-            if answer_may_come(self.store, job, self.settings.post_deadline_s):
+            if answer_may_come(self.store, job, self.settings.post_deadline_s,
+                               self.settings.heartbeat_ttl_s):
                 # Its POST is still on the wire, or Redis lost its answer's
                 # record (restarted from an older state) and the POST thread
                 # records it again: not unknown yet. Slot kept, nothing sent.

@@ -236,14 +236,17 @@ def on_the_wire(store: JobStore, job: Job,
             mark(False)
 
 
-def answer_may_come(store: JobStore, job: Job, post_deadline_s: float) -> bool:
+def answer_may_come(store: JobStore, job: Job, post_deadline_s: float,
+                    heartbeat_ttl_s: float) -> bool:
     """Whether the POST behind the job's marker may still answer, for a step
     waiting no longer than its own POST would (`post_deadline_s` from the
     marker): its sender (`posting_by`) beats, so its thread still reads or
     records the answer (a Redis restored from just after the marker has no
     entry on the wire yet), or its entry on the wire is live (a sender cut
-    off from Redis for a few seconds misses its heartbeat). A pool child's
-    death clears both (lua/step_lost.lua)."""
+    off from Redis for a few seconds misses its heartbeat). A Redis started
+    less than a heartbeat's lifetime ago may not have heard a live sender's
+    beat yet (one restored from its disk drops the beats that expired while it
+    was down). A pool child's death clears both (lua/step_lost.lua)."""
     if job.now() - job.number("posting_at") >= post_deadline_s:
         return False
     sender = job.extra.get("posting_by") or ""
@@ -251,7 +254,17 @@ def answer_may_come(store: JobStore, job: Job, post_deadline_s: float) -> bool:
     pipe.zscore(keys.batch_open_posts(job.batch), f"{job.ref}#{job.extra.get('posting_op', '')}")
     pipe.exists(keys.worker_alive(sender))
     until_ms, beats = pipe.execute()
-    return bool(sender and beats) or (until_ms is not None and until_ms > job.now() * 1000)
+    return (bool(sender and (beats or _younger_than(store.redis, heartbeat_ttl_s)))
+            or (until_ms is not None and until_ms > job.now() * 1000))
+
+
+def _younger_than(client: redis.Redis, seconds: float) -> bool:
+    """Whether Redis started less than `seconds` ago (whole seconds: a young
+    Redis may be taken for one up to a second younger than it is)."""
+    try:
+        return int(client.info("server")["uptime_in_seconds"]) < seconds
+    except (redis.ResponseError, KeyError, ValueError):  # INFO renamed or cut by a proxy
+        return False
 
 
 def answered_in_journal(store: JobStore, job: Job, directory: Path,
