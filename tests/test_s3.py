@@ -121,6 +121,10 @@ def test_a_batch_lands_in_s3_whole_and_a_rerun_posts_nothing(
     again.enqueue(prompts, "b1")
     assert again.wait_finished("b1", timeout_s=60)["done"] == len(PROMPTS)
     assert len(again.ledger()) == len(PROMPTS)
+    # The rerun's manifest (the reconciler's next pass) takes the place of the one
+    # it found, which lists only these videos: not moved aside as an earlier batch's.
+    wait_until(lambda: again.store.redis.hget(keys.batch("b1"), "manifest_of"), 30,
+               "the rerun's manifest")
     _check_batch_in_s3(s3, bucket, "night", "b1", again)
 
 

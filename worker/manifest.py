@@ -100,7 +100,8 @@ def write_if_finished(client: redis.Redis, storage: Storage, storage_url: str, b
         mark = read_marks(client, [batch])[batch]  # read again, under the lock
         if not mark.needs_manifest:
             return False
-        if not mark.written_for and storage.exists(manifest_key(batch)):
+        if (not mark.written_for and storage.exists(manifest_key(batch))
+                and not lists_only_ours(client, storage, batch)):
             # An earlier batch's of this name (purged or expired since): kept,
             # not overwritten with tonight's (review 119). Named by its bytes.
             move_earlier_aside(storage, batch, storage.sha256(manifest_key(batch))[:16])
@@ -130,6 +131,23 @@ def write(client: redis.Redis, storage: Storage, storage_url: str, batch: str) -
                 errors.write(line)
                 failed += 1
     return count, failed
+
+
+def lists_only_ours(client: redis.Redis, storage: Storage, batch: str) -> bool:
+    """Whether the manifest in storage lists only videos the batch holds now
+    (each row's id a job of it, with the same sha256): this batch's own,
+    written before Redis lost its state, which a rerun found in storage.
+    Tonight's lists them all, so it takes its place (it is not an earlier
+    batch's, moved aside). A damaged one is not."""
+    try:
+        rows = read(storage, batch) or []
+    except InputError:
+        return False
+    pipe = client.pipeline(transaction=False)
+    for row in rows:
+        pipe.hmget(keys.job(keys.job_ref(batch, str(row.get("custom_id")))), "id", "sha256")
+    return all(job_id is not None and row.get("sha256") in (None, digest)
+               for row, (job_id, digest) in zip(rows, pipe.execute(), strict=True))
 
 
 def move_earlier_aside(storage: Storage, batch: str, tag: str) -> None:
