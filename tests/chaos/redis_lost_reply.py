@@ -7,8 +7,9 @@ script cache), then resets the client's connection instead of passing the
 answer on. The client sees what a network
 drop or a Redis restart after the command leaves it with: a ConnectionError
 for a call that did happen. redis-py then reconnects and sends it again.
-`after_reply` loses nothing: it runs its `then` right after a command's
-answer was passed on (to freeze the client at exactly that point).
+`after_reply` loses nothing: it runs its `then` once Redis has answered a
+command, just before passing the answer on (to freeze the client, or cut it
+off, at exactly that point).
 `down_for` makes Redis unreachable through the proxy for a while (a restart
 loading a big AOF): every request, on any connection, is reset unsent.
 """
@@ -41,9 +42,9 @@ class LostReplyProxy:
             self._pattern, self._then = pattern, then
 
     def after_reply(self, pattern: bytes, then: Callable[[], object]) -> None:
-        """Run `then` once the reply to the next request that contains
-        `pattern` has been passed on (nothing lost): e.g. freeze the client
-        right after Redis answered it."""
+        """Run `then` once Redis answered the next request that contains
+        `pattern`, just before its reply is passed on (nothing lost): e.g.
+        freeze the client right after Redis ran it."""
         with self._lock:
             self._after = (pattern, then)
 
@@ -119,9 +120,9 @@ class LostReplyProxy:
                 if cut.is_set():
                     answered.set()
                     return
+                while pending:  # before the client has the answer: nothing it does
+                    pending.pop(0)()  # after it (on any connection) comes first
                 client.sendall(data)
-                while pending:
-                    pending.pop(0)()
         except OSError:
             pass
         finally:
