@@ -129,20 +129,11 @@ def test_a_submit_sent_again_after_a_crash_mid_post_waits_for_the_id(
     worker beats, the submit sent again now waits for the id."""
     server = PrivateRedis(tmp_path / "redis", extra_args=EVERYSEC).start()
     sandbox = make_sandbox()
-    aof = tmp_path / "redis" / "appendonly.aof"
     try:
         steps = steps_for(sandbox, VIDQ_REDIS_URL=server.url)
         client = steps.store.redis
         sender = keys.worker_alive(steps.worker_name)
-        client.set(sender, keys.STEPS_WORKER)  # the sender beats
-        ref, token = _admit_one(steps)
-        _snapshot_at(crash, aof, tmp_path / "at-the-crash.aof", monkeypatch)
-        job = steps.claim(ref, token, "submit")
-        tasks._run(steps, "submit", job)
-        server.process.kill()  # the record and the step's next write are lost
-        server.process.wait()
-        shutil.copy(tmp_path / "at-the-crash.aof", aof)
-        server = PrivateRedis(tmp_path / "redis", port=server.port, extra_args=EVERYSEC).start()
+        ref, job, server = _submit_then_crash(steps, server, crash, tmp_path, monkeypatch)
         client.set(sender, keys.STEPS_WORKER)
         assert client.hget(keys.job(ref), "posting_at")
         assert not client.hget(keys.job(ref), "generation_id")
@@ -170,20 +161,11 @@ def test_a_redis_younger_than_a_heartbeat_has_not_heard_the_sender_yet(
     a heartbeat's lifetime, a missing beat proves nothing."""
     server = PrivateRedis(tmp_path / "redis", extra_args=EVERYSEC).start()
     sandbox = make_sandbox()
-    aof = tmp_path / "redis" / "appendonly.aof"
     try:
         steps = steps_for(sandbox, VIDQ_REDIS_URL=server.url)
         client = steps.store.redis
-        client.set(keys.worker_alive(steps.worker_name), keys.STEPS_WORKER)
-        ref, token = _admit_one(steps)
-        _snapshot_at("as the marker was written", aof, tmp_path / "at-the-crash.aof",
-                     monkeypatch)
-        job = steps.claim(ref, token, "submit")
-        tasks._run(steps, "submit", job)
-        server.process.kill()
-        server.process.wait()
-        shutil.copy(tmp_path / "at-the-crash.aof", aof)
-        server = PrivateRedis(tmp_path / "redis", port=server.port, extra_args=EVERYSEC).start()
+        ref, job, server = _submit_then_crash(steps, server, "as the marker was written",
+                                              tmp_path, monkeypatch)
         client.delete(keys.worker_alive(steps.worker_name))  # it expired while Redis was down
 
         steps.retry(job, RuntimeError("ConnectionError: Connection closed by server."))
@@ -194,6 +176,23 @@ def test_a_redis_younger_than_a_heartbeat_has_not_heard_the_sender_yet(
         assert sandbox.stats()["submissions"] == 1
     finally:
         server.stop()
+
+
+def _submit_then_crash(steps, server: PrivateRedis, crash: str, tmp_path: Path,
+                       monkeypatch) -> tuple[str, object, PrivateRedis]:
+    """A job's submit, its sender beating, then Redis crashed and restarted from
+    its AOF as it was at `crash`; returns (ref, the claimed job, the new server)."""
+    aof = tmp_path / "redis" / "appendonly.aof"
+    steps.store.redis.set(keys.worker_alive(steps.worker_name), keys.STEPS_WORKER)
+    ref, token = _admit_one(steps)
+    _snapshot_at(crash, aof, tmp_path / "at-the-crash.aof", monkeypatch)
+    job = steps.claim(ref, token, "submit")
+    tasks._run(steps, "submit", job)
+    server.process.kill()  # the record and the step's next write are lost
+    server.process.wait()
+    shutil.copy(tmp_path / "at-the-crash.aof", aof)
+    return ref, job, PrivateRedis(tmp_path / "redis", port=server.port,
+                                  extra_args=EVERYSEC).start()
 
 
 def _snapshot_at(crash: str, aof: Path, copy: Path, monkeypatch) -> None:
