@@ -767,6 +767,35 @@ def test_a_reused_batch_names_earlier_manifest_never_describes_tonights_files(ma
     assert second in [kept.read_text() for kept in (night / "replaced").glob("manifest.*.jsonl")]
 
 
+def test_a_reused_batch_names_earlier_failed_rows_are_moved_aside_not_overwritten(
+        make_pipeline, tmp_path):
+    """Last night's `nr` failed both its jobs (the upstream refused them); purged,
+    its name and ids come back tonight with other prompts, which are stored.
+    Its manifest lists no video of tonight's: it goes to replaced/ (review 129:
+    its rows had no sha256 to compare, and it was overwritten as the batch's own)."""
+    pipeline = make_pipeline(VIDQ_MAX_IN_FLIGHT=2)
+    pipeline.start_workers()
+    night = tmp_path / "videos" / "nr"
+    for name, prompts, ending in (
+            ("n1.jsonl", ["REJECT a red fox", "REJECT a blue whale"], "failed"),
+            ("n2.jsonl", ["a green frog on a leaf", "a lighthouse in fog"], "done")):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": f"clip{i}", "prompt": prompt}) + "\n"
+                                for i, prompt in enumerate(prompts, 1)))
+        pipeline.enqueue(path, "nr")
+        assert pipeline.wait_finished("nr", timeout_s=30)[ending] == 2
+        wait_until(lambda: pipeline.store.redis.hget(keys.batch("nr"), "manifest_of"), 30,
+                   f"the manifest of {name}")
+        if name == "n1.jsonl":
+            assert vidq(pipeline, "purge", "nr").returncode == 0
+
+    [earlier] = (night / "replaced").glob("manifest.*.jsonl")
+    assert [json.loads(line)["prompt"] for line in earlier.read_text().splitlines()] == [
+        "REJECT a red fox", "REJECT a blue whale"]
+    assert [json.loads(line)["state"] for line in (night / "manifest.jsonl").read_text()
+            .splitlines()] == ["done", "done"]
+
+
 @pytest.mark.slow
 def test_status_after_a_retry_counts_each_job_once_and_names_no_stale_manifest(
         make_pipeline, make_sandbox, tmp_path):

@@ -23,9 +23,11 @@ from producer.redis_server import PrivateRedis
 from worker import keys, pipeline, posting, tasks
 from worker.durability import Durability
 from worker.jobs import JobStore
+from worker.marker import mark_posting
 from worker.paid_journal import deployment_id, replay
 
 EVERYSEC = ("--appendfsync", "everysec")
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's faketime
 
 
 @pytest.mark.slow
@@ -174,6 +176,41 @@ def test_a_redis_younger_than_a_heartbeat_has_not_heard_the_sender_yet(
         assert steps.store.get(ref).state == "queued", steps.store.get(ref).last_error
         wait_until(lambda: client.hget(keys.job(ref), "generation_id"), 30, "the id again")
         assert sandbox.stats()["submissions"] == 1
+    finally:
+        server.stop()
+
+
+def test_a_redis_whose_clock_stepped_back_is_not_young(
+        steps_for, make_sandbox, tmp_path, monkeypatch):  # noqa: F811
+    """Review 129: Redis's uptime follows its wall clock. Stepped back 40 s (an
+    NTP step, a VM restored), it read -39 s and was taken for a Redis just
+    started: a dead sender's job waited ~40 s past its 4 s deadline, its slot
+    held. It now ends "outcome unknown" at once, nothing POSTed."""
+    clock = tmp_path / "redis-clock"
+    clock.write_text("+0\n")
+    with monkeypatch.context() as faked:
+        for name, value in (("LD_PRELOAD", FAKETIME), ("FAKETIME_TIMESTAMP_FILE", str(clock)),
+                            ("FAKETIME_NO_CACHE", "1"), ("DONT_FAKE_MONOTONIC", "1")):
+            faked.setenv(name, value)
+        server = PrivateRedis(tmp_path / "redis").start()
+    try:
+        sandbox = make_sandbox()
+        steps = steps_for(sandbox, VIDQ_REDIS_URL=server.url, VIDQ_POST_DEADLINE_S="4",
+                          VIDQ_HEARTBEAT_INTERVAL_S="0.3")  # old enough after 1 s
+        client = steps.store.redis
+        wait_until(lambda: client.info("server")["uptime_in_seconds"] >= 1, 5, "1 s up")
+        ref, token = _admit_one(steps)
+        job = steps.claim(ref, token, "submit")
+        assert mark_posting(steps.store, job, steps.durability) == "ok"
+        steps.retry(job, RuntimeError("WorkerLostError: the worker died mid-POST"))
+        clock.write_text("-40\n")
+        wait_until(lambda: client.info("server")["uptime_in_seconds"] < 0, 5, "the step back")
+
+        step, _, token = steps.sent[-1]
+        tasks._run(steps, step, steps.claim(ref, token, step))
+        failed = steps.store.get(ref)
+        assert failed.state == "failed" and "outcome_unknown" in failed.last_error
+        assert sandbox.stats()["submissions"] == 0
     finally:
         server.stop()
 

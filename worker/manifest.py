@@ -135,19 +135,21 @@ def write(client: redis.Redis, storage: Storage, storage_url: str, batch: str) -
 
 def lists_only_ours(client: redis.Redis, storage: Storage, batch: str) -> bool:
     """Whether the manifest in storage lists only videos the batch holds now
-    (each row's id a job of it, with the same sha256): this batch's own,
+    (each row a job of it, stored with the same sha256): this batch's own,
     written before Redis lost its state, which a rerun found in storage.
     Tonight's lists them all, so it takes its place (it is not an earlier
-    batch's, moved aside). A damaged one is not."""
+    batch's, moved aside). Not when a row has no video (a failed row may hold
+    the only record of a paid generation id), nor a damaged or empty one."""
     try:
         rows = read(storage, batch) or []
     except InputError:
         return False
     pipe = client.pipeline(transaction=False)
     for row in rows:
-        pipe.hmget(keys.job(keys.job_ref(batch, str(row.get("custom_id")))), "id", "sha256")
-    return all(job_id is not None and row.get("sha256") in (None, digest)
-               for row, (job_id, digest) in zip(rows, pipe.execute(), strict=True))
+        pipe.hget(keys.job(keys.job_ref(batch, str(row.get("custom_id")))), "sha256")
+    return bool(rows) and all(
+        isinstance(row.get("sha256"), str) and row["sha256"] == digest
+        for row, digest in zip(rows, pipe.execute(), strict=True))
 
 
 def move_earlier_aside(storage: Storage, batch: str, tag: str) -> None:

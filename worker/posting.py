@@ -260,9 +260,10 @@ def answer_may_come(store: JobStore, job: Job, post_deadline_s: float,
 
 def _younger_than(client: redis.Redis, seconds: float) -> bool:
     """Whether Redis started less than `seconds` ago (whole seconds: a young
-    Redis may be taken for one up to a second younger than it is)."""
+    Redis may be taken for one up to a second younger than it is). Its uptime
+    follows its wall clock: negative after a step back, which proves nothing."""
     try:
-        return int(client.info("server")["uptime_in_seconds"]) < seconds
+        return 0 <= int(client.info("server")["uptime_in_seconds"]) < seconds
     except (redis.ResponseError, KeyError, ValueError):  # INFO renamed or cut by a proxy
         return False
 
