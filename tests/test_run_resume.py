@@ -409,10 +409,15 @@ def test_a_cancelled_runs_paid_generation_is_still_fetched_on_resume(make_sandbo
     its paid generation is polled and downloaded."""
     from producer.redis_server import running_url
 
-    sandbox = make_sandbox(time_scale=1, mean_generation_s=8, spread=0)
+    # The cancel must land before the first job's hard limit frees its slot for
+    # the next POST: 12 s of 20 leaves room for a `vidq` start on a loaded machine
+    # (_hurried's 4 s did not, beside three busy loops).
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=20, spread=0)
     env = {**_env(sandbox, tmp_path), "VIDQ_MAX_IN_FLIGHT": "1"}
     path = write_prompts(tmp_path / "night.txt", ["a paid fox", "never sent", "nor this"])
-    process = _start_run_until_posted(path, tmp_path, _hurried(env), sandbox, posted=1)
+    hurried = {**env, "VIDQ_EXPECTED_GENERATION_S": "20", "VIDQ_DEADLINE_S": "6",
+               "VIDQ_HARD_LIMIT_S": "12", "VIDQ_OVERDUE_POLL_INTERVAL_S": "0.5"}
+    process = _start_run_until_posted(path, tmp_path, hurried, sandbox, posted=1)
     private = {**env, "VIDQ_REDIS_URL": running_url(tmp_path / "state" / "redis")}
     cancelled = subprocess.run(["vidq", "cancel", "night"], env=private, capture_output=True,
                                text=True, timeout=60)
