@@ -45,7 +45,10 @@ def test_a_worker_sees_another_workers_news_within_a_few_percent_of_t(redis_url)
     for _ in range(8):
         one.record("m", "720P", 0.0, before.first_s)
     assert one.plan("m", "720P").first_s < 0.6 * before.first_s
-    time.sleep(0.03 * before.first_s + 0.05)
+    # 3% of the aim, unless reading and fitting took over a twentieth of that
+    # (wall time: a loaded machine's fit may, and CI's did).
+    _, fitted_at, cost = other._cache[keys.durations("m", "720P")]
+    time.sleep(max(0.0, fitted_at + cache_s(before, cost) + 0.02 - time.monotonic()))
     assert other.plan("m", "720P").first_s < 0.6 * before.first_s
 
 
