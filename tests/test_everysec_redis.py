@@ -144,6 +144,7 @@ def test_a_submit_sent_again_after_a_crash_mid_post_waits_for_the_id(
         step, _, token = steps.sent[-1]
         tasks._run(steps, step, steps.claim(ref, token, step))
         assert steps.store.get(ref).state == "queued"  # not failed: looks again in 5 s
+        steps.looked.set()
         wait_until(lambda: client.hget(keys.job(ref), "generation_id"), 30, "the id again")
         step, _, token = steps.sent[-1]
         tasks._run(steps, step, steps.claim(ref, token, step))
@@ -174,6 +175,7 @@ def test_a_redis_younger_than_a_heartbeat_has_not_heard_the_sender_yet(
         step, _, token = steps.sent[-1]
         tasks._run(steps, step, steps.claim(ref, token, step))
         assert steps.store.get(ref).state == "queued", steps.store.get(ref).last_error
+        steps.looked.set()
         wait_until(lambda: client.hget(keys.job(ref), "generation_id"), 30, "the id again")
         assert sandbox.stats()["submissions"] == 1
     finally:
@@ -218,8 +220,18 @@ def test_a_redis_whose_clock_stepped_back_is_not_young(
 def _submit_then_crash(steps, server: PrivateRedis, crash: str, tmp_path: Path,
                        monkeypatch) -> tuple[str, object, PrivateRedis]:
     """A job's submit, its sender beating, then Redis crashed and restarted from
-    its AOF as it was at `crash`; returns (ref, the claimed job, the new server)."""
+    its AOF as it was at `crash`; returns (ref, the claimed job, the new server).
+    The POST thread records the id again only once the test sets `steps.looked`
+    (after its retry looked at the job): a loaded machine's retry came after it."""
     aof = tmp_path / "redis" / "appendonly.aof"
+    steps.looked = threading.Event()
+    settled = posting.same_run_after
+
+    def after_the_look(client, run):
+        steps.looked.wait(30)
+        return settled(client, run)
+
+    monkeypatch.setattr(posting, "same_run_after", after_the_look)
     steps.store.redis.set(keys.worker_alive(steps.worker_name), keys.STEPS_WORKER)
     ref, token = _admit_one(steps)
     _snapshot_at(crash, aof, tmp_path / "at-the-crash.aof", monkeypatch)
