@@ -395,10 +395,12 @@ def test_a_finished_runs_unknown_posts_are_posted_again_only_when_asked(make_san
     assert len(list((tmp_path / "videos" / "night").glob("*.mp4"))) == 3
 
 
-def _hurried(env: dict) -> dict:
-    """A 4 s hard limit: an 8 s generation's job fails while it runs, paid."""
-    return {**env, "VIDQ_EXPECTED_GENERATION_S": "8", "VIDQ_DEADLINE_S": "2",
-            "VIDQ_HARD_LIMIT_S": "4", "VIDQ_OVERDUE_POLL_INTERVAL_S": "0.5"}
+def _hurried(env: dict, generation_s: float = 8, hard_limit_s: float = 4) -> dict:
+    """A hard limit (4 s) under the generation time (8 s): the job fails while
+    its generation runs, paid."""
+    return {**env, "VIDQ_EXPECTED_GENERATION_S": f"{generation_s:g}",
+            "VIDQ_DEADLINE_S": f"{hard_limit_s / 2:g}", "VIDQ_HARD_LIMIT_S": f"{hard_limit_s:g}",
+            "VIDQ_OVERDUE_POLL_INTERVAL_S": "0.5"}
 
 
 def test_a_cancelled_runs_paid_generation_is_still_fetched_on_resume(make_sandbox, tmp_path):
@@ -415,9 +417,7 @@ def test_a_cancelled_runs_paid_generation_is_still_fetched_on_resume(make_sandbo
     sandbox = make_sandbox(time_scale=1, mean_generation_s=20, spread=0)
     env = {**_env(sandbox, tmp_path), "VIDQ_MAX_IN_FLIGHT": "1"}
     path = write_prompts(tmp_path / "night.txt", ["a paid fox", "never sent", "nor this"])
-    hurried = {**env, "VIDQ_EXPECTED_GENERATION_S": "20", "VIDQ_DEADLINE_S": "6",
-               "VIDQ_HARD_LIMIT_S": "12", "VIDQ_OVERDUE_POLL_INTERVAL_S": "0.5"}
-    process = _start_run_until_posted(path, tmp_path, hurried, sandbox, posted=1)
+    process = _start_run_until_posted(path, tmp_path, _hurried(env, 20, 12), sandbox, posted=1)
     private = {**env, "VIDQ_REDIS_URL": running_url(tmp_path / "state" / "redis")}
     cancelled = subprocess.run(["vidq", "cancel", "night"], env=private, capture_output=True,
                                text=True, timeout=60)
