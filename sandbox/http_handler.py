@@ -214,8 +214,9 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
             if not isinstance(statuses, list) or not all(
                     isinstance(s, int) and 400 <= s <= 599 for s in statuses):
                 raise BadRequest(f"{kind}: must be a list of HTTP error statuses (400-599)")
-        if not isinstance(spec.get("retry_after", 1), int) or spec.get("retry_after", 1) < 0:
-            raise BadRequest("retry_after: must be a non-negative integer")
+        retry_after = spec.get("retry_after", 1)
+        if retry_after is not None and (not isinstance(retry_after, int) or retry_after < 0):
+            raise BadRequest("retry_after: must be a non-negative integer, or null for none")
         self._send_json(200, {"queued": self.state.add_faults(spec)})
 
     def _reset(self) -> None:
@@ -267,7 +268,9 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
     def _send_fault(self, fault: Fault) -> None:
         if fault.status == 503:  # as a load balancer in front of the API would
             return self._send(503, b"<html>Service Unavailable</html>", "text/html")
-        headers = {"Retry-After": str(fault.retry_after)} if fault.status == 429 else None
+        # retry_after None: a 429 without the header, as the contract allows
+        headers = ({"Retry-After": str(fault.retry_after)}
+                   if fault.status == 429 and fault.retry_after is not None else None)
         try:
             phrase = HTTPStatus(fault.status).phrase
         except ValueError:

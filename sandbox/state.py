@@ -54,7 +54,7 @@ class DownloadDenied(Exception):
 @dataclass(frozen=True)
 class Fault:
     status: int
-    retry_after: int
+    retry_after: int | None  # a 429's Retry-After header; None: no header
 
 
 @dataclass
@@ -265,7 +265,8 @@ class SandboxState:
 
     # -- faults --------------------------------------------------------------
     def add_faults(self, spec: dict) -> dict:
-        retry_after = int(spec.get("retry_after", 1))
+        retry_after = spec.get("retry_after", 1)
+        retry_after = None if retry_after is None else int(retry_after)
         with self._lock:
             for kind in FAULT_KINDS:
                 for status in spec.get(kind, []):

@@ -197,6 +197,16 @@ def test_faults_are_served_once_each_then_normal_service(start_sandbox):
     assert stats["rate_limited"] == 1
 
 
+def test_a_429_fault_with_retry_after_null_has_no_header(start_sandbox):
+    srv = start_sandbox()
+    assert requests.post(srv.url + "/__faults",
+                         json={"submit": [429], "retry_after": None}).status_code == 200
+    throttled = submit(srv)
+    assert throttled.status_code == 429 and "Retry-After" not in throttled.headers
+    refused = requests.post(srv.url + "/__faults", json={"submit": [429], "retry_after": "x"})
+    assert refused.status_code == 400 and "null for none" in refused.text
+
+
 def test_padded_video_has_exact_size_and_stays_an_mp4(start_sandbox):
     pad_to = 3_000_000
     srv = start_sandbox(pad_video_to=pad_to)

@@ -396,3 +396,31 @@ def test_the_eta_waits_out_a_429_pause(make_pipeline, tmp_path):
     assert status["waiting"] and status["eta_s"] >= 20, status
     assert "after the 429 pause" in status["eta_basis"]
     pipeline.stop_workers()
+
+
+def test_429s_without_retry_after_pause_for_the_default_and_cost_no_job(make_pipeline,
+                                                                        tmp_path):
+    """The contract says to honour `Retry-After` "when present": the real API
+    may leave it out. A 429 without it, on a submit and on a status GET, pauses
+    that kind of call for every worker for the default pause, spends no
+    attempt (one allowed here), POSTs nothing twice, and the batch ends done."""
+    from conftest import write_prompts
+    from test_batch_ops import report
+
+    from worker.rate_limits import DEFAULT_PAUSE_S
+
+    pipeline = make_pipeline(VIDQ_MAX_ATTEMPTS=1)
+    pipeline.faults(submit=[429], poll=[429], retry_after=None)
+    pipeline.start_workers()
+    prompts = ["no header one", "no header two", "no header three"]
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", prompts), "bare")
+    assert pipeline.wait_finished("bare", timeout_s=90)["done"] == len(prompts)
+
+    assert pipeline.sandbox.stats()["rate_limited"] == 1  # POSTs only; the GET's is logged
+    ledger = pipeline.ledger()
+    rows = report(pipeline, "bare")
+    assert len(ledger) == len(prompts) == len(rows)  # one POST a video
+    assert {r["generation_ids"][0] for r in rows} == {e["id"] for e in ledger}
+    log = (pipeline.log_dir / "worker-0.log").read_text()
+    assert f"429 on submit: submits paused {DEFAULT_PAUSE_S:.0f} s for every worker" in log
+    assert f"429 on a status GET: polls paused {DEFAULT_PAUSE_S:.0f} s for every worker" in log
