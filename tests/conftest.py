@@ -316,7 +316,9 @@ def serve_bytes():
     a status, 200 unless given); `.posts` counts the POSTs it answered."""
     servers = []
 
-    def start(body: bytes, status: int = 200) -> str:
+    def start(body: bytes, status: int = 200, cut_at: int | None = None) -> str:
+        """`cut_at`: send the body's full Content-Length but only its first
+        `cut_at` bytes, then close (a connection lost mid-answer)."""
         class Handler(BaseHTTPRequestHandler):
             def _answer(self):
                 if self.command == "POST":
@@ -324,7 +326,8 @@ def serve_bytes():
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(body[:cut_at])
+                self.close_connection = True
 
             do_GET = do_POST = _answer
 

@@ -40,7 +40,7 @@ from producer.prompts import (
 )
 from worker.contract import ASPECT_RATIOS, DEFAULT_MODEL, OPTIONAL_FIELDS, RESOLUTIONS
 from worker.errors import BadResponse, InputError
-from worker.generation import Generation, parse_generation
+from worker.generation import Generation, parse_generation, salvaged_id
 from worker.upstream_text import MAX_MESSAGE_CHARS, error_message
 
 DEFAULTS = {"model": DEFAULT_MODEL}
@@ -459,6 +459,32 @@ def test_parse_generation(body, content_type):
     assert generation.error_message is None or isinstance(generation.error_message, str)
     credits = generation.credits_used
     assert credits is None or (type(credits) is float and math.isfinite(credits)), credits
+
+
+# Small: every cut of the answer is tried.
+SMALL_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3),
+                                                                     children, max_size=3),
+    max_leaves=6)
+
+
+@PROPERTY
+@given(generation_id=st.text(min_size=1, max_size=40) | st.integers(min_value=0),
+       before=st.dictionaries(st.text(max_size=5).filter(lambda k: k != "id"), SMALL_JSON,
+                              max_size=3),
+       after=st.dictionaries(st.text(max_size=5), SMALL_JSON, max_size=3),
+       indent=st.sampled_from([None, 1]), ascii_only=st.booleans())
+def test_an_answer_cut_anywhere_never_names_a_wrong_id(generation_id, before, after, indent,
+                                                      ascii_only):
+    """Cut at every byte, a POST's answer gives its true top-level id or none:
+    never an id shortened by the cut (a number's first digits, a string's
+    head), nor one from a nested object; whole, it gives the id."""
+    answer = {**before, "id": generation_id, **{k: v for k, v in after.items() if k != "id"}}
+    raw = json.dumps(answer, indent=indent, ensure_ascii=ascii_only).encode()
+    assert salvaged_id(raw) == str(generation_id)
+    for cut in range(len(raw)):
+        assert salvaged_id(raw[:cut]) in (None, str(generation_id)), raw[:cut]
 
 
 @PROPERTY

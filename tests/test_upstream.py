@@ -77,6 +77,35 @@ def test_unreadable_submit_answer_is_never_resent(serve_bytes):
         _client(serve_bytes(b"<html>maintenance</html>"), "k").submit(REQUEST)
 
 
+# The sandbox's answer to a POST, the id first as the contract shows it.
+SUBMIT_ANSWER = json.dumps({"id": "3f1c2d9e-8a7b-4c6d-9e0f-112233445566", "status": "queued",
+                            "video": None, "error": None, "meta": None}).encode()
+AFTER_ID = SUBMIT_ANSWER.index(b",") + 1  # the id's pair, then the comma that closes it
+
+
+@pytest.mark.parametrize("how", ["connection lost", "content-length cut"])
+def test_a_posts_answer_cut_short_after_its_id_still_names_the_paid_generation(
+        serve_bytes, how):
+    """The upstream created the generation and its answer broke off mid-body
+    (or a gateway cut the body and its Content-Length). The id's pair came
+    whole: it is recorded, not thrown away with the job "outcome unknown"."""
+    half = len(SUBMIT_ANSWER) // 2
+    url = (serve_bytes(SUBMIT_ANSWER, cut_at=half) if how == "connection lost"
+           else serve_bytes(SUBMIT_ANSWER[:half]))
+    generation = _client(url, "k").submit(REQUEST)
+    assert (generation.id, generation.status) == ("3f1c2d9e-8a7b-4c6d-9e0f-112233445566", "queued")
+    assert serve_bytes.posts == 1
+
+
+@pytest.mark.parametrize("cut_at", [AFTER_ID - 2, AFTER_ID - 1, 20])
+def test_a_posts_answer_cut_inside_its_id_is_outcome_unknown(serve_bytes, cut_at):
+    """Cut before the comma after the id, the id may be shortened: never
+    guessed, never re-sent."""
+    with pytest.raises(SubmitOutcomeUnknown, match="cut short.*paying twice"):
+        _client(serve_bytes(SUBMIT_ANSWER, cut_at=cut_at), "k").submit(REQUEST)
+    assert serve_bytes.posts == 1
+
+
 def test_the_apis_own_503_to_a_post_is_never_sent_again(serve_bytes):
     """The contract lists 503 with the other 5xx and has no idempotency key:
     only a proxy's page (above: the sandbox's, from its load balancer) says

@@ -8,6 +8,7 @@ job is polled again rather than marked done with nothing to download.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -53,14 +54,19 @@ def parse_generation(response: requests.Response, *, submitted: bool = False) ->
     id (the reference client reads nothing else; the status is then
     `queued`): thrown away for want of a status, a paid id ended "outcome
     unknown", never polled (review 126)."""
+    return parse_body(response.status_code, response.content, submitted=submitted)
+
+
+def parse_body(status: int, raw: bytes, *, submitted: bool = False) -> Generation:
+    """`parse_generation` for a body already read."""
     try:
-        body = response.json()
+        body = json.loads(raw)
     except (ValueError, RecursionError):
-        raise BadResponse(f"HTTP {response.status_code}: body is not JSON") from None
+        raise BadResponse(f"HTTP {status}: body is not JSON") from None
     if not isinstance(body, dict) or not _text(body.get("id")):
-        raise BadResponse(f"HTTP {response.status_code}: no id in {cut(str(body), 200)}")
+        raise BadResponse(f"HTTP {status}: no id in {cut(str(body), 200)}")
     if not _text(body.get("status")) and not submitted:
-        raise BadResponse(f"HTTP {response.status_code}: no status in {cut(str(body), 200)}")
+        raise BadResponse(f"HTTP {status}: no status in {cut(str(body), 200)}")
     video_url = _dig(body, "video", "url")
     return Generation(
         id=str(body["id"]),
@@ -109,3 +115,41 @@ def _dig(body, *path: str):
             return None
         body = body.get(key)
     return body
+
+
+def salvaged_id(raw: bytes) -> str | None:
+    """The id in an answer cut short, if its top-level "id" pair came whole:
+    followed by the "," or "}" after it, so the cut cannot have shortened it
+    (a number cut after its first digits still parses). Nested ids, and
+    anything after the first pair the cut broke, are never read."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a cut may split a character
+        text = raw[:exc.start].decode("utf-8")
+    decoder, at = json.JSONDecoder(), _after_space(text, 0)
+    if not text.startswith("{", at):
+        return None
+    at += 1
+    try:
+        while True:
+            key, at = decoder.raw_decode(text, _after_space(text, at))
+            at = _after_space(text, at)
+            if not isinstance(key, str) or not text.startswith(":", at):
+                return None
+            value, at = decoder.raw_decode(text, _after_space(text, at + 1))
+            at = _after_space(text, at)
+            if at >= len(text) or text[at] not in ",}":
+                return None  # the value may be cut short
+            if key == "id":
+                return str(value) if _text(value) else None
+            if text[at] == "}":
+                return None
+            at += 1
+    except (ValueError, RecursionError):
+        return None
+
+
+def _after_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at

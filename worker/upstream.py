@@ -19,10 +19,14 @@ created nothing (see the README's table):
     408                                                  retry
     read timeout, reset or close after sending,
     500, 502, 504, other 5xx/3xx, 2xx without an id      outcome unknown: never re-sent
+
+A 2xx answer cut short (the connection lost mid-body, a gateway's cut) still
+names its generation when the id's pair came whole (`submitted_generation`).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from urllib.parse import urljoin
@@ -42,14 +46,17 @@ from .errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from .generation import Generation, parse_generation
+from .generation import Generation, parse_body, parse_generation, salvaged_id
 from .metrics_record import upstream_call
 from .netguard import UrlPolicy, check_size, check_url, redacted
 from .retry_after import retry_after_s
 from .settings import Settings
 from .upstream_text import CALLER_KEY, error_message
 
+log = logging.getLogger(__name__)
+
 MAX_REDIRECTS = 5
+ANSWER_PIECE = 4096  # bytes read at a time of a POST's answer
 # A result body slower than this over a third of VIDQ_DOWNLOAD_GRACE_S is a
 # stall, not a slow link: a 200 MB video at this rate would outlive the hard limit.
 MIN_RESULT_BPS = 1000
@@ -137,9 +144,10 @@ class UpstreamClient:
         # server has just closed would turn a harmless resend into "unknown".
         with requests.Session() as fresh, upstream_call("submit"), self._key_kept_out(), \
                 http_errors("submit", posting=True):
-            response = fresh.post(url, json=body, headers=self._auth, timeout=self._timeout)
+            response = fresh.post(url, json=body, headers=self._auth, timeout=self._timeout,
+                                  stream=True)
             raise_for_submit(response)
-            return response_generation(response, posting=True)
+            return submitted_generation(response)
 
     def fetch(self, generation_id: str) -> Generation:
         url = self._base + self._endpoint.fetch_path
@@ -148,7 +156,7 @@ class UpstreamClient:
             response = self._session.get(url, params=params, headers=self._auth,
                                          timeout=self._timeout)
             raise_for_response(response)
-            return response_generation(response)
+            return parse_generation(response)
 
     @contextlib.contextmanager
     def _key_kept_out(self) -> Iterator[None]:
@@ -262,11 +270,26 @@ def raise_for_response(response: requests.Response, *, result_url: bool = False)
     raise UpstreamUnavailable(message, status=status)
 
 
-def response_generation(response: requests.Response, *, posting: bool = False) -> Generation:
+def submitted_generation(response: requests.Response) -> Generation:
+    """The generation a 2xx answer to a POST names. Its body is read piece by
+    piece: an answer cut short (the connection closed mid-body, or a gateway's
+    Content-Length cut it) still gives its id if the id's pair came whole. The
+    upstream created that generation; without its id it is paid and lost."""
+    received, problem = bytearray(), ""
     try:
-        return parse_generation(response, submitted=posting)
+        while piece := response.raw.read1(ANSWER_PIECE, decode_content=True):
+            received += piece
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        problem = f"the answer was cut short ({type(exc).__name__})"
+    try:
+        if not problem:
+            return parse_body(response.status_code, bytes(received), submitted=True)
     except BadResponse as exc:
-        if not posting:
-            raise
-        raise SubmitOutcomeUnknown(f"submit answered without a readable id ({exc}); "
-                                   "not re-sent, to avoid paying twice") from None
+        problem = str(exc)
+    generation_id = salvaged_id(bytes(received))
+    if generation_id is None:
+        raise SubmitOutcomeUnknown(f"submit answered without a readable id ({problem}); "
+                                   "not re-sent, to avoid paying twice")
+    log.warning("submit: %s, but it named generation %s first: recorded", problem,
+                generation_id)
+    return Generation(id=generation_id, status="queued")

@@ -45,10 +45,11 @@ FINAL = ("done", "failed")
 
 # Fault rates: {(methods, path_prefix): {kind: probability}}.
 POST_FAULTS = ("reset_after_send", "gateway_502", "trickle", "429", "503", "html_500",
-               "truncate_json")
+               "truncate_json", "truncate_body")
 MODERATE = {
     ("POST", "/v2/"): {"reset_after_send": 0.03, "gateway_502": 0.03, "trickle": 0.03,
-                       "429": 0.08, "503": 0.05, "html_500": 0.04, "truncate_json": 0.03},
+                       "429": 0.08, "503": 0.05, "html_500": 0.04, "truncate_json": 0.03,
+                       "truncate_body": 0.02},
     ("GET", "/v2/"): {"429": 0.08, "503": 0.05, "html_500": 0.05, "truncate_json": 0.05,
                       "slow_headers": 0.04},
     ("GET", "/files/"): {"truncate_body": 0.12, "503": 0.05, "html_500": 0.04,
@@ -56,7 +57,8 @@ MODERATE = {
 }
 HEAVY = {
     ("POST", "/v2/"): {"reset_after_send": 0.04, "gateway_502": 0.04, "trickle": 0.04,
-                       "429": 0.12, "503": 0.08, "html_500": 0.06, "truncate_json": 0.04},
+                       "429": 0.12, "503": 0.08, "html_500": 0.06, "truncate_json": 0.04,
+                       "truncate_body": 0.03},
     ("GET", "/v2/"): {"429": 0.12, "503": 0.08, "html_500": 0.06, "truncate_json": 0.06,
                       "slow_headers": 0.06, "trickle": 0.02},
     ("GET", "/files/"): {"truncate_body": 0.2, "503": 0.06, "html_500": 0.05,
