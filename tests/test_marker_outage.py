@@ -15,10 +15,10 @@ from test_redis_stalls import _lose_clear_replies, _lose_marker_replies, _throug
 from test_steps import _admit_one, steps_for  # noqa: F401 - fixture
 
 from worker import keys, marker, tasks
-from worker.admission import _resend
 from worker.durability import NotDurable
 from worker.job_rules import generation_hold_s
 from worker.jobs import JobStore
+from worker.recovery import _resend
 from worker.upstream import UpstreamClient
 
 

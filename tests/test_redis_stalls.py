@@ -234,7 +234,7 @@ def test_a_try_that_gives_up_after_an_earlier_unanswered_post_ends_outcome_unkno
     last allowed attempt. The job must end outcome unknown with its slot held,
     not fail as a plain error with its slot freed while that POST generates:
     the next job would pass C = 1 (review 25)."""
-    from worker.admission import _resend
+    from worker.recovery import _resend
 
     sandbox = make_sandbox(mean_generation_s=600.0)
     steps, proxy = _through_proxy(steps_for, redis_url, sandbox, VIDQ_STEP_GRACE_S="10.5",

@@ -21,11 +21,11 @@ import requests
 from sandbox.videos import render_clip
 from tests.conftest import wait_until
 from worker import keys
-from worker.admission import reconcile
 from worker.contract import shape_of
 from worker.errors import CorruptVideo, RequestRejected, ResultLinkExpired, UpstreamUnavailable
 from worker.keys import durations, job_ref
 from worker.marker import mark_posting
+from worker.recovery import reconcile
 from worker.settings import Settings
 from worker.storage import FileStorage
 from worker.tasks import build_steps
@@ -444,7 +444,7 @@ def test_a_worker_killed_after_publishing_a_video_leaves_it_kept(steps_for, make
     then the result link is refused for good. The video stored whole was
     recorded as it was published: the next try writes its sidecar and ends
     the job done, without fetching it again (nor buying it again)."""
-    import worker.pipeline
+    import worker.download_step
 
     sandbox = make_sandbox()
     steps = steps_for(sandbox)
@@ -454,7 +454,7 @@ def test_a_worker_killed_after_publishing_a_video_leaves_it_kept(steps_for, make
     def killed(*_args):
         raise SystemExit("SIGKILL")
 
-    monkeypatch.setattr(worker.pipeline, "store_sidecar", killed)
+    monkeypatch.setattr(worker.download_step, "store_sidecar", killed)
     with pytest.raises(SystemExit):
         _run(steps, "download", ref, token)
     monkeypatch.undo()
@@ -826,7 +826,7 @@ def test_a_job_admitted_with_an_unknown_post_keeps_its_hold_while_it_runs(steps_
 
 
 def test_one_unreadable_record_does_not_stop_the_reconcilers_pass(steps_for):
-    from worker.admission import reconcile
+    from worker.recovery import reconcile
 
     steps = steps_for()
     steps.admission.enqueue("b", [(f"j{i}", {"model": "m", "prompt": f"p{i}"}) for i in range(3)],

@@ -7,7 +7,7 @@ reconciler took those steps for lost and sent them again, and a second copy
 of a download stored the video again after its job was done (review 102).
 It now says "stopping" until the process exits: the steps its pool runs
 (claimed) stay its own, while the countdown polls it holds, which will not
-run here, are sent again at once (admission.lost_steps). At exit it goes; a
+run here, are sent again at once (recovery.lost_steps). At exit it goes; a
 process killed first leaves it to lapse in a heartbeat TTL.
 """
 from __future__ import annotations

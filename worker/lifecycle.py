@@ -19,13 +19,14 @@ from celery import bootsteps
 from celery.signals import celeryd_init, task_received, worker_shutting_down
 
 from . import deployment, keys, manifest
-from .admission import admit, reconcile
+from .admission import admit
 from .celery_app import QUEUES, WEBHOOK_QUEUE, app, settings_of
 from .connection import take_lock
 from .draining import beat_until_exit
 from .errors import ConfigError, StorageError
 from .paid_journal import REPLAY_EVERY_S, check_directory, replay_now
 from .purged_looks import look_at_purged_generations
+from .recovery import reconcile
 from .retention import housekeeping
 from .settings import eta_task_limit
 from .tasks import WORKER_ID, dispatch, get_steps, worker_id
@@ -176,7 +177,7 @@ class Lifecycle(bootsteps.StartStopStep):
         """A warm shutdown began (SIGTERM): the pool finishes the steps it
         runs, but the countdown polls this worker holds will not run here.
         The next heartbeat says so, and the reconciler sends them again at
-        once (admission.lost_steps), not when the pool is done and the worker
+        once (recovery.lost_steps), not when the pool is done and the worker
         exits (a download's minutes, its slots idle). No Redis call here: this
         runs in the signal handler."""
         self.alive_as = keys.STOPPING_WORKER

@@ -1,5 +1,6 @@
-"""The logic of each step, without Celery: submit, poll, download (fail,
-retry and the rest of what a step may end with: worker/step_outcomes.py).
+"""The logic of each step, without Celery: submit and poll here, download in
+worker/download_step.py (fail, retry and the rest of what a step may end
+with: worker/step_outcomes.py).
 
 Each method takes a claimed `Job`, talks to the upstream, writes the record
 in one atomic transition and hands the next step to `dispatch`. Errors are
@@ -9,28 +10,22 @@ Times are Redis server time (`Job.now`), the one clock every worker shares.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
-from . import events, keys
 from .admission import CAP_PROBE_FACTOR, CAP_QUIET_S, admit
 from .contract import FORGOTTEN_STATUSES, shape_of
+from .download_step import Downloads
 from .durability import NotDurable
 from .errors import RateLimited, SubmitOutcomeUnknown, UpstreamError, UpstreamUnavailable
 from .generation import Generation
 from .job_rules import deadline_s, poll_delay
 from .jobs import Job, State, Step
 from .learning import learn, tells_generation_time
-from .leases import TakenOver, lease_renewed, unless_lost
 from .marker import mark_posting
-from .metrics_record import completed, downloaded, upstream_call
+from .metrics_record import completed
 from .pacing import post_wait_s
 from .posting import NotSent, answer_may_come, answered_in_journal, post_once
 from .rate_limits import pause_s, revive_refused, spread
-from .step_outcomes import StepOutcomes
-from .storage import video_key
-from .upstream import file_length
-from .video import kept_video, store_sidecar, stored_video, stream_video
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +36,7 @@ MARKER_RETRY_S = 5.0
 ANSWER_RECHECK_S = 5.0
 
 
-class Steps(StepOutcomes):
+class Steps(Downloads):
     """Submit, poll and download: each takes a claimed job and ends by moving
     it on (`_next`) or raising to its task."""
 
@@ -52,26 +47,7 @@ class Steps(StepOutcomes):
             return
         # A marker means a POST may have gone out: the marker decides (outcome
         # unknown, slot held), not a storage check that may fail and retry.
-        marked = bool(job.extra.get("posting_at"))
-        if not marked and self._finished_since(job):
-            return
-        if not marked and self._already_stored(job):
-            return
-        if not marked and self.admission.cancelled(job.batch):
-            # Cancelled between admission and POST: never sent (it ends cancelled).
-            self.store.back_in_line(job, 0.0, rate_limited=False)
-            return
-        if not marked and job.number("__submit_pause_ms") > 0:
-            # Admitted just before a 429 paused submits: back to the front of
-            # the line. (Not a recovered submit whose POST may have been sent:
-            # it must end outcome unknown, never be POSTed again.)
-            self.store.back_in_line(job, 0.0, rate_limited=False)
-            return
-        rate = self.submit_rate.get(self.store.redis)
-        if not marked and (wait := post_wait_s(self.store, job, rate,
-                                                self.settings.max_in_flight)):
-            # The upstream limits POSTs per second: this one's turn comes later.
-            self._next(job, Step.SUBMIT, wait)
+        if not job.extra.get("posting_at") and self._not_posting_now(job):
             return
         try:
             marker = mark_posting(self.store, job, self.durability,
@@ -89,29 +65,8 @@ class Steps(StepOutcomes):
             return
         if marker == "stale":
             return
-        if marker == "has_id":
-            job.generation_id = self.store.get(job.ref).generation_id  # type: ignore[union-attr]
-            self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
-            return
-        if marker == "posted_before":
-            if answer_may_come(self.store, job, self.settings.post_deadline_s,
-                               self.settings.heartbeat_ttl_s):
-                # Its POST is still on the wire, or Redis lost its answer's
-                # record (restarted from an older state) and the POST thread
-                # records it again: not unknown yet. Slot kept, nothing sent.
-                self._next(job, Step.SUBMIT, ANSWER_RECHECK_S)
-                return
-            if generation_id := answered_in_journal(self.store, job,
-                                                    Path(self.settings.journal_dir),
-                                                    self.durability):
-                # Polled now, as a marker found with its id is: the claim
-                # still holds the step, so nothing else would for a step grace.
-                job.generation_id = generation_id
-                self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
-                return
-            raise SubmitOutcomeUnknown(
-                "a POST for this job was started earlier and its answer never arrived "
-                "(a worker or Redis died mid-POST); not re-sent, to avoid paying twice")
+        if marker in ("has_id", "posted_before"):
+            return self._marked_before(job, marker)
         try:
             generation = post_once(self.client, self.store, job, self.settings, lambda error:
                                    revive_refused(self.store, self.admission, self.dispatch,
@@ -125,6 +80,54 @@ class Steps(StepOutcomes):
         # times, finishing late is no news of a slowdown (schedule.mark_late).
         self._next(job, Step.POLL, delay, attempts=0, first_aim=delay,
                    aimed_second=plan.second_s or 0.0)
+
+    def _not_posting_now(self, job: Job) -> bool:
+        """Whether an unmarked submit ends here, moved on, before its POST:
+        done already, cancelled, paused or paced."""
+        if self._finished_since(job) or self._already_stored(job):
+            return True
+        if self.admission.cancelled(job.batch):
+            # Cancelled between admission and POST: never sent (it ends cancelled).
+            self.store.back_in_line(job, 0.0, rate_limited=False)
+            return True
+        if job.number("__submit_pause_ms") > 0:
+            # Admitted just before a 429 paused submits: back to the front of
+            # the line. (Not a recovered submit whose POST may have been sent:
+            # it must end outcome unknown, never be POSTed again.)
+            self.store.back_in_line(job, 0.0, rate_limited=False)
+            return True
+        rate = self.submit_rate.get(self.store.redis)
+        if wait := post_wait_s(self.store, job, rate, self.settings.max_in_flight):
+            # The upstream limits POSTs per second: this one's turn comes later.
+            self._next(job, Step.SUBMIT, wait)
+            return True
+        return False
+
+    def _marked_before(self, job: Job, marker: str) -> None:
+        """A marker found with an id, or from a POST started earlier: the job
+        moves on without a POST, or ends "outcome unknown" (raised)."""
+        if marker == "has_id":
+            job.generation_id = self.store.get(job.ref).generation_id  # type: ignore[union-attr]
+            self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
+            return
+        if answer_may_come(self.store, job, self.settings.post_deadline_s,
+                           self.settings.heartbeat_ttl_s):
+            # Its POST is still on the wire, or Redis lost its answer's
+            # record (restarted from an older state) and the POST thread
+            # records it again: not unknown yet. Slot kept, nothing sent.
+            self._next(job, Step.SUBMIT, ANSWER_RECHECK_S)
+            return
+        if generation_id := answered_in_journal(self.store, job,
+                                                Path(self.settings.journal_dir),
+                                                self.durability):
+            # Polled now, as a marker found with its id is: the claim
+            # still holds the step, so nothing else would for a step grace.
+            job.generation_id = generation_id
+            self._next(job, Step.POLL, self.settings.poll_min_interval_s, attempts=0)
+            return
+        raise SubmitOutcomeUnknown(
+            "a POST for this job was started earlier and its answer never arrived "
+            "(a worker or Redis died mid-POST); not re-sent, to avoid paying twice")
 
     def _finished_since(self, job: Job) -> bool:
         """`vidq retry --resubmit` retired a generation nobody saw finish (it
@@ -250,76 +253,6 @@ class Steps(StepOutcomes):
         delay = poll_delay(self.settings, self.durations.plan(*shape_of(job.request)), job, age)
         self._next(job, Step.POLL, delay, state=State.GENERATING,
                    polls=job.polls, attempts=0, last_poll_age=age)
-
-    def download(self, job: Job) -> None:
-        started = time.monotonic()
-        key = video_key(job.batch, job.id)
-        stored = kept_video(self.storage, job, key) or self._fetch_video(job, key)
-        if stored is None:
-            return
-        size, digest = stored
-        # A copy taken over meanwhile must not write its sidecar over its successor's.
-        if not self.store.renew_lease(job, self.settings.download_grace_s):
-            self._taken_over(job)
-            return
-        store_sidecar(self.storage, job, key, size, digest)
-        if self.store.transition(job, state=State.DONE, storage_key=key, sha256=digest, bytes=size,
-                                 storage_url=events.video_url(self.settings, key),
-                                 downloaded_at=job.now(), download_s=time.monotonic() - started,
-                                 last_error="") is None:
-            self._taken_over(job)
-            return
-        log.info("job %s done: %d bytes, sha256 %s", job.ref, size, digest[:12])
-        downloaded(size, time.monotonic() - started)
-        job.outcome = f"done, {size / 1e6:.1f} MB"
-
-    def _fetch_video(self, job: Job, key: str) -> tuple[int, str] | None:
-        """Stream the result into storage: (bytes, sha256), None if taken over."""
-        with upstream_call("download"):  # redirects and the answer's status included
-            response = self.client.open_video(job.video_url)
-        try:
-            with response, lease_renewed(self.store, job, self.settings.download_grace_s) as lost:
-                return stream_video(
-                    self.storage, key, unless_lost(self.client.chunks(
-                        response, 1 << 20, self.settings.download_grace_s / 3), lost),
-                    file_length(response), lambda size, digest: self._publishing(job, size, digest))
-        except TakenOver:
-            self._taken_over(job)
-            return None
-
-    def _publishing(self, job: Job, size: int, digest: str) -> None:
-        """Right before the video is published: TakenOver if another copy of
-        the step owns the job now (the publish would replace its video)."""
-        if not self.store.keep_video(job, size, digest):
-            raise TakenOver
-
-    def _already_stored(self, job: Job) -> bool:
-        """A video and sidecar already in storage with a matching sha256 (Redis
-        state lost, or a re-run): the job is done without a POST."""
-        grace = self.settings.step_grace_s
-        try:
-            # Hashing a big stored video may outlast the step's lease.
-            with lease_renewed(self.store, job, grace):
-                found = stored_video(
-                    self.storage, job, lambda: self.store.renew_lease(job, grace),
-                    # Written for this batch (a retry reopened it): not an earlier one's.
-                    lambda: bool(self.store.redis.hget(keys.batch(job.batch), "manifest_of")))
-        except TakenOver:
-            self._taken_over(job)
-            return True
-        if found is None:
-            return False
-        log.info("job %s: video already in storage (sha256 %s); not submitted", job.ref,
-                 found["sha256"][:12])
-        # Settled first (it is once per admission): a worker killed between
-        # the two calls then leaves no commitment counted for good.
-        self.admission.settle(job.ref, "stored")
-        self.store.transition(job, state=State.DONE, release_slot=True, storage_key=found["video"],
-                              storage_url=events.video_url(self.settings, found["video"]),
-                              sha256=found["sha256"], bytes=found["bytes"],
-                              generation_id=found.get("generation_id") or "", last_error="")
-        admit(self.admission, self.dispatch)
-        return True
 
     def _completed(self, job: Job, generation: Generation) -> None:
         values: dict = {"video_url": generation.video_url, "polls": job.polls, "attempts": 0}
