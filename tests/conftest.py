@@ -316,7 +316,8 @@ def serve_bytes():
     a status, 200 unless given); `.posts` counts the POSTs it answered."""
     servers = []
 
-    def start(body: bytes, status: int = 200, cut_at: int | None = None) -> str:
+    def start(body: bytes, status: int = 200, cut_at: int | None = None,
+              headers: dict[str, str] | None = None) -> str:
         """`cut_at`: send the body's full Content-Length but only its first
         `cut_at` bytes, then close (a connection lost mid-answer)."""
         class Handler(BaseHTTPRequestHandler):
@@ -324,6 +325,8 @@ def serve_bytes():
                 if self.command == "POST":
                     start.posts += 1
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body[:cut_at])

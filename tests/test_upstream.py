@@ -17,7 +17,7 @@ from worker.errors import (
     SubmitOutcomeUnknown,
     UpstreamUnavailable,
 )
-from worker.generation import Generation
+from worker.generation import Generation, salvaged_id
 from worker.settings import Settings
 from worker.upstream import UpstreamClient
 
@@ -101,9 +101,39 @@ def test_a_posts_answer_cut_short_after_its_id_still_names_the_paid_generation(
 def test_a_posts_answer_cut_inside_its_id_is_outcome_unknown(serve_bytes, cut_at):
     """Cut before the comma after the id, the id may be shortened: never
     guessed, never re-sent."""
-    with pytest.raises(SubmitOutcomeUnknown, match="cut short.*paying twice"):
+    with pytest.raises(SubmitOutcomeUnknown, match="broke off.*paying twice"):
         _client(serve_bytes(SUBMIT_ANSWER, cut_at=cut_at), "k").submit(REQUEST)
     assert serve_bytes.posts == 1
+
+
+@pytest.mark.parametrize("status, headers, why", [
+    (502, {"Content-Encoding": "gzip"}, "unreadable"),  # ContentDecodingError, a urllib3 error
+    (200, {"Content-Encoding": "gzip"}, "could not be decoded"),
+    (307, {"Location": "/again"}, "307"),  # followed, it was the POST sent again
+])
+def test_a_post_whose_answer_cannot_be_read_is_never_sent_again(serve_bytes, status, headers,
+                                                                why):
+    """Review 130: a 502 whose body said gzip and was not was mapped to "not
+    sent, retry", and the POST paid twice; a 307 loop sent it 31 times."""
+    url = serve_bytes(b"<html>bad gateway</html>", status=status, headers=headers)
+    with pytest.raises(SubmitOutcomeUnknown, match=why):
+        _client(url, "k").submit(REQUEST)
+    assert serve_bytes.posts == 1
+
+
+def test_a_posts_answer_in_its_declared_charset_is_read(serve_bytes):
+    """A Latin-1 answer (a prompt echoed before the id): read as requests
+    reads it, its id recorded (review 130: it ended "outcome unknown")."""
+    body = '{"prompt": "caf\u00e9", "id": "gen-1", "status": "queued"}'.encode("latin-1")
+    url = serve_bytes(body, headers={"Content-Type": "application/json; charset=iso-8859-1"})
+    assert _client(url, "k").submit(REQUEST).id == "gen-1"
+
+
+@pytest.mark.parametrize("cut", [b'{"id": "A", "id": "B",', b'{"id": "A", "id": null}'])
+def test_a_cut_answer_naming_two_ids_names_none(cut):
+    """A JSON parser keeps the last of two "id" keys; a cut answer's first
+    is not guessed to be the one."""
+    assert salvaged_id(cut) is None
 
 
 def test_the_apis_own_503_to_a_post_is_never_sent_again(serve_bytes):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import requests
@@ -54,15 +55,30 @@ def parse_generation(response: requests.Response, *, submitted: bool = False) ->
     id (the reference client reads nothing else; the status is then
     `queued`): thrown away for want of a status, a paid id ended "outcome
     unknown", never polled (review 126)."""
-    return parse_body(response.status_code, response.content, submitted=submitted)
+    try:
+        body = response.json()
+    except (ValueError, RecursionError):
+        raise BadResponse(f"HTTP {response.status_code}: body is not JSON") from None
+    return _generation(response.status_code, body, submitted)
 
 
-def parse_body(status: int, raw: bytes, *, submitted: bool = False) -> Generation:
-    """`parse_generation` for a body already read."""
+def parse_body(status: int, raw: bytes, charset: str | None, *,
+               submitted: bool = False) -> Generation:
+    """`parse_generation` for a body already read, decoded as requests'
+    `json()` would: UTF-8/16/32, else the answer's charset (ISO-8859-1 for a
+    text/* answer without one), a stray byte replaced (review 130: a prompt
+    echoed in Latin-1 before the id lost a paid id)."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        raise BadResponse(f"HTTP {status}: body is not JSON") from None
+        try:
+            body = json.loads(raw.decode(charset or "utf-8", errors="replace"))
+        except (ValueError, RecursionError, LookupError):  # LookupError: no such charset
+            raise BadResponse(f"HTTP {status}: body is not JSON") from None
+    return _generation(status, body, submitted)
+
+
+def _generation(status: int, body, submitted: bool) -> Generation:
     if not isinstance(body, dict) or not _text(body.get("id")):
         raise BadResponse(f"HTTP {status}: no id in {cut(str(body), 200)}")
     if not _text(body.get("status")) and not submitted:
@@ -121,32 +137,39 @@ def salvaged_id(raw: bytes) -> str | None:
     """The id in an answer cut short, if its top-level "id" pair came whole:
     followed by the "," or "}" after it, so the cut cannot have shortened it
     (a number cut after its first digits still parses). Nested ids, and
-    anything after the first pair the cut broke, are never read."""
+    anything after the first pair the cut broke, are never read; a second
+    whole "id" pair makes it None (a JSON parser keeps the last)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:  # a cut may split a character
         text = raw[:exc.start].decode("utf-8")
+    ids = [value for key, value in _whole_pairs(text) if key == "id"]
+    return str(ids[0]) if len(ids) == 1 and _text(ids[0]) else None
+
+
+def _whole_pairs(text: str) -> Iterator[tuple[object, object]]:
+    """The top-level (key, value) pairs of a JSON object's text, up to the
+    first one not followed by "," or "}" (the cut may have shortened it)."""
     decoder, at = json.JSONDecoder(), _after_space(text, 0)
     if not text.startswith("{", at):
-        return None
+        return
     at += 1
     try:
         while True:
             key, at = decoder.raw_decode(text, _after_space(text, at))
             at = _after_space(text, at)
-            if not isinstance(key, str) or not text.startswith(":", at):
-                return None
+            if not text.startswith(":", at):
+                return
             value, at = decoder.raw_decode(text, _after_space(text, at + 1))
             at = _after_space(text, at)
             if at >= len(text) or text[at] not in ",}":
-                return None  # the value may be cut short
-            if key == "id":
-                return str(value) if _text(value) else None
+                return
+            yield key, value
             if text[at] == "}":
-                return None
+                return
             at += 1
     except (ValueError, RecursionError):
-        return None
+        return
 
 
 def _after_space(text: str, at: int) -> int:

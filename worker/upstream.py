@@ -93,8 +93,15 @@ def http_errors(action: str, *, posting: bool = False, result_url: str = "") -> 
     """Map every `requests` failure inside the block to the error hierarchy."""
     try:
         yield
-    except urllib3.exceptions.HTTPError as exc:  # a result body read raw (`chunks`)
+    except urllib3.exceptions.HTTPError as exc:  # a body read raw, or one not decoded
         where = f" {redacted(result_url)}" if result_url else ""
+        if posting:
+            # Raised while an answer was read (requests wraps what comes
+            # before it): the POST was sent (review 130: a 502 whose gzip
+            # body could not be decoded was POSTed again, and paid twice).
+            raise SubmitOutcomeUnknown(f"{action}: the request was sent, its answer unreadable "
+                                       f"({type(exc).__name__}); not re-sent, to avoid "
+                                       "paying twice") from None
         raise UpstreamUnavailable(f"{action}{where} failed: {type(exc).__name__}") from None
     except UnicodeEncodeError:
         # http.client encodes a request's line and headers before it writes a
@@ -144,8 +151,10 @@ class UpstreamClient:
         # server has just closed would turn a harmless resend into "unknown".
         with requests.Session() as fresh, upstream_call("submit"), self._key_kept_out(), \
                 http_errors("submit", posting=True):
+            # No redirect followed: a 307/308 would send the POST again, and a
+            # 3xx is "outcome unknown" as the table above says (review 130).
             response = fresh.post(url, json=body, headers=self._auth, timeout=self._timeout,
-                                  stream=True)
+                                  stream=True, allow_redirects=False)
             raise_for_submit(response)
             return submitted_generation(response)
 
@@ -280,10 +289,11 @@ def submitted_generation(response: requests.Response) -> Generation:
         while piece := response.raw.read1(ANSWER_PIECE, decode_content=True):
             received += piece
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        problem = f"the answer was cut short ({type(exc).__name__})"
+        problem = f"its body broke off or could not be decoded ({type(exc).__name__})"
     try:
         if not problem:
-            return parse_body(response.status_code, bytes(received), submitted=True)
+            return parse_body(response.status_code, bytes(received), response.encoding,
+                              submitted=True)
     except BadResponse as exc:
         problem = str(exc)
     generation_id = salvaged_id(bytes(received))
