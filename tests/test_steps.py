@@ -284,6 +284,36 @@ def test_a_result_host_that_cannot_be_reached_gets_a_fresh_link_after_two_tries(
     assert sandbox.stats()["submissions"] == 1
 
 
+def test_a_result_link_serving_a_cut_video_gets_a_fresh_link_after_two_tries(
+        steps_for, make_sandbox, serve_bytes):
+    """The saved link serves a cut copy of the video with a matching length (a
+    CDN's cached cut copy): the same link was fetched until the 24 h hard
+    limit, each try refused as corrupt (review 131). After two, the
+    generation is fetched again, and the fresh link's whole video is stored."""
+    from worker.tasks import _run as run_step
+
+    sandbox = make_sandbox()
+    steps = steps_for(sandbox)
+    ref, token = _admit_one(steps)
+    token = _until_completed(steps, ref, token)
+    video = requests.get(steps.store.get(ref).extra["video_url"], timeout=10).content
+    cut = serve_bytes(video[:len(video) // 2], headers={"Content-Type": "video/mp4"})
+    steps.store.redis.hset(keys.job(ref), "video_url", cut + "/v.mp4")
+
+    seen = []
+    for _ in range(4):
+        step, _, token = steps.sent[-1]
+        seen.append(step)
+        run_step(steps, step, steps.claim(ref, token, step))
+        if steps.store.get(ref).state == "done":
+            break
+
+    assert seen == ["download", "download", "poll", "download"]
+    record = steps.store.get(ref)
+    assert record.state == "done" and record.extra["sha256"] == hashlib.sha256(video).hexdigest()
+    assert sandbox.stats()["submissions"] == 1
+
+
 def test_a_result_link_refused_again_and_again_is_refreshed_until_the_hard_limit(steps_for):
     """Fresh links that keep being refused: a paid video is asked for again past
     VIDQ_MAX_ATTEMPTS, and fails only past the hard limit (counted from its

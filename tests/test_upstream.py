@@ -136,6 +136,34 @@ def test_a_cut_answer_naming_two_ids_names_none(cut):
     assert salvaged_id(cut) is None
 
 
+ENVOY_503 = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b'{"message": "Service Unavailable", "path": "/v2/video/gener', "application/json"),
+    (b"", "application/json"),
+    (b'"Service Unavailable"', "application/json"),
+    (ENVOY_503, "text/plain"),  # a proxy's, but sent after it forwarded the POST
+])
+def test_a_503_to_a_post_that_is_not_a_proxys_page_is_never_sent_again(serve_bytes, body,
+                                                                       content_type):
+    """Review 132: only a 503 whose body parsed as a JSON object counted as
+    the API's own; one cut short, empty or not an object was taken for a
+    proxy's page and POSTed again (two generations in the sandbox's ledger).
+    Only an HTML page is a proxy's now."""
+    url = serve_bytes(body, status=503, headers={"Content-Type": content_type})
+    with pytest.raises(SubmitOutcomeUnknown, match="may have created"):
+        _client(url, "k").submit(REQUEST)
+    assert serve_bytes.posts == 1
+
+
+def test_a_proxys_html_503_to_a_post_is_retried(serve_bytes):
+    url = serve_bytes(b"<html>Service Unavailable</html>", status=503,
+                      headers={"Content-Type": "text/html; charset=utf-8"})
+    with pytest.raises(UpstreamUnavailable):  # retryable: the API never saw it
+        _client(url, "k").submit(REQUEST)
+
+
 def test_the_apis_own_503_to_a_post_is_never_sent_again(serve_bytes):
     """The contract lists 503 with the other 5xx and has no idempotency key:
     only a proxy's page (above: the sandbox's, from its load balancer) says

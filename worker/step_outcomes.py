@@ -14,7 +14,14 @@ from .admission import Admission, Dispatch, admit
 from .contract import FORGOTTEN_STATUSES
 from .durability import Durability
 from .durations import DurationModel
-from .errors import GenerationFailed, RateLimited, ResultRefused, UpstreamError, UpstreamUnavailable
+from .errors import (
+    CorruptVideo,
+    GenerationFailed,
+    RateLimited,
+    ResultRefused,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from .job_rules import deadline_s, earlier_post_unanswered, is_paid, unknown_hold_s
 from .jobs import OUTCOME_UNKNOWN, Job, JobStore, State, Step
 from .metrics_record import failed
@@ -123,7 +130,7 @@ class StepOutcomes:
             return self._not_found(job, error)
         self.retry(job, error)
 
-    def refresh_link(self, job: Job, error: UpstreamError) -> None:
+    def refresh_link(self, job: Job, error: Exception) -> None:
         """A result URL expired: fetch the generation again for a fresh one."""
         refreshes = int(job.number("link_refreshes")) + 1
         if refreshes > self.settings.max_attempts and not self._keeps_trying(job, error):
@@ -133,13 +140,8 @@ class StepOutcomes:
                    polls=job.polls)
 
     def retry(self, job: Job, error: Exception, **values) -> None:
-        if (job.step == Step.DOWNLOAD and isinstance(error, UpstreamUnavailable)
-                and error.never_sent and (job.attempts + 1) % TRIES_PER_LINK == 0):
-            # A host that cannot be reached may not be the one a fresh link
-            # names (a CDN edge gone; a resumed `vidq run --sandbox` on a new
-            # port): one GET for a new link every few downloads that could not
-            # connect. (Not for 5xx answers: a CDN outage with every video
-            # waiting must not turn into a storm of status GETs.)
+        if (job.step == Step.DOWNLOAD and _link_may_be_stale(error)
+                and (job.attempts + 1) % TRIES_PER_LINK == 0):
             return self.refresh_link(job, error)
         delay = getattr(error, "retry_after", None)
         if delay is None:
@@ -199,3 +201,16 @@ class StepOutcomes:
         log.info("job %s was taken over by a newer step; this chain stops", job.ref)
         job.outcome = "taken over by a newer step"
         return False
+
+
+def _link_may_be_stale(error: Exception) -> bool:
+    """Whether a failed download is worth one GET for a fresh link every
+    TRIES_PER_LINK tries. A host that cannot be reached may not be the one a
+    fresh link names (a CDN edge gone; a resumed `vidq run --sandbox` on a new
+    port); a link serving a cut or wrong object (a CDN's cached cut copy, a
+    200 error page) may not be the one a fresh link serves: the same link was
+    fetched until the hard limit (review 131). Not for 5xx answers: a CDN
+    outage with every video waiting must not turn into a storm of status GETs."""
+    if isinstance(error, CorruptVideo):
+        return True
+    return isinstance(error, UpstreamUnavailable) and bool(error.never_sent)

@@ -14,7 +14,7 @@ created nothing (see the README's table):
 
     connection refused, connect timeout (no byte sent)   retry
     a header the client cannot send (nothing sent)       retry
-    429, 503                                             retry (429 after Retry-After)
+    429, a 503 with a proxy's HTML page                  retry (429 after Retry-After)
     400-499 but 408, 429                                 rejected: the job fails, nothing paid
     408                                                  retry
     read timeout, reset or close after sending,
@@ -63,8 +63,8 @@ MIN_RESULT_BPS = 1000
 # An attempt may take 3 download graces, or its length at this rate if longer.
 MIN_AVERAGE_BPS = 10_000
 # Statuses on which the upstream surely created nothing, so a POST may be sent
-# again; and a 503 from a proxy in front of it (a page, not the API's JSON error
-# body: CONTRACT.md, "a 5xx from a proxy may be HTML"). The API's own 503 is
+# again; and a 503 from a proxy in front of it (an HTML page, not the API's
+# JSON error body: CONTRACT.md, "a 5xx from a proxy may be HTML"). The API's own 503 is
 # one more 5xx: the contract does not say it created nothing, and sent again
 # it could pay twice (review 126).
 SUBMIT_RETRY_STATUSES = frozenset({408, 429})
@@ -249,18 +249,20 @@ def raise_for_submit(response: requests.Response) -> None:
     if 200 <= status < 300:
         return
     if status in SUBMIT_RETRY_STATUSES or (400 <= status < 500) or (
-            status == 503 and not _json_body(response)):
+            status == 503 and _proxy_page(response)):
         raise_for_response(response)
     message = f"HTTP {status}: {error_message(response)}"
     raise SubmitOutcomeUnknown(f"submit answered {message}; the upstream may have created "
                                "the generation, so it is not re-sent", status=status)
 
 
-def _json_body(response: requests.Response) -> bool:
-    try:
-        return isinstance(response.json(), dict)
-    except (ValueError, RecursionError):
-        return False
+def _proxy_page(response: requests.Response) -> bool:
+    """Whether a 503 is a page that a proxy or load balancer wrote (HTML), the
+    one 503 a POST is sent again after. Any other is the API's own, or may
+    be: its JSON cut short, empty or not an object, or plain text (Envoy's
+    "reset before headers" comes after it forwarded the POST; review 132)."""
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    return kind == "text/html" or (not kind and response.content.lstrip()[:1] == b"<")
 
 
 def raise_for_response(response: requests.Response, *, result_url: bool = False) -> None:
