@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -1193,3 +1194,43 @@ def test_a_video_with_a_few_bytes_of_padding_is_stored(steps_for, redis_url, rea
     finally:
         server.shutdown()
     assert (tmp_path / "b" / "j1.mp4").read_bytes() == real_mp4 + b"\0\0\0\0"
+
+
+def test_a_submit_that_fails_after_its_post_answered_keeps_its_slot_and_video(
+        steps_for, make_sandbox):
+    """Review 133: on its last attempt a submit got its id, then Redis failed
+    before the step handed the job on. Counted as unpaid (a submit step),
+    the job failed and freed its slot while its generation ran: the next job
+    was admitted, two generations at C = 1, and the paid video never fetched.
+    Now it is tried again like any paid job: polled, downloaded, one slot."""
+    from worker.tasks import JobFailed, run_step
+
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=2, spread=0, max_concurrency=5)
+    steps = steps_for(sandbox, VIDQ_MAX_ATTEMPTS="1")
+    steps.admission.set_cap(1)
+    model = "alibaba/wan2.1-t2v-turbo"
+    steps.admission.enqueue("b", [("j1", {"model": model, "prompt": "first"}),
+                                  ("j2", {"model": model, "prompt": "second"})], time.time())
+    [(ref, token)] = steps.admission.pump()
+    planned = steps.durations.plan
+
+    def blip(*_args):
+        raise redis.ConnectionError("Connection reset by peer (a Redis blip)")
+
+    steps.durations.plan = blip  # read right after the POST's answer
+    with contextlib.suppress(JobFailed):
+        run_step(steps, "submit", ref, token)
+    steps.durations.plan = planned
+
+    job = steps.store.get(ref)
+    assert job.state != "failed" and job.generation_id, job.last_error
+    assert steps.store.redis.zrange(keys.SLOTS, 0, -1) == [ref]
+    assert [sent_ref for _, sent_ref, _ in steps.sent] == [ref]  # j2 not admitted
+    deadline = time.monotonic() + 30
+    while steps.store.get(ref).state != "done":
+        assert time.monotonic() < deadline, steps.store.get(ref).state
+        time.sleep(0.2)
+        step, _, token = [sent for sent in steps.sent if sent[1] == ref][-1]
+        with contextlib.suppress(JobFailed):
+            run_step(steps, step, ref, token)
+    assert steps.store.get(ref).extra["sha256"] and sandbox.stats()["submissions"] == 1

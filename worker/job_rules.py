@@ -44,8 +44,11 @@ def poll_delay(settings: Settings, plan: PollPlan, job: Job, age_s: float) -> fl
 
 
 def is_paid(job: Job) -> bool:
-    """A generation exists: its poll or download is under way."""
-    return job.step in (Step.POLL, Step.DOWNLOAD) and bool(job.generation_id)
+    """A generation exists: its poll or download is under way, or its submit
+    got the id and has yet to hand the job on (review 133: a failure there,
+    on a last attempt, freed the slot of a running generation and left its
+    video unfetched)."""
+    return bool(job.generation_id)
 
 
 def earlier_post_unanswered(job: Job) -> bool:
