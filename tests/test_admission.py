@@ -328,6 +328,40 @@ def test_an_earlier_posts_id_survives_a_refusal_of_the_repost(proxied, make_sand
     assert downloads == 1 and pipeline.store.get(ref).generation_id == generation_id
 
 
+def test_an_earlier_posts_id_landing_while_the_repost_is_on_the_wire_keeps_both_slots(
+        proxied, make_sandbox, tmp_path):
+    """POST A outlives its deadline; `--resubmit-unknown` sends B; A's id lands
+    while B is on the wire. A's own slot was freed and A filed under the job's
+    one slot, which B's generation needs too: another batch's job was admitted
+    into the freed slot, 3 generations at C = 2 (review 133). A's slot now
+    goes on under B's name until B answers."""
+    from producer.retrying import run_retry
+
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=40, spread=0, max_concurrency=0)
+    pipeline, proxy = proxied(sandbox, VIDQ_POST_DEADLINE_S="6", VIDQ_STEP_GRACE_S="12",
+                              VIDQ_HTTP_TIMEOUT_S="15", VIDQ_MAX_IN_FLIGHT="2",
+                              VIDQ_EXPECTED_GENERATION_S="40")
+    proxy.slow_s = 9.0  # A reaches the upstream after 9 s, past its 6 s deadline
+    proxy.queue("slow_headers", count=1, method="POST")
+    pipeline.start_workers(concurrency=3)
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["late id"]), "p")
+    ref = job_ref("p", pipeline.store.job_ids("p")[0])
+    wait_until(lambda: pipeline.store.counts("p")["failed"] == 1, 20, "A outcome unknown")
+    proxy.slow_s = 4.5  # B reaches the upstream 4.5 s after it is sent
+    proxy.queue("slow_headers", count=1, method="POST")
+    run_retry(pipeline.admission, dispatch, "p", resubmit_unknown=True, yes=True,
+              echo=lambda _: None)
+    wait_until(lambda: pipeline.store.get(ref).generation_id, 15, "A's late id")
+    pipeline.enqueue(write_prompts(tmp_path / "q.txt", ["another batch's job"]), "q")
+    wait_until(lambda: len(pipeline.ledger()) == 2 and pipeline.store.counts("p")["submitted"]
+               + pipeline.store.counts("p")["generating"] == 2, 20, "B's id, a sibling")
+    time.sleep(2)  # a slot freed for q would have been POSTed by now
+
+    assert len(pipeline.ledger()) == 2  # A and B run; q waits for one of them
+    assert pipeline.store.redis.zcard(keys.SLOTS) == 2
+    assert sandbox.stats()["max_in_flight"] == 2
+
+
 def _two_shells(make_pipeline, make_sandbox, tmp_path, c_of_a: int, c_of_b: int):
     """Workers A and B on one Redis and sandbox (~3 s generations), started
     from two shells with their own VIDQ_MAX_IN_FLIGHT."""

@@ -44,6 +44,28 @@ end
 
 -- A POST answering after the job was re-POSTed held a slot of its own
 -- (lua/requeue.lua); its generation now holds the job's or a sibling's.
+local own_op = redis.call('HGET', job_key, 'posting_op') or ''
+if posting_op ~= '' and own_op ~= '' and own_op ~= posting_op
+    and (redis.call('HGET', job_key, 'generation_id') or '') == ''
+    and (redis.call('HGET', job_key, 'posting_at') or '') ~= '' then
+  -- ...while the re-POST is on the wire, holding the job's own slot: both may
+  -- run. The earlier's slot goes on under the re-POST's name, held as long
+  -- from its admission; its id, its refusal (lua/clear_posting.lua) or the
+  -- hold's end frees it. Freed here, it went to a new job while two ran
+  -- (review 133: 3 at C = 2).
+  local earlier = ref .. '#' .. posting_op
+  local taken = redis.call('ZSCORE', slots_key, earlier)
+  if taken then
+    local repost = ref .. '#' .. own_op
+    local own_taken = redis.call('ZSCORE', slots_key, ref) or taken
+    redis.call('ZADD', slots_key, own_taken, repost)
+    local hold_until = redis.call('ZSCORE', holds_key, earlier)
+    if hold_until then
+      redis.call('ZADD', holds_key,
+        tonumber(hold_until) + tonumber(own_taken) - tonumber(taken), repost)
+    end
+  end
+end
 if posting_op ~= '' then
   redis.call('ZREM', holds_key, ref .. '#' .. posting_op)
   redis.call('ZREM', slots_key, ref .. '#' .. posting_op)
