@@ -1234,3 +1234,40 @@ def test_a_submit_that_fails_after_its_post_answered_keeps_its_slot_and_video(
         with contextlib.suppress(JobFailed):
             run_step(steps, step, ref, token)
     assert steps.store.get(ref).extra["sha256"] and sandbox.stats()["submissions"] == 1
+
+
+def test_a_resubmit_that_fails_after_its_post_answered_keeps_its_slot(steps_for, make_sandbox):
+    """The same blip after the POST, for a `vidq retry --resubmit` of a
+    generation that timed out at the hard limit: the step still held the
+    retired generation's submit time and measured the new one's hard limit
+    from it, failing it as above (review 134)."""
+    from producer.retrying import run_retry
+    from worker.tasks import JobFailed, run_step
+
+    sandbox = make_sandbox(time_scale=1, mean_generation_s=30, spread=0, max_concurrency=5)
+    steps = steps_for(sandbox, VIDQ_MAX_ATTEMPTS="1", VIDQ_DEADLINE_S="1", VIDQ_HARD_LIMIT_S="2")
+    ref, token = _admit_one(steps)
+    run_step(steps, "submit", ref, token)
+    retired = steps.store.get(ref).generation_id
+    time.sleep(2.2)  # past the hard limit: the poll fails it "timeout"
+    with contextlib.suppress(JobFailed):
+        run_step(steps, "poll", ref, steps.sent[-1][2])
+    assert steps.store.get(ref).last_error.startswith("timeout")
+    run_retry(steps.admission, steps.dispatch, "b", resubmit=True, yes=True,
+              echo=lambda _: None)
+    admitted = dict(steps.admission.pump())  # (the retry may have admitted it already)
+    token = admitted.get(ref) or [sent[2] for sent in steps.sent if sent[1] == ref][-1]
+    planned = steps.durations.plan
+
+    def blip(*_args):
+        raise redis.ConnectionError("Connection reset by peer (a Redis blip)")
+
+    steps.durations.plan = blip  # read right after the POST's answer
+    with contextlib.suppress(JobFailed):
+        run_step(steps, "submit", ref, token)
+    steps.durations.plan = planned
+
+    job = steps.store.get(ref)
+    assert job.generation_id not in ("", retired) and job.state != "failed", job.last_error
+    assert ref in steps.store.redis.zrange(keys.SLOTS, 0, -1)
+    assert sandbox.stats()["submissions"] == 2

@@ -149,6 +149,10 @@ def post_once(client: UpstreamClient, store: JobStore, job: Job, settings: Setti
     if error is not None:
         raise error
     job.generation_id = outcome["generation_id"]
+    # As record_generation stamped it in Redis: a resubmitted job still held
+    # its retired generation's here, and a failure of this step measured the
+    # new generation's hard limit from it (review 134).
+    job.submitted_at = job.now()
     log.info("job %s submitted as generation %s", job.ref, job.generation_id)
     return outcome["generation"]
 

@@ -165,8 +165,7 @@ class StepOutcomes:
         # finished one's limit counts from its completion, as its link's life
         # does (about 24 h): counted from the submit, a video completing near
         # the limit was lost to a storage outage of a few minutes.
-        # (A submit that just got its id has it stamped in Redis, not here.)
-        since = job.completed_at or job.submitted_at or job.now()
+        since = job.completed_at or job.submitted_at
         return is_paid(job) and job.now() - since < self.settings.hard_limit_s
 
     def fail(self, job: Job, reason: str, **values) -> None:
