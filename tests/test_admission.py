@@ -300,27 +300,35 @@ def test_a_late_refusal_of_a_post_undoes_what_the_unknown_outcome_booked(proxied
     assert float(batch.get("credits_spent", 0)) == 0 and int(batch.get("videos", 0)) == 0
 
 
-@pytest.mark.slow
-def test_an_earlier_posts_id_survives_a_refusal_of_the_repost(proxied, make_sandbox, tmp_path):
-    """POST A outlives its deadline; `--resubmit-unknown` sends B; A's id lands while B
-    is in flight, then B is refused 400. A's generation is paid: it is polled and its
-    video downloaded, not failed with B's reason."""
+def _earlier_id_lands_while_reposting(proxied, sandbox, tmp_path, **env):
+    """POST A outlives its 6 s deadline ("outcome unknown"); `--resubmit-unknown`
+    sends B, which reaches the upstream 4.5 s later; returns (pipeline, ref)
+    once A's late id has landed, B still on the wire."""
     from producer.retrying import run_retry
 
-    sandbox = make_sandbox(max_concurrency=0)
     pipeline, proxy = proxied(sandbox, VIDQ_POST_DEADLINE_S="6", VIDQ_STEP_GRACE_S="12",
-                              VIDQ_HTTP_TIMEOUT_S="15", VIDQ_MAX_IN_FLIGHT="2")
+                              VIDQ_HTTP_TIMEOUT_S="15", VIDQ_MAX_IN_FLIGHT="2", **env)
     proxy.slow_s = 9.0  # A reaches the upstream after 9 s, past its 6 s deadline
     proxy.queue("slow_headers", count=1, method="POST")
     pipeline.start_workers(concurrency=3)
     pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["late id"]), "p")
     ref = job_ref("p", pipeline.store.job_ids("p")[0])
     wait_until(lambda: pipeline.store.counts("p")["failed"] == 1, 20, "A outcome unknown")
-    proxy.slow_s = 4.5  # B reaches it after 4.5 s, within its deadline, and is refused
+    proxy.slow_s = 4.5
     proxy.queue("slow_headers", count=1, method="POST")
     run_retry(pipeline.admission, dispatch, "p", resubmit_unknown=True, yes=True,
               echo=lambda _: None)
     wait_until(lambda: pipeline.store.get(ref).generation_id, 15, "A's late id")
+    return pipeline, ref
+
+
+@pytest.mark.slow
+def test_an_earlier_posts_id_survives_a_refusal_of_the_repost(proxied, make_sandbox, tmp_path):
+    """POST A outlives its deadline; `--resubmit-unknown` sends B; A's id lands while B
+    is in flight, then B is refused 400. A's generation is paid: it is polled and its
+    video downloaded, not failed with B's reason."""
+    pipeline, ref = _earlier_id_lands_while_reposting(proxied, make_sandbox(max_concurrency=0),
+                                                      tmp_path)
     pipeline.faults(submit=[400])
 
     assert pipeline.wait_finished("p", timeout_s=60)["done"] == 1
@@ -328,6 +336,7 @@ def test_an_earlier_posts_id_survives_a_refusal_of_the_repost(proxied, make_sand
     assert downloads == 1 and pipeline.store.get(ref).generation_id == generation_id
 
 
+@pytest.mark.slow
 def test_an_earlier_posts_id_landing_while_the_repost_is_on_the_wire_keeps_both_slots(
         proxied, make_sandbox, tmp_path):
     """POST A outlives its deadline; `--resubmit-unknown` sends B; A's id lands
@@ -335,23 +344,9 @@ def test_an_earlier_posts_id_landing_while_the_repost_is_on_the_wire_keeps_both_
     one slot, which B's generation needs too: another batch's job was admitted
     into the freed slot, 3 generations at C = 2 (review 133). A's slot now
     goes on under B's name until B answers."""
-    from producer.retrying import run_retry
-
     sandbox = make_sandbox(time_scale=1, mean_generation_s=40, spread=0, max_concurrency=0)
-    pipeline, proxy = proxied(sandbox, VIDQ_POST_DEADLINE_S="6", VIDQ_STEP_GRACE_S="12",
-                              VIDQ_HTTP_TIMEOUT_S="15", VIDQ_MAX_IN_FLIGHT="2",
-                              VIDQ_EXPECTED_GENERATION_S="40")
-    proxy.slow_s = 9.0  # A reaches the upstream after 9 s, past its 6 s deadline
-    proxy.queue("slow_headers", count=1, method="POST")
-    pipeline.start_workers(concurrency=3)
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["late id"]), "p")
-    ref = job_ref("p", pipeline.store.job_ids("p")[0])
-    wait_until(lambda: pipeline.store.counts("p")["failed"] == 1, 20, "A outcome unknown")
-    proxy.slow_s = 4.5  # B reaches the upstream 4.5 s after it is sent
-    proxy.queue("slow_headers", count=1, method="POST")
-    run_retry(pipeline.admission, dispatch, "p", resubmit_unknown=True, yes=True,
-              echo=lambda _: None)
-    wait_until(lambda: pipeline.store.get(ref).generation_id, 15, "A's late id")
+    pipeline, _ = _earlier_id_lands_while_reposting(proxied, sandbox, tmp_path,
+                                                    VIDQ_EXPECTED_GENERATION_S="40")
     pipeline.enqueue(write_prompts(tmp_path / "q.txt", ["another batch's job"]), "q")
     wait_until(lambda: len(pipeline.ledger()) == 2 and pipeline.store.counts("p")["submitted"]
                + pipeline.store.counts("p")["generating"] == 2, 20, "B's id, a sibling")

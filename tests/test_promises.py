@@ -22,6 +22,16 @@ from conftest import wait_until, write_prompts
 from worker import keys
 
 
+def _one_prompt_through(proxied, tmp_path, fault: str, count: int, batch: str, prompt: str):
+    """A one-prompt batch whose first `count` POSTs meet `fault` at the fault
+    proxy, its workers started: (pipeline, proxy)."""
+    pipeline, proxy = proxied()
+    proxy.queue(fault, count=count, method="POST")
+    pipeline.start_workers()
+    pipeline.enqueue(write_prompts(tmp_path / "p.txt", [prompt]), batch)
+    return pipeline, proxy
+
+
 def _generations_per_prompt(pipeline) -> Counter:
     return Counter(entry["prompt"] for entry in pipeline.ledger())
 
@@ -31,10 +41,8 @@ def _generations_per_prompt(pipeline) -> Counter:
 def test_a_post_accepted_but_its_answer_lost_is_never_posted_again(proxied, tmp_path, fault):
     """The upstream created the generation, the answer never arrived: the job ends
     failed 'outcome_unknown', and the ledger shows one generation, not two."""
-    pipeline, proxy = proxied()
-    proxy.queue(fault, count=1, method="POST")
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["lost answer"]), "lost")
+    pipeline, proxy = _one_prompt_through(proxied, tmp_path, fault, 1, "lost",
+                                          "lost answer")
 
     counts = pipeline.wait_finished("lost", timeout_s=60)
 
@@ -54,10 +62,8 @@ def test_a_posts_answer_cut_short_after_its_id_gets_its_video(proxied, tmp_path,
     end "outcome unknown", its paid video never fetched. Now the id is read
     from the part that came: one POST, the video stored, its bytes the
     upstream's."""
-    pipeline, proxy = proxied()
-    proxy.queue(fault, count=1, method="POST")
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["cut answer"]), "cut")
+    pipeline, proxy = _one_prompt_through(proxied, tmp_path, fault, 1, "cut",
+                                          "cut answer")
 
     assert pipeline.wait_finished("cut", timeout_s=60)["done"] == 1
     assert proxy.counts[fault] == 1
@@ -72,10 +78,8 @@ def test_a_posts_answer_cut_short_after_its_id_gets_its_video(proxied, tmp_path,
 
 @pytest.mark.parametrize("fault", ["503", "429"])
 def test_a_post_the_upstream_surely_refused_is_retried_and_succeeds(proxied, tmp_path, fault):
-    pipeline, proxy = proxied()
-    proxy.queue(fault, count=2, method="POST")
-    pipeline.start_workers()
-    pipeline.enqueue(write_prompts(tmp_path / "p.txt", ["try again"]), "again")
+    pipeline, proxy = _one_prompt_through(proxied, tmp_path, fault, 2, "again",
+                                          "try again")
 
     assert pipeline.wait_finished("again", timeout_s=60)["done"] == 1
     assert proxy.counts[fault] == 2

@@ -398,6 +398,7 @@ def test_the_eta_waits_out_a_429_pause(make_pipeline, tmp_path):
     pipeline.stop_workers()
 
 
+@pytest.mark.slow
 def test_429s_without_retry_after_pause_for_the_default_and_cost_no_job(make_pipeline,
                                                                         tmp_path):
     """The contract says to honour `Retry-After` "when present": the real API

@@ -252,14 +252,26 @@ def test_a_late_generation_id_is_kept_due_and_counted_in_flight(steps_for, redis
     assert client.zscore("vidq:slots", ref) is not None
 
 
+def _steps_until_done(steps, ref: str, most: int = 4) -> list[str]:
+    """Run the job's next sent step until it is done (at most `most`): the steps run."""
+    from worker.tasks import _run as run_step
+
+    seen = []
+    for _ in range(most):
+        step, _, token = steps.sent[-1]
+        seen.append(step)
+        run_step(steps, step, steps.claim(ref, token, step))
+        if steps.store.get(ref).state == "done":
+            break
+    return seen
+
+
 def test_a_result_host_that_cannot_be_reached_gets_a_fresh_link_after_two_tries(
         steps_for, make_sandbox):
     """The saved result link names a host nobody answers on (a `vidq run --sandbox`
     resumed on a new port; a CDN edge gone): after two failed downloads the
     generation is fetched again, and the fresh link's video is stored. (The same
     dead link was tried again until the 24 h hard limit.)"""
-    from worker.tasks import _run as run_step
-
     sandbox = make_sandbox()
     steps = steps_for(sandbox)
     ref, token = _admit_one(steps)
@@ -271,15 +283,7 @@ def test_a_result_host_that_cannot_be_reached_gets_a_fresh_link_after_two_tries(
         sandbox.url, f"http://127.0.0.1:{dead}")
     steps.store.redis.hset(keys.job(ref), "video_url", stale)
 
-    seen = []
-    for _ in range(4):
-        step, _, token = steps.sent[-1]
-        seen.append(step)
-        run_step(steps, step, steps.claim(ref, token, step))
-        if steps.store.get(ref).state == "done":
-            break
-
-    assert seen == ["download", "download", "poll", "download"]
+    assert _steps_until_done(steps, ref) == ["download", "download", "poll", "download"]
     record = steps.store.get(ref)
     assert record.state == "done" and record.extra["sha256"]
     assert sandbox.stats()["submissions"] == 1
@@ -291,8 +295,6 @@ def test_a_result_link_serving_a_cut_video_gets_a_fresh_link_after_two_tries(
     CDN's cached cut copy): the same link was fetched until the 24 h hard
     limit, each try refused as corrupt (review 131). After two, the
     generation is fetched again, and the fresh link's whole video is stored."""
-    from worker.tasks import _run as run_step
-
     sandbox = make_sandbox()
     steps = steps_for(sandbox)
     ref, token = _admit_one(steps)
@@ -301,15 +303,7 @@ def test_a_result_link_serving_a_cut_video_gets_a_fresh_link_after_two_tries(
     cut = serve_bytes(video[:len(video) // 2], headers={"Content-Type": "video/mp4"})
     steps.store.redis.hset(keys.job(ref), "video_url", cut + "/v.mp4")
 
-    seen = []
-    for _ in range(4):
-        step, _, token = steps.sent[-1]
-        seen.append(step)
-        run_step(steps, step, steps.claim(ref, token, step))
-        if steps.store.get(ref).state == "done":
-            break
-
-    assert seen == ["download", "download", "poll", "download"]
+    assert _steps_until_done(steps, ref) == ["download", "download", "poll", "download"]
     record = steps.store.get(ref)
     assert record.state == "done" and record.extra["sha256"] == hashlib.sha256(video).hexdigest()
     assert sandbox.stats()["submissions"] == 1
@@ -1196,6 +1190,24 @@ def test_a_video_with_a_few_bytes_of_padding_is_stored(steps_for, redis_url, rea
     assert (tmp_path / "b" / "j1.mp4").read_bytes() == real_mp4 + b"\0\0\0\0"
 
 
+def _submit_then_redis_blip(steps, ref: str, token: str) -> None:
+    """Run the submit, with Redis failing once right after the POST answered
+    (the poll plan is read then), on the job's last attempt."""
+    from worker.tasks import JobFailed, run_step
+
+    planned = steps.durations.plan
+
+    def blip(*_args):
+        raise redis.ConnectionError("Connection reset by peer (a Redis blip)")
+
+    steps.durations.plan = blip
+    try:
+        with contextlib.suppress(JobFailed):
+            run_step(steps, "submit", ref, token)
+    finally:
+        steps.durations.plan = planned
+
+
 def test_a_submit_that_fails_after_its_post_answered_keeps_its_slot_and_video(
         steps_for, make_sandbox):
     """Review 133: on its last attempt a submit got its id, then Redis failed
@@ -1212,15 +1224,7 @@ def test_a_submit_that_fails_after_its_post_answered_keeps_its_slot_and_video(
     steps.admission.enqueue("b", [("j1", {"model": model, "prompt": "first"}),
                                   ("j2", {"model": model, "prompt": "second"})], time.time())
     [(ref, token)] = steps.admission.pump()
-    planned = steps.durations.plan
-
-    def blip(*_args):
-        raise redis.ConnectionError("Connection reset by peer (a Redis blip)")
-
-    steps.durations.plan = blip  # read right after the POST's answer
-    with contextlib.suppress(JobFailed):
-        run_step(steps, "submit", ref, token)
-    steps.durations.plan = planned
+    _submit_then_redis_blip(steps, ref, token)
 
     job = steps.store.get(ref)
     assert job.state != "failed" and job.generation_id, job.last_error
@@ -1257,15 +1261,7 @@ def test_a_resubmit_that_fails_after_its_post_answered_keeps_its_slot(steps_for,
               echo=lambda _: None)
     admitted = dict(steps.admission.pump())  # (the retry may have admitted it already)
     token = admitted.get(ref) or [sent[2] for sent in steps.sent if sent[1] == ref][-1]
-    planned = steps.durations.plan
-
-    def blip(*_args):
-        raise redis.ConnectionError("Connection reset by peer (a Redis blip)")
-
-    steps.durations.plan = blip  # read right after the POST's answer
-    with contextlib.suppress(JobFailed):
-        run_step(steps, "submit", ref, token)
-    steps.durations.plan = planned
+    _submit_then_redis_blip(steps, ref, token)
 
     job = steps.store.get(ref)
     assert job.generation_id not in ("", retired) and job.state != "failed", job.last_error
