@@ -128,8 +128,12 @@ def test_a_stopping_worker_hands_the_polls_it_holds_on_at_once(make_pipeline, ma
         pipeline.start_workers(1, concurrency=2)
         a.send_signal(signal.SIGTERM)
         logs = [pipeline.log_dir / f"worker-{n}.log" for n in (0, 1)]  # either reconciles
+        # Within a heartbeat and a reconciler pass or two (5 s each, a pass's
+        # lock held 4.5 s): 10 s was too short once on a loaded clean-clone
+        # CI run. Still far from A's download's end (~80 s at 10 kB/s) and
+        # the 60 s step grace.
         wait_until(lambda: any(f"re-sending poll for job {other}" in log.read_text()
-                               for log in logs), 10, "the held poll sent again", 0.05)
+                               for log in logs), 20, "the held poll sent again", 0.05)
         assert pipeline.store.get(ref).state == "downloading", "the held poll waited for A"
         proxy.throttle_bps = FAST_BPS
         assert pipeline.wait_finished("more", timeout_s=60)["done"] == 1
