@@ -15,6 +15,7 @@ from conftest import wait_until, write_prompts
 from s3faults import S3FaultProxy
 from test_s3 import aws_env, bucket, s3, s3_endpoint  # noqa: F401 - fixtures
 
+from bench import infra
 from producer.batch_view import workers_alive
 from worker import keys
 
@@ -108,35 +109,42 @@ def test_a_stopping_worker_hands_the_polls_it_holds_on_at_once(make_pipeline, ma
     """The same deploy, A also holding another job's countdown poll: that
     poll will not run in a stopping worker, so it is sent again at once, not
     when A's download ends and A exits (nor a step grace past its due time,
-    when the reconciler takes a poll not run for lost). (A stopping worker
-    may still fetch that message before it stops fetching, and hold it to
-    its exit: seen once under load; not this change's to fix.)"""
+    when the reconciler takes a poll not run for lost).
+
+    A is stopped the moment it holds that poll, before it is due, and B is
+    started after: that job is polled about once a second, and with B up
+    first, B could hold the current poll when A was stopped, or A could be
+    running it, leaving nothing to hand on (failed 2 of 3 clean-clone CI
+    runs). Its generation is ~30 s, so it is still generating then."""
+    sandbox = make_sandbox(time_scale=9)  # the deploy's video: ~10 s
     pipeline, proxy, ref, _video = _one_slow_download(
-        make_pipeline, make_sandbox, tmp_path, "deploy", sandbox={"time_scale": 9},  # ~10 s
-        VIDQ_STEP_GRACE_S="60")
+        make_pipeline, lambda **_: sandbox, tmp_path, "deploy", VIDQ_STEP_GRACE_S="60")
     a = pipeline.processes[0]
+    infra.set_mean_generation_s(sandbox, 270)  # ~30 s from here on
     pipeline.enqueue(write_prompts(tmp_path / "more.txt", ["a poll held"]), "more")
     (other,) = [keys.job_ref("more", i) for i in pipeline.store.job_ids("more")]
+    client = pipeline.store.redis
 
-    def held_by_a() -> bool:
+    def held_by_a_for_a_while() -> bool:
         job = pipeline.store.get(other)
-        return job.state == "generating" and not job.token.startswith("run:") and bool(
-            pipeline.store.redis.hget(keys.job(other), "holder"))
+        # Its score: the countdown's due time plus the step grace (60 s).
+        started_by = client.zscore(keys.DUE, other)
+        return (job.state == "generating" and not job.token.startswith("run:")
+                and bool(client.hget(keys.job(other), "holder"))
+                and started_by is not None and started_by - 60 > pipeline.store.now() + 0.3)
 
     try:
-        wait_until(held_by_a, 30, "A holding the other job's countdown poll", 0.05)
-        pipeline.start_workers(1, concurrency=2)
+        wait_until(held_by_a_for_a_while, 60, "A holding the other job's countdown poll", 0.05)
         a.send_signal(signal.SIGTERM)
+        pipeline.start_workers(1, concurrency=2)
         logs = [pipeline.log_dir / f"worker-{n}.log" for n in (0, 1)]  # either reconciles
-        # Within a heartbeat and a reconciler pass or two (5 s each, a pass's
-        # lock held 4.5 s): 10 s was too short once on a loaded clean-clone
-        # CI run. Still far from A's download's end (~80 s at 10 kB/s) and
-        # the 60 s step grace.
+        # After B's boot, within a heartbeat and a reconciler pass: far from
+        # A's download's end (~80 s at 10 kB/s) and the 60 s step grace.
         wait_until(lambda: any(f"re-sending poll for job {other}" in log.read_text()
                                for log in logs), 20, "the held poll sent again", 0.05)
         assert pipeline.store.get(ref).state == "downloading", "the held poll waited for A"
         proxy.throttle_bps = FAST_BPS
-        assert pipeline.wait_finished("more", timeout_s=60)["done"] == 1
+        assert pipeline.wait_finished("more", timeout_s=90)["done"] == 1
         a.wait(60)
         assert pipeline.wait_finished("deploy", timeout_s=30)["done"] == 1
     finally:
