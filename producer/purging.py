@@ -17,7 +17,7 @@ from worker import deployment, keys, manifest
 from worker.admission import Admission
 from worker.errors import InputError
 from worker.posting import SHUTDOWN_WAIT_S
-from worker.retention import purge
+from worker.retention import begin_purge, purge
 from worker.settings import Settings
 from worker.storage import open_storage
 
@@ -51,8 +51,10 @@ def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bo
         _refuse_while_answers_may_come(client, settings, batch, force)
         if not mark.manifest_current:
             write_manifest(client, storage, settings, batch)
+    # Checked and marked in one step: a retry landing between a check and
+    # the purge was removed with the batch, its paid video never fetched.
     now = manifest.read_marks(client, [batch])[batch]
-    if mark.is_finished and not now.is_finished and not force:
+    if not begin_purge(client, batch, "" if force else now.stamp):
         raise InputError(f"batch {batch!r} was reopened (a retry, a late generation id or new "
                          "jobs) while its manifest was written; nothing removed")
     written = now.manifest_current

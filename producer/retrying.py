@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import click
 
 from worker import keys
-from worker.admission import Admission
+from worker.admission import Admission, being_purged
 from worker.batch_control import admission_state
 from worker.errors import InputError
 from worker.jobs import FINAL_STATES
@@ -36,6 +36,8 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     store = admission.store
     if store.batch_total(batch) == 0:
         raise InputError(f"no batch named {batch!r}")
+    if admission.purging(batch):  # its records are going: what they say is not the batch
+        raise InputError(being_purged(batch, "nothing retried"))
     cancelled = admission_state(admission, batch) == "cancelled"
     if cancelled and (resubmit or resubmit_unknown):
         raise InputError(f"batch {batch!r} was cancelled: its jobs are not POSTed again")
@@ -79,6 +81,9 @@ def run_retry(admission: Admission, dispatch, batch: str, *, ids: Sequence[str] 
     if result.cancelled:
         echo(f"{plural(result.cancelled)} left failed: batch {batch!r} was cancelled "
              "meanwhile, and its jobs are not POSTed again")
+    if result.purging:
+        echo(f"{plural(result.purging)} left failed: batch {batch!r} began to be purged "
+             "meanwhile (removed from Redis); nothing more was retried")
     if result.left_unknown:
         echo(f"{plural(result.left_unknown)} left failed: the outcome of "
              f"{'its' if result.left_unknown == 1 else 'their'} POST is unknown "

@@ -43,6 +43,11 @@ PRIORITIES = ("high", "normal", "low")
 LINE_SCRIPTS = ("pump", "enqueue", "requeue", "settle", "batch_settings", "cancel")
 
 
+def being_purged(batch: str, what: str) -> str:
+    return (f"batch {batch!r} is being purged (removed from Redis): {what}; if that purge "
+            f"stopped half-way, `vidq purge {batch}` finishes it")
+
+
 class Admission:
     """The global slot pool and the batches' waiting lines."""
 
@@ -137,6 +142,10 @@ class Admission:
             raise InputError(f"batch {batch!r} was cancelled while this enqueue ran: "
                              f"{created} jobs were written before (cancelled with it unless "
                              "admitted already), the rest were not enqueued")
+        if self.purging(batch):
+            raise InputError(being_purged(batch, f"{created} jobs were written before it "
+                                                 "began (purged with it), the rest were not "
+                                                 "enqueued"))
         return created
 
     def _enqueue_call(self, batch: str, job_id: str, request: dict, rest: list,
@@ -215,10 +224,15 @@ class Admission:
     def cancelled(self, batch: str) -> bool:
         return self.redis.hget(keys.batch(batch), "cancelled") == "1"
 
+    def purging(self, batch: str) -> bool:
+        return self.redis.hexists(keys.batch(batch), "purging")
+
     def refuse_if_cancelled(self, batch: str) -> None:
-        """A cancelled batch takes no new jobs."""
+        """A cancelled batch takes no new jobs, nor one being purged."""
         if self.cancelled(batch):
             raise InputError(f"batch {batch!r} was cancelled: enqueue into a new batch name")
+        if self.purging(batch):
+            raise InputError(being_purged(batch, "nothing enqueued"))
 
     def cancel_waiting(self, batch: str, limit: int) -> tuple[int, int]:
         """Mark `batch` cancelled and end up to `limit` of its waiting jobs

@@ -117,10 +117,12 @@ def set_daily_credits(admission: Admission, credits: float | None) -> None:
 
 
 def admission_state(admission: Admission, batch: str) -> str:
-    """'cancelled', 'paused', 'paused: spend cap', 'paused: daily credit cap'
-    or 'open': what `vidq status` shows."""
-    cancelled, paused, blocked = admission.redis.hmget(keys.batch(batch), "cancelled",
-                                                       "paused", "blocked")
+    """'purging', 'cancelled', 'paused', 'paused: spend cap', 'paused: daily
+    credit cap' or 'open': what `vidq status` shows."""
+    cancelled, paused, blocked, purging = admission.redis.hmget(
+        keys.batch(batch), "cancelled", "paused", "blocked", "purging")
+    if purging:
+        return "purging"
     if cancelled == "1":
         return "cancelled"
     if paused == "1":

@@ -42,6 +42,14 @@ def batch_keys(batch: str) -> list[str]:
             keys.batch_line(batch), keys.manifest_lock(batch)]
 
 
+def begin_purge(client: redis.Redis, batch: str, stamp: str) -> bool:
+    """Mark `batch` as being purged if it is still finished and as `stamp`
+    (its mark's) says; '' marks it whatever it is (--force). Retries and
+    enqueues into it are refused from then on (lua/begin_purge.lua)."""
+    script = load_script(client, "begin_purge")
+    return script(keys=[keys.batch(batch), keys.batch_counts(batch)], args=[stamp]) == 1
+
+
 def purge(client: redis.Redis, batch: str, settings: Settings,
           deadline_s: float | None = None) -> Purged:
     """Remove the batch from Redis: its jobs (their due times, holds and
@@ -112,7 +120,8 @@ def housekeeping(client: redis.Redis, storage: Storage, settings) -> list[str]:
     for batch, mark in manifest.read_marks(client, batches).items():
         if mark.needs_manifest:
             manifest.write_safely(client, storage, settings, batch)
-        elif mark.is_finished and mark.manifest_current and mark.expires_at <= now:
+        elif (mark.is_finished and mark.manifest_current and mark.expires_at <= now
+              and begin_purge(client, batch, mark.stamp)):  # not if reopened meanwhile
             purge(client, batch, settings)
             purged.append(batch)
     return purged

@@ -47,6 +47,7 @@ class RetryResult:
     resubmitted: int = 0
     left_unknown: int = 0  # outcome unknown, --resubmit not given
     cancelled: int = 0  # not requeued: the batch was cancelled meanwhile
+    purging: int = 0  # not requeued: the batch began to be purged meanwhile
     answers: dict[str, int] = field(default_factory=dict)
 
 
@@ -106,7 +107,8 @@ def retry(admission: Admission, dispatch, batch: str, chosen: list[Failure], *,
     resubmitted = answers.get("resubmitted", 0)
     return RetryResult(requeued=answers.get("requeued", 0) + resubmitted,
                        resubmitted=resubmitted, left_unknown=answers.get("needs_resubmit", 0),
-                       cancelled=answers.get("cancelled", 0), answers=answers)
+                       cancelled=answers.get("cancelled", 0),
+                       purging=answers.get("purging", 0), answers=answers)
 
 
 def requeue(admission: Admission, dispatch, batch: str, job_ids: list[str], *,

@@ -2,7 +2,8 @@
 -- id is left alone. Its credit estimate is what the spend caps count until
 -- the upstream reports the real figure. A batch cancelled meanwhile (`vidq
 -- cancel` while a big file was being written) takes no new job: one put in
--- its line after the cancel drained it would wait there forever.
+-- its line after the cancel drained it would wait there forever. Nor does a
+-- batch being purged (lua/begin_purge.lua): the job would outlive its batch.
 -- KEYS[5], when given, is the batch's enqueue lock, which must still hold
 -- ARGV[6]: a producer stopped past the lock's TTL while another enqueued
 -- writes nothing more (worker/leases.py, Fence).
@@ -24,7 +25,8 @@ if redis.call('EXISTS', job_key) == 1 then
   -- reply: it counts as new, as it did before the reply was lost.
   return redis.call('HGET', job_key, 'enqueued_at') == now and 1 or 0
 end
-if redis.call('HGET', batch_hash_key, 'cancelled') == '1' then return 0 end
+local f = redis.call('HMGET', batch_hash_key, 'cancelled', 'purging')
+if f[1] == '1' or f[2] then return 0 end
 set_extras()
 redis.call('HSET', job_key, 'id', job_id, 'batch', batch, 'request', request,
   'state', STATE.queued, 'enqueued_at', now, 'credits_estimate', estimate)

@@ -9,8 +9,9 @@
 -- sent if it completed meanwhile. Checked and done in one call,
 -- so a cancel between them cannot leave a failed job stripped of its id.
 -- Returns 'requeued', 'resubmitted' (to be POSTed again), 'not_failed',
--- 'cancelled' (its batch was cancelled) or 'needs_resubmit' (its POST's
--- outcome is unknown and resubmitting was not asked).
+-- 'cancelled' (its batch was cancelled), 'purging' (its batch is being
+-- removed: lua/begin_purge.lua) or 'needs_resubmit' (its POST's outcome is
+-- unknown and resubmitting was not asked).
 local job_key, counts_key, unknown_key, holds_key, slots_key, due_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ref, job_id = ARGV[1], ARGV[2]
@@ -24,6 +25,7 @@ if redis.call('HGET', job_key, 'requeue_op') == op then
 end
 if redis.call('HGET', job_key, 'state') ~= STATE.failed then return 'not_failed' end
 local batch = redis.call('HGET', job_key, 'batch')
+if redis.call('HEXISTS', batch_key(batch), 'purging') == 1 then return 'purging' end
 local cancelled = redis.call('HGET', batch_key(batch), 'cancelled') == '1'
 local generation_id = redis.call('HGET', job_key, 'generation_id') or ''
 local completed = (redis.call('HGET', job_key, 'completed_at') or '') ~= ''

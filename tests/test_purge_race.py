@@ -1,0 +1,110 @@
+"""`vidq purge NAME` and `vidq retry NAME` run at once (review 136). The
+purge checked that the batch was finished, then removed its jobs chunk by
+chunk; a retry landing in between put paid jobs back in line, and the purge
+removed them: both commands said they had succeeded, and 20 of 20 completed,
+paid videos were never fetched. The purge now marks the batch in the same
+step as its last check, and a retry or an enqueue into a batch so marked is
+refused. Real Redis, a real worker, both commands as subprocesses."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import wait_until, write_prompts
+
+from worker import keys, manifest
+from worker.retention import begin_purge
+
+
+def _vidq(pipeline, *args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["vidq", *args], env=pipeline.env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, **kwargs)
+
+
+def _failed_batch(make_pipeline, make_sandbox, tmp_path, prompts: list[str], **env):
+    """A finished batch "pr" whose jobs all failed, its manifest written."""
+    pipeline = make_pipeline(make_sandbox(max_concurrency=50), **env)
+    pipeline.start_workers(1, concurrency=8)
+    pipeline.enqueue(write_prompts(tmp_path / "pr.txt", prompts), "pr")
+    wait_until(lambda: pipeline.store.counts("pr")["failed"] == len(prompts), 120,
+               "every job failed")
+    return pipeline
+
+
+def test_a_batch_being_purged_takes_no_retry_and_no_enqueue(make_pipeline, make_sandbox,
+                                                            tmp_path):
+    """The purge's first step done (as `vidq purge` does it, after its
+    checks): a retry and an enqueue are refused with the reason, and change
+    nothing; the purge run again finishes the batch. A retry that came
+    first makes the purge refuse instead."""
+    pipeline = _failed_batch(make_pipeline, make_sandbox, tmp_path,
+                             [f"REJECT {i}" for i in range(3)])
+    client = pipeline.store.redis
+    wait_until(lambda: manifest.read_marks(client, ["pr"])["pr"].manifest_current, 60,
+               "the manifest")
+    stamp = manifest.read_marks(client, ["pr"])["pr"].stamp
+    assert begin_purge(client, "pr", stamp)
+
+    retry = _vidq(pipeline, "retry", "pr")
+    assert retry.returncode == 2 and "is being purged" in retry.stderr, retry
+    assert "`vidq purge pr` finishes it" in retry.stderr
+    enqueue = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "more.txt", ["more"])),
+                    "--batch", "pr")
+    assert enqueue.returncode == 2 and "is being purged" in enqueue.stderr, enqueue
+    assert pipeline.store.counts("pr")["failed"] == 3 and pipeline.store.batch_total("pr") == 3
+    assert "purging" in _vidq(pipeline, "status", "pr").stdout
+
+    purge = _vidq(pipeline, "purge", "pr")
+    assert purge.returncode == 0, purge
+    assert not client.exists(keys.batch("pr"), keys.batch_counts("pr"), keys.batch_jobs("pr"))
+
+
+def test_a_purge_marks_nothing_once_a_retry_reopened_the_batch(make_pipeline, make_sandbox,
+                                                               tmp_path):
+    pipeline = _failed_batch(make_pipeline, make_sandbox, tmp_path, ["REJECT once"])
+    client = pipeline.store.redis
+    stamp = manifest.read_marks(client, ["pr"])["pr"].stamp
+    assert _vidq(pipeline, "retry", "pr").returncode == 0
+    assert not begin_purge(client, "pr", stamp)
+    assert client.hget(keys.batch("pr"), "purging") is None
+
+
+@pytest.mark.slow
+def test_a_purge_and_a_retry_at_once_lose_no_paid_video(make_pipeline, make_sandbox, tmp_path):
+    """Helper 136's night: 20 videos paid and completed, each failed at the
+    hard limit while storage refused them, 30,000 cancelled jobs beside
+    them; storage comes back, then the operator runs `vidq purge pr` and
+    `vidq retry pr` at the same moment. Either the retry comes first and
+    the purge refuses (the videos are fetched), or the purge marks the batch
+    first and the retry says so; never both "done" with the videos lost."""
+    blocker = tmp_path / "videos" / "pr"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")  # storage refuses this batch's files
+    pipeline = _failed_batch(make_pipeline, make_sandbox, tmp_path,
+                             [f"paid video {i}" for i in range(20)],
+                             VIDQ_DEADLINE_S=5, VIDQ_HARD_LIMIT_S=6, VIDQ_MAX_ATTEMPTS=3)
+    client = pipeline.store.redis
+    assert _vidq(pipeline, "pause", "pr").returncode == 0
+    filler = tmp_path / "filler.txt"
+    filler.write_text("".join(f"filler {i}\n" for i in range(30_000)), encoding="utf-8")
+    assert _vidq(pipeline, "enqueue", str(filler), "--batch", "pr").returncode == 0
+    assert _vidq(pipeline, "cancel", "pr").returncode == 0
+    blocker.unlink()
+    wait_until(lambda: manifest.read_marks(client, ["pr"])["pr"].manifest_current, 120,
+               "the manifest")
+    ledger = pipeline.ledger()
+    assert len(ledger) == 20 and all(g["status"] == "completed" for g in ledger)
+
+    purge = subprocess.Popen(["vidq", "purge", "pr"], env=pipeline.env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    retry = _vidq(pipeline, "retry", "pr")
+    purge_out, purge_err = purge.communicate(timeout=120)
+    said = f"purge {purge.returncode}: {purge_out}{purge_err}\nretry: {retry}"
+    assert (purge.returncode == 0) != ("20 failed jobs requeued" in retry.stdout), said
+    if purge.returncode == 0:
+        assert retry.returncode == 2 and "is being purged" in retry.stderr, said
+    else:
+        assert "was reopened" in purge_err, said
+        wait_until(lambda: len(list((tmp_path / "videos" / "pr").glob("*.mp4"))) == 20, 60,
+                   "the 20 paid videos stored")
+    assert len(pipeline.ledger()) == 20  # nothing POSTed again
