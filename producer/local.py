@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from worker.celery_app import QUEUES, WEBHOOK_QUEUE
+from worker.errors import ConfigError
 from worker.settings import Settings
 
 from .redis_server import PrivateRedis
@@ -191,16 +192,53 @@ def worker_processes(options: RunOptions, env: dict, console: Console,
                       f"{options.state_dir / 'logs'}")
         yield supervisor
     finally:
-        stop_processes(supervisor.processes)
+        wait_s = worker_stop_wait_s(env)
+
+        def say_why() -> None:
+            console.print(f"stopping the workers: each ends the steps it runs first, a POST "
+                          f"whose answer (a paid video) is on its way included; up to "
+                          f"{wait_s:.0f} s")
+        stop_processes(supervisor.processes, wait_s, on_slow=say_why)
 
 
-def stop_processes(processes: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
+def worker_stop_wait_s(env: dict) -> float:
+    """How long a stopping worker may take: a POST's deadline, then the wait
+    for its late answer (worker/posting.py), and a margin. It used to be
+    20 s: a worker still reading a POST's answer was killed, its pool child
+    with it, and the paid generation was never recorded (review 135)."""
+    from worker.posting import SHUTDOWN_WAIT_S
+
+    try:
+        deadline_s = Settings.from_env(env).post_deadline_s
+    except ConfigError:  # the run refused bad settings before starting anything
+        deadline_s = Settings.post_deadline_s
+    return deadline_s + SHUTDOWN_WAIT_S + 15.0
+
+
+def stop_processes(processes: list[subprocess.Popen], timeout_s: float = 20.0,
+                   on_slow=None, slow_after_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL what is still running after `timeout_s`;
+    `on_slow()` is called if some still run after `slow_after_s`."""
     for process in processes:
         if process.poll() is None:
             process.terminate()
+    deadline = time.monotonic() + timeout_s
+    try:
+        if on_slow is not None and not _all_exited(processes, min(slow_after_s, timeout_s)):
+            on_slow()
+        _all_exited(processes, max(0.0, deadline - time.monotonic()))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+def _all_exited(processes: list[subprocess.Popen], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
     for process in processes:
         try:
-            process.wait(timeout_s)
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            return False
+    return True

@@ -16,8 +16,10 @@ import redis
 from rich.console import Console
 
 from worker import manifest
+from worker.batch_control import slot_holders
 from worker.contract import DEFAULT_MODEL
 from worker.errors import VidqError
+from worker.jobs import State
 from worker.retry import failures as failed_jobs
 from worker.settings import Settings
 from worker.storage import open_storage
@@ -176,10 +178,14 @@ def interrupted(admission, batch: str, console: Console) -> None:
             counts = status["counts"]
             in_flight = sum(counts[s] for s in ("submitted", "generating", "overdue",
                                                 "downloading"))
+            # Admitted, not yet known as submitted: its POST may be on its way,
+            # its generation created (review 135 saw it called "not submitted").
+            posting = min(slot_holders(admission, batch)[State.QUEUED], counts["queued"])
             console.print(f"\ninterrupted: {status['finished']}/{status['total']} finished, "
                           f"{in_flight} in flight upstream or downloading "
                           "(paid; taken up on resume), "
-                          f"{counts['queued']} not submitted yet")
+                          + (f"{posting} being POSTed (may be charged), " if posting else "")
+                          + f"{counts['queued'] - posting} not submitted yet")
         except Exception:  # Redis may already be gone; the hint below still holds
             pass
     console.print(f"resume with: {_same_command()}")
