@@ -195,9 +195,12 @@ def worker_processes(options: RunOptions, env: dict, console: Console,
         wait_s = worker_stop_wait_s(env)
 
         def say_why() -> None:
-            console.print(f"stopping the workers: each ends the steps it runs first, a POST "
-                          f"whose answer (a paid video) is on its way included; up to "
-                          f"{wait_s:.0f} s")
+            # A closed terminal (SIGHUP) fails every write with EIO: that must
+            # not cut the wait short (it killed the workers at once, review 137).
+            with contextlib.suppress(OSError):
+                console.print(f"stopping the workers: each ends the steps it runs first, a "
+                              f"POST whose answer (a paid video) is on its way included; up "
+                              f"to {wait_s:.0f} s")
         stop_processes(supervisor.processes, wait_s, on_slow=say_why)
 
 

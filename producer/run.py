@@ -6,6 +6,7 @@ POSTed twice).
 """
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import sys
@@ -90,6 +91,14 @@ def _run_started(options: RunOptions, env: dict, supervisor, defaults: dict, con
                           f"{options.state_dir / 'logs'}[/]")
         return summarise(admission, batch, status, settings, console)
     except KeyboardInterrupt:
+        interrupted(admission, batch, console)
+        return _stopped_status()
+    except OSError:
+        if not _STOPPED_BY:
+            raise
+        # The terminal closed (SIGHUP): the progress bars' last write failed
+        # with EIO over the interrupt. Still a stop, its workers given their
+        # time, not an error that kills them (review 137).
         interrupted(admission, batch, console)
         return _stopped_status()
     except (redis.ConnectionError, redis.TimeoutError):
@@ -186,9 +195,10 @@ def interrupted(admission, batch: str, console: Console) -> None:
                           "(paid; taken up on resume), "
                           + (f"{posting} being POSTed (may be charged), " if posting else "")
                           + f"{counts['queued'] - posting} not submitted yet")
-        except Exception:  # Redis may already be gone; the hint below still holds
+        except Exception:  # Redis may already be gone (or the terminal); the hint below still holds
             pass
-    console.print(f"resume with: {_same_command()}")
+    with contextlib.suppress(OSError):  # a closed terminal: the stop must go on (review 137)
+        console.print(f"resume with: {_same_command()}")
 
 
 def _same_command(*flags: str) -> str:

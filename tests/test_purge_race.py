@@ -8,6 +8,7 @@ refused. Real Redis, a real worker, both commands as subprocesses."""
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 from conftest import wait_until, write_prompts
@@ -108,3 +109,32 @@ def test_a_purge_and_a_retry_at_once_lose_no_paid_video(make_pipeline, make_sand
         wait_until(lambda: len(list((tmp_path / "videos" / "pr").glob("*.mp4"))) == 20, 60,
                    "the 20 paid videos stored")
     assert len(pipeline.ledger()) == 20  # nothing POSTed again
+
+
+def test_a_forced_purge_stopped_after_its_mark_posts_nothing_more(make_pipeline, make_sandbox,
+                                                                  tmp_path):
+    """`vidq purge --force` stopped right after marking the batch (Ctrl-C, a
+    lost connection): the pump still admitted its waiting jobs and the
+    workers POSTed them, 12 paid generations in 20 s for a batch being
+    dropped, while `vidq status` said none was admitted (review 137). Now a
+    batch so marked is served no slot and sends no POST; the forced purge
+    run again finishes it."""
+    sandbox = make_sandbox(max_concurrency=50, time_scale=30)  # ~3 s generations
+    pipeline = make_pipeline(sandbox, VIDQ_MAX_IN_FLIGHT=2)
+    pipeline.start_workers(1, concurrency=4)
+    pipeline.enqueue(write_prompts(tmp_path / "pr.txt", [f"waiting {i}" for i in range(30)]),
+                     "pr")
+    client = pipeline.store.redis
+    wait_until(lambda: len(pipeline.ledger()) >= 2, 60, "two POSTed")
+    assert begin_purge(client, "pr", "")  # the forced purge's first step
+    # The jobs admitted before the mark end; no slot is given again.
+    wait_until(lambda: client.zcard(keys.SLOTS) == 0, 30, "the slots free", 0.05)
+    posted = len(pipeline.ledger())
+    time.sleep(3)  # pump passes: the reconciler's, each second
+    assert len(pipeline.ledger()) == posted <= 4
+    assert client.zcard(keys.SLOTS) == 0 and pipeline.store.counts("pr")["queued"] >= 26
+    assert "purging" in _vidq(pipeline, "status", "pr").stdout
+
+    purge = _vidq(pipeline, "purge", "pr", "--force")
+    assert purge.returncode == 0, purge
+    assert not client.exists(keys.batch("pr"), keys.batch_jobs("pr"))

@@ -45,7 +45,8 @@ LINE_SCRIPTS = ("pump", "enqueue", "requeue", "settle", "batch_settings", "cance
 
 def being_purged(batch: str, what: str) -> str:
     return (f"batch {batch!r} is being purged (removed from Redis): {what}; if that purge "
-            f"stopped half-way, `vidq purge {batch}` finishes it")
+            f"stopped half-way, `vidq purge {batch}` finishes it (with --force if it was "
+            "forced)")
 
 
 class Admission:

@@ -19,11 +19,12 @@ end
 
 -- Put `batch` in its priority's ring (at the front if `front`, moved there if
 -- it is in the ring already), unless it is paused, cancelled, held by a spend
--- cap or has no one waiting.
+-- cap, being purged or has no one waiting.
 local function wake(batch, front)
   local key = batch_key(batch)
-  local f = redis.call('HMGET', key, 'in_ring', 'paused', 'cancelled', 'blocked', 'priority')
-  if f[2] == '1' or f[3] == '1' or (f[4] and f[4] ~= '') then return false end
+  local f = redis.call('HMGET', key, 'in_ring', 'paused', 'cancelled', 'blocked', 'priority',
+                       'purging')
+  if f[2] == '1' or f[3] == '1' or (f[4] and f[4] ~= '') or f[6] then return false end
   local ring = NS.ring .. (f[5] or 'normal')
   if f[1] == '1' then
     if not front then return false end

@@ -23,7 +23,9 @@ if posting and posting ~= ''
     and (unconfirmed == '' or redis.call('HGET', job_key, 'posting_op') ~= unconfirmed) then
   return 'posted_before'
 end
-if redis.call('HGET', batch_key, 'cancelled') == '1' then return 'cancelled' end
+-- A batch being purged (lua/begin_purge.lua) sends nothing more, as a cancelled one.
+local batch_state = redis.call('HMGET', batch_key, 'cancelled', 'purging')
+if batch_state[1] == '1' or batch_state[2] then return 'cancelled' end
 local t = redis.call('TIME')
 local stamp = string.format('%s.%06d', t[1], tonumber(t[2]))
 -- posting_by: the worker sending it (the claim's holder), whose death ends

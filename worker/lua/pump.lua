@@ -91,8 +91,11 @@ end
 
 -- One turn of `batch` from `ring`: 'admitted', 'dropped' or 'daily cap'.
 local function serve(batch, ring, priority)
-  local f = redis.call('HMGET', batch_key(batch), 'paused', 'cancelled', 'priority')
-  if f[1] == '1' or f[2] == '1' then leave_ring(batch); return 'dropped' end
+  -- Nor one being purged (lua/begin_purge.lua): a job admitted while a
+  -- --force purge removed its batch was POSTed, paid, its record gone
+  -- (review 137).
+  local f = redis.call('HMGET', batch_key(batch), 'paused', 'cancelled', 'priority', 'purging')
+  if f[1] == '1' or f[2] == '1' or f[4] then leave_ring(batch); return 'dropped' end
   if (f[3] or 'normal') ~= priority then
     leave_ring(batch)
     wake(batch, false)  -- its priority changed: into the right ring
