@@ -102,10 +102,12 @@ def test_a_purge_and_a_retry_at_once_lose_no_paid_video(make_pipeline, make_sand
     purge_out, purge_err = purge.communicate(timeout=120)
     said = f"purge {purge.returncode}: {purge_out}{purge_err}\nretry: {retry}"
     assert (purge.returncode == 0) != ("20 failed jobs requeued" in retry.stdout), said
+    # On a loaded machine either may also start after the other ended.
     if purge.returncode == 0:
-        assert retry.returncode == 2 and "is being purged" in retry.stderr, said
+        assert retry.returncode == 2, said
+        assert "is being purged" in retry.stderr or "no batch named" in retry.stderr, said
     else:
-        assert "was reopened" in purge_err, said
+        assert "was reopened" in purge_err or "is not finished" in purge_err, said
         wait_until(lambda: len(list((tmp_path / "videos" / "pr").glob("*.mp4"))) == 20, 60,
                    "the 20 paid videos stored")
     assert len(pipeline.ledger()) == 20  # nothing POSTed again

@@ -10,15 +10,9 @@
 local batch_key, counts_key = KEYS[1], KEYS[2]
 local stamp = ARGV[1]
 
-if stamp ~= '' then
-  local batch = redis.call('HMGET', batch_key, 'reopened', 'total')
-  local total = tonumber(batch[2] or '0')
-  if (batch[1] or '0') .. ':' .. total ~= stamp then return 0 end
-  local finished = 0
-  for _, state in ipairs({STATE.done, STATE.failed, STATE.cancelled}) do
-    finished = finished + tonumber(redis.call('HGET', counts_key, state) or '0')
-  end
-  if total == 0 or finished < total then return 0 end
+if stamp ~= '' and (stamp:sub(-2) == ':0'
+                    or not finished_as_stamped(batch_key, counts_key, stamp)) then
+  return 0  -- (a batch of no job is not one that finished)
 end
 redis.call('HSET', batch_key, 'purging', redis.call('TIME')[1])
 return 1

@@ -11,14 +11,7 @@ local op = ARGV[3]
 
 if redis.call('HGET', batch_key, 'manifest_op') == op then return 2 end
 
-local batch = redis.call('HMGET', batch_key, 'reopened', 'total')
-local total = tonumber(batch[2] or '0')
-if (batch[1] or '0') .. ':' .. total ~= stamp then return 0 end
-local finished = 0
-for _, state in ipairs({STATE.done, STATE.failed, STATE.cancelled}) do
-  finished = finished + tonumber(redis.call('HGET', counts_key, state) or '0')
-end
-if finished < total then return 0 end
+if not finished_as_stamped(batch_key, counts_key, stamp) then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('HSET', batch_key, 'manifest_of', stamp, 'manifest_at', string.format('%.6f', now),
