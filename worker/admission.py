@@ -242,6 +242,9 @@ class Admission:
             keys=[keys.batch(batch), keys.batch_line(batch), keys.batch_counts(batch),
                   keys.SLOTS, keys.DUE],
             args=[batch, limit, op_id()])
+        if int(taken) < 0:
+            raise InputError(f"no batch named {batch!r} any more (purged meanwhile): "
+                             "nothing cancelled")
         return int(taken), int(ended)
 
     def release_expired_holds(self, recheck_s: float = HOLD_RECHECK_S) -> int:

@@ -14,6 +14,10 @@ local batch, limit, op = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 
 local last = redis.call('HMGET', batch_hash_key, 'cancel_op', 'cancel_out')
 if last[1] == op then return cjson.decode(last[2]) end
+-- Gone since `vidq cancel` checked it (a purge ended): marked now, a stray
+-- hash of `cancelled` alone refused every later batch of the name, and
+-- `vidq purge` found no batch to clear (review 137).
+if redis.call('HEXISTS', batch_hash_key, 'total') == 0 then return {-1, 0} end
 redis.call('HSET', batch_hash_key, 'cancelled', '1')
 local t = redis.call('TIME')
 local stamp = string.format('%s.%06d', t[1], tonumber(t[2]))
