@@ -12,15 +12,11 @@ import time
 
 import pytest
 from conftest import wait_until, write_prompts
+from test_batch_ops import vidq
 
 from worker import keys, manifest
 from worker.errors import InputError
 from worker.retention import begin_purge
-
-
-def _vidq(pipeline, *args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["vidq", *args], env=pipeline.env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=120, **kwargs)
 
 
 def _failed_batch(make_pipeline, make_sandbox, tmp_path, prompts: list[str], **env):
@@ -47,16 +43,16 @@ def test_a_batch_being_purged_takes_no_retry_and_no_enqueue(make_pipeline, make_
     stamp = manifest.read_marks(client, ["pr"])["pr"].stamp
     assert begin_purge(client, "pr", stamp)
 
-    retry = _vidq(pipeline, "retry", "pr")
+    retry = vidq(pipeline, "retry", "pr")
     assert retry.returncode == 2 and "is being purged" in retry.stderr, retry
     assert "`vidq purge pr` finishes it" in retry.stderr
-    enqueue = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "more.txt", ["more"])),
+    enqueue = vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "more.txt", ["more"])),
                     "--batch", "pr")
     assert enqueue.returncode == 2 and "is being purged" in enqueue.stderr, enqueue
     assert pipeline.store.counts("pr")["failed"] == 3 and pipeline.store.batch_total("pr") == 3
-    assert "purging" in _vidq(pipeline, "status", "pr").stdout
+    assert "purging" in vidq(pipeline, "status", "pr").stdout
 
-    purge = _vidq(pipeline, "purge", "pr")
+    purge = vidq(pipeline, "purge", "pr")
     assert purge.returncode == 0, purge
     assert not client.exists(keys.batch("pr"), keys.batch_counts("pr"), keys.batch_jobs("pr"))
 
@@ -66,7 +62,7 @@ def test_a_purge_marks_nothing_once_a_retry_reopened_the_batch(make_pipeline, ma
     pipeline = _failed_batch(make_pipeline, make_sandbox, tmp_path, ["REJECT once"])
     client = pipeline.store.redis
     stamp = manifest.read_marks(client, ["pr"])["pr"].stamp
-    assert _vidq(pipeline, "retry", "pr").returncode == 0
+    assert vidq(pipeline, "retry", "pr").returncode == 0
     assert not begin_purge(client, "pr", stamp)
     assert client.hget(keys.batch("pr"), "purging") is None
 
@@ -86,11 +82,11 @@ def test_a_purge_and_a_retry_at_once_lose_no_paid_video(make_pipeline, make_sand
                              [f"paid video {i}" for i in range(20)],
                              VIDQ_DEADLINE_S=5, VIDQ_HARD_LIMIT_S=6, VIDQ_MAX_ATTEMPTS=3)
     client = pipeline.store.redis
-    assert _vidq(pipeline, "pause", "pr").returncode == 0
+    assert vidq(pipeline, "pause", "pr").returncode == 0
     filler = tmp_path / "filler.txt"
     filler.write_text("".join(f"filler {i}\n" for i in range(30_000)), encoding="utf-8")
-    assert _vidq(pipeline, "enqueue", str(filler), "--batch", "pr").returncode == 0
-    assert _vidq(pipeline, "cancel", "pr").returncode == 0
+    assert vidq(pipeline, "enqueue", str(filler), "--batch", "pr").returncode == 0
+    assert vidq(pipeline, "cancel", "pr").returncode == 0
     blocker.unlink()
     wait_until(lambda: manifest.read_marks(client, ["pr"])["pr"].manifest_current, 120,
                "the manifest")
@@ -99,7 +95,7 @@ def test_a_purge_and_a_retry_at_once_lose_no_paid_video(make_pipeline, make_sand
 
     purge = subprocess.Popen(["vidq", "purge", "pr"], env=pipeline.env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    retry = _vidq(pipeline, "retry", "pr")
+    retry = vidq(pipeline, "retry", "pr")
     purge_out, purge_err = purge.communicate(timeout=120)
     said = f"purge {purge.returncode}: {purge_out}{purge_err}\nretry: {retry}"
     assert (purge.returncode == 0) != ("20 failed jobs requeued" in retry.stdout), said
@@ -136,9 +132,9 @@ def test_a_forced_purge_stopped_after_its_mark_posts_nothing_more(make_pipeline,
     time.sleep(3)  # pump passes: the reconciler's, each second
     assert len(pipeline.ledger()) == posted <= 4
     assert client.zcard(keys.SLOTS) == 0 and pipeline.store.counts("pr")["queued"] >= 26
-    assert "purging" in _vidq(pipeline, "status", "pr").stdout
+    assert "purging" in vidq(pipeline, "status", "pr").stdout
 
-    purge = _vidq(pipeline, "purge", "pr", "--force")
+    purge = vidq(pipeline, "purge", "pr", "--force")
     assert purge.returncode == 0, purge
     assert not client.exists(keys.batch("pr"), keys.batch_jobs("pr"))
 
@@ -151,10 +147,10 @@ def test_a_cancel_landing_after_a_purge_leaves_no_stray_record(make_pipeline, ma
     (review 137, 1 in 5 in a tight loop). The mark now needs the batch."""
     pipeline = _failed_batch(make_pipeline, make_sandbox, tmp_path, ["REJECT gone"])
     client = pipeline.store.redis
-    assert _vidq(pipeline, "purge", "pr").returncode == 0
+    assert vidq(pipeline, "purge", "pr").returncode == 0
     with pytest.raises(InputError, match="no batch named 'pr' any more"):
         pipeline.admission.cancel_waiting("pr", 100)  # the step after cancel's check
     assert not client.exists(keys.batch("pr"))
-    enqueue = _vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "new.txt", ["anew"])),
+    enqueue = vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "new.txt", ["anew"])),
                     "--batch", "pr")
     assert enqueue.returncode == 0, enqueue

@@ -10,9 +10,6 @@
 local batch_key, counts_key = KEYS[1], KEYS[2]
 local stamp = ARGV[1]
 
-if stamp ~= '' and (stamp:sub(-2) == ':0'
-                    or not finished_as_stamped(batch_key, counts_key, stamp)) then
-  return 0  -- (a batch of no job is not one that finished)
-end
+if stamp ~= '' and not finished_as_stamped(batch_key, counts_key, stamp) then return 0 end
 redis.call('HSET', batch_key, 'purging', redis.call('TIME')[1])
 return 1
