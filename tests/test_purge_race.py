@@ -154,3 +154,25 @@ def test_a_cancel_landing_after_a_purge_leaves_no_stray_record(make_pipeline, ma
     enqueue = vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "new.txt", ["anew"])),
                     "--batch", "pr")
     assert enqueue.returncode == 0, enqueue
+
+
+def test_a_pause_or_limit_landing_after_a_purge_leaves_no_stray_setting(
+        make_pipeline, make_sandbox, tmp_path):
+    """`vidq pause` (and resume, limits, priority) check the batch exists,
+    then write the setting: a purge ending in between left a hash of
+    `paused=1` alone, and the next batch of the name waited, paused, with
+    nobody having paused it. The write now needs the batch."""
+    pipeline = _failed_batch(make_pipeline, make_sandbox, tmp_path, ["REJECT gone"])
+    client = pipeline.store.redis
+    assert vidq(pipeline, "purge", "pr").returncode == 0
+    writes = [{"paused": "1"}, {"paused": None}, {"max_videos": "3"}, {"priority": "low"}]
+    for values in writes:  # each, the step after its command's check
+        with pytest.raises(InputError, match="no batch named 'pr' any more"):
+            pipeline.admission.configure("pr", values, existing=True)
+    assert not client.exists(keys.batch("pr"))
+    enqueue = vidq(pipeline, "enqueue", str(write_prompts(tmp_path / "new.txt", ["anew"])),
+                   "--batch", "pr")
+    assert enqueue.returncode == 0, enqueue
+    assert "paused" not in vidq(pipeline, "status", "pr").stdout
+    assert client.hmget(keys.batch("pr"), "paused", "max_videos") == [None, None]
+    wait_until(lambda: pipeline.store.counts("pr")["done"] == 1, 60, "the new batch's video")

@@ -49,6 +49,10 @@ def being_purged(batch: str, what: str) -> str:
             "forced)")
 
 
+def purged_meanwhile(batch: str, what: str) -> InputError:
+    return InputError(f"no batch named {batch!r} any more (purged meanwhile): {what}")
+
+
 class Admission:
     """The global slot pool and the batches' waiting lines."""
 
@@ -161,17 +165,23 @@ class Admission:
             args += [name, str(value)]
         return script_keys, args
 
-    def configure(self, batch: str, values: dict, defaults: dict | None = None) -> bool:
+    def configure(self, batch: str, values: dict, defaults: dict | None = None,
+                  existing: bool = False) -> bool:
         """Set a batch's admission settings (priority, paused, max_credits,
         max_videos; None removes one) and lift a spend-cap hold; `defaults`
-        only where unset. Returns whether the batch waits in a ring now."""
+        only where unset. `existing`: only if the batch still has jobs, else
+        InputError (a purge ended since the caller's check). Returns whether
+        the batch waits in a ring now."""
         fields = {name: value for name, value in (defaults or {}).items()
                   if not self.redis.hexists(keys.batch(batch), name)}
         fields.update(values)
-        args: list[str] = [batch]
+        args: list[str] = [batch, "1" if existing else ""]
         for name, value in fields.items():
             args += [name, "" if value is None else str(value)]
-        return bool(self._scripts["batch_settings"](keys=[keys.batch(batch)], args=args))
+        answer = int(self._scripts["batch_settings"](keys=[keys.batch(batch)], args=args))
+        if answer < 0:
+            raise purged_meanwhile(batch, "nothing changed")
+        return answer == 1
 
     def requeue_failed(self, batch: str, resubmit_unknown: bool = False,
                        job_ids: list[str] | None = None, resubmit: bool = False,
@@ -243,8 +253,7 @@ class Admission:
                   keys.SLOTS, keys.DUE],
             args=[batch, limit, op_id()])
         if int(taken) < 0:
-            raise InputError(f"no batch named {batch!r} any more (purged meanwhile): "
-                             "nothing cancelled")
+            raise purged_meanwhile(batch, "nothing cancelled")
         return int(taken), int(ended)
 
     def release_expired_holds(self, recheck_s: float = HOLD_RECHECK_S) -> int:

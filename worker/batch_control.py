@@ -42,14 +42,14 @@ def _check_open(admission: Admission, batch: str) -> None:
 def pause(admission: Admission, batch: str) -> int:
     """Stop admitting `batch`; returns how many of its jobs wait."""
     _check_open(admission, batch)
-    admission.configure(batch, {"paused": "1"})
+    admission.configure(batch, {"paused": "1"}, existing=True)
     return admission.waiting(batch)
 
 
 def resume(admission: Admission, batch: str) -> int:
     """Admit `batch` again; returns how many of its jobs wait."""
     _check_open(admission, batch)
-    admission.configure(batch, {"paused": None})
+    admission.configure(batch, {"paused": None}, existing=True)
     return admission.waiting(batch)
 
 
@@ -98,14 +98,15 @@ def set_limits(admission: Admission, batch: str, **limits: float | None) -> None
     """Set max_credits / max_videos of `batch` (None removes one); a batch
     held by a spend cap is checked again at once."""
     _check_open(admission, batch)
-    admission.configure(batch, {name: _plain(value) for name, value in limits.items()})
+    admission.configure(batch, {name: _plain(value) for name, value in limits.items()},
+                        existing=True)
 
 
 def set_priority(admission: Admission, batch: str, priority: str) -> None:
     if priority not in PRIORITIES:
         raise InputError(f"priority {priority!r}: use one of {', '.join(PRIORITIES)}")
     _check_open(admission, batch)
-    admission.configure(batch, {"priority": priority})
+    admission.configure(batch, {"priority": priority}, existing=True)
 
 
 def set_daily_credits(admission: Admission, credits: float | None) -> None:
