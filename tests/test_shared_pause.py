@@ -425,3 +425,30 @@ def test_429s_without_retry_after_pause_for_the_default_and_cost_no_job(make_pip
     log = (pipeline.log_dir / "worker-0.log").read_text()
     assert f"429 on submit: submits paused {DEFAULT_PAUSE_S:.0f} s for every worker" in log
     assert f"429 on a status GET: polls paused {DEFAULT_PAUSE_S:.0f} s for every worker" in log
+
+
+def test_a_429_whose_body_broke_off_is_still_a_429_on_a_post_and_a_get(proxied, tmp_path):
+    """The status line and Retry-After of a 429 arrive whole, its JSON body
+    is cut (the connection closes mid-body). The status decides: the POST's
+    job goes back in line (it was failed "outcome unknown", its slot held for
+    a generation that never existed), and the GET pauses every worker's polls
+    for the Retry-After (it was retried at once, spending an attempt, with no
+    pause: review 138). With one attempt allowed, the batch still ends done."""
+    from conftest import write_prompts
+
+    pipeline, proxy = proxied(VIDQ_MAX_ATTEMPTS="1")
+    pipeline.faults(submit=[429], poll=[429], retry_after=4)
+    proxy.queue("truncate_body", count=1, method="POST")
+    proxy.queue("truncate_body", count=1, method="GET")
+    pipeline.start_workers()
+    started = time.monotonic()
+    pipeline.enqueue(write_prompts(tmp_path / "a.txt", ["a cut 429 body"]), "cut")
+    counts = pipeline.wait_finished("cut", timeout_s=90)
+
+    job = pipeline.store.get(f"cut:{pipeline.store.job_ids('cut')[0]}")
+    assert counts["done"] == 1, job.last_error
+    assert len(pipeline.ledger()) == 1 and pipeline.sandbox.stats()["rate_limited"] == 1
+    log = (pipeline.log_dir / "worker-0.log").read_text()
+    assert "429 on submit: submits paused 4 s for every worker" in log
+    assert "429 on a status GET: polls paused 4 s for every worker" in log
+    assert time.monotonic() - started >= 8  # both pauses waited out

@@ -162,8 +162,10 @@ class UpstreamClient:
         url = self._base + self._endpoint.fetch_path
         params = {"generation_id": generation_id}
         with upstream_call("status"), self._key_kept_out(), http_errors("status"):
+            # Streamed: the status decides first, so a 429 whose body broke
+            # off still pauses polls; a cut 2xx body is a failed poll.
             response = self._session.get(url, params=params, headers=self._auth,
-                                         timeout=self._timeout)
+                                         timeout=self._timeout, stream=True)
             raise_for_response(response)
             return parse_generation(response)
 
@@ -262,7 +264,12 @@ def _proxy_page(response: requests.Response) -> bool:
     be: its JSON cut short, empty or not an object, or plain text (Envoy's
     "reset before headers" comes after it forwarded the POST; review 132)."""
     kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    return kind == "text/html" or (not kind and response.content.lstrip()[:1] == b"<")
+    if kind:
+        return kind == "text/html"
+    try:
+        return response.content.lstrip()[:1] == b"<"
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+        return False  # a body cut short proves nothing: outcome unknown
 
 
 def raise_for_response(response: requests.Response, *, result_url: bool = False) -> None:

@@ -13,6 +13,7 @@ import re
 from contextvars import ContextVar
 
 import requests
+import urllib3
 
 MAX_MESSAGE_CHARS = 500
 REDACTED = "[redacted]"
@@ -21,11 +22,18 @@ MIN_KEY_HEAD = 8  # a head of the key this long, cut short by a gateway, goes to
 
 
 def error_message(response: requests.Response) -> str:
+    """The upstream's reason for a non-2xx answer. Only for the message: its
+    status line decides what happened, so a body cut short (the connection
+    closed mid-body) names no reason but changes nothing (review 138: a 429
+    with a cut body was taken for a POST's lost answer, "outcome unknown")."""
     try:
         body = response.json()
     except (ValueError, RecursionError):
         text = " ".join(scrub(response.text).split())
         return cut(text or response.reason or "no body")
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        return cut(f"{response.reason or 'no reason'} (its body unreadable: "
+                   f"{type(exc).__name__})")
     found = body_message(body) if isinstance(body, dict) else None
     return cut(found or str(body))
 
