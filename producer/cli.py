@@ -158,8 +158,9 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
     from worker.deployment import check_webhook_deliverers, running_values
     from worker.tasks import dispatch
 
-    from .enqueue import enqueue_file, open_admission
+    from .enqueue import enqueue_file, interrupted_enqueue, open_admission
     from .plan import plan_check
+    from .stop_signals import catch_stop_signals, stopped_status
 
     defaults = _prompt_defaults(model, resolution, aspect_ratio, negative_prompt, seed,
                                 no_enhance_prompt)
@@ -172,10 +173,15 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
     batch_settings = {name: value for name, value in (
         ("priority", priority), ("max_credits", max_credits), ("max_videos", max_videos),
         ("webhook_url", webhook_url)) if value is not None}
-    result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings,
-                          allow_variants=allow_variants,
-                          check_plan=plan_check(admission.redis, settings, deadline, force,
-                                                click.echo, max_credits))
+    catch_stop_signals()  # SIGTERM and SIGHUP too: say what was left to run
+    try:
+        result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings,
+                              allow_variants=allow_variants,
+                              check_plan=plan_check(admission.redis, settings, deadline,
+                                                    force, click.echo, max_credits))
+    except KeyboardInterrupt as stop:
+        click.echo(f"interrupted: {interrupted_enqueue(batch, stop)}", err=True)
+        sys.exit(stopped_status())
     click.echo(result.summary())
     if admission.waiting(batch) and daily_cap_reached(admission):
         click.echo("warning: today's (UTC) daily credit cap is reached: the batch waits until "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker import keys
-from worker.admission import Admission, admit
+from worker.admission import Admission, EnqueueInterrupted, admit
 from worker.connection import connect
 from worker.errors import InputError
 from worker.jobs import JobStore
@@ -86,6 +86,18 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
                                   allow_variants, check_plan, fence)
     admit(admission, dispatch)
     return result
+
+
+def interrupted_enqueue(batch: str, stop: KeyboardInterrupt) -> str:
+    """What an enqueue stopped by a signal left behind: jobs it wrote run
+    (and are paid for), so enqueuing the file again under another name
+    would buy them twice."""
+    again = "the same command again enqueues the rest (nothing twice)"
+    if isinstance(stop, EnqueueInterrupted):
+        return (f"at least {stop.created} new jobs had been written to batch {batch!r} and "
+                f"will run (`vidq cancel {batch}` stops those not yet admitted); {again}")
+    return (f"the enqueue may not have written every job of batch {batch!r}; "
+            f"`vidq status {batch}` shows what the batch holds, and {again}")
 
 
 def _checked_enqueue(admission: Admission, path: str | Path, batch: str, prompt_file, jobs,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,13 @@ from .progress import batch_status, ended_line, watch
 from .prompts import load_prompts
 from .purging import write_manifest
 from .retrying import plain_retry_helps, resubmit_unknown_helps, run_retry
+from .stop_signals import (
+    STOPPED_BY,
+    catch_stop_signals,
+    ignore_stop_signals,
+    raise_if_stopped,
+    stopped_status,
+)
 
 
 def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurrency: int,
@@ -40,14 +46,9 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
     """Exit status: 0 only if every job of the batch ended done. `retry_failed`:
     put the batch's failures back in line first, with these `run_retry` options."""
     options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve())
-    # SIGTERM (a `timeout`, a service manager) and SIGHUP (a closed terminal)
-    # stop the run as Ctrl-C does: its Redis and workers run in sessions of
-    # their own, and outlived it. A signal ignored when the run started stays
-    # ignored: `nohup vidq run` must outlive its terminal.
-    for stop_signal in STOP_SIGNALS:
-        if signal.getsignal(stop_signal) != signal.SIG_IGN:
-            signal.signal(stop_signal, _interrupt)
-    sys.unraisablehook = _quiet_when_stopping
+    # SIGTERM and SIGHUP stop the run as Ctrl-C does: its Redis and workers
+    # run in sessions of their own, and outlived it.
+    catch_stop_signals()
     defaults = {"model": DEFAULT_MODEL}
     load_prompts(file, defaults)  # refuse a bad file before starting anything
     # Redis and the workers run in their own sessions, so Ctrl-C reaches only
@@ -58,7 +59,7 @@ def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurren
                                 retry_failed)
     except KeyboardInterrupt:  # while starting: what had started is stopped (helper 108)
         interrupted(None, batch, console)
-        return _stopped_status()
+        return stopped_status()
 
 
 def _run_started(options: RunOptions, env: dict, supervisor, defaults: dict, console: Console,
@@ -70,11 +71,11 @@ def _run_started(options: RunOptions, env: dict, supervisor, defaults: dict, con
     batch, admission = options.batch, None
 
     def keep_going() -> bool:
-        _raise_if_stopped()
+        raise_if_stopped()
         return supervisor.keep_alive()
 
     try:
-        _raise_if_stopped()
+        raise_if_stopped()
         settings = Settings.from_env(env)
         apply_settings(worker.app, settings)  # publish to this run's Redis
         admission = open_admission(settings)
@@ -85,22 +86,22 @@ def _run_started(options: RunOptions, env: dict, supervisor, defaults: dict, con
         status = watch(admission, batch, console, settings=settings, keep_going=keep_going)
         # Watching is over: a stop signal now must not cut the summary,
         # the manifest or the stopping short (a finished batch read as failed).
-        _ignore_stop_signals()
+        ignore_stop_signals()
         if not supervisor.keep_alive():
             console.print("[red]the workers keep exiting at start-up; see "
                           f"{options.state_dir / 'logs'}[/]")
         return summarise(admission, batch, status, settings, console)
     except KeyboardInterrupt:
         interrupted(admission, batch, console)
-        return _stopped_status()
+        return stopped_status()
     except OSError:
-        if not _STOPPED_BY:
+        if not STOPPED_BY:
             raise
         # The terminal closed (SIGHUP): the progress bars' last write failed
         # with EIO over the interrupt. Still a stop, its workers given their
         # time, not an error that kills them (review 137).
         interrupted(admission, batch, console)
-        return _stopped_status()
+        return stopped_status()
     except (redis.ConnectionError, redis.TimeoutError):
         why = supervisor.redis_stopped()
         if not why:
@@ -132,44 +133,7 @@ def _take_in(admission, options: RunOptions, defaults: dict, console: Console,
         run_retry(admission, dispatch, batch, echo=console.print, **retry_failed)
 
 
-# Ctrl-C too: its KeyboardInterrupt may land in a __del__ or an at-fork hook,
-# which print "Exception ignored ... Traceback" and go on (seen in the suite).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 RETRY_FLAGS = ("--retry", "--resubmit-unknown", "--yes")
-# The stop signal that ended the run: its exit status is 128 + its number, as
-# a shell reports a process the signal killed (Ctrl-C: 130, SIGTERM: 143).
-_STOPPED_BY: list[int] = []
-
-
-def _stopped_status() -> int:
-    return 128 + (_STOPPED_BY[0] if _STOPPED_BY else signal.SIGINT)
-
-
-def _interrupt(signum, _frame) -> None:
-    _ignore_stop_signals()  # a second one must not cut the stopping short
-    _STOPPED_BY.append(signum)
-    raise KeyboardInterrupt
-
-
-def _quiet_when_stopping(unraisable) -> None:
-    """An interrupt swallowed where Python cannot raise it is recorded
-    (`_STOPPED_BY`) and acted on by `_raise_if_stopped`: not a traceback."""
-    if not (_STOPPED_BY and isinstance(unraisable.exc_value, KeyboardInterrupt)):
-        sys.__unraisablehook__(unraisable)
-
-
-def _raise_if_stopped() -> None:
-    """A stop signal whose KeyboardInterrupt was swallowed still stops the run:
-    raised while a subprocess forked, it lands in logging's at-fork hook,
-    which prints and ignores it (a SIGTERM while the workers started: the
-    run went on and finished; seen once in a full run of the suite)."""
-    if _STOPPED_BY:
-        raise KeyboardInterrupt
-
-
-def _ignore_stop_signals() -> None:
-    for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def _until_a_worker_beats(admission, keep_going, timeout_s: float = 60.0) -> None:

@@ -294,3 +294,41 @@ def test_a_batch_named_as_another_but_for_case_is_refused(redis_url, tmp_path):
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     assert client.smembers(keys.BATCHES) == {"Night"}
     assert enqueue("Night").returncode == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_an_enqueue_stopped_by_a_signal_says_what_it_left_to_run(redis_url, tmp_path, sig):
+    """Ctrl-C, a SIGTERM (`timeout`, a service manager) or a closed terminal
+    after some jobs were written: those jobs run and are paid for. The
+    command said only "Aborted!" (or nothing, on SIGTERM, its lock held 30 s
+    more), and a user enqueuing the file again under another name paid for
+    them twice (review 139). It now says how many were written and how to go
+    on, releases its lock, and exits 128 + the signal; the same command again
+    finishes the file at once."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    lines = 40_000
+    path = tmp_path / "night.txt"
+    path.write_text("".join(f"a lighthouse in fog {i}\n" for i in range(lines)))
+    command = VIDQ + ["enqueue", str(path), "--batch", "night"]
+    process = subprocess.Popen(command, env=_env(redis_url), cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while client.scard(keys.batch_jobs("night")) < 1 and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(sig)
+    _out, err = process.communicate(timeout=60)
+    written = client.scard(keys.batch_jobs("night"))
+    assert 0 < written < lines, f"not stopped half-way: {written} jobs written"
+    assert process.returncode == 128 + sig, (process.returncode, err)
+    told = err.strip().splitlines()[-1]
+    assert told.startswith("interrupted: at least ") and "will run" in told, err
+    assert int(told.split("at least ")[1].split()[0]) <= written
+    assert "`vidq cancel night`" in told and "the same command again" in told
+    assert not client.exists(keys.batch_enqueue_lock("night"))
+
+    started = time.monotonic()
+    again = subprocess.run(command, env=_env(redis_url), cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert client.scard(keys.batch_jobs("night")) == lines
+    assert f"{written:,} already enqueued" in again.stdout or str(written) in again.stdout
+    assert time.monotonic() - started < 25  # no wait for a dead producer's lock

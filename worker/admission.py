@@ -49,6 +49,15 @@ def being_purged(batch: str, what: str) -> str:
             "forced)")
 
 
+class EnqueueInterrupted(KeyboardInterrupt):
+    """A stop signal while an enqueue wrote its jobs: at least `created`
+    were written (a pipeline cut short may have written more) and will run."""
+
+    def __init__(self, batch: str, created: int):
+        super().__init__(batch, created)
+        self.batch, self.created = batch, created
+
+
 def purged_meanwhile(batch: str, what: str) -> InputError:
     return InputError(f"no batch named {batch!r} any more (purged meanwhile): {what}")
 
@@ -137,6 +146,8 @@ class Admission:
                     calls = []
             if calls:
                 created += sum(int(answer) for answer in self._run_all("enqueue", calls))
+        except KeyboardInterrupt:
+            raise EnqueueInterrupted(batch, created) from None
         except redis.RedisError as exc:
             if "VIDQ_LOCK_LOST" in str(exc):
                 raise lock_lapsed(batch, created) from None
