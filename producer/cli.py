@@ -347,11 +347,12 @@ def run(file, batch, use_sandbox, workers, concurrency, state_dir, allow_variant
         raise ConfigError("no API key: set AIMLAPI_KEY to run against the real API, or add "
                           "--sandbox to try the pipeline without spending credits")
     # The name becomes a path part and a key part: never a leading '.' or '-'.
+    named_by_file = not batch
     batch = batch or re.sub(r"[^A-Za-z0-9._-]", "-", file.stem).lstrip(".-")[:128] or "batch"
     sys.exit(run_batch(file, batch, use_sandbox, workers, concurrency, state_dir, console,
                        allow_variants=allow_variants,
                        retry_failed={"resubmit_unknown": resubmit_unknown, "yes": yes}
-                       if retry_failed else None))
+                       if retry_failed else None, named_by_file=named_by_file))
 
 
 @main.command(cls=VidqCommand)

@@ -43,6 +43,7 @@ class RunOptions:
     workers: int
     concurrency: int
     state_dir: Path
+    named_by_file: bool = False  # no --batch: the name was made of the file's
 
 
 @contextlib.contextmanager

@@ -15,10 +15,10 @@ from pathlib import Path
 import redis
 from rich.console import Console
 
-from worker import manifest
+from worker import keys, manifest
 from worker.batch_control import slot_holders
 from worker.contract import DEFAULT_MODEL
-from worker.errors import VidqError
+from worker.errors import InputError, VidqError
 from worker.jobs import State
 from worker.retry import failures as failed_jobs
 from worker.settings import Settings
@@ -28,7 +28,7 @@ from .batch_view import workers_alive
 from .enqueue import enqueue_file, open_admission
 from .local import RunOptions, local_system
 from .progress import batch_status, ended_line, watch
-from .prompts import load_prompts
+from .prompts import load_prompts, shown_path
 from .purging import write_manifest
 from .retrying import plain_retry_helps, resubmit_unknown_helps, run_retry
 from .stop_signals import (
@@ -42,10 +42,11 @@ from .stop_signals import (
 
 def run_batch(file: Path, batch: str, use_sandbox: bool, workers: int, concurrency: int,
               state_dir: Path, console: Console, allow_variants: bool = False,
-              retry_failed: dict | None = None) -> int:
+              retry_failed: dict | None = None, named_by_file: bool = False) -> int:
     """Exit status: 0 only if every job of the batch ended done. `retry_failed`:
     put the batch's failures back in line first, with these `run_retry` options."""
-    options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve())
+    options = RunOptions(file, batch, use_sandbox, workers, concurrency, state_dir.resolve(),
+                         named_by_file)
     # SIGTERM and SIGHUP stop the run as Ctrl-C does: its Redis and workers
     # run in sessions of their own, and outlived it.
     catch_stop_signals()
@@ -127,6 +128,8 @@ def _take_in(admission, options: RunOptions, defaults: dict, console: Console,
         console.print(f"batch {batch} was cancelled: nothing new enqueued; its generations "
                       "in flight are still polled and downloaded")
     else:
+        if options.named_by_file:
+            _refuse_another_files_batch(admission.redis, batch, options.file)
         console.print(enqueue_file(admission, options.file, batch, defaults, dispatch,
                                    allow_variants=allow_variants).summary())
     if retry_failed is not None:
@@ -134,6 +137,27 @@ def _take_in(admission, options: RunOptions, defaults: dict, console: Console,
 
 
 RETRY_FLAGS = ("--retry", "--resubmit-unknown", "--yes")
+FILES_SAMPLED = 20
+
+
+def _refuse_another_files_batch(client, batch: str, file: Path) -> None:
+    """The name made of a file's stem is not the file's alone: `東京.txt`
+    and `大阪.txt` both make `batch`, `night 1.txt` and `night-1.txt` both
+    `night-1`. Run one after the other in a directory, the second joined the
+    first's batch: its summary, exit status, manifest and --retry covered
+    the other file's jobs (review 139). Refused unless some of the batch's
+    jobs (a sample) came from a file of this name: a rerun resumes."""
+    sample = client.srandmember(keys.batch_jobs(batch), FILES_SAMPLED)
+    if not sample:
+        return
+    pipe = client.pipeline(transaction=False)
+    for job_id in sample:
+        pipe.hget(keys.job(keys.job_ref(batch, job_id)), "file")
+    files = {Path(str(name)).name for name in pipe.execute() if name}
+    if files and shown_path(file.name) not in files:
+        raise InputError(f"batch {batch!r}, the name made of {shown_path(file.name)!r}, holds "
+                         f"the prompts of {sorted(files)[0]!r}: give this file's batch a name "
+                         "with --batch NAME (nothing was enqueued)")
 
 
 def _until_a_worker_beats(admission, keep_going, timeout_s: float = 60.0) -> None:

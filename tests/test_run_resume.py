@@ -111,6 +111,34 @@ def test_running_the_same_file_twice_posts_nothing_the_second_time(make_sandbox,
 
 
 @pytest.mark.slow
+def test_two_files_whose_names_make_one_batch_name_are_never_one_batch(make_sandbox,
+                                                                        tmp_path):
+    """`vidq run FILE` names the batch after the file's ASCII letters: 東京.txt
+    and 大阪.txt both make `batch`. The second run joined the first's batch,
+    and its summary, exit status, manifest and --retry covered the other
+    file's jobs (review 139). It is now refused, enqueuing nothing; with
+    --batch it runs on its own, and the first file's rerun still resumes."""
+    sandbox = make_sandbox()
+    env = _env(sandbox, tmp_path)
+    tokyo = write_prompts(tmp_path / "東京.txt", ["a red fox in the snow", "a tram at night"])
+    osaka = write_prompts(tmp_path / "大阪.txt", ["a red fox in the snow", "a castle in rain"])
+    assert _run(tokyo, tmp_path, env).returncode == 0
+
+    refused = _run(osaka, tmp_path, env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert ("batch 'batch', the name made of '大阪.txt', holds the prompts of '東京.txt': give "
+            "this file's batch a name with --batch NAME") in refused.stderr
+    assert _ledger(sandbox) == Counter({"a red fox in the snow": 1, "a tram at night": 1})
+
+    named = _run(osaka, tmp_path, env, "--batch", "osaka")
+    assert named.returncode == 0 and "2 new, 0 already enqueued" in named.stdout, named.stdout
+    again = _run(tokyo, tmp_path, env)
+    assert again.returncode == 0 and "2 already enqueued" in again.stdout, again.stdout
+    assert _ledger(sandbox) == Counter({"a red fox in the snow": 2, "a tram at night": 1,
+                                        "a castle in rain": 1})
+
+
+@pytest.mark.slow
 def test_ctrl_c_says_what_is_in_flight_and_the_rerun_resumes(make_sandbox, tmp_path):
     sandbox = make_sandbox(time_scale=15)  # ~6 s generations: in flight when interrupted
     env = _env(sandbox, tmp_path)
