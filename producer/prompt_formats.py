@@ -109,6 +109,17 @@ def _looks_utf16(data: bytes) -> bool:
         return True
     if b"\x00" not in data:  # UTF-16 of any line break holds a NUL byte
         return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        # UTF-16 has a NUL on every line (its line breaks' other byte). A NUL
+        # on a few lines of UTF-8 is that line's error, said with its number:
+        # one right after a line break decoded as UTF-16 (review 139).
+        lines = [line for line in data.split(b"\n") if line]
+        if 2 * sum(b"\x00" in line for line in lines) <= len(lines):
+            return False
     for encoding in ("utf-16-le", "utf-16-be"):
         try:
             text = data.decode(encoding)
@@ -248,8 +259,18 @@ def _csv_records(text: str) -> Iterator[Record]:
     for row in rows:
         if row.error:
             yield Record(row.line, None, [row.error])
+        elif _same_cells(row.cells, header.cells):
+            # Two files joined (`cat a.csv b.csv`): read as a row, the header
+            # was a prompt "prompt", bought as a video of the word (review 139).
+            yield Record(row.line, None, [LineError(
+                row.line, None, "the header row again (files joined?): remove it")])
         else:
             yield _csv_record(row.line, columns, row.cells)
+
+
+def _same_cells(cells: list[str], header: list[str]) -> bool:
+    return [cell.strip().lstrip("\ufeff") for cell in cells] == [
+        name.strip().lstrip("\ufeff") for name in header]
 
 
 class _CsvRow(NamedTuple):

@@ -484,3 +484,21 @@ def test_hundred_thousand_lines(tmp_path, name, make_line):
     result = load_prompts(write(tmp_path, name, text), DEFAULTS)
     assert len(result.jobs) == 100_000
     assert result.jobs[-1].line == 100_000
+
+
+@pytest.mark.parametrize("joined", ["prompt,seed\na fox,1\nprompt,seed\na whale,2\n",
+                                    "prompt\na fox\n\ufeffprompt\na whale\n"])
+def test_a_csv_header_repeated_is_refused_not_bought_as_a_prompt(tmp_path, joined):
+    """`cat monday.csv tuesday.csv > week.csv` repeats the header (and the
+    second file's BOM): the row was enqueued as a prompt "prompt" (review 139)."""
+    (error,) = errors_of(write(tmp_path, "week.csv", joined))
+    assert str(error) == "line 3: the header row again (files joined?): remove it"
+
+
+def test_one_nul_after_a_line_break_is_named_with_its_line_not_as_utf16(tmp_path):
+    """At an even offset after a line break, the NUL made the file decode as
+    UTF-16: "save the file as UTF-8", no line named (review 139)."""
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"ab\n\x00cd\nef\n")
+    (error,) = errors_of(path)
+    assert (error.line, error.field) == (2, "prompt") and "NUL" in error.reason
