@@ -178,7 +178,8 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
         result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings,
                               allow_variants=allow_variants,
                               check_plan=plan_check(admission.redis, settings, deadline,
-                                                    force, click.echo, max_credits))
+                                                    force, click.echo, max_credits),
+                              echo=lambda text: click.echo(text, err=True))
     except KeyboardInterrupt as stop:
         click.echo(f"interrupted: {interrupted_enqueue(batch, stop)}", err=True)
         sys.exit(stopped_status())

@@ -8,6 +8,7 @@ rest as slots free up).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +71,12 @@ def check_batch_name(batch: str) -> str:
 
 def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: dict,
                  dispatch, batch_settings: dict | None = None,
-                 allow_variants: bool = False, check_plan=None) -> EnqueueResult:
+                 allow_variants: bool = False, check_plan=None,
+                 echo: Callable[[str], None] | None = None) -> EnqueueResult:
     """`batch_settings`: priority, max_credits, max_videos (see Admission.configure).
     New jobs that differ from the batch's only by parameters are refused
-    unless `allow_variants` (producer/variants.py)."""
+    unless `allow_variants` (producer/variants.py). `echo` says why it waits,
+    when another enqueue of the batch holds it."""
     check_batch_name(batch)
     prompt_file = load_prompts(path, defaults)
     path = shown_path(path)
@@ -81,7 +84,13 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
             for job in prompt_file.jobs]
     # Checks and writes of two producers on one batch must not interleave:
     # both would find no variant and conflict, and every prompt be paid twice.
-    with held_lock(admission.redis, keys.batch_enqueue_lock(batch), ENQUEUE_LOCK_S) as fence:
+    def waiting(left_s: float) -> None:
+        if echo is not None:
+            echo(f"waiting for another enqueue of batch {batch!r} to end (or, if it was "
+                 f"stopped, for its lock to lapse: up to {left_s:.0f} s)")
+
+    with held_lock(admission.redis, keys.batch_enqueue_lock(batch), ENQUEUE_LOCK_S,
+                   waiting) as fence:
         result = _checked_enqueue(admission, path, batch, prompt_file, jobs, batch_settings,
                                   allow_variants, check_plan, fence)
     admit(admission, dispatch)

@@ -61,6 +61,9 @@ def test_an_enqueue_killed_half_way_is_listed_and_the_same_command_finishes_it(
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"({40_000 - written:,} new, {written:,} already enqueued)" in again.stdout
+    # It waits for the killed producer's lock, saying so (it looked hung for ~30 s).
+    assert ("waiting for another enqueue of batch 'takes' to end (or, if it was stopped, "
+            "for its lock to lapse: up to ") in again.stderr
     assert client.scard(keys.batch_jobs("takes")) == 40_000
     assert int(client.hget(keys.batch("takes"), "total")) == 40_000
 

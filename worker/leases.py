@@ -60,6 +60,9 @@ def lease_renewed(store: JobStore, job: Job, lease_s: float):
     return renewed(lambda: store.renew_lease(job, lease_s), lease_s, f"lease of job {job.ref}")
 
 
+WAIT_NOTICE_S = 2.0
+
+
 @dataclass(frozen=True)
 class Fence:
     """A held lock, for writes that must not land once it lapsed: a holder
@@ -74,12 +77,19 @@ class Fence:
 
 
 @contextlib.contextmanager
-def held_lock(client: redis.Redis, key: str, ttl_s: float) -> Iterator[Fence]:
+def held_lock(client: redis.Redis, key: str, ttl_s: float,
+              waiting: Callable[[float], None] | None = None) -> Iterator[Fence]:
     """Wait for the lock, hold it while the block runs (renewed every third
     of its TTL), then free it. A holder that dies frees it within `ttl_s`;
-    one that stood still that long finds it gone only through the `Fence`."""
+    one that stood still that long finds it gone only through the `Fence`.
+    `waiting(seconds its holder still has)` is called once, if the wait
+    lasts over WAIT_NOTICE_S: a silent wait looks like a hang."""
     token = os.urandom(8).hex()
+    notice_at = time.monotonic() + WAIT_NOTICE_S
     while not take_lock(client, key, token, ttl_s):
+        if waiting is not None and time.monotonic() >= notice_at:
+            waiting(max(0, client.pttl(key)) / 1000)
+            waiting = None
         time.sleep(0.1)
     script = load_script(client, "renew_lock")
 
