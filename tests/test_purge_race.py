@@ -176,3 +176,29 @@ def test_a_pause_or_limit_landing_after_a_purge_leaves_no_stray_setting(
     assert "paused" not in vidq(pipeline, "status", "pr").stdout
     assert client.hmget(keys.batch("pr"), "paused", "max_videos") == [None, None]
     wait_until(lambda: pipeline.store.counts("pr")["done"] == 1, 60, "the new batch's video")
+
+
+def test_an_enqueue_whose_batch_is_purged_while_it_writes_says_what_was_not_enqueued(
+        make_pipeline, make_sandbox, monkeypatch):
+    """A purge marks the batch (its writes are refused from then on) and ends
+    between two pipelines of an enqueue: the mark was gone by the enqueue's
+    last check, so the refused jobs vanished, and the command said "2 new"
+    of which one was never written. It now says what was not enqueued."""
+    from worker import admission as admission_module
+    from worker.retention import purge
+
+    pipeline = make_pipeline(make_sandbox())
+    client = pipeline.store.redis
+    monkeypatch.setattr(admission_module, "ENQUEUE_PIPELINE", 1)
+    request = {"model": "alibaba/wan2.1-t2v-turbo", "prompt": "a fox"}
+
+    def jobs():
+        yield "first", request
+        assert begin_purge(client, "pr", "")  # `vidq purge pr --force`, its mark...
+        yield "second", {**request, "prompt": "a whale"}
+        purge(client, "pr", pipeline.settings)  # ...then its removal
+
+    with pytest.raises(InputError, match="'pr' was purged while this enqueue ran: 1 jobs were "
+                                         "written before .* 1 were not enqueued"):
+        pipeline.admission.enqueue("pr", jobs(), time.time())
+    assert not client.exists(keys.batch("pr"), keys.batch_jobs("pr"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import redis
 
@@ -137,15 +137,11 @@ class Admission:
         # jobs that run, and their batch must be listed, finished and expired.
         self.redis.sadd(keys.BATCHES, batch)
         self.redis.hsetnx(keys.batch(batch), "created_at", repr(now))
-        created, calls = 0, []
+        created = refused = 0
         try:
-            for job_id, request, *rest in jobs:
-                calls.append(self._enqueue_call(batch, job_id, request, rest, now, fence))
-                if len(calls) >= ENQUEUE_PIPELINE:
-                    created += sum(int(answer) for answer in self._run_all("enqueue", calls))
-                    calls = []
-            if calls:
-                created += sum(int(answer) for answer in self._run_all("enqueue", calls))
+            for answers in self._enqueue_chunks(batch, jobs, now, fence):
+                created += answers.count(1)
+                refused += answers.count(-1)
         except KeyboardInterrupt:
             raise EnqueueInterrupted(batch, created) from None
         except redis.RedisError as exc:
@@ -162,7 +158,25 @@ class Admission:
             raise InputError(being_purged(batch, f"{created} jobs were written before it "
                                                  "began (purged with it), the rest were not "
                                                  "enqueued"))
+        if refused:  # marked cancelled or purging, and purged since (lua/enqueue.lua)
+            raise InputError(f"batch {batch!r} was purged while this enqueue ran: {created} "
+                             f"jobs were written before (purged with it unless admitted "
+                             f"already), {refused} were not enqueued; the same command again "
+                             "enqueues them into a new batch of the name")
         return created
+
+    def _enqueue_chunks(self, batch: str, jobs: Iterable, now: float,
+                        fence: Fence | None) -> Iterator[list[int]]:
+        """lua/enqueue.lua's answers, a pipeline at a time: 1 written, 0 there
+        already, -1 refused (the batch cancelled or being purged)."""
+        calls = []
+        for job_id, request, *rest in jobs:
+            calls.append(self._enqueue_call(batch, job_id, request, rest, now, fence))
+            if len(calls) >= ENQUEUE_PIPELINE:
+                yield [int(answer) for answer in self._run_all("enqueue", calls)]
+                calls = []
+        if calls:
+            yield [int(answer) for answer in self._run_all("enqueue", calls)]
 
     def _enqueue_call(self, batch: str, job_id: str, request: dict, rest: list,
                       now: float, fence: Fence | None) -> tuple[list[str], list[str]]:

@@ -4,6 +4,7 @@
 -- cancel` while a big file was being written) takes no new job: one put in
 -- its line after the cancel drained it would wait there forever. Nor does a
 -- batch being purged (lua/begin_purge.lua): the job would outlive its batch.
+-- Returns 1 written, 0 there already, -1 refused.
 -- KEYS[5], when given, is the batch's enqueue lock, which must still hold
 -- ARGV[6]: a producer stopped past the lock's TTL while another enqueued
 -- writes nothing more (worker/leases.py, Fence).
@@ -26,7 +27,7 @@ if redis.call('EXISTS', job_key) == 1 then
   return redis.call('HGET', job_key, 'enqueued_at') == now and 1 or 0
 end
 local f = redis.call('HMGET', batch_hash_key, 'cancelled', 'purging')
-if f[1] == '1' or f[2] then return 0 end
+if f[1] == '1' or f[2] then return -1 end
 set_extras()
 redis.call('HSET', job_key, 'id', job_id, 'batch', batch, 'request', request,
   'state', STATE.queued, 'enqueued_at', now, 'credits_estimate', estimate)
