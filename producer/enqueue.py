@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker import keys
-from worker.admission import Admission, EnqueueInterrupted, admit
+from worker.admission import Admission, admit
+from worker.batch_changes import EnqueueInterrupted
 from worker.connection import connect
 from worker.errors import InputError
 from worker.jobs import JobStore

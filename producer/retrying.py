@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 import click
 
 from worker import keys
-from worker.admission import Admission, being_purged
+from worker.admission import Admission
+from worker.batch_changes import being_purged
 from worker.batch_control import admission_state
 from worker.errors import InputError
 from worker.jobs import FINAL_STATES

@@ -22,6 +22,13 @@ from collections.abc import Callable, Iterable, Iterator
 import redis
 
 from . import keys
+from .batch_changes import (
+    EnqueueInterrupted,
+    being_purged,
+    lock_lapsed,
+    purged_meanwhile,
+    purged_while_enqueued,
+)
 from .connection import op_id, run_pipeline
 from .contract import shape_of
 from .errors import InputError
@@ -41,25 +48,6 @@ HOLD_RECHECK_S = 5.0
 # Highest first: the pump serves a lower priority only when the higher are empty.
 PRIORITIES = ("high", "normal", "low")
 LINE_SCRIPTS = ("pump", "enqueue", "requeue", "settle", "batch_settings", "cancel")
-
-
-def being_purged(batch: str, what: str) -> str:
-    return (f"batch {batch!r} is being purged (removed from Redis): {what}; if that purge "
-            f"stopped half-way, `vidq purge {batch}` finishes it (with --force if it was "
-            "forced)")
-
-
-class EnqueueInterrupted(KeyboardInterrupt):
-    """A stop signal while an enqueue wrote its jobs: at least `created`
-    were written (a pipeline cut short may have written more) and will run."""
-
-    def __init__(self, batch: str, created: int):
-        super().__init__(batch, created)
-        self.batch, self.created = batch, created
-
-
-def purged_meanwhile(batch: str, what: str) -> InputError:
-    return InputError(f"no batch named {batch!r} any more (purged meanwhile): {what}")
 
 
 class Admission:
@@ -159,10 +147,7 @@ class Admission:
                                                  "began (purged with it), the rest were not "
                                                  "enqueued"))
         if refused:  # marked cancelled or purging, and purged since (lua/enqueue.lua)
-            raise InputError(f"batch {batch!r} was purged while this enqueue ran: {created} "
-                             f"jobs were written before (purged with it unless admitted "
-                             f"already), {refused} were not enqueued; the same command again "
-                             "enqueues them into a new batch of the name")
+            raise purged_while_enqueued(batch, created, refused)
         return created
 
     def _enqueue_chunks(self, batch: str, jobs: Iterable, now: float,
@@ -299,15 +284,6 @@ class Admission:
         for name in names:
             pipe.zcard(keys.batch_line(name))
         return sum(pipe.execute()) + int(self.redis.llen(keys.ADMISSION))
-
-
-def lock_lapsed(batch: str, created: int) -> InputError:
-    return InputError(
-        f"batch {batch!r}: this enqueue lost its lock (the process stood still past its "
-        f"time, stopped or suspended, or Redis was out of reach or restarted without it) "
-        f"and another enqueue may have changed the batch since; {created} new jobs had "
-        "been written, the rest were not; the same command again checks the batch afresh "
-        "and enqueues the rest (nothing twice)")
 
 
 def admit(admission: Admission, dispatch: Dispatch) -> int:
