@@ -23,8 +23,8 @@
           +-- SidecarNotStored        the video is stored whole, its sidecar is not:
                                       a retry writes the sidecar, not the video again
 
-HTTP answers are translated into this tree in exactly one place,
-`worker.upstream.raise_for_response`.
+HTTP answers and failures are translated into this tree in exactly one
+place, `worker.upstream_errors`.
 """
 from __future__ import annotations
 

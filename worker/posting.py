@@ -41,7 +41,8 @@ from .jobs import Job, JobStore, load_script
 from .leases import renewed
 from .paid_journal import PaidJournal, replay_now
 from .settings import Settings
-from .upstream import SUBMIT_RETRY_STATUSES, UpstreamClient
+from .upstream import UpstreamClient
+from .upstream_errors import SUBMIT_RETRY_STATUSES
 
 log = logging.getLogger(__name__)
 
