@@ -452,3 +452,18 @@ def test_a_429_whose_body_broke_off_is_still_a_429_on_a_post_and_a_get(proxied, 
     assert "429 on submit: submits paused 4 s for every worker" in log
     assert "429 on a status GET: polls paused 4 s for every worker" in log
     assert time.monotonic() - started >= 8  # both pauses waited out
+
+
+def test_a_429_met_by_a_step_taken_over_meanwhile_still_pauses_submits(
+        steps_for):  # noqa: F811
+    """The copy of a submit that met the 429 lost its job to another copy
+    meanwhile: it leaves the job alone, but the 429 is about the account, and
+    submits pause for every worker all the same (review 138: none did)."""
+    steps = steps_for()
+    ref, token = _admit_one(steps)
+    job = steps.claim(ref, token, "submit")
+    steps.store.redis.hset(keys.job(ref), "token", "another copy's")
+    steps.store.back_in_line(job, 20, rate_limited=True)
+    assert steps.store.redis.pttl(keys.PAUSE_SUBMIT) > 15_000
+    assert steps.store.redis.hget(keys.job(ref), "token") == "another copy's"
+    assert steps.admission.waiting("b") == 0  # the job is the other copy's

@@ -21,8 +21,10 @@ local rate_limited = ARGV[4] == '1'  -- a real 429, not a paused submit
 
 local configured = tonumber(redis.call('HGET', config_key, 'max_in_flight') or '1') or 1
 local effective = tonumber(redis.call('HGET', config_key, 'effective_cap') or '') or configured
-if redis.call('HGET', job_key, 'token') ~= running_token then return effective end
+-- The pause first: a 429 is about the account, whichever copy of the step
+-- met it (one taken over meanwhile leaves its job alone, not the account).
 if pause_ms > 0 then extend_pause(pause_key, pause_ms) end
+if redis.call('HGET', job_key, 'token') ~= running_token then return effective end
 if (redis.call('HGET', job_key, 'generation_id') or '') ~= '' then
   -- An earlier POST's id landed meanwhile: that generation is paid, whatever
   -- this attempt met; never put back in line. A 429 still counts below.
