@@ -8,6 +8,8 @@ open, its parts billed, for good."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import time
 
 import psutil
@@ -95,3 +97,30 @@ def test_a_pool_child_killed_mid_multipart_leaves_no_upload_open(
     _stored(pipeline, s3, bucket, "big")
     uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert uploads == [], [(u["Key"], u["UploadId"]) for u in uploads]
+
+
+def test_a_full_spool_disk_is_a_storage_error_even_in_small_pieces(tmp_path):
+    """The temporary file a video is spooled to cannot grow (here the
+    process's file size limit; a full $TMPDIR says ENOSPC the same way) while
+    the result arrives a TCP segment at a time. The write's StorageError
+    was replaced by the abort's close, whose flush of the buffered tail
+    failed again: an "unexpected" OSError, which paused no storage (review
+    141). The writer must end with the StorageError."""
+    code = """if True:
+        import resource, signal
+        from worker.errors import StorageError
+        from worker.storage_s3 import S3Storage
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        storage = S3Storage("b", client=object(), part_bytes=64 * 1024)
+        try:
+            with storage.writer("night/j.mp4") as out:
+                for _ in range(2000):
+                    out.write(b"x" * 1448)
+        except StorageError as exc:
+            print("StorageError:", exc)
+        """
+    answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.startswith("StorageError: cannot spool s3://b/night/j.mp4 to "), answer

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import tempfile
 import time
@@ -54,16 +55,23 @@ class S3Upload:
         try:
             if self.spool is not None:
                 self.spool.write(data)
+                self.spool.flush()
             elif len(self.buffer) + len(data) < self.storage.part_bytes:
                 self.buffer += data
             else:
                 self.spool = tempfile.TemporaryFile(prefix="vidq-s3-")
                 self.spool.write(self.buffer)
                 self.spool.write(data)
+                self.spool.flush()
                 self.buffer = bytearray()
         except OSError as exc:
-            raise StorageError(f"cannot spool {self.where} to {tempfile.gettempdir()}: "
-                               f"{exc.strerror}") from None
+            # Flushed with each write: a write that fails fails here, as a
+            # StorageError (review 141: a full $TMPDIR's ENOSPC came back from
+            # close(), an "unexpected" error that paused nothing). Not
+            # gettempdir() below: with no usable directory it raises again.
+            where = tempfile.tempdir or os.environ.get("TMPDIR") or "the temporary directory"
+            raise StorageError(f"cannot spool {self.where} to {where}: "
+                               f"{exc.strerror or exc}") from None
         return len(data)
 
     def finish(self) -> None:
@@ -127,7 +135,8 @@ class S3Upload:
 
     def close(self) -> None:
         if self.spool is not None:
-            self.spool.close()
+            with contextlib.suppress(OSError):  # the error that ended it says why
+                self.spool.close()
 
     def _upload_parts(self) -> None:
         """The spooled object, part by part, into a new multipart upload."""
@@ -138,8 +147,7 @@ class S3Upload:
                 Bucket=bucket, Key=self.key, ContentType=self.content_type,
                 Metadata=self.metadata)
         self.upload_id = answer["UploadId"]
-        spool.seek(0)
-        while part := self._read_spool(spool):
+        while part := self._read_spool(spool, first=not self.parts):
             number = len(self.parts) + 1
             with translated(f"cannot write {self.where} (part {number})"):
                 answer = client.upload_part(Bucket=bucket, Key=self.key,
@@ -147,8 +155,10 @@ class S3Upload:
             self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
         self.close()
 
-    def _read_spool(self, spool: BinaryIO) -> bytes:
+    def _read_spool(self, spool: BinaryIO, first: bool) -> bytes:
         try:
+            if first:
+                spool.seek(0)
             return spool.read(self.storage.part_bytes)
         except OSError as exc:
             raise StorageError(f"cannot read back the spooled {self.where}: "
