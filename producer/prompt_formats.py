@@ -109,23 +109,16 @@ def _looks_utf16(data: bytes) -> bool:
         return True
     if b"\x00" not in data:  # UTF-16 of any line break holds a NUL byte
         return False
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    else:
-        # UTF-16 has a NUL on every line (its line breaks' other byte). A NUL
-        # on a few lines of UTF-8 is that line's error, said with its number:
-        # one right after a line break decoded as UTF-16 (review 139).
-        lines = [line for line in data.split(b"\n") if line]
-        if 2 * sum(b"\x00" in line for line in lines) <= len(lines):
-            return False
     for encoding in ("utf-16-le", "utf-16-be"):
         try:
             text = data.decode(encoding)
         except UnicodeDecodeError:
             continue
-        if "\n" in text and "\x00" not in text:
+        # Read as UTF-16, every line-break byte must be a line break: a
+        # stray NUL in UTF-8 text after one made that text decode as UTF-16
+        # ("save as UTF-8", no line named; review 139), while a short Cyrillic
+        # UTF-16 file is valid UTF-8 too (review 141).
+        if "\n" in text and "\x00" not in text and text.count("\n") == data.count(b"\n"):
             return True
     # One line of Latin text: a NUL in every high byte (LE: odd, BE: even).
     head = data[:4096]

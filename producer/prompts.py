@@ -323,6 +323,9 @@ def _check_value(field: str, value: object) -> str | None:
     return None
 
 
+_CONTROL = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")  # not tab, LF, CR
+
+
 def _check_text(field: str, value: str) -> str | None:
     """Checks shared by every string field."""
     if field in ("prompt", "model") and is_blank(value):
@@ -333,6 +336,10 @@ def _check_text(field: str, value: str) -> str | None:
             return f"{shown(value)} {problem}"
     if "\x00" in value:
         return "contains a NUL character"
+    if control := _CONTROL.search(value):
+        # Never typed; a UTF-16 word without BOM or line break reads as UTF-8
+        # with one after each letter (review 141: bought as a garbled prompt).
+        return f"contains a control character (U+{ord(control.group()):04X})"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # a lone "\ud800" escape in JSON; it cannot be sent

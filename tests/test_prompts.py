@@ -383,7 +383,8 @@ def test_lines_ended_by_cr_alone_are_refused_not_read_as_one_prompt(tmp_path):
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
 @pytest.mark.parametrize("text", ["a red fox\nblue sea\n", "кошка гуляет по саду\nсобака\n",
-                                  "猫が庭を歩く\n犬\n", "a red fox"])
+                                  "猫が庭を歩く\n犬\n", "a red fox", "кошка\n", "кошка\nсобака",
+                                  "Москва\r\n"])
 def test_a_utf16_file_is_named_as_such(tmp_path, encoding, text):
     """Saved as "Unicode" by a Windows tool: without a BOM it was "contains a NUL
     character" on every line, with one "not valid UTF-8 (byte 0xff)"; Cyrillic
@@ -502,3 +503,16 @@ def test_one_nul_after_a_line_break_is_named_with_its_line_not_as_utf16(tmp_path
     path.write_bytes(b"ab\n\x00cd\nef\n")
     (error,) = errors_of(path)
     assert (error.line, error.field) == (2, "prompt") and "NUL" in error.reason
+
+
+@pytest.mark.parametrize("control", ["\x04", "\x1b", "\x7f", "\x0c"])
+def test_a_prompt_with_a_control_character_is_refused(tmp_path, control):
+    """Never typed: a one-word UTF-16 file without a BOM or line break reads
+    as valid UTF-8 with a U+0004 after each Cyrillic letter, and was bought
+    as a video of that garble (review 141). Tabs stay a prompt's own."""
+    (error,) = errors_of(write(tmp_path, "p.txt", f"fine\tprompt\nbad{control}prompt\n"))
+    assert (error.line, error.field) == (2, "prompt")
+    assert error.reason == f"contains a control character (U+{ord(control):04X})"
+    path = tmp_path / "word.txt"
+    path.write_bytes("кошка".encode("utf-16-le"))
+    assert "contains a control character (U+0004)" in str(errors_of(path)[0])
