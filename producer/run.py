@@ -129,7 +129,7 @@ def _take_in(admission, options: RunOptions, defaults: dict, console: Console,
                       "in flight are still polled and downloaded")
     else:
         if options.named_by_file:
-            _refuse_another_files_batch(admission.redis, batch, options.file)
+            _refuse_another_files_batch(admission, batch, options.file, defaults)
         console.print(enqueue_file(admission, options.file, batch, defaults, dispatch,
                                    allow_variants=allow_variants).summary())
     if retry_failed is not None:
@@ -140,15 +140,20 @@ RETRY_FLAGS = ("--retry", "--resubmit-unknown", "--yes")
 FILES_SAMPLED = 20
 
 
-def _refuse_another_files_batch(client, batch: str, file: Path) -> None:
+def _refuse_another_files_batch(admission, batch: str, file: Path, defaults: dict) -> None:
     """The name made of a file's stem is not the file's alone: `東京.txt`
     and `大阪.txt` both make `batch`, `night 1.txt` and `night-1.txt` both
     `night-1`. Run one after the other in a directory, the second joined the
     first's batch: its summary, exit status, manifest and --retry covered
-    the other file's jobs (review 139). Refused unless some of the batch's
-    jobs (a sample) came from a file of this name: a rerun resumes."""
+    the other file's jobs (review 139). Refused unless the batch already
+    holds some of this file's first jobs, or some of its jobs (a sample)
+    came from a file of this name: a rerun resumes."""
+    client = admission.redis
     sample = client.srandmember(keys.batch_jobs(batch), FILES_SAMPLED)
     if not sample:
+        return
+    own = [job.job_id for job in load_prompts(file, defaults).jobs[:FILES_SAMPLED]]
+    if admission.existing_requests(batch, own):
         return
     pipe = client.pipeline(transaction=False)
     for job_id in sample:

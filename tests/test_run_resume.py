@@ -138,6 +138,30 @@ def test_two_files_whose_names_make_one_batch_name_are_never_one_batch(make_sand
                                         "a castle in rain": 1})
 
 
+def test_a_rerun_resumes_its_batch_whatever_other_files_added_to_it(redis_url, tmp_path):
+    """The batch `vidq run 東京.txt` made also holds 40 jobs another file
+    added (`--batch batch`): a sample of its jobs may name only that file,
+    but the batch holds this file's own jobs, so the rerun resumes, every
+    time; 大阪.txt's run is refused, every time."""
+    from producer.enqueue import open_admission
+    from producer.prompts import load_prompts
+    from producer.run import _refuse_another_files_batch
+    from worker.errors import InputError
+    from worker.settings import Settings
+
+    admission = open_admission(Settings.from_env({"VIDQ_REDIS_URL": redis_url}))
+    defaults = {"model": "alibaba/wan2.1-t2v-turbo"}
+    tokyo = write_prompts(tmp_path / "東京.txt", ["a red fox in the snow", "a tram at night"])
+    osaka = write_prompts(tmp_path / "大阪.txt", ["a castle in rain"])
+    for path in (tokyo, write_prompts(tmp_path / "more.txt", [f"more {i}" for i in range(40)])):
+        admission.enqueue("batch", [(job.job_id, job.request, {"file": str(path)})
+                                    for job in load_prompts(path, defaults).jobs], time.time())
+    for _ in range(10):
+        _refuse_another_files_batch(admission, "batch", tokyo, defaults)
+        with pytest.raises(InputError, match="holds the prompts of"):
+            _refuse_another_files_batch(admission, "batch", osaka, defaults)
+
+
 @pytest.mark.slow
 def test_ctrl_c_says_what_is_in_flight_and_the_rerun_resumes(make_sandbox, tmp_path):
     sandbox = make_sandbox(time_scale=15)  # ~6 s generations: in flight when interrupted
