@@ -145,18 +145,17 @@ def _refuse_another_files_batch(admission, batch: str, file: Path, defaults: dic
     and `大阪.txt` both make `batch`, `night 1.txt` and `night-1.txt` both
     `night-1`. Run one after the other in a directory, the second joined the
     first's batch: its summary, exit status, manifest and --retry covered
-    the other file's jobs (review 139). Refused unless the batch already
-    holds some of this file's first jobs, or some of its jobs (a sample)
-    came from a file of this name: a rerun resumes."""
+    the other file's jobs (review 139). Refused unless some of the batch's
+    jobs came from a file of this name: a rerun resumes. Those looked at are
+    this file's first jobs (a batch other files added to still finds them)
+    and a sample of the batch's."""
     client = admission.redis
     sample = client.srandmember(keys.batch_jobs(batch), FILES_SAMPLED)
     if not sample:
         return
     own = [job.job_id for job in load_prompts(file, defaults).jobs[:FILES_SAMPLED]]
-    if admission.existing_requests(batch, own):
-        return
     pipe = client.pipeline(transaction=False)
-    for job_id in sample:
+    for job_id in [*own, *sample]:
         pipe.hget(keys.job(keys.job_ref(batch, job_id)), "file")
     files = {Path(str(name)).name for name in pipe.execute() if name}
     if files and shown_path(file.name) not in files:
