@@ -300,20 +300,27 @@ def test_run_derives_a_safe_batch_name_from_the_file_name(redis_url, make_sandbo
         assert run.returncode in (0, 130), (run.returncode, stdout, stderr)
 
 
-def test_a_worker_with_a_bad_setting_says_which(redis_url):
+@pytest.mark.parametrize("setting, said", [
+    ({"VIDQ_POST_DEADLINE_S": "8", "VIDQ_STEP_GRACE_S": "10"},
+     "error: VIDQ_STEP_GRACE_S must exceed VIDQ_POST_DEADLINE_S"),
+    # A '/' in compose's password: kombu's traceback blamed a "port" (review 142).
+    ({"VIDQ_REDIS_URL": "redis://:abc/def+gh=@127.0.0.1:6399/0"},
+     "error: VIDQ_REDIS_URL: no port number where one must be: a '/', '#' or '?' in the "
+     "password ends the address there")])
+def test_a_worker_with_a_bad_setting_says_which(redis_url, setting, said):
     """A worker started with VIDQ_STEP_GRACE_S too short for the POST deadline
     exits naming it; it used to die of "'Celery' object has no attribute
     'vidq_settings'", the real cause nowhere in its output, and then after
     Celery's banner (showing its default amqp:// transport, as if that were
     the problem) and a traceback (helper 107). Now: one line, exit 2."""
-    env = {**base_env(), "VIDQ_REDIS_URL": redis_url, "VIDQ_POST_DEADLINE_S": "8",
-           "VIDQ_STEP_GRACE_S": "10", "AIMLAPI_KEY": "sk-test"}
+    env = {**base_env(), "VIDQ_REDIS_URL": redis_url, "AIMLAPI_KEY": "sk-test", **setting}
     worker = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1",
                              "--without-mingle", "--without-gossip"], env=env,
                             capture_output=True, text=True, timeout=120)
-    assert worker.returncode == 2
-    assert worker.stderr.startswith("error: VIDQ_STEP_GRACE_S must exceed VIDQ_POST_DEADLINE_S")
+    assert worker.returncode == 2, worker.stdout + worker.stderr
+    assert worker.stderr.startswith(said), worker.stderr
     assert worker.stderr.count("\n") == 1 and worker.stdout == "", worker.stdout + worker.stderr
+    assert "def+gh" not in worker.stderr  # no piece of the password shown
 
 
 def test_a_worker_whose_clock_is_off_says_so(make_pipeline):
@@ -429,3 +436,20 @@ def test_a_damaged_manifest_is_one_error_line_and_odd_rows_still_count(tmp_path)
     damaged = status()
     assert damaged.returncode == 2 and "Traceback" not in damaged.stderr
     assert "line 3 is not a manifest row (not a JSON object)" in damaged.stderr
+
+
+@pytest.mark.parametrize("query, wanted", [("", "CERT_REQUIRED"), ("?ssl_ca_certs=/ca.pem",
+                                                                     "CERT_REQUIRED"),
+                                           ("?ssl_cert_reqs=none", "CERT_NONE")])
+def test_a_tls_redis_urls_broker_checks_the_certificate_unless_told_not_to(query, wanted):
+    """kombu's default for rediss:// without ssl_cert_reqs is CERT_NONE (it
+    logs "insecure SSL"): the broker's connection, carrying the password and
+    every task, took any certificate while redis-py, on the same URL, checked
+    it (review 142). Now the broker checks it too, unless the URL says none."""
+    env = {**base_env(), "AIMLAPI_KEY": "sk-test",
+           "VIDQ_REDIS_URL": f"rediss://:{PASSWORD}@redis.internal:6380/0{query}"}
+    broker = subprocess.run(  # a process of its own: the app's settings are global
+        [sys.executable, "-c", "from worker.celery_app import app; "
+                               "print(app.connection_for_write().ssl['ssl_cert_reqs'].name)"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert broker.stdout.strip() == wanted, broker.stderr

@@ -19,7 +19,12 @@ from kombu import Exchange, Queue
 
 from . import kombu_fix, prefetch_fix
 from .errors import ConfigError
-from .redis_url import is_sentinel_url, sentinel_master_of, without_master_name
+from .redis_url import (
+    broker_tls_verified,
+    is_sentinel_url,
+    sentinel_master_of,
+    without_master_name,
+)
 from .settings import Settings
 
 # Webhook deliveries have their own queue, so a slow receiver never holds up a step.
@@ -71,7 +76,7 @@ def apply_settings(celery_app: Celery, settings: Settings) -> None:
         "unacked_restore_interval": 10,
         "unacked_restore_throttle": 1,
     }
-    broker_url = settings.redis_url
+    broker_url = broker_tls_verified(settings.redis_url)
     # A publish during a Redis blip or a Sentinel failover waits for Redis
     # (~20 s at most) instead of failing: a submit published just after the
     # pump took its slot was otherwise re-sent only a step grace later (90 s

@@ -36,6 +36,15 @@ def check_redis_url(url: str) -> None:
                               "URL: use redis://[:password@]host:port/db, rediss:// (TLS) or "
                               "sentinel://host:port;...")
         _check_redis_query(part)
+    for part in url.split(";"):
+        try:
+            _ = urlsplit(part.strip()).port
+        except ValueError:
+            # kombu reads the host:port the same way and stops every worker
+            # with a traceback about a "port" (review 142).
+            raise ConfigError(f"VIDQ_REDIS_URL: no port number where one must be: a '/', "
+                              f"'#' or '?' in the password ends the address there; "
+                              f"{USERINFO_FORM}") from None
 
 
 def _check_redis_query(part: str) -> None:
@@ -65,6 +74,18 @@ def _check_redis_query(part: str) -> None:
         raise ConfigError("VIDQ_REDIS_URL: its query may hold only ssl_* options (Celery's "
                           f"broker refuses any other); a password goes in the userinfo, "
                           f"{USERINFO_FORM}")
+
+
+def broker_tls_verified(url: str) -> str:
+    """`url` for kombu: a rediss:// URL that does not say `ssl_cert_reqs`
+    gets `required`. kombu's own default is none (it logs "insecure SSL"):
+    the broker's connection, carrying the password and every task, took any
+    certificate, while redis-py, reading the same URL, checked it (review 142)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return url
+    query = "&".join(filter(None, [parts.query, "ssl_cert_reqs=required"]))
+    return urlunsplit(parts._replace(query=query))
 
 
 def is_sentinel_url(url: str) -> bool:
