@@ -17,4 +17,7 @@ RUN pip install --no-cache-dir . \
  && chown vidq:vidq /videos /data /journal
 USER 10001
 ENV VIDQ_STORAGE_URL=file:///videos VIDQ_JOURNAL_DIR=/journal
+# Stopping it is a warm shutdown that may wait out a POST (SIGTERM): give it
+# `docker run --stop-timeout 135` (compose and the manifests in deploy/ do);
+# Docker's default 10 s kills a pool child holding a paid id.
 CMD ["celery", "-A", "worker", "worker", "-Q", "vidq.submit,vidq.poll,vidq.download,vidq.webhook", "-c", "8", "--loglevel", "INFO"]
