@@ -174,19 +174,23 @@ def enqueue(file, batch, model, resolution, aspect_ratio, negative_prompt, seed,
         ("priority", priority), ("max_credits", max_credits), ("max_videos", max_videos),
         ("webhook_url", webhook_url)) if value is not None}
     catch_stop_signals()  # SIGTERM and SIGHUP too: say what was left to run
+    result = None
     try:
         result = enqueue_file(admission, file, batch, defaults, dispatch, batch_settings,
                               allow_variants=allow_variants,
                               check_plan=plan_check(admission.redis, settings, deadline,
                                                     force, click.echo, max_credits),
                               echo=lambda text: click.echo(text, err=True))
+        click.echo(result.summary())
+        if admission.waiting(batch) and daily_cap_reached(admission):
+            click.echo("warning: today's (UTC) daily credit cap is reached: the batch waits "
+                       "until 00:00 UTC, or until `vidq limits --daily-credits` raises the cap",
+                       err=True)
     except KeyboardInterrupt as stop:
-        click.echo(f"interrupted: {interrupted_enqueue(batch, stop)}", err=True)
+        said = (f"after the enqueue ended ({result.summary()})" if result is not None
+                else interrupted_enqueue(batch, stop))
+        click.echo(f"interrupted: {said}", err=True)
         sys.exit(stopped_status())
-    click.echo(result.summary())
-    if admission.waiting(batch) and daily_cap_reached(admission):
-        click.echo("warning: today's (UTC) daily credit cap is reached: the batch waits until "
-                   "00:00 UTC, or until `vidq limits --daily-credits` raises the cap", err=True)
 
 
 @main.command(cls=VidqCommand)
