@@ -86,6 +86,32 @@ local function settle(job_key, batch, spent, kept)
   return true
 end
 
+-- A failed job's commitment settled: the estimate (or `reported`) spent if a
+-- generation may exist (an id, or a POST whose outcome is unknown: it may
+-- have been charged), else 0. Its video keeps counting against max-videos
+-- unless its generation failed upstream or none was created: one of an
+-- unknown POST may still answer late (lua/record_generation.lua), one that
+-- timed out was bought (review 143). What an unknown outcome booked is kept
+-- for lua/undo_unknown.lua, an estimate booked in place of a figure for
+-- lua/settle.lua. False if nothing was left to settle.
+local function settle_failed(job_key, batch, reported)
+  local f = redis.call('HMGET', job_key, 'credits_pending', 'generation_id', 'posting_at',
+    'outcome_unknown', 'spend_day', 'failed_generation')
+  if not f[1] then return false end
+  local pending = tonumber(f[1]) or 0
+  local has_id = f[2] and f[2] ~= ''
+  local unknown = not has_id and ((f[3] and f[3] ~= '') or f[4] == '1')
+  local spent = 0
+  -- (0 pending: an existing generation polled again, paid before)
+  if (has_id or unknown) and pending > 0 then spent = reported or pending end
+  if not settle(job_key, batch, spent, unknown or (has_id and f[6] ~= f[2])) then return false end
+  if unknown then redis.call('HSET', job_key, 'unknown_booked', spent) end
+  if spent > 0 and not reported then
+    redis.call('HSET', job_key, 'booked_estimate', (f[5] or '') .. ' ' .. spent)
+  end
+  return true
+end
+
 -- The batch's first job still queued and holding no slot (its id, its key).
 -- Ids that are not (admitted by an old script, cancelled, paid late) are
 -- dropped from the line on the way if `drop`, else passed over (a reader).

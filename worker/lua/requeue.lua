@@ -26,6 +26,11 @@ end
 if redis.call('HGET', job_key, 'state') ~= STATE.failed then return 'not_failed' end
 local batch = redis.call('HGET', job_key, 'batch')
 if redis.call('HEXISTS', batch_key(batch), 'purging') == 1 then return 'purging' end
+-- A failure whose settle never ran (its worker died between the two calls):
+-- settled now as it would have been, before its marker and id are cleared.
+-- Left, the pump settled it at 0 and gave its video back: a POST of unknown
+-- outcome cost nothing, and --max-videos bought one more (review 143).
+settle_failed(job_key, batch, nil)
 local cancelled = redis.call('HGET', batch_key(batch), 'cancelled') == '1'
 local generation_id = redis.call('HGET', job_key, 'generation_id') or ''
 local completed = (redis.call('HGET', job_key, 'completed_at') or '') ~= ''

@@ -8,36 +8,41 @@
 -- video that never came kept counting: review 123).
 -- 'failed': the estimate if a generation may exist (an id, or a POST whose
 -- outcome is unknown; it may have been charged), else 0; its video goes
--- back to the batch's max-videos, unless its POST's outcome is unknown: that
--- generation may still answer late and be downloaded (lua/record_generation.lua),
--- so it keeps counting. Returns 1 if settled now, 0 if already.
+-- back to the batch's max-videos only if its generation failed upstream or
+-- none was created: one whose POST's outcome is unknown may still answer
+-- late and be downloaded (lua/record_generation.lua), so it keeps counting.
+-- Returns 1 if settled now, 0 if already.
 local job_key = KEYS[1]
 local outcome = ARGV[1]
 local reported = tonumber(ARGV[2])  -- '' when the upstream did not say
 
-local f = redis.call('HMGET', job_key, 'batch', 'credits_pending', 'generation_id',
-  'posting_at', 'outcome_unknown')
-if not f[1] or not f[2] then return 0 end
-local pending = tonumber(f[2]) or 0
+local f = redis.call('HMGET', job_key, 'batch', 'credits_pending', 'booked_estimate')
+local pending = f[2] and (tonumber(f[2]) or 0)
+
+-- A generation whose failure booked the estimate (its POST's answer late,
+-- or a timeout), then completed after all (the late id, `vidq retry`
+-- polling it again): the upstream's figure replaces the estimate. The
+-- completion has no commitment of its own to settle (none, or 0), and the
+-- reported figure was dropped: --max-credits and the daily cap were passed
+-- by any amount while spend said the estimate (review 143).
+if outcome == 'done' and reported and f[3] and (pending or 0) == 0 then
+  local day, booked = string.match(f[3], '^(%S*) (%S+)$')
+  local delta = reported - (tonumber(booked) or 0)
+  redis.call('HINCRBYFLOAT', batch_key(f[1]), 'credits_spent', delta)
+  redis.call('HINCRBYFLOAT', job_key, 'credits', delta)
+  if day and day ~= '' and redis.call('EXISTS', NS.spend .. day) == 1 then
+    redis.call('HINCRBYFLOAT', NS.spend .. day, 'spent', delta)
+  end
+  redis.call('HDEL', job_key, 'booked_estimate')
+  if not pending then return 1 end
+end
+if not f[1] or not pending then return 0 end
 if outcome == 'adopted' then
   uncommit(job_key, f[1], pending)
   redis.call('HSET', job_key, 'credits_pending', '0')
   return 1
 end
-local spent, kept = 0, true
-if outcome == 'done' then
-  spent = reported or pending
-elseif outcome == 'failed' then
-  local has_id = f[3] and f[3] ~= ''
-  local unknown = not has_id and ((f[4] and f[4] ~= '') or f[5] == '1')
-  if has_id or unknown then spent = reported or pending end
-  kept = unknown
-end
-if pending == 0 then spent = 0 end  -- an existing generation polled again: paid before
-if settle(job_key, f[1], spent, kept) then
-  -- What this unknown outcome booked, for lua/undo_unknown.lua if a late
-  -- refusal proves nothing was created.
-  if outcome == 'failed' and kept then redis.call('HSET', job_key, 'unknown_booked', spent) end
-  return 1
-end
-return 0
+if outcome == 'failed' then return settle_failed(job_key, f[1], reported) and 1 or 0 end
+local spent = 0  -- 'stored'; and 0 pending: an existing generation polled again, paid before
+if outcome == 'done' and pending > 0 then spent = reported or pending end
+return settle(job_key, f[1], spent, true) and 1 or 0
