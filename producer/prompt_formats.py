@@ -109,22 +109,39 @@ def _looks_utf16(data: bytes) -> bool:
         return True
     if b"\x00" not in data:  # UTF-16 of any line break holds a NUL byte
         return False
+    if _utf8_with_stray_nuls(data):
+        return False
     for encoding in ("utf-16-le", "utf-16-be"):
         try:
             text = data.decode(encoding)
         except UnicodeDecodeError:
             continue
-        # Read as UTF-16, every line-break byte must be a line break: a
-        # stray NUL in UTF-8 text after one made that text decode as UTF-16
-        # ("save as UTF-8", no line named; review 139), while a short Cyrillic
-        # UTF-16 file is valid UTF-8 too (review 141).
-        if "\n" in text and "\x00" not in text and text.count("\n") == data.count(b"\n"):
+        if "\n" in text and "\x00" not in text:
             return True
     # One line of Latin text: a NUL in every high byte (LE: odd, BE: even).
     head = data[:4096]
     halves = (head[0::2].count(0) / max(1, len(head[0::2])),
               head[1::2].count(0) / max(1, len(head[1::2])))
     return len(head) >= 4 and max(halves) >= 0.9 and min(halves) <= 0.1
+
+
+def _utf8_with_stray_nuls(data: bytes) -> bool:
+    """UTF-8 text with a NUL on a few lines: those lines' error, said with
+    their number. One right after a line break decoded as UTF-16 ("save as
+    UTF-8", no line named; review 139). UTF-16 has a NUL on every line (its
+    line breaks' other byte), and read as UTF-8 its non-Latin letters come
+    out as control characters (Cyrillic: U+0004 after each; review 141)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    if _C0_BUT_NUL.search(text):
+        return False
+    lines = [line for line in data.split(b"\n") if line]
+    return 2 * sum(b"\x00" in line for line in lines) <= len(lines)
+
+
+_C0_BUT_NUL = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f]")
 
 
 # Unicode's Default_Ignorable_Code_Point beyond the format characters (Cf):

@@ -384,7 +384,7 @@ def test_lines_ended_by_cr_alone_are_refused_not_read_as_one_prompt(tmp_path):
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
 @pytest.mark.parametrize("text", ["a red fox\nblue sea\n", "кошка гуляет по саду\nсобака\n",
                                   "猫が庭を歩く\n犬\n", "a red fox", "кошка\n", "кошка\nсобака",
-                                  "Москва\r\n"])
+                                  "Москва\r\n", "上海の夜\n上\n", "😊 a smile\nЊ\n"])
 def test_a_utf16_file_is_named_as_such(tmp_path, encoding, text):
     """Saved as "Unicode" by a Windows tool: without a BOM it was "contains a NUL
     character" on every line, with one "not valid UTF-8 (byte 0xff)"; Cyrillic
