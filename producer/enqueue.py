@@ -18,7 +18,7 @@ from worker.batch_changes import EnqueueInterrupted
 from worker.connection import connect
 from worker.errors import InputError
 from worker.jobs import JobStore
-from worker.leases import Fence, held_lock
+from worker.leases import BATCH_LOCK_S, Fence, held_lock
 from worker.spend import CreditEstimates
 
 from .prompts import (
@@ -31,9 +31,6 @@ from .prompts import (
     shown_path,
 )
 from .variants import check_variants
-
-# Renewed while held; a producer that dies frees its batch for the next in this long.
-ENQUEUE_LOCK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -90,8 +87,9 @@ def enqueue_file(admission: Admission, path: str | Path, batch: str, defaults: d
             echo(f"waiting for another enqueue of batch {batch!r} to end (or, if it was "
                  f"stopped, for its lock to lapse: up to {left_s:.0f} s)")
 
-    with held_lock(admission.redis, keys.batch_enqueue_lock(batch), ENQUEUE_LOCK_S,
+    with held_lock(admission.redis, keys.batch_enqueue_lock(batch), BATCH_LOCK_S,
                    waiting) as fence:
+        assert fence is not None  # patient: it waits for the lock
         result = _checked_enqueue(admission, path, batch, prompt_file, jobs, batch_settings,
                                   allow_variants, check_plan, fence)
     admit(admission, dispatch)

@@ -16,6 +16,7 @@ import click
 from worker import deployment, keys, manifest
 from worker.admission import Admission
 from worker.errors import InputError
+from worker.leases import BATCH_LOCK_S, held_lock
 from worker.posting import SHUTDOWN_WAIT_S
 from worker.retention import begin_purge, purge
 from worker.settings import Settings
@@ -53,12 +54,16 @@ def run_purge(admission: Admission, settings: Settings, batch: str, *, force: bo
             write_manifest(client, storage, settings, batch)
     # Checked and marked in one step: a retry landing between a check and
     # the purge was removed with the batch, its paid video never fetched.
-    now = manifest.read_marks(client, [batch])[batch]
-    if not begin_purge(client, batch, "" if force else now.stamp):
-        raise InputError(f"batch {batch!r} was reopened (a retry, a late generation id or new "
-                         "jobs) while its manifest was written; nothing removed")
+    # Under the batch's enqueue lock: an enqueue writing meanwhile wrote jobs
+    # after the purge ended, into a batch nobody listed (review 144).
+    with held_lock(client, keys.batch_enqueue_lock(batch), BATCH_LOCK_S,
+                   lambda left: echo(f"waiting for an enqueue of batch {batch!r} to end")):
+        now = manifest.read_marks(client, [batch])[batch]
+        if not begin_purge(client, batch, "" if force else now.stamp):
+            raise InputError(f"batch {batch!r} was reopened (a retry, a late generation id or "
+                             "new jobs) while its manifest was written; nothing removed")
+        purged = purge(client, batch, settings, longest_deadline_s(client, settings))
     written = now.manifest_current
-    purged = purge(client, batch, settings, longest_deadline_s(client, settings))
     echo(f"batch {batch}: removed from Redis: {plural(purged.jobs, 'job record')} and every "
          f"key of the batch ({purged.keys} keys)")
     if purged.held:

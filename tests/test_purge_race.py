@@ -202,3 +202,31 @@ def test_an_enqueue_whose_batch_is_purged_while_it_writes_says_what_was_not_enqu
                                          "written before .* 1 were not enqueued"):
         pipeline.admission.enqueue("pr", jobs(), time.time())
     assert not client.exists(keys.batch("pr"), keys.batch_jobs("pr"))
+
+
+def test_a_purge_waits_for_an_enqueue_writing_into_its_batch(make_pipeline, make_sandbox,
+                                                             tmp_path):
+    """An enqueue holds its batch's lock while it writes. A purge that ended
+    between two of its writes left the later jobs in a batch nobody listed
+    (no name in `vidq batches`, its settings gone), run and paid all the same
+    (review 144). `vidq purge` now takes the same lock: it waits, saying so,
+    and purges once the enqueue is over."""
+    import os
+
+    from worker.leases import held_lock
+
+    pipeline = _failed_batch(make_pipeline, make_sandbox, tmp_path, ["REJECT gone"])
+    client = pipeline.store.redis
+    wait_until(lambda: manifest.read_marks(client, ["pr"])["pr"].manifest_current, 60,
+               "the manifest")
+    env = {**os.environ, "VIDQ_REDIS_URL": pipeline.settings.redis_url,
+           "VIDQ_STORAGE_URL": pipeline.env["VIDQ_STORAGE_URL"]}
+    with held_lock(client, keys.batch_enqueue_lock("pr"), 30):  # an enqueue writing
+        purge = subprocess.Popen(["vidq", "purge", "pr"], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(4)
+        assert purge.poll() is None and client.exists(keys.batch("pr"))
+    out, _ = purge.communicate(timeout=60)
+    assert purge.returncode == 0, out
+    assert "waiting for an enqueue of batch 'pr' to end" in out
+    assert not client.exists(keys.batch("pr"), keys.batch_jobs("pr"))

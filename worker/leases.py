@@ -61,6 +61,9 @@ def lease_renewed(store: JobStore, job: Job, lease_s: float):
 
 
 WAIT_NOTICE_S = 2.0
+# A batch's enqueue lock (keys.batch_enqueue_lock): held by an enqueue while
+# it writes, and by a purge while it removes the batch.
+BATCH_LOCK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -78,15 +81,20 @@ class Fence:
 
 @contextlib.contextmanager
 def held_lock(client: redis.Redis, key: str, ttl_s: float,
-              waiting: Callable[[float], None] | None = None) -> Iterator[Fence]:
+              waiting: Callable[[float], None] | None = None,
+              patient: bool = True) -> Iterator[Fence | None]:
     """Wait for the lock, hold it while the block runs (renewed every third
     of its TTL), then free it. A holder that dies frees it within `ttl_s`;
     one that stood still that long finds it gone only through the `Fence`.
     `waiting(seconds its holder still has)` is called once, if the wait
-    lasts over WAIT_NOTICE_S: a silent wait looks like a hang."""
+    lasts over WAIT_NOTICE_S: a silent wait looks like a hang. Not
+    `patient`: no wait; the block gets None if another holds it."""
     token = os.urandom(8).hex()
     notice_at = time.monotonic() + WAIT_NOTICE_S
     while not take_lock(client, key, token, ttl_s):
+        if not patient:
+            yield None
+            return
         if waiting is not None and time.monotonic() >= notice_at:
             waiting(max(0, client.pttl(key)) / 1000)
             waiting = None

@@ -21,6 +21,7 @@ from .admission import PRIORITIES
 from .durations import DurationModel
 from .job_rules import generation_hold_s
 from .jobs import load_script
+from .leases import BATCH_LOCK_S, held_lock
 from .settings import Settings
 from .storage import Storage
 
@@ -120,8 +121,12 @@ def housekeeping(client: redis.Redis, storage: Storage, settings) -> list[str]:
     for batch, mark in manifest.read_marks(client, batches).items():
         if mark.needs_manifest:
             manifest.write_safely(client, storage, settings, batch)
-        elif (mark.is_finished and mark.manifest_current and mark.expires_at <= now
-              and begin_purge(client, batch, mark.stamp)):  # not if reopened meanwhile
-            purge(client, batch, settings)
-            purged.append(batch)
+        elif mark.is_finished and mark.manifest_current and mark.expires_at <= now:
+            # Not while an enqueue writes into it (its lock): jobs written
+            # after the purge ended made a batch nobody listed (review 144).
+            with held_lock(client, keys.batch_enqueue_lock(batch), BATCH_LOCK_S,
+                           patient=False) as fence:
+                if fence and begin_purge(client, batch, mark.stamp):  # not if reopened
+                    purge(client, batch, settings)
+                    purged.append(batch)
     return purged
