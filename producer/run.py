@@ -154,14 +154,19 @@ def _refuse_another_files_batch(admission, batch: str, file: Path, defaults: dic
     if not sample:
         return
     own = [job.job_id for job in load_prompts(file, defaults).jobs[:FILES_SAMPLED]]
+    already = len(admission.existing_requests(batch, own))
+    if own and already == len(own):
+        return  # its prompts are there: the same file, renamed or moved (review 144)
     pipe = client.pipeline(transaction=False)
     for job_id in [*own, *sample]:
         pipe.hget(keys.job(keys.job_ref(batch, job_id)), "file")
     files = {Path(str(name)).name for name in pipe.execute() if name}
     if files and shown_path(file.name) not in files:
+        shared = (f"; {already} of its first {len(own)} prompts are in it already (with "
+                  f"--batch {batch} they are not bought again)" if already else "")
         raise InputError(f"batch {batch!r}, the name made of {shown_path(file.name)!r}, holds "
                          f"the prompts of {sorted(files)[0]!r}: give this file's batch a name "
-                         "with --batch NAME (nothing was enqueued)")
+                         f"with --batch NAME (nothing was enqueued){shared}")
 
 
 def _until_a_worker_beats(admission, keep_going, timeout_s: float = 60.0) -> None:

@@ -160,6 +160,15 @@ def test_a_rerun_resumes_its_batch_whatever_other_files_added_to_it(redis_url, t
         _refuse_another_files_batch(admission, "batch", tokyo, defaults)
         with pytest.raises(InputError, match="holds the prompts of"):
             _refuse_another_files_batch(admission, "batch", osaka, defaults)
+    # Renamed: the same prompts, another name (review 144: refused, and the
+    # advice, a new --batch name, bought them all again).
+    renamed = write_prompts(tmp_path / "tokyo-night.txt", ["a red fox in the snow",
+                                                           "a tram at night"])
+    _refuse_another_files_batch(admission, "batch", renamed, defaults)
+    shares = write_prompts(tmp_path / "kyoto.txt", ["a red fox in the snow", "a temple"])
+    with pytest.raises(InputError, match="1 of its first 2 prompts are in it already "
+                                         r"\(with --batch batch they are not bought again\)"):
+        _refuse_another_files_batch(admission, "batch", shares, defaults)
 
 
 @pytest.mark.slow
