@@ -305,8 +305,10 @@ def test_run_derives_a_safe_batch_name_from_the_file_name(redis_url, make_sandbo
      "error: VIDQ_STEP_GRACE_S must exceed VIDQ_POST_DEADLINE_S"),
     # A '/' in compose's password: kombu's traceback blamed a "port" (review 142).
     ({"VIDQ_REDIS_URL": "redis://:abc/def+gh=@127.0.0.1:6399/0"},
-     "error: VIDQ_REDIS_URL: no port number where one must be: a '/', '#' or '?' in the "
-     "password ends the address there")])
+     "error: VIDQ_REDIS_URL: no host:port where one must be: a '/', '#', '?', '[' or ']' in "
+     "the password ends or breaks the address there"),
+    ({"VIDQ_REDIS_URL": "redis://127.0.0.1:70000/0"},
+     "error: VIDQ_REDIS_URL: its port is out of range (1-65535)")])
 def test_a_worker_with_a_bad_setting_says_which(redis_url, setting, said):
     """A worker started with VIDQ_STEP_GRACE_S too short for the POST deadline
     exits naming it; it used to die of "'Celery' object has no attribute

@@ -10,7 +10,7 @@ from .netguard import without_credentials
 
 REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 USERINFO_FORM = ("redis://:PASSWORD@host:port/0 (redis://USER:PASSWORD@... with a user; "
-                 "percent-encode '/', '#', '?', '@' and ';' in it)")
+                 "percent-encode '/', '#', '?', '@', ';', '[' and ']' in it)")
 
 
 def check_redis_url(url: str) -> None:
@@ -39,12 +39,13 @@ def check_redis_url(url: str) -> None:
     for part in url.split(";"):
         try:
             _ = urlsplit(part.strip()).port
-        except ValueError:
+        except ValueError as exc:
             # kombu reads the host:port the same way and stops every worker
             # with a traceback about a "port" (review 142).
-            raise ConfigError(f"VIDQ_REDIS_URL: no port number where one must be: a '/', "
-                              f"'#' or '?' in the password ends the address there; "
-                              f"{USERINFO_FORM}") from None
+            why = ("its port is out of range (1-65535)" if "out of range" in str(exc) else
+                   "no host:port where one must be: a '/', '#', '?', '[' or ']' in the "
+                   "password ends or breaks the address there")
+            raise ConfigError(f"VIDQ_REDIS_URL: {why}; {USERINFO_FORM}") from None
 
 
 def _check_redis_query(part: str) -> None:
