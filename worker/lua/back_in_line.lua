@@ -22,7 +22,8 @@ local rate_limited = ARGV[4] == '1'  -- a real 429, not a paused submit
 local configured = tonumber(redis.call('HGET', config_key, 'max_in_flight') or '1') or 1
 local effective = tonumber(redis.call('HGET', config_key, 'effective_cap') or '') or configured
 -- The pause first: a 429 is about the account, whichever copy of the step
--- met it (one taken over meanwhile leaves its job alone, not the account).
+-- met it. One taken over meanwhile leaves its job alone, and its 429 does
+-- not count towards lowering the cap (that copy's view of what ran is old).
 if pause_ms > 0 then extend_pause(pause_key, pause_ms) end
 if redis.call('HGET', job_key, 'token') ~= running_token then return effective end
 if (redis.call('HGET', job_key, 'generation_id') or '') ~= '' then
