@@ -224,9 +224,10 @@ def test_a_purge_waits_for_an_enqueue_writing_into_its_batch(make_pipeline, make
     with held_lock(client, keys.batch_enqueue_lock("pr"), 30):  # an enqueue writing
         purge = subprocess.Popen(["vidq", "purge", "pr"], env=env, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        time.sleep(4)
+        first = purge.stdout.readline()  # said 2 s into its wait (its start may be slow)
+        assert first.startswith("waiting for an enqueue of batch 'pr' to end"), first
+        time.sleep(1)
         assert purge.poll() is None and client.exists(keys.batch("pr"))
     out, _ = purge.communicate(timeout=60)
-    assert purge.returncode == 0, out
-    assert "waiting for an enqueue of batch 'pr' to end" in out
+    assert purge.returncode == 0, first + out
     assert not client.exists(keys.batch("pr"), keys.batch_jobs("pr"))

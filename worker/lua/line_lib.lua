@@ -88,15 +88,14 @@ end
 
 -- A failed job's commitment settled: the estimate (or `reported`) spent if a
 -- generation may exist (an id, or a POST whose outcome is unknown: it may
--- have been charged), else 0. Its video keeps counting against max-videos
--- unless its generation failed upstream or none was created: one of an
--- unknown POST may still answer late (lua/record_generation.lua), one that
--- timed out was bought (review 143). What an unknown outcome booked is kept
--- for lua/undo_unknown.lua, an estimate booked in place of a figure for
--- lua/settle.lua. False if nothing was left to settle.
+-- have been charged), else 0. Its video goes back to the batch's max-videos
+-- unless its POST's outcome is unknown: that generation may still answer
+-- late and be downloaded (lua/record_generation.lua). What an unknown
+-- outcome booked is kept for lua/undo_unknown.lua, an estimate booked in
+-- place of a figure for lua/settle.lua. False if nothing was left to settle.
 local function settle_failed(job_key, batch, reported)
   local f = redis.call('HMGET', job_key, 'credits_pending', 'generation_id', 'posting_at',
-    'outcome_unknown', 'spend_day', 'failed_generation')
+    'outcome_unknown', 'spend_day')
   if not f[1] then return false end
   local pending = tonumber(f[1]) or 0
   local has_id = f[2] and f[2] ~= ''
@@ -104,7 +103,7 @@ local function settle_failed(job_key, batch, reported)
   local spent = 0
   -- (0 pending: an existing generation polled again, paid before)
   if (has_id or unknown) and pending > 0 then spent = reported or pending end
-  if not settle(job_key, batch, spent, unknown or (has_id and f[6] ~= f[2])) then return false end
+  if not settle(job_key, batch, spent, unknown) then return false end
   if unknown then redis.call('HSET', job_key, 'unknown_booked', spent) end
   if spent > 0 and not reported then
     redis.call('HSET', job_key, 'booked_estimate', (f[5] or '') .. ' ' .. spent)

@@ -8,9 +8,9 @@
 -- video that never came kept counting: review 123).
 -- 'failed': the estimate if a generation may exist (an id, or a POST whose
 -- outcome is unknown; it may have been charged), else 0; its video goes
--- back to the batch's max-videos only if its generation failed upstream or
--- none was created: one whose POST's outcome is unknown may still answer
--- late and be downloaded (lua/record_generation.lua), so it keeps counting.
+-- back to the batch's max-videos, unless its POST's outcome is unknown: that
+-- generation may still answer late and be downloaded (lua/record_generation.lua),
+-- so it keeps counting (lua/line_lib.lua, settle_failed).
 -- Returns 1 if settled now, 0 if already.
 local job_key = KEYS[1]
 local outcome = ARGV[1]
