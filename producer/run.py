@@ -28,7 +28,7 @@ from .batch_view import workers_alive
 from .enqueue import enqueue_file, open_admission
 from .local import RunOptions, local_system
 from .progress import batch_status, ended_line, watch
-from .prompts import load_prompts, shown_path
+from .prompts import load_prompts, same_request, shown_path
 from .purging import write_manifest
 from .retrying import plain_retry_helps, resubmit_unknown_helps, run_retry
 from .stop_signals import (
@@ -153,16 +153,21 @@ def _refuse_another_files_batch(admission, batch: str, file: Path, defaults: dic
     sample = client.srandmember(keys.batch_jobs(batch), FILES_SAMPLED)
     if not sample:
         return
-    own = [job.job_id for job in load_prompts(file, defaults).jobs[:FILES_SAMPLED]]
-    already = len(admission.existing_requests(batch, own))
-    if own and already == len(own):
-        return  # its prompts are there: the same file, renamed or moved (review 144)
+    jobs = load_prompts(file, defaults).jobs
+    found = admission.existing_requests(batch, [job.job_id for job in jobs])
+    already = sum(1 for job in jobs
+                  if job.job_id in found and same_request(found[job.job_id], job.request))
+    if jobs and already == len(jobs) == admission.store.batch_total(batch):
+        # The same prompts and nothing else: the same file, renamed or moved
+        # (review 144); not a file sharing some of another's (review 145).
+        return
+    own = [job.job_id for job in jobs[:FILES_SAMPLED]]
     pipe = client.pipeline(transaction=False)
     for job_id in [*own, *sample]:
         pipe.hget(keys.job(keys.job_ref(batch, job_id)), "file")
     files = {Path(str(name)).name for name in pipe.execute() if name}
     if files and shown_path(file.name) not in files:
-        shared = (f"; {already} of its first {len(own)} prompts are in it already (with "
+        shared = (f"; {already} of its {len(jobs)} prompts are in it already (with "
                   f"--batch {batch} they are not bought again)" if already else "")
         raise InputError(f"batch {batch!r}, the name made of {shown_path(file.name)!r}, holds "
                          f"the prompts of {sorted(files)[0]!r}: give this file's batch a name "

@@ -161,12 +161,19 @@ def test_a_rerun_resumes_its_batch_whatever_other_files_added_to_it(redis_url, t
         with pytest.raises(InputError, match="holds the prompts of"):
             _refuse_another_files_batch(admission, "batch", osaka, defaults)
     # Renamed: the same prompts, another name (review 144: refused, and the
-    # advice, a new --batch name, bought them all again).
+    # advice, a new --batch name, bought them all again). A batch of exactly
+    # its prompts resumes; one that holds others too is refused, saying that
+    # its name buys nothing again (review 145: a file sharing some of
+    # another's prompts joined its batch).
     renamed = write_prompts(tmp_path / "tokyo-night.txt", ["a red fox in the snow",
                                                            "a tram at night"])
-    _refuse_another_files_batch(admission, "batch", renamed, defaults)
+    admission.enqueue("solo", [(job.job_id, job.request, {"file": str(tokyo)})
+                               for job in load_prompts(tokyo, defaults).jobs], time.time())
+    _refuse_another_files_batch(admission, "solo", renamed, defaults)
+    with pytest.raises(InputError, match=r"2 of its 2 prompts are in it already"):
+        _refuse_another_files_batch(admission, "batch", renamed, defaults)
     shares = write_prompts(tmp_path / "kyoto.txt", ["a red fox in the snow", "a temple"])
-    with pytest.raises(InputError, match="1 of its first 2 prompts are in it already "
+    with pytest.raises(InputError, match="1 of its 2 prompts are in it already "
                                          r"\(with --batch batch they are not bought again\)"):
         _refuse_another_files_batch(admission, "batch", shares, defaults)
 

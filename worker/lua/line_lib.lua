@@ -95,7 +95,7 @@ end
 -- place of a figure for lua/settle.lua. False if nothing was left to settle.
 local function settle_failed(job_key, batch, reported)
   local f = redis.call('HMGET', job_key, 'credits_pending', 'generation_id', 'posting_at',
-    'outcome_unknown', 'spend_day')
+    'outcome_unknown', 'spend_day', 'posting_op')
   if not f[1] then return false end
   local pending = tonumber(f[1]) or 0
   local has_id = f[2] and f[2] ~= ''
@@ -106,7 +106,10 @@ local function settle_failed(job_key, batch, reported)
   if not settle(job_key, batch, spent, unknown) then return false end
   if unknown then redis.call('HSET', job_key, 'unknown_booked', spent) end
   if spent > 0 and not reported then
-    redis.call('HSET', job_key, 'booked_estimate', (f[5] or '') .. ' ' .. spent)
+    -- Whose booking: the generation's id, else its POST's call id (a late
+    -- id keeps it); a later POST's completion is not this one's (review 145).
+    local owner = has_id and f[2] or (f[6] or '')
+    redis.call('HSET', job_key, 'booked_estimate', (f[5] or '') .. ' ' .. spent .. ' ' .. owner)
   end
   return true
 end

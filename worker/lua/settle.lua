@@ -16,7 +16,8 @@ local job_key = KEYS[1]
 local outcome = ARGV[1]
 local reported = tonumber(ARGV[2])  -- '' when the upstream did not say
 
-local f = redis.call('HMGET', job_key, 'batch', 'credits_pending', 'booked_estimate')
+local f = redis.call('HMGET', job_key, 'batch', 'credits_pending', 'booked_estimate',
+  'generation_id', 'posting_op')
 local pending = f[2] and (tonumber(f[2]) or 0)
 
 -- A generation whose failure booked the estimate (its POST's answer late,
@@ -25,8 +26,12 @@ local pending = f[2] and (tonumber(f[2]) or 0)
 -- completion has no commitment of its own to settle (none, or 0), and the
 -- reported figure was dropped: --max-credits and the daily cap were passed
 -- by any amount while spend said the estimate (review 143).
-if outcome == 'done' and reported and f[3] and (pending or 0) == 0 then
-  local day, booked = string.match(f[3], '^(%S*) (%S+)$')
+-- Only that generation's: one of a later POST (a --resubmit, a POST sent
+-- again after a late refusal) is settled by its own commitment, and settles
+-- again with none on every poll (review 145: spend went negative).
+local day, booked, owner = string.match(f[3] or '', '^(%S*) (%S+) (%S*)$')
+if outcome == 'done' and reported and owner and owner ~= '' and (pending or 0) == 0
+    and (owner == f[4] or owner == f[5]) then
   local delta = reported - (tonumber(booked) or 0)
   redis.call('HINCRBYFLOAT', batch_key(f[1]), 'credits_spent', delta)
   redis.call('HINCRBYFLOAT', job_key, 'credits', delta)

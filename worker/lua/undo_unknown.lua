@@ -19,7 +19,7 @@ if booked > 0 then
   if f[7] then redis.call('HINCRBYFLOAT', NS.spend .. f[7], 'spent', -booked) end
   redis.call('HINCRBYFLOAT', job_key, 'credits', -booked)
 end
-redis.call('HDEL', job_key, 'unknown_booked')
+redis.call('HDEL', job_key, 'unknown_booked', 'booked_estimate')  -- nothing was created
 redis.call('HINCRBY', batch_key(batch), 'videos', -1)
 redis.call('HSET', job_key, 'outcome_unknown', '')
 if reason ~= '' then redis.call('HSET', job_key, 'last_error', reason) end
