@@ -145,10 +145,10 @@ def _refuse_another_files_batch(admission, batch: str, file: Path, defaults: dic
     and `大阪.txt` both make `batch`, `night 1.txt` and `night-1.txt` both
     `night-1`. Run one after the other in a directory, the second joined the
     first's batch: its summary, exit status, manifest and --retry covered
-    the other file's jobs (review 139). Refused unless some of the batch's
-    jobs came from a file of this name: a rerun resumes. Those looked at are
-    this file's first jobs (a batch other files added to still finds them)
-    and a sample of the batch's."""
+    the other file's jobs (review 139). A rerun resumes: the batch holds
+    exactly this file's prompts (renamed or moved), or some of the jobs
+    looked at (this file's first ones, a sample of the batch's) came from a
+    file of this name. Anything else is refused."""
     client = admission.redis
     sample = client.srandmember(keys.batch_jobs(batch), FILES_SAMPLED)
     if not sample:

@@ -24,6 +24,18 @@ REPORTED = 120_000.0
 ESTIMATE = 10_000.0
 
 
+def _enqueue_one(pipeline, tmp_path, batch: str, prompt: str) -> None:
+    pipeline.start_workers(count=1, concurrency=2)
+    enqueue_file(pipeline.admission, write_prompts(tmp_path / f"{batch}.txt", [prompt]),
+                 batch, {"model": MODEL}, dispatch)
+
+
+def _show(pipeline, ref: str, *more: str) -> None:
+    job = pipeline.store.redis.hgetall(keys.job(ref))
+    print("job", {k: job.get(k) for k in ("credits", "credits_used", "booked_estimate",
+                                          "link_refreshes", *more)})
+
+
 def _unknown_then_resubmitted(proxied, tmp_path, batch, download_faults):
     """One job whose first POST ends "outcome unknown" (the proxy's own HTML
     500: the upstream never saw it, nothing was created or charged). Its
@@ -36,9 +48,7 @@ def _unknown_then_resubmitted(proxied, tmp_path, batch, download_faults):
 
     pipeline, proxy = proxied(VIDQ_CREDIT_ESTIMATE=str(int(ESTIMATE)), VIDQ_MAX_IN_FLIGHT="2")
     proxy.queue("html_500", count=1, method="POST")
-    pipeline.start_workers(count=1, concurrency=2)
-    enqueue_file(pipeline.admission, write_prompts(tmp_path / f"{batch}.txt", ["a red kite"]),
-                 batch, {"model": MODEL}, dispatch)
+    _enqueue_one(pipeline, tmp_path, batch, "a red kite")
     wait_until(lambda: pipeline.store.counts(batch)["failed"] == 1, 60, "the unknown POST failed")
     time.sleep(1)
     ref = keys.job_ref(batch, pipeline.store.job_ids(batch)[0])
@@ -50,9 +60,7 @@ def _unknown_then_resubmitted(proxied, tmp_path, batch, download_faults):
     run_retry(pipeline.admission, dispatch, batch, resubmit_unknown=True, yes=True, echo=print)
     wait_until(lambda: pipeline.store.counts(batch)["done"] == 1, 90, "gen2's video stored")
     time.sleep(2)
-    job = pipeline.store.redis.hgetall(keys.job(ref))
-    print("job", {k: job.get(k) for k in ("credits", "credits_used", "booked_estimate",
-                                          "link_refreshes", "generation_id")})
+    _show(pipeline, ref, "generation_id")
     return pipeline, ref
 
 
@@ -100,15 +108,11 @@ def _late_refusal_then_requeued(proxied, tmp_path, batch, estimate, download_fau
     proxy.trickle_interval_s = 0.02
     proxy.queue("trickle", count=1, method="POST")
     pipeline.faults(submit=[429], download=download_faults)
-    pipeline.start_workers(count=1, concurrency=2)
-    enqueue_file(pipeline.admission, write_prompts(tmp_path / f"{batch}.txt", ["a grey heron"]),
-                 batch, {"model": MODEL}, dispatch)
+    _enqueue_one(pipeline, tmp_path, batch, "a grey heron")
     wait_until(lambda: pipeline.store.counts(batch)["done"] == 1, 90, "gen2's video stored")
     time.sleep(2)
     ref = keys.job_ref(batch, pipeline.store.job_ids(batch)[0])
-    job = pipeline.store.redis.hgetall(keys.job(ref))
-    print("job", {k: job.get(k) for k in ("credits", "credits_used", "booked_estimate",
-                                          "link_refreshes", "last_error", "attempts")})
+    _show(pipeline, ref, "last_error", "attempts")
     return pipeline, ref
 
 

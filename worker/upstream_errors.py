@@ -34,7 +34,7 @@ from .errors import (
 )
 from .netguard import redacted
 from .retry_after import retry_after_s
-from .upstream_text import error_message
+from .upstream_text import BODY_READ_ERRORS, error_message
 
 # Statuses on which the upstream surely created nothing, so a POST may be sent
 # again; and a 503 from a proxy in front of it (an HTML page, not the API's
@@ -124,7 +124,7 @@ def _proxy_page(response: requests.Response) -> bool:
         return kind == "text/html"
     try:
         return response.content.lstrip()[:1] == b"<"
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+    except BODY_READ_ERRORS:
         return False  # a body cut short proves nothing: outcome unknown
 
 

@@ -21,6 +21,11 @@ CALLER_KEY: ContextVar[str] = ContextVar("vidq_caller_key", default="")
 MIN_KEY_HEAD = 8  # a head of the key this long, cut short by a gateway, goes too
 
 
+# What reading an answer's body may raise once its status line has come: the
+# connection lost mid-body, a body that cannot be decoded.
+BODY_READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
 def error_message(response: requests.Response) -> str:
     """The upstream's reason for a non-2xx answer. Only for the message: its
     status line decides what happened, so a body cut short (the connection
@@ -31,7 +36,7 @@ def error_message(response: requests.Response) -> str:
     except (ValueError, RecursionError):
         text = " ".join(scrub(response.text).split())
         return cut(text or response.reason or "no body")
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+    except BODY_READ_ERRORS as exc:
         return cut(f"{response.reason or 'no reason'} (its body unreadable: "
                    f"{type(exc).__name__})")
     found = body_message(body) if isinstance(body, dict) else None
